@@ -1,0 +1,1 @@
+//! `sendense-hub`: the backup server.

@@ -1,0 +1,3 @@
+fn main() {
+    println!("{}", sendense_shared::identity::long_version("sendense-hub"));
+}

@@ -1,0 +1,1 @@
+//! `sendense-node`: the agent next to the hypervisor.

@@ -1,0 +1,1 @@
+//! `sendense-console`: the operator's terminal UI.

@@ -1,0 +1,506 @@
+//! JSON types of the HTTP contract between hub, node and console. Field names are the
+//! contract (see `shared/API.md` of the project): fields may be added, never renamed.
+
+use crate::ids::{BackupId, DiskKey, NbdPort};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Error body of every 4xx/5xx answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Short cause, e.g. `"invalid field"`, `"vm not found"`.
+    pub error: String,
+    /// What to do, or which field was wrong.
+    pub detail: String,
+}
+
+/// Which database a hub runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatabaseKind {
+    Sqlite,
+    Mysql,
+}
+
+/// Database part of `/health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatabaseHealth {
+    pub kind: DatabaseKind,
+    /// A `SELECT 1` answered just now.
+    pub ok: bool,
+}
+
+/// `GET /health` of the hub and `GET /api/v1/health` of the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// `"healthy"` or `"degraded"`.
+    pub status: String,
+    /// Cargo package version.
+    pub version: String,
+    /// Short git commit the binary was built from (`-dirty` when the tree had changes).
+    pub git_commit: String,
+    /// RFC 3339 time of the build.
+    pub build_time: String,
+    /// Absolute path of the running executable (`/proc/self/exe`).
+    pub executable: String,
+    pub pid: u32,
+    pub started_at: DateTime<Utc>,
+    /// Hub only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<DatabaseHealth>,
+}
+
+/// `POST /api/v1/repositories`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepositoryRequest {
+    pub id: String,
+    /// Absolute directory on the hub that holds the QCOW2 chains.
+    pub path: String,
+}
+
+/// A repository as the hub reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Repository {
+    pub id: String,
+    pub path: String,
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// One disk of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDisk {
+    pub disk_key: DiskKey,
+    /// Position on its controller: 0, 1, 2 ... (distinct per disk).
+    pub unit_number: i32,
+    /// Virtual size of the disk.
+    pub size_bytes: u64,
+    /// Human label, e.g. the QEMU device id or `"Hard disk 1"`.
+    pub label: String,
+}
+
+/// `POST /api/v1/vms`: register a VM by hand (or from node inventory).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRequest {
+    pub vm_name: String,
+    /// Node that owns the VM, or `null` for a VM whose exports are written by someone else.
+    #[serde(default)]
+    pub node: Option<String>,
+    pub disks: Vec<VmDisk>,
+}
+
+/// A VM as the hub reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vm {
+    pub vm_context_id: String,
+    pub vm_name: String,
+    pub node: Option<String>,
+    pub disks: Vec<VmDisk>,
+    /// Last completed backup, if any.
+    #[serde(default)]
+    pub last_backup_id: Option<BackupId>,
+    #[serde(default)]
+    pub last_backup_at: Option<DateTime<Utc>>,
+}
+
+/// Full or incremental.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupType {
+    Full,
+    Incremental,
+}
+
+impl BackupType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupType::Full => "full",
+            BackupType::Incremental => "incremental",
+        }
+    }
+}
+
+/// `POST /api/v1/backups`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupRequest {
+    pub vm_name: String,
+    pub repository_id: String,
+    pub backup_type: BackupType,
+}
+
+/// Life of a backup job: `pending → preparing → running → finalizing → completed | failed`,
+/// and `cancelling → cancelled` from any non-terminal state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Pending,
+    Preparing,
+    Running,
+    Finalizing,
+    Completed,
+    Failed,
+    Cancelling,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Pending => "pending",
+            JobStatus::Preparing => "preparing",
+            JobStatus::Running => "running",
+            JobStatus::Finalizing => "finalizing",
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelling => "cancelling",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => JobStatus::Pending,
+            "preparing" => JobStatus::Preparing,
+            "running" => JobStatus::Running,
+            "finalizing" => JobStatus::Finalizing,
+            "completed" => JobStatus::Completed,
+            "failed" => JobStatus::Failed,
+            "cancelling" => JobStatus::Cancelling,
+            "cancelled" => JobStatus::Cancelled,
+            _ => return None,
+        })
+    }
+
+    /// No further transition happens from a terminal state.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
+        )
+    }
+}
+
+/// Status of one disk within a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskStatus {
+    Pending,
+    Preparing,
+    Ready,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl DiskStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskStatus::Pending => "pending",
+            DiskStatus::Preparing => "preparing",
+            DiskStatus::Ready => "ready",
+            DiskStatus::Running => "running",
+            DiskStatus::Completed => "completed",
+            DiskStatus::Failed => "failed",
+            DiskStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => DiskStatus::Pending,
+            "preparing" => DiskStatus::Preparing,
+            "ready" => DiskStatus::Ready,
+            "running" => DiskStatus::Running,
+            "completed" => DiskStatus::Completed,
+            "failed" => DiskStatus::Failed,
+            "cancelled" => DiskStatus::Cancelled,
+            _ => return None,
+        })
+    }
+}
+
+/// One disk of a backup job, as in the backup response's `disk_results[]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskResult {
+    pub disk_key: DiskKey,
+    pub unit_number: i32,
+    /// Port of this disk's qemu-nbd while the job holds it.
+    pub nbd_port: Option<NbdPort>,
+    pub nbd_export_name: String,
+    /// Path of the target QCOW2 on the hub.
+    pub qcow2_path: String,
+    pub qemu_nbd_pid: Option<u32>,
+    pub status: DiskStatus,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub error_message: Option<String>,
+}
+
+/// A backup job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backup {
+    pub backup_id: BackupId,
+    pub vm_context_id: String,
+    pub vm_name: String,
+    pub backup_type: BackupType,
+    pub repository_id: String,
+    pub status: JobStatus,
+    pub disk_results: Vec<DiskResult>,
+    /// `2000:nbd://127.0.0.1:10100/vm-disk-2000,...` while the exports are up.
+    pub nbd_targets_string: String,
+    pub bytes_transferred: u64,
+    pub total_bytes: u64,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub error_message: Option<String>,
+}
+
+/// One entry of a job's event log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobEvent {
+    /// Increasing per hub.
+    pub seq: i64,
+    pub backup_id: BackupId,
+    pub at: DateTime<Utc>,
+    /// `"info"`, `"warn"` or `"error"`.
+    pub level: String,
+    /// Short machine-friendly step, e.g. `"port_allocated"`, `"qemu_nbd_started"`.
+    pub step: String,
+    /// Human sentence with the details needed to troubleshoot.
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_key: Option<DiskKey>,
+}
+
+/// Progress of one disk, node → hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskProgress {
+    pub disk_key: DiskKey,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub status: DiskStatus,
+}
+
+/// `POST /api/v1/backups/{id}/progress`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressReport {
+    pub disks: Vec<DiskProgress>,
+}
+
+/// Final state of one disk, node → hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskCompletion {
+    pub disk_key: DiskKey,
+    pub status: DiskStatus,
+    #[serde(default)]
+    pub error_message: Option<String>,
+    /// Chunk checksums computed from the snapshot while copying (for verification).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksums: Option<ChunkChecksums>,
+}
+
+/// Checksums of fixed-size chunks of a disk, BLAKE3, hex. Chunks never written (holes
+/// skipped on a fresh target) are checksums of zeroes like any other chunk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkChecksums {
+    pub chunk_size: u64,
+    /// `(chunk index, hex digest)` for every chunk the copy covered.
+    pub chunks: Vec<(u64, String)>,
+}
+
+/// Terminal outcome reported by the writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CompletionStatus {
+    Completed,
+    Failed,
+}
+
+/// `POST /api/v1/backups/{id}/complete`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompletionReport {
+    pub status: CompletionStatus,
+    #[serde(default)]
+    pub error_message: Option<String>,
+    pub disks: Vec<DiskCompletion>,
+}
+
+/// One held port of `GET /api/v1/ports`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortAllocation {
+    pub port: NbdPort,
+    pub backup_id: BackupId,
+    pub disk_key: DiskKey,
+    pub allocated_at: DateTime<Utc>,
+}
+
+/// A port of the range found bound by a process that is not ours.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SquattedPort {
+    pub port: NbdPort,
+    pub seen_at: DateTime<Utc>,
+    /// What the bind test said, e.g. "Address already in use".
+    pub detail: String,
+}
+
+/// `GET /api/v1/ports`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortsView {
+    /// Inclusive range `[first, last]`.
+    pub range: [u16; 2],
+    pub allocations: Vec<PortAllocation>,
+    #[serde(default)]
+    pub squatted: Vec<SquattedPort>,
+}
+
+/// One qemu-nbd of `GET /api/v1/processes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub port: NbdPort,
+    pub export_name: String,
+    pub qcow2_path: String,
+    pub backup_id: BackupId,
+    pub disk_key: DiskKey,
+    pub alive: bool,
+    pub started_at: DateTime<Utc>,
+}
+
+/// State of an SSH tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelStateKind {
+    Down,
+    Connecting,
+    Up,
+}
+
+/// `GET /api/v1/tunnel` of the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelState {
+    pub state: TunnelStateKind,
+    pub since: DateTime<Utc>,
+    pub restarts: u32,
+    pub last_error: Option<String>,
+    /// Forwards as ssh spells them, e.g. `"L 127.0.0.2:10100 -> 127.0.0.1:10100"`.
+    pub forwards: Vec<String>,
+}
+
+/// A node as the hub knows it (`GET /api/v1/nodes`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    pub api_url: String,
+    pub version: String,
+    pub last_seen_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub tunnel: Option<TunnelState>,
+}
+
+/// `POST /api/v1/nodes` (node registration).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRegistration {
+    pub name: String,
+    pub api_url: String,
+    pub version: String,
+}
+
+/// One VM of the node's inventory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryVm {
+    pub vm_name: String,
+    pub vm_id: String,
+    pub disks: Vec<VmDisk>,
+}
+
+/// `GET /api/v1/inventory` of the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inventory {
+    pub vms: Vec<InventoryVm>,
+}
+
+/// `POST /api/v1/backup/start` of the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeBackupStart {
+    pub backup_id: BackupId,
+    pub vm_name: String,
+    pub backup_type: BackupType,
+    /// The NBD targets string (see [`crate::targets`]).
+    pub nbd_targets: String,
+}
+
+/// One disk of a node copy job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeDiskState {
+    pub disk_key: DiskKey,
+    pub status: DiskStatus,
+    pub bytes_total: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub bytes_skipped: u64,
+    /// Bytes per second over the last few seconds.
+    pub rate_bps: u64,
+    pub error_message: Option<String>,
+}
+
+/// `GET /api/v1/backup/{id}` of the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeBackupState {
+    pub backup_id: BackupId,
+    pub vm_name: String,
+    pub backup_type: BackupType,
+    pub status: JobStatus,
+    pub disks: Vec<NodeDiskState>,
+    pub error_message: Option<String>,
+}
+
+/// One message of the hub's `GET /api/v1/events` stream (`data:` is this, as JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum HubEvent {
+    /// A job changed (status, progress, disk state).
+    Backup { backup: Backup },
+    /// An entry was appended to a job's event log.
+    JobEvent { event: JobEvent },
+    /// Port allocations changed.
+    Ports { ports: PortsView },
+    /// qemu-nbd processes changed.
+    Processes { processes: Vec<ProcessInfo> },
+    /// A node's tunnel state changed.
+    Tunnel { node: String, tunnel: TunnelState },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_strings_round_trip() {
+        for s in [
+            JobStatus::Pending,
+            JobStatus::Preparing,
+            JobStatus::Running,
+            JobStatus::Finalizing,
+            JobStatus::Completed,
+            JobStatus::Failed,
+            JobStatus::Cancelling,
+            JobStatus::Cancelled,
+        ] {
+            assert_eq!(JobStatus::parse(s.as_str()), Some(s));
+            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{}\"", s.as_str()));
+        }
+    }
+
+    #[test]
+    fn vm_request_node_defaults_to_none() {
+        let r: VmRequest = serde_json::from_str(
+            r#"{"vm_name":"pg","disks":[{"disk_key":2000,"unit_number":1,"size_bytes":1,"label":"a"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.node, None);
+        assert_eq!(r.disks[0].disk_key, DiskKey(2000));
+        assert_eq!(r.disks[0].unit_number, 1);
+    }
+}

@@ -1,0 +1,16 @@
+//! Code shared by the Sendense hub, node and console.
+//!
+//! - [`api`]: the JSON types of the HTTP contract (`shared/API.md` of the project), one doc
+//!   comment per field. Both agents and the console serialise exactly these.
+//! - [`ids`]: newtypes for values that must not be mixed up (`DiskKey`, `NbdPort`, `BackupId`).
+//! - [`names`]: validation of names that become file names in the repository.
+//! - [`targets`]: the NBD targets string `2000:nbd://127.0.0.1:10100/vm-disk-2000,...`.
+//! - [`identity`]: version, git commit, build time, executable path and PID of this binary.
+//! - [`nbd`]: an async NBD client (fixed newstyle, structured replies, block status).
+
+pub mod api;
+pub mod identity;
+pub mod ids;
+pub mod names;
+pub mod nbd;
+pub mod targets;

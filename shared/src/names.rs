@@ -1,0 +1,77 @@
+//! Names that become path components in the repository (`repo/<vm>/<disk_key>/<backup>.qcow2`)
+//! or NBD export names. One rule for all of them, so no caller can forget a case.
+
+use thiserror::Error;
+
+/// Why a name was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum NameError {
+    #[error("{field} is empty")]
+    Empty { field: &'static str },
+    #[error("{field} is longer than {max} bytes")]
+    TooLong { field: &'static str, max: usize },
+    #[error("{field} must not be \".\" or \"..\"")]
+    DotName { field: &'static str },
+    #[error("{field} contains {what}, which is not allowed in a name that becomes a file name")]
+    BadChar { field: &'static str, what: String },
+}
+
+/// Longest accepted name; keeps `<vm>-disk-<key>` well inside NBD's 4096-byte export limit and
+/// every file system's 255-byte component limit.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// Accepts names made of ASCII letters, digits, `-`, `_`, `.` (not only dots), refuses
+/// everything that could escape a directory or confuse a shell or URI: `/`, `\`, NUL, spaces,
+/// control characters, `..`.
+pub fn validate_name(field: &'static str, name: &str) -> Result<(), NameError> {
+    if name.is_empty() {
+        return Err(NameError::Empty { field });
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(NameError::TooLong {
+            field,
+            max: MAX_NAME_LEN,
+        });
+    }
+    if name == "." || name == ".." {
+        return Err(NameError::DotName { field });
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        let what = match c {
+            '/' => "'/'".to_string(),
+            '\0' => "a NUL byte".to_string(),
+            c if c.is_control() => format!("control character U+{:04X}", c as u32),
+            c => format!("{c:?}"),
+        };
+        return Err(NameError::BadChar { field, what });
+    }
+    if name.contains("..") {
+        return Err(NameError::DotName { field });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_ordinary_names() {
+        for n in ["pgtest1", "web-01", "db_2.prod", "a"] {
+            assert_eq!(validate_name("vm_name", n), Ok(()), "{n}");
+        }
+    }
+
+    #[test]
+    fn refuses_escaping_names() {
+        for n in ["", ".", "..", "../etc", "a/b", "a\0b", "a b", "x..y", "a\\b", "é"] {
+            assert!(validate_name("vm_name", n).is_err(), "{n:?} accepted");
+        }
+        let e = validate_name("vm_name", "a/b").unwrap_err();
+        assert!(e.to_string().contains("vm_name"), "{e}");
+        assert!(e.to_string().contains("'/'"), "{e}");
+    }
+}
