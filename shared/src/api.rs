@@ -301,13 +301,24 @@ pub struct DiskCompletion {
     pub checksums: Option<ChunkChecksums>,
 }
 
-/// Checksums of fixed-size chunks of a disk, BLAKE3, hex. Chunks never written (holes
-/// skipped on a fresh target) are checksums of zeroes like any other chunk.
+/// Checksums of the data a copy wrote, for verification after the copy: the hub reads each range
+/// back from the target and compares. Ranges cover every byte the copy wrote (data and zeroes),
+/// split at `chunk_size` boundaries; ranges it skipped (holes on a fresh target, unchanged areas of
+/// an incremental) are not listed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkChecksums {
+    /// Largest length of one range (the split grid), e.g. 4 MiB.
     pub chunk_size: u64,
-    /// `(chunk index, hex digest)` for every chunk the copy covered.
-    pub chunks: Vec<(u64, String)>,
+    pub ranges: Vec<ChecksumRange>,
+}
+
+/// BLAKE3 of `length` bytes of the disk at `offset`, as the snapshot held them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChecksumRange {
+    pub offset: u64,
+    pub length: u64,
+    /// Lower-case hex.
+    pub blake3: String,
 }
 
 /// Terminal outcome reported by the writer.
