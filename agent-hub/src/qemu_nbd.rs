@@ -366,8 +366,9 @@ impl QemuNbd {
             };
             tokio::select! {
                 biased;
-                report = exit.wait_for(Option::is_some) => {
-                    let report = report.ok().and_then(|r| r.clone());
+                // The watch guard is cloned out inside the branch future: held in select!'s
+                // output it would make this future !Send (the hub spawns it on worker threads).
+                report = async { exit.wait_for(Option::is_some).await.ok().and_then(|r| r.clone()) } => {
                     return Err(self.exited_error(report));
                 }
                 probe = NbdClient::connect(&addr, &opts) => match probe {
@@ -386,8 +387,9 @@ impl QemuNbd {
             }
             tokio::select! {
                 biased;
-                report = exit.wait_for(Option::is_some) => {
-                    let report = report.ok().and_then(|r| r.clone());
+                // The watch guard is cloned out inside the branch future: held in select!'s
+                // output it would make this future !Send (the hub spawns it on worker threads).
+                report = async { exit.wait_for(Option::is_some).await.ok().and_then(|r| r.clone()) } => {
                     return Err(self.exited_error(report));
                 }
                 _ = tokio::time::sleep(pause.min(remaining)) => {}
