@@ -2,6 +2,7 @@
 //! (`<log_dir>/sendense-hub.log.YYYY-MM-DD`, tracing-appender), so an operator who was not
 //! watching the terminal can still read what happened.
 
+use std::io::IsTerminal;
 use std::path::Path;
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::EnvFilter;
@@ -54,6 +55,7 @@ pub fn init(log_dir: &Path, filter: &str) -> Result<WorkerGuard, LoggingError> {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
                 .with_target(false),
         )
         .with(

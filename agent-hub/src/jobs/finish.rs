@@ -402,8 +402,9 @@ pub async fn finalize(jm: &JobManager, job: Arc<LiveJob>, report: CompletionRepo
                         Level::Info,
                         "image_checked",
                         format!(
-                            "disk {disk}: qemu-img check {}: clean ({c}) in {} ms",
+                            "disk {disk}: qemu-img check {}: clean ({}) in {} ms",
                             path.display(),
+                            c.summary(),
                             t.elapsed().as_millis()
                         ),
                         Some(disk),
@@ -411,7 +412,11 @@ pub async fn finalize(jm: &JobManager, job: Arc<LiveJob>, report: CompletionRepo
                     .await
                 }
                 Ok(c) => {
-                    let msg = format!("disk {disk}: qemu-img check {}: {c}", path.display());
+                    let msg = format!(
+                        "disk {disk}: qemu-img check {}: {}",
+                        path.display(),
+                        c.summary()
+                    );
                     jm.event(&id, Level::Error, "image_check_failed", msg.clone(), Some(disk))
                         .await;
                     failure = Some(msg);

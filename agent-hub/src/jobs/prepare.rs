@@ -78,6 +78,7 @@ pub async fn start(jm: &JobManager, req: BackupRequest) -> Result<Backup, JobErr
     let (effective, parents, fallback) = choose_type(jm, &vm, req.backup_type).await?;
     let mut disks = Vec::with_capacity(vm.disks.len());
     for d in &vm.disks {
+        let parent = parents.iter().find(|p| p.0 == d.disk_key);
         let path = layout
             .image_path(&vm.vm_name, d.disk_key, &backup_id)
             .map_err(|e| JobError::Invalid {
@@ -89,10 +90,18 @@ pub async fn start(jm: &JobManager, req: BackupRequest) -> Result<Backup, JobErr
             qcow2_path: path.display().to_string(),
             nbd_export_name: export_name(&vm.vm_name, d.disk_key),
             bytes_total: d.size_bytes,
-            parent_backup_id: parents
-                .iter()
-                .find(|p| p.0 == d.disk_key)
-                .map(|p| p.1.clone()),
+            parent_backup_id: parent.map(|p| p.1.clone()),
+            backing_path: match parent {
+                Some(p) => Some(
+                    crate::repository::relative_backing(&path, &p.2)
+                        .map_err(|e| JobError::Invalid {
+                            detail: format!("disk {}: backing file: {e}", d.disk_key),
+                        })?
+                        .display()
+                        .to_string(),
+                ),
+                None => None,
+            },
         });
     }
     db.create_backup(&NewBackup {
@@ -335,7 +344,7 @@ async fn prepare(
             &id,
             *disk,
             &DiskUpdate {
-                nbd_port: Some(Some(*port)),
+                nbd_port: Some(*port),
                 status: Some(DiskStatus::Preparing),
                 ..Default::default()
             },
@@ -470,7 +479,7 @@ async fn prepare(
             &id,
             d.disk_key,
             &DiskUpdate {
-                qemu_nbd_pid: Some(Some(pid)),
+                qemu_nbd_pid: Some(pid),
                 status: Some(DiskStatus::Ready),
                 ..Default::default()
             },

@@ -72,7 +72,9 @@ pub async fn verify_disk(addr: &NbdAddr, sums: &ChunkChecksums) -> Result<Verify
             });
         }
     }
-    let mut results = futures_util::stream::iter(sums.ranges.iter().map(|r| {
+    // Owned ranges: a stream of futures borrowing the report trips the compiler's
+    // higher-ranked lifetime check when the whole job future must be `Send`.
+    let mut results = futures_util::stream::iter(sums.ranges.clone().into_iter().map(|r| {
         let client = client.clone();
         async move {
             let actual = hash_range(&client, r.offset, r.length).await?;
@@ -80,7 +82,7 @@ pub async fn verify_disk(addr: &NbdAddr, sums: &ChunkChecksums) -> Result<Verify
                 return Err(VerifyError::Mismatch {
                     offset: r.offset,
                     length: r.length,
-                    expected: r.blake3.clone(),
+                    expected: r.blake3,
                     actual,
                 });
             }
