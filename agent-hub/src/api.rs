@@ -125,9 +125,7 @@ impl ApiError {
             ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::PortsExhausted(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Node(_) => StatusCode::BAD_GATEWAY,
-            ApiError::JobFailed { .. } | ApiError::Internal(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            ApiError::JobFailed { .. } | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -206,9 +204,9 @@ where
             .map_err(|e| ApiError::BadJson(e.body_text()))?;
         match axum::Json::<T>::from_bytes(&bytes) {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(JsonRejection::JsonDataError(e)) => Err(ApiError::invalid(strip_prefix(
-                &e.body_text(),
-            ))),
+            Err(JsonRejection::JsonDataError(e)) => {
+                Err(ApiError::invalid(strip_prefix(&e.body_text())))
+            }
             Err(e) => Err(ApiError::BadJson(strip_prefix(&e.body_text()))),
         }
     }

@@ -118,11 +118,10 @@ pub async fn require_bearer(
             "missing Authorization header: send `Authorization: Bearer <token>` (token file of the hub)",
         ));
     };
-    let Some(given) = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-    else {
+    let Some(given) = value.to_str().ok().and_then(|v| {
+        v.strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+    }) else {
         return Err(ApiError::Unauthorized(
             "Authorization header is not `Bearer <token>`",
         ));
@@ -160,6 +159,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token");
         std::fs::write(&path, "\n").unwrap();
-        assert!(matches!(load_or_create(&path), Err(AuthError::Empty { .. })));
+        assert!(matches!(
+            load_or_create(&path),
+            Err(AuthError::Empty { .. })
+        ));
     }
 }

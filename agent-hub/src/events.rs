@@ -50,9 +50,8 @@ impl EventBus {
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Sse<impl Stream<Item = Result<Event, Infallible>> + use<>> {
         let rx = self.subscribe();
-        let stream = futures_util::stream::unfold(
-            (rx, shutdown),
-            |(mut rx, shutdown)| async move {
+        let stream =
+            futures_util::stream::unfold((rx, shutdown), |(mut rx, shutdown)| async move {
                 let item = tokio::select! {
                     _ = shutdown.cancelled() => return None,
                     r = rx.recv() => r,
@@ -68,8 +67,7 @@ impl EventBus {
                     Err(broadcast::error::RecvError::Closed) => return None,
                 };
                 Some((Ok(event), (rx, shutdown)))
-            },
-        );
+            });
         Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
     }
 }

@@ -243,9 +243,15 @@ impl JobManager {
     ) {
         let message = message.into();
         match level {
-            Level::Info => tracing::info!(backup_id = %id, step, disk = ?disk.map(|d| d.0), "{message}"),
-            Level::Warn => tracing::warn!(backup_id = %id, step, disk = ?disk.map(|d| d.0), "{message}"),
-            Level::Error => tracing::error!(backup_id = %id, step, disk = ?disk.map(|d| d.0), "{message}"),
+            Level::Info => {
+                tracing::info!(backup_id = %id, step, disk = ?disk.map(|d| d.0), "{message}")
+            }
+            Level::Warn => {
+                tracing::warn!(backup_id = %id, step, disk = ?disk.map(|d| d.0), "{message}")
+            }
+            Level::Error => {
+                tracing::error!(backup_id = %id, step, disk = ?disk.map(|d| d.0), "{message}")
+            }
         }
         match self
             .deps()
@@ -351,7 +357,11 @@ impl JobManager {
     }
 
     /// A writer's progress: bytes and per-disk status.
-    pub async fn progress(&self, id: &BackupId, report: ProgressReport) -> Result<Backup, JobError> {
+    pub async fn progress(
+        &self,
+        id: &BackupId,
+        report: ProgressReport,
+    ) -> Result<Backup, JobError> {
         let b = self.get(id).await?;
         if b.status != JobStatus::Running {
             return Err(JobError::WrongState {
@@ -423,7 +433,9 @@ impl JobManager {
             }
         }
         let b = self.get(id).await?;
-        self.deps().bus.publish(HubEvent::Backup { backup: b.clone() });
+        self.deps()
+            .bus
+            .publish(HubEvent::Backup { backup: b.clone() });
         Ok(b)
     }
 

@@ -17,8 +17,12 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod db;
 pub mod events;
 pub mod jobs;
 pub mod logging;
+pub mod ports;
+pub mod qemu_nbd;
 pub mod reconciler;
+pub mod repository;
 pub mod server;

@@ -10,7 +10,10 @@ use tokio_util::sync::CancellationToken;
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     if cli.version {
-        println!("{}", sendense_shared::identity::long_version("sendense-hub"));
+        println!(
+            "{}",
+            sendense_shared::identity::long_version("sendense-hub")
+        );
         return std::process::ExitCode::SUCCESS;
     }
     match run(cli) {
@@ -27,8 +30,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let config = HubConfig::load(&cli).context("configuration")?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
-    let _guard = agent_hub::logging::init(&config.log_dir, &config.log_level)
-        .context("starting logging")?;
+    let _guard =
+        agent_hub::logging::init(&config.log_dir, &config.log_level).context("starting logging")?;
     tracing::info!(
         version = sendense_shared::identity::VERSION,
         commit = sendense_shared::identity::GIT_COMMIT,

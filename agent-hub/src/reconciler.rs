@@ -67,12 +67,7 @@ async fn event(db: &Db, bus: &EventBus, id: &BackupId, level: &str, step: &str, 
 }
 
 /// Runs the three passes; never fails start-up (a step that errs is logged and counted).
-pub async fn reconcile(
-    db: &Db,
-    ports: &PortAllocator,
-    bus: &EventBus,
-    cfg: &HubConfig,
-) -> Report {
+pub async fn reconcile(db: &Db, ports: &PortAllocator, bus: &EventBus, cfg: &HubConfig) -> Report {
     let mut rep = Report::default();
     let grace = cfg.qemu_nbd.stop_grace;
 
@@ -197,7 +192,12 @@ pub async fn reconcile(
                 }
                 let reason = format!("{RESTART_REASON} (it was {was})");
                 match db
-                    .transition_backup(&b.backup_id, crate::jobs::ACTIVE, JobStatus::Failed, Some(&reason))
+                    .transition_backup(
+                        &b.backup_id,
+                        crate::jobs::ACTIVE,
+                        JobStatus::Failed,
+                        Some(&reason),
+                    )
                     .await
                 {
                     Ok(_) => {

@@ -157,7 +157,10 @@ pub async fn serve(
         .await
         .map_err(StartError::Serve);
     tracing::info!("API stopped; stopping live jobs and their qemu-nbd processes");
-    state.jobs.shutdown("hub stopped (SIGTERM) during the job").await;
+    state
+        .jobs
+        .shutdown("hub stopped (SIGTERM) during the job")
+        .await;
     state.tasks.close();
     state.tasks.wait().await;
     tracing::info!("sendense-hub stopped");

@@ -75,7 +75,9 @@ impl HubProcess {
             .stderr(stderr);
         let command_line = crate::describe(&cmd);
         eprintln!("+ {command_line}  (stderr: {})", stderr_path.display());
-        let child = cmd.spawn().with_context(|| format!("spawning {command_line}"))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {command_line}"))?;
         let mut hub = HubProcess {
             child: Some(child),
             url: String::new(),
@@ -99,15 +101,18 @@ impl HubProcess {
         let t = Instant::now();
         loop {
             let log = self.stderr();
-            if let Some(line) = log.lines().find(|l| l.contains("API listening")) {
-                if let Some(addr) = line
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix("addr="))
-                {
-                    return Ok(addr.to_string());
-                }
+            if let Some(addr) = log
+                .lines()
+                .filter(|l| l.contains("API listening"))
+                .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
+            {
+                return Ok(addr.to_string());
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 bail!("sendense-hub exited with {status} before listening:\n{log}");
             }
             if t.elapsed() > limit {
@@ -243,9 +248,7 @@ impl Api {
             }
             if t.elapsed() > limit {
                 let ev = self.get(&format!("/api/v1/backups/{id}/events")).await.1;
-                panic!(
-                    "backup {id} not in {want:?} after {limit:?}: {b:#}\nevents: {ev:#}"
-                );
+                panic!("backup {id} not in {want:?} after {limit:?}: {b:#}\nevents: {ev:#}");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -257,7 +260,13 @@ impl Api {
         v.as_array()
             .map(|a| {
                 a.iter()
-                    .map(|e| format!("{}: {}", e["step"].as_str().unwrap_or(""), e["message"].as_str().unwrap_or("")))
+                    .map(|e| {
+                        format!(
+                            "{}: {}",
+                            e["step"].as_str().unwrap_or(""),
+                            e["message"].as_str().unwrap_or("")
+                        )
+                    })
                     .collect()
             })
             .unwrap_or_default()

@@ -46,7 +46,10 @@ impl Drop for Tmpfs {
                 Ok(o) => {
                     // Busy (a process still has a file open): detach it so it goes away.
                     eprintln!("umount: {}", String::from_utf8_lossy(&o.stderr));
-                    let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+                    let _ = Command::new("umount")
+                        .arg("-l")
+                        .arg(self.dir.path())
+                        .status();
                 }
                 Err(e) => eprintln!("umount: {e}"),
             }

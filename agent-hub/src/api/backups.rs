@@ -70,7 +70,10 @@ pub async fn complete(
     ApiJson(report): ApiJson<CompletionReport>,
 ) -> Result<(StatusCode, Json<Backup>), ApiError> {
     let id = backup_id(id)?;
-    Ok((StatusCode::ACCEPTED, Json(hub.jobs.complete(&id, report).await?)))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(hub.jobs.complete(&id, report).await?),
+    ))
 }
 
 fn backup_id(id: String) -> Result<BackupId, ApiError> {

@@ -8,7 +8,9 @@ use crate::server::{AppState, Hub};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use sendense_shared::api::{HubEvent, Inventory, Node, NodeRegistration, TunnelState, Vm, VmRequest};
+use sendense_shared::api::{
+    HubEvent, Inventory, Node, NodeRegistration, TunnelState, Vm, VmRequest,
+};
 use sendense_shared::names::validate_name;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;

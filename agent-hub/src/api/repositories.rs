@@ -12,9 +12,7 @@ use std::path::Path;
 pub async fn list(State(hub): State<AppState>) -> Result<Json<Vec<Repository>>, ApiError> {
     let rows = hub.db.list_repositories().await?;
     Ok(Json(
-        rows.into_iter()
-            .map(|r| with_space(r.id, r.path))
-            .collect(),
+        rows.into_iter().map(|r| with_space(r.id, r.path)).collect(),
     ))
 }
 

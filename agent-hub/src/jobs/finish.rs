@@ -302,8 +302,14 @@ pub fn watch_export(
         {
             tracing::error!(backup_id = %job.id, error = %e, "cannot record qemu-nbd death");
         }
-        jm.event(&job.id, Level::Error, "qemu_nbd_died", msg.clone(), Some(disk))
-            .await;
+        jm.event(
+            &job.id,
+            Level::Error,
+            "qemu_nbd_died",
+            msg.clone(),
+            Some(disk),
+        )
+        .await;
         let mut res = job.res.lock().await;
         finish(&jm, &job, &mut res, Outcome::Failed(msg)).await;
     });
@@ -370,8 +376,14 @@ pub async fn finalize(jm: &JobManager, job: Arc<LiveJob>, report: CompletionRepo
                         },
                     )
                     .await;
-                jm.event(&id, Level::Error, "checksums_mismatch", msg.clone(), Some(d.disk_key))
-                    .await;
+                jm.event(
+                    &id,
+                    Level::Error,
+                    "checksums_mismatch",
+                    msg.clone(),
+                    Some(d.disk_key),
+                )
+                .await;
                 failure = Some(msg);
                 break;
             }
@@ -417,15 +429,27 @@ pub async fn finalize(jm: &JobManager, job: Arc<LiveJob>, report: CompletionRepo
                         path.display(),
                         c.summary()
                     );
-                    jm.event(&id, Level::Error, "image_check_failed", msg.clone(), Some(disk))
-                        .await;
+                    jm.event(
+                        &id,
+                        Level::Error,
+                        "image_check_failed",
+                        msg.clone(),
+                        Some(disk),
+                    )
+                    .await;
                     failure = Some(msg);
                     break;
                 }
                 Err(e) => {
                     let msg = format!("disk {disk}: qemu-img check {} failed: {e}", path.display());
-                    jm.event(&id, Level::Error, "image_check_failed", msg.clone(), Some(disk))
-                        .await;
+                    jm.event(
+                        &id,
+                        Level::Error,
+                        "image_check_failed",
+                        msg.clone(),
+                        Some(disk),
+                    )
+                    .await;
                     failure = Some(msg);
                     break;
                 }

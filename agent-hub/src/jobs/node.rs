@@ -71,8 +71,14 @@ pub async fn start_on_node(
         }
         Err(e) => format!("node {} unreachable: POST {url}: {e}", node.name),
     };
-    jm.event(&job.id, Level::Error, "node_start_failed", failure.clone(), None)
-        .await;
+    jm.event(
+        &job.id,
+        Level::Error,
+        "node_start_failed",
+        failure.clone(),
+        None,
+    )
+    .await;
     let mut res = job.res.lock().await;
     finish(jm, job, &mut res, Outcome::Failed(failure)).await;
 }
@@ -104,11 +110,18 @@ pub async fn forward_cancel(jm: &JobManager, id: &BackupId, node: &NodeTarget) {
         ),
         Ok(r) => (
             Level::Warn,
-            format!("node {} answered the cancel (POST {url}) with HTTP {}", node.name, r.status()),
+            format!(
+                "node {} answered the cancel (POST {url}) with HTTP {}",
+                node.name,
+                r.status()
+            ),
         ),
         Err(e) => (
             Level::Warn,
-            format!("node {} unreachable for the cancel (POST {url}): {e}", node.name),
+            format!(
+                "node {} unreachable for the cancel (POST {url}): {e}",
+                node.name
+            ),
         ),
     };
     jm.event(id, level, "node_cancel", msg, None).await;

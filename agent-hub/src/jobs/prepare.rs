@@ -223,7 +223,14 @@ async fn choose_type(
     jm: &JobManager,
     vm: &Vm,
     requested: BackupType,
-) -> Result<(BackupType, Vec<(DiskKey, BackupId, PathBuf)>, Option<String>), JobError> {
+) -> Result<
+    (
+        BackupType,
+        Vec<(DiskKey, BackupId, PathBuf)>,
+        Option<String>,
+    ),
+    JobError,
+> {
     if requested == BackupType::Full {
         return Ok((BackupType::Full, Vec::new(), None));
     }
@@ -236,7 +243,10 @@ async fn choose_type(
         return Ok((
             BackupType::Full,
             Vec::new(),
-            Some(format!("VM {} has no completed backup to build on", vm.vm_name)),
+            Some(format!(
+                "VM {} has no completed backup to build on",
+                vm.vm_name
+            )),
         ));
     };
     let mut parents = Vec::new();
@@ -318,7 +328,10 @@ async fn prepare(
         Err(e) => {
             let (err, msg) = match &e {
                 PortError::Exhausted { .. } => {
-                    let msg = format!("cannot get an NBD port for each of {} disk(s): {e}", keys.len());
+                    let msg = format!(
+                        "cannot get an NBD port for each of {} disk(s): {e}",
+                        keys.len()
+                    );
                     (
                         JobError::PortsExhausted {
                             backup_id: id.clone(),
@@ -518,7 +531,7 @@ async fn prepare(
                 port: ports
                     .iter()
                     .find(|p| p.0 == d.disk_key)
-                    .map(|p| p.1 .0)
+                    .map(|p| p.1.0)
                     .expect("a port per disk"),
                 export: d.nbd_export_name.clone(),
             },

@@ -55,7 +55,10 @@ pub struct VerifySummary {
 
 /// Reads each range of `sums` from `addr` and compares; the first mismatch (by offset order of
 /// the report) is the error.
-pub async fn verify_disk(addr: &NbdAddr, sums: &ChunkChecksums) -> Result<VerifySummary, VerifyError> {
+pub async fn verify_disk(
+    addr: &NbdAddr,
+    sums: &ChunkChecksums,
+) -> Result<VerifySummary, VerifyError> {
     let client = NbdClient::connect(addr, &ConnectOptions::default())
         .await
         .map_err(|source| VerifyError::Connect {
