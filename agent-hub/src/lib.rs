@@ -9,9 +9,9 @@
 //! - [`events`]: the event bus behind `GET /api/v1/events` (server-sent events).
 //! - [`jobs`]: the life of a backup job: prepare, progress, completion, verification, cancel.
 //! - [`reconciler`]: start-up cleanup of what a crashed hub left behind.
-//! - [`db`]: the database (SQLite or MariaDB), migrations, queries.
-//! - [`ports`]: the NBD port allocator.
-//! - [`repository`]: QCOW2 chains on disk.
+//! - [`db`]: the database (SQLite or MySQL/MariaDB through one `AnyPool`), every table's queries.
+//! - [`ports`]: the NBD port allocator over `nbd_port_allocations`, with bind tests.
+//! - [`repository`]: QCOW2 images and chains on disk, free-space checks, `qemu-img check`.
 //! - [`qemu_nbd`]: one supervised qemu-nbd per disk export.
 
 pub mod api;
