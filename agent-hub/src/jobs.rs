@@ -371,14 +371,14 @@ impl JobManager {
             });
         }
         for (i, d) in report.disks.iter().enumerate() {
-            let Some(cur) = b.disk_results.iter().find(|r| r.disk_key == d.disk_key) else {
+            if !b.disk_results.iter().any(|r| r.disk_key == d.disk_key) {
                 return Err(JobError::Invalid {
                     detail: format!(
                         "disks[{i}].disk_key: {} is not a disk of backup {id}",
                         d.disk_key
                     ),
                 });
-            };
+            }
             if d.bytes_done > d.bytes_total {
                 return Err(JobError::Invalid {
                     detail: format!(
@@ -387,7 +387,6 @@ impl JobManager {
                     ),
                 });
             }
-            let _ = cur;
         }
         for d in &report.disks {
             let cur = b
