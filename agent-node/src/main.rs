@@ -1,3 +1,6 @@
 fn main() {
-    println!("{}", sendense_shared::identity::long_version("sendense-node"));
+    println!(
+        "{}",
+        sendense_shared::identity::long_version("sendense-node")
+    );
 }

@@ -1,3 +1,6 @@
 fn main() {
-    println!("{}", sendense_shared::identity::long_version("sendense-console"));
+    println!(
+        "{}",
+        sendense_shared::identity::long_version("sendense-console")
+    );
 }
