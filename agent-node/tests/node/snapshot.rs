@@ -138,7 +138,7 @@ async fn incremental_exports_the_changes_and_failure_keeps_the_base() {
         .await
         .unwrap();
     assert_eq!(inc.disks[1].dirty_bitmap.as_deref(), Some("sendense-f1"));
-    vm.guest_write(1, 0x66, 40 * MIB, 1 * MIB).await;
+    vm.guest_write(1, 0x66, 40 * MIB, MIB).await;
     d.release(&inc, ReleaseOutcome::Failure).await.unwrap();
     assert_eq!(vm.bitmaps(1).await, [("sendense-f1".to_string(), true)]);
     assert_eq!(vm.leftovers().await, Vec::<String>::new());

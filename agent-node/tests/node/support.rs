@@ -125,13 +125,13 @@ impl TestVm {
             if let Ok(Some(status)) = vm.child.try_wait() {
                 panic!("qemu exited early: {status}");
             }
-            if vm.node_qmp.exists() && vm.test_qmp.exists() {
-                if let Ok(c) =
+            if vm.node_qmp.exists()
+                && vm.test_qmp.exists()
+                && let Ok(c) =
                     QmpClient::connect(&vm.test_qmp, "test", Arc::new(QmpLog::new(None))).await
-                {
-                    vm.test_client = Some(c);
-                    break;
-                }
+            {
+                vm.test_client = Some(c);
+                break;
             }
             assert!(Instant::now() < deadline, "QEMU QMP sockets did not appear");
             tokio::time::sleep(Duration::from_millis(50)).await;
