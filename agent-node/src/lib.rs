@@ -8,9 +8,13 @@
 //! - [`jobs`]: backup jobs: snapshot, parallel copy of all disks, progress, completion, release.
 //! - [`hub_client`]: calls to the hub (registration, inventory, progress, completion).
 //! - [`api`]: the node's HTTP API (axum) and `serve`.
+//! - [`daemon`]: wires config, driver, recovery, hub registration and the API together.
+//! - [`copy`]: the NBD copy engine (`sendense-node copy`).
 
 pub mod api;
 pub mod config;
+pub mod copy;
+pub mod daemon;
 pub mod hub_client;
 pub mod jobs;
 pub mod qmp;
