@@ -105,7 +105,7 @@ impl HubClient {
     }
 }
 
-/// Delay before retry number `attempt` (0-based): 0.5 s doubling up to 30 s.
+/// Delay before retry number `attempt` (0-based): 0.25 s doubling up to 10 s.
 pub fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis(500u64.saturating_mul(1 << attempt.min(6)).min(30_000))
+    Duration::from_millis(250u64.saturating_mul(1 << attempt.min(6)).min(10_000))
 }

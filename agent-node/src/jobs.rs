@@ -40,9 +40,9 @@ pub enum StartError {
     EmptyId,
     #[error("nbd_targets: {0}")]
     Targets(#[from] sendense_shared::targets::TargetsError),
-    #[error("nbd_targets misses disk(s) {missing:?} of VM {vm}: a VM is backed up whole")]
+    #[error("nbd_targets misses disk(s) {} of VM {vm}: a VM is backed up whole", key_list(.missing))]
     MissingDisks { vm: String, missing: Vec<DiskKey> },
-    #[error("nbd_targets names disk key(s) {unknown:?} that VM {vm} does not have")]
+    #[error("nbd_targets names disk key(s) {} that VM {vm} does not have", key_list(.unknown))]
     UnknownDisks { vm: String, unknown: Vec<DiskKey> },
     #[error("nbd_targets: {0}")]
     TargetAddr(#[from] sendense_shared::nbd::NbdError),
@@ -60,6 +60,13 @@ pub enum StartError {
     Source(SourceError),
     #[error("node is shutting down")]
     ShuttingDown,
+}
+
+fn key_list(keys: &[DiskKey]) -> String {
+    keys.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 struct DiskEntry {

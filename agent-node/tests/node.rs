@@ -6,3 +6,9 @@ mod support;
 
 #[path = "node/snapshot.rs"]
 mod snapshot;
+
+#[path = "node/backup.rs"]
+mod backup;
+
+#[path = "node/api.rs"]
+mod api;
