@@ -527,7 +527,7 @@ impl Jobs {
                         ));
                     } else {
                         d.status = DiskStatus::Failed;
-                        let msg = format!("copy to {target}: {e}");
+                        let msg = format!("copy to {target}: {}", error_chain(&e));
                         first_error.get_or_insert_with(|| format!("disk {key}: {msg}"));
                         d.error = Some(msg);
                     }
@@ -590,6 +590,18 @@ impl Jobs {
             attempt += 1;
         }
     }
+}
+
+/// `e` and its causes, `: `-separated (the copy engine keeps causes out of its messages).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
 }
 
 fn is_cancel(e: &crate::copy::CopyError) -> bool {

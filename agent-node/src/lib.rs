@@ -9,7 +9,8 @@
 //! - [`hub_client`]: calls to the hub (registration, inventory, progress, completion).
 //! - [`api`]: the node's HTTP API (axum) and `serve`.
 //! - [`daemon`]: wires config, driver, recovery, hub registration and the API together.
-//! - [`copy`]: the NBD copy engine (`sendense-node copy`).
+//! - [`copy`]: the NBD copy engine (one disk, source export to target export) and the
+//!   `sendense-node copy` command.
 
 pub mod api;
 pub mod config;

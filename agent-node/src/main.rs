@@ -1,4 +1,5 @@
-//! `sendense-node`: the agent next to the hypervisor. `serve` (the default) runs the daemon.
+//! `sendense-node`: the agent next to the hypervisor. `serve` (the default) runs the daemon,
+//! `copy` runs the copy engine alone.
 use agent_node::config::{NodeConfig, ServeArgs};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -22,6 +23,8 @@ struct Cli {
 enum Command {
     /// Run the node daemon (the default when no subcommand is given).
     Serve(ServeArgs),
+    /// Copy one NBD export to another with the copy engine.
+    Copy(agent_node::copy::cli::CopyArgs),
 }
 
 fn long_version() -> &'static str {
@@ -40,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         None => serve(cli.serve).await,
         Some(Command::Serve(args)) => serve(args).await,
+        Some(Command::Copy(args)) => agent_node::copy::cli::run_cli(args).await,
     }
 }
 

@@ -49,9 +49,7 @@ fuzz_target!(|data: &[u8]| {
                         ..
                     } => {
                         assert!(offset >= expect.offset);
-                        assert!(
-                            offset + data.len() as u64 <= expect.offset + expect.length as u64
-                        );
+                        assert!(offset + data.len() as u64 <= expect.offset + expect.length as u64);
                     }
                     ReplyBody::Chunk {
                         chunk: Chunk::BlockStatus { extents, .. },
