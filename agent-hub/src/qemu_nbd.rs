@@ -21,14 +21,25 @@
 //!
 //! ## Cache mode (measured by `bench/qemu-nbd-cache.sh`)
 //!
-//! 1 GiB of data (a 2 GiB qcow2 source half filled with random data) copied by
-//! `nbdcopy --destination-is-zero` into a fresh qcow2 served by qemu-nbd, wall time per run,
-//! median of 5, on this 2-core Debian 12 machine (qemu 7.2, ext4 on a virtio disk):
+//! Copy of N GiB of random data (from a qcow2 twice that size, the rest holes) by
+//! `nbdcopy --destination-is-zero --flush` into a fresh qcow2 served by qemu-nbd with the options
+//! above, plus the SIGTERM stop of that qemu-nbd: wall seconds, median of 5 runs with the modes
+//! interleaved, on the shared 2-core Debian 12 build machine (qemu 7.2, ext4 on virtio, load
+//! average 2-12 from other builds, hence the spread).
 //!
-//! | cache / aio            | median s | vs default |
-//! |------------------------|----------|------------|
-//! | see the table in the bench output; filled in below once measured | | |
+//! | cache / aio          | 1 GiB median (range) | 2 GiB median (range) | vs writeback/threads |
+//! |----------------------|----------------------|----------------------|----------------------|
+//! | writeback / threads  | 3.08 (2.29-3.94)     | 5.90 (5.66-8.18)     | 1.00                 |
+//! | writeback / io_uring | 3.39 (2.14-4.47)     | 6.74 (5.65-9.90)     | 1.10-1.14            |
+//! | **none / threads**   | **1.78 (1.57-2.39)** | **3.38 (3.14-4.80)** | **0.57-0.58**        |
+//! | none / native        | 2.88 (2.66-3.34)     | 4.60 (4.34-8.54)     | 0.78-0.94            |
+//! | writethrough/threads | 11.34 (9.38-15.82)   | 30.41 (20.34-32.83)  | 3.7-5.2              |
+//! | unsafe / threads     | 2.07 (1.64-5.44)     | 5.70 (3.99-6.45)     | 0.67-0.97            |
 //!
+//! Default: `cache=none`, `aio=threads`, the fastest in both sizes: a backup target is written
+//! once and not read back through this process, so the page cache only costs a copy and a
+//! write-back storm at the final flush. On a file system that refuses O_DIRECT the image is served
+//! with `cache=writeback` instead (see `adapt_to_file_system`).
 //! `unsafe` ignores flushes, so an acknowledged backup could be lost on a host crash; it is
 //! measured for reference only and never chosen.
 
@@ -301,6 +312,10 @@ impl QemuNbd {
     /// Spawns qemu-nbd and returns once an NBD handshake for its export succeeds against the
     /// spawned process. If it exits first, the error carries the cause read from its stderr; if
     /// it does not answer within `ready_timeout`, it is stopped and the error says so.
+    ///
+    /// Cancel-safe: if this future is dropped before it returns (a job cancelled while its
+    /// exports start), the half-started qemu-nbd gets SIGKILL and is reaped, as nobody could
+    /// record or stop it otherwise.
     pub async fn start(cfg: &QemuNbdConfig, spec: ExportSpec) -> Result<QemuNbd, QemuNbdError> {
         cfg.validate()?;
         spec.validate()?;
@@ -324,6 +339,7 @@ impl QemuNbd {
             command = %child.command_line_string(),
             "started qemu-nbd"
         );
+        let unfinished = KillUnlessReady(Some(child.clone()));
         let qn = QemuNbd {
             inner: Arc::new(Inner {
                 child,
@@ -333,7 +349,9 @@ impl QemuNbd {
                 stop_grace: cfg.stop_grace,
             }),
         };
-        match qn.wait_ready(cfg.ready_timeout).await {
+        let ready = qn.wait_ready(cfg.ready_timeout).await;
+        unfinished.defuse();
+        match ready {
             Ok(waited) => {
                 tracing::info!(
                     pid = qn.pid(),
@@ -469,6 +487,24 @@ impl QemuNbd {
             "qemu-nbd stopped"
         );
         report
+    }
+}
+
+/// Kills a qemu-nbd whose start was abandoned (the start future dropped mid-way).
+struct KillUnlessReady(Option<Supervised>);
+
+impl KillUnlessReady {
+    fn defuse(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for KillUnlessReady {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.take() {
+            tracing::warn!(pid = child.pid(), "qemu-nbd start abandoned; killing it");
+            child.kill_now();
+        }
     }
 }
 

@@ -294,6 +294,51 @@ async fn a_server_that_never_answers_is_stopped_after_the_timeout() {
 }
 
 #[tokio::test]
+async fn an_abandoned_start_leaves_no_process() {
+    let dir = tempfile::tempdir().unwrap();
+    // Records its PID (kept by exec), then never listens.
+    let pid_file = dir.path().join("pid");
+    let stuck = dir.path().join("qemu-nbd");
+    std::fs::write(
+        &stuck,
+        format!(
+            "#!/bin/sh\necho $$ > '{}'\nexec sleep 30\n",
+            pid_file.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&stuck, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let cfg = QemuNbdConfig {
+        binary: stuck,
+        ..QemuNbdConfig::default()
+    };
+    let start = QemuNbd::start(
+        &cfg,
+        spec(Path::new("/nonexistent.qcow2"), "x", free_port()),
+    );
+    // The job is cancelled while its export starts: the start future is dropped.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), start)
+            .await
+            .is_err()
+    );
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        gone_within(pid, Duration::from_secs(2)).await,
+        "PID {pid} left running"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "PID {pid} not reaped"
+    );
+}
+
+#[tokio::test]
 async fn a_missing_binary_is_named() {
     let cfg = QemuNbdConfig {
         binary: "/nonexistent/qemu-nbd".into(),
