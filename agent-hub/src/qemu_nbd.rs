@@ -21,14 +21,25 @@
 //!
 //! ## Cache mode (measured by `bench/qemu-nbd-cache.sh`)
 //!
-//! 1 GiB of data (a 2 GiB qcow2 source half filled with random data) copied by
-//! `nbdcopy --destination-is-zero` into a fresh qcow2 served by qemu-nbd, wall time per run,
-//! median of 5, on this 2-core Debian 12 machine (qemu 7.2, ext4 on a virtio disk):
+//! Copy of N GiB of random data (from a qcow2 twice that size, the rest holes) by
+//! `nbdcopy --destination-is-zero --flush` into a fresh qcow2 served by qemu-nbd with the options
+//! above, plus the SIGTERM stop of that qemu-nbd: wall seconds, median of 5 runs with the modes
+//! interleaved, on the shared 2-core Debian 12 build machine (qemu 7.2, ext4 on virtio, load
+//! average 2-12 from other builds, hence the spread).
 //!
-//! | cache / aio            | median s | vs default |
-//! |------------------------|----------|------------|
-//! | see the table in the bench output; filled in below once measured | | |
+//! | cache / aio          | 1 GiB median (range) | 2 GiB median (range) | vs writeback/threads |
+//! |----------------------|----------------------|----------------------|----------------------|
+//! | writeback / threads  | 3.08 (2.29-3.94)     | 5.90 (5.66-8.18)     | 1.00                 |
+//! | writeback / io_uring | 3.39 (2.14-4.47)     | 6.74 (5.65-9.90)     | 1.10-1.14            |
+//! | **none / threads**   | **1.78 (1.57-2.39)** | **3.38 (3.14-4.80)** | **0.57-0.58**        |
+//! | none / native        | 2.88 (2.66-3.34)     | 4.60 (4.34-8.54)     | 0.78-0.94            |
+//! | writethrough/threads | 11.34 (9.38-15.82)   | 30.41 (20.34-32.83)  | 3.7-5.2              |
+//! | unsafe / threads     | 2.07 (1.64-5.44)     | 5.70 (3.99-6.45)     | 0.67-0.97            |
 //!
+//! Default: `cache=none`, `aio=threads`, the fastest in both sizes: a backup target is written
+//! once and not read back through this process, so the page cache only costs a copy and a
+//! write-back storm at the final flush. On a file system that refuses O_DIRECT the image is served
+//! with `cache=writeback` instead (see `adapt_to_file_system`).
 //! `unsafe` ignores flushes, so an acknowledged backup could be lost on a host crash; it is
 //! measured for reference only and never chosen.
 
@@ -40,9 +51,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 use sendense_shared::child::{self, ChildError, ExitReport, Supervised};
 use sendense_shared::nbd::{ConnectOptions, NbdAddr, NbdClient};
+use serde::{Deserialize, Serialize};
 use tokio::process::Command;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -71,6 +82,7 @@ pub enum QemuNbdError {
         "qemu-nbd for export {export:?} on port {port} exited before it was ready ({status}): {cause}"
     )]
     ExitedBeforeReady {
+        pid: u32,
         export: String,
         port: u16,
         status: String,
@@ -83,6 +95,7 @@ pub enum QemuNbdError {
         "qemu-nbd for export {export:?} on port {port} did not answer an NBD handshake within {waited:?} ({last_error}); it was stopped"
     )]
     NotReady {
+        pid: u32,
         port: u16,
         export: String,
         waited: Duration,
@@ -124,7 +137,8 @@ impl Default for QemuNbdConfig {
             binary: PathBuf::from("qemu-nbd"),
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             shared_connections: 8,
-            cache: "writeback".to_string(),
+            // Measured: see the module doc.
+            cache: "none".to_string(),
             aio: Some("threads".to_string()),
             ready_timeout: Duration::from_secs(10),
             stop_grace: Duration::from_secs(5),
@@ -238,7 +252,8 @@ impl ExportSpec {
     }
 }
 
-/// The arguments after the binary. Public for logs and for the bench script's cross-check.
+/// The arguments after the binary, for `cfg` as given (see [`QemuNbd::start`] for the one case
+/// where the cache mode is adapted to the file system).
 pub fn command_args(cfg: &QemuNbdConfig, spec: &ExportSpec) -> Vec<String> {
     let mut args = vec![
         "--format=qcow2".to_string(),
@@ -297,9 +312,14 @@ impl QemuNbd {
     /// Spawns qemu-nbd and returns once an NBD handshake for its export succeeds against the
     /// spawned process. If it exits first, the error carries the cause read from its stderr; if
     /// it does not answer within `ready_timeout`, it is stopped and the error says so.
+    ///
+    /// Cancel-safe: if this future is dropped before it returns (a job cancelled while its
+    /// exports start), the half-started qemu-nbd gets SIGKILL and is reaped, as nobody could
+    /// record or stop it otherwise.
     pub async fn start(cfg: &QemuNbdConfig, spec: ExportSpec) -> Result<QemuNbd, QemuNbdError> {
         cfg.validate()?;
         spec.validate()?;
+        let cfg = &adapt_to_file_system(cfg, &spec.qcow2_path);
         let mut cmd = Command::new(&cfg.binary);
         cmd.args(command_args(cfg, &spec))
             .stdin(Stdio::null())
@@ -319,6 +339,7 @@ impl QemuNbd {
             command = %child.command_line_string(),
             "started qemu-nbd"
         );
+        let unfinished = KillUnlessReady(Some(child.clone()));
         let qn = QemuNbd {
             inner: Arc::new(Inner {
                 child,
@@ -328,9 +349,16 @@ impl QemuNbd {
                 stop_grace: cfg.stop_grace,
             }),
         };
-        match qn.wait_ready(cfg.ready_timeout).await {
+        let ready = qn.wait_ready(cfg.ready_timeout).await;
+        unfinished.defuse();
+        match ready {
             Ok(waited) => {
-                tracing::info!(pid = qn.pid(), port = qn.inner.spec.port, ?waited, "qemu-nbd ready");
+                tracing::info!(
+                    pid = qn.pid(),
+                    port = qn.inner.spec.port,
+                    ?waited,
+                    "qemu-nbd ready"
+                );
                 Ok(qn)
             }
             Err(e) => {
@@ -354,6 +382,7 @@ impl QemuNbd {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(QemuNbdError::NotReady {
+                    pid: self.pid(),
                     port: spec.port,
                     export: spec.export_name.clone(),
                     waited: timeout,
@@ -405,6 +434,7 @@ impl QemuNbd {
             None => ("unknown".to_string(), self.inner.child.stderr_tail()),
         };
         QemuNbdError::ExitedBeforeReady {
+            pid: self.pid(),
             export: spec.export_name.clone(),
             port: spec.port,
             status,
@@ -460,6 +490,51 @@ impl QemuNbd {
         );
         report
     }
+}
+
+/// Kills a qemu-nbd whose start was abandoned (the start future dropped mid-way).
+struct KillUnlessReady(Option<Supervised>);
+
+impl KillUnlessReady {
+    fn defuse(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for KillUnlessReady {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.take() {
+            tracing::warn!(pid = child.pid(), "qemu-nbd start abandoned; killing it");
+            child.kill_now();
+        }
+    }
+}
+
+/// cache=none and directsync open the image with O_DIRECT, which some file systems refuse (tmpfs
+/// before Linux 6.6): there qemu-nbd would exit with "Invalid argument". Such an image is served
+/// with cache=writeback (and qemu's default aio) instead, and the log says so.
+fn adapt_to_file_system(cfg: &QemuNbdConfig, image: &Path) -> QemuNbdConfig {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut cfg = cfg.clone();
+    if !matches!(cfg.cache.as_str(), "none" | "directsync") {
+        return cfg;
+    }
+    let probe = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
+        .open(image);
+    if let Err(e) = probe
+        && e.raw_os_error() == Some(nix::errno::Errno::EINVAL as i32)
+    {
+        tracing::warn!(
+            image = %image.display(),
+            cache = %cfg.cache,
+            "file system refuses O_DIRECT; serving this image with cache=writeback"
+        );
+        cfg.cache = "writeback".to_string();
+        cfg.aio = None;
+    }
+    cfg
 }
 
 /// Turns qemu-nbd's stderr into the cause an operator needs, keeping its own words after it.
@@ -612,7 +687,12 @@ pub async fn stop_orphan(
             _ => OrphanOutcome::AlreadyGone,
         });
     }
-    tracing::info!(pid, port, export = export_name, "stopping orphaned qemu-nbd");
+    tracing::info!(
+        pid,
+        port,
+        export = export_name,
+        "stopping orphaned qemu-nbd"
+    );
     match child::stop_group(pid, grace).await {
         Ok(true) => Ok(OrphanOutcome::Stopped),
         Ok(false) => Ok(OrphanOutcome::AlreadyGone),
@@ -696,7 +776,7 @@ mod tests {
                 "--shared=8",
                 "--discard=unmap",
                 "--detect-zeroes=unmap",
-                "--cache=writeback",
+                "--cache=none",
                 "--aio=threads",
                 "/repo/vm1/2000/b1.qcow2",
             ])
@@ -707,7 +787,10 @@ mod tests {
             ..spec()
         };
         let args = command_args(&QemuNbdConfig::default(), &ro);
-        assert_eq!(&args[args.len() - 2..], strings(&["--read-only", "./-odd.qcow2"]));
+        assert_eq!(
+            &args[args.len() - 2..],
+            strings(&["--read-only", "./-odd.qcow2"])
+        );
     }
 
     #[test]
@@ -731,7 +814,16 @@ mod tests {
         let c = strings(&["qemu-nbd", "--port=1", "--", "--port=2"]);
         assert_eq!(served_by(&c), Some((1, String::new())));
         // nbdcopy running a qemu-nbd: argv[0] decides.
-        let c = strings(&["nbdcopy", "--", "[", "qemu-nbd", "--port=10105", "-x", "vm1-disk-2000", "]"]);
+        let c = strings(&[
+            "nbdcopy",
+            "--",
+            "[",
+            "qemu-nbd",
+            "--port=10105",
+            "-x",
+            "vm1-disk-2000",
+            "]",
+        ]);
         assert_eq!(served_by(&c), None);
         assert_eq!(served_by(&strings(&["sleep", "30"])), None);
         assert_eq!(served_by(&[]), None);
@@ -748,26 +840,97 @@ mod tests {
         };
         let d = QemuNbdConfig::default;
         d().validate().unwrap();
-        check(QemuNbdConfig { shared_connections: 1, ..d() }, "shared_connections");
-        check(QemuNbdConfig { cache: "unsafe".into(), ..d() }, "cache");
-        check(QemuNbdConfig { cache: "fast".into(), ..d() }, "cache");
-        check(QemuNbdConfig { aio: Some("native".into()), ..d() }, "aio");
-        check(QemuNbdConfig { aio: Some("posix".into()), ..d() }, "aio");
-        check(QemuNbdConfig { ready_timeout: Duration::ZERO, ..d() }, "ready_timeout");
-        check(QemuNbdConfig { binary: PathBuf::new(), ..d() }, "binary");
-        QemuNbdConfig { cache: "none".into(), aio: Some("native".into()), ..d() }
-            .validate()
-            .unwrap();
+        check(
+            QemuNbdConfig {
+                shared_connections: 1,
+                ..d()
+            },
+            "shared_connections",
+        );
+        check(
+            QemuNbdConfig {
+                cache: "unsafe".into(),
+                ..d()
+            },
+            "cache",
+        );
+        check(
+            QemuNbdConfig {
+                cache: "fast".into(),
+                ..d()
+            },
+            "cache",
+        );
+        check(
+            QemuNbdConfig {
+                cache: "writeback".into(),
+                aio: Some("native".into()),
+                ..d()
+            },
+            "aio",
+        );
+        check(
+            QemuNbdConfig {
+                aio: Some("posix".into()),
+                ..d()
+            },
+            "aio",
+        );
+        check(
+            QemuNbdConfig {
+                ready_timeout: Duration::ZERO,
+                ..d()
+            },
+            "ready_timeout",
+        );
+        check(
+            QemuNbdConfig {
+                binary: PathBuf::new(),
+                ..d()
+            },
+            "binary",
+        );
+        QemuNbdConfig {
+            cache: "none".into(),
+            aio: Some("native".into()),
+            ..d()
+        }
+        .validate()
+        .unwrap();
     }
 
     #[test]
     fn spec_refuses_bad_names_and_port_zero() {
         for (s, field) in [
-            (ExportSpec { export_name: "../x".into(), ..spec() }, "export_name"),
-            (ExportSpec { export_name: String::new(), ..spec() }, "export_name"),
-            (ExportSpec { export_name: "a b".into(), ..spec() }, "export_name"),
+            (
+                ExportSpec {
+                    export_name: "../x".into(),
+                    ..spec()
+                },
+                "export_name",
+            ),
+            (
+                ExportSpec {
+                    export_name: String::new(),
+                    ..spec()
+                },
+                "export_name",
+            ),
+            (
+                ExportSpec {
+                    export_name: "a b".into(),
+                    ..spec()
+                },
+                "export_name",
+            ),
             (ExportSpec { port: 0, ..spec() }, "port"),
-            (ExportSpec { qcow2_path: PathBuf::new(), ..spec() }, "qcow2_path"),
+            (
+                ExportSpec {
+                    qcow2_path: PathBuf::new(),
+                    ..spec()
+                },
+                "qcow2_path",
+            ),
         ] {
             match s.validate() {
                 Err(QemuNbdError::InvalidSpec { field: f, .. }) => assert_eq!(f, field),
@@ -792,14 +955,20 @@ mod tests {
         assert!(err.to_string().contains("parsecs"), "{err}");
         let err = toml::from_str::<QemuNbdConfig>("chache = \"none\"").unwrap_err();
         assert!(err.to_string().contains("chache"), "{err}");
-        assert_eq!(toml::from_str::<QemuNbdConfig>("").unwrap(), QemuNbdConfig::default());
+        assert_eq!(
+            toml::from_str::<QemuNbdConfig>("").unwrap(),
+            QemuNbdConfig::default()
+        );
     }
 
     #[test]
     fn diagnosis_names_the_cause() {
         let s = spec();
         assert_eq!(
-            diagnose("qemu-nbd: Failed to find an available port: Address already in use\n", &s),
+            diagnose(
+                "qemu-nbd: Failed to find an available port: Address already in use\n",
+                &s
+            ),
             "port 10105 already in use (qemu-nbd: Failed to find an available port: Address already in use)"
         );
         let missing = "qemu-nbd: Failed to blk_new_open '/repo/vm1/2000/b1.qcow2': Could not open \

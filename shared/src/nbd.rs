@@ -582,3 +582,6 @@ impl NbdClient {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
