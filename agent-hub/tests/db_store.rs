@@ -730,3 +730,59 @@ async fn qemu_nbd_processes_are_recorded_and_stopped() {
     })
     .await;
 }
+
+/// Two hub processes registering the same new VM at once end with one VM context, and every
+/// disk row is one of the requested ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_registrations_of_one_vm_make_one_context() {
+    on_each_dialect("vm_concurrent", |t: TestDb| async move {
+        let other = t.another_pool().await;
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let db = if i % 2 == 0 {
+                t.db.clone()
+            } else {
+                other.clone()
+            };
+            tasks.push(tokio::spawn(async move {
+                let req = vm(
+                    "racer",
+                    vec![disk(2000, i, 1 << 20), disk(2001, 10 + i, 2 << 20)],
+                );
+                db.upsert_vm(&req).await.map(|v| v.vm_context_id)
+            }));
+        }
+        let mut contexts = BTreeSet::new();
+        for task in tasks {
+            contexts.insert(
+                task.await
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("{}: {e}", t.dialect)),
+            );
+        }
+        assert_eq!(contexts.len(), 1, "{}: {contexts:?}", t.dialect);
+        let v = t.db.get_vm("racer").await.unwrap();
+        assert_eq!(v.disks.len(), 2);
+        assert_eq!(
+            v.disks[1].unit_number,
+            v.disks[0].unit_number + 10,
+            "one request's units, not a mix"
+        );
+        assert_eq!(t.db.list_vms().await.unwrap().len(), 1);
+    })
+    .await;
+}
+
+/// The SQLite database runs in WAL mode, so readers do not wait for a writer.
+#[tokio::test]
+async fn sqlite_uses_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::connect(&format!("sqlite://{}/hub.db", dir.path().display()))
+        .await
+        .unwrap();
+    db.migrate().await.unwrap();
+    assert!(
+        dir.path().join("hub.db-wal").exists(),
+        "no WAL file next to the database"
+    );
+}
