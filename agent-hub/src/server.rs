@@ -115,6 +115,8 @@ impl Hub {
             http: http.clone(),
             token: token.clone(),
             tasks: tasks.clone(),
+            node_watch_interval: config.node_watch_interval,
+            node_lost_after: config.node_lost_after,
         });
 
         let report = crate::reconciler::reconcile(&db, &ports, &bus, &config).await;
