@@ -403,6 +403,11 @@ impl JobManager {
         report: ProgressReport,
     ) -> Result<Backup, JobError> {
         let b = self.get(id).await?;
+        // A report overtaken by the completion report is stale, not an error: the writer must
+        // not read "stop writing" into it.
+        if matches!(b.status, JobStatus::Finalizing | JobStatus::Completed) {
+            return Ok(b);
+        }
         if b.status != JobStatus::Running {
             return Err(JobError::WrongState {
                 id: id.clone(),
@@ -489,6 +494,12 @@ impl JobManager {
         report: CompletionReport,
     ) -> Result<Backup, JobError> {
         let b = self.get(id).await?;
+        // A repeated `completed` report (a writer retrying after a timeout) gets the same answer.
+        if report.status == CompletionStatus::Completed
+            && matches!(b.status, JobStatus::Finalizing | JobStatus::Completed)
+        {
+            return Ok(b);
+        }
         if b.status != JobStatus::Running {
             return Err(JobError::WrongState {
                 id: id.clone(),

@@ -201,6 +201,24 @@ async fn a_squatted_port_is_skipped_and_reported() {
         .await;
     assert_eq!(done["status"], "completed", "{done}");
     env.assert_nothing_held(&done).await;
+    // A writer retrying its completion, or a progress report overtaken by it, is not an error.
+    let (s, v) = env
+        .api
+        .post(
+            &format!("/api/v1/backups/{id}/complete"),
+            &json!({"status": "completed", "disks": [{"disk_key": 2000, "status": "completed"}]}),
+        )
+        .await;
+    assert_eq!((s, &v["status"]), (202, &json!("completed")), "{v}");
+    let (s, v) = env
+        .api
+        .post(
+            &format!("/api/v1/backups/{id}/progress"),
+            &json!({"disks": [{"disk_key": 2000, "bytes_done": 1, "bytes_total": 1, "status": "running"}]}),
+        )
+        .await;
+    assert_eq!((s, &v["status"]), (200, &json!("completed")), "{v}");
+    assert_eq!(disk(&v, 2000)["status"], "completed", "{v}");
     drop(squatter);
 }
 
