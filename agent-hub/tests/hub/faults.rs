@@ -482,3 +482,46 @@ async fn an_unreachable_node_fails_the_job_naming_it() {
     assert_eq!(t[0]["node"], "node1", "{t}");
     assert_eq!(t[0]["live"], false, "{t}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_qemu_nbd_that_cannot_start_fails_the_job_and_unwinds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("hub.toml");
+    // Through the config file: a qemu-nbd binary that does not exist.
+    std::fs::write(
+        &cfg,
+        "log_level = \"debug\"\n[qemu_nbd]\nbinary = \"/nonexistent/qemu-nbd\"\n",
+    )
+    .unwrap();
+    let env = Env::start_with(|o| {
+        o.extra_args = vec!["--config".into(), cfg.display().to_string()];
+    });
+    env.register_vm("nostart", &[2000, 2001]).await;
+    let (s, v) = env.start_backup("nostart", "full").await;
+    assert_eq!(s, 500, "{v}");
+    assert_eq!(v["error"], "backup preparation failed", "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/qemu-nbd"),
+        "{v}"
+    );
+    let list = env.api.get_ok("/api/v1/backups").await;
+    let b = &list[0];
+    assert_eq!(b["status"], "failed", "{b}");
+    for k in [2000, 2001] {
+        let d = disk(b, k);
+        assert!(
+            d["error_message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("qemu-nbd"),
+            "{d}"
+        );
+    }
+    env.assert_nothing_held(b).await;
+    for p in image_paths(b) {
+        assert!(!p.exists(), "{} left behind", p.display());
+    }
+}
