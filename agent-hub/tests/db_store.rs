@@ -786,3 +786,46 @@ async fn sqlite_uses_wal() {
         "no WAL file next to the database"
     );
 }
+
+/// A wrong password names the database and the cause, and never prints the password.
+#[tokio::test]
+async fn connect_errors_hide_the_password() {
+    let Some(server) = db_support::mysql_server_url() else {
+        return;
+    };
+    let (scheme_user, host) = server.rsplit_once('@').unwrap();
+    let user = scheme_user
+        .trim_start_matches("mysql://")
+        .split(':')
+        .next()
+        .unwrap();
+    let url = format!("mysql://{user}:not-the-password-42@{host}/nowhere");
+    let e = Db::connect(&url).await.unwrap_err();
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    assert!(!msg.contains("not-the-password-42"), "{msg}");
+    assert!(
+        msg.contains(&format!("mysql://{user}:***@{host}/nowhere")),
+        "{msg}"
+    );
+    assert!(msg.contains("Access denied"), "{msg}");
+}
+
+#[tokio::test]
+async fn sqlite_file_is_created_on_connect() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fresh.db");
+    let db = Db::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    assert_eq!(db.kind(), agent_hub::db::DbKind::Sqlite);
+    assert!(path.exists());
+    let e = Db::connect("sqlite:///no/such/dir/hub.db")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("/no/such/dir/hub.db"), "{e}");
+}
