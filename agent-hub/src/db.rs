@@ -24,7 +24,7 @@ mod records;
 mod vms;
 
 pub use backups::{BackupDiskRow, DiskUpdate, NewBackup, NewBackupDisk};
-pub use records::RepositoryRow;
+pub use records::{ProcessRecord, RepositoryRow};
 
 use chrono::{DateTime, Utc};
 use sendense_shared::api::DatabaseKind;
