@@ -321,6 +321,12 @@ async fn a_tampered_block_fails_verification() {
         msg.contains("checksum mismatch at 4194304+4194304"),
         "{msg}"
     );
+    let ver = env
+        .api
+        .get_ok(&format!("/api/v1/backups/{id}/verification"))
+        .await;
+    assert_eq!(ver[0]["checksum_status"], "failed", "{ver}");
+    assert_eq!(ver[0]["checksum_mismatches"], 1, "{ver}");
     env.assert_nothing_held(&done).await;
     for p in image_paths(&done) {
         assert!(
