@@ -76,10 +76,13 @@ async fn connected() -> (NbdClient, DuplexStream) {
         good_handshake(&mut server_end).await;
         server_end
     });
-    let c = NbdClient::from_stream(client_end, "e", &opts())
-        .await
-        .unwrap();
+    let c = from_duplex(client_end).await.unwrap();
     (c, srv.await.unwrap())
+}
+
+async fn from_duplex(end: DuplexStream) -> Result<NbdClient, NbdError> {
+    let (rd, wr) = tokio::io::split(end);
+    NbdClient::from_halves(rd, wr, "e", &opts()).await
 }
 
 struct Req {
@@ -151,7 +154,8 @@ async fn handshake_error(script: impl AsyncFnOnce(&mut DuplexStream)) -> NbdErro
         }
     };
     let o = opts();
-    let client = NbdClient::from_stream(client_end, "e", &o);
+    let (rd, wr) = tokio::io::split(client_end);
+    let client = NbdClient::from_halves(rd, wr, "e", &o);
     let (r, ()) = tokio::join!(client, server);
     r.unwrap_err()
 }
@@ -224,9 +228,7 @@ async fn handshake_refuses_go_without_export_info_and_eof() {
         let (opt, _) = read_opt(&mut server_end).await; // GO
         send_rep(&mut server_end, opt, REP_ACK, &[]).await;
     });
-    let e = NbdClient::from_stream(client_end, "e", &opts())
-        .await
-        .unwrap_err();
+    let e = from_duplex(client_end).await.unwrap_err();
     srv.await.unwrap();
     assert!(e.to_string().contains("without NBD_INFO_EXPORT"), "{e}");
 
