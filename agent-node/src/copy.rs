@@ -359,14 +359,15 @@ pub async fn copy_disk(
         cause,
     })?;
     // Which context drives the plan, and whether zeroes can be found without reading.
-    let (map_context, alloc_ok) = match &extents {
-        ExtentSource::Allocation => (BASE_ALLOCATION.to_string(), true),
-        ExtentSource::DirtyBitmap(name) => (
-            dirty_bitmap_context(name),
-            src0.meta_context_id(BASE_ALLOCATION).is_some(),
-        ),
+    let alloc_ok = src0.meta_context_id(BASE_ALLOCATION).is_some();
+    let map_context = match &extents {
+        ExtentSource::Allocation => BASE_ALLOCATION.to_string(),
+        ExtentSource::DirtyBitmap(name) => dirty_bitmap_context(name),
     };
-    if src0.meta_context_id(&map_context).is_none() {
+    if extents == ExtentSource::Allocation && !alloc_ok {
+        // Still correct, only slower: every byte is read and zero blocks are found by looking.
+        tracing::warn!(source = %source, "source has no base:allocation; copying every block");
+    } else if src0.meta_context_id(&map_context).is_none() {
         return Err(CopyError::MissingContext {
             addr: source.to_string(),
             context: map_context,
@@ -592,6 +593,14 @@ async fn plan_window(
     };
     let end = offset + window;
     match extents {
+        ExtentSource::Allocation if !alloc_ok => {
+            out.push(Segment {
+                offset,
+                length: window,
+                action: Action::Data,
+            });
+            Ok(end)
+        }
         ExtentSource::Allocation => {
             let ext = status(map_context, offset, window).await?;
             Ok(plan::lay_extents(

@@ -108,3 +108,52 @@ async fn copies_between_nbdkit_servers_over_several_connections() {
         .unwrap();
     assert!(cmp.status.success(), "{cmp:?}");
 }
+
+/// A server without structured replies grants no `base:allocation`: the copy reads every
+/// block, finds the holes by looking at the bytes, and writes them as zeroes.
+#[tokio::test]
+async fn a_source_without_block_status_is_copied_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 64 * MIB;
+    let src = Nbdkit::start(
+        dir.path(),
+        "src",
+        &[
+            "--no-sr",
+            "sparse-random",
+            "size=64M",
+            "seed=7",
+            "percent=30",
+            "runlength=1048576",
+        ],
+    );
+    let dst = Nbdkit::start(dir.path(), "dst", &["memory", "size=64M"]);
+    let probe = NbdClient::connect(&src.addr, &ConnectOptions::default())
+        .await
+        .unwrap();
+    assert!(!probe.structured_replies());
+    probe.disconnect().await.unwrap();
+    let opts = CopyOptions {
+        target_is_zero: true,
+        ..Default::default()
+    };
+    let out = copy_disk(
+        &src.addr,
+        &dst.addr,
+        ExtentSource::Allocation,
+        &opts,
+        DiskCounters::new(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.bytes_read, size, "no block status: everything is read");
+    assert_eq!(out.bytes_skipped, 0);
+    assert!(out.bytes_zeroed > 0 && out.bytes_written > 0, "{out:?}");
+    assert_eq!(out.bytes_written + out.bytes_zeroed, size);
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw", &src.uri, &dst.uri])
+        .output()
+        .unwrap();
+    assert!(cmp.status.success(), "{cmp:?}");
+}
