@@ -296,3 +296,37 @@ async fn killed_node_leftovers_are_released_at_start_up() {
         images_equal(before[i].to_str().unwrap(), t.image.to_str().unwrap()).unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_cancels_releases_and_reports() {
+    let vm = two_disk_vm().await;
+    let hub = HubRecorder::start().await;
+    let mut node = NodeProc::start(vm.dir.path(), &vm.node_qmp, Some(&hub.url)).await;
+    let (targets, s) = targets(&vm, "t", None).await;
+    for t in &targets {
+        t.pause();
+    }
+    let (code, body) = node
+        .post(
+            "/backup/start",
+            json!({"backup_id": "b-t", "vm_name": "vm1", "backup_type": "full", "nbd_targets": s}),
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    node.wait_job("b-t", 30, status_is("running")).await;
+    let resume = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        for t in &targets {
+            t.resume();
+        }
+    };
+    let (exited, ()) = tokio::join!(node.terminate(30), resume);
+    assert!(exited, "node did not exit on SIGTERM:\n{}", node.log_text());
+    assert_eq!(vm.leftovers().await, Vec::<String>::new());
+    let complete = hub.wait_for("/backups/b-t/complete", 5).await;
+    assert_eq!(complete[0].body["status"], "failed");
+    assert_eq!(
+        complete[0].body["error_message"],
+        "cancelled: the node is shutting down"
+    );
+}

@@ -40,6 +40,18 @@ async fn snapshot_of_three_disks_is_one_instant_and_release_leaves_nothing() {
     let run_dir = vm.dir.path().join("run");
     let d = driver(&vm, &run_dir);
 
+    // QEMU's refusals carry its error class and description.
+    let e = vm
+        .qmp()
+        .execute("no-such-command", serde_json::json!({}))
+        .await
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("CommandNotFound") && msg.contains("no-such-command"),
+        "{msg}"
+    );
+
     let inv = d.vm("vm1").await.unwrap();
     let keys: Vec<_> = inv.disks.iter().map(|d| d.disk_key).collect();
     assert_eq!(keys, [DiskKey(2000), DiskKey(2001), DiskKey(2002)]);
