@@ -224,11 +224,30 @@ impl QemuDriver {
         self.run_dir.join(format!("journal-{vm}.json"))
     }
 
+    /// An earlier release that did not finish (QEMU was unreachable, say) is finished first,
+    /// so that its change tracking is rolled back before a new snapshot looks at it.
+    async fn finish_earlier_release(&self, vm: &QemuVm) -> Result<(), SourceError> {
+        if !self.journal_path(&vm.name).exists() {
+            return Ok(());
+        }
+        let mut report = RecoveryReport::default();
+        self.recover_vm(vm, &mut report).await;
+        tracing::info!(vm = %vm.name, ?report, "released a snapshot left by an earlier run");
+        match report.errors.first() {
+            Some(e) => Err(SourceError::Tool {
+                command: "release of an earlier snapshot".to_string(),
+                detail: e.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     async fn snapshot_inner(
         &self,
         vm: &QemuVm,
         request: &SnapshotRequest,
     ) -> Result<Snapshot, SourceError> {
+        self.finish_earlier_release(vm).await?;
         let disks = self.disks(vm).await?;
         if disks.is_empty() {
             return Err(SourceError::NoDisks {
@@ -272,15 +291,19 @@ impl QemuDriver {
                 })
                 .collect(),
         };
+        // Held before the journal exists, so that no one mistakes this journal for a leftover.
+        *vm.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(state.clone());
         // The journal goes first: whatever happens after this line, a restarted node can undo.
         let journal = self.journal_path(&vm.name);
         let text = serde_json::to_vec_pretty(&state).unwrap_or_default();
-        std::fs::write(&journal, text).map_err(|source| SourceError::Io {
-            what: "writing snapshot journal",
-            path: journal.clone(),
-            source,
-        })?;
-        *vm.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(state.clone());
+        if let Err(source) = std::fs::write(&journal, text) {
+            *vm.held.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            return Err(SourceError::Io {
+                what: "writing snapshot journal",
+                path: journal,
+                source,
+            });
+        }
         match self.build_snapshot(vm, &state, &disks).await {
             Ok(snapshot) => Ok(snapshot),
             Err(e) => {
@@ -665,6 +688,9 @@ impl SourceDriver for QemuDriver {
     ) -> BoxFuture<'a, Result<(), SourceError>> {
         Box::pin(async move {
             let vm = self.vm_entry(vm_name)?;
+            if vm.held.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+                self.finish_earlier_release(vm).await?;
+            }
             let disks = self.disks(vm).await?;
             incremental_base(vm_name, &disks, previous).map(|_| ())
         })
