@@ -500,7 +500,7 @@ impl Jobs {
         let results = futures_util::future::join_all(copies).await;
         let failed_key = results
             .iter()
-            .find(|(_, _, r)| r.is_err() && !job.cancel.is_cancelled())
+            .find(|(_, _, r)| matches!(r, Err(e) if !is_cancel(e)))
             .map(|(k, _, _)| *k);
         let mut st = job.lock();
         let mut all_ok = true;

@@ -330,3 +330,46 @@ async fn sigterm_cancels_releases_and_reports() {
         "cancelled: the node is shutting down"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_target_fails_the_job_names_the_disk_and_releases() {
+    let vm = two_disk_vm().await;
+    let hub = HubRecorder::start().await;
+    let node = NodeProc::start(vm.dir.path(), &vm.node_qmp, Some(&hub.url)).await;
+    let (mut targets, s) = targets(&vm, "f", None).await;
+    for t in &targets {
+        t.pause();
+    }
+    let (code, body) = node
+        .post(
+            "/backup/start",
+            json!({"backup_id": "b-f", "vm_name": "vm1", "backup_type": "full", "nbd_targets": s}),
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    node.wait_job("b-f", 30, status_is("running")).await;
+    // qemu-nbd of disk 2001 dies; 2000 goes on.
+    targets[1].kill();
+    targets[0].resume();
+    let done = node.wait_job("b-f", 60, status_is("failed")).await;
+    let d1 = &done["disks"][1];
+    assert_eq!(d1["status"], "failed", "{done}");
+    let err = d1["error_message"].as_str().unwrap();
+    assert!(
+        err.contains(&targets[1].uri()),
+        "the error names the target: {err}"
+    );
+    assert!(
+        done["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("disk 2001"),
+        "{done}"
+    );
+    assert_ne!(done["disks"][0]["status"], "failed", "{done}");
+    assert_eq!(vm.leftovers().await, Vec::<String>::new());
+    assert_eq!(vm.bitmaps(0).await, Vec::<(String, bool)>::new());
+    let complete = hub.wait_for("/backups/b-f/complete", 10).await;
+    assert_eq!(complete[0].body["status"], "failed");
+    assert_eq!(complete[0].body["disks"][1]["status"], "failed");
+}

@@ -335,6 +335,14 @@ impl NbdTarget {
         self.signal(nix::sys::signal::Signal::SIGCONT);
     }
 
+    /// SIGKILL, like a crashed qemu-nbd.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Stops the server so the image can be read.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
