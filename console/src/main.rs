@@ -1,6 +1,5 @@
-fn main() {
-    println!(
-        "{}",
-        sendense_shared::identity::long_version("sendense-console")
-    );
+//! `sendense-console`: see the crate docs of `console` for the map of its modules.
+
+fn main() -> std::process::ExitCode {
+    console::cli::main()
 }

@@ -407,6 +407,14 @@ pub struct TunnelState {
     pub forwards: Vec<String>,
 }
 
+/// One entry of the hub's `GET /api/v1/tunnel`: the tunnel state a node last reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeTunnel {
+    /// Name of the node (as in [`Node::name`]).
+    pub node: String,
+    pub tunnel: TunnelState,
+}
+
 /// A node as the hub knows it (`GET /api/v1/nodes`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {

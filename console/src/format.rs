@@ -1,0 +1,120 @@
+//! Human units for sizes, rates and durations, shared by the UI and the CLI.
+
+use chrono::{DateTime, Utc};
+
+const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+
+/// `1.5 GiB`, `512 B`: binary units, one decimal from KiB up.
+pub fn bytes(n: u64) -> String {
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// `85.3 MiB/s`.
+pub fn rate(bytes_per_sec: u64) -> String {
+    format!("{}/s", bytes(bytes_per_sec))
+}
+
+/// `4s`, `3m07s`, `2h05m`, `3d04h`.
+pub fn duration_secs(secs: i64) -> String {
+    let secs = secs.max(0);
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s if s < 86_400 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}d{:02}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+/// Age of `then` at `now`, e.g. `3m07s ago`-style without the suffix.
+pub fn age(then: DateTime<Utc>, now: DateTime<Utc>) -> String {
+    duration_secs((now - then).num_seconds())
+}
+
+/// `00:12:03` (UTC).
+pub fn clock(t: DateTime<Utc>) -> String {
+    t.format("%H:%M:%S").to_string()
+}
+
+/// `11-27 00:12` (UTC), for timestamps that may be days old.
+pub fn stamp(t: DateTime<Utc>) -> String {
+    t.format("%m-%d %H:%M").to_string()
+}
+
+/// Percentage done, 0-100, of `done` out of `total` (0 when the total is unknown).
+pub fn percent(done: u64, total: u64) -> u16 {
+    if total == 0 {
+        return 0;
+    }
+    ((done.min(total) as f64 / total as f64) * 100.0).floor() as u16
+}
+
+/// Cut `s` to at most `max` characters, marking the cut with `…`.
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    if max == 0 {
+        return String::new();
+    }
+    let mut out: String = s.chars().take(max - 1).collect();
+    out.push('…');
+    out
+}
+
+/// Keep the end of `s` (paths: the file name matters most), marking the cut with `…`.
+pub fn truncate_left(s: &str, max: usize) -> String {
+    let count = s.chars().count();
+    if count <= max {
+        return s.to_string();
+    }
+    if max == 0 {
+        return String::new();
+    }
+    let mut out = String::from("…");
+    out.extend(s.chars().skip(count - (max - 1)));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_pick_binary_units() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(16 * 1024 * 1024 * 1024), "16.0 GiB");
+    }
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(duration_secs(4), "4s");
+        assert_eq!(duration_secs(187), "3m07s");
+        assert_eq!(duration_secs(7500), "2h05m");
+        assert_eq!(duration_secs(-5), "0s");
+    }
+
+    #[test]
+    fn percent_handles_unknown_total_and_overshoot() {
+        assert_eq!(percent(5, 0), 0);
+        assert_eq!(percent(50, 100), 50);
+        assert_eq!(percent(150, 100), 100);
+    }
+
+    #[test]
+    fn truncation_marks_the_cut() {
+        assert_eq!(truncate("abcdef", 4), "abc…");
+        assert_eq!(truncate("abc", 4), "abc");
+        assert_eq!(truncate_left("/var/lib/x.qcow2", 8), "…x.qcow2");
+    }
+}

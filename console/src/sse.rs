@@ -1,0 +1,259 @@
+//! The live feed from the hub. While the event stream (`GET /api/v1/events`, `data:` lines of
+//! [`HubEvent`] JSON) is open, changes arrive as they happen and a full snapshot is refreshed
+//! every [`LIVE_REFRESH`]. When the stream cannot be opened or breaks, the feed polls every
+//! [`POLL_INTERVAL`] and retries the stream with exponential backoff. When `/health` does not
+//! answer, the hub counts as unreachable; polling goes on, so the console recovers by itself.
+
+use crate::app::{Snapshot, Update};
+use crate::client::{ClientError, HubClient, error_chain};
+use futures_util::StreamExt;
+use sendense_shared::api::{Backup, HubEvent, JobEvent};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
+pub const LIVE_REFRESH: Duration = Duration::from_secs(10);
+const BACKOFF_START: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A stream that stayed open this long was healthy: the next failure starts backing off anew.
+const STREAM_HEALTHY_AFTER: Duration = Duration::from_secs(30);
+/// Event logs fetched per poll: every unfinished job plus this many of the newest.
+const RECENT_JOBS_WITH_EVENTS: usize = 5;
+
+/// Splits a `text/event-stream` body into the payloads of its events (the joined `data:`
+/// lines of each event). Other fields (`event:`, `id:`, `retry:`) and comments are ignored.
+#[derive(Debug, Default)]
+pub struct SseParser {
+    pending: Vec<u8>,
+    data: Vec<String>,
+}
+
+impl SseParser {
+    /// Feed a chunk of the body; returns the payloads completed by it.
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<String> {
+        self.pending.extend_from_slice(chunk);
+        let mut out = Vec::new();
+        while let Some(pos) = self.pending.iter().position(|&b| b == b'\n') {
+            let mut line: Vec<u8> = self.pending.drain(..=pos).collect();
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            let line = String::from_utf8_lossy(&line);
+            if line.is_empty() {
+                if !self.data.is_empty() {
+                    out.push(self.data.join("\n"));
+                    self.data.clear();
+                }
+            } else if let Some(rest) = line.strip_prefix("data:") {
+                self.data
+                    .push(rest.strip_prefix(' ').unwrap_or(rest).to_string());
+            }
+        }
+        out
+    }
+}
+
+/// What to show as "last error" when the hub does not answer: the root cause, which is the
+/// part an operator acts on (the URL is shown next to it).
+pub fn cause(err: &ClientError) -> String {
+    if let ClientError::Unreachable { source, .. } = err {
+        if source.is_timeout() {
+            return "timed out".to_string();
+        }
+        let mut root: &(dyn std::error::Error + 'static) = source;
+        while let Some(next) = root.source() {
+            root = next;
+        }
+        return root.to_string();
+    }
+    error_chain(err)
+}
+
+fn recent_jobs(backups: &[Backup]) -> Vec<&Backup> {
+    let mut sorted: Vec<&Backup> = backups.iter().collect();
+    sorted.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+    sorted
+        .iter()
+        .enumerate()
+        .filter(|(i, b)| *i < RECENT_JOBS_WITH_EVENTS || !b.status.is_terminal())
+        .map(|(_, b)| *b)
+        .collect()
+}
+
+/// The value of one part of a snapshot, or `None` with the cause noted in `errors`.
+fn keep<T>(errors: &mut Vec<String>, r: Result<T, ClientError>) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(error = %error_chain(&e), "part of the snapshot failed");
+            errors.push(error_chain(&e));
+            None
+        }
+    }
+}
+
+/// Everything the console shows, fetched at once. Fails only when `/health` fails; other
+/// parts that fail are left out and named in `errors`.
+pub async fn fetch_snapshot(client: &HubClient) -> Result<Snapshot, ClientError> {
+    let health = client.health().await?;
+    let (backups, vms, repositories, ports, processes, nodes, tunnels) = tokio::join!(
+        client.backups(),
+        client.vms(),
+        client.repositories(),
+        client.ports(),
+        client.processes(),
+        client.nodes(),
+        client.tunnel(),
+    );
+    let mut errors = Vec::new();
+    let backups: Option<Vec<Backup>> = keep(&mut errors, backups);
+    let snap = Snapshot {
+        health: Some(health),
+        vms: keep(&mut errors, vms),
+        repositories: keep(&mut errors, repositories),
+        ports: keep(&mut errors, ports),
+        processes: keep(&mut errors, processes),
+        nodes: keep(&mut errors, nodes),
+        tunnels: keep(&mut errors, tunnels),
+        events: None,
+        backups: None,
+        errors: Vec::new(),
+    };
+    let events = match &backups {
+        Some(list) => {
+            let logs = futures_util::future::join_all(
+                recent_jobs(list)
+                    .into_iter()
+                    .map(|b| client.backup_events(&b.backup_id)),
+            )
+            .await;
+            let mut all: Vec<JobEvent> = Vec::new();
+            for log in logs {
+                if let Some(mut l) = keep(&mut errors, log) {
+                    all.append(&mut l);
+                }
+            }
+            Some(all)
+        }
+        None => None,
+    };
+    Ok(Snapshot {
+        backups,
+        events,
+        errors,
+        ..snap
+    })
+}
+
+/// Poll once and report; true when the hub answered.
+async fn poll(client: &HubClient, tx: &mpsc::Sender<Update>) -> bool {
+    match fetch_snapshot(client).await {
+        Ok(snap) => {
+            let _ = tx.send(Update::Snapshot(Box::new(snap))).await;
+            true
+        }
+        Err(e) => {
+            tracing::info!(error = %error_chain(&e), "hub poll failed");
+            let _ = tx.send(Update::Unreachable { error: cause(&e) }).await;
+            false
+        }
+    }
+}
+
+/// Read the open stream until it ends; returns why it ended.
+async fn pump(client: &HubClient, resp: reqwest::Response, tx: &mpsc::Sender<Update>) -> String {
+    let mut body = resp.bytes_stream();
+    let mut parser = SseParser::default();
+    // The first tick is immediate: a snapshot right after subscribing covers anything that
+    // changed between the last poll and the subscription.
+    let mut refresh = tokio::time::interval(LIVE_REFRESH);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            chunk = body.next() => match chunk {
+                Some(Ok(bytes)) => {
+                    for data in parser.push(&bytes) {
+                        match serde_json::from_str::<HubEvent>(&data) {
+                            Ok(event) => {
+                                if tx.send(Update::Event(event)).await.is_err() {
+                                    return String::new();
+                                }
+                            }
+                            Err(e) => tracing::warn!(error = %e, data = %data, "unknown event from the hub"),
+                        }
+                    }
+                }
+                Some(Err(e)) => return error_chain(&e),
+                None => return "the hub closed the event stream".to_string(),
+            },
+            _ = refresh.tick() => {
+                if !poll(client, tx).await {
+                    return "the hub stopped answering".to_string();
+                }
+            }
+        }
+    }
+}
+
+/// Run the feed until the receiver is dropped.
+pub async fn run(client: HubClient, tx: mpsc::Sender<Update>) {
+    let mut backoff = BACKOFF_START;
+    let mut next_stream_try = Instant::now();
+    while !tx.is_closed() {
+        let reachable = poll(&client, &tx).await;
+        if reachable && Instant::now() >= next_stream_try {
+            match client.events().await {
+                Ok(resp) => {
+                    tracing::info!("event stream open");
+                    let _ = tx.send(Update::StreamUp).await;
+                    let opened = Instant::now();
+                    let error = pump(&client, resp, &tx).await;
+                    if tx.is_closed() {
+                        return;
+                    }
+                    tracing::info!(%error, "event stream ended");
+                    let _ = tx.send(Update::StreamDown { error }).await;
+                    if opened.elapsed() >= STREAM_HEALTHY_AFTER {
+                        backoff = BACKOFF_START;
+                    }
+                    next_stream_try = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::info!(error = %error_chain(&e), "event stream unavailable");
+                    let _ = tx
+                        .send(Update::StreamDown {
+                            error: error_chain(&e),
+                        })
+                        .await;
+                    next_stream_try = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parser_joins_data_lines_and_survives_split_chunks() {
+        let mut p = SseParser::default();
+        assert!(p.push(b": keep-alive\n\nevent: backup\nda").is_empty());
+        assert!(p.push(b"ta: {\"a\":\r\n").is_empty());
+        let out = p.push(b"data: 1}\r\n\r\ndata:x\n\n");
+        assert_eq!(out, vec!["{\"a\":\n1}".to_string(), "x".to_string()]);
+    }
+
+    #[test]
+    fn comment_only_events_yield_nothing() {
+        let mut p = SseParser::default();
+        assert!(p.push(b":ping\n\n:ping\n\n").is_empty());
+    }
+}

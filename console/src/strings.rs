@@ -1,0 +1,238 @@
+//! Every text the console shows, in one place (titles, labels, help, notices, symbols).
+//! Symbols always come with a word or a column name, so nothing is said by colour alone.
+
+pub const APP_NAME: &str = "sendense";
+
+// Views (tab titles).
+pub const VIEW_JOBS: &str = "Jobs";
+pub const VIEW_VMS: &str = "VMs";
+pub const VIEW_PORTS: &str = "Ports";
+pub const VIEW_TUNNEL: &str = "Tunnel";
+pub const VIEW_PROCESSES: &str = "Processes";
+pub const VIEW_EVENTS: &str = "Events";
+
+// Header.
+pub const HUB: &str = "hub";
+pub const COMMIT: &str = "commit";
+pub const PID: &str = "pid";
+pub const EXE: &str = "exe";
+pub const DB: &str = "db";
+pub const DB_OK: &str = "ok";
+pub const DB_FAILING: &str = "FAILING";
+pub const LIVE: &str = "live";
+pub const POLLING: &str = "polling every 2s";
+pub const CONNECTING: &str = "connecting to";
+pub const UNREACHABLE: &str = "HUB UNREACHABLE";
+pub const RETRY: &str = "retry";
+pub const DOWN_SINCE: &str = "down since";
+pub const LAST_CONTACT: &str = "last contact";
+pub const NEVER: &str = "never";
+pub const LAST_ERROR: &str = "last error";
+pub const DATA_STALE: &str = "data below is from the last contact";
+pub const EVENTS_STREAM: &str = "event stream";
+pub const UTC: &str = "UTC";
+
+// Symbols (always paired with a word).
+pub const SYM_OK: &str = "✔";
+pub const SYM_BAD: &str = "✖";
+pub const SYM_WARN: &str = "▲";
+pub const SYM_BUSY: &str = "◐";
+pub const SYM_IDLE: &str = "○";
+pub const SYM_PORT_FREE: &str = "·";
+pub const SYM_PORT_HELD: &str = "■";
+pub const SYM_PORT_SQUATTED: &str = "✖";
+pub const SYM_PORT_STALE: &str = "!";
+pub const SYM_SELECTED: &str = "▶ ";
+
+// Jobs.
+pub const COL_ID: &str = "ID";
+pub const COL_VM: &str = "VM";
+pub const COL_TYPE: &str = "Type";
+pub const COL_STATUS: &str = "Status";
+pub const COL_PROGRESS: &str = "Done";
+pub const COL_BYTES: &str = "Bytes";
+pub const COL_RATE: &str = "Rate";
+pub const COL_STARTED: &str = "Created";
+pub const COL_ERROR: &str = "Error";
+pub const NO_JOBS: &str = "No backup jobs yet. Start one from the VMs view (2, then s).";
+pub const JOB: &str = "Job";
+pub const REPOSITORY: &str = "repo";
+pub const CREATED: &str = "created";
+pub const STARTED: &str = "started";
+pub const FINISHED: &str = "finished";
+pub const TARGETS: &str = "targets";
+pub const DISK: &str = "disk";
+pub const PORT: &str = "port";
+pub const EXPORT: &str = "export";
+pub const QEMU_NBD: &str = "qemu-nbd";
+pub const ETA: &str = "ETA";
+pub const RATE: &str = "rate";
+pub const QCOW2: &str = "qcow2";
+pub const THROUGHPUT: &str = "throughput";
+pub const ERROR: &str = "error";
+pub const NONE: &str = "—";
+pub const MORE_DISKS_BELOW: &str = "more disks: j/k to scroll";
+
+// VMs.
+pub const COL_NODE: &str = "Node";
+pub const COL_DISKS: &str = "Disks";
+pub const COL_SIZE: &str = "Size";
+pub const COL_LAST_BACKUP: &str = "Last backup";
+pub const COL_KEY: &str = "Key";
+pub const COL_UNIT: &str = "Unit";
+pub const COL_LABEL: &str = "Label";
+pub const NO_NODE: &str = "(none)";
+pub const NO_VMS: &str =
+    "No VMs known to the hub. Register one (POST /api/v1/vms) or connect a node.";
+pub const DISKS_OF: &str = "Disks of";
+
+// Start dialog.
+pub const START_TITLE: &str = "Start backup";
+pub const START_TYPE: &str = "Type";
+pub const START_REPOSITORY: &str = "Repository";
+pub const START_FULL: &str = "full";
+pub const START_INCREMENTAL: &str = "incremental";
+pub const START_NO_PREVIOUS: &str = "no previous backup: the hub will refuse an incremental";
+pub const START_HINT: &str = "f full · i incremental · j/k repository · Enter next · Esc close";
+pub const FREE: &str = "free";
+
+// Confirmations.
+pub const CONFIRM_TITLE: &str = "Confirm";
+pub const CONFIRM_HINT: &str = "y yes · n / Esc no";
+
+// Ports.
+pub const PORTS_RANGE: &str = "NBD ports";
+pub const PORTS_LEGEND_FREE: &str = "free";
+pub const PORTS_LEGEND_HELD: &str = "held by a job";
+pub const PORTS_LEGEND_SQUATTED: &str = "squatted (not ours)";
+pub const PORTS_LEGEND_STALE: &str = "held, qemu-nbd dead";
+pub const COL_PORT: &str = "Port";
+pub const COL_STATE: &str = "State";
+pub const COL_HOLDER: &str = "Held by";
+pub const COL_SINCE: &str = "Since";
+pub const PORT_HELD: &str = "held";
+pub const PORT_SQUATTED: &str = "squatted";
+pub const PORT_STALE: &str = "stale";
+pub const NO_PORTS_USED: &str = "Every port of the range is free.";
+pub const PORTS_SUMMARY_FREE: &str = "free";
+pub const PORTS_SUMMARY_HELD: &str = "held";
+pub const PORTS_SUMMARY_SQUATTED: &str = "squatted";
+
+// Tunnel.
+pub const COL_RESTARTS: &str = "Restarts";
+pub const COL_LAST_ERROR: &str = "Last error";
+pub const COL_SEEN: &str = "Seen";
+pub const TUNNEL_UP: &str = "up";
+pub const TUNNEL_CONNECTING: &str = "connecting";
+pub const TUNNEL_DOWN: &str = "down";
+pub const TUNNEL_UNKNOWN: &str = "unknown";
+pub const FORWARDS_OF: &str = "Forwards of";
+pub const NO_FORWARDS: &str = "no forwards";
+pub const NO_NODES: &str = "No nodes registered with the hub.";
+pub const API_URL: &str = "api";
+pub const VERSION: &str = "version";
+
+// Processes.
+pub const COL_PID: &str = "PID";
+pub const COL_EXPORT: &str = "Export";
+pub const COL_QCOW2: &str = "QCOW2";
+pub const COL_ALIVE: &str = "Alive";
+pub const COL_UPTIME: &str = "Up";
+pub const COL_JOB: &str = "Job";
+pub const ALIVE: &str = "alive";
+pub const DEAD: &str = "DEAD";
+pub const NO_PROCESSES: &str = "No qemu-nbd process is running for the hub.";
+
+// Events.
+pub const COL_TIME: &str = "Time";
+pub const COL_LEVEL: &str = "Lvl";
+pub const COL_STEP: &str = "Step";
+pub const COL_MESSAGE: &str = "Message";
+pub const NO_EVENTS: &str = "No job events yet.";
+pub const FILTER: &str = "filter";
+pub const FILTER_EDITING: &str = "filter (Enter keep, Esc clear)";
+pub const NOTHING_MATCHES: &str = "Nothing matches the filter";
+
+// Footer hints.
+pub const HINT_COMMON: &str = "?:help Tab:view j/k:move /:filter q:quit";
+pub const HINT_JOBS: &str = "Enter:detail c:cancel";
+pub const HINT_DETAIL: &str = "Esc:back j/k:scroll c:cancel";
+pub const HINT_VMS: &str = "s:start backup";
+pub const HINT_EVENTS: &str = "Enter:job";
+
+// Help overlay.
+pub const HELP_TITLE: &str = "Keys (any of ? Esc q closes)";
+pub const HELP_SECTION_MAIN: &str = "Everywhere";
+pub const HELP_SECTION_FILTER: &str = "Typing a filter";
+pub const HELP_SECTION_START: &str = "Start dialog";
+pub const HELP_SECTION_CONFIRM: &str = "Confirmation";
+pub const HELP_SECTION_HELP: &str = "This help";
+pub const HELP_NEXT_VIEW: &str = "next view";
+pub const HELP_PREV_VIEW: &str = "previous view";
+pub const HELP_VIEW_N: &str = "Jobs VMs Ports Tunnel Procs Events";
+pub const HELP_UP: &str = "move up / scroll";
+pub const HELP_DOWN: &str = "move down / scroll";
+pub const HELP_TOP: &str = "first row";
+pub const HELP_BOTTOM: &str = "last row";
+pub const HELP_ENTER: &str = "job detail (Jobs, Events)";
+pub const HELP_BACK: &str = "back / clear filter";
+pub const HELP_START: &str = "start backup of VM (VMs)";
+pub const HELP_CANCEL: &str = "cancel job (asks y/n)";
+pub const HELP_FILTER: &str = "filter this view";
+pub const HELP_HELP: &str = "this help";
+pub const HELP_QUIT: &str = "quit (also Ctrl-C)";
+pub const HELP_TYPE: &str = "any text: narrows the list";
+pub const HELP_FILTER_KEEP: &str = "keep filter";
+pub const HELP_FILTER_CLEAR: &str = "clear filter";
+pub const HELP_BACKSPACE: &str = "delete a character";
+pub const HELP_FULL: &str = "full backup";
+pub const HELP_INCREMENTAL: &str = "incremental backup";
+pub const HELP_TOGGLE: &str = "switch type";
+pub const HELP_REPO: &str = "pick repository";
+pub const HELP_NEXT: &str = "go to confirmation";
+pub const HELP_CLOSE: &str = "close";
+pub const HELP_YES: &str = "yes, do it";
+pub const HELP_NO: &str = "no, leave it";
+
+// Notices.
+pub const NOTICE_CANCEL_ABORTED: &str = "Cancel aborted: the job keeps running.";
+pub const NOTICE_START_ABORTED: &str = "Start aborted.";
+pub const NOTICE_START_ONLY_VMS: &str = "s starts a backup from the VMs view (press 2).";
+pub const NOTICE_CANCEL_ONLY_JOBS: &str = "c cancels a job from the Jobs view (press 1).";
+pub const NOTICE_NO_REPOSITORY: &str =
+    "The hub has no repository: add one (POST /api/v1/repositories) first.";
+pub const NOTICE_NOTHING_SELECTED: &str = "Nothing selected.";
+
+/// `Cancel backup b-7f3a of pgtest1 (running)? y/n`
+pub fn confirm_cancel(backup_id: &str, vm_name: &str, status: &str) -> String {
+    format!("Cancel backup {backup_id} of VM {vm_name} ({status})?")
+}
+
+/// `Start a full backup of pgtest1 into repo-a?`
+pub fn confirm_start(backup_type: &str, vm_name: &str, repository: &str) -> String {
+    format!("Start a {backup_type} backup of VM {vm_name} into repository {repository}?")
+}
+
+pub fn notice_already_terminal(backup_id: &str, status: &str) -> String {
+    format!("Job {backup_id} is already {status}: nothing to cancel.")
+}
+
+pub fn notice_cancel_sent(backup_id: &str) -> String {
+    format!("Cancel requested for job {backup_id}…")
+}
+
+pub fn notice_start_sent(backup_type: &str, vm_name: &str) -> String {
+    format!("Starting a {backup_type} backup of {vm_name}…")
+}
+
+pub fn notice_started(backup_id: &str, vm_name: &str) -> String {
+    format!("Backup {backup_id} of {vm_name} accepted by the hub.")
+}
+
+pub fn notice_cancelled(backup_id: &str, status: &str) -> String {
+    format!("Job {backup_id} is now {status}.")
+}
+
+pub fn notice_action_failed(what: &str, cause: &str) -> String {
+    format!("{what} failed: {cause}")
+}

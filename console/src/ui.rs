@@ -1,0 +1,162 @@
+//! Drawing. [`render`] takes `&App`: it reads the state and never changes it, so what is on
+//! screen is a function of the state alone (and the render tests pin it down).
+//!
+//! - `header`: hub identity, health, database, link state, clock; the unreachable banner.
+//! - `jobs`, `vms`, `ports`, `tunnel`, `processes`, `events`: one module per view.
+//! - `popup`: help overlay, start dialog, y/n confirmations.
+//! - `theme`: colours and status symbols (every colour comes with a word or a symbol).
+
+mod events;
+mod header;
+mod jobs;
+mod popup;
+mod ports;
+mod processes;
+mod theme;
+mod tunnel;
+mod vms;
+
+#[cfg(test)]
+mod tests;
+
+use crate::app::{App, Mode, NoticeLevel, View};
+use crate::strings;
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::{Modifier, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Borders, Paragraph, Tabs};
+
+/// Draw the whole screen.
+pub fn render(app: &App, frame: &mut Frame) {
+    let [header, tabs, body, footer] = Layout::vertical([
+        Constraint::Length(2),
+        Constraint::Length(1),
+        Constraint::Min(0),
+        Constraint::Length(1),
+    ])
+    .areas(frame.area());
+    header::render(app, frame, header);
+    render_tabs(app, frame, tabs);
+    match app.view {
+        View::Jobs => jobs::render(app, frame, body),
+        View::Vms => vms::render(app, frame, body),
+        View::Ports => ports::render(app, frame, body),
+        View::Tunnel => tunnel::render(app, frame, body),
+        View::Processes => processes::render(app, frame, body),
+        View::Events => events::render(app, frame, body),
+    }
+    render_footer(app, frame, footer);
+    match &app.mode {
+        Mode::Help => popup::help(frame, frame.area()),
+        Mode::Start(form) => popup::start(app, form, frame, frame.area()),
+        Mode::ConfirmStart(form) => {
+            let repo = app
+                .repositories
+                .get(form.repository)
+                .map(|r| r.id.as_str())
+                .unwrap_or(strings::NONE);
+            let text = strings::confirm_start(form.backup_type.as_str(), &form.vm_name, repo);
+            popup::confirm(&text, frame, frame.area());
+        }
+        Mode::ConfirmCancel {
+            backup_id,
+            vm_name,
+            status,
+        } => {
+            let text = strings::confirm_cancel(&backup_id.0, vm_name, status.as_str());
+            popup::confirm(&text, frame, frame.area());
+        }
+        Mode::Normal | Mode::Filter => {}
+    }
+}
+
+fn render_tabs(app: &App, frame: &mut Frame, area: Rect) {
+    let titles = View::ALL
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Line::from(format!("{} {}", i + 1, v.title())));
+    let tabs = Tabs::new(titles)
+        .select(app.view.index())
+        .style(theme::dim())
+        .highlight_style(Style::default().add_modifier(Modifier::REVERSED | Modifier::BOLD))
+        .divider("│");
+    frame.render_widget(tabs, area);
+}
+
+fn render_footer(app: &App, frame: &mut Frame, area: Rect) {
+    let line = if app.mode == Mode::Filter {
+        Line::from(vec![
+            Span::styled(format!(" /{} ", strings::FILTER_EDITING), theme::key()),
+            Span::raw(format!(" {}█", app.filter(app.view))),
+        ])
+    } else if let Some(notice) = app.current_notice() {
+        let (sym, style) = match notice.level {
+            NoticeLevel::Info => (strings::SYM_OK, theme::info()),
+            NoticeLevel::Error => (strings::SYM_BAD, theme::bad()),
+        };
+        Line::from(Span::styled(format!(" {sym} {}", notice.text), style))
+    } else if let Some(err) = app.snapshot_errors.first() {
+        Line::from(Span::styled(
+            format!(" {} {err}", strings::SYM_WARN),
+            theme::warn(),
+        ))
+    } else {
+        let view_hint = match app.view {
+            View::Jobs if app.detail.is_some() => strings::HINT_DETAIL,
+            View::Jobs => strings::HINT_JOBS,
+            View::Vms => strings::HINT_VMS,
+            View::Events => strings::HINT_EVENTS,
+            _ => "",
+        };
+        let mut spans = vec![Span::styled(
+            format!(" {}", strings::HINT_COMMON),
+            theme::dim(),
+        )];
+        if !view_hint.is_empty() {
+            spans.push(Span::styled(format!("  {view_hint}"), theme::key()));
+        }
+        Line::from(spans)
+    };
+    frame.render_widget(Paragraph::new(line), area);
+}
+
+/// A bordered block titled with the view name, its row count and the filter in force.
+fn titled_block(title: &str, count: Option<usize>, filter: &str) -> Block<'static> {
+    let mut text = format!(" {title}");
+    if let Some(n) = count {
+        text.push_str(&format!(" ({n})"));
+    }
+    text.push(' ');
+    let mut block = Block::default()
+        .borders(Borders::ALL)
+        .border_style(theme::border())
+        .title(Span::styled(
+            text,
+            Style::default().add_modifier(Modifier::BOLD),
+        ));
+    if !filter.is_empty() {
+        block = block.title(Span::styled(
+            format!(" {}: {filter} ", strings::FILTER),
+            theme::key(),
+        ));
+    }
+    block
+}
+
+/// A one-line message inside a bordered block (empty lists, nothing matches).
+fn empty(frame: &mut Frame, area: Rect, block: Block<'static>, text: &str) {
+    frame.render_widget(
+        Paragraph::new(Line::from(Span::styled(format!(" {text}"), theme::dim()))).block(block),
+        area,
+    );
+}
+
+/// Text for a list that has no rows: empty because of the filter, or really empty.
+fn empty_text<'a>(app: &App, view: View, when_empty: &'a str) -> &'a str {
+    if app.filter(view).is_empty() {
+        when_empty
+    } else {
+        strings::NOTHING_MATCHES
+    }
+}

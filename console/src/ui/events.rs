@@ -1,0 +1,89 @@
+//! Events: the job event log (newest first), filterable; the selected entry in full below.
+
+use super::{empty, empty_text, theme, titled_block};
+use crate::app::{App, View};
+use crate::format;
+use crate::strings;
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Table, TableState, Wrap};
+
+pub fn render(app: &App, frame: &mut Frame, area: Rect) {
+    let list = app.visible_events();
+    let block = titled_block(
+        strings::VIEW_EVENTS,
+        Some(list.len()),
+        app.filter(View::Events),
+    );
+    if list.is_empty() {
+        empty(
+            frame,
+            area,
+            block,
+            empty_text(app, View::Events, strings::NO_EVENTS),
+        );
+        return;
+    }
+    let wide = area.width >= 120;
+    let selected = app.selected(View::Events);
+    let [top, bottom] = Layout::vertical([Constraint::Min(4), Constraint::Length(4)]).areas(area);
+    let rows = list.iter().map(|e| {
+        let (sym, style) = theme::level(&e.level);
+        let mut cells = vec![
+            Cell::from(format::clock(e.at)),
+            Cell::from(Span::styled(format!("{sym} {}", e.level), style)),
+            Cell::from(e.backup_id.to_string()),
+        ];
+        if wide {
+            cells.push(Cell::from(
+                app.vm_of(&e.backup_id).unwrap_or(strings::NONE).to_string(),
+            ));
+            cells.push(Cell::from(
+                e.disk_key.map(|k| k.to_string()).unwrap_or_default(),
+            ));
+        }
+        cells.push(Cell::from(e.step.clone()));
+        cells.push(Cell::from(e.message.clone()));
+        Row::new(cells)
+    });
+    let mut widths = vec![
+        Constraint::Length(8),
+        Constraint::Length(7),
+        Constraint::Length(10),
+    ];
+    let mut header = vec![strings::COL_TIME, strings::COL_LEVEL, strings::COL_JOB];
+    if wide {
+        widths.push(Constraint::Length(12));
+        widths.push(Constraint::Length(4));
+        header.push(strings::COL_VM);
+        header.push(strings::DISK);
+    }
+    widths.push(Constraint::Length(16));
+    widths.push(Constraint::Min(10));
+    header.push(strings::COL_STEP);
+    header.push(strings::COL_MESSAGE);
+    let table = Table::new(rows, widths)
+        .header(Row::new(header).style(theme::header()))
+        .row_highlight_style(theme::selected())
+        .highlight_symbol(strings::SYM_SELECTED)
+        .block(block);
+    let mut state = TableState::default().with_selected(Some(selected));
+    frame.render_stateful_widget(table, top, &mut state);
+
+    if let Some(e) = list.get(selected) {
+        let (sym, style) = theme::level(&e.level);
+        let text = Line::from(vec![
+            Span::styled(format!("{sym} {} ", e.step), style),
+            Span::raw(e.message.clone()),
+        ]);
+        frame.render_widget(
+            Paragraph::new(text).wrap(Wrap { trim: true }).block(
+                Block::default()
+                    .borders(Borders::TOP)
+                    .border_style(theme::border()),
+            ),
+            bottom,
+        );
+    }
+}

@@ -1,0 +1,159 @@
+//! The two header lines: who the hub is and how it is, or plainly that it does not answer.
+
+use super::theme;
+use crate::app::{App, Reach, Stream};
+use crate::format;
+use crate::strings;
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::{Modifier, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::Paragraph;
+use sendense_shared::api::DatabaseKind;
+
+pub fn render(app: &App, frame: &mut Frame, area: Rect) {
+    let [top, bottom] =
+        Layout::vertical([Constraint::Length(1), Constraint::Length(1)]).areas(area);
+    let brand = Span::styled(
+        format!(" {} ", strings::APP_NAME),
+        Style::default().add_modifier(Modifier::REVERSED | Modifier::BOLD),
+    );
+    let sep = || Span::styled(" │ ", theme::dim());
+
+    let (line1, line2) = match &app.reach {
+        Reach::Unreachable {
+            retries,
+            last_error,
+            since,
+        } => {
+            let l1 = Line::from(vec![
+                brand,
+                Span::styled(
+                    format!(
+                        " {} {} {}",
+                        strings::SYM_BAD,
+                        strings::UNREACHABLE,
+                        app.hub_url
+                    ),
+                    theme::bad(),
+                ),
+                sep(),
+                Span::styled(format!("{} {retries}", strings::RETRY), theme::warn()),
+                sep(),
+                Span::raw(format!("{} {}", strings::DOWN_SINCE, format::clock(*since))),
+            ]);
+            let contact = app
+                .last_contact
+                .map(format::clock)
+                .unwrap_or_else(|| strings::NEVER.to_string());
+            let l2 = Line::from(vec![
+                Span::raw(format!(" {} {contact}", strings::LAST_CONTACT)),
+                sep(),
+                Span::styled(
+                    format!("{}: {last_error}", strings::LAST_ERROR),
+                    theme::bad(),
+                ),
+            ]);
+            (l1, l2)
+        }
+        Reach::Connecting => (
+            Line::from(vec![
+                brand,
+                Span::styled(
+                    format!(
+                        " {} {} {} …",
+                        strings::SYM_BUSY,
+                        strings::CONNECTING,
+                        app.hub_url
+                    ),
+                    theme::warn(),
+                ),
+            ]),
+            Line::default(),
+        ),
+        Reach::Reachable => {
+            let mut spans = vec![brand];
+            match &app.health {
+                Some(h) => {
+                    spans.push(Span::raw(format!(
+                        " {} {} ({}) {} {}",
+                        strings::HUB,
+                        h.version,
+                        h.git_commit,
+                        strings::PID,
+                        h.pid
+                    )));
+                    spans.push(sep());
+                    let healthy = h.status == "healthy";
+                    spans.push(Span::styled(
+                        format!(
+                            "{} {}",
+                            if healthy {
+                                strings::SYM_OK
+                            } else {
+                                strings::SYM_WARN
+                            },
+                            h.status
+                        ),
+                        if healthy {
+                            theme::good()
+                        } else {
+                            theme::warn()
+                        },
+                    ));
+                    if let Some(db) = &h.database {
+                        spans.push(sep());
+                        let kind = match db.kind {
+                            DatabaseKind::Sqlite => "sqlite",
+                            DatabaseKind::Mysql => "mysql",
+                        };
+                        let (sym, word, style) = if db.ok {
+                            (strings::SYM_OK, strings::DB_OK, theme::good())
+                        } else {
+                            (strings::SYM_BAD, strings::DB_FAILING, theme::bad())
+                        };
+                        spans.push(Span::raw(format!("{} {kind} ", strings::DB)));
+                        spans.push(Span::styled(format!("{sym} {word}"), style));
+                    }
+                }
+                None => spans.push(Span::raw(format!(" {} {}", strings::HUB, app.hub_url))),
+            }
+            spans.push(sep());
+            spans.push(match &app.stream {
+                Stream::Up => Span::styled(format!("◉ {}", strings::LIVE), theme::good()),
+                Stream::Down { .. } => Span::styled(
+                    format!("{} {}", strings::SYM_WARN, strings::POLLING),
+                    theme::warn(),
+                ),
+            });
+            let exe = app
+                .health
+                .as_ref()
+                .map(|h| h.executable.as_str())
+                .unwrap_or(strings::NONE);
+            let l2 = Line::from(vec![
+                Span::styled(format!(" {} ", strings::EXE), theme::dim()),
+                Span::raw(exe.to_string()),
+                Span::styled(" · ", theme::dim()),
+                Span::raw(app.hub_url.clone()),
+            ]);
+            (Line::from(spans), l2)
+        }
+    };
+
+    let clock = format!("{} {} ", format::clock(app.now), strings::UTC);
+    let [left2, right2] = Layout::horizontal([
+        Constraint::Min(0),
+        Constraint::Length(clock.chars().count() as u16),
+    ])
+    .areas(bottom);
+    frame.render_widget(Paragraph::new(line1), top);
+    frame.render_widget(Paragraph::new(line2), left2);
+    frame.render_widget(
+        Paragraph::new(Line::from(Span::styled(
+            clock,
+            Style::default().add_modifier(Modifier::BOLD),
+        ))),
+        right2,
+    );
+}

@@ -1,0 +1,374 @@
+//! Jobs: the list of backups, and the detail of one job with a gauge per disk.
+
+use super::{empty, empty_text, theme, titled_block};
+use crate::app::{App, View};
+use crate::format;
+use crate::strings;
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::{Modifier, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{
+    Block, Borders, Cell, Gauge, Paragraph, Row, Sparkline, Table, TableState, Wrap,
+};
+use sendense_shared::api::{Backup, BackupType, DiskResult, DiskStatus};
+
+pub fn render(app: &App, frame: &mut Frame, area: Rect) {
+    match app.detail_backup() {
+        Some(b) => render_detail(app, b, frame, area),
+        None => render_list(app, frame, area),
+    }
+}
+
+fn short_type(t: BackupType) -> &'static str {
+    match t {
+        BackupType::Full => "full",
+        BackupType::Incremental => "incr",
+    }
+}
+
+fn render_list(app: &App, frame: &mut Frame, area: Rect) {
+    let list = app.visible_backups();
+    let block = titled_block(strings::VIEW_JOBS, Some(list.len()), app.filter(View::Jobs));
+    if list.is_empty() {
+        empty(
+            frame,
+            area,
+            block,
+            empty_text(app, View::Jobs, strings::NO_JOBS),
+        );
+        return;
+    }
+    let selected = app.selected(View::Jobs);
+    let wide = area.width >= 120;
+    let error_of = |b: &Backup| {
+        b.error_message.clone().or_else(|| {
+            b.disk_results.iter().find_map(|d| {
+                d.error_message
+                    .clone()
+                    .map(|e| format!("disk {}: {e}", d.disk_key))
+            })
+        })
+    };
+    let selected_error = list.get(selected).and_then(|b| error_of(b).map(|e| (b, e)));
+    let [table_area, error_area] = Layout::vertical([
+        Constraint::Min(3),
+        Constraint::Length(if selected_error.is_some() && !wide {
+            3
+        } else {
+            0
+        }),
+    ])
+    .areas(area);
+
+    let mut header = vec![
+        strings::COL_ID,
+        strings::COL_VM,
+        strings::COL_TYPE,
+        strings::COL_STATUS,
+        strings::COL_PROGRESS,
+        strings::COL_BYTES,
+        strings::COL_RATE,
+    ];
+    let mut widths = vec![
+        Constraint::Length(10),
+        Constraint::Min(8),
+        Constraint::Length(4),
+        Constraint::Length(12),
+        Constraint::Length(4),
+        Constraint::Length(17),
+        Constraint::Length(11),
+    ];
+    if wide {
+        header.push(strings::COL_STARTED);
+        header.push(strings::COL_ERROR);
+        widths[1] = Constraint::Length(14);
+        widths.push(Constraint::Length(11));
+        widths.push(Constraint::Min(20));
+    }
+    let rows = list.iter().map(|b| {
+        let (sym, style) = theme::job(b.status);
+        let rate = app
+            .job_rate(b)
+            .map(format::rate)
+            .unwrap_or_else(|| strings::NONE.to_string());
+        let mut cells = vec![
+            Cell::from(b.backup_id.0.clone()),
+            Cell::from(b.vm_name.clone()),
+            Cell::from(short_type(b.backup_type)),
+            Cell::from(Span::styled(format!("{sym} {}", b.status.as_str()), style)),
+            Cell::from(format!(
+                "{:>3}%",
+                format::percent(b.bytes_transferred, b.total_bytes)
+            )),
+            Cell::from(format!(
+                "{}/{}",
+                format::bytes(b.bytes_transferred),
+                format::bytes(b.total_bytes)
+            )),
+            Cell::from(rate),
+        ];
+        if wide {
+            cells.push(Cell::from(format::stamp(b.created_at)));
+            cells.push(Cell::from(Span::styled(
+                error_of(b).unwrap_or_default(),
+                theme::bad(),
+            )));
+        }
+        Row::new(cells)
+    });
+    let table = Table::new(rows, widths)
+        .header(Row::new(header).style(theme::header()))
+        .row_highlight_style(theme::selected())
+        .highlight_symbol(strings::SYM_SELECTED)
+        .block(block);
+    let mut state = TableState::default().with_selected(Some(selected));
+    frame.render_stateful_widget(table, table_area, &mut state);
+
+    if let Some((b, err)) = selected_error.filter(|_| !wide) {
+        let text = Line::from(vec![
+            Span::styled(
+                format!("{} {} ", strings::SYM_BAD, b.backup_id),
+                theme::bad(),
+            ),
+            Span::raw(err),
+        ]);
+        frame.render_widget(
+            Paragraph::new(text).wrap(Wrap { trim: true }).block(
+                Block::default()
+                    .borders(Borders::TOP)
+                    .border_style(theme::border()),
+            ),
+            error_area,
+        );
+    }
+}
+
+fn opt_time(t: Option<chrono::DateTime<chrono::Utc>>) -> String {
+    t.map(format::clock)
+        .unwrap_or_else(|| strings::NONE.to_string())
+}
+
+fn render_detail(app: &App, b: &Backup, frame: &mut Frame, area: Rect) {
+    let (sym, style) = theme::job(b.status);
+    let block = Block::default()
+        .borders(Borders::ALL)
+        .border_style(theme::border())
+        .title(Line::from(vec![
+            Span::styled(
+                format!(
+                    " {} {} · {} · {} ",
+                    strings::JOB,
+                    b.backup_id,
+                    b.vm_name,
+                    b.backup_type.as_str()
+                ),
+                Style::default().add_modifier(Modifier::BOLD),
+            ),
+            Span::styled(format!("{sym} {} ", b.status.as_str()), style),
+        ]));
+    let inner = block.inner(area);
+    frame.render_widget(block, area);
+
+    let rate = app.job_rate(b);
+    let remaining = b.total_bytes.saturating_sub(b.bytes_transferred);
+    let eta = rate
+        .filter(|r| *r > 0 && !b.status.is_terminal())
+        .map(|r| format::duration_secs((remaining / r) as i64))
+        .unwrap_or_else(|| strings::NONE.to_string());
+    let mut summary = vec![
+        Line::from(format!(
+            "{} {} · {} {} · {} {} · {} {}",
+            strings::REPOSITORY,
+            b.repository_id,
+            strings::CREATED,
+            format::clock(b.created_at),
+            strings::STARTED,
+            opt_time(b.started_at),
+            strings::FINISHED,
+            opt_time(b.completed_at),
+        )),
+        Line::from(format!(
+            "{}/{} ({}%) · {} {} · {} {}",
+            format::bytes(b.bytes_transferred),
+            format::bytes(b.total_bytes),
+            format::percent(b.bytes_transferred, b.total_bytes),
+            strings::RATE,
+            rate.map(format::rate)
+                .unwrap_or_else(|| strings::NONE.to_string()),
+            strings::ETA,
+            eta
+        )),
+    ];
+    if !b.nbd_targets_string.is_empty() {
+        summary.push(Line::from(vec![
+            Span::styled(format!("{} ", strings::TARGETS), theme::dim()),
+            Span::raw(b.nbd_targets_string.clone()),
+        ]));
+    }
+    if let Some(err) = &b.error_message {
+        summary.push(Line::from(Span::styled(
+            format!("{} {}: {err}", strings::SYM_BAD, strings::ERROR),
+            theme::bad(),
+        )));
+    }
+    let summary_height = summary.len() as u16 + 1;
+    let [top, rest] =
+        Layout::vertical([Constraint::Length(summary_height), Constraint::Min(0)]).areas(inner);
+    frame.render_widget(Paragraph::new(summary), top);
+
+    let mut y = rest.y;
+    let bottom = rest.y + rest.height;
+    let start = app
+        .detail_scroll
+        .min(b.disk_results.len().saturating_sub(1));
+    for (i, d) in b.disk_results.iter().enumerate().skip(start) {
+        let h = disk_height(d, rest.width);
+        if y + h > bottom {
+            let more = Rect::new(rest.x, bottom.saturating_sub(1), rest.width, 1);
+            frame.render_widget(
+                Paragraph::new(Span::styled(
+                    format!(
+                        "▼ {} ({})",
+                        strings::MORE_DISKS_BELOW,
+                        b.disk_results.len() - i
+                    ),
+                    theme::key(),
+                )),
+                more,
+            );
+            break;
+        }
+        render_disk(app, b, d, frame, Rect::new(rest.x, y, rest.width, h));
+        y += h;
+    }
+}
+
+fn error_lines(d: &DiskResult, width: u16) -> u16 {
+    match &d.error_message {
+        Some(e) => {
+            let len = e.chars().count() + 10;
+            (len as u16).div_ceil(width.max(1)).clamp(1, 3)
+        }
+        None => 0,
+    }
+}
+
+fn disk_height(d: &DiskResult, width: u16) -> u16 {
+    // gauge, port/pid/rate, export/qcow2, sparkline, the error, a blank line
+    4 + error_lines(d, width) + 1
+}
+
+fn render_disk(app: &App, b: &Backup, d: &DiskResult, frame: &mut Frame, area: Rect) {
+    let [gauge_area, info_area, path_area, spark_area, err_area] = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Length(1),
+        Constraint::Length(1),
+        Constraint::Length(1),
+        Constraint::Length(error_lines(d, area.width)),
+    ])
+    .areas(area);
+    let (sym, style) = theme::disk(d.status);
+    let pct = format::percent(d.bytes_done, d.bytes_total);
+    let label = format!(
+        "{} {} · {sym} {} · {}/{} · {pct}%",
+        strings::DISK,
+        d.disk_key,
+        d.status.as_str(),
+        format::bytes(d.bytes_done),
+        format::bytes(d.bytes_total),
+    );
+    let ratio = if d.bytes_total == 0 {
+        0.0
+    } else {
+        (d.bytes_done.min(d.bytes_total) as f64) / d.bytes_total as f64
+    };
+    frame.render_widget(
+        Gauge::default()
+            .gauge_style(style)
+            .ratio(ratio)
+            .label(Span::styled(
+                label,
+                Style::default().add_modifier(Modifier::BOLD),
+            )),
+        gauge_area,
+    );
+
+    let rate = app
+        .disk_rate(&b.backup_id, d.disk_key)
+        .filter(|_| d.status == DiskStatus::Running);
+    let eta = rate
+        .filter(|r| *r > 0)
+        .map(|r| format::duration_secs((d.bytes_total.saturating_sub(d.bytes_done) / r) as i64))
+        .unwrap_or_else(|| strings::NONE.to_string());
+    let none = || strings::NONE.to_string();
+    let info = format!(
+        "{} {} · {} {} {} · {} {} · {} {}",
+        strings::PORT,
+        d.nbd_port.map(|p| p.to_string()).unwrap_or_else(none),
+        strings::QEMU_NBD,
+        strings::PID,
+        d.qemu_nbd_pid.map(|p| p.to_string()).unwrap_or_else(none),
+        strings::RATE,
+        rate.map(format::rate).unwrap_or_else(none),
+        strings::ETA,
+        eta
+    );
+    frame.render_widget(Paragraph::new(info), info_area);
+
+    let export = format!(
+        "{} {} · {} ",
+        strings::EXPORT,
+        d.nbd_export_name,
+        strings::QCOW2
+    );
+    let room = (path_area.width as usize).saturating_sub(export.chars().count());
+    frame.render_widget(
+        Paragraph::new(format!(
+            "{export}{}",
+            format::truncate_left(&d.qcow2_path, room)
+        )),
+        path_area,
+    );
+
+    let label = format!("{} ", strings::THROUGHPUT);
+    let [spark_label, spark] = Layout::horizontal([
+        Constraint::Length(label.chars().count() as u16),
+        Constraint::Min(0),
+    ])
+    .areas(spark_area);
+    frame.render_widget(
+        Paragraph::new(Span::styled(label, theme::dim())),
+        spark_label,
+    );
+    let rates: Vec<u64> = app
+        .history
+        .get(&(b.backup_id.clone(), d.disk_key))
+        .map(|h| {
+            let skip = h.rates.len().saturating_sub(spark.width as usize);
+            h.rates.iter().skip(skip).copied().collect()
+        })
+        .unwrap_or_default();
+    if rates.is_empty() {
+        frame.render_widget(
+            Paragraph::new(Span::styled(strings::NONE, theme::dim())),
+            spark,
+        );
+    } else {
+        frame.render_widget(
+            Sparkline::default().data(&rates).style(theme::busy()),
+            spark,
+        );
+    }
+
+    if let Some(err) = &d.error_message {
+        frame.render_widget(
+            Paragraph::new(Span::styled(
+                format!("{} {}: {err}", strings::SYM_BAD, strings::ERROR),
+                theme::bad(),
+            ))
+            .wrap(Wrap { trim: true }),
+            err_area,
+        );
+    }
+}

@@ -1,0 +1,111 @@
+//! Processes: every qemu-nbd the hub runs, alive or not, and what it serves.
+
+use super::{empty, empty_text, theme, titled_block};
+use crate::app::{App, View};
+use crate::format;
+use crate::strings;
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Table, TableState, Wrap};
+
+pub fn render(app: &App, frame: &mut Frame, area: Rect) {
+    let list = app.visible_processes();
+    let block = titled_block(
+        strings::VIEW_PROCESSES,
+        Some(list.len()),
+        app.filter(View::Processes),
+    );
+    if list.is_empty() {
+        empty(
+            frame,
+            area,
+            block,
+            empty_text(app, View::Processes, strings::NO_PROCESSES),
+        );
+        return;
+    }
+    let wide = area.width >= 120;
+    let selected = app.selected(View::Processes);
+    let [top, bottom] = Layout::vertical([
+        Constraint::Min(4),
+        Constraint::Length(if wide { 0 } else { 4 }),
+    ])
+    .areas(area);
+    let rows = list.iter().map(|p| {
+        let (sym, word, style) = if p.alive {
+            (strings::SYM_OK, strings::ALIVE, theme::good())
+        } else {
+            (strings::SYM_BAD, strings::DEAD, theme::bad())
+        };
+        let mut cells = vec![
+            Cell::from(format!("{:>7}", p.pid)),
+            Cell::from(p.port.to_string()),
+            Cell::from(Span::styled(format!("{sym} {word}"), style)),
+            Cell::from(format::age(p.started_at, app.now)),
+            Cell::from(p.backup_id.to_string()),
+            Cell::from(p.disk_key.to_string()),
+            Cell::from(p.export_name.clone()),
+        ];
+        if wide {
+            cells.push(Cell::from(p.qcow2_path.clone()));
+        }
+        Row::new(cells)
+    });
+    let mut widths = vec![
+        Constraint::Length(7),
+        Constraint::Length(5),
+        Constraint::Length(7),
+        Constraint::Length(6),
+        Constraint::Length(10),
+        Constraint::Length(4),
+        Constraint::Min(12),
+    ];
+    let mut header = vec![
+        strings::COL_PID,
+        strings::COL_PORT,
+        strings::COL_ALIVE,
+        strings::COL_UPTIME,
+        strings::COL_JOB,
+        strings::DISK,
+        strings::COL_EXPORT,
+    ];
+    if wide {
+        widths[6] = Constraint::Length(22);
+        widths.push(Constraint::Min(20));
+        header.push(strings::COL_QCOW2);
+    }
+    let table = Table::new(rows, widths)
+        .header(Row::new(header).style(theme::header()))
+        .row_highlight_style(theme::selected())
+        .highlight_symbol(strings::SYM_SELECTED)
+        .block(block);
+    let mut state = TableState::default().with_selected(Some(selected));
+    frame.render_stateful_widget(table, top, &mut state);
+
+    if !wide {
+        if let Some(p) = list.get(selected) {
+            let vm = app.vm_of(&p.backup_id).unwrap_or(strings::NONE);
+            let lines = vec![
+                Line::from(format!("{} {}", strings::QCOW2, p.qcow2_path)),
+                Line::from(format!(
+                    "{} {} ({vm}) {} {} · {} {}",
+                    strings::JOB,
+                    p.backup_id,
+                    strings::DISK,
+                    p.disk_key,
+                    strings::EXPORT,
+                    p.export_name
+                )),
+            ];
+            frame.render_widget(
+                Paragraph::new(lines).wrap(Wrap { trim: false }).block(
+                    Block::default()
+                        .borders(Borders::TOP)
+                        .border_style(theme::border()),
+                ),
+                bottom,
+            );
+        }
+    }
+}

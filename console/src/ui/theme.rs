@@ -1,0 +1,84 @@
+//! Colours and status symbols. A colour is never the only carrier of meaning: every styled
+//! status also has a symbol and a word.
+
+use crate::strings;
+use ratatui::style::{Color, Modifier, Style};
+use sendense_shared::api::{DiskStatus, JobStatus, TunnelStateKind};
+
+pub fn dim() -> Style {
+    Style::default().fg(Color::DarkGray)
+}
+pub fn border() -> Style {
+    Style::default().fg(Color::Gray)
+}
+pub fn key() -> Style {
+    Style::default().fg(Color::Cyan)
+}
+pub fn info() -> Style {
+    Style::default().fg(Color::Cyan)
+}
+pub fn good() -> Style {
+    Style::default().fg(Color::Green)
+}
+pub fn warn() -> Style {
+    Style::default().fg(Color::Yellow)
+}
+pub fn bad() -> Style {
+    Style::default().fg(Color::Red).add_modifier(Modifier::BOLD)
+}
+pub fn busy() -> Style {
+    Style::default().fg(Color::Cyan)
+}
+pub fn selected() -> Style {
+    Style::default().add_modifier(Modifier::REVERSED)
+}
+pub fn header() -> Style {
+    Style::default().add_modifier(Modifier::BOLD | Modifier::UNDERLINED)
+}
+
+/// Symbol and style of a job status.
+pub fn job(status: JobStatus) -> (&'static str, Style) {
+    match status {
+        JobStatus::Completed => (strings::SYM_OK, good()),
+        JobStatus::Failed => (strings::SYM_BAD, bad()),
+        JobStatus::Cancelling | JobStatus::Cancelled => (strings::SYM_WARN, warn()),
+        JobStatus::Pending => (strings::SYM_IDLE, dim()),
+        JobStatus::Preparing | JobStatus::Running | JobStatus::Finalizing => {
+            (strings::SYM_BUSY, busy())
+        }
+    }
+}
+
+/// Symbol and style of a disk status.
+pub fn disk(status: DiskStatus) -> (&'static str, Style) {
+    match status {
+        DiskStatus::Completed => (strings::SYM_OK, good()),
+        DiskStatus::Failed => (strings::SYM_BAD, bad()),
+        DiskStatus::Cancelled => (strings::SYM_WARN, warn()),
+        DiskStatus::Pending => (strings::SYM_IDLE, dim()),
+        DiskStatus::Preparing | DiskStatus::Ready | DiskStatus::Running => {
+            (strings::SYM_BUSY, busy())
+        }
+    }
+}
+
+/// Symbol, word and style of a tunnel state.
+pub fn tunnel(state: Option<TunnelStateKind>) -> (&'static str, &'static str, Style) {
+    match state {
+        Some(TunnelStateKind::Up) => (strings::SYM_OK, strings::TUNNEL_UP, good()),
+        Some(TunnelStateKind::Connecting) => {
+            (strings::SYM_BUSY, strings::TUNNEL_CONNECTING, warn())
+        }
+        Some(TunnelStateKind::Down) => (strings::SYM_BAD, strings::TUNNEL_DOWN, bad()),
+        None => (strings::SYM_IDLE, strings::TUNNEL_UNKNOWN, dim()),
+    }
+}
+
+/// Symbol and style of an event level.
+pub fn level(level: &str) -> (&'static str, Style) {
+    match level {
+        "error" => (strings::SYM_BAD, bad()),
+        "warn" => (strings::SYM_WARN, warn()),
+        _ => (strings::SYM_PORT_FREE, Style::default()),
+    }
+}
