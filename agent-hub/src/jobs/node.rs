@@ -13,6 +13,7 @@ pub async fn start_on_node(
     job: &LiveJob,
     node: &NodeTarget,
     kind: BackupType,
+    previous_backup_id: Option<BackupId>,
     targets: &str,
 ) {
     let url = format!("{}/api/v1/backup/start", node.api_url.trim_end_matches('/'));
@@ -21,6 +22,7 @@ pub async fn start_on_node(
         vm_name: job.vm_name.clone(),
         backup_type: kind,
         nbd_targets: targets.to_string(),
+        previous_backup_id,
     };
     jm.event(
         &job.id,

@@ -559,8 +559,10 @@ async fn prepare(
     if let Some(n) = job.node.clone() {
         let me = jm.clone();
         let job2 = job.clone();
+        // Every disk of an incremental backs onto the same previous backup.
+        let previous = parents.first().map(|p| p.1.clone());
         jm.deps().tasks.spawn(async move {
-            super::node::start_on_node(&me, &job2, &n, kind, &targets).await;
+            super::node::start_on_node(&me, &job2, &n, kind, previous, &targets).await;
         });
     }
     jm.get(&id).await
