@@ -669,9 +669,16 @@ impl QemuDriver {
 impl SourceDriver for QemuDriver {
     fn list_vms(&self) -> BoxFuture<'_, Result<Vec<SourceVm>, SourceError>> {
         Box::pin(async move {
+            // A powered-off VM (QMP socket gone) is a normal state: it is left out and logged,
+            // so that it does not hide the others (the hub keeps what it knew of it).
             let mut out = Vec::new();
             for vm in self.vms.values() {
-                out.push(self.vm_info(vm).await?);
+                match self.vm_info(vm).await {
+                    Ok(v) => out.push(v),
+                    Err(e) => {
+                        tracing::warn!(vm = %vm.name, error = %e, "VM left out of the inventory")
+                    }
+                }
             }
             Ok(out)
         })
