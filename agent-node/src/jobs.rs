@@ -422,6 +422,7 @@ impl Jobs {
             }
             Ok(snapshot) => {
                 let status = self.copy_all(&job, &snapshot, &targets).await;
+                job.set_status(JobStatus::Finalizing);
                 let outcome = if status == JobStatus::Completed {
                     ReleaseOutcome::Success
                 } else {

@@ -233,13 +233,13 @@ impl QemuDriver {
         let mut report = RecoveryReport::default();
         self.recover_vm(vm, &mut report).await;
         tracing::info!(vm = %vm.name, ?report, "released a snapshot left by an earlier run");
-        match report.errors.first() {
-            Some(e) => Err(SourceError::Tool {
-                command: "release of an earlier snapshot".to_string(),
-                detail: e.clone(),
-            }),
-            None => Ok(()),
+        if !self.journal_path(&vm.name).exists() {
+            return Ok(());
         }
+        Err(SourceError::Tool {
+            command: "release of an earlier snapshot".to_string(),
+            detail: report.errors.join("; "),
+        })
     }
 
     async fn snapshot_inner(
@@ -612,6 +612,34 @@ impl QemuDriver {
             .map(|_| ())
     }
 
+    /// Removes every `sendense-*` bitmap of the snapshot's disks (best effort); returns names.
+    async fn drop_tracking(&self, vm: &QemuVm, state: &SnapshotState) -> Vec<String> {
+        let mut dropped = Vec::new();
+        let Ok(disks) = self.disks(vm).await else {
+            return dropped;
+        };
+        for d in disks
+            .iter()
+            .filter(|d| state.disks.iter().any(|s| s.format_node == d.format_node))
+        {
+            for b in d
+                .bitmaps
+                .iter()
+                .filter(|b| b.name.starts_with(BITMAP_PREFIX))
+            {
+                let args = json!({"node": d.format_node, "name": b.name});
+                if self
+                    .exec(vm, "block-dirty-bitmap-remove", args)
+                    .await
+                    .is_ok()
+                {
+                    dropped.push(b.name.clone());
+                }
+            }
+        }
+        dropped
+    }
+
     async fn recover_vm(&self, vm: &QemuVm, report: &mut RecoveryReport) {
         let journal_path = self.journal_path(&vm.name);
         let journal: Option<SnapshotState> = std::fs::read(&journal_path)
@@ -646,9 +674,27 @@ impl QemuDriver {
             report.nodes_removed.extend(nodes);
             self.stop_nbd_server_if_idle(vm).await?;
             if let Some(state) = &journal {
-                self.rotate_bitmaps(vm, state, ReleaseOutcome::Failure)
-                    .await?;
-                report.bitmaps_rolled_back.push(state.new_bitmap.clone());
+                match self
+                    .rotate_bitmaps(vm, state, ReleaseOutcome::Failure)
+                    .await
+                {
+                    Ok(()) => report.bitmaps_rolled_back.push(state.new_bitmap.clone()),
+                    // QEMU answered but refused the rollback (e.g. a bitmap left inconsistent
+                    // by a QEMU crash): change tracking cannot be trusted, so it is dropped and
+                    // the next incremental says "bitmap missing" (a full follows). Keeping the
+                    // journal instead would block every later snapshot of this VM.
+                    Err(SourceError::Qmp {
+                        source: QmpError::Command { .. },
+                        ..
+                    }) => {
+                        let dropped = self.drop_tracking(vm, state).await;
+                        report.errors.push(format!(
+                            "VM {}: rollback of change tracking refused; dropped bitmaps {dropped:?}, next incremental falls back to full",
+                            vm.name
+                        ));
+                    }
+                    Err(e) => return Err(e),
+                }
                 for d in &state.disks {
                     if remove_file(&d.file).is_ok() {
                         report.files_removed.push(d.file.clone());

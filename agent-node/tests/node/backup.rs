@@ -34,6 +34,13 @@ async fn targets(vm: &TestVm, name: &str, backing: Option<&[PathBuf]>) -> (Vec<N
     (out, s)
 }
 
+fn terminal(v: &Value) -> bool {
+    matches!(
+        v["status"].as_str(),
+        Some("completed" | "failed" | "cancelled")
+    )
+}
+
 fn status_is(s: &'static str) -> impl Fn(&Value) -> bool {
     move |v| v["status"] == s
 }
@@ -86,9 +93,7 @@ async fn full_then_incremental_hold_the_snapshot_instant_on_every_disk() {
     for t in &full_targets {
         t.resume();
     }
-    let done = node
-        .wait_job("b-full", 60, |v| v["status"] != "running")
-        .await;
+    let done = node.wait_job("b-full", 60, terminal).await;
     assert_eq!(done["status"], "completed", "{done}\n{}", node.log_text());
 
     // One transaction covered both disks.
@@ -156,9 +161,7 @@ async fn full_then_incremental_hold_the_snapshot_instant_on_every_disk() {
     for t in &inc_targets {
         t.resume();
     }
-    let done = node
-        .wait_job("b-inc", 60, |v| v["status"] != "running")
-        .await;
+    let done = node.wait_job("b-inc", 60, terminal).await;
     assert_eq!(done["status"], "completed", "{done}\n{}", node.log_text());
     for t in &mut inc_targets {
         t.stop();
@@ -283,11 +286,7 @@ async fn killed_node_leftovers_are_released_at_start_up() {
         )
         .await;
     assert_eq!(code, 202, "{body}");
-    let done = node
-        .wait_job("b-k2", 60, |v| {
-            v["status"] != "running" && v["status"] != "preparing"
-        })
-        .await;
+    let done = node.wait_job("b-k2", 60, terminal).await;
     assert_eq!(done["status"], "completed", "{done}");
     for t in &mut t2 {
         t.stop();
