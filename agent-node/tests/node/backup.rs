@@ -372,3 +372,55 @@ async fn a_dead_target_fails_the_job_names_the_disk_and_releases() {
     assert_eq!(complete[0].body["status"], "failed");
     assert_eq!(complete[0].body["disks"][1]["status"], "failed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_while_preparing_still_releases_the_snapshot() {
+    let vm = two_disk_vm().await;
+    // The node's qemu-img (creating fleecing files, part of taking the snapshot) waits at a gate
+    // the test opens: the job is held in "preparing" for as long as the test wants.
+    let gate_dir = vm.dir.path().join("gate");
+    std::fs::create_dir(&gate_dir).unwrap();
+    let gate = vm.dir.path().join("gate-open");
+    let real = run(std::process::Command::new("sh").args(["-c", "command -v qemu-img"]));
+    let script = gate_dir.join("qemu-img");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nwhile [ ! -e {} ]; do sleep 0.05; done\nexec {} \"$@\"\n",
+            gate.display(),
+            real.trim()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let node = NodeProc::start_with_path(vm.dir.path(), &vm.node_qmp, None, Some(&gate_dir)).await;
+    let (_targets, s) = targets(&vm, "p", None).await;
+    let (code, body) = node
+        .post(
+            "/backup/start",
+            json!({"backup_id": "b-p", "vm_name": "vm1", "backup_type": "full", "nbd_targets": s}),
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body["status"], "preparing");
+    let (code, body) = node.post("/backup/b-p/cancel", json!({})).await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body["status"], "cancelling");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let (_, held) = node.get("/backup/b-p").await;
+    assert_eq!(
+        held["status"], "cancelling",
+        "still taking the snapshot: {held}"
+    );
+    std::fs::write(&gate, "").unwrap();
+    let done = node.wait_job("b-p", 60, terminal).await;
+    assert_eq!(done["status"], "cancelled", "{done}");
+    assert_eq!(vm.leftovers().await, Vec::<String>::new());
+    assert_eq!(vm.bitmaps(0).await, Vec::<(String, bool)>::new());
+    let files: Vec<_> = std::fs::read_dir(&node.run_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "qmp.log")
+        .collect();
+    assert!(files.is_empty(), "run dir holds {files:?}");
+}
