@@ -459,7 +459,24 @@ impl Jobs {
     ) -> JobStatus {
         if job.cancel.is_cancelled() {
             job.set_disks(DiskStatus::Cancelled);
+            job.lock()
+                .error
+                .get_or_insert_with(|| "cancelled".to_string());
             return JobStatus::Cancelled;
+        }
+        // A disk hot-plugged or removed between the start's check and the snapshot: the
+        // targets no longer match the VM, and a VM is backed up whole or not at all.
+        let snap_keys: BTreeSet<DiskKey> = snapshot.disks.iter().map(|d| d.disk_key).collect();
+        let target_keys: BTreeSet<DiskKey> = targets.iter().map(|(k, _)| *k).collect();
+        if snap_keys != target_keys {
+            let msg = format!(
+                "the VM's disks changed before the snapshot: snapshot has {}, targets name {}",
+                key_list(&snap_keys.into_iter().collect::<Vec<_>>()),
+                key_list(&target_keys.into_iter().collect::<Vec<_>>())
+            );
+            job.set_disks(DiskStatus::Failed);
+            job.lock().error = Some(msg);
+            return JobStatus::Failed;
         }
         job.set_status(JobStatus::Running);
         job.set_disks(DiskStatus::Running);

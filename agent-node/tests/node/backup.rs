@@ -415,6 +415,7 @@ async fn cancel_while_preparing_still_releases_the_snapshot() {
     std::fs::write(&gate, "").unwrap();
     let done = node.wait_job("b-p", 60, terminal).await;
     assert_eq!(done["status"], "cancelled", "{done}");
+    assert_eq!(done["error_message"], "cancelled", "{done}");
     assert_eq!(vm.leftovers().await, Vec::<String>::new());
     assert_eq!(vm.bitmaps(0).await, Vec::<(String, bool)>::new());
     let files: Vec<_> = std::fs::read_dir(&node.run_dir)
