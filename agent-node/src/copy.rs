@@ -67,7 +67,7 @@ pub struct CopyOptions {
 impl Default for CopyOptions {
     fn default() -> Self {
         CopyOptions {
-            request_size: 2 * 1024 * 1024,
+            request_size: 256 * 1024,
             connections: 4,
             max_in_flight_bytes: 64 * 1024 * 1024,
             checksum_chunk_size: 4 * 1024 * 1024,
