@@ -30,6 +30,8 @@ use tokio_util::task::TaskTracker;
 const KEEP_FINISHED: usize = 200;
 /// Attempts at the final report once the node is shutting down.
 const SHUTDOWN_ATTEMPTS: u32 = 3;
+/// How long a cancelled copy may take to stop before it is dropped.
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
 /// Progress push interval.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
@@ -508,7 +510,20 @@ impl Jobs {
             let key = sd.disk_key;
             let target = target.clone();
             copies.push(async move {
-                let r = copy_disk(&source, &target, extents, &opts, counters, token.clone()).await;
+                let copy = copy_disk(&source, &target, extents, &opts, counters, token.clone());
+                // The engine stops between requests; a request to a hung target never ends, so
+                // after a grace period the copy is dropped (its connections with it), so that
+                // the snapshot is released whatever the target does.
+                let r = tokio::select! {
+                    r = copy => r,
+                    _ = async {
+                        token.cancelled().await;
+                        tokio::time::sleep(CANCEL_GRACE).await;
+                    } => {
+                        tracing::warn!(disk_key = %key, "copy did not stop within {CANCEL_GRACE:?} of the cancel; dropped");
+                        Err(crate::copy::CopyError::Cancelled)
+                    }
+                };
                 if r.is_err() {
                     token.cancel();
                 }
