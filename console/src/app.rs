@@ -837,11 +837,9 @@ impl App {
             Command::Top => self.move_selection(|_, _| 0),
             Command::Bottom => self.move_selection(|_, len| len.saturating_sub(1)),
             Command::Enter => match self.view {
-                View::Jobs => {
-                    if self.detail.is_none() {
-                        self.detail = self.selected_backup().map(|b| b.backup_id.clone());
-                        self.detail_scroll = 0;
-                    }
+                View::Jobs if self.detail.is_none() => {
+                    self.detail = self.selected_backup().map(|b| b.backup_id.clone());
+                    self.detail_scroll = 0;
                 }
                 View::Events => {
                     let id = self

@@ -232,7 +232,7 @@ pub async fn run_command(client: &HubClient, command: Command) -> u8 {
             command: BackupsCommand::List { json },
         } => match client.backups().await {
             Ok(mut list) => {
-                list.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+                list.sort_by_key(|b| std::cmp::Reverse(b.created_at));
                 if json {
                     println!(
                         "{}",

@@ -73,7 +73,7 @@ pub fn cause(err: &ClientError) -> String {
 
 fn recent_jobs(backups: &[Backup]) -> Vec<&Backup> {
     let mut sorted: Vec<&Backup> = backups.iter().collect();
-    sorted.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+    sorted.sort_by_key(|b| std::cmp::Reverse(b.created_at));
     sorted
         .iter()
         .enumerate()

@@ -57,7 +57,7 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
         widths.push(Constraint::Length(12));
         widths.push(Constraint::Length(4));
         header.push(strings::COL_VM);
-        header.push(strings::DISK);
+        header.push(strings::COL_DISK);
     }
     widths.push(Constraint::Length(16));
     widths.push(Constraint::Min(10));

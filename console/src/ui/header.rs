@@ -12,8 +12,12 @@ use ratatui::widgets::Paragraph;
 use sendense_shared::api::DatabaseKind;
 
 pub fn render(app: &App, frame: &mut Frame, area: Rect) {
-    let [top, bottom] =
-        Layout::vertical([Constraint::Length(1), Constraint::Length(1)]).areas(area);
+    // One row each; a row outside `area` (the third, when the hub answers) is empty.
+    let row = |i: u16| {
+        let r = Rect::new(area.x, area.y.saturating_add(i), area.width, 1);
+        r.intersection(area)
+    };
+    let (top, bottom, third) = (row(0), row(1), row(2));
     let brand = Span::styled(
         format!(" {} ", strings::APP_NAME),
         Style::default().add_modifier(Modifier::REVERSED | Modifier::BOLD),
@@ -37,23 +41,30 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
                     ),
                     theme::bad(),
                 ),
-                sep(),
-                Span::styled(format!("{} {retries}", strings::RETRY), theme::warn()),
-                sep(),
-                Span::raw(format!("{} {}", strings::DOWN_SINCE, format::clock(*since))),
+                Span::styled(format!(" · {} {retries}", strings::RETRY), theme::warn()),
+                Span::raw(format!(
+                    " · {} {}",
+                    strings::DOWN_SINCE,
+                    format::clock(*since)
+                )),
             ]);
+            let l2 = Line::from(Span::styled(
+                format!(" {}: {last_error}", strings::LAST_ERROR),
+                theme::bad(),
+            ));
             let contact = app
                 .last_contact
                 .map(format::clock)
                 .unwrap_or_else(|| strings::NEVER.to_string());
-            let l2 = Line::from(vec![
-                Span::raw(format!(" {} {contact}", strings::LAST_CONTACT)),
-                sep(),
-                Span::styled(
-                    format!("{}: {last_error}", strings::LAST_ERROR),
-                    theme::bad(),
+            let l3 = Line::from(Span::styled(
+                format!(
+                    " {} {contact}: {}",
+                    strings::LAST_CONTACT,
+                    strings::DATA_STALE
                 ),
-            ]);
+                theme::warn(),
+            ));
+            frame.render_widget(Paragraph::new(l3), third);
             (l1, l2)
         }
         Reach::Connecting => (

@@ -67,7 +67,7 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
         strings::COL_ALIVE,
         strings::COL_UPTIME,
         strings::COL_JOB,
-        strings::DISK,
+        strings::COL_DISK,
         strings::COL_EXPORT,
     ];
     if wide {
@@ -83,8 +83,8 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
     let mut state = TableState::default().with_selected(Some(selected));
     frame.render_stateful_widget(table, top, &mut state);
 
-    if !wide {
-        if let Some(p) = list.get(selected) {
+    if let Some(p) = list.get(selected).filter(|_| !wide) {
+        {
             let vm = app.vm_of(&p.backup_id).unwrap_or(strings::NONE);
             let lines = vec![
                 Line::from(format!("{} {}", strings::QCOW2, p.qcow2_path)),
