@@ -27,7 +27,7 @@ pub enum ClientError {
         "hub at {url} refused the token (401 Unauthorized): pass the hub's token with --token-file FILE or SENDENSE_TOKEN"
     )]
     Unauthorized { url: String },
-    #[error("{what} not found (404): {error}: {detail}")]
+    #[error("{what}: {error} (404 Not Found): {detail}")]
     NotFound {
         what: String,
         error: String,
@@ -255,7 +255,12 @@ impl HubClient {
         self.send(
             "POST",
             "/api/v1/backups",
-            || format!("VM {:?} or repository {:?}", req.vm_name, req.repository_id),
+            || {
+                format!(
+                    "backup of VM {:?} into repository {:?}",
+                    req.vm_name, req.repository_id
+                )
+            },
             Some(json_body(req)),
         )
         .await
