@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs what Sendense's demo and tests need from Debian, and starts MariaDB.
 # Idempotent: safe to run again; installs only what is missing. Needs root.
+# `setup.sh packages` installs packages only; without argument it also starts MariaDB and prints
+# the test server's URL (mysql://sendense:PW@127.0.0.1:3306) on stdout.
 set -euo pipefail
+mode=${1:-all}
 
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -13,6 +16,7 @@ have ssh || need+=(openssh-client)
 [ -x /usr/sbin/mariadbd ] || need+=(mariadb-server)
 have tmux || need+=(tmux)
 have aha || need+=(aha)
+have curl || need+=(curl)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
@@ -30,6 +34,8 @@ fi
 for t in qemu-img qemu-nbd qemu-system-x86_64 nbdcopy; do
   have "$t" || { echo "setup: $t still missing after install" >&2; exit 1; }
 done
+
+[ "$mode" = packages ] && exit 0
 
 # MariaDB: the production database; the database tests run against a real server.
 if ! mariadb -e 'select 1' >/dev/null 2>&1; then

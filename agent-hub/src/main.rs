@@ -1,3 +1,72 @@
-fn main() {
-    println!("{}", sendense_shared::identity::long_version("sendense-hub"));
+//! `sendense-hub`: parse flags, load the configuration, start logging, open the hub, serve until
+//! SIGTERM or SIGINT.
+
+use agent_hub::config::{Cli, HubConfig};
+use agent_hub::server::{Hub, serve};
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if cli.version {
+        println!(
+            "{}",
+            sendense_shared::identity::long_version("sendense-hub")
+        );
+        return std::process::ExitCode::SUCCESS;
+    }
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sendense-hub: {e:#}");
+            tracing::error!("exiting: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = HubConfig::load(&cli).context("configuration")?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let _guard =
+        agent_hub::logging::init(&config.log_dir, &config.log_level).context("starting logging")?;
+    tracing::info!(
+        version = sendense_shared::identity::VERSION,
+        commit = sendense_shared::identity::GIT_COMMIT,
+        executable = %sendense_shared::identity::executable(),
+        pid = std::process::id(),
+        data_dir = %config.data_dir.display(),
+        "sendense-hub starting"
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let listen = config.listen;
+        let state = Hub::open(config).await.context("opening the hub")?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding the API to {listen}"))?;
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("stop signal received: draining");
+            signals.cancel();
+        });
+        serve(listener, state, shutdown).await.context("serving")
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
 }

@@ -1,1 +1,22 @@
-//! `sendense-node`: the agent next to the hypervisor.
+//! `sendense-node`: the agent next to the hypervisor. Takes one consistent snapshot of every
+//! disk of a VM, copies the disks over NBD to the hub's exports, reports progress.
+//!
+//! - [`config`]: command line, config file and environment, merged into one [`config::NodeConfig`].
+//! - [`qmp`]: QMP client (unix socket, command ids, interleaved events, command log).
+//! - [`source`]: the source-driver trait (VMs, disks, snapshot, export, release, recovery);
+//!   [`source::qemu`] implements it for QEMU/KVM with image fleecing.
+//! - [`jobs`]: backup jobs: snapshot, parallel copy of all disks, progress, completion, release.
+//! - [`hub_client`]: calls to the hub (registration, inventory, progress, completion).
+//! - [`api`]: the node's HTTP API (axum) and `serve`.
+//! - [`daemon`]: wires config, driver, recovery, hub registration and the API together.
+//! - [`copy`]: the NBD copy engine (one disk, source export to target export) and the
+//!   `sendense-node copy` command.
+
+pub mod api;
+pub mod config;
+pub mod copy;
+pub mod daemon;
+pub mod hub_client;
+pub mod jobs;
+pub mod qmp;
+pub mod source;

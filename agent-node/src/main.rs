@@ -1,3 +1,68 @@
-fn main() {
-    println!("{}", sendense_shared::identity::long_version("sendense-node"));
+//! `sendense-node`: the agent next to the hypervisor. `serve` (the default) runs the daemon,
+//! `copy` runs the copy engine alone.
+use agent_node::config::{NodeConfig, ServeArgs};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sendense-node",
+    version = sendense_shared::identity::VERSION,
+    long_version = long_version(),
+    about = "Sendense node: snapshots VMs and copies their disks over NBD to the hub",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the node daemon (the default when no subcommand is given).
+    Serve(ServeArgs),
+    /// Copy one NBD export to another with the copy engine.
+    Copy(agent_node::copy::cli::CopyArgs),
+}
+
+fn long_version() -> &'static str {
+    Box::leak(sendense_shared::identity::long_version("sendense-node").into_boxed_str())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        None => serve(cli.serve).await,
+        Some(Command::Serve(args)) => serve(args).await,
+        Some(Command::Copy(args)) => agent_node::copy::cli::run_cli(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = NodeConfig::load(&args)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding --listen {}: {e}", config.listen))?;
+    let shutdown = CancellationToken::new();
+    let s = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        tracing::info!("shutting down: cancelling jobs, releasing snapshots");
+        s.cancel();
+    });
+    agent_node::daemon::run(config, listener, shutdown).await
 }

@@ -281,6 +281,11 @@ pub struct DiskProgress {
     pub bytes_done: u64,
     pub bytes_total: u64,
     pub status: DiskStatus,
+    /// Bytes of the target the copy actually wrote (data plus explicit zeroes), without the
+    /// areas it skipped (holes of a full, unchanged blocks of an incremental). `bytes_done`
+    /// counts skipped areas too, so that it reaches `bytes_total`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_transferred: Option<u64>,
 }
 
 /// `POST /api/v1/backups/{id}/progress`.
@@ -299,6 +304,9 @@ pub struct DiskCompletion {
     /// Chunk checksums computed from the snapshot while copying (for verification).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checksums: Option<ChunkChecksums>,
+    /// Bytes of the target the copy wrote (see [`DiskProgress::bytes_transferred`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_transferred: Option<u64>,
 }
 
 /// Checksums of the data a copy wrote, for verification after the copy: the hub reads each range
@@ -448,6 +456,11 @@ pub struct NodeBackupStart {
     pub backup_type: BackupType,
     /// The NBD targets string (see [`crate::targets`]).
     pub nbd_targets: String,
+    /// Incremental only: the backup the hub's chain ends with (the new image's backing file).
+    /// The node refuses (409, `"bitmap missing"`) when its change tracking does not start
+    /// exactly at that backup's snapshot; absent means "whatever the node tracks".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_backup_id: Option<BackupId>,
 }
 
 /// One disk of a node copy job.
@@ -508,7 +521,10 @@ mod tests {
             JobStatus::Cancelled,
         ] {
             assert_eq!(JobStatus::parse(s.as_str()), Some(s));
-            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{}\"", s.as_str()));
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.as_str())
+            );
         }
     }
 

@@ -67,7 +67,9 @@ mod tests {
 
     #[test]
     fn refuses_escaping_names() {
-        for n in ["", ".", "..", "../etc", "a/b", "a\0b", "a b", "x..y", "a\\b", "é"] {
+        for n in [
+            "", ".", "..", "../etc", "a/b", "a\0b", "a b", "x..y", "a\\b", "é",
+        ] {
             assert!(validate_name("vm_name", n).is_err(), "{n:?} accepted");
         }
         let e = validate_name("vm_name", "a/b").unwrap_err();

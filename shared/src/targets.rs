@@ -59,7 +59,9 @@ impl NbdUri {
             uri: s.chars().take(200).collect(),
             reason,
         };
-        let rest = s.strip_prefix("nbd://").ok_or(err("scheme must be nbd://"))?;
+        let rest = s
+            .strip_prefix("nbd://")
+            .ok_or(err("scheme must be nbd://"))?;
         let (authority, export) = rest.split_once('/').ok_or(err("missing /<export>"))?;
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
             let (h, p) = v6.split_once(']').ok_or(err("unclosed [ in host"))?;
@@ -73,7 +75,9 @@ impl NbdUri {
         if host.contains(['/', '[', ']', ',', ' ', '\0']) {
             return Err(err("bad character in host"));
         }
-        let port: u16 = port.parse().map_err(|_| err("port is not a number in 1-65535"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| err("port is not a number in 1-65535"))?;
         if port == 0 {
             return Err(err("port is not a number in 1-65535"));
         }
@@ -107,14 +111,14 @@ pub fn parse_targets(s: &str) -> Result<Vec<NbdTarget>, TargetsError> {
             index,
             entry: entry.chars().take(200).collect(),
         })?;
-        let disk_key = key
-            .trim()
-            .parse::<i64>()
-            .map(DiskKey)
-            .map_err(|_| TargetsError::DiskKey {
-                index,
-                key: key.chars().take(40).collect(),
-            })?;
+        let disk_key =
+            key.trim()
+                .parse::<i64>()
+                .map(DiskKey)
+                .map_err(|_| TargetsError::DiskKey {
+                    index,
+                    key: key.chars().take(40).collect(),
+                })?;
         if out.iter().any(|t| t.disk_key == disk_key) {
             return Err(TargetsError::DuplicateKey {
                 index,

@@ -1,0 +1,123 @@
+//! Backups: start, list, one, cancel, events, and the writer's progress / completion reports.
+//! The job logic lives in [`crate::jobs`]; these handlers validate and translate.
+
+use super::{ApiError, ApiJson};
+use crate::jobs::JobError;
+use crate::server::AppState;
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use sendense_shared::api::{Backup, BackupRequest, CompletionReport, JobEvent, ProgressReport};
+use sendense_shared::ids::BackupId;
+use sendense_shared::names::validate_name;
+
+/// Prepares every disk's export (ports, images, qemu-nbd) before answering, so a refusal
+/// (space, ports, a qemu-nbd that would not start) is the answer itself; `202` with the
+/// backup in `running` otherwise.
+pub async fn start(
+    State(hub): State<AppState>,
+    ApiJson(req): ApiJson<BackupRequest>,
+) -> Result<(StatusCode, Json<Backup>), ApiError> {
+    validate_name("vm_name", &req.vm_name)?;
+    validate_name("repository_id", &req.repository_id)?;
+    let b = hub.jobs.start(req).await?;
+    Ok((StatusCode::ACCEPTED, Json(b)))
+}
+
+pub async fn list(State(hub): State<AppState>) -> Result<Json<Vec<Backup>>, ApiError> {
+    Ok(Json(hub.db.list_backups().await?))
+}
+
+pub async fn get_one(
+    State(hub): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Backup>, ApiError> {
+    let id = backup_id(id)?;
+    Ok(Json(hub.jobs.get(&id).await?))
+}
+
+pub async fn cancel(
+    State(hub): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Backup>), ApiError> {
+    let id = backup_id(id)?;
+    Ok((StatusCode::ACCEPTED, Json(hub.jobs.cancel(&id).await?)))
+}
+
+pub async fn events(
+    State(hub): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<JobEvent>>, ApiError> {
+    let id = backup_id(id)?;
+    hub.jobs.get(&id).await?;
+    Ok(Json(hub.db.list_events(&id).await?))
+}
+
+pub async fn progress(
+    State(hub): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(report): ApiJson<ProgressReport>,
+) -> Result<Json<Backup>, ApiError> {
+    let id = backup_id(id)?;
+    Ok(Json(hub.jobs.progress(&id, report).await?))
+}
+
+/// `202`: verification runs after the answer (reading a large disk back takes a while);
+/// follow the job to `completed` or `failed`.
+pub async fn complete(
+    State(hub): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(report): ApiJson<CompletionReport>,
+) -> Result<(StatusCode, Json<Backup>), ApiError> {
+    let id = backup_id(id)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(hub.jobs.complete(&id, report).await?),
+    ))
+}
+
+fn backup_id(id: String) -> Result<BackupId, ApiError> {
+    validate_name("backup_id", &id)?;
+    Ok(BackupId(id))
+}
+
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> Self {
+        let detail = e.to_string();
+        match e {
+            JobError::VmNotFound { .. } => ApiError::NotFound { what: "vm", detail },
+            JobError::RepositoryNotFound { .. } => ApiError::NotFound {
+                what: "repository",
+                detail,
+            },
+            JobError::BackupNotFound { .. } => ApiError::NotFound {
+                what: "backup",
+                detail,
+            },
+            JobError::NodeNotFound { .. } => ApiError::Conflict {
+                error: "node not registered",
+                detail,
+            },
+            JobError::Busy { .. } => ApiError::Conflict {
+                error: "backup already active",
+                detail,
+            },
+            JobError::WrongState { .. } => ApiError::Conflict {
+                error: "wrong job state",
+                detail,
+            },
+            JobError::Cancelled { .. } => ApiError::Conflict {
+                error: "backup cancelled",
+                detail,
+            },
+            JobError::Invalid { .. } => ApiError::invalid(detail),
+            JobError::InsufficientSpace { .. } => ApiError::InsufficientStorage(detail),
+            JobError::PortsExhausted { .. } => ApiError::PortsExhausted(detail),
+            JobError::Prepare { .. } => ApiError::JobFailed {
+                error: "backup preparation failed",
+                detail,
+            },
+            JobError::Db(e) => ApiError::from(e),
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! `/health`, `/api/v1/ports`, `/api/v1/processes`, `/api/v1/events`.
+
+use super::ApiError;
+use crate::server::AppState;
+use axum::Json;
+use axum::extract::State;
+use axum::response::IntoResponse;
+use sendense_shared::api::{DatabaseHealth, Health, PortsView, ProcessInfo};
+
+/// Open (no token): identity of the binary and whether the database answers.
+pub async fn health(State(hub): State<AppState>) -> Json<Health> {
+    let ok = hub.db.ping().await;
+    let database = DatabaseHealth {
+        kind: hub.db.kind().into(),
+        ok,
+    };
+    Json(sendense_shared::identity::health(
+        if ok { "healthy" } else { "degraded" },
+        hub.started_at,
+        Some(database),
+    ))
+}
+
+pub async fn ports(State(hub): State<AppState>) -> Result<Json<PortsView>, ApiError> {
+    hub.ports
+        .view()
+        .await
+        .map(Json)
+        .map_err(|e| ApiError::internal(format!("ports view: {e}")))
+}
+
+/// Every qemu-nbd the database knows, with `alive` checked now against `/proc` (the recorded
+/// flag says what the hub believes; a process that died behind its back shows `false`).
+pub async fn processes(State(hub): State<AppState>) -> Result<Json<Vec<ProcessInfo>>, ApiError> {
+    let mut list = hub.db.list_processes().await?;
+    for p in &mut list {
+        if p.alive {
+            p.alive = crate::qemu_nbd::is_our_qemu_nbd(p.pid, p.port.0, &p.export_name);
+        }
+    }
+    Ok(Json(list))
+}
+
+/// Server-sent events: one [`sendense_shared::api::HubEvent`] per `data:` line.
+pub async fn events(State(hub): State<AppState>) -> impl IntoResponse {
+    hub.bus.sse(hub.shutdown.clone())
+}

@@ -1,0 +1,336 @@
+//! The hub's configuration: built-in defaults, then a TOML file (`--config`), then environment
+//! variables (`SENDENSE_HUB_*`), then command-line flags; a later source wins.
+//!
+//! Defaults work with no file at all: everything lives under one data directory
+//! (`/var/lib/sendense-hub`, or `$SENDENSE_HUB_DATA_DIR`): the SQLite database `hub.db`, the
+//! repository `repo/` (registered as id `default`), the token file `token` and the logs `logs/`.
+
+use crate::ports::PortRange;
+use crate::qemu_nbd::QemuNbdConfig;
+use clap::Parser;
+use serde::Deserialize;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use thiserror::Error;
+
+/// Where everything lives when nothing else is said.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/sendense-hub";
+/// The API port of the original system; the node's tunnel forwards it.
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8082);
+/// 101 ports: the ceiling of concurrent disk exports.
+pub const DEFAULT_NBD_PORTS: PortRange = PortRange {
+    first: 10100,
+    last: 10200,
+};
+/// Id under which `<data>/repo` is registered at start-up.
+pub const DEFAULT_REPOSITORY_ID: &str = "default";
+
+/// Why the configuration could not be built.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{field}: {value:?} is not a port range like 10100-10200 ({reason})")]
+    Ports {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+/// Command line of `sendense-hub`. Each flag also reads `SENDENSE_HUB_<FLAG>` from the
+/// environment (the flag wins), and falls back to the config file.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "sendense-hub",
+    about = "Sendense backup server: HTTP API, NBD exports (qemu-nbd), QCOW2 repository",
+    disable_version_flag = true
+)]
+pub struct Cli {
+    /// Print version, git commit, build time and executable path, then exit.
+    #[arg(short = 'V', long)]
+    pub version: bool,
+    /// TOML configuration file.
+    #[arg(long, env = "SENDENSE_HUB_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address of the HTTP API [default: 127.0.0.1:8082].
+    #[arg(long, env = "SENDENSE_HUB_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Directory for the database, repository, token and logs [default: /var/lib/sendense-hub].
+    #[arg(long, env = "SENDENSE_HUB_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// `sqlite:///path/hub.db` or `mysql://user:password@host:3306/db` [default: <data>/hub.db].
+    #[arg(
+        long,
+        env = "SENDENSE_HUB_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub database_url: Option<String>,
+    /// File holding the bearer token of the API; created (mode 0600) if missing
+    /// [default: <data>/token].
+    #[arg(long, env = "SENDENSE_HUB_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Inclusive range of NBD ports handed to qemu-nbd [default: 10100-10200].
+    #[arg(long, env = "SENDENSE_HUB_NBD_PORTS", value_name = "FIRST-LAST")]
+    pub nbd_ports: Option<String>,
+    /// Address qemu-nbd binds its exports to [default: 127.0.0.1].
+    #[arg(long, env = "SENDENSE_HUB_NBD_BIND", value_name = "ADDR")]
+    pub nbd_bind: Option<IpAddr>,
+    /// Directory of the daily log files [default: <data>/logs].
+    #[arg(long, env = "SENDENSE_HUB_LOG_DIR", value_name = "DIR")]
+    pub log_dir: Option<PathBuf>,
+}
+
+/// The TOML file. Every key is optional; unknown keys are refused so a typo does not silently
+/// fall back to a default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub database_url: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub nbd_ports: Option<String>,
+    pub nbd_bind: Option<IpAddr>,
+    pub log_dir: Option<PathBuf>,
+    /// `tracing` filter, e.g. `"info"` or `"agent_hub=debug,info"`.
+    pub log_level: Option<String>,
+    /// Directory registered as repository `default` [default: <data>/repo].
+    pub default_repository: Option<PathBuf>,
+    /// How long a call to a node's API may take, in seconds [default: 30].
+    pub node_timeout_secs: Option<u64>,
+    /// qemu-nbd settings (binary, cache mode, `--shared`, timeouts).
+    #[serde(default)]
+    pub qemu_nbd: Option<QemuNbdConfig>,
+}
+
+/// The resolved configuration the hub runs with.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub database_url: String,
+    pub token_file: PathBuf,
+    pub nbd_ports: PortRange,
+    pub nbd_bind: IpAddr,
+    pub log_dir: PathBuf,
+    pub log_level: String,
+    pub default_repository: PathBuf,
+    pub node_timeout: Duration,
+    pub qemu_nbd: QemuNbdConfig,
+}
+
+impl HubConfig {
+    /// Defaults for a data directory, nothing else set.
+    pub fn with_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        let data_dir = data_dir.into();
+        HubConfig {
+            listen: DEFAULT_LISTEN,
+            database_url: sqlite_url(&data_dir.join("hub.db")),
+            token_file: data_dir.join("token"),
+            nbd_ports: DEFAULT_NBD_PORTS,
+            nbd_bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            log_dir: data_dir.join("logs"),
+            log_level: "info".to_string(),
+            default_repository: data_dir.join("repo"),
+            node_timeout: Duration::from_secs(30),
+            qemu_nbd: QemuNbdConfig {
+                bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                ..QemuNbdConfig::default()
+            },
+            data_dir,
+        }
+    }
+
+    /// Resolves flags (which already carry the environment, see [`Cli`]) over the file over the
+    /// defaults.
+    pub fn load(cli: &Cli) -> Result<Self, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Self::resolve(cli, file)
+    }
+
+    /// The merge itself, separate from file reading so it is testable.
+    pub fn resolve(cli: &Cli, file: FileConfig) -> Result<Self, ConfigError> {
+        let data_dir = cli
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let mut cfg = HubConfig::with_data_dir(data_dir);
+        if let Some(v) = cli.listen.or(file.listen) {
+            cfg.listen = v;
+        }
+        if let Some(v) = cli.database_url.clone().or(file.database_url) {
+            cfg.database_url = v;
+        }
+        if let Some(v) = cli.token_file.clone().or(file.token_file) {
+            cfg.token_file = v;
+        }
+        if let Some(v) = cli.nbd_ports.clone().or(file.nbd_ports) {
+            cfg.nbd_ports = parse_ports(&v)?;
+        }
+        if let Some(v) = cli.log_dir.clone().or(file.log_dir) {
+            cfg.log_dir = v;
+        }
+        if let Some(v) = file.log_level {
+            cfg.log_level = v;
+        }
+        if let Some(v) = file.default_repository {
+            cfg.default_repository = v;
+        }
+        if let Some(v) = file.node_timeout_secs {
+            cfg.node_timeout = Duration::from_secs(v.max(1));
+        }
+        if let Some(q) = file.qemu_nbd {
+            cfg.qemu_nbd = q;
+        }
+        // One bind address for the port test and for qemu-nbd: the test is only meaningful on
+        // the address qemu-nbd will really use.
+        if let Some(v) = cli.nbd_bind.or(file.nbd_bind) {
+            cfg.nbd_bind = v;
+        }
+        cfg.qemu_nbd.bind = cfg.nbd_bind;
+        Ok(cfg)
+    }
+}
+
+/// `sqlite://` URL of a database file, created if missing.
+pub fn sqlite_url(path: &Path) -> String {
+    format!("sqlite://{}?mode=rwc", path.display())
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Parses `FIRST-LAST` (inclusive, FIRST <= LAST, no port 0).
+pub fn parse_ports(value: &str) -> Result<PortRange, ConfigError> {
+    let err = |reason: &str| ConfigError::Ports {
+        field: "nbd_ports",
+        value: value.to_string(),
+        reason: reason.to_string(),
+    };
+    let (a, b) = value
+        .trim()
+        .split_once('-')
+        .ok_or_else(|| err("missing '-'"))?;
+    let first: u16 = a
+        .trim()
+        .parse()
+        .map_err(|_| err("first port is not a number in 1-65535"))?;
+    let last: u16 = b
+        .trim()
+        .parse()
+        .map_err(|_| err("last port is not a number in 1-65535"))?;
+    if first == 0 {
+        return Err(err("port 0 is not a port"));
+    }
+    if first > last {
+        return Err(err("first port is above the last"));
+    }
+    Ok(PortRange { first, last })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_live_under_the_data_dir() {
+        let cfg = HubConfig::resolve(
+            &Cli {
+                data_dir: Some("/tmp/x".into()),
+                ..Cli::default()
+            },
+            FileConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(cfg.listen, DEFAULT_LISTEN);
+        assert_eq!(cfg.database_url, "sqlite:///tmp/x/hub.db?mode=rwc");
+        assert_eq!(cfg.token_file, PathBuf::from("/tmp/x/token"));
+        assert_eq!(cfg.log_dir, PathBuf::from("/tmp/x/logs"));
+        assert_eq!(cfg.default_repository, PathBuf::from("/tmp/x/repo"));
+        assert_eq!((cfg.nbd_ports.first, cfg.nbd_ports.last), (10100, 10200));
+        assert_eq!(cfg.nbd_bind, IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            listen = "127.0.0.1:9000"
+            data_dir = "/srv/hub"
+            nbd_ports = "11000-11010"
+            log_level = "debug"
+            "#,
+        )
+        .unwrap();
+        let cli = Cli {
+            listen: Some("127.0.0.1:9001".parse().unwrap()),
+            ..Cli::default()
+        };
+        let cfg = HubConfig::resolve(&cli, file).unwrap();
+        assert_eq!(cfg.listen.port(), 9001);
+        assert_eq!(cfg.data_dir, PathBuf::from("/srv/hub"));
+        assert_eq!((cfg.nbd_ports.first, cfg.nbd_ports.last), (11000, 11010));
+        assert_eq!(cfg.log_level, "debug");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_ranges_are_refused() {
+        assert!(toml::from_str::<FileConfig>("listn = \"x\"").is_err());
+        for bad in ["10100", "a-b", "10200-10100", "0-5", "10100-70000"] {
+            let e = parse_ports(bad).unwrap_err().to_string();
+            assert!(e.contains("nbd_ports"), "{bad}: {e}");
+        }
+        assert_eq!(parse_ports(" 10-12 ").unwrap().last, 12);
+    }
+
+    #[test]
+    fn the_cli_knows_the_documented_flags() {
+        let cli = Cli::try_parse_from([
+            "sendense-hub",
+            "--config",
+            "/c.toml",
+            "--listen",
+            "127.0.0.1:1",
+            "--data-dir",
+            "/d",
+            "--database-url",
+            "sqlite::memory:",
+            "--token-file",
+            "/t",
+            "--nbd-ports",
+            "1-2",
+            "--nbd-bind",
+            "127.0.0.1",
+            "--log-dir",
+            "/l",
+        ])
+        .unwrap();
+        assert_eq!(cli.nbd_ports.as_deref(), Some("1-2"));
+        assert_eq!(cli.log_dir, Some(PathBuf::from("/l")));
+    }
+}

@@ -1,0 +1,281 @@
+//! VMs: `vm_replication_contexts` (one per VM name) and `vm_disks` (one per disk, each with its
+//! own key and unit number).
+
+use super::{
+    DbError, col, from_db_u64, from_us, is_unique_violation, now_us, q, to_db_u64, with_retry,
+};
+use crate::db::Db;
+use sendense_shared::api::{Vm, VmDisk, VmRequest};
+use sendense_shared::ids::{BackupId, DiskKey};
+use sendense_shared::names::validate_name;
+use sqlx::any::AnyRow;
+use std::collections::{BTreeSet, HashMap};
+
+fn disk_row(r: &AnyRow) -> Result<(String, VmDisk), DbError> {
+    Ok((
+        col(r, "vm_context_id")?,
+        VmDisk {
+            disk_key: DiskKey(col(r, "disk_key")?),
+            unit_number: col(r, "unit_number")?,
+            size_bytes: from_db_u64("vm_disks.size_bytes", col(r, "size_bytes")?)?,
+            label: col(r, "label")?,
+        },
+    ))
+}
+
+fn validate_vm(req: &VmRequest) -> Result<(), DbError> {
+    validate_name("vm_name", &req.vm_name)?;
+    if let Some(node) = &req.node {
+        validate_name("node", node)?;
+    }
+    if req.disks.is_empty() {
+        return Err(DbError::Invalid {
+            field: "disks",
+            reason: format!("VM '{}' has no disks", req.vm_name),
+        });
+    }
+    let mut seen = BTreeSet::new();
+    for d in &req.disks {
+        if !seen.insert(d.disk_key) {
+            return Err(DbError::Invalid {
+                field: "disks[].disk_key",
+                reason: format!("disk key {} appears twice", d.disk_key),
+            });
+        }
+        if d.unit_number < 0 {
+            return Err(DbError::Invalid {
+                field: "disks[].unit_number",
+                reason: format!(
+                    "disk {} has negative unit number {}",
+                    d.disk_key, d.unit_number
+                ),
+            });
+        }
+        if d.label.contains('\0') {
+            return Err(DbError::Invalid {
+                field: "disks[].label",
+                reason: format!("label of disk {} contains a NUL byte", d.disk_key),
+            });
+        }
+        to_db_u64("disks[].size_bytes", d.size_bytes)?;
+    }
+    Ok(())
+}
+
+impl Db {
+    /// Registers a VM or brings its record in line with `req`: node updated, new disks added,
+    /// changed sizes/units/labels updated, vanished disks removed. Returns the VM as stored.
+    pub async fn upsert_vm(&self, req: &VmRequest) -> Result<Vm, DbError> {
+        validate_vm(req)?;
+        with_retry(|| self.upsert_vm_once(req)).await?;
+        self.get_vm(&req.vm_name).await
+    }
+
+    async fn upsert_vm_once(&self, req: &VmRequest) -> Result<(), DbError> {
+        let doing = "registering a VM";
+        let mut tx = self.begin_write(doing).await?;
+        let now = now_us();
+        let existing: Option<String> = sqlx::query_scalar(
+            "SELECT vm_context_id FROM vm_replication_contexts WHERE vm_name = ?",
+        )
+        .bind(&req.vm_name)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(q(doing))?;
+        let ctx = match existing {
+            Some(ctx) => {
+                sqlx::query(
+                    "UPDATE vm_replication_contexts SET node = ?, updated_at = ? \
+                     WHERE vm_context_id = ?",
+                )
+                .bind(req.node.as_deref())
+                .bind(now)
+                .bind(&ctx)
+                .execute(&mut *tx)
+                .await
+                .map_err(q(doing))?;
+                ctx
+            }
+            None => {
+                let ctx = format!("ctx-{}", uuid::Uuid::new_v4());
+                sqlx::query(
+                    "INSERT INTO vm_replication_contexts \
+                     (vm_context_id, vm_name, node, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(&ctx)
+                .bind(&req.vm_name)
+                .bind(req.node.as_deref())
+                .bind(now)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| {
+                    if is_unique_violation(&e) {
+                        // Another registration of the same name won the race: we are in a
+                        // transaction that cannot see it yet, so report a lock conflict.
+                        DbError::Conflict {
+                            what: format!("VM '{}'", req.vm_name),
+                        }
+                    } else {
+                        q(doing)(e)
+                    }
+                })?;
+                ctx
+            }
+        };
+        let have: Vec<i64> =
+            sqlx::query_scalar("SELECT disk_key FROM vm_disks WHERE vm_context_id = ?")
+                .bind(&ctx)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(q(doing))?;
+        let have: BTreeSet<i64> = have.into_iter().collect();
+        for d in &req.disks {
+            let size = to_db_u64("disks[].size_bytes", d.size_bytes)?;
+            if have.contains(&d.disk_key.0) {
+                sqlx::query(
+                    "UPDATE vm_disks SET unit_number = ?, size_bytes = ?, label = ? \
+                     WHERE vm_context_id = ? AND disk_key = ?",
+                )
+                .bind(d.unit_number)
+                .bind(size)
+                .bind(&d.label)
+                .bind(&ctx)
+                .bind(d.disk_key.0)
+                .execute(&mut *tx)
+                .await
+                .map_err(q(doing))?;
+            } else {
+                sqlx::query(
+                    "INSERT INTO vm_disks (vm_context_id, disk_key, unit_number, size_bytes, label) \
+                     VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(&ctx)
+                .bind(d.disk_key.0)
+                .bind(d.unit_number)
+                .bind(size)
+                .bind(&d.label)
+                .execute(&mut *tx)
+                .await
+                .map_err(q(doing))?;
+            }
+        }
+        let wanted: BTreeSet<i64> = req.disks.iter().map(|d| d.disk_key.0).collect();
+        for gone in have.difference(&wanted) {
+            sqlx::query("DELETE FROM vm_disks WHERE vm_context_id = ? AND disk_key = ?")
+                .bind(&ctx)
+                .bind(*gone)
+                .execute(&mut *tx)
+                .await
+                .map_err(q(doing))?;
+        }
+        tx.commit().await.map_err(q(doing))?;
+        Ok(())
+    }
+
+    /// One VM with its disks (ordered by disk key) and its last completed backup.
+    pub async fn get_vm(&self, vm_name: &str) -> Result<Vm, DbError> {
+        let doing = "reading a VM";
+        let row = sqlx::query(
+            "SELECT vm_context_id, vm_name, node FROM vm_replication_contexts WHERE vm_name = ?",
+        )
+        .bind(vm_name)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(q(doing))?
+        .ok_or_else(|| DbError::NotFound {
+            what: format!("VM '{vm_name}'"),
+        })?;
+        let ctx: String = col(&row, "vm_context_id")?;
+        let disks = sqlx::query(
+            "SELECT vm_context_id, disk_key, unit_number, size_bytes, label FROM vm_disks \
+             WHERE vm_context_id = ? ORDER BY disk_key",
+        )
+        .bind(&ctx)
+        .fetch_all(self.pool())
+        .await
+        .map_err(q(doing))?
+        .iter()
+        .map(|r| disk_row(r).map(|(_, d)| d))
+        .collect::<Result<Vec<_>, _>>()?;
+        let last = sqlx::query(
+            "SELECT backup_id, completed_at FROM backup_jobs \
+             WHERE vm_context_id = ? AND status = 'completed' \
+             ORDER BY completed_at DESC, created_at DESC LIMIT 1",
+        )
+        .bind(&ctx)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(q(doing))?;
+        let (last_backup_id, last_backup_at) = match last {
+            Some(r) => (
+                Some(BackupId(col(&r, "backup_id")?)),
+                col::<Option<i64>>(&r, "completed_at")?.map(from_us),
+            ),
+            None => (None, None),
+        };
+        Ok(Vm {
+            vm_context_id: ctx,
+            vm_name: col(&row, "vm_name")?,
+            node: col(&row, "node")?,
+            disks,
+            last_backup_id,
+            last_backup_at,
+        })
+    }
+
+    /// Every VM, ordered by name.
+    pub async fn list_vms(&self) -> Result<Vec<Vm>, DbError> {
+        let doing = "listing VMs";
+        let rows = sqlx::query(
+            "SELECT vm_context_id, vm_name, node FROM vm_replication_contexts ORDER BY vm_name",
+        )
+        .fetch_all(self.pool())
+        .await
+        .map_err(q(doing))?;
+        let mut disks: HashMap<String, Vec<VmDisk>> = HashMap::new();
+        for r in sqlx::query(
+            "SELECT vm_context_id, disk_key, unit_number, size_bytes, label FROM vm_disks \
+             ORDER BY vm_context_id, disk_key",
+        )
+        .fetch_all(self.pool())
+        .await
+        .map_err(q(doing))?
+        {
+            let (ctx, d) = disk_row(&r)?;
+            disks.entry(ctx).or_default().push(d);
+        }
+        // Ascending, so the last one seen per context is the newest.
+        let mut last: HashMap<String, (BackupId, Option<i64>)> = HashMap::new();
+        for r in sqlx::query(
+            "SELECT vm_context_id, backup_id, completed_at FROM backup_jobs \
+             WHERE status = 'completed' ORDER BY completed_at, created_at",
+        )
+        .fetch_all(self.pool())
+        .await
+        .map_err(q(doing))?
+        {
+            last.insert(
+                col(&r, "vm_context_id")?,
+                (BackupId(col(&r, "backup_id")?), col(&r, "completed_at")?),
+            );
+        }
+        rows.iter()
+            .map(|r| {
+                let ctx: String = col(r, "vm_context_id")?;
+                let (last_backup_id, last_backup_at) = match last.remove(&ctx) {
+                    Some((id, at)) => (Some(id), at.map(from_us)),
+                    None => (None, None),
+                };
+                Ok(Vm {
+                    disks: disks.remove(&ctx).unwrap_or_default(),
+                    vm_context_id: ctx,
+                    vm_name: col(r, "vm_name")?,
+                    node: col(r, "node")?,
+                    last_backup_id,
+                    last_backup_at,
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,467 @@
+//! The end of a job. [`finish`] is the only path that releases a job's resources, whatever
+//! ended it (completion, failure, cancel, a dead qemu-nbd, hub shutdown). [`finalize`] verifies
+//! a completed copy before finishing. [`watch_export`] turns an unexpected qemu-nbd exit into a
+//! failed job.
+
+use super::{JobManager, Level, LiveJob, Resources};
+use crate::db::DiskUpdate;
+use crate::qemu_nbd::QemuNbd;
+use sendense_shared::api::{CompletionReport, DiskStatus, JobStatus};
+use sendense_shared::ids::{DiskKey, NbdPort};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// How a job ends, as its finisher sees it.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Verified; keep the images.
+    Completed,
+    /// With the cause, which becomes the job's `error_message`.
+    Failed(String),
+    /// Cancel (or an interrupted preparation).
+    Cancelled,
+}
+
+/// Stops every qemu-nbd, releases the ports, deletes the images unless the job completed, sets
+/// disk statuses and then the terminal job status. Idempotent; answers the terminal status it
+/// wrote (`None` when the job was already finished).
+pub async fn finish(
+    jm: &JobManager,
+    job: &LiveJob,
+    res: &mut Resources,
+    outcome: Outcome,
+) -> Option<JobStatus> {
+    if res.finished {
+        return None;
+    }
+    let id = &job.id;
+    let db = &jm.deps().db;
+    let t = Instant::now();
+    stop_exports(jm, job, res).await;
+    if res.ports_held {
+        match jm.deps().ports.release(id).await {
+            Ok(n) => {
+                jm.event(
+                    id,
+                    Level::Info,
+                    "ports_released",
+                    format!("released {n} NBD port(s)"),
+                    None,
+                )
+                .await
+            }
+            Err(e) => {
+                jm.event(
+                    id,
+                    Level::Error,
+                    "ports_release_failed",
+                    format!("releasing the job's NBD ports failed: {e}"),
+                    None,
+                )
+                .await
+            }
+        }
+        res.ports_held = false;
+        jm.publish_ports().await;
+    }
+
+    let current = db.get_backup(id).await.ok().map(|b| b.status);
+    let terminal = match outcome {
+        Outcome::Completed if current == Some(JobStatus::Finalizing) => {
+            set_disks(jm, job, DiskStatus::Completed).await;
+            match db
+                .transition_backup(id, &[JobStatus::Finalizing], JobStatus::Completed, None)
+                .await
+            {
+                Ok(true) => {
+                    res.images.clear();
+                    JobStatus::Completed
+                }
+                _ => end_unsuccessfully(jm, job, res, "cancelled during finalization").await,
+            }
+        }
+        Outcome::Completed => {
+            end_unsuccessfully(jm, job, res, "the job left finalizing before it completed").await
+        }
+        Outcome::Failed(msg) => end_unsuccessfully(jm, job, res, &msg).await,
+        Outcome::Cancelled => end_unsuccessfully(jm, job, res, "").await,
+    };
+    res.finished = true;
+    jm.remove_live(id);
+    jm.event(
+        id,
+        match terminal {
+            JobStatus::Completed => Level::Info,
+            JobStatus::Cancelled => Level::Warn,
+            _ => Level::Error,
+        },
+        terminal.as_str(),
+        format!(
+            "job {}; resources released in {} ms",
+            terminal.as_str(),
+            t.elapsed().as_millis()
+        ),
+        None,
+    )
+    .await;
+    jm.publish(id).await;
+    jm.publish_processes().await;
+    Some(terminal)
+}
+
+/// Deletes the partial images and writes `cancelled` (if a cancel was asked) or `failed`.
+/// `cause` empty means a cancel (or an interrupted preparation).
+async fn end_unsuccessfully(
+    jm: &JobManager,
+    job: &LiveJob,
+    res: &mut Resources,
+    cause: &str,
+) -> JobStatus {
+    let id = &job.id;
+    let db = &jm.deps().db;
+    delete_images(jm, job, res).await;
+    let status = db.get_backup(id).await.ok().map(|b| b.status);
+    if status == Some(JobStatus::Cancelling) {
+        set_disks(jm, job, DiskStatus::Cancelled).await;
+        if let Ok(true) = db
+            .transition_backup(id, &[JobStatus::Cancelling], JobStatus::Cancelled, None)
+            .await
+        {
+            return JobStatus::Cancelled;
+        }
+    }
+    let cause = if cause.is_empty() {
+        "interrupted: the hub is stopping".to_string()
+    } else {
+        cause.to_string()
+    };
+    set_disks(jm, job, DiskStatus::Failed).await;
+    match db
+        .transition_backup(id, super::ACTIVE, JobStatus::Failed, Some(&cause))
+        .await
+    {
+        Ok(_) => {}
+        Err(e) => tracing::error!(backup_id = %id, error = %e, "cannot mark job failed"),
+    }
+    db.get_backup(id)
+        .await
+        .map(|b| b.status)
+        .unwrap_or(JobStatus::Failed)
+}
+
+/// Sets every disk not already failed to `status`.
+async fn set_disks(jm: &JobManager, job: &LiveJob, status: DiskStatus) {
+    let db = &jm.deps().db;
+    let Ok(b) = db.get_backup(&job.id).await else {
+        return;
+    };
+    for d in &b.disk_results {
+        if d.status == DiskStatus::Failed && status != DiskStatus::Completed {
+            continue;
+        }
+        if let Err(e) = db
+            .update_disk(
+                &job.id,
+                d.disk_key,
+                &DiskUpdate {
+                    status: Some(status),
+                    ..Default::default()
+                },
+            )
+            .await
+        {
+            tracing::error!(backup_id = %job.id, disk = d.disk_key.0, error = %e, "cannot set disk status");
+        }
+    }
+}
+
+/// Stops every running qemu-nbd of the job (SIGTERM to its group, bounded wait, SIGKILL, reap)
+/// and records how each ended. qemu-nbd flushes the image on SIGTERM.
+pub async fn stop_exports(jm: &JobManager, job: &LiveJob, res: &mut Resources) {
+    for e in res.exports.drain(..) {
+        let t = Instant::now();
+        let pid = e.server.pid();
+        let rep = e.server.stop().await;
+        let how = if rep.requested {
+            "stopped"
+        } else {
+            "had already exited"
+        };
+        if let Err(err) = jm
+            .deps()
+            .db
+            .mark_process_stopped(pid, e.port, &rep.status)
+            .await
+        {
+            tracing::error!(pid, error = %err, "cannot record qemu-nbd stop");
+        }
+        let tail = rep.stderr_tail.trim();
+        jm.event(
+            &job.id,
+            if rep.requested {
+                Level::Info
+            } else {
+                Level::Warn
+            },
+            "qemu_nbd_stopped",
+            format!(
+                "disk {}: qemu-nbd pid {pid} (port {}, export {}) {how}: {} after {} ms{}",
+                e.disk_key,
+                e.port,
+                e.export_name,
+                rep.status,
+                t.elapsed().as_millis(),
+                if tail.is_empty() {
+                    String::new()
+                } else {
+                    format!("; stderr: {tail}")
+                }
+            ),
+            Some(e.disk_key),
+        )
+        .await;
+    }
+}
+
+async fn delete_images(jm: &JobManager, job: &LiveJob, res: &mut Resources) {
+    for (disk, path) in res.images.drain(..) {
+        match crate::repository::remove_image(&path).await {
+            Ok(()) => {
+                jm.event(
+                    &job.id,
+                    Level::Info,
+                    "image_deleted",
+                    format!("disk {disk}: deleted partial image {}", path.display()),
+                    Some(disk),
+                )
+                .await
+            }
+            Err(e) => {
+                jm.event(
+                    &job.id,
+                    Level::Error,
+                    "image_delete_failed",
+                    format!("disk {disk}: cannot delete {}: {e}", path.display()),
+                    Some(disk),
+                )
+                .await
+            }
+        }
+    }
+}
+
+/// Watches one qemu-nbd; an exit nobody asked for fails the disk at once (its stderr as the
+/// disk's `error_message`) and then the whole job.
+pub fn watch_export(
+    jm: &JobManager,
+    job: &Arc<LiveJob>,
+    disk: DiskKey,
+    port: NbdPort,
+    server: QemuNbd,
+) {
+    let jm = jm.clone();
+    let job = job.clone();
+    let pid = server.pid();
+    let mut rx = server.exit_watch();
+    drop(server);
+    jm.deps().tasks.clone().spawn(async move {
+        let report = loop {
+            if let Some(r) = rx.borrow_and_update().clone() {
+                break r;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        };
+        if report.requested {
+            return;
+        }
+        let tail = report.stderr_tail.trim();
+        let msg = format!(
+            "qemu-nbd of disk {disk} (pid {pid}, port {port}) exited unexpectedly: {}{}",
+            report.status,
+            if tail.is_empty() {
+                String::new()
+            } else {
+                format!("; stderr: {tail}")
+            }
+        );
+        if let Err(e) = jm
+            .deps()
+            .db
+            .update_disk(
+                &job.id,
+                disk,
+                &DiskUpdate {
+                    status: Some(DiskStatus::Failed),
+                    error_message: Some(Some(msg.clone())),
+                    ..Default::default()
+                },
+            )
+            .await
+        {
+            tracing::error!(backup_id = %job.id, error = %e, "cannot record qemu-nbd death");
+        }
+        jm.event(
+            &job.id,
+            Level::Error,
+            "qemu_nbd_died",
+            msg.clone(),
+            Some(disk),
+        )
+        .await;
+        let mut res = job.res.lock().await;
+        finish(&jm, &job, &mut res, Outcome::Failed(msg)).await;
+    });
+}
+
+/// After a `completed` report: verify checksums through the still-running exports, stop the
+/// exports (qemu-nbd flushes), `qemu-img check` each image, then finish.
+pub async fn finalize(jm: &JobManager, job: Arc<LiveJob>, report: CompletionReport) {
+    let mut res = job.res.lock().await;
+    if res.finished {
+        return;
+    }
+    let id = job.id.clone();
+    let db = &jm.deps().db;
+    let mut failure: Option<String> = None;
+
+    for d in &report.disks {
+        let Some(sums) = &d.checksums else { continue };
+        if job.cancel.is_cancelled() {
+            finish(jm, &job, &mut res, Outcome::Cancelled).await;
+            return;
+        }
+        let Some(e) = res.exports.iter().find(|e| e.disk_key == d.disk_key) else {
+            failure = Some(format!(
+                "disk {}: no running export to verify against",
+                d.disk_key
+            ));
+            break;
+        };
+        let addr = sendense_shared::nbd::NbdAddr::Tcp {
+            host: jm.deps().qemu_nbd.bind.to_string(),
+            port: e.port.0,
+            export: e.export_name.clone(),
+        };
+        let t = Instant::now();
+        match super::verify::verify_disk(&addr, sums).await {
+            Ok(s) => {
+                jm.event(
+                    &id,
+                    Level::Info,
+                    "checksums_verified",
+                    format!(
+                        "disk {}: {} range(s), {} bytes read back through {addr} match the \
+                         writer's BLAKE3 checksums ({} ms)",
+                        d.disk_key,
+                        s.ranges,
+                        s.bytes,
+                        t.elapsed().as_millis()
+                    ),
+                    Some(d.disk_key),
+                )
+                .await
+            }
+            Err(err) => {
+                let msg = format!("disk {}: verification failed: {err}", d.disk_key);
+                let _ = db
+                    .update_disk(
+                        &id,
+                        d.disk_key,
+                        &DiskUpdate {
+                            status: Some(DiskStatus::Failed),
+                            error_message: Some(Some(msg.clone())),
+                            ..Default::default()
+                        },
+                    )
+                    .await;
+                jm.event(
+                    &id,
+                    Level::Error,
+                    "checksums_mismatch",
+                    msg.clone(),
+                    Some(d.disk_key),
+                )
+                .await;
+                failure = Some(msg);
+                break;
+            }
+        }
+    }
+    if failure.is_none() && !report.disks.iter().any(|d| d.checksums.is_some()) {
+        jm.event(
+            &id,
+            Level::Warn,
+            "checksums_absent",
+            "the writer sent no checksums; only qemu-img check verifies the images",
+            None,
+        )
+        .await;
+    }
+
+    if failure.is_none() {
+        stop_exports(jm, &job, &mut res).await;
+        for (disk, path) in res.images.clone() {
+            if job.cancel.is_cancelled() {
+                break;
+            }
+            let t = Instant::now();
+            match crate::repository::qemu_img_check(&path).await {
+                Ok(c) if c.is_clean() => {
+                    jm.event(
+                        &id,
+                        Level::Info,
+                        "image_checked",
+                        format!(
+                            "disk {disk}: qemu-img check {}: clean ({}) in {} ms",
+                            path.display(),
+                            c.summary(),
+                            t.elapsed().as_millis()
+                        ),
+                        Some(disk),
+                    )
+                    .await
+                }
+                Ok(c) => {
+                    let msg = format!(
+                        "disk {disk}: qemu-img check {}: {}",
+                        path.display(),
+                        c.summary()
+                    );
+                    jm.event(
+                        &id,
+                        Level::Error,
+                        "image_check_failed",
+                        msg.clone(),
+                        Some(disk),
+                    )
+                    .await;
+                    failure = Some(msg);
+                    break;
+                }
+                Err(e) => {
+                    let msg = format!("disk {disk}: qemu-img check {} failed: {e}", path.display());
+                    jm.event(
+                        &id,
+                        Level::Error,
+                        "image_check_failed",
+                        msg.clone(),
+                        Some(disk),
+                    )
+                    .await;
+                    failure = Some(msg);
+                    break;
+                }
+            }
+        }
+    }
+    let outcome = if job.cancel.is_cancelled() {
+        Outcome::Cancelled
+    } else if let Some(f) = failure {
+        Outcome::Failed(f)
+    } else {
+        Outcome::Completed
+    };
+    finish(jm, &job, &mut res, outcome).await;
+}

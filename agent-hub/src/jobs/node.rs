@@ -1,0 +1,130 @@
+//! Calls from the hub to the node that owns a VM: start the copy once the exports are up,
+//! forward a cancel. Same bearer token both ways.
+
+use super::finish::{Outcome, finish};
+use super::{JobManager, Level, LiveJob, NodeTarget};
+use sendense_shared::api::{BackupType, NodeBackupStart};
+use sendense_shared::ids::BackupId;
+use std::time::Instant;
+
+/// `POST {api_url}/api/v1/backup/start`; a refusal or no answer fails the job.
+pub async fn start_on_node(
+    jm: &JobManager,
+    job: &LiveJob,
+    node: &NodeTarget,
+    kind: BackupType,
+    previous_backup_id: Option<BackupId>,
+    targets: &str,
+) {
+    let url = format!("{}/api/v1/backup/start", node.api_url.trim_end_matches('/'));
+    let body = NodeBackupStart {
+        backup_id: job.id.clone(),
+        vm_name: job.vm_name.clone(),
+        backup_type: kind,
+        nbd_targets: targets.to_string(),
+        previous_backup_id,
+    };
+    jm.event(
+        &job.id,
+        Level::Info,
+        "node_start",
+        format!(
+            "asking node {} to copy: POST {url} (backup_type {}, nbd_targets {targets})",
+            node.name,
+            kind.as_str()
+        ),
+        None,
+    )
+    .await;
+    let t = Instant::now();
+    let answer = jm
+        .deps()
+        .http
+        .post(&url)
+        .bearer_auth(jm.deps().token.as_str())
+        .json(&body)
+        .send()
+        .await;
+    let failure = match answer {
+        Ok(r) if r.status().is_success() => {
+            jm.event(
+                &job.id,
+                Level::Info,
+                "node_accepted",
+                format!(
+                    "node {} accepted the copy: HTTP {} after {} ms",
+                    node.name,
+                    r.status(),
+                    t.elapsed().as_millis()
+                ),
+                None,
+            )
+            .await;
+            return;
+        }
+        Ok(r) => {
+            let status = r.status();
+            let text = r.text().await.unwrap_or_default();
+            format!(
+                "node {} refused the copy: POST {url} answered HTTP {status}: {}",
+                node.name,
+                text.chars().take(500).collect::<String>()
+            )
+        }
+        Err(e) => format!("node {} unreachable: POST {url}: {e}", node.name),
+    };
+    jm.event(
+        &job.id,
+        Level::Error,
+        "node_start_failed",
+        failure.clone(),
+        None,
+    )
+    .await;
+    let mut res = job.res.lock().await;
+    finish(jm, job, &mut res, Outcome::Failed(failure)).await;
+}
+
+/// `POST {api_url}/api/v1/backup/{id}/cancel`; best effort: the hub unwinds its side anyway
+/// and the node's writes fail once the exports are gone.
+pub async fn forward_cancel(jm: &JobManager, id: &BackupId, node: &NodeTarget) {
+    let url = format!(
+        "{}/api/v1/backup/{id}/cancel",
+        node.api_url.trim_end_matches('/')
+    );
+    let t = Instant::now();
+    let (level, msg) = match jm
+        .deps()
+        .http
+        .post(&url)
+        .bearer_auth(jm.deps().token.as_str())
+        .send()
+        .await
+    {
+        Ok(r) if r.status().is_success() => (
+            Level::Info,
+            format!(
+                "node {} confirmed the cancel: HTTP {} after {} ms",
+                node.name,
+                r.status(),
+                t.elapsed().as_millis()
+            ),
+        ),
+        Ok(r) => (
+            Level::Warn,
+            format!(
+                "node {} answered the cancel (POST {url}) with HTTP {}",
+                node.name,
+                r.status()
+            ),
+        ),
+        Err(e) => (
+            Level::Warn,
+            format!(
+                "node {} unreachable for the cancel (POST {url}): {e}",
+                node.name
+            ),
+        ),
+    };
+    jm.event(id, level, "node_cancel", msg, None).await;
+}

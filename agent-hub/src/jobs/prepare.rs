@@ -1,0 +1,607 @@
+//! Start of a job: check, record, then for ALL disks of the VM allocate ports, create target
+//! images and start qemu-nbd; any failure unwinds everything through [`super::finish`].
+//!
+//! The preparation runs in a tracked task that the request merely awaits: a client that hangs
+//! up mid-way must not abandon half-started qemu-nbd processes.
+
+use super::finish::{Outcome, finish};
+use super::{JobError, JobManager, Level, LiveJob, NodeTarget, Resources};
+use crate::db::{DbError, DiskUpdate, NewBackup, NewBackupDisk};
+use crate::ports::PortError;
+use crate::qemu_nbd::{ExportSpec, QemuNbd};
+use crate::repository::RepoLayout;
+use sendense_shared::api::{
+    Backup, BackupRequest, BackupType, DiskStatus, JobStatus, ProcessInfo, Vm,
+};
+use sendense_shared::ids::{BackupId, DiskKey};
+use sendense_shared::targets::{NbdTarget, NbdUri, format_targets};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Checks the request, records the job, prepares every export; answers the job `running`.
+pub async fn start(jm: &JobManager, req: BackupRequest) -> Result<Backup, JobError> {
+    let db = &jm.deps().db;
+    let vm = match db.get_vm(&req.vm_name).await {
+        Ok(vm) => vm,
+        Err(DbError::NotFound { .. }) => {
+            return Err(JobError::VmNotFound { vm: req.vm_name });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let repo = match db.get_repository(&req.repository_id).await {
+        Ok(r) => r,
+        Err(DbError::NotFound { .. }) => {
+            return Err(JobError::RepositoryNotFound {
+                id: req.repository_id,
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if vm.disks.is_empty() {
+        return Err(JobError::Invalid {
+            detail: format!("vm_name: VM {:?} has no disks to back up", vm.vm_name),
+        });
+    }
+    let node = match &vm.node {
+        None => None,
+        Some(name) => match db.get_node(name).await {
+            Ok(n) => Some(NodeTarget {
+                name: n.name,
+                api_url: n.api_url,
+            }),
+            Err(DbError::NotFound { .. }) => {
+                return Err(JobError::NodeNotFound {
+                    vm: vm.vm_name.clone(),
+                    node: name.clone(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        },
+    };
+    // One job per VM at a time: two would fight over the export names and the chain.
+    if let Some(active) = db
+        .list_backups_in(super::ACTIVE)
+        .await?
+        .into_iter()
+        .find(|b| b.vm_name == vm.vm_name)
+    {
+        return Err(JobError::Busy {
+            vm: vm.vm_name.clone(),
+            backup_id: active.backup_id,
+            status: active.status.as_str(),
+        });
+    }
+
+    let backup_id = BackupId(uuid::Uuid::new_v4().to_string());
+    let layout = RepoLayout::new(&repo.path);
+    let (effective, parents, fallback) = choose_type(jm, &vm, req.backup_type).await?;
+    let mut disks = Vec::with_capacity(vm.disks.len());
+    for d in &vm.disks {
+        let parent = parents.iter().find(|p| p.0 == d.disk_key);
+        let path = layout
+            .image_path(&vm.vm_name, d.disk_key, &backup_id)
+            .map_err(|e| JobError::Invalid {
+                detail: format!("vm_name: {e}"),
+            })?;
+        disks.push(NewBackupDisk {
+            disk_key: d.disk_key,
+            unit_number: d.unit_number,
+            qcow2_path: path.display().to_string(),
+            nbd_export_name: export_name(&vm.vm_name, d.disk_key),
+            bytes_total: d.size_bytes,
+            parent_backup_id: parent.map(|p| p.1.clone()),
+            backing_path: match parent {
+                Some(p) => Some(
+                    crate::repository::relative_backing(&path, &p.2)
+                        .map_err(|e| JobError::Invalid {
+                            detail: format!("disk {}: backing file: {e}", d.disk_key),
+                        })?
+                        .display()
+                        .to_string(),
+                ),
+                None => None,
+            },
+        });
+    }
+    db.create_backup(&NewBackup {
+        backup_id: backup_id.clone(),
+        vm_context_id: vm.vm_context_id.clone(),
+        vm_name: vm.vm_name.clone(),
+        backup_type: effective,
+        repository_id: repo.id.clone(),
+        disks,
+    })
+    .await?;
+    let total: u64 = vm.disks.iter().map(|d| d.size_bytes).sum();
+    jm.event(
+        &backup_id,
+        Level::Info,
+        "created",
+        format!(
+            "{} backup of VM {} requested ({} disk(s): {}; {} bytes virtual) into repository {} ({}); \
+             writer: {}",
+            effective.as_str(),
+            vm.vm_name,
+            vm.disks.len(),
+            vm.disks
+                .iter()
+                .map(|d| format!("{} unit {} {} bytes", d.disk_key, d.unit_number, d.size_bytes))
+                .collect::<Vec<_>>()
+                .join(", "),
+            total,
+            repo.id,
+            repo.path,
+            match &node {
+                Some(n) => format!("node {} at {}", n.name, n.api_url),
+                None => "none (VM without node: waiting for reports from whoever writes the exports)"
+                    .into(),
+            }
+        ),
+        None,
+    )
+    .await;
+    if let Some(why) = fallback {
+        jm.event(
+            &backup_id,
+            Level::Warn,
+            "incremental_fallback",
+            format!("incremental requested, running a FULL backup instead: {why}"),
+            None,
+        )
+        .await;
+    }
+    jm.publish(&backup_id).await;
+
+    // Space: the worst case of both kinds is every block of every disk written.
+    let space = crate::repository::space(Path::new(&repo.path)).map_err(|e| JobError::Prepare {
+        backup_id: backup_id.clone(),
+        step: "reading repository space",
+        cause: e.to_string(),
+    });
+    let space = match space {
+        Ok(s) => s,
+        Err(e) => {
+            fail_early(jm, &backup_id, &e.to_string()).await;
+            return Err(e);
+        }
+    };
+    if space.free_bytes < total {
+        let e = JobError::InsufficientSpace {
+            backup_id: backup_id.clone(),
+            path: repo.path.clone(),
+            needed: total,
+            free: space.free_bytes,
+        };
+        fail_early(jm, &backup_id, &e.to_string()).await;
+        return Err(e);
+    }
+    jm.event(
+        &backup_id,
+        Level::Info,
+        "space_checked",
+        format!(
+            "repository {} has {} bytes free of {}; job may need {}",
+            repo.path, space.free_bytes, space.total_bytes, total
+        ),
+        None,
+    )
+    .await;
+
+    let job = Arc::new(LiveJob {
+        id: backup_id.clone(),
+        vm_name: vm.vm_name.clone(),
+        node,
+        disks: vm.disks.iter().map(|d| d.disk_key).collect(),
+        cancel: tokio_util::sync::CancellationToken::new(),
+        res: tokio::sync::Mutex::new(Resources::default()),
+    });
+    jm.insert_live(job.clone());
+    let me = jm.clone();
+    let handle = jm
+        .deps()
+        .tasks
+        .spawn(async move { prepare(&me, job, vm, effective, parents).await });
+    match handle.await {
+        Ok(r) => r,
+        Err(e) => Err(JobError::Prepare {
+            backup_id,
+            step: "preparing",
+            cause: format!("preparation task ended abnormally: {e}"),
+        }),
+    }
+}
+
+/// `<vm>-disk-<key>`, the original system's export names.
+pub fn export_name(vm: &str, disk: DiskKey) -> String {
+    format!("{vm}-disk-{disk}")
+}
+
+/// Full stays full. Incremental needs the last completed backup of the VM with an image, still
+/// on disk, for every current disk; otherwise the job falls back to full and says why.
+async fn choose_type(
+    jm: &JobManager,
+    vm: &Vm,
+    requested: BackupType,
+) -> Result<
+    (
+        BackupType,
+        Vec<(DiskKey, BackupId, PathBuf)>,
+        Option<String>,
+    ),
+    JobError,
+> {
+    if requested == BackupType::Full {
+        return Ok((BackupType::Full, Vec::new(), None));
+    }
+    let Some(last) = jm
+        .deps()
+        .db
+        .last_completed_backup(&vm.vm_context_id)
+        .await?
+    else {
+        return Ok((
+            BackupType::Full,
+            Vec::new(),
+            Some(format!(
+                "VM {} has no completed backup to build on",
+                vm.vm_name
+            )),
+        ));
+    };
+    let mut parents = Vec::new();
+    for d in &vm.disks {
+        let Some(prev) = last.disk_results.iter().find(|r| r.disk_key == d.disk_key) else {
+            return Ok((
+                BackupType::Full,
+                Vec::new(),
+                Some(format!(
+                    "disk {} is not in the last completed backup {}",
+                    d.disk_key, last.backup_id
+                )),
+            ));
+        };
+        let path = PathBuf::from(&prev.qcow2_path);
+        if !path.is_file() {
+            return Ok((
+                BackupType::Full,
+                Vec::new(),
+                Some(format!(
+                    "image {} of disk {} of backup {} is missing",
+                    path.display(),
+                    d.disk_key,
+                    last.backup_id
+                )),
+            ));
+        }
+        parents.push((d.disk_key, last.backup_id.clone(), path));
+    }
+    Ok((BackupType::Incremental, parents, None))
+}
+
+/// A job refused before it held anything: straight to `failed`.
+async fn fail_early(jm: &JobManager, id: &BackupId, cause: &str) {
+    jm.event(id, Level::Error, "refused", cause.to_string(), None)
+        .await;
+    if let Err(e) = jm
+        .deps()
+        .db
+        .transition_backup(id, &[JobStatus::Pending], JobStatus::Failed, Some(cause))
+        .await
+    {
+        tracing::error!(backup_id = %id, error = %e, "cannot mark refused job failed");
+    }
+    jm.publish(id).await;
+}
+
+/// The preparation proper, holding the job's resources lock throughout.
+async fn prepare(
+    jm: &JobManager,
+    job: Arc<LiveJob>,
+    vm: Vm,
+    kind: BackupType,
+    parents: Vec<(DiskKey, BackupId, PathBuf)>,
+) -> Result<Backup, JobError> {
+    let id = job.id.clone();
+    let db = &jm.deps().db;
+    let mut res = job.res.lock().await;
+    let step_err = |step: &'static str, cause: String| JobError::Prepare {
+        backup_id: id.clone(),
+        step,
+        cause,
+    };
+
+    if !db
+        .transition_backup(&id, &[JobStatus::Pending], JobStatus::Preparing, None)
+        .await?
+    {
+        return cancelled(jm, &job, &mut res).await;
+    }
+    jm.publish(&id).await;
+    let backup = jm.get(&id).await?;
+
+    // 1. Ports, all or none.
+    let keys: Vec<DiskKey> = vm.disks.iter().map(|d| d.disk_key).collect();
+    let t = Instant::now();
+    let ports = match jm.deps().ports.allocate(&id, &keys).await {
+        Ok(p) => p,
+        Err(e) => {
+            let (err, msg) = match &e {
+                PortError::Exhausted { .. } => {
+                    let msg = format!(
+                        "cannot get an NBD port for each of {} disk(s): {e}",
+                        keys.len()
+                    );
+                    (
+                        JobError::PortsExhausted {
+                            backup_id: id.clone(),
+                            detail: msg.clone(),
+                        },
+                        msg,
+                    )
+                }
+                other => {
+                    let msg = format!("port allocation failed: {other}");
+                    (step_err("allocating NBD ports", msg.clone()), msg)
+                }
+            };
+            jm.event(&id, Level::Error, "ports_refused", msg.clone(), None)
+                .await;
+            finish(jm, &job, &mut res, Outcome::Failed(msg)).await;
+            return Err(err);
+        }
+    };
+    res.ports_held = true;
+    for (disk, port) in &ports {
+        db.update_disk(
+            &id,
+            *disk,
+            &DiskUpdate {
+                nbd_port: Some(*port),
+                status: Some(DiskStatus::Preparing),
+                ..Default::default()
+            },
+        )
+        .await?;
+        jm.event(
+            &id,
+            Level::Info,
+            "port_allocated",
+            format!("disk {disk}: NBD port {port} (bind-tested free)"),
+            Some(*disk),
+        )
+        .await;
+    }
+    tracing::debug!(backup_id = %id, ms = t.elapsed().as_millis() as u64, "ports allocated");
+    jm.publish_ports().await;
+    if job.cancel.is_cancelled() {
+        return cancelled(jm, &job, &mut res).await;
+    }
+
+    // 2. Target images.
+    for d in &backup.disk_results {
+        let path = PathBuf::from(&d.qcow2_path);
+        let size = vm
+            .disks
+            .iter()
+            .find(|v| v.disk_key == d.disk_key)
+            .map(|v| v.size_bytes)
+            .unwrap_or(d.bytes_total);
+        let t = Instant::now();
+        let parent = parents
+            .iter()
+            .find(|p| p.0 == d.disk_key)
+            .map(|p| p.2.clone());
+        if let Some(dir) = path.parent()
+            && let Err(e) = tokio::fs::create_dir_all(dir).await
+        {
+            let msg = format!("disk {}: cannot create {}: {e}", d.disk_key, dir.display());
+            return fail(jm, &job, &mut res, "creating the disk directory", msg).await;
+        }
+        let created = match &parent {
+            None => crate::repository::create_full(&path, size).await,
+            Some(backing) => crate::repository::create_incremental(&path, backing, size).await,
+        };
+        if let Err(e) = created {
+            let msg = format!("disk {}: cannot create {}: {e}", d.disk_key, path.display());
+            return fail(jm, &job, &mut res, "creating target images", msg).await;
+        }
+        res.images.push((d.disk_key, path.clone()));
+        jm.event(
+            &id,
+            Level::Info,
+            "image_created",
+            match &parent {
+                None => format!(
+                    "disk {}: created {} (qcow2, {size} bytes virtual) in {} ms",
+                    d.disk_key,
+                    path.display(),
+                    t.elapsed().as_millis()
+                ),
+                Some(b) => format!(
+                    "disk {}: created {} (qcow2, {size} bytes virtual, backing file {}) in {} ms",
+                    d.disk_key,
+                    path.display(),
+                    b.display(),
+                    t.elapsed().as_millis()
+                ),
+            },
+            Some(d.disk_key),
+        )
+        .await;
+        if job.cancel.is_cancelled() {
+            return cancelled(jm, &job, &mut res).await;
+        }
+    }
+
+    // 3. One qemu-nbd per disk.
+    for d in &backup.disk_results {
+        let port = ports
+            .iter()
+            .find(|p| p.0 == d.disk_key)
+            .map(|p| p.1)
+            .expect("a port per disk");
+        let spec = ExportSpec {
+            qcow2_path: PathBuf::from(&d.qcow2_path),
+            export_name: d.nbd_export_name.clone(),
+            port: port.0,
+            read_only: false,
+        };
+        let t = Instant::now();
+        let server = match QemuNbd::start(&jm.deps().qemu_nbd, spec).await {
+            Ok(s) => s,
+            Err(e) => {
+                let msg = format!(
+                    "disk {}: qemu-nbd for {} on port {port} did not become ready: {e}",
+                    d.disk_key, d.qcow2_path
+                );
+                db.update_disk(
+                    &id,
+                    d.disk_key,
+                    &DiskUpdate {
+                        status: Some(DiskStatus::Failed),
+                        error_message: Some(Some(msg.clone())),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+                return fail(jm, &job, &mut res, "starting qemu-nbd", msg).await;
+            }
+        };
+        let cmdline = sendense_shared::child::shell_words(server.command_line());
+        let info = ProcessInfo {
+            pid: server.pid(),
+            port,
+            export_name: d.nbd_export_name.clone(),
+            qcow2_path: d.qcow2_path.clone(),
+            backup_id: id.clone(),
+            disk_key: d.disk_key,
+            alive: true,
+            started_at: server.started_at(),
+        };
+        let pid = server.pid();
+        res.exports.push(super::Export {
+            disk_key: d.disk_key,
+            port,
+            export_name: d.nbd_export_name.clone(),
+            path: PathBuf::from(&d.qcow2_path),
+            server: server.clone(),
+        });
+        db.record_process(&info, &cmdline).await?;
+        db.update_disk(
+            &id,
+            d.disk_key,
+            &DiskUpdate {
+                qemu_nbd_pid: Some(pid),
+                status: Some(DiskStatus::Ready),
+                ..Default::default()
+            },
+        )
+        .await?;
+        jm.event(
+            &id,
+            Level::Info,
+            "qemu_nbd_started",
+            format!(
+                "disk {}: qemu-nbd pid {pid} serving export {} on port {port}, ready (NBD handshake) \
+                 after {} ms: {cmdline}",
+                d.disk_key,
+                d.nbd_export_name,
+                t.elapsed().as_millis()
+            ),
+            Some(d.disk_key),
+        )
+        .await;
+        super::finish::watch_export(jm, &job, d.disk_key, port, server);
+        if job.cancel.is_cancelled() {
+            return cancelled(jm, &job, &mut res).await;
+        }
+    }
+    jm.publish_processes().await;
+
+    // 4. Targets string, then running.
+    let host = jm.deps().qemu_nbd.bind.to_string();
+    let targets: Vec<NbdTarget> = backup
+        .disk_results
+        .iter()
+        .map(|d| NbdTarget {
+            disk_key: d.disk_key,
+            uri: NbdUri {
+                host: host.clone(),
+                port: ports
+                    .iter()
+                    .find(|p| p.0 == d.disk_key)
+                    .map(|p| p.1.0)
+                    .expect("a port per disk"),
+                export: d.nbd_export_name.clone(),
+            },
+        })
+        .collect();
+    let targets = format_targets(&targets);
+    db.set_targets_string(&id, &targets).await?;
+    if !db
+        .transition_backup(&id, &[JobStatus::Preparing], JobStatus::Running, None)
+        .await?
+    {
+        return cancelled(jm, &job, &mut res).await;
+    }
+    jm.event(
+        &id,
+        Level::Info,
+        "running",
+        format!("exports ready; NBD targets: {targets}"),
+        None,
+    )
+    .await;
+    jm.publish(&id).await;
+    drop(res);
+
+    if let Some(n) = job.node.clone() {
+        let me = jm.clone();
+        let job2 = job.clone();
+        // Every disk of an incremental backs onto the same previous backup.
+        let previous = parents.first().map(|p| p.1.clone());
+        jm.deps().tasks.spawn(async move {
+            super::node::start_on_node(&me, &job2, &n, kind, previous, &targets).await;
+        });
+    }
+    jm.get(&id).await
+}
+
+/// Unwinds after a failed step and answers the matching error.
+async fn fail(
+    jm: &JobManager,
+    job: &LiveJob,
+    res: &mut Resources,
+    step: &'static str,
+    msg: String,
+) -> Result<Backup, JobError> {
+    jm.event(&job.id, Level::Error, "prepare_failed", msg.clone(), None)
+        .await;
+    let status = finish(jm, job, res, Outcome::Failed(msg.clone())).await;
+    if status == Some(JobStatus::Cancelled) {
+        return Err(JobError::Cancelled { id: job.id.clone() });
+    }
+    Err(JobError::Prepare {
+        backup_id: job.id.clone(),
+        step,
+        cause: msg,
+    })
+}
+
+async fn cancelled(
+    jm: &JobManager,
+    job: &LiveJob,
+    res: &mut Resources,
+) -> Result<Backup, JobError> {
+    jm.event(
+        &job.id,
+        Level::Warn,
+        "prepare_interrupted",
+        "preparation interrupted (cancel or hub stopping); unwinding what was prepared",
+        None,
+    )
+    .await;
+    finish(jm, job, res, Outcome::Cancelled).await;
+    Err(JobError::Cancelled { id: job.id.clone() })
+}

@@ -1,0 +1,266 @@
+//! Start-up reconciliation: after a crash (or SIGKILL) the database still says that some
+//! qemu-nbd processes run, some ports are held and some jobs are active. Nothing of that
+//! belongs to this new process, so:
+//!
+//! 1. every qemu-nbd recorded alive is checked against `/proc/PID/cmdline` (a qemu-nbd serving
+//!    that port and export) and only then stopped by PID/process group; a reused PID is left
+//!    alone and said so. Never by name.
+//! 2. every job in a non-terminal state is marked `failed` ("hub restarted during the job"),
+//!    its disks failed, and the images it created (`<backup_id>.qcow2`, never a backing file)
+//!    deleted.
+//! 3. every port allocation is released (no job is live in a process that just started).
+//!
+//! Each action is logged and, when it concerns a job, appended to that job's events.
+
+use crate::config::HubConfig;
+use crate::db::{Db, DiskUpdate};
+use crate::events::EventBus;
+use crate::ports::PortAllocator;
+use crate::qemu_nbd::{OrphanOutcome, stop_orphan};
+use sendense_shared::api::{DiskStatus, HubEvent, JobStatus};
+use sendense_shared::ids::BackupId;
+use std::fmt;
+use std::path::Path;
+
+/// The reason written into jobs the reconciler ends.
+pub const RESTART_REASON: &str = "hub restarted during the job";
+
+/// What the reconciler did, for the start-up log line.
+#[derive(Debug, Default, Clone)]
+pub struct Report {
+    pub processes_stopped: usize,
+    pub processes_gone: usize,
+    pub processes_not_ours: usize,
+    pub jobs_failed: usize,
+    pub images_deleted: usize,
+    pub ports_released: u64,
+    pub errors: Vec<String>,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} orphan qemu-nbd stopped, {} already gone, {} PIDs reused by others left alone, \
+             {} jobs failed, {} partial images deleted, {} ports released, {} errors",
+            self.processes_stopped,
+            self.processes_gone,
+            self.processes_not_ours,
+            self.jobs_failed,
+            self.images_deleted,
+            self.ports_released,
+            self.errors.len()
+        )
+    }
+}
+
+async fn event(db: &Db, bus: &EventBus, id: &BackupId, level: &str, step: &str, msg: String) {
+    match level {
+        "error" => tracing::error!(backup_id = %id, step, "{msg}"),
+        "warn" => tracing::warn!(backup_id = %id, step, "{msg}"),
+        _ => tracing::info!(backup_id = %id, step, "{msg}"),
+    }
+    match db.append_event(id, level, step, &msg, None).await {
+        Ok(ev) => bus.publish(HubEvent::JobEvent { event: ev }),
+        Err(e) => tracing::error!(backup_id = %id, error = %e, "cannot record reconciler event"),
+    }
+}
+
+/// Runs the three passes; never fails start-up (a step that errs is logged and counted).
+pub async fn reconcile(db: &Db, ports: &PortAllocator, bus: &EventBus, cfg: &HubConfig) -> Report {
+    let mut rep = Report::default();
+    let grace = cfg.qemu_nbd.stop_grace;
+
+    // 1. Orphan qemu-nbd processes.
+    match db.live_processes().await {
+        Ok(procs) => {
+            for p in procs {
+                let outcome = stop_orphan(p.pid, p.port.0, &p.export_name, grace).await;
+                let (level, exit, msg) = match &outcome {
+                    Ok(OrphanOutcome::Stopped) => {
+                        rep.processes_stopped += 1;
+                        (
+                            "warn",
+                            "stopped by the reconciler".to_string(),
+                            format!(
+                                "reconciler: orphan qemu-nbd pid {} (port {}, export {}, disk {}) \
+                                 left by the previous hub process was verified in /proc and stopped",
+                                p.pid, p.port, p.export_name, p.disk_key
+                            ),
+                        )
+                    }
+                    Ok(OrphanOutcome::AlreadyGone) => {
+                        rep.processes_gone += 1;
+                        (
+                            "info",
+                            "gone before the reconciler ran".to_string(),
+                            format!(
+                                "reconciler: qemu-nbd pid {} (port {}, disk {}) was already gone",
+                                p.pid, p.port, p.disk_key
+                            ),
+                        )
+                    }
+                    Ok(OrphanOutcome::NotOurs { cmdline }) => {
+                        rep.processes_not_ours += 1;
+                        (
+                            "warn",
+                            "pid reused by another process".to_string(),
+                            format!(
+                                "reconciler: pid {} recorded for qemu-nbd (port {}, disk {}) is now \
+                                 {cmdline:?}; not ours, left alone",
+                                p.pid, p.port, p.disk_key
+                            ),
+                        )
+                    }
+                    Err(e) => {
+                        rep.errors.push(e.to_string());
+                        (
+                            "error",
+                            format!("reconciler could not stop it: {e}"),
+                            format!(
+                                "reconciler: stopping orphan qemu-nbd pid {} (port {}) failed: {e}",
+                                p.pid, p.port
+                            ),
+                        )
+                    }
+                };
+                if let Err(e) = db.mark_process_stopped(p.pid, p.port, &exit).await {
+                    rep.errors.push(e.to_string());
+                }
+                event(db, bus, &p.backup_id, level, "reconciler_process", msg).await;
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reconciler: cannot list recorded qemu-nbd processes");
+            rep.errors.push(e.to_string());
+        }
+    }
+
+    // 2. Jobs that were active.
+    match db.list_backups_in(crate::jobs::ACTIVE).await {
+        Ok(jobs) => {
+            for b in jobs {
+                let was = b.status.as_str();
+                for d in &b.disk_results {
+                    let path = Path::new(&d.qcow2_path);
+                    if path.exists() {
+                        match crate::repository::remove_image(path).await {
+                            Ok(()) => {
+                                rep.images_deleted += 1;
+                                event(
+                                    db,
+                                    bus,
+                                    &b.backup_id,
+                                    "info",
+                                    "reconciler_image",
+                                    format!(
+                                        "reconciler: deleted partial image {} of disk {}",
+                                        d.qcow2_path, d.disk_key
+                                    ),
+                                )
+                                .await;
+                            }
+                            Err(e) => {
+                                rep.errors.push(e.to_string());
+                                event(
+                                    db,
+                                    bus,
+                                    &b.backup_id,
+                                    "error",
+                                    "reconciler_image",
+                                    format!("reconciler: cannot delete {}: {e}", d.qcow2_path),
+                                )
+                                .await;
+                            }
+                        }
+                    }
+                    if d.status != DiskStatus::Failed
+                        && let Err(e) = db
+                            .update_disk(
+                                &b.backup_id,
+                                d.disk_key,
+                                &DiskUpdate {
+                                    status: Some(DiskStatus::Failed),
+                                    error_message: Some(Some(RESTART_REASON.to_string())),
+                                    ..Default::default()
+                                },
+                            )
+                            .await
+                    {
+                        rep.errors.push(e.to_string());
+                    }
+                }
+                let reason = format!("{RESTART_REASON} (it was {was})");
+                match db
+                    .transition_backup(
+                        &b.backup_id,
+                        crate::jobs::ACTIVE,
+                        JobStatus::Failed,
+                        Some(&reason),
+                    )
+                    .await
+                {
+                    Ok(_) => {
+                        rep.jobs_failed += 1;
+                        event(
+                            db,
+                            bus,
+                            &b.backup_id,
+                            "error",
+                            "reconciler_job",
+                            format!("reconciler: job marked failed: {reason}"),
+                        )
+                        .await;
+                    }
+                    Err(e) => rep.errors.push(e.to_string()),
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reconciler: cannot list active jobs");
+            rep.errors.push(e.to_string());
+        }
+    }
+
+    // 3. Port allocations: none can belong to a live job of this new process.
+    match ports.view().await {
+        Ok(view) => {
+            let mut seen: Vec<BackupId> = Vec::new();
+            for a in &view.allocations {
+                if seen.contains(&a.backup_id) {
+                    continue;
+                }
+                seen.push(a.backup_id.clone());
+                match ports.release(&a.backup_id).await {
+                    Ok(n) => {
+                        rep.ports_released += n;
+                        let held: Vec<String> = view
+                            .allocations
+                            .iter()
+                            .filter(|x| x.backup_id == a.backup_id)
+                            .map(|x| x.port.to_string())
+                            .collect();
+                        event(
+                            db,
+                            bus,
+                            &a.backup_id,
+                            "warn",
+                            "reconciler_ports",
+                            format!(
+                                "reconciler: released {n} NBD port(s) ({}) held without a live job",
+                                held.join(", ")
+                            ),
+                        )
+                        .await;
+                    }
+                    Err(e) => rep.errors.push(e.to_string()),
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reconciler: cannot read port allocations");
+            rep.errors.push(e.to_string());
+        }
+    }
+    rep
+}

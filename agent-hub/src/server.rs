@@ -1,0 +1,197 @@
+//! Start-up and the serve loop: [`Hub::open`] builds the state from a [`HubConfig`] (token,
+//! database, migrations, default repository, reconciler), [`serve`] runs the API on a listener
+//! the caller bound (tests bind port 0) until `shutdown` fires, then drains: open requests end,
+//! live jobs are failed and every qemu-nbd is stopped.
+
+use crate::auth::Token;
+use crate::config::{DEFAULT_REPOSITORY_ID, HubConfig};
+use crate::db::Db;
+use crate::events::EventBus;
+use crate::jobs::JobManager;
+use crate::ports::PortAllocator;
+use chrono::{DateTime, Utc};
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Why the hub could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create data directory {path}")]
+    DataDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Token(#[from] crate::auth::AuthError),
+    #[error("database {url}")]
+    Database {
+        url: String,
+        #[source]
+        source: crate::db::DbError,
+    },
+    #[error("default repository {path}")]
+    Repository {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("registering the default repository")]
+    RegisterRepository(#[source] crate::db::DbError),
+    #[error("serving the API")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Everything a handler needs; shared behind an `Arc`.
+pub struct Hub {
+    pub config: HubConfig,
+    pub db: Db,
+    pub ports: Arc<PortAllocator>,
+    pub jobs: JobManager,
+    pub bus: EventBus,
+    pub token: Token,
+    pub started_at: DateTime<Utc>,
+    /// Fired once on SIGTERM/SIGINT (or by a test): long-lived responses (SSE) end on it.
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+    pub http: reqwest::Client,
+}
+
+pub type AppState = Arc<Hub>;
+
+impl Hub {
+    /// Opens everything the config names, runs migrations, registers the default repository,
+    /// and runs the start-up reconciler. Does not bind the API port.
+    pub async fn open(config: HubConfig) -> Result<AppState, StartError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let token = crate::auth::load_or_create(&config.token_file)?;
+        let db_err = |source| StartError::Database {
+            url: redact(&config.database_url),
+            source,
+        };
+        let db = Db::connect(&config.database_url).await.map_err(db_err)?;
+        db.migrate().await.map_err(db_err)?;
+        tracing::info!(url = %redact(&config.database_url), kind = ?db.kind(), "database ready");
+
+        std::fs::create_dir_all(&config.default_repository).map_err(|source| {
+            StartError::Repository {
+                path: config.default_repository.clone(),
+                source,
+            }
+        })?;
+        let repo_path = config.default_repository.display().to_string();
+        match db.get_repository(DEFAULT_REPOSITORY_ID).await {
+            Ok(_) => {}
+            Err(crate::db::DbError::NotFound { .. }) => {
+                db.insert_repository(DEFAULT_REPOSITORY_ID, &repo_path)
+                    .await
+                    .map_err(StartError::RegisterRepository)?;
+                tracing::info!(path = %repo_path, "registered repository 'default'");
+            }
+            Err(e) => return Err(StartError::RegisterRepository(e)),
+        }
+
+        let http = reqwest::Client::builder()
+            .timeout(config.node_timeout)
+            .build()
+            .expect("reqwest client without TLS or proxies builds");
+        let bus = EventBus::new();
+        let ports = Arc::new(PortAllocator::new(
+            db.clone(),
+            config.nbd_ports,
+            config.nbd_bind,
+        ));
+        let tasks = TaskTracker::new();
+        let jobs = JobManager::new(crate::jobs::JobDeps {
+            db: db.clone(),
+            ports: ports.clone(),
+            qemu_nbd: config.qemu_nbd.clone(),
+            bus: bus.clone(),
+            http: http.clone(),
+            token: token.clone(),
+            tasks: tasks.clone(),
+        });
+
+        let report = crate::reconciler::reconcile(&db, &ports, &bus, &config).await;
+        tracing::info!(summary = %report, "start-up reconciliation done");
+
+        Ok(Arc::new(Hub {
+            config,
+            db,
+            ports,
+            jobs,
+            bus,
+            token,
+            started_at: Utc::now(),
+            shutdown: CancellationToken::new(),
+            tasks,
+            http,
+        }))
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` fires; then stops accepting, lets open
+/// requests finish, fails every live job (stopping its qemu-nbd, releasing its ports) and waits
+/// for the job tasks.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    let addr = listener.local_addr().map_err(StartError::Serve)?;
+    tracing::info!(%addr, pid = std::process::id(), "sendense-hub API listening");
+    let app = crate::api::router(state.clone());
+    let stop = shutdown.clone();
+    let hub_stop = state.shutdown.clone();
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            stop.cancelled().await;
+            // SSE streams hold their connection open forever; end them so draining finishes.
+            hub_stop.cancel();
+        })
+        .await
+        .map_err(StartError::Serve);
+    tracing::info!("API stopped; stopping live jobs and their qemu-nbd processes");
+    state
+        .jobs
+        .shutdown("hub stopped (SIGTERM) during the job")
+        .await;
+    state.tasks.close();
+    state.tasks.wait().await;
+    tracing::info!("sendense-hub stopped");
+    result
+}
+
+/// The database URL without its password, for logs and errors.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{}:***{}", &url[..s + 3], user, &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            super::redact("mysql://u:secret@127.0.0.1:3306/db"),
+            "mysql://u:***@127.0.0.1:3306/db"
+        );
+        assert_eq!(
+            super::redact("sqlite:///x/hub.db?mode=rwc"),
+            "sqlite:///x/hub.db?mode=rwc"
+        );
+    }
+}

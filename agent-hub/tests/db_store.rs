@@ -1,0 +1,732 @@
+//! The hub's database, checked on SQLite and on a real MariaDB (see `db_support`).
+
+mod db_support;
+
+use agent_hub::db::{Db, DbError, DiskUpdate, NewBackup, NewBackupDisk};
+use db_support::{TestDb, on_each_dialect};
+use sendense_shared::api::{
+    BackupType, DiskStatus, JobStatus, NodeRegistration, ProcessInfo, TunnelState, TunnelStateKind,
+    VmDisk, VmRequest,
+};
+use sendense_shared::ids::{BackupId, DiskKey, NbdPort};
+use std::collections::BTreeSet;
+
+fn disk(key: i64, unit: i32, size: u64) -> VmDisk {
+    VmDisk {
+        disk_key: DiskKey(key),
+        unit_number: unit,
+        size_bytes: size,
+        label: format!("Hard disk {}", unit + 1),
+    }
+}
+
+fn vm(name: &str, disks: Vec<VmDisk>) -> VmRequest {
+    VmRequest {
+        vm_name: name.to_string(),
+        node: None,
+        disks,
+    }
+}
+
+/// A registered VM and repository, and a job over all the VM's disks.
+async fn job(db: &Db, vm_name: &str, id: &str, kind: BackupType) -> sendense_shared::api::Backup {
+    let v = match db.get_vm(vm_name).await {
+        Ok(v) => v,
+        Err(_) => db
+            .upsert_vm(&vm(
+                vm_name,
+                vec![disk(2000, 0, 1 << 30), disk(2001, 1, 2 << 30)],
+            ))
+            .await
+            .unwrap(),
+    };
+    if db.get_repository("main").await.is_err() {
+        db.insert_repository("main", "/srv/repo").await.unwrap();
+    }
+    db.create_backup(&NewBackup {
+        backup_id: BackupId::from(id),
+        vm_context_id: v.vm_context_id.clone(),
+        vm_name: v.vm_name.clone(),
+        backup_type: kind,
+        repository_id: "main".into(),
+        disks: v
+            .disks
+            .iter()
+            .map(|d| NewBackupDisk {
+                disk_key: d.disk_key,
+                unit_number: d.unit_number,
+                qcow2_path: format!("/srv/repo/{vm_name}/{}/{id}.qcow2", d.disk_key),
+                nbd_export_name: format!("{vm_name}-disk-{}", d.disk_key),
+                bytes_total: d.size_bytes,
+                parent_backup_id: None,
+                backing_path: None,
+            })
+            .collect(),
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn migrations_apply_twice_and_ping_answers() {
+    on_each_dialect("migrations_twice", |t: TestDb| async move {
+        t.db.migrate().await.expect("second migrate is a no-op");
+        assert!(t.db.ping().await, "{}", t.dialect);
+        let again = t.another_pool().await;
+        again.migrate().await.unwrap();
+        assert!(again.list_backups().await.unwrap().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn repositories_round_trip_and_name_conflicts() {
+    on_each_dialect("repositories", |t: TestDb| async move {
+        let db = &t.db;
+        db.insert_repository("main", "/srv/repo").await.unwrap();
+        db.insert_repository("archive", "/mnt/archive")
+            .await
+            .unwrap();
+        let r = db.get_repository("main").await.unwrap();
+        assert_eq!((r.id.as_str(), r.path.as_str()), ("main", "/srv/repo"));
+        let ids: Vec<String> = db
+            .list_repositories()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids, ["archive", "main"]);
+
+        let e = db
+            .insert_repository("main", "/elsewhere")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, DbError::Conflict { .. }), "{e:?}");
+        assert_eq!(e.to_string(), "repository 'main' already exists");
+        assert_eq!(db.get_repository("main").await.unwrap().path, "/srv/repo");
+
+        let e = db.get_repository("nope").await.unwrap_err();
+        assert!(matches!(e, DbError::NotFound { .. }), "{e:?}");
+        assert_eq!(e.to_string(), "repository 'nope' not found");
+
+        let e = db.insert_repository("../x", "/tmp").await.unwrap_err();
+        assert!(e.to_string().contains("repository id"), "{e}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn every_disk_keeps_its_own_unit_number_through_updates() {
+    on_each_dialect("vm_disk_units", |t: TestDb| async move {
+        let db = &t.db;
+        let first = db
+            .upsert_vm(&vm(
+                "pgtest1",
+                vec![
+                    disk(2000, 0, 10 << 30),
+                    disk(2001, 1, 20 << 30),
+                    disk(2002, 2, 30 << 30),
+                ],
+            ))
+            .await
+            .unwrap();
+        let units: Vec<(i64, i32, u64)> = first
+            .disks
+            .iter()
+            .map(|d| (d.disk_key.0, d.unit_number, d.size_bytes))
+            .collect();
+        assert_eq!(
+            units,
+            [
+                (2000, 0, 10 << 30),
+                (2001, 1, 20 << 30),
+                (2002, 2, 30 << 30)
+            ],
+            "{}",
+            t.dialect
+        );
+        assert!(first.vm_context_id.starts_with("ctx-"));
+
+        // Re-registration from a new inventory: 2001 moved to unit 5, 2002 grew, 2000 vanished,
+        // 2003 appeared on unit 3.
+        let mut req = vm(
+            "pgtest1",
+            vec![
+                disk(2001, 5, 20 << 30),
+                disk(2002, 2, 40 << 30),
+                disk(2003, 3, 1 << 30),
+            ],
+        );
+        req.node = Some("node1".into());
+        let second = db.upsert_vm(&req).await.unwrap();
+        assert_eq!(
+            second.vm_context_id, first.vm_context_id,
+            "same VM, same context"
+        );
+        assert_eq!(second.node.as_deref(), Some("node1"));
+        let stored = db.get_vm("pgtest1").await.unwrap();
+        assert_eq!(stored, second);
+        let units: Vec<(i64, i32, u64, String)> = stored
+            .disks
+            .iter()
+            .map(|d| (d.disk_key.0, d.unit_number, d.size_bytes, d.label.clone()))
+            .collect();
+        assert_eq!(
+            units,
+            [
+                (2001, 5, 20 << 30, "Hard disk 6".to_string()),
+                (2002, 2, 40 << 30, "Hard disk 3".to_string()),
+                (2003, 3, 1 << 30, "Hard disk 4".to_string()),
+            ]
+        );
+        let distinct: BTreeSet<i32> = stored.disks.iter().map(|d| d.unit_number).collect();
+        assert_eq!(distinct.len(), 3, "units must not collapse to one value");
+
+        db.upsert_vm(&vm("web01", vec![disk(2000, 0, 1 << 20)]))
+            .await
+            .unwrap();
+        let names: Vec<String> = db
+            .list_vms()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.vm_name)
+            .collect();
+        assert_eq!(names, ["pgtest1", "web01"]);
+        let listed = db.list_vms().await.unwrap().remove(0);
+        assert_eq!(listed, stored);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn escaping_and_bad_vm_registrations_are_refused() {
+    on_each_dialect("vm_bad_input", |t: TestDb| async move {
+        let db = &t.db;
+        for bad in ["..", "../etc", "a/b", "a\0b", ""] {
+            let e = db
+                .upsert_vm(&vm(bad, vec![disk(2000, 0, 1)]))
+                .await
+                .unwrap_err();
+            assert!(e.to_string().contains("vm_name"), "{bad:?}: {e}");
+        }
+        let e = db
+            .upsert_vm(&vm("ok", vec![disk(2000, 0, 1), disk(2000, 1, 1)]))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("disk key 2000 appears twice"), "{e}");
+        let e = db.upsert_vm(&vm("ok", vec![])).await.unwrap_err();
+        assert!(e.to_string().contains("disks"), "{e}");
+        let e = db
+            .upsert_vm(&vm("ok", vec![disk(2000, 0, u64::MAX)]))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("size_bytes"), "{e}");
+        assert!(db.list_vms().await.unwrap().is_empty(), "nothing stored");
+        let e = db.get_vm("ghost").await.unwrap_err();
+        assert_eq!(e.to_string(), "VM 'ghost' not found");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn backup_jobs_carry_disks_targets_and_times() {
+    on_each_dialect("backup_jobs", |t: TestDb| async move {
+        let db = &t.db;
+        let b = job(db, "pgtest1", "b-1", BackupType::Full).await;
+        assert_eq!(b.status, JobStatus::Pending);
+        assert_eq!(b.total_bytes, 3 << 30);
+        assert_eq!(b.bytes_transferred, 0);
+        assert_eq!(b.nbd_targets_string, "");
+        assert!(b.started_at.is_none() && b.completed_at.is_none());
+        let units: Vec<(i64, i32)> = b.disk_results.iter().map(|d| (d.disk_key.0, d.unit_number)).collect();
+        assert_eq!(units, [(2000, 0), (2001, 1)]);
+        assert_eq!(b.disk_results[1].nbd_export_name, "pgtest1-disk-2001");
+
+        let id = BackupId::from("b-1");
+        let targets = "2000:nbd://127.0.0.1:10100/pgtest1-disk-2000,2001:nbd://127.0.0.1:10101/pgtest1-disk-2001";
+        db.set_targets_string(&id, targets).await.unwrap();
+        db.update_disk(
+            &id,
+            DiskKey(2001),
+            &DiskUpdate {
+                status: Some(DiskStatus::Running),
+                bytes_done: Some(512 << 20),
+                nbd_port: Some(NbdPort(10101)),
+                qemu_nbd_pid: Some(4242),
+                error_message: Some(Some("slow".into())),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        // Leaving fields alone, clearing the error, recording verification.
+        db.update_disk(
+            &id,
+            DiskKey(2001),
+            &DiskUpdate {
+                bytes_done: Some(1 << 30),
+                error_message: Some(None),
+                checksum_status: Some("passed".into()),
+                checksum_ranges: Some(256),
+                checksum_mismatches: Some(0),
+                qemu_img_check: Some("clean".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert!(db.transition_backup(&id, &[JobStatus::Pending], JobStatus::Running, None).await.unwrap());
+        let b = db.get_backup(&id).await.unwrap();
+        assert_eq!(b.nbd_targets_string, targets);
+        assert_eq!(b.status, JobStatus::Running);
+        assert!(b.started_at.is_some() && b.completed_at.is_none());
+        let d = &b.disk_results[1];
+        assert_eq!(d.status, DiskStatus::Running);
+        assert_eq!(d.bytes_done, 1 << 30);
+        assert_eq!(d.nbd_port, Some(NbdPort(10101)));
+        assert_eq!(d.qemu_nbd_pid, Some(4242));
+        assert_eq!(d.error_message, None);
+        assert_eq!(b.bytes_transferred, 1 << 30);
+        let rows = db.backup_disks(&id).await.unwrap();
+        assert_eq!(rows[1].checksum_status.as_deref(), Some("passed"));
+        assert_eq!(rows[1].checksum_ranges, Some(256));
+        assert_eq!(rows[0].checksum_status, None);
+
+        let e = db.update_disk(&id, DiskKey(9999), &DiskUpdate::default()).await.unwrap_err();
+        assert_eq!(e.to_string(), "disk 9999 of backup 'b-1' not found");
+
+        // Terminal transition sets completed_at and the error; no way out of a terminal state.
+        assert!(db.transition_backup(&id, &[JobStatus::Running], JobStatus::Failed, Some("node lost")).await.unwrap());
+        assert!(!db.transition_backup(&id, &[JobStatus::Running], JobStatus::Completed, None).await.unwrap());
+        let b = db.get_backup(&id).await.unwrap();
+        assert_eq!(b.status, JobStatus::Failed);
+        assert_eq!(b.error_message.as_deref(), Some("node lost"));
+        assert!(b.completed_at.unwrap() >= b.started_at.unwrap());
+
+        let e = job_dup(db).await;
+        assert_eq!(e.to_string(), "backup 'b-1' already exists");
+        let e = db.get_backup(&BackupId::from("nope")).await.unwrap_err();
+        assert_eq!(e.to_string(), "backup 'nope' not found");
+        let e = db
+            .transition_backup(&BackupId::from("nope"), &[JobStatus::Pending], JobStatus::Running, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, DbError::NotFound { .. }), "{e:?}");
+    })
+    .await;
+}
+
+async fn job_dup(db: &Db) -> DbError {
+    let v = db.get_vm("pgtest1").await.unwrap();
+    db.create_backup(&NewBackup {
+        backup_id: BackupId::from("b-1"),
+        vm_context_id: v.vm_context_id,
+        vm_name: v.vm_name,
+        backup_type: BackupType::Full,
+        repository_id: "main".into(),
+        disks: vec![NewBackupDisk {
+            disk_key: DiskKey(2000),
+            unit_number: 0,
+            qcow2_path: "/x".into(),
+            nbd_export_name: "x".into(),
+            bytes_total: 1,
+            parent_backup_id: None,
+            backing_path: None,
+        }],
+    })
+    .await
+    .unwrap_err()
+}
+
+#[tokio::test]
+async fn unknown_repository_or_context_is_refused_for_a_job() {
+    on_each_dialect("job_unknown_refs", |t: TestDb| async move {
+        let db = &t.db;
+        db.upsert_vm(&vm("pg", vec![disk(2000, 0, 1)]))
+            .await
+            .unwrap();
+        let v = db.get_vm("pg").await.unwrap();
+        let e = db
+            .create_backup(&NewBackup {
+                backup_id: BackupId::from("b-x"),
+                vm_context_id: v.vm_context_id,
+                vm_name: "pg".into(),
+                backup_type: BackupType::Full,
+                repository_id: "missing".into(),
+                disks: vec![NewBackupDisk {
+                    disk_key: DiskKey(2000),
+                    unit_number: 0,
+                    qcow2_path: "/x".into(),
+                    nbd_export_name: "pg-disk-2000".into(),
+                    bytes_total: 1,
+                    parent_backup_id: None,
+                    backing_path: None,
+                }],
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, DbError::NotFound { .. }),
+            "{}: {e:?}",
+            t.dialect
+        );
+        assert!(e.to_string().contains("repository 'missing'"), "{e}");
+        assert!(
+            db.list_backups().await.unwrap().is_empty(),
+            "nothing half-stored"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn listings_order_and_chain_parents() {
+    on_each_dialect("listings", |t: TestDb| async move {
+        let db = &t.db;
+        for id in ["b-1", "b-2", "b-3"] {
+            job(db, "pgtest1", id, BackupType::Full).await;
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        let order: Vec<String> = db
+            .list_backups()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|b| b.backup_id.0)
+            .collect();
+        assert_eq!(order, ["b-3", "b-2", "b-1"], "newest first");
+        let v = db.get_vm("pgtest1").await.unwrap();
+        assert_eq!(
+            db.last_completed_backup(&v.vm_context_id).await.unwrap(),
+            None
+        );
+        assert_eq!(v.last_backup_id, None);
+
+        for id in ["b-1", "b-2"] {
+            let id = BackupId::from(id);
+            assert!(
+                db.transition_backup(&id, &[JobStatus::Pending], JobStatus::Running, None)
+                    .await
+                    .unwrap()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            assert!(
+                db.transition_backup(&id, &[JobStatus::Running], JobStatus::Completed, None)
+                    .await
+                    .unwrap()
+            );
+        }
+        let last = db
+            .last_completed_backup(&v.vm_context_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(last.backup_id.0, "b-2");
+        assert_eq!(last.disk_results.len(), 2);
+        let v = db.get_vm("pgtest1").await.unwrap();
+        assert_eq!(v.last_backup_id, Some(BackupId::from("b-2")));
+        assert_eq!(v.last_backup_at, last.completed_at);
+        assert_eq!(
+            db.list_vms().await.unwrap()[0].last_backup_id,
+            Some(BackupId::from("b-2"))
+        );
+
+        let active = db
+            .list_backups_in(&[
+                JobStatus::Pending,
+                JobStatus::Running,
+                JobStatus::Cancelling,
+            ])
+            .await
+            .unwrap();
+        assert_eq!(active.len(), 1);
+        assert_eq!(active[0].backup_id.0, "b-3");
+        assert_eq!(active[0].disk_results.len(), 2, "disks come along");
+        assert_eq!(
+            db.list_backups_in(&[JobStatus::Completed])
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(db.list_backups_in(&[]).await.unwrap().is_empty());
+
+        // An incremental records its parent and the relative backing path per disk.
+        let v = db.get_vm("pgtest1").await.unwrap();
+        let inc = db
+            .create_backup(&NewBackup {
+                backup_id: BackupId::from("b-4"),
+                vm_context_id: v.vm_context_id.clone(),
+                vm_name: v.vm_name.clone(),
+                backup_type: BackupType::Incremental,
+                repository_id: "main".into(),
+                disks: last
+                    .disk_results
+                    .iter()
+                    .map(|d| NewBackupDisk {
+                        disk_key: d.disk_key,
+                        unit_number: d.unit_number,
+                        qcow2_path: format!("/srv/repo/pgtest1/{}/b-4.qcow2", d.disk_key),
+                        nbd_export_name: d.nbd_export_name.clone(),
+                        bytes_total: d.bytes_total,
+                        parent_backup_id: Some(last.backup_id.clone()),
+                        backing_path: Some("b-2.qcow2".into()),
+                    })
+                    .collect(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(inc.backup_type, BackupType::Incremental);
+        let rows = db.backup_disks(&inc.backup_id).await.unwrap();
+        assert!(
+            rows.iter()
+                .all(|r| r.parent_backup_id == Some(BackupId::from("b-2")))
+        );
+        assert!(
+            rows.iter()
+                .all(|r| r.backing_path.as_deref() == Some("b-2.qcow2"))
+        );
+    })
+    .await;
+}
+
+/// A cancel and a completion racing on the same job, from two pools (two hub processes):
+/// exactly one of them moves the job, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_racing_completion_has_exactly_one_winner() {
+    on_each_dialect("transition_race", |t: TestDb| async move {
+        let other = t.another_pool().await;
+        let rounds = 15;
+        for i in 0..rounds {
+            let id = BackupId(format!("race-{i}"));
+            job(&t.db, "pgtest1", &id.0, BackupType::Full).await;
+            assert!(
+                t.db.transition_backup(&id, &[JobStatus::Pending], JobStatus::Running, None)
+                    .await
+                    .unwrap()
+            );
+            let active = [
+                JobStatus::Pending,
+                JobStatus::Preparing,
+                JobStatus::Running,
+                JobStatus::Finalizing,
+            ];
+            let (a, b) = (t.db.clone(), other.clone());
+            let (ida, idb) = (id.clone(), id.clone());
+            let cancel = tokio::spawn(async move {
+                a.transition_backup(
+                    &ida,
+                    &active,
+                    JobStatus::Cancelling,
+                    Some("cancelled by operator"),
+                )
+                .await
+            });
+            let complete = tokio::spawn(async move {
+                b.transition_backup(
+                    &idb,
+                    &[JobStatus::Running, JobStatus::Finalizing],
+                    JobStatus::Completed,
+                    None,
+                )
+                .await
+            });
+            let cancelled = cancel.await.unwrap().unwrap();
+            let completed = complete.await.unwrap().unwrap();
+            assert!(
+                cancelled ^ completed,
+                "{}: round {i}: cancel {cancelled}, complete {completed}",
+                t.dialect
+            );
+            let b = t.db.get_backup(&id).await.unwrap();
+            let expect = if cancelled {
+                JobStatus::Cancelling
+            } else {
+                JobStatus::Completed
+            };
+            assert_eq!(b.status, expect);
+            assert_eq!(b.error_message.is_some(), cancelled);
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_come_back_in_strictly_increasing_order() {
+    on_each_dialect("events", |t: TestDb| async move {
+        job(&t.db, "pgtest1", "b-1", BackupType::Full).await;
+        job(&t.db, "pgtest1", "b-2", BackupType::Full).await;
+        let other = t.another_pool().await;
+        let mut tasks = Vec::new();
+        for w in 0..4 {
+            let db = if w % 2 == 0 {
+                t.db.clone()
+            } else {
+                other.clone()
+            };
+            tasks.push(tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                for i in 0..15 {
+                    let id = BackupId::from(if i % 2 == 0 { "b-1" } else { "b-2" });
+                    let disk = (i % 3 == 0).then_some(DiskKey(2000));
+                    let e = db
+                        .append_event(
+                            &id,
+                            "info",
+                            "progress",
+                            &format!("writer {w} step {i}"),
+                            disk,
+                        )
+                        .await
+                        .unwrap();
+                    seqs.push(e.seq);
+                }
+                seqs
+            }));
+        }
+        let mut all = Vec::new();
+        for task in tasks {
+            let seqs = task.await.unwrap();
+            assert!(
+                seqs.windows(2).all(|w| w[0] < w[1]),
+                "one writer's events increase: {seqs:?}"
+            );
+            all.extend(seqs);
+        }
+        let distinct: BTreeSet<i64> = all.iter().copied().collect();
+        assert_eq!(
+            distinct.len(),
+            60,
+            "{}: every event got its own seq",
+            t.dialect
+        );
+
+        let mut listed = Vec::new();
+        // Each writer sends its even steps (8) to b-1 and its odd steps (7) to b-2.
+        for (id, count) in [("b-1", 32), ("b-2", 28)] {
+            let evs = t.db.list_events(&BackupId::from(id)).await.unwrap();
+            assert_eq!(evs.len(), count);
+            assert!(
+                evs.windows(2).all(|w| w[0].seq < w[1].seq),
+                "ordered by seq"
+            );
+            assert!(evs.iter().all(|e| e.backup_id.0 == id));
+            listed.extend(evs.into_iter().map(|e| e.seq));
+        }
+        let listed: BTreeSet<i64> = listed.into_iter().collect();
+        assert_eq!(listed, distinct);
+
+        let last =
+            t.db.append_event(&BackupId::from("b-1"), "warn", "done", "last one", None)
+                .await
+                .unwrap();
+        assert!(last.seq > *distinct.last().unwrap());
+        let since =
+            t.db.events_since(*distinct.last().unwrap(), 10)
+                .await
+                .unwrap();
+        assert_eq!(since.len(), 1);
+        assert_eq!(since[0], last);
+
+        let e =
+            t.db.append_event(&BackupId::from("ghost"), "info", "x", "y", None)
+                .await
+                .unwrap_err();
+        assert_eq!(e.to_string(), "backup 'ghost' not found");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn nodes_register_refresh_and_keep_tunnel_state() {
+    on_each_dialect("nodes", |t: TestDb| async move {
+        let db = &t.db;
+        let reg = |v: &str| NodeRegistration {
+            name: "node1".into(),
+            api_url: "http://127.0.0.1:9081".into(),
+            version: v.into(),
+        };
+        db.upsert_node(&reg("0.1.0")).await.unwrap();
+        let first = db.get_node("node1").await.unwrap();
+        assert!(first.last_seen_at.is_some() && first.tunnel.is_none());
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        db.upsert_node(&reg("0.2.0")).await.unwrap();
+        let second = db.get_node("node1").await.unwrap();
+        assert_eq!(second.version, "0.2.0");
+        assert!(second.last_seen_at > first.last_seen_at);
+        let tunnel = TunnelState {
+            state: TunnelStateKind::Up,
+            since: chrono::DateTime::from_timestamp(1_790_000_000, 0).unwrap(),
+            restarts: 2,
+            last_error: Some("connection reset".into()),
+            forwards: vec!["L 127.0.0.1:10100 -> 127.0.0.1:10100".into()],
+        };
+        db.set_node_tunnel("node1", &tunnel).await.unwrap();
+        assert_eq!(
+            db.get_node("node1").await.unwrap().tunnel,
+            Some(tunnel.clone())
+        );
+        assert_eq!(db.list_nodes().await.unwrap().len(), 1);
+        let e = db.set_node_tunnel("ghost", &tunnel).await.unwrap_err();
+        assert_eq!(e.to_string(), "node 'ghost' not found");
+        assert!(db.get_node("ghost").await.is_err());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn qemu_nbd_processes_are_recorded_and_stopped() {
+    on_each_dialect("processes", |t: TestDb| async move {
+        let db = &t.db;
+        let started = chrono::DateTime::from_timestamp_micros(1_790_000_000_123_456).unwrap();
+        for (pid, port, key) in [(1001u32, 10100u16, 2000i64), (1002, 10101, 2001)] {
+            db.record_process(
+                &ProcessInfo {
+                    pid,
+                    port: NbdPort(port),
+                    export_name: format!("pg-disk-{key}"),
+                    qcow2_path: format!("/srv/repo/pg/{key}/b-1.qcow2"),
+                    backup_id: BackupId::from("b-1"),
+                    disk_key: DiskKey(key),
+                    alive: true,
+                    started_at: started,
+                },
+                &format!("qemu-nbd --port {port} --export-name pg-disk-{key}"),
+            )
+            .await
+            .unwrap();
+        }
+        assert_eq!(db.live_processes().await.unwrap().len(), 2);
+        db.mark_process_stopped(1001, NbdPort(10100), "exit status 0")
+            .await
+            .unwrap();
+        db.mark_process_stopped(1001, NbdPort(10100), "again")
+            .await
+            .unwrap();
+        let live = db.live_processes().await.unwrap();
+        assert_eq!(live.len(), 1);
+        assert_eq!((live[0].pid, live[0].started_at), (1002, started));
+        let all = db.list_processes().await.unwrap();
+        assert_eq!(all.len(), 2);
+        assert!(all.iter().any(|p| p.pid == 1001 && !p.alive));
+        let recs = db.process_records(&BackupId::from("b-1")).await.unwrap();
+        assert_eq!(
+            recs[0].exit_status.as_deref(),
+            Some("exit status 0"),
+            "first stop wins"
+        );
+        assert!(recs[0].stopped_at.is_some());
+        assert_eq!(
+            recs[1].command_line,
+            "qemu-nbd --port 10101 --export-name pg-disk-2001"
+        );
+        let e = db
+            .mark_process_stopped(77, NbdPort(10100), "x")
+            .await
+            .unwrap_err();
+        assert_eq!(e.to_string(), "qemu-nbd process 77 on port 10100 not found");
+    })
+    .await;
+}

@@ -1,0 +1,17 @@
+//! Integration tests of `sendense-hub`: the real binary, real qemu-nbd, qemu-img, nbdcopy and
+//! (for `mariadb`) a real MariaDB. One test binary, one module per theme.
+//!
+//! - [`env`]: a hub in a temporary directory, a VM with source disks of known data.
+//! - [`backup`]: full then incremental backup of a 2-disk VM, verification, SSE.
+//! - [`faults`]: cancel, a killed qemu-nbd, port exhaustion, a squatted port, a full
+//!   repository, a tampered checksum, the hub SIGKILLed mid-job.
+//! - [`input`]: bad JSON, unknown VM, path-escaping names, missing token.
+//! - [`mariadb`]: the main backup on MariaDB.
+
+mod hub {
+    pub mod backup;
+    pub mod env;
+    pub mod faults;
+    pub mod input;
+    pub mod mariadb;
+}

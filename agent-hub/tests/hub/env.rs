@@ -1,0 +1,145 @@
+//! A test hub and its VM.
+
+use sendense_tests::disks;
+use sendense_tests::hub::{Api, HubOptions, HubProcess};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const MIB: u64 = 1 << 20;
+pub const DISK_SIZE: u64 = 64 * MIB;
+pub const JOB_LIMIT: Duration = Duration::from_secs(60);
+
+pub struct Env {
+    pub hub: HubProcess,
+    pub api: Api,
+    pub tmp: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn start() -> Env {
+        Self::start_with(|_| {})
+    }
+
+    pub fn start_with(adjust: impl FnOnce(&mut HubOptions)) -> Env {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let mut opts = HubOptions::new(tmp.path().join("data"));
+        adjust(&mut opts);
+        let hub = HubProcess::start(Path::new(env!("CARGO_BIN_EXE_sendense-hub")), opts)
+            .expect("start sendense-hub");
+        let api = hub.api();
+        Env { hub, api, tmp }
+    }
+
+    /// After a SIGKILL: start again.
+    pub fn start_again(&mut self) {
+        let mut opts = self.hub.opts.clone();
+        opts.nbd_ports = Some(self.hub.nbd_ports);
+        self.hub = HubProcess::start(Path::new(env!("CARGO_BIN_EXE_sendense-hub")), opts)
+            .expect("start sendense-hub again");
+        self.api = self.hub.api();
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// Source images `src-<key>.qcow2` with a few MiB of known data each, and the VM registered
+    /// with `node: null`.
+    pub async fn vm_with_sources(&self, vm: &str, keys: &[i64]) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            let p = self.path(&format!("{vm}-src-{k}.qcow2"));
+            disks::create_qcow2(&p, DISK_SIZE);
+            disks::write_pattern(&p, 0, MIB, 0x11 + i as u8);
+            disks::write_pattern(&p, 5 * MIB + 4096, 2 * MIB, 0xa0 + i as u8);
+            disks::write_pattern(&p, DISK_SIZE - MIB, MIB, 0x33);
+            out.push(p);
+        }
+        self.register_vm(vm, keys).await;
+        out
+    }
+
+    pub async fn register_vm(&self, vm: &str, keys: &[i64]) -> Value {
+        let disks: Vec<Value> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                json!({"disk_key": k, "unit_number": i, "size_bytes": DISK_SIZE, "label": format!("disk {i}")})
+            })
+            .collect();
+        let (s, v) = self
+            .api
+            .post(
+                "/api/v1/vms",
+                &json!({"vm_name": vm, "node": null, "disks": disks}),
+            )
+            .await;
+        assert_eq!(s, 201, "register VM: {v}");
+        v
+    }
+
+    pub async fn start_backup(&self, vm: &str, kind: &str) -> (u16, Value) {
+        self.api
+            .post(
+                "/api/v1/backups",
+                &json!({"vm_name": vm, "repository_id": "default", "backup_type": kind}),
+            )
+            .await
+    }
+
+    /// Asserts what an operator would check once a job is over: no qemu-nbd of it alive, no
+    /// port held, no process recorded alive.
+    pub async fn assert_nothing_held(&self, backup: &Value) {
+        for d in backup["disk_results"].as_array().into_iter().flatten() {
+            if let Some(pid) = d["qemu_nbd_pid"].as_u64() {
+                assert!(
+                    !sendense_tests::pid_alive(pid as u32),
+                    "qemu-nbd pid {pid} of disk {} still alive",
+                    d["disk_key"]
+                );
+            }
+        }
+        let ports = self.api.get_ok("/api/v1/ports").await;
+        assert_eq!(ports["allocations"], json!([]), "ports still held: {ports}");
+        let procs = self.api.get_ok("/api/v1/processes").await;
+        for p in procs.as_array().unwrap() {
+            assert_eq!(p["alive"], json!(false), "process still alive: {p}");
+        }
+    }
+}
+
+/// `(disk_key, uri)` of a running backup's targets string.
+pub fn targets(backup: &Value) -> Vec<(i64, String)> {
+    let s = backup["nbd_targets_string"]
+        .as_str()
+        .expect("targets string");
+    sendense_shared::targets::parse_targets(s)
+        .expect("valid targets string")
+        .into_iter()
+        .map(|t| (t.disk_key.0, t.uri.to_string()))
+        .collect()
+}
+
+/// The checksums a writer would report for a whole disk image: BLAKE3 per 4 MiB chunk.
+pub fn checksums_of(image: &Path) -> Value {
+    let raw = disks::read_raw(image);
+    let chunk = 4 * MIB as usize;
+    let ranges: Vec<Value> = raw
+        .chunks(chunk)
+        .enumerate()
+        .map(|(i, c)| {
+            json!({"offset": i * chunk, "length": c.len(), "blake3": blake3::hash(c).to_hex().to_string()})
+        })
+        .collect();
+    json!({"chunk_size": chunk, "ranges": ranges})
+}
+
+pub fn disk<'a>(backup: &'a Value, key: i64) -> &'a Value {
+    backup["disk_results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["disk_key"] == key)
+        .unwrap_or_else(|| panic!("disk {key} in {backup}"))
+}

@@ -1,0 +1,419 @@
+//! Every way a job can go wrong ends in a clear state with nothing held.
+
+use super::env::{DISK_SIZE, Env, JOB_LIMIT, MIB, checksums_of, disk, targets};
+use sendense_tests::disks;
+use serde_json::{Value, json};
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+fn image_paths(b: &Value) -> Vec<PathBuf> {
+    b["disk_results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| PathBuf::from(d["qcow2_path"].as_str().unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_mid_copy_unwinds_everything() {
+    let env = Env::start();
+    let srcs = env.vm_with_sources("cancelvm", &[2000, 2001]).await;
+    // No completed backup yet: the incremental falls back to full and says so.
+    let (s, b) = env.start_backup("cancelvm", "incremental").await;
+    assert_eq!(s, 202, "{b}");
+    assert_eq!(b["backup_type"], "full", "{b}");
+    let id = b["backup_id"].as_str().unwrap().to_string();
+    let t = targets(&b);
+    disks::nbdcopy_into(&srcs[0], &t[0].1);
+    let images = image_paths(&b);
+    assert!(images.iter().all(|p| p.exists()));
+
+    let (s, c) = env
+        .api
+        .post(&format!("/api/v1/backups/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(s, 202, "{c}");
+    assert!(
+        c["status"] == "cancelling" || c["status"] == "cancelled",
+        "{c}"
+    );
+    let done = env.api.wait_status(&id, &["cancelled"], JOB_LIMIT).await;
+    env.assert_nothing_held(&done).await;
+    for p in &images {
+        assert!(!p.exists(), "partial image {} left behind", p.display());
+    }
+    for d in done["disk_results"].as_array().unwrap() {
+        assert_eq!(d["status"], "cancelled", "{d}");
+    }
+    let events = env.api.event_lines(&id).await;
+    assert!(
+        events.iter().any(|e| e.starts_with("incremental_fallback")),
+        "{events:#?}"
+    );
+    assert!(
+        events.iter().any(|e| e.starts_with("image_deleted")),
+        "{events:#?}"
+    );
+    // A finished job cannot be cancelled again, and reports are refused.
+    let (s, v) = env
+        .api
+        .post(&format!("/api/v1/backups/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(s, 409, "{v}");
+    let (s, v) = env
+        .api
+        .post(
+            &format!("/api/v1/backups/{id}/progress"),
+            &json!({"disks": []}),
+        )
+        .await;
+    assert_eq!(s, 409, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("cancelled"), "{v}");
+
+    // The VM can be backed up again.
+    let (s, b) = env.start_backup("cancelvm", "full").await;
+    assert_eq!(s, 202, "{b}");
+    let id = b["backup_id"].as_str().unwrap();
+    env.api
+        .post(&format!("/api/v1/backups/{id}/cancel"), &json!({}))
+        .await;
+    let done = env.api.wait_status(id, &["cancelled"], JOB_LIMIT).await;
+    env.assert_nothing_held(&done).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_qemu_nbd_fails_the_job_naming_it() {
+    let env = Env::start();
+    env.vm_with_sources("killvm", &[2000, 2001]).await;
+    let (s, b) = env.start_backup("killvm", "full").await;
+    assert_eq!(s, 202, "{b}");
+    let id = b["backup_id"].as_str().unwrap().to_string();
+    let victim = disk(&b, 2001)["qemu_nbd_pid"].as_u64().unwrap() as i32;
+    eprintln!("+ kill -KILL {victim}");
+    let killed_at = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let done = env.api.wait_status(&id, &["failed"], JOB_LIMIT).await;
+    eprintln!("job failed {:?} after the kill", killed_at.elapsed());
+    let msg = done["error_message"].as_str().unwrap_or_default();
+    assert!(msg.contains(&format!("pid {victim}")), "{msg}");
+    assert!(msg.contains("SIGKILL") || msg.contains("signal"), "{msg}");
+    let d = disk(&done, 2001);
+    assert_eq!(d["status"], "failed", "{d}");
+    assert!(
+        d["error_message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("qemu-nbd"),
+        "{d}"
+    );
+    env.assert_nothing_held(&done).await;
+    for p in image_paths(&done) {
+        assert!(!p.exists(), "{} left behind", p.display());
+    }
+    let events = env.api.event_lines(&id).await;
+    assert!(
+        events.iter().any(|e| e.starts_with("qemu_nbd_died")),
+        "{events:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn more_disks_than_ports_is_refused_with_503() {
+    let ports = sendense_tests::net::free_port_range(2);
+    let env = Env::start_with(|o| o.nbd_ports = Some(ports));
+    env.register_vm("bigvm", &[2000, 2001, 2002]).await;
+    let (s, v) = env.start_backup("bigvm", "full").await;
+    assert_eq!(s, 503, "{v}");
+    let detail = v["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&format!("{}-{}", ports.0, ports.1)),
+        "range named: {detail}"
+    );
+    assert!(detail.contains("3 disks"), "count named: {detail}");
+    let list = env.api.get_ok("/api/v1/backups").await;
+    let b = &list[0];
+    assert_eq!(b["status"], "failed", "{b}");
+    env.assert_nothing_held(b).await;
+    assert!(
+        env.api
+            .get_ok("/api/v1/processes")
+            .await
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    for p in image_paths(b) {
+        assert!(
+            !p.exists(),
+            "{} created although the job was refused",
+            p.display()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_squatted_port_is_skipped_and_reported() {
+    let ports = sendense_tests::net::free_port_range(2);
+    let squatter = TcpListener::bind((Ipv4Addr::LOCALHOST, ports.0)).expect("squat the port");
+    let env = Env::start_with(|o| o.nbd_ports = Some(ports));
+    // Two disks, one usable port: refused, naming the squatted port.
+    env.register_vm("twodisks", &[2000, 2001]).await;
+    let (s, v) = env.start_backup("twodisks", "full").await;
+    assert_eq!(s, 503, "{v}");
+    assert!(
+        v["detail"].as_str().unwrap().contains(&ports.0.to_string()),
+        "{v}"
+    );
+    let view = env.api.get_ok("/api/v1/ports").await;
+    assert_eq!(view["allocations"], json!([]), "{view}");
+    assert!(
+        view["squatted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["port"] == ports.0),
+        "{view}"
+    );
+    // One disk: gets the free port, not the squatted one.
+    let srcs = env.vm_with_sources("onedisk", &[2000]).await;
+    let (s, b) = env.start_backup("onedisk", "full").await;
+    assert_eq!(s, 202, "{b}");
+    assert_eq!(disk(&b, 2000)["nbd_port"], ports.1, "{b}");
+    let id = b["backup_id"].as_str().unwrap();
+    disks::nbdcopy_into(&srcs[0], &targets(&b)[0].1);
+    let (s, v) = env
+        .api
+        .post(
+            &format!("/api/v1/backups/{id}/complete"),
+            &json!({"status": "completed", "disks": [{"disk_key": 2000, "status": "completed"}]}),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    let done = env
+        .api
+        .wait_status(id, &["completed", "failed"], JOB_LIMIT)
+        .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    env.assert_nothing_held(&done).await;
+    drop(squatter);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_repository_is_refused_before_anything_is_held() {
+    let fs = sendense_tests::tmpfs::Tmpfs::mount("8m").expect("tmpfs (tests run as root)");
+    let env = Env::start();
+    let (s, r) = env
+        .api
+        .post(
+            "/api/v1/repositories",
+            &json!({"id": "small", "path": fs.path().join("repo").display().to_string()}),
+        )
+        .await;
+    assert_eq!(s, 201, "{r}");
+    assert!(r["total_bytes"].as_u64().unwrap() <= 8 * MIB, "{r}");
+    env.register_vm("fatvm", &[2000, 2001]).await;
+    let (s, v) = env
+        .api
+        .post(
+            "/api/v1/backups",
+            &json!({"vm_name": "fatvm", "repository_id": "small", "backup_type": "full"}),
+        )
+        .await;
+    assert_eq!(s, 507, "{v}");
+    let detail = v["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&(2 * DISK_SIZE).to_string()),
+        "needed named: {detail}"
+    );
+    assert!(detail.contains("free"), "{detail}");
+    let list = env.api.get_ok("/api/v1/backups").await;
+    assert_eq!(list[0]["status"], "failed", "{list}");
+    env.assert_nothing_held(&list[0]).await;
+    assert!(
+        env.api
+            .get_ok("/api/v1/processes")
+            .await
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let left: Vec<_> = walk(fs.path());
+    assert!(
+        left.iter()
+            .all(|p| p.extension().is_none_or(|e| e != "qcow2")),
+        "{left:?}"
+    );
+    drop(env);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tampered_block_fails_verification() {
+    let env = Env::start();
+    let srcs = env.vm_with_sources("tampervm", &[2000]).await;
+    let (s, b) = env.start_backup("tampervm", "full").await;
+    assert_eq!(s, 202, "{b}");
+    let id = b["backup_id"].as_str().unwrap().to_string();
+    let t = targets(&b);
+    disks::nbdcopy_into(&srcs[0], &t[0].1);
+    let sums = checksums_of(&srcs[0]);
+    // One block changed in the target after the writer computed its checksums.
+    sendense_tests::run(std::process::Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        &format!("write -P 0xee {} 4096", 5 * MIB + 8192),
+        &t[0].1,
+    ]));
+    let (s, v) = env
+        .api
+        .post(
+            &format!("/api/v1/backups/{id}/complete"),
+            &json!({"status": "completed", "disks": [{"disk_key": 2000, "status": "completed", "checksums": sums}]}),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    let done = env
+        .api
+        .wait_status(&id, &["completed", "failed"], JOB_LIMIT)
+        .await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let msg = done["error_message"].as_str().unwrap();
+    assert!(
+        msg.contains("checksum mismatch at 4194304+4194304"),
+        "{msg}"
+    );
+    env.assert_nothing_held(&done).await;
+    for p in image_paths(&done) {
+        assert!(
+            !p.exists(),
+            "a failed verification must not leave a restore point: {}",
+            p.display()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hub_killed_mid_job_is_reconciled_at_restart() {
+    let mut env = Env::start();
+    let srcs = env.vm_with_sources("crashvm", &[2000, 2001]).await;
+    let (s, b) = env.start_backup("crashvm", "full").await;
+    assert_eq!(s, 202, "{b}");
+    let id = b["backup_id"].as_str().unwrap().to_string();
+    disks::nbdcopy_into(&srcs[0], &targets(&b)[0].1);
+    let pids: Vec<u32> = b["disk_results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["qemu_nbd_pid"].as_u64().unwrap() as u32)
+        .collect();
+    env.hub.kill9();
+    // The qemu-nbd children outlive the crash (own process groups): orphans now.
+    for p in &pids {
+        assert!(
+            sendense_tests::pid_alive(*p),
+            "qemu-nbd {p} died with the hub"
+        );
+    }
+    env.start_again();
+    let after = env.api.get_ok(&format!("/api/v1/backups/{id}")).await;
+    assert_eq!(after["status"], "failed", "{after}");
+    assert!(
+        after["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("hub restarted during the job"),
+        "{after}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|p| sendense_tests::pid_alive(*p)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.assert_nothing_held(&after).await;
+    for p in image_paths(&after) {
+        assert!(!p.exists(), "{} left behind", p.display());
+    }
+    let events = env.api.event_lines(&id).await;
+    let recon: Vec<&String> = events
+        .iter()
+        .filter(|e| e.starts_with("reconciler_"))
+        .collect();
+    for pid in &pids {
+        assert!(
+            recon
+                .iter()
+                .any(|e| e.contains(&format!("pid {pid}")) && e.contains("stopped")),
+            "no reconciler event for qemu-nbd {pid}: {recon:#?}"
+        );
+    }
+    assert!(
+        recon.iter().any(|e| e.starts_with("reconciler_ports")),
+        "{recon:#?}"
+    );
+    assert!(
+        recon.iter().any(|e| e.starts_with("reconciler_job")),
+        "{recon:#?}"
+    );
+    assert!(env.hub.stderr().contains("start-up reconciliation done"));
+
+    // The VM backs up fine afterwards.
+    let (s, b) = env.start_backup("crashvm", "full").await;
+    assert_eq!(s, 202, "{b}");
+    let id = b["backup_id"].as_str().unwrap();
+    env.api
+        .post(&format!("/api/v1/backups/{id}/cancel"), &json!({}))
+        .await;
+    let done = env.api.wait_status(id, &["cancelled"], JOB_LIMIT).await;
+    env.assert_nothing_held(&done).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_every_qemu_nbd() {
+    let mut env = Env::start();
+    env.vm_with_sources("termvm", &[2000, 2001]).await;
+    let (s, b) = env.start_backup("termvm", "full").await;
+    assert_eq!(s, 202, "{b}");
+    let id = b["backup_id"].as_str().unwrap().to_string();
+    let pids: Vec<u32> = b["disk_results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["qemu_nbd_pid"].as_u64().unwrap() as u32)
+        .collect();
+    let status = env.hub.stop().expect("hub exit status");
+    assert!(status.success(), "hub exit: {status}\n{}", env.hub.stderr());
+    for p in &pids {
+        assert!(
+            !sendense_tests::pid_alive(*p),
+            "qemu-nbd {p} survived SIGTERM of the hub"
+        );
+    }
+    env.start_again();
+    let after = env.api.get_ok(&format!("/api/v1/backups/{id}")).await;
+    assert_eq!(after["status"], "failed", "{after}");
+    assert!(
+        after["error_message"].as_str().unwrap().contains("SIGTERM"),
+        "{after}"
+    );
+    env.assert_nothing_held(&after).await;
+}

@@ -1,0 +1,260 @@
+//! The node's HTTP API (see `shared/API.md`, node part). Everything under `/api/v1/` needs
+//! `Authorization: Bearer <token>` except `GET /api/v1/health`. Errors are
+//! `{"error": "<short cause>", "detail": "<what to do / which field>"}`.
+//!
+//! `POST /api/v1/backup/start` answers:
+//! - `202` with the job state once the request is valid (the snapshot and copy run after it);
+//!   the same `backup_id` again while it runs answers `202` with the same job;
+//! - `400 invalid field`: bad JSON, bad targets string, a disk of the VM without target, or a
+//!   disk key the VM does not have (detail names the keys);
+//! - `404 vm not found`;
+//! - `409 vm busy` (the VM has a running job), `409 backup id used` (a finished job has it),
+//!   `409 bitmap missing` (an incremental without a valid changed-block map: do a full);
+//! - `502 hypervisor unavailable` (QMP not answering).
+
+use crate::jobs::{Jobs, StartError};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use sendense_shared::api::{
+    ErrorBody, Inventory, InventoryVm, NodeBackupStart, TunnelState, TunnelStateKind, VmDisk,
+};
+use sendense_shared::ids::BackupId;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// What the handlers share.
+pub struct NodeState {
+    pub name: String,
+    pub token: String,
+    pub started_at: DateTime<Utc>,
+    pub jobs: Arc<Jobs>,
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    error: &'static str,
+    detail: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: &'static str, detail: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            error,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.error.to_string(),
+                detail: self.detail,
+            }),
+        )
+            .into_response()
+    }
+}
+
+impl From<StartError> for ApiError {
+    fn from(e: StartError) -> Self {
+        let detail = e.to_string();
+        match e {
+            StartError::UnknownVm { .. } => {
+                ApiError::new(StatusCode::NOT_FOUND, "vm not found", detail)
+            }
+            StartError::EmptyId
+            | StartError::Targets(_)
+            | StartError::TargetAddr(_)
+            | StartError::MissingDisks { .. }
+            | StartError::UnknownDisks { .. } => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid field", detail)
+            }
+            StartError::VmBusy { .. } => ApiError::new(StatusCode::CONFLICT, "vm busy", detail),
+            StartError::DuplicateId { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "backup id used", detail)
+            }
+            StartError::BitmapMissing(_) => ApiError::new(
+                StatusCode::CONFLICT,
+                "bitmap missing",
+                format!("{detail}; run a full backup"),
+            ),
+            StartError::Source(e) => {
+                tracing::warn!(error = %e, "hypervisor error on backup start");
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "hypervisor unavailable",
+                    e.to_string(),
+                )
+            }
+            StartError::ShuttingDown => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down", detail)
+            }
+        }
+    }
+}
+
+/// The router with every route.
+pub fn router(state: Arc<NodeState>) -> Router {
+    let protected = Router::new()
+        .route("/api/v1/inventory", get(inventory))
+        .route("/api/v1/backup/start", post(backup_start))
+        .route("/api/v1/backups", get(backup_list))
+        .route("/api/v1/backup/{id}", get(backup_get))
+        .route("/api/v1/backup/{id}/cancel", post(backup_cancel))
+        .route("/api/v1/tunnel", get(tunnel))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/api/v1/health", get(health))
+        .merge(protected)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not found", "no such route") })
+        .with_state(state)
+}
+
+/// Serves until `shutdown` fires.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<NodeState>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+async fn auth(State(state): State<Arc<NodeState>>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(t) if constant_time_eq(t.as_bytes(), state.token.as_bytes()) => next.run(req).await,
+        Some(_) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the bearer token does not match the node's --token-file",
+        )
+        .into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send Authorization: Bearer <token> (the token of --token-file)",
+        )
+        .into_response(),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn health(State(state): State<Arc<NodeState>>) -> impl IntoResponse {
+    Json(sendense_shared::identity::health(
+        "healthy",
+        state.started_at,
+        None,
+    ))
+}
+
+async fn inventory(State(state): State<Arc<NodeState>>) -> Result<Json<Inventory>, ApiError> {
+    let vms = state.jobs.driver().list_vms().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "hypervisor unavailable",
+            e.to_string(),
+        )
+    })?;
+    Ok(Json(Inventory {
+        vms: vms.into_iter().map(inventory_vm).collect(),
+    }))
+}
+
+/// A driver VM as the API shows it.
+pub fn inventory_vm(vm: crate::source::SourceVm) -> InventoryVm {
+    InventoryVm {
+        vm_name: vm.vm_name,
+        vm_id: vm.vm_id,
+        disks: vm
+            .disks
+            .into_iter()
+            .map(|d| VmDisk {
+                disk_key: d.disk_key,
+                unit_number: d.unit_number,
+                size_bytes: d.size_bytes,
+                label: d.label,
+            })
+            .collect(),
+    }
+}
+
+async fn backup_start(
+    State(state): State<Arc<NodeState>>,
+    body: Result<Json<NodeBackupStart>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) =
+        body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid field", e.body_text()))?;
+    let (job, _created) = state.jobs.start(req).await?;
+    Ok((StatusCode::ACCEPTED, Json(job.view())).into_response())
+}
+
+async fn backup_list(State(state): State<Arc<NodeState>>) -> impl IntoResponse {
+    Json(
+        state
+            .jobs
+            .list()
+            .iter()
+            .map(|j| j.view())
+            .collect::<Vec<_>>(),
+    )
+}
+
+async fn backup_get(
+    State(state): State<Arc<NodeState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let job = state.jobs.get(&BackupId(id.clone())).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "backup not found",
+            format!("no job {id} on this node"),
+        )
+    })?;
+    Ok(Json(job.view()).into_response())
+}
+
+async fn backup_cancel(
+    State(state): State<Arc<NodeState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let job = state.jobs.cancel(&BackupId(id.clone())).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "backup not found",
+            format!("no job {id} on this node"),
+        )
+    })?;
+    Ok((StatusCode::ACCEPTED, Json(job.view())).into_response())
+}
+
+async fn tunnel(State(state): State<Arc<NodeState>>) -> impl IntoResponse {
+    Json(TunnelState {
+        state: TunnelStateKind::Down,
+        since: state.started_at,
+        restarts: 0,
+        last_error: None,
+        forwards: Vec::new(),
+    })
+}

@@ -1,0 +1,319 @@
+//! The node's configuration: command-line flags (each also an environment variable) over a TOML
+//! config file over defaults.
+//!
+//! ```toml
+//! listen = "127.0.0.1:8081"
+//! name = "node1"
+//! hub_url = "http://127.0.0.1:8082"
+//! token_file = "/etc/sendense/token"
+//! # Where fleecing files, NBD sockets, journals and the QMP log live (QEMU must reach it).
+//! run_dir = "/run/sendense-node"
+//! # URL the hub calls this node on (default: http://<listen address>).
+//! api_url = "http://127.0.0.1:8081"
+//! [qmp]
+//! pgtest1 = "/run/qemu/pgtest1.qmp"
+//! ```
+
+use clap::Args;
+use sendense_shared::names::validate_name;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// Default API address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8081";
+
+/// Flags of `sendense-node` (serve).
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// TOML config file (flags and environment win over it).
+    #[arg(long, value_name = "FILE", env = "SENDENSE_NODE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address of the node's API [default: 127.0.0.1:8081].
+    #[arg(long, value_name = "ADDR", env = "SENDENSE_NODE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Name of this node at the hub [default: the host name].
+    #[arg(long, value_name = "NODE", env = "SENDENSE_NODE_NAME")]
+    pub name: Option<String>,
+    /// Hub to register with and report to, e.g. http://127.0.0.1:8082.
+    #[arg(long, value_name = "URL", env = "SENDENSE_HUB_URL")]
+    pub hub_url: Option<String>,
+    /// File holding the bearer token shared with the hub.
+    #[arg(long, value_name = "FILE", env = "SENDENSE_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// A VM and its QMP socket, VM_NAME=QMP_SOCKET (repeatable).
+    #[arg(
+        long = "qmp",
+        value_name = "VM_NAME=QMP_SOCKET",
+        env = "SENDENSE_NODE_QMP",
+        value_delimiter = ','
+    )]
+    pub qmp: Vec<String>,
+}
+
+/// The config file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub listen: Option<SocketAddr>,
+    pub name: Option<String>,
+    pub hub_url: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub run_dir: Option<PathBuf>,
+    pub api_url: Option<String>,
+    #[serde(default)]
+    pub qmp: BTreeMap<String, PathBuf>,
+}
+
+/// Why the configuration was refused; each names the flag or key.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {detail}")]
+    Parse { path: PathBuf, detail: String },
+    #[error("--qmp {value:?}: expected VM_NAME=QMP_SOCKET")]
+    QmpShape { value: String },
+    #[error("--qmp: VM {vm:?} is given twice")]
+    QmpDuplicate { vm: String },
+    #[error("VM name {vm:?}: {source}")]
+    VmName {
+        vm: String,
+        #[source]
+        source: sendense_shared::names::NameError,
+    },
+    #[error("--name {name:?}: {source}")]
+    NodeName {
+        name: String,
+        #[source]
+        source: sendense_shared::names::NameError,
+    },
+    #[error("--hub-url {url:?}: must start with http:// or https://")]
+    HubUrl { url: String },
+    #[error(
+        "no token: pass --token-file FILE (or token_file in the config); the API needs a bearer token"
+    )]
+    NoToken,
+    #[error("--token-file {path}")]
+    TokenRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--token-file {path} is empty")]
+    TokenEmpty { path: PathBuf },
+}
+
+/// The merged configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub listen: SocketAddr,
+    pub name: String,
+    /// Without a trailing slash.
+    pub hub_url: Option<String>,
+    pub token: String,
+    pub run_dir: PathBuf,
+    pub api_url: Option<String>,
+    /// VM name → QMP socket.
+    pub vms: BTreeMap<String, PathBuf>,
+}
+
+impl NodeConfig {
+    /// Merges flags (and environment, through clap) over the config file over defaults.
+    pub fn load(args: &ServeArgs) -> Result<NodeConfig, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => ConfigFile::default(),
+        };
+        let mut vms = BTreeMap::new();
+        for (vm, sock) in &file.qmp {
+            vms.insert(vm.clone(), sock.clone());
+        }
+        let mut from_flags = BTreeMap::new();
+        for value in &args.qmp {
+            let (vm, sock) = value
+                .split_once('=')
+                .filter(|(v, s)| !v.is_empty() && !s.is_empty())
+                .ok_or_else(|| ConfigError::QmpShape {
+                    value: value.clone(),
+                })?;
+            if from_flags
+                .insert(vm.to_string(), PathBuf::from(sock))
+                .is_some()
+            {
+                return Err(ConfigError::QmpDuplicate { vm: vm.to_string() });
+            }
+        }
+        vms.extend(from_flags);
+        for vm in vms.keys() {
+            validate_name("vm name", vm).map_err(|source| ConfigError::VmName {
+                vm: vm.clone(),
+                source,
+            })?;
+        }
+        let name = args.name.clone().or(file.name).unwrap_or_else(default_name);
+        validate_name("node name", &name).map_err(|source| ConfigError::NodeName {
+            name: name.clone(),
+            source,
+        })?;
+        let hub_url = match args.hub_url.clone().or(file.hub_url) {
+            Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
+                Some(u.trim_end_matches('/').to_string())
+            }
+            Some(u) => return Err(ConfigError::HubUrl { url: u }),
+            None => None,
+        };
+        let token_file = args
+            .token_file
+            .clone()
+            .or(file.token_file)
+            .ok_or(ConfigError::NoToken)?;
+        let token = read_token(&token_file)?;
+        let listen = args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("default listen address"));
+        let run_dir = file
+            .run_dir
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("sendense-node-{name}")));
+        Ok(NodeConfig {
+            listen,
+            name,
+            hub_url,
+            token,
+            run_dir,
+            api_url: file.api_url,
+            vms,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<ConfigFile, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })
+}
+
+/// Reads a token file (surrounding white space ignored).
+pub fn read_token(path: &Path) -> Result<String, ConfigError> {
+    let token = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::TokenRead {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .trim()
+        .to_string();
+    if token.is_empty() {
+        return Err(ConfigError::TokenEmpty {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(token)
+}
+
+fn default_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| validate_name("node name", s).is_ok())
+        .unwrap_or_else(|| "node".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token_file(dir: &Path) -> PathBuf {
+        let p = dir.join("token");
+        std::fs::write(&p, "secret\n").unwrap();
+        p
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("node.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "name = \"fromfile\"\nlisten = \"127.0.0.1:9000\"\ntoken_file = \"{}\"\n[qmp]\nvm1 = \"/a\"\nvm2 = \"/b\"\n",
+                token_file(dir.path()).display()
+            ),
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(cfg),
+            name: Some("fromflag".into()),
+            qmp: vec!["vm2=/c".into()],
+            ..Default::default()
+        };
+        let c = NodeConfig::load(&args).unwrap();
+        assert_eq!(c.name, "fromflag");
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.token, "secret");
+        assert_eq!(c.vms["vm1"], PathBuf::from("/a"));
+        assert_eq!(c.vms["vm2"], PathBuf::from("/c"));
+    }
+
+    #[test]
+    fn bad_input_names_the_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let tf = token_file(dir.path());
+        let base = ServeArgs {
+            token_file: Some(tf),
+            ..Default::default()
+        };
+        let cases: Vec<(ServeArgs, &str)> = vec![
+            (
+                ServeArgs {
+                    qmp: vec!["novalue".into()],
+                    ..base.clone()
+                },
+                "VM_NAME=QMP_SOCKET",
+            ),
+            (
+                ServeArgs {
+                    qmp: vec!["a=/x".into(), "a=/y".into()],
+                    ..base.clone()
+                },
+                "twice",
+            ),
+            (
+                ServeArgs {
+                    qmp: vec!["../x=/y".into()],
+                    ..base.clone()
+                },
+                "VM name",
+            ),
+            (
+                ServeArgs {
+                    hub_url: Some("127.0.0.1:8082".into()),
+                    ..base.clone()
+                },
+                "--hub-url",
+            ),
+            (ServeArgs::default(), "--token-file"),
+        ];
+        for (args, want) in cases {
+            let e = NodeConfig::load(&args).unwrap_err().to_string();
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
+        let e = NodeConfig::load(&ServeArgs {
+            config: Some(dir.path().join("missing.toml")),
+            ..base
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("missing.toml"), "{e}");
+    }
+}

@@ -1,0 +1,760 @@
+//! The copy engine: one disk from a source NBD export (a snapshot) to a target NBD export (the
+//! hub's qemu-nbd), skipping what need not be copied.
+//!
+//! How a copy runs:
+//! 1. Connect to both (the source with `base:allocation`, and for an incremental also
+//!    `qemu:dirty-bitmap:NAME`); check that the target is writable and at least as large.
+//! 2. Walk the source's block status in windows and turn it into segments ([`plan`]): data to
+//!    read, zeroes to write, ranges to skip. Full copy: holes that read as zeroes are skipped on
+//!    a fresh target (`target_is_zero`), otherwise written as WRITE_ZEROES. Incremental: only
+//!    dirty extents; inside them, areas that read as zeroes become WRITE_ZEROES.
+//! 3. Each data segment is cut into requests (at most `request_size`, never across a checksum
+//!    chunk boundary). Each request is a task: READ, look at every byte for all-zero blocks,
+//!    WRITE the data and WRITE_ZEROES the zero runs, BLAKE3 the bytes. Tasks run concurrently,
+//!    bounded by `max_in_flight_bytes`, spread over `connections` connections when the servers
+//!    advertise multi-conn. Cancellation is checked before every request.
+//! 4. A final FLUSH on the target.
+//!
+//! Checksums ([`ChunkChecksums`]): one range per request that wrote (data or zeroes), each
+//! inside one `checksum_chunk_size` cell of the disk; zero ranges spanning many cells are listed
+//! per cell. Skipped ranges are not listed.
+//!
+//! Submodules: [`plan`] (extent map, request cutting, zero detection), [`cli`] (`sendense-node
+//! copy`).
+
+pub mod cli;
+pub mod plan;
+
+use bytes::Bytes;
+use plan::{Action, Coalescer, Segment};
+use sendense_shared::api::{ChecksumRange, ChunkChecksums};
+use sendense_shared::nbd::{
+    BASE_ALLOCATION, ConnectOptions, NbdAddr, NbdClient, NbdError, dirty_bitmap_context,
+};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Where the list of ranges to copy comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExtentSource {
+    /// `base:allocation`: everything allocated (full backup).
+    Allocation,
+    /// `qemu:dirty-bitmap:NAME`: only what changed since the bitmap was created (incremental).
+    DirtyBitmap(String),
+}
+
+/// Tuning of one copy. The defaults come from `bench/copy.sh` on the development machine.
+#[derive(Debug, Clone)]
+pub struct CopyOptions {
+    /// Largest READ/WRITE request, bytes.
+    pub request_size: u32,
+    /// Connections to each side (used only when the server advertises multi-conn).
+    pub connections: u32,
+    /// Bound on bytes read and not yet written.
+    pub max_in_flight_bytes: u64,
+    /// Checksum grid: no checksum range crosses a multiple of this.
+    pub checksum_chunk_size: u64,
+    /// The target reads as zeroes everywhere (a fresh image): holes need not be written.
+    pub target_is_zero: bool,
+}
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        CopyOptions {
+            request_size: 2 * 1024 * 1024,
+            connections: 4,
+            max_in_flight_bytes: 64 * 1024 * 1024,
+            checksum_chunk_size: 4 * 1024 * 1024,
+            target_is_zero: false,
+        }
+    }
+}
+
+/// Live counters of one disk's copy, shared with whoever reports progress.
+#[derive(Debug, Default)]
+pub struct DiskCounters {
+    /// Size of the source disk (set once connected).
+    pub bytes_total: AtomicU64,
+    /// Read from the source.
+    pub bytes_read: AtomicU64,
+    /// Written to the target as data.
+    pub bytes_written: AtomicU64,
+    /// Written to the target as WRITE_ZEROES (holes, and zero blocks found in data).
+    pub bytes_zeroed: AtomicU64,
+    /// Not written: holes on a zero target, unchanged areas of an incremental.
+    pub bytes_skipped: AtomicU64,
+}
+
+/// A consistent-enough reading of [`DiskCounters`] at one instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    pub bytes_total: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub bytes_zeroed: u64,
+    pub bytes_skipped: u64,
+    pub taken_at: Instant,
+}
+
+impl DiskCounters {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn snapshot(&self) -> CounterSnapshot {
+        CounterSnapshot {
+            bytes_total: self.bytes_total.load(Ordering::Relaxed),
+            bytes_read: self.bytes_read.load(Ordering::Relaxed),
+            bytes_written: self.bytes_written.load(Ordering::Relaxed),
+            bytes_zeroed: self.bytes_zeroed.load(Ordering::Relaxed),
+            bytes_skipped: self.bytes_skipped.load(Ordering::Relaxed),
+            taken_at: Instant::now(),
+        }
+    }
+}
+
+impl CounterSnapshot {
+    /// Bytes of the disk dealt with: written, zeroed or skipped. Equals `bytes_total` at the end
+    /// of a successful copy.
+    pub fn bytes_done(&self) -> u64 {
+        self.bytes_written + self.bytes_zeroed + self.bytes_skipped
+    }
+
+    /// Bytes read from the source per second between `earlier` and this snapshot (the transfer
+    /// rate; skipped holes do not inflate it).
+    pub fn read_rate_since(&self, earlier: &CounterSnapshot) -> f64 {
+        let secs = self
+            .taken_at
+            .saturating_duration_since(earlier.taken_at)
+            .as_secs_f64();
+        if secs <= 0.0 {
+            return 0.0;
+        }
+        self.bytes_read.saturating_sub(earlier.bytes_read) as f64 / secs
+    }
+
+    /// Disk bytes done per second between `earlier` and this snapshot (for an ETA).
+    pub fn done_rate_since(&self, earlier: &CounterSnapshot) -> f64 {
+        let secs = self
+            .taken_at
+            .saturating_duration_since(earlier.taken_at)
+            .as_secs_f64();
+        if secs <= 0.0 {
+            return 0.0;
+        }
+        self.bytes_done().saturating_sub(earlier.bytes_done()) as f64 / secs
+    }
+}
+
+/// What a finished copy did.
+#[derive(Debug, Clone)]
+pub struct CopyOutcome {
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub bytes_zeroed: u64,
+    pub bytes_skipped: u64,
+    pub checksums: ChunkChecksums,
+    pub elapsed: Duration,
+}
+
+/// Why a copy failed; each names the side and the range.
+#[derive(Debug, Error)]
+pub enum CopyError {
+    #[error("invalid copy options: {reason}")]
+    Options { reason: String },
+    #[error("cannot open the source {addr}")]
+    SourceConnect {
+        addr: String,
+        #[source]
+        cause: NbdError,
+    },
+    #[error("cannot open the target {addr}")]
+    TargetConnect {
+        addr: String,
+        #[source]
+        cause: NbdError,
+    },
+    #[error(
+        "the source {addr} does not offer meta context {context:?} (for a dirty bitmap: does the bitmap exist and is it exported?)"
+    )]
+    MissingContext { addr: String, context: String },
+    #[error("the target {addr} is read-only")]
+    TargetReadOnly { addr: String },
+    #[error(
+        "the target {target} has {target_size} bytes, less than the source {source_addr} with {source_size} bytes"
+    )]
+    TargetTooSmall {
+        source_addr: String,
+        source_size: u64,
+        target: String,
+        target_size: u64,
+    },
+    #[error("block status of the source at {offset}+{length}")]
+    BlockStatus {
+        offset: u64,
+        length: u64,
+        #[source]
+        cause: NbdError,
+    },
+    #[error("reading the source at {offset}+{length}")]
+    Read {
+        offset: u64,
+        length: u64,
+        #[source]
+        cause: NbdError,
+    },
+    #[error("writing the target at {offset}+{length}")]
+    Write {
+        offset: u64,
+        length: u64,
+        #[source]
+        cause: NbdError,
+    },
+    #[error("writing zeroes to the target at {offset}+{length}")]
+    Zero {
+        offset: u64,
+        length: u64,
+        #[source]
+        cause: NbdError,
+    },
+    #[error("flushing the target")]
+    Flush {
+        #[source]
+        cause: NbdError,
+    },
+    #[error("copy cancelled")]
+    Cancelled,
+    #[error("copy task failed: {reason}")]
+    Task { reason: String },
+}
+
+/// Runs of zeroes inside data are found at this granularity (one WRITE_ZEROES per run).
+const ZERO_BLOCK: usize = 64 * 1024;
+/// Largest single WRITE_ZEROES of a hole (no payload, so it can be large).
+const MAX_ZERO_REQUEST: u64 = 1 << 30;
+/// Block status is asked for windows of this size.
+const STATUS_WINDOW: u64 = 1 << 31;
+/// What one WRITE_ZEROES request counts against the in-flight bound (it carries no data, but
+/// the number of them outstanding should stay bounded).
+const ZERO_REQUEST_COST: u64 = 256 * 1024;
+
+/// Everything a request task needs.
+struct Ctx {
+    sources: Vec<NbdClient>,
+    targets: Vec<NbdClient>,
+    counters: Arc<DiskCounters>,
+    chunk: u64,
+    /// Falls back to writing this buffer where the target has no WRITE_ZEROES.
+    zero_buf: Bytes,
+    zero_hashes: Mutex<HashMap<u64, String>>,
+}
+
+impl Ctx {
+    fn zero_hash(&self, len: u64) -> String {
+        if let Some(h) = self
+            .zero_hashes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&len)
+        {
+            return h.clone();
+        }
+        let mut h = blake3::Hasher::new();
+        let block = [0u8; 64 * 1024];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(block.len() as u64) as usize;
+            h.update(&block[..n]);
+            left -= n as u64;
+        }
+        let hex = h.finalize().to_hex().to_string();
+        self.zero_hashes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(len, hex.clone());
+        hex
+    }
+
+    async fn write_zeroes(&self, conn: usize, offset: u64, length: u64) -> Result<(), CopyError> {
+        let t = &self.targets[conn % self.targets.len()];
+        let err = |cause| CopyError::Zero {
+            offset,
+            length,
+            cause,
+        };
+        if t.can_write_zeroes() {
+            let mut at = offset;
+            while at < offset + length {
+                let n = (offset + length - at).min(u32::MAX as u64 & !0xfff) as u32;
+                t.write_zeroes(at, n, false).await.map_err(err)?;
+                at += n as u64;
+            }
+        } else {
+            let mut at = offset;
+            while at < offset + length {
+                let n = (offset + length - at).min(self.zero_buf.len() as u64);
+                t.write(at, self.zero_buf.slice(..n as usize))
+                    .await
+                    .map_err(err)?;
+                at += n;
+            }
+        }
+        self.counters
+            .bytes_zeroed
+            .fetch_add(length, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Copies one disk. See the module docs for the rules.
+pub async fn copy_disk(
+    source: &NbdAddr,
+    target: &NbdAddr,
+    extents: ExtentSource,
+    opts: &CopyOptions,
+    counters: Arc<DiskCounters>,
+    cancel: CancellationToken,
+) -> Result<CopyOutcome, CopyError> {
+    let started = Instant::now();
+    check_options(opts)?;
+    let contexts = match &extents {
+        ExtentSource::Allocation => vec![BASE_ALLOCATION.to_string()],
+        ExtentSource::DirtyBitmap(name) => {
+            vec![dirty_bitmap_context(name), BASE_ALLOCATION.to_string()]
+        }
+    };
+    let src_opts = ConnectOptions {
+        meta_contexts: contexts,
+        ..Default::default()
+    };
+    let dst_opts = ConnectOptions::default();
+    let (src0, dst0) = tokio::select! {
+        _ = cancel.cancelled() => return Err(CopyError::Cancelled),
+        r = async {
+            tokio::join!(
+                NbdClient::connect(source, &src_opts),
+                NbdClient::connect(target, &dst_opts)
+            )
+        } => r,
+    };
+    let src0 = src0.map_err(|cause| CopyError::SourceConnect {
+        addr: source.to_string(),
+        cause,
+    })?;
+    let dst0 = dst0.map_err(|cause| CopyError::TargetConnect {
+        addr: target.to_string(),
+        cause,
+    })?;
+    // Which context drives the plan, and whether zeroes can be found without reading.
+    let (map_context, alloc_ok) = match &extents {
+        ExtentSource::Allocation => (BASE_ALLOCATION.to_string(), true),
+        ExtentSource::DirtyBitmap(name) => (
+            dirty_bitmap_context(name),
+            src0.meta_context_id(BASE_ALLOCATION).is_some(),
+        ),
+    };
+    if src0.meta_context_id(&map_context).is_none() {
+        return Err(CopyError::MissingContext {
+            addr: source.to_string(),
+            context: map_context,
+        });
+    }
+    if dst0.read_only() {
+        return Err(CopyError::TargetReadOnly {
+            addr: target.to_string(),
+        });
+    }
+    let size = src0.size();
+    if dst0.size() < size {
+        return Err(CopyError::TargetTooSmall {
+            source_addr: source.to_string(),
+            source_size: size,
+            target: target.to_string(),
+            target_size: dst0.size(),
+        });
+    }
+    counters.bytes_total.store(size, Ordering::Relaxed);
+    let request_size = (opts.request_size)
+        .min(src0.max_payload())
+        .min(dst0.max_payload()) as u64;
+
+    // More connections only where the server says they are coherent with each other.
+    let n_src = if src0.can_multi_conn() {
+        opts.connections
+    } else {
+        1
+    } as usize;
+    let n_dst = if dst0.can_multi_conn() {
+        opts.connections
+    } else {
+        1
+    } as usize;
+    let mut sources = vec![src0.clone()];
+    let mut targets = vec![dst0.clone()];
+    let extra = async {
+        let mut more_src = Vec::new();
+        let mut more_dst = Vec::new();
+        for _ in 1..n_src {
+            more_src.push(
+                NbdClient::connect(source, &ConnectOptions::default())
+                    .await
+                    .map_err(|cause| CopyError::SourceConnect {
+                        addr: source.to_string(),
+                        cause,
+                    })?,
+            );
+        }
+        for _ in 1..n_dst {
+            more_dst.push(
+                NbdClient::connect(target, &dst_opts)
+                    .await
+                    .map_err(|cause| CopyError::TargetConnect {
+                        addr: target.to_string(),
+                        cause,
+                    })?,
+            );
+        }
+        Ok::<_, CopyError>((more_src, more_dst))
+    };
+    let (more_src, more_dst) = tokio::select! {
+        _ = cancel.cancelled() => return Err(CopyError::Cancelled),
+        r = extra => r?,
+    };
+    sources.extend(more_src);
+    targets.extend(more_dst);
+
+    let ctx = Arc::new(Ctx {
+        sources,
+        targets,
+        counters: counters.clone(),
+        chunk: opts.checksum_chunk_size,
+        zero_buf: Bytes::from(vec![0u8; request_size as usize]),
+        zero_hashes: Mutex::new(HashMap::new()),
+    });
+    let budget = Arc::new(Semaphore::new(
+        opts.max_in_flight_bytes.max(request_size) as usize
+    ));
+    let mut tasks: JoinSet<Result<Vec<ChecksumRange>, CopyError>> = JoinSet::new();
+    let mut ranges: Vec<ChecksumRange> = Vec::new();
+    let mut next_conn = 0usize;
+
+    let run = async {
+        let mut coalescer = Coalescer::default();
+        let mut segs = Vec::new();
+        let mut offset = 0u64;
+        while offset < size || segs.is_empty() {
+            if offset < size {
+                let window = (size - offset).min(STATUS_WINDOW);
+                offset = plan_window(
+                    &src0,
+                    &extents,
+                    &map_context,
+                    alloc_ok,
+                    opts,
+                    offset,
+                    window,
+                    &mut segs,
+                )
+                .await?;
+            }
+            let last = offset >= size;
+            let mut ready: Vec<Segment> =
+                segs.drain(..).filter_map(|s| coalescer.push(s)).collect();
+            if last {
+                ready.extend(coalescer.finish());
+            }
+            for seg in ready {
+                dispatch(
+                    seg,
+                    &ctx,
+                    request_size,
+                    &budget,
+                    &mut tasks,
+                    &mut ranges,
+                    &mut next_conn,
+                    &cancel,
+                )
+                .await?;
+            }
+            if last {
+                break;
+            }
+        }
+        while let Some(r) = tasks.join_next().await {
+            ranges.extend(joined(r)?);
+        }
+        Ok::<(), CopyError>(())
+    };
+    let result = tokio::select! {
+        r = run => r,
+        _ = cancel.cancelled() => Err(CopyError::Cancelled),
+    };
+    if let Err(e) = result {
+        // In-flight requests are dropped; the connections close with the clients.
+        tasks.abort_all();
+        return Err(e);
+    }
+    // One FLUSH covers every connection when the server advertises multi-conn (that is when
+    // we opened several); otherwise there is just one connection.
+    dst0.flush()
+        .await
+        .map_err(|cause| CopyError::Flush { cause })?;
+    for c in ctx.sources.iter().chain(ctx.targets.iter()) {
+        let _ = c.clone().disconnect().await;
+    }
+    ranges.sort_by_key(|r| r.offset);
+    let s = counters.snapshot();
+    Ok(CopyOutcome {
+        bytes_read: s.bytes_read,
+        bytes_written: s.bytes_written,
+        bytes_zeroed: s.bytes_zeroed,
+        bytes_skipped: s.bytes_skipped,
+        checksums: ChunkChecksums {
+            chunk_size: opts.checksum_chunk_size,
+            ranges,
+        },
+        elapsed: started.elapsed(),
+    })
+}
+
+fn check_options(opts: &CopyOptions) -> Result<(), CopyError> {
+    let bad = |reason: &str| {
+        Err(CopyError::Options {
+            reason: reason.to_string(),
+        })
+    };
+    if opts.request_size < 4096 {
+        return bad("request_size must be at least 4096 bytes");
+    }
+    if opts.connections == 0 || opts.connections > 64 {
+        return bad("connections must be between 1 and 64");
+    }
+    if opts.checksum_chunk_size < 4096 {
+        return bad("checksum_chunk_size must be at least 4096 bytes");
+    }
+    if opts.max_in_flight_bytes > 1 << 40 {
+        return bad("max_in_flight_bytes above 1 TiB");
+    }
+    Ok(())
+}
+
+/// Turns the block status of `[offset, offset+window)` into segments; returns where the
+/// description stopped (servers may describe less than asked).
+#[allow(clippy::too_many_arguments)]
+async fn plan_window(
+    src: &NbdClient,
+    extents: &ExtentSource,
+    map_context: &str,
+    alloc_ok: bool,
+    opts: &CopyOptions,
+    offset: u64,
+    window: u64,
+    out: &mut Vec<Segment>,
+) -> Result<u64, CopyError> {
+    let status = |ctx: &str, off: u64, len: u64| {
+        let ctx = ctx.to_string();
+        async move {
+            src.block_status(&ctx, off, len as u32)
+                .await
+                .map_err(|cause| CopyError::BlockStatus {
+                    offset: off,
+                    length: len,
+                    cause,
+                })
+        }
+    };
+    let end = offset + window;
+    match extents {
+        ExtentSource::Allocation => {
+            let ext = status(map_context, offset, window).await?;
+            Ok(plan::lay_extents(
+                offset,
+                end,
+                &ext,
+                |f| plan::allocation_action(f, opts.target_is_zero),
+                out,
+            ))
+        }
+        ExtentSource::DirtyBitmap(_) => {
+            let ext = status(map_context, offset, window).await?;
+            let mut dirty = Vec::new();
+            let covered = plan::lay_extents(
+                offset,
+                end,
+                &ext,
+                |f| {
+                    if plan::is_dirty(f) {
+                        Action::Data
+                    } else {
+                        Action::Skip
+                    }
+                },
+                &mut dirty,
+            );
+            for seg in dirty {
+                if seg.action == Action::Skip || !alloc_ok {
+                    out.push(seg);
+                    continue;
+                }
+                // Inside a changed area, what reads as zeroes is written as zeroes without
+                // reading it (an incremental target is never assumed zero: it has a backing).
+                let mut at = seg.offset;
+                while at < seg.end() {
+                    let ext = status(BASE_ALLOCATION, at, seg.end() - at).await?;
+                    at = plan::lay_extents(
+                        at,
+                        seg.end(),
+                        &ext,
+                        |f| plan::allocation_action(f, false),
+                        out,
+                    );
+                }
+            }
+            Ok(covered)
+        }
+    }
+}
+
+/// Spawns the requests of one segment, each once the in-flight bound allows.
+#[allow(clippy::too_many_arguments)]
+async fn dispatch(
+    seg: Segment,
+    ctx: &Arc<Ctx>,
+    request_size: u64,
+    budget: &Arc<Semaphore>,
+    tasks: &mut JoinSet<Result<Vec<ChecksumRange>, CopyError>>,
+    ranges: &mut Vec<ChecksumRange>,
+    next_conn: &mut usize,
+    cancel: &CancellationToken,
+) -> Result<(), CopyError> {
+    let (max, cost_of): (u64, fn(u64) -> u64) = match seg.action {
+        Action::Skip => {
+            ctx.counters
+                .bytes_skipped
+                .fetch_add(seg.length, Ordering::Relaxed);
+            return Ok(());
+        }
+        Action::Data => (request_size, |len| len),
+        Action::Zero => (MAX_ZERO_REQUEST, |len| len.min(ZERO_REQUEST_COST)),
+    };
+    // Zero requests may span many checksum cells: cut them on the request limit only.
+    let grid = if seg.action == Action::Data {
+        ctx.chunk
+    } else {
+        u64::MAX
+    };
+    for (offset, length) in plan::pieces(seg.offset, seg.length, max, grid) {
+        if cancel.is_cancelled() {
+            return Err(CopyError::Cancelled);
+        }
+        // Collect finished requests as we go, so that an error stops the copy early.
+        while let Some(r) = tasks.try_join_next() {
+            ranges.extend(joined(r)?);
+        }
+        let permit = budget
+            .clone()
+            .acquire_many_owned(cost_of(length).min(u32::MAX as u64) as u32)
+            .await
+            .map_err(|_| CopyError::Cancelled)?;
+        let ctx = ctx.clone();
+        let conn = *next_conn;
+        *next_conn = next_conn.wrapping_add(1);
+        let action = seg.action;
+        tasks.spawn(async move {
+            let r = match action {
+                Action::Data => copy_request(&ctx, conn, offset, length).await,
+                _ => zero_request(&ctx, conn, offset, length).await,
+            };
+            drop(permit);
+            r
+        });
+    }
+    Ok(())
+}
+
+fn joined(
+    r: Result<Result<Vec<ChecksumRange>, CopyError>, tokio::task::JoinError>,
+) -> Result<Vec<ChecksumRange>, CopyError> {
+    r.map_err(|e| CopyError::Task {
+        reason: e.to_string(),
+    })?
+}
+
+/// One data request: read, split into zero and data runs (every byte checked), write both
+/// kinds, hash what the source held.
+async fn copy_request(
+    ctx: &Ctx,
+    conn: usize,
+    offset: u64,
+    length: u64,
+) -> Result<Vec<ChecksumRange>, CopyError> {
+    let src = &ctx.sources[conn % ctx.sources.len()];
+    let data = src
+        .read(offset, length as u32)
+        .await
+        .map_err(|cause| CopyError::Read {
+            offset,
+            length,
+            cause,
+        })?;
+    ctx.counters.bytes_read.fetch_add(length, Ordering::Relaxed);
+    let runs = plan::zero_runs(&data, ZERO_BLOCK);
+    let dst = &ctx.targets[conn % ctx.targets.len()];
+    let writes = runs.iter().map(|&(s, e, zero)| {
+        let data = data.clone();
+        async move {
+            let (off, len) = (offset + s as u64, (e - s) as u64);
+            if zero {
+                ctx.write_zeroes(conn, off, len).await
+            } else {
+                dst.write(off, data.slice(s..e))
+                    .await
+                    .map_err(|cause| CopyError::Write {
+                        offset: off,
+                        length: len,
+                        cause,
+                    })?;
+                ctx.counters.bytes_written.fetch_add(len, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    });
+    let hash = async {
+        // Hashing runs while the writes are on the wire.
+        if runs.len() == 1 && runs[0].2 {
+            ctx.zero_hash(length)
+        } else {
+            blake3::hash(&data).to_hex().to_string()
+        }
+    };
+    let (w, blake3) = tokio::join!(futures_util::future::try_join_all(writes), hash);
+    w?;
+    Ok(vec![ChecksumRange {
+        offset,
+        length,
+        blake3,
+    }])
+}
+
+/// One WRITE_ZEROES of a hole; its checksum ranges are listed per checksum cell.
+async fn zero_request(
+    ctx: &Ctx,
+    conn: usize,
+    offset: u64,
+    length: u64,
+) -> Result<Vec<ChecksumRange>, CopyError> {
+    ctx.write_zeroes(conn, offset, length).await?;
+    Ok(plan::pieces(offset, length, u64::MAX, ctx.chunk)
+        .map(|(offset, length)| ChecksumRange {
+            offset,
+            length,
+            blake3: ctx.zero_hash(length),
+        })
+        .collect())
+}

@@ -1,0 +1,14 @@
+//! Integration tests of the node against a real QEMU (`qemu-system-x86_64`, TCG), real NBD
+//! exports and real `qemu-img`/`qemu-nbd`.
+
+#[path = "node/support.rs"]
+mod support;
+
+#[path = "node/snapshot.rs"]
+mod snapshot;
+
+#[path = "node/backup.rs"]
+mod backup;
+
+#[path = "node/api.rs"]
+mod api;

@@ -1,0 +1,88 @@
+//! The node's HTTP answers: auth, validation of a start, inventory, tunnel.
+
+use crate::support::*;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_is_validated_and_errors_name_the_cause() {
+    let vm = TestVm::start(&[64 * MIB, 64 * MIB], |_| {}).await;
+    let node = NodeProc::start(vm.dir.path(), &vm.node_qmp, None).await;
+    let http = reqwest::Client::new();
+
+    // Health is open; the rest needs the token.
+    let r = http.get(node.api("/health")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let h: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(h["status"], "healthy");
+    assert_eq!(h["pid"], node.pid());
+    let r = http.get(node.api("/inventory")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = http
+        .get(node.api("/inventory"))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    let (code, inv) = node.get("/inventory").await;
+    assert_eq!(code, 200);
+    assert_eq!(inv["vms"][0]["vm_name"], "vm1");
+    let disks = inv["vms"][0]["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 2);
+    assert_eq!(disks[0]["disk_key"], 2000);
+    assert_eq!(disks[1]["disk_key"], 2001);
+    assert_eq!(disks[1]["unit_number"], 1);
+    assert_eq!(disks[1]["label"], "disk1");
+    assert_eq!(disks[0]["size_bytes"], 64 * MIB);
+
+    let (code, t) = node.get("/tunnel").await;
+    assert_eq!(code, 200);
+    assert_eq!(t["state"], "down");
+
+    let start = |vm: &str, ty: &str, targets: &str| json!({"backup_id": "x1", "vm_name": vm, "backup_type": ty, "nbd_targets": targets});
+    let two = "2000:nbd://127.0.0.1:10100/a,2001:nbd://127.0.0.1:10101/b";
+    let cases = [
+        (start("nope", "full", two), 404, "vm not found", "nope"),
+        (
+            start("vm1", "full", "2000:nbd://127.0.0.1:10100/a"),
+            400,
+            "invalid field",
+            "misses disk(s) 2001 ",
+        ),
+        (
+            start(
+                "vm1",
+                "full",
+                &format!("{two},2005:nbd://127.0.0.1:10102/c"),
+            ),
+            400,
+            "invalid field",
+            "key(s) 2005 ",
+        ),
+        (
+            start("vm1", "full", "2000:http://x"),
+            400,
+            "invalid field",
+            "nbd_targets",
+        ),
+        (
+            start("vm1", "incremental", two),
+            409,
+            "bitmap missing",
+            "full backup",
+        ),
+        (json!({"vm_name": "vm1"}), 400, "invalid field", "backup_id"),
+    ];
+    for (body, want_code, want_error, want_detail) in cases {
+        let (code, answer) = node.post("/backup/start", body.clone()).await;
+        assert_eq!(code, want_code, "{body} -> {answer}");
+        assert_eq!(answer["error"], want_error, "{body} -> {answer}");
+        let detail = answer["detail"].as_str().unwrap();
+        assert!(detail.contains(want_detail), "{body} -> {detail}");
+    }
+    // Nothing was started by the refused requests.
+    assert_eq!(vm.leftovers().await, Vec::<String>::new());
+    let (code, _) = node.get("/backup/x1").await;
+    assert_eq!(code, 404);
+}

@@ -1,0 +1,298 @@
+//! Whole backups through the real `sendense-node` binary: a 2-disk QEMU VM, real qemu-nbd
+//! targets, guest writes while the copy is in flight, full then incremental, cancel, crash.
+
+use crate::support::*;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+
+const SIZES: [u64; 2] = [64 * MIB, 128 * MIB];
+
+async fn two_disk_vm() -> TestVm {
+    TestVm::start(&SIZES, |imgs| {
+        write_image(&imgs[0], 0x11, 0, 24 * MIB);
+        write_image(&imgs[0], 0x12, 40 * MIB, 8 * MIB);
+        write_image(&imgs[1], 0x21, 8 * MIB, 32 * MIB);
+        write_image(&imgs[1], 0x22, 100 * MIB, 20 * MIB);
+    })
+    .await
+}
+
+/// qemu-nbd targets for every disk; `backing`: the previous backup's images.
+async fn targets(vm: &TestVm, name: &str, backing: Option<&[PathBuf]>) -> (Vec<NbdTarget>, String) {
+    let mut out = Vec::new();
+    for (i, size) in SIZES.iter().enumerate() {
+        let img = vm.dir.path().join(format!("{name}-{i}.qcow2"));
+        let b = backing.map(|b| b[i].as_path());
+        out.push(NbdTarget::start(img, *size, b, &format!("vm1-disk-{}", 2000 + i)).await);
+    }
+    let s = out
+        .iter()
+        .enumerate()
+        .map(|(i, t)| format!("{}:{}", 2000 + i, t.uri()))
+        .collect::<Vec<_>>()
+        .join(",");
+    (out, s)
+}
+
+fn status_is(s: &'static str) -> impl Fn(&Value) -> bool {
+    move |v| v["status"] == s
+}
+
+async fn snapshot_sources(vm: &TestVm, name: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for i in 0..SIZES.len() {
+        let p = vm.dir.path().join(format!("{name}-src{i}.raw"));
+        vm.copy_image_now(i, &p).await;
+        out.push(p);
+    }
+    out
+}
+
+/// The node's QMP log, parsed.
+fn qmp_log(node: &NodeProc) -> Vec<Value> {
+    std::fs::read_to_string(node.run_dir.join("qmp.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_then_incremental_hold_the_snapshot_instant_on_every_disk() {
+    let vm = two_disk_vm().await;
+    let hub = HubRecorder::start().await;
+    let node = NodeProc::start(vm.dir.path(), &vm.node_qmp, Some(&hub.url)).await;
+
+    // --- full backup; the targets are frozen so that the copy is in flight for sure ---
+    let before = snapshot_sources(&vm, "full").await;
+    let (mut full_targets, s) = targets(&vm, "full", None).await;
+    for t in &full_targets {
+        t.pause();
+    }
+    let (code, body) = node
+        .post(
+            "/backup/start",
+            json!({"backup_id": "b-full", "vm_name": "vm1", "backup_type": "full", "nbd_targets": s}),
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    node.wait_job("b-full", 30, status_is("running")).await;
+    for i in 0..SIZES.len() {
+        vm.guest_write(i, 0x99, 0, 4 * MIB).await;
+        vm.guest_write(i, 0x98, 44 * MIB, 2 * MIB).await;
+    }
+    let (_, mid) = node.get("/backup/b-full").await;
+    assert_eq!(mid["status"], "running", "copy must be in flight: {mid}");
+    for t in &full_targets {
+        t.resume();
+    }
+    let done = node
+        .wait_job("b-full", 60, |v| v["status"] != "running")
+        .await;
+    assert_eq!(done["status"], "completed", "{done}\n{}", node.log_text());
+
+    // One transaction covered both disks.
+    let log = qmp_log(&node);
+    let tx = commands(&log, "transaction");
+    // The snapshot's transaction; a first full backup has no older bitmap to rotate away.
+    assert_eq!(tx.len(), 1, "{tx:?}");
+    let devices: Vec<_> = tx[0]["arguments"]["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["type"] == "blockdev-backup")
+        .map(|a| a["data"]["device"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(devices, ["fmt0", "fmt1"]);
+
+    for t in &mut full_targets {
+        t.stop();
+    }
+    for (i, t) in full_targets.iter().enumerate() {
+        images_equal(before[i].to_str().unwrap(), t.image.to_str().unwrap())
+            .unwrap_or_else(|e| panic!("full backup of disk {i} is not the snapshot: {e}"));
+    }
+    assert_eq!(vm.leftovers().await, Vec::<String>::new());
+
+    // The hub heard the final state with checksums.
+    let complete = hub.wait_for("/backups/b-full/complete", 10).await;
+    assert_eq!(complete.len(), 1, "{complete:?}");
+    let c = &complete[0];
+    assert_eq!(c.auth.as_deref(), Some(&*format!("Bearer {TOKEN}")));
+    assert_eq!(c.body["status"], "completed");
+    for d in c.body["disks"].as_array().unwrap() {
+        assert_eq!(d["status"], "completed", "{d}");
+        assert!(!d["checksums"]["ranges"].as_array().unwrap().is_empty());
+    }
+    let progress = hub.calls_to("/backups/b-full/progress");
+    let last = &progress.last().expect("progress reports").body;
+    for (i, d) in last["disks"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(d["bytes_done"], d["bytes_total"], "{last}");
+        assert_eq!(d["bytes_total"], SIZES[i]);
+    }
+
+    // --- incremental after guest writes ---
+    vm.guest_write(0, 0x55, 30 * MIB, 3 * MIB).await;
+    vm.guest_write(1, 0x56, 64 * MIB, 5 * MIB).await;
+    // Writes during the full's copy (0x99, 0x98 areas) changed 6 MiB per disk too.
+    let changed = [3 * MIB + 6 * MIB, 5 * MIB + 6 * MIB];
+    let at_instant = snapshot_sources(&vm, "inc").await;
+    let backing: Vec<PathBuf> = full_targets.iter().map(|t| t.image.clone()).collect();
+    let (mut inc_targets, s) = targets(&vm, "inc", Some(&backing)).await;
+    for t in &inc_targets {
+        t.pause();
+    }
+    let (code, body) = node
+        .post(
+            "/backup/start",
+            json!({"backup_id": "b-inc", "vm_name": "vm1", "backup_type": "incremental",
+                   "previous_backup_id": "b-full", "nbd_targets": s}),
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    node.wait_job("b-inc", 30, status_is("running")).await;
+    vm.guest_write(0, 0x44, 50 * MIB, MIB).await;
+    vm.guest_write(1, 0x45, 64 * MIB, MIB).await;
+    for t in &inc_targets {
+        t.resume();
+    }
+    let done = node
+        .wait_job("b-inc", 60, |v| v["status"] != "running")
+        .await;
+    assert_eq!(done["status"], "completed", "{done}\n{}", node.log_text());
+    for t in &mut inc_targets {
+        t.stop();
+    }
+    for (i, t) in inc_targets.iter().enumerate() {
+        images_equal(at_instant[i].to_str().unwrap(), t.image.to_str().unwrap())
+            .unwrap_or_else(|e| panic!("incremental chain of disk {i} is not the source: {e}"));
+        let written = done["disks"][i]["bytes_written"].as_u64().unwrap();
+        assert!(
+            written >= changed[i] && written <= changed[i] + MIB,
+            "disk {i}: wrote {written} bytes for {} changed (disk {} bytes)",
+            changed[i],
+            SIZES[i]
+        );
+    }
+    let complete = hub.wait_for("/backups/b-inc/complete", 10).await;
+    assert_eq!(complete[0].body["status"], "completed");
+    assert_eq!(
+        complete[0].body["disks"][1]["bytes_transferred"],
+        json!(changed[1])
+    );
+    assert_eq!(vm.leftovers().await, Vec::<String>::new());
+    assert_eq!(vm.bitmaps(0).await, [("sendense-b-inc".to_string(), true)]);
+
+    // Registration and inventory reached the hub.
+    let nodes = hub.calls_to("/api/v1/nodes");
+    assert_eq!(nodes[0].body["name"], "node1");
+    assert_eq!(nodes[0].body["api_url"], node.url);
+    let vms = hub.calls_to("/api/v1/vms");
+    assert_eq!(vms[0].body["node"], "node1");
+    assert_eq!(vms[0].body["disks"][1]["size_bytes"], SIZES[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_mid_copy_releases_the_snapshot() {
+    let vm = two_disk_vm().await;
+    let hub = HubRecorder::start().await;
+    let node = NodeProc::start(vm.dir.path(), &vm.node_qmp, Some(&hub.url)).await;
+    let (targets, s) = targets(&vm, "c", None).await;
+    for t in &targets {
+        t.pause();
+    }
+    let (code, body) = node
+        .post(
+            "/backup/start",
+            json!({"backup_id": "b-c", "vm_name": "vm1", "backup_type": "full", "nbd_targets": s}),
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    node.wait_job("b-c", 30, status_is("running")).await;
+    assert!(!vm.leftovers().await.is_empty(), "snapshot should be held");
+    // A second backup of the same VM is refused while this one runs.
+    let (code, body) = node
+        .post(
+            "/backup/start",
+            json!({"backup_id": "b-c2", "vm_name": "vm1", "backup_type": "full", "nbd_targets": s}),
+        )
+        .await;
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(body["error"], "vm busy");
+
+    // The hub is unreachable for a while: the final report must still arrive.
+    hub.fail_first.store(4, std::sync::atomic::Ordering::SeqCst);
+    let (code, body) = node.post("/backup/b-c/cancel", json!({})).await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body["status"], "cancelling");
+    for t in &targets {
+        t.resume();
+    }
+    let done = node.wait_job("b-c", 30, status_is("cancelled")).await;
+    for d in done["disks"].as_array().unwrap() {
+        assert_eq!(d["status"], "cancelled", "{done}");
+    }
+    assert_eq!(vm.leftovers().await, Vec::<String>::new());
+    // A cancelled first full backup leaves no change tracking behind.
+    assert_eq!(vm.bitmaps(0).await, Vec::<(String, bool)>::new());
+    let complete = hub.wait_for("/backups/b-c/complete", 30).await;
+    assert_eq!(complete.len(), 1);
+    assert_eq!(hub.fail_first.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(complete[0].body["status"], "failed");
+    assert_eq!(complete[0].body["error_message"], "cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_node_leftovers_are_released_at_start_up() {
+    let vm = two_disk_vm().await;
+    let mut node = NodeProc::start(vm.dir.path(), &vm.node_qmp, None).await;
+    let (targets_a, s) = targets(&vm, "k", None).await;
+    for t in &targets_a {
+        t.pause();
+    }
+    let (code, body) = node
+        .post(
+            "/backup/start",
+            json!({"backup_id": "b-k", "vm_name": "vm1", "backup_type": "full", "nbd_targets": s}),
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    node.wait_job("b-k", 30, status_is("running")).await;
+    let held = vm.leftovers().await;
+    assert!(held.len() >= 4, "fleecing nodes and exports held: {held:?}");
+    node.kill();
+    drop(targets_a);
+    // The crash left everything in QEMU.
+    assert_eq!(vm.leftovers().await, held);
+
+    let node = NodeProc::start(vm.dir.path(), &vm.node_qmp, None).await;
+    assert_eq!(
+        vm.leftovers().await,
+        Vec::<String>::new(),
+        "{}",
+        node.log_text()
+    );
+    assert_eq!(vm.bitmaps(1).await, Vec::<(String, bool)>::new());
+    // And the next backup works.
+    let before = snapshot_sources(&vm, "k2").await;
+    let (mut t2, s) = targets(&vm, "k2", None).await;
+    let (code, body) = node
+        .post(
+            "/backup/start",
+            json!({"backup_id": "b-k2", "vm_name": "vm1", "backup_type": "full", "nbd_targets": s}),
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    let done = node
+        .wait_job("b-k2", 60, |v| {
+            v["status"] != "running" && v["status"] != "preparing"
+        })
+        .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    for t in &mut t2 {
+        t.stop();
+    }
+    for (i, t) in t2.iter().enumerate() {
+        images_equal(before[i].to_str().unwrap(), t.image.to_str().unwrap()).unwrap();
+    }
+}

@@ -1,0 +1,306 @@
+//! The NBD client against a real `qemu-nbd` (qcow2 images in a temporary directory; TCP on a
+//! free loopback port, or a unix socket).
+
+use bytes::Bytes;
+use sendense_shared::nbd::{
+    BASE_ALLOCATION, ConnectOptions, NbdAddr, NbdClient, NbdError, STATE_HOLE, STATE_ZERO,
+};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A qemu-nbd child serving one qcow2 image; stopped (by its own PID) and reaped on drop.
+struct QemuNbd {
+    child: Child,
+    addr: NbdAddr,
+}
+
+impl QemuNbd {
+    fn start(image: &Path, export: &str, listen: Listen, extra: &[&str]) -> QemuNbd {
+        let mut cmd = Command::new("qemu-nbd");
+        cmd.args([
+            "--format=qcow2",
+            "--persistent",
+            "--shared=8",
+            "--cache=none",
+        ])
+        .arg(format!("--export-name={export}"));
+        let addr = match &listen {
+            Listen::Tcp(port) => {
+                cmd.args(["--bind=127.0.0.1", &format!("--port={port}")]);
+                NbdAddr::Tcp {
+                    host: "127.0.0.1".into(),
+                    port: *port,
+                    export: export.into(),
+                }
+            }
+            Listen::Unix(path) => {
+                cmd.arg(format!("--socket={}", path.display()));
+                NbdAddr::Unix {
+                    path: path.clone(),
+                    export: export.into(),
+                }
+            }
+        };
+        cmd.args(extra).arg(image).stdin(Stdio::null());
+        eprintln!("spawning {cmd:?}");
+        let mut child = cmd.spawn().expect("spawn qemu-nbd");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("qemu-nbd exited early: {st}");
+            }
+            let ready = match &listen {
+                Listen::Tcp(port) => std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok(),
+                Listen::Unix(path) => std::os::unix::net::UnixStream::connect(path).is_ok(),
+            };
+            if ready {
+                break;
+            }
+            assert!(Instant::now() < deadline, "qemu-nbd did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        QemuNbd { child, addr }
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+enum Listen {
+    Tcp(u16),
+    Unix(PathBuf),
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn qemu_img(args: &[&str]) {
+    let st = Command::new("qemu-img")
+        .args(args)
+        .status()
+        .expect("qemu-img");
+    assert!(st.success(), "qemu-img {args:?}: {st}");
+}
+
+fn qemu_io(image: &Path, script: &str) {
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", script])
+        .arg(image)
+        .output()
+        .expect("qemu-io");
+    assert!(out.status.success(), "qemu-io {script}: {out:?}");
+}
+
+fn image(dir: &Path, name: &str, size: &str) -> PathBuf {
+    let p = dir.join(name);
+    qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), size]);
+    p
+}
+
+fn alloc_opts() -> ConnectOptions {
+    ConnectOptions {
+        meta_contexts: vec![BASE_ALLOCATION.into()],
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn tcp_handshake_reports_size_flags_and_contexts() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "a.qcow2", "64M");
+    let srv = QemuNbd::start(&img, "disk-a", Listen::Tcp(free_port()), &[]);
+    let c = NbdClient::connect(&srv.addr, &alloc_opts()).await.unwrap();
+    assert_eq!(c.size(), 64 << 20);
+    assert!(!c.read_only());
+    assert!(
+        c.can_multi_conn(),
+        "qemu-nbd --shared=8 advertises multi-conn"
+    );
+    assert!(c.meta_context_id(BASE_ALLOCATION).is_some());
+    assert!(c.meta_context_id("qemu:dirty-bitmap:nope").is_none());
+    c.disconnect().await.unwrap();
+
+    // The same export read-only, and the URI form the hub hands out.
+    drop(srv);
+    let port = free_port();
+    let srv = QemuNbd::start(&img, "disk-a", Listen::Tcp(port), &["--read-only"]);
+    let addr = NbdAddr::parse(&format!("nbd://127.0.0.1:{port}/disk-a")).unwrap();
+    assert_eq!(addr, srv.addr);
+    let c = NbdClient::connect(&addr, &ConnectOptions::default())
+        .await
+        .unwrap();
+    assert!(c.read_only());
+    let e = c.write(0, Bytes::from_static(b"x")).await.unwrap_err();
+    assert!(matches!(e, NbdError::ReadOnly), "{e}");
+}
+
+#[tokio::test]
+async fn unknown_export_and_closed_port_name_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "a.qcow2", "1M");
+    let port = free_port();
+    let srv = QemuNbd::start(&img, "right", Listen::Tcp(port), &[]);
+    let wrong = NbdAddr::Tcp {
+        host: "127.0.0.1".into(),
+        port,
+        export: "wrong".into(),
+    };
+    let e = NbdClient::connect(&wrong, &ConnectOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, NbdError::ExportNotFound { .. }), "{e}");
+    assert!(e.to_string().contains("\"wrong\""), "{e}");
+    drop(srv);
+    let e = NbdClient::connect(&wrong, &ConnectOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, NbdError::Connect { .. }), "{e}");
+    assert!(e.to_string().contains(&port.to_string()), "{e}");
+}
+
+#[tokio::test]
+async fn write_read_zero_trim_and_block_status_over_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "b.qcow2", "16M");
+    let sock = dir.path().join("nbd.sock");
+    let srv = QemuNbd::start(&img, "b", Listen::Unix(sock.clone()), &["--discard=unmap"]);
+    let uri = format!("nbd+unix:///b?socket={}", sock.display());
+    assert_eq!(NbdAddr::parse(&uri).unwrap(), srv.addr);
+    let c = NbdClient::connect(&srv.addr, &alloc_opts()).await.unwrap();
+
+    // An unwritten image is one hole that reads as zeroes.
+    let ext = c.block_status(BASE_ALLOCATION, 0, 16 << 20).await.unwrap();
+    assert_eq!(ext[0].flags, STATE_HOLE | STATE_ZERO, "{ext:?}");
+    assert_eq!(ext.iter().map(|e| e.length).sum::<u64>(), 16 << 20);
+    assert_eq!(c.read(4096, 8192).await.unwrap(), vec![0u8; 8192]);
+
+    let data: Vec<u8> = (0..1 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    c.write(1 << 20, Bytes::from(data.clone())).await.unwrap();
+    c.flush().await.unwrap();
+    assert_eq!(c.read(1 << 20, 1 << 20).await.unwrap(), data);
+    // A read straddling data and hole comes back whole.
+    let mixed = c.read((2 << 20) - 4096, 8192).await.unwrap();
+    assert_eq!(&mixed[..4096], &data[data.len() - 4096..]);
+    assert_eq!(&mixed[4096..], &[0u8; 4096][..]);
+
+    let ext = c
+        .block_status(BASE_ALLOCATION, 1 << 20, 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(
+        ext[0].flags & STATE_HOLE,
+        0,
+        "written data is allocated: {ext:?}"
+    );
+
+    c.write_zeroes(1 << 20, 65536, false).await.unwrap();
+    assert_eq!(c.read(1 << 20, 65536).await.unwrap(), vec![0u8; 65536]);
+    c.trim((1 << 20) + 65536, 65536).await.unwrap();
+    c.flush().await.unwrap();
+
+    // Out of range is refused locally, before anything is sent.
+    let e = c.read((16 << 20) - 10, 20).await.unwrap_err();
+    assert!(matches!(e, NbdError::OutOfRange { .. }), "{e}");
+    c.disconnect().await.unwrap();
+
+    // What the client wrote is in the image.
+    drop(srv);
+    let out = Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "read -P 0 1M 64k",
+            "-c",
+            "read -P 0 0 1M",
+        ])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success()
+            && !String::from_utf8_lossy(&out.stdout).contains("Pattern verification failed"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn many_requests_in_flight_on_one_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "c.qcow2", "64M");
+    // Known pattern: each MiB i holds byte i+1.
+    for i in 0..64 {
+        qemu_io(&img, &format!("write -P {} {}M 1M", i + 1, i));
+    }
+    let srv = QemuNbd::start(&img, "c", Listen::Tcp(free_port()), &["--read-only"]);
+    let c = NbdClient::connect(&srv.addr, &ConnectOptions::default())
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..256u64 {
+        let c = c.clone();
+        // Mixed sizes so that replies complete out of order.
+        let len: u32 = if i % 3 == 0 { 1 << 20 } else { 4096 };
+        let off = (i % 64) << 20;
+        tasks.push(tokio::spawn(async move {
+            let d = c.read(off, len).await.unwrap();
+            assert!(
+                d.iter().all(|&b| b as u64 == off / (1 << 20) + 1),
+                "read at {off}"
+            );
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn pending_requests_fail_when_the_server_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "d.qcow2", "256M");
+    qemu_io(&img, "write -P 5 0 256M");
+    let mut srv = QemuNbd::start(&img, "d", Listen::Tcp(free_port()), &["--read-only"]);
+    let c = NbdClient::connect(&srv.addr, &ConnectOptions::default())
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..64u64 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut errors = 0;
+            for j in 0..8 {
+                if c.read(((i * 8 + j) % 128) << 21, 1 << 21).await.is_err() {
+                    errors += 1;
+                }
+            }
+            errors
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    srv.child.kill().unwrap();
+    let _ = srv.child.wait();
+    let mut failed = 0;
+    for t in tasks {
+        failed += tokio::time::timeout(Duration::from_secs(10), t)
+            .await
+            .expect("a request hung after the server died")
+            .unwrap();
+    }
+    assert!(failed > 0, "killing the server mid-copy must fail requests");
+    let e = c.read(0, 4096).await.unwrap_err();
+    assert!(
+        matches!(e, NbdError::Closed { .. } | NbdError::Io { .. }),
+        "{e}"
+    );
+}

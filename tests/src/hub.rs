@@ -1,0 +1,274 @@
+//! A running `sendense-hub` for a test: temporary data directory, API on a kernel-chosen port
+//! of 127.0.0.1 (read back from the hub's log line, so there is no probe-then-bind race), its
+//! own NBD port range, stopped (SIGTERM, then SIGKILL) in `Drop`.
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How a test hub is started.
+#[derive(Debug, Clone)]
+pub struct HubOptions {
+    /// Data directory (database, repository, token, logs); kept across restarts of a test.
+    pub data_dir: PathBuf,
+    /// `--nbd-ports FIRST-LAST`; `None` picks 8 free ports.
+    pub nbd_ports: Option<(u16, u16)>,
+    /// `--database-url`; `None` = SQLite in the data directory.
+    pub database_url: Option<String>,
+    /// Extra flags.
+    pub extra_args: Vec<String>,
+}
+
+impl HubOptions {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        HubOptions {
+            data_dir: data_dir.into(),
+            nbd_ports: None,
+            database_url: None,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// A `sendense-hub` child process.
+pub struct HubProcess {
+    child: Option<Child>,
+    pub url: String,
+    pub token: String,
+    pub opts: HubOptions,
+    pub nbd_ports: (u16, u16),
+    /// The hub's stderr, captured to a file in the data directory.
+    pub stderr_path: PathBuf,
+    pub command_line: String,
+}
+
+impl HubProcess {
+    /// Starts the binary and waits until `/health` answers.
+    pub fn start(binary: &Path, mut opts: HubOptions) -> anyhow::Result<HubProcess> {
+        std::fs::create_dir_all(&opts.data_dir)?;
+        let nbd_ports = *opts
+            .nbd_ports
+            .get_or_insert_with(|| crate::net::free_port_range(8));
+        let stderr_path = opts.data_dir.join(format!(
+            "hub-stderr-{}.log",
+            chrono::Utc::now().format("%H%M%S%.f")
+        ));
+        let stderr = std::fs::File::create(&stderr_path)?;
+        let mut cmd = Command::new(binary);
+        cmd.arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(&opts.data_dir)
+            .arg("--nbd-ports")
+            .arg(format!("{}-{}", nbd_ports.0, nbd_ports.1));
+        if let Some(url) = &opts.database_url {
+            cmd.arg("--database-url").arg(url);
+        }
+        cmd.args(&opts.extra_args)
+            .env_remove("SENDENSE_HUB_CONFIG")
+            .env("SENDENSE_HUB_LOG", "info,agent_hub=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        let command_line = crate::describe(&cmd);
+        eprintln!("+ {command_line}  (stderr: {})", stderr_path.display());
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {command_line}"))?;
+        let mut hub = HubProcess {
+            child: Some(child),
+            url: String::new(),
+            token: String::new(),
+            opts,
+            nbd_ports,
+            stderr_path,
+            command_line,
+        };
+        let addr = hub.wait_for_listen_line(Duration::from_secs(30))?;
+        hub.url = format!("http://{addr}");
+        hub.token = std::fs::read_to_string(hub.opts.data_dir.join("token"))
+            .context("reading the hub's token file")?
+            .trim()
+            .to_string();
+        eprintln!("hub pid {} at {}", hub.pid(), hub.url);
+        Ok(hub)
+    }
+
+    fn wait_for_listen_line(&mut self, limit: Duration) -> anyhow::Result<String> {
+        let t = Instant::now();
+        loop {
+            let log = self.stderr();
+            if let Some(addr) = log
+                .lines()
+                .filter(|l| l.contains("API listening"))
+                .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
+            {
+                return Ok(addr.to_string());
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("sendense-hub exited with {status} before listening:\n{log}");
+            }
+            if t.elapsed() > limit {
+                bail!("sendense-hub did not listen within {limit:?}:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Everything the hub wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.stderr_path) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    pub fn api(&self) -> Api {
+        Api {
+            base: self.url.clone(),
+            token: Some(self.token.clone()),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// SIGKILL, as a crash: nothing of the hub's shutdown runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            eprintln!("+ kill -KILL {}", c.id());
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, wait up to 30 s, then SIGKILL; answers the exit status if it stopped.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        eprintln!("+ kill -TERM {pid}");
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(s)) = c.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("sendense-hub pid {pid} ignored SIGTERM for 30 s; SIGKILL");
+        let _ = c.kill();
+        c.wait().ok()
+    }
+}
+
+impl Drop for HubProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A small JSON client of the hub's API.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    /// `None` sends no Authorization header.
+    pub token: Option<String>,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub fn without_token(&self) -> Api {
+        Api {
+            token: None,
+            ..self.clone()
+        }
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .timeout(Duration::from_secs(60));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    async fn finish(r: reqwest::RequestBuilder) -> (u16, Value) {
+        let resp = r.send().await.expect("request to the hub");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, v)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        Self::finish(self.req(reqwest::Method::GET, path)).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        Self::finish(self.req(reqwest::Method::POST, path).json(body)).await
+    }
+
+    /// POST with a raw body (for malformed JSON).
+    pub async fn post_raw(&self, path: &str, body: &str) -> (u16, Value) {
+        Self::finish(
+            self.req(reqwest::Method::POST, path)
+                .header("content-type", "application/json")
+                .body(body.to_string()),
+        )
+        .await
+    }
+
+    /// GET that must answer 200.
+    pub async fn get_ok(&self, path: &str) -> Value {
+        let (s, v) = self.get(path).await;
+        assert_eq!(s, 200, "GET {path}: {v}");
+        v
+    }
+
+    /// Polls a backup until its status is one of `want` (or `limit` passes); answers it.
+    pub async fn wait_status(&self, id: &str, want: &[&str], limit: Duration) -> Value {
+        let t = Instant::now();
+        loop {
+            let b = self.get_ok(&format!("/api/v1/backups/{id}")).await;
+            if want.iter().any(|w| b["status"] == *w) {
+                return b;
+            }
+            if t.elapsed() > limit {
+                let ev = self.get(&format!("/api/v1/backups/{id}/events")).await.1;
+                panic!("backup {id} not in {want:?} after {limit:?}: {b:#}\nevents: {ev:#}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The job's event log as lines `step: message`.
+    pub async fn event_lines(&self, id: &str) -> Vec<String> {
+        let v = self.get_ok(&format!("/api/v1/backups/{id}/events")).await;
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| {
+                        format!(
+                            "{}: {}",
+                            e["step"].as_str().unwrap_or(""),
+                            e["message"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
