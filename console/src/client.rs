@@ -245,7 +245,12 @@ impl HubClient {
             Shape::List(list) => list,
             Shape::Map(map) => map
                 .into_iter()
-                .map(|(node, tunnel)| NodeTunnel { node, tunnel })
+                .map(|(node, tunnel)| NodeTunnel {
+                    node,
+                    live: true,
+                    tunnel: Some(tunnel),
+                    error: None,
+                })
                 .collect(),
         })
     }

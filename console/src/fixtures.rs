@@ -363,11 +363,18 @@ pub fn tunnels() -> Vec<NodeTunnel> {
     vec![
         NodeTunnel {
             node: "node-a".into(),
-            tunnel: tunnel_up(),
+            live: true,
+            tunnel: Some(tunnel_up()),
+            error: None,
         },
         NodeTunnel {
             node: "node-b".into(),
-            tunnel: tunnel_down(),
+            live: false,
+            tunnel: Some(tunnel_down()),
+            error: Some(
+                "GET http://127.0.0.1:9082/api/v1/tunnel: error sending request: connection refused"
+                    .into(),
+            ),
         },
     ]
 }

@@ -130,6 +130,7 @@ pub const TUNNEL_DOWN: &str = "down";
 pub const TUNNEL_UNKNOWN: &str = "unknown";
 pub const FORWARDS_OF: &str = "Forwards of";
 pub const NO_FORWARDS: &str = "no forwards";
+pub const PROBE_FAILED: &str = "the hub cannot ask this node now (last recorded state shown)";
 pub const NO_NODES: &str = "No nodes registered with the hub.";
 pub const API_URL: &str = "api";
 pub const VERSION: &str = "version";

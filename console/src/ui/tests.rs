@@ -145,7 +145,13 @@ fn tunnel_view_with_a_node_down() {
     both(
         "tunnel",
         &app,
-        &["✔ up", "✖ down", "Connection refused", "node-b"],
+        &[
+            "✔ up",
+            "✖ down",
+            "Connection refused",
+            "node-b",
+            "cannot ask this node",
+        ],
     );
 }
 
