@@ -33,7 +33,7 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
         let mut cells = vec![
             Cell::from(format::clock(e.at)),
             Cell::from(Span::styled(format!("{sym} {}", e.level), style)),
-            Cell::from(e.backup_id.to_string()),
+            Cell::from(format::short_id(&e.backup_id.0)),
         ];
         if wide {
             cells.push(Cell::from(

@@ -107,7 +107,7 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
             .map(format::rate)
             .unwrap_or_else(|| strings::NONE.to_string());
         let mut cells = vec![
-            Cell::from(b.backup_id.0.clone()),
+            Cell::from(format::short_id(&b.backup_id.0)),
             Cell::from(b.vm_name.clone()),
             Cell::from(short_type(b.backup_type)),
             Cell::from(Span::styled(format!("{sym} {}", b.status.as_str()), style)),
@@ -145,7 +145,7 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
             .enumerate()
             .map(|(i, e)| {
                 let lead = if i == 0 {
-                    format!("{} {} ", strings::SYM_BAD, b.backup_id)
+                    format!("{} {} ", strings::SYM_BAD, format::short_id(&b.backup_id.0))
                 } else {
                     "  ".to_string()
                 };

@@ -142,7 +142,12 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
                     })
                     .unwrap_or_default();
                 (
-                    format!("{} {vm} {} {}", a.backup_id, strings::DISK, a.disk_key),
+                    format!(
+                        "{} {vm} {} {}",
+                        format::short_id(&a.backup_id.0),
+                        strings::DISK,
+                        a.disk_key
+                    ),
                     format::age(a.allocated_at, app.now),
                     pid,
                 )

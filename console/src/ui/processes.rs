@@ -43,7 +43,7 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
             Cell::from(p.port.to_string()),
             Cell::from(Span::styled(format!("{sym} {word}"), style)),
             Cell::from(format::age(p.started_at, app.now)),
-            Cell::from(p.backup_id.to_string()),
+            Cell::from(format::short_id(&p.backup_id.0)),
             Cell::from(p.disk_key.to_string()),
             Cell::from(p.export_name.clone()),
         ];
