@@ -11,7 +11,7 @@ use axum::{Json, Router};
 use chrono::{TimeZone, Utc};
 use sendense_shared::api::{
     Backup, BackupRequest, BackupType, DatabaseHealth, DatabaseKind, DiskResult, DiskStatus,
-    ErrorBody, Health, JobStatus, PortsView, Repository,
+    ErrorBody, Health, JobStatus, PortsView, Repository, Vm, VmDisk,
 };
 use sendense_shared::ids::{BackupId, DiskKey, NbdPort};
 use std::convert::Infallible;
@@ -34,6 +34,8 @@ pub struct HubState {
     /// Every `POST /api/v1/backups` body, in order.
     pub start_requests: Vec<BackupRequest>,
     pub cancel_requests: Vec<String>,
+    /// What `GET /api/v1/vms` answers.
+    pub vms: Vec<Vm>,
     next_id: u32,
 }
 
@@ -283,6 +285,31 @@ async fn repositories(State(s): State<Shared>, headers: HeaderMap) -> Response {
     Json(s.state.lock().unwrap().repositories.clone()).into_response()
 }
 
+async fn vms(State(s): State<Shared>, headers: HeaderMap) -> Response {
+    if let Some(r) = reject(&headers) {
+        return r;
+    }
+    Json(s.state.lock().unwrap().vms.clone()).into_response()
+}
+
+/// A registered VM with two 1 GiB disks.
+pub fn vm(name: &str) -> Vm {
+    let disk = |key: i64, unit: i32| VmDisk {
+        disk_key: DiskKey(key),
+        unit_number: unit,
+        size_bytes: GIB,
+        label: format!("virtio-disk{unit}"),
+    };
+    Vm {
+        vm_context_id: format!("ctx-{name}"),
+        vm_name: name.into(),
+        node: None,
+        disks: vec![disk(2000, 0), disk(2001, 1)],
+        last_backup_id: None,
+        last_backup_at: None,
+    }
+}
+
 async fn empty_list(headers: HeaderMap) -> Response {
     if let Some(r) = reject(&headers) {
         return r;
@@ -359,7 +386,7 @@ impl FakeHub {
             .route("/api/v1/backups/{id}/cancel", post(cancel_backup))
             .route("/api/v1/backups/{id}/events", get(empty_list))
             .route("/api/v1/repositories", get(repositories))
-            .route("/api/v1/vms", get(empty_list))
+            .route("/api/v1/vms", get(vms))
             .route("/api/v1/processes", get(empty_list))
             .route("/api/v1/nodes", get(empty_list))
             .route("/api/v1/tunnel", get(empty_list))

@@ -8,3 +8,4 @@
 mod cli;
 mod fake_hub;
 mod feed;
+mod tui;
