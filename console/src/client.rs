@@ -24,7 +24,7 @@ pub enum ClientError {
         source: reqwest::Error,
     },
     #[error(
-        "hub at {url} refused the token (401 Unauthorized): pass the hub's token with --token-file FILE or SENDENSE_TOKEN"
+        "401 Unauthorized: the hub at {url} refused the token; pass the hub's token with --token-file FILE or SENDENSE_TOKEN"
     )]
     Unauthorized { url: String },
     #[error("{what}: {error} (404 Not Found): {detail}")]

@@ -285,3 +285,25 @@ fn tiny_terminal_does_not_panic() {
     keys(&mut app, &[KeyCode::Char('?')]);
     draw(&app, 10, 4);
 }
+
+#[test]
+fn bad_token_is_said_in_the_footer() {
+    let mut app = App::new(fixtures::HUB_URL, fixtures::now());
+    let snap = crate::app::Snapshot {
+        health: Some(fixtures::health()),
+        errors: vec![
+            "401 Unauthorized: the hub at http://127.0.0.1:8082/api/v1/backups refused the token; pass the hub's token with --token-file FILE or SENDENSE_TOKEN".into(),
+        ],
+        ..Default::default()
+    };
+    app.apply(Update::Snapshot(Box::new(snap)), fixtures::now());
+    app.apply(
+        Update::StreamDown {
+            error:
+                "hub at http://127.0.0.1:8082/api/v1/events refused the token (401 Unauthorized)"
+                    .into(),
+        },
+        fixtures::now(),
+    );
+    both("bad_token", &app, &["401 Unauthorized", "polling every 2s"]);
+}
