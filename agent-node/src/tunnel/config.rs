@@ -438,7 +438,7 @@ impl fmt::Display for Forward {
 }
 
 /// An API listening on every address is reached by the reverse forward on loopback.
-fn reachable(listen: SocketAddr) -> SocketAddr {
+pub fn reachable(listen: SocketAddr) -> SocketAddr {
     if listen.ip().is_unspecified() {
         SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), listen.port())
     } else {
