@@ -215,6 +215,8 @@ pub struct Jobs {
     jobs: Mutex<VecDeque<Arc<Job>>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    /// With a tunnel, targets on the hub's loopback are reached through its forwards.
+    tunnel: std::sync::OnceLock<Arc<crate::tunnel::Tunnel>>,
 }
 
 impl Jobs {
@@ -231,7 +233,13 @@ impl Jobs {
             jobs: Mutex::new(VecDeque::new()),
             tracker: TaskTracker::new(),
             shutdown,
+            tunnel: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Routes NBD targets through `tunnel`'s forwards from now on (set once, at start-up).
+    pub fn use_tunnel(&self, tunnel: Arc<crate::tunnel::Tunnel>) {
+        let _ = self.tunnel.set(tunnel);
     }
 
     pub fn driver(&self) -> &Arc<dyn SourceDriver> {
@@ -296,7 +304,12 @@ impl Jobs {
         }
         let mut addrs = Vec::new();
         for t in &targets {
-            addrs.push((t.disk_key, NbdAddr::parse(&t.uri.to_string())?));
+            let addr = NbdAddr::parse(&t.uri.to_string())?;
+            let addr = match self.tunnel.get() {
+                Some(tunnel) => tunnel.route(addr),
+                None => addr,
+            };
+            addrs.push((t.disk_key, addr));
         }
         if req.backup_type == BackupType::Incremental {
             self.driver
@@ -530,7 +543,10 @@ impl Jobs {
                         ));
                     } else {
                         d.status = DiskStatus::Failed;
-                        let msg = format!("copy to {target}: {}", error_chain(&e));
+                        let mut msg = format!("copy to {target}: {}", error_chain(&e));
+                        if let Some(t) = self.tunnel.get().filter(|t| t.carries(&target)) {
+                            msg.push_str(&format!(" ({})", t.describe()));
+                        }
                         first_error.get_or_insert_with(|| format!("disk {key}: {msg}"));
                         d.error = Some(msg);
                     }
