@@ -63,6 +63,7 @@ fn own_lines(stderr: &str) -> impl Iterator<Item = &str> {
     stderr.lines().map(str::trim).filter(|l| {
         !l.is_empty()
             && !l.starts_with("debug")
+            && !l.starts_with("Authenticated to ")
             && !l.starts_with("Transferred: ")
             && !l.starts_with("Bytes per second: ")
     })

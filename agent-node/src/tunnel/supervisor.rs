@@ -27,7 +27,7 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 /// Why one attempt ended (becomes `last_error`).
 #[derive(Debug, Error)]
 pub enum AttemptError {
-    #[error("preflight: {0}")]
+    #[error("preflight")]
     Preflight(#[from] PreflightError),
     #[error("writing the ssh config file into {dir}")]
     ConfigFile {
@@ -37,7 +37,7 @@ pub enum AttemptError {
     },
     #[error("starting ssh")]
     Spawn(#[from] ChildError),
-    #[error("{0}")]
+    #[error(transparent)]
     Ssh(#[from] SshFailure),
     #[error("ssh (PID {pid}) did not establish the forwards within {waited:?}; stopped it{last}")]
     NotUp {
