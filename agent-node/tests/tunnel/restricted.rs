@@ -117,3 +117,30 @@ async fn the_key_line_refuses_forwards_outside_the_list() {
         "the refused port is listening"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tunnel_user_cannot_run_a_command() {
+    let ports = Ports::pick();
+    let sshd = Sshd::start(&ports).await;
+    let marker = sshd.dir.path().join("ran");
+    let mut args = ssh_args(&sshd);
+    args.retain(|a| a != "-N");
+    args.extend([
+        format!("{}@127.0.0.1", sshd.user),
+        format!("touch {}; id", marker.display()),
+    ]);
+    let out = tokio::process::Command::new("ssh")
+        .args(&args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("uid="), "a command ran: {stdout}");
+    assert!(
+        !marker.exists(),
+        "a command ran: {} exists",
+        marker.display()
+    );
+    assert!(!out.status.success());
+}

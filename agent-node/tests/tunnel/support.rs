@@ -85,6 +85,17 @@ pub fn keygen(path: &Path) {
         .arg(path));
 }
 
+/// The `Match` block of deploy/README-sshd.md (step 2), for the test's login user.
+fn match_block(user: &str) -> String {
+    format!(
+        "Match User {user}\n    AuthenticationMethods publickey\n    PasswordAuthentication no\n    \
+         KbdInteractiveAuthentication no\n    AllowTcpForwarding yes\n    GatewayPorts no\n    \
+         PermitTTY no\n    X11Forwarding no\n    AllowAgentForwarding no\n    \
+         AllowStreamLocalForwarding no\n    PermitTunnel no\n    ForceCommand /usr/sbin/nologin\n    \
+         ClientAliveInterval 15\n    ClientAliveCountMax 3\n"
+    )
+}
+
 fn user_name() -> String {
     run(Command::new("id").arg("-un")).trim().to_string()
 }
@@ -143,10 +154,11 @@ impl Sshd {
                     "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
                      PidFile {}\nStrictModes no\nUsePAM no\nPermitRootLogin prohibit-password\n\
                      PasswordAuthentication no\nKbdInteractiveAuthentication no\nUseDNS no\n\
-                     LogLevel VERBOSE\n",
+                     LogLevel VERBOSE\n{}",
                     host_key.display(),
                     authorized_keys.display(),
-                    d.join("sshd.pid").display()
+                    d.join("sshd.pid").display(),
+                    match_block(&user_name()),
                 ),
             )
             .unwrap();
