@@ -515,6 +515,14 @@ impl Jobs {
             .iter()
             .find(|(_, _, r)| matches!(r, Err(e) if !is_cancel(e)))
             .map(|(k, _, _)| *k);
+        // A copy through the tunnel that failed: what the tunnel says about it (it may need a
+        // moment to notice that ssh died, hence before the job's lock is taken).
+        let tunnel_note = match self.tunnel.get() {
+            Some(t) if results.iter().any(|(_, tg, r)| r.is_err() && t.carries(tg)) => {
+                Some(t.explain_failure().await)
+            }
+            _ => None,
+        };
         let mut st = job.lock();
         let mut all_ok = true;
         let mut first_error = None;
@@ -544,8 +552,11 @@ impl Jobs {
                     } else {
                         d.status = DiskStatus::Failed;
                         let mut msg = format!("copy to {target}: {}", error_chain(&e));
-                        if let Some(t) = self.tunnel.get().filter(|t| t.carries(&target)) {
-                            msg.push_str(&format!(" ({})", t.describe()));
+                        if let Some(note) = tunnel_note
+                            .as_ref()
+                            .filter(|_| self.tunnel.get().is_some_and(|t| t.carries(&target)))
+                        {
+                            msg.push_str(&format!(" ({note})"));
                         }
                         first_error.get_or_insert_with(|| format!("disk {key}: {msg}"));
                         d.error = Some(msg);
