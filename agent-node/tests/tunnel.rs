@@ -5,6 +5,14 @@
 #[path = "tunnel/support.rs"]
 mod support;
 
+// The node's own test harness: a real QEMU VM, a recording hub.
+#[allow(dead_code)]
+#[path = "node/support.rs"]
+mod node_support;
+
+#[path = "tunnel/job.rs"]
+mod job;
+
 #[path = "tunnel/flow.rs"]
 mod flow;
 

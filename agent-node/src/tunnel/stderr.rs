@@ -58,11 +58,14 @@ pub enum SshFailure {
     },
 }
 
-/// Lines ssh itself logged as errors or notices (not `debugN:`, not the exit statistics).
+/// Lines ssh itself logged as errors or notices about the connection: not `debugN:`, not the
+/// exit statistics, and not per-channel errors ("channel 3: open failed: connect failed:
+/// Connection refused" when the hub's API is down), which never end ssh.
 fn own_lines(stderr: &str) -> impl Iterator<Item = &str> {
     stderr.lines().map(str::trim).filter(|l| {
         !l.is_empty()
             && !l.starts_with("debug")
+            && !l.starts_with("channel ")
             && !l.starts_with("Authenticated to ")
             && !l.starts_with("Transferred: ")
             && !l.starts_with("Bytes per second: ")
@@ -244,6 +247,7 @@ mod tests {
         // level; the exit was a SIGKILL.
         let mut r = report(
             "debug1: connect_next: connect to 127.0.0.1 port 8082 failed: Connection refused\n\
+             channel 3: open failed: connect failed: Connection refused\n\
              Transferred: sent 3412, received 3132 bytes, in 2.0 seconds\n",
         );
         r.status = "killed by SIGKILL".into();
@@ -252,6 +256,14 @@ mod tests {
         assert_eq!(
             classify(&r, 7, &sample(Path::new("/x"))).to_string(),
             "ssh (PID 7) killed by SIGKILL"
+        );
+        r.status = "exit status 255".into();
+        r.signal = None;
+        r.stderr_tail
+            .push_str("client_loop: send disconnect: Broken pipe\n");
+        assert_eq!(
+            classify(&r, 7, &sample(Path::new("/x"))).to_string(),
+            "the hub's sshd stopped answering: client_loop: send disconnect: Broken pipe"
         );
     }
 

@@ -21,6 +21,10 @@ use tokio_util::sync::CancellationToken;
 
 /// How often ssh's stderr is looked at while the forwards are being set up.
 const MARKER_POLL: Duration = Duration::from_millis(50);
+/// How long [`Tunnel::explain_failure`] waits for the supervisor to see ssh's exit.
+pub const EXPLAIN_WAIT: Duration = Duration::from_secs(3);
+/// How long [`Tunnel::explain_failure`] waits while ssh still looks alive.
+pub const EXPLAIN_ALIVE: Duration = Duration::from_millis(500);
 /// SIGTERM → SIGKILL grace for ssh on shutdown.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 
@@ -141,7 +145,27 @@ impl Tunnel {
             if self.cfg.nbd_ports.contains(*port) && host.parse() == Ok(self.cfg.bind))
     }
 
-    /// For an error of a copy through the tunnel: what the tunnel did meanwhile.
+    /// For an error of a copy through the tunnel: what the tunnel did. The copy may notice
+    /// ssh's death before the supervisor does (sockets close before the process is reaped, and
+    /// the exit report waits for ssh's stderr), so while the state still says `up` this waits
+    /// for the supervisor's verdict: up to [`EXPLAIN_WAIT`] once ssh is gone, and no longer than
+    /// [`EXPLAIN_ALIVE`] while ssh still lives (then the failure was not the tunnel's).
+    pub async fn explain_failure(&self) -> String {
+        let start = Instant::now();
+        while start.elapsed() < EXPLAIN_WAIT && self.state.borrow().state == TunnelStateKind::Up {
+            let alive = self
+                .ssh_pid()
+                .is_some_and(sendense_shared::child::pid_alive);
+            if alive && start.elapsed() >= EXPLAIN_ALIVE {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        self.describe()
+    }
+
+    /// The tunnel's state in words, e.g. "through the ssh tunnel to u@h:443 (now down since
+    /// 01:02:03, 1 restart(s), last error: ssh (PID 42) killed by SIGKILL)".
     pub fn describe(&self) -> String {
         let s = self.state();
         let state = match s.state {
