@@ -86,6 +86,7 @@ PasswordAuthentication no
 EOF
 setsid /usr/sbin/sshd -D -e -f "$DIR/sshd_config" 2>"$DIR/sshd.log" &
 SSHD_PID=$!
+disown "$SSHD_PID"  # killed by its process group in cleanup; no job-control notice
 wait_port 127.0.0.1 "$SSH_PORT" "$SSHD_PID" sshd
 echo "[127.0.0.1]:$SSH_PORT $(cat "$DIR/host_key.pub")" >"$DIR/known_hosts"
 

@@ -98,3 +98,25 @@ async fn comes_up_carries_nbd_data_and_restarts_after_sigkill() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_size_range_of_101_nbd_forwards_comes_up() {
+    // As many forwards as the hub's default 10100-10200, on a free block elsewhere.
+    let ports = Ports {
+        nbd: free_block(101),
+        ..Ports::pick()
+    };
+    let sshd = Sshd::start(&ports).await;
+    assert_eq!(sshd.authorized_line.matches("permitopen=").count(), 102);
+    let t = TestTunnel::start(sshd.tunnel_config(&ports));
+    let up = t.wait_up().await;
+    assert_eq!(up.forwards.len(), 103);
+    // Every local forward listens (bind fails on each).
+    for p in ports.nbd.ports().chain([ports.hub_api]) {
+        assert!(
+            std::net::TcpListener::bind(("127.0.0.2", p)).is_err(),
+            "127.0.0.2:{p} is not ssh's"
+        );
+    }
+    t.stop().await;
+}
