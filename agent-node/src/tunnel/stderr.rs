@@ -72,6 +72,11 @@ fn own_lines(stderr: &str) -> impl Iterator<Item = &str> {
     })
 }
 
+/// The last line ssh logged about the connection (see [`own_lines`]), if any.
+pub fn last_own_line(stderr: &str) -> Option<&str> {
+    own_lines(stderr).last()
+}
+
 /// The port in `... port N` / `...port: N` at the end of a line.
 fn trailing_port(line: &str) -> Option<u16> {
     let digits: String = line

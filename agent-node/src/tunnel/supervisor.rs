@@ -4,7 +4,7 @@
 use super::config::{BackoffPolicy, Forward, TunnelConfig};
 use super::preflight::{PreflightError, tcp_connect};
 use super::ssh_config::{self, HOST_ALIAS};
-use super::stderr::{SshFailure, classify, forwards_established};
+use super::stderr::{SshFailure, classify, forwards_established, last_own_line};
 use chrono::Utc;
 use rand::Rng;
 use sendense_shared::api::{TunnelState, TunnelStateKind};
@@ -300,8 +300,8 @@ impl Tunnel {
                         self.set(TunnelStateKind::Up, |_| {});
                     } else if spawned.elapsed() >= self.cfg.up_timeout {
                         child.stop(STOP_GRACE).await;
-                        let last = child.exit_report()
-                            .and_then(|r| r.last_stderr_line().map(|l| format!(": {l}")))
+                        let last = last_own_line(&child.stderr_tail())
+                            .map(|l| format!("; ssh said: {l}"))
                             .unwrap_or_default();
                         break Err(AttemptError::NotUp { pid, waited: self.cfg.up_timeout, last });
                     }

@@ -115,3 +115,38 @@ async fn a_reverse_port_outside_permitlisten_is_named() {
         "{e}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_that_accepts_but_never_speaks_ssh_is_bounded() {
+    let ports = Ports::pick();
+    let sshd = Sshd::start(&ports).await;
+    // Accepts TCP (so the preflight passes) and never sends an SSH banner.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let _hold = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in silent.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let mut cfg = sshd.tunnel_config(&ports);
+    cfg.target.port = silent_port;
+    cfg.up_timeout = Duration::from_secs(2);
+    let t = TestTunnel::start(cfg);
+    let e = t.wait_error().await;
+    assert!(
+        e.starts_with("ssh (PID ")
+            && e.contains("did not establish the forwards within 2s; stopped it"),
+        "{e}"
+    );
+    let pid: u32 = e["ssh (PID ".len()..]
+        .split(')')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        !sendense_shared::child::pid_alive(pid),
+        "the stalled ssh was stopped"
+    );
+}
