@@ -28,6 +28,10 @@ use tokio_util::task::TaskTracker;
 
 /// Finished jobs kept for `GET /api/v1/backup/{id}`.
 const KEEP_FINISHED: usize = 200;
+/// Attempts at the final report once the node is shutting down.
+const SHUTDOWN_ATTEMPTS: u32 = 3;
+/// How long a cancelled copy may take to stop before it is dropped.
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
 /// Progress push interval.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
@@ -77,7 +81,7 @@ struct DiskEntry {
     error: Option<String>,
     /// From the copy outcome, for the hub's verification.
     checksums: Option<ChunkChecksums>,
-    /// (time, bytes processed) samples of the last few seconds, for the rate.
+    /// (time, bytes read) samples of the last few seconds, for the rate.
     samples: VecDeque<(Instant, u64)>,
 }
 
@@ -171,8 +175,9 @@ impl Job {
         let now = Instant::now();
         let mut st = self.lock();
         for d in &mut st.disks {
-            let (done, _) = d.processed();
-            d.samples.push_back((now, done));
+            // The rate is of data moved: skipped holes would make it meaningless.
+            let read = d.counters.snapshot().bytes_read;
+            d.samples.push_back((now, read));
             while d.samples.len() > 6 {
                 d.samples.pop_front();
             }
@@ -212,6 +217,8 @@ pub struct Jobs {
     jobs: Mutex<VecDeque<Arc<Job>>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    /// With a tunnel, targets on the hub's loopback are reached through its forwards.
+    tunnel: std::sync::OnceLock<Arc<crate::tunnel::Tunnel>>,
 }
 
 impl Jobs {
@@ -228,7 +235,13 @@ impl Jobs {
             jobs: Mutex::new(VecDeque::new()),
             tracker: TaskTracker::new(),
             shutdown,
+            tunnel: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Routes NBD targets through `tunnel`'s forwards from now on (set once, at start-up).
+    pub fn use_tunnel(&self, tunnel: Arc<crate::tunnel::Tunnel>) {
+        let _ = self.tunnel.set(tunnel);
     }
 
     pub fn driver(&self) -> &Arc<dyn SourceDriver> {
@@ -293,7 +306,12 @@ impl Jobs {
         }
         let mut addrs = Vec::new();
         for t in &targets {
-            addrs.push((t.disk_key, NbdAddr::parse(&t.uri.to_string())?));
+            let addr = NbdAddr::parse(&t.uri.to_string())?;
+            let addr = match self.tunnel.get() {
+                Some(tunnel) => tunnel.route(addr),
+                None => addr,
+            };
+            addrs.push((t.disk_key, addr));
         }
         if req.backup_type == BackupType::Incremental {
             self.driver
@@ -419,6 +437,7 @@ impl Jobs {
             }
             Ok(snapshot) => {
                 let status = self.copy_all(&job, &snapshot, &targets).await;
+                job.set_status(JobStatus::Finalizing);
                 let outcome = if status == JobStatus::Completed {
                     ReleaseOutcome::Success
                 } else {
@@ -455,7 +474,24 @@ impl Jobs {
     ) -> JobStatus {
         if job.cancel.is_cancelled() {
             job.set_disks(DiskStatus::Cancelled);
+            job.lock()
+                .error
+                .get_or_insert_with(|| "cancelled".to_string());
             return JobStatus::Cancelled;
+        }
+        // A disk hot-plugged or removed between the start's check and the snapshot: the
+        // targets no longer match the VM, and a VM is backed up whole or not at all.
+        let snap_keys: BTreeSet<DiskKey> = snapshot.disks.iter().map(|d| d.disk_key).collect();
+        let target_keys: BTreeSet<DiskKey> = targets.iter().map(|(k, _)| *k).collect();
+        if snap_keys != target_keys {
+            let msg = format!(
+                "the VM's disks changed before the snapshot: snapshot has {}, targets name {}",
+                key_list(&snap_keys.into_iter().collect::<Vec<_>>()),
+                key_list(&target_keys.into_iter().collect::<Vec<_>>())
+            );
+            job.set_disks(DiskStatus::Failed);
+            job.lock().error = Some(msg);
+            return JobStatus::Failed;
         }
         job.set_status(JobStatus::Running);
         job.set_disks(DiskStatus::Running);
@@ -487,7 +523,20 @@ impl Jobs {
             let key = sd.disk_key;
             let target = target.clone();
             copies.push(async move {
-                let r = copy_disk(&source, &target, extents, &opts, counters, token.clone()).await;
+                let copy = copy_disk(&source, &target, extents, &opts, counters, token.clone());
+                // The engine stops between requests; a request to a hung target never ends, so
+                // after a grace period the copy is dropped (its connections with it), so that
+                // the snapshot is released whatever the target does.
+                let r = tokio::select! {
+                    r = copy => r,
+                    _ = async {
+                        token.cancelled().await;
+                        tokio::time::sleep(CANCEL_GRACE).await;
+                    } => {
+                        tracing::warn!(disk_key = %key, "copy did not stop within {CANCEL_GRACE:?} of the cancel; dropped");
+                        Err(crate::copy::CopyError::Cancelled)
+                    }
+                };
                 if r.is_err() {
                     token.cancel();
                 }
@@ -497,8 +546,16 @@ impl Jobs {
         let results = futures_util::future::join_all(copies).await;
         let failed_key = results
             .iter()
-            .find(|(_, _, r)| r.is_err() && !job.cancel.is_cancelled())
+            .find(|(_, _, r)| matches!(r, Err(e) if !is_cancel(e)))
             .map(|(k, _, _)| *k);
+        // A copy through the tunnel that failed: what the tunnel says about it (it may need a
+        // moment to notice that ssh died, hence before the job's lock is taken).
+        let tunnel_note = match self.tunnel.get() {
+            Some(t) if results.iter().any(|(_, tg, r)| r.is_err() && t.carries(tg)) => {
+                Some(t.explain_failure().await)
+            }
+            _ => None,
+        };
         let mut st = job.lock();
         let mut all_ok = true;
         let mut first_error = None;
@@ -527,7 +584,13 @@ impl Jobs {
                         ));
                     } else {
                         d.status = DiskStatus::Failed;
-                        let msg = format!("copy to {target}: {}", error_chain(&e));
+                        let mut msg = format!("copy to {target}: {}", error_chain(&e));
+                        if let Some(note) = tunnel_note
+                            .as_ref()
+                            .filter(|_| self.tunnel.get().is_some_and(|t| t.carries(&target)))
+                        {
+                            msg.push_str(&format!(" ({note})"));
+                        }
                         first_error.get_or_insert_with(|| format!("disk {key}: {msg}"));
                         d.error = Some(msg);
                     }
@@ -535,7 +598,12 @@ impl Jobs {
             }
         }
         if job.cancel.is_cancelled() {
-            st.error.get_or_insert_with(|| "cancelled".to_string());
+            let why = if self.shutdown.is_cancelled() {
+                "cancelled: the node is shutting down"
+            } else {
+                "cancelled"
+            };
+            st.error.get_or_insert_with(|| why.to_string());
             JobStatus::Cancelled
         } else if all_ok {
             JobStatus::Completed
@@ -580,13 +648,13 @@ impl Jobs {
                     tracing::warn!(backup_id = %id, error = %e, attempt, "final report failed; retrying");
                 }
             }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff(attempt)) => {}
-                _ = self.shutdown.cancelled() => {
-                    tracing::error!(backup_id = %id, "shutting down before the hub took the final report");
-                    return;
-                }
+            // While the node shuts down a few quick attempts still go out (the job was just
+            // cancelled by the shutdown, and the hub should hear it), then it gives up.
+            if self.shutdown.is_cancelled() && attempt >= SHUTDOWN_ATTEMPTS {
+                tracing::error!(backup_id = %id, "shutting down before the hub took the final report");
+                return;
             }
+            tokio::time::sleep(backoff(attempt)).await;
             attempt += 1;
         }
     }
