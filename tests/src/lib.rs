@@ -7,11 +7,13 @@
 //! - [`disks`]: source images with known data (`qemu-img`, `qemu-io`), `nbdcopy` into an
 //!   export, `qemu-img compare`.
 //! - [`net`]: free port ranges on 127.0.0.1.
+//! - [`qemu`]: a paused QEMU VM with qcow2 disks and QMP sockets; the real `sendense-node`.
 //! - [`tmpfs`]: a small mounted tmpfs (a repository that fills up), unmounted in `Drop`.
 
 pub mod disks;
 pub mod hub;
 pub mod net;
+pub mod qemu;
 pub mod tmpfs;
 
 use std::path::PathBuf;
