@@ -58,10 +58,31 @@ async fn a_two_disk_vm_backed_up_through_hub_and_node() {
     assert_eq!(v["disks"].as_array().unwrap().len(), 2, "{v}");
 
     let mut previous: Option<(String, Vec<PathBuf>)> = None;
-    for (round, kind) in ["full", "incremental"].iter().enumerate() {
-        if round == 1 {
-            vm.guest_write(0, 0x7e, 30 * MIB, MIB);
-            vm.guest_write(1, 0x7f, 40 * MIB, 2 * MIB);
+    // (requested, recorded): the third round loses the node's changed-block maps first, so the
+    // node refuses the incremental and the hub falls back to a full backup, recorded as such.
+    let rounds = [
+        ("full", "full"),
+        ("incremental", "incremental"),
+        ("incremental", "full"),
+    ];
+    for (round, (kind, recorded)) in rounds.iter().enumerate() {
+        if round >= 1 {
+            vm.guest_write(0, 0x7e - round as u8, 30 * MIB, MIB);
+            vm.guest_write(1, 0x7f - round as u8, 40 * MIB, 2 * MIB);
+        }
+        if round == 2 {
+            let nodes = vm.qmp("query-named-block-nodes", json!({"flat": true}));
+            let mut removed = 0;
+            for n in nodes.as_array().unwrap() {
+                for b in n["dirty-bitmaps"].as_array().into_iter().flatten() {
+                    vm.qmp(
+                        "block-dirty-bitmap-remove",
+                        json!({"node": n["node-name"], "name": b["name"]}),
+                    );
+                    removed += 1;
+                }
+            }
+            assert!(removed >= 2, "the node keeps a bitmap per disk: {nodes}");
         }
         // What the disks hold at the snapshot instant (the VM is paused: nothing else writes).
         let expected: Vec<PathBuf> = (0..2)
@@ -78,7 +99,6 @@ async fn a_two_disk_vm_backed_up_through_hub_and_node() {
             )
             .await;
         assert_eq!(s, 202, "{b}");
-        assert_eq!(b["backup_type"], *kind, "{b}");
         let id = b["backup_id"].as_str().unwrap().to_string();
         let done = api
             .wait_status(
@@ -94,6 +114,13 @@ async fn a_two_disk_vm_backed_up_through_hub_and_node() {
             "{done:#}\nevents: {events:#?}\nnode log:\n{}",
             node.log_text()
         );
+        assert_eq!(done["backup_type"], *recorded, "{done}");
+        if kind != recorded {
+            assert!(
+                events.iter().any(|e| e.starts_with("incremental_fallback")),
+                "{events:#?}"
+            );
+        }
         let ver = api
             .get_ok(&format!("/api/v1/backups/{id}/verification"))
             .await;
@@ -112,7 +139,21 @@ async fn a_two_disk_vm_backed_up_through_hub_and_node() {
         }
         if let Some((prev_id, _)) = &previous {
             for d in ver.as_array().unwrap() {
-                assert_eq!(d["parent_backup_id"], prev_id.as_str(), "{ver}");
+                if *recorded == "incremental" {
+                    assert_eq!(d["parent_backup_id"], prev_id.as_str(), "{ver}");
+                } else {
+                    assert_eq!(d["parent_backup_id"], json!(null), "{ver}");
+                    assert_eq!(d["backing_path"], json!(null), "{ver}");
+                }
+            }
+        }
+        if *recorded == "full" {
+            for t in &tops {
+                assert!(
+                    disks::info(t)["backing-filename"].is_null(),
+                    "a full backup has no backing file: {}",
+                    t.display()
+                );
             }
         }
         assert_eq!(api.get_ok("/api/v1/ports").await["allocations"], json!([]));

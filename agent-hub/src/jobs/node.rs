@@ -7,15 +7,64 @@ use sendense_shared::api::{BackupType, JobStatus, NodeBackupStart, NodeBackupSta
 use sendense_shared::ids::BackupId;
 use std::time::Instant;
 
-/// `POST {api_url}/api/v1/backup/start`; a refusal or no answer fails the job.
+/// `POST {api_url}/api/v1/backup/start`; a refusal or no answer fails the job. An incremental
+/// the node refuses for want of a changed-block map ("bitmap missing") is re-prepared as a full
+/// backup and asked for again.
 pub async fn start_on_node(
+    jm: &JobManager,
+    job: &std::sync::Arc<LiveJob>,
+    node: &NodeTarget,
+    kind: BackupType,
+    previous_backup_id: Option<BackupId>,
+    targets: &str,
+) {
+    let mut kind = kind;
+    let mut previous_backup_id = previous_backup_id;
+    loop {
+        match ask_start(jm, job, node, kind, previous_backup_id.clone(), targets).await {
+            Ok(()) => return,
+            Err(Refusal::BitmapMissing(detail)) if kind == BackupType::Incremental => {
+                let why = format!(
+                    "node {} has no valid changed-block map: {detail}",
+                    node.name
+                );
+                if super::prepare::refull(jm, job, &why).await.is_err() {
+                    return;
+                }
+                kind = BackupType::Full;
+                previous_backup_id = None;
+            }
+            Err(Refusal::BitmapMissing(failure)) | Err(Refusal::Other(failure)) => {
+                jm.event(
+                    &job.id,
+                    Level::Error,
+                    "node_start_failed",
+                    failure.clone(),
+                    None,
+                )
+                .await;
+                let mut res = job.res.lock().await;
+                finish(jm, job, &mut res, Outcome::Failed(failure)).await;
+                return;
+            }
+        }
+    }
+}
+
+enum Refusal {
+    /// `409` whose error says the changed-block map is missing.
+    BitmapMissing(String),
+    Other(String),
+}
+
+async fn ask_start(
     jm: &JobManager,
     job: &LiveJob,
     node: &NodeTarget,
     kind: BackupType,
     previous_backup_id: Option<BackupId>,
     targets: &str,
-) {
+) -> Result<(), Refusal> {
     let url = format!("{}/api/v1/backup/start", node.api_url.trim_end_matches('/'));
     let body = NodeBackupStart {
         backup_id: job.id.clone(),
@@ -45,7 +94,7 @@ pub async fn start_on_node(
         .json(&body)
         .send()
         .await;
-    let failure = match answer {
+    match answer {
         Ok(r) if r.status().is_success() => {
             jm.event(
                 &job.id,
@@ -60,29 +109,30 @@ pub async fn start_on_node(
                 None,
             )
             .await;
-            return;
+            Ok(())
         }
         Ok(r) => {
             let status = r.status();
             let text = r.text().await.unwrap_or_default();
-            format!(
-                "node {} refused the copy: POST {url} answered HTTP {status}: {}",
-                node.name,
-                text.chars().take(500).collect::<String>()
-            )
+            let text: String = text.chars().take(500).collect();
+            let msg = format!(
+                "node {} refused the copy: POST {url} answered HTTP {status}: {text}",
+                node.name
+            );
+            let bitmap = status == reqwest::StatusCode::CONFLICT
+                && serde_json::from_str::<sendense_shared::api::ErrorBody>(&text)
+                    .is_ok_and(|b| b.error.contains("bitmap missing"));
+            Err(if bitmap {
+                Refusal::BitmapMissing(text)
+            } else {
+                Refusal::Other(msg)
+            })
         }
-        Err(e) => format!("node {} unreachable: POST {url}: {e}", node.name),
-    };
-    jm.event(
-        &job.id,
-        Level::Error,
-        "node_start_failed",
-        failure.clone(),
-        None,
-    )
-    .await;
-    let mut res = job.res.lock().await;
-    finish(jm, job, &mut res, Outcome::Failed(failure)).await;
+        Err(e) => Err(Refusal::Other(format!(
+            "node {} unreachable: POST {url}: {e}",
+            node.name
+        ))),
+    }
 }
 
 /// `POST {api_url}/api/v1/backup/{id}/cancel`; best effort: the hub unwinds its side anyway
