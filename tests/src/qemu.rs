@@ -140,6 +140,19 @@ impl NodeProcess {
         hub_url: &str,
         token_file: &Path,
     ) -> NodeProcess {
+        Self::start_with_env(dir, name, vm, qmp, hub_url, token_file, &[])
+    }
+
+    /// Like [`NodeProcess::start`] with extra environment (e.g. `SENDENSE_COPY_THROTTLE_BPS`).
+    pub fn start_with_env(
+        dir: &Path,
+        name: &str,
+        vm: &str,
+        qmp: &Path,
+        hub_url: &str,
+        token_file: &Path,
+        env: &[(&str, &str)],
+    ) -> NodeProcess {
         let run_dir = dir.join(format!("{name}-run"));
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(&config, format!("run_dir = \"{}\"\n", run_dir.display())).unwrap();
@@ -155,6 +168,7 @@ impl NodeProcess {
             .arg(format!("{vm}={}", qmp.display()))
             .args(["--hub-url", hub_url])
             .env("RUST_LOG", "info,agent_node=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
@@ -171,6 +185,15 @@ impl NodeProcess {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            eprintln!("+ kill -KILL {}", c.id());
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

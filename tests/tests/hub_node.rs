@@ -161,3 +161,83 @@ async fn a_two_disk_vm_backed_up_through_hub_and_node() {
         previous = Some((id, tops));
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_killed_mid_copy_fails_the_job_and_frees_the_hub() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut images = Vec::new();
+    for i in 0..2u8 {
+        let p = tmp.path().join(format!("vm-disk{i}.qcow2"));
+        disks::create_qcow2(&p, SIZE);
+        disks::write_pattern(&p, 0, 16 * MIB, 0x51 + i);
+        images.push(p);
+    }
+    let vm = TestVm::start(tmp.path(), images);
+    // The hub checks a silent node every second and gives up after 3 s without an answer.
+    let cfg = tmp.path().join("hub.toml");
+    std::fs::write(
+        &cfg,
+        "node_watch_interval_secs = 1\nnode_lost_after_secs = 3\n",
+    )
+    .unwrap();
+    let mut opts = HubOptions::new(tmp.path().join("hub"));
+    opts.extra_args = vec!["--config".into(), cfg.display().to_string()];
+    let hub = HubProcess::start(&sendense_tests::bin_path("sendense-hub"), opts).expect("hub");
+    let api = hub.api();
+    // Throttled so the copy is still running when the node dies.
+    let mut node = NodeProcess::start_with_env(
+        tmp.path(),
+        "node1",
+        "vm1",
+        &vm.node_qmp,
+        &hub.url,
+        &hub.opts.data_dir.join("token"),
+        &[("SENDENSE_COPY_THROTTLE_BPS", "1048576")],
+    );
+    let t = Instant::now();
+    while api.get("/api/v1/vms/vm1").await.0 != 200 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "vm1 never reached the hub; node log:\n{}",
+            node.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (s, b) = api
+        .post(
+            "/api/v1/backups",
+            &json!({"vm_name": "vm1", "repository_id": "default", "backup_type": "full"}),
+        )
+        .await;
+    assert_eq!(s, 202, "{b}");
+    let id = b["backup_id"].as_str().unwrap().to_string();
+    // Wait for the copy to be under way (progress reached the hub), then kill the node.
+    let t = Instant::now();
+    loop {
+        let b = api.get_ok(&format!("/api/v1/backups/{id}")).await;
+        if b["bytes_transferred"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "no progress: {b}\nnode log:\n{}",
+            node.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    node.kill9();
+    let killed = Instant::now();
+    let done = api
+        .wait_status(&id, &["failed", "completed"], Duration::from_secs(60))
+        .await;
+    eprintln!("job ended {:?} after the node was killed", killed.elapsed());
+    assert_eq!(done["status"], "failed", "{done}");
+    let msg = done["error_message"].as_str().unwrap();
+    assert!(msg.contains("node node1 lost"), "{msg}");
+    assert_eq!(api.get_ok("/api/v1/ports").await["allocations"], json!([]));
+    assert_eq!(api.get_ok("/api/v1/processes?alive=true").await, json!([]));
+    for d in done["disk_results"].as_array().unwrap() {
+        let p = PathBuf::from(d["qcow2_path"].as_str().unwrap());
+        assert!(!p.exists(), "partial image {} left behind", p.display());
+    }
+}
