@@ -258,3 +258,100 @@ async fn tunnel(State(state): State<Arc<NodeState>>) -> impl IntoResponse {
         forwards: Vec::new(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::copy::CopyOptions;
+    use crate::qmp::QmpLog;
+    use crate::source::qemu::QemuDriver;
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    fn app() -> Router {
+        let driver = Arc::new(QemuDriver::new(
+            Vec::new(),
+            std::env::temp_dir(),
+            Arc::new(QmpLog::new(None)),
+        ));
+        let jobs = Jobs::new(
+            driver,
+            None,
+            CopyOptions::default(),
+            CancellationToken::new(),
+        );
+        router(Arc::new(NodeState {
+            name: "n".into(),
+            token: "tok".into(),
+            started_at: Utc::now(),
+            jobs,
+        }))
+    }
+
+    async fn call(req: Request<Body>) -> (StatusCode, serde_json::Value) {
+        let resp = app().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap_or_default())
+    }
+
+    fn get(path: &str, token: Option<&str>) -> Request<Body> {
+        let mut b = Request::get(path);
+        if let Some(t) = token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        b.body(Body::empty()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn health_is_open_and_the_rest_needs_the_token() {
+        let (s, body) = call(get("/api/v1/health", None)).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(body["pid"], std::process::id());
+        let (s, body) = call(get("/api/v1/inventory", None)).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert_eq!(body["error"], "unauthorized");
+        let (s, _) = call(get("/api/v1/tunnel", Some("nope"))).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        let (s, body) = call(get("/api/v1/tunnel", Some("tok"))).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(body["state"], "down");
+        let (s, body) = call(get("/api/v1/inventory", Some("tok"))).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(body["vms"], serde_json::json!([]));
+        let (s, body) = call(get("/api/v1/backup/zz", Some("tok"))).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        assert_eq!(body["error"], "backup not found");
+    }
+
+    #[tokio::test]
+    async fn bad_start_bodies_are_400_and_unknown_vm_is_404() {
+        let post = |body: &str| {
+            Request::post("/api/v1/backup/start")
+                .header("authorization", "Bearer tok")
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap()
+        };
+        let (s, body) = call(post("{not json")).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"], "invalid field");
+        let (s, body) = call(post(
+            r#"{"backup_id":"b","vm_name":"vm","backup_type":"weekly","nbd_targets":"x"}"#,
+        ))
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert!(
+            body["detail"].as_str().unwrap().contains("backup_type"),
+            "{body}"
+        );
+        let (s, body) = call(post(
+            r#"{"backup_id":"b","vm_name":"vm","backup_type":"full","nbd_targets":"2000:nbd://127.0.0.1:1/e"}"#,
+        ))
+        .await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        assert_eq!(body["error"], "vm not found");
+    }
+}

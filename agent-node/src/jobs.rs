@@ -28,6 +28,8 @@ use tokio_util::task::TaskTracker;
 
 /// Finished jobs kept for `GET /api/v1/backup/{id}`.
 const KEEP_FINISHED: usize = 200;
+/// Attempts at the final report once the node is shutting down.
+const SHUTDOWN_ATTEMPTS: u32 = 3;
 /// Progress push interval.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
@@ -77,7 +79,7 @@ struct DiskEntry {
     error: Option<String>,
     /// From the copy outcome, for the hub's verification.
     checksums: Option<ChunkChecksums>,
-    /// (time, bytes processed) samples of the last few seconds, for the rate.
+    /// (time, bytes read) samples of the last few seconds, for the rate.
     samples: VecDeque<(Instant, u64)>,
 }
 
@@ -171,8 +173,9 @@ impl Job {
         let now = Instant::now();
         let mut st = self.lock();
         for d in &mut st.disks {
-            let (done, _) = d.processed();
-            d.samples.push_back((now, done));
+            // The rate is of data moved: skipped holes would make it meaningless.
+            let read = d.counters.snapshot().bytes_read;
+            d.samples.push_back((now, read));
             while d.samples.len() > 6 {
                 d.samples.pop_front();
             }
@@ -419,6 +422,7 @@ impl Jobs {
             }
             Ok(snapshot) => {
                 let status = self.copy_all(&job, &snapshot, &targets).await;
+                job.set_status(JobStatus::Finalizing);
                 let outcome = if status == JobStatus::Completed {
                     ReleaseOutcome::Success
                 } else {
@@ -497,7 +501,7 @@ impl Jobs {
         let results = futures_util::future::join_all(copies).await;
         let failed_key = results
             .iter()
-            .find(|(_, _, r)| r.is_err() && !job.cancel.is_cancelled())
+            .find(|(_, _, r)| matches!(r, Err(e) if !is_cancel(e)))
             .map(|(k, _, _)| *k);
         let mut st = job.lock();
         let mut all_ok = true;
@@ -535,7 +539,12 @@ impl Jobs {
             }
         }
         if job.cancel.is_cancelled() {
-            st.error.get_or_insert_with(|| "cancelled".to_string());
+            let why = if self.shutdown.is_cancelled() {
+                "cancelled: the node is shutting down"
+            } else {
+                "cancelled"
+            };
+            st.error.get_or_insert_with(|| why.to_string());
             JobStatus::Cancelled
         } else if all_ok {
             JobStatus::Completed
@@ -580,13 +589,13 @@ impl Jobs {
                     tracing::warn!(backup_id = %id, error = %e, attempt, "final report failed; retrying");
                 }
             }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff(attempt)) => {}
-                _ = self.shutdown.cancelled() => {
-                    tracing::error!(backup_id = %id, "shutting down before the hub took the final report");
-                    return;
-                }
+            // While the node shuts down a few quick attempts still go out (the job was just
+            // cancelled by the shutdown, and the hub should hear it), then it gives up.
+            if self.shutdown.is_cancelled() && attempt >= SHUTDOWN_ATTEMPTS {
+                tracing::error!(backup_id = %id, "shutting down before the hub took the final report");
+                return;
             }
+            tokio::time::sleep(backoff(attempt)).await;
             attempt += 1;
         }
     }

@@ -108,11 +108,13 @@ impl QmpLog {
         if let Some(path) = &self.file {
             // The log is evidence for operators and tests; failing to write it must not fail a
             // backup, so the error is only logged.
+            // One write per line, so that lines of several VMs' sessions never interleave.
+            let line = format!("{entry}\n");
             let res = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
-                .and_then(|mut f| writeln!(f, "{entry}"));
+                .and_then(|mut f| f.write_all(line.as_bytes()));
             if let Err(e) = res {
                 tracing::warn!(path = %path.display(), error = %e, "cannot append to QMP log");
             }

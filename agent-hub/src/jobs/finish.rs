@@ -87,6 +87,7 @@ pub async fn finish(
         Outcome::Cancelled => end_unsuccessfully(jm, job, res, "").await,
     };
     res.finished = true;
+    job.ended.cancel();
     jm.remove_live(id);
     jm.event(
         id,

@@ -59,6 +59,9 @@ pub async fn start(jm: &JobManager, req: BackupRequest) -> Result<Backup, JobErr
             Err(e) => return Err(e.into()),
         },
     };
+    // From here until the job is live (holding its space reservation), one request at a time:
+    // otherwise two could both pass the busy and space checks.
+    let admission = jm.inner.admission.lock().await;
     // One job per VM at a time: two would fight over the export names and the chain.
     if let Some(active) = db
         .list_backups_in(super::ACTIVE)
@@ -166,12 +169,15 @@ pub async fn start(jm: &JobManager, req: BackupRequest) -> Result<Backup, JobErr
             return Err(e);
         }
     };
-    if space.free_bytes < total {
+    let reserved = jm.reserved_in(&repo.path);
+    let available = space.free_bytes.saturating_sub(reserved);
+    if available < total {
         let e = JobError::InsufficientSpace {
             backup_id: backup_id.clone(),
             path: repo.path.clone(),
             needed: total,
-            free: space.free_bytes,
+            free: available,
+            reserved,
         };
         fail_early(jm, &backup_id, &e.to_string()).await;
         return Err(e);
@@ -181,7 +187,8 @@ pub async fn start(jm: &JobManager, req: BackupRequest) -> Result<Backup, JobErr
         Level::Info,
         "space_checked",
         format!(
-            "repository {} has {} bytes free of {}; job may need {}",
+            "repository {} has {} bytes free of {} ({reserved} reserved by running jobs); \
+             job may need {}",
             repo.path, space.free_bytes, space.total_bytes, total
         ),
         None,
@@ -194,9 +201,14 @@ pub async fn start(jm: &JobManager, req: BackupRequest) -> Result<Backup, JobErr
         node,
         disks: vm.disks.iter().map(|d| d.disk_key).collect(),
         cancel: tokio_util::sync::CancellationToken::new(),
+        ended: tokio_util::sync::CancellationToken::new(),
+        last_report: std::sync::Mutex::new(std::time::Instant::now()),
+        repository_path: repo.path.clone(),
+        reserved_bytes: total,
         res: tokio::sync::Mutex::new(Resources::default()),
     });
     jm.insert_live(job.clone());
+    drop(admission);
     let me = jm.clone();
     let handle = jm
         .deps()
@@ -563,6 +575,7 @@ async fn prepare(
         let previous = parents.first().map(|p| p.1.clone());
         jm.deps().tasks.spawn(async move {
             super::node::start_on_node(&me, &job2, &n, kind, previous, &targets).await;
+            super::node::watch_node(&me, job2, n).await;
         });
     }
     jm.get(&id).await

@@ -201,6 +201,24 @@ async fn a_squatted_port_is_skipped_and_reported() {
         .await;
     assert_eq!(done["status"], "completed", "{done}");
     env.assert_nothing_held(&done).await;
+    // A writer retrying its completion, or a progress report overtaken by it, is not an error.
+    let (s, v) = env
+        .api
+        .post(
+            &format!("/api/v1/backups/{id}/complete"),
+            &json!({"status": "completed", "disks": [{"disk_key": 2000, "status": "completed"}]}),
+        )
+        .await;
+    assert_eq!((s, &v["status"]), (202, &json!("completed")), "{v}");
+    let (s, v) = env
+        .api
+        .post(
+            &format!("/api/v1/backups/{id}/progress"),
+            &json!({"disks": [{"disk_key": 2000, "bytes_done": 1, "bytes_total": 1, "status": "running"}]}),
+        )
+        .await;
+    assert_eq!((s, &v["status"]), (200, &json!("completed")), "{v}");
+    assert_eq!(disk(&v, 2000)["status"], "completed", "{v}");
     drop(squatter);
 }
 
@@ -416,4 +434,51 @@ async fn sigterm_stops_every_qemu_nbd() {
         "{after}"
     );
     env.assert_nothing_held(&after).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_node_fails_the_job_naming_it() {
+    let env = Env::start();
+    // A port that was free a moment ago: nothing answers there.
+    let (port, _) = sendense_tests::net::free_port_range(1);
+    let (s, n) = env
+        .api
+        .post(
+            "/api/v1/nodes",
+            &json!({"name": "node1", "api_url": format!("http://127.0.0.1:{port}"), "version": "test"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{n}");
+    let (s, nodes) = env.api.get("/api/v1/nodes").await;
+    assert_eq!(s, 200);
+    assert_eq!(nodes[0]["name"], "node1", "{nodes}");
+    let (s, v) = env
+        .api
+        .post(
+            "/api/v1/vms",
+            &json!({"vm_name": "nodevm", "node": "node1", "disks": [
+                {"disk_key": 2000, "unit_number": 0, "size_bytes": DISK_SIZE, "label": "a"}]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, b) = env.start_backup("nodevm", "full").await;
+    assert_eq!(s, 202, "{b}");
+    let id = b["backup_id"].as_str().unwrap().to_string();
+    let done = env.api.wait_status(&id, &["failed"], JOB_LIMIT).await;
+    let msg = done["error_message"].as_str().unwrap();
+    assert!(msg.contains("node node1 unreachable"), "{msg}");
+    assert!(
+        msg.contains(&format!("127.0.0.1:{port}/api/v1/backup/start")),
+        "{msg}"
+    );
+    env.assert_nothing_held(&done).await;
+    let events = env.api.event_lines(&id).await;
+    assert!(
+        events.iter().any(|e| e.starts_with("node_start:")),
+        "{events:#?}"
+    );
+    let (s, t) = env.api.get("/api/v1/tunnel").await;
+    assert_eq!(s, 200, "{t}");
+    assert_eq!(t[0]["node"], "node1", "{t}");
+    assert_eq!(t[0]["live"], false, "{t}");
 }

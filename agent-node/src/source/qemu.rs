@@ -224,11 +224,30 @@ impl QemuDriver {
         self.run_dir.join(format!("journal-{vm}.json"))
     }
 
+    /// An earlier release that did not finish (QEMU was unreachable, say) is finished first,
+    /// so that its change tracking is rolled back before a new snapshot looks at it.
+    async fn finish_earlier_release(&self, vm: &QemuVm) -> Result<(), SourceError> {
+        if !self.journal_path(&vm.name).exists() {
+            return Ok(());
+        }
+        let mut report = RecoveryReport::default();
+        self.recover_vm(vm, &mut report).await;
+        tracing::info!(vm = %vm.name, ?report, "released a snapshot left by an earlier run");
+        if !self.journal_path(&vm.name).exists() {
+            return Ok(());
+        }
+        Err(SourceError::Tool {
+            command: "release of an earlier snapshot".to_string(),
+            detail: report.errors.join("; "),
+        })
+    }
+
     async fn snapshot_inner(
         &self,
         vm: &QemuVm,
         request: &SnapshotRequest,
     ) -> Result<Snapshot, SourceError> {
+        self.finish_earlier_release(vm).await?;
         let disks = self.disks(vm).await?;
         if disks.is_empty() {
             return Err(SourceError::NoDisks {
@@ -272,15 +291,19 @@ impl QemuDriver {
                 })
                 .collect(),
         };
+        // Held before the journal exists, so that no one mistakes this journal for a leftover.
+        *vm.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(state.clone());
         // The journal goes first: whatever happens after this line, a restarted node can undo.
         let journal = self.journal_path(&vm.name);
         let text = serde_json::to_vec_pretty(&state).unwrap_or_default();
-        std::fs::write(&journal, text).map_err(|source| SourceError::Io {
-            what: "writing snapshot journal",
-            path: journal.clone(),
-            source,
-        })?;
-        *vm.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(state.clone());
+        if let Err(source) = std::fs::write(&journal, text) {
+            *vm.held.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            return Err(SourceError::Io {
+                what: "writing snapshot journal",
+                path: journal,
+                source,
+            });
+        }
         match self.build_snapshot(vm, &state, &disks).await {
             Ok(snapshot) => Ok(snapshot),
             Err(e) => {
@@ -589,6 +612,34 @@ impl QemuDriver {
             .map(|_| ())
     }
 
+    /// Removes every `sendense-*` bitmap of the snapshot's disks (best effort); returns names.
+    async fn drop_tracking(&self, vm: &QemuVm, state: &SnapshotState) -> Vec<String> {
+        let mut dropped = Vec::new();
+        let Ok(disks) = self.disks(vm).await else {
+            return dropped;
+        };
+        for d in disks
+            .iter()
+            .filter(|d| state.disks.iter().any(|s| s.format_node == d.format_node))
+        {
+            for b in d
+                .bitmaps
+                .iter()
+                .filter(|b| b.name.starts_with(BITMAP_PREFIX))
+            {
+                let args = json!({"node": d.format_node, "name": b.name});
+                if self
+                    .exec(vm, "block-dirty-bitmap-remove", args)
+                    .await
+                    .is_ok()
+                {
+                    dropped.push(b.name.clone());
+                }
+            }
+        }
+        dropped
+    }
+
     async fn recover_vm(&self, vm: &QemuVm, report: &mut RecoveryReport) {
         let journal_path = self.journal_path(&vm.name);
         let journal: Option<SnapshotState> = std::fs::read(&journal_path)
@@ -623,9 +674,27 @@ impl QemuDriver {
             report.nodes_removed.extend(nodes);
             self.stop_nbd_server_if_idle(vm).await?;
             if let Some(state) = &journal {
-                self.rotate_bitmaps(vm, state, ReleaseOutcome::Failure)
-                    .await?;
-                report.bitmaps_rolled_back.push(state.new_bitmap.clone());
+                match self
+                    .rotate_bitmaps(vm, state, ReleaseOutcome::Failure)
+                    .await
+                {
+                    Ok(()) => report.bitmaps_rolled_back.push(state.new_bitmap.clone()),
+                    // QEMU answered but refused the rollback (e.g. a bitmap left inconsistent
+                    // by a QEMU crash): change tracking cannot be trusted, so it is dropped and
+                    // the next incremental says "bitmap missing" (a full follows). Keeping the
+                    // journal instead would block every later snapshot of this VM.
+                    Err(SourceError::Qmp {
+                        source: QmpError::Command { .. },
+                        ..
+                    }) => {
+                        let dropped = self.drop_tracking(vm, state).await;
+                        report.errors.push(format!(
+                            "VM {}: rollback of change tracking refused; dropped bitmaps {dropped:?}, next incremental falls back to full",
+                            vm.name
+                        ));
+                    }
+                    Err(e) => return Err(e),
+                }
                 for d in &state.disks {
                     if remove_file(&d.file).is_ok() {
                         report.files_removed.push(d.file.clone());
@@ -646,9 +715,16 @@ impl QemuDriver {
 impl SourceDriver for QemuDriver {
     fn list_vms(&self) -> BoxFuture<'_, Result<Vec<SourceVm>, SourceError>> {
         Box::pin(async move {
+            // A powered-off VM (QMP socket gone) is a normal state: it is left out and logged,
+            // so that it does not hide the others (the hub keeps what it knew of it).
             let mut out = Vec::new();
             for vm in self.vms.values() {
-                out.push(self.vm_info(vm).await?);
+                match self.vm_info(vm).await {
+                    Ok(v) => out.push(v),
+                    Err(e) => {
+                        tracing::warn!(vm = %vm.name, error = %e, "VM left out of the inventory")
+                    }
+                }
             }
             Ok(out)
         })
@@ -665,6 +741,9 @@ impl SourceDriver for QemuDriver {
     ) -> BoxFuture<'a, Result<(), SourceError>> {
         Box::pin(async move {
             let vm = self.vm_entry(vm_name)?;
+            if vm.held.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+                self.finish_earlier_release(vm).await?;
+            }
             let disks = self.disks(vm).await?;
             incremental_base(vm_name, &disks, previous).map(|_| ())
         })

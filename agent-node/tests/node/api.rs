@@ -86,3 +86,26 @@ async fn start_is_validated_and_errors_name_the_cause() {
     let (code, _) = node.get("/backup/x1").await;
     assert_eq!(code, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_retries_until_the_hub_answers() {
+    let vm = TestVm::start(&[64 * MIB], |_| {}).await;
+    let hub = HubRecorder::start().await;
+    // The hub answers 503 to the first calls, as while it is starting.
+    hub.fail_first.store(3, std::sync::atomic::Ordering::SeqCst);
+    let node = NodeProc::start(vm.dir.path(), &vm.node_qmp, Some(&hub.url)).await;
+    let vms = hub.wait_for("/api/v1/vms", 20).await;
+    assert_eq!(hub.fail_first.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let nodes = hub.calls_to("/api/v1/nodes");
+    assert_eq!(nodes.last().unwrap().body["name"], "node1");
+    assert_eq!(nodes.last().unwrap().body["api_url"], node.url);
+    assert_eq!(vms[0].body["vm_name"], "vm1");
+    assert_eq!(vms[0].body["node"], "node1");
+    assert_eq!(vms[0].body["disks"][0]["disk_key"], 2000);
+    assert_eq!(vms[0].body["disks"][0]["size_bytes"], 64 * MIB);
+    assert_eq!(
+        vms[0].auth.as_deref(),
+        Some(&*format!("Bearer {TOKEN}")),
+        "the hub is called with the shared token"
+    );
+}

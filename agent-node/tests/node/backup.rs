@@ -34,6 +34,13 @@ async fn targets(vm: &TestVm, name: &str, backing: Option<&[PathBuf]>) -> (Vec<N
     (out, s)
 }
 
+fn terminal(v: &Value) -> bool {
+    matches!(
+        v["status"].as_str(),
+        Some("completed" | "failed" | "cancelled")
+    )
+}
+
 fn status_is(s: &'static str) -> impl Fn(&Value) -> bool {
     move |v| v["status"] == s
 }
@@ -86,9 +93,7 @@ async fn full_then_incremental_hold_the_snapshot_instant_on_every_disk() {
     for t in &full_targets {
         t.resume();
     }
-    let done = node
-        .wait_job("b-full", 60, |v| v["status"] != "running")
-        .await;
+    let done = node.wait_job("b-full", 60, terminal).await;
     assert_eq!(done["status"], "completed", "{done}\n{}", node.log_text());
 
     // One transaction covered both disks.
@@ -156,9 +161,7 @@ async fn full_then_incremental_hold_the_snapshot_instant_on_every_disk() {
     for t in &inc_targets {
         t.resume();
     }
-    let done = node
-        .wait_job("b-inc", 60, |v| v["status"] != "running")
-        .await;
+    let done = node.wait_job("b-inc", 60, terminal).await;
     assert_eq!(done["status"], "completed", "{done}\n{}", node.log_text());
     for t in &mut inc_targets {
         t.stop();
@@ -283,11 +286,7 @@ async fn killed_node_leftovers_are_released_at_start_up() {
         )
         .await;
     assert_eq!(code, 202, "{body}");
-    let done = node
-        .wait_job("b-k2", 60, |v| {
-            v["status"] != "running" && v["status"] != "preparing"
-        })
-        .await;
+    let done = node.wait_job("b-k2", 60, terminal).await;
     assert_eq!(done["status"], "completed", "{done}");
     for t in &mut t2 {
         t.stop();
@@ -295,4 +294,133 @@ async fn killed_node_leftovers_are_released_at_start_up() {
     for (i, t) in t2.iter().enumerate() {
         images_equal(before[i].to_str().unwrap(), t.image.to_str().unwrap()).unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_cancels_releases_and_reports() {
+    let vm = two_disk_vm().await;
+    let hub = HubRecorder::start().await;
+    let mut node = NodeProc::start(vm.dir.path(), &vm.node_qmp, Some(&hub.url)).await;
+    let (targets, s) = targets(&vm, "t", None).await;
+    for t in &targets {
+        t.pause();
+    }
+    let (code, body) = node
+        .post(
+            "/backup/start",
+            json!({"backup_id": "b-t", "vm_name": "vm1", "backup_type": "full", "nbd_targets": s}),
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    node.wait_job("b-t", 30, status_is("running")).await;
+    let resume = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        for t in &targets {
+            t.resume();
+        }
+    };
+    let (exited, ()) = tokio::join!(node.terminate(30), resume);
+    assert!(exited, "node did not exit on SIGTERM:\n{}", node.log_text());
+    assert_eq!(vm.leftovers().await, Vec::<String>::new());
+    let complete = hub.wait_for("/backups/b-t/complete", 5).await;
+    assert_eq!(complete[0].body["status"], "failed");
+    assert_eq!(
+        complete[0].body["error_message"],
+        "cancelled: the node is shutting down"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_target_fails_the_job_names_the_disk_and_releases() {
+    let vm = two_disk_vm().await;
+    let hub = HubRecorder::start().await;
+    let node = NodeProc::start(vm.dir.path(), &vm.node_qmp, Some(&hub.url)).await;
+    let (mut targets, s) = targets(&vm, "f", None).await;
+    for t in &targets {
+        t.pause();
+    }
+    let (code, body) = node
+        .post(
+            "/backup/start",
+            json!({"backup_id": "b-f", "vm_name": "vm1", "backup_type": "full", "nbd_targets": s}),
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    node.wait_job("b-f", 30, status_is("running")).await;
+    // qemu-nbd of disk 2001 dies; 2000 goes on.
+    targets[1].kill();
+    targets[0].resume();
+    let done = node.wait_job("b-f", 60, status_is("failed")).await;
+    let d1 = &done["disks"][1];
+    assert_eq!(d1["status"], "failed", "{done}");
+    let err = d1["error_message"].as_str().unwrap();
+    assert!(
+        err.contains(&targets[1].uri()),
+        "the error names the target: {err}"
+    );
+    assert!(
+        done["error_message"]
+            .as_str()
+            .unwrap()
+            .contains("disk 2001"),
+        "{done}"
+    );
+    assert_ne!(done["disks"][0]["status"], "failed", "{done}");
+    assert_eq!(vm.leftovers().await, Vec::<String>::new());
+    assert_eq!(vm.bitmaps(0).await, Vec::<(String, bool)>::new());
+    let complete = hub.wait_for("/backups/b-f/complete", 10).await;
+    assert_eq!(complete[0].body["status"], "failed");
+    assert_eq!(complete[0].body["disks"][1]["status"], "failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_while_preparing_still_releases_the_snapshot() {
+    let vm = two_disk_vm().await;
+    // The node's qemu-img (creating fleecing files, part of taking the snapshot) waits at a gate
+    // the test opens: the job is held in "preparing" for as long as the test wants.
+    let gate_dir = vm.dir.path().join("gate");
+    std::fs::create_dir(&gate_dir).unwrap();
+    let gate = vm.dir.path().join("gate-open");
+    let real = run(std::process::Command::new("sh").args(["-c", "command -v qemu-img"]));
+    let script = gate_dir.join("qemu-img");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nwhile [ ! -e {} ]; do sleep 0.05; done\nexec {} \"$@\"\n",
+            gate.display(),
+            real.trim()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let node = NodeProc::start_with_path(vm.dir.path(), &vm.node_qmp, None, Some(&gate_dir)).await;
+    let (_targets, s) = targets(&vm, "p", None).await;
+    let (code, body) = node
+        .post(
+            "/backup/start",
+            json!({"backup_id": "b-p", "vm_name": "vm1", "backup_type": "full", "nbd_targets": s}),
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body["status"], "preparing");
+    let (code, body) = node.post("/backup/b-p/cancel", json!({})).await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body["status"], "cancelling");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let (_, held) = node.get("/backup/b-p").await;
+    assert_eq!(
+        held["status"], "cancelling",
+        "still taking the snapshot: {held}"
+    );
+    std::fs::write(&gate, "").unwrap();
+    let done = node.wait_job("b-p", 60, terminal).await;
+    assert_eq!(done["status"], "cancelled", "{done}");
+    assert_eq!(vm.leftovers().await, Vec::<String>::new());
+    assert_eq!(vm.bitmaps(0).await, Vec::<(String, bool)>::new());
+    let files: Vec<_> = std::fs::read_dir(&node.run_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "qmp.log")
+        .collect();
+    assert!(files.is_empty(), "run dir holds {files:?}");
 }

@@ -335,6 +335,14 @@ impl NbdTarget {
         self.signal(nix::sys::signal::Signal::SIGCONT);
     }
 
+    /// SIGKILL, like a crashed qemu-nbd.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Stops the server so the image can be read.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -472,6 +480,16 @@ pub struct NodeProc {
 impl NodeProc {
     /// Starts the node for `vm` (name `vm1`) with its run dir in `dir`.
     pub async fn start(dir: &Path, vm_qmp: &Path, hub: Option<&str>) -> Self {
+        Self::start_with_path(dir, vm_qmp, hub, None).await
+    }
+
+    /// Like [`NodeProc::start`], with `path_first` put in front of `PATH` (to gate a tool).
+    pub async fn start_with_path(
+        dir: &Path,
+        vm_qmp: &Path,
+        hub: Option<&str>,
+        path_first: Option<&Path>,
+    ) -> Self {
         let run_dir = dir.join("node-run");
         let token_file = dir.join("token");
         std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
@@ -489,6 +507,10 @@ impl NodeProc {
             .arg(format!("vm1={}", vm_qmp.display()));
         if let Some(h) = hub {
             cmd.args(["--hub-url", h]);
+        }
+        if let Some(p) = path_first {
+            let path = std::env::var("PATH").unwrap_or_default();
+            cmd.env("PATH", format!("{}:{path}", p.display()));
         }
         cmd.env("RUST_LOG", "info,agent_node=debug")
             .stdin(Stdio::null())
@@ -574,6 +596,27 @@ impl NodeProc {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGTERM, then waits up to `secs` for the exit; returns whether it exited.
+    pub async fn terminate(&mut self, secs: u64) -> bool {
+        let Some(c) = self.child.as_mut() else {
+            return true;
+        };
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                self.child = None;
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
     }
 
     /// SIGKILL, like a crash.
