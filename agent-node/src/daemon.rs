@@ -41,7 +41,7 @@ pub async fn run(
     let jobs = Jobs::new(
         driver.clone(),
         hub.clone(),
-        CopyOptions::default(),
+        CopyOptions::from_env(),
         shutdown.clone(),
     );
     let api_url = config
