@@ -173,13 +173,24 @@ async fn repository_fills_up_mid_copy() {
     sys.repository = "small".into();
     let (id, _) = sys.backup("full").await;
     sys.wait_node_copying(&id).await;
-    // Another tenant of the volume takes all but 2 MiB of what is left.
+    // Another tenant of the volume fills it up (written until ENOSPC).
     let filler = fs.path().join("filler");
-    let free = nix::sys::statvfs::statvfs(fs.path()).unwrap();
-    let left = free.blocks_available() as u64 * free.fragment_size() as u64;
-    let mut cmd = std::process::Command::new("fallocate");
-    cmd.arg("-l").arg((left - 2 * MIB).to_string()).arg(&filler);
-    sendense_tests::run(&mut cmd);
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0x5au8; MIB as usize];
+        loop {
+            match f.write_all(&block) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(28) => break,
+                Err(e) => panic!("filling {}: {e}", filler.display()),
+            }
+        }
+        eprintln!(
+            "filled the repository: {} bytes of filler",
+            f.metadata().unwrap().len()
+        );
+    }
     let end = sys.wait_end(&id).await;
     assert_eq!(end["status"], "failed", "{end:#}");
     let events = sys.events(&id).await;
