@@ -217,6 +217,8 @@ pub struct Jobs {
     jobs: Mutex<VecDeque<Arc<Job>>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    /// With a tunnel, targets on the hub's loopback are reached through its forwards.
+    tunnel: std::sync::OnceLock<Arc<crate::tunnel::Tunnel>>,
 }
 
 impl Jobs {
@@ -233,7 +235,13 @@ impl Jobs {
             jobs: Mutex::new(VecDeque::new()),
             tracker: TaskTracker::new(),
             shutdown,
+            tunnel: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Routes NBD targets through `tunnel`'s forwards from now on (set once, at start-up).
+    pub fn use_tunnel(&self, tunnel: Arc<crate::tunnel::Tunnel>) {
+        let _ = self.tunnel.set(tunnel);
     }
 
     pub fn driver(&self) -> &Arc<dyn SourceDriver> {
@@ -298,7 +306,12 @@ impl Jobs {
         }
         let mut addrs = Vec::new();
         for t in &targets {
-            addrs.push((t.disk_key, NbdAddr::parse(&t.uri.to_string())?));
+            let addr = NbdAddr::parse(&t.uri.to_string())?;
+            let addr = match self.tunnel.get() {
+                Some(tunnel) => tunnel.route(addr),
+                None => addr,
+            };
+            addrs.push((t.disk_key, addr));
         }
         if req.backup_type == BackupType::Incremental {
             self.driver
@@ -535,6 +548,14 @@ impl Jobs {
             .iter()
             .find(|(_, _, r)| matches!(r, Err(e) if !is_cancel(e)))
             .map(|(k, _, _)| *k);
+        // A copy through the tunnel that failed: what the tunnel says about it (it may need a
+        // moment to notice that ssh died, hence before the job's lock is taken).
+        let tunnel_note = match self.tunnel.get() {
+            Some(t) if results.iter().any(|(_, tg, r)| r.is_err() && t.carries(tg)) => {
+                Some(t.explain_failure().await)
+            }
+            _ => None,
+        };
         let mut st = job.lock();
         let mut all_ok = true;
         let mut first_error = None;
@@ -563,7 +584,13 @@ impl Jobs {
                         ));
                     } else {
                         d.status = DiskStatus::Failed;
-                        let msg = format!("copy to {target}: {}", error_chain(&e));
+                        let mut msg = format!("copy to {target}: {}", error_chain(&e));
+                        if let Some(note) = tunnel_note
+                            .as_ref()
+                            .filter(|_| self.tunnel.get().is_some_and(|t| t.carries(&target)))
+                        {
+                            msg.push_str(&format!(" ({note})"));
+                        }
                         first_error.get_or_insert_with(|| format!("disk {key}: {msg}"));
                         d.error = Some(msg);
                     }

@@ -12,3 +12,6 @@ mod incremental;
 
 #[path = "copy_engine/cli.rs"]
 mod cli;
+
+#[path = "copy_engine/nbdkit.rs"]
+mod nbdkit;

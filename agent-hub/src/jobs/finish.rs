@@ -87,6 +87,7 @@ pub async fn finish(
         Outcome::Cancelled => end_unsuccessfully(jm, job, res, "").await,
     };
     res.finished = true;
+    job.ended.cancel();
     jm.remove_live(id);
     jm.event(
         id,
@@ -345,7 +346,7 @@ pub async fn finalize(jm: &JobManager, job: Arc<LiveJob>, report: CompletionRepo
             export: e.export_name.clone(),
         };
         let t = Instant::now();
-        match super::verify::verify_disk(&addr, sums).await {
+        match super::verify::verify_disk(&addr, sums, &job.cancel).await {
             Ok(s) => {
                 jm.event(
                     &id,
@@ -362,6 +363,22 @@ pub async fn finalize(jm: &JobManager, job: Arc<LiveJob>, report: CompletionRepo
                     Some(d.disk_key),
                 )
                 .await
+            }
+            Err(super::verify::VerifyError::Cancelled) => {
+                jm.event(
+                    &id,
+                    Level::Warn,
+                    "verification_cancelled",
+                    format!(
+                        "disk {}: verification stopped by a cancel after {} ms",
+                        d.disk_key,
+                        t.elapsed().as_millis()
+                    ),
+                    Some(d.disk_key),
+                )
+                .await;
+                finish(jm, &job, &mut res, Outcome::Cancelled).await;
+                return;
             }
             Err(err) => {
                 let msg = format!("disk {}: verification failed: {err}", d.disk_key);
