@@ -56,6 +56,18 @@ async fn cancel_mid_copy_unwinds_everything() {
         events.iter().any(|e| e.starts_with("image_deleted")),
         "{events:#?}"
     );
+    let filtered = env
+        .api
+        .get_ok("/api/v1/backups?vm_name=cancelvm&status=cancelled&limit=1")
+        .await;
+    assert_eq!(filtered.as_array().unwrap().len(), 1, "{filtered}");
+    assert_eq!(filtered[0]["backup_id"], id.as_str());
+    assert_eq!(
+        env.api.get_ok("/api/v1/processes?alive=true").await,
+        json!([])
+    );
+    let (s, v) = env.api.get("/api/v1/backups?status=done").await;
+    assert_eq!(s, 422, "{v}");
     // A finished job cannot be cancelled again, and reports are refused.
     let (s, v) = env
         .api
@@ -261,6 +273,45 @@ async fn a_full_repository_is_refused_before_anything_is_held() {
             .unwrap()
             .is_empty()
     );
+    // Two small jobs: each fits alone, the second not next to the first's reservation.
+    for vm in ["small1", "small2"] {
+        let (s, v) = env
+            .api
+            .post(
+                "/api/v1/vms",
+                &json!({"vm_name": vm, "node": null, "disks": [
+                    {"disk_key": 2000, "unit_number": 0, "size_bytes": 5 * MIB, "label": "a"}]}),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let start = |vm: &'static str| {
+        let api = env.api.clone();
+        async move {
+            api.post(
+                "/api/v1/backups",
+                &json!({"vm_name": vm, "repository_id": "small", "backup_type": "full"}),
+            )
+            .await
+        }
+    };
+    let (s, first) = start("small1").await;
+    assert_eq!(s, 202, "{first}");
+    let (s, v) = start("small2").await;
+    assert_eq!(s, 507, "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{} more reserved by running jobs", 5 * MIB)),
+        "{v}"
+    );
+    let id = first["backup_id"].as_str().unwrap();
+    env.api
+        .post(&format!("/api/v1/backups/{id}/cancel"), &json!({}))
+        .await;
+    let done = env.api.wait_status(id, &["cancelled"], JOB_LIMIT).await;
+    env.assert_nothing_held(&done).await;
     let left: Vec<_> = walk(fs.path());
     assert!(
         left.iter()
@@ -321,6 +372,12 @@ async fn a_tampered_block_fails_verification() {
         msg.contains("checksum mismatch at 4194304+4194304"),
         "{msg}"
     );
+    let ver = env
+        .api
+        .get_ok(&format!("/api/v1/backups/{id}/verification"))
+        .await;
+    assert_eq!(ver[0]["checksum_status"], "failed", "{ver}");
+    assert_eq!(ver[0]["checksum_mismatches"], 1, "{ver}");
     env.assert_nothing_held(&done).await;
     for p in image_paths(&done) {
         assert!(
