@@ -39,6 +39,7 @@ pub fn router(state: AppState) -> Router {
         .route("/backups/{id}", get(backups::get_one))
         .route("/backups/{id}/cancel", post(backups::cancel))
         .route("/backups/{id}/events", get(backups::events))
+        .route("/backups/{id}/verification", get(backups::verification))
         .route("/backups/{id}/progress", post(backups::progress))
         .route(
             "/backups/{id}/complete",

@@ -34,6 +34,8 @@ pub struct NodeState {
     pub token: String,
     pub started_at: DateTime<Utc>,
     pub jobs: Arc<Jobs>,
+    /// The SSH tunnel to the hub, when one is configured.
+    pub tunnel: Option<Arc<crate::tunnel::Tunnel>>,
 }
 
 /// An error answer.
@@ -250,6 +252,9 @@ async fn backup_cancel(
 }
 
 async fn tunnel(State(state): State<Arc<NodeState>>) -> impl IntoResponse {
+    if let Some(t) = &state.tunnel {
+        return Json(t.state());
+    }
     Json(TunnelState {
         state: TunnelStateKind::Down,
         since: state.started_at,
@@ -287,6 +292,7 @@ mod tests {
             token: "tok".into(),
             started_at: Utc::now(),
             jobs,
+            tunnel: None,
         }))
     }
 

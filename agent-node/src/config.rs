@@ -12,6 +12,9 @@
 //! api_url = "http://127.0.0.1:8081"
 //! [qmp]
 //! pgtest1 = "/run/qemu/pgtest1.qmp"
+//! # Optional: the SSH tunnel to the hub (see crate::tunnel::config for every key).
+//! [tunnel]
+//! target = "sendense@hub.example:443"
 //! ```
 
 use clap::Args;
@@ -51,6 +54,8 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub qmp: Vec<String>,
+    #[command(flatten)]
+    pub tunnel: crate::tunnel::TunnelArgs,
 }
 
 /// The config file.
@@ -65,6 +70,7 @@ pub struct ConfigFile {
     pub api_url: Option<String>,
     #[serde(default)]
     pub qmp: BTreeMap<String, PathBuf>,
+    pub tunnel: Option<crate::tunnel::TunnelFile>,
 }
 
 /// Why the configuration was refused; each names the flag or key.
@@ -108,6 +114,8 @@ pub enum ConfigError {
     },
     #[error("--token-file {path} is empty")]
     TokenEmpty { path: PathBuf },
+    #[error(transparent)]
+    Tunnel(#[from] crate::tunnel::TunnelConfigError),
 }
 
 /// The merged configuration.
@@ -122,6 +130,9 @@ pub struct NodeConfig {
     pub api_url: Option<String>,
     /// VM name → QMP socket.
     pub vms: BTreeMap<String, PathBuf>,
+    /// The SSH tunnel to the hub, when configured. With it, `hub_url` and `api_url` default to
+    /// the forwards (the hub's API on the bind address, this node at the hub's reverse port).
+    pub tunnel: Option<crate::tunnel::TunnelConfig>,
 }
 
 impl NodeConfig {
@@ -162,7 +173,26 @@ impl NodeConfig {
             name: name.clone(),
             source,
         })?;
-        let hub_url = match args.hub_url.clone().or(file.hub_url) {
+        let listen = args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("default listen address"));
+        let run_dir = file
+            .run_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("sendense-node-{name}")));
+        let tunnel = crate::tunnel::TunnelConfig::resolve(
+            &args.tunnel,
+            file.tunnel.as_ref(),
+            listen,
+            &run_dir,
+        )?;
+        let hub_url = match args
+            .hub_url
+            .clone()
+            .or(file.hub_url)
+            .or_else(|| tunnel.as_ref().map(|t| t.hub_url()))
+        {
             Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
                 Some(u.trim_end_matches('/').to_string())
             }
@@ -175,21 +205,18 @@ impl NodeConfig {
             .or(file.token_file)
             .ok_or(ConfigError::NoToken)?;
         let token = read_token(&token_file)?;
-        let listen = args
-            .listen
-            .or(file.listen)
-            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("default listen address"));
-        let run_dir = file
-            .run_dir
-            .unwrap_or_else(|| std::env::temp_dir().join(format!("sendense-node-{name}")));
+        let api_url = file
+            .api_url
+            .or_else(|| tunnel.as_ref().map(|t| t.node_url_at_hub()));
         Ok(NodeConfig {
             listen,
             name,
             hub_url,
             token,
             run_dir,
-            api_url: file.api_url,
+            api_url,
             vms,
+            tunnel,
         })
     }
 }
@@ -315,5 +342,30 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("missing.toml"), "{e}");
+    }
+
+    #[test]
+    fn a_tunnel_points_hub_and_api_urls_at_the_forwards() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = dir.path().join("id");
+        let kh = dir.path().join("kh");
+        std::fs::write(&id, "k").unwrap();
+        std::fs::write(&kh, "h").unwrap();
+        let args = ServeArgs {
+            token_file: Some(token_file(dir.path())),
+            tunnel: crate::tunnel::TunnelArgs {
+                tunnel: Some("sendense@127.0.0.1:2222".into()),
+                tunnel_identity: Some(id),
+                tunnel_known_hosts: Some(kh),
+                tunnel_bind: Some("127.0.0.2".parse().unwrap()),
+                tunnel_reverse_port: Some(9999),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let c = NodeConfig::load(&args).unwrap();
+        assert_eq!(c.hub_url.as_deref(), Some("http://127.0.0.2:8082"));
+        assert_eq!(c.api_url.as_deref(), Some("http://127.0.0.1:9999"));
+        assert_eq!(c.tunnel.unwrap().target.port, 2222);
     }
 }

@@ -1,5 +1,6 @@
-//! The node daemon: config → QEMU driver → start-up recovery → hub registration → API, with one
-//! shutdown token fanned out to the API, the jobs and the registration task.
+//! The node daemon: config → QEMU driver → start-up recovery → tunnel → hub registration → API,
+//! with one shutdown token fanned out to the API, the jobs and the registration task; the
+//! tunnel stops last.
 
 use crate::api::{NodeState, inventory_vm};
 use crate::config::NodeConfig;
@@ -9,6 +10,7 @@ use crate::jobs::Jobs;
 use crate::qmp::QmpLog;
 use crate::source::SourceDriver;
 use crate::source::qemu::QemuDriver;
+use crate::tunnel::Tunnel;
 use sendense_shared::api::{NodeRegistration, VmRequest};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -44,6 +46,16 @@ pub async fn run(
         CopyOptions::from_env(),
         shutdown.clone(),
     );
+    // The tunnel outlives the API: the final reports of draining jobs still travel through it.
+    let tunnel_stop = CancellationToken::new();
+    let tunnel = config.tunnel.clone().map(|mut t| {
+        if let Ok(addr) = listener.local_addr() {
+            t.node_api = crate::tunnel::config::reachable(addr);
+        }
+        let t = Tunnel::start(t, tunnel_stop.clone());
+        jobs.use_tunnel(t.clone());
+        t
+    });
     let api_url = config
         .api_url
         .clone()
@@ -62,10 +74,15 @@ pub async fn run(
         token: config.token.clone(),
         started_at: chrono::Utc::now(),
         jobs: jobs.clone(),
+        tunnel: tunnel.clone(),
     });
     tracing::info!(name = %config.name, %api_url, vms = config.vms.len(), "node serving");
     crate::api::serve(listener, state, shutdown.clone()).await?;
     jobs.drain().await;
+    tunnel_stop.cancel();
+    if let Some(t) = tunnel {
+        t.stopped().await;
+    }
     Ok(())
 }
 

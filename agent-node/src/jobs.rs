@@ -30,6 +30,8 @@ use tokio_util::task::TaskTracker;
 const KEEP_FINISHED: usize = 200;
 /// Attempts at the final report once the node is shutting down.
 const SHUTDOWN_ATTEMPTS: u32 = 3;
+/// How long a cancelled copy may take to stop before it is dropped.
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
 /// Progress push interval.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
@@ -215,6 +217,8 @@ pub struct Jobs {
     jobs: Mutex<VecDeque<Arc<Job>>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    /// With a tunnel, targets on the hub's loopback are reached through its forwards.
+    tunnel: std::sync::OnceLock<Arc<crate::tunnel::Tunnel>>,
 }
 
 impl Jobs {
@@ -231,7 +235,13 @@ impl Jobs {
             jobs: Mutex::new(VecDeque::new()),
             tracker: TaskTracker::new(),
             shutdown,
+            tunnel: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Routes NBD targets through `tunnel`'s forwards from now on (set once, at start-up).
+    pub fn use_tunnel(&self, tunnel: Arc<crate::tunnel::Tunnel>) {
+        let _ = self.tunnel.set(tunnel);
     }
 
     pub fn driver(&self) -> &Arc<dyn SourceDriver> {
@@ -296,7 +306,12 @@ impl Jobs {
         }
         let mut addrs = Vec::new();
         for t in &targets {
-            addrs.push((t.disk_key, NbdAddr::parse(&t.uri.to_string())?));
+            let addr = NbdAddr::parse(&t.uri.to_string())?;
+            let addr = match self.tunnel.get() {
+                Some(tunnel) => tunnel.route(addr),
+                None => addr,
+            };
+            addrs.push((t.disk_key, addr));
         }
         if req.backup_type == BackupType::Incremental {
             self.driver
@@ -459,7 +474,24 @@ impl Jobs {
     ) -> JobStatus {
         if job.cancel.is_cancelled() {
             job.set_disks(DiskStatus::Cancelled);
+            job.lock()
+                .error
+                .get_or_insert_with(|| "cancelled".to_string());
             return JobStatus::Cancelled;
+        }
+        // A disk hot-plugged or removed between the start's check and the snapshot: the
+        // targets no longer match the VM, and a VM is backed up whole or not at all.
+        let snap_keys: BTreeSet<DiskKey> = snapshot.disks.iter().map(|d| d.disk_key).collect();
+        let target_keys: BTreeSet<DiskKey> = targets.iter().map(|(k, _)| *k).collect();
+        if snap_keys != target_keys {
+            let msg = format!(
+                "the VM's disks changed before the snapshot: snapshot has {}, targets name {}",
+                key_list(&snap_keys.into_iter().collect::<Vec<_>>()),
+                key_list(&target_keys.into_iter().collect::<Vec<_>>())
+            );
+            job.set_disks(DiskStatus::Failed);
+            job.lock().error = Some(msg);
+            return JobStatus::Failed;
         }
         job.set_status(JobStatus::Running);
         job.set_disks(DiskStatus::Running);
@@ -491,7 +523,20 @@ impl Jobs {
             let key = sd.disk_key;
             let target = target.clone();
             copies.push(async move {
-                let r = copy_disk(&source, &target, extents, &opts, counters, token.clone()).await;
+                let copy = copy_disk(&source, &target, extents, &opts, counters, token.clone());
+                // The engine stops between requests; a request to a hung target never ends, so
+                // after a grace period the copy is dropped (its connections with it), so that
+                // the snapshot is released whatever the target does.
+                let r = tokio::select! {
+                    r = copy => r,
+                    _ = async {
+                        token.cancelled().await;
+                        tokio::time::sleep(CANCEL_GRACE).await;
+                    } => {
+                        tracing::warn!(disk_key = %key, "copy did not stop within {CANCEL_GRACE:?} of the cancel; dropped");
+                        Err(crate::copy::CopyError::Cancelled)
+                    }
+                };
                 if r.is_err() {
                     token.cancel();
                 }
@@ -503,6 +548,14 @@ impl Jobs {
             .iter()
             .find(|(_, _, r)| matches!(r, Err(e) if !is_cancel(e)))
             .map(|(k, _, _)| *k);
+        // A copy through the tunnel that failed: what the tunnel says about it (it may need a
+        // moment to notice that ssh died, hence before the job's lock is taken).
+        let tunnel_note = match self.tunnel.get() {
+            Some(t) if results.iter().any(|(_, tg, r)| r.is_err() && t.carries(tg)) => {
+                Some(t.explain_failure().await)
+            }
+            _ => None,
+        };
         let mut st = job.lock();
         let mut all_ok = true;
         let mut first_error = None;
@@ -531,7 +584,13 @@ impl Jobs {
                         ));
                     } else {
                         d.status = DiskStatus::Failed;
-                        let msg = format!("copy to {target}: {}", error_chain(&e));
+                        let mut msg = format!("copy to {target}: {}", error_chain(&e));
+                        if let Some(note) = tunnel_note
+                            .as_ref()
+                            .filter(|_| self.tunnel.get().is_some_and(|t| t.carries(&target)))
+                        {
+                            msg.push_str(&format!(" ({note})"));
+                        }
                         first_error.get_or_insert_with(|| format!("disk {key}: {msg}"));
                         d.error = Some(msg);
                     }

@@ -11,6 +11,8 @@
 //! - [`daemon`]: wires config, driver, recovery, hub registration and the API together.
 //! - [`copy`]: the NBD copy engine (one disk, source export to target export) and the
 //!   `sendense-node copy` command.
+//! - [`tunnel`]: the supervised OpenSSH tunnel to the hub (forwards, state, restarts) and
+//!   `sendense-node tunnel authorized-key`.
 
 pub mod api;
 pub mod config;
@@ -20,3 +22,4 @@ pub mod hub_client;
 pub mod jobs;
 pub mod qmp;
 pub mod source;
+pub mod tunnel;

@@ -1,5 +1,5 @@
 //! `sendense-node`: the agent next to the hypervisor. `serve` (the default) runs the daemon,
-//! `copy` runs the copy engine alone.
+//! `copy` runs the copy engine alone, `tunnel authorized-key` prints the hub's key line.
 use agent_node::config::{NodeConfig, ServeArgs};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -25,6 +25,9 @@ enum Command {
     Serve(ServeArgs),
     /// Copy one NBD export to another with the copy engine.
     Copy(agent_node::copy::cli::CopyArgs),
+    /// The SSH tunnel to the hub (deployment helpers).
+    #[command(subcommand)]
+    Tunnel(agent_node::tunnel::authorized_key::TunnelCommand),
 }
 
 /// clap prints the command name itself before this text.
@@ -50,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
         None => serve(cli.serve).await,
         Some(Command::Serve(args)) => serve(args).await,
         Some(Command::Copy(args)) => agent_node::copy::cli::run_cli(args).await,
+        Some(Command::Tunnel(cmd)) => agent_node::tunnel::authorized_key::run_cli(cmd),
     }
 }
 

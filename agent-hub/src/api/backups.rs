@@ -76,6 +76,45 @@ pub async fn complete(
     ))
 }
 
+/// Verification and chain details of each disk (stored after finalization).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DiskVerification {
+    pub disk_key: sendense_shared::ids::DiskKey,
+    /// `"passed"`, `"failed"` or `"skipped"` (no checksums sent); absent before finalization.
+    pub checksum_status: Option<String>,
+    pub checksum_ranges: Option<u64>,
+    pub checksum_mismatches: Option<u64>,
+    /// Summary of `qemu-img check`.
+    pub qemu_img_check: Option<String>,
+    /// The backup this disk's image builds on (incrementals).
+    pub parent_backup_id: Option<BackupId>,
+    /// Backing file as recorded in the image (relative).
+    pub backing_path: Option<String>,
+}
+
+/// `GET /api/v1/backups/{id}/verification`.
+pub async fn verification(
+    State(hub): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<DiskVerification>>, ApiError> {
+    let id = backup_id(id)?;
+    hub.jobs.get(&id).await?;
+    let rows = hub.db.backup_disks(&id).await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|r| DiskVerification {
+                disk_key: r.result.disk_key,
+                checksum_status: r.checksum_status,
+                checksum_ranges: r.checksum_ranges,
+                checksum_mismatches: r.checksum_mismatches,
+                qemu_img_check: r.qemu_img_check,
+                parent_backup_id: r.parent_backup_id,
+                backing_path: r.backing_path,
+            })
+            .collect(),
+    ))
+}
+
 fn backup_id(id: String) -> Result<BackupId, ApiError> {
     validate_name("backup_id", &id)?;
     Ok(BackupId(id))

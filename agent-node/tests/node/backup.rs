@@ -415,6 +415,7 @@ async fn cancel_while_preparing_still_releases_the_snapshot() {
     std::fs::write(&gate, "").unwrap();
     let done = node.wait_job("b-p", 60, terminal).await;
     assert_eq!(done["status"], "cancelled", "{done}");
+    assert_eq!(done["error_message"], "cancelled", "{done}");
     assert_eq!(vm.leftovers().await, Vec::<String>::new());
     assert_eq!(vm.bitmaps(0).await, Vec::<(String, bool)>::new());
     let files: Vec<_> = std::fs::read_dir(&node.run_dir)
@@ -423,4 +424,28 @@ async fn cancel_while_preparing_still_releases_the_snapshot() {
         .filter(|n| n != "qmp.log")
         .collect();
     assert!(files.is_empty(), "run dir holds {files:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_with_a_hung_target_still_releases() {
+    let vm = two_disk_vm().await;
+    let node = NodeProc::start(vm.dir.path(), &vm.node_qmp, None).await;
+    let (targets, s) = targets(&vm, "h", None).await;
+    // The targets hang for good (never resumed): the copy cannot finish a request.
+    for t in &targets {
+        t.pause();
+    }
+    let (code, body) = node
+        .post(
+            "/backup/start",
+            json!({"backup_id": "b-h", "vm_name": "vm1", "backup_type": "full", "nbd_targets": s}),
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    node.wait_job("b-h", 30, status_is("running")).await;
+    let (code, _) = node.post("/backup/b-h/cancel", json!({})).await;
+    assert_eq!(code, 202);
+    let done = node.wait_job("b-h", 30, terminal).await;
+    assert_eq!(done["status"], "cancelled", "{done}");
+    assert_eq!(vm.leftovers().await, Vec::<String>::new());
 }

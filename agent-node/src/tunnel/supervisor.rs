@@ -1,0 +1,365 @@
+//! The loop that keeps ssh running: preflight, write the config, spawn, watch for the forwards,
+//! watch for the exit, name the cause, wait a jittered backoff, start over.
+
+use super::config::{BackoffPolicy, Forward, TunnelConfig};
+use super::preflight::{PreflightError, tcp_connect};
+use super::ssh_config::{self, HOST_ALIAS};
+use super::stderr::{SshFailure, classify, forwards_established, last_own_line};
+use chrono::Utc;
+use rand::Rng;
+use sendense_shared::api::{TunnelState, TunnelStateKind};
+use sendense_shared::child::{ChildError, Supervised};
+use sendense_shared::nbd::NbdAddr;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use thiserror::Error;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How often ssh's stderr is looked at while the forwards are being set up.
+const MARKER_POLL: Duration = Duration::from_millis(50);
+/// How long [`Tunnel::explain_failure`] waits for the supervisor to see ssh's exit.
+pub const EXPLAIN_WAIT: Duration = Duration::from_secs(3);
+/// How long [`Tunnel::explain_failure`] waits while ssh still looks alive.
+pub const EXPLAIN_ALIVE: Duration = Duration::from_millis(500);
+/// SIGTERM → SIGKILL grace for ssh on shutdown.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// Why one attempt ended (becomes `last_error`).
+#[derive(Debug, Error)]
+pub enum AttemptError {
+    #[error("preflight")]
+    Preflight(#[from] PreflightError),
+    #[error("writing the ssh config file into {dir}")]
+    ConfigFile {
+        dir: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting ssh")]
+    Spawn(#[from] ChildError),
+    #[error(transparent)]
+    Ssh(#[from] SshFailure),
+    #[error("ssh (PID {pid}) did not establish the forwards within {waited:?}; stopped it{last}")]
+    NotUp {
+        pid: u32,
+        waited: Duration,
+        last: String,
+    },
+}
+
+/// A handle on the running tunnel. Dropping it does not stop ssh: cancel the shutdown token
+/// given to [`Tunnel::start`] and await [`Tunnel::stopped`].
+pub struct Tunnel {
+    cfg: TunnelConfig,
+    state: watch::Sender<TunnelState>,
+    child: Mutex<Option<Supervised>>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel")
+            .field("target", &self.cfg.target)
+            .field("state", &*self.state.borrow())
+            .finish()
+    }
+}
+
+impl Tunnel {
+    /// Starts supervising; ssh itself is started by the task (after its preflight). Must be
+    /// called inside a tokio runtime.
+    pub fn start(cfg: TunnelConfig, shutdown: CancellationToken) -> Arc<Tunnel> {
+        let (state, _) = watch::channel(TunnelState {
+            state: TunnelStateKind::Down,
+            since: Utc::now(),
+            restarts: 0,
+            last_error: None,
+            forwards: cfg.forwards().iter().map(Forward::to_string).collect(),
+        });
+        let tunnel = Arc::new(Tunnel {
+            cfg,
+            state,
+            child: Mutex::new(None),
+            task: Mutex::new(None),
+        });
+        let t = Arc::clone(&tunnel);
+        let handle = tokio::spawn(async move { t.supervise(shutdown).await });
+        *lock(&tunnel.task) = Some(handle);
+        tunnel
+    }
+
+    pub fn config(&self) -> &TunnelConfig {
+        &self.cfg
+    }
+
+    /// The state as `GET /api/v1/tunnel` serves it.
+    pub fn state(&self) -> TunnelState {
+        self.state.borrow().clone()
+    }
+
+    /// Every change of the state.
+    pub fn subscribe(&self) -> watch::Receiver<TunnelState> {
+        self.state.subscribe()
+    }
+
+    /// The PID of the running ssh, if one runs.
+    pub fn ssh_pid(&self) -> Option<u32> {
+        lock(&self.child)
+            .as_ref()
+            .filter(|c| c.is_alive())
+            .map(Supervised::pid)
+    }
+
+    /// Returns once the supervisor ended (after the shutdown token fired and ssh was stopped).
+    pub async fn stopped(&self) {
+        let handle = lock(&self.task).take();
+        if let Some(h) = handle {
+            let _ = h.await;
+        }
+    }
+
+    /// A target on the hub's loopback inside the forwarded NBD range is reached through the
+    /// forward on the bind address; anything else is left alone.
+    pub fn route(&self, addr: NbdAddr) -> NbdAddr {
+        match addr {
+            NbdAddr::Tcp { host, port, export }
+                if self.cfg.nbd_ports.contains(port) && is_loopback(&host) =>
+            {
+                NbdAddr::Tcp {
+                    host: self.cfg.bind.to_string(),
+                    port,
+                    export,
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// True when `addr` is one of this tunnel's local NBD forwards.
+    pub fn carries(&self, addr: &NbdAddr) -> bool {
+        matches!(addr, NbdAddr::Tcp { host, port, .. }
+            if self.cfg.nbd_ports.contains(*port) && host.parse() == Ok(self.cfg.bind))
+    }
+
+    /// For an error of a copy through the tunnel: what the tunnel did. The copy may notice
+    /// ssh's death before the supervisor does (sockets close before the process is reaped, and
+    /// the exit report waits for ssh's stderr), so while the state still says `up` this waits
+    /// for the supervisor's verdict: up to [`EXPLAIN_WAIT`] once ssh is gone, and no longer than
+    /// [`EXPLAIN_ALIVE`] while ssh still lives (then the failure was not the tunnel's).
+    pub async fn explain_failure(&self) -> String {
+        let start = Instant::now();
+        while start.elapsed() < EXPLAIN_WAIT && self.state.borrow().state == TunnelStateKind::Up {
+            let alive = self
+                .ssh_pid()
+                .is_some_and(sendense_shared::child::pid_alive);
+            if alive && start.elapsed() >= EXPLAIN_ALIVE {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        self.describe()
+    }
+
+    /// The tunnel's state in words, e.g. "through the ssh tunnel to u@h:443 (now down since
+    /// 01:02:03, 1 restart(s), last error: ssh (PID 42) killed by SIGKILL)".
+    pub fn describe(&self) -> String {
+        let s = self.state();
+        let state = match s.state {
+            TunnelStateKind::Up => "up",
+            TunnelStateKind::Connecting => "connecting",
+            TunnelStateKind::Down => "down",
+        };
+        let mut out = format!(
+            "through the ssh tunnel to {} (now {state} since {}, {} restart(s)",
+            self.cfg.target,
+            s.since.format("%H:%M:%S"),
+            s.restarts
+        );
+        if let Some(e) = s.last_error {
+            out.push_str(&format!(", last error: {e}"));
+        }
+        out.push(')');
+        out
+    }
+
+    fn set(&self, kind: TunnelStateKind, f: impl FnOnce(&mut TunnelState)) {
+        self.state.send_modify(|s| {
+            if s.state != kind {
+                s.state = kind;
+                s.since = Utc::now();
+            }
+            f(s);
+        });
+    }
+
+    async fn supervise(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut failures: u32 = 0;
+        let mut first = true;
+        while !shutdown.is_cancelled() {
+            self.set(TunnelStateKind::Connecting, |s| {
+                if !first {
+                    s.restarts += 1;
+                }
+            });
+            first = false;
+            let started = Instant::now();
+            let (result, up_for) = self.attempt(&shutdown).await;
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let error = match result {
+                Ok(()) => "ssh ended without an error".to_string(),
+                Err(e) => error_chain(&e),
+            };
+            tracing::warn!(target = %self.cfg.target, error = %error,
+                ran = ?started.elapsed(), "tunnel attempt ended");
+            self.set(TunnelStateKind::Down, |s| s.last_error = Some(error));
+            if up_for.is_some_and(|d| d >= self.cfg.backoff.healthy_after) {
+                failures = 0;
+            }
+            let delay = backoff(&self.cfg.backoff, failures);
+            failures = failures.saturating_add(1);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        self.set(TunnelStateKind::Down, |_| {});
+        tracing::info!(target = %self.cfg.target, "tunnel supervisor stopped");
+    }
+
+    /// One run of ssh; answers why it ended and how long it was up.
+    async fn attempt(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> (Result<(), AttemptError>, Option<Duration>) {
+        let t = &self.cfg.target;
+        let preflight = tokio::select! {
+            r = tcp_connect(&t.host, t.port, self.cfg.preflight_timeout) => r,
+            _ = shutdown.cancelled() => return (Ok(()), None),
+        };
+        if let Err(e) = preflight {
+            return (Err(e.into()), None);
+        }
+        let file = match ssh_config::write(&self.cfg) {
+            Ok(f) => f,
+            Err(source) => {
+                let dir = self.cfg.run_dir.display().to_string();
+                return (Err(AttemptError::ConfigFile { dir, source }), None);
+            }
+        };
+        let mut cmd = tokio::process::Command::new(&self.cfg.ssh);
+        cmd.arg("-F")
+            .arg(&file)
+            .arg("-N")
+            .arg(HOST_ALIAS)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        let child = match Supervised::spawn(cmd) {
+            Ok(c) => c,
+            Err(e) => return (Err(e.into()), None),
+        };
+        let pid = child.pid();
+        tracing::info!(pid, command = %child.command_line_string(), "ssh started");
+        *lock(&self.child) = Some(child.clone());
+        let mut exit = child.exit_watch();
+        let locals = self
+            .cfg
+            .forwards()
+            .iter()
+            .filter(|f| matches!(f, Forward::Local { .. }))
+            .count();
+        let spawned = Instant::now();
+        let mut up_since: Option<Instant> = None;
+        let mut poll = tokio::time::interval(MARKER_POLL);
+        let result = loop {
+            tokio::select! {
+                // The watch guard must not live in select!'s output (it is not Send).
+                _ = async { let _ = exit.wait_for(Option::is_some).await; } => {
+                    let report = child.exit_report().unwrap_or_else(|| {
+                        // The monitor task is gone: only possible while the runtime shuts down.
+                        sendense_shared::child::ExitReport {
+                            status: "unknown".into(), code: None, signal: None,
+                            stderr_tail: child.stderr_tail(), requested: false,
+                        }
+                    });
+                    break Err(classify(&report, pid, &self.cfg).into());
+                }
+                _ = shutdown.cancelled() => {
+                    child.stop(STOP_GRACE).await;
+                    break Ok(());
+                }
+                _ = poll.tick(), if up_since.is_none() => {
+                    if forwards_established(&child.stderr_tail(), locals) {
+                        up_since = Some(Instant::now());
+                        tracing::info!(pid, forwards = locals + 1, "tunnel up");
+                        self.set(TunnelStateKind::Up, |_| {});
+                    } else if spawned.elapsed() >= self.cfg.up_timeout {
+                        child.stop(STOP_GRACE).await;
+                        let last = last_own_line(&child.stderr_tail())
+                            .map(|l| format!("; ssh said: {l}"))
+                            .unwrap_or_default();
+                        break Err(AttemptError::NotUp { pid, waited: self.cfg.up_timeout, last });
+                    }
+                }
+            }
+        };
+        *lock(&self.child) = None;
+        (result, up_since.map(|t| t.elapsed()))
+    }
+}
+
+/// Delay before the next attempt after `failures` consecutive failures: `initial` doubling up
+/// to `max`, then 75-125 % of that, so that many nodes cut off together do not return together.
+pub fn backoff(policy: &BackoffPolicy, failures: u32) -> Duration {
+    let base = policy
+        .initial
+        .saturating_mul(1u32 << failures.min(16))
+        .min(policy.max);
+    let factor = rand::rng().random_range(0.75..=1.25);
+    base.mul_f64(factor).min(policy.max)
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        src = cause.source();
+    }
+    s
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_jittered_and_caps() {
+        let p = BackoffPolicy::default();
+        for _ in 0..50 {
+            let d0 = backoff(&p, 0);
+            assert!(d0 >= Duration::from_millis(375) && d0 <= Duration::from_millis(625));
+            let d3 = backoff(&p, 3);
+            assert!(d3 >= Duration::from_millis(3000) && d3 <= Duration::from_millis(5000));
+            assert!(backoff(&p, 40) <= p.max);
+            assert!(backoff(&p, 40) >= p.max.mul_f64(0.75));
+        }
+    }
+}

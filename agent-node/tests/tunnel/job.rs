@@ -1,0 +1,130 @@
+//! A backup whose NBD targets are reached through the tunnel, and the tunnel's ssh SIGKILLed
+//! mid-copy: the job fails cleanly (as documented in `agent_node::tunnel`): every disk failed or
+//! stopped, the error names the tunnel, the snapshot released, the tunnel back up with the
+//! restart counted, and the final report reaches the "hub" through the restored hub-API forward.
+
+use crate::node_support::{HubRecorder, MIB, TestVm, write_image};
+use crate::support::*;
+use serde_json::json;
+
+const SIZES: [u64; 2] = [64 * MIB, 128 * MIB];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_killed_mid_copy_fails_the_job_cleanly_and_the_report_arrives() {
+    let vm = TestVm::start(&SIZES, |imgs| {
+        write_image(&imgs[0], 0x11, 0, 48 * MIB);
+        write_image(&imgs[1], 0x21, 8 * MIB, 96 * MIB);
+    })
+    .await;
+    // The recording "hub" listens on the hub side's 127.0.0.1; the node reaches it only
+    // through the tunnel (its hub URL defaults to the forward on 127.0.0.2).
+    let hub = HubRecorder::start().await;
+    let hub_api: u16 = hub.url.rsplit(':').next().unwrap().parse().unwrap();
+    let ports = Ports {
+        hub_api,
+        ..Ports::pick()
+    };
+    assert!(std::net::TcpListener::bind((BIND, hub_api)).is_ok());
+    let sshd = Sshd::start(&ports).await;
+    let node = NodeWithTunnel::start(
+        &sshd,
+        &ports,
+        &["--qmp".into(), format!("vm1={}", vm.node_qmp.display())],
+    )
+    .await;
+    node.wait("/tunnel", 30, |v| v["state"] == "up").await;
+    // Registration went through the hub-API forward.
+    hub.wait_for("/api/v1/nodes", 30).await;
+
+    // Targets on the hub side, inside the forwarded range.
+    let mut targets = Vec::new();
+    let mut s = Vec::new();
+    for (i, size) in SIZES.iter().enumerate() {
+        let img = sshd.dir.path().join(format!("t{i}.qcow2"));
+        run(std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&img)
+            .arg(size.to_string()));
+        let port = ports.nbd.first + i as u16;
+        let export = format!("vm1-disk-{}", 2000 + i);
+        let t = QemuNbd::start_format(&img, "qcow2", &export, port).await;
+        s.push(format!("{}:nbd://127.0.0.1:{port}/{export}", 2000 + i));
+        targets.push(t);
+    }
+    let (code, body) = node
+        .post(
+            "/backup/start",
+            json!({"backup_id": "b-t", "vm_name": "vm1", "backup_type": "full",
+                   "nbd_targets": s.join(",")}),
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    // Data is flowing: freeze the targets right there, so that ssh dies mid-stream.
+    let moving = node
+        .wait("/backup/b-t", 60, |v| {
+            assert!(
+                v["status"] != "completed",
+                "the copy finished before it could be cut: {v}"
+            );
+            v["disks"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|d| d["bytes_written"].as_u64() > Some(0)))
+        })
+        .await;
+    for t in &targets {
+        t.pause();
+    }
+    assert!(!vm.leftovers().await.is_empty(), "the snapshot is held");
+    let ssh = ssh_children(node.child.pid());
+    assert_eq!(ssh.len(), 1, "{ssh:?}");
+    signal(ssh[0], nix::sys::signal::Signal::SIGKILL);
+    for t in &targets {
+        t.resume();
+    }
+    eprintln!("cut at: {moving}");
+    let done = node
+        .wait("/backup/b-t", 60, |v| v["status"] == "failed")
+        .await;
+    eprintln!("failed job: {done}");
+    let err = done["error_message"].as_str().unwrap_or_default();
+    assert!(
+        err.contains(&format!(
+            "through the ssh tunnel to {}@127.0.0.1:{} (now down since",
+            sshd.user, sshd.port
+        )),
+        "{done}"
+    );
+    assert!(
+        err.contains(&format!(
+            "last error: ssh (PID {}) killed by SIGKILL",
+            ssh[0]
+        )),
+        "{done}"
+    );
+    assert!(
+        err.contains(&format!("nbd://127.0.0.2:{}", ports.nbd.first))
+            || err.contains(&format!("nbd://127.0.0.2:{}", ports.nbd.first + 1)),
+        "the routed target is named: {done}"
+    );
+    for d in done["disks"].as_array().unwrap() {
+        assert!(
+            d["status"] == "failed" || d["status"] == "cancelled",
+            "{done}"
+        );
+    }
+    assert_eq!(
+        vm.leftovers().await,
+        Vec::<String>::new(),
+        "snapshot released"
+    );
+
+    let t = node
+        .wait("/tunnel", 30, |v| v["state"] == "up" && v["restarts"] == 1)
+        .await;
+    assert_eq!(
+        t["last_error"],
+        format!("ssh (PID {}) killed by SIGKILL", ssh[0])
+    );
+    let complete = hub.wait_for("/backups/b-t/complete", 60).await;
+    assert_eq!(complete[0].body["status"], "failed");
+}
