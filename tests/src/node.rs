@@ -103,7 +103,7 @@ impl NodeProcess {
     fn wait_for_serving(&mut self, limit: Duration) -> anyhow::Result<String> {
         let t = Instant::now();
         loop {
-            let log = self.stderr();
+            let log = strip_ansi(&self.stderr());
             if let Some(url) = log
                 .lines()
                 .filter(|l| l.contains("node serving"))

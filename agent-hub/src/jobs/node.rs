@@ -10,12 +10,50 @@ use std::time::Instant;
 /// `POST {api_url}/api/v1/backup/start`; a refusal or no answer fails the job.
 pub async fn start_on_node(
     jm: &JobManager,
-    job: &LiveJob,
+    job: &std::sync::Arc<LiveJob>,
     node: &NodeTarget,
     kind: BackupType,
     previous_backup_id: Option<BackupId>,
     targets: &str,
 ) {
+    let refused = match ask_node(jm, job, node, kind, previous_backup_id, targets).await {
+        Ok(()) => return,
+        Err(r) => r,
+    };
+    // The node cannot do this incremental (its change tracking does not start at our chain's
+    // last backup): the same job goes on as a full backup.
+    let failure = match refused {
+        Refusal::BitmapMissing(why) if kind == BackupType::Incremental => {
+            match super::fallback::incremental_to_full(jm, job, &why).await {
+                Ok(()) => match ask_node(jm, job, node, BackupType::Full, None, targets).await {
+                    Ok(()) => return,
+                    Err(Refusal::BitmapMissing(m) | Refusal::Other(m)) => m,
+                },
+                Err(e) => format!("falling back to a full backup failed: {e}"),
+            }
+        }
+        Refusal::BitmapMissing(m) | Refusal::Other(m) => m,
+    };
+    let mut res = job.res.lock().await;
+    finish(jm, job, &mut res, Outcome::Failed(failure)).await;
+}
+
+/// Why the node did not take a start.
+enum Refusal {
+    /// `409 bitmap missing`: an incremental without a valid changed-block map.
+    BitmapMissing(String),
+    Other(String),
+}
+
+/// One `POST .../backup/start`; events for the request and its answer.
+async fn ask_node(
+    jm: &JobManager,
+    job: &LiveJob,
+    node: &NodeTarget,
+    kind: BackupType,
+    previous_backup_id: Option<BackupId>,
+    targets: &str,
+) -> Result<(), Refusal> {
     let url = format!("{}/api/v1/backup/start", node.api_url.trim_end_matches('/'));
     let body = NodeBackupStart {
         backup_id: job.id.clone(),
@@ -60,29 +98,34 @@ pub async fn start_on_node(
                 None,
             )
             .await;
-            return;
+            return Ok(());
         }
         Ok(r) => {
             let status = r.status();
             let text = r.text().await.unwrap_or_default();
-            format!(
+            let msg = format!(
                 "node {} refused the copy: POST {url} answered HTTP {status}: {}",
                 node.name,
                 text.chars().take(500).collect::<String>()
-            )
+            );
+            let bitmap = status == reqwest::StatusCode::CONFLICT
+                && serde_json::from_str::<sendense_shared::api::ErrorBody>(&text)
+                    .is_ok_and(|b| b.error == "bitmap missing");
+            if bitmap {
+                Refusal::BitmapMissing(msg)
+            } else {
+                Refusal::Other(msg)
+            }
         }
-        Err(e) => format!("node {} unreachable: POST {url}: {e}", node.name),
+        Err(e) => Refusal::Other(format!("node {} unreachable: POST {url}: {e}", node.name)),
     };
-    jm.event(
-        &job.id,
-        Level::Error,
-        "node_start_failed",
-        failure.clone(),
-        None,
-    )
-    .await;
-    let mut res = job.res.lock().await;
-    finish(jm, job, &mut res, Outcome::Failed(failure)).await;
+    let (level, m) = match &failure {
+        Refusal::BitmapMissing(m) => (Level::Warn, m),
+        Refusal::Other(m) => (Level::Error, m),
+    };
+    jm.event(&job.id, level, "node_start_failed", m.clone(), None)
+        .await;
+    Err(failure)
 }
 
 /// `POST {api_url}/api/v1/backup/{id}/cancel`; best effort: the hub unwinds its side anyway

@@ -255,3 +255,65 @@ async fn inventory_follows_a_resized_disk() {
         "{b}"
     );
 }
+
+/// A lost change-tracking bitmap: the node refuses the incremental (409 "bitmap missing") and
+/// the hub turns the same job into a full backup, recorded as such, with images without a
+/// backing file; the next incremental then builds on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_without_bitmap_falls_back_to_full() {
+    let sys = Sys::start("e2efallback", SysOptions::default()).await;
+    sys.backup_completes("full").await;
+    sys.vm.guest_write(0, 0x55, 30 * MIB, 2 * MIB).await;
+    // The bitmaps vanish (as with a QEMU restart on non-persistent ones).
+    let nodes = sys
+        .vm
+        .qmp()
+        .execute("query-named-block-nodes", json!({"flat": true}))
+        .await
+        .unwrap();
+    let mut removed = 0;
+    for n in nodes.as_array().unwrap() {
+        let node = n["node-name"].as_str().unwrap_or_default();
+        for b in n["dirty-bitmaps"].as_array().into_iter().flatten() {
+            let name = b["name"].as_str().unwrap_or_default();
+            if node.starts_with("fmt") && name.starts_with("sendense-") {
+                sys.vm
+                    .qmp()
+                    .execute(
+                        "block-dirty-bitmap-remove",
+                        json!({"node": node, "name": name}),
+                    )
+                    .await
+                    .unwrap();
+                removed += 1;
+            }
+        }
+    }
+    assert_eq!(removed, 2, "{nodes:#}");
+    let now = sys.disks_now("now").await;
+
+    let (id, b) = sys.backup("incremental").await;
+    assert_eq!(b["backup_type"], "incremental", "{b}");
+    let end = sys.wait_completed(&id).await;
+    assert_eq!(end["backup_type"], "full", "{end:#}");
+    sys.assert_event(&id, "node_start_failed", &["409", "bitmap missing"])
+        .await;
+    sys.assert_event(&id, "incremental_fallback", &["full"])
+        .await;
+    sys.assert_clean(&end).await;
+    for (i, img) in image_paths(&end).iter().enumerate() {
+        let info = disks::info(img);
+        assert!(info.get("backing-filename").is_none(), "{info}");
+        assert!(equal(&now[i], img), "fallback full of disk {i} differs");
+    }
+    // The chain goes on from the fallback full.
+    sys.vm.guest_write(1, 0x56, 10 * MIB, MIB).await;
+    let now = sys.disks_now("next").await;
+    let (id, _) = sys.backup("incremental").await;
+    let next = sys.wait_completed(&id).await;
+    assert_eq!(next["backup_type"], "incremental", "{next:#}");
+    sys.assert_clean(&next).await;
+    for (i, img) in image_paths(&next).iter().enumerate() {
+        assert!(equal(&now[i], img), "incremental of disk {i} differs");
+    }
+}

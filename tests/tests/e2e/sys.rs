@@ -46,6 +46,9 @@ pub fn node_bin() -> PathBuf {
     p
 }
 
+/// Adjusts the hub's options; gets the test's temporary directory (for config files, wrappers).
+pub type HubTweak = Box<dyn FnOnce(&mut HubOptions, &Path)>;
+
 /// How a system is started.
 #[derive(Default)]
 pub struct SysOptions {
@@ -53,7 +56,7 @@ pub struct SysOptions {
     /// Number of NBD ports of the hub (default 8).
     pub ports: Option<u16>,
     /// Change the hub's options (PATH, config file, listen address).
-    pub hub: Option<Box<dyn FnOnce(&mut HubOptions, &Path)>>,
+    pub hub: Option<HubTweak>,
 }
 
 pub struct Sys {
@@ -322,7 +325,7 @@ pub fn image_paths(b: &Value) -> Vec<PathBuf> {
         .collect()
 }
 
-pub fn disk<'a>(b: &'a Value, key: i64) -> &'a Value {
+pub fn disk(b: &Value, key: i64) -> &Value {
     b["disk_results"]
         .as_array()
         .unwrap()
