@@ -2,7 +2,8 @@
 # Benchmark of a whole node backup: a QEMU VM (TCG, paused) with one disk of SIZE holding DATA
 # bytes of non-zero data; `sendense-node` takes the fleecing snapshot and copies the disk into a
 # fresh qcow2 behind qemu-nbd. For reference, in the same run, `nbdcopy --destination-is-zero`
-# copies the same image (read through `qemu-nbd -r`) into another fresh qcow2 behind qemu-nbd.
+# copies the same image (read through `qemu-nbd -r` with
+# file locking off: QEMU holds the lock, and the paused VM writes nothing) into another fresh qcow2 behind qemu-nbd.
 # Prints seconds and throughput of each pair and the median ratio node/nbdcopy.
 #
 #   agent-node/bench/backup.sh [RUNS] [SIZE] [DATA]      (defaults: 3 4G 1G)
@@ -21,6 +22,8 @@ node_bin=$target_dir/release/sendense-node
 work=$(mktemp -d /tmp/sendense-bench-XXXXXX)
 pids=()
 cleanup() {
+  # RUST_LOG=info shows the node's own timing of each step.
+  [ "${RUST_LOG:-warn}" = warn ] || grep -E "snapshot taken|disk copied|backup (starts|ends)" "$work/node.log" >&2 || true
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   rm -rf "$work"
@@ -53,7 +56,7 @@ for _ in $(seq 1 100); do [ -S "$work/node.qmp" ] && break; sleep 0.05; done
 echo bench-token > "$work/token"
 printf 'run_dir = "%s/run"\n' "$work" > "$work/node.toml"
 node_port=$(free_port)
-RUST_LOG=warn "$node_bin" --config "$work/node.toml" --listen 127.0.0.1:"$node_port" \
+RUST_LOG=${RUST_LOG:-warn} "$node_bin" --config "$work/node.toml" --listen 127.0.0.1:"$node_port" \
   --name bench --token-file "$work/token" --qmp vm1="$work/node.qmp" 2>"$work/node.log" &
 pids+=($!)
 wait_port "$node_port"
@@ -89,7 +92,7 @@ for run in $(seq 1 "$RUNS"); do
   read -r tpid tport < <(serve_target "$work/t-nbdcopy-$run.qcow2"); pids+=("$tpid")
   wait_port "$tport"
   t0=$(now)
-  nbdcopy --destination-is-zero -- [ qemu-nbd -r -f qcow2 "$src" ] "nbd://127.0.0.1:$tport/t"
+  nbdcopy --destination-is-zero -- [ qemu-nbd -r --image-opts "driver=qcow2,file.driver=file,file.filename=$src,file.locking=off" ] "nbd://127.0.0.1:$tport/t"
   t1=$(now)
   kill "$tpid"; wait "$tpid" 2>/dev/null || true
   nbdcopy_times+=("$(echo "$t1 - $t0" | bc)")

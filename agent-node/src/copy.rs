@@ -62,6 +62,28 @@ pub struct CopyOptions {
     pub checksum_chunk_size: u64,
     /// The target reads as zeroes everywhere (a fresh image): holes need not be written.
     pub target_is_zero: bool,
+    /// Upper bound on data read per second (`None`: as fast as it goes). A test and operations
+    /// knob, set from [`THROTTLE_ENV`]: it makes a copy slow enough to act on it mid-way
+    /// (cancel, kill a process) without timed sleeps, or keeps a copy from saturating a link.
+    pub throttle_bps: Option<u64>,
+}
+
+/// Environment variable read by the node daemon: bytes per second each disk's copy may read
+/// (e.g. `SENDENSE_COPY_THROTTLE_BPS=8388608` for 8 MiB/s). Unset or 0: no limit.
+pub const THROTTLE_ENV: &str = "SENDENSE_COPY_THROTTLE_BPS";
+
+impl CopyOptions {
+    /// The defaults with [`THROTTLE_ENV`] applied.
+    pub fn from_env() -> Self {
+        let throttle_bps = std::env::var(THROTTLE_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|&v| v > 0);
+        CopyOptions {
+            throttle_bps,
+            ..Default::default()
+        }
+    }
 }
 
 impl Default for CopyOptions {
@@ -77,7 +99,24 @@ impl Default for CopyOptions {
             max_in_flight_bytes: 32 * 1024 * 1024,
             checksum_chunk_size: 4 * 1024 * 1024,
             target_is_zero: false,
+            throttle_bps: None,
         }
+    }
+}
+
+/// Paces data requests to a rate: each request reserves its bytes and waits until the time at
+/// which the rate allows them.
+struct Throttle {
+    started: Instant,
+    bps: u64,
+    reserved: AtomicU64,
+}
+
+impl Throttle {
+    fn due(&self, bytes: u64) -> tokio::time::Instant {
+        let before = self.reserved.fetch_add(bytes, Ordering::Relaxed);
+        let at = Duration::from_secs_f64(before as f64 / self.bps as f64);
+        tokio::time::Instant::from_std(self.started + at)
     }
 }
 
@@ -260,6 +299,7 @@ struct Ctx {
     /// Data to hash, to the hashing thread (see [`spawn_hasher`]).
     hasher: mpsc::UnboundedSender<HashJob>,
     zero_hashes: Mutex<HashMap<u64, String>>,
+    throttle: Option<Throttle>,
 }
 
 impl Ctx {
@@ -446,6 +486,11 @@ pub async fn copy_disk(
         chunk: opts.checksum_chunk_size,
         zero_buf: Bytes::from(vec![0u8; request_size as usize]),
         zero_hashes: Mutex::new(HashMap::new()),
+        throttle: opts.throttle_bps.map(|bps| Throttle {
+            started: Instant::now(),
+            bps,
+            reserved: AtomicU64::new(0),
+        }),
     });
     let budget = Arc::new(Semaphore::new(
         opts.max_in_flight_bytes.max(request_size) as usize
@@ -686,6 +731,14 @@ async fn dispatch(
         // Collect finished requests as we go, so that an error stops the copy early.
         while let Some(r) = tasks.try_join_next() {
             ranges.extend(joined(r)?);
+        }
+        if seg.action == Action::Data
+            && let Some(t) = &ctx.throttle
+        {
+            tokio::select! {
+                _ = tokio::time::sleep_until(t.due(length)) => {}
+                _ = cancel.cancelled() => return Err(CopyError::Cancelled),
+            }
         }
         let permit = Arc::new(
             budget

@@ -43,7 +43,7 @@ pub async fn run(
     let jobs = Jobs::new(
         driver.clone(),
         hub.clone(),
-        CopyOptions::default(),
+        CopyOptions::from_env(),
         shutdown.clone(),
     );
     // The tunnel outlives the API: the final reports of draining jobs still travel through it.

@@ -7,12 +7,15 @@
 //! - [`disks`]: source images with known data (`qemu-img`, `qemu-io`), `nbdcopy` into an
 //!   export, `qemu-img compare`.
 //! - [`net`]: free port ranges on 127.0.0.1.
-//! - [`qemu`]: a paused QEMU VM with qcow2 disks and QMP sockets; the real `sendense-node`.
 //! - [`tmpfs`]: a small mounted tmpfs (a repository that fills up), unmounted in `Drop`.
+//! - [`node`]: [`node::NodeProcess`], a running `sendense-node` registered with a test hub.
+//! - [`qemu`]: [`qemu::TestVm`], a real `qemu-system-x86_64` with qcow2 disks and a QMP socket
+//!   for the node plus one for the test (guest writes, leftover checks).
 
 pub mod disks;
 pub mod hub;
 pub mod net;
+pub mod node;
 pub mod qemu;
 pub mod tmpfs;
 
