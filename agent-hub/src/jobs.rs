@@ -575,33 +575,46 @@ impl JobManager {
                         })
                     })
                     .unwrap_or_else(|| "the writer reported failure without a message".into());
-                for d in &report.disks {
-                    if d.status == DiskStatus::Failed || d.error_message.is_some() {
-                        self.deps()
-                            .db
-                            .update_disk(
-                                id,
-                                d.disk_key,
-                                &crate::db::DiskUpdate {
-                                    status: Some(DiskStatus::Failed),
-                                    error_message: Some(d.error_message.clone()),
-                                    ..Default::default()
-                                },
-                            )
-                            .await?;
-                    }
-                }
-                self.event(
-                    id,
-                    Level::Error,
-                    "writer_failed",
-                    format!("the writer reported failure: {cause}"),
-                    None,
-                )
-                .await;
                 let me = self.clone();
                 let handle = self.deps().tasks.spawn(async move {
+                    // Under the job's lock, and only if nothing ended the job meanwhile: the
+                    // hub's own diagnosis of a disk (its qemu-nbd died, with stderr) is the root
+                    // cause; the writer's view of it ("connection closed") does not replace it.
                     let mut res = job.res.lock().await;
+                    if res.finished {
+                        return;
+                    }
+                    let id = &job.id;
+                    if let Ok(now) = me.get(id).await {
+                        for d in &report.disks {
+                            let diagnosed = now.disk_results.iter().any(|r| {
+                                r.disk_key == d.disk_key
+                                    && r.status == DiskStatus::Failed
+                                    && r.error_message.is_some()
+                            });
+                            if diagnosed
+                                || !(d.status == DiskStatus::Failed || d.error_message.is_some())
+                            {
+                                continue;
+                            }
+                            let upd = crate::db::DiskUpdate {
+                                status: Some(DiskStatus::Failed),
+                                error_message: Some(d.error_message.clone()),
+                                ..Default::default()
+                            };
+                            if let Err(e) = me.deps().db.update_disk(id, d.disk_key, &upd).await {
+                                tracing::error!(backup_id = %id, error = %e, "cannot record disk failure");
+                            }
+                        }
+                    }
+                    me.event(
+                        id,
+                        Level::Error,
+                        "writer_failed",
+                        format!("the writer reported failure: {cause}"),
+                        None,
+                    )
+                    .await;
                     finish::finish(
                         &me,
                         &job,

@@ -37,7 +37,31 @@ pub async fn finish(
     let id = &job.id;
     let db = &jm.deps().db;
     let t = Instant::now();
-    stop_exports(jm, job, res).await;
+    let deaths = stop_exports(jm, job, res).await;
+    // A qemu-nbd that died on its own is the root cause of whatever the writer then reported
+    // ("connection closed"), whichever of the two reached the job first.
+    for (disk, death) in &deaths {
+        let _ = jm
+            .deps()
+            .db
+            .update_disk(
+                id,
+                *disk,
+                &DiskUpdate {
+                    status: Some(DiskStatus::Failed),
+                    error_message: Some(Some(death.clone())),
+                    ..Default::default()
+                },
+            )
+            .await;
+    }
+    let deaths: Vec<String> = deaths.into_iter().map(|d| d.1).collect();
+    let outcome = match outcome {
+        Outcome::Failed(msg) if !deaths.is_empty() && !msg.contains("exited unexpectedly") => {
+            Outcome::Failed(format!("{} (then: {msg})", deaths.join("; ")))
+        }
+        other => other,
+    };
     if res.ports_held {
         match jm.deps().ports.release(id).await {
             Ok(n) => {
@@ -177,8 +201,14 @@ async fn set_disks(jm: &JobManager, job: &LiveJob, status: DiskStatus) {
 }
 
 /// Stops every running qemu-nbd of the job (SIGTERM to its group, bounded wait, SIGKILL, reap)
-/// and records how each ended. qemu-nbd flushes the image on SIGTERM.
-pub async fn stop_exports(jm: &JobManager, job: &LiveJob, res: &mut Resources) {
+/// and records how each ended. qemu-nbd flushes the image on SIGTERM. Answers a sentence per
+/// qemu-nbd that had exited on its own.
+pub async fn stop_exports(
+    jm: &JobManager,
+    job: &LiveJob,
+    res: &mut Resources,
+) -> Vec<(DiskKey, String)> {
+    let mut deaths = Vec::new();
     for e in res.exports.drain(..) {
         let t = Instant::now();
         let pid = e.server.pid();
@@ -197,6 +227,22 @@ pub async fn stop_exports(jm: &JobManager, job: &LiveJob, res: &mut Resources) {
             tracing::error!(pid, error = %err, "cannot record qemu-nbd stop");
         }
         let tail = rep.stderr_tail.trim();
+        if !rep.requested {
+            deaths.push((
+                e.disk_key,
+                format!(
+                    "qemu-nbd of disk {} (pid {pid}, port {}) exited unexpectedly: {}{}",
+                    e.disk_key,
+                    e.port,
+                    rep.status,
+                    if tail.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; stderr: {tail}")
+                    }
+                ),
+            ));
+        }
         jm.event(
             &job.id,
             if rep.requested {
@@ -222,6 +268,7 @@ pub async fn stop_exports(jm: &JobManager, job: &LiveJob, res: &mut Resources) {
         )
         .await;
     }
+    deaths
 }
 
 async fn delete_images(jm: &JobManager, job: &LiveJob, res: &mut Resources) {
@@ -447,9 +494,18 @@ pub async fn finalize(jm: &JobManager, job: Arc<LiveJob>, report: CompletionRepo
     }
 
     if failure.is_none() {
-        stop_exports(jm, &job, &mut res).await;
+        let deaths = stop_exports(jm, &job, &mut res).await;
+        if !deaths.is_empty() {
+            failure = Some(
+                deaths
+                    .into_iter()
+                    .map(|d| d.1)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            );
+        }
         for (disk, path) in res.images.clone() {
-            if job.cancel.is_cancelled() {
+            if job.cancel.is_cancelled() || failure.is_some() {
                 break;
             }
             let t = Instant::now();

@@ -675,3 +675,43 @@ async fn cancel_while_finalizing_unwinds() {
         "{events:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_qemu_nbd_stays_the_cause_when_the_writer_reports_first() {
+    let env = Env::start();
+    env.vm_with_sources("racevm", &[2000, 2001]).await;
+    let (s, b) = env.start_backup("racevm", "full").await;
+    assert_eq!(s, 202, "{b}");
+    let id = b["backup_id"].as_str().unwrap().to_string();
+    let victim = disk(&b, 2000)["qemu_nbd_pid"].as_u64().unwrap() as i32;
+    eprintln!("+ kill -KILL {victim}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // The writer sees its connection drop and reports at once, racing the hub's own watcher.
+    let (s, v) = env
+        .api
+        .post(
+            &format!("/api/v1/backups/{id}/complete"),
+            &json!({"status": "failed", "error_message": "disk 2000: NBD connection closed",
+                "disks": [
+                    {"disk_key": 2000, "status": "failed", "error_message": "NBD connection closed"},
+                    {"disk_key": 2001, "status": "failed", "error_message": "stopped because disk 2000 failed"}]}),
+        )
+        .await;
+    assert!(s == 202 || s == 409, "{s} {v}");
+    let done = env.api.wait_status(&id, &["failed"], JOB_LIMIT).await;
+    let msg = done["error_message"].as_str().unwrap();
+    assert!(
+        msg.contains(&format!("pid {victim}")) && msg.contains("exited unexpectedly"),
+        "{msg}"
+    );
+    let d = disk(&done, 2000)["error_message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(d.contains("exited unexpectedly"), "{d}");
+    env.assert_nothing_held(&done).await;
+}
