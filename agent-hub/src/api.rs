@@ -15,7 +15,7 @@ pub mod vms;
 use crate::server::AppState;
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request};
+use axum::extract::{DefaultBodyLimit, FromRequest, OriginalUri, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -39,6 +39,7 @@ pub fn router(state: AppState) -> Router {
         .route("/backups/{id}", get(backups::get_one))
         .route("/backups/{id}/cancel", post(backups::cancel))
         .route("/backups/{id}/events", get(backups::events))
+        .route("/backups/{id}/verification", get(backups::verification))
         .route("/backups/{id}/progress", post(backups::progress))
         .route(
             "/backups/{id}/complete",
@@ -64,10 +65,11 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn not_found(req: Request) -> ApiError {
+/// The full path, also inside the nested `/api/v1` router (which sees it stripped).
+async fn not_found(method: axum::http::Method, OriginalUri(uri): OriginalUri) -> ApiError {
     ApiError::NotFound {
         what: "route",
-        detail: format!("no route {} {}", req.method(), req.uri().path()),
+        detail: format!("no route {method} {}", uri.path()),
     }
 }
 
@@ -224,4 +226,170 @@ fn strip_prefix(text: &str) -> String {
         }
     }
     text.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::HubConfig;
+    use crate::server::Hub;
+    use axum::body::Body;
+    use axum::http::{Request, header};
+    use http_body_util::BodyExt;
+    use serde_json::{Value, json};
+    use tower::ServiceExt;
+
+    struct T {
+        app: Router,
+        token: String,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn app() -> T {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = HubConfig::with_data_dir(dir.path());
+        // A range nothing on this machine uses; no job in these tests reaches qemu-nbd.
+        cfg.nbd_ports = crate::ports::PortRange { first: 1, last: 1 };
+        let hub = Hub::open(cfg).await.unwrap();
+        T {
+            token: hub.token.as_str().to_string(),
+            app: router(hub),
+            _dir: dir,
+        }
+    }
+
+    impl T {
+        async fn call(
+            &self,
+            method: &str,
+            uri: &str,
+            body: Option<&str>,
+            auth: bool,
+        ) -> (u16, Value) {
+            let mut req = Request::builder().method(method).uri(uri);
+            if auth {
+                req = req.header(header::AUTHORIZATION, format!("Bearer {}", self.token));
+            }
+            let req = req
+                .body(
+                    body.map(|b| Body::from(b.to_string()))
+                        .unwrap_or_else(Body::empty),
+                )
+                .unwrap();
+            let resp = self.app.clone().oneshot(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            (
+                status,
+                serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            )
+        }
+    }
+
+    #[tokio::test]
+    async fn health_is_open_and_names_the_database() {
+        let t = app().await;
+        let (s, v) = t.call("GET", "/health", None, false).await;
+        assert_eq!(s, 200);
+        assert_eq!(v["database"], json!({"kind": "sqlite", "ok": true}));
+        assert_eq!(v["pid"], std::process::id());
+    }
+
+    #[tokio::test]
+    async fn api_needs_the_token() {
+        let t = app().await;
+        let (s, v) = t.call("GET", "/api/v1/vms", None, false).await;
+        assert_eq!(s, 401);
+        assert_eq!(v["error"], "unauthorized");
+        let (s, _) = t.call("GET", "/api/v1/vms", None, true).await;
+        assert_eq!(s, 200);
+        let (s, v) = t.call("GET", "/api/v1/nope", None, true).await;
+        assert_eq!(s, 404);
+        assert!(
+            v["detail"].as_str().unwrap().contains("/api/v1/nope"),
+            "{v}"
+        );
+    }
+
+    #[tokio::test]
+    async fn json_errors_name_the_field() {
+        let t = app().await;
+        let (s, v) = t.call("POST", "/api/v1/vms", Some("{"), true).await;
+        assert_eq!(s, 400, "{v}");
+        let (s, v) = t
+            .call("POST", "/api/v1/vms", Some(r#"{"vm_name":"a"}"#), true)
+            .await;
+        assert_eq!(s, 422, "{v}");
+        assert!(v["detail"].as_str().unwrap().contains("disks"), "{v}");
+        let (s, v) = t
+            .call(
+                "POST",
+                "/api/v1/backups",
+                Some(r#"{"vm_name":1,"repository_id":"default","backup_type":"full"}"#),
+                true,
+            )
+            .await;
+        assert_eq!(s, 422, "{v}");
+        assert!(v["detail"].as_str().unwrap().starts_with("vm_name"), "{v}");
+        let (s, v) = t
+            .call(
+                "POST",
+                "/api/v1/repositories",
+                Some(r#"{"id":"r2","path":"relative/dir"}"#),
+                true,
+            )
+            .await;
+        assert_eq!(s, 422, "{v}");
+        assert!(v["detail"].as_str().unwrap().contains("absolute"), "{v}");
+    }
+
+    #[tokio::test]
+    async fn vms_register_and_unknowns_are_404() {
+        let t = app().await;
+        let body = r#"{"vm_name":"pg","node":null,"disks":[
+            {"disk_key":2000,"unit_number":0,"size_bytes":1048576,"label":"a"},
+            {"disk_key":2001,"unit_number":1,"size_bytes":2097152,"label":"b"}]}"#;
+        let (s, v) = t.call("POST", "/api/v1/vms", Some(body), true).await;
+        assert_eq!(s, 201, "{v}");
+        let (s, v) = t.call("GET", "/api/v1/vms/pg", None, true).await;
+        assert_eq!(s, 200);
+        assert_eq!(v["disks"][1]["unit_number"], 1, "{v}");
+        let (s, v) = t.call("GET", "/api/v1/vms/other", None, true).await;
+        assert_eq!(s, 404, "{v}");
+        assert_eq!(v["error"], "vm not found");
+        let (s, v) = t
+            .call(
+                "POST",
+                "/api/v1/backups",
+                Some(r#"{"vm_name":"pg","repository_id":"nope","backup_type":"full"}"#),
+                true,
+            )
+            .await;
+        assert_eq!(s, 404, "{v}");
+        assert_eq!(v["error"], "repository not found");
+        let (s, v) = t
+            .call(
+                "POST",
+                "/api/v1/backups/abc/progress",
+                Some(r#"{"disks":[]}"#),
+                true,
+            )
+            .await;
+        assert_eq!(s, 404, "{v}");
+        let (s, v) = t
+            .call("GET", "/api/v1/backups/abc/events", None, true)
+            .await;
+        assert_eq!(s, 404, "{v}");
+        let body = r#"{"vm_name":"pg2","node":"ghost","disks":[{"disk_key":1,"unit_number":0,"size_bytes":512,"label":"a"}]}"#;
+        let (s, v) = t.call("POST", "/api/v1/vms", Some(body), true).await;
+        assert_eq!(s, 422, "{v}");
+        assert!(v["detail"].as_str().unwrap().contains("ghost"), "{v}");
+    }
+
+    #[tokio::test]
+    async fn internal_errors_do_not_leak() {
+        let e = ApiError::internal("secret path /etc/x");
+        assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!e.body().detail.contains("/etc/x"));
+    }
 }

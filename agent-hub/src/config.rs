@@ -111,6 +111,12 @@ pub struct FileConfig {
     pub default_repository: Option<PathBuf>,
     /// How long a call to a node's API may take, in seconds [default: 30].
     pub node_timeout_secs: Option<u64>,
+    /// A node job without a report for this long is checked with the node, in seconds
+    /// [default: 5].
+    pub node_watch_interval_secs: Option<u64>,
+    /// A node that stays unreachable this long while its job runs fails the job, in seconds
+    /// [default: 30].
+    pub node_lost_after_secs: Option<u64>,
     /// qemu-nbd settings (binary, cache mode, `--shared`, timeouts).
     #[serde(default)]
     pub qemu_nbd: Option<QemuNbdConfig>,
@@ -129,6 +135,8 @@ pub struct HubConfig {
     pub log_level: String,
     pub default_repository: PathBuf,
     pub node_timeout: Duration,
+    pub node_watch_interval: Duration,
+    pub node_lost_after: Duration,
     pub qemu_nbd: QemuNbdConfig,
 }
 
@@ -146,6 +154,8 @@ impl HubConfig {
             log_level: "info".to_string(),
             default_repository: data_dir.join("repo"),
             node_timeout: Duration::from_secs(30),
+            node_watch_interval: Duration::from_secs(5),
+            node_lost_after: Duration::from_secs(30),
             qemu_nbd: QemuNbdConfig {
                 bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
                 ..QemuNbdConfig::default()
@@ -195,6 +205,12 @@ impl HubConfig {
         }
         if let Some(v) = file.node_timeout_secs {
             cfg.node_timeout = Duration::from_secs(v.max(1));
+        }
+        if let Some(v) = file.node_watch_interval_secs {
+            cfg.node_watch_interval = Duration::from_secs(v.max(1));
+        }
+        if let Some(v) = file.node_lost_after_secs {
+            cfg.node_lost_after = Duration::from_secs(v.max(1));
         }
         if let Some(q) = file.qemu_nbd {
             cfg.qemu_nbd = q;

@@ -24,7 +24,7 @@ mod records;
 mod vms;
 
 pub use backups::{BackupDiskRow, DiskUpdate, NewBackup, NewBackupDisk};
-pub use records::RepositoryRow;
+pub use records::{ProcessRecord, RepositoryRow};
 
 use chrono::{DateTime, Utc};
 use sendense_shared::api::DatabaseKind;
@@ -149,7 +149,22 @@ impl Db {
                 DbKind::Sqlite => 4,
                 DbKind::Mysql => 8,
             })
-            .acquire_timeout(Duration::from_secs(30));
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if kind == DbKind::Sqlite {
+                        // WAL lets the API read while a job writes progress. The mode is stored
+                        // in the file, so only the first connection of a new database changes
+                        // it; should that fail (another process converting at the same moment)
+                        // the database still works in its current mode.
+                        if let Err(e) = sqlx::query("PRAGMA journal_mode = WAL").execute(conn).await
+                        {
+                            tracing::warn!(error = %e, "could not switch SQLite to WAL mode");
+                        }
+                    }
+                    Ok(())
+                })
+            });
         let pool = options
             .connect(&url)
             .await

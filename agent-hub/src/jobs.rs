@@ -6,6 +6,7 @@
 //!   set the terminal status) and the verification after a completion report.
 //! - [`verify`]: reads the written ranges back through the job's qemu-nbd and compares checksums.
 //! - [`node`]: calls to the node that owns the VM (start, cancel).
+//! - [`fallback`]: an incremental the node refuses ("bitmap missing") becomes a full backup.
 //!
 //! Invariants:
 //! - A job's resources (exports, ports, created images) live in one [`Resources`] behind the
@@ -20,6 +21,7 @@
 //!   point); a `completed` job's images stay and become the next incremental's backing files.
 //!   Only images this job created are deleted, never a backing file.
 
+pub mod fallback;
 pub mod finish;
 pub mod node;
 pub mod prepare;
@@ -86,14 +88,16 @@ pub enum JobError {
     #[error("{detail}")]
     Invalid { detail: String },
     #[error(
-        "repository {path} has {free} bytes free, backup {backup_id} may need {needed} bytes \
-         (sum of the disks' virtual sizes); free space or use another repository"
+        "repository {path} has {free} bytes free ({reserved} more reserved by running jobs), \
+         backup {backup_id} may need {needed} bytes (sum of the disks' virtual sizes); free \
+         space or use another repository"
     )]
     InsufficientSpace {
         backup_id: BackupId,
         path: String,
         needed: u64,
         free: u64,
+        reserved: u64,
     },
     #[error("backup {backup_id}: {detail}")]
     PortsExhausted { backup_id: BackupId, detail: String },
@@ -144,7 +148,25 @@ pub struct LiveJob {
     pub disks: Vec<DiskKey>,
     /// Fired by cancel and shutdown; checked between the steps of preparation and verification.
     pub cancel: CancellationToken,
+    /// Fired once [`finish`] has run: watchers stop.
+    pub ended: CancellationToken,
+    /// When the writer last reported (progress or completion).
+    pub last_report: Mutex<std::time::Instant>,
+    /// Repository directory and the bytes this job may still write there, for the space check
+    /// of jobs that start while it runs.
+    pub repository_path: String,
+    pub reserved_bytes: u64,
     pub res: tokio::sync::Mutex<Resources>,
+}
+
+impl LiveJob {
+    pub fn touch(&self) {
+        *self.last_report.lock().expect("last_report") = std::time::Instant::now();
+    }
+
+    pub fn since_last_report(&self) -> std::time::Duration {
+        self.last_report.lock().expect("last_report").elapsed()
+    }
 }
 
 /// Everything the job manager needs from the hub.
@@ -156,6 +178,10 @@ pub struct JobDeps {
     pub http: reqwest::Client,
     pub token: Token,
     pub tasks: TaskTracker,
+    /// A node job silent this long is checked with its node.
+    pub node_watch_interval: std::time::Duration,
+    /// A node unreachable this long fails its job.
+    pub node_lost_after: std::time::Duration,
 }
 
 /// Runs the jobs; cheap to clone.
@@ -167,6 +193,9 @@ pub struct JobManager {
 pub(crate) struct Inner {
     pub(crate) deps: JobDeps,
     live: Mutex<HashMap<BackupId, Arc<LiveJob>>>,
+    /// Serialises the "is the VM busy / is there space" checks with the job's creation, so two
+    /// requests at once cannot both pass them.
+    pub(crate) admission: tokio::sync::Mutex<()>,
 }
 
 /// Severity of a job event.
@@ -193,6 +222,7 @@ impl JobManager {
             inner: Arc::new(Inner {
                 deps,
                 live: Mutex::new(HashMap::new()),
+                admission: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -215,6 +245,18 @@ impl JobManager {
 
     pub(crate) fn remove_live(&self, id: &BackupId) {
         self.inner.live.lock().expect("live map").remove(id);
+    }
+
+    /// Bytes that live jobs may still write into the repository at `path`.
+    pub(crate) fn reserved_in(&self, path: &str) -> u64 {
+        self.inner
+            .live
+            .lock()
+            .expect("live map")
+            .values()
+            .filter(|j| j.repository_path == path)
+            .map(|j| j.reserved_bytes)
+            .sum()
     }
 
     /// One backup, or [`JobError::BackupNotFound`].
@@ -363,6 +405,11 @@ impl JobManager {
         report: ProgressReport,
     ) -> Result<Backup, JobError> {
         let b = self.get(id).await?;
+        // A report overtaken by the completion report is stale, not an error: the writer must
+        // not read "stop writing" into it.
+        if matches!(b.status, JobStatus::Finalizing | JobStatus::Completed) {
+            return Ok(b);
+        }
         if b.status != JobStatus::Running {
             return Err(JobError::WrongState {
                 id: id.clone(),
@@ -370,15 +417,18 @@ impl JobManager {
                 what: "progress is accepted only while the job is running; stop writing".into(),
             });
         }
+        if let Some(job) = self.live(id) {
+            job.touch();
+        }
         for (i, d) in report.disks.iter().enumerate() {
-            let Some(cur) = b.disk_results.iter().find(|r| r.disk_key == d.disk_key) else {
+            if !b.disk_results.iter().any(|r| r.disk_key == d.disk_key) {
                 return Err(JobError::Invalid {
                     detail: format!(
                         "disks[{i}].disk_key: {} is not a disk of backup {id}",
                         d.disk_key
                     ),
                 });
-            };
+            }
             if d.bytes_done > d.bytes_total {
                 return Err(JobError::Invalid {
                     detail: format!(
@@ -387,7 +437,6 @@ impl JobManager {
                     ),
                 });
             }
-            let _ = cur;
         }
         for d in &report.disks {
             let cur = b
@@ -447,6 +496,12 @@ impl JobManager {
         report: CompletionReport,
     ) -> Result<Backup, JobError> {
         let b = self.get(id).await?;
+        // A repeated `completed` report (a writer retrying after a timeout) gets the same answer.
+        if report.status == CompletionStatus::Completed
+            && matches!(b.status, JobStatus::Finalizing | JobStatus::Completed)
+        {
+            return Ok(b);
+        }
         if b.status != JobStatus::Running {
             return Err(JobError::WrongState {
                 id: id.clone(),
@@ -506,6 +561,7 @@ impl JobManager {
                 what: "this hub process holds no exports for it".into(),
             });
         };
+        job.touch();
         match report.status {
             CompletionStatus::Failed => {
                 let cause = report

@@ -25,7 +25,7 @@
 //! `nbdcopy --destination-is-zero --flush` into a fresh qcow2 served by qemu-nbd with the options
 //! above, plus the SIGTERM stop of that qemu-nbd: wall seconds, median of 5 runs with the modes
 //! interleaved, on the shared 2-core Debian 12 build machine (qemu 7.2, ext4 on virtio, load
-//! average 2-12 from other builds, hence the spread).
+//! average up to 12 from other builds, hence the spread).
 //!
 //! | cache / aio          | 1 GiB median (range) | 2 GiB median (range) | vs writeback/threads |
 //! |----------------------|----------------------|----------------------|----------------------|
@@ -40,6 +40,7 @@
 //! once and not read back through this process, so the page cache only costs a copy and a
 //! write-back storm at the final flush. On a file system that refuses O_DIRECT the image is served
 //! with `cache=writeback` instead (see `adapt_to_file_system`).
+//!
 //! `unsafe` ignores flushes, so an acknowledged backup could be lost on a host crash; it is
 //! measured for reference only and never chosen.
 

@@ -8,9 +8,15 @@
 //!   chains still open.
 //! - Images are created with 64 KiB clusters, QEMU's default and the default granularity of its
 //!   dirty bitmaps: an incremental writes whole changed clusters, so no write into the top image
-//!   needs a copy-on-write read from the backing file, while metadata stays small (a 1 TiB image
-//!   needs 2 MiB of L2 tables). Refcounts are not lazy: an interrupted image is deleted anyway,
-//!   and a completed one must pass `qemu-img check` without repair.
+//!   needs a copy-on-write read from the backing file; the cost is metadata (128 MiB of L2
+//!   tables for a fully written 1 TiB disk, 0.01 %). Measured with `bench/qcow2-cluster.sh` on this machine (4 GiB,
+//!   `-t none`): a full backup's sequential 1 MiB writes take the same time within noise with
+//!   64 KiB or 1 MiB clusters (2.6-3.8 s), while an incremental of 64 KiB writes every 256 KiB
+//!   takes 0.9-2.3 s with 64 KiB clusters against 2.1-5.3 s with 1 MiB ones (2.3-3.5x) and
+//!   leaves a top image 4x smaller (512 MiB against 2 GiB).
+//! - Refcounts are not lazy: `lazy_refcounts=on` showed no difference beyond noise on the same
+//!   bench, an interrupted image is deleted anyway, and a completed one must pass `qemu-img check`
+//!   without repair.
 
 use sendense_shared::ids::{BackupId, DiskKey};
 use sendense_shared::names::{NameError, validate_name};

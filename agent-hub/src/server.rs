@@ -5,7 +5,7 @@
 
 use crate::auth::Token;
 use crate::config::{DEFAULT_REPOSITORY_ID, HubConfig};
-use crate::db::Db;
+use crate::db::{Db, redact};
 use crate::events::EventBus;
 use crate::jobs::JobManager;
 use crate::ports::PortAllocator;
@@ -115,6 +115,8 @@ impl Hub {
             http: http.clone(),
             token: token.clone(),
             tasks: tasks.clone(),
+            node_watch_interval: config.node_watch_interval,
+            node_lost_after: config.node_lost_after,
         });
 
         let report = crate::reconciler::reconcile(&db, &ports, &bus, &config).await;
@@ -165,33 +167,4 @@ pub async fn serve(
     state.tasks.wait().await;
     tracing::info!("sendense-hub stopped");
     result
-}
-
-/// The database URL without its password, for logs and errors.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{}:***{}", &url[..s + 3], user, &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            super::redact("mysql://u:secret@127.0.0.1:3306/db"),
-            "mysql://u:***@127.0.0.1:3306/db"
-        );
-        assert_eq!(
-            super::redact("sqlite:///x/hub.db?mode=rwc"),
-            "sqlite:///x/hub.db?mode=rwc"
-        );
-    }
 }

@@ -730,3 +730,199 @@ async fn qemu_nbd_processes_are_recorded_and_stopped() {
     })
     .await;
 }
+
+/// Two hub processes registering the same new VM at once end with one VM context, and every
+/// disk row is one of the requested ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_registrations_of_one_vm_make_one_context() {
+    on_each_dialect("vm_concurrent", |t: TestDb| async move {
+        let other = t.another_pool().await;
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let db = if i % 2 == 0 {
+                t.db.clone()
+            } else {
+                other.clone()
+            };
+            tasks.push(tokio::spawn(async move {
+                let req = vm(
+                    "racer",
+                    vec![disk(2000, i, 1 << 20), disk(2001, 10 + i, 2 << 20)],
+                );
+                db.upsert_vm(&req).await.map(|v| v.vm_context_id)
+            }));
+        }
+        let mut contexts = BTreeSet::new();
+        for task in tasks {
+            contexts.insert(
+                task.await
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("{}: {e}", t.dialect)),
+            );
+        }
+        assert_eq!(contexts.len(), 1, "{}: {contexts:?}", t.dialect);
+        let v = t.db.get_vm("racer").await.unwrap();
+        assert_eq!(v.disks.len(), 2);
+        assert_eq!(
+            v.disks[1].unit_number,
+            v.disks[0].unit_number + 10,
+            "one request's units, not a mix"
+        );
+        assert_eq!(t.db.list_vms().await.unwrap().len(), 1);
+    })
+    .await;
+}
+
+/// The SQLite database runs in WAL mode, so readers do not wait for a writer.
+#[tokio::test]
+async fn sqlite_uses_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::connect(&format!("sqlite://{}/hub.db", dir.path().display()))
+        .await
+        .unwrap();
+    db.migrate().await.unwrap();
+    assert!(
+        dir.path().join("hub.db-wal").exists(),
+        "no WAL file next to the database"
+    );
+}
+
+/// A wrong password names the database and the cause, and never prints the password.
+#[tokio::test]
+async fn connect_errors_hide_the_password() {
+    let Some(server) = db_support::mysql_server_url() else {
+        return;
+    };
+    let (scheme_user, host) = server.rsplit_once('@').unwrap();
+    let user = scheme_user
+        .trim_start_matches("mysql://")
+        .split(':')
+        .next()
+        .unwrap();
+    let url = format!("mysql://{user}:not-the-password-42@{host}/nowhere");
+    let e = Db::connect(&url).await.unwrap_err();
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    assert!(!msg.contains("not-the-password-42"), "{msg}");
+    assert!(
+        msg.contains(&format!("mysql://{user}:***@{host}/nowhere")),
+        "{msg}"
+    );
+    assert!(msg.contains("Access denied"), "{msg}");
+}
+
+#[tokio::test]
+async fn sqlite_file_is_created_on_connect() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fresh.db");
+    let db = Db::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    assert_eq!(db.kind(), agent_hub::db::DbKind::Sqlite);
+    assert!(path.exists());
+    let e = Db::connect("sqlite:///no/such/dir/hub.db")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("/no/such/dir/hub.db"), "{e}");
+}
+
+type Schema = std::collections::BTreeMap<String, BTreeSet<(String, bool, bool)>>;
+
+/// (table → {(column, nullable, in primary key)}) as the database itself describes it.
+async fn describe(t: &TestDb) -> Schema {
+    use sqlx::{Connection, Row};
+    let mut schema = Schema::new();
+    if t.dialect == "sqlite" {
+        let mut c = sqlx::SqliteConnection::connect(&t.url).await.unwrap();
+        let tables: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'table' \
+             AND name NOT LIKE 'sqlite_%' AND name NOT LIKE '_sqlx%'",
+        )
+        .fetch_all(&mut c)
+        .await
+        .unwrap();
+        for table in tables {
+            let rows = sqlx::query("SELECT name, \"notnull\", pk FROM pragma_table_info(?)")
+                .bind(&table)
+                .fetch_all(&mut c)
+                .await
+                .unwrap();
+            let cols = rows
+                .iter()
+                .map(|r| {
+                    (
+                        r.get::<String, _>(0),
+                        r.get::<i64, _>(1) == 0,
+                        r.get::<i64, _>(2) > 0,
+                    )
+                })
+                .collect();
+            schema.insert(table, cols);
+        }
+    } else {
+        let mut c = sqlx::MySqlConnection::connect(&t.url).await.unwrap();
+        let rows = sqlx::query(
+            "SELECT CAST(TABLE_NAME AS CHAR), CAST(COLUMN_NAME AS CHAR), CAST(IS_NULLABLE AS CHAR), \
+             CAST(COLUMN_KEY AS CHAR) FROM information_schema.COLUMNS \
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME NOT LIKE '\\_sqlx%'",
+        )
+        .fetch_all(&mut c)
+        .await
+        .unwrap();
+        for r in rows {
+            schema.entry(r.get::<String, _>(0)).or_default().insert((
+                r.get::<String, _>(1),
+                r.get::<String, _>(2) == "YES",
+                r.get::<String, _>(3) == "PRI",
+            ));
+        }
+    }
+    schema
+}
+
+/// The two dialects' migrations describe the same tables, columns, nullability and keys.
+#[tokio::test]
+async fn both_dialects_have_the_same_schema() {
+    if db_support::mysql_server_url().is_none() {
+        return;
+    }
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    on_each_dialect("schema_equal", move |t: TestDb| {
+        let s = s.clone();
+        async move {
+            let schema = describe(&t).await;
+            s.lock().unwrap().push((t.dialect, schema));
+        }
+    })
+    .await;
+    let seen = seen.lock().unwrap();
+    let (sqlite, mysql) = (&seen[0], &seen[1]);
+    assert_eq!((sqlite.0, mysql.0), ("sqlite", "mysql"));
+    let tables: Vec<&String> = sqlite.1.keys().collect();
+    for t in [
+        "vm_replication_contexts",
+        "vm_disks",
+        "repositories",
+        "backup_jobs",
+        "backup_disks",
+        "nbd_port_allocations",
+        "qemu_nbd_processes",
+        "nodes",
+        "job_events",
+    ] {
+        assert!(sqlite.1.contains_key(t), "table {t} missing: {tables:?}");
+    }
+    for (table, cols) in &sqlite.1 {
+        assert_eq!(
+            Some(cols),
+            mysql.1.get(table),
+            "table {table} differs between dialects"
+        );
+    }
+    assert_eq!(sqlite.1.len(), mysql.1.len());
+}

@@ -12,6 +12,7 @@ use crate::source::SourceDriver;
 use crate::source::qemu::QemuDriver;
 use crate::tunnel::Tunnel;
 use sendense_shared::api::{NodeRegistration, VmRequest};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -42,7 +43,7 @@ pub async fn run(
     let jobs = Jobs::new(
         driver.clone(),
         hub.clone(),
-        CopyOptions::default(),
+        CopyOptions::from_env(),
         shutdown.clone(),
     );
     // The tunnel outlives the API: the final reports of draining jobs still travel through it.
@@ -85,7 +86,11 @@ pub async fn run(
     Ok(())
 }
 
-/// Registers with the hub and pushes the inventory, retrying with backoff until both worked.
+/// How often the inventory is looked at again; VMs whose disks changed are pushed.
+const INVENTORY_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Registers with the hub and pushes the inventory, retrying with backoff until both worked;
+/// then pushes VMs whose disks changed (or that appeared) every [`INVENTORY_EVERY`].
 async fn register(
     hub: HubClient,
     name: String,
@@ -98,36 +103,53 @@ async fn register(
         api_url,
         version: sendense_shared::identity::VERSION.to_string(),
     };
+    let mut pushed: BTreeMap<String, VmRequest> = BTreeMap::new();
+    let mut registered = false;
     let mut attempt = 0;
     loop {
         let result: anyhow::Result<usize> = async {
-            hub.register(&reg).await?;
-            let vms = driver.list_vms().await?;
-            for vm in &vms {
-                let vm = inventory_vm(vm.clone());
-                hub.push_vm(&VmRequest {
-                    vm_name: vm.vm_name,
+            if !registered {
+                hub.register(&reg).await?;
+                registered = true;
+            }
+            let mut n = 0;
+            for vm in driver.list_vms().await? {
+                let vm = inventory_vm(vm);
+                let req = VmRequest {
+                    vm_name: vm.vm_name.clone(),
                     node: Some(name.clone()),
                     disks: vm.disks,
-                })
-                .await?;
+                };
+                if pushed.get(&req.vm_name) != Some(&req) {
+                    hub.push_vm(&req).await?;
+                    pushed.insert(req.vm_name.clone(), req);
+                    n += 1;
+                }
             }
-            Ok(vms.len())
+            Ok(n)
         }
         .await;
-        match result {
+        let wait = match result {
             Ok(n) => {
-                tracing::info!(hub = hub.base(), vms = n, "registered with the hub");
-                return;
+                if n > 0 || attempt > 0 {
+                    tracing::info!(
+                        hub = hub.base(),
+                        vms_pushed = n,
+                        "registered with the hub, inventory pushed"
+                    );
+                }
+                attempt = 0;
+                INVENTORY_EVERY
             }
             Err(e) => {
-                tracing::warn!(hub = hub.base(), error = %e, attempt, "registration failed; retrying");
+                tracing::warn!(hub = hub.base(), error = %e, attempt, "registration or inventory push failed; retrying");
+                attempt += 1;
+                backoff(attempt - 1)
             }
-        }
+        };
         tokio::select! {
-            _ = tokio::time::sleep(backoff(attempt)) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = shutdown.cancelled() => return,
         }
-        attempt += 1;
     }
 }

@@ -30,6 +30,8 @@ use tokio_util::task::TaskTracker;
 const KEEP_FINISHED: usize = 200;
 /// Attempts at the final report once the node is shutting down.
 const SHUTDOWN_ATTEMPTS: u32 = 3;
+/// How long a cancelled copy may take to stop before it is dropped.
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
 /// Progress push interval.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
@@ -435,6 +437,7 @@ impl Jobs {
             }
             Ok(snapshot) => {
                 let status = self.copy_all(&job, &snapshot, &targets).await;
+                job.set_status(JobStatus::Finalizing);
                 let outcome = if status == JobStatus::Completed {
                     ReleaseOutcome::Success
                 } else {
@@ -471,7 +474,24 @@ impl Jobs {
     ) -> JobStatus {
         if job.cancel.is_cancelled() {
             job.set_disks(DiskStatus::Cancelled);
+            job.lock()
+                .error
+                .get_or_insert_with(|| "cancelled".to_string());
             return JobStatus::Cancelled;
+        }
+        // A disk hot-plugged or removed between the start's check and the snapshot: the
+        // targets no longer match the VM, and a VM is backed up whole or not at all.
+        let snap_keys: BTreeSet<DiskKey> = snapshot.disks.iter().map(|d| d.disk_key).collect();
+        let target_keys: BTreeSet<DiskKey> = targets.iter().map(|(k, _)| *k).collect();
+        if snap_keys != target_keys {
+            let msg = format!(
+                "the VM's disks changed before the snapshot: snapshot has {}, targets name {}",
+                key_list(&snap_keys.into_iter().collect::<Vec<_>>()),
+                key_list(&target_keys.into_iter().collect::<Vec<_>>())
+            );
+            job.set_disks(DiskStatus::Failed);
+            job.lock().error = Some(msg);
+            return JobStatus::Failed;
         }
         job.set_status(JobStatus::Running);
         job.set_disks(DiskStatus::Running);
@@ -503,7 +523,20 @@ impl Jobs {
             let key = sd.disk_key;
             let target = target.clone();
             copies.push(async move {
-                let r = copy_disk(&source, &target, extents, &opts, counters, token.clone()).await;
+                let copy = copy_disk(&source, &target, extents, &opts, counters, token.clone());
+                // The engine stops between requests; a request to a hung target never ends, so
+                // after a grace period the copy is dropped (its connections with it), so that
+                // the snapshot is released whatever the target does.
+                let r = tokio::select! {
+                    r = copy => r,
+                    _ = async {
+                        token.cancelled().await;
+                        tokio::time::sleep(CANCEL_GRACE).await;
+                    } => {
+                        tracing::warn!(disk_key = %key, "copy did not stop within {CANCEL_GRACE:?} of the cancel; dropped");
+                        Err(crate::copy::CopyError::Cancelled)
+                    }
+                };
                 if r.is_err() {
                     token.cancel();
                 }

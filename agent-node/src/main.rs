@@ -30,8 +30,14 @@ enum Command {
     Tunnel(agent_node::tunnel::authorized_key::TunnelCommand),
 }
 
+/// clap prints the command name itself before this text.
 fn long_version() -> &'static str {
-    Box::leak(sendense_shared::identity::long_version("sendense-node").into_boxed_str())
+    let text = sendense_shared::identity::long_version("sendense-node");
+    let text = text
+        .strip_prefix("sendense-node ")
+        .map(str::to_string)
+        .unwrap_or(text);
+    Box::leak(text.into_boxed_str())
 }
 
 #[tokio::main]

@@ -154,7 +154,7 @@ pub enum SourceError {
 
 /// A hypervisor the node takes snapshots from.
 pub trait SourceDriver: Send + Sync + 'static {
-    /// Every VM with its disks (queried live).
+    /// Every reachable VM with its disks (queried live); unreachable ones are left out.
     fn list_vms(&self) -> BoxFuture<'_, Result<Vec<SourceVm>, SourceError>>;
 
     /// One VM with its disks.

@@ -236,6 +236,8 @@ pub struct TunnelRow<'a> {
     pub node: &'a str,
     pub info: Option<&'a Node>,
     pub tunnel: Option<&'a TunnelState>,
+    /// The hub could not ask the node just now; `tunnel` is then the last state recorded.
+    pub probe_error: Option<&'a str>,
 }
 
 /// All state of the console.
@@ -258,6 +260,8 @@ pub struct App {
     pub nodes: Vec<Node>,
     /// Latest tunnel state per node (from `/api/v1/tunnel` and the event stream).
     pub tunnels: BTreeMap<String, TunnelState>,
+    /// Why the hub could not ask a node for its tunnel just now (from `/api/v1/tunnel`).
+    pub tunnel_errors: BTreeMap<String, String>,
     /// Oldest first, by `seq`.
     pub events: Vec<JobEvent>,
     pub history: HashMap<(BackupId, DiskKey), DiskHistory>,
@@ -297,6 +301,7 @@ impl App {
             processes: Vec::new(),
             nodes: Vec::new(),
             tunnels: BTreeMap::new(),
+            tunnel_errors: BTreeMap::new(),
             events: Vec::new(),
             history: HashMap::new(),
             view: View::Jobs,
@@ -377,8 +382,14 @@ impl App {
             self.nodes = n;
         }
         if let Some(t) = snap.tunnels {
+            self.tunnel_errors.clear();
             for nt in t {
-                self.tunnels.insert(nt.node, nt.tunnel);
+                if let Some(e) = nt.error {
+                    self.tunnel_errors.insert(nt.node.clone(), e);
+                }
+                if let Some(tunnel) = nt.tunnel {
+                    self.tunnels.insert(nt.node, tunnel);
+                }
             }
         }
         if let Some(events) = snap.events {
@@ -626,7 +637,7 @@ impl App {
     /// One row per node the hub knows, plus nodes only seen in tunnel reports.
     pub fn tunnel_rows(&self) -> Vec<TunnelRow<'_>> {
         let mut names: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
-        for name in self.tunnels.keys() {
+        for name in self.tunnels.keys().chain(self.tunnel_errors.keys()) {
             if !names.contains(&name.as_str()) {
                 names.push(name);
             }
@@ -642,6 +653,7 @@ impl App {
                     .tunnels
                     .get(name)
                     .or_else(|| self.nodes.iter().find(|n| n.name == name)?.tunnel.as_ref()),
+                probe_error: self.tunnel_errors.get(name).map(String::as_str),
             })
             .filter(|r| {
                 matches(
@@ -837,11 +849,9 @@ impl App {
             Command::Top => self.move_selection(|_, _| 0),
             Command::Bottom => self.move_selection(|_, len| len.saturating_sub(1)),
             Command::Enter => match self.view {
-                View::Jobs => {
-                    if self.detail.is_none() {
-                        self.detail = self.selected_backup().map(|b| b.backup_id.clone());
-                        self.detail_scroll = 0;
-                    }
+                View::Jobs if self.detail.is_none() => {
+                    self.detail = self.selected_backup().map(|b| b.backup_id.clone());
+                    self.detail_scroll = 0;
                 }
                 View::Events => {
                     let id = self

@@ -232,7 +232,7 @@ pub async fn run_command(client: &HubClient, command: Command) -> u8 {
             command: BackupsCommand::List { json },
         } => match client.backups().await {
             Ok(mut list) => {
-                list.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+                list.sort_by_key(|b| std::cmp::Reverse(b.created_at));
                 if json {
                     println!(
                         "{}",
@@ -431,25 +431,35 @@ fn outcome(b: &Backup) -> u8 {
     }
 }
 
-/// The human table of `backups list`.
+/// The human table of `backups list`: columns as wide as their longest value (the hub's ids
+/// are UUIDs; scripts that need fields use `--json`).
 pub fn backups_table(list: &[Backup]) -> String {
+    let bytes = |b: &Backup| {
+        format!(
+            "{}/{}",
+            format::bytes(b.bytes_transferred),
+            format::bytes(b.total_bytes)
+        )
+    };
+    let width = |head: &str, f: &dyn Fn(&Backup) -> usize| {
+        list.iter().map(f).max().unwrap_or(0).max(head.len())
+    };
+    let wid = width("ID", &|b| b.backup_id.0.chars().count());
+    let wvm = width("VM", &|b| b.vm_name.chars().count());
+    let wby = width("BYTES", &|b| bytes(b).chars().count());
     let mut out = format!(
-        "{:<12} {:<16} {:<11} {:<11} {:>4} {:>21}  {}\n",
+        "{:<wid$}  {:<wvm$}  {:<11}  {:<10}  {:>4}  {:>wby$}  {}\n",
         "ID", "VM", "TYPE", "STATUS", "DONE", "BYTES", "CREATED"
     );
     for b in list {
         out.push_str(&format!(
-            "{:<12} {:<16} {:<11} {:<11} {:>3}% {:>21}  {}\n",
+            "{:<wid$}  {:<wvm$}  {:<11}  {:<10}  {:>3}%  {:>wby$}  {}\n",
             b.backup_id.0,
             b.vm_name,
             b.backup_type.as_str(),
             b.status.as_str(),
             format::percent(b.bytes_transferred, b.total_bytes),
-            format!(
-                "{}/{}",
-                format::bytes(b.bytes_transferred),
-                format::bytes(b.total_bytes)
-            ),
+            bytes(b),
             b.created_at.format("%Y-%m-%d %H:%M:%S")
         ));
     }

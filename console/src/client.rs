@@ -24,10 +24,10 @@ pub enum ClientError {
         source: reqwest::Error,
     },
     #[error(
-        "hub at {url} refused the token (401 Unauthorized): pass the hub's token with --token-file FILE or SENDENSE_TOKEN"
+        "401 Unauthorized: the hub at {url} refused the token; pass the hub's token with --token-file FILE or SENDENSE_TOKEN"
     )]
     Unauthorized { url: String },
-    #[error("{what} not found (404): {error}: {detail}")]
+    #[error("{what}: {error} (404 Not Found): {detail}")]
     NotFound {
         what: String,
         error: String,
@@ -245,7 +245,12 @@ impl HubClient {
             Shape::List(list) => list,
             Shape::Map(map) => map
                 .into_iter()
-                .map(|(node, tunnel)| NodeTunnel { node, tunnel })
+                .map(|(node, tunnel)| NodeTunnel {
+                    node,
+                    live: true,
+                    tunnel: Some(tunnel),
+                    error: None,
+                })
                 .collect(),
         })
     }
@@ -255,7 +260,12 @@ impl HubClient {
         self.send(
             "POST",
             "/api/v1/backups",
-            || format!("VM {:?} or repository {:?}", req.vm_name, req.repository_id),
+            || {
+                format!(
+                    "backup of VM {:?} into repository {:?}",
+                    req.vm_name, req.repository_id
+                )
+            },
             Some(json_body(req)),
         )
         .await

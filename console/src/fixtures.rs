@@ -40,16 +40,14 @@ pub fn health() -> Health {
     }
 }
 
+/// One disk result: `(key, unit)`, `(vm, job)`, `(port, qemu-nbd pid)`, status,
+/// `(bytes done, bytes total)`, error.
 fn disk(
-    key: i64,
-    unit: i32,
-    vm: &str,
-    job: &str,
-    port: Option<u16>,
-    pid: Option<u32>,
+    (key, unit): (i64, i32),
+    (vm, job): (&str, &str),
+    (port, pid): (Option<u16>, Option<u32>),
     status: DiskStatus,
-    done: u64,
-    total: u64,
+    (done, total): (u64, u64),
     error: Option<&str>,
 ) -> DiskResult {
     DiskResult {
@@ -70,27 +68,19 @@ fn disk(
 pub fn running_job(done: [u64; 2]) -> Backup {
     let disks = vec![
         disk(
-            2000,
-            0,
-            "pgtest1",
-            RUNNING_JOB,
-            Some(10100),
-            Some(51234),
+            (2000, 0),
+            ("pgtest1", RUNNING_JOB),
+            (Some(10100), Some(51234)),
             DiskStatus::Running,
-            done[0],
-            16 * GIB,
+            (done[0], 16 * GIB),
             None,
         ),
         disk(
-            2001,
-            1,
-            "pgtest1",
-            RUNNING_JOB,
-            Some(10101),
-            Some(51236),
+            (2001, 1),
+            ("pgtest1", RUNNING_JOB),
+            (Some(10101), Some(51236)),
             DiskStatus::Running,
-            done[1],
-            4 * GIB,
+            (done[1], 4 * GIB),
             None,
         ),
     ];
@@ -118,27 +108,19 @@ pub const QEMU_NBD_ERROR: &str = "qemu-nbd (pid 50102) exited with status 1: Fai
 pub fn failed_job() -> Backup {
     let disks = vec![
         disk(
-            2000,
-            0,
-            "webfront",
-            FAILED_JOB,
-            None,
-            Some(50100),
+            (2000, 0),
+            ("webfront", FAILED_JOB),
+            (None, Some(50100)),
             DiskStatus::Completed,
-            3 * GIB / 2,
-            3 * GIB / 2,
+            (3 * GIB / 2, 3 * GIB / 2),
             None,
         ),
         disk(
-            2001,
-            1,
-            "webfront",
-            FAILED_JOB,
-            Some(10102),
-            Some(50102),
+            (2001, 1),
+            ("webfront", FAILED_JOB),
+            (Some(10102), Some(50102)),
             DiskStatus::Failed,
-            310 * 1024 * 1024,
-            8 * GIB,
+            (310 * 1024 * 1024, 8 * GIB),
             Some(QEMU_NBD_ERROR),
         ),
     ];
@@ -179,15 +161,11 @@ fn finished_job(id: &str, vm: &str, status: JobStatus, created: i64, total: u64)
         repository_id: "repo-a".into(),
         status,
         disk_results: vec![disk(
-            2000,
-            0,
-            vm,
-            id,
-            None,
-            None,
+            (2000, 0),
+            (vm, id),
+            (None, None),
             disk_status,
-            done,
-            total,
+            (done, total),
             None,
         )],
         nbd_targets_string: String::new(),
@@ -385,11 +363,18 @@ pub fn tunnels() -> Vec<NodeTunnel> {
     vec![
         NodeTunnel {
             node: "node-a".into(),
-            tunnel: tunnel_up(),
+            live: true,
+            tunnel: Some(tunnel_up()),
+            error: None,
         },
         NodeTunnel {
             node: "node-b".into(),
-            tunnel: tunnel_down(),
+            live: false,
+            tunnel: Some(tunnel_down()),
+            error: Some(
+                "GET http://127.0.0.1:9082/api/v1/tunnel: error sending request: connection refused"
+                    .into(),
+            ),
         },
     ]
 }

@@ -70,6 +70,18 @@ pub fn truncate(s: &str, max: usize) -> String {
     out
 }
 
+/// A job id short enough for a table column: ids up to 10 characters stay whole, longer ones
+/// (the hub's UUIDs) keep their first 8 characters, like a short git hash. Filters still match
+/// the whole id, and the detail and confirmations show it in full.
+pub fn short_id(id: &str) -> String {
+    if id.chars().count() <= 10 {
+        return id.to_string();
+    }
+    let mut out: String = id.chars().take(8).collect();
+    out.push('…');
+    out
+}
+
 /// Keep the end of `s` (paths: the file name matters most), marking the cut with `…`.
 pub fn truncate_left(s: &str, max: usize) -> String {
     let count = s.chars().count();
@@ -109,6 +121,15 @@ mod tests {
         assert_eq!(percent(5, 0), 0);
         assert_eq!(percent(50, 100), 50);
         assert_eq!(percent(150, 100), 100);
+    }
+
+    #[test]
+    fn short_ids_keep_a_prefix() {
+        assert_eq!(short_id("b-7f3a9c21"), "b-7f3a9c21");
+        assert_eq!(
+            short_id("6271dd38-33d7-4ee0-883c-985223027b87"),
+            "6271dd38…"
+        );
     }
 
     #[test]

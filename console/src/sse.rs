@@ -21,8 +21,17 @@ const STREAM_HEALTHY_AFTER: Duration = Duration::from_secs(30);
 /// Event logs fetched per poll: every unfinished job plus this many of the newest.
 const RECENT_JOBS_WITH_EVENTS: usize = 5;
 
-/// Splits a `text/event-stream` body into the payloads of its events (the joined `data:`
-/// lines of each event). Other fields (`event:`, `id:`, `retry:`) and comments are ignored.
+/// What a `text/event-stream` body carries that the console uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SseItem {
+    /// The joined `data:` lines of one event.
+    Data(String),
+    /// A `:` comment line (keep-alives, and the hub's "lagged: N events lost" notice).
+    Comment(String),
+}
+
+/// Splits a `text/event-stream` body into [`SseItem`]s. Other fields (`event:`, `id:`,
+/// `retry:`) are ignored: the payload's JSON `kind` says what it is.
 #[derive(Debug, Default)]
 pub struct SseParser {
     pending: Vec<u8>,
@@ -30,8 +39,8 @@ pub struct SseParser {
 }
 
 impl SseParser {
-    /// Feed a chunk of the body; returns the payloads completed by it.
-    pub fn push(&mut self, chunk: &[u8]) -> Vec<String> {
+    /// Feed a chunk of the body; returns the items completed by it.
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<SseItem> {
         self.pending.extend_from_slice(chunk);
         let mut out = Vec::new();
         while let Some(pos) = self.pending.iter().position(|&b| b == b'\n') {
@@ -43,9 +52,11 @@ impl SseParser {
             let line = String::from_utf8_lossy(&line);
             if line.is_empty() {
                 if !self.data.is_empty() {
-                    out.push(self.data.join("\n"));
+                    out.push(SseItem::Data(self.data.join("\n")));
                     self.data.clear();
                 }
+            } else if let Some(rest) = line.strip_prefix(':') {
+                out.push(SseItem::Comment(rest.trim().to_string()));
             } else if let Some(rest) = line.strip_prefix("data:") {
                 self.data
                     .push(rest.strip_prefix(' ').unwrap_or(rest).to_string());
@@ -73,7 +84,7 @@ pub fn cause(err: &ClientError) -> String {
 
 fn recent_jobs(backups: &[Backup]) -> Vec<&Backup> {
     let mut sorted: Vec<&Backup> = backups.iter().collect();
-    sorted.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+    sorted.sort_by_key(|b| std::cmp::Reverse(b.created_at));
     sorted
         .iter()
         .enumerate()
@@ -174,7 +185,19 @@ async fn pump(client: &HubClient, resp: reqwest::Response, tx: &mpsc::Sender<Upd
         tokio::select! {
             chunk = body.next() => match chunk {
                 Some(Ok(bytes)) => {
-                    for data in parser.push(&bytes) {
+                    for item in parser.push(&bytes) {
+                        let data = match item {
+                            SseItem::Data(data) => data,
+                            SseItem::Comment(c) if c.starts_with("lagged") => {
+                                // Events were lost: the lists are re-read in full.
+                                tracing::warn!(comment = %c, "event stream lagged");
+                                if !poll(client, tx).await {
+                                    return "the hub stopped answering".to_string();
+                                }
+                                continue;
+                            }
+                            SseItem::Comment(_) => continue,
+                        };
                         match serde_json::from_str::<HubEvent>(&data) {
                             Ok(event) => {
                                 if tx.send(Update::Event(event)).await.is_err() {
@@ -245,15 +268,30 @@ mod tests {
     #[test]
     fn parser_joins_data_lines_and_survives_split_chunks() {
         let mut p = SseParser::default();
-        assert!(p.push(b": keep-alive\n\nevent: backup\nda").is_empty());
+        assert_eq!(
+            p.push(b": keep-alive\n\nevent: backup\nda"),
+            vec![SseItem::Comment("keep-alive".into())]
+        );
         assert!(p.push(b"ta: {\"a\":\r\n").is_empty());
         let out = p.push(b"data: 1}\r\n\r\ndata:x\n\n");
-        assert_eq!(out, vec!["{\"a\":\n1}".to_string(), "x".to_string()]);
+        assert_eq!(
+            out,
+            vec![
+                SseItem::Data("{\"a\":\n1}".into()),
+                SseItem::Data("x".into())
+            ]
+        );
     }
 
     #[test]
-    fn comment_only_events_yield_nothing() {
+    fn comments_are_not_events() {
         let mut p = SseParser::default();
-        assert!(p.push(b":ping\n\n:ping\n\n").is_empty());
+        let out = p.push(b":lagged: 3 events lost, re-read lists\n\n");
+        assert_eq!(
+            out,
+            vec![SseItem::Comment(
+                "lagged: 3 events lost, re-read lists".into()
+            )]
+        );
     }
 }

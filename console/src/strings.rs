@@ -24,11 +24,11 @@ pub const POLLING: &str = "polling every 2s";
 pub const CONNECTING: &str = "connecting to";
 pub const UNREACHABLE: &str = "HUB UNREACHABLE";
 pub const RETRY: &str = "retry";
-pub const DOWN_SINCE: &str = "down since";
+pub const DOWN_SINCE: &str = "since";
 pub const LAST_CONTACT: &str = "last contact";
 pub const NEVER: &str = "never";
 pub const LAST_ERROR: &str = "last error";
-pub const DATA_STALE: &str = "data below is from the last contact";
+pub const DATA_STALE: &str = "the data below is from then";
 pub const EVENTS_STREAM: &str = "event stream";
 pub const UTC: &str = "UTC";
 
@@ -85,6 +85,7 @@ pub const NO_NODE: &str = "(none)";
 pub const NO_VMS: &str =
     "No VMs known to the hub. Register one (POST /api/v1/vms) or connect a node.";
 pub const DISKS_OF: &str = "Disks of";
+pub const BACKUP: &str = "backup";
 
 // Start dialog.
 pub const START_TITLE: &str = "Start backup";
@@ -117,6 +118,7 @@ pub const NO_PORTS_USED: &str = "Every port of the range is free.";
 pub const PORTS_SUMMARY_FREE: &str = "free";
 pub const PORTS_SUMMARY_HELD: &str = "held";
 pub const PORTS_SUMMARY_SQUATTED: &str = "squatted";
+pub const NOT_OURS: &str = "not ours";
 
 // Tunnel.
 pub const COL_RESTARTS: &str = "Restarts";
@@ -128,6 +130,7 @@ pub const TUNNEL_DOWN: &str = "down";
 pub const TUNNEL_UNKNOWN: &str = "unknown";
 pub const FORWARDS_OF: &str = "Forwards of";
 pub const NO_FORWARDS: &str = "no forwards";
+pub const PROBE_FAILED: &str = "the hub cannot ask this node now (last recorded state shown)";
 pub const NO_NODES: &str = "No nodes registered with the hub.";
 pub const API_URL: &str = "api";
 pub const VERSION: &str = "version";
@@ -139,6 +142,7 @@ pub const COL_QCOW2: &str = "QCOW2";
 pub const COL_ALIVE: &str = "Alive";
 pub const COL_UPTIME: &str = "Up";
 pub const COL_JOB: &str = "Job";
+pub const COL_DISK: &str = "Disk";
 pub const ALIVE: &str = "alive";
 pub const DEAD: &str = "DEAD";
 pub const NO_PROCESSES: &str = "No qemu-nbd process is running for the hub.";

@@ -29,8 +29,9 @@ use ratatui::widgets::{Block, Borders, Paragraph, Tabs};
 
 /// Draw the whole screen.
 pub fn render(app: &App, frame: &mut Frame) {
+    let header_height = if app.is_unreachable() { 3 } else { 2 };
     let [header, tabs, body, footer] = Layout::vertical([
-        Constraint::Length(2),
+        Constraint::Length(header_height),
         Constraint::Length(1),
         Constraint::Min(0),
         Constraint::Length(1),

@@ -407,12 +407,20 @@ pub struct TunnelState {
     pub forwards: Vec<String>,
 }
 
-/// One entry of the hub's `GET /api/v1/tunnel`: the tunnel state a node last reported.
+/// One entry of the hub's `GET /api/v1/tunnel` (the wire shape the hub serves).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeTunnel {
     /// Name of the node (as in [`Node::name`]).
     pub node: String,
-    pub tunnel: TunnelState,
+    /// The node answered just now (`true`), or `tunnel` is the last state recorded (`false`).
+    #[serde(default)]
+    pub live: bool,
+    /// `null` when the node never reported one.
+    #[serde(default)]
+    pub tunnel: Option<TunnelState>,
+    /// Why the node could not be asked.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// A node as the hub knows it (`GET /api/v1/nodes`).

@@ -279,7 +279,8 @@ impl NbdClient {
                         })?;
                     // Request headers are small; waiting for Nagle would add latency to each.
                     let _ = s.set_nodelay(true);
-                    Self::from_stream(s, export, opts).await
+                    let (rd, wr) = s.into_split();
+                    Self::from_halves(rd, wr, export, opts).await
                 }
                 NbdAddr::Unix { path, export } => {
                     let s = tokio::net::UnixStream::connect(path).await.map_err(|e| {
@@ -288,7 +289,8 @@ impl NbdClient {
                             source: Arc::new(e),
                         }
                     })?;
-                    Self::from_stream(s, export, opts).await
+                    let (rd, wr) = s.into_split();
+                    Self::from_halves(rd, wr, export, opts).await
                 }
             }
         };
@@ -300,17 +302,21 @@ impl NbdClient {
             })?
     }
 
-    /// Negotiates over an already connected stream (tests use an in-memory duplex).
-    pub(crate) async fn from_stream<S>(
-        mut stream: S,
+    /// Negotiates over an already connected stream, given as its two halves (owned halves of
+    /// a socket avoid the lock that `tokio::io::split` puts between them).
+    pub(crate) async fn from_halves<R, W>(
+        rd: R,
+        wr: W,
         export: &str,
         opts: &ConnectOptions,
     ) -> Result<NbdClient, NbdError>
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
     {
+        let mut stream = tokio::io::join(rd, wr);
         let n = handshake::negotiate(&mut stream, export, &opts.meta_contexts).await?;
-        let (rd, wr) = tokio::io::split(stream);
+        let (rd, wr) = stream.into_inner();
         let shared = Shared::new();
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(connection::reader_loop(rd, shared.clone(), n.structured));

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 /// How a test hub is started.
 #[derive(Debug, Clone)]
 pub struct HubOptions {
+    /// `--listen`; `127.0.0.1:0` (a kernel-chosen port) unless a test must restart the hub on
+    /// the address a node already knows.
+    pub listen: String,
     /// Data directory (database, repository, token, logs); kept across restarts of a test.
     pub data_dir: PathBuf,
     /// `--nbd-ports FIRST-LAST`; `None` picks 8 free ports.
@@ -20,15 +23,19 @@ pub struct HubOptions {
     pub database_url: Option<String>,
     /// Extra flags.
     pub extra_args: Vec<String>,
+    /// Extra environment (e.g. `PATH` with a wrapper in front, to slow a tool down).
+    pub env: Vec<(String, String)>,
 }
 
 impl HubOptions {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         HubOptions {
+            listen: "127.0.0.1:0".to_string(),
             data_dir: data_dir.into(),
             nbd_ports: None,
             database_url: None,
             extra_args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -59,7 +66,7 @@ impl HubProcess {
         let stderr = std::fs::File::create(&stderr_path)?;
         let mut cmd = Command::new(binary);
         cmd.arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(&opts.listen)
             .arg("--data-dir")
             .arg(&opts.data_dir)
             .arg("--nbd-ports")
@@ -68,6 +75,7 @@ impl HubProcess {
             cmd.arg("--database-url").arg(url);
         }
         cmd.args(&opts.extra_args)
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .env_remove("SENDENSE_HUB_CONFIG")
             .env("SENDENSE_HUB_LOG", "info,agent_hub=debug")
             .stdin(Stdio::null())

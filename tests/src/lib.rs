@@ -8,29 +8,34 @@
 //!   export, `qemu-img compare`.
 //! - [`net`]: free port ranges on 127.0.0.1.
 //! - [`tmpfs`]: a small mounted tmpfs (a repository that fills up), unmounted in `Drop`.
+//! - [`node`]: [`node::NodeProcess`], a running `sendense-node` registered with a test hub.
+//! - [`qemu`]: [`qemu::TestVm`], a real `qemu-system-x86_64` with qcow2 disks and a QMP socket
+//!   for the node plus one for the test (guest writes, leftover checks).
 
 pub mod disks;
 pub mod hub;
 pub mod net;
+pub mod node;
+pub mod qemu;
 pub mod tmpfs;
 
 use std::path::PathBuf;
 
-/// A binary of this workspace, next to the running test executable's `deps/` directory
-/// (`target/debug/<name>`). Tests in the crate that owns a binary should prefer
+/// A binary of this workspace, next to the running test's `deps/` (or example's `examples/`)
+/// directory (`target/debug/<name>`). Tests in the crate that owns a binary should prefer
 /// `env!("CARGO_BIN_EXE_<name>")`.
 pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current test executable");
     let dir = exe
         .parent()
         .and_then(|d| {
-            if d.ends_with("deps") {
+            if d.ends_with("deps") || d.ends_with("examples") {
                 d.parent()
             } else {
                 Some(d)
             }
         })
-        .expect("test executable lives in target/<profile>/deps");
+        .expect("executable lives in target/<profile>/{deps,examples}");
     dir.join(name)
 }
 

@@ -5,9 +5,11 @@ use super::{ApiError, ApiJson};
 use crate::jobs::JobError;
 use crate::server::AppState;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use sendense_shared::api::{Backup, BackupRequest, CompletionReport, JobEvent, ProgressReport};
+use sendense_shared::api::{
+    Backup, BackupRequest, CompletionReport, JobEvent, JobStatus, ProgressReport,
+};
 use sendense_shared::ids::BackupId;
 use sendense_shared::names::validate_name;
 
@@ -24,8 +26,35 @@ pub async fn start(
     Ok((StatusCode::ACCEPTED, Json(b)))
 }
 
-pub async fn list(State(hub): State<AppState>) -> Result<Json<Vec<Backup>>, ApiError> {
-    Ok(Json(hub.db.list_backups().await?))
+/// Newest first; `?vm_name=`, `?status=` and `?limit=` narrow it.
+pub async fn list(
+    State(hub): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<Backup>>, ApiError> {
+    let status = match &q.status {
+        Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "status: {s:?} is not one of pending, preparing, running, finalizing, completed, \
+                 failed, cancelling, cancelled"
+            ))
+        })?),
+        None => None,
+    };
+    let mut list = hub.db.list_backups().await?;
+    list.retain(|b| {
+        q.vm_name.as_ref().is_none_or(|v| &b.vm_name == v) && status.is_none_or(|s| b.status == s)
+    });
+    if let Some(n) = q.limit {
+        list.truncate(n);
+    }
+    Ok(Json(list))
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct ListQuery {
+    pub vm_name: Option<String>,
+    pub status: Option<String>,
+    pub limit: Option<usize>,
 }
 
 pub async fn get_one(
@@ -73,6 +102,45 @@ pub async fn complete(
     Ok((
         StatusCode::ACCEPTED,
         Json(hub.jobs.complete(&id, report).await?),
+    ))
+}
+
+/// Verification and chain details of each disk (stored after finalization).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DiskVerification {
+    pub disk_key: sendense_shared::ids::DiskKey,
+    /// `"passed"`, `"failed"` or `"skipped"` (no checksums sent); absent before finalization.
+    pub checksum_status: Option<String>,
+    pub checksum_ranges: Option<u64>,
+    pub checksum_mismatches: Option<u64>,
+    /// Summary of `qemu-img check`.
+    pub qemu_img_check: Option<String>,
+    /// The backup this disk's image builds on (incrementals).
+    pub parent_backup_id: Option<BackupId>,
+    /// Backing file as recorded in the image (relative).
+    pub backing_path: Option<String>,
+}
+
+/// `GET /api/v1/backups/{id}/verification`.
+pub async fn verification(
+    State(hub): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<DiskVerification>>, ApiError> {
+    let id = backup_id(id)?;
+    hub.jobs.get(&id).await?;
+    let rows = hub.db.backup_disks(&id).await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|r| DiskVerification {
+                disk_key: r.result.disk_key,
+                checksum_status: r.checksum_status,
+                checksum_ranges: r.checksum_ranges,
+                checksum_mismatches: r.checksum_mismatches,
+                qemu_img_check: r.qemu_img_check,
+                parent_backup_id: r.parent_backup_id,
+                backing_path: r.backing_path,
+            })
+            .collect(),
     ))
 }
 

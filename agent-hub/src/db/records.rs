@@ -307,6 +307,9 @@ impl Db {
     }
 
     /// Events of every job with `seq` greater than `after`, oldest first, at most `limit`.
+    /// On MySQL two events appended at the same instant by different connections may commit in
+    /// the other order than their `seq`; a poller that must not miss one should re-read a short
+    /// window behind its last `seq` (SQLite serialises writers, so there it cannot happen).
     pub async fn events_since(&self, after: i64, limit: u32) -> Result<Vec<JobEvent>, DbError> {
         sqlx::query(
             "SELECT seq, backup_id, at, level, step, message, disk_key FROM job_events \

@@ -67,7 +67,15 @@ impl Db {
     /// changed sizes/units/labels updated, vanished disks removed. Returns the VM as stored.
     pub async fn upsert_vm(&self, req: &VmRequest) -> Result<Vm, DbError> {
         validate_vm(req)?;
-        with_retry(|| self.upsert_vm_once(req)).await?;
+        let mut attempt = 0;
+        loop {
+            match with_retry(|| self.upsert_vm_once(req)).await {
+                // A concurrent first registration of the same name committed between our read
+                // and our insert: the next attempt sees it and updates instead.
+                Err(DbError::Conflict { .. }) if attempt < 3 => attempt += 1,
+                other => break other?,
+            }
+        }
         self.get_vm(&req.vm_name).await
     }
 
@@ -111,8 +119,8 @@ impl Db {
                 .await
                 .map_err(|e| {
                     if is_unique_violation(&e) {
-                        // Another registration of the same name won the race: we are in a
-                        // transaction that cannot see it yet, so report a lock conflict.
+                        // Another registration of the same name won the race; the caller
+                        // retries and finds it.
                         DbError::Conflict {
                             what: format!("VM '{}'", req.vm_name),
                         }
@@ -157,7 +165,16 @@ impl Db {
                 .bind(&d.label)
                 .execute(&mut *tx)
                 .await
-                .map_err(q(doing))?;
+                .map_err(|e| {
+                    if is_unique_violation(&e) {
+                        // A concurrent registration added this disk first: retried.
+                        DbError::Conflict {
+                            what: format!("disk {} of VM '{}'", d.disk_key, req.vm_name),
+                        }
+                    } else {
+                        q(doing)(e)
+                    }
+                })?;
             }
         }
         let wanted: BTreeSet<i64> = req.disks.iter().map(|d| d.disk_key.0).collect();

@@ -87,6 +87,7 @@ pub async fn finish(
         Outcome::Cancelled => end_unsuccessfully(jm, job, res, "").await,
     };
     res.finished = true;
+    job.ended.cancel();
     jm.remove_live(id);
     jm.event(
         id,
@@ -345,8 +346,20 @@ pub async fn finalize(jm: &JobManager, job: Arc<LiveJob>, report: CompletionRepo
             export: e.export_name.clone(),
         };
         let t = Instant::now();
-        match super::verify::verify_disk(&addr, sums).await {
+        match super::verify::verify_disk(&addr, sums, &job.cancel).await {
             Ok(s) => {
+                let _ = db
+                    .update_disk(
+                        &id,
+                        d.disk_key,
+                        &DiskUpdate {
+                            checksum_status: Some("passed".into()),
+                            checksum_ranges: Some(s.ranges as u64),
+                            checksum_mismatches: Some(0),
+                            ..Default::default()
+                        },
+                    )
+                    .await;
                 jm.event(
                     &id,
                     Level::Info,
@@ -363,8 +376,25 @@ pub async fn finalize(jm: &JobManager, job: Arc<LiveJob>, report: CompletionRepo
                 )
                 .await
             }
+            Err(super::verify::VerifyError::Cancelled) => {
+                jm.event(
+                    &id,
+                    Level::Warn,
+                    "verification_cancelled",
+                    format!(
+                        "disk {}: verification stopped by a cancel after {} ms",
+                        d.disk_key,
+                        t.elapsed().as_millis()
+                    ),
+                    Some(d.disk_key),
+                )
+                .await;
+                finish(jm, &job, &mut res, Outcome::Cancelled).await;
+                return;
+            }
             Err(err) => {
                 let msg = format!("disk {}: verification failed: {err}", d.disk_key);
+                let mismatch = matches!(err, super::verify::VerifyError::Mismatch { .. });
                 let _ = db
                     .update_disk(
                         &id,
@@ -372,6 +402,10 @@ pub async fn finalize(jm: &JobManager, job: Arc<LiveJob>, report: CompletionRepo
                         &DiskUpdate {
                             status: Some(DiskStatus::Failed),
                             error_message: Some(Some(msg.clone())),
+                            checksum_status: Some("failed".into()),
+                            checksum_ranges: Some(sums.ranges.len() as u64),
+                            // Verification stops at the first mismatch.
+                            checksum_mismatches: Some(u64::from(mismatch)),
                             ..Default::default()
                         },
                     )
@@ -388,6 +422,18 @@ pub async fn finalize(jm: &JobManager, job: Arc<LiveJob>, report: CompletionRepo
                 break;
             }
         }
+    }
+    for d in report.disks.iter().filter(|d| d.checksums.is_none()) {
+        let _ = db
+            .update_disk(
+                &id,
+                d.disk_key,
+                &DiskUpdate {
+                    checksum_status: Some("skipped".into()),
+                    ..Default::default()
+                },
+            )
+            .await;
     }
     if failure.is_none() && !report.disks.iter().any(|d| d.checksums.is_some()) {
         jm.event(
@@ -407,14 +453,29 @@ pub async fn finalize(jm: &JobManager, job: Arc<LiveJob>, report: CompletionRepo
                 break;
             }
             let t = Instant::now();
-            match crate::repository::qemu_img_check(&path).await {
+            let checked = crate::repository::qemu_img_check(&path).await;
+            let summary = match &checked {
+                Ok(c) => c.summary(),
+                Err(e) => format!("qemu-img check failed: {e}"),
+            };
+            let _ = db
+                .update_disk(
+                    &id,
+                    disk,
+                    &DiskUpdate {
+                        qemu_img_check: Some(summary),
+                        ..Default::default()
+                    },
+                )
+                .await;
+            match checked {
                 Ok(c) if c.is_clean() => {
                     jm.event(
                         &id,
                         Level::Info,
                         "image_checked",
                         format!(
-                            "disk {disk}: qemu-img check {}: clean ({}) in {} ms",
+                            "disk {disk}: qemu-img check {}: {} in {} ms",
                             path.display(),
                             c.summary(),
                             t.elapsed().as_millis()

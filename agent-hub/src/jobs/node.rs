@@ -3,19 +3,57 @@
 
 use super::finish::{Outcome, finish};
 use super::{JobManager, Level, LiveJob, NodeTarget};
-use sendense_shared::api::{BackupType, NodeBackupStart};
+use sendense_shared::api::{BackupType, JobStatus, NodeBackupStart, NodeBackupState};
 use sendense_shared::ids::BackupId;
 use std::time::Instant;
 
 /// `POST {api_url}/api/v1/backup/start`; a refusal or no answer fails the job.
 pub async fn start_on_node(
     jm: &JobManager,
-    job: &LiveJob,
+    job: &std::sync::Arc<LiveJob>,
     node: &NodeTarget,
     kind: BackupType,
     previous_backup_id: Option<BackupId>,
     targets: &str,
 ) {
+    let refused = match ask_node(jm, job, node, kind, previous_backup_id, targets).await {
+        Ok(()) => return,
+        Err(r) => r,
+    };
+    // The node cannot do this incremental (its change tracking does not start at our chain's
+    // last backup): the same job goes on as a full backup.
+    let failure = match refused {
+        Refusal::BitmapMissing(why) if kind == BackupType::Incremental => {
+            match super::fallback::incremental_to_full(jm, job, &why).await {
+                Ok(()) => match ask_node(jm, job, node, BackupType::Full, None, targets).await {
+                    Ok(()) => return,
+                    Err(Refusal::BitmapMissing(m) | Refusal::Other(m)) => m,
+                },
+                Err(e) => format!("falling back to a full backup failed: {e}"),
+            }
+        }
+        Refusal::BitmapMissing(m) | Refusal::Other(m) => m,
+    };
+    let mut res = job.res.lock().await;
+    finish(jm, job, &mut res, Outcome::Failed(failure)).await;
+}
+
+/// Why the node did not take a start.
+enum Refusal {
+    /// `409 bitmap missing`: an incremental without a valid changed-block map.
+    BitmapMissing(String),
+    Other(String),
+}
+
+/// One `POST .../backup/start`; events for the request and its answer.
+async fn ask_node(
+    jm: &JobManager,
+    job: &LiveJob,
+    node: &NodeTarget,
+    kind: BackupType,
+    previous_backup_id: Option<BackupId>,
+    targets: &str,
+) -> Result<(), Refusal> {
     let url = format!("{}/api/v1/backup/start", node.api_url.trim_end_matches('/'));
     let body = NodeBackupStart {
         backup_id: job.id.clone(),
@@ -60,29 +98,34 @@ pub async fn start_on_node(
                 None,
             )
             .await;
-            return;
+            return Ok(());
         }
         Ok(r) => {
             let status = r.status();
             let text = r.text().await.unwrap_or_default();
-            format!(
+            let msg = format!(
                 "node {} refused the copy: POST {url} answered HTTP {status}: {}",
                 node.name,
                 text.chars().take(500).collect::<String>()
-            )
+            );
+            let bitmap = status == reqwest::StatusCode::CONFLICT
+                && serde_json::from_str::<sendense_shared::api::ErrorBody>(&text)
+                    .is_ok_and(|b| b.error == "bitmap missing");
+            if bitmap {
+                Refusal::BitmapMissing(msg)
+            } else {
+                Refusal::Other(msg)
+            }
         }
-        Err(e) => format!("node {} unreachable: POST {url}: {e}", node.name),
+        Err(e) => Refusal::Other(format!("node {} unreachable: POST {url}: {e}", node.name)),
     };
-    jm.event(
-        &job.id,
-        Level::Error,
-        "node_start_failed",
-        failure.clone(),
-        None,
-    )
-    .await;
-    let mut res = job.res.lock().await;
-    finish(jm, job, &mut res, Outcome::Failed(failure)).await;
+    let (level, m) = match &failure {
+        Refusal::BitmapMissing(m) => (Level::Warn, m),
+        Refusal::Other(m) => (Level::Error, m),
+    };
+    jm.event(&job.id, level, "node_start_failed", m.clone(), None)
+        .await;
+    Err(failure)
 }
 
 /// `POST {api_url}/api/v1/backup/{id}/cancel`; best effort: the hub unwinds its side anyway
@@ -127,4 +170,100 @@ pub async fn forward_cancel(jm: &JobManager, id: &BackupId, node: &NodeTarget) {
         ),
     };
     jm.event(id, level, "node_cancel", msg, None).await;
+}
+
+/// While a node's job runs, checks on the node whenever it has been silent for a watch
+/// interval: a node that forgot the job (restarted), reports it failed, or stays unreachable
+/// for `node_lost_after` fails the job, so a dead node never holds ports and qemu-nbd forever.
+pub async fn watch_node(jm: &JobManager, job: std::sync::Arc<LiveJob>, node: NodeTarget) {
+    let interval = jm.deps().node_watch_interval;
+    let lost_after = jm.deps().node_lost_after;
+    let url = format!(
+        "{}/api/v1/backup/{}",
+        node.api_url.trim_end_matches('/'),
+        job.id
+    );
+    let mut unreachable_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = job.ended.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        match jm.deps().db.get_backup(&job.id).await.map(|b| b.status) {
+            Ok(JobStatus::Running) => {}
+            Ok(s) if s.is_terminal() => return,
+            // Finalizing or cancelling: the node has nothing more to say.
+            Ok(_) | Err(_) => continue,
+        }
+        if job.since_last_report() < interval {
+            unreachable_since = None;
+            continue;
+        }
+        let answer = jm
+            .deps()
+            .http
+            .get(&url)
+            .bearer_auth(jm.deps().token.as_str())
+            .timeout(interval.max(std::time::Duration::from_secs(2)))
+            .send()
+            .await;
+        let failure = match answer {
+            Ok(r) if r.status().is_success() => {
+                unreachable_since = None;
+                match r.json::<NodeBackupState>().await {
+                    Ok(st) if matches!(st.status, JobStatus::Failed | JobStatus::Cancelled) => {
+                        Some(format!(
+                            "node {} reports the copy {} without a completion report: {}",
+                            node.name,
+                            st.status.as_str(),
+                            st.error_message.unwrap_or_else(|| "no message".into())
+                        ))
+                    }
+                    _ => None,
+                }
+            }
+            Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => Some(format!(
+                "node {} no longer knows backup {} (GET {url} answered 404: restarted?)",
+                node.name, job.id
+            )),
+            Ok(r) => {
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                (since.elapsed() >= lost_after).then(|| {
+                    format!(
+                        "node {} answers GET {url} with HTTP {} for {} s",
+                        node.name,
+                        r.status(),
+                        since.elapsed().as_secs()
+                    )
+                })
+            }
+            Err(e) => {
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() < lost_after {
+                    jm.event(
+                        &job.id,
+                        Level::Warn,
+                        "node_unreachable",
+                        format!("node {} did not answer GET {url}: {e}", node.name),
+                        None,
+                    )
+                    .await;
+                }
+                (since.elapsed() >= lost_after).then(|| {
+                    format!(
+                        "node {} lost: no answer to GET {url} for {} s ({e})",
+                        node.name,
+                        since.elapsed().as_secs()
+                    )
+                })
+            }
+        };
+        if let Some(msg) = failure {
+            jm.event(&job.id, Level::Error, "node_lost", msg.clone(), None)
+                .await;
+            let mut res = job.res.lock().await;
+            finish(jm, &job, &mut res, Outcome::Failed(msg)).await;
+            return;
+        }
+    }
 }

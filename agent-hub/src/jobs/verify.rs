@@ -34,6 +34,8 @@ pub enum VerifyError {
     },
     #[error("range {offset}+{length} is outside the {size}-byte target")]
     OutOfBounds { offset: u64, length: u64, size: u64 },
+    #[error("verification interrupted by a cancel")]
+    Cancelled,
     #[error(
         "checksum mismatch at {offset}+{length}: the writer computed {expected}, the target \
          holds {actual}"
@@ -58,6 +60,7 @@ pub struct VerifySummary {
 pub async fn verify_disk(
     addr: &NbdAddr,
     sums: &ChunkChecksums,
+    cancel: &tokio_util::sync::CancellationToken,
 ) -> Result<VerifySummary, VerifyError> {
     let client = NbdClient::connect(addr, &ConnectOptions::default())
         .await
@@ -94,8 +97,16 @@ pub async fn verify_disk(
     }))
     .buffered(PARALLEL);
     let mut bytes = 0;
-    while let Some(r) = results.next().await {
-        bytes += r?;
+    loop {
+        // Cancel is honoured between reads: reading back a large disk takes minutes.
+        let next = tokio::select! {
+            _ = cancel.cancelled() => return Err(VerifyError::Cancelled),
+            n = results.next() => n,
+        };
+        match next {
+            Some(r) => bytes += r?,
+            None => break,
+        }
     }
     drop(results);
     let _ = client.disconnect().await;

@@ -125,6 +125,18 @@ pub async fn full_then_incremental(env: &Env) {
         );
     }
     env.assert_nothing_held(&done).await;
+    let ver = api
+        .get_ok(&format!("/api/v1/backups/{id}/verification"))
+        .await;
+    for v in ver.as_array().unwrap() {
+        assert_eq!(v["checksum_status"], "passed", "{ver}");
+        assert_eq!(v["checksum_ranges"], (DISK_SIZE / (4 * MIB)), "{ver}");
+        assert_eq!(v["checksum_mismatches"], 0, "{ver}");
+        assert!(
+            v["qemu_img_check"].as_str().unwrap().contains("clean"),
+            "{ver}"
+        );
+    }
     for step in [
         "qemu_nbd_started",
         "checksums_verified",
@@ -223,6 +235,13 @@ pub async fn full_then_incremental(env: &Env) {
         );
     }
     env.assert_nothing_held(&done2).await;
+    let ver = api
+        .get_ok(&format!("/api/v1/backups/{id2}/verification"))
+        .await;
+    for v in ver.as_array().unwrap() {
+        assert_eq!(v["checksum_status"], "skipped", "{ver}");
+        assert_eq!(v["parent_backup_id"], id.as_str(), "{ver}");
+    }
     let vm = api.get_ok("/api/v1/vms/pgtest1").await;
     assert_eq!(vm["last_backup_id"], id2.as_str(), "{vm}");
 }

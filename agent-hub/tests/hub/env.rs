@@ -135,7 +135,7 @@ pub fn checksums_of(image: &Path) -> Value {
     json!({"chunk_size": chunk, "ranges": ranges})
 }
 
-pub fn disk<'a>(backup: &'a Value, key: i64) -> &'a Value {
+pub fn disk(backup: &Value, key: i64) -> &Value {
     backup["disk_results"]
         .as_array()
         .unwrap()

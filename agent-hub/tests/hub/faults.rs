@@ -56,6 +56,18 @@ async fn cancel_mid_copy_unwinds_everything() {
         events.iter().any(|e| e.starts_with("image_deleted")),
         "{events:#?}"
     );
+    let filtered = env
+        .api
+        .get_ok("/api/v1/backups?vm_name=cancelvm&status=cancelled&limit=1")
+        .await;
+    assert_eq!(filtered.as_array().unwrap().len(), 1, "{filtered}");
+    assert_eq!(filtered[0]["backup_id"], id.as_str());
+    assert_eq!(
+        env.api.get_ok("/api/v1/processes?alive=true").await,
+        json!([])
+    );
+    let (s, v) = env.api.get("/api/v1/backups?status=done").await;
+    assert_eq!(s, 422, "{v}");
     // A finished job cannot be cancelled again, and reports are refused.
     let (s, v) = env
         .api
@@ -201,6 +213,24 @@ async fn a_squatted_port_is_skipped_and_reported() {
         .await;
     assert_eq!(done["status"], "completed", "{done}");
     env.assert_nothing_held(&done).await;
+    // A writer retrying its completion, or a progress report overtaken by it, is not an error.
+    let (s, v) = env
+        .api
+        .post(
+            &format!("/api/v1/backups/{id}/complete"),
+            &json!({"status": "completed", "disks": [{"disk_key": 2000, "status": "completed"}]}),
+        )
+        .await;
+    assert_eq!((s, &v["status"]), (202, &json!("completed")), "{v}");
+    let (s, v) = env
+        .api
+        .post(
+            &format!("/api/v1/backups/{id}/progress"),
+            &json!({"disks": [{"disk_key": 2000, "bytes_done": 1, "bytes_total": 1, "status": "running"}]}),
+        )
+        .await;
+    assert_eq!((s, &v["status"]), (200, &json!("completed")), "{v}");
+    assert_eq!(disk(&v, 2000)["status"], "completed", "{v}");
     drop(squatter);
 }
 
@@ -243,6 +273,45 @@ async fn a_full_repository_is_refused_before_anything_is_held() {
             .unwrap()
             .is_empty()
     );
+    // Two small jobs: each fits alone, the second not next to the first's reservation.
+    for vm in ["small1", "small2"] {
+        let (s, v) = env
+            .api
+            .post(
+                "/api/v1/vms",
+                &json!({"vm_name": vm, "node": null, "disks": [
+                    {"disk_key": 2000, "unit_number": 0, "size_bytes": 5 * MIB, "label": "a"}]}),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let start = |vm: &'static str| {
+        let api = env.api.clone();
+        async move {
+            api.post(
+                "/api/v1/backups",
+                &json!({"vm_name": vm, "repository_id": "small", "backup_type": "full"}),
+            )
+            .await
+        }
+    };
+    let (s, first) = start("small1").await;
+    assert_eq!(s, 202, "{first}");
+    let (s, v) = start("small2").await;
+    assert_eq!(s, 507, "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{} more reserved by running jobs", 5 * MIB)),
+        "{v}"
+    );
+    let id = first["backup_id"].as_str().unwrap();
+    env.api
+        .post(&format!("/api/v1/backups/{id}/cancel"), &json!({}))
+        .await;
+    let done = env.api.wait_status(id, &["cancelled"], JOB_LIMIT).await;
+    env.assert_nothing_held(&done).await;
     let left: Vec<_> = walk(fs.path());
     assert!(
         left.iter()
@@ -303,6 +372,12 @@ async fn a_tampered_block_fails_verification() {
         msg.contains("checksum mismatch at 4194304+4194304"),
         "{msg}"
     );
+    let ver = env
+        .api
+        .get_ok(&format!("/api/v1/backups/{id}/verification"))
+        .await;
+    assert_eq!(ver[0]["checksum_status"], "failed", "{ver}");
+    assert_eq!(ver[0]["checksum_mismatches"], 1, "{ver}");
     env.assert_nothing_held(&done).await;
     for p in image_paths(&done) {
         assert!(
@@ -416,4 +491,187 @@ async fn sigterm_stops_every_qemu_nbd() {
         "{after}"
     );
     env.assert_nothing_held(&after).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_node_fails_the_job_naming_it() {
+    let env = Env::start();
+    // A port that was free a moment ago: nothing answers there.
+    let (port, _) = sendense_tests::net::free_port_range(1);
+    let (s, n) = env
+        .api
+        .post(
+            "/api/v1/nodes",
+            &json!({"name": "node1", "api_url": format!("http://127.0.0.1:{port}"), "version": "test"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{n}");
+    let (s, nodes) = env.api.get("/api/v1/nodes").await;
+    assert_eq!(s, 200);
+    assert_eq!(nodes[0]["name"], "node1", "{nodes}");
+    let (s, v) = env
+        .api
+        .post(
+            "/api/v1/vms",
+            &json!({"vm_name": "nodevm", "node": "node1", "disks": [
+                {"disk_key": 2000, "unit_number": 0, "size_bytes": DISK_SIZE, "label": "a"}]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let (s, b) = env.start_backup("nodevm", "full").await;
+    assert_eq!(s, 202, "{b}");
+    let id = b["backup_id"].as_str().unwrap().to_string();
+    let done = env.api.wait_status(&id, &["failed"], JOB_LIMIT).await;
+    let msg = done["error_message"].as_str().unwrap();
+    assert!(msg.contains("node node1 unreachable"), "{msg}");
+    assert!(
+        msg.contains(&format!("127.0.0.1:{port}/api/v1/backup/start")),
+        "{msg}"
+    );
+    env.assert_nothing_held(&done).await;
+    let events = env.api.event_lines(&id).await;
+    assert!(
+        events.iter().any(|e| e.starts_with("node_start:")),
+        "{events:#?}"
+    );
+    let (s, t) = env.api.get("/api/v1/tunnel").await;
+    assert_eq!(s, 200, "{t}");
+    assert_eq!(t[0]["node"], "node1", "{t}");
+    assert_eq!(t[0]["live"], false, "{t}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_qemu_nbd_that_cannot_start_fails_the_job_and_unwinds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("hub.toml");
+    // Through the config file: a qemu-nbd binary that does not exist.
+    std::fs::write(
+        &cfg,
+        "log_level = \"debug\"\n[qemu_nbd]\nbinary = \"/nonexistent/qemu-nbd\"\n",
+    )
+    .unwrap();
+    let env = Env::start_with(|o| {
+        o.extra_args = vec!["--config".into(), cfg.display().to_string()];
+    });
+    env.register_vm("nostart", &[2000, 2001]).await;
+    let (s, v) = env.start_backup("nostart", "full").await;
+    assert_eq!(s, 500, "{v}");
+    assert_eq!(v["error"], "backup preparation failed", "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/qemu-nbd"),
+        "{v}"
+    );
+    let list = env.api.get_ok("/api/v1/backups").await;
+    let b = &list[0];
+    assert_eq!(b["status"], "failed", "{b}");
+    for k in [2000, 2001] {
+        let d = disk(b, k);
+        assert!(
+            d["error_message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("qemu-nbd"),
+            "{d}"
+        );
+    }
+    env.assert_nothing_held(b).await;
+    for p in image_paths(b) {
+        assert!(!p.exists(), "{} left behind", p.display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_while_preparing_unwinds_and_answers_the_start() {
+    let env = Env::start_with(|o| o.nbd_ports = Some(sendense_tests::net::free_port_range(12)));
+    let keys: Vec<i64> = (2000..2012).collect();
+    env.register_vm("prepvm", &keys).await;
+    let api = env.api.clone();
+    let start = tokio::spawn(async move {
+        api.post(
+            "/api/v1/backups",
+            &json!({"vm_name": "prepvm", "repository_id": "default", "backup_type": "full"}),
+        )
+        .await
+    });
+    // Catch the job while it prepares its 12 exports, and cancel it.
+    let mut cancelled_in = None;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(20) {
+        let list = env.api.get_ok("/api/v1/backups").await;
+        if let Some(b) = list.as_array().unwrap().first() {
+            let status = b["status"].as_str().unwrap().to_string();
+            let id = b["backup_id"].as_str().unwrap().to_string();
+            let (s, c) = env
+                .api
+                .post(&format!("/api/v1/backups/{id}/cancel"), &json!({}))
+                .await;
+            assert_eq!(s, 202, "{c}");
+            cancelled_in = Some((id, status));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (id, status) = cancelled_in.expect("the job appeared in the list");
+    let (s, v) = start.await.unwrap();
+    eprintln!("cancel sent while {status}; start answered {s}: {v}");
+    if status == "pending" || status == "preparing" {
+        assert_eq!(s, 409, "{v}");
+        assert!(v["detail"].as_str().unwrap().contains("cancelled"), "{v}");
+    }
+    let done = env.api.wait_status(&id, &["cancelled"], JOB_LIMIT).await;
+    env.assert_nothing_held(&done).await;
+    for p in image_paths(&done) {
+        assert!(!p.exists(), "{} left behind", p.display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_while_finalizing_unwinds() {
+    let env = Env::start();
+    let srcs = env.vm_with_sources("finvm", &[2000]).await;
+    let (s, b) = env.start_backup("finvm", "full").await;
+    assert_eq!(s, 202, "{b}");
+    let id = b["backup_id"].as_str().unwrap().to_string();
+    disks::nbdcopy_into(&srcs[0], &targets(&b)[0].1);
+    // Many small ranges make the read-back long enough to be caught in the middle.
+    let raw = disks::read_raw(&srcs[0]);
+    let ranges: Vec<Value> = raw
+        .chunks(4096)
+        .enumerate()
+        .map(|(i, c)| json!({"offset": i * 4096, "length": 4096, "blake3": blake3::hash(c).to_hex().to_string()}))
+        .collect();
+    let (s, v) = env
+        .api
+        .post(
+            &format!("/api/v1/backups/{id}/complete"),
+            &json!({"status": "completed", "disks": [{"disk_key": 2000, "status": "completed",
+                "checksums": {"chunk_size": 4096, "ranges": ranges}}]}),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    assert_eq!(v["status"], "finalizing", "{v}");
+    let (s, c) = env
+        .api
+        .post(&format!("/api/v1/backups/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(s, 202, "{c}");
+    let done = env
+        .api
+        .wait_status(&id, &["cancelled", "completed"], JOB_LIMIT)
+        .await;
+    assert_eq!(done["status"], "cancelled", "{done}");
+    env.assert_nothing_held(&done).await;
+    for p in image_paths(&done) {
+        assert!(!p.exists(), "{} left behind", p.display());
+    }
+    let events = env.api.event_lines(&id).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("verification_cancelled")),
+        "{events:#?}"
+    );
 }

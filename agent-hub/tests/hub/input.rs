@@ -135,3 +135,47 @@ async fn bad_requests_are_refused_naming_the_cause() {
         "only okvm registered: {vms}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn identity_token_file_and_logs() {
+    let out = sendense_tests::run(
+        std::process::Command::new(env!("CARGO_BIN_EXE_sendense-hub")).arg("--version"),
+    );
+    let v = String::from_utf8_lossy(&out.stdout);
+    assert!(v.starts_with("sendense-hub "), "{v}");
+    assert!(v.contains("commit: ") && v.contains("built: "), "{v}");
+    assert!(v.contains(env!("CARGO_BIN_EXE_sendense-hub")), "{v}");
+
+    let env = Env::start();
+    let h = env.api.get_ok("/health").await;
+    assert_eq!(h["executable"], env!("CARGO_BIN_EXE_sendense-hub"), "{h}");
+    assert_eq!(
+        h["git_commit"].as_str(),
+        v.lines().nth(1).and_then(|l| l.strip_prefix("commit: "))
+    );
+    let data = &env.hub.opts.data_dir;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(data.join("token"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "token file mode");
+    assert!(
+        !env.hub.command_line.contains(&env.hub.token),
+        "the token never appears on a command line"
+    );
+    let logs: Vec<_> = std::fs::read_dir(data.join("logs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        logs.iter().any(|n| n.starts_with("sendense-hub.log")),
+        "{logs:?}"
+    );
+    // The repository `default` lives in the data directory.
+    let repos = env.api.get_ok("/api/v1/repositories").await;
+    assert_eq!(repos[0]["id"], "default");
+    assert_eq!(repos[0]["path"], data.join("repo").display().to_string());
+}

@@ -19,8 +19,9 @@
 //! QEMU node names and job ids must be at most 31 characters, so each snapshot gets a `tag`
 //! (10 hex digits of BLAKE3 of the backup id). Fleecing nodes are `sdfl-<tag>-<i>`, backup jobs
 //! `sdjob-<tag>-<i>`, exports `sendense-<tag>-<i>`, temporary files `<run_dir>/sdfl-<tag>-<i>.qcow2`,
-//! the NBD socket `<run_dir>/nbd-<tag>.sock`. Start-up recovery removes everything with these
-//! prefixes: they are the node's and nobody else's.
+//! the NBD socket `<run_dir>/nbd-<tag>.sock`; the NBD export names are `<vm>-disk-<disk key>`.
+//! Start-up recovery removes everything with these prefixes: they are the node's and nobody
+//! else's. The QMP log (`<run_dir>/qmp.log`, one JSON line per command) shows what was done.
 //!
 //! # Change tracking (bitmap rotation)
 //!
@@ -37,8 +38,8 @@
 //! `X`, still recording, stays valid); an incremental merges `sendense-Y` into `sendense-X`,
 //! re-enables `sendense-X` and removes `sendense-Y` in one transaction, so `sendense-X` again
 //! covers every write since `X`. A node crash between snapshot and release is undone at start-up
-//! from a journal (`<run_dir>/journal-<vm>.json`, written before the transaction) with the same
-//! failure rotation. The hub names the base (`previous_backup_id`); when the recording bitmap
+//! (or before the next snapshot of the VM, if a release could not finish) from a journal
+//! (`<run_dir>/journal-<vm>.json`, written before the transaction) with the same failure rotation. The hub names the base (`previous_backup_id`); when the recording bitmap
 //! is not exactly that one on every disk (lost, inconsistent after a QEMU crash, a new disk, a
 //! backup the hub did not keep), the incremental is refused with "bitmap missing" and the hub
 //! falls back to a full backup.
@@ -233,13 +234,13 @@ impl QemuDriver {
         let mut report = RecoveryReport::default();
         self.recover_vm(vm, &mut report).await;
         tracing::info!(vm = %vm.name, ?report, "released a snapshot left by an earlier run");
-        match report.errors.first() {
-            Some(e) => Err(SourceError::Tool {
-                command: "release of an earlier snapshot".to_string(),
-                detail: e.clone(),
-            }),
-            None => Ok(()),
+        if !self.journal_path(&vm.name).exists() {
+            return Ok(());
         }
+        Err(SourceError::Tool {
+            command: "release of an earlier snapshot".to_string(),
+            detail: report.errors.join("; "),
+        })
     }
 
     async fn snapshot_inner(
@@ -612,6 +613,34 @@ impl QemuDriver {
             .map(|_| ())
     }
 
+    /// Removes every `sendense-*` bitmap of the snapshot's disks (best effort); returns names.
+    async fn drop_tracking(&self, vm: &QemuVm, state: &SnapshotState) -> Vec<String> {
+        let mut dropped = Vec::new();
+        let Ok(disks) = self.disks(vm).await else {
+            return dropped;
+        };
+        for d in disks
+            .iter()
+            .filter(|d| state.disks.iter().any(|s| s.format_node == d.format_node))
+        {
+            for b in d
+                .bitmaps
+                .iter()
+                .filter(|b| b.name.starts_with(BITMAP_PREFIX))
+            {
+                let args = json!({"node": d.format_node, "name": b.name});
+                if self
+                    .exec(vm, "block-dirty-bitmap-remove", args)
+                    .await
+                    .is_ok()
+                {
+                    dropped.push(b.name.clone());
+                }
+            }
+        }
+        dropped
+    }
+
     async fn recover_vm(&self, vm: &QemuVm, report: &mut RecoveryReport) {
         let journal_path = self.journal_path(&vm.name);
         let journal: Option<SnapshotState> = std::fs::read(&journal_path)
@@ -646,9 +675,27 @@ impl QemuDriver {
             report.nodes_removed.extend(nodes);
             self.stop_nbd_server_if_idle(vm).await?;
             if let Some(state) = &journal {
-                self.rotate_bitmaps(vm, state, ReleaseOutcome::Failure)
-                    .await?;
-                report.bitmaps_rolled_back.push(state.new_bitmap.clone());
+                match self
+                    .rotate_bitmaps(vm, state, ReleaseOutcome::Failure)
+                    .await
+                {
+                    Ok(()) => report.bitmaps_rolled_back.push(state.new_bitmap.clone()),
+                    // QEMU answered but refused the rollback (e.g. a bitmap left inconsistent
+                    // by a QEMU crash): change tracking cannot be trusted, so it is dropped and
+                    // the next incremental says "bitmap missing" (a full follows). Keeping the
+                    // journal instead would block every later snapshot of this VM.
+                    Err(SourceError::Qmp {
+                        source: QmpError::Command { .. },
+                        ..
+                    }) => {
+                        let dropped = self.drop_tracking(vm, state).await;
+                        report.errors.push(format!(
+                            "VM {}: rollback of change tracking refused; dropped bitmaps {dropped:?}, next incremental falls back to full",
+                            vm.name
+                        ));
+                    }
+                    Err(e) => return Err(e),
+                }
                 for d in &state.disks {
                     if remove_file(&d.file).is_ok() {
                         report.files_removed.push(d.file.clone());
@@ -669,9 +716,16 @@ impl QemuDriver {
 impl SourceDriver for QemuDriver {
     fn list_vms(&self) -> BoxFuture<'_, Result<Vec<SourceVm>, SourceError>> {
         Box::pin(async move {
+            // A powered-off VM (QMP socket gone) is a normal state: it is left out and logged,
+            // so that it does not hide the others (the hub keeps what it knew of it).
             let mut out = Vec::new();
             for vm in self.vms.values() {
-                out.push(self.vm_info(vm).await?);
+                match self.vm_info(vm).await {
+                    Ok(v) => out.push(v),
+                    Err(e) => {
+                        tracing::warn!(vm = %vm.name, error = %e, "VM left out of the inventory")
+                    }
+                }
             }
             Ok(out)
         })

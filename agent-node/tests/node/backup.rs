@@ -34,6 +34,13 @@ async fn targets(vm: &TestVm, name: &str, backing: Option<&[PathBuf]>) -> (Vec<N
     (out, s)
 }
 
+fn terminal(v: &Value) -> bool {
+    matches!(
+        v["status"].as_str(),
+        Some("completed" | "failed" | "cancelled")
+    )
+}
+
 fn status_is(s: &'static str) -> impl Fn(&Value) -> bool {
     move |v| v["status"] == s
 }
@@ -86,9 +93,7 @@ async fn full_then_incremental_hold_the_snapshot_instant_on_every_disk() {
     for t in &full_targets {
         t.resume();
     }
-    let done = node
-        .wait_job("b-full", 60, |v| v["status"] != "running")
-        .await;
+    let done = node.wait_job("b-full", 60, terminal).await;
     assert_eq!(done["status"], "completed", "{done}\n{}", node.log_text());
 
     // One transaction covered both disks.
@@ -156,9 +161,7 @@ async fn full_then_incremental_hold_the_snapshot_instant_on_every_disk() {
     for t in &inc_targets {
         t.resume();
     }
-    let done = node
-        .wait_job("b-inc", 60, |v| v["status"] != "running")
-        .await;
+    let done = node.wait_job("b-inc", 60, terminal).await;
     assert_eq!(done["status"], "completed", "{done}\n{}", node.log_text());
     for t in &mut inc_targets {
         t.stop();
@@ -283,11 +286,7 @@ async fn killed_node_leftovers_are_released_at_start_up() {
         )
         .await;
     assert_eq!(code, 202, "{body}");
-    let done = node
-        .wait_job("b-k2", 60, |v| {
-            v["status"] != "running" && v["status"] != "preparing"
-        })
-        .await;
+    let done = node.wait_job("b-k2", 60, terminal).await;
     assert_eq!(done["status"], "completed", "{done}");
     for t in &mut t2 {
         t.stop();
@@ -372,4 +371,153 @@ async fn a_dead_target_fails_the_job_names_the_disk_and_releases() {
     let complete = hub.wait_for("/backups/b-f/complete", 10).await;
     assert_eq!(complete[0].body["status"], "failed");
     assert_eq!(complete[0].body["disks"][1]["status"], "failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_while_preparing_still_releases_the_snapshot() {
+    let vm = two_disk_vm().await;
+    // The node's qemu-img (creating fleecing files, part of taking the snapshot) waits at a gate
+    // the test opens: the job is held in "preparing" for as long as the test wants.
+    let gate_dir = vm.dir.path().join("gate");
+    std::fs::create_dir(&gate_dir).unwrap();
+    let gate = vm.dir.path().join("gate-open");
+    let real = run(std::process::Command::new("sh").args(["-c", "command -v qemu-img"]));
+    let script = gate_dir.join("qemu-img");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nwhile [ ! -e {} ]; do sleep 0.05; done\nexec {} \"$@\"\n",
+            gate.display(),
+            real.trim()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let node =
+        NodeProc::start_with_path(vm.dir.path(), &vm.node_qmp, None, Some(&gate_dir), &[]).await;
+    let (_targets, s) = targets(&vm, "p", None).await;
+    let (code, body) = node
+        .post(
+            "/backup/start",
+            json!({"backup_id": "b-p", "vm_name": "vm1", "backup_type": "full", "nbd_targets": s}),
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body["status"], "preparing");
+    let (code, body) = node.post("/backup/b-p/cancel", json!({})).await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body["status"], "cancelling");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let (_, held) = node.get("/backup/b-p").await;
+    assert_eq!(
+        held["status"], "cancelling",
+        "still taking the snapshot: {held}"
+    );
+    std::fs::write(&gate, "").unwrap();
+    let done = node.wait_job("b-p", 60, terminal).await;
+    assert_eq!(done["status"], "cancelled", "{done}");
+    assert_eq!(done["error_message"], "cancelled", "{done}");
+    assert_eq!(vm.leftovers().await, Vec::<String>::new());
+    assert_eq!(vm.bitmaps(0).await, Vec::<(String, bool)>::new());
+    let files: Vec<_> = std::fs::read_dir(&node.run_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "qmp.log")
+        .collect();
+    assert!(files.is_empty(), "run dir holds {files:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_with_a_hung_target_still_releases() {
+    let vm = two_disk_vm().await;
+    let node = NodeProc::start(vm.dir.path(), &vm.node_qmp, None).await;
+    let (targets, s) = targets(&vm, "h", None).await;
+    // The targets hang for good (never resumed): the copy cannot finish a request.
+    for t in &targets {
+        t.pause();
+    }
+    let (code, body) = node
+        .post(
+            "/backup/start",
+            json!({"backup_id": "b-h", "vm_name": "vm1", "backup_type": "full", "nbd_targets": s}),
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    node.wait_job("b-h", 30, status_is("running")).await;
+    let (code, _) = node.post("/backup/b-h/cancel", json!({})).await;
+    assert_eq!(code, 202);
+    let done = node.wait_job("b-h", 30, terminal).await;
+    assert_eq!(done["status"], "cancelled", "{done}");
+    assert_eq!(vm.leftovers().await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_vms_back_up_at_once() {
+    let vm = two_disk_vm().await;
+    let vm2 = TestVm::start(&SIZES, |imgs| {
+        write_image(&imgs[0], 0x61, 0, 16 * MIB);
+        write_image(&imgs[1], 0x62, 32 * MIB, 16 * MIB);
+    })
+    .await;
+    let node = NodeProc::start_with_path(
+        vm.dir.path(),
+        &vm.node_qmp,
+        None,
+        None,
+        &[("vm2", &vm2.node_qmp)],
+    )
+    .await;
+    let (_, inv) = node.get("/inventory").await;
+    assert_eq!(inv["vms"].as_array().unwrap().len(), 2, "{inv}");
+    let before1 = snapshot_sources(&vm, "m1").await;
+    let before2 = snapshot_sources(&vm2, "m2").await;
+    let (mut t1, s1) = targets(&vm, "m1", None).await;
+    let (mut t2, s2) = targets(&vm2, "m2", None).await;
+    for t in t1.iter().chain(&t2) {
+        t.pause();
+    }
+    for (id, name, s) in [("b-m1", "vm1", &s1), ("b-m2", "vm2", &s2)] {
+        let (code, body) = node
+            .post(
+                "/backup/start",
+                json!({"backup_id": id, "vm_name": name, "backup_type": "full", "nbd_targets": s}),
+            )
+            .await;
+        assert_eq!(code, 202, "{body}");
+    }
+    node.wait_job("b-m1", 30, status_is("running")).await;
+    node.wait_job("b-m2", 30, status_is("running")).await;
+    for t in t1.iter().chain(&t2) {
+        t.resume();
+    }
+    for id in ["b-m1", "b-m2"] {
+        let done = node.wait_job(id, 60, terminal).await;
+        assert_eq!(done["status"], "completed", "{done}");
+    }
+    for t in t1.iter_mut().chain(t2.iter_mut()) {
+        t.stop();
+    }
+    for (before, targets) in [(&before1, &t1), (&before2, &t2)] {
+        for (b, t) in before.iter().zip(targets) {
+            images_equal(b.to_str().unwrap(), t.image.to_str().unwrap()).unwrap();
+        }
+    }
+    // One snapshot transaction per VM, each covering only that VM's disks.
+    let log = qmp_log(&node);
+    for vm_name in ["vm1", "vm2"] {
+        let tx: Vec<_> = commands(&log, "transaction")
+            .into_iter()
+            .filter(|e| e["vm"] == vm_name)
+            .collect();
+        assert_eq!(tx.len(), 1, "{vm_name}: {tx:?}");
+        let backups = tx[0]["arguments"]["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["type"] == "blockdev-backup")
+            .count();
+        assert_eq!(backups, 2);
+    }
+    assert_eq!(vm.leftovers().await, Vec::<String>::new());
+    assert_eq!(vm2.leftovers().await, Vec::<String>::new());
 }

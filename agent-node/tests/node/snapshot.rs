@@ -220,3 +220,24 @@ async fn startup_recovery_releases_a_crashed_snapshot() {
         .unwrap();
     d.release(&inc, ReleaseOutcome::Success).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_powered_off_vm_is_left_out_of_the_inventory_and_named_on_snapshot() {
+    let vm = TestVm::start(&[64 * MIB], |_| {}).await;
+    let run_dir = vm.dir.path().join("run");
+    let d = QemuDriver::new(
+        [
+            ("vm1".to_string(), vm.node_qmp.clone()),
+            ("off".to_string(), vm.dir.path().join("gone.qmp")),
+        ],
+        run_dir,
+        Arc::new(QmpLog::new(None)),
+    );
+    let vms = d.list_vms().await.unwrap();
+    assert_eq!(vms.len(), 1);
+    assert_eq!(vms[0].vm_name, "vm1");
+    let mut req = request("x", BackupType::Full, None);
+    req.vm_name = "off".into();
+    let e = d.snapshot(&req).await.unwrap_err().to_string();
+    assert!(e.contains("off") && e.contains("gone.qmp"), "{e}");
+}

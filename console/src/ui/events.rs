@@ -33,7 +33,7 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
         let mut cells = vec![
             Cell::from(format::clock(e.at)),
             Cell::from(Span::styled(format!("{sym} {}", e.level), style)),
-            Cell::from(e.backup_id.to_string()),
+            Cell::from(format::short_id(&e.backup_id.0)),
         ];
         if wide {
             cells.push(Cell::from(
@@ -57,7 +57,7 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
         widths.push(Constraint::Length(12));
         widths.push(Constraint::Length(4));
         header.push(strings::COL_VM);
-        header.push(strings::DISK);
+        header.push(strings::COL_DISK);
     }
     widths.push(Constraint::Length(16));
     widths.push(Constraint::Min(10));

@@ -11,9 +11,16 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::Paragraph;
 use sendense_shared::api::DatabaseKind;
 
+/// `00:12:03 UTC `
+const CLOCK_WIDTH: usize = 13;
+
 pub fn render(app: &App, frame: &mut Frame, area: Rect) {
-    let [top, bottom] =
-        Layout::vertical([Constraint::Length(1), Constraint::Length(1)]).areas(area);
+    // One row each; a row outside `area` (the third, when the hub answers) is empty.
+    let row = |i: u16| {
+        let r = Rect::new(area.x, area.y.saturating_add(i), area.width, 1);
+        r.intersection(area)
+    };
+    let (top, bottom, third) = (row(0), row(1), row(2));
     let brand = Span::styled(
         format!(" {} ", strings::APP_NAME),
         Style::default().add_modifier(Modifier::REVERSED | Modifier::BOLD),
@@ -37,23 +44,30 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
                     ),
                     theme::bad(),
                 ),
-                sep(),
-                Span::styled(format!("{} {retries}", strings::RETRY), theme::warn()),
-                sep(),
-                Span::raw(format!("{} {}", strings::DOWN_SINCE, format::clock(*since))),
+                Span::styled(format!(" · {} {retries}", strings::RETRY), theme::warn()),
+                Span::raw(format!(
+                    " · {} {}",
+                    strings::DOWN_SINCE,
+                    format::clock(*since)
+                )),
             ]);
+            let l2 = Line::from(Span::styled(
+                format!(" {}: {last_error}", strings::LAST_ERROR),
+                theme::bad(),
+            ));
             let contact = app
                 .last_contact
                 .map(format::clock)
                 .unwrap_or_else(|| strings::NEVER.to_string());
-            let l2 = Line::from(vec![
-                Span::raw(format!(" {} {contact}", strings::LAST_CONTACT)),
-                sep(),
-                Span::styled(
-                    format!("{}: {last_error}", strings::LAST_ERROR),
-                    theme::bad(),
+            let l3 = Line::from(Span::styled(
+                format!(
+                    " {} {contact}: {}",
+                    strings::LAST_CONTACT,
+                    strings::DATA_STALE
                 ),
-            ]);
+                theme::warn(),
+            ));
+            frame.render_widget(Paragraph::new(l3), third);
             (l1, l2)
         }
         Reach::Connecting => (
@@ -76,10 +90,9 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
             match &app.health {
                 Some(h) => {
                     spans.push(Span::raw(format!(
-                        " {} {} ({}) {} {}",
+                        " {} {} {} {}",
                         strings::HUB,
                         h.version,
-                        h.git_commit,
                         strings::PID,
                         h.pid
                     )));
@@ -126,22 +139,47 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
                     theme::warn(),
                 ),
             });
-            let exe = app
+            // exe path, commit and URL share the line with the clock: the path gives way
+            // first (its end, the binary's name, stays), then the URL.
+            let room = (area.width as usize).saturating_sub(CLOCK_WIDTH + 1);
+            let (exe, commit) = app
                 .health
                 .as_ref()
-                .map(|h| h.executable.as_str())
-                .unwrap_or(strings::NONE);
-            let l2 = Line::from(vec![
+                .map(|h| (h.executable.as_str(), h.git_commit.as_str()))
+                .unwrap_or((strings::NONE, strings::NONE));
+            let fixed = |url: &str| {
+                format!(" {}  · {} {commit}", strings::EXE, strings::COMMIT)
+                    .chars()
+                    .count()
+                    + if url.is_empty() {
+                        0
+                    } else {
+                        3 + url.chars().count()
+                    }
+            };
+            let url = if room >= fixed(&app.hub_url) + 16 {
+                app.hub_url.as_str()
+            } else {
+                ""
+            };
+            let exe = format::truncate_left(exe, room.saturating_sub(fixed(url)));
+            let mut parts = vec![
                 Span::styled(format!(" {} ", strings::EXE), theme::dim()),
-                Span::raw(exe.to_string()),
-                Span::styled(" · ", theme::dim()),
-                Span::raw(app.hub_url.clone()),
-            ]);
+                Span::raw(exe),
+                Span::styled(format!(" · {} ", strings::COMMIT), theme::dim()),
+                Span::raw(commit.to_string()),
+            ];
+            if !url.is_empty() {
+                parts.push(Span::styled(" · ", theme::dim()));
+                parts.push(Span::raw(url.to_string()));
+            }
+            let l2 = Line::from(parts);
             (Line::from(spans), l2)
         }
     };
 
     let clock = format!("{} {} ", format::clock(app.now), strings::UTC);
+    debug_assert_eq!(clock.chars().count(), CLOCK_WIDTH);
     let [left2, right2] = Layout::horizontal([
         Constraint::Min(0),
         Constraint::Length(clock.chars().count() as u16),

@@ -50,16 +50,30 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
             })
         })
     };
-    let selected_error = list.get(selected).and_then(|b| error_of(b).map(|e| (b, e)));
-    let [table_area, error_area] = Layout::vertical([
-        Constraint::Min(3),
-        Constraint::Length(if selected_error.is_some() && !wide {
-            3
-        } else {
-            0
-        }),
-    ])
-    .areas(area);
+    // The selected job's errors in full: the job's own, then each failed disk's cause.
+    let selected_errors: Vec<String> = list
+        .get(selected)
+        .map(|b| {
+            b.error_message
+                .iter()
+                .cloned()
+                .chain(b.disk_results.iter().filter_map(|d| {
+                    d.error_message
+                        .as_ref()
+                        .map(|e| format!("{} {}: {e}", strings::DISK, d.disk_key))
+                }))
+                .collect()
+        })
+        .unwrap_or_default();
+    let error_height = if selected_errors.is_empty() {
+        0
+    } else if wide {
+        selected_errors.len() as u16 + 1
+    } else {
+        5
+    };
+    let [table_area, error_area] =
+        Layout::vertical([Constraint::Min(3), Constraint::Length(error_height)]).areas(area);
 
     let mut header = vec![
         strings::COL_ID,
@@ -93,7 +107,7 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
             .map(format::rate)
             .unwrap_or_else(|| strings::NONE.to_string());
         let mut cells = vec![
-            Cell::from(b.backup_id.0.clone()),
+            Cell::from(format::short_id(&b.backup_id.0)),
             Cell::from(b.vm_name.clone()),
             Cell::from(short_type(b.backup_type)),
             Cell::from(Span::styled(format!("{sym} {}", b.status.as_str()), style)),
@@ -125,16 +139,21 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
     let mut state = TableState::default().with_selected(Some(selected));
     frame.render_stateful_widget(table, table_area, &mut state);
 
-    if let Some((b, err)) = selected_error.filter(|_| !wide) {
-        let text = Line::from(vec![
-            Span::styled(
-                format!("{} {} ", strings::SYM_BAD, b.backup_id),
-                theme::bad(),
-            ),
-            Span::raw(err),
-        ]);
+    if let Some(b) = list.get(selected).filter(|_| !selected_errors.is_empty()) {
+        let lines: Vec<Line> = selected_errors
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let lead = if i == 0 {
+                    format!("{} {} ", strings::SYM_BAD, format::short_id(&b.backup_id.0))
+                } else {
+                    "  ".to_string()
+                };
+                Line::from(vec![Span::styled(lead, theme::bad()), Span::raw(e)])
+            })
+            .collect();
         frame.render_widget(
-            Paragraph::new(text).wrap(Wrap { trim: true }).block(
+            Paragraph::new(lines).wrap(Wrap { trim: true }).block(
                 Block::default()
                     .borders(Borders::TOP)
                     .border_style(theme::border()),

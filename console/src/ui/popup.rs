@@ -66,12 +66,6 @@ pub fn help(frame: &mut Frame, area: Rect) {
 
 /// The start dialog: type and repository.
 pub fn start(app: &App, form: &StartForm, frame: &mut Frame, area: Rect) {
-    let rect = centred(area, 72, (app.repositories.len() as u16 + 9).min(16));
-    frame.render_widget(Clear, rect);
-    let block = frame_block(strings::START_TITLE);
-    let inner = block.inner(rect);
-    frame.render_widget(block, rect);
-
     let vm = app.vms.iter().find(|v| v.vm_name == form.vm_name);
     let (disks, size) = vm
         .map(|v| {
@@ -142,7 +136,12 @@ pub fn start(app: &App, form: &StartForm, frame: &mut Frame, area: Rect) {
     }
     lines.push(Line::default());
     lines.push(Line::from(Span::styled(strings::START_HINT, theme::key())));
-    frame.render_widget(Paragraph::new(lines), inner);
+    let rect = centred(area, 72, lines.len() as u16 + 2);
+    frame.render_widget(Clear, rect);
+    frame.render_widget(
+        Paragraph::new(lines).block(frame_block(strings::START_TITLE)),
+        rect,
+    );
 }
 
 /// A y/n question.

@@ -8,7 +8,7 @@ use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::Style;
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Cell, Paragraph, Row, Table, TableState};
+use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Table, TableState, Wrap};
 
 fn cell_look(cell: PortCell) -> (&'static str, Style) {
     match cell {
@@ -142,7 +142,12 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
                     })
                     .unwrap_or_default();
                 (
-                    format!("{} {vm} {} {}", a.backup_id, strings::DISK, a.disk_key),
+                    format!(
+                        "{} {vm} {} {}",
+                        format::short_id(&a.backup_id.0),
+                        strings::DISK,
+                        a.disk_key
+                    ),
                     format::age(a.allocated_at, app.now),
                     pid,
                 )
@@ -180,6 +185,48 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
     .row_highlight_style(theme::selected())
     .highlight_symbol(strings::SYM_SELECTED)
     .block(block);
-    let mut state = TableState::default().with_selected(Some(app.selected(View::Ports)));
-    frame.render_stateful_widget(table, table_area, &mut state);
+    let [list_area, detail_area] =
+        Layout::vertical([Constraint::Min(3), Constraint::Length(3)]).areas(table_area);
+    let selected = app.selected(View::Ports);
+    let mut state = TableState::default().with_selected(Some(selected));
+    frame.render_stateful_widget(table, list_area, &mut state);
+    if let Some(&port) = rows_list.get(selected) {
+        let squat = ports.and_then(|p| p.squatted.iter().find(|s| s.port.0 == port));
+        let text = match squat {
+            Some(s) => Line::from(vec![
+                Span::styled(
+                    format!(
+                        "{} {port} {}: ",
+                        strings::SYM_PORT_SQUATTED,
+                        strings::NOT_OURS
+                    ),
+                    theme::bad(),
+                ),
+                Span::raw(s.detail.clone()),
+            ]),
+            None => {
+                let p = app.processes.iter().find(|p| p.port.0 == port);
+                Line::from(match p {
+                    Some(p) => format!(
+                        "{port}: {} {} {} · {} {} · {}",
+                        strings::QEMU_NBD,
+                        strings::PID,
+                        p.pid,
+                        strings::EXPORT,
+                        p.export_name,
+                        p.qcow2_path
+                    ),
+                    None => format!("{port}: {}", strings::PORT_HELD),
+                })
+            }
+        };
+        frame.render_widget(
+            Paragraph::new(text).wrap(Wrap { trim: true }).block(
+                Block::default()
+                    .borders(Borders::TOP)
+                    .border_style(theme::border()),
+            ),
+            detail_area,
+        );
+    }
 }

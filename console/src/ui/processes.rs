@@ -43,7 +43,7 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
             Cell::from(p.port.to_string()),
             Cell::from(Span::styled(format!("{sym} {word}"), style)),
             Cell::from(format::age(p.started_at, app.now)),
-            Cell::from(p.backup_id.to_string()),
+            Cell::from(format::short_id(&p.backup_id.0)),
             Cell::from(p.disk_key.to_string()),
             Cell::from(p.export_name.clone()),
         ];
@@ -67,7 +67,7 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
         strings::COL_ALIVE,
         strings::COL_UPTIME,
         strings::COL_JOB,
-        strings::DISK,
+        strings::COL_DISK,
         strings::COL_EXPORT,
     ];
     if wide {
@@ -83,8 +83,8 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
     let mut state = TableState::default().with_selected(Some(selected));
     frame.render_stateful_widget(table, top, &mut state);
 
-    if !wide {
-        if let Some(p) = list.get(selected) {
+    if let Some(p) = list.get(selected).filter(|_| !wide) {
+        {
             let vm = app.vm_of(&p.backup_id).unwrap_or(strings::NONE);
             let lines = vec![
                 Line::from(format!("{} {}", strings::QCOW2, p.qcow2_path)),

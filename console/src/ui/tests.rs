@@ -1,1 +1,309 @@
+//! Render tests: every view at 80×24 and 160×48, drawn from the fixtures with ratatui's
+//! `TestBackend` and pinned with insta snapshots (`snapshots/` beside this file).
 
+use super::render;
+use crate::app::{App, Mode, Update};
+use crate::fixtures;
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+use ratatui::Terminal;
+use ratatui::backend::TestBackend;
+
+fn draw(app: &App, width: u16, height: u16) -> String {
+    let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
+    terminal.draw(|f| render(app, f)).unwrap();
+    terminal.backend().to_string()
+}
+
+fn keys(app: &mut App, keys: &[KeyCode]) {
+    for k in keys {
+        app.on_key(KeyEvent::new(*k, KeyModifiers::NONE));
+    }
+}
+
+/// Snapshot `app` at both sizes, and check what a user must see at the small one.
+fn both(name: &str, app: &App, must_show: &[&str]) {
+    for (w, h) in [(80, 24), (160, 48)] {
+        let screen = draw(app, w, h);
+        for text in must_show {
+            assert!(
+                screen.contains(text),
+                "{name} at {w}x{h} lacks {text:?}:\n{screen}"
+            );
+        }
+        insta::assert_snapshot!(format!("{name}_{w}x{h}"), screen);
+    }
+}
+
+#[test]
+fn jobs_list() {
+    let app = fixtures::app();
+    both(
+        "jobs",
+        &app,
+        &["b-7f3a9c21", "◐ running", "✖ failed", "✔ completed", "live"],
+    );
+}
+
+#[test]
+fn jobs_list_failed_job_selected_shows_its_error() {
+    let mut app = fixtures::app();
+    keys(&mut app, &[KeyCode::Char('j')]);
+    both(
+        "jobs_failed_selected",
+        &app,
+        &["✖ b-2c81e0d4", "qemu-nbd exited"],
+    );
+}
+
+#[test]
+fn job_detail_two_disks_mid_copy() {
+    let mut app = fixtures::app();
+    keys(&mut app, &[KeyCode::Enter]);
+    both(
+        "job_detail_running",
+        &app,
+        &[
+            "disk 2000",
+            "disk 2001",
+            "port 10100",
+            "pid 51234",
+            "ETA",
+            "throughput",
+            "MiB/s",
+        ],
+    );
+}
+
+#[test]
+fn job_detail_failed_disk() {
+    let mut app = fixtures::app();
+    keys(&mut app, &[KeyCode::Char('j'), KeyCode::Enter]);
+    both(
+        "job_detail_failed",
+        &app,
+        &["✖ failed", "✔ completed", "✖ error: qemu-nbd (pid 50102)"],
+    );
+}
+
+#[test]
+fn vms_view() {
+    let mut app = fixtures::app();
+    keys(&mut app, &[KeyCode::Char('2')]);
+    both(
+        "vms",
+        &app,
+        &["pgtest1", "legacy-db", "(none)", "virtio-disk1"],
+    );
+}
+
+#[test]
+fn start_dialog() {
+    let mut app = fixtures::app();
+    keys(&mut app, &[KeyCode::Char('2'), KeyCode::Char('s')]);
+    both(
+        "start_dialog",
+        &app,
+        &["Start backup", "[x] incremental", "repo-a", "offsite"],
+    );
+}
+
+#[test]
+fn start_confirmation() {
+    let mut app = fixtures::app();
+    keys(
+        &mut app,
+        &[
+            KeyCode::Char('2'),
+            KeyCode::Char('s'),
+            KeyCode::Char('f'),
+            KeyCode::Enter,
+        ],
+    );
+    assert!(matches!(app.mode, Mode::ConfirmStart(_)));
+    both(
+        "start_confirm",
+        &app,
+        &["Start a full backup of VM pgtest1", "y yes"],
+    );
+}
+
+#[test]
+fn ports_view_with_a_squatted_port() {
+    let mut app = fixtures::app();
+    keys(&mut app, &[KeyCode::Char('3')]);
+    both(
+        "ports",
+        &app,
+        &["10100", "✖ squatted", "■ held", "! stale", "97 free"],
+    );
+}
+
+#[test]
+fn tunnel_view_with_a_node_down() {
+    let mut app = fixtures::app();
+    keys(&mut app, &[KeyCode::Char('4'), KeyCode::Char('j')]);
+    both(
+        "tunnel",
+        &app,
+        &[
+            "✔ up",
+            "✖ down",
+            "Connection refused",
+            "node-b",
+            "cannot ask this node",
+        ],
+    );
+}
+
+#[test]
+fn processes_view() {
+    let mut app = fixtures::app();
+    keys(&mut app, &[KeyCode::Char('5')]);
+    both(
+        "processes",
+        &app,
+        &[
+            "51234",
+            "✔ alive",
+            "✖ DEAD",
+            "/var/lib/sendense/repo-a/pgtest1",
+        ],
+    );
+}
+
+#[test]
+fn events_view() {
+    let mut app = fixtures::app();
+    keys(&mut app, &[KeyCode::Char('6')]);
+    both("events", &app, &["port_squatted", "▲ warn", "✖ error"]);
+}
+
+#[test]
+fn events_view_filtered() {
+    let mut app = fixtures::app();
+    keys(&mut app, &[KeyCode::Char('6'), KeyCode::Char('/')]);
+    for c in "error".chars() {
+        keys(&mut app, &[KeyCode::Char(c)]);
+    }
+    both(
+        "events_filtered",
+        &app,
+        &["filter: error", "qemu_nbd_exited", "job_failed"],
+    );
+}
+
+#[test]
+fn hub_unreachable() {
+    let mut app = fixtures::app();
+    for i in 1..=5 {
+        app.apply(
+            Update::Unreachable {
+                error: "Connection refused (os error 111)".into(),
+            },
+            fixtures::now() + chrono::Duration::seconds(2 * i),
+        );
+    }
+    app.now = fixtures::now() + chrono::Duration::seconds(11);
+    both(
+        "unreachable",
+        &app,
+        &[
+            "HUB UNREACHABLE http://127.0.0.1:8082",
+            "retry 5",
+            "since 00:12:05",
+            "Connection refused (os error 111)",
+            "last contact 00:12:03",
+            "b-7f3a9c21",
+        ],
+    );
+}
+
+#[test]
+fn hub_connecting_with_nothing_known() {
+    let app = App::new(fixtures::HUB_URL, fixtures::now());
+    both(
+        "connecting",
+        &app,
+        &["connecting to http://127.0.0.1:8082", "No backup jobs yet"],
+    );
+}
+
+#[test]
+fn help_overlay() {
+    let mut app = fixtures::app();
+    keys(&mut app, &[KeyCode::Char('?')]);
+    both(
+        "help",
+        &app,
+        &["Tab", "quit", "cancel job", "filter", "Enter"],
+    );
+}
+
+#[test]
+fn cancel_confirmation_names_the_job() {
+    let mut app = fixtures::app();
+    keys(&mut app, &[KeyCode::Char('c')]);
+    both(
+        "cancel_confirm",
+        &app,
+        &["Cancel backup b-7f3a9c21 of VM pgtest1 (running)?", "y yes"],
+    );
+}
+
+#[test]
+fn every_key_in_the_tables_appears_in_the_help() {
+    let mut app = fixtures::app();
+    keys(&mut app, &[KeyCode::Char('?')]);
+    let screen = draw(&app, 80, 24);
+    for map in [
+        crate::keys::MAIN,
+        crate::keys::FILTER,
+        crate::keys::START,
+        crate::keys::CONFIRM,
+    ] {
+        for b in map {
+            assert!(
+                screen.contains(b.help),
+                "help lacks {:?}:\n{screen}",
+                b.help
+            );
+        }
+    }
+}
+
+#[test]
+fn tiny_terminal_does_not_panic() {
+    let mut app = fixtures::app();
+    for view in ['1', '2', '3', '4', '5', '6'] {
+        keys(&mut app, &[KeyCode::Char(view)]);
+        for (w, h) in [(1, 1), (20, 5), (40, 10)] {
+            draw(&app, w, h);
+        }
+    }
+    keys(&mut app, &[KeyCode::Char('1'), KeyCode::Enter]);
+    draw(&app, 30, 8);
+    keys(&mut app, &[KeyCode::Char('?')]);
+    draw(&app, 10, 4);
+}
+
+#[test]
+fn bad_token_is_said_in_the_footer() {
+    let mut app = App::new(fixtures::HUB_URL, fixtures::now());
+    let snap = crate::app::Snapshot {
+        health: Some(fixtures::health()),
+        errors: vec![
+            "401 Unauthorized: the hub at http://127.0.0.1:8082/api/v1/backups refused the token; pass the hub's token with --token-file FILE or SENDENSE_TOKEN".into(),
+        ],
+        ..Default::default()
+    };
+    app.apply(Update::Snapshot(Box::new(snap)), fixtures::now());
+    app.apply(
+        Update::StreamDown {
+            error:
+                "hub at http://127.0.0.1:8082/api/v1/events refused the token (401 Unauthorized)"
+                    .into(),
+        },
+        fixtures::now(),
+    );
+    both("bad_token", &app, &["401 Unauthorized", "polling every 2s"]);
+}

@@ -102,6 +102,12 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
             n.version
         )));
     }
+    if let Some(e) = row.probe_error {
+        lines.push(Line::from(Span::styled(
+            format!("{} {}: {e}", strings::SYM_WARN, strings::PROBE_FAILED),
+            theme::warn(),
+        )));
+    }
     if let Some(t) = row.tunnel {
         let (sym, word, style) = theme::tunnel(Some(t.state));
         lines.push(Line::from(vec![

@@ -83,6 +83,21 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
     let mut state = TableState::default().with_selected(Some(selected));
     frame.render_stateful_widget(table, top, &mut state);
 
+    let mut disks_title = format!("{} {}", strings::DISKS_OF, vm.vm_name);
+    if let Some(b) = app
+        .backups
+        .iter()
+        .find(|b| b.vm_name == vm.vm_name && !b.status.is_terminal())
+    {
+        let (sym, _) = theme::job(b.status);
+        disks_title.push_str(&format!(
+            " · {sym} {} {} {}",
+            strings::BACKUP,
+            b.backup_id,
+            b.status.as_str()
+        ));
+    }
+    let disks_block = titled_block(&disks_title, None, "");
     let rows = vm.disks.iter().map(|d| {
         Row::new(vec![
             Cell::from(d.disk_key.to_string()),
@@ -109,10 +124,6 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
         ])
         .style(theme::header()),
     )
-    .block(titled_block(
-        &format!("{} {}", strings::DISKS_OF, vm.vm_name),
-        None,
-        "",
-    ));
+    .block(disks_block);
     frame.render_widget(disks, bottom);
 }

@@ -8,8 +8,9 @@ use super::reply::{self, Chunk, Decoded, Expect, ProtocolError, Reply, ReplyBody
 use super::{Extent, NbdError, proto::*};
 use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeMap, HashMap};
+use std::io::IoSlice;
 use std::sync::{Arc, Mutex, MutexGuard};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
 /// One message for the writer task.
@@ -245,6 +246,9 @@ impl Shared {
     }
 }
 
+/// Bytes the reader makes room for beyond the reply it is reading.
+const READ_AHEAD: usize = 1024 * 1024;
+
 /// Reads replies until the connection ends or the server breaks the protocol.
 pub(crate) async fn reader_loop<R: AsyncRead + Unpin>(
     mut rd: R,
@@ -293,12 +297,12 @@ async fn read_replies<R: AsyncRead + Unpin>(
                 }
             }
         };
-        if buf.capacity() < needed {
-            buf.reserve(needed.max(64 * 1024) - buf.len());
-        }
         while buf.len() < needed {
-            if buf.capacity() == buf.len() {
-                buf.reserve(64 * 1024);
+            // Room for the rest of this reply and then some, so that one read can take in
+            // several replies. `needed` is bounded by the parser's caps.
+            let missing = needed - buf.len();
+            if buf.capacity() - buf.len() < missing.max(64 * 1024) {
+                buf.reserve(missing.max(READ_AHEAD));
             }
             let n = rd.read_buf(&mut buf).await.map_err(|e| NbdError::Io {
                 during: "reading replies",
@@ -320,35 +324,54 @@ async fn read_replies<R: AsyncRead + Unpin>(
     }
 }
 
-/// Sends requests in the order they were queued, batching small ones into one write.
+/// Most messages sent with one vectored write.
+const MAX_BATCH: usize = 64;
+
+/// Sends requests in the order they were queued. Whatever is queued when the socket is ready
+/// goes out in one vectored write (headers and payloads without copying them together).
 pub(crate) async fn writer_loop<W: AsyncWrite + Unpin>(
-    wr: W,
+    mut w: W,
     mut rx: mpsc::Receiver<Outgoing>,
     shared: Arc<Shared>,
 ) {
-    let mut w = BufWriter::with_capacity(64 * 1024, wr);
     let result: std::io::Result<()> = async {
+        let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH);
         loop {
             let Some(first) = rx.recv().await else {
                 // Every client handle is gone: say goodbye properly.
                 w.write_all(&encode_request(0, CMD_DISC, u64::MAX, 0, 0))
                     .await?;
-                w.flush().await?;
                 return w.shutdown().await;
             };
-            let mut next = Some(first);
-            while let Some(msg) = next.take() {
-                w.write_all(&msg.header).await?;
-                if let Some(p) = &msg.payload {
-                    w.write_all(p).await?;
+            batch.push(first);
+            while batch.len() < MAX_BATCH && !batch.last().is_some_and(|m| m.last) {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
                 }
-                if msg.last {
-                    w.flush().await?;
-                    return w.shutdown().await;
-                }
-                next = rx.try_recv().ok();
             }
+            let last = batch.iter().any(|m| m.last);
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
+            for m in &batch {
+                slices.push(IoSlice::new(&m.header));
+                if let Some(p) = &m.payload {
+                    slices.push(IoSlice::new(p));
+                }
+            }
+            let mut rest = &mut slices[..];
+            while !rest.is_empty() {
+                let n = w.write_vectored(rest).await?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                IoSlice::advance_slices(&mut rest, n);
+            }
+            drop(slices);
+            batch.clear();
             w.flush().await?;
+            if last {
+                return w.shutdown().await;
+            }
         }
     }
     .await;

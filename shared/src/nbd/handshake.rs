@@ -85,12 +85,9 @@ where
     };
 
     let mut contexts = Vec::new();
-    if !meta_contexts.is_empty() {
-        if !structured {
-            return Err(NbdError::Unsupported {
-                what: "structured replies (needed for meta contexts / block status)",
-            });
-        }
+    // Meta contexts need structured replies; without them (or when the server does not know
+    // the option) no context is granted, which callers see through `meta_context_id`.
+    if !meta_contexts.is_empty() && structured {
         let mut data = Vec::new();
         put_str(&mut data, export);
         data.extend_from_slice(&(meta_contexts.len() as u32).to_be_bytes());
@@ -117,6 +114,10 @@ where
                         )));
                     }
                     contexts.push((name, id));
+                }
+                REP_ERR_UNSUP => {
+                    contexts.clear();
+                    break;
                 }
                 k if k & REP_FLAG_ERROR != 0 => {
                     return Err(refused(

@@ -76,10 +76,13 @@ async fn connected() -> (NbdClient, DuplexStream) {
         good_handshake(&mut server_end).await;
         server_end
     });
-    let c = NbdClient::from_stream(client_end, "e", &opts())
-        .await
-        .unwrap();
+    let c = from_duplex(client_end).await.unwrap();
     (c, srv.await.unwrap())
+}
+
+async fn from_duplex(end: DuplexStream) -> Result<NbdClient, NbdError> {
+    let (rd, wr) = tokio::io::split(end);
+    NbdClient::from_halves(rd, wr, "e", &opts()).await
 }
 
 struct Req {
@@ -151,7 +154,8 @@ async fn handshake_error(script: impl AsyncFnOnce(&mut DuplexStream)) -> NbdErro
         }
     };
     let o = opts();
-    let client = NbdClient::from_stream(client_end, "e", &o);
+    let (rd, wr) = tokio::io::split(client_end);
+    let client = NbdClient::from_halves(rd, wr, "e", &o);
     let (r, ()) = tokio::join!(client, server);
     r.unwrap_err()
 }
@@ -194,21 +198,6 @@ async fn handshake_refuses_bad_magic_oldstyle_and_huge_replies() {
 
 #[tokio::test]
 async fn handshake_refuses_go_without_export_info_and_eof() {
-    let e = handshake_error(async |s: &mut DuplexStream| {
-        let mut m = NBDMAGIC.to_be_bytes().to_vec();
-        m.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        m.extend_from_slice(&FLAG_FIXED_NEWSTYLE.to_be_bytes());
-        s.write_all(&m).await.unwrap();
-        let mut cf = [0u8; 4];
-        s.read_exact(&mut cf).await.unwrap();
-        // No structured replies here: the client must say meta contexts need them.
-        let (opt, _) = read_opt(s).await;
-        assert_eq!(opt, OPT_STRUCTURED_REPLY);
-        send_rep(s, opt, REP_ERR_UNSUP, b"").await;
-    })
-    .await;
-    assert!(matches!(e, NbdError::Unsupported { .. }), "{e}");
-
     let (client_end, mut server_end) = tokio::io::duplex(1 << 16);
     let srv = tokio::spawn(async move {
         let mut m = NBDMAGIC.to_be_bytes().to_vec();
@@ -224,9 +213,7 @@ async fn handshake_refuses_go_without_export_info_and_eof() {
         let (opt, _) = read_opt(&mut server_end).await; // GO
         send_rep(&mut server_end, opt, REP_ACK, &[]).await;
     });
-    let e = NbdClient::from_stream(client_end, "e", &opts())
-        .await
-        .unwrap_err();
+    let e = from_duplex(client_end).await.unwrap_err();
     srv.await.unwrap();
     assert!(e.to_string().contains("without NBD_INFO_EXPORT"), "{e}");
 
@@ -236,6 +223,49 @@ async fn handshake_refuses_go_without_export_info_and_eof() {
     })
     .await;
     assert!(e.to_string().contains("closed the connection"), "{e}");
+}
+
+/// A server without structured replies: no meta context, READ data in simple replies.
+#[tokio::test]
+async fn a_server_without_structured_replies_serves_simple_replies() {
+    let (client_end, mut s) = tokio::io::duplex(1 << 20);
+    let srv = tokio::spawn(async move {
+        let mut m = NBDMAGIC.to_be_bytes().to_vec();
+        m.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        m.extend_from_slice(&FLAG_FIXED_NEWSTYLE.to_be_bytes());
+        s.write_all(&m).await.unwrap();
+        let mut cf = [0u8; 4];
+        s.read_exact(&mut cf).await.unwrap();
+        let (opt, _) = read_opt(&mut s).await;
+        assert_eq!(opt, OPT_STRUCTURED_REPLY);
+        send_rep(&mut s, opt, REP_ERR_UNSUP, b"").await;
+        // No SET_META_CONTEXT must follow: straight to GO.
+        let (opt, _) = read_opt(&mut s).await;
+        assert_eq!(opt, OPT_GO);
+        let mut d = INFO_EXPORT.to_be_bytes().to_vec();
+        d.extend_from_slice(&SIZE.to_be_bytes());
+        d.extend_from_slice(&FLAGS.to_be_bytes());
+        send_rep(&mut s, opt, REP_INFO, &d).await;
+        send_rep(&mut s, opt, REP_ACK, &[]).await;
+        // Two reads answered in reverse order, data right after each simple reply.
+        let a = read_req(&mut s).await;
+        let b = read_req(&mut s).await;
+        for r in [&b, &a] {
+            let mut v = simple(r.handle, 0);
+            v.extend(std::iter::repeat_n(r.offset as u8 + 1, r.length as usize));
+            s.write_all(&v).await.unwrap();
+        }
+        s
+    });
+    let c = from_duplex(client_end).await.unwrap();
+    assert!(!c.structured_replies());
+    assert_eq!(c.meta_context_id(BASE_ALLOCATION), None);
+    let (ra, rb) = tokio::join!(c.read(0, 100), c.read(7, 3));
+    assert_eq!(ra.unwrap(), vec![1u8; 100]);
+    assert_eq!(rb.unwrap(), vec![8u8; 3]);
+    let e = c.block_status(BASE_ALLOCATION, 0, 512).await.unwrap_err();
+    assert!(matches!(e, NbdError::NoMetaContext { .. }), "{e}");
+    drop(srv);
 }
 
 #[tokio::test]

@@ -1,0 +1,17 @@
+//! The copy engine between real `qemu-nbd` exports of qcow2 images, checked with
+//! `qemu-img compare` and by reading the target back.
+
+#[path = "copy_engine/support.rs"]
+mod support;
+
+#[path = "copy_engine/full.rs"]
+mod full;
+
+#[path = "copy_engine/incremental.rs"]
+mod incremental;
+
+#[path = "copy_engine/cli.rs"]
+mod cli;
+
+#[path = "copy_engine/nbdkit.rs"]
+mod nbdkit;

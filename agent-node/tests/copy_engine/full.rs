@@ -1,0 +1,278 @@
+//! Full copies: holes, zero-filled data blocks, checksums, size and permission checks, cancel.
+
+use crate::support::*;
+use agent_node::copy::{CopyError, CopyOptions, DiskCounters, ExtentSource, copy_disk};
+use sendense_shared::nbd::{ConnectOptions, NbdClient};
+use std::path::Path;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+const SIZE: u64 = 64 * MIB;
+
+/// 64 MiB: data 0x11 in [0, 8M); zero-filled but allocated data in [16M, 20M); data 0x22 in
+/// [20M, 21M); in [32M, 33M) data 0x33 with a 128 KiB run of zero bytes at 32M+128K; the rest
+/// unallocated holes.
+fn mixed_source(dir: &Path) -> std::path::PathBuf {
+    let src = create(dir, "src.qcow2", SIZE);
+    qemu_io(
+        &src,
+        &[
+            "write -P 0x11 0 8M".into(),
+            "write -P 0 16M 4M".into(),
+            "write -P 0x22 20M 1M".into(),
+            "write -P 0x33 32M 1M".into(),
+            format!("write -P 0 {} 128k", 32 * MIB + 128 * KIB),
+        ],
+    );
+    src
+}
+const READ: u64 = 8 * MIB + 4 * MIB + MIB + MIB;
+const ZERO_IN_DATA: u64 = 4 * MIB + 128 * KIB;
+
+fn opts(target_is_zero: bool) -> CopyOptions {
+    CopyOptions {
+        target_is_zero,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn full_copy_to_a_fresh_target_skips_holes_and_zeroes_zero_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let src_img = mixed_source(dir.path());
+    let dst_img = create(dir.path(), "dst.qcow2", SIZE);
+    let src = Export::source(dir.path(), &src_img, Listen::Unix, &[]);
+    let dst = Export::target(dir.path(), &dst_img, Listen::Unix);
+    let counters = DiskCounters::new();
+    let out = copy_disk(
+        &src.addr,
+        &dst.addr,
+        ExtentSource::Allocation,
+        &opts(true),
+        counters.clone(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.bytes_read, READ);
+    assert_eq!(out.bytes_zeroed, ZERO_IN_DATA, "zero-filled data blocks");
+    assert_eq!(out.bytes_written, READ - ZERO_IN_DATA);
+    assert_eq!(out.bytes_skipped, SIZE - READ, "holes on a fresh target");
+    let snap = counters.snapshot();
+    assert_eq!(snap.bytes_total, SIZE);
+    assert_eq!(snap.bytes_done(), SIZE);
+
+    // Checksum ranges: inside one 4 MiB cell each, covering exactly what was written, and
+    // each equal to BLAKE3 of the target's bytes there.
+    let ck = &out.checksums;
+    assert_eq!(ck.chunk_size, CopyOptions::default().checksum_chunk_size);
+    let covered: u64 = ck.ranges.iter().map(|r| r.length).sum();
+    assert_eq!(covered, out.bytes_written + out.bytes_zeroed);
+    let target = NbdClient::connect(&dst.addr, &ConnectOptions::default())
+        .await
+        .unwrap();
+    for w in ck.ranges.windows(2) {
+        assert!(w[0].offset + w[0].length <= w[1].offset, "ranges overlap");
+    }
+    for r in &ck.ranges {
+        assert_eq!(
+            r.offset / ck.chunk_size,
+            (r.offset + r.length - 1) / ck.chunk_size
+        );
+        let mut h = blake3::Hasher::new();
+        let mut at = r.offset;
+        while at < r.offset + r.length {
+            let n = (r.offset + r.length - at).min(MIB);
+            h.update(&target.read(at, n as u32).await.unwrap());
+            at += n;
+        }
+        assert_eq!(
+            h.finalize().to_hex().as_str(),
+            r.blake3,
+            "range at {}",
+            r.offset
+        );
+    }
+    target.disconnect().await.unwrap();
+    drop((src, dst));
+    assert!(identical(&src_img, &dst_img));
+}
+
+#[tokio::test]
+async fn full_copy_over_a_dirty_target_zeroes_the_holes() {
+    let dir = tempfile::tempdir().unwrap();
+    let src_img = mixed_source(dir.path());
+    // A target full of 0xee: every hole of the source must be zeroed on it.
+    let dst_img = create(dir.path(), "dst.qcow2", SIZE);
+    qemu_io(&dst_img, &["write -P 0xee 0 64M".into()]);
+    let src = Export::source(dir.path(), &src_img, Listen::Tcp, &[]);
+    let dst = Export::target(dir.path(), &dst_img, Listen::Tcp);
+    let out = copy_disk(
+        &src.addr,
+        &dst.addr,
+        ExtentSource::Allocation,
+        &opts(false),
+        DiskCounters::new(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.bytes_read, READ);
+    assert_eq!(out.bytes_skipped, 0);
+    assert_eq!(out.bytes_zeroed, ZERO_IN_DATA + (SIZE - READ));
+    assert_eq!(out.bytes_written, READ - ZERO_IN_DATA);
+    let covered: u64 = out.checksums.ranges.iter().map(|r| r.length).sum();
+    assert_eq!(covered, SIZE, "zeroed holes are listed too");
+    drop((src, dst));
+    assert!(identical(&src_img, &dst_img));
+}
+
+#[tokio::test]
+async fn a_small_or_read_only_target_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let src_img = create(dir.path(), "src.qcow2", SIZE);
+    let small_img = create(dir.path(), "small.qcow2", SIZE - MIB);
+    let src = Export::source(dir.path(), &src_img, Listen::Unix, &[]);
+    let small = Export::target(dir.path(), &small_img, Listen::Unix);
+    let e = copy_disk(
+        &src.addr,
+        &small.addr,
+        ExtentSource::Allocation,
+        &opts(true),
+        DiskCounters::new(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, CopyError::TargetTooSmall { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&(SIZE - MIB).to_string()) && msg.contains(&SIZE.to_string()),
+        "{msg}"
+    );
+    drop(small);
+
+    let ro_img = create(dir.path(), "ro.qcow2", SIZE);
+    let ro = Export::start(dir.path(), &ro_img, "ro", Listen::Unix, &["--read-only"]);
+    let e = copy_disk(
+        &src.addr,
+        &ro.addr,
+        ExtentSource::Allocation,
+        &opts(true),
+        DiskCounters::new(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, CopyError::TargetReadOnly { .. }), "{e}");
+
+    // A target that is not there names the target.
+    drop(ro);
+    let e = copy_disk(
+        &src.addr,
+        &sendense_shared::nbd::NbdAddr::parse("nbd://127.0.0.1:1/none").unwrap(),
+        ExtentSource::Allocation,
+        &opts(true),
+        DiskCounters::new(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, CopyError::TargetConnect { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn cancel_mid_copy_returns_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 512 * MIB;
+    let src_img = create(dir.path(), "src.qcow2", size);
+    qemu_io(&src_img, &["write -P 0x5a 0 512M".into()]);
+    let dst_img = create(dir.path(), "dst.qcow2", size);
+    let src = Export::source(dir.path(), &src_img, Listen::Unix, &[]);
+    let dst = Export::target(dir.path(), &dst_img, Listen::Unix);
+    // Small requests and a small window, so that the copy takes long enough to be cut.
+    let o = CopyOptions {
+        request_size: 64 * 1024,
+        max_in_flight_bytes: 256 * 1024,
+        connections: 1,
+        ..opts(true)
+    };
+    let counters = DiskCounters::new();
+    let cancel = CancellationToken::new();
+    let copy = tokio::spawn({
+        let (s, d, c, k) = (
+            src.addr.clone(),
+            dst.addr.clone(),
+            counters.clone(),
+            cancel.clone(),
+        );
+        async move { copy_disk(&s, &d, ExtentSource::Allocation, &o, c, k).await }
+    });
+    // Wait until data flows, then cancel.
+    while counters.snapshot().bytes_written == 0 {
+        assert!(
+            !copy.is_finished(),
+            "copy ended before it could be cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cancel.cancel();
+    let r = tokio::time::timeout(Duration::from_secs(20), copy)
+        .await
+        .expect("cancelled copy did not return")
+        .unwrap();
+    assert!(matches!(r, Err(CopyError::Cancelled)), "{r:?}");
+    assert!(
+        counters.snapshot().bytes_read < size,
+        "cancel came after the end"
+    );
+}
+
+#[tokio::test]
+async fn a_source_dying_mid_copy_fails_the_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 512 * MIB;
+    let src_img = create(dir.path(), "src.qcow2", size);
+    qemu_io(&src_img, &["write -P 0x5a 0 512M".into()]);
+    let dst_img = create(dir.path(), "dst.qcow2", size);
+    let src = Export::source(dir.path(), &src_img, Listen::Unix, &[]);
+    let dst = Export::target(dir.path(), &dst_img, Listen::Unix);
+    let o = CopyOptions {
+        request_size: 64 * 1024,
+        max_in_flight_bytes: 256 * 1024,
+        ..opts(true)
+    };
+    let counters = DiskCounters::new();
+    let copy = tokio::spawn({
+        let (s, d, c) = (src.addr.clone(), dst.addr.clone(), counters.clone());
+        async move {
+            copy_disk(
+                &s,
+                &d,
+                ExtentSource::Allocation,
+                &o,
+                c,
+                CancellationToken::new(),
+            )
+            .await
+        }
+    });
+    while counters.snapshot().bytes_written == 0 {
+        assert!(
+            !copy.is_finished(),
+            "copy ended before the source could die"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(src);
+    let r = tokio::time::timeout(Duration::from_secs(20), copy)
+        .await
+        .expect("copy hung after its source died")
+        .unwrap();
+    let e = r.expect_err("the copy cannot succeed without its source");
+    assert!(
+        matches!(e, CopyError::Read { .. } | CopyError::BlockStatus { .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("source"), "{e}");
+}

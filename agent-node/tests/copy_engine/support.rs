@@ -1,0 +1,161 @@
+//! qcow2 images and qemu-nbd exports for the copy tests.
+
+use sendense_shared::nbd::NbdAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const MIB: u64 = 1 << 20;
+pub const KIB: u64 = 1 << 10;
+
+/// One qemu-nbd serving one image; killed by its own PID and reaped on drop.
+pub struct Export {
+    child: Child,
+    pub addr: NbdAddr,
+    pub uri: String,
+}
+
+pub enum Listen {
+    Unix,
+    Tcp,
+}
+
+impl Export {
+    /// Serves `image` (qcow2) as export `name`. `extra` goes before the image path.
+    pub fn start(dir: &Path, image: &Path, name: &str, listen: Listen, extra: &[&str]) -> Export {
+        let mut cmd = Command::new("qemu-nbd");
+        cmd.args(["--format=qcow2", "--persistent", "--shared=8"])
+            .arg(format!("--export-name={name}"));
+        let (addr, uri, probe): (NbdAddr, String, Box<dyn Fn() -> bool>) = match listen {
+            Listen::Unix => {
+                let sock = dir.join(format!("{name}.sock"));
+                cmd.arg(format!("--socket={}", sock.display()));
+                let uri = format!("nbd+unix:///{name}?socket={}", sock.display());
+                let probe_path = sock.clone();
+                (
+                    NbdAddr::Unix {
+                        path: sock,
+                        export: name.into(),
+                    },
+                    uri,
+                    Box::new(move || std::os::unix::net::UnixStream::connect(&probe_path).is_ok()),
+                )
+            }
+            Listen::Tcp => {
+                let port = std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port();
+                cmd.args(["--bind=127.0.0.1", &format!("--port={port}")]);
+                (
+                    NbdAddr::Tcp {
+                        host: "127.0.0.1".into(),
+                        port,
+                        export: name.into(),
+                    },
+                    format!("nbd://127.0.0.1:{port}/{name}"),
+                    Box::new(move || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()),
+                )
+            }
+        };
+        cmd.args(extra).arg(image).stdin(Stdio::null());
+        eprintln!("spawning {cmd:?}");
+        let mut child = cmd.spawn().expect("spawn qemu-nbd");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !probe() {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("qemu-nbd exited early: {st}");
+            }
+            assert!(Instant::now() < deadline, "qemu-nbd did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Export { child, addr, uri }
+    }
+
+    /// A writable target export the way the hub serves one.
+    pub fn target(dir: &Path, image: &Path, listen: Listen) -> Export {
+        Export::start(
+            dir,
+            image,
+            "target",
+            listen,
+            &[
+                "--cache=none",
+                "--aio=threads",
+                "--discard=unmap",
+                "--detect-zeroes=unmap",
+            ],
+        )
+    }
+
+    pub fn source(dir: &Path, image: &Path, listen: Listen, extra: &[&str]) -> Export {
+        let mut args = vec!["--read-only"];
+        args.extend_from_slice(extra);
+        Export::start(dir, image, "source", listen, &args)
+    }
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().expect(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn create(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let p = dir.join(name);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            p.to_str().unwrap(),
+            &size.to_string(),
+        ],
+    );
+    p
+}
+
+/// Runs qemu-io commands (`write -P 0x11 0 1M`, ...) on a qcow2 image.
+pub fn qemu_io(image: &Path, cmds: &[String]) {
+    let mut args = vec!["-f".to_string(), "qcow2".to_string()];
+    for c in cmds {
+        args.push("-c".into());
+        args.push(c.clone());
+    }
+    args.push(image.to_str().unwrap().into());
+    let out = run(
+        "qemu-io",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(!out.contains("failed"), "qemu-io: {out}");
+}
+
+/// `qemu-img compare` (images stopped being served first): true when identical.
+pub fn identical(a: &Path, b: &Path) -> bool {
+    let st = Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "qcow2", "-F", "qcow2"])
+        .arg(a)
+        .arg(b)
+        .status()
+        .expect("qemu-img compare");
+    match st.code() {
+        Some(0) => true,
+        Some(1) => false,
+        _ => panic!("qemu-img compare failed: {st}"),
+    }
+}

@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Benchmark of the copy engine against nbdcopy, qcow2 -> qcow2 through two qemu-nbd on loopback.
+#
+# Case 1: an 8 GiB virtual disk holding 2 GiB of data (32 x 64 MiB at spread offsets).
+# Case 2: a sparse 1 TiB disk holding 1 GiB of data (16 x 64 MiB, 64 GiB apart).
+# Each run: a fresh target image, fresh qemu-nbd processes (source read-only; target like the
+# hub's: --shared=8 --cache=none --aio=threads --discard=unmap --detect-zeroes=unmap), then the
+# copy, timed, then `qemu-img compare`. `sendense-node copy --destination-is-zero` and
+# `nbdcopy --destination-is-zero` alternate (and swap order every pair). Prints each time, MiB/s
+# of data, and the median of the per-pair ratios nbdcopy time / sendense time (> 1: sendense is
+# faster).
+#
+# Usage: bench/copy.sh [RUNS] [-- extra sendense-node copy options]
+#   RUNS: pairs per case (default 5).
+#   BENCH_DIR: where the images go (default: a new directory under /var/tmp); needs ~6 GiB.
+#   CARGO_TARGET_DIR: as for cargo (default: target).
+set -euo pipefail
+
+RUNS=${1:-5}
+shift || true
+[[ ${1:-} == "--" ]] && shift
+EXTRA=("$@")
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+echo "building release sendense-node..."
+(cd "$ROOT" && cargo build --release -q -p agent-node)
+NODE=$TARGET_DIR/release/sendense-node
+
+for tool in qemu-img qemu-io qemu-nbd nbdcopy python3; do
+    command -v "$tool" >/dev/null || { echo "missing $tool" >&2; exit 1; }
+done
+
+WORK=${BENCH_DIR:-$(mktemp -d /var/tmp/sendense-bench.XXXXXX)}
+mkdir -p "$WORK"
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    [[ -z ${BENCH_DIR:-} ]] && rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_port() {
+    for _ in $(seq 200); do
+        (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    echo "qemu-nbd did not listen on $1" >&2
+    exit 1
+}
+
+# make_source FILE SIZE COUNT STRIDE: COUNT x 64 MiB of patterned data, STRIDE apart.
+make_source() {
+    local file=$1 size=$2 count=$3 stride=$4 args=()
+    qemu-img create -q -f qcow2 "$file" "$size"
+    for i in $(seq 0 $((count - 1))); do
+        args+=(-c "write -P $((i % 250 + 1)) $((i * stride)) 64M")
+    done
+    qemu-io -f qcow2 "${args[@]}" "$file" >/dev/null
+}
+
+# one_run TOOL SOURCE DATA_BYTES: prints seconds.
+one_run() {
+    local tool=$1 src=$2 dst=$WORK/target.qcow2 sp tp spid tpid start end
+    rm -f "$dst"
+    qemu-img create -q -f qcow2 "$dst" "$(qemu-img info --output=json "$src" | python3 -c 'import json,sys; print(json.load(sys.stdin)["virtual-size"])')"
+    sp=$(free_port)
+    qemu-nbd --read-only --format=qcow2 --export-name=src --bind=127.0.0.1 --port="$sp" \
+        --persistent --shared=8 "$src" &
+    spid=$!
+    tp=$(free_port)
+    while [[ $tp == "$sp" ]]; do tp=$(free_port); done
+    qemu-nbd --format=qcow2 --export-name=dst --bind=127.0.0.1 --port="$tp" --persistent \
+        --shared=8 --cache=none --aio=threads --discard=unmap --detect-zeroes=unmap "$dst" &
+    tpid=$!
+    PIDS=("$spid" "$tpid")
+    wait_port "$sp"
+    wait_port "$tp"
+    start=$(date +%s.%N)
+    case $tool in
+        sendense) "$NODE" copy --from "nbd://127.0.0.1:$sp/src" --to "nbd://127.0.0.1:$tp/dst" \
+            --destination-is-zero "${EXTRA[@]}" >"$WORK/out.txt" ;;
+        nbdcopy) nbdcopy --destination-is-zero --flush "nbd://127.0.0.1:$sp/src" \
+            "nbd://127.0.0.1:$tp/dst" >"$WORK/out.txt" ;;
+    esac
+    end=$(date +%s.%N)
+    kill "$spid" "$tpid"
+    wait "$spid" "$tpid" 2>/dev/null || true
+    PIDS=()
+    if ! qemu-img compare -q -f qcow2 -F qcow2 "$src" "$dst"; then
+        echo "$tool: TARGET DIFFERS FROM SOURCE" >&2
+        exit 1
+    fi
+    python3 -c "print(f'{$end - $start:.3f}')"
+}
+
+# bench_case NAME SOURCE DATA_BYTES PAIRS
+bench_case() {
+    local name=$1 src=$2 data=$3 pairs=$4 ratios=() s n first second
+    echo
+    echo "== $name: $pairs pairs (data $((data >> 20)) MiB; extra options: ${EXTRA[*]:-none})"
+    for i in $(seq 1 "$pairs"); do
+        if (( i % 2 )); then first=sendense; second=nbdcopy; else first=nbdcopy; second=sendense; fi
+        declare -A t=()
+        for tool in $first $second; do
+            t[$tool]=$(one_run "$tool" "$src")
+        done
+        s=${t[sendense]}
+        n=${t[nbdcopy]}
+        ratios+=("$(python3 -c "print(f'{$n / $s:.3f}')")")
+        python3 -c "
+d=$data/1048576
+print(f'pair $i: sendense {$s:7.3f} s {d/$s:7.1f} MiB/s | nbdcopy {$n:7.3f} s {d/$n:7.1f} MiB/s | nbdcopy/sendense {$n/$s:.2f}')"
+    done
+    python3 -c "
+import statistics
+r=[$(IFS=,; echo "${ratios[*]}")]
+print(f'$name: median ratio nbdcopy/sendense = {statistics.median(r):.2f} (min {min(r):.2f}, max {max(r):.2f}; > 1 means sendense is faster)')"
+}
+
+echo "work dir: $WORK"
+echo "making the 8 GiB source with 2 GiB of data..."
+make_source "$WORK/src8g.qcow2" 8G 32 $((256 << 20))
+bench_case "8 GiB disk, 2 GiB data" "$WORK/src8g.qcow2" $((2 << 30)) "$RUNS"
+rm -f "$WORK/src8g.qcow2"
+
+echo
+echo "making the sparse 1 TiB source with 1 GiB of data..."
+make_source "$WORK/src1t.qcow2" 1T 16 $((64 << 30))
+PAIRS2=$RUNS
+bench_case "1 TiB sparse disk, 1 GiB data" "$WORK/src1t.qcow2" $((1 << 30)) "$PAIRS2"

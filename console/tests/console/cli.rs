@@ -1,0 +1,320 @@
+//! The scriptable side, run as the real binary against the fake hub: what a script sees on
+//! stdout, what an operator reads on stderr, and the exit status.
+
+use crate::fake_hub::{FLAKY_ERROR, FakeHub, TOKEN};
+use sendense_shared::api::{Backup, BackupType, JobStatus};
+use std::path::PathBuf;
+use std::process::Output;
+use tempfile::TempDir;
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// A token file in a fresh directory (also used as HOME so no real config is read).
+fn home(token: &str) -> (TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token");
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    (dir, path)
+}
+
+fn command(home: &TempDir, args: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sendense-console"));
+    cmd.args(args)
+        .env("HOME", home.path())
+        .env("XDG_CONFIG_HOME", home.path().join("config"))
+        .env("XDG_STATE_HOME", home.path().join("state"))
+        .env_remove("SENDENSE_TOKEN")
+        .env_remove("SENDENSE_TOKEN_FILE")
+        .env_remove("SENDENSE_HUB_URL")
+        .env_remove("SENDENSE_CONSOLE_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+fn done(out: Output) -> Run {
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+async fn run(hub: &str, token_file: &std::path::Path, home: &TempDir, args: &[&str]) -> Run {
+    let mut full = vec!["--hub", hub, "--token-file", token_file.to_str().unwrap()];
+    full.extend_from_slice(args);
+    let out = command(home, &full).output().await.unwrap();
+    let r = done(out);
+    eprintln!(
+        "$ sendense-console {}\n-> exit {}\nstdout:\n{}stderr:\n{}",
+        full.join(" "),
+        r.code,
+        r.stdout,
+        r.stderr
+    );
+    r
+}
+
+#[tokio::test]
+async fn backups_list_json_is_the_hubs_list() {
+    let hub = FakeHub::start(&["repo-a"]).await;
+    {
+        let mut st = hub.state.lock().unwrap();
+        st.backups.push(crate::fake_hub::backup(
+            "b-1",
+            "pgtest1",
+            "repo-a",
+            BackupType::Full,
+        ));
+        st.backups.push(crate::fake_hub::backup(
+            "b-2",
+            "flaky",
+            "repo-a",
+            BackupType::Incremental,
+        ));
+    }
+    let (home, token) = home(TOKEN);
+    let r = run(&hub.url, &token, &home, &["backups", "list", "--json"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let list: Vec<Backup> = serde_json::from_str(&r.stdout).expect("stdout is the JSON list");
+    let ids: Vec<&str> = list.iter().map(|b| b.backup_id.0.as_str()).collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids.contains(&"b-1") && ids.contains(&"b-2"));
+
+    let r = run(&hub.url, &token, &home, &["backups", "list"]).await;
+    assert_eq!(r.code, 0);
+    assert!(r.stdout.starts_with("ID "), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("b-2") && r.stdout.contains("incremental"),
+        "{}",
+        r.stdout
+    );
+}
+
+#[tokio::test]
+async fn start_wait_shows_progress_and_exits_zero_when_completed() {
+    let hub = FakeHub::start(&["repo-a"]).await;
+    let (home, token) = home(TOKEN);
+    let r = run(
+        &hub.url,
+        &token,
+        &home,
+        &["backup", "start", "pgtest1", "--type", "full", "--wait"],
+    )
+    .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let id = r.stdout.trim();
+    assert!(
+        id.starts_with("b-fake"),
+        "stdout is the backup id: {:?}",
+        r.stdout
+    );
+    assert!(
+        r.stderr.contains(&format!("{id} running 25%")),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains(&format!("backup {id} completed")),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains("2000 completed 100% · 2001 completed 100%"),
+        "{}",
+        r.stderr
+    );
+    let st = hub.state.lock().unwrap();
+    // The only repository was picked without --repository.
+    assert_eq!(st.start_requests.len(), 1);
+    assert_eq!(st.start_requests[0].repository_id, "repo-a");
+    assert_eq!(st.start_requests[0].backup_type, BackupType::Full);
+    assert_eq!(st.backups[0].status, JobStatus::Completed);
+}
+
+#[tokio::test]
+async fn start_wait_of_a_failing_job_exits_3_with_the_cause() {
+    let hub = FakeHub::start(&["repo-a", "offsite"]).await;
+    let (home, token) = home(TOKEN);
+    let r = run(
+        &hub.url,
+        &token,
+        &home,
+        &[
+            "backup",
+            "start",
+            "flaky",
+            "--type",
+            "incremental",
+            "--repository",
+            "offsite",
+            "--wait",
+        ],
+    )
+    .await;
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains(FLAKY_ERROR), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("disk 2001: qemu-nbd exited with status 1"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        hub.state.lock().unwrap().start_requests[0].repository_id,
+        "offsite"
+    );
+}
+
+#[tokio::test]
+async fn cancel_ends_a_waiting_start_with_exit_4() {
+    let hub = FakeHub::start(&["repo-a"]).await;
+    let (home, token) = home(TOKEN);
+    let mut args = vec!["--hub", &hub.url, "--token-file", token.to_str().unwrap()];
+    args.extend(["backup", "start", "slowvm", "--type", "full", "--wait"]);
+    let waiting = command(&home, &args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the job exists, then cancel it with the CLI as an operator would.
+    let id = loop {
+        if let Some(b) = hub.state.lock().unwrap().backups.first() {
+            break b.backup_id.0.clone();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let r = run(&hub.url, &token, &home, &["backup", "cancel", &id]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("cancelling"), "{}", r.stderr);
+    assert_eq!(r.stdout.trim(), id);
+
+    let r = done(waiting.wait_with_output().await.unwrap());
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("backup {id} was cancelled")),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(hub.state.lock().unwrap().cancel_requests, vec![id]);
+}
+
+#[tokio::test]
+async fn unknown_vm_is_named_with_the_hubs_detail() {
+    let hub = FakeHub::start(&["repo-a"]).await;
+    let (home, token) = home(TOKEN);
+    let r = run(
+        &hub.url,
+        &token,
+        &home,
+        &["backup", "start", "ghost", "--type", "full"],
+    )
+    .await;
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("404"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("no VM named \"ghost\" is registered"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stdout.is_empty());
+}
+
+#[tokio::test]
+async fn wrong_token_says_401_and_how_to_fix_it() {
+    let hub = FakeHub::start(&["repo-a"]).await;
+    let (home, token) = home("not-the-token");
+    let r = run(&hub.url, &token, &home, &["backups", "list"]).await;
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("401"), "{}", r.stderr);
+    assert!(r.stderr.contains("--token-file"), "{}", r.stderr);
+}
+
+#[tokio::test]
+async fn unreachable_hub_is_named_with_its_url() {
+    // A port that was free a moment ago: nothing listens there.
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let url = format!("http://{addr}");
+    let (home, token) = home(TOKEN);
+    let r = run(&url, &token, &home, &["backup", "cancel", "b-1"]).await;
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains(&format!("hub unreachable at {url}/")),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("Connection refused"), "{}", r.stderr);
+}
+
+#[tokio::test]
+async fn several_repositories_need_a_choice() {
+    let hub = FakeHub::start(&["repo-a", "offsite"]).await;
+    let (home, token) = home(TOKEN);
+    let r = run(
+        &hub.url,
+        &token,
+        &home,
+        &["backup", "start", "pgtest1", "--type", "full"],
+    )
+    .await;
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("repo-a, offsite"), "{}", r.stderr);
+    assert!(r.stderr.contains("--repository"), "{}", r.stderr);
+    assert!(
+        hub.state.lock().unwrap().start_requests.is_empty(),
+        "nothing was started"
+    );
+}
+
+#[tokio::test]
+async fn missing_token_file_and_bad_type_are_named() {
+    let (home, _) = home(TOKEN);
+    let r = run(
+        "http://127.0.0.1:9",
+        std::path::Path::new("/nonexistent/token"),
+        &home,
+        &["backups", "list"],
+    )
+    .await;
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("/nonexistent/token"), "{}", r.stderr);
+
+    let (home, token) = self::home(TOKEN);
+    let r = run(
+        "http://127.0.0.1:9",
+        &token,
+        &home,
+        &["backup", "start", "vm", "--type", "differential"],
+    )
+    .await;
+    assert_eq!(r.code, 2, "usage error");
+    assert!(r.stderr.contains("differential"), "{}", r.stderr);
+}
+
+#[tokio::test]
+async fn tui_without_a_terminal_explains_instead_of_panicking() {
+    let hub = FakeHub::start(&["repo-a"]).await;
+    let (home, token) = home(TOKEN);
+    let r = run(&hub.url, &token, &home, &[]).await;
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("needs a terminal"), "{}", r.stderr);
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+}
+
+#[tokio::test]
+async fn version_names_the_binary_and_its_commit() {
+    let (home, _) = home(TOKEN);
+    let r = done(command(&home, &["--version"]).output().await.unwrap());
+    assert_eq!(r.code, 0);
+    assert!(r.stdout.contains("sendense-console"), "{}", r.stdout);
+    assert!(r.stdout.contains("commit:"), "{}", r.stdout);
+}

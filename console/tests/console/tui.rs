@@ -1,0 +1,173 @@
+//! The TUI itself, driven through tmux like an operator at an 80×24 terminal: start a backup
+//! with keys, cancel it with the confirmation, then SIGTERM, which must leave the terminal
+//! restored (alternate screen left) and exit 0. Against the fake hub (see `main.rs`).
+
+use crate::fake_hub::{FakeHub, TOKEN};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A tmux server of our own (own socket), killed on drop.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn run(&self, args: &[&str]) -> String {
+        let out = Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("tmux must be installed (scripts/setup.sh installs it)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn screen(&self) -> String {
+        self.run(&["capture-pane", "-p", "-t", "ui"])
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        for k in keys {
+            self.run(&["send-keys", "-t", "ui", k]);
+        }
+    }
+
+    /// Wait until the screen shows `text`.
+    async fn wait_for(&self, text: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let screen = self.screen();
+            if screen.contains(text) {
+                return screen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "screen never showed {text:?}:\n{screen}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn pane(&self, format: &str) -> String {
+        self.run(&["display-message", "-p", "-t", "ui", format])
+            .trim()
+            .to_string()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn keys_start_and_cancel_a_backup_and_sigterm_restores_the_terminal() {
+    let hub = FakeHub::start(&["repo-a"]).await;
+    hub.state
+        .lock()
+        .unwrap()
+        .vms
+        .push(crate::fake_hub::vm("pgtest1"));
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let log = dir.path().join("console.log");
+    let tmux = Tmux {
+        socket: format!("sendense-console-test-{}", std::process::id()),
+    };
+    let cmd = format!(
+        "{} --hub {} --token-file {} --log-file {}",
+        env!("CARGO_BIN_EXE_sendense-console"),
+        hub.url,
+        token.display(),
+        log.display()
+    );
+    eprintln!("tmux -L {} new-session -x 80 -y 24 {cmd}", tmux.socket);
+    tmux.run(&[
+        "-f",
+        "/dev/null",
+        "new-session",
+        "-d",
+        "-s",
+        "ui",
+        "-x",
+        "80",
+        "-y",
+        "24",
+        "-e",
+        &format!("HOME={}", dir.path().display()),
+        &cmd,
+        ";",
+        "set-option",
+        "-t",
+        "ui",
+        "remain-on-exit",
+        "on",
+    ]);
+
+    tmux.wait_for("◉ live").await;
+    tmux.keys(&["2"]);
+    tmux.wait_for("pgtest1").await;
+    tmux.keys(&["s"]);
+    tmux.wait_for("Start backup").await;
+    tmux.keys(&["Enter"]);
+    tmux.wait_for("Start a full backup of VM pgtest1 into repository repo-a?")
+        .await;
+    tmux.keys(&["y"]);
+    tmux.wait_for("accepted by the hub").await;
+    {
+        let st = hub.state.lock().unwrap();
+        assert_eq!(st.start_requests.len(), 1);
+        assert_eq!(st.start_requests[0].vm_name, "pgtest1");
+        assert_eq!(st.start_requests[0].repository_id, "repo-a");
+    }
+
+    tmux.keys(&["1"]);
+    tmux.wait_for("b-fake0001").await;
+    tmux.keys(&["c"]);
+    tmux.wait_for("Cancel backup b-fake0001 of VM pgtest1 (pending)?")
+        .await;
+    tmux.keys(&["n"]);
+    tmux.wait_for("Cancel aborted").await;
+    assert!(
+        hub.state.lock().unwrap().cancel_requests.is_empty(),
+        "n sends nothing"
+    );
+    tmux.keys(&["c", "y"]);
+    tmux.wait_for("cancelling").await;
+    assert_eq!(
+        hub.state.lock().unwrap().cancel_requests,
+        vec!["b-fake0001".to_string()]
+    );
+
+    tmux.keys(&["?"]);
+    tmux.wait_for("cancel job (asks y/n)").await;
+    tmux.keys(&["Escape"]);
+
+    let pid = tmux.pane("#{pane_pid}");
+    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tmux.pane("#{pane_dead}") != "1" {
+        assert!(Instant::now() < deadline, "console did not exit on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        tmux.pane("#{pane_dead_status}"),
+        "0",
+        "SIGTERM is a clean exit"
+    );
+    let after = tmux.screen();
+    assert!(
+        !after.contains("1 Jobs │ 2 VMs"),
+        "the alternate screen was left on SIGTERM:\n{after}"
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("SIGTERM"),
+        "the log file has the exit reason:\n{logged}"
+    );
+}

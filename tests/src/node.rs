@@ -1,0 +1,210 @@
+//! A running `sendense-node` for a test: API on a kernel-chosen port of 127.0.0.1 (read back
+//! from its "node serving" log line), a run directory kept across restarts (so the start-up
+//! recovery of a restarted node finds its journal), the hub's token file, and its VMs' QMP
+//! sockets. Killed (SIGKILL) in `Drop`.
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How a test node is started.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// Where the config file, the run directory and the logs live.
+    pub dir: PathBuf,
+    pub name: String,
+    pub hub_url: Option<String>,
+    pub token_file: PathBuf,
+    /// `(vm_name, qmp_socket)`.
+    pub vms: Vec<(String, PathBuf)>,
+    /// `SENDENSE_COPY_THROTTLE_BPS`: each disk's copy reads at most this many bytes a second.
+    pub throttle_bps: Option<u64>,
+}
+
+/// A `sendense-node` child process.
+pub struct NodeProcess {
+    child: Option<Child>,
+    pub url: String,
+    pub token: String,
+    pub opts: NodeOptions,
+    pub run_dir: PathBuf,
+    pub stderr_path: PathBuf,
+    pub command_line: String,
+    http: reqwest::Client,
+}
+
+impl NodeProcess {
+    /// Starts the binary and waits until it serves.
+    pub fn start(binary: &Path, opts: NodeOptions) -> anyhow::Result<NodeProcess> {
+        std::fs::create_dir_all(&opts.dir)?;
+        let run_dir = opts.dir.join("run");
+        let config = opts.dir.join("node.toml");
+        std::fs::write(&config, format!("run_dir = \"{}\"\n", run_dir.display()))?;
+        let stderr_path = opts.dir.join(format!(
+            "node-stderr-{}.log",
+            chrono::Utc::now().format("%H%M%S%.f")
+        ));
+        let mut cmd = Command::new(binary);
+        cmd.arg("--config")
+            .arg(&config)
+            .args(["--listen", "127.0.0.1:0", "--name", &opts.name])
+            .arg("--token-file")
+            .arg(&opts.token_file);
+        if let Some(h) = &opts.hub_url {
+            cmd.args(["--hub-url", h]);
+        }
+        for (vm, sock) in &opts.vms {
+            cmd.arg("--qmp").arg(format!("{vm}={}", sock.display()));
+        }
+        cmd.env_remove("SENDENSE_NODE_CONFIG")
+            .env_remove("SENDENSE_NODE_QMP")
+            .env("RUST_LOG", "info,agent_node=debug")
+            .env("NO_COLOR", "1");
+        match opts.throttle_bps {
+            Some(b) => cmd.env(agent_throttle_env(), b.to_string()),
+            None => cmd.env_remove(agent_throttle_env()),
+        };
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path)?);
+        let command_line = crate::describe(&cmd);
+        eprintln!(
+            "+ {}{command_line}  (stderr: {})",
+            opts.throttle_bps
+                .map(|b| format!("{}={b} ", agent_throttle_env()))
+                .unwrap_or_default(),
+            stderr_path.display()
+        );
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {command_line}"))?;
+        let token = std::fs::read_to_string(&opts.token_file)
+            .context("reading the token file")?
+            .trim()
+            .to_string();
+        let mut node = NodeProcess {
+            child: Some(child),
+            url: String::new(),
+            token,
+            opts,
+            run_dir,
+            stderr_path,
+            command_line,
+            http: reqwest::Client::new(),
+        };
+        node.url = node.wait_for_serving(Duration::from_secs(30))?;
+        eprintln!("node pid {} at {}", node.pid(), node.url);
+        Ok(node)
+    }
+
+    fn wait_for_serving(&mut self, limit: Duration) -> anyhow::Result<String> {
+        let t = Instant::now();
+        loop {
+            let log = strip_ansi(&self.stderr());
+            if let Some(url) = log
+                .lines()
+                .filter(|l| l.contains("node serving"))
+                .find_map(|l| {
+                    l.split_whitespace()
+                        .find_map(|w| w.strip_prefix("api_url="))
+                })
+            {
+                return Ok(url.to_string());
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("sendense-node exited with {status} before serving:\n{log}");
+            }
+            if t.elapsed() > limit {
+                bail!("sendense-node did not serve within {limit:?}:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn stderr(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.stderr_path) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// The QMP commands the node sent, from `<run_dir>/qmp.log` (one JSON object a line).
+    pub fn qmp_log(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.run_dir.join("qmp.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// GET `/api/v1{path}` with the token: (status, JSON).
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}/api/v1{path}", self.url))
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .expect("request to the node");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            eprintln!("+ kill -KILL {} (sendense-node)", c.id());
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGKILL, then the same command again (same run directory: recovery runs).
+    pub fn restart(&mut self, binary: &Path) -> anyhow::Result<()> {
+        self.kill9();
+        let again = NodeProcess::start(binary, self.opts.clone())?;
+        *self = again;
+        Ok(())
+    }
+}
+
+/// The text without terminal colour sequences (`ESC [ ... m`), whatever the logger chose.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn agent_throttle_env() -> &'static str {
+    "SENDENSE_COPY_THROTTLE_BPS"
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,263 @@
+//! A real `qemu-system-x86_64` VM for end-to-end tests: qcow2 disks holding known data attached
+//! as virtio-blk devices `disk0`, `disk1`, ..., paused (`-S`, TCG, no guest OS), with two QMP
+//! sockets: one for the node under test, one for the test itself (guest writes, flushes, looking
+//! for what the node left behind). Killed by PID in `Drop`.
+//!
+//! The test's QMP client is deliberately its own small one (not the node's): the test must see
+//! QEMU as it is, not as the node's code believes it is.
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+/// A minimal QMP client: one command at a time, events skipped.
+pub struct Qmp {
+    inner: tokio::sync::Mutex<(BufReader<OwnedReadHalf>, OwnedWriteHalf)>,
+}
+
+impl Qmp {
+    /// Connects, reads the greeting and negotiates capabilities.
+    pub async fn connect(socket: &Path) -> anyhow::Result<Qmp> {
+        let stream = UnixStream::connect(socket)
+            .await
+            .with_context(|| format!("connecting to QMP {}", socket.display()))?;
+        let (r, w) = stream.into_split();
+        let qmp = Qmp {
+            inner: tokio::sync::Mutex::new((BufReader::new(r), w)),
+        };
+        {
+            let mut g = qmp.inner.lock().await;
+            let mut line = String::new();
+            g.0.read_line(&mut line).await?;
+            anyhow::ensure!(line.contains("QMP"), "not a QMP greeting: {line}");
+        }
+        qmp.execute("qmp_capabilities", json!({})).await?;
+        Ok(qmp)
+    }
+
+    /// Runs one command; answers its `return` value or fails with QEMU's error.
+    pub async fn execute(&self, command: &str, arguments: Value) -> anyhow::Result<Value> {
+        let mut g = self.inner.lock().await;
+        let msg = json!({"execute": command, "arguments": arguments});
+        g.1.write_all(format!("{msg}\n").as_bytes()).await?;
+        loop {
+            let mut line = String::new();
+            let n = tokio::time::timeout(Duration::from_secs(30), g.0.read_line(&mut line))
+                .await
+                .with_context(|| format!("QMP {command}: no answer in 30 s"))??;
+            if n == 0 {
+                bail!("QMP {command}: connection closed");
+            }
+            let v: Value = serde_json::from_str(&line)
+                .with_context(|| format!("QMP {command}: not JSON: {line}"))?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                bail!("QMP {command}: {e}");
+            }
+            // An event: not ours.
+        }
+    }
+
+    /// `human-monitor-command`, answering HMP's text.
+    pub async fn hmp(&self, line: &str) -> anyhow::Result<String> {
+        let r = self
+            .execute("human-monitor-command", json!({"command-line": line}))
+            .await?;
+        Ok(r.as_str().unwrap_or_default().to_string())
+    }
+}
+
+/// A running QEMU VM.
+pub struct TestVm {
+    pub name: String,
+    pub dir: PathBuf,
+    pub images: Vec<PathBuf>,
+    /// The socket the node is given (`--qmp NAME=SOCKET`).
+    pub node_qmp: PathBuf,
+    pub test_qmp: PathBuf,
+    child: Option<Child>,
+    qmp: Option<Qmp>,
+    pub command_line: String,
+}
+
+impl TestVm {
+    /// Creates one qcow2 per size in `dir`, lets `prepare` write data into them (no process
+    /// holds them yet), starts QEMU paused and connects the test's QMP client.
+    pub async fn start(
+        name: &str,
+        dir: &Path,
+        sizes: &[u64],
+        prepare: impl FnOnce(&[PathBuf]),
+    ) -> anyhow::Result<TestVm> {
+        std::fs::create_dir_all(dir)?;
+        let mut images = Vec::new();
+        for (i, size) in sizes.iter().enumerate() {
+            let img = dir.join(format!("{name}-disk{i}.qcow2"));
+            crate::disks::create_qcow2(&img, *size);
+            images.push(img);
+        }
+        prepare(&images);
+        let node_qmp = dir.join(format!("{name}-node.qmp"));
+        let test_qmp = dir.join(format!("{name}-test.qmp"));
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-machine",
+            "q35,accel=tcg",
+            "-S",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-m",
+            "64",
+            "-name",
+            name,
+        ]);
+        for (i, img) in images.iter().enumerate() {
+            cmd.arg("-blockdev").arg(format!(
+                "driver=file,filename={},node-name=file{i}",
+                img.display()
+            ));
+            cmd.arg("-blockdev")
+                .arg(format!("driver=qcow2,file=file{i},node-name=fmt{i}"));
+            cmd.arg("-device")
+                .arg(format!("virtio-blk-pci,id=disk{i},drive=fmt{i}"));
+        }
+        cmd.arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", node_qmp.display()));
+        cmd.arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", test_qmp.display()));
+        let log = std::fs::File::create(dir.join(format!("{name}-qemu.log")))?;
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let command_line = crate::describe(&cmd);
+        eprintln!("+ {command_line}");
+        let child = cmd.spawn().context("spawning qemu-system-x86_64")?;
+        let mut vm = TestVm {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            images,
+            node_qmp,
+            test_qmp,
+            child: Some(child),
+            qmp: None,
+            command_line,
+        };
+        let t = Instant::now();
+        loop {
+            if let Some(Ok(Some(status))) = vm.child.as_mut().map(|c| c.try_wait()) {
+                bail!("qemu exited early: {status}");
+            }
+            if vm.node_qmp.exists()
+                && vm.test_qmp.exists()
+                && let Ok(q) = Qmp::connect(&vm.test_qmp).await
+            {
+                vm.qmp = Some(q);
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                bail!("QEMU's QMP sockets did not appear within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        eprintln!("qemu pid {} for VM {name}", vm.pid());
+        Ok(vm)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn qmp(&self) -> &Qmp {
+        self.qmp.as_ref().expect("test QMP client")
+    }
+
+    /// A guest write into disk `disk` while the VM runs: HMP's `qemu-io` on the device's
+    /// block backend (the path QEMU needs for a device's backend).
+    pub async fn guest_write(&self, disk: usize, pattern: u8, offset: u64, len: u64) {
+        let line = format!(
+            "qemu-io -d /machine/peripheral/disk{disk}/virtio-backend \"write -P {pattern:#04x} {offset} {len}\""
+        );
+        let out = self.qmp().hmp(&line).await.expect("guest write");
+        assert!(
+            !out.contains("rror") && !out.contains("failed"),
+            "guest write failed: {out}"
+        );
+    }
+
+    /// Disk `disk` as it reads now, into a raw file: QEMU flushes its caches of the disk, then
+    /// the image is read with `-U` (QEMU holds its lock).
+    pub async fn copy_disk_now(&self, disk: usize, dest: &Path) {
+        let line = format!("qemu-io -d /machine/peripheral/disk{disk}/virtio-backend flush");
+        self.qmp().hmp(&line).await.expect("flush through HMP");
+        crate::run(
+            Command::new("qemu-img")
+                .args(["convert", "-U", "-f", "qcow2", "-O", "raw"])
+                .arg(&self.images[disk])
+                .arg(dest),
+        );
+    }
+
+    /// What the node created in QEMU and did not remove: block nodes other than the VM's own
+    /// (`fileN`, `fmtN`, QEMU's `#` ones), block exports, block jobs.
+    pub async fn leftovers(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let nodes = self
+            .qmp()
+            .execute("query-named-block-nodes", json!({"flat": true}))
+            .await
+            .expect("query-named-block-nodes");
+        for n in nodes.as_array().into_iter().flatten() {
+            let name = n["node-name"].as_str().unwrap_or_default();
+            if !name.starts_with('#') && !name.starts_with("fmt") && !name.starts_with("file") {
+                out.push(format!("block node {name}"));
+            }
+        }
+        let exports = self
+            .qmp()
+            .execute("query-block-exports", json!({}))
+            .await
+            .expect("query-block-exports");
+        for e in exports.as_array().into_iter().flatten() {
+            out.push(format!("export {}", e["id"]));
+        }
+        let jobs = self
+            .qmp()
+            .execute("query-block-jobs", json!({}))
+            .await
+            .expect("query-block-jobs");
+        for j in jobs.as_array().into_iter().flatten() {
+            out.push(format!("block job {}", j["device"]));
+        }
+        out
+    }
+
+    /// Resizes disk `disk` (QMP `block_resize` of its format node), as an operator growing a disk.
+    pub async fn resize(&self, disk: usize, size: u64) {
+        self.qmp()
+            .execute(
+                "block_resize",
+                json!({"node-name": format!("fmt{disk}"), "size": size}),
+            )
+            .await
+            .expect("block_resize");
+    }
+}
+
+impl Drop for TestVm {
+    fn drop(&mut self) {
+        self.qmp = None;
+        if let Some(mut c) = self.child.take() {
+            eprintln!("+ kill -KILL {} (qemu)", c.id());
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

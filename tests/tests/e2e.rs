@@ -1,0 +1,21 @@
+//! End-to-end tests: the real `sendense-hub` and `sendense-node` binaries, a real
+//! `qemu-system-x86_64` VM with two qcow2 disks, the hub's real qemu-nbd exports.
+//!
+//! The binaries are taken from `target/<profile>/` (see [`sendense_tests::bin_path`]); build them
+//! first: `cargo build -p agent-hub -p agent-node --bins && cargo test -p sendense-tests --test e2e`
+//! (`cargo test --workspace` and `scripts/test.sh` build them anyway).
+//!
+//! - [`e2e::sys`]: one hub + one node + one VM, the data written into the VM's disks, the checks every
+//!   test repeats (nothing held afterwards, the copy equal to the snapshot).
+//! - [`e2e::backup`]: full and incremental backups with guest writes in flight, inventory.
+//! - [`e2e::faults`]: a process killed by PID mid-copy, a repository filling up, a tampered target.
+//! - [`e2e::cancel`]: cancel in each phase of a job.
+//! - [`e2e::concurrency`]: several VMs at once and the port ceiling.
+
+mod e2e {
+    pub mod backup;
+    pub mod cancel;
+    pub mod concurrency;
+    pub mod faults;
+    pub mod sys;
+}

@@ -1,0 +1,319 @@
+//! The critical path: a 2-disk VM backed up through the hub's API from one snapshot instant,
+//! with guest writes in flight, then an incremental; and the node's inventory at the hub.
+
+use super::sys::{DATA_BYTES, DISK_SIZE, MIB, SLOW_BPS, Sys, SysOptions, disk, image_paths};
+use sendense_tests::disks;
+use serde_json::{Value, json};
+use std::path::Path;
+
+/// Steps every successful job logs, in this order.
+const FULL_STEPS: &[&str] = &[
+    "created",
+    "space_checked",
+    "port_allocated",
+    "image_created",
+    "qemu_nbd_started",
+    "running",
+    "node_start",
+    "node_accepted",
+    "finalizing",
+    "checksums_verified",
+    "qemu_nbd_stopped",
+    "image_checked",
+    "ports_released",
+    "completed",
+];
+
+fn assert_steps_in_order(events: &[String], steps: &[&str]) {
+    let mut at = 0;
+    for s in steps {
+        match events[at..]
+            .iter()
+            .position(|e| e.starts_with(&format!("{s}:")))
+        {
+            Some(i) => at += i + 1,
+            None => panic!("event {s} missing (or out of order) in {events:#?}"),
+        }
+    }
+}
+
+/// The snapshot transactions of the node's QMP log: those holding `blockdev-backup` actions,
+/// each as the list of devices it covered.
+fn snapshot_transactions(log: &[Value]) -> Vec<Vec<String>> {
+    log.iter()
+        .filter(|e| e["execute"] == "transaction")
+        .map(|e| {
+            e["arguments"]["actions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|a| a["type"] == "blockdev-backup")
+                .map(|a| a["data"]["device"].as_str().unwrap_or_default().to_string())
+                .collect::<Vec<_>>()
+        })
+        .filter(|d| !d.is_empty())
+        .collect()
+}
+
+fn equal(expected: &Path, image: &Path) -> bool {
+    disks::images_equal(expected, image)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_then_incremental_of_a_two_disk_vm_from_one_instant() {
+    let sys = Sys::start(
+        "e2evm",
+        SysOptions {
+            throttle_bps: Some(SLOW_BPS),
+            ..Default::default()
+        },
+    )
+    .await;
+
+    // The VM as the node reported it: disk keys, distinct unit numbers, sizes.
+    let vm = sys.api.get_ok("/api/v1/vms/e2evm").await;
+    let keys: Vec<i64> = vm["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["disk_key"].as_i64().unwrap())
+        .collect();
+    assert_eq!(keys, [2000, 2001], "{vm}");
+    let units: Vec<i64> = vm["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["unit_number"].as_i64().unwrap())
+        .collect();
+    assert_eq!(units, [0, 1], "{vm}");
+
+    // The VM is paused and nobody writes: its disks now are the snapshot's expected content.
+    let at_full = sys.disks_now("at-full").await;
+
+    // 1. Full backup; guest writes while the node copies must not reach the backup.
+    let (id, b) = sys.backup("full").await;
+    assert_eq!(b["status"], "running", "{b}");
+    assert_eq!(b["backup_type"], "full", "{b}");
+    let targets = b["nbd_targets_string"].as_str().unwrap();
+    for d in b["disk_results"].as_array().unwrap() {
+        assert!(
+            targets.contains(&format!(
+                "{}:nbd://127.0.0.1:{}/{}",
+                d["disk_key"],
+                d["nbd_port"],
+                d["nbd_export_name"].as_str().unwrap()
+            )),
+            "{targets} vs {d}"
+        );
+    }
+    sys.wait_node_copying(&id).await;
+    for i in 0..2 {
+        sys.vm.guest_write(i, 0x99, 0, 4 * MIB).await;
+        sys.vm.guest_write(i, 0x98, 60 * MIB, 4 * MIB).await;
+    }
+    let full = sys.wait_completed(&id).await;
+    sys.assert_clean(&full).await;
+    for d in full["disk_results"].as_array().unwrap() {
+        assert_eq!(d["status"], "completed", "{d}");
+        assert_eq!(d["bytes_done"], json!(DISK_SIZE), "{d}");
+    }
+    let full_images = image_paths(&full);
+    for (i, img) in full_images.iter().enumerate() {
+        assert!(
+            equal(&at_full[i], img),
+            "full backup of disk {i} ({}) differs from the disk at the snapshot instant",
+            img.display()
+        );
+    }
+    // The guest writes did land in the VM (so their absence above means something).
+    let after_writes = sys.disks_now("after-writes").await;
+    for i in 0..2 {
+        assert!(
+            !equal(&at_full[i], &after_writes[i]),
+            "guest write to disk {i} missing"
+        );
+    }
+    // One QMP transaction took the snapshot of both disks; no disk was snapshotted alone.
+    let log = sys.node.qmp_log();
+    assert_eq!(
+        snapshot_transactions(&log),
+        vec![vec!["fmt0".to_string(), "fmt1".to_string()]],
+        "QMP log: {log:#?}"
+    );
+    assert!(
+        !log.iter().any(|e| e["execute"] == "blockdev-backup"),
+        "a blockdev-backup outside a transaction: {log:#?}"
+    );
+    let events = sys.events(&id).await;
+    assert_steps_in_order(&events, FULL_STEPS);
+    for key in [2000, 2001] {
+        assert!(
+            events
+                .iter()
+                .any(|e| e.starts_with("checksums_verified:") && e.contains(&format!("disk {key}"))),
+            "disk {key} not verified: {events:#?}"
+        );
+    }
+
+    // 2. Guest writes between the backups are what the incremental must carry.
+    sys.vm.guest_write(0, 0x77, 20 * MIB, 8 * MIB).await;
+    sys.vm.guest_write(1, 0x78, 70 * MIB, 2 * MIB).await;
+    // Changed since the full's snapshot: the writes made during its copy, and these.
+    let changed = [16 * MIB, 10 * MIB];
+    let at_incr = sys.disks_now("at-incr").await;
+
+    let (id2, b2) = sys.backup("incremental").await;
+    assert_eq!(b2["backup_type"], "incremental", "{b2}");
+    sys.wait_node_copying(&id2).await;
+    for i in 0..2 {
+        sys.vm.guest_write(i, 0xab, 8 * MIB, MIB).await;
+    }
+    let incr = sys.wait_completed(&id2).await;
+    sys.assert_clean(&incr).await;
+    let node_view = sys.node.get(&format!("/backup/{id2}")).await.1;
+    for (i, key) in [2000i64, 2001].iter().enumerate() {
+        let nd = node_view["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["disk_key"] == *key)
+            .unwrap();
+        let written = nd["bytes_written"].as_u64().unwrap();
+        assert!(
+            written >= changed[i] && written <= changed[i] + MIB,
+            "disk {key}: incremental wrote {written} bytes, {} changed: {nd}",
+            changed[i]
+        );
+        assert!(written < DATA_BYTES, "incremental copied like a full: {nd}");
+    }
+    let incr_images = image_paths(&incr);
+    for (i, img) in incr_images.iter().enumerate() {
+        let info = disks::info(img);
+        assert_eq!(
+            info["backing-filename"]
+                .as_str()
+                .map(|s| !s.starts_with('/')),
+            Some(true),
+            "incremental image of disk {i} has no relative backing file: {info}"
+        );
+        assert!(
+            equal(&at_incr[i], img),
+            "chain top of disk {i} ({}) differs from the disk at the second snapshot",
+            img.display()
+        );
+        // The full is untouched by the incremental on top of it.
+        assert!(
+            equal(&at_full[i], &full_images[i]),
+            "full of disk {i} changed"
+        );
+    }
+    assert_eq!(disk(&incr, 2000)["status"], "completed");
+    let log = sys.node.qmp_log();
+    assert_eq!(snapshot_transactions(&log).len(), 2, "{log:#?}");
+}
+
+/// Re-discovery: a disk grown in QEMU shows its new size at the hub after
+/// `POST /api/v1/nodes/{name}/discover`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inventory_follows_a_resized_disk() {
+    let sys = Sys::start("e2einv", SysOptions::default()).await;
+    let nodes = sys.api.get_ok("/api/v1/nodes").await;
+    let me = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == json!(sys.node.opts.name))
+        .unwrap_or_else(|| panic!("node not registered: {nodes}"));
+    assert_eq!(me["api_url"], json!(sys.node.url), "{me}");
+    assert!(
+        !me["version"].as_str().unwrap_or_default().is_empty(),
+        "{me}"
+    );
+
+    sys.vm.resize(1, DISK_SIZE + 64 * MIB).await;
+    let (s, v) = sys
+        .api
+        .post(
+            &format!("/api/v1/nodes/{}/discover", sys.node.opts.name),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let vm = sys.api.get_ok("/api/v1/vms/e2einv").await;
+    let sizes: Vec<u64> = vm["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["size_bytes"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes, [DISK_SIZE, DISK_SIZE + 64 * MIB], "{vm}");
+    // A backup after the change covers the new size.
+    let b = sys.backup_completes("full").await;
+    assert_eq!(
+        disk(&b, 2001)["bytes_total"],
+        json!(DISK_SIZE + 64 * MIB),
+        "{b}"
+    );
+}
+
+/// A lost change-tracking bitmap: the node refuses the incremental (409 "bitmap missing") and
+/// the hub turns the same job into a full backup, recorded as such, with images without a
+/// backing file; the next incremental then builds on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_without_bitmap_falls_back_to_full() {
+    let sys = Sys::start("e2efallback", SysOptions::default()).await;
+    sys.backup_completes("full").await;
+    sys.vm.guest_write(0, 0x55, 30 * MIB, 2 * MIB).await;
+    // The bitmaps vanish (as with a QEMU restart on non-persistent ones).
+    let nodes = sys
+        .vm
+        .qmp()
+        .execute("query-named-block-nodes", json!({"flat": true}))
+        .await
+        .unwrap();
+    let mut removed = 0;
+    for n in nodes.as_array().unwrap() {
+        let node = n["node-name"].as_str().unwrap_or_default();
+        for b in n["dirty-bitmaps"].as_array().into_iter().flatten() {
+            let name = b["name"].as_str().unwrap_or_default();
+            if node.starts_with("fmt") && name.starts_with("sendense-") {
+                sys.vm
+                    .qmp()
+                    .execute(
+                        "block-dirty-bitmap-remove",
+                        json!({"node": node, "name": name}),
+                    )
+                    .await
+                    .unwrap();
+                removed += 1;
+            }
+        }
+    }
+    assert_eq!(removed, 2, "{nodes:#}");
+    let now = sys.disks_now("now").await;
+
+    let (id, b) = sys.backup("incremental").await;
+    assert_eq!(b["backup_type"], "incremental", "{b}");
+    let end = sys.wait_completed(&id).await;
+    assert_eq!(end["backup_type"], "full", "{end:#}");
+    sys.assert_event(&id, "node_start_failed", &["409", "bitmap missing"])
+        .await;
+    sys.assert_event(&id, "incremental_fallback", &["full"])
+        .await;
+    sys.assert_clean(&end).await;
+    for (i, img) in image_paths(&end).iter().enumerate() {
+        let info = disks::info(img);
+        assert!(info.get("backing-filename").is_none(), "{info}");
+        assert!(equal(&now[i], img), "fallback full of disk {i} differs");
+    }
+    // The chain goes on from the fallback full.
+    sys.vm.guest_write(1, 0x56, 10 * MIB, MIB).await;
+    let now = sys.disks_now("next").await;
+    let (id, _) = sys.backup("incremental").await;
+    let next = sys.wait_completed(&id).await;
+    assert_eq!(next["backup_type"], "incremental", "{next:#}");
+    sys.assert_clean(&next).await;
+    for (i, img) in image_paths(&next).iter().enumerate() {
+        assert!(equal(&now[i], img), "incremental of disk {i} differs");
+    }
+}

@@ -1,0 +1,335 @@
+//! One system under test: a hub, a node registered with it, and a QEMU VM with two disks
+//! holding known data that the node snapshots. Plus the checks every test repeats.
+
+use sendense_tests::hub::{Api, HubOptions, HubProcess};
+use sendense_tests::node::{NodeOptions, NodeProcess};
+use sendense_tests::qemu::TestVm;
+use sendense_tests::{bin_path, disks};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub const MIB: u64 = 1 << 20;
+/// Virtual size of each disk.
+pub const DISK_SIZE: u64 = 128 * MIB;
+/// What is written into disk `i` before the VM starts: `(offset, length, pattern + i)`.
+pub const DATA: &[(u64, u64, u8)] = &[
+    (0, 16 * MIB, 0x10),
+    (40 * MIB, 16 * MIB, 0x20),
+    (100 * MIB, 4 * MIB, 0x30),
+];
+/// Bytes of data per disk.
+pub const DATA_BYTES: u64 = 36 * MIB;
+/// Bound on every job in these tests (the slowest, throttled, takes a few seconds).
+pub const JOB_LIMIT: Duration = Duration::from_secs(120);
+/// Copy rate of the throttled tests: the data of a disk takes about 3 s, long enough to act
+/// on a copy mid-way without timed sleeps.
+pub const SLOW_BPS: u64 = 12 * MIB;
+
+pub fn hub_bin() -> PathBuf {
+    let p = bin_path("sendense-hub");
+    assert!(
+        p.exists(),
+        "{} missing: cargo build -p agent-hub -p agent-node --bins",
+        p.display()
+    );
+    p
+}
+
+pub fn node_bin() -> PathBuf {
+    let p = bin_path("sendense-node");
+    assert!(
+        p.exists(),
+        "{} missing: cargo build -p agent-hub -p agent-node --bins",
+        p.display()
+    );
+    p
+}
+
+/// Adjusts the hub's options; gets the test's temporary directory (for config files, wrappers).
+pub type HubTweak = Box<dyn FnOnce(&mut HubOptions, &Path)>;
+
+/// How a system is started.
+#[derive(Default)]
+pub struct SysOptions {
+    pub throttle_bps: Option<u64>,
+    /// Number of NBD ports of the hub (default 8).
+    pub ports: Option<u16>,
+    /// Change the hub's options (PATH, config file, listen address).
+    pub hub: Option<HubTweak>,
+}
+
+pub struct Sys {
+    pub hub: HubProcess,
+    pub api: Api,
+    pub node: NodeProcess,
+    pub vm: TestVm,
+    pub vm_name: String,
+    pub repository: String,
+    /// Last: removed after every process above is gone.
+    pub tmp: tempfile::TempDir,
+}
+
+impl Sys {
+    pub async fn start(vm_name: &str, opts: SysOptions) -> Sys {
+        let tmp = tempfile::Builder::new()
+            .prefix("sde2e-")
+            .tempdir()
+            .expect("temp dir");
+        let mut hopts = HubOptions::new(tmp.path().join("hub"));
+        if let Some(n) = opts.ports {
+            hopts.nbd_ports = Some(sendense_tests::net::free_port_range(n));
+        }
+        if let Some(f) = opts.hub {
+            f(&mut hopts, tmp.path());
+        }
+        let hub = HubProcess::start(&hub_bin(), hopts).expect("start sendense-hub");
+        let api = hub.api();
+        let vm = TestVm::start(
+            vm_name,
+            &tmp.path().join("vm"),
+            &[DISK_SIZE, DISK_SIZE],
+            |imgs| {
+                for (i, img) in imgs.iter().enumerate() {
+                    for (off, len, pat) in DATA {
+                        disks::write_pattern(img, *off, *len, pat + i as u8);
+                    }
+                }
+            },
+        )
+        .await
+        .expect("start QEMU");
+        let node = NodeProcess::start(
+            &node_bin(),
+            NodeOptions {
+                dir: tmp.path().join("node"),
+                name: format!("node-{vm_name}"),
+                hub_url: Some(hub.url.clone()),
+                token_file: hub.opts.data_dir.join("token"),
+                vms: vec![(vm_name.to_string(), vm.node_qmp.clone())],
+                throttle_bps: opts.throttle_bps,
+            },
+        )
+        .expect("start sendense-node");
+        let sys = Sys {
+            hub,
+            api,
+            node,
+            vm,
+            vm_name: vm_name.to_string(),
+            repository: "default".into(),
+            tmp,
+        };
+        sys.wait_vm_imported(DISK_SIZE).await;
+        sys
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// Waits until the hub lists the VM as the node's, with both disks of `size` bytes.
+    pub async fn wait_vm_imported(&self, size: u64) -> Value {
+        let t = Instant::now();
+        loop {
+            let (s, v) = self.api.get(&format!("/api/v1/vms/{}", self.vm_name)).await;
+            if s == 200
+                && v["node"] == json!(self.node.opts.name)
+                && v["disks"].as_array().map(|d| d.len()) == Some(2)
+                && v["disks"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|d| d["size_bytes"] == size)
+            {
+                return v;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "VM {} not imported from the node within 30 s: {s} {v}\nnode log:\n{}",
+                self.vm_name,
+                self.node.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn start_backup(&self, kind: &str) -> (u16, Value) {
+        self.api
+            .post(
+                "/api/v1/backups",
+                &json!({"vm_name": self.vm_name, "repository_id": self.repository, "backup_type": kind}),
+            )
+            .await
+    }
+
+    /// Starts a backup that must be accepted; answers its id.
+    pub async fn backup(&self, kind: &str) -> (String, Value) {
+        let (s, b) = self.start_backup(kind).await;
+        assert_eq!(s, 202, "POST /api/v1/backups ({kind}): {b}");
+        (b["backup_id"].as_str().expect("backup_id").to_string(), b)
+    }
+
+    /// Waits until the node copies: its job is `running` (the snapshot is taken) and some
+    /// bytes were read on every disk.
+    pub async fn wait_node_copying(&self, id: &str) -> Value {
+        let t = Instant::now();
+        loop {
+            let (s, v) = self.node.get(&format!("/backup/{id}")).await;
+            if s == 200
+                && v["status"] == "running"
+                && v["disks"]
+                    .as_array()
+                    .is_some_and(|d| d.iter().all(|d| d["bytes_read"].as_u64() > Some(0)))
+            {
+                return v;
+            }
+            let hub = self.api.get_ok(&format!("/api/v1/backups/{id}")).await;
+            assert!(
+                t.elapsed() < Duration::from_secs(60) && !terminal(&hub),
+                "node never copied backup {id}: node {s} {v}\nhub {hub:#}\nevents {:#?}",
+                self.api.event_lines(id).await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits for a terminal status.
+    pub async fn wait_end(&self, id: &str) -> Value {
+        self.api
+            .wait_status(id, &["completed", "failed", "cancelled"], JOB_LIMIT)
+            .await
+    }
+
+    /// Waits for `completed`, with the events in the message when it ends otherwise.
+    pub async fn wait_completed(&self, id: &str) -> Value {
+        let b = self.wait_end(id).await;
+        assert_eq!(
+            b["status"],
+            "completed",
+            "backup {id}: {b:#}\nevents: {:#?}",
+            self.api.event_lines(id).await
+        );
+        b
+    }
+
+    /// Every disk of the VM as it reads now, into `<tmp>/<tag>-diskN.raw`.
+    pub async fn disks_now(&self, tag: &str) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for i in 0..self.vm.images.len() {
+            let p = self.path(&format!("{tag}-disk{i}.raw"));
+            self.vm.copy_disk_now(i, &p).await;
+            out.push(p);
+        }
+        out
+    }
+
+    /// Asserts what an operator checks after a job, whatever its end: no qemu-nbd of it alive,
+    /// its ports free (bindable), nothing recorded held, nothing of the snapshot left in QEMU or
+    /// in the node's run directory (the node may still be releasing: bounded wait), and when
+    /// the job did not complete, no image of it on disk.
+    pub async fn assert_clean(&self, backup: &Value) {
+        let id = backup["backup_id"].as_str().unwrap();
+        for d in backup["disk_results"].as_array().into_iter().flatten() {
+            if let Some(pid) = d["qemu_nbd_pid"].as_u64() {
+                assert!(
+                    !sendense_tests::pid_alive(pid as u32),
+                    "qemu-nbd pid {pid} of disk {} still alive",
+                    d["disk_key"]
+                );
+            }
+            if let Some(port) = d["nbd_port"].as_u64() {
+                assert!(
+                    std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok(),
+                    "port {port} of disk {} still bound",
+                    d["disk_key"]
+                );
+            }
+            if backup["status"] != "completed" {
+                let p = Path::new(d["qcow2_path"].as_str().unwrap());
+                assert!(!p.exists(), "partial image {} left behind", p.display());
+            }
+        }
+        let ports = self.api.get_ok("/api/v1/ports").await;
+        assert_eq!(ports["allocations"], json!([]), "ports still held: {ports}");
+        let procs = self.api.get_ok("/api/v1/processes").await;
+        for p in procs.as_array().unwrap() {
+            assert_eq!(p["alive"], json!(false), "process still alive: {p}");
+        }
+        let t = Instant::now();
+        loop {
+            let left = self.vm.leftovers().await;
+            let files: Vec<String> = std::fs::read_dir(&self.node.run_dir)
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|n| {
+                            n.starts_with("sdfl-")
+                                || n.starts_with("journal-")
+                                || n.starts_with("nbd-")
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if left.is_empty() && files.is_empty() {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "backup {id}: snapshot not released within 30 s: QEMU has {left:?}, run dir has \
+                 {files:?}\nnode log:\n{}",
+                self.node.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The event log as `step: message` lines.
+    pub async fn events(&self, id: &str) -> Vec<String> {
+        self.api.event_lines(id).await
+    }
+
+    /// Asserts an event whose step is `step` and whose line contains every one of `words`.
+    pub async fn assert_event(&self, id: &str, step: &str, words: &[&str]) {
+        let ev = self.events(id).await;
+        assert!(
+            ev.iter().any(|e| e.starts_with(&format!("{step}:"))
+                && words
+                    .iter()
+                    .all(|w| e.to_lowercase().contains(&w.to_lowercase()))),
+            "backup {id}: no event {step} mentioning {words:?}:\n{ev:#?}"
+        );
+    }
+
+    /// A backup of the VM that must complete (the system recovered from whatever happened).
+    pub async fn backup_completes(&self, kind: &str) -> Value {
+        let (id, _) = self.backup(kind).await;
+        let b = self.wait_completed(&id).await;
+        self.assert_clean(&b).await;
+        b
+    }
+}
+
+pub fn terminal(b: &Value) -> bool {
+    ["completed", "failed", "cancelled"]
+        .iter()
+        .any(|s| b["status"] == *s)
+}
+
+pub fn image_paths(b: &Value) -> Vec<PathBuf> {
+    b["disk_results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| PathBuf::from(d["qcow2_path"].as_str().unwrap()))
+        .collect()
+}
+
+pub fn disk(b: &Value, key: i64) -> &Value {
+    b["disk_results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["disk_key"] == key)
+        .unwrap_or_else(|| panic!("disk {key} in {b}"))
+}
