@@ -210,6 +210,58 @@ async fn full_then_incremental_of_a_two_disk_vm_from_one_instant() {
     assert_eq!(disk(&incr, 2000)["status"], "completed");
     let log = sys.node.qmp_log();
     assert_eq!(snapshot_transactions(&log).len(), 2, "{log:#?}");
+
+    // 3. A restore of each point (each disk) equals that point.
+    for (point, id, expected) in [("full", &id, &at_full), ("incr", &id2, &at_incr)] {
+        for (i, key) in [2000i64, 2001].iter().enumerate() {
+            let (r, path) = sys
+                .restore(id, *key, &format!("restore-{point}-{key}.qcow2"))
+                .await;
+            assert_eq!(
+                r["status"], "completed",
+                "restore of {point} disk {key}: {r:#}"
+            );
+            assert!(
+                equal(&expected[i], &path),
+                "restore of {point} disk {key} differs from the disk at that snapshot"
+            );
+            assert_eq!(r["nbd_port"], Value::Null, "{r}");
+        }
+    }
+    let events = sys.events(&id2).await;
+    assert!(
+        events
+            .iter()
+            .filter(|e| e.starts_with("restore_completed:"))
+            .count()
+            == 2,
+        "{events:#?}"
+    );
+    let ports = sys.api.get_ok("/api/v1/ports").await;
+    assert_eq!(ports["allocations"], json!([]), "{ports}");
+    let procs = sys.api.get_ok("/api/v1/processes").await;
+    for p in procs.as_array().unwrap() {
+        assert_eq!(p["alive"], json!(false), "{p}");
+    }
+    // Refusals name the field or the cause.
+    let (s, v) = sys
+        .api
+        .post(
+            "/api/v1/restores",
+            &json!({"backup_id": id, "target": {"node": sys.node.opts.name, "path": "/tmp/x.qcow2"}}),
+        )
+        .await;
+    assert_eq!(s, 422, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("disk_key"), "{v}");
+    let (s, v) = sys
+        .api
+        .post(
+            "/api/v1/restores",
+            &json!({"backup_id": id, "disk_key": 2000, "target": {"node": sys.node.opts.name, "path": "relative.qcow2"}}),
+        )
+        .await;
+    assert_eq!(s, 422, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("target.path"), "{v}");
 }
 
 /// Re-discovery: a disk grown in QEMU shows its new size at the hub after
