@@ -11,6 +11,10 @@
 //! 3. every port allocation is released (no job is live in a process that just started).
 //!
 //! Each action is logged and, when it concerns a job, appended to that job's events.
+//!
+//! Assumes one hub process per database: a second hub started on the same MariaDB database
+//! would take the first one's live jobs for leftovers (and their qemu-nbd, if on the same host).
+//! Recording the owning hub instance per job would lift this; nothing needs it yet.
 
 use crate::config::HubConfig;
 use crate::db::{Db, DiskUpdate};

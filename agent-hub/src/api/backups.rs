@@ -5,9 +5,11 @@ use super::{ApiError, ApiJson};
 use crate::jobs::JobError;
 use crate::server::AppState;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use sendense_shared::api::{Backup, BackupRequest, CompletionReport, JobEvent, ProgressReport};
+use sendense_shared::api::{
+    Backup, BackupRequest, CompletionReport, JobEvent, JobStatus, ProgressReport,
+};
 use sendense_shared::ids::BackupId;
 use sendense_shared::names::validate_name;
 
@@ -24,8 +26,35 @@ pub async fn start(
     Ok((StatusCode::ACCEPTED, Json(b)))
 }
 
-pub async fn list(State(hub): State<AppState>) -> Result<Json<Vec<Backup>>, ApiError> {
-    Ok(Json(hub.db.list_backups().await?))
+/// Newest first; `?vm_name=`, `?status=` and `?limit=` narrow it.
+pub async fn list(
+    State(hub): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<Backup>>, ApiError> {
+    let status = match &q.status {
+        Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "status: {s:?} is not one of pending, preparing, running, finalizing, completed, \
+                 failed, cancelling, cancelled"
+            ))
+        })?),
+        None => None,
+    };
+    let mut list = hub.db.list_backups().await?;
+    list.retain(|b| {
+        q.vm_name.as_ref().is_none_or(|v| &b.vm_name == v) && status.is_none_or(|s| b.status == s)
+    });
+    if let Some(n) = q.limit {
+        list.truncate(n);
+    }
+    Ok(Json(list))
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct ListQuery {
+    pub vm_name: Option<String>,
+    pub status: Option<String>,
+    pub limit: Option<usize>,
 }
 
 pub async fn get_one(

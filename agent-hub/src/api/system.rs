@@ -3,7 +3,7 @@
 use super::ApiError;
 use crate::server::AppState;
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::response::IntoResponse;
 use sendense_shared::api::{DatabaseHealth, Health, PortsView, ProcessInfo};
 
@@ -31,14 +31,26 @@ pub async fn ports(State(hub): State<AppState>) -> Result<Json<PortsView>, ApiEr
 
 /// Every qemu-nbd the database knows, with `alive` checked now against `/proc` (the recorded
 /// flag says what the hub believes; a process that died behind its back shows `false`).
-pub async fn processes(State(hub): State<AppState>) -> Result<Json<Vec<ProcessInfo>>, ApiError> {
+/// `?alive=true` keeps only the running ones (the list keeps every process ever started).
+pub async fn processes(
+    State(hub): State<AppState>,
+    Query(q): Query<ProcessQuery>,
+) -> Result<Json<Vec<ProcessInfo>>, ApiError> {
     let mut list = hub.db.list_processes().await?;
     for p in &mut list {
         if p.alive {
             p.alive = crate::qemu_nbd::is_our_qemu_nbd(p.pid, p.port.0, &p.export_name);
         }
     }
+    if let Some(alive) = q.alive {
+        list.retain(|p| p.alive == alive);
+    }
     Ok(Json(list))
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct ProcessQuery {
+    pub alive: Option<bool>,
 }
 
 /// Server-sent events: one [`sendense_shared::api::HubEvent`] per `data:` line.

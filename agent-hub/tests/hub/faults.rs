@@ -56,6 +56,18 @@ async fn cancel_mid_copy_unwinds_everything() {
         events.iter().any(|e| e.starts_with("image_deleted")),
         "{events:#?}"
     );
+    let filtered = env
+        .api
+        .get_ok("/api/v1/backups?vm_name=cancelvm&status=cancelled&limit=1")
+        .await;
+    assert_eq!(filtered.as_array().unwrap().len(), 1, "{filtered}");
+    assert_eq!(filtered[0]["backup_id"], id.as_str());
+    assert_eq!(
+        env.api.get_ok("/api/v1/processes?alive=true").await,
+        json!([])
+    );
+    let (s, v) = env.api.get("/api/v1/backups?status=done").await;
+    assert_eq!(s, 422, "{v}");
     // A finished job cannot be cancelled again, and reports are refused.
     let (s, v) = env
         .api
