@@ -19,8 +19,9 @@
 //! QEMU node names and job ids must be at most 31 characters, so each snapshot gets a `tag`
 //! (10 hex digits of BLAKE3 of the backup id). Fleecing nodes are `sdfl-<tag>-<i>`, backup jobs
 //! `sdjob-<tag>-<i>`, exports `sendense-<tag>-<i>`, temporary files `<run_dir>/sdfl-<tag>-<i>.qcow2`,
-//! the NBD socket `<run_dir>/nbd-<tag>.sock`. Start-up recovery removes everything with these
-//! prefixes: they are the node's and nobody else's.
+//! the NBD socket `<run_dir>/nbd-<tag>.sock`; the NBD export names are `<vm>-disk-<disk key>`.
+//! Start-up recovery removes everything with these prefixes: they are the node's and nobody
+//! else's. The QMP log (`<run_dir>/qmp.log`, one JSON line per command) shows what was done.
 //!
 //! # Change tracking (bitmap rotation)
 //!
@@ -37,8 +38,8 @@
 //! `X`, still recording, stays valid); an incremental merges `sendense-Y` into `sendense-X`,
 //! re-enables `sendense-X` and removes `sendense-Y` in one transaction, so `sendense-X` again
 //! covers every write since `X`. A node crash between snapshot and release is undone at start-up
-//! from a journal (`<run_dir>/journal-<vm>.json`, written before the transaction) with the same
-//! failure rotation. The hub names the base (`previous_backup_id`); when the recording bitmap
+//! (or before the next snapshot of the VM, if a release could not finish) from a journal
+//! (`<run_dir>/journal-<vm>.json`, written before the transaction) with the same failure rotation. The hub names the base (`previous_backup_id`); when the recording bitmap
 //! is not exactly that one on every disk (lost, inconsistent after a QEMU crash, a new disk, a
 //! backup the hub did not keep), the incremental is refused with "bitmap missing" and the hub
 //! falls back to a full backup.

@@ -393,7 +393,8 @@ async fn cancel_while_preparing_still_releases_the_snapshot() {
     )
     .unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let node = NodeProc::start_with_path(vm.dir.path(), &vm.node_qmp, None, Some(&gate_dir)).await;
+    let node =
+        NodeProc::start_with_path(vm.dir.path(), &vm.node_qmp, None, Some(&gate_dir), &[]).await;
     let (_targets, s) = targets(&vm, "p", None).await;
     let (code, body) = node
         .post(
@@ -448,4 +449,75 @@ async fn cancel_with_a_hung_target_still_releases() {
     let done = node.wait_job("b-h", 30, terminal).await;
     assert_eq!(done["status"], "cancelled", "{done}");
     assert_eq!(vm.leftovers().await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_vms_back_up_at_once() {
+    let vm = two_disk_vm().await;
+    let vm2 = TestVm::start(&SIZES, |imgs| {
+        write_image(&imgs[0], 0x61, 0, 16 * MIB);
+        write_image(&imgs[1], 0x62, 32 * MIB, 16 * MIB);
+    })
+    .await;
+    let node = NodeProc::start_with_path(
+        vm.dir.path(),
+        &vm.node_qmp,
+        None,
+        None,
+        &[("vm2", &vm2.node_qmp)],
+    )
+    .await;
+    let (_, inv) = node.get("/inventory").await;
+    assert_eq!(inv["vms"].as_array().unwrap().len(), 2, "{inv}");
+    let before1 = snapshot_sources(&vm, "m1").await;
+    let before2 = snapshot_sources(&vm2, "m2").await;
+    let (mut t1, s1) = targets(&vm, "m1", None).await;
+    let (mut t2, s2) = targets(&vm2, "m2", None).await;
+    for t in t1.iter().chain(&t2) {
+        t.pause();
+    }
+    for (id, name, s) in [("b-m1", "vm1", &s1), ("b-m2", "vm2", &s2)] {
+        let (code, body) = node
+            .post(
+                "/backup/start",
+                json!({"backup_id": id, "vm_name": name, "backup_type": "full", "nbd_targets": s}),
+            )
+            .await;
+        assert_eq!(code, 202, "{body}");
+    }
+    node.wait_job("b-m1", 30, status_is("running")).await;
+    node.wait_job("b-m2", 30, status_is("running")).await;
+    for t in t1.iter().chain(&t2) {
+        t.resume();
+    }
+    for id in ["b-m1", "b-m2"] {
+        let done = node.wait_job(id, 60, terminal).await;
+        assert_eq!(done["status"], "completed", "{done}");
+    }
+    for t in t1.iter_mut().chain(t2.iter_mut()) {
+        t.stop();
+    }
+    for (before, targets) in [(&before1, &t1), (&before2, &t2)] {
+        for (b, t) in before.iter().zip(targets) {
+            images_equal(b.to_str().unwrap(), t.image.to_str().unwrap()).unwrap();
+        }
+    }
+    // One snapshot transaction per VM, each covering only that VM's disks.
+    let log = qmp_log(&node);
+    for vm_name in ["vm1", "vm2"] {
+        let tx: Vec<_> = commands(&log, "transaction")
+            .into_iter()
+            .filter(|e| e["vm"] == vm_name)
+            .collect();
+        assert_eq!(tx.len(), 1, "{vm_name}: {tx:?}");
+        let backups = tx[0]["arguments"]["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["type"] == "blockdev-backup")
+            .count();
+        assert_eq!(backups, 2);
+    }
+    assert_eq!(vm.leftovers().await, Vec::<String>::new());
+    assert_eq!(vm2.leftovers().await, Vec::<String>::new());
 }

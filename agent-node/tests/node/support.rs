@@ -480,15 +480,17 @@ pub struct NodeProc {
 impl NodeProc {
     /// Starts the node for `vm` (name `vm1`) with its run dir in `dir`.
     pub async fn start(dir: &Path, vm_qmp: &Path, hub: Option<&str>) -> Self {
-        Self::start_with_path(dir, vm_qmp, hub, None).await
+        Self::start_with_path(dir, vm_qmp, hub, None, &[]).await
     }
 
-    /// Like [`NodeProc::start`], with `path_first` put in front of `PATH` (to gate a tool).
+    /// Like [`NodeProc::start`], with `path_first` put in front of `PATH` (to gate a tool) and
+    /// more VMs (`--qmp NAME=SOCKET`).
     pub async fn start_with_path(
         dir: &Path,
         vm_qmp: &Path,
         hub: Option<&str>,
         path_first: Option<&Path>,
+        extra_vms: &[(&str, &Path)],
     ) -> Self {
         let run_dir = dir.join("node-run");
         let token_file = dir.join("token");
@@ -505,6 +507,9 @@ impl NodeProc {
             .arg(&token_file)
             .arg("--qmp")
             .arg(format!("vm1={}", vm_qmp.display()));
+        for (name, sock) in extra_vms {
+            cmd.arg("--qmp").arg(format!("{name}={}", sock.display()));
+        }
         if let Some(h) = hub {
             cmd.args(["--hub-url", h]);
         }
