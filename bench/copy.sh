@@ -11,7 +11,7 @@
 # faster).
 #
 # Usage: bench/copy.sh [RUNS] [-- extra sendense-node copy options]
-#   RUNS: pairs per case (default 5; case 2 uses max(RUNS/2, 2)).
+#   RUNS: pairs per case (default 5).
 #   BENCH_DIR: where the images go (default: a new directory under /var/tmp); needs ~6 GiB.
 #   CARGO_TARGET_DIR: as for cargo (default: target).
 set -euo pipefail
@@ -132,5 +132,5 @@ rm -f "$WORK/src8g.qcow2"
 echo
 echo "making the sparse 1 TiB source with 1 GiB of data..."
 make_source "$WORK/src1t.qcow2" 1T 16 $((64 << 30))
-PAIRS2=$(( RUNS / 2 > 2 ? RUNS / 2 : 2 ))
+PAIRS2=$RUNS
 bench_case "1 TiB sparse disk, 1 GiB data" "$WORK/src1t.qcow2" $((1 << 30)) "$PAIRS2"

@@ -227,3 +227,52 @@ async fn cancel_mid_copy_returns_cancelled() {
         "cancel came after the end"
     );
 }
+
+#[tokio::test]
+async fn a_source_dying_mid_copy_fails_the_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 512 * MIB;
+    let src_img = create(dir.path(), "src.qcow2", size);
+    qemu_io(&src_img, &["write -P 0x5a 0 512M".into()]);
+    let dst_img = create(dir.path(), "dst.qcow2", size);
+    let src = Export::source(dir.path(), &src_img, Listen::Unix, &[]);
+    let dst = Export::target(dir.path(), &dst_img, Listen::Unix);
+    let o = CopyOptions {
+        request_size: 64 * 1024,
+        max_in_flight_bytes: 256 * 1024,
+        ..opts(true)
+    };
+    let counters = DiskCounters::new();
+    let copy = tokio::spawn({
+        let (s, d, c) = (src.addr.clone(), dst.addr.clone(), counters.clone());
+        async move {
+            copy_disk(
+                &s,
+                &d,
+                ExtentSource::Allocation,
+                &o,
+                c,
+                CancellationToken::new(),
+            )
+            .await
+        }
+    });
+    while counters.snapshot().bytes_written == 0 {
+        assert!(
+            !copy.is_finished(),
+            "copy ended before the source could die"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(src);
+    let r = tokio::time::timeout(Duration::from_secs(20), copy)
+        .await
+        .expect("copy hung after its source died")
+        .unwrap();
+    let e = r.expect_err("the copy cannot succeed without its source");
+    assert!(
+        matches!(e, CopyError::Read { .. } | CopyError::BlockStatus { .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("source"), "{e}");
+}

@@ -157,3 +157,92 @@ async fn a_source_without_block_status_is_copied_whole() {
         .unwrap();
     assert!(cmp.status.success(), "{cmp:?}");
 }
+
+/// 16 MiB qcow2 source: 2 MiB of data at 1 MiB, the rest holes.
+fn small_source(dir: &Path) -> (std::path::PathBuf, Export) {
+    let img = create(dir, "src.qcow2", 16 * MIB);
+    qemu_io(&img, &["write -P 0x61 1M 2M".into()]);
+    let exp = Export::source(dir, &img, Listen::Unix, &[]);
+    (img, exp)
+}
+
+/// A target without WRITE_ZEROES (nbdkit's nozero filter): zeroes go out as ordinary writes.
+#[tokio::test]
+async fn zeroes_are_written_as_data_where_the_target_cannot_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_img, src) = small_source(dir.path());
+    // The pattern plugin under a copy-on-write overlay: a writable disk that starts non-zero,
+    // so that a missed zero range shows in the comparison.
+    let dst = Nbdkit::start(
+        dir.path(),
+        "dst",
+        &["--filter=nozero", "--filter=cow", "pattern", "size=16M"],
+    );
+    let probe = NbdClient::connect(&dst.addr, &ConnectOptions::default())
+        .await
+        .unwrap();
+    assert!(!probe.can_write_zeroes() && !probe.read_only());
+    probe.disconnect().await.unwrap();
+    let out = copy_disk(
+        &src.addr,
+        &dst.addr,
+        ExtentSource::Allocation,
+        &CopyOptions::default(),
+        DiskCounters::new(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.bytes_read, 2 * MIB);
+    assert_eq!(out.bytes_written, 2 * MIB);
+    assert_eq!(out.bytes_zeroed, 14 * MIB);
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-f", "qcow2", "-F", "raw"])
+        .arg(&_img)
+        .arg(&dst.uri)
+        .output()
+        .unwrap();
+    drop(src);
+    assert!(cmp.status.success(), "{cmp:?}");
+}
+
+/// A target that fails writes (nbdkit's error filter): the copy fails with the server's errno
+/// and the range.
+#[tokio::test]
+async fn a_failing_target_write_fails_the_copy_with_the_servers_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_img, src) = small_source(dir.path());
+    let dst = Nbdkit::start(
+        dir.path(),
+        "dst",
+        &[
+            "--filter=error",
+            "memory",
+            "size=16M",
+            "error-pwrite=ENOSPC",
+            "error-pwrite-rate=100%",
+        ],
+    );
+    let e = copy_disk(
+        &src.addr,
+        &dst.addr,
+        ExtentSource::Allocation,
+        &CopyOptions {
+            target_is_zero: true,
+            ..Default::default()
+        },
+        DiskCounters::new(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(e, agent_node::copy::CopyError::Write { .. }),
+        "{e}"
+    );
+    let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+    assert!(
+        chain.contains("ENOSPC") && chain.contains("writing the target"),
+        "{chain}"
+    );
+}
