@@ -12,7 +12,7 @@ mod jobs;
 mod popup;
 mod ports;
 mod processes;
-mod theme;
+pub(crate) mod theme;
 mod tunnel;
 mod vms;
 
