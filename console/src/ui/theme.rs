@@ -32,6 +32,14 @@ pub fn busy() -> Style {
 pub fn selected() -> Style {
     Style::default().add_modifier(Modifier::REVERSED)
 }
+/// The open view's tab: explicit colours, because reversing the other tabs' dark grey gives
+/// black on dark grey, which many terminals make unreadable.
+pub fn tab_selected() -> Style {
+    Style::default()
+        .fg(Color::Black)
+        .bg(Color::Gray)
+        .add_modifier(Modifier::BOLD)
+}
 pub fn header() -> Style {
     Style::default().add_modifier(Modifier::BOLD | Modifier::UNDERLINED)
 }
