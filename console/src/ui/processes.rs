@@ -62,7 +62,8 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
     let mut widths = vec![
         Constraint::Length(7),
         Constraint::Length(5),
-        Constraint::Length(7),
+        // "○ exited"
+        Constraint::Length(8),
         Constraint::Length(6),
         Constraint::Length(10),
         Constraint::Length(4),

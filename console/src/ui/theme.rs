@@ -87,7 +87,8 @@ pub fn tunnel(state: Option<TunnelStateKind>) -> (&'static str, &'static str, St
 /// its forwards, whatever its state): that is a direct connection, not a failure.
 pub fn tunnel_of(t: Option<&TunnelState>) -> (&'static str, &'static str, Style) {
     match t {
-        Some(t) if is_direct(t) => (strings::SYM_IDLE, strings::TUNNEL_DIRECT, dim()),
+        // Plain, not dim: a normal state, and dim text turns unreadable in a selected row.
+        Some(t) if is_direct(t) => (strings::SYM_IDLE, strings::TUNNEL_DIRECT, Style::default()),
         _ => tunnel(t.map(|t| t.state)),
     }
 }
