@@ -315,6 +315,18 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_parses_to_the_defaults() {
+        let file: FileConfig = toml::from_str(include_str!("../hub.example.toml")).unwrap();
+        let cfg = HubConfig::resolve(&Cli::default(), file).unwrap();
+        let defaults = HubConfig::with_data_dir(DEFAULT_DATA_DIR);
+        assert_eq!(cfg.listen, defaults.listen);
+        assert_eq!(cfg.data_dir, defaults.data_dir);
+        assert_eq!(cfg.nbd_ports, defaults.nbd_ports);
+        assert_eq!(cfg.node_lost_after, defaults.node_lost_after);
+        assert_eq!(cfg.qemu_nbd, defaults.qemu_nbd);
+    }
+
+    #[test]
     fn unknown_keys_and_bad_ranges_are_refused() {
         assert!(toml::from_str::<FileConfig>("listn = \"x\"").is_err());
         for bad in ["10100", "a-b", "10200-10100", "0-5", "10100-70000"] {

@@ -57,6 +57,8 @@ pub struct Hub {
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
     pub http: reqwest::Client,
+    /// Restores run by this process (see [`crate::restores`]).
+    pub restores: crate::restores::Restores,
 }
 
 pub type AppState = Arc<Hub>;
@@ -133,6 +135,7 @@ impl Hub {
             shutdown: CancellationToken::new(),
             tasks,
             http,
+            restores: Default::default(),
         }))
     }
 }

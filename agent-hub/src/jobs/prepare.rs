@@ -13,7 +13,7 @@ use crate::repository::RepoLayout;
 use sendense_shared::api::{
     Backup, BackupRequest, BackupType, DiskStatus, JobStatus, ProcessInfo, Vm,
 };
-use sendense_shared::ids::{BackupId, DiskKey};
+use sendense_shared::ids::{BackupId, DiskKey, NbdPort};
 use sendense_shared::targets::{NbdTarget, NbdUri, format_targets};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -483,119 +483,13 @@ async fn prepare_steps(
         }
     }
 
-    // 3. One qemu-nbd per disk, started concurrently (each waits for its own handshake, about
-    // 100 ms; a 16-disk VM should not wait for them one after the other).
-    let port_of = |k: DiskKey| {
-        ports
-            .iter()
-            .find(|p| p.0 == k)
-            .map(|p| p.1)
-            .expect("a port per disk")
-    };
-    let cfg = jm.deps().qemu_nbd.clone();
-    let started = futures_util::future::join_all(backup.disk_results.iter().map(|d| {
-        let spec = ExportSpec {
-            qcow2_path: PathBuf::from(&d.qcow2_path),
-            export_name: d.nbd_export_name.clone(),
-            port: port_of(d.disk_key).0,
-            read_only: false,
-        };
-        let cfg = cfg.clone();
-        async move {
-            let t = Instant::now();
-            (QemuNbd::start(&cfg, spec).await, t.elapsed())
-        }
-    }))
-    .await;
-    // Every one that started joins the resources first, so any failure below stops them all.
-    let mut started: Vec<_> = started
-        .into_iter()
-        .zip(&backup.disk_results)
-        .map(|((r, took), d)| {
-            if let Ok(server) = &r {
-                res.exports.push(super::Export {
-                    disk_key: d.disk_key,
-                    port: port_of(d.disk_key),
-                    export_name: d.nbd_export_name.clone(),
-                    path: PathBuf::from(&d.qcow2_path),
-                    server: server.clone(),
-                });
-            }
-            (r, took)
-        })
-        .collect();
-    // Any disk whose qemu-nbd did not come up fails the job; every cause is named.
-    let mut failures = Vec::new();
-    for (d, (r, _)) in backup.disk_results.iter().zip(&started) {
-        if let Err(e) = r {
-            let msg = format!(
-                "disk {}: qemu-nbd for {} on port {} did not become ready: {e}",
-                d.disk_key,
-                d.qcow2_path,
-                port_of(d.disk_key)
-            );
-            db.update_disk(
-                &id,
-                d.disk_key,
-                &DiskUpdate {
-                    status: Some(DiskStatus::Failed),
-                    error_message: Some(Some(msg.clone())),
-                    ..Default::default()
-                },
-            )
-            .await?;
-            failures.push(msg);
-        }
-    }
+    // 3. One qemu-nbd per disk.
+    let failures = start_exports(jm, job, res, &backup, &ports).await?;
     if !failures.is_empty() {
         return fail(jm, job, res, "starting qemu-nbd", failures.join("; ")).await;
     }
-    for (d, (started, took)) in backup.disk_results.iter().zip(started.drain(..)) {
-        let port = port_of(d.disk_key);
-        let Ok(server) = started else {
-            continue;
-        };
-        let cmdline = sendense_shared::child::shell_words(server.command_line());
-        let info = ProcessInfo {
-            pid: server.pid(),
-            port,
-            export_name: d.nbd_export_name.clone(),
-            qcow2_path: d.qcow2_path.clone(),
-            backup_id: id.clone(),
-            disk_key: d.disk_key,
-            alive: true,
-            started_at: server.started_at(),
-        };
-        let pid = server.pid();
-        db.record_process(&info, &cmdline).await?;
-        db.update_disk(
-            &id,
-            d.disk_key,
-            &DiskUpdate {
-                qemu_nbd_pid: Some(pid),
-                status: Some(DiskStatus::Ready),
-                ..Default::default()
-            },
-        )
-        .await?;
-        jm.event(
-            &id,
-            Level::Info,
-            "qemu_nbd_started",
-            format!(
-                "disk {}: qemu-nbd pid {pid} serving export {} on port {port}, ready (NBD handshake) \
-                 after {} ms: {cmdline}",
-                d.disk_key,
-                d.nbd_export_name,
-                took.as_millis()
-            ),
-            Some(d.disk_key),
-        )
-        .await;
-        super::finish::watch_export(jm, job, d.disk_key, port, server);
-        if job.cancel.is_cancelled() {
-            return cancelled(jm, job, res).await;
-        }
+    if job.cancel.is_cancelled() {
+        return cancelled(jm, job, res).await;
     }
     jm.publish_processes().await;
 
@@ -673,4 +567,210 @@ async fn cancelled(
     .await;
     finish(jm, job, res, Outcome::Cancelled).await;
     Err(JobError::Cancelled { id: job.id.clone() })
+}
+
+/// Starts one qemu-nbd per disk of `backup` on its port, concurrently, and records each one.
+/// Every one that started joins `res` before anything can fail, so unwinding stops them all.
+/// Answers the failures, each naming its disk and cause (empty: all are up).
+async fn start_exports(
+    jm: &JobManager,
+    job: &Arc<LiveJob>,
+    res: &mut Resources,
+    backup: &Backup,
+    ports: &[(DiskKey, NbdPort)],
+) -> Result<Vec<String>, JobError> {
+    let id = job.id.clone();
+    let db = &jm.deps().db;
+    // Started concurrently (each waits for its own handshake, about
+    // 100 ms; a 16-disk VM should not wait for them one after the other).
+    let port_of = |k: DiskKey| {
+        ports
+            .iter()
+            .find(|p| p.0 == k)
+            .map(|p| p.1)
+            .expect("a port per disk")
+    };
+    let cfg = jm.deps().qemu_nbd.clone();
+    let started = futures_util::future::join_all(backup.disk_results.iter().map(|d| {
+        let spec = ExportSpec {
+            qcow2_path: PathBuf::from(&d.qcow2_path),
+            export_name: d.nbd_export_name.clone(),
+            port: port_of(d.disk_key).0,
+            read_only: false,
+        };
+        let cfg = cfg.clone();
+        async move {
+            let t = Instant::now();
+            (QemuNbd::start(&cfg, spec).await, t.elapsed())
+        }
+    }))
+    .await;
+    // Every one that started joins the resources first, so any failure below stops them all.
+    let mut started: Vec<_> = started
+        .into_iter()
+        .zip(&backup.disk_results)
+        .map(|((r, took), d)| {
+            if let Ok(server) = &r {
+                res.exports.push(super::Export {
+                    disk_key: d.disk_key,
+                    port: port_of(d.disk_key),
+                    export_name: d.nbd_export_name.clone(),
+                    path: PathBuf::from(&d.qcow2_path),
+                    server: server.clone(),
+                });
+            }
+            (r, took)
+        })
+        .collect();
+    // Any disk whose qemu-nbd did not come up fails the job; every cause is named.
+    let mut failures = Vec::new();
+    for (d, (r, _)) in backup.disk_results.iter().zip(&started) {
+        if let Err(e) = r {
+            let msg = format!(
+                "disk {}: qemu-nbd for {} on port {} did not become ready: {e}",
+                d.disk_key,
+                d.qcow2_path,
+                port_of(d.disk_key)
+            );
+            db.update_disk(
+                &id,
+                d.disk_key,
+                &DiskUpdate {
+                    status: Some(DiskStatus::Failed),
+                    error_message: Some(Some(msg.clone())),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            failures.push(msg);
+        }
+    }
+    if !failures.is_empty() {
+        return Ok(failures);
+    }
+    for (d, (started, took)) in backup.disk_results.iter().zip(started.drain(..)) {
+        let port = port_of(d.disk_key);
+        let Ok(server) = started else {
+            continue;
+        };
+        let cmdline = sendense_shared::child::shell_words(server.command_line());
+        let info = ProcessInfo {
+            pid: server.pid(),
+            port,
+            export_name: d.nbd_export_name.clone(),
+            qcow2_path: d.qcow2_path.clone(),
+            backup_id: id.clone(),
+            disk_key: d.disk_key,
+            alive: true,
+            started_at: server.started_at(),
+        };
+        let pid = server.pid();
+        db.record_process(&info, &cmdline).await?;
+        db.update_disk(
+            &id,
+            d.disk_key,
+            &DiskUpdate {
+                qemu_nbd_pid: Some(pid),
+                status: Some(DiskStatus::Ready),
+                ..Default::default()
+            },
+        )
+        .await?;
+        jm.event(
+            &id,
+            Level::Info,
+            "qemu_nbd_started",
+            format!(
+                "disk {}: qemu-nbd pid {pid} serving export {} on port {port}, ready (NBD handshake) \
+                 after {} ms: {cmdline}",
+                d.disk_key,
+                d.nbd_export_name,
+                took.as_millis()
+            ),
+            Some(d.disk_key),
+        )
+        .await;
+        super::finish::watch_export(jm, job, d.disk_key, port, server);
+    }
+    Ok(Vec::new())
+}
+
+/// The writer cannot do the incremental this job was prepared for (its changed-block map is
+/// gone): the job becomes a full backup in place. Its qemu-nbd stop, the overlays are replaced
+/// by fresh images of the same paths, qemu-nbd start again on the same ports (the targets
+/// string does not change), and the job is recorded as full. On failure the job is failed.
+pub async fn refull(jm: &JobManager, job: &Arc<LiveJob>, why: &str) -> Result<(), String> {
+    let mut res = job.res.lock().await;
+    if res.finished {
+        return Err("the job ended meanwhile".into());
+    }
+    let id = job.id.clone();
+    jm.event(
+        &id,
+        Level::Warn,
+        "incremental_fallback",
+        format!("running a FULL backup instead of the incremental: {why}"),
+        None,
+    )
+    .await;
+    let outcome = async {
+        super::finish::stop_exports(jm, job, &mut res).await;
+        let backup = jm.get(&id).await.map_err(|e| e.to_string())?;
+        for (disk, path) in res.images.clone() {
+            let size = backup
+                .disk_results
+                .iter()
+                .find(|d| d.disk_key == disk)
+                .map(|d| d.bytes_total)
+                .ok_or_else(|| format!("disk {disk} is not in the job"))?;
+            crate::repository::remove_image(&path)
+                .await
+                .map_err(|e| format!("disk {disk}: removing the overlay: {e}"))?;
+            crate::repository::create_full(&path, size)
+                .await
+                .map_err(|e| format!("disk {disk}: creating {}: {e}", path.display()))?;
+            jm.event(
+                &id,
+                Level::Info,
+                "image_created",
+                format!(
+                    "disk {disk}: replaced the overlay by a fresh image {} ({size} bytes virtual)",
+                    path.display()
+                ),
+                Some(disk),
+            )
+            .await;
+        }
+        crate::store_ext::make_full(&jm.deps().db, &id)
+            .await
+            .map_err(|e| e.to_string())?;
+        let ports: Vec<(DiskKey, NbdPort)> = backup
+            .disk_results
+            .iter()
+            .filter_map(|d| d.nbd_port.map(|p| (d.disk_key, p)))
+            .collect();
+        let failures = start_exports(jm, job, &mut res, &backup, &ports)
+            .await
+            .map_err(|e| e.to_string())?;
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(failures.join("; "))
+        }
+    }
+    .await;
+    match outcome {
+        Ok(()) => {
+            jm.publish(&id).await;
+            jm.publish_processes().await;
+            Ok(())
+        }
+        Err(e) => {
+            let msg = format!("falling back to a full backup failed: {e}");
+            jm.event(&id, Level::Error, "prepare_failed", msg.clone(), None)
+                .await;
+            finish(jm, job, &mut res, Outcome::Failed(msg.clone())).await;
+            Err(msg)
+        }
+    }
 }

@@ -301,6 +301,31 @@ impl Sys {
         );
     }
 
+    /// Restores disk `key` of backup `id` into a new image `<tmp>/<name>` on the node through
+    /// `POST /api/v1/restores`, waits for its end and answers it (whatever the outcome).
+    pub async fn restore(&self, id: &str, key: i64, name: &str) -> (Value, PathBuf) {
+        let path = self.path(name);
+        let (s, r) = self
+            .api
+            .post(
+                "/api/v1/restores",
+                &json!({"backup_id": id, "disk_key": key,
+                        "target": {"node": self.node.opts.name, "path": path.display().to_string()}}),
+            )
+            .await;
+        assert_eq!(s, 202, "POST /api/v1/restores: {r}");
+        let rid = r["restore_id"].as_str().unwrap().to_string();
+        let t = Instant::now();
+        loop {
+            let r = self.api.get_ok(&format!("/api/v1/restores/{rid}")).await;
+            if terminal(&r) {
+                return (r, path);
+            }
+            assert!(t.elapsed() < JOB_LIMIT, "restore {rid} did not end: {r:#}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// A backup of the VM that must complete (the system recovered from whatever happened).
     pub async fn backup_completes(&self, kind: &str) -> Value {
         let (id, _) = self.backup(kind).await;
