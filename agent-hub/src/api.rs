@@ -2,13 +2,14 @@
 //! the [`ApiJson`] extractor whose rejections name the offending field.
 //!
 //! - [`system`]: `/health`, ports, processes, the SSE event stream.
-//! - [`repositories`], [`vms`], [`backups`], [`nodes`]: one module per resource.
+//! - [`repositories`], [`vms`], [`backups`], [`restores`], [`nodes`]: one module per resource.
 //!
 //! `/health` is open; everything under `/api/v1` passes [`crate::auth::require_bearer`].
 
 pub mod backups;
 pub mod nodes;
 pub mod repositories;
+pub mod restores;
 pub mod system;
 pub mod vms;
 
@@ -45,6 +46,8 @@ pub fn router(state: AppState) -> Router {
             "/backups/{id}/complete",
             post(backups::complete).layer(DefaultBodyLimit::max(COMPLETION_BODY_LIMIT)),
         )
+        .route("/restores", get(restores::list).post(restores::start))
+        .route("/restores/{id}", get(restores::get_one))
         .route("/ports", get(system::ports))
         .route("/processes", get(system::processes))
         .route("/events", get(system::events))

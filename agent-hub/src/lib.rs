@@ -8,6 +8,7 @@
 //! - [`api`]: the HTTP routes, [`api::ApiError`], the JSON extractor.
 //! - [`events`]: the event bus behind `GET /api/v1/events` (server-sent events).
 //! - [`jobs`]: the life of a backup job: prepare, progress, completion, verification, cancel.
+//! - [`restores`]: a backup point served read-only to a node that writes it into a new image.
 //! - [`reconciler`]: start-up cleanup of what a crashed hub left behind.
 //! - [`db`]: the database (SQLite or MySQL/MariaDB through one `AnyPool`), every table's queries.
 //! - [`ports`]: the NBD port allocator over `nbd_port_allocations`, with bind tests.
@@ -25,4 +26,5 @@ pub mod ports;
 pub mod qemu_nbd;
 pub mod reconciler;
 pub mod repository;
+pub mod restores;
 pub mod server;

@@ -36,6 +36,8 @@ pub struct NodeState {
     pub jobs: Arc<Jobs>,
     /// The SSH tunnel to the hub, when one is configured.
     pub tunnel: Option<Arc<crate::tunnel::Tunnel>>,
+    /// Restores into new images on this host.
+    pub restores: Arc<crate::restore::Restores>,
 }
 
 /// An error answer.
@@ -116,6 +118,8 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/api/v1/backup/{id}", get(backup_get))
         .route("/api/v1/backup/{id}/cancel", post(backup_cancel))
         .route("/api/v1/tunnel", get(tunnel))
+        .route("/api/v1/restore/start", post(restore_start))
+        .route("/api/v1/restore/{id}", get(restore_get))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/api/v1/health", get(health))
@@ -161,6 +165,46 @@ async fn auth(State(state): State<Arc<NodeState>>, req: Request, next: Next) -> 
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `POST /api/v1/restore/start`: `202` with the restore's state; `400 invalid field` (id, path,
+/// source, size; the detail names it); `409 restore id used`.
+async fn restore_start(
+    State(state): State<Arc<NodeState>>,
+    body: Result<Json<sendense_shared::api::NodeRestoreStart>, JsonRejection>,
+) -> Result<(StatusCode, Json<sendense_shared::api::NodeRestoreState>), ApiError> {
+    let Json(req) =
+        body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid field", e.body_text()))?;
+    match state.restores.start(req) {
+        Ok(job) => Ok((StatusCode::ACCEPTED, Json(job.view()))),
+        Err(e @ crate::restore::RestoreError::Duplicate(_)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "restore id used",
+            e.to_string(),
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid field",
+            e.to_string(),
+        )),
+    }
+}
+
+async fn restore_get(
+    State(state): State<Arc<NodeState>>,
+    Path(id): Path<String>,
+) -> Result<Json<sendense_shared::api::NodeRestoreState>, ApiError> {
+    state
+        .restores
+        .get(&id)
+        .map(|j| Json(j.view()))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not found",
+                format!("no restore {id}"),
+            )
+        })
 }
 
 async fn health(State(state): State<Arc<NodeState>>) -> impl IntoResponse {
@@ -293,6 +337,11 @@ mod tests {
             started_at: Utc::now(),
             jobs,
             tunnel: None,
+            restores: Arc::new(crate::restore::Restores::new(
+                std::env::temp_dir(),
+                CopyOptions::default(),
+                CancellationToken::new(),
+            )),
         }))
     }
 

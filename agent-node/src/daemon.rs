@@ -75,6 +75,11 @@ pub async fn run(
         started_at: chrono::Utc::now(),
         jobs: jobs.clone(),
         tunnel: tunnel.clone(),
+        restores: Arc::new(crate::restore::Restores::new(
+            config.run_dir.clone(),
+            CopyOptions::from_env(),
+            shutdown.clone(),
+        )),
     });
     tracing::info!(name = %config.name, %api_url, vms = config.vms.len(), "node serving");
     crate::api::serve(listener, state, shutdown.clone()).await?;

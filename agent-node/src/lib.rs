@@ -9,6 +9,7 @@
 //! - [`hub_client`]: calls to the hub (registration, inventory, progress, completion).
 //! - [`api`]: the node's HTTP API (axum) and `serve`.
 //! - [`daemon`]: wires config, driver, recovery, hub registration and the API together.
+//! - [`restore`]: restores: a backup point from the hub's export into a new image, verified.
 //! - [`copy`]: the NBD copy engine (one disk, source export to target export) and the
 //!   `sendense-node copy` command.
 //! - [`tunnel`]: the supervised OpenSSH tunnel to the hub (forwards, state, restarts) and
@@ -21,5 +22,6 @@ pub mod daemon;
 pub mod hub_client;
 pub mod jobs;
 pub mod qmp;
+pub mod restore;
 pub mod source;
 pub mod tunnel;

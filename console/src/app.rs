@@ -499,6 +499,20 @@ impl App {
             .map(|b| b.vm_name.as_str())
     }
 
+    /// A qemu-nbd process that is dead while it is still needed: its job is live, or its port
+    /// is still held for it. The processes of ended jobs whose ports were released are dead as
+    /// planned (the hub stopped them) and are not a problem.
+    pub fn process_dead_while_needed(&self, p: &ProcessInfo) -> bool {
+        if p.alive {
+            return false;
+        }
+        let job_live = self
+            .backups
+            .iter()
+            .any(|b| b.backup_id == p.backup_id && !b.status.is_terminal());
+        job_live || self.port_process(p.port.0).is_some_and(|q| q.pid == p.pid)
+    }
+
     pub fn visible_backups(&self) -> Vec<&Backup> {
         let f = self.filter(View::Jobs);
         self.backups
@@ -588,7 +602,7 @@ impl App {
             return PortCell::Squatted;
         }
         if ports.allocations.iter().any(|a| a.port.0 == port) {
-            let dead = self.processes.iter().any(|p| p.port.0 == port && !p.alive);
+            let dead = self.port_process(port).is_some_and(|p| !p.alive);
             return if dead {
                 PortCell::Stale
             } else {
@@ -596,6 +610,21 @@ impl App {
             };
         }
         PortCell::Free
+    }
+
+    /// The qemu-nbd process serving a held port: the one of the allocation's job and disk. The
+    /// hub lists the processes of past jobs too, often on the same port (ports are reused), so
+    /// the port alone would find an old, dead process and call a healthy export stale.
+    pub fn port_process(&self, port: u16) -> Option<&ProcessInfo> {
+        let alloc = self
+            .ports
+            .as_ref()?
+            .allocations
+            .iter()
+            .find(|a| a.port.0 == port)?;
+        self.processes.iter().find(|p| {
+            p.port.0 == port && p.backup_id == alloc.backup_id && p.disk_key == alloc.disk_key
+        })
     }
 
     /// Ports that are not free, in port order (the table under the grid).

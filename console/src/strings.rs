@@ -128,6 +128,8 @@ pub const TUNNEL_UP: &str = "up";
 pub const TUNNEL_CONNECTING: &str = "connecting";
 pub const TUNNEL_DOWN: &str = "down";
 pub const TUNNEL_UNKNOWN: &str = "unknown";
+pub const TUNNEL_DIRECT: &str = "direct";
+pub const NO_TUNNEL: &str = "no tunnel configured: the node and the hub call each other directly";
 pub const FORWARDS_OF: &str = "Forwards of";
 pub const NO_FORWARDS: &str = "no forwards";
 pub const PROBE_FAILED: &str = "the hub cannot ask this node now (last recorded state shown)";
@@ -145,6 +147,8 @@ pub const COL_JOB: &str = "Job";
 pub const COL_DISK: &str = "Disk";
 pub const ALIVE: &str = "alive";
 pub const DEAD: &str = "DEAD";
+/// A qemu-nbd process whose job has ended: stopped by the hub as planned.
+pub const EXITED: &str = "exited";
 pub const NO_PROCESSES: &str = "No qemu-nbd process is running for the hub.";
 
 // Events.

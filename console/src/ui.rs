@@ -12,7 +12,7 @@ mod jobs;
 mod popup;
 mod ports;
 mod processes;
-mod theme;
+pub(crate) mod theme;
 mod tunnel;
 mod vms;
 
@@ -80,7 +80,7 @@ fn render_tabs(app: &App, frame: &mut Frame, area: Rect) {
     let tabs = Tabs::new(titles)
         .select(app.view.index())
         .style(theme::dim())
-        .highlight_style(Style::default().add_modifier(Modifier::REVERSED | Modifier::BOLD))
+        .highlight_style(theme::tab_selected())
         .divider("│");
     frame.render_widget(tabs, area);
 }

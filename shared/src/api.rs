@@ -496,6 +496,76 @@ pub struct NodeBackupState {
     pub error_message: Option<String>,
 }
 
+/// Where a restore writes: a new image file on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreTarget {
+    /// Name of a registered node; it writes the image.
+    pub node: String,
+    /// Absolute path, on the node, of the new QCOW2 image (`.qcow2`); must not exist yet, its
+    /// directory must.
+    pub path: String,
+}
+
+/// `POST /api/v1/restores` of the hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreRequest {
+    /// A completed (verified) backup: the point to restore.
+    pub backup_id: BackupId,
+    /// Which disk of it; may be left out when the backup has one disk.
+    #[serde(default)]
+    pub disk_key: Option<DiskKey>,
+    pub target: RestoreTarget,
+}
+
+/// A restore as the hub reports it (`GET /api/v1/restores[/{id}]`). Status: `preparing`
+/// (export of the backup point), `running` (the node copies), then `completed` (copied and
+/// verified on the node) or `failed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restore {
+    pub restore_id: String,
+    pub backup_id: BackupId,
+    pub vm_name: String,
+    pub disk_key: DiskKey,
+    pub target: RestoreTarget,
+    pub status: JobStatus,
+    /// The backup point (QCOW2 on the hub, with its backing chain) served read-only.
+    pub source_qcow2: String,
+    /// Port of the read-only qemu-nbd while the restore holds it.
+    pub nbd_port: Option<NbdPort>,
+    pub nbd_export_name: String,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub created_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub error_message: Option<String>,
+}
+
+/// `POST /api/v1/restore/start` of the node: copy `source` into a new image at `path`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRestoreStart {
+    pub restore_id: String,
+    /// NBD URI of the hub's read-only export of the backup point.
+    pub source: String,
+    /// Absolute path of the new QCOW2 image on the node.
+    pub path: String,
+    /// Virtual size of the new image.
+    pub size_bytes: u64,
+}
+
+/// `GET /api/v1/restore/{id}` of the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRestoreState {
+    pub restore_id: String,
+    pub path: String,
+    pub status: JobStatus,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub bytes_written: u64,
+    /// Ranges read back from the new image and found equal to what was read from the source.
+    pub verified_ranges: u64,
+    pub error_message: Option<String>,
+}
+
 /// One message of the hub's `GET /api/v1/events` stream (`data:` is this, as JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

@@ -11,6 +11,7 @@
 //! - [`e2e::faults`]: a process killed by PID mid-copy, a repository filling up, a tampered target.
 //! - [`e2e::cancel`]: cancel in each phase of a job.
 //! - [`e2e::concurrency`]: several VMs at once and the port ceiling.
+//! - [`e2e::tunnel`]: a full backup with hub and node talking only through the SSH tunnel.
 
 mod e2e {
     pub mod backup;
@@ -18,4 +19,5 @@ mod e2e {
     pub mod concurrency;
     pub mod faults;
     pub mod sys;
+    pub mod tunnel;
 }

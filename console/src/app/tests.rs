@@ -4,7 +4,7 @@ use super::*;
 use crate::fixtures::{self, GIB, RUNNING_JOB};
 use chrono::Duration;
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
-use sendense_shared::api::{HubEvent, TunnelStateKind};
+use sendense_shared::api::{HubEvent, TunnelState, TunnelStateKind};
 
 fn press(app: &mut App, code: KeyCode) -> Option<Action> {
     app.on_key(KeyEvent::new(code, KeyModifiers::NONE))
@@ -141,6 +141,70 @@ fn tunnel_ports_and_processes_events_replace_state() {
         app.port_cell(10102),
         PortCell::Held,
         "no dead process known any more"
+    );
+}
+
+/// The hub lists the qemu-nbd processes of past jobs too; ports are reused, so an old dead
+/// process often shares a port with the live export of the running job.
+#[test]
+fn a_dead_process_of_an_old_job_on_a_reused_port_is_not_the_port_holder() {
+    let mut app = fixtures::app();
+    let mut processes = fixtures::processes();
+    let mut old = processes[0].clone();
+    old.pid = 40001;
+    old.backup_id = BackupId("b-old-finished".into());
+    old.alive = false;
+    processes.push(old.clone());
+    app.apply(
+        Update::Event(HubEvent::Processes { processes }),
+        fixtures::now(),
+    );
+    assert_eq!(
+        app.port_cell(10100),
+        PortCell::Held,
+        "its own qemu-nbd is alive"
+    );
+    assert_eq!(app.port_process(10100).map(|p| p.pid), Some(51234));
+    assert!(
+        !app.process_dead_while_needed(&old),
+        "the old job's process was stopped as planned"
+    );
+    let stale = app
+        .processes
+        .iter()
+        .find(|p| p.port.0 == 10102)
+        .unwrap()
+        .clone();
+    assert!(
+        app.process_dead_while_needed(&stale),
+        "dead while its port is still held for it"
+    );
+}
+
+#[test]
+fn a_node_without_tunnel_is_direct_not_down() {
+    use crate::ui::theme;
+    let direct = TunnelState {
+        state: TunnelStateKind::Down,
+        since: fixtures::now(),
+        restarts: 0,
+        last_error: None,
+        forwards: vec![],
+    };
+    assert_eq!(
+        theme::tunnel_of(Some(&direct)).1,
+        crate::strings::TUNNEL_DIRECT
+    );
+    assert_eq!(
+        theme::tunnel_of(Some(&fixtures::tunnel_down())).1,
+        crate::strings::TUNNEL_DOWN
+    );
+    let mut starting = fixtures::tunnel_up();
+    starting.state = TunnelStateKind::Down;
+    assert_eq!(
+        theme::tunnel_of(Some(&starting)).1,
+        crate::strings::TUNNEL_DOWN,
+        "a configured tunnel lists its forwards even while down"
     );
 }
 

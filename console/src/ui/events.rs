@@ -59,7 +59,8 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
         header.push(strings::COL_VM);
         header.push(strings::COL_DISK);
     }
-    widths.push(Constraint::Length(16));
+    // The hub's longest step names ("checksums_verified") fit whole.
+    widths.push(Constraint::Length(18));
     widths.push(Constraint::Min(10));
     header.push(strings::COL_STEP);
     header.push(strings::COL_MESSAGE);

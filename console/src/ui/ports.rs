@@ -125,9 +125,7 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
             (Some(a), None) => {
                 let vm = app.vm_of(&a.backup_id).unwrap_or(strings::NONE);
                 let pid = app
-                    .processes
-                    .iter()
-                    .find(|p| p.port.0 == port)
+                    .port_process(port)
                     .map(|p| {
                         format!(
                             "{} {} {}",
@@ -205,7 +203,7 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
                 Span::raw(s.detail.clone()),
             ]),
             None => {
-                let p = app.processes.iter().find(|p| p.port.0 == port);
+                let p = app.port_process(port);
                 Line::from(match p {
                     Some(p) => format!(
                         "{port}: {} {} {} · {} {} · {}",

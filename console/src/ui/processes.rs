@@ -35,14 +35,21 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
     let rows = list.iter().map(|p| {
         let (sym, word, style) = if p.alive {
             (strings::SYM_OK, strings::ALIVE, theme::good())
-        } else {
+        } else if app.process_dead_while_needed(p) {
             (strings::SYM_BAD, strings::DEAD, theme::bad())
+        } else {
+            (strings::SYM_IDLE, strings::EXITED, theme::dim())
+        };
+        let up = if p.alive {
+            format::age(p.started_at, app.now)
+        } else {
+            strings::NONE.to_string()
         };
         let mut cells = vec![
             Cell::from(format!("{:>7}", p.pid)),
             Cell::from(p.port.to_string()),
             Cell::from(Span::styled(format!("{sym} {word}"), style)),
-            Cell::from(format::age(p.started_at, app.now)),
+            Cell::from(up),
             Cell::from(format::short_id(&p.backup_id.0)),
             Cell::from(p.disk_key.to_string()),
             Cell::from(p.export_name.clone()),
@@ -55,7 +62,8 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
     let mut widths = vec![
         Constraint::Length(7),
         Constraint::Length(5),
-        Constraint::Length(7),
+        // "○ exited"
+        Constraint::Length(8),
         Constraint::Length(6),
         Constraint::Length(10),
         Constraint::Length(4),

@@ -3,7 +3,7 @@
 
 use crate::strings;
 use ratatui::style::{Color, Modifier, Style};
-use sendense_shared::api::{DiskStatus, JobStatus, TunnelStateKind};
+use sendense_shared::api::{DiskStatus, JobStatus, TunnelState, TunnelStateKind};
 
 pub fn dim() -> Style {
     Style::default().fg(Color::DarkGray)
@@ -31,6 +31,14 @@ pub fn busy() -> Style {
 }
 pub fn selected() -> Style {
     Style::default().add_modifier(Modifier::REVERSED)
+}
+/// The open view's tab: explicit colours, because reversing the other tabs' dark grey gives
+/// black on dark grey, which many terminals make unreadable.
+pub fn tab_selected() -> Style {
+    Style::default()
+        .fg(Color::Black)
+        .bg(Color::Gray)
+        .add_modifier(Modifier::BOLD)
 }
 pub fn header() -> Style {
     Style::default().add_modifier(Modifier::BOLD | Modifier::UNDERLINED)
@@ -72,6 +80,25 @@ pub fn tunnel(state: Option<TunnelStateKind>) -> (&'static str, &'static str, St
         Some(TunnelStateKind::Down) => (strings::SYM_BAD, strings::TUNNEL_DOWN, bad()),
         None => (strings::SYM_IDLE, strings::TUNNEL_UNKNOWN, dim()),
     }
+}
+
+/// Symbol, word and style of a node's tunnel report. A node without a configured tunnel
+/// reports `down` with no forwards, no restarts and no error (a configured one always lists
+/// its forwards, whatever its state): that is a direct connection, not a failure.
+pub fn tunnel_of(t: Option<&TunnelState>) -> (&'static str, &'static str, Style) {
+    match t {
+        // Plain, not dim: a normal state, and dim text turns unreadable in a selected row.
+        Some(t) if is_direct(t) => (strings::SYM_IDLE, strings::TUNNEL_DIRECT, Style::default()),
+        _ => tunnel(t.map(|t| t.state)),
+    }
+}
+
+/// The node runs without a tunnel (see [`tunnel_of`]).
+pub fn is_direct(t: &TunnelState) -> bool {
+    t.state == TunnelStateKind::Down
+        && t.forwards.is_empty()
+        && t.restarts == 0
+        && t.last_error.is_none()
 }
 
 /// Symbol and style of an event level.

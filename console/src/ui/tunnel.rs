@@ -31,7 +31,7 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
         Layout::vertical([Constraint::Length(table_height), Constraint::Min(3)]).areas(area);
 
     let rows = rows_list.iter().map(|r| {
-        let (sym, word, style) = theme::tunnel(r.tunnel.map(|t| t.state));
+        let (sym, word, style) = theme::tunnel_of(r.tunnel);
         let none = || strings::NONE.to_string();
         Row::new(vec![
             Cell::from(r.node.to_string()),
@@ -109,7 +109,7 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
         )));
     }
     if let Some(t) = row.tunnel {
-        let (sym, word, style) = theme::tunnel(Some(t.state));
+        let (sym, word, style) = theme::tunnel_of(Some(t));
         lines.push(Line::from(vec![
             Span::styled(format!("{sym} {word}"), style),
             Span::raw(format!(
@@ -127,7 +127,9 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
                 theme::bad(),
             )));
         }
-        if t.forwards.is_empty() {
+        if theme::is_direct(t) {
+            lines.push(Line::from(Span::styled(strings::NO_TUNNEL, theme::dim())));
+        } else if t.forwards.is_empty() {
             lines.push(Line::from(Span::styled(strings::NO_FORWARDS, theme::dim())));
         }
         for f in &t.forwards {

@@ -31,9 +31,14 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
         let size: u64 = v.disks.iter().map(|d| d.size_bytes).sum();
         let last = match (&v.last_backup_id, v.last_backup_at) {
             (Some(id), Some(at)) => {
-                format!("{} ({}) {id}", format::stamp(at), format::age(at, app.now))
+                format!(
+                    "{} ({}) {}",
+                    format::stamp(at),
+                    format::age(at, app.now),
+                    format::short_id(&id.0)
+                )
             }
-            (Some(id), None) => id.to_string(),
+            (Some(id), None) => format::short_id(&id.0),
             _ => strings::NONE.to_string(),
         };
         let active = app
@@ -61,7 +66,7 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
         rows,
         [
             Constraint::Length(14),
-            Constraint::Length(8),
+            Constraint::Length(12),
             Constraint::Length(5),
             Constraint::Length(10),
             Constraint::Min(10),

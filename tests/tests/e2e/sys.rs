@@ -128,6 +128,29 @@ impl Sys {
         self.tmp.path().join(name)
     }
 
+    /// SIGKILLs the node if it runs, starts it again on the same run directory (its start-up
+    /// recovery runs) and waits until the hub knows its new API address.
+    pub async fn restart_node(&mut self) {
+        self.node.restart(&node_bin()).expect("restart node");
+        let t = Instant::now();
+        loop {
+            let (s, n) = self
+                .api
+                .get(&format!("/api/v1/nodes/{}", self.node.opts.name))
+                .await;
+            if s == 200 && n["api_url"] == json!(self.node.url) {
+                return;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "restarted node not registered again: {s} {n}
+{}",
+                self.node.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits until the hub lists the VM as the node's, with both disks of `size` bytes.
     pub async fn wait_vm_imported(&self, size: u64) -> Value {
         let t = Instant::now();
@@ -299,6 +322,31 @@ impl Sys {
                     .all(|w| e.to_lowercase().contains(&w.to_lowercase()))),
             "backup {id}: no event {step} mentioning {words:?}:\n{ev:#?}"
         );
+    }
+
+    /// Restores disk `key` of backup `id` into a new image `<tmp>/<name>` on the node through
+    /// `POST /api/v1/restores`, waits for its end and answers it (whatever the outcome).
+    pub async fn restore(&self, id: &str, key: i64, name: &str) -> (Value, PathBuf) {
+        let path = self.path(name);
+        let (s, r) = self
+            .api
+            .post(
+                "/api/v1/restores",
+                &json!({"backup_id": id, "disk_key": key,
+                        "target": {"node": self.node.opts.name, "path": path.display().to_string()}}),
+            )
+            .await;
+        assert_eq!(s, 202, "POST /api/v1/restores: {r}");
+        let rid = r["restore_id"].as_str().unwrap().to_string();
+        let t = Instant::now();
+        loop {
+            let r = self.api.get_ok(&format!("/api/v1/restores/{rid}")).await;
+            if terminal(&r) {
+                return (r, path);
+            }
+            assert!(t.elapsed() < JOB_LIMIT, "restore {rid} did not end: {r:#}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// A backup of the VM that must complete (the system recovered from whatever happened).
