@@ -82,16 +82,22 @@ one_run() {
     wait_port "$sp"
     wait_port "$tp"
     start=$(date +%s.%N)
+    local ok=1
     case $tool in
         sendense) "$NODE" copy --from "nbd://127.0.0.1:$sp/src" --to "nbd://127.0.0.1:$tp/dst" \
-            --destination-is-zero "${EXTRA[@]}" >"$WORK/out.txt" ;;
+            --destination-is-zero "${EXTRA[@]}" >"$WORK/out.txt" 2>&1 || ok=0 ;;
         nbdcopy) nbdcopy --destination-is-zero --flush "nbd://127.0.0.1:$sp/src" \
-            "nbd://127.0.0.1:$tp/dst" >"$WORK/out.txt" ;;
+            "nbd://127.0.0.1:$tp/dst" >"$WORK/out.txt" 2>&1 || ok=0 ;;
     esac
     end=$(date +%s.%N)
     kill "$spid" "$tpid"
     wait "$spid" "$tpid" 2>/dev/null || true
     PIDS=()
+    if (( ! ok )); then
+        echo "$tool: copy failed:" >&2
+        head -c 2000 "$WORK/out.txt" >&2
+        exit 1
+    fi
     if ! qemu-img compare -q -f qcow2 -F qcow2 "$src" "$dst"; then
         echo "$tool: TARGET DIFFERS FROM SOURCE" >&2
         exit 1

@@ -13,6 +13,8 @@
 # Usage: bench/tunnel.sh [DATA_MIB (default 1024)] [RUNS (default 3)]
 # Env:   NODE_BIN (default: $CARGO_TARGET_DIR or target, release/sendense-node)
 #        BENCH_DIR (default: a new directory under /var/tmp, removed at the end)
+#        TUNNEL_CIPHERS (default: the node's, see DEFAULT_CIPHERS in agent-node/src/tunnel/config.rs;
+#                        e.g. chacha20-poly1305@openssh.com to measure OpenSSH's own first choice)
 set -euo pipefail
 
 DATA_MIB=${1:-1024}
@@ -94,6 +96,7 @@ echo "[127.0.0.1]:$SSH_PORT $(cat "$DIR/host_key.pub")" >"$DIR/known_hosts"
 echo bench-token >"$DIR/token"
 NODE_CFG="$DIR/node.toml"
 printf 'run_dir = "%s"\n[tunnel]\n' "$DIR/run" >"$NODE_CFG"
+[[ -n ${TUNNEL_CIPHERS:-} ]] && printf 'ciphers = "%s"\n' "$TUNNEL_CIPHERS" >>"$NODE_CFG"
 RUST_LOG=warn "$NODE_BIN" --config "$NODE_CFG" --listen "127.0.0.1:$NODE_API" --name bench \
     --token-file "$DIR/token" \
     --tunnel "$USER_NAME@127.0.0.1:$SSH_PORT" --tunnel-identity "$DIR/user_key" \
@@ -114,6 +117,7 @@ done
 echo "tunnel throughput benchmark: ${DATA_MIB} MiB of data in a ${SIZE_MIB} MiB qcow2, ${RUNS} runs each"
 echo "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(ssh -V 2>&1), $(qemu-nbd --version | head -1)"
 echo "tunnel: $state"
+echo "ssh cipher: $(grep -m1 '^    Ciphers' "$DIR/run/tunnel.ssh_config" | awk '{print $2}' | cut -d, -f1) (first choice)"
 
 SRC=$DIR/source.qcow2
 head -c $((DATA_MIB * 1024 * 1024)) /dev/urandom >"$DIR/source.raw"

@@ -6,6 +6,7 @@
 //!   set the terminal status) and the verification after a completion report.
 //! - [`verify`]: reads the written ranges back through the job's qemu-nbd and compares checksums.
 //! - [`node`]: calls to the node that owns the VM (start, cancel).
+//! - [`fallback`]: an incremental the node refuses ("bitmap missing") becomes a full backup.
 //!
 //! Invariants:
 //! - A job's resources (exports, ports, created images) live in one [`Resources`] behind the
@@ -20,6 +21,7 @@
 //!   point); a `completed` job's images stay and become the next incremental's backing files.
 //!   Only images this job created are deleted, never a backing file.
 
+pub mod fallback;
 pub mod finish;
 pub mod node;
 pub mod prepare;

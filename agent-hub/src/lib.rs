@@ -14,7 +14,6 @@
 //! - [`ports`]: the NBD port allocator over `nbd_port_allocations`, with bind tests.
 //! - [`repository`]: QCOW2 images and chains on disk, free-space checks, `qemu-img check`.
 //! - [`qemu_nbd`]: one supervised qemu-nbd per disk export.
-//! - [`store_ext`]: the few queries of the job manager beyond [`db`]'s interface.
 
 pub mod api;
 pub mod auth;
@@ -29,4 +28,3 @@ pub mod reconciler;
 pub mod repository;
 pub mod restores;
 pub mod server;
-pub mod store_ext;

@@ -15,9 +15,11 @@
 //!    advertise multi-conn. Cancellation is checked before every request.
 //! 4. A final FLUSH on the target.
 //!
-//! Checksums ([`ChunkChecksums`]): one range per request that wrote (data or zeroes), each
-//! inside one `checksum_chunk_size` cell of the disk; zero ranges spanning many cells are listed
-//! per cell. Skipped ranges are not listed.
+//! Checksums ([`ChunkChecksums`]): each data segment and each zeroed hole is listed per
+//! `checksum_chunk_size` cell it touches (a range never crosses a multiple of the chunk size;
+//! a fully copied cell is one range however many requests filled it). Data is hashed as the
+//! source held it, on a thread of its own; zero ranges use a cached hash of zeroes. Skipped
+//! ranges are not listed.
 //!
 //! Submodules: [`plan`] (extent map, request cutting, zero detection), [`cli`] (`sendense-node
 //! copy`).
@@ -297,7 +299,7 @@ struct Ctx {
     /// Falls back to writing this buffer where the target has no WRITE_ZEROES.
     zero_buf: Bytes,
     /// Data to hash, to the hashing thread (see [`spawn_hasher`]).
-    hasher: mpsc::UnboundedSender<HashJob>,
+    hasher: mpsc::UnboundedSender<HashMsg>,
     zero_hashes: Mutex<HashMap<u64, String>>,
     throttle: Option<Throttle>,
 }
@@ -573,7 +575,8 @@ pub async fn copy_disk(
         })?
         .map_err(|_| CopyError::Task {
             reason: "the hashing thread panicked".into(),
-        })?;
+        })?
+        .map_err(|reason| CopyError::Task { reason })?;
     ranges.extend(from_thread);
     ranges.sort_by_key(|r| r.offset);
     let s = counters.snapshot();
@@ -725,6 +728,15 @@ async fn dispatch(
         u64::MAX
     };
     for (offset, length) in plan::pieces(seg.offset, seg.length, max, grid) {
+        // A data segment's checksum ranges are its intersections with the grid cells; each is
+        // announced before its first request, so the hashing thread knows what to assemble.
+        if seg.action == Action::Data && (offset == seg.offset || offset % grid == 0) {
+            let cell_end = (offset / grid + 1).saturating_mul(grid).min(seg.end());
+            let _ = ctx.hasher.send(HashMsg::Range {
+                offset,
+                length: cell_end - offset,
+            });
+        }
         if cancel.is_cancelled() {
             return Err(CopyError::Cancelled);
         }
@@ -811,50 +823,91 @@ async fn copy_request(
             }
         }
     });
-    let mut ranges = Vec::new();
-    if runs.len() == 1 && runs[0].2 {
-        ranges.push(ChecksumRange {
-            offset,
-            length,
-            blake3: ctx.zero_hash(length),
-        });
-    } else {
-        // Hashed on the hashing thread while the writes are on the wire; the job holds the
-        // in-flight permit, so hashing that falls behind slows the reads down.
-        let _ = ctx.hasher.send(HashJob {
-            offset,
-            data: data.clone(),
-            _permit: permit.clone(),
-        });
-    }
+    // Hashed on the hashing thread while the writes are on the wire; the message holds the
+    // in-flight permit, so hashing that falls behind slows the reads down.
+    let _ = ctx.hasher.send(HashMsg::Piece {
+        offset,
+        data: data.clone(),
+        _permit: permit.clone(),
+    });
     futures_util::future::try_join_all(writes).await?;
-    Ok(ranges)
+    Ok(Vec::new())
 }
 
-/// Data whose BLAKE3 goes into the checksums.
-struct HashJob {
-    offset: u64,
-    data: Bytes,
-    _permit: Arc<OwnedSemaphorePermit>,
+/// To the hashing thread, in any order except that a range is announced before its pieces
+/// are sent.
+enum HashMsg {
+    /// A checksum range (inside one grid cell) that data pieces will fill.
+    Range { offset: u64, length: u64 },
+    /// Bytes the source held at `offset`.
+    Piece {
+        offset: u64,
+        data: Bytes,
+        _permit: Arc<OwnedSemaphorePermit>,
+    },
 }
 
-/// A thread that hashes copied data off the async workers, so that a 100 µs hash never holds
-/// up the reader and writer tasks; it returns its ranges when the channel closes.
+/// A thread that hashes copied data off the async workers (a hash of a few MiB would hold up
+/// the reader and writer tasks). Pieces arrive out of order; each announced range is hashed
+/// front to back as its pieces come in, and pieces ahead of the one being waited for are kept
+/// (they hold their in-flight permits, so this is bounded). Since requests are issued in offset
+/// order, the piece waited for is always already in flight. Returns the ranges when the
+/// channel closes, or what was left incomplete.
 fn spawn_hasher() -> (
-    mpsc::UnboundedSender<HashJob>,
-    std::thread::JoinHandle<Vec<ChecksumRange>>,
+    mpsc::UnboundedSender<HashMsg>,
+    std::thread::JoinHandle<Result<Vec<ChecksumRange>, String>>,
 ) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<HashJob>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<HashMsg>();
     let handle = std::thread::spawn(move || {
-        let mut ranges = Vec::new();
-        while let Some(job) = rx.blocking_recv() {
-            ranges.push(ChecksumRange {
-                offset: job.offset,
-                length: job.data.len() as u64,
-                blake3: blake3::hash(&job.data).to_hex().to_string(),
-            });
+        let mut done = Vec::new();
+        let mut announced: std::collections::VecDeque<(u64, u64)> = Default::default();
+        let mut waiting: std::collections::BTreeMap<u64, HashMsg> = Default::default();
+        // (range offset, range end, next offset to hash, hasher)
+        let mut current: Option<(u64, u64, u64, blake3::Hasher)> = None;
+        while let Some(msg) = rx.blocking_recv() {
+            match msg {
+                HashMsg::Range { offset, length } => announced.push_back((offset, length)),
+                HashMsg::Piece { offset, .. } => {
+                    waiting.insert(offset, msg);
+                }
+            }
+            loop {
+                if current.is_none() {
+                    match announced.pop_front() {
+                        Some((o, l)) => current = Some((o, o + l, o, blake3::Hasher::new())),
+                        None => break,
+                    }
+                }
+                let (start, end, next, hasher) = current.as_mut().expect("set above");
+                while *next < *end {
+                    let Some(HashMsg::Piece { data, .. }) = waiting.remove(next) else {
+                        break;
+                    };
+                    hasher.update(&data);
+                    *next += data.len() as u64;
+                }
+                if *next < *end {
+                    break;
+                }
+                if *next > *end {
+                    return Err(format!("pieces overran the checksum range at {start}"));
+                }
+                done.push(ChecksumRange {
+                    offset: *start,
+                    length: *end - *start,
+                    blake3: hasher.finalize().to_hex().to_string(),
+                });
+                current = None;
+            }
         }
-        ranges
+        match (current, announced.front(), waiting.keys().next()) {
+            (None, None, None) => Ok(done),
+            (Some((start, _, next, _)), _, _) => Err(format!(
+                "checksum range at {start} incomplete: no data at {next}"
+            )),
+            (None, Some((o, _)), _) => Err(format!("checksum range at {o} never started")),
+            (None, None, Some(o)) => Err(format!("data at {o} outside every checksum range")),
+        }
     });
     (tx, handle)
 }

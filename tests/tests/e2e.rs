@@ -13,6 +13,7 @@
 //! - [`e2e::concurrency`]: several VMs at once and the port ceiling.
 //! - [`e2e::console_live`]: the real console in tmux, driven by keys (also needs
 //!   `cargo build --bin sendense-console`).
+//! - [`e2e::tunnel`]: a full backup with hub and node talking only through the SSH tunnel.
 
 mod e2e {
     pub mod backup;
@@ -21,4 +22,5 @@ mod e2e {
     pub mod console_live;
     pub mod faults;
     pub mod sys;
+    pub mod tunnel;
 }

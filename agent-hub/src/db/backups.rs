@@ -434,6 +434,31 @@ impl Db {
         Ok(false)
     }
 
+    /// Records that an incremental job became a full one: type `full`, no parent, no backing
+    /// file on any disk.
+    pub async fn set_backup_full(&self, id: &BackupId) -> Result<(), DbError> {
+        let res = sqlx::query("UPDATE backup_jobs SET backup_type = ? WHERE backup_id = ?")
+            .bind(BackupType::Full.as_str())
+            .bind(&id.0)
+            .execute(self.pool())
+            .await
+            .map_err(q("turning a backup into a full one"))?;
+        if res.rows_affected() == 0 {
+            return Err(DbError::NotFound {
+                what: format!("backup '{id}'"),
+            });
+        }
+        sqlx::query(
+            "UPDATE backup_disks SET parent_backup_id = NULL, backing_path = NULL \
+             WHERE backup_id = ?",
+        )
+        .bind(&id.0)
+        .execute(self.pool())
+        .await
+        .map_err(q("clearing the backing files of a backup"))?;
+        Ok(())
+    }
+
     /// Stores the NBD targets string handed to the writer.
     pub async fn set_targets_string(&self, id: &BackupId, s: &str) -> Result<(), DbError> {
         let res = sqlx::query("UPDATE backup_jobs SET nbd_targets_string = ? WHERE backup_id = ?")

@@ -7,9 +7,7 @@ use sendense_shared::api::{BackupType, JobStatus, NodeBackupStart, NodeBackupSta
 use sendense_shared::ids::BackupId;
 use std::time::Instant;
 
-/// `POST {api_url}/api/v1/backup/start`; a refusal or no answer fails the job. An incremental
-/// the node refuses for want of a changed-block map ("bitmap missing") is re-prepared as a full
-/// backup and asked for again.
+/// `POST {api_url}/api/v1/backup/start`; a refusal or no answer fails the job.
 pub async fn start_on_node(
     jm: &JobManager,
     job: &std::sync::Arc<LiveJob>,
@@ -18,46 +16,37 @@ pub async fn start_on_node(
     previous_backup_id: Option<BackupId>,
     targets: &str,
 ) {
-    let mut kind = kind;
-    let mut previous_backup_id = previous_backup_id;
-    loop {
-        match ask_start(jm, job, node, kind, previous_backup_id.clone(), targets).await {
-            Ok(()) => return,
-            Err(Refusal::BitmapMissing(detail)) if kind == BackupType::Incremental => {
-                let why = format!(
-                    "node {} has no valid changed-block map: {detail}",
-                    node.name
-                );
-                if super::prepare::refull(jm, job, &why).await.is_err() {
-                    return;
-                }
-                kind = BackupType::Full;
-                previous_backup_id = None;
-            }
-            Err(Refusal::BitmapMissing(failure)) | Err(Refusal::Other(failure)) => {
-                jm.event(
-                    &job.id,
-                    Level::Error,
-                    "node_start_failed",
-                    failure.clone(),
-                    None,
-                )
-                .await;
-                let mut res = job.res.lock().await;
-                finish(jm, job, &mut res, Outcome::Failed(failure)).await;
-                return;
+    let refused = match ask_node(jm, job, node, kind, previous_backup_id, targets).await {
+        Ok(()) => return,
+        Err(r) => r,
+    };
+    // The node cannot do this incremental (its change tracking does not start at our chain's
+    // last backup): the same job goes on as a full backup.
+    let failure = match refused {
+        Refusal::BitmapMissing(why) if kind == BackupType::Incremental => {
+            match super::fallback::incremental_to_full(jm, job, &why).await {
+                Ok(()) => match ask_node(jm, job, node, BackupType::Full, None, targets).await {
+                    Ok(()) => return,
+                    Err(Refusal::BitmapMissing(m) | Refusal::Other(m)) => m,
+                },
+                Err(e) => format!("falling back to a full backup failed: {e}"),
             }
         }
-    }
+        Refusal::BitmapMissing(m) | Refusal::Other(m) => m,
+    };
+    let mut res = job.res.lock().await;
+    finish(jm, job, &mut res, Outcome::Failed(failure)).await;
 }
 
+/// Why the node did not take a start.
 enum Refusal {
-    /// `409` whose error says the changed-block map is missing.
+    /// `409 bitmap missing`: an incremental without a valid changed-block map.
     BitmapMissing(String),
     Other(String),
 }
 
-async fn ask_start(
+/// One `POST .../backup/start`; events for the request and its answer.
+async fn ask_node(
     jm: &JobManager,
     job: &LiveJob,
     node: &NodeTarget,
@@ -94,7 +83,7 @@ async fn ask_start(
         .json(&body)
         .send()
         .await;
-    match answer {
+    let failure = match answer {
         Ok(r) if r.status().is_success() => {
             jm.event(
                 &job.id,
@@ -109,30 +98,34 @@ async fn ask_start(
                 None,
             )
             .await;
-            Ok(())
+            return Ok(());
         }
         Ok(r) => {
             let status = r.status();
             let text = r.text().await.unwrap_or_default();
-            let text: String = text.chars().take(500).collect();
             let msg = format!(
-                "node {} refused the copy: POST {url} answered HTTP {status}: {text}",
-                node.name
+                "node {} refused the copy: POST {url} answered HTTP {status}: {}",
+                node.name,
+                text.chars().take(500).collect::<String>()
             );
             let bitmap = status == reqwest::StatusCode::CONFLICT
                 && serde_json::from_str::<sendense_shared::api::ErrorBody>(&text)
-                    .is_ok_and(|b| b.error.contains("bitmap missing"));
-            Err(if bitmap {
-                Refusal::BitmapMissing(text)
+                    .is_ok_and(|b| b.error == "bitmap missing");
+            if bitmap {
+                Refusal::BitmapMissing(msg)
             } else {
                 Refusal::Other(msg)
-            })
+            }
         }
-        Err(e) => Err(Refusal::Other(format!(
-            "node {} unreachable: POST {url}: {e}",
-            node.name
-        ))),
-    }
+        Err(e) => Refusal::Other(format!("node {} unreachable: POST {url}: {e}", node.name)),
+    };
+    let (level, m) = match &failure {
+        Refusal::BitmapMissing(m) => (Level::Warn, m),
+        Refusal::Other(m) => (Level::Error, m),
+    };
+    jm.event(&job.id, level, "node_start_failed", m.clone(), None)
+        .await;
+    Err(failure)
 }
 
 /// `POST {api_url}/api/v1/backup/{id}/cancel`; best effort: the hub unwinds its side anyway

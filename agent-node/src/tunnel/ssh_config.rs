@@ -37,6 +37,7 @@ pub fn render(cfg: &TunnelConfig) -> String {
     line("ExitOnForwardFailure", &"yes");
     line("ServerAliveInterval", &cfg.server_alive_interval);
     line("ServerAliveCountMax", &cfg.server_alive_count_max);
+    line("Ciphers", &cfg.ciphers);
     line("ConnectTimeout", &10);
     line("TCPKeepAlive", &"yes");
     line("ControlMaster", &"no");
@@ -112,6 +113,7 @@ pub(crate) mod tests {
             ssh: "ssh".into(),
             server_alive_interval: 15,
             server_alive_count_max: 3,
+            ciphers: super::super::config::DEFAULT_CIPHERS.into(),
             run_dir: run_dir.to_path_buf(),
             preflight_timeout: Duration::from_secs(5),
             up_timeout: Duration::from_secs(30),

@@ -83,6 +83,7 @@ async fn incremental_copies_only_dirty_extents_and_zeroes_inside_them() {
     assert_eq!(out.bytes_written, MIB);
     assert_eq!(out.bytes_zeroed, 512 * KIB + MIB);
     assert_eq!(out.bytes_skipped, SIZE - changed);
+    assert_eq!(verify_checksums(&dst.addr, &out.checksums).await, changed);
     drop((src, dst));
     assert!(identical(&src_img, &dst_img));
 }

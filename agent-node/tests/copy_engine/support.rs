@@ -1,6 +1,7 @@
 //! qcow2 images and qemu-nbd exports for the copy tests.
 
-use sendense_shared::nbd::NbdAddr;
+use sendense_shared::api::ChunkChecksums;
+use sendense_shared::nbd::{ConnectOptions, NbdAddr, NbdClient};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -158,4 +159,44 @@ pub fn identical(a: &Path, b: &Path) -> bool {
         Some(1) => false,
         _ => panic!("qemu-img compare failed: {st}"),
     }
+}
+
+/// Reads every checksum range back from `addr` and compares its BLAKE3; also checks that the
+/// ranges are ordered, disjoint, and each inside one grid cell. Returns the bytes covered.
+pub async fn verify_checksums(addr: &NbdAddr, ck: &ChunkChecksums) -> u64 {
+    let c = NbdClient::connect(addr, &ConnectOptions::default())
+        .await
+        .unwrap();
+    for w in ck.ranges.windows(2) {
+        assert!(
+            w[0].offset + w[0].length <= w[1].offset,
+            "ranges overlap or are unordered"
+        );
+    }
+    let mut covered = 0;
+    for r in &ck.ranges {
+        assert!(r.length > 0);
+        assert_eq!(
+            r.offset / ck.chunk_size,
+            (r.offset + r.length - 1) / ck.chunk_size,
+            "range at {} crosses a cell boundary",
+            r.offset
+        );
+        let mut h = blake3::Hasher::new();
+        let mut at = r.offset;
+        while at < r.offset + r.length {
+            let n = (r.offset + r.length - at).min(MIB);
+            h.update(&c.read(at, n as u32).await.unwrap());
+            at += n;
+        }
+        assert_eq!(
+            h.finalize().to_hex().as_str(),
+            r.blake3,
+            "range at {}",
+            r.offset
+        );
+        covered += r.length;
+    }
+    c.disconnect().await.unwrap();
+    covered
 }

@@ -219,6 +219,7 @@ impl Sshd {
             ssh: "ssh".into(),
             server_alive_interval: 5,
             server_alive_count_max: 3,
+            ciphers: agent_node::tunnel::config::DEFAULT_CIPHERS.into(),
             run_dir: self.dir.path().join("run"),
             preflight_timeout: Duration::from_secs(3),
             up_timeout: Duration::from_secs(20),

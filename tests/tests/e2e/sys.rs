@@ -128,6 +128,29 @@ impl Sys {
         self.tmp.path().join(name)
     }
 
+    /// SIGKILLs the node if it runs, starts it again on the same run directory (its start-up
+    /// recovery runs) and waits until the hub knows its new API address.
+    pub async fn restart_node(&mut self) {
+        self.node.restart(&node_bin()).expect("restart node");
+        let t = Instant::now();
+        loop {
+            let (s, n) = self
+                .api
+                .get(&format!("/api/v1/nodes/{}", self.node.opts.name))
+                .await;
+            if s == 200 && n["api_url"] == json!(self.node.url) {
+                return;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "restarted node not registered again: {s} {n}
+{}",
+                self.node.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits until the hub lists the VM as the node's, with both disks of `size` bytes.
     pub async fn wait_vm_imported(&self, size: u64) -> Value {
         let t = Instant::now();

@@ -1,0 +1,230 @@
+//! Hub and node talking only through the node's SSH tunnel: a real sshd on a free loopback port
+//! with generated keys and the restricted line of `sendense-node tunnel authorized-key`; the
+//! node's forwards bound on 127.0.0.2 (the hub's own ports are on 127.0.0.1). The node is given
+//! no `--hub-url`: it reaches the hub's API through its `-L` forward, the hub reaches the node
+//! through the `-R` port, and the NBD data crosses the per-port forwards.
+
+use super::sys::{DATA, DISK_SIZE, JOB_LIMIT, hub_bin, node_bin};
+use sendense_shared::child::Supervised;
+use sendense_tests::disks;
+use sendense_tests::hub::{HubOptions, HubProcess};
+use sendense_tests::qemu::TestVm;
+use serde_json::{Value, json};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIND: &str = "127.0.0.2";
+
+/// `n` consecutive ports free on 127.0.0.1 and on 127.0.0.2.
+fn free_on_both(n: u16) -> (u16, u16) {
+    for _ in 0..100 {
+        let (a, b) = sendense_tests::net::free_port_range(n);
+        if (a..=b).all(|p| std::net::TcpListener::bind((BIND, p)).is_ok()) {
+            return (a, b);
+        }
+    }
+    panic!("no {n} ports free on both loopback addresses");
+}
+
+fn run(cmd: &mut Command) -> String {
+    String::from_utf8_lossy(&sendense_tests::run(cmd).stdout).into_owned()
+}
+
+/// Kills its process group in `Drop` (sshd and its sessions; the node).
+struct Guard(Supervised);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.0.kill_now();
+    }
+}
+
+async fn get(url: &str, token: &str) -> Option<Value> {
+    reqwest::Client::new()
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_backup_runs_through_the_tunnel() {
+    let tmp = tempfile::Builder::new()
+        .prefix("sde2e-tunnel-")
+        .tempdir()
+        .unwrap();
+    let d = tmp.path();
+    let (hub_port, _) = free_on_both(1);
+    let nbd = free_on_both(4);
+    let mut hopts = HubOptions::new(d.join("hub"));
+    hopts.listen = format!("127.0.0.1:{hub_port}");
+    hopts.nbd_ports = Some(nbd);
+    let hub = HubProcess::start(&hub_bin(), hopts).expect("start sendense-hub");
+    let api = hub.api();
+    let vm = TestVm::start("tunvm", &d.join("vm"), &[DISK_SIZE, DISK_SIZE], |imgs| {
+        for (i, img) in imgs.iter().enumerate() {
+            for (off, len, pat) in DATA {
+                disks::write_pattern(img, *off, *len, pat + i as u8);
+            }
+        }
+    })
+    .await
+    .expect("start QEMU");
+
+    // The hub's sshd: keys, the restricted key line, a Match block as in deploy/README-sshd.md.
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    for k in ["host_key", "user_key"] {
+        run(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(d.join(k)));
+    }
+    let (reverse, _) = free_on_both(1);
+    let (node_api, _) = free_on_both(1);
+    let line = run(Command::new(node_bin())
+        .args(["tunnel", "authorized-key", "--tunnel-identity"])
+        .arg(d.join("user_key"))
+        .args(["--nbd-ports", &format!("{}-{}", nbd.0, nbd.1)])
+        .args(["--hub-api-port", &hub_port.to_string()])
+        .args(["--reverse-port", &reverse.to_string()]));
+    std::fs::write(d.join("authorized_keys"), &line).unwrap();
+    let user = run(Command::new("id").arg("-un")).trim().to_string();
+    let (ssh_port, _) = free_on_both(1);
+    std::fs::write(
+        d.join("sshd_config"),
+        format!(
+            "Port {ssh_port}\nListenAddress 127.0.0.1\nHostKey {0}/host_key\n\
+             AuthorizedKeysFile {0}/authorized_keys\nPidFile {0}/sshd.pid\nStrictModes no\n\
+             UsePAM no\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n\
+             Match User {user}\n    AllowTcpForwarding yes\n    PermitTTY no\n    \
+             ForceCommand /usr/sbin/nologin\n",
+            d.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = tokio::process::Command::new("/usr/sbin/sshd");
+    cmd.arg("-D").arg("-e").arg("-f").arg(d.join("sshd_config"));
+    cmd.stdin(Stdio::null()).stdout(Stdio::null());
+    let sshd = Guard(Supervised::spawn(cmd).unwrap());
+    eprintln!("+ {}", sshd.0.command_line_string());
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", ssh_port)).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "sshd: {}",
+            sshd.0.stderr_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let host_pub = std::fs::read_to_string(d.join("host_key.pub")).unwrap();
+    std::fs::write(
+        d.join("known_hosts"),
+        format!("[127.0.0.1]:{ssh_port} {host_pub}"),
+    )
+    .unwrap();
+
+    // The node, with the tunnel and without --hub-url.
+    std::fs::create_dir_all(d.join("node")).unwrap();
+    std::fs::write(
+        d.join("node/node.toml"),
+        format!("run_dir = \"{}\"\n", d.join("node/run").display()),
+    )
+    .unwrap();
+    let node_addr = format!("127.0.0.1:{node_api}");
+    let mut cmd = tokio::process::Command::new(node_bin());
+    cmd.arg("--config")
+        .arg(d.join("node/node.toml"))
+        .args(["--listen", &node_addr, "--name", "tunnode", "--token-file"])
+        .arg(hub.opts.data_dir.join("token"))
+        .arg("--qmp")
+        .arg(format!("tunvm={}", vm.node_qmp.display()))
+        .arg("--tunnel")
+        .arg(format!("{user}@127.0.0.1:{ssh_port}"))
+        .arg("--tunnel-identity")
+        .arg(d.join("user_key"))
+        .arg("--tunnel-known-hosts")
+        .arg(d.join("known_hosts"))
+        .args(["--tunnel-bind", BIND])
+        .args(["--tunnel-nbd-ports", &format!("{}-{}", nbd.0, nbd.1)])
+        .args(["--tunnel-hub-api-port", &hub_port.to_string()])
+        .args(["--tunnel-reverse-port", &reverse.to_string()])
+        .env_remove("SENDENSE_NODE_CONFIG")
+        .env_remove("SENDENSE_HUB_URL")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let node = Guard(Supervised::spawn(cmd).unwrap());
+    eprintln!("+ {}", node.0.command_line_string());
+
+    // Registration and inventory crossed the tunnel both ways.
+    let t = Instant::now();
+    loop {
+        let (s, v) = api.get("/api/v1/vms/tunvm").await;
+        if s == 200 && v["node"] == "tunnode" && v["disks"].as_array().map(Vec::len) == Some(2) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "VM not imported through the tunnel: {s} {v}\nnode: {}",
+            node.0.stderr_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let n = api.get_ok("/api/v1/nodes/tunnode").await;
+    assert_eq!(n["api_url"], format!("http://127.0.0.1:{reverse}"), "{n}");
+
+    let (s, b) = api
+        .post(
+            "/api/v1/backups",
+            &json!({"vm_name": "tunvm", "repository_id": "default", "backup_type": "full"}),
+        )
+        .await;
+    assert_eq!(s, 202, "{b}");
+    let id = b["backup_id"].as_str().unwrap().to_string();
+    let done = api
+        .wait_status(&id, &["completed", "failed", "cancelled"], JOB_LIMIT)
+        .await;
+    assert_eq!(
+        done["status"],
+        "completed",
+        "{done:#}\nevents: {:#?}\nnode: {}",
+        api.event_lines(&id).await,
+        node.0.stderr_tail()
+    );
+    for (i, r) in done["disk_results"].as_array().unwrap().iter().enumerate() {
+        let port = r["nbd_port"].as_u64().unwrap() as u16;
+        assert!((nbd.0..=nbd.1).contains(&port), "{r}");
+        let now = d.join(format!("disk{i}.raw"));
+        vm.copy_disk_now(i, &now).await;
+        let image = Path::new(r["qcow2_path"].as_str().unwrap());
+        assert!(disks::images_equal(&now, image), "disk {i} differs");
+    }
+    // The node's own record of the copy: its targets were the forwards on 127.0.0.2.
+    let job = get(
+        &format!("http://{node_addr}/api/v1/backup/{id}"),
+        &hub.token,
+    )
+    .await
+    .expect("node job");
+    assert_eq!(job["status"], "completed", "{job}");
+
+    // The hub asks the node (through -R) for its tunnel state.
+    let tunnels = api.get_ok("/api/v1/tunnel").await;
+    let t = tunnels
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["node"] == "tunnode")
+        .unwrap_or_else(|| panic!("{tunnels}"));
+    assert_eq!(t["live"], true, "{t}");
+    assert_eq!(t["tunnel"]["state"], "up", "{t}");
+    assert_eq!(t["tunnel"]["restarts"], 0, "{t}");
+    // SIGTERM: the node stops its ssh (in a process group of its own) before it exits.
+    node.0.stop(Duration::from_secs(15)).await;
+    drop(sshd);
+    drop(hub);
+}
