@@ -140,6 +140,32 @@ impl Hub {
     }
 }
 
+/// How often the hub asks its nodes for their tunnel state.
+const TUNNEL_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Probes every node's tunnel (through the reverse forward when there is one) on a timer and
+/// publishes changes on the event bus; a node that does not answer is logged at debug level only,
+/// since an unreachable node is also what `GET /api/v1/tunnel` reports.
+fn spawn_tunnel_prober(state: &AppState) {
+    let hub = state.clone();
+    state.tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = hub.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(TUNNEL_PROBE_INTERVAL) => {}
+            }
+            match crate::api::nodes::probe_tunnels(&hub).await {
+                Ok(v) => {
+                    for t in v.iter().filter(|t| !t.live) {
+                        tracing::debug!(node = %t.node, error = ?t.error, "tunnel probe: node did not answer");
+                    }
+                }
+                Err(e) => tracing::warn!(error = ?e, "tunnel probe failed"),
+            }
+        }
+    });
+}
+
 /// Serves the API on `listener` until `shutdown` fires; then stops accepting, lets open
 /// requests finish, fails every live job (stopping its qemu-nbd, releasing its ports) and waits
 /// for the job tasks.
@@ -151,6 +177,7 @@ pub async fn serve(
     let addr = listener.local_addr().map_err(StartError::Serve)?;
     tracing::info!(%addr, pid = std::process::id(), "sendense-hub API listening");
     let app = crate::api::router(state.clone());
+    spawn_tunnel_prober(&state);
     let stop = shutdown.clone();
     let hub_stop = state.shutdown.clone();
     let result = axum::serve(listener, app)

@@ -93,7 +93,9 @@ impl Default for CopyOptions {
     /// 256 KiB requests beat 1-4 MiB ones (qemu-nbd works on at most 16 requests per client);
     /// one connection beat two and four (the target's qcow2 allocation does not gain from
     /// more clients; nbdcopy itself is faster with `--connections=1` there); 16-64 MiB in
-    /// flight were equal within noise.
+    /// flight were equal within noise. With these, `bench/copy.sh 5` on a loaded 2-core machine:
+    /// 8 GiB disk with 2 GiB data 3.8-6.2 s (330-540 MiB/s), median nbdcopy/sendense time ratio
+    /// 0.99-1.11 over three runs; sparse 1 TiB disk with 1 GiB data 2.4-3.1 s, ratio 1.01-1.15.
     fn default() -> Self {
         CopyOptions {
             request_size: 256 * 1024,

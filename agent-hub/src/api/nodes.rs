@@ -9,10 +9,9 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use sendense_shared::api::{
-    HubEvent, Inventory, Node, NodeRegistration, TunnelState, Vm, VmRequest,
+    HubEvent, Inventory, Node, NodeRegistration, NodeTunnel, TunnelState, Vm, VmRequest,
 };
 use sendense_shared::names::validate_name;
-use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// A tunnel probe must not hold the console's refresh for long.
@@ -132,19 +131,16 @@ pub async fn find_node(hub: &Hub, name: &str) -> Result<Node, ApiError> {
     }
 }
 
-/// One node's tunnel as `GET /api/v1/tunnel` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NodeTunnel {
-    pub node: String,
-    /// Asked just now (`true`) or the last state recorded (`false`, node unreachable).
-    pub live: bool,
-    pub tunnel: Option<TunnelState>,
-    /// Why the node could not be asked.
-    pub error: Option<String>,
+/// `GET /api/v1/tunnel`: every node's tunnel, asked now.
+pub async fn tunnel(State(hub): State<AppState>) -> Result<Json<Vec<NodeTunnel>>, ApiError> {
+    Ok(Json(probe_tunnels(&hub).await?))
 }
 
-/// Asks every node for its tunnel state; records and publishes changes.
-pub async fn tunnel(State(hub): State<AppState>) -> Result<Json<Vec<NodeTunnel>>, ApiError> {
+/// Asks every node for its tunnel state (through its API URL, i.e. the reverse forward when
+/// there is a tunnel); records and publishes changes. Called by the handler above and every
+/// few seconds by [`crate::server::serve`]'s prober, so the event stream carries tunnel changes
+/// even when nobody polls.
+pub async fn probe_tunnels(hub: &Hub) -> Result<Vec<NodeTunnel>, ApiError> {
     let nodes = hub.db.list_nodes().await?;
     let mut out = Vec::new();
     for n in nodes {
@@ -190,5 +186,5 @@ pub async fn tunnel(State(hub): State<AppState>) -> Result<Json<Vec<NodeTunnel>>
             }),
         }
     }
-    Ok(Json(out))
+    Ok(out)
 }

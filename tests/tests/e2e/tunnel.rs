@@ -212,6 +212,21 @@ async fn a_full_backup_runs_through_the_tunnel() {
     .expect("node job");
     assert_eq!(job["status"], "completed", "{job}");
 
+    // Without anyone asking, the hub's prober has recorded the node's tunnel as up (this is
+    // what its event stream publishes; `GET /api/v1/nodes` reads the recorded state only).
+    let t = Instant::now();
+    loop {
+        let n = api.get_ok("/api/v1/nodes/tunnode").await;
+        if n["tunnel"]["state"] == "up" {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the hub never recorded the tunnel as up: {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // The hub asks the node (through -R) for its tunnel state.
     let tunnels = api.get_ok("/api/v1/tunnel").await;
     let t = tunnels
