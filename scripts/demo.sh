@@ -28,9 +28,19 @@ say() { printf '\033[1m[demo]\033[0m %s\n' "$*" >&2; }
 # Installs what is missing and builds the three binaries; sets $bin.
 demo_build() {
   bash "$demo_root/scripts/setup.sh" packages
+  # Under sudo, PATH is reset and root usually has no Rust toolchain: build as the user who
+  # ran sudo, with their rustup installation (the target directory stays theirs too).
+  local cargo=(cargo)
+  if ! command -v cargo >/dev/null && [ -n "${SUDO_USER:-}" ]; then
+    local home
+    home=$(getent passwd "$SUDO_USER" | cut -d: -f6)
+    [ -x "$home/.cargo/bin/cargo" ] &&
+      cargo=(runuser -u "$SUDO_USER" -- env "PATH=$home/.cargo/bin:$PATH" "HOME=$home" cargo)
+  fi
+  command -v "${cargo[0]}" >/dev/null || { say "cargo not found: install Rust (https://rustup.rs)"; exit 1; }
   say "building sendense-hub, sendense-node, sendense-console (debug)"
-  (cd "$demo_root" && cargo build -q --bin sendense-hub --bin sendense-node --bin sendense-console)
-  bin=$(cd "$demo_root" && cargo metadata --format-version 1 --no-deps |
+  (cd "$demo_root" && "${cargo[@]}" build -q --bin sendense-hub --bin sendense-node --bin sendense-console)
+  bin=$(cd "$demo_root" && "${cargo[@]}" metadata --format-version 1 --no-deps |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug
 }
 

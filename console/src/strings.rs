@@ -216,9 +216,18 @@ pub fn confirm_cancel(backup_id: &str, vm_name: &str, status: &str) -> String {
     format!("Cancel backup {backup_id} of VM {vm_name} ({status})?")
 }
 
-/// `Start a full backup of pgtest1 into repo-a?`
+/// `Start a full backup of pgtest1 into repo-a?`, `Start an incremental backup of …`
 pub fn confirm_start(backup_type: &str, vm_name: &str, repository: &str) -> String {
-    format!("Start a {backup_type} backup of VM {vm_name} into repository {repository}?")
+    let a = article(backup_type);
+    format!("Start {a} {backup_type} backup of VM {vm_name} into repository {repository}?")
+}
+
+fn article(word: &str) -> &'static str {
+    if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    }
 }
 
 pub fn notice_already_terminal(backup_id: &str, status: &str) -> String {
@@ -230,7 +239,8 @@ pub fn notice_cancel_sent(backup_id: &str) -> String {
 }
 
 pub fn notice_start_sent(backup_type: &str, vm_name: &str) -> String {
-    format!("Starting a {backup_type} backup of {vm_name}…")
+    let a = article(backup_type);
+    format!("Starting {a} {backup_type} backup of {vm_name}…")
 }
 
 pub fn notice_started(backup_id: &str, vm_name: &str) -> String {

@@ -11,12 +11,15 @@
 //! - [`e2e::faults`]: a process killed by PID mid-copy, a repository filling up, a tampered target.
 //! - [`e2e::cancel`]: cancel in each phase of a job.
 //! - [`e2e::concurrency`]: several VMs at once and the port ceiling.
+//! - [`e2e::console_live`]: the real console in tmux, driven by keys (also needs
+//!   `cargo build --bin sendense-console`).
 //! - [`e2e::tunnel`]: a full backup with hub and node talking only through the SSH tunnel.
 
 mod e2e {
     pub mod backup;
     pub mod cancel;
     pub mod concurrency;
+    pub mod console_live;
     pub mod faults;
     pub mod sys;
     pub mod tunnel;
