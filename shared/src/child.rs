@@ -458,20 +458,38 @@ pub fn read_cmdline(pid: u32) -> Option<Vec<String>> {
     Some(args)
 }
 
-/// True when the process exists and is not a zombie (a zombie has finished; only its parent's
-/// reap is missing, and it no longer holds ports or files).
+/// True when the process exists and has not finished: a zombie whose threads have all ended
+/// only waits for its parent's reap and no longer holds ports or files.
 pub fn pid_alive(pid: u32) -> bool {
     if pid == 0 {
         return false;
     }
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // "PID (comm) S ...": comm may contain spaces and parentheses, the state follows the last ')'.
-    let state = stat
-        .rfind(')')
-        .and_then(|i| stat[i + 1..].split_whitespace().next());
-    !matches!(state, Some("Z") | Some("X") | None)
+    match proc_state(&format!("/proc/{pid}/stat")) {
+        None | Some('X') => false,
+        // A leader that has exited is a zombie while its other threads still run, and the
+        // process's files (its listening socket among them) stay open until the last one ends:
+        // only then is the process gone.
+        Some('Z') => std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|dir| {
+                dir.flatten().any(|t| {
+                    t.file_name().to_str() != Some(&pid.to_string())
+                        && !matches!(
+                            proc_state(&t.path().join("stat").to_string_lossy()),
+                            None | Some('Z') | Some('X')
+                        )
+                })
+            })
+            .unwrap_or(false),
+        Some(_) => true,
+    }
+}
+
+/// The state letter of a `/proc/.../stat` file: "PID (comm) S ...", where comm may contain
+/// spaces and parentheses, so the state follows the last ')'.
+fn proc_state(path: &str) -> Option<char> {
+    let stat = std::fs::read_to_string(path).ok()?;
+    let i = stat.rfind(')')?;
+    stat[i + 1..].split_whitespace().next()?.chars().next()
 }
 
 /// Stops a process this run did not spawn (its parent is gone, so it cannot be reaped here):

@@ -151,7 +151,13 @@ async fn keys_start_and_cancel_a_backup_and_sigterm_restores_the_terminal() {
     let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(10);
-    while tmux.pane("#{pane_dead}") != "1" {
+    // tmux marks the pane dead when its pty closes, and fills in the exit status only once it
+    // has reaped the process: wait for both.
+    while tmux.pane("#{pane_dead}") != "1"
+        || tmux
+            .pane("#{pane_dead_status}#{pane_dead_signal}")
+            .is_empty()
+    {
         assert!(Instant::now() < deadline, "console did not exit on SIGTERM");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
