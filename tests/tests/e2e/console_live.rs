@@ -184,17 +184,27 @@ async fn start_with_keys(tmux: &Tmux, sys: &Sys, known: &[String]) -> String {
     id
 }
 
-/// Opens the job `id` from the Jobs view: `1`, then `j` until the detail's title names it.
+/// Opens the job `id` from the Jobs view: `1`, `g` (first row), then Enter on each row in
+/// turn (`Esc`, `j`) until the detail's title names it.
 async fn open_job(tmux: &Tmux, id: &str) -> String {
     tmux.keys(&["1"]);
     tmux.wait_for(&id[..8]).await;
+    tmux.keys(&["g"]);
     for _ in 0..20 {
         tmux.keys(&["Enter"]);
-        let screen = tmux.wait_for("targets").await;
+        // The block's title says which screen is up (not "targets": also in the hub's path;
+        // not the footer's hints: a notice replaces them for a while).
+        tmux.wait_for("┌ Job ").await;
+        // `g` in the detail scrolls to its first disk.
+        tmux.keys(&["g"]);
+        let screen = tmux.wait_for("disk 2000").await;
         if screen.contains(&format!("Job {id}")) {
             return screen;
         }
-        tmux.keys(&["Escape", "j"]);
+        tmux.keys(&["Escape"]);
+        // Escape then j at once would reach the console as Alt-j: wait for the list first.
+        tmux.wait_for("┌ Jobs (").await;
+        tmux.keys(&["j"]);
     }
     panic!("job {id} not found in the Jobs list:\n{}", tmux.screen());
 }
@@ -214,12 +224,15 @@ async fn keys_start_a_two_disk_backup_watch_it_complete_and_cancel_another() {
         socket: format!("sendense-console-live-{}", std::process::id()),
     };
     let log = sys.path("console.log");
+    // The exit status goes through a file: tmux's #{pane_dead_status} is sometimes left empty.
+    let exit_file = sys.path("console.exit");
     let cmd = format!(
-        "{} --hub {} --token-file {} --log-file {}",
+        "sh -c '{} --hub {} --token-file {} --log-file {}; echo $? > {}'",
         console.display(),
         sys.hub.url,
         sys.hub.opts.data_dir.join("token").display(),
-        log.display()
+        log.display(),
+        exit_file.display()
     );
     eprintln!("+ tmux -L {} new-session -x 80 -y 24 {cmd}", tmux.socket);
     tmux.run(&[
@@ -250,6 +263,8 @@ async fn keys_start_a_two_disk_backup_watch_it_complete_and_cancel_another() {
     let screen = open_job(&tmux, &first).await;
     let mut seen: Vec<u32> = summary_percent(&screen).into_iter().collect();
     let mut disks_running = false;
+    let mut gauges: Vec<Vec<String>> = Vec::new();
+    let mut odd_screen = String::new();
     let done = tmux
         .wait("the first job completed with its progress moving", |s| {
             // Recorded from inside the predicate: every screen polled counts.
@@ -262,6 +277,12 @@ async fn keys_start_a_two_disk_backup_watch_it_complete_and_cancel_another() {
             if d.len() == 2 && d.iter().all(|l| l.contains("running")) {
                 disks_running = true;
             }
+            if d.len() != 2 {
+                odd_screen = s.to_string();
+            }
+            if gauges.last() != Some(&d) {
+                gauges.push(d);
+            }
             title_status(s, &first).is_some_and(|t| t.contains("completed"))
         })
         .await;
@@ -271,7 +292,7 @@ async fn keys_start_a_two_disk_backup_watch_it_complete_and_cancel_another() {
     );
     assert!(
         disks_running,
-        "both disks' gauges were never seen running together"
+        "both disks' gauges were never seen running together: {gauges:#?}\n{odd_screen}"
     );
     let disks = disk_lines(&done);
     assert_eq!(disks.len(), 2, "one gauge per disk:\n{done}");
@@ -289,6 +310,7 @@ async fn keys_start_a_two_disk_backup_watch_it_complete_and_cancel_another() {
 
     // 2. A second one, cancelled mid-copy through the y/n confirmation.
     tmux.keys(&["Escape"]);
+    tmux.wait_for("┌ Jobs (").await;
     let second = start_with_keys(&tmux, &sys, std::slice::from_ref(&first)).await;
     open_job(&tmux, &second).await;
     // The node has taken the snapshot and copies every disk: a cancel now unwinds a real copy.
@@ -331,9 +353,9 @@ async fn keys_start_a_two_disk_backup_watch_it_complete_and_cancel_another() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let status = tmux.pane("#{pane_dead_status}");
+    let status = std::fs::read_to_string(&exit_file).unwrap_or_default();
     assert_eq!(
-        status,
+        status.trim(),
         "0",
         "q is a clean exit; screen:\n{}\nconsole log:\n{}",
         tmux.screen(),
