@@ -9,6 +9,7 @@
 //! - [`net`]: free port ranges on 127.0.0.1.
 //! - [`tmpfs`]: a small mounted tmpfs (a repository that fills up), unmounted in `Drop`.
 //! - [`node`]: [`node::NodeProcess`], a running `sendense-node` registered with a test hub.
+//! - [`tmux`]: [`tmux::Tmux`], a private tmux server to drive a terminal program (the console).
 //! - [`qemu`]: [`qemu::TestVm`], a real `qemu-system-x86_64` with qcow2 disks and a QMP socket
 //!   for the node plus one for the test (guest writes, leftover checks).
 
@@ -18,6 +19,7 @@ pub mod net;
 pub mod node;
 pub mod qemu;
 pub mod tmpfs;
+pub mod tmux;
 
 use std::path::PathBuf;
 

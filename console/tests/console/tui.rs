@@ -3,65 +3,9 @@
 //! restored (alternate screen left) and exit 0. Against the fake hub (see `main.rs`).
 
 use crate::fake_hub::{FakeHub, TOKEN};
+use sendense_tests::tmux::Tmux;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// A tmux server of our own (own socket), killed on drop.
-struct Tmux {
-    socket: String,
-}
-
-impl Tmux {
-    fn run(&self, args: &[&str]) -> String {
-        let out = Command::new("tmux")
-            .arg("-L")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .expect("tmux must be installed (scripts/setup.sh installs it)");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn screen(&self) -> String {
-        self.run(&["capture-pane", "-p", "-t", "ui"])
-    }
-
-    fn keys(&self, keys: &[&str]) {
-        for k in keys {
-            self.run(&["send-keys", "-t", "ui", k]);
-        }
-    }
-
-    /// Wait until the screen shows `text`.
-    async fn wait_for(&self, text: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let screen = self.screen();
-            if screen.contains(text) {
-                return screen;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "screen never showed {text:?}:\n{screen}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn pane(&self, format: &str) -> String {
-        self.run(&["display-message", "-p", "-t", "ui", format])
-            .trim()
-            .to_string()
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .args(["-L", &self.socket, "kill-server"])
-            .output();
-    }
-}
 
 #[tokio::test]
 async fn keys_start_and_cancel_a_backup_and_sigterm_restores_the_terminal() {
@@ -75,9 +19,7 @@ async fn keys_start_and_cancel_a_backup_and_sigterm_restores_the_terminal() {
     let token = dir.path().join("token");
     std::fs::write(&token, TOKEN).unwrap();
     let log = dir.path().join("console.log");
-    let tmux = Tmux {
-        socket: format!("sendense-console-test-{}", std::process::id()),
-    };
+    let tmux = Tmux::new("sendense-console-test", Duration::from_secs(15));
     let cmd = format!(
         "{} --hub {} --token-file {} --log-file {}",
         env!("CARGO_BIN_EXE_sendense-console"),

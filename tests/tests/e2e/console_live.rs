@@ -10,9 +10,9 @@
 
 use super::sys::{MIB, Sys, SysOptions};
 use sendense_tests::bin_path;
+use sendense_tests::tmux::Tmux;
 use serde_json::{Value, json};
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Each disk's 36 MiB of data takes about 9 s at this rate.
@@ -28,67 +28,6 @@ fn console_bin() -> PathBuf {
         p.display()
     );
     p
-}
-
-/// A tmux server of our own (own socket name), killed in `Drop`.
-struct Tmux {
-    socket: String,
-}
-
-impl Tmux {
-    fn run(&self, args: &[&str]) -> String {
-        let out = Command::new("tmux")
-            .arg("-L")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .expect("tmux must be installed (scripts/setup.sh installs it)");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn screen(&self) -> String {
-        self.run(&["capture-pane", "-p", "-t", "ui"])
-    }
-
-    fn keys(&self, keys: &[&str]) {
-        for k in keys {
-            self.run(&["send-keys", "-t", "ui", k]);
-        }
-    }
-
-    /// Waits until `pred` holds for the screen; answers that screen.
-    async fn wait(&self, what: &str, mut pred: impl FnMut(&str) -> bool) -> String {
-        let t = Instant::now();
-        loop {
-            let screen = self.screen();
-            if pred(&screen) {
-                return screen;
-            }
-            assert!(
-                t.elapsed() < SCREEN_LIMIT,
-                "the console never showed {what}:\n{screen}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn wait_for(&self, text: &str) -> String {
-        self.wait(&format!("{text:?}"), |s| s.contains(text)).await
-    }
-
-    fn pane(&self, format: &str) -> String {
-        self.run(&["display-message", "-p", "-t", "ui", format])
-            .trim()
-            .to_string()
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .args(["-L", &self.socket, "kill-server"])
-            .output();
-    }
 }
 
 /// The job's overall percentage from the detail view's summary line
@@ -220,9 +159,7 @@ async fn keys_start_a_two_disk_backup_watch_it_complete_and_cancel_another() {
         },
     )
     .await;
-    let tmux = Tmux {
-        socket: format!("sendense-console-live-{}", std::process::id()),
-    };
+    let tmux = Tmux::new("sendense-console-live", SCREEN_LIMIT);
     let log = sys.path("console.log");
     // The exit status goes through a file: tmux's #{pane_dead_status} is sometimes left empty.
     let exit_file = sys.path("console.exit");
