@@ -88,6 +88,16 @@ impl Env {
             .await
     }
 
+    /// Cancels job `id`, waits for `cancelled` and asserts that nothing stays held.
+    pub async fn cancel_and_check(&self, id: &str) -> Value {
+        self.api
+            .post(&format!("/api/v1/backups/{id}/cancel"), &json!({}))
+            .await;
+        let done = self.api.wait_status(id, &["cancelled"], JOB_LIMIT).await;
+        self.assert_nothing_held(&done).await;
+        done
+    }
+
     /// Asserts what an operator would check once a job is over: no qemu-nbd of it alive, no
     /// port held, no process recorded alive.
     pub async fn assert_nothing_held(&self, backup: &Value) {

@@ -88,11 +88,7 @@ async fn cancel_mid_copy_unwinds_everything() {
     let (s, b) = env.start_backup("cancelvm", "full").await;
     assert_eq!(s, 202, "{b}");
     let id = b["backup_id"].as_str().unwrap();
-    env.api
-        .post(&format!("/api/v1/backups/{id}/cancel"), &json!({}))
-        .await;
-    let done = env.api.wait_status(id, &["cancelled"], JOB_LIMIT).await;
-    env.assert_nothing_held(&done).await;
+    env.cancel_and_check(id).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -307,11 +303,7 @@ async fn a_full_repository_is_refused_before_anything_is_held() {
         "{v}"
     );
     let id = first["backup_id"].as_str().unwrap();
-    env.api
-        .post(&format!("/api/v1/backups/{id}/cancel"), &json!({}))
-        .await;
-    let done = env.api.wait_status(id, &["cancelled"], JOB_LIMIT).await;
-    env.assert_nothing_held(&done).await;
+    env.cancel_and_check(id).await;
     let left: Vec<_> = walk(fs.path());
     assert!(
         left.iter()
@@ -455,11 +447,7 @@ async fn a_hub_killed_mid_job_is_reconciled_at_restart() {
     let (s, b) = env.start_backup("crashvm", "full").await;
     assert_eq!(s, 202, "{b}");
     let id = b["backup_id"].as_str().unwrap();
-    env.api
-        .post(&format!("/api/v1/backups/{id}/cancel"), &json!({}))
-        .await;
-    let done = env.api.wait_status(id, &["cancelled"], JOB_LIMIT).await;
-    env.assert_nothing_held(&done).await;
+    env.cancel_and_check(id).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
