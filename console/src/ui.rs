@@ -25,7 +25,7 @@ use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Borders, Paragraph, Tabs};
+use ratatui::widgets::{Block, Borders, Paragraph, Row, Table, TableState, Tabs};
 
 /// Draw the whole screen.
 pub fn render(app: &App, frame: &mut Frame) {
@@ -143,6 +143,26 @@ fn titled_block(title: &str, count: Option<usize>, filter: &str) -> Block<'stati
         ));
     }
     block
+}
+
+/// A selectable list inside `block`: one header style, selection mark and highlight for every
+/// view, with the selected row kept in sight.
+fn render_list<'a, C: Into<Constraint>>(
+    frame: &mut Frame,
+    area: Rect,
+    rows: impl IntoIterator<Item = Row<'a>>,
+    widths: impl IntoIterator<Item = C>,
+    header: Vec<&'a str>,
+    block: Block<'a>,
+    selected: usize,
+) {
+    let table = Table::new(rows, widths)
+        .header(Row::new(header).style(theme::header()))
+        .row_highlight_style(theme::selected())
+        .highlight_symbol(strings::SYM_SELECTED)
+        .block(block);
+    let mut state = TableState::default().with_selected(Some(selected));
+    frame.render_stateful_widget(table, area, &mut state);
 }
 
 /// A one-line message inside a bordered block (empty lists, nothing matches).

@@ -8,9 +8,7 @@ use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{
-    Block, Borders, Cell, Gauge, Paragraph, Row, Sparkline, Table, TableState, Wrap,
-};
+use ratatui::widgets::{Block, Borders, Cell, Gauge, Paragraph, Row, Sparkline, Wrap};
 use sendense_shared::api::{Backup, BackupType, DiskResult, DiskStatus};
 
 pub fn render(app: &App, frame: &mut Frame, area: Rect) {
@@ -131,13 +129,7 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
         }
         Row::new(cells)
     });
-    let table = Table::new(rows, widths)
-        .header(Row::new(header).style(theme::header()))
-        .row_highlight_style(theme::selected())
-        .highlight_symbol(strings::SYM_SELECTED)
-        .block(block);
-    let mut state = TableState::default().with_selected(Some(selected));
-    frame.render_stateful_widget(table, table_area, &mut state);
+    super::render_list(frame, table_area, rows, widths, header, block, selected);
 
     if let Some(b) = list.get(selected).filter(|_| !selected_errors.is_empty()) {
         let lines: Vec<Line> = selected_errors

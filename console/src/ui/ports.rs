@@ -8,7 +8,7 @@ use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::Style;
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Table, TableState, Wrap};
+use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Wrap};
 
 fn cell_look(cell: PortCell) -> (&'static str, Style) {
     match cell {
@@ -160,7 +160,12 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
             Cell::from(detail),
         ])
     });
-    let table = Table::new(
+    let [list_area, detail_area] =
+        Layout::vertical([Constraint::Min(3), Constraint::Length(3)]).areas(table_area);
+    let selected = app.selected(View::Ports);
+    super::render_list(
+        frame,
+        list_area,
         rows,
         [
             Constraint::Length(5),
@@ -169,25 +174,16 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
             Constraint::Length(6),
             Constraint::Min(10),
         ],
-    )
-    .header(
-        Row::new(vec![
+        vec![
             strings::COL_PORT,
             strings::COL_STATE,
             strings::COL_HOLDER,
             strings::COL_SINCE,
             "",
-        ])
-        .style(theme::header()),
-    )
-    .row_highlight_style(theme::selected())
-    .highlight_symbol(strings::SYM_SELECTED)
-    .block(block);
-    let [list_area, detail_area] =
-        Layout::vertical([Constraint::Min(3), Constraint::Length(3)]).areas(table_area);
-    let selected = app.selected(View::Ports);
-    let mut state = TableState::default().with_selected(Some(selected));
-    frame.render_stateful_widget(table, list_area, &mut state);
+        ],
+        block,
+        selected,
+    );
     if let Some(&port) = rows_list.get(selected) {
         let squat = ports.and_then(|p| p.squatted.iter().find(|s| s.port.0 == port));
         let text = match squat {

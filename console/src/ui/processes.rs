@@ -7,7 +7,7 @@ use crate::strings;
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Table, TableState, Wrap};
+use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Wrap};
 
 pub fn render(app: &App, frame: &mut Frame, area: Rect) {
     let list = app.visible_processes();
@@ -83,13 +83,7 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
         widths.push(Constraint::Min(20));
         header.push(strings::COL_QCOW2);
     }
-    let table = Table::new(rows, widths)
-        .header(Row::new(header).style(theme::header()))
-        .row_highlight_style(theme::selected())
-        .highlight_symbol(strings::SYM_SELECTED)
-        .block(block);
-    let mut state = TableState::default().with_selected(Some(selected));
-    frame.render_stateful_widget(table, top, &mut state);
+    super::render_list(frame, top, rows, widths, header, block, selected);
 
     if let Some(p) = list.get(selected).filter(|_| !wide) {
         {

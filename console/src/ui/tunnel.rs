@@ -7,7 +7,7 @@ use crate::strings;
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Cell, Paragraph, Row, Table, TableState, Wrap};
+use ratatui::widgets::{Cell, Paragraph, Row, Wrap};
 
 pub fn render(app: &App, frame: &mut Frame, area: Rect) {
     let rows_list = app.tunnel_rows();
@@ -61,7 +61,9 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
             )),
         ])
     });
-    let table = Table::new(
+    super::render_list(
+        frame,
+        top,
         rows,
         [
             Constraint::Length(10),
@@ -71,23 +73,17 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
             Constraint::Length(7),
             Constraint::Min(10),
         ],
-    )
-    .header(
-        Row::new(vec![
+        vec![
             strings::COL_NODE,
             strings::COL_STATE,
             strings::COL_SINCE,
             strings::COL_RESTARTS,
             strings::COL_SEEN,
             strings::COL_LAST_ERROR,
-        ])
-        .style(theme::header()),
-    )
-    .row_highlight_style(theme::selected())
-    .highlight_symbol(strings::SYM_SELECTED)
-    .block(block);
-    let mut state = TableState::default().with_selected(Some(selected));
-    frame.render_stateful_widget(table, top, &mut state);
+        ],
+        block,
+        selected,
+    );
 
     let Some(row) = rows_list.get(selected) else {
         return;

@@ -7,7 +7,7 @@ use crate::strings;
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::text::Span;
-use ratatui::widgets::{Cell, Row, Table, TableState};
+use ratatui::widgets::{Cell, Row, Table};
 
 pub fn render(app: &App, frame: &mut Frame, area: Rect) {
     let list = app.visible_vms();
@@ -62,7 +62,9 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
             Cell::from(last),
         ])
     });
-    let table = Table::new(
+    super::render_list(
+        frame,
+        top,
         rows,
         [
             Constraint::Length(14),
@@ -71,22 +73,16 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
             Constraint::Length(10),
             Constraint::Min(10),
         ],
-    )
-    .header(
-        Row::new(vec![
+        vec![
             strings::COL_VM,
             strings::COL_NODE,
             strings::COL_DISKS,
             strings::COL_SIZE,
             strings::COL_LAST_BACKUP,
-        ])
-        .style(theme::header()),
-    )
-    .row_highlight_style(theme::selected())
-    .highlight_symbol(strings::SYM_SELECTED)
-    .block(block);
-    let mut state = TableState::default().with_selected(Some(selected));
-    frame.render_stateful_widget(table, top, &mut state);
+        ],
+        block,
+        selected,
+    );
 
     let mut disks_title = format!("{} {}", strings::DISKS_OF, vm.vm_name);
     if let Some(b) = app
