@@ -17,6 +17,9 @@ fn disk(key: i64, unit: i32, size: u64) -> VmDisk {
         unit_number: unit,
         size_bytes: size,
         label: format!("Hard disk {}", unit + 1),
+        controller: None,
+        backing_file: None,
+        thin_provisioned: None,
     }
 }
 

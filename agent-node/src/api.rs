@@ -241,8 +241,13 @@ pub fn inventory_vm(vm: crate::source::SourceVm) -> InventoryVm {
                 unit_number: d.unit_number,
                 size_bytes: d.size_bytes,
                 label: d.label,
+                controller: d.controller,
+                backing_file: d.backing_file,
+                thin_provisioned: d.thin_provisioned,
             })
             .collect(),
+        driver: Some(vm.driver.to_string()),
+        change_tracking: vm.change_tracking,
     }
 }
 

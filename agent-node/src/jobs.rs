@@ -81,6 +81,8 @@ struct DiskEntry {
     error: Option<String>,
     /// From the copy outcome, for the hub's verification.
     checksums: Option<ChunkChecksums>,
+    /// The snapshot's change id for this disk (vSphere CBT), reported once it is copied.
+    change_id: Option<String>,
     /// (time, bytes read) samples of the last few seconds, for the rate.
     samples: VecDeque<(Instant, u64)>,
 }
@@ -313,9 +315,20 @@ impl Jobs {
             };
             addrs.push((t.disk_key, addr));
         }
+        let request = SnapshotRequest {
+            backup_id: req.backup_id.clone(),
+            vm_name: req.vm_name.clone(),
+            backup_type: req.backup_type,
+            previous_backup_id: req.previous_backup_id.clone(),
+            previous_change_ids: req
+                .previous_change_ids
+                .iter()
+                .map(|c| (c.disk_key, c.change_id.clone()))
+                .collect(),
+        };
         if req.backup_type == BackupType::Incremental {
             self.driver
-                .check_incremental_base(&req.vm_name, req.previous_backup_id.as_ref())
+                .check_incremental_base(&request)
                 .await
                 .map_err(|e| match e {
                     e @ SourceError::IncrementalBase { .. } => StartError::BitmapMissing(e),
@@ -340,6 +353,7 @@ impl Jobs {
                         status: DiskStatus::Preparing,
                         error: None,
                         checksums: None,
+                        change_id: None,
                         samples: VecDeque::new(),
                     })
                     .collect(),
@@ -375,9 +389,9 @@ impl Jobs {
         }
         let this = self.clone();
         let j = job.clone();
-        let previous = req.previous_backup_id.clone();
+
         self.tracker
-            .spawn(async move { this.run(j, addrs, previous).await });
+            .spawn(async move { this.run(j, addrs, request).await });
         Ok((job, true))
     }
 
@@ -404,7 +418,7 @@ impl Jobs {
         self: Arc<Self>,
         job: Arc<Job>,
         targets: Vec<(DiskKey, NbdAddr)>,
-        previous: Option<BackupId>,
+        request: SnapshotRequest,
     ) {
         let ticker_stop = CancellationToken::new();
         let ticker = tokio::spawn(progress_loop(
@@ -412,12 +426,6 @@ impl Jobs {
             self.hub.clone(),
             ticker_stop.clone(),
         ));
-        let request = SnapshotRequest {
-            backup_id: job.backup_id.clone(),
-            vm_name: job.vm_name.clone(),
-            backup_type: job.backup_type,
-            previous_backup_id: previous,
-        };
         tracing::info!(backup_id = %job.backup_id, vm = %job.vm_name,
             backup_type = job.backup_type.as_str(), "backup starts");
         let final_status = match self.driver.snapshot(&request).await {
@@ -570,6 +578,11 @@ impl Jobs {
                         written = outcome.bytes_written, zeroed = outcome.bytes_zeroed,
                         skipped = outcome.bytes_skipped, elapsed = ?outcome.elapsed, "disk copied");
                     d.checksums = Some(outcome.checksums);
+                    d.change_id = snapshot
+                        .disks
+                        .iter()
+                        .find(|sd| sd.disk_key == key)
+                        .and_then(|sd| sd.change_id.clone());
                 }
                 Err(e) => {
                     all_ok = false;
@@ -695,6 +708,7 @@ impl Job {
                     error_message: d.error.clone(),
                     checksums: d.checksums.clone(),
                     bytes_transferred: Some(d.processed().1),
+                    change_id: d.change_id.clone(),
                 })
                 .collect(),
         }

@@ -8,12 +8,16 @@
 //! - [`SourceDriver::release`] always runs (success, failure, cancel), and
 //!   [`SourceDriver::recover`] finds what a crashed node left behind and releases it.
 //!
-//! Drivers: [`qemu`] (QEMU/KVM over QMP). A VMware driver would implement the same trait.
+//! Drivers: [`qemu`] (QEMU/KVM over QMP) and `vsphere` (VMware vCenter/ESXi over SOAP, disks
+//! exported by nbdkit). A driver with hypervisor change tracking (vSphere CBT) hands the copy
+//! an explicit list of areas ([`SnapshotDisk::areas`]) and a change id per disk
+//! ([`SnapshotDisk::change_id`]) that the hub keeps for the next incremental.
 
 pub mod qemu;
 
 use sendense_shared::api::BackupType;
 use sendense_shared::ids::{BackupId, DiskKey};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -28,8 +32,14 @@ pub struct SourceDisk {
     pub disk_key: DiskKey,
     pub unit_number: i32,
     pub size_bytes: u64,
-    /// Human label (QEMU: the device id).
+    /// Human label (QEMU: the device id; vSphere: "Hard disk 1").
     pub label: String,
+    /// Controller label (vSphere: "SCSI controller 0").
+    pub controller: Option<String>,
+    /// File behind the disk (vSphere: "[datastore1] vm1/vm1.vmdk").
+    pub backing_file: Option<String>,
+    /// Thin or thick, where the hypervisor says.
+    pub thin_provisioned: Option<bool>,
 }
 
 /// One VM as the driver sees it.
@@ -39,6 +49,10 @@ pub struct SourceVm {
     /// Hypervisor's id of the VM (QEMU: its `-uuid`, or the name when it has none).
     pub vm_id: String,
     pub disks: Vec<SourceDisk>,
+    /// Driver name: "qemu", "vsphere".
+    pub driver: &'static str,
+    /// Whether hypervisor change tracking is on (vSphere CBT); `None`: the driver always can.
+    pub change_tracking: Option<bool>,
 }
 
 /// What to snapshot.
@@ -51,6 +65,10 @@ pub struct SnapshotRequest {
     /// map must start exactly at that backup's snapshot, or the snapshot is refused with
     /// [`SourceError::IncrementalBase`].
     pub previous_backup_id: Option<BackupId>,
+    /// For an incremental with hypervisor change tracking: each disk's change id at the
+    /// previous backup (from the hub). A disk without one, or whose tracking was reset since,
+    /// is refused with [`SourceError::IncrementalBase`].
+    pub previous_change_ids: BTreeMap<DiskKey, String>,
 }
 
 /// Where one disk of a snapshot can be read.
@@ -65,6 +83,13 @@ pub struct SnapshotDisk {
     /// For an incremental: the dirty bitmap exported as `qemu:dirty-bitmap:<name>`, whose set
     /// bits are the blocks changed since the previous backup.
     pub dirty_bitmap: Option<String>,
+    /// When set, the only areas to read, as sorted, non-overlapping `(offset, length)` pairs:
+    /// for a full backup the allocated areas, for an incremental the changed ones (vSphere:
+    /// `QueryChangedDiskAreas`). Everything else is a hole (full) or unchanged (incremental).
+    /// Takes precedence over `dirty_bitmap` and `base:allocation`.
+    pub areas: Option<Vec<(u64, u64)>>,
+    /// The hypervisor's change id of this snapshot's disk (vSphere CBT), reported to the hub.
+    pub change_id: Option<String>,
 }
 
 impl SnapshotDisk {
@@ -150,6 +175,22 @@ pub enum SourceError {
     Tool { command: String, detail: String },
     #[error("VM {vm}: {what} did not finish within {secs} s")]
     Timeout { vm: String, what: String, secs: u64 },
+    #[error("VM {vm}: {what} is not supported by the {driver} driver")]
+    Unsupported {
+        vm: String,
+        driver: &'static str,
+        what: &'static str,
+    },
+    /// The hypervisor's management endpoint refused or failed an operation.
+    #[error("VM {vm}: {operation}: {detail}")]
+    Hypervisor {
+        vm: String,
+        operation: &'static str,
+        detail: String,
+    },
+    /// The hypervisor's management endpoint cannot be reached or refuses the login.
+    #[error("{endpoint}: {detail}")]
+    Endpoint { endpoint: String, detail: String },
 }
 
 /// A hypervisor the node takes snapshots from.
@@ -160,12 +201,12 @@ pub trait SourceDriver: Send + Sync + 'static {
     /// One VM with its disks.
     fn vm<'a>(&'a self, vm_name: &'a str) -> BoxFuture<'a, Result<SourceVm, SourceError>>;
 
-    /// Checks, without changing anything, that an incremental of `vm_name` could start from
-    /// `previous` (or from whatever base the driver tracks when `None`).
+    /// Checks, without changing anything, that the incremental `request` could start from its
+    /// `previous_backup_id` (or from whatever base the driver tracks when `None`) and, for
+    /// drivers with hypervisor change tracking, from its `previous_change_ids`.
     fn check_incremental_base<'a>(
         &'a self,
-        vm_name: &'a str,
-        previous: Option<&'a BackupId>,
+        request: &'a SnapshotRequest,
     ) -> BoxFuture<'a, Result<(), SourceError>>;
 
     /// Takes one snapshot of all disks at one instant and exports each disk.
@@ -183,4 +224,14 @@ pub trait SourceDriver: Send + Sync + 'static {
 
     /// Finds and releases what a crashed run left behind (all VMs).
     fn recover(&self) -> BoxFuture<'_, RecoveryReport>;
+
+    /// Turns on the hypervisor's change tracking for `vm_name` (vSphere CBT). Drivers that
+    /// always track changes answer `Ok`.
+    fn enable_change_tracking<'a>(
+        &'a self,
+        vm_name: &'a str,
+    ) -> BoxFuture<'a, Result<(), SourceError>> {
+        let _ = vm_name;
+        Box::pin(async { Ok(()) })
+    }
 }

@@ -61,6 +61,7 @@ fn disk(
         bytes_done: done,
         bytes_total: total,
         error_message: error.map(str::to_string),
+        change_id: None,
     }
 }
 
@@ -205,6 +206,9 @@ fn vm_disk(key: i64, unit: i32, size: u64, label: &str) -> VmDisk {
         unit_number: unit,
         size_bytes: size,
         label: label.into(),
+        controller: None,
+        backing_file: None,
+        thin_provisioned: None,
     }
 }
 

@@ -77,6 +77,15 @@ pub struct VmDisk {
     pub size_bytes: u64,
     /// Human label, e.g. the QEMU device id or `"Hard disk 1"`.
     pub label: String,
+    /// Controller the disk hangs on, e.g. `"SCSI controller 0"` (vSphere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<String>,
+    /// The hypervisor's file behind the disk, e.g. `"[datastore1] vm1/vm1.vmdk"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing_file: Option<String>,
+    /// Thin (space allocated on write) or thick, when the hypervisor says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thin_provisioned: Option<bool>,
 }
 
 /// `POST /api/v1/vms`: register a VM by hand (or from node inventory).
@@ -235,6 +244,9 @@ pub struct DiskResult {
     pub bytes_done: u64,
     pub bytes_total: u64,
     pub error_message: Option<String>,
+    /// The hypervisor's change id the disk was copied at (vSphere CBT), once completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_id: Option<String>,
 }
 
 /// A backup job.
@@ -307,6 +319,10 @@ pub struct DiskCompletion {
     /// Bytes of the target the copy wrote (see [`DiskProgress::bytes_transferred`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_transferred: Option<u64>,
+    /// The hypervisor's change id of the snapshot this disk was copied from (vSphere CBT): the
+    /// next incremental asks for the blocks changed since it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_id: Option<String>,
 }
 
 /// Checksums of the data a copy wrote, for verification after the copy: the hub reads each range
@@ -448,6 +464,13 @@ pub struct InventoryVm {
     pub vm_name: String,
     pub vm_id: String,
     pub disks: Vec<VmDisk>,
+    /// Source driver that serves the VM: `"qemu"` or `"vsphere"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    /// Whether the hypervisor tracks changed blocks for the VM (vSphere CBT); `None` where the
+    /// driver always can (QEMU's dirty bitmaps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_tracking: Option<bool>,
 }
 
 /// `GET /api/v1/inventory` of the node.
@@ -469,6 +492,18 @@ pub struct NodeBackupStart {
     /// exactly at that backup's snapshot; absent means "whatever the node tracks".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_backup_id: Option<BackupId>,
+    /// Incremental only: the change id each disk of the previous backup was copied at (drivers
+    /// with hypervisor change tracking, i.e. vSphere CBT). A disk without one makes the node
+    /// answer `409 bitmap missing`, and the hub falls back to a full backup.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_change_ids: Vec<DiskChangeId>,
+}
+
+/// A disk's change id (vSphere CBT), e.g. `"52 9c 1d ... 4b/17"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskChangeId {
+    pub disk_key: DiskKey,
+    pub change_id: String,
 }
 
 /// One disk of a node copy job.

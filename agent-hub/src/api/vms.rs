@@ -144,6 +144,9 @@ mod tests {
                 unit_number: 0,
                 size_bytes: 1 << 20,
                 label: label.into(),
+                controller: None,
+                backing_file: None,
+                thin_provisioned: None,
             }],
         }
     }

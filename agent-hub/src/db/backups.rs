@@ -162,6 +162,7 @@ fn disk_row(r: &AnyRow) -> Result<BackupDiskRow, DbError> {
             bytes_done: from_db_u64("backup_disks.bytes_done", col(r, "bytes_done")?)?,
             bytes_total: from_db_u64("backup_disks.bytes_total", col(r, "bytes_total")?)?,
             error_message: col(r, "error_message")?,
+            change_id: None,
         },
         parent_backup_id: col::<Option<String>>(r, "parent_backup_id")?.map(BackupId),
         backing_path: col(r, "backing_path")?,

@@ -19,6 +19,9 @@ fn disk_row(r: &AnyRow) -> Result<(String, VmDisk), DbError> {
             unit_number: col(r, "unit_number")?,
             size_bytes: from_db_u64("vm_disks.size_bytes", col(r, "size_bytes")?)?,
             label: col(r, "label")?,
+            controller: None,
+            backing_file: None,
+            thin_provisioned: None,
         },
     ))
 }

@@ -61,6 +61,7 @@ async fn ask_node(
         backup_type: kind,
         nbd_targets: targets.to_string(),
         previous_backup_id,
+        previous_change_ids: Vec::new(),
     };
     jm.event(
         &job.id,

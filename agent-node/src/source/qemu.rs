@@ -218,6 +218,8 @@ impl QemuDriver {
             vm_name: vm.name.clone(),
             vm_id,
             disks: disks.into_iter().map(|d| d.disk).collect(),
+            driver: "qemu",
+            change_tracking: None,
         })
     }
 
@@ -389,6 +391,8 @@ impl QemuDriver {
                 socket: state.socket.clone(),
                 export: d.export_name.clone(),
                 dirty_bitmap: state.base_bitmap.clone(),
+                areas: None,
+                change_id: None,
             });
         }
         Ok(Snapshot {
@@ -737,10 +741,10 @@ impl SourceDriver for QemuDriver {
 
     fn check_incremental_base<'a>(
         &'a self,
-        vm_name: &'a str,
-        previous: Option<&'a BackupId>,
+        request: &'a SnapshotRequest,
     ) -> BoxFuture<'a, Result<(), SourceError>> {
         Box::pin(async move {
+            let (vm_name, previous) = (&request.vm_name, request.previous_backup_id.as_ref());
             let vm = self.vm_entry(vm_name)?;
             if vm.held.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
                 self.finish_earlier_release(vm).await?;
@@ -981,6 +985,9 @@ fn parse_disks(vm: &str, blocks: &Value, nodes: &Value) -> Result<Vec<QemuDisk>,
                 unit_number: index as i32,
                 size_bytes,
                 label,
+                controller: None,
+                backing_file: None,
+                thin_provisioned: None,
             },
             bitmaps: bitmaps.remove(&format_node).unwrap_or_default(),
             format_node,
@@ -1065,6 +1072,9 @@ mod tests {
                 unit_number: 0,
                 size_bytes: 1,
                 label: "d".into(),
+                controller: None,
+                backing_file: None,
+                thin_provisioned: None,
             },
             format_node: format!("n{key}"),
             driver: "qcow2".into(),

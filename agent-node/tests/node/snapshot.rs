@@ -22,6 +22,7 @@ fn request(id: &str, t: BackupType, prev: Option<&str>) -> SnapshotRequest {
         vm_name: "vm1".into(),
         backup_type: t,
         previous_backup_id: prev.map(BackupId::from),
+        previous_change_ids: Default::default(),
     }
 }
 
@@ -131,7 +132,7 @@ async fn incremental_exports_the_changes_and_failure_keeps_the_base() {
 
     // No base yet: an incremental is refused with "bitmap missing".
     let e = d
-        .check_incremental_base("vm1", None)
+        .check_incremental_base(&request("probe", BackupType::Incremental, None))
         .await
         .unwrap_err()
         .to_string();
@@ -171,7 +172,7 @@ async fn incremental_exports_the_changes_and_failure_keeps_the_base() {
     assert_eq!(dirty, 4 * MIB, "dirty map: {map}");
     // Wrong base: refused while a snapshot is held, and also by name.
     let e = d
-        .check_incremental_base("vm1", Some(&BackupId::from("other")))
+        .check_incremental_base(&request("probe", BackupType::Incremental, Some("other")))
         .await
         .unwrap_err()
         .to_string();

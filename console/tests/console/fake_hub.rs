@@ -79,6 +79,7 @@ pub fn backup(id: &str, vm: &str, repo: &str, t: BackupType) -> Backup {
         bytes_done: 0,
         bytes_total: GIB,
         error_message: None,
+        change_id: None,
     };
     Backup {
         backup_id: BackupId(id.into()),
@@ -299,6 +300,9 @@ pub fn vm(name: &str) -> Vm {
         unit_number: unit,
         size_bytes: GIB,
         label: format!("virtio-disk{unit}"),
+        controller: None,
+        backing_file: None,
+        thin_provisioned: None,
     };
     Vm {
         vm_context_id: format!("ctx-{name}"),
