@@ -4,6 +4,8 @@
 //! How a copy runs:
 //! 1. Connect to both (the source with `base:allocation`, and for an incremental also
 //!    `qemu:dirty-bitmap:NAME`); check that the target is writable and at least as large.
+//!    With an explicit area list ([`ExtentSource::Areas`], vSphere CBT) only those areas are
+//!    looked at; the rest of the disk is skipped.
 //! 2. Walk the source's block status in windows and turn it into segments ([`plan`]): data to
 //!    read, zeroes to write, ranges to skip. Full copy: holes that read as zeroes are skipped on
 //!    a fresh target (`target_is_zero`), otherwise written as WRITE_ZEROES. Incremental: only
@@ -49,6 +51,12 @@ pub enum ExtentSource {
     Allocation,
     /// `qemu:dirty-bitmap:NAME`: only what changed since the bitmap was created (incremental).
     DirtyBitmap(String),
+    /// Exactly these `(offset, length)` areas, sorted and disjoint, from the hypervisor's own
+    /// change tracking (vSphere `QueryChangedDiskAreas`): for a full the allocated areas, for an
+    /// incremental the changed ones. Everything outside is skipped: the target already holds
+    /// it (zeroes on a fresh target, the previous backup under an incremental's overlay).
+    /// Inside, `base:allocation` (when offered) and zero detection work as for the others.
+    Areas(Arc<Vec<(u64, u64)>>),
 }
 
 /// Tuning of one copy. The defaults come from `bench/copy.sh` on the development machine.
@@ -379,6 +387,7 @@ pub async fn copy_disk(
         ExtentSource::DirtyBitmap(name) => {
             vec![dirty_bitmap_context(name), BASE_ALLOCATION.to_string()]
         }
+        ExtentSource::Areas(_) => vec![BASE_ALLOCATION.to_string()],
     };
     let src_opts = ConnectOptions {
         meta_contexts: contexts,
@@ -405,12 +414,12 @@ pub async fn copy_disk(
     // Which context drives the plan, and whether zeroes can be found without reading.
     let alloc_ok = src0.meta_context_id(BASE_ALLOCATION).is_some();
     let map_context = match &extents {
-        ExtentSource::Allocation => BASE_ALLOCATION.to_string(),
+        ExtentSource::Allocation | ExtentSource::Areas(_) => BASE_ALLOCATION.to_string(),
         ExtentSource::DirtyBitmap(name) => dirty_bitmap_context(name),
     };
-    if extents == ExtentSource::Allocation && !alloc_ok {
+    if !alloc_ok && matches!(extents, ExtentSource::Allocation | ExtentSource::Areas(_)) {
         // Still correct, only slower: every byte is read and zero blocks are found by looking.
-        tracing::warn!(source = %source, "source has no base:allocation; copying every block");
+        tracing::warn!(source = %source, "source has no base:allocation; reading every block to copy");
     } else if src0.meta_context_id(&map_context).is_none() {
         return Err(CopyError::MissingContext {
             addr: source.to_string(),
@@ -430,6 +439,9 @@ pub async fn copy_disk(
             target: target.to_string(),
             target_size: dst0.size(),
         });
+    }
+    if let ExtentSource::Areas(areas) = &extents {
+        plan::check_areas(areas, size).map_err(|reason| CopyError::Options { reason })?;
     }
     counters.bytes_total.store(size, Ordering::Relaxed);
     let request_size = (opts.request_size)
@@ -696,6 +708,47 @@ async fn plan_window(
                     );
                 }
             }
+            Ok(covered)
+        }
+        ExtentSource::Areas(areas) => {
+            let inside = plan::areas_in(areas, offset, end);
+            let Some(&(first, _)) = inside.first() else {
+                out.push(Segment {
+                    offset,
+                    length: window,
+                    action: Action::Skip,
+                });
+                return Ok(end);
+            };
+            // Block status only from the first area on: a window without areas (most of an
+            // incremental) costs no request at all.
+            let from = first.max(offset);
+            let mut inner = Vec::new();
+            let covered = if alloc_ok {
+                let ext = status(BASE_ALLOCATION, from, end - from).await?;
+                plan::lay_extents(
+                    from,
+                    end,
+                    &ext,
+                    |f| plan::allocation_action(f, opts.target_is_zero),
+                    &mut inner,
+                )
+            } else {
+                inner.push(Segment {
+                    offset: from,
+                    length: end - from,
+                    action: Action::Data,
+                });
+                end
+            };
+            if from > offset {
+                out.push(Segment {
+                    offset,
+                    length: from - offset,
+                    action: Action::Skip,
+                });
+            }
+            plan::overlay_areas(&inside, &inner, out);
             Ok(covered)
         }
     }

@@ -514,9 +514,11 @@ impl Jobs {
                 path: sd.socket.clone(),
                 export: sd.export.clone(),
             };
-            let extents = match &sd.dirty_bitmap {
-                Some(b) => ExtentSource::DirtyBitmap(b.clone()),
-                None => ExtentSource::Allocation,
+            // The hypervisor's own list of areas (vSphere CBT) wins over the NBD contexts.
+            let extents = match (&sd.areas, &sd.dirty_bitmap) {
+                (Some(areas), _) => ExtentSource::Areas(Arc::new(areas.clone())),
+                (None, Some(b)) => ExtentSource::DirtyBitmap(b.clone()),
+                (None, None) => ExtentSource::Allocation,
             };
             let mut opts = self.copy_options.clone();
             opts.target_is_zero = job.backup_type == BackupType::Full;

@@ -15,3 +15,6 @@ mod cli;
 
 #[path = "copy_engine/nbdkit.rs"]
 mod nbdkit;
+
+#[path = "copy_engine/areas.rs"]
+mod areas;

@@ -74,6 +74,70 @@ pub fn lay_extents(
     at
 }
 
+/// Checks an explicit area list ([`super::ExtentSource::Areas`]) against a disk of `size`
+/// bytes: every area non-empty, inside the disk, sorted and disjoint. The error says which.
+pub fn check_areas(areas: &[(u64, u64)], size: u64) -> Result<(), String> {
+    let mut prev_end = 0u64;
+    for (i, &(offset, length)) in areas.iter().enumerate() {
+        if length == 0 {
+            return Err(format!("area {i} at {offset} has length 0"));
+        }
+        let end = offset
+            .checked_add(length)
+            .filter(|&e| e <= size)
+            .ok_or_else(|| {
+                format!("area {i} ({offset}+{length}) ends past the disk's {size} bytes")
+            })?;
+        if i > 0 && offset < prev_end {
+            return Err(format!(
+                "area {i} at {offset} starts before the previous one ends at {prev_end} \
+                 (areas must be sorted and disjoint)"
+            ));
+        }
+        prev_end = end;
+    }
+    Ok(())
+}
+
+/// The parts of the sorted, disjoint `areas` inside `[start, end)`, clipped to it.
+pub fn areas_in(areas: &[(u64, u64)], start: u64, end: u64) -> Vec<(u64, u64)> {
+    let first = areas.partition_point(|&(o, l)| o + l <= start);
+    areas[first..]
+        .iter()
+        .take_while(|&&(o, _)| o < end)
+        .map(|&(o, l)| {
+            let s = o.max(start);
+            let e = (o + l).min(end);
+            (s, e - s)
+        })
+        .collect()
+}
+
+/// Lays `areas` over the contiguous segments `inner`: inside an area a segment keeps its
+/// action, outside it becomes [`Action::Skip`]. The output covers exactly what `inner` covers.
+pub fn overlay_areas(areas: &[(u64, u64)], inner: &[Segment], out: &mut Vec<Segment>) {
+    let mut a = 0;
+    for seg in inner {
+        let mut at = seg.offset;
+        while at < seg.end() {
+            while a < areas.len() && areas[a].0 + areas[a].1 <= at {
+                a += 1;
+            }
+            let (next, action) = match areas.get(a) {
+                Some(&(o, _)) if o > at => (o.min(seg.end()), Action::Skip),
+                Some(&(o, l)) => ((o + l).min(seg.end()), seg.action),
+                None => (seg.end(), Action::Skip),
+            };
+            out.push(Segment {
+                offset: at,
+                length: next - at,
+                action,
+            });
+            at = next;
+        }
+    }
+}
+
 /// Merges adjacent segments with the same action, so that a long run split over several block
 /// status replies becomes one run (fewer, larger WRITE_ZEROES).
 #[derive(Debug, Default)]
@@ -222,6 +286,51 @@ mod tests {
         assert_eq!(p, vec![(3, 7), (10, 8), (18, 2), (20, 3)]);
         let total: u64 = pieces(0, 1 << 40, 1 << 21, 1 << 22).map(|p| p.1).sum();
         assert_eq!(total, 1 << 40);
+    }
+
+    #[test]
+    fn areas_are_checked_clipped_and_overlaid() {
+        assert!(check_areas(&[(0, 10), (10, 5), (100, 28)], 128).is_ok());
+        assert!(check_areas(&[], 0).is_ok());
+        let e = check_areas(&[(0, 10), (5, 10)], 128).unwrap_err();
+        assert!(e.contains("area 1") && e.contains("disjoint"), "{e}");
+        let e = check_areas(&[(120, 10)], 128).unwrap_err();
+        assert!(e.contains("past the disk"), "{e}");
+        assert!(
+            check_areas(&[(0, 0)], 128)
+                .unwrap_err()
+                .contains("length 0")
+        );
+        assert!(check_areas(&[(u64::MAX, 2)], u64::MAX).is_err());
+
+        let areas = [(10, 10), (30, 5), (50, 100)];
+        assert_eq!(areas_in(&areas, 0, 10), vec![]);
+        assert_eq!(areas_in(&areas, 15, 60), vec![(15, 5), (30, 5), (50, 10)]);
+        assert_eq!(areas_in(&areas, 60, 70), vec![(60, 10)]);
+        assert_eq!(areas_in(&areas, 160, 170), vec![]);
+
+        let seg = |offset, length, action| Segment {
+            offset,
+            length,
+            action,
+        };
+        // Allocation says: data 0..32, zero 32..60.
+        let inner = [seg(0, 32, Action::Data), seg(32, 28, Action::Zero)];
+        let mut out = Vec::new();
+        overlay_areas(&areas_in(&areas, 0, 60), &inner, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                seg(0, 10, Action::Skip),
+                seg(10, 10, Action::Data),
+                seg(20, 10, Action::Skip),
+                seg(30, 2, Action::Data),
+                seg(32, 3, Action::Zero),
+                seg(35, 15, Action::Skip),
+                seg(50, 10, Action::Zero),
+            ]
+        );
+        assert_eq!(out.iter().map(|s| s.length).sum::<u64>(), 60);
     }
 
     #[test]
