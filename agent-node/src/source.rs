@@ -13,6 +13,7 @@
 //! an explicit list of areas ([`SnapshotDisk::areas`]) and a change id per disk
 //! ([`SnapshotDisk::change_id`]) that the hub keeps for the next incremental.
 
+pub mod multi;
 pub mod qemu;
 
 use sendense_shared::api::BackupType;
