@@ -14,6 +14,7 @@
 //! ([`SnapshotDisk::change_id`]) that the hub keeps for the next incremental.
 
 pub mod multi;
+pub mod nbdkit;
 pub mod qemu;
 
 use sendense_shared::api::BackupType;
