@@ -23,6 +23,7 @@
 //! thumbprint_sha256 = "AB:CD:..."   # or ca_file = "/etc/sendense/vcenter-ca.pem", or insecure = true
 //! ```
 
+use crate::vsphere::{Secret, TlsPolicy};
 use clap::Args;
 use sendense_shared::names::validate_name;
 use serde::Deserialize;
@@ -108,45 +109,20 @@ pub struct VsphereFile {
     pub vddk_libdir: Option<PathBuf>,
 }
 
-/// How the vCenter's certificate is checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VsphereTls {
-    /// The system trust store (nothing configured).
-    System,
-    CaFile(PathBuf),
-    Pinned([u8; 32]),
-    Insecure,
-}
-
 /// The checked `[vsphere]` section.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct VsphereConfig {
     /// Without a trailing slash or path.
     pub url: String,
     pub user: String,
-    /// Never logged: [`VsphereConfig`]'s `Debug` leaves it out.
-    pub password: String,
-    pub tls: VsphereTls,
+    /// Never logged (its `Debug` is redacted).
+    pub password: Secret,
+    pub tls: TlsPolicy,
     pub quiesce: bool,
     /// Only these VM names, when given.
     pub vms: Option<std::collections::BTreeSet<String>>,
     pub nbdkit: PathBuf,
     pub vddk_libdir: Option<PathBuf>,
-}
-
-impl std::fmt::Debug for VsphereConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VsphereConfig")
-            .field("url", &self.url)
-            .field("user", &self.user)
-            .field("password", &"<redacted>")
-            .field("tls", &self.tls)
-            .field("quiesce", &self.quiesce)
-            .field("vms", &self.vms)
-            .field("nbdkit", &self.nbdkit)
-            .field("vddk_libdir", &self.vddk_libdir)
-            .finish()
-    }
 }
 
 impl VsphereConfig {
@@ -209,15 +185,15 @@ impl VsphereConfig {
         }
         let tls = if let Some(ca) = &file.ca_file {
             std::fs::metadata(ca).map_err(|e| bad("ca_file", format!("{}: {e}", ca.display())))?;
-            VsphereTls::CaFile(ca.clone())
+            TlsPolicy::CaFile(ca.clone())
         } else if let Some(t) = &file.thumbprint_sha256 {
-            VsphereTls::Pinned(
+            TlsPolicy::Pinned(
                 parse_thumbprint(t).map_err(|detail| bad("thumbprint_sha256", detail))?,
             )
         } else if file.insecure {
-            VsphereTls::Insecure
+            TlsPolicy::Insecure
         } else {
-            VsphereTls::System
+            TlsPolicy::System
         };
         let vms = match &file.vms {
             None => None,
@@ -250,7 +226,7 @@ impl VsphereConfig {
         Ok(VsphereConfig {
             url,
             user,
-            password,
+            password: Secret::new(password),
             tls,
             quiesce: file.quiesce,
             vms,
@@ -608,17 +584,17 @@ mod tests {
         .unwrap();
         let shown = format!("{c:?}");
         assert!(
-            !shown.contains("s3cret") && shown.contains("redacted"),
+            !shown.contains("s3cret") && shown.contains("***"),
             "{shown}"
         );
         let v = c.vsphere.unwrap();
         assert_eq!(v.url, "https://127.0.0.1:8989");
-        assert_eq!(v.password, "s3cret pass");
+        assert_eq!(v.password.expose(), "s3cret pass");
         let mut want = [0u8; 32];
         for (i, b) in want.iter_mut().enumerate() {
             *b = if i % 2 == 0 { 0xab } else { 0xcd };
         }
-        assert_eq!(v.tls, VsphereTls::Pinned(want));
+        assert_eq!(v.tls, TlsPolicy::Pinned(want));
         assert!(v.quiesce);
         assert_eq!(v.nbdkit, PathBuf::from("nbdkit"));
         assert_eq!(v.vms.unwrap().len(), 2);
@@ -632,7 +608,7 @@ mod tests {
         )
         .unwrap();
         let v = c.vsphere.unwrap();
-        assert_eq!(v.tls, VsphereTls::System);
+        assert_eq!(v.tls, TlsPolicy::System);
         assert!(!v.quiesce);
         assert_eq!(v.vms, None);
     }
