@@ -751,9 +751,10 @@ impl Client {
             .into_iter()
             .flatten()
             .collect::<Vec<_>>();
-        let names = self
-            .datastore_names(raw.iter().filter_map(|d| d.datastore_ref.as_ref()))
-            .await?;
+        // Collected first: a closure held across the await makes the future not `Send` for
+        // callers that box it as `dyn Future + Send` (rustc's higher-ranked lifetime limit).
+        let refs: Vec<&MoRef> = raw.iter().filter_map(|d| d.datastore_ref.as_ref()).collect();
+        let names = self.datastore_names(refs.into_iter()).await?;
         Ok(inventory::resolve_datastores(raw, &names))
     }
 
@@ -953,12 +954,12 @@ impl Client {
         raw: Vec<RawVm>,
         datacenter: &str,
     ) -> Result<Vec<VmInfo>, VsphereError> {
-        let names = self
-            .datastore_names(
-                raw.iter()
-                    .flat_map(|vm| vm.disks.iter().filter_map(|d| d.datastore_ref.as_ref())),
-            )
-            .await?;
+        // Collected first, see `snapshot_disks`.
+        let refs: Vec<&MoRef> = raw
+            .iter()
+            .flat_map(|vm| vm.disks.iter().filter_map(|d| d.datastore_ref.as_ref()))
+            .collect();
+        let names = self.datastore_names(refs.into_iter()).await?;
         Ok(raw
             .into_iter()
             .map(|vm| VmInfo {
