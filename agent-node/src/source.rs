@@ -16,6 +16,7 @@
 pub mod multi;
 pub mod nbdkit;
 pub mod qemu;
+pub mod vsphere;
 
 use sendense_shared::api::BackupType;
 use sendense_shared::ids::{BackupId, DiskKey};
@@ -133,6 +134,8 @@ pub struct RecoveryReport {
     pub files_removed: Vec<PathBuf>,
     /// Backups whose change tracking was rolled back to their base.
     pub bitmaps_rolled_back: Vec<String>,
+    /// Hypervisor snapshots removed (vSphere: "VM vm1: snapshot sendense-<id> (snapshot-43)").
+    pub snapshots_removed: Vec<String>,
     /// Problems met while recovering (the rest still ran).
     pub errors: Vec<String>,
 }

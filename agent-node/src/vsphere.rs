@@ -753,7 +753,10 @@ impl Client {
             .collect::<Vec<_>>();
         // Collected first: a closure held across the await makes the future not `Send` for
         // callers that box it as `dyn Future + Send` (rustc's higher-ranked lifetime limit).
-        let refs: Vec<&MoRef> = raw.iter().filter_map(|d| d.datastore_ref.as_ref()).collect();
+        let refs: Vec<&MoRef> = raw
+            .iter()
+            .filter_map(|d| d.datastore_ref.as_ref())
+            .collect();
         let names = self.datastore_names(refs.into_iter()).await?;
         Ok(inventory::resolve_datastores(raw, &names))
     }

@@ -222,6 +222,7 @@ impl SourceDriver for MultiDriver {
                 all.nodes_removed.extend(r.nodes_removed);
                 all.files_removed.extend(r.files_removed);
                 all.bitmaps_rolled_back.extend(r.bitmaps_rolled_back);
+                all.snapshots_removed.extend(r.snapshots_removed);
                 all.errors
                     .extend(r.errors.into_iter().map(|e| format!("{}: {e}", m.name)));
             }
