@@ -189,11 +189,9 @@ impl VsphereDriver {
         match e {
             VsphereError::Unreachable { .. }
             | VsphereError::Certificate { .. }
+            // The client's message names the URL and the user; the endpoint names the config.
             | VsphereError::Login { .. } => SourceError::Endpoint {
-                endpoint: format!(
-                    "vSphere {} (user {})",
-                    self.endpoint.url, self.endpoint.user
-                ),
+                endpoint: "[vsphere]".to_string(),
                 detail: e.to_string(),
             },
             e => SourceError::Hypervisor {
@@ -643,7 +641,7 @@ impl SourceDriver for VsphereDriver {
                 .await
                 .map_err(|e| match self.error("", "listing VMs", e) {
                     SourceError::Hypervisor { detail, .. } => SourceError::Endpoint {
-                        endpoint: format!("vSphere {}", self.endpoint.url),
+                        endpoint: format!("[vsphere] {}", self.endpoint.url),
                         detail: format!("listing VMs: {detail}"),
                     },
                     other => other,

@@ -1,0 +1,410 @@
+//! The vSphere driver against the govmomi simulator (`sendense_tests::vcsim`): inventory, one
+//! snapshot per backup, nbdkit exports that read the frozen disks, release, crash recovery,
+//! change tracking and the incremental base check.
+
+use agent_node::config::VsphereConfig;
+use agent_node::source::vsphere::VsphereDriver;
+use agent_node::source::{ReleaseOutcome, Snapshot, SnapshotRequest, SourceDriver, SourceError};
+use agent_node::vsphere::{Secret, TlsPolicy};
+use sendense_shared::api::BackupType;
+use sendense_shared::ids::{BackupId, DiskKey};
+use sendense_shared::nbd::{ConnectOptions, NbdAddr, NbdClient};
+use sendense_tests::vcsim::{Vcsim, VcsimOptions};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+const MIB: u64 = 1 << 20;
+
+fn sim() -> Vcsim {
+    Vcsim::start(VcsimOptions::default()).expect("start the simulator")
+}
+
+fn pin(sim: &Vcsim) -> TlsPolicy {
+    let hex = &sim.cert_sha256;
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
+    }
+    TlsPolicy::Pinned(out)
+}
+
+fn config(sim: &Vcsim, tls: TlsPolicy) -> VsphereConfig {
+    VsphereConfig {
+        url: sim.url.clone(),
+        user: sim.user.clone(),
+        password: Secret::new(sim.password.clone()),
+        tls,
+        quiesce: false,
+        vms: None,
+        nbdkit: PathBuf::from("nbdkit"),
+        vddk_libdir: None,
+    }
+}
+
+fn request(
+    sim: &Vcsim,
+    id: &str,
+    ty: BackupType,
+    ids: BTreeMap<DiskKey, String>,
+) -> SnapshotRequest {
+    SnapshotRequest {
+        backup_id: BackupId::from(id),
+        vm_name: sim.vm.name.clone(),
+        backup_type: ty,
+        previous_backup_id: None,
+        previous_change_ids: ids,
+    }
+}
+
+/// Every byte of an export.
+async fn read_export(socket: &Path, export: &str) -> Vec<u8> {
+    let c = NbdClient::connect(
+        &NbdAddr::Unix {
+            path: socket.to_path_buf(),
+            export: export.to_string(),
+        },
+        &ConnectOptions::default(),
+    )
+    .await
+    .expect("connect to the nbdkit export");
+    let mut out = Vec::with_capacity(c.size() as usize);
+    let mut at = 0;
+    while at < c.size() {
+        let n = (c.size() - at).min(4 * MIB);
+        out.extend_from_slice(&c.read(at, n as u32).await.unwrap());
+        at += n;
+    }
+    c.disconnect().await.unwrap();
+    out
+}
+
+/// PIDs of the nbdkits recorded in `run_dir`.
+fn nbdkit_pids(run_dir: &Path) -> Vec<u32> {
+    std::fs::read_dir(run_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".pid"))
+        .map(|e| {
+            let v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
+            v["pid"].as_u64().unwrap() as u32
+        })
+        .collect()
+}
+
+fn alive(pid: u32) -> bool {
+    sendense_shared::child::pid_alive(pid)
+}
+
+fn files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn pattern(byte: u8, len: u64) -> Vec<u8> {
+    vec![byte; len as usize]
+}
+
+#[tokio::test]
+async fn inventory_shows_the_two_disk_vm() {
+    let sim = sim();
+    let run = tempfile::tempdir().unwrap();
+    let d = VsphereDriver::new(
+        &config(&sim, TlsPolicy::CaFile(sim.cert_pem.clone())),
+        run.path().into(),
+    );
+    let vms = d.list_vms().await.unwrap();
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    let vm = &vms[0];
+    assert_eq!(vm.vm_name, sim.vm.name);
+    assert_eq!(vm.vm_id, sim.vm.uuid);
+    assert_eq!(vm.driver, "vsphere");
+    let keys: Vec<i64> = vm.disks.iter().map(|d| d.disk_key.0).collect();
+    assert_eq!(keys, [2000, 2001]);
+    assert_ne!(vm.disks[0].unit_number, vm.disks[1].unit_number);
+    for (disk, want) in vm.disks.iter().zip(&sim.vm.disks) {
+        assert_eq!(disk.size_bytes, want.capacity_bytes);
+        assert_eq!(disk.unit_number, want.unit_number);
+        assert_eq!(disk.label, want.label);
+        assert_eq!(disk.backing_file.as_deref(), Some(want.file_name.as_str()));
+        assert!(
+            disk.controller.as_deref().is_some_and(|c| !c.is_empty()),
+            "{disk:?}"
+        );
+    }
+    assert_eq!(vm.change_tracking, Some(false));
+    let e = d.vm("nope").await.unwrap_err();
+    assert!(matches!(e, SourceError::UnknownVm { .. }), "{e}");
+
+    // An allowlist without the VM hides it.
+    let mut only_other = config(&sim, pin(&sim));
+    only_other.vms = Some(["other".to_string()].into());
+    let d = VsphereDriver::new(&only_other, run.path().into());
+    assert!(d.list_vms().await.unwrap().is_empty());
+    assert!(matches!(
+        d.vm(&sim.vm.name).await,
+        Err(SourceError::UnknownVm { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_full_snapshot_exports_the_frozen_disks_and_release_leaves_nothing() {
+    let sim = sim();
+    let run = tempfile::tempdir().unwrap();
+    let d = VsphereDriver::new(&config(&sim, pin(&sim)), run.path().into());
+    sim.write_disk(2000, 0, &pattern(0x11, MIB)).unwrap();
+    sim.write_disk(2000, 3 * MIB, &pattern(0x22, MIB)).unwrap();
+    sim.write_disk(2001, 5 * MIB, &pattern(0x33, 64 * 1024))
+        .unwrap();
+    let frozen = [sim.disk_image(2000).unwrap(), sim.disk_image(2001).unwrap()];
+
+    // CBT is off: a full reads every block (no area list).
+    let req = request(&sim, "full-1", BackupType::Full, BTreeMap::new());
+    let snap = d.snapshot(&req).await.unwrap();
+    assert_eq!(
+        sim.snapshot_names().unwrap(),
+        ["sendense-full-1"],
+        "exactly one snapshot, named after the backup"
+    );
+    let again = d
+        .snapshot(&request(&sim, "full-2", BackupType::Full, BTreeMap::new()))
+        .await;
+    assert!(
+        matches!(again, Err(SourceError::SnapshotHeld { .. })),
+        "{again:?}"
+    );
+    // The guest keeps writing: the exports show the disks as the snapshot froze them.
+    sim.write_disk(2000, 0, &pattern(0x99, 64 * 1024)).unwrap();
+    assert_eq!(snap.disks.len(), 2);
+    for (disk, want) in snap.disks.iter().zip(&frozen) {
+        assert_eq!(disk.areas, None, "CBT off: no area list");
+        assert!(disk.dirty_bitmap.is_none());
+        assert_eq!(disk.size_bytes, want.len() as u64);
+        let got = read_export(&disk.socket, &disk.export).await;
+        assert!(
+            got == *want,
+            "disk {}: export differs from the frozen data",
+            disk.disk_key
+        );
+    }
+    let pids = nbdkit_pids(run.path());
+    assert_eq!(pids.len(), 2);
+    assert!(pids.iter().all(|&p| alive(p)));
+
+    d.release(&snap, ReleaseOutcome::Success).await.unwrap();
+    assert!(sim.snapshot_names().unwrap().is_empty(), "snapshot removed");
+    assert!(pids.iter().all(|&p| !alive(p)), "nbdkit stopped");
+    for disk in &snap.disks {
+        assert!(!disk.socket.exists(), "{} left", disk.socket.display());
+    }
+    assert!(
+        files(run.path()).is_empty(),
+        "left in the run dir: {:?}",
+        files(run.path())
+    );
+    // The write after the snapshot survived consolidation.
+    assert_eq!(sim.read_disk(2000, 0, 4).unwrap(), [0x99; 4]);
+    // Released twice: nothing to do.
+    d.release(&snap, ReleaseOutcome::Success).await.unwrap();
+}
+
+#[tokio::test]
+async fn recovery_after_a_crash_removes_the_snapshot_and_kills_nbdkit() {
+    let sim = sim();
+    let run = tempfile::tempdir().unwrap();
+    let cfg = config(&sim, TlsPolicy::CaFile(sim.cert_pem.clone()));
+    let d = VsphereDriver::new(&cfg, run.path().into());
+    let snap: Snapshot = d
+        .snapshot(&request(&sim, "crashed", BackupType::Full, BTreeMap::new()))
+        .await
+        .unwrap();
+    let pids = nbdkit_pids(run.path());
+    assert_eq!(pids.len(), 2);
+    // The node dies without releasing: its driver is gone, the snapshot and nbdkits stay.
+    drop(d);
+    assert_eq!(sim.snapshot_names().unwrap(), ["sendense-crashed"]);
+    assert!(pids.iter().all(|&p| alive(p)));
+
+    let d = VsphereDriver::new(&cfg, run.path().into());
+    let report = d.recover().await;
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(report.exports_removed.len(), 2, "{report:?}");
+    assert!(
+        report
+            .snapshots_removed
+            .iter()
+            .any(|s| s.contains("sendense-crashed")),
+        "{report:?}"
+    );
+    assert!(sim.snapshot_names().unwrap().is_empty());
+    assert!(pids.iter().all(|&p| !alive(p)), "leftover nbdkit killed");
+    for disk in &snap.disks {
+        assert!(!disk.socket.exists());
+    }
+    assert!(files(run.path()).is_empty(), "{:?}", files(run.path()));
+    // A snapshot named like ours that no journal knows (journal lost) is removed too.
+    let d2 = VsphereDriver::new(&cfg, tempfile::tempdir().unwrap().path().into());
+    let snap = d2
+        .snapshot(&request(
+            &sim,
+            "no-journal",
+            BackupType::Full,
+            BTreeMap::new(),
+        ))
+        .await
+        .unwrap();
+    let report = d.recover().await;
+    assert!(
+        report
+            .snapshots_removed
+            .iter()
+            .any(|s| s.contains("sendense-no-journal")),
+        "{report:?}"
+    );
+    assert!(sim.snapshot_names().unwrap().is_empty());
+    d2.release(&snap, ReleaseOutcome::Failure).await.unwrap();
+}
+
+#[tokio::test]
+async fn cbt_areas_and_change_ids_drive_incrementals() {
+    let sim = sim();
+    let run = tempfile::tempdir().unwrap();
+    let d = VsphereDriver::new(&config(&sim, pin(&sim)), run.path().into());
+    d.enable_change_tracking(&sim.vm.name).await.unwrap();
+    assert!(sim.state().unwrap().unwrap().cbt_enabled);
+    assert_eq!(
+        d.vm(&sim.vm.name).await.unwrap().change_tracking,
+        Some(true)
+    );
+    sim.write_disk(2000, 2 * MIB, &pattern(0x44, MIB)).unwrap();
+
+    // Full with CBT on: the allocated areas, and a change id per disk.
+    let full = d
+        .snapshot(&request(&sim, "f1", BackupType::Full, BTreeMap::new()))
+        .await
+        .unwrap();
+    let areas = full.disks[0].areas.clone().expect("CBT on: an area list");
+    assert!(
+        areas.iter().any(|&(o, l)| o <= 2 * MIB && o + l >= 3 * MIB),
+        "the written MiB is in the allocated areas: {areas:?}"
+    );
+    let ids: BTreeMap<DiskKey, String> = full
+        .disks
+        .iter()
+        .map(|disk| (disk.disk_key, disk.change_id.clone().expect("a change id")))
+        .collect();
+    d.release(&full, ReleaseOutcome::Success).await.unwrap();
+
+    // Changes after the full: only they are listed for the incremental.
+    sim.write_disk(2000, 10 * MIB, &pattern(0x55, 64 * 1024))
+        .unwrap();
+    let inc = request(&sim, "i1", BackupType::Incremental, ids.clone());
+    d.check_incremental_base(&inc).await.unwrap();
+    let snap = d.snapshot(&inc).await.unwrap();
+    let a0 = snap.disks[0].areas.clone().unwrap();
+    assert!(!a0.is_empty(), "the change is listed");
+    assert!(
+        a0.iter()
+            .all(|&(o, l)| o >= 10 * MIB - 64 * 1024 && o + l <= 10 * MIB + 128 * 1024),
+        "only the changed block: {a0:?}"
+    );
+    assert_eq!(
+        snap.disks[1].areas,
+        Some(vec![]),
+        "nothing changed on disk 2001"
+    );
+    let data = read_export(&snap.disks[0].socket, &snap.disks[0].export).await;
+    assert_eq!(
+        &data[10 * MIB as usize..][..64 * 1024],
+        &pattern(0x55, 64 * 1024)[..]
+    );
+    d.release(&snap, ReleaseOutcome::Success).await.unwrap();
+
+    // Without the hub's change ids: refused, naming the disk.
+    let e = d
+        .check_incremental_base(&request(
+            &sim,
+            "i2",
+            BackupType::Incremental,
+            BTreeMap::new(),
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, SourceError::IncrementalBase { disk_key, .. } if *disk_key == DiskKey(2000)),
+        "{e}"
+    );
+    // After a CBT reset the old change ids are of another epoch: refused before any snapshot.
+    sim.reset_cbt().unwrap();
+    let e = d
+        .check_incremental_base(&request(&sim, "i3", BackupType::Incremental, ids.clone()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, SourceError::IncrementalBase { detail, .. } if detail.contains("reset")),
+        "{e}"
+    );
+    let e = d
+        .snapshot(&request(&sim, "i3", BackupType::Incremental, ids))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, SourceError::IncrementalBase { .. }), "{e}");
+    assert!(
+        sim.snapshot_names().unwrap().is_empty(),
+        "no snapshot taken"
+    );
+}
+
+#[tokio::test]
+async fn bad_credentials_an_unreachable_server_and_a_vanished_vm() {
+    let sim = sim();
+    let run = tempfile::tempdir().unwrap();
+    let mut wrong = config(&sim, pin(&sim));
+    wrong.password = Secret::new("not-the-password-7f3a".into());
+    let e = VsphereDriver::new(&wrong, run.path().into())
+        .list_vms()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, SourceError::Endpoint { .. }), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains(&sim.user) && text.contains(&sim.url),
+        "{text}"
+    );
+    assert!(!text.contains("not-the-password"), "{text}");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut gone = config(&sim, pin(&sim));
+    gone.url = format!("https://127.0.0.1:{port}");
+    let e = VsphereDriver::new(&gone, run.path().into())
+        .snapshot(&request(&sim, "x", BackupType::Full, BTreeMap::new()))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, SourceError::Endpoint { .. }), "{e}");
+    assert!(e.to_string().contains(&port.to_string()), "{e}");
+
+    // The VM disappears while its snapshot is held: release still cleans up.
+    let d = VsphereDriver::new(&config(&sim, pin(&sim)), run.path().into());
+    let snap = d
+        .snapshot(&request(&sim, "v1", BackupType::Full, BTreeMap::new()))
+        .await
+        .unwrap();
+    let pids = nbdkit_pids(run.path());
+    sim.destroy_vm().unwrap();
+    d.release(&snap, ReleaseOutcome::Failure).await.unwrap();
+    assert!(pids.iter().all(|&p| !alive(p)));
+    assert!(files(run.path()).is_empty(), "{:?}", files(run.path()));
+    assert!(matches!(
+        d.vm(&sim.vm.name).await,
+        Err(SourceError::UnknownVm { .. })
+    ));
+}
