@@ -11,6 +11,11 @@
 //! - `409 vm busy` (the VM has a running job), `409 backup id used` (a finished job has it),
 //!   `409 bitmap missing` (an incremental without a valid changed-block map: do a full);
 //! - `502 hypervisor unavailable` (QMP not answering).
+//!
+//! `POST /api/v1/vms/{vm}/change-tracking` turns on the hypervisor's change tracking (vSphere
+//! CBT; QEMU always tracks): `200 {"vm_name","change_tracking":true}`, `404 vm not found`,
+//! `502 hypervisor unavailable` (cannot reach or log in) or `502 hypervisor error` (the
+//! hypervisor refused; the detail has its cause).
 
 use crate::jobs::{Jobs, StartError};
 use axum::extract::rejection::JsonRejection;
@@ -118,6 +123,7 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/api/v1/backup/{id}", get(backup_get))
         .route("/api/v1/backup/{id}/cancel", post(backup_cancel))
         .route("/api/v1/tunnel", get(tunnel))
+        .route("/api/v1/vms/{vm}/change-tracking", post(change_tracking))
         .route("/api/v1/restore/start", post(restore_start))
         .route("/api/v1/restore/{id}", get(restore_get))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
@@ -248,6 +254,36 @@ pub fn inventory_vm(vm: crate::source::SourceVm) -> InventoryVm {
             .collect(),
         driver: Some(vm.driver.to_string()),
         change_tracking: vm.change_tracking,
+    }
+}
+
+async fn change_tracking(
+    State(state): State<Arc<NodeState>>,
+    Path(vm): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    use crate::source::SourceError;
+    match state.jobs.driver().enable_change_tracking(&vm).await {
+        Ok(()) => Ok(Json(
+            serde_json::json!({"vm_name": vm, "change_tracking": true}),
+        )),
+        Err(e @ SourceError::UnknownVm { .. }) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "vm not found",
+            e.to_string(),
+        )),
+        Err(e @ (SourceError::Endpoint { .. } | SourceError::Qmp { .. })) => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "hypervisor unavailable",
+            e.to_string(),
+        )),
+        Err(e) => {
+            tracing::warn!(vm = %vm, error = %e, "enabling change tracking failed");
+            Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "hypervisor error",
+                e.to_string(),
+            ))
+        }
     }
 }
 
@@ -413,5 +449,19 @@ mod tests {
         .await;
         assert_eq!(s, StatusCode::NOT_FOUND);
         assert_eq!(body["error"], "vm not found");
+    }
+
+    #[tokio::test]
+    async fn change_tracking_of_an_unknown_vm_is_404() {
+        let (s, body) = call(
+            Request::post("/api/v1/vms/nope/change-tracking")
+                .header("authorization", "Bearer tok")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{body}");
+        assert_eq!(body["error"], "vm not found");
+        assert!(body["detail"].as_str().unwrap().contains("nope"), "{body}");
     }
 }

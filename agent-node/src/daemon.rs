@@ -1,4 +1,4 @@
-//! The node daemon: config → QEMU driver → start-up recovery → tunnel → hub registration → API,
+//! The node daemon: config → source driver(s) (QEMU, vSphere, or both) → start-up recovery → tunnel → hub registration → API,
 //! with one shutdown token fanned out to the API, the jobs and the registration task; the
 //! tunnel stops last.
 
@@ -9,7 +9,9 @@ use crate::hub_client::{HubClient, backoff};
 use crate::jobs::Jobs;
 use crate::qmp::QmpLog;
 use crate::source::SourceDriver;
+use crate::source::multi::MultiDriver;
 use crate::source::qemu::QemuDriver;
+use crate::source::vsphere::VsphereDriver;
 use crate::tunnel::Tunnel;
 use sendense_shared::api::{NodeRegistration, VmRequest};
 use std::collections::BTreeMap;
@@ -25,12 +27,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.run_dir)
         .map_err(|e| anyhow::anyhow!("creating run directory {}: {e}", config.run_dir.display()))?;
-    let log = Arc::new(QmpLog::new(Some(config.run_dir.join("qmp.log"))));
-    let driver: Arc<dyn SourceDriver> = Arc::new(QemuDriver::new(
-        config.vms.clone(),
-        config.run_dir.clone(),
-        log,
-    ));
+    let driver = source_driver(&config).await?;
     let report = driver.recover().await;
     tracing::info!(?report, "start-up recovery done");
     for e in &report.errors {
@@ -89,6 +86,32 @@ pub async fn run(
         t.stopped().await;
     }
     Ok(())
+}
+
+/// The source driver(s) the config asks for: QEMU VMs from `[qmp]`/`--qmp`, vSphere VMs from
+/// `[vsphere]`; both at once behind a [`MultiDriver`], which refuses a VM name in both.
+async fn source_driver(config: &NodeConfig) -> anyhow::Result<Arc<dyn SourceDriver>> {
+    let qemu = || -> Arc<dyn SourceDriver> {
+        let log = Arc::new(QmpLog::new(Some(config.run_dir.join("qmp.log"))));
+        Arc::new(QemuDriver::new(
+            config.vms.clone(),
+            config.run_dir.clone(),
+            log,
+        ))
+    };
+    let Some(vs) = &config.vsphere else {
+        return Ok(qemu());
+    };
+    let vsphere = VsphereDriver::new(vs, config.run_dir.clone());
+    tracing::info!(url = %vs.url, user = %vs.user, vddk = vsphere.uses_vddk(),
+        allowlist = ?vs.vms, "vSphere source configured");
+    let vsphere: Arc<dyn SourceDriver> = Arc::new(vsphere);
+    if config.vms.is_empty() {
+        return Ok(vsphere);
+    }
+    Ok(Arc::new(
+        MultiDriver::start(vec![("qemu", qemu()), ("vsphere", vsphere)]).await?,
+    ))
 }
 
 /// How often the inventory is looked at again; VMs whose disks changed are pushed.

@@ -408,3 +408,91 @@ async fn bad_credentials_an_unreachable_server_and_a_vanished_vm() {
         Err(SourceError::UnknownVm { .. })
     ));
 }
+
+/// `POST /api/v1/vms/{vm}/change-tracking` through the node's router.
+async fn post_change_tracking(
+    driver: std::sync::Arc<dyn SourceDriver>,
+    vm: &str,
+) -> (u16, serde_json::Value) {
+    use agent_node::api::{NodeState, router};
+    use agent_node::copy::CopyOptions;
+    use agent_node::jobs::Jobs;
+    use http_body_util::BodyExt;
+    use tokio_util::sync::CancellationToken;
+    use tower::ServiceExt;
+    let jobs = Jobs::new(
+        driver,
+        None,
+        CopyOptions::default(),
+        CancellationToken::new(),
+    );
+    let app = router(std::sync::Arc::new(NodeState {
+        name: "n".into(),
+        token: "tok".into(),
+        started_at: chrono::Utc::now(),
+        jobs,
+        tunnel: None,
+        restores: std::sync::Arc::new(agent_node::restore::Restores::new(
+            std::env::temp_dir(),
+            CopyOptions::default(),
+            CancellationToken::new(),
+        )),
+    }));
+    let resp = app
+        .oneshot(
+            axum::http::Request::post(format!("/api/v1/vms/{vm}/change-tracking"))
+                .header("authorization", "Bearer tok")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn the_change_tracking_route_turns_cbt_on() {
+    let sim = sim();
+    let run = tempfile::tempdir().unwrap();
+    let d = std::sync::Arc::new(VsphereDriver::new(
+        &config(&sim, pin(&sim)),
+        run.path().into(),
+    ));
+    assert!(!sim.state().unwrap().unwrap().cbt_enabled);
+    let (status, body) = post_change_tracking(d.clone(), &sim.vm.name).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        serde_json::json!({"vm_name": sim.vm.name, "change_tracking": true})
+    );
+    assert!(
+        sim.state().unwrap().unwrap().cbt_enabled,
+        "ReconfigVM_Task ran"
+    );
+    let (status, body) = post_change_tracking(d.clone(), "nope").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (404, Some("vm not found"))
+    );
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut gone = config(&sim, pin(&sim));
+    gone.url = format!("https://127.0.0.1:{port}");
+    let (status, body) = post_change_tracking(
+        std::sync::Arc::new(VsphereDriver::new(&gone, run.path().into())),
+        &sim.vm.name,
+    )
+    .await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"], "hypervisor unavailable");
+    assert!(
+        body["detail"].as_str().unwrap().contains(&port.to_string()),
+        "{body}"
+    );
+}
