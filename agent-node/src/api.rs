@@ -262,7 +262,13 @@ async fn change_tracking(
     Path(vm): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     use crate::source::SourceError;
-    match state.jobs.driver().enable_change_tracking(&vm).await {
+    let driver = state.jobs.driver();
+    // The VM first: a driver that always tracks answers Ok for any name.
+    let enabled = match driver.vm(&vm).await {
+        Ok(_) => driver.enable_change_tracking(&vm).await,
+        Err(e) => Err(e),
+    };
+    match enabled {
         Ok(()) => Ok(Json(
             serde_json::json!({"vm_name": vm, "change_tracking": true}),
         )),
