@@ -260,6 +260,8 @@ struct Transport {
     /// `vmware_soap_session=<value as the server sent it>`.
     cookie: Mutex<Option<String>>,
     observed: Arc<tls::Observed>,
+    /// The TLS policy as errors name it.
+    policy: String,
 }
 
 impl Transport {
@@ -299,6 +301,7 @@ impl Transport {
             soap_action: format!("urn:vim25/{DEFAULT_API_VERSION}"),
             cookie: Mutex::new(None),
             observed,
+            policy: tls::describe(&endpoint.tls),
         })
     }
 
@@ -371,7 +374,24 @@ impl Transport {
     /// the way `Unreachable`.
     fn transport_error(&self, e: &reqwest::Error) -> VsphereError {
         if is_tls_error(e) {
-            let detail = self.observed.take_refusal().unwrap_or_else(|| chain(e));
+            let detail = self.observed.take_refusal().unwrap_or_else(|| {
+                // Refused after the certificate check: the handshake signature, e.g. by a key
+                // that ring does not accept.
+                let seen = self.observed.leaf_der().map_or_else(
+                    || "no certificate".to_string(),
+                    |der| format!("the server certificate sha256 {}", tls::sha256_hex(&der)),
+                );
+                let hint = if chain(e).contains("BadSignature") {
+                    " (RSA keys under 2048 bits are refused)"
+                } else {
+                    ""
+                };
+                format!(
+                    "{}: handshake with {seen} failed: {}{hint}",
+                    self.policy,
+                    chain(e)
+                )
+            });
             VsphereError::Certificate {
                 url: self.url.clone(),
                 detail,
