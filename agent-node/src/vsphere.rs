@@ -31,6 +31,7 @@ mod soap;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -241,6 +242,41 @@ struct Inner {
     endpoint: Endpoint,
     transport: Transport,
     content: ServiceContent,
+    /// Set by [`Client::logout`]: no more automatic logins after that.
+    logged_out: AtomicBool,
+    /// One re-login at a time when an idle session has expired.
+    relogin: tokio::sync::Mutex<()>,
+}
+
+/// Login on an open transport; the session cookie lands in the transport.
+async fn login(
+    transport: &Transport,
+    endpoint: &Endpoint,
+    session_manager: &MoRef,
+) -> Result<(), VsphereError> {
+    let method = "Login";
+    let login = format!(
+        "{}{}",
+        elem("userName", &endpoint.user),
+        elem("password", endpoint.password.expose())
+    );
+    let body = transport
+        .call(method, soap::envelope(method, session_manager, &login))
+        .await?;
+    soap::parse_response(method, &body, |_| Ok(())).map_err(|e| match e.fault() {
+        Some("InvalidLogin") => VsphereError::Login {
+            url: transport.url.clone(),
+            user: endpoint.user.clone(),
+        },
+        _ => e,
+    })?;
+    if transport.cookie().is_none() {
+        return Err(VsphereError::Protocol {
+            method: method.to_string(),
+            detail: format!("no {SESSION_COOKIE} cookie in the response"),
+        });
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone)]
@@ -602,37 +638,15 @@ impl Client {
                 session_manager: get("sessionManager")?,
             })
         })?;
-        let method = "Login";
-        let login = format!(
-            "{}{}",
-            elem("userName", &endpoint.user),
-            elem("password", endpoint.password.expose())
-        );
-        let body = transport
-            .call(
-                method,
-                soap::envelope(method, &content.session_manager, &login),
-            )
-            .await?;
-        soap::parse_response(method, &body, |_| Ok(())).map_err(|e| match e.fault() {
-            Some("InvalidLogin") => VsphereError::Login {
-                url: transport.url.clone(),
-                user: endpoint.user.clone(),
-            },
-            _ => e,
-        })?;
-        if transport.cookie().is_none() {
-            return Err(VsphereError::Protocol {
-                method: method.to_string(),
-                detail: format!("no {SESSION_COOKIE} cookie in the response"),
-            });
-        }
+        login(&transport, endpoint, &content.session_manager).await?;
         tracing::debug!(url = %transport.url, user = %endpoint.user, action = %transport.soap_action, "vSphere session open");
         Ok(Client {
             inner: Arc::new(Inner {
                 endpoint: endpoint.clone(),
                 transport,
                 content,
+                logged_out: AtomicBool::new(false),
+                relogin: tokio::sync::Mutex::new(()),
             }),
             task_timeout: DEFAULT_TASK_TIMEOUT,
         })
@@ -645,6 +659,7 @@ impl Client {
     }
 
     pub async fn logout(&self) -> Result<(), VsphereError> {
+        self.inner.logged_out.store(true, Ordering::SeqCst);
         let method = "Logout";
         self.invoke(method, &self.inner.content.session_manager, "", |_| Ok(()))
             .await
@@ -819,6 +834,37 @@ impl Client {
         datastore::file_url(&self.inner.transport.url, datacenter, file_name)
     }
 
+    /// Sends one envelope. When the session has expired (vCenter ends idle sessions after 30
+    /// minutes; a node waits longer than that between backups), logs in again once and resends.
+    async fn exchange(&self, method: &str, envelope: String) -> Result<String, VsphereError> {
+        let transport = &self.inner.transport;
+        let used = transport.cookie();
+        let response = transport.call(method, envelope.clone()).await?;
+        if !response.contains("NotAuthenticated")
+            || self.inner.logged_out.load(Ordering::SeqCst)
+            || soap::parse_response(method, &response, |_| Ok(()))
+                .err()
+                .and_then(|e| e.fault().map(|f| f == "NotAuthenticated"))
+                != Some(true)
+        {
+            return Ok(response);
+        }
+        {
+            let _one = self.inner.relogin.lock().await;
+            // Another task may have logged in again meanwhile.
+            if transport.cookie() == used {
+                tracing::info!(url = %transport.url, user = %self.inner.endpoint.user, "vSphere session expired; logging in again");
+                login(
+                    transport,
+                    &self.inner.endpoint,
+                    &self.inner.content.session_manager,
+                )
+                .await?;
+            }
+        }
+        transport.call(method, envelope).await
+    }
+
     /// One SOAP call on `this`; `f` reads the response element.
     async fn invoke<T>(
         &self,
@@ -828,9 +874,7 @@ impl Client {
         f: impl FnOnce(Node<'_, '_>) -> Result<T, VsphereError>,
     ) -> Result<T, VsphereError> {
         let response = self
-            .inner
-            .transport
-            .call(method, soap::envelope(method, this, body))
+            .exchange(method, soap::envelope(method, this, body))
             .await?;
         soap::parse_response(method, &response, f)
     }
@@ -845,17 +889,13 @@ impl Client {
         let method = "RetrievePropertiesEx";
         let body = format!("{spec_set}<options><maxObjects>500</maxObjects></options>");
         let response = self
-            .inner
-            .transport
-            .call(method, soap::envelope(method, collector, &body))
+            .exchange(method, soap::envelope(method, collector, &body))
             .await?;
         let (mut out, mut token) = retrieve_page(method, &response, &mut per_object)?;
         while let Some(t) = token {
             let method = "ContinueRetrievePropertiesEx";
             let response = self
-                .inner
-                .transport
-                .call(
+                .exchange(
                     method,
                     soap::envelope(method, collector, &elem("token", &t)),
                 )
