@@ -12,8 +12,13 @@ package main
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
@@ -23,6 +28,7 @@ import (
 	"io"
 	"io/ioutil"
 	"log"
+	"math/big"
 	"net"
 	"net/http"
 	"net/url"
@@ -32,6 +38,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/vmware/govmomi"
 	"github.com/vmware/govmomi/simulator"
@@ -130,7 +137,14 @@ func run(listen, dir, ready, user, passwordFile, disks, vmName string) error {
 		return fmt.Errorf("simulator model: %v", err)
 	}
 	defer model.Remove()
-	model.Service.TLS = new(tls.Config)
+	// The simulator's default certificate (Go's httptest one) has a 1024-bit RSA key, which
+	// OpenSSL at Debian's security level (curl, nbdkit) and webpki (rustls) refuse: use a fresh
+	// self-signed ECDSA P-256 one for 127.0.0.1.
+	cert, err := selfSignedCert()
+	if err != nil {
+		return fmt.Errorf("certificate: %v", err)
+	}
+	model.Service.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
 	model.Service.Listen = &url.URL{Host: listen, User: url.UserPassword(user, password)}
 	server := model.Service.NewServer()
 	defer server.Close()
@@ -199,6 +213,34 @@ func run(listen, dir, ready, user, passwordFile, disks, vmName string) error {
 	log.Printf("vcsim-launcher: exiting (%s)", why)
 	_ = control.Close()
 	return nil
+}
+
+func selfSignedCert() (tls.Certificate, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 62))
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{CommonName: "127.0.0.1", Organization: []string{"Sendense vcsim"}},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(7 * 24 * time.Hour),
+		KeyUsage:              x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		IsCA:                  false,
+		IPAddresses:           []net.IP{net.ParseIP("127.0.0.1"), net.ParseIP("::1")},
+		DNSNames:              []string{"localhost"},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
 }
 
 func writeAtomically(path string, v interface{}) error {
