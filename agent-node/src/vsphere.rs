@@ -523,6 +523,24 @@ fn retrieve_page<T>(
                     detail: "an object without obj reference".to_string(),
                 }
             })?;
+            // Without a session (or a privilege) the collector answers with a missingSet per
+            // property instead of a fault; an absent property would read as "no disks".
+            for missing in children(object, "missingSet") {
+                let fault = child(missing, "fault")
+                    .map(soap::localized_fault)
+                    .map(|(fault, _)| fault)
+                    .unwrap_or_default();
+                if matches!(fault.as_str(), "NotAuthenticated" | "NoPermission") {
+                    return Err(VsphereError::Fault {
+                        method: method.to_string(),
+                        message: format!(
+                            "property {} of {obj} not readable",
+                            child_text(missing, "path").unwrap_or_default()
+                        ),
+                        fault,
+                    });
+                }
+            }
             let values = children(object, "propSet")
                 .filter_map(|p| Some((child_text(p, "name")?.trim().to_string(), child(p, "val")?)))
                 .collect();
@@ -834,20 +852,23 @@ impl Client {
         datastore::file_url(&self.inner.transport.url, datacenter, file_name)
     }
 
-    /// Sends one envelope. When the session has expired (vCenter ends idle sessions after 30
-    /// minutes; a node waits longer than that between backups), logs in again once and resends.
-    async fn exchange(&self, method: &str, envelope: String) -> Result<String, VsphereError> {
+    /// Sends one envelope and parses the answer with `parse`. When the session has expired
+    /// (vCenter ends idle sessions after 30 minutes; a node waits longer than that between
+    /// backups), logs in again once and resends.
+    async fn exchange<T>(
+        &self,
+        method: &str,
+        envelope: String,
+        mut parse: impl FnMut(&str) -> Result<T, VsphereError>,
+    ) -> Result<T, VsphereError> {
         let transport = &self.inner.transport;
         let used = transport.cookie();
         let response = transport.call(method, envelope.clone()).await?;
-        if !response.contains("NotAuthenticated")
-            || self.inner.logged_out.load(Ordering::SeqCst)
-            || soap::parse_response(method, &response, |_| Ok(()))
-                .err()
-                .and_then(|e| e.fault().map(|f| f == "NotAuthenticated"))
-                != Some(true)
-        {
-            return Ok(response);
+        match parse(&response) {
+            Err(e)
+                if e.fault() == Some("NotAuthenticated")
+                    && !self.inner.logged_out.load(Ordering::SeqCst) => {}
+            parsed => return parsed,
         }
         {
             let _one = self.inner.relogin.lock().await;
@@ -862,7 +883,7 @@ impl Client {
                 .await?;
             }
         }
-        transport.call(method, envelope).await
+        parse(&transport.call(method, envelope).await?)
     }
 
     /// One SOAP call on `this`; `f` reads the response element.
@@ -871,12 +892,12 @@ impl Client {
         method: &str,
         this: &MoRef,
         body: &str,
-        f: impl FnOnce(Node<'_, '_>) -> Result<T, VsphereError>,
+        mut f: impl FnMut(Node<'_, '_>) -> Result<T, VsphereError>,
     ) -> Result<T, VsphereError> {
-        let response = self
-            .exchange(method, soap::envelope(method, this, body))
-            .await?;
-        soap::parse_response(method, &response, f)
+        self.exchange(method, soap::envelope(method, this, body), |response| {
+            soap::parse_response(method, response, &mut f)
+        })
+        .await
     }
 
     /// RetrievePropertiesEx with `spec_set`, following ContinueRetrievePropertiesEx tokens.
@@ -888,19 +909,19 @@ impl Client {
         let collector = &self.inner.content.property_collector;
         let method = "RetrievePropertiesEx";
         let body = format!("{spec_set}<options><maxObjects>500</maxObjects></options>");
-        let response = self
-            .exchange(method, soap::envelope(method, collector, &body))
+        let (mut out, mut token) = self
+            .exchange(method, soap::envelope(method, collector, &body), |r| {
+                retrieve_page(method, r, &mut per_object)
+            })
             .await?;
-        let (mut out, mut token) = retrieve_page(method, &response, &mut per_object)?;
         while let Some(t) = token {
             let method = "ContinueRetrievePropertiesEx";
-            let response = self
-                .exchange(
-                    method,
-                    soap::envelope(method, collector, &elem("token", &t)),
-                )
+            let envelope = soap::envelope(method, collector, &elem("token", &t));
+            let (more, next) = self
+                .exchange(method, envelope, |r| {
+                    retrieve_page(method, r, &mut per_object)
+                })
                 .await?;
-            let (more, next) = retrieve_page(method, &response, &mut per_object)?;
             out.extend(more);
             token = next;
         }
@@ -1188,7 +1209,7 @@ mod tests {
 <objects><obj type="VirtualMachine">vm-57</obj>
 <propSet><name>config.uuid</name><val xmlns:XMLSchema-instance="http://www.w3.org/2001/XMLSchema-instance" XMLSchema-instance:type="xsd:string">u-57</val></propSet>
 <propSet><name>name</name><val xmlns:XMLSchema-instance="http://www.w3.org/2001/XMLSchema-instance" XMLSchema-instance:type="xsd:string">DC0_H0_VM1</val></propSet>
-<missingSet><path>snapshot</path><fault><fault xmlns:XMLSchema-instance="http://www.w3.org/2001/XMLSchema-instance" XMLSchema-instance:type="NotAuthenticated"></fault></fault></missingSet>
+<missingSet><path>snapshot</path><fault><fault xmlns:XMLSchema-instance="http://www.w3.org/2001/XMLSchema-instance" XMLSchema-instance:type="InvalidProperty"></fault></fault></missingSet>
 </objects></returnval></RetrievePropertiesExResponse></soapenv:Body></soapenv:Envelope>"#;
 
     #[test]
@@ -1207,6 +1228,18 @@ mod tests {
         assert_eq!(vms[1].uuid, "u-57", "config.uuid without instanceUuid");
         assert!(!vms[1].cbt_enabled);
         assert!(vms[1].snapshots.is_empty() && vms[1].disks.is_empty());
+    }
+
+    #[test]
+    fn a_page_without_session_is_not_authenticated() {
+        let body = PAGE.replace(r#"type="InvalidProperty""#, r#"type="NotAuthenticated""#);
+        let err = retrieve_page("RetrievePropertiesEx", &body, &mut |obj, _| Ok(obj))
+            .expect_err("missingSet with NotAuthenticated");
+        assert_eq!(err.fault(), Some("NotAuthenticated"));
+        assert!(
+            err.to_string().contains("snapshot of VirtualMachine:vm-57"),
+            "{err}"
+        );
     }
 
     #[test]
