@@ -18,6 +18,7 @@
 //!
 //! # Modules
 //! - [`tls`]: one rustls configuration per [`TlsPolicy`]; records the leaf certificate.
+//! - `https`: HTTP/1.1 over tokio-rustls with hyper, a small connection pool.
 //! - `soap`: envelopes, escaping, response and fault parsing.
 //! - `inventory`: device lists (disks, controllers) and snapshot trees.
 //! - `datastore`: datastore file URLs.
@@ -25,6 +26,7 @@
 pub mod tls;
 
 mod datastore;
+mod https;
 mod inventory;
 mod soap;
 
@@ -290,8 +292,7 @@ struct ServiceContent {
 /// HTTP side of a session: the reqwest client, the SOAPAction, the session cookie and what TLS saw.
 struct Transport {
     url: String,
-    sdk: String,
-    http: reqwest::Client,
+    http: https::Https,
     soap_action: String,
     /// `vmware_soap_session=<value as the server sent it>`.
     cookie: Mutex<Option<String>>,
@@ -303,16 +304,16 @@ struct Transport {
 impl Transport {
     fn new(endpoint: &Endpoint) -> Result<Self, VsphereError> {
         let url = endpoint.url.trim_end_matches('/').to_string();
-        let parsed = reqwest::Url::parse(&url).map_err(|e| VsphereError::Unreachable {
+        let unreachable = |detail: String| VsphereError::Unreachable {
             url: url.clone(),
-            detail: format!("not a URL: {e}"),
-        })?;
-        if !matches!(parsed.scheme(), "https" | "http") || parsed.host_str().is_none() {
-            return Err(VsphereError::Unreachable {
-                url,
-                detail: "expected https://host[:port]".to_string(),
-            });
-        }
+            detail,
+        };
+        let parsed =
+            reqwest::Url::parse(&url).map_err(|e| unreachable(format!("not a URL: {e}")))?;
+        let host = parsed
+            .host_str()
+            .filter(|_| parsed.scheme() == "https" && parsed.path().trim_matches('/').is_empty())
+            .ok_or_else(|| unreachable("expected https://host[:port] without a path".into()))?;
         let (config, observed) =
             tls::client_config(&endpoint.tls).map_err(|detail| VsphereError::Certificate {
                 url: url.clone(),
@@ -321,18 +322,10 @@ impl Transport {
         if endpoint.tls == TlsPolicy::Insecure {
             tracing::warn!(url = %url, "vSphere TLS certificate is not verified (insecure = true)");
         }
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(config)
-            .connect_timeout(Duration::from_secs(15))
-            .timeout(Duration::from_secs(600))
-            .build()
-            .map_err(|e| VsphereError::Unreachable {
-                url: url.clone(),
-                detail: format!("HTTP client: {}", chain(&e)),
-            })?;
+        let http = https::Https::new(host, parsed.port().unwrap_or(443), config)
+            .map_err(|e| unreachable(e.to_string()))?;
         Ok(Self {
-            sdk: format!("{url}/sdk"),
-            url,
+            url: url.clone(),
             http,
             soap_action: format!("urn:vim25/{DEFAULT_API_VERSION}"),
             cookie: Mutex::new(None),
@@ -343,20 +336,20 @@ impl Transport {
 
     /// The API version the server announces in /sdk/vimServiceVersions.xml, if it does.
     async fn announced_version(&self) -> Result<Option<String>, VsphereError> {
-        let response = self
+        let reply = self
             .http
-            .get(format!("{}/vimServiceVersions.xml", self.sdk))
-            .send()
+            .request(
+                hyper::Method::GET,
+                "/sdk/vimServiceVersions.xml",
+                &[],
+                String::new(),
+            )
             .await
-            .map_err(|e| self.transport_error(&e))?;
-        if !response.status().is_success() {
+            .map_err(|e| self.transport_error(&*e))?;
+        if reply.status != 200 {
             return Ok(None);
         }
-        let body = response
-            .text()
-            .await
-            .map_err(|e| self.transport_error(&e))?;
-        let Ok(doc) = roxmltree::Document::parse(&body) else {
+        let Ok(doc) = roxmltree::Document::parse(&reply.body) else {
             return Ok(None);
         };
         Ok(doc
@@ -370,33 +363,29 @@ impl Transport {
 
     /// POSTs one envelope; returns the body (faults come with status 500 and are parsed later).
     async fn call(&self, method: &str, envelope: String) -> Result<String, VsphereError> {
-        let mut request = self
+        let cookie = self.cookie();
+        let mut headers = vec![
+            ("Content-Type", "text/xml; charset=utf-8"),
+            ("SOAPAction", self.soap_action.as_str()),
+        ];
+        if let Some(cookie) = &cookie {
+            headers.push(("Cookie", cookie.as_str()));
+        }
+        let reply = self
             .http
-            .post(&self.sdk)
-            .header(reqwest::header::CONTENT_TYPE, "text/xml; charset=utf-8")
-            .header("SOAPAction", &self.soap_action)
-            .body(envelope);
-        if let Some(cookie) = self.cookie() {
-            request = request.header(reqwest::header::COOKIE, cookie);
-        }
-        let response = request.send().await.map_err(|e| self.transport_error(&e))?;
-        for value in response.headers().get_all(reqwest::header::SET_COOKIE) {
-            if let Some(cookie) = value.to_str().ok().and_then(session_cookie) {
-                *self.cookie.lock().unwrap_or_else(PoisonError::into_inner) = Some(cookie);
-            }
-        }
-        let status = response.status();
-        let body = response
-            .text()
+            .request(hyper::Method::POST, "/sdk", &headers, envelope)
             .await
-            .map_err(|e| self.transport_error(&e))?;
-        if !status.is_success() && !body.contains("Envelope") {
+            .map_err(|e| self.transport_error(&*e))?;
+        if let Some(cookie) = reply.set_cookies.iter().find_map(|c| session_cookie(c)) {
+            *self.cookie.lock().unwrap_or_else(PoisonError::into_inner) = Some(cookie);
+        }
+        if reply.status != 200 && !reply.body.contains("Envelope") {
             return Err(VsphereError::Protocol {
                 method: method.to_string(),
-                detail: format!("HTTP {status}: {}", soap::snippet(&body)),
+                detail: format!("HTTP {}: {}", reply.status, soap::snippet(&reply.body)),
             });
         }
-        Ok(body)
+        Ok(reply.body)
     }
 
     fn cookie(&self) -> Option<String> {
@@ -408,7 +397,7 @@ impl Transport {
 
     /// A refused certificate becomes `Certificate` (policy and SHA-256 seen), anything else on
     /// the way `Unreachable`.
-    fn transport_error(&self, e: &reqwest::Error) -> VsphereError {
+    fn transport_error(&self, e: &(dyn std::error::Error + 'static)) -> VsphereError {
         if is_tls_error(e) {
             let detail = self.observed.take_refusal().unwrap_or_else(|| {
                 // Refused after the certificate check: the handshake signature, e.g. by a key
