@@ -18,6 +18,7 @@
 //!
 //! # Modules
 //! - [`tls`]: one rustls configuration per [`TlsPolicy`]; records the leaf certificate.
+//! - `https`: HTTP/1.1 over tokio-rustls with hyper, a small connection pool.
 //! - `soap`: envelopes, escaping, response and fault parsing.
 //! - `inventory`: device lists (disks, controllers) and snapshot trees.
 //! - `datastore`: datastore file URLs.
@@ -25,12 +26,14 @@
 pub mod tls;
 
 mod datastore;
+mod https;
 mod inventory;
 mod soap;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -241,6 +244,41 @@ struct Inner {
     endpoint: Endpoint,
     transport: Transport,
     content: ServiceContent,
+    /// Set by [`Client::logout`]: no more automatic logins after that.
+    logged_out: AtomicBool,
+    /// One re-login at a time when an idle session has expired.
+    relogin: tokio::sync::Mutex<()>,
+}
+
+/// Login on an open transport; the session cookie lands in the transport.
+async fn login(
+    transport: &Transport,
+    endpoint: &Endpoint,
+    session_manager: &MoRef,
+) -> Result<(), VsphereError> {
+    let method = "Login";
+    let login = format!(
+        "{}{}",
+        elem("userName", &endpoint.user),
+        elem("password", endpoint.password.expose())
+    );
+    let body = transport
+        .call(method, soap::envelope(method, session_manager, &login))
+        .await?;
+    soap::parse_response(method, &body, |_| Ok(())).map_err(|e| match e.fault() {
+        Some("InvalidLogin") => VsphereError::Login {
+            url: transport.url.clone(),
+            user: endpoint.user.clone(),
+        },
+        _ => e,
+    })?;
+    if transport.cookie().is_none() {
+        return Err(VsphereError::Protocol {
+            method: method.to_string(),
+            detail: format!("no {SESSION_COOKIE} cookie in the response"),
+        });
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone)]
@@ -254,27 +292,28 @@ struct ServiceContent {
 /// HTTP side of a session: the reqwest client, the SOAPAction, the session cookie and what TLS saw.
 struct Transport {
     url: String,
-    sdk: String,
-    http: reqwest::Client,
+    http: https::Https,
     soap_action: String,
     /// `vmware_soap_session=<value as the server sent it>`.
     cookie: Mutex<Option<String>>,
     observed: Arc<tls::Observed>,
+    /// The TLS policy as errors name it.
+    policy: String,
 }
 
 impl Transport {
     fn new(endpoint: &Endpoint) -> Result<Self, VsphereError> {
         let url = endpoint.url.trim_end_matches('/').to_string();
-        let parsed = reqwest::Url::parse(&url).map_err(|e| VsphereError::Unreachable {
+        let unreachable = |detail: String| VsphereError::Unreachable {
             url: url.clone(),
-            detail: format!("not a URL: {e}"),
-        })?;
-        if !matches!(parsed.scheme(), "https" | "http") || parsed.host_str().is_none() {
-            return Err(VsphereError::Unreachable {
-                url,
-                detail: "expected https://host[:port]".to_string(),
-            });
-        }
+            detail,
+        };
+        let parsed =
+            reqwest::Url::parse(&url).map_err(|e| unreachable(format!("not a URL: {e}")))?;
+        let host = parsed
+            .host_str()
+            .filter(|_| parsed.scheme() == "https" && parsed.path().trim_matches('/').is_empty())
+            .ok_or_else(|| unreachable("expected https://host[:port] without a path".into()))?;
         let (config, observed) =
             tls::client_config(&endpoint.tls).map_err(|detail| VsphereError::Certificate {
                 url: url.clone(),
@@ -283,41 +322,34 @@ impl Transport {
         if endpoint.tls == TlsPolicy::Insecure {
             tracing::warn!(url = %url, "vSphere TLS certificate is not verified (insecure = true)");
         }
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(config)
-            .connect_timeout(Duration::from_secs(15))
-            .timeout(Duration::from_secs(600))
-            .build()
-            .map_err(|e| VsphereError::Unreachable {
-                url: url.clone(),
-                detail: format!("HTTP client: {}", chain(&e)),
-            })?;
+        let http = https::Https::new(host, parsed.port().unwrap_or(443), config)
+            .map_err(|e| unreachable(e.to_string()))?;
         Ok(Self {
-            sdk: format!("{url}/sdk"),
-            url,
+            url: url.clone(),
             http,
             soap_action: format!("urn:vim25/{DEFAULT_API_VERSION}"),
             cookie: Mutex::new(None),
             observed,
+            policy: tls::describe(&endpoint.tls),
         })
     }
 
     /// The API version the server announces in /sdk/vimServiceVersions.xml, if it does.
     async fn announced_version(&self) -> Result<Option<String>, VsphereError> {
-        let response = self
+        let reply = self
             .http
-            .get(format!("{}/vimServiceVersions.xml", self.sdk))
-            .send()
+            .request(
+                hyper::Method::GET,
+                "/sdk/vimServiceVersions.xml",
+                &[],
+                String::new(),
+            )
             .await
-            .map_err(|e| self.transport_error(&e))?;
-        if !response.status().is_success() {
+            .map_err(|e| self.transport_error(&*e))?;
+        if reply.status != 200 {
             return Ok(None);
         }
-        let body = response
-            .text()
-            .await
-            .map_err(|e| self.transport_error(&e))?;
-        let Ok(doc) = roxmltree::Document::parse(&body) else {
+        let Ok(doc) = roxmltree::Document::parse(&reply.body) else {
             return Ok(None);
         };
         Ok(doc
@@ -331,33 +363,29 @@ impl Transport {
 
     /// POSTs one envelope; returns the body (faults come with status 500 and are parsed later).
     async fn call(&self, method: &str, envelope: String) -> Result<String, VsphereError> {
-        let mut request = self
+        let cookie = self.cookie();
+        let mut headers = vec![
+            ("Content-Type", "text/xml; charset=utf-8"),
+            ("SOAPAction", self.soap_action.as_str()),
+        ];
+        if let Some(cookie) = &cookie {
+            headers.push(("Cookie", cookie.as_str()));
+        }
+        let reply = self
             .http
-            .post(&self.sdk)
-            .header(reqwest::header::CONTENT_TYPE, "text/xml; charset=utf-8")
-            .header("SOAPAction", &self.soap_action)
-            .body(envelope);
-        if let Some(cookie) = self.cookie() {
-            request = request.header(reqwest::header::COOKIE, cookie);
-        }
-        let response = request.send().await.map_err(|e| self.transport_error(&e))?;
-        for value in response.headers().get_all(reqwest::header::SET_COOKIE) {
-            if let Some(cookie) = value.to_str().ok().and_then(session_cookie) {
-                *self.cookie.lock().unwrap_or_else(PoisonError::into_inner) = Some(cookie);
-            }
-        }
-        let status = response.status();
-        let body = response
-            .text()
+            .request(hyper::Method::POST, "/sdk", &headers, envelope)
             .await
-            .map_err(|e| self.transport_error(&e))?;
-        if !status.is_success() && !body.contains("Envelope") {
+            .map_err(|e| self.transport_error(&*e))?;
+        if let Some(cookie) = reply.set_cookies.iter().find_map(|c| session_cookie(c)) {
+            *self.cookie.lock().unwrap_or_else(PoisonError::into_inner) = Some(cookie);
+        }
+        if reply.status != 200 && !reply.body.contains("Envelope") {
             return Err(VsphereError::Protocol {
                 method: method.to_string(),
-                detail: format!("HTTP {status}: {}", soap::snippet(&body)),
+                detail: format!("HTTP {}: {}", reply.status, soap::snippet(&reply.body)),
             });
         }
-        Ok(body)
+        Ok(reply.body)
     }
 
     fn cookie(&self) -> Option<String> {
@@ -369,9 +397,26 @@ impl Transport {
 
     /// A refused certificate becomes `Certificate` (policy and SHA-256 seen), anything else on
     /// the way `Unreachable`.
-    fn transport_error(&self, e: &reqwest::Error) -> VsphereError {
+    fn transport_error(&self, e: &(dyn std::error::Error + 'static)) -> VsphereError {
         if is_tls_error(e) {
-            let detail = self.observed.take_refusal().unwrap_or_else(|| chain(e));
+            let detail = self.observed.take_refusal().unwrap_or_else(|| {
+                // Refused after the certificate check: the handshake signature, e.g. by a key
+                // that ring does not accept.
+                let seen = self.observed.leaf_der().map_or_else(
+                    || "no certificate".to_string(),
+                    |der| format!("the server certificate sha256 {}", tls::sha256_hex(&der)),
+                );
+                let hint = if chain(e).contains("BadSignature") {
+                    " (RSA keys under 2048 bits are refused)"
+                } else {
+                    ""
+                };
+                format!(
+                    "{}: handshake with {seen} failed: {}{hint}",
+                    self.policy,
+                    chain(e)
+                )
+            });
             VsphereError::Certificate {
                 url: self.url.clone(),
                 detail,
@@ -467,6 +512,24 @@ fn retrieve_page<T>(
                     detail: "an object without obj reference".to_string(),
                 }
             })?;
+            // Without a session (or a privilege) the collector answers with a missingSet per
+            // property instead of a fault; an absent property would read as "no disks".
+            for missing in children(object, "missingSet") {
+                let fault = child(missing, "fault")
+                    .map(soap::localized_fault)
+                    .map(|(fault, _)| fault)
+                    .unwrap_or_default();
+                if matches!(fault.as_str(), "NotAuthenticated" | "NoPermission") {
+                    return Err(VsphereError::Fault {
+                        method: method.to_string(),
+                        message: format!(
+                            "property {} of {obj} not readable",
+                            child_text(missing, "path").unwrap_or_default()
+                        ),
+                        fault,
+                    });
+                }
+            }
             let values = children(object, "propSet")
                 .filter_map(|p| Some((child_text(p, "name")?.trim().to_string(), child(p, "val")?)))
                 .collect();
@@ -582,37 +645,15 @@ impl Client {
                 session_manager: get("sessionManager")?,
             })
         })?;
-        let method = "Login";
-        let login = format!(
-            "{}{}",
-            elem("userName", &endpoint.user),
-            elem("password", endpoint.password.expose())
-        );
-        let body = transport
-            .call(
-                method,
-                soap::envelope(method, &content.session_manager, &login),
-            )
-            .await?;
-        soap::parse_response(method, &body, |_| Ok(())).map_err(|e| match e.fault() {
-            Some("InvalidLogin") => VsphereError::Login {
-                url: transport.url.clone(),
-                user: endpoint.user.clone(),
-            },
-            _ => e,
-        })?;
-        if transport.cookie().is_none() {
-            return Err(VsphereError::Protocol {
-                method: method.to_string(),
-                detail: format!("no {SESSION_COOKIE} cookie in the response"),
-            });
-        }
+        login(&transport, endpoint, &content.session_manager).await?;
         tracing::debug!(url = %transport.url, user = %endpoint.user, action = %transport.soap_action, "vSphere session open");
         Ok(Client {
             inner: Arc::new(Inner {
                 endpoint: endpoint.clone(),
                 transport,
                 content,
+                logged_out: AtomicBool::new(false),
+                relogin: tokio::sync::Mutex::new(()),
             }),
             task_timeout: DEFAULT_TASK_TIMEOUT,
         })
@@ -625,6 +666,7 @@ impl Client {
     }
 
     pub async fn logout(&self) -> Result<(), VsphereError> {
+        self.inner.logged_out.store(true, Ordering::SeqCst);
         let method = "Logout";
         self.invoke(method, &self.inner.content.session_manager, "", |_| Ok(()))
             .await
@@ -803,20 +845,52 @@ impl Client {
         datastore::file_url(&self.inner.transport.url, datacenter, file_name)
     }
 
+    /// Sends one envelope and parses the answer with `parse`. When the session has expired
+    /// (vCenter ends idle sessions after 30 minutes; a node waits longer than that between
+    /// backups), logs in again once and resends.
+    async fn exchange<T>(
+        &self,
+        method: &str,
+        envelope: String,
+        mut parse: impl FnMut(&str) -> Result<T, VsphereError>,
+    ) -> Result<T, VsphereError> {
+        let transport = &self.inner.transport;
+        let used = transport.cookie();
+        let response = transport.call(method, envelope.clone()).await?;
+        match parse(&response) {
+            Err(e)
+                if e.fault() == Some("NotAuthenticated")
+                    && !self.inner.logged_out.load(Ordering::SeqCst) => {}
+            parsed => return parsed,
+        }
+        {
+            let _one = self.inner.relogin.lock().await;
+            // Another task may have logged in again meanwhile.
+            if transport.cookie() == used {
+                tracing::info!(url = %transport.url, user = %self.inner.endpoint.user, "vSphere session expired; logging in again");
+                login(
+                    transport,
+                    &self.inner.endpoint,
+                    &self.inner.content.session_manager,
+                )
+                .await?;
+            }
+        }
+        parse(&transport.call(method, envelope).await?)
+    }
+
     /// One SOAP call on `this`; `f` reads the response element.
     async fn invoke<T>(
         &self,
         method: &str,
         this: &MoRef,
         body: &str,
-        f: impl FnOnce(Node<'_, '_>) -> Result<T, VsphereError>,
+        mut f: impl FnMut(Node<'_, '_>) -> Result<T, VsphereError>,
     ) -> Result<T, VsphereError> {
-        let response = self
-            .inner
-            .transport
-            .call(method, soap::envelope(method, this, body))
-            .await?;
-        soap::parse_response(method, &response, f)
+        self.exchange(method, soap::envelope(method, this, body), |response| {
+            soap::parse_response(method, response, &mut f)
+        })
+        .await
     }
 
     /// RetrievePropertiesEx with `spec_set`, following ContinueRetrievePropertiesEx tokens.
@@ -828,23 +902,19 @@ impl Client {
         let collector = &self.inner.content.property_collector;
         let method = "RetrievePropertiesEx";
         let body = format!("{spec_set}<options><maxObjects>500</maxObjects></options>");
-        let response = self
-            .inner
-            .transport
-            .call(method, soap::envelope(method, collector, &body))
+        let (mut out, mut token) = self
+            .exchange(method, soap::envelope(method, collector, &body), |r| {
+                retrieve_page(method, r, &mut per_object)
+            })
             .await?;
-        let (mut out, mut token) = retrieve_page(method, &response, &mut per_object)?;
         while let Some(t) = token {
             let method = "ContinueRetrievePropertiesEx";
-            let response = self
-                .inner
-                .transport
-                .call(
-                    method,
-                    soap::envelope(method, collector, &elem("token", &t)),
-                )
+            let envelope = soap::envelope(method, collector, &elem("token", &t));
+            let (more, next) = self
+                .exchange(method, envelope, |r| {
+                    retrieve_page(method, r, &mut per_object)
+                })
                 .await?;
-            let (more, next) = retrieve_page(method, &response, &mut per_object)?;
             out.extend(more);
             token = next;
         }
@@ -1132,7 +1202,7 @@ mod tests {
 <objects><obj type="VirtualMachine">vm-57</obj>
 <propSet><name>config.uuid</name><val xmlns:XMLSchema-instance="http://www.w3.org/2001/XMLSchema-instance" XMLSchema-instance:type="xsd:string">u-57</val></propSet>
 <propSet><name>name</name><val xmlns:XMLSchema-instance="http://www.w3.org/2001/XMLSchema-instance" XMLSchema-instance:type="xsd:string">DC0_H0_VM1</val></propSet>
-<missingSet><path>snapshot</path><fault><fault xmlns:XMLSchema-instance="http://www.w3.org/2001/XMLSchema-instance" XMLSchema-instance:type="NotAuthenticated"></fault></fault></missingSet>
+<missingSet><path>snapshot</path><fault><fault xmlns:XMLSchema-instance="http://www.w3.org/2001/XMLSchema-instance" XMLSchema-instance:type="InvalidProperty"></fault></fault></missingSet>
 </objects></returnval></RetrievePropertiesExResponse></soapenv:Body></soapenv:Envelope>"#;
 
     #[test]
@@ -1151,6 +1221,18 @@ mod tests {
         assert_eq!(vms[1].uuid, "u-57", "config.uuid without instanceUuid");
         assert!(!vms[1].cbt_enabled);
         assert!(vms[1].snapshots.is_empty() && vms[1].disks.is_empty());
+    }
+
+    #[test]
+    fn a_page_without_session_is_not_authenticated() {
+        let body = PAGE.replace(r#"type="InvalidProperty""#, r#"type="NotAuthenticated""#);
+        let err = retrieve_page("RetrievePropertiesEx", &body, &mut |obj, _| Ok(obj))
+            .expect_err("missingSet with NotAuthenticated");
+        assert_eq!(err.fault(), Some("NotAuthenticated"));
+        assert!(
+            err.to_string().contains("snapshot of VirtualMachine:vm-57"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -105,11 +105,13 @@ pub(crate) fn client_config(
         ),
         TlsPolicy::CaFile(path) => {
             let mut roots = rustls::RootCertStore::empty();
+            let mut exact = Vec::new();
             let certs = CertificateDer::pem_file_iter(path)
                 .map_err(|e| format!("cannot read CA file {}: {e}", path.display()))?;
             for cert in certs {
                 let cert =
                     cert.map_err(|e| format!("bad PEM in CA file {}: {e}", path.display()))?;
+                exact.push(cert.as_ref().to_vec());
                 roots
                     .add(cert)
                     .map_err(|e| format!("bad certificate in CA file {}: {e}", path.display()))?;
@@ -117,12 +119,13 @@ pub(crate) fn client_config(
             if roots.is_empty() {
                 return Err(format!("CA file {} holds no certificate", path.display()));
             }
-            rustls::client::WebPkiServerVerifier::builder_with_provider(
+            let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
                 Arc::new(roots),
                 provider.clone(),
             )
             .build()
-            .map_err(|e| format!("CA file {}: {e}", path.display()))?
+            .map_err(|e| format!("CA file {}: {e}", path.display()))?;
+            Arc::new(CaFile { webpki, exact })
         }
         TlsPolicy::Pinned(pin) => Arc::new(Pin {
             sha256: Some(*pin),
@@ -148,8 +151,76 @@ pub(crate) fn client_config(
     Ok((config, observed))
 }
 
-/// Accepts exactly the leaf whose SHA-256 is `sha256` (any leaf when `None`: insecure), and still
-/// checks that the server holds the certificate's key (the handshake signature).
+/// The CA file's chains, and also a server certificate that is itself in the CA file.
+///
+/// Why the second: self-signed server certificates often carry `CA:TRUE` (ESXi hosts, Go's test
+/// servers such as the simulator), which webpki refuses as an end entity (`CaUsedAsEndEntity`),
+/// while operators hand exactly that certificate over as "the CA file" and curl/OpenSSL accept
+/// it. Trusting a byte-identical certificate is a pin, no weaker than [`TlsPolicy::Pinned`].
+#[derive(Debug)]
+struct CaFile {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    exact: Vec<Vec<u8>>,
+}
+
+impl ServerCertVerifier for CaFile {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Err(_)
+                if self
+                    .exact
+                    .iter()
+                    .any(|c| c.as_slice() == end_entity.as_ref()) =>
+            {
+                Ok(ServerCertVerified::assertion())
+            }
+            verdict => verdict,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+
+    fn root_hint_subjects(&self) -> Option<&[rustls::DistinguishedName]> {
+        self.webpki.root_hint_subjects()
+    }
+}
+
+/// Accepts exactly the leaf whose SHA-256 is `sha256` and checks that the server holds the
+/// certificate's key (the handshake signature). With `None` (insecure) it accepts anything, even
+/// keys ring refuses (RSA under 2048 bits, as on old ESXi hosts and Go's test servers).
 #[derive(Debug)]
 struct Pin {
     sha256: Option<[u8; 32]>,
@@ -195,6 +266,9 @@ impl ServerCertVerifier for Pin {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        if self.sha256.is_none() {
+            return Ok(HandshakeSignatureValid::assertion());
+        }
         rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
@@ -204,6 +278,9 @@ impl ServerCertVerifier for Pin {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        if self.sha256.is_none() {
+            return Ok(HandshakeSignatureValid::assertion());
+        }
         rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
