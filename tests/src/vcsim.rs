@@ -345,6 +345,50 @@ impl Vcsim {
         Ok(())
     }
 
+    /// Turns changed block tracking on, as an admin would (ReconfigVM_Task through SOAP with
+    /// the test's own session), and checks every disk got a change id.
+    pub fn enable_change_tracking(&self) -> anyhow::Result<()> {
+        let cookie = self.login_cookie(&self.user, &self.password)?;
+        let (status, _, body) = self.soap_call(
+            Some(&cookie),
+            &format!(
+                concat!(
+                    r#"<ReconfigVM_Task xmlns="urn:vim25"><_this type="VirtualMachine">{}</_this>"#,
+                    "<spec><changeTrackingEnabled>true</changeTrackingEnabled></spec></ReconfigVM_Task>"
+                ),
+                self.vm.moref
+            ),
+        )?;
+        if status != 200 {
+            bail!("ReconfigVM_Task: {status} {body}");
+        }
+        let state = self.state_now()?;
+        if !state.cbt_enabled || state.disks.iter().any(|d| d.change_id.is_empty()) {
+            bail!("change tracking did not come on: {state:?}");
+        }
+        Ok(())
+    }
+
+    /// The processes (pid, command line) whose command line names this simulator's address:
+    /// the nbdkit (curl plugin) instances reading its datastore.
+    pub fn clients_by_cmdline(&self) -> Vec<(u32, String)> {
+        let needle = self.host_port().to_string();
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+            if cmdline.contains(&needle) && crate::pid_alive(pid) && pid != std::process::id() {
+                out.push((pid, cmdline.trim().to_string()));
+            }
+        }
+        out
+    }
+
     /// The file that takes the VM's writes to disk `key` now.
     pub fn current_disk_path(&self, key: i32) -> anyhow::Result<PathBuf> {
         let state = self.state_now()?;

@@ -279,3 +279,582 @@ fn vcsim_harness_serves_a_vm_whose_snapshots_freeze_data_and_track_changes() {
         "{host_port} still accepts connections"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Backups of a simulated vSphere VM through the real hub and node.
+// ---------------------------------------------------------------------------------------------
+
+use super::sys::{JOB_LIMIT, hub_bin, node_bin, terminal};
+use sendense_tests::hub::{Api, HubOptions, HubProcess};
+use sendense_tests::node::{NodeOptions, NodeProcess};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const DISK_SIZES: [u64; 2] = [64 * MIB, 32 * MIB];
+const KEYS: [i32; 2] = [2000, 2001];
+/// Data written into each disk before the first backup: `(offset, length, pattern)`.
+const DATA: [&[(u64, u64, u8)]; 2] = [
+    &[(0, 8 * MIB, 0x11), (40 * MIB, 8 * MIB, 0x12)],
+    &[(4 * MIB, 8 * MIB, 0x21)],
+];
+/// Copy rate of the throttled tests (per disk): the data of disk 2000 takes about 4 s.
+const SLOW_BPS: u64 = 4 * MIB;
+
+/// How the node trusts the simulator.
+#[derive(Clone, Copy, PartialEq)]
+enum Trust {
+    CaFile,
+    Pinned,
+}
+
+struct VOpts {
+    throttle_bps: Option<u64>,
+    trust: Trust,
+    /// Overrides of the node's `[vsphere]` keys (url, password file) for the error tests.
+    url: Option<String>,
+    password: Option<String>,
+    /// Wait until the hub lists the VM.
+    wait_import: bool,
+}
+
+impl Default for VOpts {
+    fn default() -> Self {
+        VOpts {
+            throttle_bps: None,
+            trust: Trust::CaFile,
+            url: None,
+            password: None,
+            wait_import: true,
+        }
+    }
+}
+
+/// A simulator, a hub and a node whose only source is the simulator's VM.
+struct VSys {
+    node: NodeProcess,
+    api: Api,
+    /// Kept alive for the test (stopped in `Drop`).
+    _hub: HubProcess,
+    sim: Vcsim,
+    vm: String,
+    tmp: tempfile::TempDir,
+}
+
+impl VSys {
+    async fn start(vm: &str, opts: VOpts) -> VSys {
+        let tmp = tempfile::Builder::new()
+            .prefix("sdvs-")
+            .tempdir()
+            .expect("temp dir");
+        let sim = Vcsim::start(VcsimOptions {
+            vm: vm.to_string(),
+            disks: DISK_SIZES.to_vec(),
+            ..Default::default()
+        })
+        .expect("start the vSphere simulator");
+        let hub = HubProcess::start(&hub_bin(), HubOptions::new(tmp.path().join("hub")))
+            .expect("start sendense-hub");
+        let api = hub.api();
+        let password_file = match &opts.password {
+            Some(p) => {
+                let f = tmp.path().join("wrong-password");
+                std::fs::write(&f, p).unwrap();
+                std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+                f
+            }
+            None => sim.password_file().to_path_buf(),
+        };
+        let trust = match opts.trust {
+            Trust::CaFile => format!("ca_file = \"{}\"\n", sim.cert_pem.display()),
+            Trust::Pinned => format!("thumbprint_sha256 = \"{}\"\n", sim.cert_sha256),
+        };
+        let vsphere = format!(
+            "[vsphere]\nurl = \"{}\"\nuser = \"{}\"\npassword_file = \"{}\"\n{trust}vms = [\"{vm}\"]\n",
+            opts.url.as_deref().unwrap_or(&sim.url),
+            sim.user,
+            password_file.display(),
+        );
+        let node = NodeProcess::start_with_config(
+            &node_bin(),
+            NodeOptions {
+                dir: tmp.path().join("node"),
+                name: format!("node-{vm}"),
+                hub_url: Some(hub.url.clone()),
+                token_file: hub.opts.data_dir.join("token"),
+                vms: Vec::new(),
+                throttle_bps: opts.throttle_bps,
+            },
+            &vsphere,
+        )
+        .expect("start sendense-node");
+        let sys = VSys {
+            node,
+            api,
+            _hub: hub,
+            sim,
+            vm: vm.to_string(),
+            tmp,
+        };
+        if opts.wait_import {
+            sys.wait_vm_imported().await;
+        }
+        sys
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// Waits until the hub lists the VM as the node's, with both disks.
+    async fn wait_vm_imported(&self) -> Value {
+        let t = Instant::now();
+        loop {
+            let (s, v) = self.api.get(&format!("/api/v1/vms/{}", self.vm)).await;
+            if s == 200
+                && v["node"] == json!(self.node.opts.name)
+                && v["disks"].as_array().map(|d| d.len()) == Some(2)
+            {
+                return v;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "VM {} not imported from the node within 30 s: {s} {v}\nnode log:\n{}",
+                self.vm,
+                self.node.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Writes the test's data into both disks.
+    fn write_data(&self) {
+        for (i, key) in KEYS.iter().enumerate() {
+            for (off, len, pat) in DATA[i] {
+                self.sim
+                    .write_disk(*key, *off, &vec![*pat; *len as usize])
+                    .unwrap();
+            }
+        }
+    }
+
+    /// Both disks as they are now, into `<tmp>/<tag>-<key>.raw` (the expected backup content
+    /// when a snapshot is taken before anyone writes again).
+    fn disks_now(&self, tag: &str) -> Vec<PathBuf> {
+        KEYS.iter()
+            .map(|key| {
+                let p = self.path(&format!("{tag}-{key}.raw"));
+                std::fs::write(&p, self.sim.disk_image(*key).unwrap()).unwrap();
+                p
+            })
+            .collect()
+    }
+
+    async fn start_backup(&self, kind: &str) -> (u16, Value) {
+        self.api
+            .post(
+                "/api/v1/backups",
+                &json!({"vm_name": self.vm, "repository_id": "default", "backup_type": kind}),
+            )
+            .await
+    }
+
+    async fn backup(&self, kind: &str) -> String {
+        let (s, b) = self.start_backup(kind).await;
+        assert_eq!(s, 202, "POST /api/v1/backups ({kind}): {b}");
+        b["backup_id"].as_str().expect("backup_id").to_string()
+    }
+
+    /// Waits until the node copies: its job `running` with bytes read on every disk.
+    async fn wait_node_copying(&self, id: &str) -> Value {
+        let t = Instant::now();
+        loop {
+            let (s, v) = self.node.get(&format!("/backup/{id}")).await;
+            if s == 200
+                && v["status"] == "running"
+                && v["disks"]
+                    .as_array()
+                    .is_some_and(|d| d.iter().all(|d| d["bytes_read"].as_u64() > Some(0)))
+            {
+                return v;
+            }
+            let hub = self.api.get_ok(&format!("/api/v1/backups/{id}")).await;
+            assert!(
+                t.elapsed() < Duration::from_secs(60) && !terminal(&hub),
+                "node never copied backup {id}: node {s} {v}\nhub {hub:#}\nevents {:#?}\nnode log:\n{}",
+                self.api.event_lines(id).await,
+                self.node.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_end(&self, id: &str) -> Value {
+        self.api
+            .wait_status(id, &["completed", "failed", "cancelled"], JOB_LIMIT)
+            .await
+    }
+
+    async fn wait_completed(&self, id: &str) -> Value {
+        let b = self.wait_end(id).await;
+        assert_eq!(
+            b["status"],
+            "completed",
+            "backup {id}: {b:#}\nevents: {:#?}\nnode log:\n{}",
+            self.api.event_lines(id).await,
+            self.node.stderr()
+        );
+        b
+    }
+
+    async fn events(&self, id: &str) -> Vec<String> {
+        self.api.event_lines(id).await
+    }
+
+    /// Nothing of the job is left, whatever its end: no snapshot in the simulator, no nbdkit
+    /// reading its datastore, no nbdkit file in the node's run directory, no hub port or
+    /// process held, no partial image of a job that did not complete. The node may still be
+    /// releasing: bounded wait.
+    async fn assert_clean(&self, backup: &Value) {
+        let id = backup["backup_id"].as_str().unwrap_or_default();
+        let t = Instant::now();
+        loop {
+            let snapshots = self.sim.snapshot_names().unwrap();
+            let readers = self.sim.clients_by_cmdline();
+            let files: Vec<String> = std::fs::read_dir(&self.node.run_dir)
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|n| n.starts_with("nbdkit-"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if snapshots.is_empty() && readers.is_empty() && files.is_empty() {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "backup {id}: not released within 30 s: snapshots {snapshots:?}, processes \
+                 {readers:?}, run dir {files:?}\nnode log:\n{}",
+                self.node.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for d in backup["disk_results"].as_array().into_iter().flatten() {
+            if let Some(pid) = d["qemu_nbd_pid"].as_u64() {
+                assert!(
+                    !sendense_tests::pid_alive(pid as u32),
+                    "qemu-nbd pid {pid} of disk {} still alive",
+                    d["disk_key"]
+                );
+            }
+            if let Some(port) = d["nbd_port"].as_u64() {
+                assert!(
+                    std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok(),
+                    "port {port} of disk {} still bound",
+                    d["disk_key"]
+                );
+            }
+            if let Some(p) = d["qcow2_path"].as_str()
+                && backup["status"] != "completed"
+            {
+                assert!(!Path::new(p).exists(), "partial image {p} left behind");
+            }
+        }
+        let ports = self.api.get_ok("/api/v1/ports").await;
+        assert_eq!(ports["allocations"], json!([]), "ports still held: {ports}");
+        let procs = self.api.get_ok("/api/v1/processes").await;
+        for p in procs.as_array().unwrap() {
+            assert_eq!(p["alive"], json!(false), "process still alive: {p}");
+        }
+    }
+
+    /// Asserts an event whose step is `step` and whose line contains every one of `words`.
+    async fn assert_event(&self, id: &str, step: &str, words: &[&str]) {
+        let ev = self.events(id).await;
+        assert!(
+            ev.iter().any(|e| e.starts_with(&format!("{step}:"))
+                && words
+                    .iter()
+                    .all(|w| e.to_lowercase().contains(&w.to_lowercase()))),
+            "backup {id}: no event {step} mentioning {words:?}:\n{ev:#?}"
+        );
+    }
+}
+
+/// `qemu-img compare` of a raw file (the disk at an instant) with a backup image.
+fn same_content(raw: &Path, image: &Path) -> bool {
+    let mut cmd = std::process::Command::new("qemu-img");
+    cmd.args(["compare", "-U", "-f", "raw", "-F", "qcow2"])
+        .arg(raw)
+        .arg(image);
+    eprintln!("+ {}", sendense_tests::describe(&cmd));
+    let out = cmd.output().expect("qemu-img compare");
+    eprintln!(
+        "  {} {}",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    out.status.code() == Some(0)
+}
+
+fn images(b: &Value) -> Vec<PathBuf> {
+    let mut d: Vec<&Value> = b["disk_results"].as_array().unwrap().iter().collect();
+    d.sort_by_key(|d| d["disk_key"].as_i64());
+    d.iter()
+        .map(|d| PathBuf::from(d["qcow2_path"].as_str().unwrap()))
+        .collect()
+}
+
+fn disk_result(b: &Value, key: i32) -> &Value {
+    b["disk_results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["disk_key"] == key)
+        .unwrap_or_else(|| panic!("disk {key} in {b}"))
+}
+
+/// Full then incremental of the 2-disk VM: one snapshot per job (seen in the simulator while
+/// the node copies, named after the backup), removed afterwards; the images hold the disks at
+/// the snapshot instant (later writes absent); the incremental copies about the changed blocks
+/// (QueryChangedDiskAreas against the stored change ids) and its chain top equals the second
+/// instant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vsphere_full_then_incremental_from_one_snapshot_each() {
+    let sys = VSys::start(
+        "vsvm1",
+        VOpts {
+            throttle_bps: Some(SLOW_BPS),
+            ..Default::default()
+        },
+    )
+    .await;
+    // Inventory: keys, distinct units, sizes.
+    let vm = sys.wait_vm_imported().await;
+    let disks = vm["disks"].as_array().unwrap();
+    let keys: Vec<i64> = disks
+        .iter()
+        .map(|d| d["disk_key"].as_i64().unwrap())
+        .collect();
+    assert_eq!(keys, [2000, 2001], "{vm}");
+    let units: Vec<i64> = disks
+        .iter()
+        .map(|d| d["unit_number"].as_i64().unwrap())
+        .collect();
+    assert_eq!(units, [0, 1], "{vm}");
+    let sizes: Vec<u64> = disks
+        .iter()
+        .map(|d| d["size_bytes"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes, DISK_SIZES, "{vm}");
+
+    sys.sim.enable_change_tracking().unwrap();
+    sys.write_data();
+    let at_full = sys.disks_now("at-full");
+
+    // 1. Full: exactly one snapshot while the node copies; writes after it are not backed up.
+    let id = sys.backup("full").await;
+    sys.wait_node_copying(&id).await;
+    let state = sys.sim.state().unwrap().unwrap();
+    let names: Vec<&str> = state
+        .all_snapshots()
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(names.len(), 1, "one snapshot during the job: {names:?}");
+    assert!(
+        names[0].contains(&id),
+        "snapshot {:?} does not name backup {id}",
+        names[0]
+    );
+    for key in KEYS {
+        sys.sim
+            .write_disk(key, 0, &vec![0x99; 4 * MIB as usize])
+            .unwrap();
+        sys.sim
+            .write_disk(key, 20 * MIB, &vec![0x98; MIB as usize])
+            .unwrap();
+    }
+    let full = sys.wait_completed(&id).await;
+    sys.assert_clean(&full).await;
+    assert_eq!(full["backup_type"], "full", "{full:#}");
+    for (i, img) in images(&full).iter().enumerate() {
+        assert!(
+            same_content(&at_full[i], img),
+            "full backup of disk {} ({}) differs from the disk at the snapshot instant",
+            KEYS[i],
+            img.display()
+        );
+    }
+    // The writes made during the copy did land in the VM (so their absence means something).
+    assert!(sys.sim.read_disk(2000, 0, 16).unwrap() == [0x99; 16]);
+
+    // 2. Incremental: the writes made during the full's copy plus these.
+    sys.sim
+        .write_disk(2000, 30 * MIB, &vec![0x77; 3 * 64 * 1024])
+        .unwrap();
+    sys.sim
+        .write_disk(2001, 31 * MIB, &vec![0x78; 64 * 1024])
+        .unwrap();
+    let changed = [4 * MIB + MIB + 3 * 64 * 1024, 4 * MIB + MIB + 64 * 1024];
+    let at_incr = sys.disks_now("at-incr");
+    let id2 = sys.backup("incremental").await;
+    let incr = sys.wait_completed(&id2).await;
+    sys.assert_clean(&incr).await;
+    assert_eq!(incr["backup_type"], "incremental", "{incr:#}");
+    let node_view = sys.node.get(&format!("/backup/{id2}")).await.1;
+    for (i, key) in KEYS.iter().enumerate() {
+        let nd = node_view["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["disk_key"] == *key)
+            .unwrap_or_else(|| panic!("disk {key} in {node_view}"));
+        let written = nd["bytes_written"].as_u64().unwrap();
+        assert!(
+            written >= changed[i] && written <= changed[i] + MIB,
+            "disk {key}: the incremental wrote {written} bytes, {} changed: {nd}",
+            changed[i]
+        );
+    }
+    let ver = sys
+        .api
+        .get_ok(&format!("/api/v1/backups/{id2}/verification"))
+        .await;
+    for d in ver.as_array().unwrap() {
+        assert_eq!(d["parent_backup_id"], json!(id), "{ver}");
+    }
+    for (i, img) in images(&incr).iter().enumerate() {
+        assert!(
+            same_content(&at_incr[i], img),
+            "chain top of disk {} ({}) differs from the disk at the second snapshot",
+            KEYS[i],
+            img.display()
+        );
+        assert!(
+            same_content(&at_full[i], &images(&full)[i]),
+            "the full changed"
+        );
+    }
+    let _ = disk_result(&incr, 2000);
+}
+
+/// A CBT reset between backups (the stored change ids fault): the incremental becomes a full,
+/// recorded as such, equal to the disks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vsphere_cbt_reset_falls_back_to_full() {
+    // This one trusts the simulator by its pinned certificate (the others by CA file).
+    let sys = VSys::start(
+        "vsvm2",
+        VOpts {
+            trust: Trust::Pinned,
+            ..Default::default()
+        },
+    )
+    .await;
+    sys.sim.enable_change_tracking().unwrap();
+    sys.write_data();
+    let id = sys.backup("full").await;
+    let full = sys.wait_completed(&id).await;
+    sys.assert_clean(&full).await;
+
+    sys.sim.reset_cbt().unwrap();
+    sys.sim
+        .write_disk(2000, 50 * MIB, &vec![0x55; 2 * MIB as usize])
+        .unwrap();
+    let now = sys.disks_now("now");
+    let id2 = sys.backup("incremental").await;
+    let end = sys.wait_completed(&id2).await;
+    sys.assert_clean(&end).await;
+    assert_eq!(end["backup_type"], "full", "{end:#}");
+    sys.assert_event(&id2, "incremental_fallback", &["full"])
+        .await;
+    for (i, img) in images(&end).iter().enumerate() {
+        assert!(
+            same_content(&now[i], img),
+            "fallback full of disk {} differs",
+            KEYS[i]
+        );
+    }
+    // The chain goes on from the fallback full.
+    sys.sim
+        .write_disk(2001, MIB, &vec![0x56; MIB as usize])
+        .unwrap();
+    let now = sys.disks_now("next");
+    let id3 = sys.backup("incremental").await;
+    let next = sys.wait_completed(&id3).await;
+    sys.assert_clean(&next).await;
+    assert_eq!(next["backup_type"], "incremental", "{next:#}");
+    for (i, img) in images(&next).iter().enumerate() {
+        assert!(
+            same_content(&now[i], img),
+            "incremental of disk {} differs",
+            KEYS[i]
+        );
+    }
+}
+
+/// Cancel mid-copy, then a node SIGKILLed mid-copy and started again: each time the snapshot is
+/// removed and nothing is left; a backup afterwards completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vsphere_cancel_and_node_crash_mid_copy_remove_the_snapshot() {
+    let mut sys = VSys::start(
+        "vsvm3",
+        VOpts {
+            throttle_bps: Some(SLOW_BPS),
+            ..Default::default()
+        },
+    )
+    .await;
+    sys.write_data();
+
+    let id = sys.backup("full").await;
+    sys.wait_node_copying(&id).await;
+    assert_eq!(sys.sim.snapshot_names().unwrap().len(), 1);
+    let (s, c) = sys
+        .api
+        .post(&format!("/api/v1/backups/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(s, 202, "cancel: {c}");
+    let b = sys.api.wait_status(&id, &["cancelled"], JOB_LIMIT).await;
+    sys.assert_clean(&b).await;
+
+    let id = sys.backup("full").await;
+    sys.wait_node_copying(&id).await;
+    assert_eq!(sys.sim.snapshot_names().unwrap().len(), 1);
+    sys.node.kill9();
+    let b = sys.wait_end(&id).await;
+    assert_eq!(b["status"], "failed", "{b:#}");
+    // Started again, the node removes the snapshot it no longer tracks.
+    sys.node.restart(&node_bin()).expect("restart node");
+    sys.assert_clean(&b).await;
+    let id = sys.backup("full").await;
+    let done = sys.wait_completed(&id).await;
+    sys.assert_clean(&done).await;
+}
+
+/// The VM deleted in vCenter while the node copies: the job fails naming the VM; nothing left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vsphere_vm_destroyed_mid_job_fails_naming_the_vm() {
+    let sys = VSys::start(
+        "vsvm4",
+        VOpts {
+            throttle_bps: Some(SLOW_BPS),
+            ..Default::default()
+        },
+    )
+    .await;
+    sys.write_data();
+    let id = sys.backup("full").await;
+    sys.wait_node_copying(&id).await;
+    sys.sim.destroy_vm().unwrap();
+    let b = sys.wait_end(&id).await;
+    assert_eq!(b["status"], "failed", "{b:#}");
+    let msg = b["error_message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("vsvm4"),
+        "the error does not name the VM: {b:#}"
+    );
+    sys.assert_clean(&b).await;
+}
