@@ -224,6 +224,8 @@ pub fn vms() -> Vec<Vm> {
             ],
             last_backup_id: Some(BackupId("b-91d4f7aa".into())),
             last_backup_at: Some(ago(86_100)),
+            driver: None,
+            change_tracking: None,
         },
         Vm {
             vm_context_id: "ctx-webfront".into(),
@@ -235,6 +237,8 @@ pub fn vms() -> Vec<Vm> {
             ],
             last_backup_id: Some(BackupId("b-5e5e0a01".into())),
             last_backup_at: Some(ago(7 * 86_400)),
+            driver: None,
+            change_tracking: None,
         },
         Vm {
             vm_context_id: "ctx-mailsrv".into(),
@@ -243,6 +247,8 @@ pub fn vms() -> Vec<Vm> {
             disks: vec![vm_disk(2000, 0, 40 * GIB, "Hard disk 1")],
             last_backup_id: None,
             last_backup_at: None,
+            driver: None,
+            change_tracking: None,
         },
         Vm {
             vm_context_id: "ctx-legacy-db".into(),
@@ -255,6 +261,8 @@ pub fn vms() -> Vec<Vm> {
             ],
             last_backup_id: None,
             last_backup_at: None,
+            driver: None,
+            change_tracking: None,
         },
     ]
 }

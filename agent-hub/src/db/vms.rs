@@ -241,6 +241,8 @@ impl Db {
             disks,
             last_backup_id,
             last_backup_at,
+            driver: None,
+            change_tracking: None,
         })
     }
 
@@ -294,6 +296,8 @@ impl Db {
                     node: col(r, "node")?,
                     last_backup_id,
                     last_backup_at,
+                    driver: None,
+                    change_tracking: None,
                 })
             })
             .collect()
