@@ -2,7 +2,7 @@
 
 mod db_support;
 
-use agent_hub::db::{Db, DbError, DiskUpdate, NewBackup, NewBackupDisk};
+use agent_hub::db::{Db, DbError, DiskUpdate, NewBackup, NewBackupDisk, VmSource};
 use db_support::{TestDb, on_each_bare_dialect, on_each_dialect};
 use sendense_shared::api::{
     BackupType, DiskStatus, JobStatus, NodeRegistration, ProcessInfo, TunnelState, TunnelStateKind,
@@ -1062,6 +1062,179 @@ async fn a_0001_database_upgrades_and_keeps_its_rows() {
         assert_eq!(b.disk_results.len(), 2);
         let rows = t.db.backup_disks(&BackupId::from("b-old")).await.unwrap();
         assert_eq!(rows[1].checksum_status.as_deref(), Some("passed"));
+        // ... and the new fields as "not known".
+        assert_eq!((vm.driver, vm.change_tracking), (None, None));
+        assert!(vm.disks.iter().all(|d| d.controller.is_none()
+            && d.backing_file.is_none()
+            && d.thin_provisioned.is_none()));
+        assert!(b.disk_results.iter().all(|d| d.change_id.is_none()));
+        assert!(rows.iter().all(|r| r.bytes_transferred.is_none()));
+        assert_eq!(b.bytes_transferred, 3 << 30, "old rows: the bytes done");
+    })
+    .await;
+}
+
+/// The hypervisor's facts of a VM and its disks are stored, updated and read back; a VM
+/// registered by hand keeps what the last inventory said of its driver.
+#[tokio::test]
+async fn vm_disk_facts_and_driver_round_trip() {
+    on_each_dialect("vm_facts", |t: TestDb| async move {
+        let db = &t.db;
+        let mut d0 = disk(2000, 0, 1 << 30);
+        d0.controller = Some("SCSI controller 0".into());
+        d0.backing_file = Some("[datastore1] vc1/vc1.vmdk".into());
+        d0.thin_provisioned = Some(true);
+        let mut d1 = disk(2001, 1, 2 << 30);
+        d1.controller = Some("SCSI controller 0".into());
+        d1.backing_file = Some("[datastore1] vc1/vc1_1.vmdk".into());
+        d1.thin_provisioned = Some(false);
+        let source = VmSource {
+            driver: Some("vsphere".into()),
+            change_tracking: Some(true),
+        };
+        let v = db
+            .upsert_inventory_vm(&vm("vc1", vec![d0.clone(), d1.clone()]), &source)
+            .await
+            .unwrap();
+        assert_eq!(v.disks, [d0.clone(), d1.clone()], "{}", t.dialect);
+        assert_eq!(v.driver.as_deref(), Some("vsphere"));
+        assert_eq!(v.change_tracking, Some(true));
+
+        // By hand, without the facts: the disk facts are the request's, the driver stays.
+        let plain = vec![disk(2000, 0, 1 << 30), disk(2001, 1, 2 << 30)];
+        let v = db.upsert_vm(&vm("vc1", plain.clone())).await.unwrap();
+        assert_eq!(v.disks, plain, "{}", t.dialect);
+        assert_eq!(v.driver.as_deref(), Some("vsphere"), "{}", t.dialect);
+        assert_eq!(v.change_tracking, Some(true));
+
+        // The next inventory says CBT is off now.
+        let off = VmSource {
+            driver: Some("vsphere".into()),
+            change_tracking: Some(false),
+        };
+        db.upsert_inventory_vm(&vm("vc1", vec![d0.clone(), d1.clone()]), &off)
+            .await
+            .unwrap();
+        let listed = db.list_vms().await.unwrap();
+        assert_eq!(listed[0].change_tracking, Some(false), "{}", t.dialect);
+        assert_eq!(listed[0].disks, [d0.clone(), d1.clone()]);
+
+        // A QEMU VM: no facts at all.
+        let q = db
+            .upsert_inventory_vm(
+                &vm("qemu1", vec![disk(2000, 0, 1 << 20)]),
+                &VmSource {
+                    driver: Some("qemu".into()),
+                    change_tracking: None,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(q.driver.as_deref(), Some("qemu"));
+        assert_eq!(q.change_tracking, None);
+        assert_eq!(q.disks[0].controller, None);
+        assert_eq!(q.disks[0].thin_provisioned, None);
+
+        let mut bad = d0.clone();
+        bad.controller = Some("SCSI\ncontroller".into());
+        let e = db.upsert_vm(&vm("vc2", vec![bad])).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DbError::Invalid {
+                    field: "disks[].controller",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let mut long = d0.clone();
+        long.controller = Some("c".repeat(256));
+        let e = db.upsert_vm(&vm("vc2", vec![long])).await.unwrap_err();
+        assert!(e.to_string().contains("longer than 255"), "{e}");
+        assert!(db.get_vm("vc2").await.is_err(), "nothing stored");
+    })
+    .await;
+}
+
+/// Change ids and the bytes really written are kept per disk; the job's `bytes_transferred` is
+/// their sum when every disk reported one, else the bytes done.
+#[tokio::test]
+async fn change_ids_and_written_bytes_are_kept_per_disk() {
+    on_each_dialect("change_ids", |t: TestDb| async move {
+        let db = &t.db;
+        let b = job(db, "vc1", "b-cbt", BackupType::Full).await;
+        let id = b.backup_id.clone();
+        assert!(b.disk_results.iter().all(|d| d.change_id.is_none()));
+        for (key, total) in [(2000, 1u64 << 30), (2001, 2 << 30)] {
+            db.update_disk(
+                &id,
+                DiskKey(key),
+                &DiskUpdate {
+                    bytes_done: Some(total),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        }
+        // No disk reported what it wrote: the bytes done, as before.
+        assert_eq!(db.get_backup(&id).await.unwrap().bytes_transferred, 3 << 30);
+        db.update_disk(
+            &id,
+            DiskKey(2000),
+            &DiskUpdate {
+                bytes_transferred: Some(4 << 20),
+                change_id: Some("52 9c 1d 4b 7e 10 aa 01-5f 3c 22 9e 10 7b 4b 11/17".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        // One disk only: still the bytes done (a sum of both kinds would mean nothing).
+        assert_eq!(
+            db.get_backup(&id).await.unwrap().bytes_transferred,
+            3 << 30,
+            "{}",
+            t.dialect
+        );
+        db.update_disk(
+            &id,
+            DiskKey(2001),
+            &DiskUpdate {
+                bytes_transferred: Some(0),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let b = db.get_backup(&id).await.unwrap();
+        assert_eq!(b.bytes_transferred, 4 << 20, "{}", t.dialect);
+        assert_eq!(b.total_bytes, 3 << 30);
+        assert_eq!(
+            b.disk_results[0].change_id.as_deref(),
+            Some("52 9c 1d 4b 7e 10 aa 01-5f 3c 22 9e 10 7b 4b 11/17")
+        );
+        assert_eq!(b.disk_results[1].change_id, None);
+        let rows = db.backup_disks(&id).await.unwrap();
+        assert_eq!(rows[0].bytes_transferred, Some(4 << 20));
+        assert_eq!(rows[1].bytes_transferred, Some(0));
+        // An unrelated update leaves them alone.
+        db.update_disk(
+            &id,
+            DiskKey(2000),
+            &DiskUpdate {
+                checksum_status: Some("passed".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let listed = db.list_backups().await.unwrap();
+        assert_eq!(listed[0].bytes_transferred, 4 << 20, "{}", t.dialect);
+        assert!(listed[0].disk_results[0].change_id.is_some());
+        let active = db.list_backups_in(&[JobStatus::Pending]).await.unwrap();
+        assert_eq!(active[0].bytes_transferred, 4 << 20);
     })
     .await;
 }

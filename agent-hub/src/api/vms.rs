@@ -103,6 +103,47 @@ pub fn validate_vm(req: &VmRequest) -> Result<(), ApiError> {
                 d.size_bytes
             )));
         }
+        if let Some(c) = &d.controller {
+            validate_fact(&format!("disks[{i}].controller"), c, 255)?;
+        }
+        if let Some(b) = &d.backing_file {
+            validate_fact(&format!("disks[{i}].backing_file"), b, 4096)?;
+        }
+    }
+    Ok(())
+}
+
+/// The source driver an inventory names: a short word such as `qemu` or `vsphere`.
+pub fn validate_driver(driver: Option<&str>) -> Result<(), ApiError> {
+    match driver {
+        Some(d)
+            if d.is_empty()
+                || d.len() > 32
+                || !d
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
+        {
+            Err(ApiError::invalid(format!(
+                "driver: {d:?} is not a driver name (up to 32 letters, digits, '-' or '_', \
+                 e.g. \"qemu\" or \"vsphere\")"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A hypervisor fact shown as is (controller name, datastore path): bounded and on one line.
+fn validate_fact(field: &str, v: &str, max: usize) -> Result<(), ApiError> {
+    if v.len() > max {
+        return Err(ApiError::invalid(format!(
+            "{field}: {} bytes is longer than {max}",
+            v.len()
+        )));
+    }
+    if v.chars().any(char::is_control) {
+        return Err(ApiError::invalid(format!(
+            "{field}: {v:?} contains a control character"
+        )));
     }
     Ok(())
 }
