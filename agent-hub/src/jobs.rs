@@ -670,22 +670,13 @@ impl JobManager {
                 let _ = handle.await;
             }
             CompletionStatus::Completed => {
-                if !self
-                    .deps()
-                    .db
-                    .transition_backup(id, &[JobStatus::Running], JobStatus::Finalizing, None)
-                    .await?
-                {
-                    let now = self.get(id).await?;
-                    return Err(JobError::WrongState {
-                        id: id.clone(),
-                        status: now.status.as_str(),
-                        what: "the job changed state before the completion report".into(),
-                    });
-                }
                 for d in &report.disks {
                     // Kept with the backup: the next incremental asks the hypervisor for the
-                    // blocks changed since this change id.
+                    // blocks changed since this change id. Stored before the move to
+                    // `finalizing`, so that a database error leaves the job running for the
+                    // writer to retry rather than finalizing without a verifier; on a job that
+                    // then loses a race (cancelled) they are harmless: only completed backups
+                    // are built on.
                     self.deps()
                         .db
                         .update_disk(
@@ -714,6 +705,19 @@ impl JobManager {
                         )
                         .await;
                     }
+                }
+                if !self
+                    .deps()
+                    .db
+                    .transition_backup(id, &[JobStatus::Running], JobStatus::Finalizing, None)
+                    .await?
+                {
+                    let now = self.get(id).await?;
+                    return Err(JobError::WrongState {
+                        id: id.clone(),
+                        status: now.status.as_str(),
+                        what: "the job changed state before the completion report".into(),
+                    });
                 }
                 let ranges: usize = report
                     .disks
