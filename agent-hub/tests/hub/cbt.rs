@@ -376,6 +376,26 @@ pub async fn change_ids_then_fallback(env: &Env) {
         disks::images_equal(&top, &srcs[0]),
         "chain top differs from the changed source"
     );
+    let ver = api
+        .get_ok(&format!("/api/v1/backups/{id2}/verification"))
+        .await;
+    let written: Vec<(u64, u64, &str)> = ver
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["disk_key"].as_u64().unwrap(),
+                v["bytes_transferred"].as_u64().unwrap(),
+                v["change_id"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        written,
+        [(2000, 4 * MIB, "52 3f/5"), (2001, 0, "52 3f/6")],
+        "{ver}"
+    );
     let events = api.event_lines(&id2).await;
     assert!(
         events
