@@ -218,4 +218,32 @@ mod tests {
         let e = validate_vm(&r).unwrap_err();
         assert!(e.body().detail.contains("disks[1].unit_number"), "{e}");
     }
+
+    #[test]
+    fn hypervisor_facts_are_bounded_and_on_one_line() {
+        let mut r = req("vc1", "Hard disk 1");
+        r.disks[0].controller = Some("SCSI controller 0".into());
+        r.disks[0].backing_file = Some("[datastore1] vc1/vc1.vmdk".into());
+        r.disks[0].thin_provisioned = Some(true);
+        validate_vm(&r).unwrap();
+        r.disks[0].controller = Some("SCSI\ncontroller".into());
+        let e = validate_vm(&r).unwrap_err();
+        assert_eq!(e.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(e.body().detail.contains("disks[0].controller"), "{e}");
+        r.disks[0].controller = None;
+        r.disks[0].backing_file = Some("x".repeat(5000));
+        let e = validate_vm(&r).unwrap_err();
+        assert!(
+            e.body()
+                .detail
+                .contains("disks[0].backing_file: 5000 bytes"),
+            "{e}"
+        );
+        validate_driver(Some("vsphere")).unwrap();
+        validate_driver(None).unwrap();
+        for bad in ["", "vs phere", "a/b", &"d".repeat(33)] {
+            let e = validate_driver(Some(bad)).unwrap_err();
+            assert!(e.body().detail.starts_with("driver:"), "{bad:?}: {e}");
+        }
+    }
 }
