@@ -25,6 +25,7 @@ mod vms;
 
 pub use backups::{BackupDiskRow, DiskUpdate, NewBackup, NewBackupDisk};
 pub use records::{ProcessRecord, RepositoryRow};
+pub use vms::VmSource;
 
 use chrono::{DateTime, Utc};
 use sendense_shared::api::DatabaseKind;

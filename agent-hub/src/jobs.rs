@@ -43,6 +43,26 @@ use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// Longest change id the database keeps (`backup_disks.change_id`); vSphere's are about 50.
+const CHANGE_ID_MAX: usize = 255;
+
+/// A change id is handed back to the hypervisor by the next incremental: it must come back
+/// exactly as it was given, so one the database could not store whole is refused.
+fn validate_change_id(i: usize, c: &str) -> Result<(), JobError> {
+    let why = if c.is_empty() {
+        "is empty (leave it out when the disk has none)".to_string()
+    } else if c.len() > CHANGE_ID_MAX {
+        format!("is {} bytes long, more than {CHANGE_ID_MAX}", c.len())
+    } else if c.chars().any(char::is_control) {
+        "contains a control character".to_string()
+    } else {
+        return Ok(());
+    };
+    Err(JobError::Invalid {
+        detail: format!("disks[{i}].change_id {why}"),
+    })
+}
+
 /// States a job may be cancelled from.
 pub const CANCELLABLE: &[JobStatus] = &[
     JobStatus::Pending,
@@ -437,6 +457,16 @@ impl JobManager {
                     ),
                 });
             }
+            if let Some(w) = d.bytes_transferred
+                && w > d.bytes_total
+            {
+                return Err(JobError::Invalid {
+                    detail: format!(
+                        "disks[{i}].bytes_transferred: {w} exceeds bytes_total {}",
+                        d.bytes_total
+                    ),
+                });
+            }
         }
         for d in &report.disks {
             let cur = b
@@ -459,6 +489,7 @@ impl JobManager {
                         status,
                         bytes_done: Some(d.bytes_done),
                         bytes_total: Some(d.bytes_total),
+                        bytes_transferred: d.bytes_transferred,
                         ..Default::default()
                     },
                 )
@@ -510,13 +541,26 @@ impl JobManager {
             });
         }
         for (i, d) in report.disks.iter().enumerate() {
-            if !b.disk_results.iter().any(|r| r.disk_key == d.disk_key) {
+            let Some(cur) = b.disk_results.iter().find(|r| r.disk_key == d.disk_key) else {
                 return Err(JobError::Invalid {
                     detail: format!(
                         "disks[{i}].disk_key: {} is not a disk of backup {id}",
                         d.disk_key
                     ),
                 });
+            };
+            if let Some(w) = d.bytes_transferred
+                && w > cur.bytes_total
+            {
+                return Err(JobError::Invalid {
+                    detail: format!(
+                        "disks[{i}].bytes_transferred: {w} exceeds the disk's {} bytes",
+                        cur.bytes_total
+                    ),
+                });
+            }
+            if let Some(c) = &d.change_id {
+                validate_change_id(i, c)?;
             }
             if let Some(c) = &d.checksums
                 && (c.chunk_size == 0 || c.ranges.iter().any(|r| r.length == 0))
@@ -626,6 +670,42 @@ impl JobManager {
                 let _ = handle.await;
             }
             CompletionStatus::Completed => {
+                for d in &report.disks {
+                    // Kept with the backup: the next incremental asks the hypervisor for the
+                    // blocks changed since this change id. Stored before the move to
+                    // `finalizing`, so that a database error leaves the job running for the
+                    // writer to retry rather than finalizing without a verifier; on a job that
+                    // then loses a race (cancelled) they are harmless: only completed backups
+                    // are built on.
+                    self.deps()
+                        .db
+                        .update_disk(
+                            id,
+                            d.disk_key,
+                            &crate::db::DiskUpdate {
+                                bytes_transferred: d.bytes_transferred,
+                                change_id: d.change_id.clone(),
+                                ..Default::default()
+                            },
+                        )
+                        .await?;
+                    if let Some(c) = &d.change_id {
+                        self.event(
+                            id,
+                            Level::Info,
+                            "change_id",
+                            format!(
+                                "disk {}: copied at change id {c}{}",
+                                d.disk_key,
+                                d.bytes_transferred
+                                    .map(|w| format!(", {w} bytes written"))
+                                    .unwrap_or_default()
+                            ),
+                            Some(d.disk_key),
+                        )
+                        .await;
+                    }
+                }
                 if !self
                     .deps()
                     .db

@@ -2,8 +2,8 @@
 
 mod db_support;
 
-use agent_hub::db::{Db, DbError, DiskUpdate, NewBackup, NewBackupDisk};
-use db_support::{TestDb, on_each_dialect};
+use agent_hub::db::{Db, DbError, DiskUpdate, NewBackup, NewBackupDisk, VmSource};
+use db_support::{TestDb, on_each_bare_dialect, on_each_dialect};
 use sendense_shared::api::{
     BackupType, DiskStatus, JobStatus, NodeRegistration, ProcessInfo, TunnelState, TunnelStateKind,
     VmDisk, VmRequest,
@@ -833,9 +833,22 @@ async fn sqlite_file_is_created_on_connect() {
     assert!(e.to_string().contains("/no/such/dir/hub.db"), "{e}");
 }
 
-type Schema = std::collections::BTreeMap<String, BTreeSet<(String, bool, bool)>>;
+type Schema = std::collections::BTreeMap<String, BTreeSet<(String, &'static str, bool, bool)>>;
 
-/// (table → {(column, nullable, in primary key)}) as the database itself describes it.
+/// The kind of a column's type as the Any driver sees it: both dialects must store a column as
+/// the same kind (a flag stored as INT in one and TEXT in the other would decode in one only).
+fn type_kind(declared: &str) -> &'static str {
+    let t = declared.to_ascii_lowercase();
+    if t.contains("int") {
+        "integer"
+    } else if t.contains("char") || t.contains("text") {
+        "text"
+    } else {
+        "other"
+    }
+}
+
+/// (table → {(column, type kind, nullable, in primary key)}) as the database itself describes it.
 async fn describe(t: &TestDb) -> Schema {
     use sqlx::{Connection, Row};
     let mut schema = Schema::new();
@@ -849,7 +862,7 @@ async fn describe(t: &TestDb) -> Schema {
         .await
         .unwrap();
         for table in tables {
-            let rows = sqlx::query("SELECT name, \"notnull\", pk FROM pragma_table_info(?)")
+            let rows = sqlx::query("SELECT name, type, \"notnull\", pk FROM pragma_table_info(?)")
                 .bind(&table)
                 .fetch_all(&mut c)
                 .await
@@ -859,8 +872,9 @@ async fn describe(t: &TestDb) -> Schema {
                 .map(|r| {
                     (
                         r.get::<String, _>(0),
-                        r.get::<i64, _>(1) == 0,
-                        r.get::<i64, _>(2) > 0,
+                        type_kind(&r.get::<String, _>(1)),
+                        r.get::<i64, _>(2) == 0,
+                        r.get::<i64, _>(3) > 0,
                     )
                 })
                 .collect();
@@ -870,7 +884,7 @@ async fn describe(t: &TestDb) -> Schema {
         let mut c = sqlx::MySqlConnection::connect(&t.url).await.unwrap();
         let rows = sqlx::query(
             "SELECT CAST(TABLE_NAME AS CHAR), CAST(COLUMN_NAME AS CHAR), CAST(IS_NULLABLE AS CHAR), \
-             CAST(COLUMN_KEY AS CHAR) FROM information_schema.COLUMNS \
+             CAST(COLUMN_KEY AS CHAR), CAST(DATA_TYPE AS CHAR) FROM information_schema.COLUMNS \
              WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME NOT LIKE '\\_sqlx%'",
         )
         .fetch_all(&mut c)
@@ -879,6 +893,7 @@ async fn describe(t: &TestDb) -> Schema {
         for r in rows {
             schema.entry(r.get::<String, _>(0)).or_default().insert((
                 r.get::<String, _>(1),
+                type_kind(&r.get::<String, _>(4)),
                 r.get::<String, _>(2) == "YES",
                 r.get::<String, _>(3) == "PRI",
             ));
@@ -920,6 +935,23 @@ async fn both_dialects_have_the_same_schema() {
     ] {
         assert!(sqlite.1.contains_key(t), "table {t} missing: {tables:?}");
     }
+    // The columns of migration 0002, all NULL-able in both dialects.
+    for (table, column, kind) in [
+        ("vm_replication_contexts", "driver", "text"),
+        ("vm_replication_contexts", "change_tracking", "integer"),
+        ("vm_disks", "controller", "text"),
+        ("vm_disks", "backing_file", "text"),
+        ("vm_disks", "thin_provisioned", "integer"),
+        ("backup_disks", "change_id", "text"),
+        ("backup_disks", "bytes_transferred", "integer"),
+    ] {
+        let want = (column.to_string(), kind, true, false);
+        assert!(
+            sqlite.1[table].contains(&want),
+            "{table}.{column} missing or not a NULL-able {kind} column: {:?}",
+            sqlite.1[table]
+        );
+    }
     for (table, cols) in &sqlite.1 {
         assert_eq!(
             Some(cols),
@@ -928,4 +960,281 @@ async fn both_dialects_have_the_same_schema() {
         );
     }
     assert_eq!(sqlite.1.len(), mysql.1.len());
+}
+
+/// Applies the migrations up to `version` only, as a hub of that schema would have.
+async fn migrate_to(t: &TestDb, version: i64) {
+    let pool = sqlx::AnyPool::connect(&t.url).await.unwrap();
+    let migrator = if t.dialect == "sqlite" {
+        sqlx::migrate!("../migrations/sqlite")
+    } else {
+        sqlx::migrate!("../migrations/mysql")
+    };
+    migrator.run_to(version, &pool).await.unwrap();
+    pool.close().await;
+}
+
+/// A database written by a hub of schema 0001 (rows inserted as that hub wrote them) upgrades
+/// with the current hub's migrations: every row stays, the new columns read NULL, and the hub
+/// reads the old rows.
+#[tokio::test]
+async fn a_0001_database_upgrades_and_keeps_its_rows() {
+    on_each_bare_dialect("upgrade_0001", |t: TestDb| async move {
+        use sqlx::Row;
+        migrate_to(&t, 1).await;
+        let pool = sqlx::AnyPool::connect(&t.url).await.unwrap();
+        for sql in [
+            "INSERT INTO repositories (id, path, created_at) VALUES ('main', '/srv/repo', 1)",
+            "INSERT INTO vm_replication_contexts (vm_context_id, vm_name, node, created_at, updated_at) \
+             VALUES ('ctx-old', 'oldvm', NULL, 1, 1)",
+            "INSERT INTO vm_disks (vm_context_id, disk_key, unit_number, size_bytes, label) \
+             VALUES ('ctx-old', 2000, 0, 1073741824, 'Hard disk 1')",
+            "INSERT INTO vm_disks (vm_context_id, disk_key, unit_number, size_bytes, label) \
+             VALUES ('ctx-old', 2001, 1, 2147483648, 'Hard disk 2')",
+            "INSERT INTO backup_jobs (backup_id, vm_context_id, vm_name, backup_type, repository_id, \
+             status, nbd_targets_string, created_at, started_at, completed_at) \
+             VALUES ('b-old', 'ctx-old', 'oldvm', 'full', 'main', 'completed', '', 10, 11, 12)",
+            "INSERT INTO backup_disks (backup_id, disk_key, unit_number, qcow2_path, nbd_export_name, \
+             status, bytes_done, bytes_total, checksum_status) \
+             VALUES ('b-old', 2000, 0, '/srv/repo/oldvm/2000/b-old.qcow2', 'oldvm-disk-2000', \
+             'completed', 1073741824, 1073741824, 'passed')",
+            "INSERT INTO backup_disks (backup_id, disk_key, unit_number, qcow2_path, nbd_export_name, \
+             status, bytes_done, bytes_total, checksum_status) \
+             VALUES ('b-old', 2001, 1, '/srv/repo/oldvm/2001/b-old.qcow2', 'oldvm-disk-2001', \
+             'completed', 2147483648, 2147483648, 'passed')",
+        ] {
+            sqlx::query(sql).execute(&pool).await.unwrap();
+        }
+        // The old schema has none of the new columns (so this test really starts at 0001).
+        let e = sqlx::query("SELECT change_id FROM backup_disks").fetch_all(&pool).await;
+        assert!(e.is_err(), "{}: change_id exists before 0002", t.dialect);
+
+        t.db.migrate().await.expect("the hub's migrations upgrade a 0001 database");
+
+        let versions: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert_eq!(versions, [1, 2], "{}", t.dialect);
+        let rows = sqlx::query(
+            "SELECT disk_key, change_id, bytes_transferred, bytes_done FROM backup_disks \
+             ORDER BY disk_key",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert_eq!(rows.len(), 2, "{}", t.dialect);
+        for r in &rows {
+            assert_eq!(r.get::<Option<String>, _>("change_id"), None, "{}", t.dialect);
+            assert_eq!(r.get::<Option<i64>, _>("bytes_transferred"), None, "{}", t.dialect);
+        }
+        let rows = sqlx::query(
+            "SELECT controller, backing_file, thin_provisioned FROM vm_disks ORDER BY disk_key",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert_eq!(rows.len(), 2, "{}", t.dialect);
+        for r in &rows {
+            assert_eq!(r.get::<Option<String>, _>("controller"), None);
+            assert_eq!(r.get::<Option<String>, _>("backing_file"), None);
+            assert_eq!(r.get::<Option<i32>, _>("thin_provisioned"), None);
+        }
+        let r = sqlx::query("SELECT driver, change_tracking FROM vm_replication_contexts")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(r.get::<Option<String>, _>("driver"), None);
+        assert_eq!(r.get::<Option<i32>, _>("change_tracking"), None);
+        pool.close().await;
+
+        // The hub reads the old rows as they were.
+        let vm = t.db.get_vm("oldvm").await.unwrap();
+        assert_eq!(vm.vm_context_id, "ctx-old");
+        assert_eq!(vm.last_backup_id, Some(BackupId::from("b-old")));
+        let units: Vec<(i64, i32, u64)> =
+            vm.disks.iter().map(|d| (d.disk_key.0, d.unit_number, d.size_bytes)).collect();
+        assert_eq!(units, [(2000, 0, 1 << 30), (2001, 1, 2 << 30)]);
+        let b = t.db.get_backup(&BackupId::from("b-old")).await.unwrap();
+        assert_eq!(b.status, JobStatus::Completed);
+        assert_eq!(b.total_bytes, 3 << 30);
+        assert_eq!(b.disk_results.len(), 2);
+        let rows = t.db.backup_disks(&BackupId::from("b-old")).await.unwrap();
+        assert_eq!(rows[1].checksum_status.as_deref(), Some("passed"));
+        // ... and the new fields as "not known".
+        assert_eq!((vm.driver, vm.change_tracking), (None, None));
+        assert!(vm.disks.iter().all(|d| d.controller.is_none()
+            && d.backing_file.is_none()
+            && d.thin_provisioned.is_none()));
+        assert!(b.disk_results.iter().all(|d| d.change_id.is_none()));
+        assert!(rows.iter().all(|r| r.bytes_transferred.is_none()));
+        assert_eq!(b.bytes_transferred, 3 << 30, "old rows: the bytes done");
+    })
+    .await;
+}
+
+/// The hypervisor's facts of a VM and its disks are stored, updated and read back; a VM
+/// registered by hand keeps what the last inventory said of its driver.
+#[tokio::test]
+async fn vm_disk_facts_and_driver_round_trip() {
+    on_each_dialect("vm_facts", |t: TestDb| async move {
+        let db = &t.db;
+        let mut d0 = disk(2000, 0, 1 << 30);
+        d0.controller = Some("SCSI controller 0".into());
+        d0.backing_file = Some("[datastore1] vc1/vc1.vmdk".into());
+        d0.thin_provisioned = Some(true);
+        let mut d1 = disk(2001, 1, 2 << 30);
+        d1.controller = Some("SCSI controller 0".into());
+        d1.backing_file = Some("[datastore1] vc1/vc1_1.vmdk".into());
+        d1.thin_provisioned = Some(false);
+        let source = VmSource {
+            driver: Some("vsphere".into()),
+            change_tracking: Some(true),
+        };
+        let v = db
+            .upsert_inventory_vm(&vm("vc1", vec![d0.clone(), d1.clone()]), &source)
+            .await
+            .unwrap();
+        assert_eq!(v.disks, [d0.clone(), d1.clone()], "{}", t.dialect);
+        assert_eq!(v.driver.as_deref(), Some("vsphere"));
+        assert_eq!(v.change_tracking, Some(true));
+
+        // By hand, without the facts: the disk facts are the request's, the driver stays.
+        let plain = vec![disk(2000, 0, 1 << 30), disk(2001, 1, 2 << 30)];
+        let v = db.upsert_vm(&vm("vc1", plain.clone())).await.unwrap();
+        assert_eq!(v.disks, plain, "{}", t.dialect);
+        assert_eq!(v.driver.as_deref(), Some("vsphere"), "{}", t.dialect);
+        assert_eq!(v.change_tracking, Some(true));
+
+        // The next inventory says CBT is off now.
+        let off = VmSource {
+            driver: Some("vsphere".into()),
+            change_tracking: Some(false),
+        };
+        db.upsert_inventory_vm(&vm("vc1", vec![d0.clone(), d1.clone()]), &off)
+            .await
+            .unwrap();
+        let listed = db.list_vms().await.unwrap();
+        assert_eq!(listed[0].change_tracking, Some(false), "{}", t.dialect);
+        assert_eq!(listed[0].disks, [d0.clone(), d1.clone()]);
+
+        // A QEMU VM: no facts at all.
+        let q = db
+            .upsert_inventory_vm(
+                &vm("qemu1", vec![disk(2000, 0, 1 << 20)]),
+                &VmSource {
+                    driver: Some("qemu".into()),
+                    change_tracking: None,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(q.driver.as_deref(), Some("qemu"));
+        assert_eq!(q.change_tracking, None);
+        assert_eq!(q.disks[0].controller, None);
+        assert_eq!(q.disks[0].thin_provisioned, None);
+
+        let mut bad = d0.clone();
+        bad.controller = Some("SCSI\ncontroller".into());
+        let e = db.upsert_vm(&vm("vc2", vec![bad])).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DbError::Invalid {
+                    field: "disks[].controller",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let mut long = d0.clone();
+        long.controller = Some("c".repeat(256));
+        let e = db.upsert_vm(&vm("vc2", vec![long])).await.unwrap_err();
+        assert!(e.to_string().contains("longer than 255"), "{e}");
+        assert!(db.get_vm("vc2").await.is_err(), "nothing stored");
+    })
+    .await;
+}
+
+/// Change ids and the bytes really written are kept per disk; the job's `bytes_transferred` is
+/// their sum when every disk reported one, else the bytes done.
+#[tokio::test]
+async fn change_ids_and_written_bytes_are_kept_per_disk() {
+    on_each_dialect("change_ids", |t: TestDb| async move {
+        let db = &t.db;
+        let b = job(db, "vc1", "b-cbt", BackupType::Full).await;
+        let id = b.backup_id.clone();
+        assert!(b.disk_results.iter().all(|d| d.change_id.is_none()));
+        for (key, total) in [(2000, 1u64 << 30), (2001, 2 << 30)] {
+            db.update_disk(
+                &id,
+                DiskKey(key),
+                &DiskUpdate {
+                    bytes_done: Some(total),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        }
+        // No disk reported what it wrote: the bytes done, as before.
+        assert_eq!(db.get_backup(&id).await.unwrap().bytes_transferred, 3 << 30);
+        db.update_disk(
+            &id,
+            DiskKey(2000),
+            &DiskUpdate {
+                bytes_transferred: Some(4 << 20),
+                change_id: Some("52 9c 1d 4b 7e 10 aa 01-5f 3c 22 9e 10 7b 4b 11/17".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        // One disk only: still the bytes done (a sum of both kinds would mean nothing).
+        assert_eq!(
+            db.get_backup(&id).await.unwrap().bytes_transferred,
+            3 << 30,
+            "{}",
+            t.dialect
+        );
+        db.update_disk(
+            &id,
+            DiskKey(2001),
+            &DiskUpdate {
+                bytes_transferred: Some(0),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let b = db.get_backup(&id).await.unwrap();
+        assert_eq!(b.bytes_transferred, 4 << 20, "{}", t.dialect);
+        assert_eq!(b.total_bytes, 3 << 30);
+        assert_eq!(
+            b.disk_results[0].change_id.as_deref(),
+            Some("52 9c 1d 4b 7e 10 aa 01-5f 3c 22 9e 10 7b 4b 11/17")
+        );
+        assert_eq!(b.disk_results[1].change_id, None);
+        let rows = db.backup_disks(&id).await.unwrap();
+        assert_eq!(rows[0].bytes_transferred, Some(4 << 20));
+        assert_eq!(rows[1].bytes_transferred, Some(0));
+        // An unrelated update leaves them alone.
+        db.update_disk(
+            &id,
+            DiskKey(2000),
+            &DiskUpdate {
+                checksum_status: Some("passed".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let listed = db.list_backups().await.unwrap();
+        assert_eq!(listed[0].bytes_transferred, 4 << 20, "{}", t.dialect);
+        assert!(listed[0].disk_results[0].change_id.is_some());
+        let active = db.list_backups_in(&[JobStatus::Pending]).await.unwrap();
+        assert_eq!(active[0].bytes_transferred, 4 << 20);
+    })
+    .await;
 }

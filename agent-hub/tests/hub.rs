@@ -7,9 +7,12 @@
 //!   repository, a tampered checksum, the hub SIGKILLed mid-job.
 //! - [`input`]: bad JSON, unknown VM, path-escaping names, missing token.
 //! - [`mariadb`]: the main backup on MariaDB.
+//! - [`cbt`]: change ids from a stand-in vSphere node into the next incremental, and the
+//!   fallback to full without them.
 
 mod hub {
     pub mod backup;
+    pub mod cbt;
     pub mod env;
     pub mod faults;
     pub mod input;

@@ -340,7 +340,7 @@ pub fn progress_line(b: &Backup) -> String {
         "{} {} {}% {}/{}",
         b.backup_id,
         b.status.as_str(),
-        format::percent(b.bytes_transferred, b.total_bytes),
+        format::percent(format::done_bytes(b), b.total_bytes),
         format::bytes(b.bytes_transferred),
         format::bytes(b.total_bytes)
     );
@@ -403,7 +403,7 @@ fn outcome(b: &Backup) -> u8 {
                 _ => String::new(),
             };
             eprintln!(
-                "backup {} completed: {}{took}",
+                "backup {} completed: {} written{took}",
                 b.backup_id,
                 format::bytes(b.bytes_transferred)
             );
@@ -458,10 +458,31 @@ pub fn backups_table(list: &[Backup]) -> String {
             b.vm_name,
             b.backup_type.as_str(),
             b.status.as_str(),
-            format::percent(b.bytes_transferred, b.total_bytes),
+            format::percent(format::done_bytes(b), b.total_bytes),
             bytes(b),
             b.created_at.format("%Y-%m-%d %H:%M:%S")
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures;
+
+    /// A CBT incremental that wrote 212 MiB of a 40 GiB disk is done, not 0 % done.
+    #[test]
+    fn progress_counts_disks_done_and_bytes_written() {
+        let b = fixtures::vsphere_job();
+        assert_eq!(
+            progress_line(&b),
+            "b-4e11c0a7 completed 100% 212.0 MiB/40.0 GiB · 2000 completed 100%"
+        );
+        let table = backups_table(&[b]);
+        let row = table.lines().nth(1).unwrap();
+        assert!(row.contains(" 100%  212.0 MiB/40.0 GiB "), "{table}");
+        let running = fixtures::running_job([8 * fixtures::GIB, 2 * fixtures::GIB]);
+        assert!(progress_line(&running).contains(" running 50% 10.0 GiB/20.0 GiB"));
+    }
 }

@@ -179,6 +179,18 @@ fn finished_job(id: &str, vm: &str, status: JobStatus, created: i64, total: u64)
     }
 }
 
+/// The change id a vSphere disk was copied at (CBT).
+pub const CHANGE_ID: &str = "52 3f 9a 11 00 7e 4c 02-a1 9b 2c 77 0e 5d 6f 10/4";
+
+/// A completed CBT incremental of mailsrv (vSphere): 212 MiB changed of 40 GiB.
+pub fn vsphere_job() -> Backup {
+    let mut b = finished_job("b-4e11c0a7", "mailsrv", JobStatus::Completed, 600, 40 * GIB);
+    b.backup_type = BackupType::Incremental;
+    b.bytes_transferred = 212 * 1024 * 1024;
+    b.disk_results[0].change_id = Some(CHANGE_ID.into());
+    b
+}
+
 pub fn backups() -> Vec<Backup> {
     vec![
         running_job([6 * GIB + GIB / 4, GIB + GIB / 10]),
@@ -224,6 +236,8 @@ pub fn vms() -> Vec<Vm> {
             ],
             last_backup_id: Some(BackupId("b-91d4f7aa".into())),
             last_backup_at: Some(ago(86_100)),
+            driver: Some("qemu".into()),
+            change_tracking: None,
         },
         Vm {
             vm_context_id: "ctx-webfront".into(),
@@ -235,14 +249,23 @@ pub fn vms() -> Vec<Vm> {
             ],
             last_backup_id: Some(BackupId("b-5e5e0a01".into())),
             last_backup_at: Some(ago(7 * 86_400)),
+            driver: Some("qemu".into()),
+            change_tracking: None,
         },
         Vm {
             vm_context_id: "ctx-mailsrv".into(),
             vm_name: "mailsrv".into(),
             node: Some("node-b".into()),
-            disks: vec![vm_disk(2000, 0, 40 * GIB, "Hard disk 1")],
+            disks: vec![VmDisk {
+                controller: Some("SCSI controller 0".into()),
+                backing_file: Some("[datastore1] mailsrv/mailsrv.vmdk".into()),
+                thin_provisioned: Some(true),
+                ..vm_disk(2000, 0, 40 * GIB, "Hard disk 1")
+            }],
             last_backup_id: None,
             last_backup_at: None,
+            driver: Some("vsphere".into()),
+            change_tracking: Some(true),
         },
         Vm {
             vm_context_id: "ctx-legacy-db".into(),
@@ -255,6 +278,8 @@ pub fn vms() -> Vec<Vm> {
             ],
             last_backup_id: None,
             last_backup_at: None,
+            driver: None,
+            change_tracking: None,
         },
     ]
 }

@@ -1,6 +1,7 @@
 //! Human units for sizes, rates and durations, shared by the UI and the CLI.
 
 use chrono::{DateTime, Utc};
+use sendense_shared::api::Backup;
 
 const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
 
@@ -55,6 +56,36 @@ pub fn percent(done: u64, total: u64) -> u16 {
         return 0;
     }
     ((done.min(total) as f64 / total as f64) * 100.0).floor() as u16
+}
+
+/// How far a job got through its disks: the sum of the disks' bytes done (skipped areas
+/// included), which reaches the total at the end. The job's `bytes_transferred` is what the
+/// node really wrote, a few MiB for an incremental of a large disk: right to show as bytes,
+/// wrong as progress.
+pub fn done_bytes(b: &Backup) -> u64 {
+    if b.disk_results.is_empty() {
+        return b.bytes_transferred;
+    }
+    b.disk_results.iter().map(|d| d.bytes_done).sum()
+}
+
+/// A change id (vSphere CBT, e.g. `52 3f 9a … 6f 10/4`) in at most `max` characters: the
+/// start, which names the disk's tracking epoch, and the sequence number after the last `/`,
+/// which is what moves from one backup to the next.
+pub fn short_change_id(id: &str, max: usize) -> String {
+    let count = id.chars().count();
+    if count <= max {
+        return id.to_string();
+    }
+    let tail = id.rfind('/').map(|i| &id[i..]).unwrap_or("");
+    let tail_len = tail.chars().count();
+    if tail_len + 2 > max {
+        return truncate(id, max);
+    }
+    let mut out: String = id.chars().take(max - 1 - tail_len).collect();
+    out.push('…');
+    out.push_str(tail);
+    out
 }
 
 /// Cut `s` to at most `max` characters, marking the cut with `…`.
@@ -130,6 +161,16 @@ mod tests {
             short_id("6271dd38-33d7-4ee0-883c-985223027b87"),
             "6271dd38…"
         );
+    }
+
+    #[test]
+    fn change_ids_keep_their_start_and_sequence() {
+        let id = "52 3f 9a 11 00 7e 4c 02-a1 9b 2c 77 0e 5d 6f 10/4";
+        assert_eq!(short_change_id(id, 60), id);
+        assert_eq!(short_change_id(id, 16), "52 3f 9a 11 0…/4");
+        assert_eq!(short_change_id(id, 16).chars().count(), 16);
+        assert_eq!(short_change_id("abcdefgh", 4), "abc…");
+        assert_eq!(short_change_id("ab/123456", 4), "ab/…");
     }
 
     #[test]

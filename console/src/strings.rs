@@ -72,6 +72,8 @@ pub const THROUGHPUT: &str = "throughput";
 pub const ERROR: &str = "error";
 pub const NONE: &str = "—";
 pub const MORE_DISKS_BELOW: &str = "more disks: j/k to scroll";
+pub const WRITTEN: &str = "written";
+pub const CHANGE_ID: &str = "change id";
 
 // VMs.
 pub const COL_NODE: &str = "Node";
@@ -85,6 +87,14 @@ pub const NO_NODE: &str = "(none)";
 pub const NO_VMS: &str =
     "No VMs known to the hub. Register one (POST /api/v1/vms) or connect a node.";
 pub const DISKS_OF: &str = "Disks of";
+pub const COL_SOURCE: &str = "Source";
+pub const CBT_ON: &str = "CBT on";
+pub const CBT_OFF: &str = "CBT off";
+pub const COL_CONTROLLER: &str = "Controller";
+pub const COL_PROVISIONING: &str = "Alloc";
+pub const THIN: &str = "thin";
+pub const THICK: &str = "thick";
+pub const COL_BACKING_FILE: &str = "Backing file";
 pub const BACKUP: &str = "backup";
 
 // Start dialog.

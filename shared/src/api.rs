@@ -110,6 +110,12 @@ pub struct Vm {
     pub last_backup_id: Option<BackupId>,
     #[serde(default)]
     pub last_backup_at: Option<DateTime<Utc>>,
+    /// Source driver that serves the VM (`"qemu"`, `"vsphere"`), as the node's inventory said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    /// Whether the hypervisor tracks changed blocks (vSphere CBT), as the node's inventory said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_tracking: Option<bool>,
 }
 
 /// Full or incremental.

@@ -119,6 +119,11 @@ pub struct DiskVerification {
     pub parent_backup_id: Option<BackupId>,
     /// Backing file as recorded in the image (relative).
     pub backing_path: Option<String>,
+    /// Bytes the writer really wrote into this disk's image, when it said (an incremental: the
+    /// changed blocks only).
+    pub bytes_transferred: Option<u64>,
+    /// The hypervisor's change id the disk was copied at (vSphere CBT).
+    pub change_id: Option<String>,
 }
 
 /// `GET /api/v1/backups/{id}/verification`.
@@ -139,6 +144,8 @@ pub async fn verification(
                 qemu_img_check: r.qemu_img_check,
                 parent_backup_id: r.parent_backup_id,
                 backing_path: r.backing_path,
+                bytes_transferred: r.bytes_transferred,
+                change_id: r.result.change_id,
             })
             .collect(),
     ))

@@ -2,8 +2,9 @@
 //! (`POST /api/v1/nodes/{name}/discover` pulls the node's `/api/v1/inventory`;
 //! `PUT /api/v1/nodes/{name}/inventory` lets a node push it), and `GET /api/v1/tunnel`.
 
-use super::vms::validate_vm;
+use super::vms::{validate_driver, validate_vm};
 use super::{ApiError, ApiJson};
+use crate::db::VmSource;
 use crate::server::{AppState, Hub};
 use axum::Json;
 use axum::extract::{Path, State};
@@ -115,7 +116,19 @@ async fn import(hub: &Hub, node: &str, inv: Inventory) -> Result<Vec<Vm>, ApiErr
             tracing::warn!(%node, vm = %req.vm_name, error = %e, "inventory VM skipped");
             continue;
         }
-        out.push(hub.db.upsert_vm(&req).await?);
+        // A driver name the hub cannot show is recorded as unknown: it must not keep the VM out.
+        let driver = match validate_driver(v.driver.as_deref()) {
+            Ok(()) => v.driver,
+            Err(e) => {
+                tracing::warn!(%node, vm = %req.vm_name, error = %e, "inventory driver ignored");
+                None
+            }
+        };
+        let source = VmSource {
+            driver,
+            change_tracking: v.change_tracking,
+        };
+        out.push(hub.db.upsert_inventory_vm(&req, &source).await?);
     }
     Ok(out)
 }

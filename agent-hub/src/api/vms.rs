@@ -103,6 +103,47 @@ pub fn validate_vm(req: &VmRequest) -> Result<(), ApiError> {
                 d.size_bytes
             )));
         }
+        if let Some(c) = &d.controller {
+            validate_fact(&format!("disks[{i}].controller"), c, 255)?;
+        }
+        if let Some(b) = &d.backing_file {
+            validate_fact(&format!("disks[{i}].backing_file"), b, 4096)?;
+        }
+    }
+    Ok(())
+}
+
+/// The source driver an inventory names: a short word such as `qemu` or `vsphere`.
+pub fn validate_driver(driver: Option<&str>) -> Result<(), ApiError> {
+    match driver {
+        Some(d)
+            if d.is_empty()
+                || d.len() > 32
+                || !d
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
+        {
+            Err(ApiError::invalid(format!(
+                "driver: {d:?} is not a driver name (up to 32 letters, digits, '-' or '_', \
+                 e.g. \"qemu\" or \"vsphere\")"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A hypervisor fact shown as is (controller name, datastore path): bounded and on one line.
+fn validate_fact(field: &str, v: &str, max: usize) -> Result<(), ApiError> {
+    if v.len() > max {
+        return Err(ApiError::invalid(format!(
+            "{field}: {} bytes is longer than {max}",
+            v.len()
+        )));
+    }
+    if v.chars().any(char::is_control) {
+        return Err(ApiError::invalid(format!(
+            "{field}: {v:?} contains a control character"
+        )));
     }
     Ok(())
 }
@@ -176,5 +217,33 @@ mod tests {
         r.disks.push(d);
         let e = validate_vm(&r).unwrap_err();
         assert!(e.body().detail.contains("disks[1].unit_number"), "{e}");
+    }
+
+    #[test]
+    fn hypervisor_facts_are_bounded_and_on_one_line() {
+        let mut r = req("vc1", "Hard disk 1");
+        r.disks[0].controller = Some("SCSI controller 0".into());
+        r.disks[0].backing_file = Some("[datastore1] vc1/vc1.vmdk".into());
+        r.disks[0].thin_provisioned = Some(true);
+        validate_vm(&r).unwrap();
+        r.disks[0].controller = Some("SCSI\ncontroller".into());
+        let e = validate_vm(&r).unwrap_err();
+        assert_eq!(e.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(e.body().detail.contains("disks[0].controller"), "{e}");
+        r.disks[0].controller = None;
+        r.disks[0].backing_file = Some("x".repeat(5000));
+        let e = validate_vm(&r).unwrap_err();
+        assert!(
+            e.body()
+                .detail
+                .contains("disks[0].backing_file: 5000 bytes"),
+            "{e}"
+        );
+        validate_driver(Some("vsphere")).unwrap();
+        validate_driver(None).unwrap();
+        for bad in ["", "vs phere", "a/b", &"d".repeat(33)] {
+            let e = validate_driver(Some(bad)).unwrap_err();
+            assert!(e.body().detail.starts_with("driver:"), "{bad:?}: {e}");
+        }
     }
 }

@@ -51,6 +51,11 @@ pub struct DiskUpdate {
     pub checksum_mismatches: Option<u64>,
     /// Summary of `qemu-img check` after the copy.
     pub qemu_img_check: Option<String>,
+    /// Bytes the writer really wrote into the target (see
+    /// [`sendense_shared::api::DiskProgress::bytes_transferred`]).
+    pub bytes_transferred: Option<u64>,
+    /// The hypervisor's change id the disk was copied at (vSphere CBT).
+    pub change_id: Option<String>,
 }
 
 /// Everything stored about one disk of a job (the API's [`DiskResult`] plus chain and
@@ -65,6 +70,8 @@ pub struct BackupDiskRow {
     pub checksum_ranges: Option<u64>,
     pub checksum_mismatches: Option<u64>,
     pub qemu_img_check: Option<String>,
+    /// Bytes the writer really wrote into the target, when it said.
+    pub bytes_transferred: Option<u64>,
 }
 
 #[cfg(test)]
@@ -162,7 +169,7 @@ fn disk_row(r: &AnyRow) -> Result<BackupDiskRow, DbError> {
             bytes_done: from_db_u64("backup_disks.bytes_done", col(r, "bytes_done")?)?,
             bytes_total: from_db_u64("backup_disks.bytes_total", col(r, "bytes_total")?)?,
             error_message: col(r, "error_message")?,
-            change_id: None,
+            change_id: col(r, "change_id")?,
         },
         parent_backup_id: col::<Option<String>>(r, "parent_backup_id")?.map(BackupId),
         backing_path: col(r, "backing_path")?,
@@ -170,18 +177,29 @@ fn disk_row(r: &AnyRow) -> Result<BackupDiskRow, DbError> {
         checksum_ranges: opt_u64(r, "checksum_ranges")?,
         checksum_mismatches: opt_u64(r, "checksum_mismatches")?,
         qemu_img_check: col(r, "qemu_img_check")?,
+        bytes_transferred: opt_u64(r, "bytes_transferred")?,
     })
 }
 
 /// Attaches disks (already ordered by backup and disk key) to their jobs and sums the bytes.
+///
+/// `bytes_transferred` is what the writer really wrote when it said so for every disk (an
+/// incremental that changed 4 MiB of a 20 GiB VM shows 4 MiB); otherwise, for writers that do
+/// not report it, the bytes done (which count skipped areas too).
 fn assemble(mut jobs: Vec<Backup>, disks: Vec<BackupDiskRow>) -> Vec<Backup> {
-    let mut by_job: HashMap<BackupId, Vec<DiskResult>> = HashMap::new();
+    let mut by_job: HashMap<BackupId, Vec<(DiskResult, Option<u64>)>> = HashMap::new();
     for d in disks {
-        by_job.entry(d.backup_id).or_default().push(d.result);
+        by_job
+            .entry(d.backup_id)
+            .or_default()
+            .push((d.result, d.bytes_transferred));
     }
     for job in &mut jobs {
-        job.disk_results = by_job.remove(&job.backup_id).unwrap_or_default();
-        job.bytes_transferred = job.disk_results.iter().map(|d| d.bytes_done).sum();
+        let disks = by_job.remove(&job.backup_id).unwrap_or_default();
+        let written: Option<u64> = disks.iter().map(|(_, w)| *w).sum();
+        job.bytes_transferred =
+            written.unwrap_or_else(|| disks.iter().map(|(d, _)| d.bytes_done).sum());
+        job.disk_results = disks.into_iter().map(|(d, _)| d).collect();
         job.total_bytes = job.disk_results.iter().map(|d| d.bytes_total).sum();
     }
     jobs
@@ -190,7 +208,8 @@ fn assemble(mut jobs: Vec<Backup>, disks: Vec<BackupDiskRow>) -> Vec<Backup> {
 #[cfg(test)]
 const DISK_COLUMNS: &str = "backup_id, disk_key, unit_number, qcow2_path, nbd_export_name, \
      nbd_port, qemu_nbd_pid, status, bytes_done, bytes_total, error_message, parent_backup_id, \
-     backing_path, checksum_status, checksum_ranges, checksum_mismatches, qemu_img_check";
+     backing_path, checksum_status, checksum_ranges, checksum_mismatches, qemu_img_check, change_id, \
+     bytes_transferred";
 
 // The column lists above are spelled out again in each statement so that every statement stays
 // one static string; this check keeps the copies honest.
@@ -221,15 +240,18 @@ const SELECT_LAST_COMPLETED: &str = "SELECT backup_id, vm_context_id, vm_name, b
      ORDER BY completed_at DESC, created_at DESC LIMIT 1";
 const SELECT_DISKS_OF: &str = "SELECT backup_id, disk_key, unit_number, qcow2_path, nbd_export_name, \
      nbd_port, qemu_nbd_pid, status, bytes_done, bytes_total, error_message, parent_backup_id, \
-     backing_path, checksum_status, checksum_ranges, checksum_mismatches, qemu_img_check \
+     backing_path, checksum_status, checksum_ranges, checksum_mismatches, qemu_img_check, change_id, \
+     bytes_transferred \
      FROM backup_disks WHERE backup_id = ? ORDER BY disk_key";
 const SELECT_ALL_DISKS: &str = "SELECT backup_id, disk_key, unit_number, qcow2_path, nbd_export_name, \
      nbd_port, qemu_nbd_pid, status, bytes_done, bytes_total, error_message, parent_backup_id, \
-     backing_path, checksum_status, checksum_ranges, checksum_mismatches, qemu_img_check \
+     backing_path, checksum_status, checksum_ranges, checksum_mismatches, qemu_img_check, change_id, \
+     bytes_transferred \
      FROM backup_disks ORDER BY backup_id, disk_key";
 const SELECT_DISKS_IN: &str = "SELECT backup_id, disk_key, unit_number, qcow2_path, nbd_export_name, \
      nbd_port, qemu_nbd_pid, status, bytes_done, bytes_total, error_message, parent_backup_id, \
-     backing_path, checksum_status, checksum_ranges, checksum_mismatches, qemu_img_check \
+     backing_path, checksum_status, checksum_ranges, checksum_mismatches, qemu_img_check, change_id, \
+     bytes_transferred \
      FROM backup_disks WHERE backup_id IN \
      (SELECT backup_id FROM backup_jobs WHERE status IN (?, ?, ?, ?, ?, ?, ?, ?)) \
      ORDER BY backup_id, disk_key";
@@ -498,7 +520,9 @@ impl Db {
              checksum_status = COALESCE(?, checksum_status), \
              checksum_ranges = COALESCE(?, checksum_ranges), \
              checksum_mismatches = COALESCE(?, checksum_mismatches), \
-             qemu_img_check = COALESCE(?, qemu_img_check) \
+             qemu_img_check = COALESCE(?, qemu_img_check), \
+             bytes_transferred = COALESCE(?, bytes_transferred), \
+             change_id = COALESCE(?, change_id) \
              WHERE backup_id = ? AND disk_key = ?",
         )
         .bind(upd.status.map(|s| s.as_str()))
@@ -528,6 +552,12 @@ impl Db {
                 .transpose()?,
         )
         .bind(upd.qemu_img_check.as_deref())
+        .bind(
+            upd.bytes_transferred
+                .map(|v| to_db_u64("bytes_transferred", v))
+                .transpose()?,
+        )
+        .bind(upd.change_id.as_deref())
         .bind(&id.0)
         .bind(disk.0)
         .execute(self.pool())

@@ -11,6 +11,60 @@ use sendense_shared::names::validate_name;
 use sqlx::any::AnyRow;
 use std::collections::{BTreeSet, HashMap};
 
+/// What a node's inventory says about a VM beyond its disks. A VM registered by hand
+/// (`POST /api/v1/vms`) keeps whatever the last inventory said.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmSource {
+    /// `"qemu"`, `"vsphere"`.
+    pub driver: Option<String>,
+    /// The hypervisor tracks changed blocks (vSphere CBT).
+    pub change_tracking: Option<bool>,
+}
+
+/// Longest stored `vm_disks.controller` and `vm_replication_contexts.driver` (their VARCHAR).
+const CONTROLLER_MAX: usize = 255;
+const DRIVER_MAX: usize = 32;
+/// A datastore path is short; this only keeps nonsense out of the database.
+const BACKING_FILE_MAX: usize = 4096;
+
+/// 0/1 flags of the schema (see migrations) as the API's booleans.
+fn opt_flag(r: &AnyRow, name: &'static str) -> Result<Option<bool>, DbError> {
+    col::<Option<i32>>(r, name)?
+        .map(|v| match v {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(DbError::Corrupt {
+                column: name,
+                value: v.to_string(),
+            }),
+        })
+        .transpose()
+}
+
+/// A short free text the hub stores and shows: bounded, one line.
+fn check_text(field: &'static str, v: &str, max: usize) -> Result<(), DbError> {
+    if v.len() > max {
+        return Err(DbError::Invalid {
+            field,
+            reason: format!("{} bytes is longer than {max}", v.len()),
+        });
+    }
+    if v.chars().any(char::is_control) {
+        return Err(DbError::Invalid {
+            field,
+            reason: format!("{v:?} contains a control character"),
+        });
+    }
+    Ok(())
+}
+
+fn check_source(source: &VmSource) -> Result<(), DbError> {
+    if let Some(d) = &source.driver {
+        check_text("driver", d, DRIVER_MAX)?;
+    }
+    Ok(())
+}
+
 fn disk_row(r: &AnyRow) -> Result<(String, VmDisk), DbError> {
     Ok((
         col(r, "vm_context_id")?,
@@ -19,9 +73,9 @@ fn disk_row(r: &AnyRow) -> Result<(String, VmDisk), DbError> {
             unit_number: col(r, "unit_number")?,
             size_bytes: from_db_u64("vm_disks.size_bytes", col(r, "size_bytes")?)?,
             label: col(r, "label")?,
-            controller: None,
-            backing_file: None,
-            thin_provisioned: None,
+            controller: col(r, "controller")?,
+            backing_file: col(r, "backing_file")?,
+            thin_provisioned: opt_flag(r, "thin_provisioned")?,
         },
     ))
 }
@@ -61,6 +115,12 @@ fn validate_vm(req: &VmRequest) -> Result<(), DbError> {
             });
         }
         to_db_u64("disks[].size_bytes", d.size_bytes)?;
+        if let Some(c) = &d.controller {
+            check_text("disks[].controller", c, CONTROLLER_MAX)?;
+        }
+        if let Some(b) = &d.backing_file {
+            check_text("disks[].backing_file", b, BACKING_FILE_MAX)?;
+        }
     }
     Ok(())
 }
@@ -69,10 +129,29 @@ impl Db {
     /// Registers a VM or brings its record in line with `req`: node updated, new disks added,
     /// changed sizes/units/labels updated, vanished disks removed. Returns the VM as stored.
     pub async fn upsert_vm(&self, req: &VmRequest) -> Result<Vm, DbError> {
+        self.upsert_vm_from(req, None).await
+    }
+
+    /// [`Db::upsert_vm`] for a VM of a node's inventory: also records what the inventory says
+    /// of its driver and change tracking (replacing what was stored, unknown included).
+    pub async fn upsert_inventory_vm(
+        &self,
+        req: &VmRequest,
+        source: &VmSource,
+    ) -> Result<Vm, DbError> {
+        check_source(source)?;
+        self.upsert_vm_from(req, Some(source)).await
+    }
+
+    async fn upsert_vm_from(
+        &self,
+        req: &VmRequest,
+        source: Option<&VmSource>,
+    ) -> Result<Vm, DbError> {
         validate_vm(req)?;
         let mut attempt = 0;
         loop {
-            match with_retry(|| self.upsert_vm_once(req)).await {
+            match with_retry(|| self.upsert_vm_once(req, source)).await {
                 // A concurrent first registration of the same name committed between our read
                 // and our insert: the next attempt sees it and updates instead.
                 Err(DbError::Conflict { .. }) if attempt < 3 => attempt += 1,
@@ -82,7 +161,11 @@ impl Db {
         self.get_vm(&req.vm_name).await
     }
 
-    async fn upsert_vm_once(&self, req: &VmRequest) -> Result<(), DbError> {
+    async fn upsert_vm_once(
+        &self,
+        req: &VmRequest,
+        source: Option<&VmSource>,
+    ) -> Result<(), DbError> {
         let doing = "registering a VM";
         let mut tx = self.begin_write(doing).await?;
         let now = now_us();
@@ -96,11 +179,17 @@ impl Db {
         let ctx = match existing {
             Some(ctx) => {
                 sqlx::query(
-                    "UPDATE vm_replication_contexts SET node = ?, updated_at = ? \
+                    "UPDATE vm_replication_contexts SET node = ?, updated_at = ?, \
+                     driver = CASE WHEN ? = 1 THEN ? ELSE driver END, \
+                     change_tracking = CASE WHEN ? = 1 THEN ? ELSE change_tracking END \
                      WHERE vm_context_id = ?",
                 )
                 .bind(req.node.as_deref())
                 .bind(now)
+                .bind(i32::from(source.is_some()))
+                .bind(source.and_then(|s| s.driver.as_deref()))
+                .bind(i32::from(source.is_some()))
+                .bind(source.and_then(|s| s.change_tracking).map(i32::from))
                 .bind(&ctx)
                 .execute(&mut *tx)
                 .await
@@ -111,13 +200,16 @@ impl Db {
                 let ctx = format!("ctx-{}", uuid::Uuid::new_v4());
                 sqlx::query(
                     "INSERT INTO vm_replication_contexts \
-                     (vm_context_id, vm_name, node, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+                     (vm_context_id, vm_name, node, created_at, updated_at, driver, \
+                     change_tracking) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 )
                 .bind(&ctx)
                 .bind(&req.vm_name)
                 .bind(req.node.as_deref())
                 .bind(now)
                 .bind(now)
+                .bind(source.and_then(|s| s.driver.as_deref()))
+                .bind(source.and_then(|s| s.change_tracking).map(i32::from))
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| {
@@ -145,12 +237,16 @@ impl Db {
             let size = to_db_u64("disks[].size_bytes", d.size_bytes)?;
             if have.contains(&d.disk_key.0) {
                 sqlx::query(
-                    "UPDATE vm_disks SET unit_number = ?, size_bytes = ?, label = ? \
+                    "UPDATE vm_disks SET unit_number = ?, size_bytes = ?, label = ?, \
+                     controller = ?, backing_file = ?, thin_provisioned = ? \
                      WHERE vm_context_id = ? AND disk_key = ?",
                 )
                 .bind(d.unit_number)
                 .bind(size)
                 .bind(&d.label)
+                .bind(d.controller.as_deref())
+                .bind(d.backing_file.as_deref())
+                .bind(d.thin_provisioned.map(i32::from))
                 .bind(&ctx)
                 .bind(d.disk_key.0)
                 .execute(&mut *tx)
@@ -158,14 +254,17 @@ impl Db {
                 .map_err(q(doing))?;
             } else {
                 sqlx::query(
-                    "INSERT INTO vm_disks (vm_context_id, disk_key, unit_number, size_bytes, label) \
-                     VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO vm_disks (vm_context_id, disk_key, unit_number, size_bytes, label, \
+                     controller, backing_file, thin_provisioned) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 )
                 .bind(&ctx)
                 .bind(d.disk_key.0)
                 .bind(d.unit_number)
                 .bind(size)
                 .bind(&d.label)
+                .bind(d.controller.as_deref())
+                .bind(d.backing_file.as_deref())
+                .bind(d.thin_provisioned.map(i32::from))
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| {
@@ -197,7 +296,8 @@ impl Db {
     pub async fn get_vm(&self, vm_name: &str) -> Result<Vm, DbError> {
         let doing = "reading a VM";
         let row = sqlx::query(
-            "SELECT vm_context_id, vm_name, node FROM vm_replication_contexts WHERE vm_name = ?",
+            "SELECT vm_context_id, vm_name, node, driver, change_tracking \
+             FROM vm_replication_contexts WHERE vm_name = ?",
         )
         .bind(vm_name)
         .fetch_optional(self.pool())
@@ -208,7 +308,8 @@ impl Db {
         })?;
         let ctx: String = col(&row, "vm_context_id")?;
         let disks = sqlx::query(
-            "SELECT vm_context_id, disk_key, unit_number, size_bytes, label FROM vm_disks \
+            "SELECT vm_context_id, disk_key, unit_number, size_bytes, label, controller, \
+             backing_file, thin_provisioned FROM vm_disks \
              WHERE vm_context_id = ? ORDER BY disk_key",
         )
         .bind(&ctx)
@@ -241,6 +342,8 @@ impl Db {
             disks,
             last_backup_id,
             last_backup_at,
+            driver: col(&row, "driver")?,
+            change_tracking: opt_flag(&row, "change_tracking")?,
         })
     }
 
@@ -248,14 +351,16 @@ impl Db {
     pub async fn list_vms(&self) -> Result<Vec<Vm>, DbError> {
         let doing = "listing VMs";
         let rows = sqlx::query(
-            "SELECT vm_context_id, vm_name, node FROM vm_replication_contexts ORDER BY vm_name",
+            "SELECT vm_context_id, vm_name, node, driver, change_tracking \
+             FROM vm_replication_contexts ORDER BY vm_name",
         )
         .fetch_all(self.pool())
         .await
         .map_err(q(doing))?;
         let mut disks: HashMap<String, Vec<VmDisk>> = HashMap::new();
         for r in sqlx::query(
-            "SELECT vm_context_id, disk_key, unit_number, size_bytes, label FROM vm_disks \
+            "SELECT vm_context_id, disk_key, unit_number, size_bytes, label, controller, \
+             backing_file, thin_provisioned FROM vm_disks \
              ORDER BY vm_context_id, disk_key",
         )
         .fetch_all(self.pool())
@@ -294,6 +399,8 @@ impl Db {
                     node: col(r, "node")?,
                     last_backup_id,
                     last_backup_at,
+                    driver: col(r, "driver")?,
+                    change_tracking: opt_flag(r, "change_tracking")?,
                 })
             })
             .collect()

@@ -3,8 +3,10 @@
 
 use super::finish::{Outcome, finish};
 use super::{JobManager, Level, LiveJob, NodeTarget};
-use sendense_shared::api::{BackupType, JobStatus, NodeBackupStart, NodeBackupState};
-use sendense_shared::ids::BackupId;
+use sendense_shared::api::{
+    Backup, BackupType, DiskChangeId, JobStatus, NodeBackupStart, NodeBackupState,
+};
+use sendense_shared::ids::{BackupId, DiskKey};
 use std::time::Instant;
 
 /// `POST {api_url}/api/v1/backup/start`; a refusal or no answer fails the job.
@@ -45,6 +47,24 @@ enum Refusal {
     Other(String),
 }
 
+/// The change ids (vSphere CBT) the disks of `previous` were copied at, for the disks of the new
+/// job that have one: the node asks the hypervisor for the blocks changed since each. A disk
+/// left out (copied by a driver without change ids, or before the hub stored them) makes a
+/// vSphere node refuse with `409 bitmap missing`, and the job falls back to full.
+pub fn change_ids_of(previous: &Backup, disks: &[DiskKey]) -> Vec<DiskChangeId> {
+    previous
+        .disk_results
+        .iter()
+        .filter(|d| disks.contains(&d.disk_key))
+        .filter_map(|d| {
+            d.change_id.as_ref().map(|c| DiskChangeId {
+                disk_key: d.disk_key,
+                change_id: c.clone(),
+            })
+        })
+        .collect()
+}
+
 /// One `POST .../backup/start`; events for the request and its answer.
 async fn ask_node(
     jm: &JobManager,
@@ -55,20 +75,51 @@ async fn ask_node(
     targets: &str,
 ) -> Result<(), Refusal> {
     let url = format!("{}/api/v1/backup/start", node.api_url.trim_end_matches('/'));
+    let previous_change_ids = match (&previous_backup_id, kind) {
+        (Some(prev), BackupType::Incremental) => match jm.deps().db.get_backup(prev).await {
+            Ok(b) => change_ids_of(&b, &job.disks),
+            Err(e) => {
+                let msg = format!("cannot read the change ids of previous backup {prev}: {e}");
+                jm.event(
+                    &job.id,
+                    Level::Error,
+                    "node_start_failed",
+                    msg.clone(),
+                    None,
+                )
+                .await;
+                return Err(Refusal::Other(msg));
+            }
+        },
+        _ => Vec::new(),
+    };
+    let change_ids = match (&previous_backup_id, kind) {
+        (Some(prev), BackupType::Incremental) => format!(
+            ", previous backup {prev}, change ids for {} of {} disk(s){}",
+            previous_change_ids.len(),
+            job.disks.len(),
+            previous_change_ids
+                .iter()
+                .map(|c| format!(" {}={}", c.disk_key, c.change_id))
+                .collect::<String>()
+        ),
+        _ => String::new(),
+    };
     let body = NodeBackupStart {
         backup_id: job.id.clone(),
         vm_name: job.vm_name.clone(),
         backup_type: kind,
         nbd_targets: targets.to_string(),
         previous_backup_id,
-        previous_change_ids: Vec::new(),
+        previous_change_ids,
     };
     jm.event(
         &job.id,
         Level::Info,
         "node_start",
         format!(
-            "asking node {} to copy: POST {url} (backup_type {}, nbd_targets {targets})",
+            "asking node {} to copy: POST {url} (backup_type {}{change_ids}, nbd_targets \
+             {targets})",
             node.name,
             kind.as_str()
         ),
@@ -266,5 +317,65 @@ pub async fn watch_node(jm: &JobManager, job: std::sync::Arc<LiveJob>, node: Nod
             finish(jm, &job, &mut res, Outcome::Failed(msg)).await;
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sendense_shared::api::{DiskResult, DiskStatus};
+
+    fn previous(change_ids: &[(i64, Option<&str>)]) -> Backup {
+        Backup {
+            backup_id: BackupId::from("b-prev"),
+            vm_context_id: "ctx".into(),
+            vm_name: "vc1".into(),
+            backup_type: BackupType::Full,
+            repository_id: "main".into(),
+            status: JobStatus::Completed,
+            disk_results: change_ids
+                .iter()
+                .map(|(k, c)| DiskResult {
+                    disk_key: DiskKey(*k),
+                    unit_number: 0,
+                    nbd_port: None,
+                    nbd_export_name: format!("vc1-disk-{k}"),
+                    qcow2_path: format!("/repo/vc1/{k}/b-prev.qcow2"),
+                    qemu_nbd_pid: None,
+                    status: DiskStatus::Completed,
+                    bytes_done: 1,
+                    bytes_total: 1,
+                    error_message: None,
+                    change_id: c.map(str::to_string),
+                })
+                .collect(),
+            nbd_targets_string: String::new(),
+            bytes_transferred: 1,
+            total_bytes: 1,
+            created_at: chrono::Utc::now(),
+            started_at: None,
+            completed_at: None,
+            error_message: None,
+        }
+    }
+
+    #[test]
+    fn change_ids_are_those_of_the_previous_backup_for_the_jobs_disks() {
+        let prev = previous(&[
+            (2000, Some("52 aa/4")),
+            (2001, None),
+            (2002, Some("52 bb/9")),
+        ]);
+        let ids = change_ids_of(&prev, &[DiskKey(2000), DiskKey(2001), DiskKey(2003)]);
+        assert_eq!(
+            ids,
+            [DiskChangeId {
+                disk_key: DiskKey(2000),
+                change_id: "52 aa/4".into()
+            }],
+            "2001 has none, 2002 is not a disk of the job any more"
+        );
+        let none = change_ids_of(&previous(&[(2000, None)]), &[DiskKey(2000)]);
+        assert!(none.is_empty());
     }
 }

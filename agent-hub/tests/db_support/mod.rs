@@ -33,11 +33,22 @@ where
     F: Fn(TestDb) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    on_sqlite(&body).await;
-    on_mysql(test, &body).await;
+    on_sqlite(&body, true).await;
+    on_mysql(test, &body, true).await;
 }
 
-async fn on_sqlite<F, Fut>(body: &F)
+/// Like [`on_each_dialect`], but the database is left empty: no migration applied (for tests
+/// of the migrations themselves, e.g. upgrading a database of an older hub).
+pub async fn on_each_bare_dialect<F, Fut>(test: &str, body: F)
+where
+    F: Fn(TestDb) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    on_sqlite(&body, false).await;
+    on_mysql(test, &body, false).await;
+}
+
+async fn on_sqlite<F, Fut>(body: &F, migrate: bool)
 where
     F: Fn(TestDb) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
@@ -45,7 +56,9 @@ where
     let dir = tempfile::tempdir().expect("temp dir");
     let url = format!("sqlite://{}/hub.db", dir.path().display());
     let db = Db::connect(&url).await.expect("SQLite database opens");
-    db.migrate().await.expect("SQLite migrations apply");
+    if migrate {
+        db.migrate().await.expect("SQLite migrations apply");
+    }
     let outcome = tokio::spawn(body(TestDb {
         db,
         url,
@@ -75,7 +88,7 @@ pub fn mysql_server_url() -> Option<String> {
     }
 }
 
-async fn on_mysql<F, Fut>(test: &str, body: &F)
+async fn on_mysql<F, Fut>(test: &str, body: &F, migrate: bool)
 where
     F: Fn(TestDb) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
@@ -94,7 +107,8 @@ where
         .expect("test database is created");
     let url = format!("{server}/{name}");
     let opened = match Db::connect(&url).await {
-        Ok(db) => db.migrate().await.map(|()| db),
+        Ok(db) if migrate => db.migrate().await.map(|()| db),
+        Ok(db) => Ok(db),
         Err(e) => Err(e),
     };
     let outcome = match opened {

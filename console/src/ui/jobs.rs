@@ -111,7 +111,7 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
             Cell::from(Span::styled(format!("{sym} {}", b.status.as_str()), style)),
             Cell::from(format!(
                 "{:>3}%",
-                format::percent(b.bytes_transferred, b.total_bytes)
+                format::percent(format::done_bytes(b), b.total_bytes)
             )),
             Cell::from(format!(
                 "{}/{}",
@@ -182,7 +182,19 @@ fn render_detail(app: &App, b: &Backup, frame: &mut Frame, area: Rect) {
     frame.render_widget(block, area);
 
     let rate = app.job_rate(b);
-    let remaining = b.total_bytes.saturating_sub(b.bytes_transferred);
+    let done = format::done_bytes(b);
+    let remaining = b.total_bytes.saturating_sub(done);
+    // What the node really wrote, when it differs from how far it got (holes and unchanged
+    // areas are skipped, not written).
+    let written = if b.bytes_transferred == done {
+        String::new()
+    } else {
+        format!(
+            " · {} {}",
+            strings::WRITTEN,
+            format::bytes(b.bytes_transferred)
+        )
+    };
     let eta = rate
         .filter(|r| *r > 0 && !b.status.is_terminal())
         .map(|r| format::duration_secs((remaining / r) as i64))
@@ -200,10 +212,10 @@ fn render_detail(app: &App, b: &Backup, frame: &mut Frame, area: Rect) {
             opt_time(b.completed_at),
         )),
         Line::from(format!(
-            "{}/{} ({}%) · {} {} · {} {}",
-            format::bytes(b.bytes_transferred),
+            "{}/{} ({}%){written} · {} {} · {} {}",
+            format::bytes(done),
             format::bytes(b.total_bytes),
-            format::percent(b.bytes_transferred, b.total_bytes),
+            format::percent(done, b.total_bytes),
             strings::RATE,
             rate.map(format::rate)
                 .unwrap_or_else(|| strings::NONE.to_string()),
@@ -313,7 +325,7 @@ fn render_disk(app: &App, b: &Backup, d: &DiskResult, frame: &mut Frame, area: R
         .map(|r| format::duration_secs((d.bytes_total.saturating_sub(d.bytes_done) / r) as i64))
         .unwrap_or_else(|| strings::NONE.to_string());
     let none = || strings::NONE.to_string();
-    let info = format!(
+    let mut info = format!(
         "{} {} · {} {} {} · {} {} · {} {}",
         strings::PORT,
         d.nbd_port.map(|p| p.to_string()).unwrap_or_else(none),
@@ -325,6 +337,17 @@ fn render_disk(app: &App, b: &Backup, d: &DiskResult, frame: &mut Frame, area: R
         strings::ETA,
         eta
     );
+    // The change id the disk was copied at (vSphere CBT), where a wide screen has room: whole
+    // when it fits, else its start and its sequence number.
+    if let Some(c) = d.change_id.as_deref().filter(|_| area.width >= 120) {
+        let lead = format!(" · {} ", strings::CHANGE_ID);
+        let room =
+            (info_area.width as usize).saturating_sub(info.chars().count() + lead.chars().count());
+        if room >= 8 {
+            info.push_str(&lead);
+            info.push_str(&format::short_change_id(c, room));
+        }
+    }
     frame.render_widget(Paragraph::new(info), info_area);
 
     let export = format!(

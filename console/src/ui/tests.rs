@@ -75,6 +75,47 @@ fn job_detail_two_disks_mid_copy() {
 }
 
 #[test]
+fn job_detail_vsphere_incremental_shows_written_bytes_and_change_id() {
+    let mut app = fixtures::app();
+    app.backups.insert(0, fixtures::vsphere_job());
+    keys(&mut app, &[KeyCode::Enter]);
+    both(
+        "job_detail_vsphere",
+        &app,
+        &["b-4e11c0a7", "40.0 GiB/40.0 GiB (100%) · written 212.0 MiB"],
+    );
+    // The change id only where there is room for it.
+    assert!(!draw(&app, 80, 24).contains("change id"));
+    let wide = draw(&app, 160, 48);
+    assert!(
+        wide.contains(&format!("change id {}", fixtures::CHANGE_ID)),
+        "{wide}"
+    );
+}
+
+#[test]
+fn vms_vsphere_selected_shows_source_and_disk_facts() {
+    let mut app = fixtures::app();
+    keys(
+        &mut app,
+        &[KeyCode::Char('2'), KeyCode::Char('j'), KeyCode::Char('j')],
+    );
+    both(
+        "vms_vsphere",
+        &app,
+        &["Disks of mailsrv (vsphere · CBT on)"],
+    );
+    let wide = draw(&app, 160, 48);
+    for text in [
+        "SCSI controller 0",
+        "thin",
+        "[datastore1] mailsrv/mailsrv.vmdk",
+    ] {
+        assert!(wide.contains(text), "{text}:\n{wide}");
+    }
+}
+
+#[test]
 fn job_detail_failed_disk() {
     let mut app = fixtures::app();
     keys(&mut app, &[KeyCode::Char('j'), KeyCode::Enter]);

@@ -8,6 +8,28 @@ use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::text::Span;
 use ratatui::widgets::{Cell, Row, Table};
+use sendense_shared::api::{Vm, VmDisk};
+
+/// `vsphere · CBT on`, `qemu`: the source driver and its change tracking, when the node said.
+fn source(vm: &Vm) -> Option<String> {
+    let cbt = vm.change_tracking.map(|on| {
+        if on {
+            strings::CBT_ON
+        } else {
+            strings::CBT_OFF
+        }
+    });
+    match (vm.driver.as_deref(), cbt) {
+        (Some(d), Some(c)) => Some(format!("{d} · {c}")),
+        (Some(d), None) => Some(d.to_string()),
+        (None, Some(c)) => Some(c.to_string()),
+        (None, None) => None,
+    }
+}
+
+fn has_facts(d: &VmDisk) -> bool {
+    d.controller.is_some() || d.backing_file.is_some() || d.thin_provisioned.is_some()
+}
 
 pub fn render(app: &App, frame: &mut Frame, area: Rect) {
     let list = app.visible_vms();
@@ -23,6 +45,7 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
     }
     let selected = app.selected(View::Vms);
     let vm = list[selected];
+    let wide = area.width >= 120;
     let disks_height = (vm.disks.len() as u16 + 3).min(8);
     let [top, bottom] =
         Layout::vertical([Constraint::Min(4), Constraint::Length(disks_height)]).areas(area);
@@ -50,7 +73,7 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
             let (sym, style) = theme::job(b.status);
             name.push(Span::styled(format!(" {sym}"), style));
         }
-        Row::new(vec![
+        let mut cells = vec![
             Cell::from(ratatui::text::Line::from(name)),
             Cell::from(
                 v.node
@@ -59,32 +82,41 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
             ),
             Cell::from(format!("{:>5}", v.disks.len())),
             Cell::from(format!("{:>10}", format::bytes(size))),
-            Cell::from(last),
-        ])
+        ];
+        if wide {
+            cells.push(Cell::from(
+                source(v).unwrap_or_else(|| strings::NONE.to_string()),
+            ));
+        }
+        cells.push(Cell::from(last));
+        Row::new(cells)
     });
-    super::render_list(
-        frame,
-        top,
-        rows,
-        [
-            Constraint::Length(14),
-            Constraint::Length(12),
-            Constraint::Length(5),
-            Constraint::Length(10),
-            Constraint::Min(10),
-        ],
-        vec![
-            strings::COL_VM,
-            strings::COL_NODE,
-            strings::COL_DISKS,
-            strings::COL_SIZE,
-            strings::COL_LAST_BACKUP,
-        ],
-        block,
-        selected,
-    );
+    let mut widths = vec![
+        Constraint::Length(14),
+        Constraint::Length(12),
+        Constraint::Length(5),
+        Constraint::Length(10),
+        Constraint::Min(10),
+    ];
+    let mut header = vec![
+        strings::COL_VM,
+        strings::COL_NODE,
+        strings::COL_DISKS,
+        strings::COL_SIZE,
+        strings::COL_LAST_BACKUP,
+    ];
+    if wide {
+        widths.insert(4, Constraint::Length(17));
+        header.insert(4, strings::COL_SOURCE);
+    }
+    super::render_list(frame, top, rows, widths, header, block, selected);
 
+    // The narrow layout has no column to spare: the selected VM's source goes in the title of
+    // its disks.
     let mut disks_title = format!("{} {}", strings::DISKS_OF, vm.vm_name);
+    if let Some(s) = source(vm) {
+        disks_title.push_str(&format!(" ({s})"));
+    }
     if let Some(b) = app
         .backups
         .iter()
@@ -99,32 +131,55 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
         ));
     }
     let disks_block = titled_block(&disks_title, None, "");
+    // Controller, thin/thick and backing file of a hypervisor that names them (vSphere), on a
+    // wide screen.
+    let facts = wide && vm.disks.iter().any(has_facts);
+    let none = || strings::NONE.to_string();
     let rows = vm.disks.iter().map(|d| {
-        Row::new(vec![
+        let mut cells = vec![
             Cell::from(d.disk_key.to_string()),
             Cell::from(format!("{:>4}", d.unit_number)),
             Cell::from(format!("{:>10}", format::bytes(d.size_bytes))),
             Cell::from(d.label.clone()),
-        ])
+        ];
+        if facts {
+            cells.push(Cell::from(d.controller.clone().unwrap_or_else(none)));
+            cells.push(Cell::from(
+                d.thin_provisioned
+                    .map(|t| if t { strings::THIN } else { strings::THICK }.to_string())
+                    .unwrap_or_else(none),
+            ));
+            cells.push(Cell::from(d.backing_file.clone().unwrap_or_else(none)));
+        }
+        Row::new(cells)
     });
-    let disks = Table::new(
-        rows,
-        [
-            Constraint::Length(6),
-            Constraint::Length(4),
-            Constraint::Length(10),
+    let mut widths = vec![
+        Constraint::Length(6),
+        Constraint::Length(4),
+        Constraint::Length(10),
+        Constraint::Min(10),
+    ];
+    let mut header = vec![
+        strings::COL_KEY,
+        strings::COL_UNIT,
+        strings::COL_SIZE,
+        strings::COL_LABEL,
+    ];
+    if facts {
+        widths[3] = Constraint::Length(16);
+        widths.extend([
+            Constraint::Length(20),
+            Constraint::Length(5),
             Constraint::Min(10),
-        ],
-    )
-    .header(
-        Row::new(vec![
-            strings::COL_KEY,
-            strings::COL_UNIT,
-            strings::COL_SIZE,
-            strings::COL_LABEL,
-        ])
-        .style(theme::header()),
-    )
-    .block(disks_block);
+        ]);
+        header.extend([
+            strings::COL_CONTROLLER,
+            strings::COL_PROVISIONING,
+            strings::COL_BACKING_FILE,
+        ]);
+    }
+    let disks = Table::new(rows, widths)
+        .header(Row::new(header).style(theme::header()))
+        .block(disks_block);
     frame.render_widget(disks, bottom);
 }

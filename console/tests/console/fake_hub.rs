@@ -311,6 +311,8 @@ pub fn vm(name: &str) -> Vm {
         disks: vec![disk(2000, 0), disk(2001, 1)],
         last_backup_id: None,
         last_backup_at: None,
+        driver: None,
+        change_tracking: None,
     }
 }
 
