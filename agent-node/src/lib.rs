@@ -4,7 +4,9 @@
 //! - [`config`]: command line, config file and environment, merged into one [`config::NodeConfig`].
 //! - [`qmp`]: QMP client (unix socket, command ids, interleaved events, command log).
 //! - [`source`]: the source-driver trait (VMs, disks, snapshot, export, release, recovery);
-//!   [`source::qemu`] implements it for QEMU/KVM with image fleecing.
+//!   [`source::qemu`] implements it for QEMU/KVM with image fleecing, [`source::vsphere`] for
+//!   vCenter/ESXi (one VM snapshot, CBT areas, disks exported by [`source::nbdkit`]), and
+//!   [`source::multi`] puts several behind one.
 //! - [`jobs`]: backup jobs: snapshot, parallel copy of all disks, progress, completion, release.
 //! - [`hub_client`]: calls to the hub (registration, inventory, progress, completion).
 //! - [`api`]: the node's HTTP API (axum) and `serve`.

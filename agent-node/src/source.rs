@@ -8,8 +8,8 @@
 //! - [`SourceDriver::release`] always runs (success, failure, cancel), and
 //!   [`SourceDriver::recover`] finds what a crashed node left behind and releases it.
 //!
-//! Drivers: [`qemu`] (QEMU/KVM over QMP) and `vsphere` (VMware vCenter/ESXi over SOAP, disks
-//! exported by nbdkit). A driver with hypervisor change tracking (vSphere CBT) hands the copy
+//! Drivers: [`qemu`] (QEMU/KVM over QMP) and [`vsphere`] (VMware vCenter/ESXi over SOAP, disks
+//! exported by [`nbdkit`]); [`multi`] serves both at once, routing by VM name. A driver with hypervisor change tracking (vSphere CBT) hands the copy
 //! an explicit list of areas ([`SnapshotDisk::areas`]) and a change id per disk
 //! ([`SnapshotDisk::change_id`]) that the hub keeps for the next incremental.
 
