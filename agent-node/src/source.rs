@@ -134,7 +134,7 @@ pub struct RecoveryReport {
     pub files_removed: Vec<PathBuf>,
     /// Backups whose change tracking was rolled back to their base.
     pub bitmaps_rolled_back: Vec<String>,
-    /// Hypervisor snapshots removed (vSphere: "VM vm1: snapshot sendense-<id> (snapshot-43)").
+    /// Hypervisor snapshots removed (vSphere: `"VM vm1: snapshot sendense-<id> (snapshot-43)"`).
     pub snapshots_removed: Vec<String>,
     /// Problems met while recovering (the rest still ran).
     pub errors: Vec<String>,
