@@ -496,3 +496,74 @@ async fn the_change_tracking_route_turns_cbt_on() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn nbdkit_names_a_refused_cookie_and_an_untrusted_certificate() {
+    use agent_node::source::nbdkit::{CaInfo, Nbdkit, NbdkitSpec, Plugin};
+    let sim = sim();
+    let run = tempfile::tempdir().unwrap();
+    let path = sim.vm.disks[0]
+        .file_name
+        .split_once("] ")
+        .unwrap()
+        .1
+        .replace(".vmdk", "-flat.vmdk");
+    let url = format!(
+        "{}/folder/{path}?dcPath={}&dsName={}",
+        sim.url, sim.datacenter, sim.datastore
+    );
+    let spec = |cookie: &str, cainfo: Option<CaInfo>| NbdkitSpec {
+        run_dir: run.path().to_path_buf(),
+        stem: "t-2000".into(),
+        export: "vm1-disk-2000".into(),
+        plugin: Plugin::Curl {
+            url: url.clone(),
+            cookie: cookie.into(),
+            cainfo,
+            insecure: false,
+        },
+    };
+    // A session the server does not know.
+    let e = Nbdkit::start(
+        Path::new("nbdkit"),
+        spec(
+            "vmware_soap_session=\"52000000-0000-0000-0000-000000000000\"",
+            Some(CaInfo::File(sim.cert_pem.clone())),
+        ),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("vm1-disk-2000") && e.contains("HTTP 401"), "{e}");
+    assert!(files(run.path()).is_empty(), "{:?}", files(run.path()));
+    // A live session, but the simulator's self-signed certificate is not in the system store.
+    let cookie = format!(
+        "vmware_soap_session={}",
+        sim.login_cookie(&sim.user, &sim.password).unwrap()
+    );
+    let e = Nbdkit::start(Path::new("nbdkit"), spec(&cookie, None))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("certificate"), "{e}");
+    assert!(files(run.path()).is_empty(), "{:?}", files(run.path()));
+    // The same session with the certificate trusted: the export serves the disk.
+    let n = Nbdkit::start(
+        Path::new("nbdkit"),
+        spec(
+            &cookie,
+            Some(CaInfo::Pem(std::fs::read_to_string(&sim.cert_pem).unwrap())),
+        ),
+    )
+    .await
+    .unwrap();
+    let data = read_export(&n.socket(), n.export()).await;
+    assert!(
+        data == sim.disk_image(2000).unwrap(),
+        "bytes through nbdkit curl"
+    );
+    let pid = n.pid();
+    n.stop().await;
+    assert!(!alive(pid));
+    assert!(files(run.path()).is_empty(), "{:?}", files(run.path()));
+}

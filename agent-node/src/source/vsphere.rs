@@ -36,6 +36,11 @@
 //! nbdkits recorded in pid files. What cannot be removed is listed in the report. Two nodes on
 //! one vCenter must therefore split the VMs between them with `vms`.
 //!
+//! # Certificates on the data path
+//! nbdkit's curl checks the datastore's HTTPS like the SOAP client does: the system store, the
+//! configured CA file, or for a pinned certificate that very certificate as its only CA (curl
+//! then still wants the certificate to name the host in the URL, which a pin alone does not).
+//!
 //! # Session
 //! One SOAP session, opened on first use; a `NotAuthenticated` fault (the session expired) logs
 //! in again once and repeats the call. nbdkit's curl plugin uses the session cookie current
