@@ -197,3 +197,31 @@ async fn areas_past_the_disk_or_overlapping_are_refused() {
         assert!(e.to_string().contains(want), "{e}");
     }
 }
+
+#[tokio::test]
+async fn an_empty_area_list_copies_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src_img = create(d, "src.qcow2", SIZE);
+    qemu_io(&src_img, &["write -P 0x11 0 4M".into()]);
+    let dst_img = create(d, "dst.qcow2", SIZE);
+    let src = Export::source(d, &src_img, Listen::Unix, &[]);
+    let dst = Export::target(d, &dst_img, Listen::Unix);
+    let out = copy_disk(
+        &src.addr,
+        &dst.addr,
+        ExtentSource::Areas(Arc::new(Vec::new())),
+        &CopyOptions::default(),
+        DiskCounters::new(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (out.bytes_read, out.bytes_written, out.bytes_zeroed),
+        (0, 0, 0)
+    );
+    assert_eq!(out.bytes_skipped, SIZE);
+    assert!(out.checksums.ranges.is_empty());
+    assert_bytes(&dst.addr, 0, 4 * MIB, 0, "nothing was copied").await;
+}
