@@ -1257,6 +1257,23 @@ mod tests {
     }
 
     #[test]
+    fn truncated_or_mangled_answers_never_panic() {
+        let cuts = (0..PAGE.len())
+            .filter(|&i| PAGE.is_char_boundary(i))
+            .step_by(7);
+        for cut in cuts {
+            let body = &PAGE[..cut];
+            let _ = retrieve_page("RetrievePropertiesEx", body, &mut |obj, props| {
+                raw_vm("RetrievePropertiesEx", obj, props)
+            });
+            let mangled = PAGE.replacen('<', "", cut % 11 + 1);
+            let _ = retrieve_page("RetrievePropertiesEx", &mangled, &mut |obj, props| {
+                raw_vm("RetrievePropertiesEx", obj, props)
+            });
+        }
+    }
+
+    #[test]
     fn an_empty_answer_has_no_objects() {
         let body = r#"<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/"><soapenv:Body><RetrievePropertiesExResponse xmlns="urn:vim25"></RetrievePropertiesExResponse></soapenv:Body></soapenv:Envelope>"#;
         let (objects, token) =
