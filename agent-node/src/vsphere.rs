@@ -292,7 +292,8 @@ struct ServiceContent {
     session_manager: MoRef,
 }
 
-/// HTTP side of a session: the reqwest client, the SOAPAction, the session cookie and what TLS saw.
+/// HTTP side of a session: the connection pool, the SOAPAction, the session cookie and what TLS
+/// saw.
 struct Transport {
     url: String,
     http: https::Https,
@@ -306,7 +307,9 @@ struct Transport {
 
 impl Transport {
     fn new(endpoint: &Endpoint) -> Result<Self, VsphereError> {
-        let url = endpoint.url.trim_end_matches('/').to_string();
+        // "https://vc/sdk" is a common way to write the same endpoint.
+        let trimmed = endpoint.url.trim().trim_end_matches('/');
+        let url = trimmed.strip_suffix("/sdk").unwrap_or(trimmed).to_string();
         let unreachable = |detail: String| VsphereError::Unreachable {
             url: url.clone(),
             detail,
@@ -1193,6 +1196,46 @@ mod tests {
         assert!(!debug.contains("hunter2"), "{debug}");
         assert!(debug.contains("root"), "{debug}");
         assert_eq!(endpoint.password.expose(), "hunter2");
+    }
+
+    #[test]
+    fn endpoint_urls_are_checked_before_connecting() {
+        let with = |url: &str| Endpoint {
+            url: url.to_string(),
+            user: "root".into(),
+            password: Secret::new("pw".into()),
+            tls: TlsPolicy::Insecure,
+        };
+        for good in [
+            "https://vc.example",
+            "https://vc.example/",
+            "https://127.0.0.1:8989/sdk",
+        ] {
+            let t = Transport::new(&with(good)).unwrap_or_else(|e| panic!("{good}: {e}"));
+            assert!(
+                !t.url.ends_with('/') && !t.url.ends_with("/sdk"),
+                "{}",
+                t.url
+            );
+        }
+        for bad in [
+            "vc.example",
+            "http://vc.example",
+            "https://vc.example/ui",
+            "https://",
+        ] {
+            match Transport::new(&with(bad)) {
+                Err(VsphereError::Unreachable { url, detail }) => {
+                    assert!(
+                        bad.starts_with(url.as_str()) || url == bad,
+                        "{url} vs {bad}"
+                    );
+                    assert!(!detail.is_empty());
+                }
+                Err(other) => panic!("{bad}: {other:?}"),
+                Ok(_) => panic!("{bad} accepted"),
+            }
+        }
     }
 
     #[test]
