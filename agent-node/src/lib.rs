@@ -14,6 +14,7 @@
 //!   `sendense-node copy` command.
 //! - [`tunnel`]: the supervised OpenSSH tunnel to the hub (forwards, state, restarts) and
 //!   `sendense-node tunnel authorized-key`.
+//! - [`vsphere`]: a small vSphere SOAP client (session, VMs and disks, snapshots, CBT, tasks).
 
 pub mod api;
 pub mod config;
@@ -25,3 +26,4 @@ pub mod qmp;
 pub mod restore;
 pub mod source;
 pub mod tunnel;
+pub mod vsphere;

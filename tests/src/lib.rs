@@ -12,6 +12,8 @@
 //! - [`tmux`]: [`tmux::Tmux`], a private tmux server to drive a terminal program (the console).
 //! - [`qemu`]: [`qemu::TestVm`], a real `qemu-system-x86_64` with qcow2 disks and a QMP socket
 //!   for the node plus one for the test (guest writes, leftover checks).
+//! - [`vcsim`]: [`vcsim::Vcsim`], govmomi's vSphere simulator (launcher in `tests/vcsim/`) with a
+//!   2-disk VM whose snapshots freeze data and whose CBT answers `QueryChangedDiskAreas`.
 
 pub mod disks;
 pub mod hub;
@@ -20,6 +22,7 @@ pub mod node;
 pub mod qemu;
 pub mod tmpfs;
 pub mod tmux;
+pub mod vcsim;
 
 use std::path::PathBuf;
 

@@ -30,6 +30,8 @@ pub struct NodeProcess {
     pub url: String,
     pub token: String,
     pub opts: NodeOptions,
+    /// TOML appended to the generated config file (e.g. a `[vsphere]` table); kept for restarts.
+    pub extra_config: String,
     pub run_dir: PathBuf,
     pub stderr_path: PathBuf,
     pub command_line: String,
@@ -39,10 +41,22 @@ pub struct NodeProcess {
 impl NodeProcess {
     /// Starts the binary and waits until it serves.
     pub fn start(binary: &Path, opts: NodeOptions) -> anyhow::Result<NodeProcess> {
+        NodeProcess::start_with_config(binary, opts, "")
+    }
+
+    /// Like [`NodeProcess::start`], with `extra_config` (TOML tables) appended to the config file.
+    pub fn start_with_config(
+        binary: &Path,
+        opts: NodeOptions,
+        extra_config: &str,
+    ) -> anyhow::Result<NodeProcess> {
         std::fs::create_dir_all(&opts.dir)?;
         let run_dir = opts.dir.join("run");
         let config = opts.dir.join("node.toml");
-        std::fs::write(&config, format!("run_dir = \"{}\"\n", run_dir.display()))?;
+        std::fs::write(
+            &config,
+            format!("run_dir = \"{}\"\n{extra_config}", run_dir.display()),
+        )?;
         let stderr_path = opts.dir.join(format!(
             "node-stderr-{}.log",
             chrono::Utc::now().format("%H%M%S%.f")
@@ -90,6 +104,7 @@ impl NodeProcess {
             url: String::new(),
             token,
             opts,
+            extra_config: extra_config.to_string(),
             run_dir,
             stderr_path,
             command_line,
@@ -175,7 +190,7 @@ impl NodeProcess {
     /// SIGKILL, then the same command again (same run directory: recovery runs).
     pub fn restart(&mut self, binary: &Path) -> anyhow::Result<()> {
         self.kill9();
-        let again = NodeProcess::start(binary, self.opts.clone())?;
+        let again = NodeProcess::start_with_config(binary, self.opts.clone(), &self.extra_config)?;
         *self = again;
         Ok(())
     }

@@ -14,6 +14,8 @@
 //! - [`e2e::console_live`]: the real console in tmux, driven by keys (also needs
 //!   `cargo build --bin sendense-console`).
 //! - [`e2e::tunnel`]: a full backup with hub and node talking only through the SSH tunnel.
+//! - [`e2e::vsphere`]: the vSphere simulator harness itself, then backups of a simulated vSphere
+//!   VM through hub and node (needs Go and govmomi: `scripts/setup.sh packages`).
 
 mod e2e {
     pub mod backup;
@@ -23,4 +25,5 @@ mod e2e {
     pub mod faults;
     pub mod sys;
     pub mod tunnel;
+    pub mod vsphere;
 }
