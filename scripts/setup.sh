@@ -17,6 +17,8 @@ have ssh || need+=(openssh-client)
 have tmux || need+=(tmux)
 have aha || need+=(aha)
 have curl || need+=(curl)
+# The vSphere client's TLS tests make their certificates with openssl.
+have openssl || need+=(openssl)
 # The vSphere tests: a launcher of govmomi's simulator (tests/vcsim), built in GOPATH mode.
 have go || need+=(golang-go)
 [ -d /usr/share/gocode/src/github.com/vmware/govmomi/simulator ] || need+=(golang-github-vmware-govmomi-dev)

@@ -1,5 +1,9 @@
 //! The vSphere client against govmomi's simulator (`sendense_tests::vcsim`): TLS policies,
-//! login errors, inventory, snapshots, changed block tracking, datastore file URLs.
+//! login errors, inventory, snapshots, changed block tracking, datastore file URLs; and its TLS
+//! policies against a local server with certificates made for the test.
+
+#[path = "vsphere_client/tls.rs"]
+mod tls;
 
 use agent_node::vsphere::{Client, Endpoint, MoRef, Secret, TlsPolicy, VsphereError};
 use sendense_tests::vcsim::{Vcsim, VcsimOptions};
