@@ -230,10 +230,29 @@ async fn recovery_after_a_crash_removes_the_snapshot_and_kills_nbdkit() {
     assert_eq!(sim.snapshot_names().unwrap(), ["sendense-crashed"]);
     assert!(pids.iter().all(|&p| alive(p)));
 
+    // Restarted while the vCenter is unreachable: the nbdkits go, the snapshot and its journal
+    // entry stay, and the report says why, once.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut down = cfg.clone();
+    down.url = format!("https://127.0.0.1:{port}");
+    let report = VsphereDriver::new(&down, run.path().into()).recover().await;
+    assert_eq!(report.exports_removed.len(), 2, "{report:?}");
+    assert_eq!(report.errors.len(), 1, "{report:?}");
+    assert!(
+        report.errors[0].contains("1 journal entries kept")
+            && report.errors[0].contains(&port.to_string()),
+        "{report:?}"
+    );
+    assert!(pids.iter().all(|&p| !alive(p)), "leftover nbdkit killed");
+    assert_eq!(sim.snapshot_names().unwrap(), ["sendense-crashed"]);
+
     let d = VsphereDriver::new(&cfg, run.path().into());
     let report = d.recover().await;
     assert!(report.errors.is_empty(), "{report:?}");
-    assert_eq!(report.exports_removed.len(), 2, "{report:?}");
     assert!(
         report
             .snapshots_removed

@@ -757,6 +757,16 @@ impl SourceDriver for VsphereDriver {
             report.exports_removed.extend(left.stopped);
             report.files_removed.extend(left.files_removed);
             report.errors.extend(left.errors);
+            // Unreachable (or refusing the login): say so once, rather than wait out a connect
+            // timeout per journal entry; the entries stay for the next start or snapshot.
+            if let Err(e) = self.session().await {
+                let e = self.error("", "log in", e);
+                report.errors.push(format!(
+                    "cannot look for leftover Sendense snapshots ({} journal entries kept): {e}",
+                    journal::all(&self.run_dir).len()
+                ));
+                return report;
+            }
             for entry in journal::all(&self.run_dir) {
                 match entry {
                     Err(e) => report.errors.push(e),
