@@ -586,3 +586,73 @@ async fn nbdkit_names_a_refused_cookie_and_an_untrusted_certificate() {
     assert!(!alive(pid));
     assert!(files(run.path()).is_empty(), "{:?}", files(run.path()));
 }
+
+#[tokio::test]
+async fn the_daemon_serves_qemu_and_vsphere_vms_from_one_config() {
+    use agent_node::config::{NodeConfig, ServeArgs};
+    let sim = sim();
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "tok\n").unwrap();
+    let cfg = dir.path().join("node.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "token_file = \"{}\"\nrun_dir = \"{}\"\n[qmp]\nkvm1 = \"{}\"\n[vsphere]\nurl = \"{}\"\nuser = \"{}\"\npassword_file = \"{}\"\nca_file = \"{}\"\n",
+            token.display(),
+            dir.path().join("run").display(),
+            dir.path().join("kvm1.qmp").display(),
+            sim.url,
+            sim.user,
+            sim.password_file().display(),
+            sim.cert_pem.display()
+        ),
+    )
+    .unwrap();
+    let config = NodeConfig::load(&ServeArgs {
+        config: Some(cfg),
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(config.vsphere.is_some());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let daemon = tokio::spawn(agent_node::daemon::run(config, listener, shutdown.clone()));
+    let http = reqwest::Client::new();
+    let inv: serde_json::Value = http
+        .get(format!("{base}/api/v1/inventory"))
+        .bearer_auth("tok")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // The QEMU VM's socket does not answer, so it is left out; the vSphere VM is there.
+    let vms = inv["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 1, "{inv}");
+    assert_eq!(vms[0]["vm_name"], sim.vm.name.as_str());
+    assert_eq!(vms[0]["driver"], "vsphere");
+    assert_eq!(vms[0]["disks"].as_array().unwrap().len(), 2);
+    // Calls for the QEMU VM go to the QEMU driver and name its failure.
+    let resp = http
+        .post(format!("{base}/api/v1/vms/kvm1/change-tracking"))
+        .bearer_auth("tok")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 502);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert!(body["detail"].as_str().unwrap().contains("kvm1"), "{body}");
+    let resp = http
+        .post(format!("{base}/api/v1/vms/{}/change-tracking", sim.vm.name))
+        .bearer_auth("tok")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(sim.state().unwrap().unwrap().cbt_enabled);
+    shutdown.cancel();
+    daemon.await.unwrap().unwrap();
+}
