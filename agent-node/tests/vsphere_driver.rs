@@ -15,6 +15,11 @@ use std::path::{Path, PathBuf};
 
 const MIB: u64 = 1 << 20;
 
+// The QEMU test VM of the node tests, for the composite driver.
+#[allow(dead_code)]
+#[path = "node/support.rs"]
+mod support;
+
 fn sim() -> Vcsim {
     Vcsim::start(VcsimOptions::default()).expect("start the simulator")
 }
@@ -655,4 +660,57 @@ async fn the_daemon_serves_qemu_and_vsphere_vms_from_one_config() {
     assert!(sim.state().unwrap().unwrap().cbt_enabled);
     shutdown.cancel();
     daemon.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn qemu_and_vsphere_behind_one_driver_and_a_name_in_both_is_refused() {
+    use agent_node::qmp::QmpLog;
+    use agent_node::source::multi::MultiDriver;
+    use agent_node::source::qemu::QemuDriver;
+    use std::sync::Arc;
+    let sim = sim();
+    let kvm = support::TestVm::start(&[16 * MIB], |_| {}).await;
+    let run = tempfile::tempdir().unwrap();
+    let vsphere: Arc<dyn SourceDriver> = Arc::new(VsphereDriver::new(
+        &config(&sim, pin(&sim)),
+        run.path().into(),
+    ));
+    let qemu = |name: &str| -> Arc<dyn SourceDriver> {
+        Arc::new(QemuDriver::new(
+            [(name.to_string(), kvm.node_qmp.clone())],
+            run.path().into(),
+            Arc::new(QmpLog::new(None)),
+        ))
+    };
+    let both = MultiDriver::start(vec![("qemu", qemu("kvm1")), ("vsphere", vsphere.clone())])
+        .await
+        .unwrap();
+    let vms = both.list_vms().await.unwrap();
+    let listed: Vec<(&str, &str)> = vms.iter().map(|v| (v.vm_name.as_str(), v.driver)).collect();
+    assert_eq!(
+        listed,
+        [("kvm1", "qemu"), (sim.vm.name.as_str(), "vsphere")]
+    );
+    assert_eq!(both.vm("kvm1").await.unwrap().disks.len(), 1);
+    assert_eq!(both.vm(&sim.vm.name).await.unwrap().disks.len(), 2);
+    let snap = both
+        .snapshot(&request(&sim, "m1", BackupType::Full, BTreeMap::new()))
+        .await
+        .unwrap();
+    assert_eq!(sim.snapshot_names().unwrap(), ["sendense-m1"]);
+    both.release(&snap, ReleaseOutcome::Success).await.unwrap();
+    assert!(sim.snapshot_names().unwrap().is_empty());
+
+    // The QEMU VM under the vSphere VM's name: refused at start, naming both drivers. (QEMU
+    // serves one client per QMP socket: the first composite lets go of it first.)
+    drop(both);
+    let e = MultiDriver::start(vec![("qemu", qemu(&sim.vm.name)), ("vsphere", vsphere)])
+        .await
+        .err()
+        .expect("a duplicate name is refused")
+        .to_string();
+    assert!(
+        e.contains(&format!("{:?}", sim.vm.name)) && e.contains("qemu") && e.contains("vsphere"),
+        "{e}"
+    );
 }
