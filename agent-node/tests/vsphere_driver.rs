@@ -714,3 +714,26 @@ async fn qemu_and_vsphere_behind_one_driver_and_a_name_in_both_is_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn the_vddk_thumbprint_is_the_sha1_fingerprint_openssl_prints() {
+    let sim = sim();
+    let pem = std::fs::read_to_string(&sim.cert_pem).unwrap();
+    let out = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha1", "-in"])
+        .arg(&sim.cert_pem)
+        .output()
+        .expect("openssl");
+    assert!(out.status.success());
+    // "SHA1 Fingerprint=AA:BB:..."
+    let text = String::from_utf8(out.stdout).unwrap();
+    let want = text.trim().rsplit('=').next().unwrap();
+    assert_eq!(
+        agent_node::source::vsphere::sha1_thumbprint(&pem).as_deref(),
+        Some(want)
+    );
+    assert_eq!(
+        agent_node::source::vsphere::sha1_thumbprint("not a pem"),
+        None
+    );
+}

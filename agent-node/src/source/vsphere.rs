@@ -915,8 +915,9 @@ fn host_port(url: &str) -> (String, Option<u16>) {
     }
 }
 
-/// VDDK's thumbprint of a PEM certificate: SHA-1 of the DER, "AA:BB:..".
-fn sha1_thumbprint(pem: &str) -> Option<String> {
+/// VDDK's thumbprint of a PEM certificate: SHA-1 of the DER, "AA:BB:.." (what
+/// `openssl x509 -fingerprint -sha1` prints).
+pub fn sha1_thumbprint(pem: &str) -> Option<String> {
     use sha1::Digest;
     let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
     let digest = sha1::Sha1::digest(der.as_ref());
