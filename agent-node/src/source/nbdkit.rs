@@ -458,6 +458,12 @@ impl Nbdkit {
             remove_quietly(&f);
         }
         tracing::info!(pid = self.pid(), export = %self.spec.export, status = %report.status, "nbdkit stopped");
+        // A read that failed mid-copy reaches the copy as EIO; the cause (HTTP 401 after the
+        // session expired, a dropped connection) is only in nbdkit's words.
+        if report.stderr_tail.contains("error") {
+            tracing::warn!(export = %self.spec.export, cause = %diagnose(&report.stderr_tail),
+                "nbdkit reported errors while serving");
+        }
         report
     }
 }
