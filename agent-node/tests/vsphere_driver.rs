@@ -737,3 +737,42 @@ fn the_vddk_thumbprint_is_the_sha1_fingerprint_openssl_prints() {
         None
     );
 }
+
+#[tokio::test]
+async fn an_expired_session_is_opened_again() {
+    let sim = sim();
+    let run = tempfile::tempdir().unwrap();
+    let d = VsphereDriver::new(&config(&sim, pin(&sim)), run.path().into());
+    let snap = d
+        .snapshot(&request(&sim, "s1", BackupType::Full, BTreeMap::new()))
+        .await
+        .unwrap();
+    // The session the driver uses, as it handed it to nbdkit.
+    let cookie_file = run.path().join("nbdkit-s1-2000.cookie");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&cookie_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "the cookie file is private");
+    let cookie = std::fs::read_to_string(&cookie_file).unwrap();
+    let value = cookie
+        .strip_prefix("vmware_soap_session=")
+        .expect("a session cookie");
+    // The server ends that session (as an idle timeout would).
+    let (status, _, body) = sim
+        .soap_call(
+            Some(value),
+            r#"<Logout xmlns="urn:vim25"><_this type="SessionManager">SessionManager</_this></Logout>"#,
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let url = sim.datastore_file_url(&sim.vm.disks[0].file_name);
+    assert_eq!(
+        sim.range_get(&url, Some(value), 0, 512).unwrap().0,
+        401,
+        "the session is gone"
+    );
+    // The next calls log in again and work: release removes the snapshot.
+    assert_eq!(d.list_vms().await.unwrap().len(), 1);
+    d.release(&snap, ReleaseOutcome::Success).await.unwrap();
+    assert!(sim.snapshot_names().unwrap().is_empty());
+}
