@@ -416,6 +416,32 @@ async fn bad_credentials_an_unreachable_server_and_a_vanished_vm() {
     assert!(matches!(e, SourceError::Endpoint { .. }), "{e}");
     assert!(e.to_string().contains(&port.to_string()), "{e}");
 
+    // A pin that is not the server's certificate.
+    let pinned_wrong = config(&sim, TlsPolicy::Pinned([7; 32]));
+    let e = VsphereDriver::new(&pinned_wrong, run.path().into())
+        .vm(&sim.vm.name)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, SourceError::Endpoint { .. }), "{e}");
+    assert!(
+        e.to_string().contains("certificate") && e.to_string().contains(&sim.cert_sha256),
+        "the error names the certificate the server showed: {e}"
+    );
+
+    // nbdkit cannot start after the snapshot was taken: the snapshot is removed again.
+    let mut no_nbdkit = config(&sim, pin(&sim));
+    no_nbdkit.nbdkit = PathBuf::from("/nonexistent/nbdkit");
+    let e = VsphereDriver::new(&no_nbdkit, run.path().into())
+        .snapshot(&request(&sim, "n1", BackupType::Full, BTreeMap::new()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, SourceError::Tool { detail, .. } if detail.contains("/nonexistent/nbdkit")),
+        "{e}"
+    );
+    assert!(sim.snapshot_names().unwrap().is_empty(), "snapshot removed");
+    assert!(files(run.path()).is_empty(), "{:?}", files(run.path()));
+
     // The VM disappears while its snapshot is held: release still cleans up.
     let d = VsphereDriver::new(&config(&sim, pin(&sim)), run.path().into());
     let snap = d
