@@ -852,9 +852,111 @@ async fn vsphere_vm_destroyed_mid_job_fails_naming_the_vm() {
     let b = sys.wait_end(&id).await;
     assert_eq!(b["status"], "failed", "{b:#}");
     let msg = b["error_message"].as_str().unwrap_or_default();
+    // Named as the VM (not only inside an export name), with the cause.
+    let lower = msg.replace("vsvm4-disk-", "").to_lowercase();
     assert!(
-        msg.contains("vsvm4"),
-        "the error does not name the VM: {b:#}"
+        lower.contains("vsvm4")
+            && [
+                "no longer exist",
+                "not found",
+                "gone",
+                "deleted",
+                "disappeared",
+                "managedobjectnotfound"
+            ]
+            .iter()
+            .any(|w| lower.contains(w)),
+        "the error does not say that VM vsvm4 is gone: {msg}\nevents: {:#?}",
+        sys.events(&id).await
     );
     sys.assert_clean(&b).await;
+}
+
+/// What the node's inventory answers while vSphere refuses it: (status, body) once not 200.
+async fn inventory_error(sys: &VSys) -> (u16, String) {
+    let t = Instant::now();
+    loop {
+        let (s, v) = sys.node.get("/inventory").await;
+        if s != 200 {
+            return (s, v.to_string());
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the node's inventory stays 200 with a vCenter it cannot use: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A wrong password: the node says so (naming the user and the URL, never the password) in its
+/// inventory answer and its log; the VM never reaches the hub, so no backup starts; nothing is
+/// left in the simulator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vsphere_wrong_password_is_named() {
+    let wrong = "not-the-password-4242";
+    let sys = VSys::start(
+        "vsvm5",
+        VOpts {
+            password: Some(wrong.into()),
+            wait_import: false,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (status, body) = inventory_error(&sys).await;
+    assert_eq!(status, 502, "{body}");
+    for word in ["InvalidLogin", sys.sim.user.as_str(), sys.sim.url.as_str()] {
+        assert!(
+            body.contains(word),
+            "the inventory error does not name {word:?}: {body}"
+        );
+    }
+    let log = sys.node.stderr();
+    assert!(log.contains("InvalidLogin"), "node log:\n{log}");
+    assert!(
+        !log.contains(wrong) && !body.contains(wrong),
+        "the password leaked"
+    );
+    let (s, b) = sys.start_backup("full").await;
+    assert_eq!(s, 404, "{b}");
+    assert!(sys.sim.snapshot_names().unwrap().is_empty());
+    assert!(sys.sim.clients_by_cmdline().is_empty());
+}
+
+/// A vCenter nobody listens at: the node names the URL and that it cannot connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vsphere_unreachable_vcenter_is_named() {
+    // A port that was free a moment ago and that nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("https://127.0.0.1:{port}");
+    let sys = VSys::start(
+        "vsvm6",
+        VOpts {
+            url: Some(url.clone()),
+            wait_import: false,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (status, body) = inventory_error(&sys).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains(&url), "the error does not name {url}: {body}");
+    let lower = body.to_lowercase();
+    assert!(
+        ["connect", "unreachable", "refused"]
+            .iter()
+            .any(|w| lower.contains(w)),
+        "the error does not say the vCenter cannot be reached: {body}"
+    );
+    assert!(
+        sys.node.stderr().contains(&url),
+        "node log:\n{}",
+        sys.node.stderr()
+    );
+    let (s, b) = sys.start_backup("full").await;
+    assert_eq!(s, 404, "{b}");
 }
