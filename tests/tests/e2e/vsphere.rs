@@ -668,6 +668,13 @@ async fn vsphere_full_then_incremental_from_one_snapshot_each() {
         "snapshot {:?} does not name backup {id}",
         names[0]
     );
+    // The change ids the snapshot froze: the hub must store them with the backup's disks.
+    let frozen_ids: Vec<String> = state.all_snapshots()[0]
+        .disks
+        .iter()
+        .map(|d| d.change_id.clone())
+        .collect();
+    assert!(frozen_ids.iter().all(|c| !c.is_empty()), "{state:?}");
     for key in KEYS {
         sys.sim
             .write_disk(key, 0, &vec![0x99; 4 * MIB as usize])
@@ -687,6 +694,28 @@ async fn vsphere_full_then_incremental_from_one_snapshot_each() {
             img.display()
         );
     }
+    let ver = sys
+        .api
+        .get_ok(&format!("/api/v1/backups/{id}/verification"))
+        .await;
+    let mut stored: Vec<(i64, String)> = ver
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            assert_eq!(d["checksum_status"], "passed", "{ver}");
+            (
+                d["disk_key"].as_i64().unwrap(),
+                d["change_id"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    stored.sort();
+    assert_eq!(
+        stored.iter().map(|(_, c)| c.clone()).collect::<Vec<_>>(),
+        frozen_ids,
+        "the hub's change ids differ from the snapshot's: {ver}"
+    );
     // The writes made during the copy did land in the VM (so their absence means something).
     assert!(sys.sim.read_disk(2000, 0, 16).unwrap() == [0x99; 16]);
 
@@ -724,6 +753,15 @@ async fn vsphere_full_then_incremental_from_one_snapshot_each() {
         .await;
     for d in ver.as_array().unwrap() {
         assert_eq!(d["parent_backup_id"], json!(id), "{ver}");
+        assert_eq!(d["checksum_status"], "passed", "{ver}");
+        let i = KEYS.iter().position(|k| d["disk_key"] == *k).unwrap();
+        let sent = d["bytes_transferred"].as_u64().unwrap_or(0);
+        assert!(
+            sent >= changed[i] && sent <= changed[i] + MIB,
+            "hub: disk {} got {sent} bytes, {} changed: {ver}",
+            KEYS[i],
+            changed[i]
+        );
     }
     for (i, img) in images(&incr).iter().enumerate() {
         assert!(
@@ -768,7 +806,8 @@ async fn vsphere_cbt_reset_falls_back_to_full() {
     let end = sys.wait_completed(&id2).await;
     sys.assert_clean(&end).await;
     assert_eq!(end["backup_type"], "full", "{end:#}");
-    sys.assert_event(&id2, "incremental_fallback", &["full"])
+    // The event says why: the stored change id no longer works.
+    sys.assert_event(&id2, "incremental_fallback", &["full", "change id"])
         .await;
     for (i, img) in images(&end).iter().enumerate() {
         assert!(
