@@ -747,6 +747,14 @@ pub fn launcher_binary() -> anyhow::Result<PathBuf> {
         );
     }
     std::fs::rename(&tmp, &bin)?;
+    // Binaries of older sources are of no use any more (a running one keeps its inode).
+    for e in std::fs::read_dir(&out_dir).into_iter().flatten().flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("vcsim-launcher-") && e.path() != bin {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
     eprintln!("built {} in {:.1?}", bin.display(), t.elapsed());
     Ok(bin)
 }

@@ -668,6 +668,13 @@ async fn vsphere_full_then_incremental_from_one_snapshot_each() {
         "snapshot {:?} does not name backup {id}",
         names[0]
     );
+    // The change ids the snapshot froze: the hub must store them with the backup's disks.
+    let frozen_ids: Vec<String> = state.all_snapshots()[0]
+        .disks
+        .iter()
+        .map(|d| d.change_id.clone())
+        .collect();
+    assert!(frozen_ids.iter().all(|c| !c.is_empty()), "{state:?}");
     for key in KEYS {
         sys.sim
             .write_disk(key, 0, &vec![0x99; 4 * MIB as usize])
@@ -687,6 +694,28 @@ async fn vsphere_full_then_incremental_from_one_snapshot_each() {
             img.display()
         );
     }
+    let ver = sys
+        .api
+        .get_ok(&format!("/api/v1/backups/{id}/verification"))
+        .await;
+    let mut stored: Vec<(i64, String)> = ver
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            assert_eq!(d["checksum_status"], "passed", "{ver}");
+            (
+                d["disk_key"].as_i64().unwrap(),
+                d["change_id"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    stored.sort();
+    assert_eq!(
+        stored.iter().map(|(_, c)| c.clone()).collect::<Vec<_>>(),
+        frozen_ids,
+        "the hub's change ids differ from the snapshot's: {ver}"
+    );
     // The writes made during the copy did land in the VM (so their absence means something).
     assert!(sys.sim.read_disk(2000, 0, 16).unwrap() == [0x99; 16]);
 
@@ -724,6 +753,15 @@ async fn vsphere_full_then_incremental_from_one_snapshot_each() {
         .await;
     for d in ver.as_array().unwrap() {
         assert_eq!(d["parent_backup_id"], json!(id), "{ver}");
+        assert_eq!(d["checksum_status"], "passed", "{ver}");
+        let i = KEYS.iter().position(|k| d["disk_key"] == *k).unwrap();
+        let sent = d["bytes_transferred"].as_u64().unwrap_or(0);
+        assert!(
+            sent >= changed[i] && sent <= changed[i] + MIB,
+            "hub: disk {} got {sent} bytes, {} changed: {ver}",
+            KEYS[i],
+            changed[i]
+        );
     }
     for (i, img) in images(&incr).iter().enumerate() {
         assert!(
@@ -768,7 +806,8 @@ async fn vsphere_cbt_reset_falls_back_to_full() {
     let end = sys.wait_completed(&id2).await;
     sys.assert_clean(&end).await;
     assert_eq!(end["backup_type"], "full", "{end:#}");
-    sys.assert_event(&id2, "incremental_fallback", &["full"])
+    // The event says why: the stored change id no longer works.
+    sys.assert_event(&id2, "incremental_fallback", &["full", "change id"])
         .await;
     for (i, img) in images(&end).iter().enumerate() {
         assert!(
@@ -852,9 +891,111 @@ async fn vsphere_vm_destroyed_mid_job_fails_naming_the_vm() {
     let b = sys.wait_end(&id).await;
     assert_eq!(b["status"], "failed", "{b:#}");
     let msg = b["error_message"].as_str().unwrap_or_default();
+    // Named as the VM (not only inside an export name), with the cause.
+    let lower = msg.replace("vsvm4-disk-", "").to_lowercase();
     assert!(
-        msg.contains("vsvm4"),
-        "the error does not name the VM: {b:#}"
+        lower.contains("vsvm4")
+            && [
+                "no longer exist",
+                "not found",
+                "gone",
+                "deleted",
+                "disappeared",
+                "managedobjectnotfound"
+            ]
+            .iter()
+            .any(|w| lower.contains(w)),
+        "the error does not say that VM vsvm4 is gone: {msg}\nevents: {:#?}",
+        sys.events(&id).await
     );
     sys.assert_clean(&b).await;
+}
+
+/// What the node's inventory answers while vSphere refuses it: (status, body) once not 200.
+async fn inventory_error(sys: &VSys) -> (u16, String) {
+    let t = Instant::now();
+    loop {
+        let (s, v) = sys.node.get("/inventory").await;
+        if s != 200 {
+            return (s, v.to_string());
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the node's inventory stays 200 with a vCenter it cannot use: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A wrong password: the node says so (naming the user and the URL, never the password) in its
+/// inventory answer and its log; the VM never reaches the hub, so no backup starts; nothing is
+/// left in the simulator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vsphere_wrong_password_is_named() {
+    let wrong = "not-the-password-4242";
+    let sys = VSys::start(
+        "vsvm5",
+        VOpts {
+            password: Some(wrong.into()),
+            wait_import: false,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (status, body) = inventory_error(&sys).await;
+    assert_eq!(status, 502, "{body}");
+    for word in ["InvalidLogin", sys.sim.user.as_str(), sys.sim.url.as_str()] {
+        assert!(
+            body.contains(word),
+            "the inventory error does not name {word:?}: {body}"
+        );
+    }
+    let log = sys.node.stderr();
+    assert!(log.contains("InvalidLogin"), "node log:\n{log}");
+    assert!(
+        !log.contains(wrong) && !body.contains(wrong),
+        "the password leaked"
+    );
+    let (s, b) = sys.start_backup("full").await;
+    assert_eq!(s, 404, "{b}");
+    assert!(sys.sim.snapshot_names().unwrap().is_empty());
+    assert!(sys.sim.clients_by_cmdline().is_empty());
+}
+
+/// A vCenter nobody listens at: the node names the URL and that it cannot connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vsphere_unreachable_vcenter_is_named() {
+    // A port that was free a moment ago and that nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("https://127.0.0.1:{port}");
+    let sys = VSys::start(
+        "vsvm6",
+        VOpts {
+            url: Some(url.clone()),
+            wait_import: false,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (status, body) = inventory_error(&sys).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains(&url), "the error does not name {url}: {body}");
+    let lower = body.to_lowercase();
+    assert!(
+        ["connect", "unreachable", "refused"]
+            .iter()
+            .any(|w| lower.contains(w)),
+        "the error does not say the vCenter cannot be reached: {body}"
+    );
+    assert!(
+        sys.node.stderr().contains(&url),
+        "node log:\n{}",
+        sys.node.stderr()
+    );
+    let (s, b) = sys.start_backup("full").await;
+    assert_eq!(s, 404, "{b}");
 }
