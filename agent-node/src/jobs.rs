@@ -566,6 +566,19 @@ impl Jobs {
             }
             _ => None,
         };
+        // A copy that failed because the VM itself was deleted meanwhile (its disks vanish
+        // under the reader, which sees only I/O errors): the job says so first.
+        let vm_gone = if failed_key.is_some() && !job.cancel.is_cancelled() {
+            match self.driver.vm(&job.vm_name).await {
+                Err(e @ SourceError::UnknownVm { .. }) => Some(format!(
+                    "VM {} no longer exists on its hypervisor (deleted during the backup?): {e}",
+                    job.vm_name
+                )),
+                _ => None,
+            }
+        } else {
+            None
+        };
         let mut st = job.lock();
         let mut all_ok = true;
         let mut first_error = None;
@@ -623,7 +636,10 @@ impl Jobs {
         } else if all_ok {
             JobStatus::Completed
         } else {
-            st.error = first_error;
+            st.error = match (vm_gone, first_error) {
+                (Some(gone), Some(first)) => Some(format!("{gone}; {first}")),
+                (gone, first) => gone.or(first),
+            };
             JobStatus::Failed
         }
     }
