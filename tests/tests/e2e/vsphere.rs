@@ -316,6 +316,8 @@ struct VOpts {
     password: Option<String>,
     /// Wait until the hub lists the VM.
     wait_import: bool,
+    /// The hub checks a silent node every second and gives it up after 3 s (crash tests).
+    quick_node_watch: bool,
 }
 
 impl Default for VOpts {
@@ -326,6 +328,7 @@ impl Default for VOpts {
             url: None,
             password: None,
             wait_import: true,
+            quick_node_watch: false,
         }
     }
 }
@@ -353,8 +356,19 @@ impl VSys {
             ..Default::default()
         })
         .expect("start the vSphere simulator");
-        let hub = HubProcess::start(&hub_bin(), HubOptions::new(tmp.path().join("hub")))
-            .expect("start sendense-hub");
+        let mut hopts = HubOptions::new(tmp.path().join("hub"));
+        if opts.quick_node_watch {
+            let cfg = tmp.path().join("hub.toml");
+            std::fs::write(
+                &cfg,
+                "node_watch_interval_secs = 1\nnode_lost_after_secs = 3\n",
+            )
+            .unwrap();
+            hopts
+                .extra_args
+                .extend(["--config".into(), cfg.display().to_string()]);
+        }
+        let hub = HubProcess::start(&hub_bin(), hopts).expect("start sendense-hub");
         let api = hub.api();
         let password_file = match &opts.password {
             Some(p) => {
@@ -421,6 +435,26 @@ impl VSys {
                 t.elapsed() < Duration::from_secs(30),
                 "VM {} not imported from the node within 30 s: {s} {v}\nnode log:\n{}",
                 self.vm,
+                self.node.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the hub knows the node's (new) API address.
+    async fn wait_node_registered(&self) {
+        let t = Instant::now();
+        loop {
+            let (s, n) = self
+                .api
+                .get(&format!("/api/v1/nodes/{}", self.node.opts.name))
+                .await;
+            if s == 200 && n["api_url"] == json!(self.node.url) {
+                return;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "restarted node not registered again: {s} {n}\n{}",
                 self.node.stderr()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -842,10 +876,12 @@ async fn vsphere_cancel_and_node_crash_mid_copy_remove_the_snapshot() {
         "vsvm3",
         VOpts {
             throttle_bps: Some(SLOW_BPS),
+            quick_node_watch: true,
             ..Default::default()
         },
     )
     .await;
+    sys.sim.enable_change_tracking().unwrap();
     sys.write_data();
 
     let id = sys.backup("full").await;
@@ -865,9 +901,17 @@ async fn vsphere_cancel_and_node_crash_mid_copy_remove_the_snapshot() {
     sys.node.kill9();
     let b = sys.wait_end(&id).await;
     assert_eq!(b["status"], "failed", "{b:#}");
-    // Started again, the node removes the snapshot it no longer tracks.
+    sys.assert_event(&id, "node_lost", &["node", sys.node.opts.name.as_str()])
+        .await;
+    // The dead node left its snapshot; started again, it removes it (its journal says so).
+    assert_eq!(
+        sys.sim.snapshot_names().unwrap().len(),
+        1,
+        "the snapshot went away without the node"
+    );
     sys.node.restart(&node_bin()).expect("restart node");
     sys.assert_clean(&b).await;
+    sys.wait_node_registered().await;
     let id = sys.backup("full").await;
     let done = sys.wait_completed(&id).await;
     sys.assert_clean(&done).await;
