@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Regenerates screenshots/: one PNG (and the plain-text capture) of every console view, taken
-# from the real demo stack (hub + node + 2-disk QEMU VM, see demo.sh) while a backup runs.
+# from the real demo stack (hub + node + 2-disk QEMU VM + 2-disk vSphere VM in govmomi's
+# simulator, see demo.sh) while a backup runs; two more on a wide screen ($WIDE columns): the VMs
+# view with its Source column, and a vSphere CBT incremental's detail with its change ids.
 #
 #   sudo ./scripts/screenshots.sh
 #
 # How: the console runs in a tmux pane of its own (own tmux server socket) at $COLS×$ROWS; keys
 # go in with `tmux send-keys`; `tmux capture-pane -e -p` gives the screen with its colours;
 # `aha` turns that into HTML; headless Chromium renders the HTML to PNG. Before the captures the
-# stack gets some history: a completed full backup, an incremental after guest writes, a
-# cancelled full backup; then a full backup runs (the copy is throttled so that it is still
+# stack gets some history: a completed full backup, an incremental after guest writes, the same
+# for the vSphere VM (a CBT incremental), a cancelled full backup; then a full backup runs (the copy is throttled so that it is still
 # running while every view is captured).
 set -euo pipefail
 # shellcheck source=scripts/demo.sh
@@ -16,8 +18,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/demo.sh"
 
 COLS=${COLS:-100}
 ROWS=${ROWS:-30}
+# The console's wide layout starts at 120 columns inside the frame.
+WIDE=${WIDE:-130}
 out=$demo_root/screenshots
-throttle=$((5 << 20))
+throttle=$((3 << 20))
 tmux_sock=sendense-screens-$$
 
 shots_cleanup() {
@@ -34,6 +38,7 @@ fi
 command -v aha >/dev/null || bash "$demo_root/scripts/setup.sh" packages
 demo_build
 demo_stack "$throttle"
+[ -n "$vsphere" ] || { say "the screenshots show a vSphere VM: the demo could not start one (see above)"; exit 1; }
 
 # Waits until `console backups list --json` shows backup $1 in a status matching $2.
 wait_status() {
@@ -51,6 +56,14 @@ say "history: a full backup, guest writes, an incremental, a cancelled full back
 console backup start "$vm" --type full --wait >/dev/null 2>"$demo/full.log"
 guest_writes
 console backup start "$vm" --type incremental --wait >/dev/null 2>"$demo/incr.log"
+say "history: a full backup of $vsphere_vm, guest writes, a CBT incremental"
+console backup start "$vsphere_vm" --type full --wait >/dev/null 2>"$demo/vsphere-full.log"
+vsphere_guest_writes
+console backup start "$vsphere_vm" --type incremental --wait >/dev/null 2>"$demo/vsphere-incr.log"
+vsphere_incr=$(console backups list --json | python3 -c '
+import json, sys
+print([b for b in json.load(sys.stdin) if b["vm_name"] == sys.argv[1] and b["status"] == "completed"
+       and b["backup_type"] == "incremental"][0]["backup_id"])' "$vsphere_vm")
 id=$(console backup start "$vm" --type full 2>/dev/null)
 wait_status "$id" running
 console backup cancel "$id" >/dev/null 2>&1
@@ -63,12 +76,14 @@ t() { tmux -L "$tmux_sock" "$@"; }
 t -f /dev/null new-session -d -s ui -x "$COLS" -y "$ROWS" -e TERM=xterm-256color \
   "$bin/sendense-console --hub http://$hub_addr --token-file $demo/token --log-file $demo/console.log"
 wait_status "$id" running
-# A quarter done: the gauges and the throughput sparklines have something to show.
+# A quarter done (bytes_transferred counts only what the node wrote, so the disks' progress is
+# summed): the gauges and the throughput sparklines have something to show.
 for _ in $(seq 1 300); do
   console backups list --json | python3 -c '
 import json, sys
 b = [b for b in json.load(sys.stdin) if b["backup_id"] == sys.argv[1]][0]
-sys.exit(0 if b["total_bytes"] and b["bytes_transferred"] * 4 >= b["total_bytes"] else 1)' "$id" && break
+done = sum(d["bytes_done"] for d in b["disk_results"])
+sys.exit(0 if b["total_bytes"] and done * 4 >= b["total_bytes"] else 1)' "$id" && break
   sleep 0.2
 done
 
@@ -85,10 +100,12 @@ show() {
   sleep 1.2
 }
 declare -a names=()
+declare -A cols_of=()
 capture() {
   t capture-pane -e -p -t ui >"$demo/$1.ansi"
   t capture-pane -p -t ui >"$out/$1.txt"
   names+=("$1")
+  cols_of[$1]=$(t display-message -p -t ui '#{window_width}')
 }
 
 mkdir -p "$out"
@@ -96,9 +113,11 @@ rm -f "$out"/*.png "$out"/*.txt
 wait_screen "◉ live"
 show "${id:0:8}" 1;                          capture 01-jobs
 show "targets" Enter;                        capture 02-job-detail
-show "Disks of $vm" Escape 2;                capture 03-vms
+show "Disks of $vm" Escape 2
+# The vSphere VM selected: its source (driver, CBT) goes in the title of its disks.
+show "Disks of $vsphere_vm" j;               capture 03-vms
 show "Start backup" s;                       capture 04-start-dialog
-show "Disks of $vm" Escape
+show "Disks of $vsphere_vm" Escape
 show "NBD ports" 3;                          capture 05-ports
 show "Forwards of" 4;                        capture 06-tunnel
 show "Processes (" 5;                        capture 07-processes
@@ -108,6 +127,18 @@ show "Cancel backup" c;                      capture 09-cancel-confirm
 show "aborted" n
 show "cancel job" '?';                       capture 10-help
 t send-keys -t ui Escape
+
+say "wide screen ($WIDE columns): the VMs' Source column, a vSphere incremental's change ids"
+# The cancel dialog's notice (15 s) has nothing to do with these views: wait until it is gone.
+for _ in $(seq 1 200); do t capture-pane -p -t ui | grep -qF "Cancel aborted" || break; sleep 0.1; done
+t resize-window -t ui -x "$WIDE" -y "$ROWS"
+show "Source" 2;                             capture 11-vms-wide
+show "${id:0:8}" 1
+show "${vsphere_incr:0:8}" / "${vsphere_incr:0:8}" Enter
+show "Job $vsphere_incr" Enter
+wait_screen "change id"
+capture 12-vsphere-job-detail
+t send-keys -t ui Escape Escape
 
 # tmux writes reverse video as SGR 7, which aha turns into white on white (or black on black)
 # when the colours are the defaults: resolve it into explicit colours first.
@@ -154,9 +185,9 @@ sys.stdout.write(re.sub(r"\x1b\[([0-9;]*)m", sub, sys.stdin.read()))'
 
 say "rendering ${#names[@]} captures with aha + headless chromium"
 # Cell size of DejaVu Sans Mono at 15px with line-height 18px: about 9 × 18 px.
-width=$((COLS * 9 + 24))
 height=$((ROWS * 18 + 24))
 for n in "${names[@]}"; do
+  width=$((${cols_of[$n]} * 9 + 24))
   # aha draws black text as dim grey (for a black page); on a coloured background it is black.
   resolve_reverse <"$demo/$n.ansi" | aha --black --title "sendense-console: $n" |
     sed -e 's/\([";]\)color:dimgray;background-color:/\1color:black;background-color:/g' \
