@@ -2,10 +2,9 @@
 //! copy): only the areas are read; bytes outside stay as the target had them.
 
 use crate::support::*;
-use agent_node::copy::{CopyError, CopyOptions, DiskCounters, ExtentSource, copy_disk};
+use agent_node::copy::{CopyError, CopyOptions, ExtentSource};
 use sendense_shared::nbd::{ConnectOptions, NbdAddr, NbdClient};
 use std::sync::Arc;
-use tokio_util::sync::CancellationToken;
 
 const SIZE: u64 = 64 * MIB;
 
@@ -51,7 +50,7 @@ async fn full_copy_of_areas_reads_only_the_areas_and_skips_zeroes_on_a_fresh_tar
         (20 * MIB, MIB),
         (40 * MIB, MIB),
     ];
-    let out = copy_disk(
+    let out = copy(
         &src.addr,
         &dst.addr,
         ExtentSource::Areas(Arc::new(areas)),
@@ -59,8 +58,6 @@ async fn full_copy_of_areas_reads_only_the_areas_and_skips_zeroes_on_a_fresh_tar
             target_is_zero: true,
             ..Default::default()
         },
-        DiskCounters::new(),
-        CancellationToken::new(),
     )
     .await
     .unwrap();
@@ -75,12 +72,8 @@ async fn full_copy_of_areas_reads_only_the_areas_and_skips_zeroes_on_a_fresh_tar
     assert_bytes(&dst.addr, 11 * MIB, MIB, 0, "outside the areas").await;
     assert_bytes(&dst.addr, 40 * MIB, MIB, 0x33, "area 4").await;
     drop(dst);
-    let map = run(
-        "qemu-img",
-        &["map", "--output=json", dst_img.to_str().unwrap()],
-    );
-    let allocated: u64 = serde_json::from_str::<Vec<serde_json::Value>>(&map)
-        .unwrap()
+    let (map, entries) = map(&dst_img);
+    let allocated: u64 = entries
         .iter()
         .filter(|e| e["data"] == true)
         .map(|e| e["length"].as_u64().unwrap())
@@ -111,31 +104,15 @@ async fn incremental_areas_copy_changes_inside_and_leave_the_rest_untouched() {
             "write -z 12M 1M".into(),
         ],
     );
-    let dst_img = d.join("incr.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            base.to_str().unwrap(),
-            dst_img.to_str().unwrap(),
-        ],
-    );
+    let dst_img = create_overlay(d, "incr.qcow2", &base);
     let src = Export::source(d, &src_img, Listen::Unix, &[]);
     let dst = Export::target(d, &dst_img, Listen::Unix);
     let areas = vec![(2 * MIB, MIB), (5 * MIB, 512 * KIB), (12 * MIB, MIB)];
-    let out = copy_disk(
+    let out = copy(
         &src.addr,
         &dst.addr,
         ExtentSource::Areas(Arc::new(areas)),
         &CopyOptions::default(),
-        DiskCounters::new(),
-        CancellationToken::new(),
     )
     .await
     .unwrap();
@@ -153,12 +130,8 @@ async fn incremental_areas_copy_changes_inside_and_leave_the_rest_untouched() {
     assert_bytes(&dst.addr, 13 * MIB, 3 * MIB, 0x11, "after the last area").await;
     drop(dst);
     // Only the areas were written into the overlay: 8M..9M reads through to the base.
-    let map = run(
-        "qemu-img",
-        &["map", "--output=json", dst_img.to_str().unwrap()],
-    );
-    let in_overlay: Vec<(u64, u64)> = serde_json::from_str::<Vec<serde_json::Value>>(&map)
-        .unwrap()
+    let (map, entries) = map(&dst_img);
+    let in_overlay: Vec<(u64, u64)> = entries
         .iter()
         .filter(|e| e["depth"] == 0 && (e["data"] == true || e["zero"] == true))
         .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
@@ -183,13 +156,11 @@ async fn areas_past_the_disk_or_overlapping_are_refused() {
         (vec![(SIZE - MIB, 2 * MIB)], "past the disk"),
         (vec![(0, 2 * MIB), (MIB, MIB)], "disjoint"),
     ] {
-        let e = copy_disk(
+        let e = copy(
             &src.addr,
             &dst.addr,
             ExtentSource::Areas(Arc::new(areas)),
             &CopyOptions::default(),
-            DiskCounters::new(),
-            CancellationToken::new(),
         )
         .await
         .unwrap_err();
@@ -207,13 +178,11 @@ async fn an_empty_area_list_copies_nothing() {
     let dst_img = create(d, "dst.qcow2", SIZE);
     let src = Export::source(d, &src_img, Listen::Unix, &[]);
     let dst = Export::target(d, &dst_img, Listen::Unix);
-    let out = copy_disk(
+    let out = copy(
         &src.addr,
         &dst.addr,
         ExtentSource::Areas(Arc::new(Vec::new())),
         &CopyOptions::default(),
-        DiskCounters::new(),
-        CancellationToken::new(),
     )
     .await
     .unwrap();
