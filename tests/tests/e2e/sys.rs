@@ -101,14 +101,13 @@ impl Sys {
         .expect("start QEMU");
         let node = NodeProcess::start(
             &node_bin(),
-            NodeOptions {
-                dir: tmp.path().join("node"),
-                name: format!("node-{vm_name}"),
-                hub_url: Some(hub.url.clone()),
-                token_file: hub.opts.data_dir.join("token"),
-                vms: vec![(vm_name.to_string(), vm.node_qmp.clone())],
-                throttle_bps: opts.throttle_bps,
-            },
+            node_options(
+                &hub,
+                tmp.path(),
+                vm_name,
+                vec![(vm_name.to_string(), vm.node_qmp.clone())],
+                opts.throttle_bps,
+            ),
         )
         .expect("start sendense-node");
         let sys = Sys {
@@ -275,6 +274,25 @@ impl Sys {
         let b = self.wait_completed(&id).await;
         self.assert_clean(&b).await;
         b
+    }
+}
+
+/// The options of the node `node-<vm>` of a test system: under `<tmp>/node`, registered with
+/// `hub`, backing up `qmp_vms` (none for a vSphere node).
+pub fn node_options(
+    hub: &HubProcess,
+    tmp: &Path,
+    vm: &str,
+    qmp_vms: Vec<(String, PathBuf)>,
+    throttle_bps: Option<u64>,
+) -> NodeOptions {
+    NodeOptions {
+        dir: tmp.join("node"),
+        name: format!("node-{vm}"),
+        hub_url: Some(hub.url.clone()),
+        token_file: hub.opts.data_dir.join("token"),
+        vms: qmp_vms,
+        throttle_bps,
     }
 }
 

@@ -284,10 +284,10 @@ fn vcsim_harness_serves_a_vm_whose_snapshots_freeze_data_and_track_changes() {
 // Backups of a simulated vSphere VM through the real hub and node.
 // ---------------------------------------------------------------------------------------------
 
-use super::sys::{JOB_LIMIT, Jobs, disk, disk_numbers, hub_bin, node_bin};
+use super::sys::{JOB_LIMIT, Jobs, disk, disk_numbers, hub_bin, node_bin, node_options};
 use sendense_tests::disks;
 use sendense_tests::hub::{Api, HubOptions, HubProcess};
-use sendense_tests::node::{NodeOptions, NodeProcess};
+use sendense_tests::node::NodeProcess;
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -327,6 +327,16 @@ impl Default for VOpts {
             url: None,
             password: None,
             wait_import: true,
+        }
+    }
+}
+
+impl VOpts {
+    /// A node whose copies are throttled to [`SLOW_BPS`], so that a test can act mid-copy.
+    fn slow() -> Self {
+        VOpts {
+            throttle_bps: Some(SLOW_BPS),
+            ..Default::default()
         }
     }
 }
@@ -378,14 +388,7 @@ impl VSys {
         );
         let node = NodeProcess::start_with_config(
             &node_bin(),
-            NodeOptions {
-                dir: tmp.path().join("node"),
-                name: format!("node-{vm}"),
-                hub_url: Some(hub.url.clone()),
-                token_file: hub.opts.data_dir.join("token"),
-                vms: Vec::new(),
-                throttle_bps: opts.throttle_bps,
-            },
+            node_options(&hub, tmp.path(), vm, Vec::new(), opts.throttle_bps),
             &vsphere,
         )
         .expect("start sendense-node");
@@ -508,14 +511,7 @@ fn images(b: &Value) -> Vec<PathBuf> {
 /// instant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vsphere_full_then_incremental_from_one_snapshot_each() {
-    let sys = VSys::start(
-        "vsvm1",
-        VOpts {
-            throttle_bps: Some(SLOW_BPS),
-            ..Default::default()
-        },
-    )
-    .await;
+    let sys = VSys::start("vsvm1", VOpts::slow()).await;
     // Inventory: keys, distinct units, sizes.
     let vm = sys.wait_vm_imported().await;
     assert_eq!(disk_numbers(&vm, "disk_key"), [2000, 2001], "{vm}");
@@ -703,14 +699,7 @@ async fn vsphere_cbt_reset_falls_back_to_full() {
 /// removed and nothing is left; a backup afterwards completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vsphere_cancel_and_node_crash_mid_copy_remove_the_snapshot() {
-    let mut sys = VSys::start(
-        "vsvm3",
-        VOpts {
-            throttle_bps: Some(SLOW_BPS),
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut sys = VSys::start("vsvm3", VOpts::slow()).await;
     sys.write_data();
 
     let id = sys.full_copying().await;
@@ -737,14 +726,7 @@ async fn vsphere_cancel_and_node_crash_mid_copy_remove_the_snapshot() {
 /// The VM deleted in vCenter while the node copies: the job fails naming the VM; nothing left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vsphere_vm_destroyed_mid_job_fails_naming_the_vm() {
-    let sys = VSys::start(
-        "vsvm4",
-        VOpts {
-            throttle_bps: Some(SLOW_BPS),
-            ..Default::default()
-        },
-    )
-    .await;
+    let sys = VSys::start("vsvm4", VOpts::slow()).await;
     sys.write_data();
     let id = sys.full_copying().await;
     sys.sim.destroy_vm().unwrap();
@@ -771,19 +753,37 @@ async fn vsphere_vm_destroyed_mid_job_fails_naming_the_vm() {
     sys.assert_clean(&b).await;
 }
 
-/// What the node's inventory answers while vSphere refuses it: (status, body) once not 200.
-async fn inventory_error(sys: &VSys) -> (u16, String) {
-    let t = Instant::now();
-    loop {
-        let (s, v) = sys.node.get("/inventory").await;
-        if s != 200 {
-            return (s, v.to_string());
+impl VSys {
+    /// A system whose node cannot use vSphere (`opts` breaks it; the VM never reaches the hub),
+    /// once the node's inventory answers so: the answer's body, asserted a 502.
+    async fn start_refused(vm: &str, opts: VOpts) -> (VSys, String) {
+        let sys = VSys::start(
+            vm,
+            VOpts {
+                wait_import: false,
+                ..opts
+            },
+        )
+        .await;
+        let t = Instant::now();
+        loop {
+            let (s, v) = sys.node.get("/inventory").await;
+            if s != 200 {
+                assert_eq!(s, 502, "{v}");
+                return (sys, v.to_string());
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "the node's inventory stays 200 with a vCenter it cannot use: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the node's inventory stays 200 with a vCenter it cannot use: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    /// Asserts that the hub refuses a backup of the VM it never got (404).
+    async fn assert_no_backup_starts(&self) {
+        let (s, b) = self.jobs().start_backup("full").await;
+        assert_eq!(s, 404, "{b}");
     }
 }
 
@@ -793,17 +793,14 @@ async fn inventory_error(sys: &VSys) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vsphere_wrong_password_is_named() {
     let wrong = "not-the-password-4242";
-    let sys = VSys::start(
+    let (sys, body) = VSys::start_refused(
         "vsvm5",
         VOpts {
             password: Some(wrong.into()),
-            wait_import: false,
             ..Default::default()
         },
     )
     .await;
-    let (status, body) = inventory_error(&sys).await;
-    assert_eq!(status, 502, "{body}");
     for word in ["InvalidLogin", sys.sim.user.as_str(), sys.sim.url.as_str()] {
         assert!(
             body.contains(word),
@@ -816,8 +813,7 @@ async fn vsphere_wrong_password_is_named() {
         !log.contains(wrong) && !body.contains(wrong),
         "the password leaked"
     );
-    let (s, b) = sys.jobs().start_backup("full").await;
-    assert_eq!(s, 404, "{b}");
+    sys.assert_no_backup_starts().await;
     assert!(sys.sim.snapshot_names().unwrap().is_empty());
     assert!(sys.sim.clients_by_cmdline().is_empty());
 }
@@ -832,17 +828,14 @@ async fn vsphere_unreachable_vcenter_is_named() {
         .unwrap()
         .port();
     let url = format!("https://127.0.0.1:{port}");
-    let sys = VSys::start(
+    let (sys, body) = VSys::start_refused(
         "vsvm6",
         VOpts {
             url: Some(url.clone()),
-            wait_import: false,
             ..Default::default()
         },
     )
     .await;
-    let (status, body) = inventory_error(&sys).await;
-    assert_eq!(status, 502, "{body}");
     assert!(body.contains(&url), "the error does not name {url}: {body}");
     let lower = body.to_lowercase();
     assert!(
@@ -856,6 +849,5 @@ async fn vsphere_unreachable_vcenter_is_named() {
         "node log:\n{}",
         sys.node.stderr()
     );
-    let (s, b) = sys.jobs().start_backup("full").await;
-    assert_eq!(s, 404, "{b}");
+    sys.assert_no_backup_starts().await;
 }
