@@ -98,6 +98,28 @@ impl Env {
         done
     }
 
+    /// Completes job `id` as a writer does (`body` is the `complete` request), waits for its end
+    /// and asserts it `completed` (the events in the message otherwise) with nothing held.
+    pub async fn complete_ok(&self, id: &str, body: &Value) -> Value {
+        let (s, v) = self
+            .api
+            .post(&format!("/api/v1/backups/{id}/complete"), body)
+            .await;
+        assert_eq!(s, 202, "{v}");
+        let done = self
+            .api
+            .wait_status(id, &["completed", "failed"], JOB_LIMIT)
+            .await;
+        assert_eq!(
+            done["status"],
+            "completed",
+            "{done:#}\n{:#?}",
+            self.api.event_lines(id).await
+        );
+        self.assert_nothing_held(&done).await;
+        done
+    }
+
     /// Asserts what an operator would check once a job is over: no qemu-nbd of it alive, no
     /// port held, no process recorded alive.
     pub async fn assert_nothing_held(&self, backup: &Value) {
@@ -117,6 +139,15 @@ impl Env {
             assert_eq!(p["alive"], json!(false), "process still alive: {p}");
         }
     }
+}
+
+/// Asserts that a request was refused as invalid (422) with a detail naming `field`.
+pub fn assert_refused_naming(status: u16, answer: &Value, field: &str) {
+    assert_eq!(status, 422, "{answer}");
+    assert!(
+        answer["detail"].as_str().unwrap().contains(field),
+        "{answer}"
+    );
 }
 
 /// `(disk_key, uri)` of a running backup's targets string.
