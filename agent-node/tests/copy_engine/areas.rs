@@ -28,9 +28,9 @@ async fn assert_bytes(addr: &NbdAddr, offset: u64, len: u64, byte: u8, what: &st
 async fn full_copy_of_areas_reads_only_the_areas_and_skips_zeroes_on_a_fresh_target() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let src_img = create(d, "src.qcow2", SIZE);
-    qemu_io(
-        &src_img,
+    let (dst_img, src, dst) = served_pair(
+        d,
+        SIZE,
         &[
             "write -P 0x11 0 4M".into(),
             "write -P 0x22 10M 2M".into(),
@@ -39,9 +39,6 @@ async fn full_copy_of_areas_reads_only_the_areas_and_skips_zeroes_on_a_fresh_tar
             "write -P 0x33 40M 1M".into(),
         ],
     );
-    let dst_img = create(d, "dst.qcow2", SIZE);
-    let src = Export::source(d, &src_img, Listen::Unix, &[]);
-    let dst = Export::target(d, &dst_img, Listen::Unix);
     // The area list covers only the first half of the data at 10M: the rest is not copied,
     // whatever the source holds there.
     let areas = vec![
@@ -148,10 +145,7 @@ async fn incremental_areas_copy_changes_inside_and_leave_the_rest_untouched() {
 async fn areas_past_the_disk_or_overlapping_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let src_img = create(d, "src.qcow2", SIZE);
-    let dst_img = create(d, "dst.qcow2", SIZE);
-    let src = Export::source(d, &src_img, Listen::Unix, &[]);
-    let dst = Export::target(d, &dst_img, Listen::Unix);
+    let (_, src, dst) = served_pair(d, SIZE, &[]);
     for (areas, want) in [
         (vec![(SIZE - MIB, 2 * MIB)], "past the disk"),
         (vec![(0, 2 * MIB), (MIB, MIB)], "disjoint"),
@@ -173,11 +167,7 @@ async fn areas_past_the_disk_or_overlapping_are_refused() {
 async fn an_empty_area_list_copies_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let src_img = create(d, "src.qcow2", SIZE);
-    qemu_io(&src_img, &["write -P 0x11 0 4M".into()]);
-    let dst_img = create(d, "dst.qcow2", SIZE);
-    let src = Export::source(d, &src_img, Listen::Unix, &[]);
-    let dst = Export::target(d, &dst_img, Listen::Unix);
+    let (_, src, dst) = served_pair(d, SIZE, &["write -P 0x11 0 4M".into()]);
     let out = copy(
         &src.addr,
         &dst.addr,

@@ -75,10 +75,7 @@ async fn incremental_copies_only_dirty_extents_and_zeroes_inside_them() {
 async fn a_missing_bitmap_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let src_img = create(d, "src.qcow2", SIZE);
-    let dst_img = create(d, "dst.qcow2", SIZE);
-    let src = Export::source(d, &src_img, Listen::Unix, &[]);
-    let dst = Export::target(d, &dst_img, Listen::Unix);
+    let (_, src, dst) = served_pair(d, SIZE, &[]);
     let e = copy(
         &src.addr,
         &dst.addr,

@@ -121,37 +121,39 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
 
 pub fn create(dir: &Path, name: &str, size: u64) -> PathBuf {
     let p = dir.join(name);
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            p.to_str().unwrap(),
-            &size.to_string(),
-        ],
-    );
+    qemu_img_create(&[p.to_str().unwrap(), &size.to_string()]);
     p
+}
+
+/// `src.qcow2` holding `writes` (qemu-io commands) and an empty `dst.qcow2`, both of `size`
+/// bytes, served as source and target on unix sockets: `(dst_img, src, dst)`.
+pub fn served_pair(dir: &Path, size: u64, writes: &[String]) -> (PathBuf, Export, Export) {
+    let src_img = create(dir, "src.qcow2", size);
+    if !writes.is_empty() {
+        qemu_io(&src_img, writes);
+    }
+    let dst_img = create(dir, "dst.qcow2", size);
+    let src = Export::source(dir, &src_img, Listen::Unix, &[]);
+    let dst = Export::target(dir, &dst_img, Listen::Unix);
+    (dst_img, src, dst)
+}
+
+fn qemu_img_create(args: &[&str]) {
+    let mut all = vec!["create", "-q", "-f", "qcow2"];
+    all.extend_from_slice(args);
+    run("qemu-img", &all);
 }
 
 /// A qcow2 overlay `name` on `base` (qcow2), like the hub's incremental image.
 pub fn create_overlay(dir: &Path, name: &str, base: &Path) -> PathBuf {
     let p = dir.join(name);
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            base.to_str().unwrap(),
-            p.to_str().unwrap(),
-        ],
-    );
+    qemu_img_create(&[
+        "-F",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        p.to_str().unwrap(),
+    ]);
     p
 }
 
