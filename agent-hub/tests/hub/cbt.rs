@@ -175,11 +175,23 @@ async fn complete(
         .await
 }
 
+/// Asserts that the hub asked the node for an incremental on top of backup `previous`.
+fn assert_incremental_on(start: &NodeBackupStart, previous: &str) {
+    assert_eq!(
+        start.backup_type,
+        sendense_shared::api::BackupType::Incremental,
+        "{start:?}"
+    );
+    assert_eq!(
+        start.previous_backup_id.as_ref().map(|p| p.0.as_str()),
+        Some(previous),
+        "{start:?}"
+    );
+}
+
 /// A full backup of vc1 whose disks report the given change ids; answers the completed job.
 async fn full(env: &Env, node: &FakeNode, srcs: &[PathBuf], ids: [Option<&str>; 2]) -> Value {
-    let (s, b) = env.start_backup("vc1", "full").await;
-    assert_eq!(s, 202, "{b}");
-    let id = b["backup_id"].as_str().unwrap().to_string();
+    let (id, b) = env.backup("vc1", "full").await;
     let sent = node.starts_of(&id, 1).await;
     assert_eq!(sent[0].backup_type, sendense_shared::api::BackupType::Full);
     assert!(sent[0].previous_change_ids.is_empty(), "{sent:?}");
@@ -248,9 +260,7 @@ pub async fn change_ids_then_fallback(env: &Env) {
         .collect();
 
     // Full: the running figure is what the node wrote, not how far it got through the disks.
-    let (s, b) = env.start_backup("vc1", "full").await;
-    assert_eq!(s, 202, "{b}");
-    let id1 = b["backup_id"].as_str().unwrap().to_string();
+    let (id1, b) = env.backup("vc1", "full").await;
     node.starts_of(&id1, 1).await;
     for (i, (_, uri)) in targets(&b).iter().enumerate() {
         disks::nbdcopy_into(&srcs[i], uri);
@@ -300,20 +310,11 @@ pub async fn change_ids_then_fallback(env: &Env) {
     assert_eq!(done1["total_bytes"], json!(2 * DISK_SIZE), "{done1}");
 
     // Incremental: the hub hands the node the change id of each disk of the chain's top.
-    let (s, b2) = env.start_backup("vc1", "incremental").await;
-    assert_eq!(s, 202, "{b2}");
+    let (id2, b2) = env.backup("vc1", "incremental").await;
     assert_eq!(b2["backup_type"], "incremental", "{b2}");
-    let id2 = b2["backup_id"].as_str().unwrap().to_string();
     let sent = node.starts_of(&id2, 1).await;
     assert_eq!(sent.len(), 1, "{sent:?}");
-    assert_eq!(
-        sent[0].backup_type,
-        sendense_shared::api::BackupType::Incremental
-    );
-    assert_eq!(
-        sent[0].previous_backup_id.as_ref().map(|p| p.0.as_str()),
-        Some(id1.as_str())
-    );
+    assert_incremental_on(&sent[0], &id1);
     let mut got: Vec<(i64, String)> = sent[0]
         .previous_change_ids
         .iter()
@@ -388,18 +389,9 @@ pub async fn change_ids_then_fallback(env: &Env) {
     let done3 = full(env, &node, &srcs, [Some("52 40/1"), None]).await;
     assert_eq!(disk(&done3, 2001)["change_id"], Value::Null, "{done3}");
     let id3 = done3["backup_id"].as_str().unwrap().to_string();
-    let (s, b4) = env.start_backup("vc1", "incremental").await;
-    assert_eq!(s, 202, "{b4}");
-    let id4 = b4["backup_id"].as_str().unwrap().to_string();
+    let (id4, _) = env.backup("vc1", "incremental").await;
     let sent = node.starts_of(&id4, 2).await;
-    assert_eq!(
-        sent[0].backup_type,
-        sendense_shared::api::BackupType::Incremental
-    );
-    assert_eq!(
-        sent[0].previous_backup_id.as_ref().map(|p| p.0.as_str()),
-        Some(id3.as_str())
-    );
+    assert_incremental_on(&sent[0], &id3);
     assert_eq!(
         sent[0].previous_change_ids.len(),
         1,

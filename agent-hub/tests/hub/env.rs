@@ -88,6 +88,13 @@ impl Env {
             .await
     }
 
+    /// Starts a backup of `vm` that must be accepted (202): its id and the hub's answer.
+    pub async fn backup(&self, vm: &str, kind: &str) -> (String, Value) {
+        let (s, b) = self.start_backup(vm, kind).await;
+        assert_eq!(s, 202, "{b}");
+        (b["backup_id"].as_str().unwrap().to_string(), b)
+    }
+
     /// Cancels job `id`, waits for `cancelled` and asserts that nothing stays held.
     pub async fn cancel_and_check(&self, id: &str) -> Value {
         self.api
@@ -123,21 +130,7 @@ impl Env {
     /// Asserts what an operator would check once a job is over: no qemu-nbd of it alive, no
     /// port held, no process recorded alive.
     pub async fn assert_nothing_held(&self, backup: &Value) {
-        for d in backup["disk_results"].as_array().into_iter().flatten() {
-            if let Some(pid) = d["qemu_nbd_pid"].as_u64() {
-                assert!(
-                    !sendense_tests::pid_alive(pid as u32),
-                    "qemu-nbd pid {pid} of disk {} still alive",
-                    d["disk_key"]
-                );
-            }
-        }
-        let ports = self.api.get_ok("/api/v1/ports").await;
-        assert_eq!(ports["allocations"], json!([]), "ports still held: {ports}");
-        let procs = self.api.get_ok("/api/v1/processes").await;
-        for p in procs.as_array().unwrap() {
-            assert_eq!(p["alive"], json!(false), "process still alive: {p}");
-        }
+        self.api.assert_nothing_held(backup).await;
     }
 }
 

@@ -401,18 +401,12 @@ impl Jobs<'_> {
         );
     }
 
-    /// The hub's half of "nothing left" after a job, whatever its end: no qemu-nbd of it alive,
-    /// its ports free (bindable), nothing recorded held, and when the job did not complete, no
-    /// image of it on disk.
+    /// The hub's half of "nothing left" after a job, whatever its end: nothing held
+    /// ([`Api::assert_nothing_held`]), its ports free (bindable), and when the job did not
+    /// complete, no image of it on disk.
     pub async fn assert_hub_released(&self, backup: &Value) {
+        self.api.assert_nothing_held(backup).await;
         for d in backup["disk_results"].as_array().into_iter().flatten() {
-            if let Some(pid) = d["qemu_nbd_pid"].as_u64() {
-                assert!(
-                    !sendense_tests::pid_alive(pid as u32),
-                    "qemu-nbd pid {pid} of disk {} still alive",
-                    d["disk_key"]
-                );
-            }
             if let Some(port) = d["nbd_port"].as_u64() {
                 assert!(
                     std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok(),
@@ -424,12 +418,6 @@ impl Jobs<'_> {
                 let p = Path::new(d["qcow2_path"].as_str().unwrap());
                 assert!(!p.exists(), "partial image {} left behind", p.display());
             }
-        }
-        let ports = self.api.get_ok("/api/v1/ports").await;
-        assert_eq!(ports["allocations"], json!([]), "ports still held: {ports}");
-        let procs = self.api.get_ok("/api/v1/processes").await;
-        for p in procs.as_array().unwrap() {
-            assert_eq!(p["alive"], json!(false), "process still alive: {p}");
         }
     }
 }
