@@ -240,6 +240,22 @@ struct Pin {
     algorithms: WebPkiSupportedAlgorithms,
 }
 
+impl Pin {
+    /// The handshake signature checked by `verify` (rustls' check for the protocol version),
+    /// unless insecure.
+    fn signature(
+        &self,
+        verify: impl FnOnce(
+            &WebPkiSupportedAlgorithms,
+        ) -> Result<HandshakeSignatureValid, rustls::Error>,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        match self.sha256 {
+            None => Ok(HandshakeSignatureValid::assertion()),
+            Some(_) => verify(&self.algorithms),
+        }
+    }
+}
+
 /// Carries our own refusal reason through rustls' error type.
 #[derive(Debug)]
 struct PinMismatch(String);
@@ -279,10 +295,9 @@ impl ServerCertVerifier for Pin {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        if self.sha256.is_none() {
-            return Ok(HandshakeSignatureValid::assertion());
-        }
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+        self.signature(|algorithms| {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
+        })
     }
 
     fn verify_tls13_signature(
@@ -291,10 +306,9 @@ impl ServerCertVerifier for Pin {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        if self.sha256.is_none() {
-            return Ok(HandshakeSignatureValid::assertion());
-        }
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+        self.signature(|algorithms| {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
+        })
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
