@@ -49,6 +49,14 @@ fn vm_ref(sim: &Vcsim) -> MoRef {
     MoRef::new("VirtualMachine", sim.vm.moref.clone())
 }
 
+/// A simulator, a client connected to it over its CA file, and its VM.
+async fn session() -> (Vcsim, Client, MoRef) {
+    let sim = simulator().await;
+    let client = connect(&sim).await;
+    let vm = vm_ref(&sim);
+    (sim, client, vm)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inventory_over_a_ca_file_shows_the_two_disk_vm() {
     let sim = simulator().await;
@@ -218,9 +226,7 @@ async fn unreachable_port_names_the_url() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_appear_in_the_tree_freeze_the_disks_and_go_away() {
-    let sim = simulator().await;
-    let client = connect(&sim).await;
-    let vm = vm_ref(&sim);
+    let (sim, client, vm) = session().await;
 
     let first = client
         .create_snapshot(&vm, "sendense-1", "backup 1 <&> \"quoted\"", false)
@@ -305,9 +311,7 @@ async fn snapshots_appear_in_the_tree_freeze_the_disks_and_go_away() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn change_tracking_gives_change_ids_and_changed_areas() {
-    let sim = simulator().await;
-    let client = connect(&sim).await;
-    let vm = vm_ref(&sim);
+    let (sim, client, vm) = session().await;
 
     client
         .enable_change_tracking(&vm)
@@ -369,9 +373,7 @@ async fn change_tracking_gives_change_ids_and_changed_areas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destroyed_vm_is_not_found_and_an_expired_session_logs_in_again() {
-    let sim = simulator().await;
-    let client = connect(&sim).await;
-    let vm = vm_ref(&sim);
+    let (sim, client, vm) = session().await;
 
     // The session ends behind the client's back (as an idle timeout would).
     let cookie = client.session_cookie();

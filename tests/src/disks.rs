@@ -43,8 +43,18 @@ pub fn nbdcopy_into(src: &Path, uri: &str) -> std::process::Output {
 
 /// `qemu-img compare` of two images (content, not format): true when equal.
 pub fn images_equal(a: &Path, b: &Path) -> bool {
+    compare(&[], a, b)
+}
+
+/// `qemu-img compare` of a raw file (a disk at an instant) with a qcow2 image: true when equal.
+/// The formats are given because a raw file's first bytes could look like any format.
+pub fn raw_equals_qcow2(raw: &Path, image: &Path) -> bool {
+    compare(&["-f", "raw", "-F", "qcow2"], raw, image)
+}
+
+fn compare(formats: &[&str], a: &Path, b: &Path) -> bool {
     let mut cmd = Command::new("qemu-img");
-    cmd.args(["compare", "-U"]).arg(a).arg(b);
+    cmd.args(["compare", "-U"]).args(formats).arg(a).arg(b);
     eprintln!("+ {}", crate::describe(&cmd));
     let out = cmd.output().expect("qemu-img compare");
     eprintln!(

@@ -3,7 +3,7 @@
 //! own NBD port range, stopped (SIGTERM, then SIGKILL) in `Drop`.
 
 use anyhow::{Context, bail};
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -259,6 +259,26 @@ impl Api {
                 panic!("backup {id} not in {want:?} after {limit:?}: {b:#}\nevents: {ev:#}");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Asserts what an operator checks on the hub once job `backup` is over, whatever its end:
+    /// no qemu-nbd of it alive, no port allocated, no process recorded alive.
+    pub async fn assert_nothing_held(&self, backup: &Value) {
+        for d in backup["disk_results"].as_array().into_iter().flatten() {
+            if let Some(pid) = d["qemu_nbd_pid"].as_u64() {
+                assert!(
+                    !crate::pid_alive(pid as u32),
+                    "qemu-nbd pid {pid} of disk {} still alive",
+                    d["disk_key"]
+                );
+            }
+        }
+        let ports = self.get_ok("/api/v1/ports").await;
+        assert_eq!(ports["allocations"], json!([]), "ports still held: {ports}");
+        let procs = self.get_ok("/api/v1/processes").await;
+        for p in procs.as_array().unwrap() {
+            assert_eq!(p["alive"], json!(false), "process still alive: {p}");
         }
     }
 

@@ -8,7 +8,9 @@
 //! test itself plays the node's copy engine: it writes into the hub's exports with nbdcopy and
 //! qemu-io and posts progress and completion.
 
-use super::env::{DISK_SIZE, Env, JOB_LIMIT, MIB, checksums_of, disk, targets};
+use super::env::{
+    DISK_SIZE, Env, JOB_LIMIT, MIB, assert_refused_naming, checksums_of, disk, targets,
+};
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
@@ -169,33 +171,27 @@ async fn complete(
             d
         })
         .collect();
-    let (s, v) = env
-        .api
-        .post(
-            &format!("/api/v1/backups/{id}/complete"),
-            &json!({"status": "completed", "disks": disks}),
-        )
-        .await;
-    assert_eq!(s, 202, "{v}");
-    let done = env
-        .api
-        .wait_status(id, &["completed", "failed"], JOB_LIMIT)
-        .await;
+    env.complete_ok(id, &json!({"status": "completed", "disks": disks}))
+        .await
+}
+
+/// Asserts that the hub asked the node for an incremental on top of backup `previous`.
+fn assert_incremental_on(start: &NodeBackupStart, previous: &str) {
     assert_eq!(
-        done["status"],
-        "completed",
-        "{done:#}\n{:#?}",
-        env.api.event_lines(id).await
+        start.backup_type,
+        sendense_shared::api::BackupType::Incremental,
+        "{start:?}"
     );
-    env.assert_nothing_held(&done).await;
-    done
+    assert_eq!(
+        start.previous_backup_id.as_ref().map(|p| p.0.as_str()),
+        Some(previous),
+        "{start:?}"
+    );
 }
 
 /// A full backup of vc1 whose disks report the given change ids; answers the completed job.
 async fn full(env: &Env, node: &FakeNode, srcs: &[PathBuf], ids: [Option<&str>; 2]) -> Value {
-    let (s, b) = env.start_backup("vc1", "full").await;
-    assert_eq!(s, 202, "{b}");
-    let id = b["backup_id"].as_str().unwrap().to_string();
+    let (id, b) = env.backup("vc1", "full").await;
     let sent = node.starts_of(&id, 1).await;
     assert_eq!(sent[0].backup_type, sendense_shared::api::BackupType::Full);
     assert!(sent[0].previous_change_ids.is_empty(), "{sent:?}");
@@ -264,9 +260,7 @@ pub async fn change_ids_then_fallback(env: &Env) {
         .collect();
 
     // Full: the running figure is what the node wrote, not how far it got through the disks.
-    let (s, b) = env.start_backup("vc1", "full").await;
-    assert_eq!(s, 202, "{b}");
-    let id1 = b["backup_id"].as_str().unwrap().to_string();
+    let (id1, b) = env.backup("vc1", "full").await;
     node.starts_of(&id1, 1).await;
     for (i, (_, uri)) in targets(&b).iter().enumerate() {
         disks::nbdcopy_into(&srcs[i], uri);
@@ -287,14 +281,7 @@ pub async fn change_ids_then_fallback(env: &Env) {
             &json!({"disks": [{"disk_key": 2000, "bytes_done": 1, "bytes_total": DISK_SIZE, "status": "running", "bytes_transferred": DISK_SIZE + 1}]}),
         )
         .await;
-    assert_eq!(s, 422, "{v}");
-    assert!(
-        v["detail"]
-            .as_str()
-            .unwrap()
-            .contains("disks[0].bytes_transferred"),
-        "{v}"
-    );
+    assert_refused_naming(s, &v, "disks[0].bytes_transferred");
     let (s, v) = api
         .post(
             &format!("/api/v1/backups/{id1}/complete"),
@@ -303,11 +290,7 @@ pub async fn change_ids_then_fallback(env: &Env) {
                 {"disk_key": 2001, "status": "completed"}]}),
         )
         .await;
-    assert_eq!(s, 422, "{v}");
-    assert!(
-        v["detail"].as_str().unwrap().contains("disks[0].change_id"),
-        "{v}"
-    );
+    assert_refused_naming(s, &v, "disks[0].change_id");
     let cid = [
         "52 3f 9a 11 00 7e 4c 02-a1 9b 2c 77 0e 5d 6f 10/4",
         "52 3f 9a 11 00 7e 4c 02-a1 9b 2c 77 0e 5d 6f 11/4",
@@ -327,20 +310,11 @@ pub async fn change_ids_then_fallback(env: &Env) {
     assert_eq!(done1["total_bytes"], json!(2 * DISK_SIZE), "{done1}");
 
     // Incremental: the hub hands the node the change id of each disk of the chain's top.
-    let (s, b2) = env.start_backup("vc1", "incremental").await;
-    assert_eq!(s, 202, "{b2}");
+    let (id2, b2) = env.backup("vc1", "incremental").await;
     assert_eq!(b2["backup_type"], "incremental", "{b2}");
-    let id2 = b2["backup_id"].as_str().unwrap().to_string();
     let sent = node.starts_of(&id2, 1).await;
     assert_eq!(sent.len(), 1, "{sent:?}");
-    assert_eq!(
-        sent[0].backup_type,
-        sendense_shared::api::BackupType::Incremental
-    );
-    assert_eq!(
-        sent[0].previous_backup_id.as_ref().map(|p| p.0.as_str()),
-        Some(id1.as_str())
-    );
+    assert_incremental_on(&sent[0], &id1);
     let mut got: Vec<(i64, String)> = sent[0]
         .previous_change_ids
         .iter()
@@ -415,18 +389,9 @@ pub async fn change_ids_then_fallback(env: &Env) {
     let done3 = full(env, &node, &srcs, [Some("52 40/1"), None]).await;
     assert_eq!(disk(&done3, 2001)["change_id"], Value::Null, "{done3}");
     let id3 = done3["backup_id"].as_str().unwrap().to_string();
-    let (s, b4) = env.start_backup("vc1", "incremental").await;
-    assert_eq!(s, 202, "{b4}");
-    let id4 = b4["backup_id"].as_str().unwrap().to_string();
+    let (id4, _) = env.backup("vc1", "incremental").await;
     let sent = node.starts_of(&id4, 2).await;
-    assert_eq!(
-        sent[0].backup_type,
-        sendense_shared::api::BackupType::Incremental
-    );
-    assert_eq!(
-        sent[0].previous_backup_id.as_ref().map(|p| p.0.as_str()),
-        Some(id3.as_str())
-    );
+    assert_incremental_on(&sent[0], &id3);
     assert_eq!(
         sent[0].previous_change_ids.len(),
         1,

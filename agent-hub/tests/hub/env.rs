@@ -88,6 +88,13 @@ impl Env {
             .await
     }
 
+    /// Starts a backup of `vm` that must be accepted (202): its id and the hub's answer.
+    pub async fn backup(&self, vm: &str, kind: &str) -> (String, Value) {
+        let (s, b) = self.start_backup(vm, kind).await;
+        assert_eq!(s, 202, "{b}");
+        (b["backup_id"].as_str().unwrap().to_string(), b)
+    }
+
     /// Cancels job `id`, waits for `cancelled` and asserts that nothing stays held.
     pub async fn cancel_and_check(&self, id: &str) -> Value {
         self.api
@@ -98,25 +105,42 @@ impl Env {
         done
     }
 
+    /// Completes job `id` as a writer does (`body` is the `complete` request), waits for its end
+    /// and asserts it `completed` (the events in the message otherwise) with nothing held.
+    pub async fn complete_ok(&self, id: &str, body: &Value) -> Value {
+        let (s, v) = self
+            .api
+            .post(&format!("/api/v1/backups/{id}/complete"), body)
+            .await;
+        assert_eq!(s, 202, "{v}");
+        let done = self
+            .api
+            .wait_status(id, &["completed", "failed"], JOB_LIMIT)
+            .await;
+        assert_eq!(
+            done["status"],
+            "completed",
+            "{done:#}\n{:#?}",
+            self.api.event_lines(id).await
+        );
+        self.assert_nothing_held(&done).await;
+        done
+    }
+
     /// Asserts what an operator would check once a job is over: no qemu-nbd of it alive, no
     /// port held, no process recorded alive.
     pub async fn assert_nothing_held(&self, backup: &Value) {
-        for d in backup["disk_results"].as_array().into_iter().flatten() {
-            if let Some(pid) = d["qemu_nbd_pid"].as_u64() {
-                assert!(
-                    !sendense_tests::pid_alive(pid as u32),
-                    "qemu-nbd pid {pid} of disk {} still alive",
-                    d["disk_key"]
-                );
-            }
-        }
-        let ports = self.api.get_ok("/api/v1/ports").await;
-        assert_eq!(ports["allocations"], json!([]), "ports still held: {ports}");
-        let procs = self.api.get_ok("/api/v1/processes").await;
-        for p in procs.as_array().unwrap() {
-            assert_eq!(p["alive"], json!(false), "process still alive: {p}");
-        }
+        self.api.assert_nothing_held(backup).await;
     }
+}
+
+/// Asserts that a request was refused as invalid (422) with a detail naming `field`.
+pub fn assert_refused_naming(status: u16, answer: &Value, field: &str) {
+    assert_eq!(status, 422, "{answer}");
+    assert!(
+        answer["detail"].as_str().unwrap().contains(field),
+        "{answer}"
+    );
 }
 
 /// `(disk_key, uri)` of a running backup's targets string.

@@ -51,22 +51,23 @@ impl TestDatabase {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn full_then_incremental_on_mariadb() {
+/// Runs `scenario` against a hub on a fresh MariaDB database, dropped afterwards (once the hub
+/// is gone).
+async fn on_mariadb(scenario: impl AsyncFnOnce(&Env)) {
     let db = TestDatabase::create().await;
     {
         let env = db.hub().await;
-        super::backup::full_then_incremental(&env).await;
+        scenario(&env).await;
     }
     db.drop_database().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn full_then_incremental_on_mariadb() {
+    on_mariadb(super::backup::full_then_incremental).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn change_ids_then_fallback_on_mariadb() {
-    let db = TestDatabase::create().await;
-    {
-        let env = db.hub().await;
-        super::cbt::change_ids_then_fallback(&env).await;
-    }
-    db.drop_database().await;
+    on_mariadb(super::cbt::change_ids_then_fallback).await;
 }

@@ -151,6 +151,43 @@ pub(crate) fn client_config(
     Ok((config, observed))
 }
 
+/// The [`ServerCertVerifier`] methods other than `verify_server_cert`, handed to the verifier in
+/// `$field`: the wrappers below only change which leaf certificates are accepted, never how the
+/// handshake signature is checked or what is offered to the server.
+macro_rules! delegate_handshake_checks {
+    ($field:ident) => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            self.$field.verify_tls12_signature(message, cert, dss)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            self.$field.verify_tls13_signature(message, cert, dss)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.$field.supported_verify_schemes()
+        }
+
+        fn requires_raw_public_keys(&self) -> bool {
+            self.$field.requires_raw_public_keys()
+        }
+
+        fn root_hint_subjects(&self) -> Option<&[rustls::DistinguishedName]> {
+            self.$field.root_hint_subjects()
+        }
+    };
+}
+
 /// The CA file's chains, and also a server certificate that is itself in the CA file.
 ///
 /// Why the second: self-signed server certificates often carry `CA:TRUE` (ESXi hosts, Go's test
@@ -191,31 +228,7 @@ impl ServerCertVerifier for CaFile {
         }
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.webpki.supported_verify_schemes()
-    }
-
-    fn root_hint_subjects(&self) -> Option<&[rustls::DistinguishedName]> {
-        self.webpki.root_hint_subjects()
-    }
+    delegate_handshake_checks!(webpki);
 }
 
 /// Accepts exactly the leaf whose SHA-256 is `sha256` and checks that the server holds the
@@ -225,6 +238,22 @@ impl ServerCertVerifier for CaFile {
 struct Pin {
     sha256: Option<[u8; 32]>,
     algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl Pin {
+    /// The handshake signature checked by `verify` (rustls' check for the protocol version),
+    /// unless insecure.
+    fn signature(
+        &self,
+        verify: impl FnOnce(
+            &WebPkiSupportedAlgorithms,
+        ) -> Result<HandshakeSignatureValid, rustls::Error>,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        match self.sha256 {
+            None => Ok(HandshakeSignatureValid::assertion()),
+            Some(_) => verify(&self.algorithms),
+        }
+    }
 }
 
 /// Carries our own refusal reason through rustls' error type.
@@ -266,10 +295,9 @@ impl ServerCertVerifier for Pin {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        if self.sha256.is_none() {
-            return Ok(HandshakeSignatureValid::assertion());
-        }
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+        self.signature(|algorithms| {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
+        })
     }
 
     fn verify_tls13_signature(
@@ -278,10 +306,9 @@ impl ServerCertVerifier for Pin {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        if self.sha256.is_none() {
-            return Ok(HandshakeSignatureValid::assertion());
-        }
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+        self.signature(|algorithms| {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
+        })
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -325,35 +352,7 @@ impl ServerCertVerifier for Recording {
         verdict
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-
-    fn requires_raw_public_keys(&self) -> bool {
-        self.inner.requires_raw_public_keys()
-    }
-
-    fn root_hint_subjects(&self) -> Option<&[rustls::DistinguishedName]> {
-        self.inner.root_hint_subjects()
-    }
+    delegate_handshake_checks!(inner);
 }
 
 fn refusal_reason(e: &rustls::Error) -> String {

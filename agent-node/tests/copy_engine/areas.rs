@@ -2,10 +2,9 @@
 //! copy): only the areas are read; bytes outside stay as the target had them.
 
 use crate::support::*;
-use agent_node::copy::{CopyError, CopyOptions, DiskCounters, ExtentSource, copy_disk};
+use agent_node::copy::{CopyError, CopyOptions, ExtentSource};
 use sendense_shared::nbd::{ConnectOptions, NbdAddr, NbdClient};
 use std::sync::Arc;
-use tokio_util::sync::CancellationToken;
 
 const SIZE: u64 = 64 * MIB;
 
@@ -29,9 +28,9 @@ async fn assert_bytes(addr: &NbdAddr, offset: u64, len: u64, byte: u8, what: &st
 async fn full_copy_of_areas_reads_only_the_areas_and_skips_zeroes_on_a_fresh_target() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let src_img = create(d, "src.qcow2", SIZE);
-    qemu_io(
-        &src_img,
+    let (dst_img, src, dst) = served_pair(
+        d,
+        SIZE,
         &[
             "write -P 0x11 0 4M".into(),
             "write -P 0x22 10M 2M".into(),
@@ -40,9 +39,6 @@ async fn full_copy_of_areas_reads_only_the_areas_and_skips_zeroes_on_a_fresh_tar
             "write -P 0x33 40M 1M".into(),
         ],
     );
-    let dst_img = create(d, "dst.qcow2", SIZE);
-    let src = Export::source(d, &src_img, Listen::Unix, &[]);
-    let dst = Export::target(d, &dst_img, Listen::Unix);
     // The area list covers only the first half of the data at 10M: the rest is not copied,
     // whatever the source holds there.
     let areas = vec![
@@ -51,7 +47,7 @@ async fn full_copy_of_areas_reads_only_the_areas_and_skips_zeroes_on_a_fresh_tar
         (20 * MIB, MIB),
         (40 * MIB, MIB),
     ];
-    let out = copy_disk(
+    let out = copy(
         &src.addr,
         &dst.addr,
         ExtentSource::Areas(Arc::new(areas)),
@@ -59,8 +55,6 @@ async fn full_copy_of_areas_reads_only_the_areas_and_skips_zeroes_on_a_fresh_tar
             target_is_zero: true,
             ..Default::default()
         },
-        DiskCounters::new(),
-        CancellationToken::new(),
     )
     .await
     .unwrap();
@@ -75,12 +69,8 @@ async fn full_copy_of_areas_reads_only_the_areas_and_skips_zeroes_on_a_fresh_tar
     assert_bytes(&dst.addr, 11 * MIB, MIB, 0, "outside the areas").await;
     assert_bytes(&dst.addr, 40 * MIB, MIB, 0x33, "area 4").await;
     drop(dst);
-    let map = run(
-        "qemu-img",
-        &["map", "--output=json", dst_img.to_str().unwrap()],
-    );
-    let allocated: u64 = serde_json::from_str::<Vec<serde_json::Value>>(&map)
-        .unwrap()
+    let (map, entries) = map(&dst_img);
+    let allocated: u64 = entries
         .iter()
         .filter(|e| e["data"] == true)
         .map(|e| e["length"].as_u64().unwrap())
@@ -111,31 +101,15 @@ async fn incremental_areas_copy_changes_inside_and_leave_the_rest_untouched() {
             "write -z 12M 1M".into(),
         ],
     );
-    let dst_img = d.join("incr.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            base.to_str().unwrap(),
-            dst_img.to_str().unwrap(),
-        ],
-    );
+    let dst_img = create_overlay(d, "incr.qcow2", &base);
     let src = Export::source(d, &src_img, Listen::Unix, &[]);
     let dst = Export::target(d, &dst_img, Listen::Unix);
     let areas = vec![(2 * MIB, MIB), (5 * MIB, 512 * KIB), (12 * MIB, MIB)];
-    let out = copy_disk(
+    let out = copy(
         &src.addr,
         &dst.addr,
         ExtentSource::Areas(Arc::new(areas)),
         &CopyOptions::default(),
-        DiskCounters::new(),
-        CancellationToken::new(),
     )
     .await
     .unwrap();
@@ -153,12 +127,8 @@ async fn incremental_areas_copy_changes_inside_and_leave_the_rest_untouched() {
     assert_bytes(&dst.addr, 13 * MIB, 3 * MIB, 0x11, "after the last area").await;
     drop(dst);
     // Only the areas were written into the overlay: 8M..9M reads through to the base.
-    let map = run(
-        "qemu-img",
-        &["map", "--output=json", dst_img.to_str().unwrap()],
-    );
-    let in_overlay: Vec<(u64, u64)> = serde_json::from_str::<Vec<serde_json::Value>>(&map)
-        .unwrap()
+    let (map, entries) = map(&dst_img);
+    let in_overlay: Vec<(u64, u64)> = entries
         .iter()
         .filter(|e| e["depth"] == 0 && (e["data"] == true || e["zero"] == true))
         .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
@@ -175,21 +145,16 @@ async fn incremental_areas_copy_changes_inside_and_leave_the_rest_untouched() {
 async fn areas_past_the_disk_or_overlapping_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let src_img = create(d, "src.qcow2", SIZE);
-    let dst_img = create(d, "dst.qcow2", SIZE);
-    let src = Export::source(d, &src_img, Listen::Unix, &[]);
-    let dst = Export::target(d, &dst_img, Listen::Unix);
+    let (_, src, dst) = served_pair(d, SIZE, &[]);
     for (areas, want) in [
         (vec![(SIZE - MIB, 2 * MIB)], "past the disk"),
         (vec![(0, 2 * MIB), (MIB, MIB)], "disjoint"),
     ] {
-        let e = copy_disk(
+        let e = copy(
             &src.addr,
             &dst.addr,
             ExtentSource::Areas(Arc::new(areas)),
             &CopyOptions::default(),
-            DiskCounters::new(),
-            CancellationToken::new(),
         )
         .await
         .unwrap_err();
@@ -202,18 +167,12 @@ async fn areas_past_the_disk_or_overlapping_are_refused() {
 async fn an_empty_area_list_copies_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let src_img = create(d, "src.qcow2", SIZE);
-    qemu_io(&src_img, &["write -P 0x11 0 4M".into()]);
-    let dst_img = create(d, "dst.qcow2", SIZE);
-    let src = Export::source(d, &src_img, Listen::Unix, &[]);
-    let dst = Export::target(d, &dst_img, Listen::Unix);
-    let out = copy_disk(
+    let (_, src, dst) = served_pair(d, SIZE, &["write -P 0x11 0 4M".into()]);
+    let out = copy(
         &src.addr,
         &dst.addr,
         ExtentSource::Areas(Arc::new(Vec::new())),
         &CopyOptions::default(),
-        DiskCounters::new(),
-        CancellationToken::new(),
     )
     .await
     .unwrap();

@@ -94,16 +94,9 @@ async fn full_copy_over_a_dirty_target_zeroes_the_holes() {
     qemu_io(&dst_img, &["write -P 0xee 0 64M".into()]);
     let src = Export::source(dir.path(), &src_img, Listen::Tcp, &[]);
     let dst = Export::target(dir.path(), &dst_img, Listen::Tcp);
-    let out = copy_disk(
-        &src.addr,
-        &dst.addr,
-        ExtentSource::Allocation,
-        &opts(false),
-        DiskCounters::new(),
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let out = copy(&src.addr, &dst.addr, ExtentSource::Allocation, &opts(false))
+        .await
+        .unwrap();
     assert_eq!(out.bytes_read, READ);
     assert_eq!(out.bytes_skipped, 0);
     assert_eq!(out.bytes_zeroed, ZERO_IN_DATA + (SIZE - READ));
@@ -124,13 +117,11 @@ async fn a_small_or_read_only_target_is_refused_by_name() {
     let small_img = create(dir.path(), "small.qcow2", SIZE - MIB);
     let src = Export::source(dir.path(), &src_img, Listen::Unix, &[]);
     let small = Export::target(dir.path(), &small_img, Listen::Unix);
-    let e = copy_disk(
+    let e = copy(
         &src.addr,
         &small.addr,
         ExtentSource::Allocation,
         &opts(true),
-        DiskCounters::new(),
-        CancellationToken::new(),
     )
     .await
     .unwrap_err();
@@ -144,27 +135,18 @@ async fn a_small_or_read_only_target_is_refused_by_name() {
 
     let ro_img = create(dir.path(), "ro.qcow2", SIZE);
     let ro = Export::start(dir.path(), &ro_img, "ro", Listen::Unix, &["--read-only"]);
-    let e = copy_disk(
-        &src.addr,
-        &ro.addr,
-        ExtentSource::Allocation,
-        &opts(true),
-        DiskCounters::new(),
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap_err();
+    let e = copy(&src.addr, &ro.addr, ExtentSource::Allocation, &opts(true))
+        .await
+        .unwrap_err();
     assert!(matches!(e, CopyError::TargetReadOnly { .. }), "{e}");
 
     // A target that is not there names the target.
     drop(ro);
-    let e = copy_disk(
+    let e = copy(
         &src.addr,
         &sendense_shared::nbd::NbdAddr::parse("nbd://127.0.0.1:1/none").unwrap(),
         ExtentSource::Allocation,
         &opts(true),
-        DiskCounters::new(),
-        CancellationToken::new(),
     )
     .await
     .unwrap_err();

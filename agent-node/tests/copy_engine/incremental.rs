@@ -2,8 +2,7 @@
 //! (`qemu:dirty-bitmap:NAME`) onto a target whose backing file is the previous copy.
 
 use crate::support::*;
-use agent_node::copy::{CopyError, CopyOptions, DiskCounters, ExtentSource, copy_disk};
-use tokio_util::sync::CancellationToken;
+use agent_node::copy::{CopyError, CopyOptions, ExtentSource};
 
 const SIZE: u64 = 64 * MIB;
 
@@ -42,21 +41,7 @@ async fn incremental_copies_only_dirty_extents_and_zeroes_inside_them() {
         ],
     );
     // The target: an overlay on the previous copy, like the hub's incremental image.
-    let dst_img = d.join("incr.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            base.to_str().unwrap(),
-            dst_img.to_str().unwrap(),
-        ],
-    );
+    let dst_img = create_overlay(d, "incr.qcow2", &base);
     assert!(
         !identical(&src_img, &dst_img),
         "the change must be visible before the copy"
@@ -64,13 +49,11 @@ async fn incremental_copies_only_dirty_extents_and_zeroes_inside_them() {
 
     let src = Export::source(d, &src_img, Listen::Unix, &["--bitmap=since-full"]);
     let dst = Export::target(d, &dst_img, Listen::Unix);
-    let out = copy_disk(
+    let out = copy(
         &src.addr,
         &dst.addr,
         ExtentSource::DirtyBitmap("since-full".into()),
         &CopyOptions::default(),
-        DiskCounters::new(),
-        CancellationToken::new(),
     )
     .await
     .unwrap();
@@ -92,17 +75,12 @@ async fn incremental_copies_only_dirty_extents_and_zeroes_inside_them() {
 async fn a_missing_bitmap_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let src_img = create(d, "src.qcow2", SIZE);
-    let dst_img = create(d, "dst.qcow2", SIZE);
-    let src = Export::source(d, &src_img, Listen::Unix, &[]);
-    let dst = Export::target(d, &dst_img, Listen::Unix);
-    let e = copy_disk(
+    let (_, src, dst) = served_pair(d, SIZE, &[]);
+    let e = copy(
         &src.addr,
         &dst.addr,
         ExtentSource::DirtyBitmap("nope".into()),
         &CopyOptions::default(),
-        DiskCounters::new(),
-        CancellationToken::new(),
     )
     .await
     .unwrap_err();

@@ -3,12 +3,11 @@
 //! the copy spreads over several connections.
 
 use crate::support::*;
-use agent_node::copy::{CopyOptions, DiskCounters, ExtentSource, copy_disk};
+use agent_node::copy::{CopyOptions, ExtentSource};
 use sendense_shared::nbd::{ConnectOptions, NbdAddr, NbdClient};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 
 /// nbdkit in the foreground on a unix socket; killed by PID and reaped on drop.
 struct Nbdkit {
@@ -85,16 +84,9 @@ async fn copies_between_nbdkit_servers_over_several_connections() {
         target_is_zero: true,
         ..Default::default()
     };
-    let out = copy_disk(
-        &src.addr,
-        &dst.addr,
-        ExtentSource::Allocation,
-        &opts,
-        DiskCounters::new(),
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let out = copy(&src.addr, &dst.addr, ExtentSource::Allocation, &opts)
+        .await
+        .unwrap();
     assert!(out.bytes_read > 0 && out.bytes_read < size, "{out:?}");
     assert!(out.bytes_skipped > 0, "the random holes are skipped");
     assert_eq!(
@@ -142,16 +134,9 @@ async fn a_source_without_block_status_is_copied_whole() {
         target_is_zero: true,
         ..Default::default()
     };
-    let out = copy_disk(
-        &src.addr,
-        &dst.addr,
-        ExtentSource::Allocation,
-        &opts,
-        DiskCounters::new(),
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let out = copy(&src.addr, &dst.addr, ExtentSource::Allocation, &opts)
+        .await
+        .unwrap();
     assert_eq!(out.bytes_read, size, "no block status: everything is read");
     assert_eq!(out.bytes_skipped, 0);
     assert!(out.bytes_zeroed > 0 && out.bytes_written > 0, "{out:?}");
@@ -188,13 +173,11 @@ async fn zeroes_are_written_as_data_where_the_target_cannot_zero() {
         .unwrap();
     assert!(!probe.can_write_zeroes() && !probe.read_only());
     probe.disconnect().await.unwrap();
-    let out = copy_disk(
+    let out = copy(
         &src.addr,
         &dst.addr,
         ExtentSource::Allocation,
         &CopyOptions::default(),
-        DiskCounters::new(),
-        CancellationToken::new(),
     )
     .await
     .unwrap();
@@ -228,7 +211,7 @@ async fn a_failing_target_write_fails_the_copy_with_the_servers_error() {
             "error-pwrite-rate=100%",
         ],
     );
-    let e = copy_disk(
+    let e = copy(
         &src.addr,
         &dst.addr,
         ExtentSource::Allocation,
@@ -236,8 +219,6 @@ async fn a_failing_target_write_fails_the_copy_with_the_servers_error() {
             target_is_zero: true,
             ..Default::default()
         },
-        DiskCounters::new(),
-        CancellationToken::new(),
     )
     .await
     .unwrap_err();

@@ -1,10 +1,14 @@
 //! qcow2 images and qemu-nbd exports for the copy tests.
 
+use agent_node::copy::{
+    CopyError, CopyOptions, CopyOutcome, DiskCounters, ExtentSource, copy_disk,
+};
 use sendense_shared::api::ChunkChecksums;
 use sendense_shared::nbd::{ConnectOptions, NbdAddr, NbdClient};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 pub const MIB: u64 = 1 << 20;
 pub const KIB: u64 = 1 << 10;
@@ -117,18 +121,68 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
 
 pub fn create(dir: &Path, name: &str, size: u64) -> PathBuf {
     let p = dir.join(name);
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            p.to_str().unwrap(),
-            &size.to_string(),
-        ],
-    );
+    qemu_img_create(&[p.to_str().unwrap(), &size.to_string()]);
     p
+}
+
+/// `src.qcow2` holding `writes` (qemu-io commands) and an empty `dst.qcow2`, both of `size`
+/// bytes, served as source and target on unix sockets: `(dst_img, src, dst)`.
+pub fn served_pair(dir: &Path, size: u64, writes: &[String]) -> (PathBuf, Export, Export) {
+    let src_img = create(dir, "src.qcow2", size);
+    if !writes.is_empty() {
+        qemu_io(&src_img, writes);
+    }
+    let dst_img = create(dir, "dst.qcow2", size);
+    let src = Export::source(dir, &src_img, Listen::Unix, &[]);
+    let dst = Export::target(dir, &dst_img, Listen::Unix);
+    (dst_img, src, dst)
+}
+
+fn qemu_img_create(args: &[&str]) {
+    let mut all = vec!["create", "-q", "-f", "qcow2"];
+    all.extend_from_slice(args);
+    run("qemu-img", &all);
+}
+
+/// A qcow2 overlay `name` on `base` (qcow2), like the hub's incremental image.
+pub fn create_overlay(dir: &Path, name: &str, base: &Path) -> PathBuf {
+    let p = dir.join(name);
+    qemu_img_create(&[
+        "-F",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        p.to_str().unwrap(),
+    ]);
+    p
+}
+
+/// The `qemu-img map --output=json` of an image: its text (for messages) and its entries.
+pub fn map(image: &Path) -> (String, Vec<serde_json::Value>) {
+    let text = run(
+        "qemu-img",
+        &["map", "--output=json", image.to_str().unwrap()],
+    );
+    let entries = serde_json::from_str(&text).unwrap();
+    (text, entries)
+}
+
+/// [`copy_disk`] with fresh counters and no cancellation, as the tests that watch neither run it.
+pub async fn copy(
+    source: &NbdAddr,
+    target: &NbdAddr,
+    extents: ExtentSource,
+    opts: &CopyOptions,
+) -> Result<CopyOutcome, CopyError> {
+    copy_disk(
+        source,
+        target,
+        extents,
+        opts,
+        DiskCounters::new(),
+        CancellationToken::new(),
+    )
+    .await
 }
 
 /// Runs qemu-io commands (`write -P 0x11 0 1M`, ...) on a qcow2 image.

@@ -23,22 +23,35 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// `openssl req` with a new P-256 key `<name>.key`, writing `<name>.<out>`; `extra` says what
+/// is made (a self-signed certificate or a signing request) and for whom.
+fn new_key_request(dir: &Path, name: &str, out: &str, extra: &[&str]) {
+    let key = format!("{name}.key");
+    let out = format!("{name}.{out}");
+    let mut args = vec![
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        &key,
+        "-out",
+        &out,
+    ];
+    args.extend_from_slice(extra);
+    openssl(dir, &args);
+}
+
 /// Key and self-signed certificate `name` (CA:TRUE, as `openssl req -x509` makes them).
 fn self_signed(dir: &Path, name: &str, subject: &str, san: &str) {
-    openssl(
+    new_key_request(
         dir,
+        name,
+        "pem",
         &[
-            "req",
             "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.pem"),
             "-days",
             "2",
             "-subj",
@@ -51,23 +64,7 @@ fn self_signed(dir: &Path, name: &str, subject: &str, san: &str) {
 
 /// Key and leaf certificate `name` for `san`, signed by `ca`.
 fn leaf(dir: &Path, name: &str, ca: &str, san: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            "/CN=vsphere-test",
-        ],
-    );
+    new_key_request(dir, name, "csr", &["-subj", "/CN=vsphere-test"]);
     std::fs::write(
         dir.join(format!("{name}.ext")),
         format!("subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\n"),

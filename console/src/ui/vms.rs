@@ -8,7 +8,7 @@ use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::text::Span;
 use ratatui::widgets::{Cell, Row, Table};
-use sendense_shared::api::{Vm, VmDisk};
+use sendense_shared::api::{Backup, Vm, VmDisk};
 
 /// `vsphere · CBT on`, `qemu`: the source driver and its change tracking, when the node said.
 fn source(vm: &Vm) -> Option<String> {
@@ -29,6 +29,13 @@ fn source(vm: &Vm) -> Option<String> {
 
 fn has_facts(d: &VmDisk) -> bool {
     d.controller.is_some() || d.backing_file.is_some() || d.thin_provisioned.is_some()
+}
+
+/// The VM's backup that is not over yet, if any.
+fn active_backup<'a>(app: &'a App, vm: &Vm) -> Option<&'a Backup> {
+    app.backups
+        .iter()
+        .find(|b| b.vm_name == vm.vm_name && !b.status.is_terminal())
 }
 
 pub fn render(app: &App, frame: &mut Frame, area: Rect) {
@@ -64,10 +71,7 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
             (Some(id), None) => format::short_id(&id.0),
             _ => strings::NONE.to_string(),
         };
-        let active = app
-            .backups
-            .iter()
-            .find(|b| b.vm_name == v.vm_name && !b.status.is_terminal());
+        let active = active_backup(app, v);
         let mut name = vec![Span::raw(v.vm_name.clone())];
         if let Some(b) = active {
             let (sym, style) = theme::job(b.status);
@@ -117,11 +121,7 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
     if let Some(s) = source(vm) {
         disks_title.push_str(&format!(" ({s})"));
     }
-    if let Some(b) = app
-        .backups
-        .iter()
-        .find(|b| b.vm_name == vm.vm_name && !b.status.is_terminal())
-    {
+    if let Some(b) = active_backup(app, vm) {
         let (sym, _) = theme::job(b.status);
         disks_title.push_str(&format!(
             " · {sym} {} {} {}",

@@ -101,14 +101,13 @@ impl Sys {
         .expect("start QEMU");
         let node = NodeProcess::start(
             &node_bin(),
-            NodeOptions {
-                dir: tmp.path().join("node"),
-                name: format!("node-{vm_name}"),
-                hub_url: Some(hub.url.clone()),
-                token_file: hub.opts.data_dir.join("token"),
-                vms: vec![(vm_name.to_string(), vm.node_qmp.clone())],
-                throttle_bps: opts.throttle_bps,
-            },
+            node_options(
+                &hub,
+                tmp.path(),
+                vm_name,
+                vec![(vm_name.to_string(), vm.node_qmp.clone())],
+                opts.throttle_bps,
+            ),
         )
         .expect("start sendense-node");
         let sys = Sys {
@@ -151,89 +150,41 @@ impl Sys {
         }
     }
 
-    /// Waits until the hub lists the VM as the node's, with both disks of `size` bytes.
-    pub async fn wait_vm_imported(&self, size: u64) -> Value {
-        let t = Instant::now();
-        loop {
-            let (s, v) = self.api.get(&format!("/api/v1/vms/{}", self.vm_name)).await;
-            if s == 200
-                && v["node"] == json!(self.node.opts.name)
-                && v["disks"].as_array().map(|d| d.len()) == Some(2)
-                && v["disks"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .all(|d| d["size_bytes"] == size)
-            {
-                return v;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "VM {} not imported from the node within 30 s: {s} {v}\nnode log:\n{}",
-                self.vm_name,
-                self.node.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    /// The job calls and hub-side checks shared with the vSphere system.
+    pub fn jobs(&self) -> Jobs<'_> {
+        Jobs {
+            api: &self.api,
+            node: &self.node,
+            vm: &self.vm_name,
+            repository: &self.repository,
         }
     }
 
-    pub async fn start_backup(&self, kind: &str) -> (u16, Value) {
-        self.api
-            .post(
-                "/api/v1/backups",
-                &json!({"vm_name": self.vm_name, "repository_id": self.repository, "backup_type": kind}),
-            )
+    /// Waits until the hub lists the VM as the node's, with both disks of `size` bytes.
+    pub async fn wait_vm_imported(&self, size: u64) -> Value {
+        self.jobs()
+            .wait_vm_imported(|d| d.len() == 2 && d.iter().all(|d| d["size_bytes"] == size))
             .await
     }
 
     /// Starts a backup that must be accepted; answers its id.
     pub async fn backup(&self, kind: &str) -> (String, Value) {
-        let (s, b) = self.start_backup(kind).await;
-        assert_eq!(s, 202, "POST /api/v1/backups ({kind}): {b}");
-        (b["backup_id"].as_str().expect("backup_id").to_string(), b)
+        self.jobs().backup(kind).await
     }
 
-    /// Waits until the node copies: its job is `running` (the snapshot is taken) and some
-    /// bytes were read on every disk.
+    /// See [`Jobs::wait_node_copying`].
     pub async fn wait_node_copying(&self, id: &str) -> Value {
-        let t = Instant::now();
-        loop {
-            let (s, v) = self.node.get(&format!("/backup/{id}")).await;
-            if s == 200
-                && v["status"] == "running"
-                && v["disks"]
-                    .as_array()
-                    .is_some_and(|d| d.iter().all(|d| d["bytes_read"].as_u64() > Some(0)))
-            {
-                return v;
-            }
-            let hub = self.api.get_ok(&format!("/api/v1/backups/{id}")).await;
-            assert!(
-                t.elapsed() < Duration::from_secs(60) && !terminal(&hub),
-                "node never copied backup {id}: node {s} {v}\nhub {hub:#}\nevents {:#?}",
-                self.api.event_lines(id).await
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.jobs().wait_node_copying(id).await
     }
 
     /// Waits for a terminal status.
     pub async fn wait_end(&self, id: &str) -> Value {
-        self.api
-            .wait_status(id, &["completed", "failed", "cancelled"], JOB_LIMIT)
-            .await
+        self.jobs().wait_end(id).await
     }
 
-    /// Waits for `completed`, with the events in the message when it ends otherwise.
+    /// See [`Jobs::wait_completed`].
     pub async fn wait_completed(&self, id: &str) -> Value {
-        let b = self.wait_end(id).await;
-        assert_eq!(
-            b["status"],
-            "completed",
-            "backup {id}: {b:#}\nevents: {:#?}",
-            self.api.event_lines(id).await
-        );
-        b
+        self.jobs().wait_completed(id).await
     }
 
     /// Every disk of the VM as it reads now, into `<tmp>/<tag>-diskN.raw`.
@@ -253,32 +204,7 @@ impl Sys {
     /// the job did not complete, no image of it on disk.
     pub async fn assert_clean(&self, backup: &Value) {
         let id = backup["backup_id"].as_str().unwrap();
-        for d in backup["disk_results"].as_array().into_iter().flatten() {
-            if let Some(pid) = d["qemu_nbd_pid"].as_u64() {
-                assert!(
-                    !sendense_tests::pid_alive(pid as u32),
-                    "qemu-nbd pid {pid} of disk {} still alive",
-                    d["disk_key"]
-                );
-            }
-            if let Some(port) = d["nbd_port"].as_u64() {
-                assert!(
-                    std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok(),
-                    "port {port} of disk {} still bound",
-                    d["disk_key"]
-                );
-            }
-            if backup["status"] != "completed" {
-                let p = Path::new(d["qcow2_path"].as_str().unwrap());
-                assert!(!p.exists(), "partial image {} left behind", p.display());
-            }
-        }
-        let ports = self.api.get_ok("/api/v1/ports").await;
-        assert_eq!(ports["allocations"], json!([]), "ports still held: {ports}");
-        let procs = self.api.get_ok("/api/v1/processes").await;
-        for p in procs.as_array().unwrap() {
-            assert_eq!(p["alive"], json!(false), "process still alive: {p}");
-        }
+        self.jobs().assert_hub_released(backup).await;
         let t = Instant::now();
         loop {
             let left = self.vm.leftovers().await;
@@ -312,16 +238,9 @@ impl Sys {
         self.api.event_lines(id).await
     }
 
-    /// Asserts an event whose step is `step` and whose line contains every one of `words`.
+    /// See [`Jobs::assert_event`].
     pub async fn assert_event(&self, id: &str, step: &str, words: &[&str]) {
-        let ev = self.events(id).await;
-        assert!(
-            ev.iter().any(|e| e.starts_with(&format!("{step}:"))
-                && words
-                    .iter()
-                    .all(|w| e.to_lowercase().contains(&w.to_lowercase()))),
-            "backup {id}: no event {step} mentioning {words:?}:\n{ev:#?}"
-        );
+        self.jobs().assert_event(id, step, words).await
     }
 
     /// Restores disk `key` of backup `id` into a new image `<tmp>/<name>` on the node through
@@ -358,6 +277,151 @@ impl Sys {
     }
 }
 
+/// The options of the node `node-<vm>` of a test system: under `<tmp>/node`, registered with
+/// `hub`, backing up `qmp_vms` (none for a vSphere node).
+pub fn node_options(
+    hub: &HubProcess,
+    tmp: &Path,
+    vm: &str,
+    qmp_vms: Vec<(String, PathBuf)>,
+    throttle_bps: Option<u64>,
+) -> NodeOptions {
+    NodeOptions {
+        dir: tmp.join("node"),
+        name: format!("node-{vm}"),
+        hub_url: Some(hub.url.clone()),
+        token_file: hub.opts.data_dir.join("token"),
+        vms: qmp_vms,
+        throttle_bps,
+    }
+}
+
+/// A hub and a node that backs a VM up, borrowed from a test system ([`Sys`] with a QEMU VM, or
+/// the vSphere one): the job calls and checks that do not depend on where the VM runs.
+pub struct Jobs<'a> {
+    pub api: &'a Api,
+    pub node: &'a NodeProcess,
+    pub vm: &'a str,
+    pub repository: &'a str,
+}
+
+impl Jobs<'_> {
+    /// Waits until the hub lists the VM as the node's, with disks that `disks_ok` accepts.
+    pub async fn wait_vm_imported(&self, disks_ok: impl Fn(&[Value]) -> bool) -> Value {
+        let t = Instant::now();
+        loop {
+            let (s, v) = self.api.get(&format!("/api/v1/vms/{}", self.vm)).await;
+            if s == 200
+                && v["node"] == json!(self.node.opts.name)
+                && v["disks"].as_array().is_some_and(|d| disks_ok(d))
+            {
+                return v;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "VM {} not imported from the node within 30 s: {s} {v}\nnode log:\n{}",
+                self.vm,
+                self.node.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn start_backup(&self, kind: &str) -> (u16, Value) {
+        self.api
+            .post(
+                "/api/v1/backups",
+                &json!({"vm_name": self.vm, "repository_id": self.repository, "backup_type": kind}),
+            )
+            .await
+    }
+
+    /// Starts a backup that must be accepted; answers its id and the hub's answer.
+    pub async fn backup(&self, kind: &str) -> (String, Value) {
+        let (s, b) = self.start_backup(kind).await;
+        assert_eq!(s, 202, "POST /api/v1/backups ({kind}): {b}");
+        (b["backup_id"].as_str().expect("backup_id").to_string(), b)
+    }
+
+    /// Waits until the node copies: its job is `running` (the snapshot is taken) and some
+    /// bytes were read on every disk.
+    pub async fn wait_node_copying(&self, id: &str) -> Value {
+        let t = Instant::now();
+        loop {
+            let (s, v) = self.node.get(&format!("/backup/{id}")).await;
+            if s == 200
+                && v["status"] == "running"
+                && v["disks"]
+                    .as_array()
+                    .is_some_and(|d| d.iter().all(|d| d["bytes_read"].as_u64() > Some(0)))
+            {
+                return v;
+            }
+            let hub = self.api.get_ok(&format!("/api/v1/backups/{id}")).await;
+            assert!(
+                t.elapsed() < Duration::from_secs(60) && !terminal(&hub),
+                "node never copied backup {id}: node {s} {v}\nhub {hub:#}\nevents {:#?}\nnode log:\n{}",
+                self.api.event_lines(id).await,
+                self.node.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits for a terminal status.
+    pub async fn wait_end(&self, id: &str) -> Value {
+        self.api
+            .wait_status(id, &["completed", "failed", "cancelled"], JOB_LIMIT)
+            .await
+    }
+
+    /// Waits for `completed`, with the events and the node's log in the message when it ends
+    /// otherwise.
+    pub async fn wait_completed(&self, id: &str) -> Value {
+        let b = self.wait_end(id).await;
+        assert_eq!(
+            b["status"],
+            "completed",
+            "backup {id}: {b:#}\nevents: {:#?}\nnode log:\n{}",
+            self.api.event_lines(id).await,
+            self.node.stderr()
+        );
+        b
+    }
+
+    /// Asserts an event whose step is `step` and whose line contains every one of `words`.
+    pub async fn assert_event(&self, id: &str, step: &str, words: &[&str]) {
+        let ev = self.api.event_lines(id).await;
+        assert!(
+            ev.iter().any(|e| e.starts_with(&format!("{step}:"))
+                && words
+                    .iter()
+                    .all(|w| e.to_lowercase().contains(&w.to_lowercase()))),
+            "backup {id}: no event {step} mentioning {words:?}:\n{ev:#?}"
+        );
+    }
+
+    /// The hub's half of "nothing left" after a job, whatever its end: nothing held
+    /// ([`Api::assert_nothing_held`]), its ports free (bindable), and when the job did not
+    /// complete, no image of it on disk.
+    pub async fn assert_hub_released(&self, backup: &Value) {
+        self.api.assert_nothing_held(backup).await;
+        for d in backup["disk_results"].as_array().into_iter().flatten() {
+            if let Some(port) = d["nbd_port"].as_u64() {
+                assert!(
+                    std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok(),
+                    "port {port} of disk {} still bound",
+                    d["disk_key"]
+                );
+            }
+            if backup["status"] != "completed" {
+                let p = Path::new(d["qcow2_path"].as_str().unwrap());
+                assert!(!p.exists(), "partial image {} left behind", p.display());
+            }
+        }
+    }
+}
+
 pub fn terminal(b: &Value) -> bool {
     ["completed", "failed", "cancelled"]
         .iter()
@@ -380,4 +444,19 @@ pub fn disk(b: &Value, key: i64) -> &Value {
         .iter()
         .find(|d| d["disk_key"] == key)
         .unwrap_or_else(|| panic!("disk {key} in {b}"))
+}
+
+/// One number of every disk of a VM as the hub lists it (`disk_key`, `unit_number`,
+/// `size_bytes`), in the hub's order.
+pub fn disk_numbers(vm: &Value, field: &str) -> Vec<u64> {
+    vm["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            d[field]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{field} of a disk in {vm}"))
+        })
+        .collect()
 }

@@ -284,11 +284,12 @@ fn vcsim_harness_serves_a_vm_whose_snapshots_freeze_data_and_track_changes() {
 // Backups of a simulated vSphere VM through the real hub and node.
 // ---------------------------------------------------------------------------------------------
 
-use super::sys::{JOB_LIMIT, hub_bin, node_bin, terminal};
+use super::sys::{JOB_LIMIT, Jobs, disk, disk_numbers, hub_bin, node_bin, node_options};
+use sendense_tests::disks;
 use sendense_tests::hub::{Api, HubOptions, HubProcess};
-use sendense_tests::node::{NodeOptions, NodeProcess};
+use sendense_tests::node::NodeProcess;
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const DISK_SIZES: [u64; 2] = [64 * MIB, 32 * MIB];
@@ -329,6 +330,16 @@ impl Default for VOpts {
             password: None,
             wait_import: true,
             quick_node_watch: false,
+        }
+    }
+}
+
+impl VOpts {
+    /// A node whose copies are throttled to [`SLOW_BPS`], so that a test can act mid-copy.
+    fn slow() -> Self {
+        VOpts {
+            throttle_bps: Some(SLOW_BPS),
+            ..Default::default()
         }
     }
 }
@@ -391,14 +402,7 @@ impl VSys {
         );
         let node = NodeProcess::start_with_config(
             &node_bin(),
-            NodeOptions {
-                dir: tmp.path().join("node"),
-                name: format!("node-{vm}"),
-                hub_url: Some(hub.url.clone()),
-                token_file: hub.opts.data_dir.join("token"),
-                vms: Vec::new(),
-                throttle_bps: opts.throttle_bps,
-            },
+            node_options(&hub, tmp.path(), vm, Vec::new(), opts.throttle_bps),
             &vsphere,
         )
         .expect("start sendense-node");
@@ -420,25 +424,34 @@ impl VSys {
         self.tmp.path().join(name)
     }
 
+    /// The job calls and hub-side checks shared with the QEMU system.
+    fn jobs(&self) -> Jobs<'_> {
+        Jobs {
+            api: &self.api,
+            node: &self.node,
+            vm: &self.vm,
+            repository: "default",
+        }
+    }
+
     /// Waits until the hub lists the VM as the node's, with both disks.
     async fn wait_vm_imported(&self) -> Value {
-        let t = Instant::now();
-        loop {
-            let (s, v) = self.api.get(&format!("/api/v1/vms/{}", self.vm)).await;
-            if s == 200
-                && v["node"] == json!(self.node.opts.name)
-                && v["disks"].as_array().map(|d| d.len()) == Some(2)
-            {
-                return v;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "VM {} not imported from the node within 30 s: {s} {v}\nnode log:\n{}",
-                self.vm,
-                self.node.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.jobs().wait_vm_imported(|d| d.len() == 2).await
+    }
+
+    /// A full backup, answered once the node copies it (the snapshot exists).
+    async fn full_copying(&self) -> String {
+        let (id, _) = self.jobs().backup("full").await;
+        self.jobs().wait_node_copying(&id).await;
+        id
+    }
+
+    /// A backup that must complete and leave nothing behind: its id and its end.
+    async fn backup_completes(&self, kind: &str) -> (String, Value) {
+        let (id, _) = self.jobs().backup(kind).await;
+        let b = self.jobs().wait_completed(&id).await;
+        self.assert_clean(&b).await;
+        (id, b)
     }
 
     /// Waits until the hub knows the node's (new) API address.
@@ -484,67 +497,6 @@ impl VSys {
             .collect()
     }
 
-    async fn start_backup(&self, kind: &str) -> (u16, Value) {
-        self.api
-            .post(
-                "/api/v1/backups",
-                &json!({"vm_name": self.vm, "repository_id": "default", "backup_type": kind}),
-            )
-            .await
-    }
-
-    async fn backup(&self, kind: &str) -> String {
-        let (s, b) = self.start_backup(kind).await;
-        assert_eq!(s, 202, "POST /api/v1/backups ({kind}): {b}");
-        b["backup_id"].as_str().expect("backup_id").to_string()
-    }
-
-    /// Waits until the node copies: its job `running` with bytes read on every disk.
-    async fn wait_node_copying(&self, id: &str) -> Value {
-        let t = Instant::now();
-        loop {
-            let (s, v) = self.node.get(&format!("/backup/{id}")).await;
-            if s == 200
-                && v["status"] == "running"
-                && v["disks"]
-                    .as_array()
-                    .is_some_and(|d| d.iter().all(|d| d["bytes_read"].as_u64() > Some(0)))
-            {
-                return v;
-            }
-            let hub = self.api.get_ok(&format!("/api/v1/backups/{id}")).await;
-            assert!(
-                t.elapsed() < Duration::from_secs(60) && !terminal(&hub),
-                "node never copied backup {id}: node {s} {v}\nhub {hub:#}\nevents {:#?}\nnode log:\n{}",
-                self.api.event_lines(id).await,
-                self.node.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn wait_end(&self, id: &str) -> Value {
-        self.api
-            .wait_status(id, &["completed", "failed", "cancelled"], JOB_LIMIT)
-            .await
-    }
-
-    async fn wait_completed(&self, id: &str) -> Value {
-        let b = self.wait_end(id).await;
-        assert_eq!(
-            b["status"],
-            "completed",
-            "backup {id}: {b:#}\nevents: {:#?}\nnode log:\n{}",
-            self.api.event_lines(id).await,
-            self.node.stderr()
-        );
-        b
-    }
-
-    async fn events(&self, id: &str) -> Vec<String> {
-        self.api.event_lines(id).await
-    }
-
     /// Nothing of the job is left, whatever its end: no snapshot in the simulator, no nbdkit
     /// reading its datastore, no nbdkit file in the node's run directory, no hub port or
     /// process held, no partial image of a job that did not complete. The node may still be
@@ -574,62 +526,8 @@ impl VSys {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        for d in backup["disk_results"].as_array().into_iter().flatten() {
-            if let Some(pid) = d["qemu_nbd_pid"].as_u64() {
-                assert!(
-                    !sendense_tests::pid_alive(pid as u32),
-                    "qemu-nbd pid {pid} of disk {} still alive",
-                    d["disk_key"]
-                );
-            }
-            if let Some(port) = d["nbd_port"].as_u64() {
-                assert!(
-                    std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok(),
-                    "port {port} of disk {} still bound",
-                    d["disk_key"]
-                );
-            }
-            if let Some(p) = d["qcow2_path"].as_str()
-                && backup["status"] != "completed"
-            {
-                assert!(!Path::new(p).exists(), "partial image {p} left behind");
-            }
-        }
-        let ports = self.api.get_ok("/api/v1/ports").await;
-        assert_eq!(ports["allocations"], json!([]), "ports still held: {ports}");
-        let procs = self.api.get_ok("/api/v1/processes").await;
-        for p in procs.as_array().unwrap() {
-            assert_eq!(p["alive"], json!(false), "process still alive: {p}");
-        }
+        self.jobs().assert_hub_released(backup).await;
     }
-
-    /// Asserts an event whose step is `step` and whose line contains every one of `words`.
-    async fn assert_event(&self, id: &str, step: &str, words: &[&str]) {
-        let ev = self.events(id).await;
-        assert!(
-            ev.iter().any(|e| e.starts_with(&format!("{step}:"))
-                && words
-                    .iter()
-                    .all(|w| e.to_lowercase().contains(&w.to_lowercase()))),
-            "backup {id}: no event {step} mentioning {words:?}:\n{ev:#?}"
-        );
-    }
-}
-
-/// `qemu-img compare` of a raw file (the disk at an instant) with a backup image.
-fn same_content(raw: &Path, image: &Path) -> bool {
-    let mut cmd = std::process::Command::new("qemu-img");
-    cmd.args(["compare", "-U", "-f", "raw", "-F", "qcow2"])
-        .arg(raw)
-        .arg(image);
-    eprintln!("+ {}", sendense_tests::describe(&cmd));
-    let out = cmd.output().expect("qemu-img compare");
-    eprintln!(
-        "  {} {}",
-        String::from_utf8_lossy(&out.stdout).trim(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    out.status.code() == Some(0)
 }
 
 fn images(b: &Value) -> Vec<PathBuf> {
@@ -640,15 +538,6 @@ fn images(b: &Value) -> Vec<PathBuf> {
         .collect()
 }
 
-fn disk_result(b: &Value, key: i32) -> &Value {
-    b["disk_results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["disk_key"] == key)
-        .unwrap_or_else(|| panic!("disk {key} in {b}"))
-}
-
 /// Full then incremental of the 2-disk VM: one snapshot per job (seen in the simulator while
 /// the node copies, named after the backup), removed afterwards; the images hold the disks at
 /// the snapshot instant (later writes absent); the incremental copies about the changed blocks
@@ -656,40 +545,19 @@ fn disk_result(b: &Value, key: i32) -> &Value {
 /// instant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vsphere_full_then_incremental_from_one_snapshot_each() {
-    let sys = VSys::start(
-        "vsvm1",
-        VOpts {
-            throttle_bps: Some(SLOW_BPS),
-            ..Default::default()
-        },
-    )
-    .await;
+    let sys = VSys::start("vsvm1", VOpts::slow()).await;
     // Inventory: keys, distinct units, sizes.
     let vm = sys.wait_vm_imported().await;
-    let disks = vm["disks"].as_array().unwrap();
-    let keys: Vec<i64> = disks
-        .iter()
-        .map(|d| d["disk_key"].as_i64().unwrap())
-        .collect();
-    assert_eq!(keys, [2000, 2001], "{vm}");
-    let units: Vec<i64> = disks
-        .iter()
-        .map(|d| d["unit_number"].as_i64().unwrap())
-        .collect();
-    assert_eq!(units, [0, 1], "{vm}");
-    let sizes: Vec<u64> = disks
-        .iter()
-        .map(|d| d["size_bytes"].as_u64().unwrap())
-        .collect();
-    assert_eq!(sizes, DISK_SIZES, "{vm}");
+    assert_eq!(disk_numbers(&vm, "disk_key"), [2000, 2001], "{vm}");
+    assert_eq!(disk_numbers(&vm, "unit_number"), [0, 1], "{vm}");
+    assert_eq!(disk_numbers(&vm, "size_bytes"), DISK_SIZES, "{vm}");
 
     sys.sim.enable_change_tracking().unwrap();
     sys.write_data();
     let at_full = sys.disks_now("at-full");
 
     // 1. Full: exactly one snapshot while the node copies; writes after it are not backed up.
-    let id = sys.backup("full").await;
-    sys.wait_node_copying(&id).await;
+    let id = sys.full_copying().await;
     let state = sys.sim.state().unwrap().unwrap();
     let names: Vec<&str> = state
         .all_snapshots()
@@ -717,12 +585,12 @@ async fn vsphere_full_then_incremental_from_one_snapshot_each() {
             .write_disk(key, 20 * MIB, &vec![0x98; MIB as usize])
             .unwrap();
     }
-    let full = sys.wait_completed(&id).await;
+    let full = sys.jobs().wait_completed(&id).await;
     sys.assert_clean(&full).await;
     assert_eq!(full["backup_type"], "full", "{full:#}");
     for (i, img) in images(&full).iter().enumerate() {
         assert!(
-            same_content(&at_full[i], img),
+            disks::raw_equals_qcow2(&at_full[i], img),
             "full backup of disk {} ({}) differs from the disk at the snapshot instant",
             KEYS[i],
             img.display()
@@ -762,9 +630,7 @@ async fn vsphere_full_then_incremental_from_one_snapshot_each() {
         .unwrap();
     let changed = [4 * MIB + MIB + 3 * 64 * 1024, 4 * MIB + MIB + 64 * 1024];
     let at_incr = sys.disks_now("at-incr");
-    let id2 = sys.backup("incremental").await;
-    let incr = sys.wait_completed(&id2).await;
-    sys.assert_clean(&incr).await;
+    let (id2, incr) = sys.backup_completes("incremental").await;
     assert_eq!(incr["backup_type"], "incremental", "{incr:#}");
     let node_view = sys.node.get(&format!("/backup/{id2}")).await.1;
     for (i, key) in KEYS.iter().enumerate() {
@@ -799,17 +665,17 @@ async fn vsphere_full_then_incremental_from_one_snapshot_each() {
     }
     for (i, img) in images(&incr).iter().enumerate() {
         assert!(
-            same_content(&at_incr[i], img),
+            disks::raw_equals_qcow2(&at_incr[i], img),
             "chain top of disk {} ({}) differs from the disk at the second snapshot",
             KEYS[i],
             img.display()
         );
         assert!(
-            same_content(&at_full[i], &images(&full)[i]),
+            disks::raw_equals_qcow2(&at_full[i], &images(&full)[i]),
             "the full changed"
         );
     }
-    let _ = disk_result(&incr, 2000);
+    let _ = disk(&incr, 2000);
 }
 
 /// A CBT reset between backups (the stored change ids fault): the incremental becomes a full,
@@ -827,25 +693,22 @@ async fn vsphere_cbt_reset_falls_back_to_full() {
     .await;
     sys.sim.enable_change_tracking().unwrap();
     sys.write_data();
-    let id = sys.backup("full").await;
-    let full = sys.wait_completed(&id).await;
-    sys.assert_clean(&full).await;
+    sys.backup_completes("full").await;
 
     sys.sim.reset_cbt().unwrap();
     sys.sim
         .write_disk(2000, 50 * MIB, &vec![0x55; 2 * MIB as usize])
         .unwrap();
     let now = sys.disks_now("now");
-    let id2 = sys.backup("incremental").await;
-    let end = sys.wait_completed(&id2).await;
-    sys.assert_clean(&end).await;
+    let (id2, end) = sys.backup_completes("incremental").await;
     assert_eq!(end["backup_type"], "full", "{end:#}");
     // The event says why: the stored change id no longer works.
-    sys.assert_event(&id2, "incremental_fallback", &["full", "change id"])
+    sys.jobs()
+        .assert_event(&id2, "incremental_fallback", &["full", "change id"])
         .await;
     for (i, img) in images(&end).iter().enumerate() {
         assert!(
-            same_content(&now[i], img),
+            disks::raw_equals_qcow2(&now[i], img),
             "fallback full of disk {} differs",
             KEYS[i]
         );
@@ -855,13 +718,11 @@ async fn vsphere_cbt_reset_falls_back_to_full() {
         .write_disk(2001, MIB, &vec![0x56; MIB as usize])
         .unwrap();
     let now = sys.disks_now("next");
-    let id3 = sys.backup("incremental").await;
-    let next = sys.wait_completed(&id3).await;
-    sys.assert_clean(&next).await;
+    let (_, next) = sys.backup_completes("incremental").await;
     assert_eq!(next["backup_type"], "incremental", "{next:#}");
     for (i, img) in images(&next).iter().enumerate() {
         assert!(
-            same_content(&now[i], img),
+            disks::raw_equals_qcow2(&now[i], img),
             "incremental of disk {} differs",
             KEYS[i]
         );
@@ -875,17 +736,15 @@ async fn vsphere_cancel_and_node_crash_mid_copy_remove_the_snapshot() {
     let mut sys = VSys::start(
         "vsvm3",
         VOpts {
-            throttle_bps: Some(SLOW_BPS),
             quick_node_watch: true,
-            ..Default::default()
+            ..VOpts::slow()
         },
     )
     .await;
     sys.sim.enable_change_tracking().unwrap();
     sys.write_data();
 
-    let id = sys.backup("full").await;
-    sys.wait_node_copying(&id).await;
+    let id = sys.full_copying().await;
     assert_eq!(sys.sim.snapshot_names().unwrap().len(), 1);
     let (s, c) = sys
         .api
@@ -895,13 +754,13 @@ async fn vsphere_cancel_and_node_crash_mid_copy_remove_the_snapshot() {
     let b = sys.api.wait_status(&id, &["cancelled"], JOB_LIMIT).await;
     sys.assert_clean(&b).await;
 
-    let id = sys.backup("full").await;
-    sys.wait_node_copying(&id).await;
+    let id = sys.full_copying().await;
     assert_eq!(sys.sim.snapshot_names().unwrap().len(), 1);
     sys.node.kill9();
-    let b = sys.wait_end(&id).await;
+    let b = sys.jobs().wait_end(&id).await;
     assert_eq!(b["status"], "failed", "{b:#}");
-    sys.assert_event(&id, "node_lost", &["node", sys.node.opts.name.as_str()])
+    sys.jobs()
+        .assert_event(&id, "node_lost", &["node", sys.node.opts.name.as_str()])
         .await;
     // The dead node left its snapshot; started again, it removes it (its journal says so).
     assert_eq!(
@@ -912,27 +771,17 @@ async fn vsphere_cancel_and_node_crash_mid_copy_remove_the_snapshot() {
     sys.node.restart(&node_bin()).expect("restart node");
     sys.assert_clean(&b).await;
     sys.wait_node_registered().await;
-    let id = sys.backup("full").await;
-    let done = sys.wait_completed(&id).await;
-    sys.assert_clean(&done).await;
+    sys.backup_completes("full").await;
 }
 
 /// The VM deleted in vCenter while the node copies: the job fails naming the VM; nothing left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vsphere_vm_destroyed_mid_job_fails_naming_the_vm() {
-    let sys = VSys::start(
-        "vsvm4",
-        VOpts {
-            throttle_bps: Some(SLOW_BPS),
-            ..Default::default()
-        },
-    )
-    .await;
+    let sys = VSys::start("vsvm4", VOpts::slow()).await;
     sys.write_data();
-    let id = sys.backup("full").await;
-    sys.wait_node_copying(&id).await;
+    let id = sys.full_copying().await;
     sys.sim.destroy_vm().unwrap();
-    let b = sys.wait_end(&id).await;
+    let b = sys.jobs().wait_end(&id).await;
     assert_eq!(b["status"], "failed", "{b:#}");
     let msg = b["error_message"].as_str().unwrap_or_default();
     // Named as the VM (not only inside an export name), with the cause.
@@ -950,24 +799,42 @@ async fn vsphere_vm_destroyed_mid_job_fails_naming_the_vm() {
             .iter()
             .any(|w| lower.contains(w)),
         "the error does not say that VM vsvm4 is gone: {msg}\nevents: {:#?}",
-        sys.events(&id).await
+        sys.api.event_lines(&id).await
     );
     sys.assert_clean(&b).await;
 }
 
-/// What the node's inventory answers while vSphere refuses it: (status, body) once not 200.
-async fn inventory_error(sys: &VSys) -> (u16, String) {
-    let t = Instant::now();
-    loop {
-        let (s, v) = sys.node.get("/inventory").await;
-        if s != 200 {
-            return (s, v.to_string());
+impl VSys {
+    /// A system whose node cannot use vSphere (`opts` breaks it; the VM never reaches the hub),
+    /// once the node's inventory answers so: the answer's body, asserted a 502.
+    async fn start_refused(vm: &str, opts: VOpts) -> (VSys, String) {
+        let sys = VSys::start(
+            vm,
+            VOpts {
+                wait_import: false,
+                ..opts
+            },
+        )
+        .await;
+        let t = Instant::now();
+        loop {
+            let (s, v) = sys.node.get("/inventory").await;
+            if s != 200 {
+                assert_eq!(s, 502, "{v}");
+                return (sys, v.to_string());
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "the node's inventory stays 200 with a vCenter it cannot use: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the node's inventory stays 200 with a vCenter it cannot use: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    /// Asserts that the hub refuses a backup of the VM it never got (404).
+    async fn assert_no_backup_starts(&self) {
+        let (s, b) = self.jobs().start_backup("full").await;
+        assert_eq!(s, 404, "{b}");
     }
 }
 
@@ -977,17 +844,14 @@ async fn inventory_error(sys: &VSys) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vsphere_wrong_password_is_named() {
     let wrong = "not-the-password-4242";
-    let sys = VSys::start(
+    let (sys, body) = VSys::start_refused(
         "vsvm5",
         VOpts {
             password: Some(wrong.into()),
-            wait_import: false,
             ..Default::default()
         },
     )
     .await;
-    let (status, body) = inventory_error(&sys).await;
-    assert_eq!(status, 502, "{body}");
     for word in ["InvalidLogin", sys.sim.user.as_str(), sys.sim.url.as_str()] {
         assert!(
             body.contains(word),
@@ -1000,8 +864,7 @@ async fn vsphere_wrong_password_is_named() {
         !log.contains(wrong) && !body.contains(wrong),
         "the password leaked"
     );
-    let (s, b) = sys.start_backup("full").await;
-    assert_eq!(s, 404, "{b}");
+    sys.assert_no_backup_starts().await;
     assert!(sys.sim.snapshot_names().unwrap().is_empty());
     assert!(sys.sim.clients_by_cmdline().is_empty());
 }
@@ -1016,17 +879,14 @@ async fn vsphere_unreachable_vcenter_is_named() {
         .unwrap()
         .port();
     let url = format!("https://127.0.0.1:{port}");
-    let sys = VSys::start(
+    let (sys, body) = VSys::start_refused(
         "vsvm6",
         VOpts {
             url: Some(url.clone()),
-            wait_import: false,
             ..Default::default()
         },
     )
     .await;
-    let (status, body) = inventory_error(&sys).await;
-    assert_eq!(status, 502, "{body}");
     assert!(body.contains(&url), "the error does not name {url}: {body}");
     let lower = body.to_lowercase();
     assert!(
@@ -1040,6 +900,5 @@ async fn vsphere_unreachable_vcenter_is_named() {
         "node log:\n{}",
         sys.node.stderr()
     );
-    let (s, b) = sys.start_backup("full").await;
-    assert_eq!(s, 404, "{b}");
+    sys.assert_no_backup_starts().await;
 }
