@@ -14,6 +14,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 const MIB: u64 = 1 << 20;
+/// The node the drivers of these tests belong to.
+const NODE: &str = "node-a";
 
 // The QEMU test VM of the node tests, for the composite driver.
 #[allow(dead_code)]
@@ -121,6 +123,7 @@ async fn inventory_shows_the_two_disk_vm() {
     let run = tempfile::tempdir().unwrap();
     let d = VsphereDriver::new(
         &config(&sim, TlsPolicy::CaFile(sim.cert_pem.clone())),
+        NODE,
         run.path().into(),
     );
     let vms = d.list_vms().await.unwrap();
@@ -149,7 +152,7 @@ async fn inventory_shows_the_two_disk_vm() {
     // An allowlist without the VM hides it.
     let mut only_other = config(&sim, pin(&sim));
     only_other.vms = Some(["other".to_string()].into());
-    let d = VsphereDriver::new(&only_other, run.path().into());
+    let d = VsphereDriver::new(&only_other, NODE, run.path().into());
     assert!(d.list_vms().await.unwrap().is_empty());
     assert!(matches!(
         d.vm(&sim.vm.name).await,
@@ -161,7 +164,7 @@ async fn inventory_shows_the_two_disk_vm() {
 async fn a_full_snapshot_exports_the_frozen_disks_and_release_leaves_nothing() {
     let sim = sim();
     let run = tempfile::tempdir().unwrap();
-    let d = VsphereDriver::new(&config(&sim, pin(&sim)), run.path().into());
+    let d = VsphereDriver::new(&config(&sim, pin(&sim)), NODE, run.path().into());
     sim.write_disk(2000, 0, &pattern(0x11, MIB)).unwrap();
     sim.write_disk(2000, 3 * MIB, &pattern(0x22, MIB)).unwrap();
     sim.write_disk(2001, 5 * MIB, &pattern(0x33, 64 * 1024))
@@ -173,7 +176,7 @@ async fn a_full_snapshot_exports_the_frozen_disks_and_release_leaves_nothing() {
     let snap = d.snapshot(&req).await.unwrap();
     assert_eq!(
         sim.snapshot_names().unwrap(),
-        ["sendense-full-1"],
+        ["sendense-node-a-full-1"],
         "exactly one snapshot, named after the backup"
     );
     let again = d
@@ -223,7 +226,7 @@ async fn recovery_after_a_crash_removes_the_snapshot_and_kills_nbdkit() {
     let sim = sim();
     let run = tempfile::tempdir().unwrap();
     let cfg = config(&sim, TlsPolicy::CaFile(sim.cert_pem.clone()));
-    let d = VsphereDriver::new(&cfg, run.path().into());
+    let d = VsphereDriver::new(&cfg, NODE, run.path().into());
     let snap: Snapshot = d
         .snapshot(&request(&sim, "crashed", BackupType::Full, BTreeMap::new()))
         .await
@@ -232,7 +235,7 @@ async fn recovery_after_a_crash_removes_the_snapshot_and_kills_nbdkit() {
     assert_eq!(pids.len(), 2);
     // The node dies without releasing: its driver is gone, the snapshot and nbdkits stay.
     drop(d);
-    assert_eq!(sim.snapshot_names().unwrap(), ["sendense-crashed"]);
+    assert_eq!(sim.snapshot_names().unwrap(), ["sendense-node-a-crashed"]);
     assert!(pids.iter().all(|&p| alive(p)));
 
     // Restarted while the vCenter is unreachable: the nbdkits go, the snapshot and its journal
@@ -244,7 +247,9 @@ async fn recovery_after_a_crash_removes_the_snapshot_and_kills_nbdkit() {
         .port();
     let mut down = cfg.clone();
     down.url = format!("https://127.0.0.1:{port}");
-    let report = VsphereDriver::new(&down, run.path().into()).recover().await;
+    let report = VsphereDriver::new(&down, NODE, run.path().into())
+        .recover()
+        .await;
     assert_eq!(report.exports_removed.len(), 2, "{report:?}");
     assert_eq!(report.errors.len(), 1, "{report:?}");
     assert!(
@@ -253,16 +258,16 @@ async fn recovery_after_a_crash_removes_the_snapshot_and_kills_nbdkit() {
         "{report:?}"
     );
     assert!(pids.iter().all(|&p| !alive(p)), "leftover nbdkit killed");
-    assert_eq!(sim.snapshot_names().unwrap(), ["sendense-crashed"]);
+    assert_eq!(sim.snapshot_names().unwrap(), ["sendense-node-a-crashed"]);
 
-    let d = VsphereDriver::new(&cfg, run.path().into());
+    let d = VsphereDriver::new(&cfg, NODE, run.path().into());
     let report = d.recover().await;
     assert!(report.errors.is_empty(), "{report:?}");
     assert!(
         report
             .snapshots_removed
             .iter()
-            .any(|s| s.contains("sendense-crashed")),
+            .any(|s| s.contains("sendense-node-a-crashed")),
         "{report:?}"
     );
     assert!(sim.snapshot_names().unwrap().is_empty());
@@ -272,7 +277,7 @@ async fn recovery_after_a_crash_removes_the_snapshot_and_kills_nbdkit() {
     }
     assert!(files(run.path()).is_empty(), "{:?}", files(run.path()));
     // A snapshot named like ours that no journal knows (journal lost) is removed too.
-    let d2 = VsphereDriver::new(&cfg, tempfile::tempdir().unwrap().path().into());
+    let d2 = VsphereDriver::new(&cfg, NODE, tempfile::tempdir().unwrap().path().into());
     let snap = d2
         .snapshot(&request(
             &sim,
@@ -287,7 +292,7 @@ async fn recovery_after_a_crash_removes_the_snapshot_and_kills_nbdkit() {
         report
             .snapshots_removed
             .iter()
-            .any(|s| s.contains("sendense-no-journal")),
+            .any(|s| s.contains("sendense-node-a-no-journal")),
         "{report:?}"
     );
     assert!(sim.snapshot_names().unwrap().is_empty());
@@ -298,7 +303,7 @@ async fn recovery_after_a_crash_removes_the_snapshot_and_kills_nbdkit() {
 async fn cbt_areas_and_change_ids_drive_incrementals() {
     let sim = sim();
     let run = tempfile::tempdir().unwrap();
-    let d = VsphereDriver::new(&config(&sim, pin(&sim)), run.path().into());
+    let d = VsphereDriver::new(&config(&sim, pin(&sim)), NODE, run.path().into());
     d.enable_change_tracking(&sim.vm.name).await.unwrap();
     assert!(sim.state().unwrap().unwrap().cbt_enabled);
     assert_eq!(
@@ -390,7 +395,7 @@ async fn bad_credentials_an_unreachable_server_and_a_vanished_vm() {
     let run = tempfile::tempdir().unwrap();
     let mut wrong = config(&sim, pin(&sim));
     wrong.password = Secret::new("not-the-password-7f3a".into());
-    let e = VsphereDriver::new(&wrong, run.path().into())
+    let e = VsphereDriver::new(&wrong, NODE, run.path().into())
         .list_vms()
         .await
         .unwrap_err();
@@ -409,7 +414,7 @@ async fn bad_credentials_an_unreachable_server_and_a_vanished_vm() {
         .port();
     let mut gone = config(&sim, pin(&sim));
     gone.url = format!("https://127.0.0.1:{port}");
-    let e = VsphereDriver::new(&gone, run.path().into())
+    let e = VsphereDriver::new(&gone, NODE, run.path().into())
         .snapshot(&request(&sim, "x", BackupType::Full, BTreeMap::new()))
         .await
         .unwrap_err();
@@ -418,7 +423,7 @@ async fn bad_credentials_an_unreachable_server_and_a_vanished_vm() {
 
     // A pin that is not the server's certificate.
     let pinned_wrong = config(&sim, TlsPolicy::Pinned([7; 32]));
-    let e = VsphereDriver::new(&pinned_wrong, run.path().into())
+    let e = VsphereDriver::new(&pinned_wrong, NODE, run.path().into())
         .vm(&sim.vm.name)
         .await
         .unwrap_err();
@@ -431,7 +436,7 @@ async fn bad_credentials_an_unreachable_server_and_a_vanished_vm() {
     // nbdkit cannot start after the snapshot was taken: the snapshot is removed again.
     let mut no_nbdkit = config(&sim, pin(&sim));
     no_nbdkit.nbdkit = PathBuf::from("/nonexistent/nbdkit");
-    let e = VsphereDriver::new(&no_nbdkit, run.path().into())
+    let e = VsphereDriver::new(&no_nbdkit, NODE, run.path().into())
         .snapshot(&request(&sim, "n1", BackupType::Full, BTreeMap::new()))
         .await
         .unwrap_err();
@@ -443,7 +448,7 @@ async fn bad_credentials_an_unreachable_server_and_a_vanished_vm() {
     assert!(files(run.path()).is_empty(), "{:?}", files(run.path()));
 
     // The VM disappears while its snapshot is held: release still cleans up.
-    let d = VsphereDriver::new(&config(&sim, pin(&sim)), run.path().into());
+    let d = VsphereDriver::new(&config(&sim, pin(&sim)), NODE, run.path().into());
     let snap = d
         .snapshot(&request(&sim, "v1", BackupType::Full, BTreeMap::new()))
         .await
@@ -508,6 +513,7 @@ async fn the_change_tracking_route_turns_cbt_on() {
     let run = tempfile::tempdir().unwrap();
     let d = std::sync::Arc::new(VsphereDriver::new(
         &config(&sim, pin(&sim)),
+        NODE,
         run.path().into(),
     ));
     assert!(!sim.state().unwrap().unwrap().cbt_enabled);
@@ -535,7 +541,7 @@ async fn the_change_tracking_route_turns_cbt_on() {
     let mut gone = config(&sim, pin(&sim));
     gone.url = format!("https://127.0.0.1:{port}");
     let (status, body) = post_change_tracking(
-        std::sync::Arc::new(VsphereDriver::new(&gone, run.path().into())),
+        std::sync::Arc::new(VsphereDriver::new(&gone, NODE, run.path().into())),
         &sim.vm.name,
     )
     .await;
@@ -699,6 +705,7 @@ async fn qemu_and_vsphere_behind_one_driver_and_a_name_in_both_is_refused() {
     let run = tempfile::tempdir().unwrap();
     let vsphere: Arc<dyn SourceDriver> = Arc::new(VsphereDriver::new(
         &config(&sim, pin(&sim)),
+        NODE,
         run.path().into(),
     ));
     let qemu = |name: &str| -> Arc<dyn SourceDriver> {
@@ -723,7 +730,7 @@ async fn qemu_and_vsphere_behind_one_driver_and_a_name_in_both_is_refused() {
         .snapshot(&request(&sim, "m1", BackupType::Full, BTreeMap::new()))
         .await
         .unwrap();
-    assert_eq!(sim.snapshot_names().unwrap(), ["sendense-m1"]);
+    assert_eq!(sim.snapshot_names().unwrap(), ["sendense-node-a-m1"]);
     both.release(&snap, ReleaseOutcome::Success).await.unwrap();
     assert!(sim.snapshot_names().unwrap().is_empty());
 
@@ -768,7 +775,7 @@ fn the_vddk_thumbprint_is_the_sha1_fingerprint_openssl_prints() {
 async fn an_expired_session_is_opened_again() {
     let sim = sim();
     let run = tempfile::tempdir().unwrap();
-    let d = VsphereDriver::new(&config(&sim, pin(&sim)), run.path().into());
+    let d = VsphereDriver::new(&config(&sim, pin(&sim)), NODE, run.path().into());
     let snap = d
         .snapshot(&request(&sim, "s1", BackupType::Full, BTreeMap::new()))
         .await
@@ -801,4 +808,101 @@ async fn an_expired_session_is_opened_again() {
     assert_eq!(d.list_vms().await.unwrap().len(), 1);
     d.release(&snap, ReleaseOutcome::Success).await.unwrap();
     assert!(sim.snapshot_names().unwrap().is_empty());
+}
+
+/// A snapshot taken behind the driver's back (another node, an older version), as raw SOAP.
+fn raw_snapshot(sim: &Vcsim, name: &str, description: &str) {
+    let cookie = sim.login_cookie(&sim.user, &sim.password).unwrap();
+    let (status, _, body) = sim
+        .soap_call(
+            Some(&cookie),
+            &format!(
+                concat!(
+                    r#"<CreateSnapshot_Task xmlns="urn:vim25"><_this type="VirtualMachine">{}</_this>"#,
+                    "<name>{}</name><description>{}</description><memory>false</memory>",
+                    "<quiesce>false</quiesce></CreateSnapshot_Task>"
+                ),
+                sim.vm.moref, name, description
+            ),
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let t = std::time::Instant::now();
+    while !sim.snapshot_names().unwrap().iter().any(|n| n == name) {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(30),
+            "snapshot {name} did not appear in the simulator's snapshot tree"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn recovery_removes_only_this_nodes_snapshots() {
+    let sim = sim();
+    let run = tempfile::tempdir().unwrap();
+    let cfg = config(&sim, pin(&sim));
+    // This node crashed holding a snapshot.
+    let d = VsphereDriver::new(&cfg, NODE, run.path().into());
+    d.snapshot(&request(&sim, "mine", BackupType::Full, BTreeMap::new()))
+        .await
+        .unwrap();
+    drop(d);
+    // Node "node-a-b" (whose snapshot names start with "sendense-node-a-") and node "other"
+    // hold snapshots of the same VM; an older version left one that names no node.
+    raw_snapshot(
+        &sim,
+        "sendense-node-a-b-7",
+        r#"Taken by Sendense node "node-a-b" for backup 7 at 2026-11-27T04:00:00Z."#,
+    );
+    raw_snapshot(
+        &sim,
+        "sendense-other-9",
+        r#"Taken by Sendense node "other" for backup 9 at 2026-11-27T04:00:00Z."#,
+    );
+    raw_snapshot(
+        &sim,
+        "sendense-5f1c",
+        "Taken by Sendense for backup 5f1c at 2026-11-27T03:00:00Z.",
+    );
+    // The journal is lost too: only the name and description tell which snapshot is ours.
+    for f in files(run.path()) {
+        if f.starts_with("vsphere-snapshot-") {
+            std::fs::remove_file(run.path().join(f)).unwrap();
+        }
+    }
+
+    let report = VsphereDriver::new(&cfg, NODE, run.path().into())
+        .recover()
+        .await;
+    assert!(
+        report
+            .snapshots_removed
+            .iter()
+            .any(|s| s.contains("sendense-node-a-mine")),
+        "{report:?}"
+    );
+    assert_eq!(report.snapshots_removed.len(), 1, "{report:?}");
+    let mut left = sim.snapshot_names().unwrap();
+    left.sort();
+    assert_eq!(
+        left,
+        ["sendense-5f1c", "sendense-node-a-b-7", "sendense-other-9"],
+        "the other nodes' snapshots survive this node's recovery"
+    );
+    // The one nobody can vouch for is left, and the report says so.
+    assert_eq!(report.errors.len(), 1, "{report:?}");
+    assert!(
+        report.errors[0].contains("sendense-5f1c") && report.errors[0].contains("by hand"),
+        "{report:?}"
+    );
+
+    // The other nodes' snapshots are not swept before this node's next backup either: without
+    // VDDK the VM is refused (it has snapshots), and they stay.
+    let e = VsphereDriver::new(&cfg, NODE, run.path().into())
+        .snapshot(&request(&sim, "next", BackupType::Full, BTreeMap::new()))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, SourceError::Unsupported { .. }), "{e}");
+    assert_eq!(sim.snapshot_names().unwrap().len(), 3);
 }

@@ -6,12 +6,13 @@
 //! 1. The VM is looked up by name (only names in `[vsphere] vms` when that list is given, and
 //!    only names that pass [`validate_name`]: others are left out of the inventory with a
 //!    warning).
-//! 2. Snapshots named `sendense-*` that the node does not hold are leftovers (a release that
-//!    failed, a crash): they are removed first. Without VDDK, a VM with other snapshots is
-//!    refused: the HTTPS file access reads flat files, not snapshot delta chains.
+//! 2. This node's snapshots ([`Ownership`]) that it does not hold are leftovers (a release
+//!    that failed, a crash): they are removed first. Without VDDK, a VM with other snapshots
+//!    (another node's included) is refused: the HTTPS file access reads flat files, not
+//!    snapshot delta chains.
 //! 3. A journal entry (`<run_dir>/vsphere-snapshot-<backup>.json`, [`journal`]) is written, then
-//!    ONE `CreateSnapshot_Task` named `sendense-<backup id>` covers every disk (memory off,
-//!    quiesce per config).
+//!    ONE `CreateSnapshot_Task` named `sendense-<node>-<backup id>`, its description naming the
+//!    node, covers every disk (memory off, quiesce per config).
 //! 4. Per disk of the snapshot: the areas to copy from `QueryChangedDiskAreas` (looped over
 //!    `startOffset`): change id `"*"` (the allocated areas) for a full backup when CBT is on,
 //!    the previous backup's change id for an incremental; with CBT off a full reads every
@@ -30,11 +31,22 @@
 //! vSphere starts a new epoch when tracking is reset. A `FileFault` from
 //! `QueryChangedDiskAreas` (the change id is unknown to the host) is refused the same way.
 //!
-//! # Recovery
-//! At start-up the node holds nothing, so every `sendense-*` snapshot on the VMs it may back up
+//! # Recovery, and several nodes on one vCenter
+//! At start-up the node holds nothing, so every snapshot of ITS OWN on the VMs it may back up
 //! (all VMs, or the `vms` list) is a leftover and is removed, as are the journal's entries and
-//! nbdkits recorded in pid files. What cannot be removed is listed in the report. Two nodes on
-//! one vCenter must therefore split the VMs between them with `vms`.
+//! nbdkits recorded in pid files. What cannot be removed is listed in the report.
+//!
+//! A snapshot is this node's when its name starts with `sendense-<node name>-` AND its
+//! description says `Sendense node "<node name>"`: the name alone is ambiguous, as node names
+//! may contain `-` (node `a` must not take `sendense-a-b-7` of node `a-b`). Another node's
+//! snapshots are left alone, whatever the `vms` lists say: that node may be copying from one
+//! right now.
+//!
+//! Snapshots of older versions (`sendense-<backup id>`, a description that names no node) are
+//! removed when this node's journal records them; the others are left and listed in the
+//! report's errors for an operator to remove. Nothing in such a snapshot says which node took
+//! it, and removing a snapshot another node is reading breaks that node's backup, while a
+//! leftover snapshot only costs datastore space until someone looks at the report.
 //!
 //! # Certificates on the data path
 //! nbdkit's curl checks the datastore's HTTPS like the SOAP client does: the system store, the
@@ -56,7 +68,9 @@ use super::{
     SourceDriver, SourceError, SourceVm,
 };
 use crate::config::VsphereConfig;
-use crate::vsphere::{Client, DiskInfo, Endpoint, MoRef, TlsPolicy, VmInfo, VsphereError};
+use crate::vsphere::{
+    Client, DiskInfo, Endpoint, MoRef, SnapshotInfo, TlsPolicy, VmInfo, VsphereError,
+};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use sendense_shared::api::BackupType;
@@ -67,8 +81,10 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-/// Prefix of every snapshot the node creates; the rest of the name is the backup id.
+/// Prefix of every snapshot a node creates: `sendense-<node>-<backup id>`.
 pub const SNAPSHOT_PREFIX: &str = "sendense-";
+/// In a snapshot's description, before the quoted node name.
+const OWNER_MARK: &str = "Sendense node \"";
 const DRIVER: &str = "vsphere";
 const SNAPSHOT_KIND: &str = "VirtualMachineSnapshot";
 const VM_KIND: &str = "VirtualMachine";
@@ -98,6 +114,8 @@ impl Held {
 
 /// The vSphere driver.
 pub struct VsphereDriver {
+    /// This node's name: in the name and description of every snapshot it takes.
+    node: String,
     endpoint: Endpoint,
     quiesce: bool,
     allow: Option<BTreeSet<String>>,
@@ -113,9 +131,9 @@ pub struct VsphereDriver {
 }
 
 impl VsphereDriver {
-    /// The driver for `config`; nothing is contacted until the first call. `run_dir` holds
-    /// nbdkit sockets, pid files, cookie files and the journal.
-    pub fn new(config: &VsphereConfig, run_dir: PathBuf) -> VsphereDriver {
+    /// The driver for `config` of the node named `node`; nothing is contacted until the first
+    /// call. `run_dir` holds nbdkit sockets, pid files, cookie files and the journal.
+    pub fn new(config: &VsphereConfig, node: &str, run_dir: PathBuf) -> VsphereDriver {
         let vddk_libdir = config.vddk_libdir.clone().filter(|dir| {
             let found = vddk_plugin_installed(&config.nbdkit);
             if !found {
@@ -125,6 +143,7 @@ impl VsphereDriver {
             found
         });
         VsphereDriver {
+            node: node.to_string(),
             endpoint: Endpoint {
                 url: config.url.clone(),
                 user: config.user.clone(),
@@ -288,7 +307,7 @@ impl VsphereDriver {
         let stale: Vec<MoRef> = vm
             .snapshots
             .iter()
-            .filter(|s| s.name.starts_with(SNAPSHOT_PREFIX))
+            .filter(|s| ownership(&self.node, s) == Some(Ownership::Mine))
             .map(|s| s.moref.clone())
             .collect();
         if !stale.is_empty() {
@@ -316,7 +335,7 @@ impl VsphereDriver {
         })?;
         let stem = self.stem(&request.backup_id);
         let journal_path = journal::path(&self.run_dir, &stem);
-        let name = format!("{SNAPSHOT_PREFIX}{}", request.backup_id);
+        let name = snapshot_name(&self.node, &request.backup_id);
         let mut entry = journal::Entry {
             backup_id: request.backup_id.0.clone(),
             vm_name: vm.name.clone(),
@@ -331,7 +350,8 @@ impl VsphereDriver {
             source,
         })?;
         let description = format!(
-            "Taken by Sendense for backup {} at {}. Sendense removes it when the backup ends, or at its next start-up.",
+            "Taken by {OWNER_MARK}{}\" for backup {} at {}. Sendense removes it when the backup ends, or at the node's next start-up.",
+            self.node,
             request.backup_id,
             chrono::Utc::now().to_rfc3339()
         );
@@ -782,8 +802,8 @@ impl SourceDriver for VsphereDriver {
                     },
                 }
             }
-            // The node holds nothing it did not take in this run: every other Sendense
-            // snapshot on the VMs it may back up is a leftover.
+            // The node holds nothing it did not take in this run: every other snapshot of its
+            // own on the VMs it may back up is a leftover. Other nodes' are theirs to remove.
             match self.call(|c| async move { c.list_vms().await }).await {
                 Ok(vms) => {
                     for vm in vms
@@ -791,11 +811,23 @@ impl SourceDriver for VsphereDriver {
                         .filter(|vm| self.allow.as_ref().is_none_or(|a| a.contains(&vm.name)))
                         .filter(|vm| !self.holds(&vm.name))
                     {
-                        for s in vm
-                            .snapshots
-                            .iter()
-                            .filter(|s| s.name.starts_with(SNAPSHOT_PREFIX))
-                        {
+                        for s in &vm.snapshots {
+                            match ownership(&self.node, s) {
+                                Some(Ownership::Mine) => {}
+                                Some(Ownership::Node(other)) => {
+                                    tracing::debug!(vm = %vm.name, snapshot = %s.name, node = %other,
+                                        "leaving another node's snapshot");
+                                    continue;
+                                }
+                                Some(Ownership::Unknown) => {
+                                    report.errors.push(format!(
+                                        "snapshot {} ({}) of VM {}: taken by a Sendense version that did not record the node; not removed, as another node may be reading it (remove it by hand once no backup of the VM runs)",
+                                        s.name, s.moref.value, vm.name
+                                    ));
+                                    continue;
+                                }
+                                None => continue,
+                            }
                             match self.remove_snapshot(&vm.name, &s.moref).await {
                                 Ok(()) => report.snapshots_removed.push(format!(
                                     "VM {}: snapshot {} ({})",
@@ -835,6 +867,44 @@ impl SourceDriver for VsphereDriver {
             Ok(())
         })
     }
+}
+
+/// `sendense-<node>-<backup id>`.
+fn snapshot_name(node: &str, backup_id: &BackupId) -> String {
+    format!("{SNAPSHOT_PREFIX}{node}-{backup_id}")
+}
+
+/// Which Sendense node took a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ownership {
+    /// This node: named `sendense-<node>-...` and its description names this node.
+    Mine,
+    /// The node the description names (not this one).
+    Node(String),
+    /// Named `sendense-...` but its description names no node (an older version took it), or
+    /// names this node under another name.
+    Unknown,
+}
+
+/// Whose a snapshot is, as seen by the node `node`; `None` when Sendense did not take it.
+pub fn ownership(node: &str, s: &SnapshotInfo) -> Option<Ownership> {
+    if !s.name.starts_with(SNAPSHOT_PREFIX) {
+        return None;
+    }
+    let owner = s
+        .description
+        .split_once(OWNER_MARK)
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map(|(name, _)| name);
+    Some(match owner {
+        None => Ownership::Unknown,
+        // Renamed by hand, or a node name with a quote: not clearly ours, so not removed.
+        Some(o) if o == node && !s.name.starts_with(&format!("{SNAPSHOT_PREFIX}{node}-")) => {
+            Ownership::Unknown
+        }
+        Some(o) if o == node => Ownership::Mine,
+        Some(o) => Ownership::Node(o.to_string()),
+    })
 }
 
 /// A VM as the inventory shows it.
@@ -947,7 +1017,6 @@ fn vddk_plugin_installed(nbdkit: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vsphere::SnapshotInfo;
 
     fn disk(key: i32, change_id: Option<&str>) -> DiskInfo {
         DiskInfo {
@@ -1030,6 +1099,39 @@ mod tests {
         let off = vm(false, v.disks.clone());
         let e = check_base(&off, &incremental(&[(2000, a), (2001, "52 bb/1")])).unwrap_err();
         assert!(e.to_string().contains("off"), "{e}");
+    }
+
+    #[test]
+    fn a_snapshot_is_mine_only_by_name_and_description() {
+        let snap = |name: &str, description: &str| SnapshotInfo {
+            moref: MoRef::new(SNAPSHOT_KIND, "snapshot-1"),
+            name: name.into(),
+            description: description.into(),
+        };
+        let by = |node: &str| format!("Taken by {OWNER_MARK}{node}\" for backup b at t.");
+        let name = snapshot_name("a", &BackupId::from("b-1"));
+        assert_eq!(name, "sendense-a-b-1");
+        assert_eq!(
+            ownership("a", &snap(&name, &by("a"))),
+            Some(Ownership::Mine)
+        );
+        // Node "a-b" took "sendense-a-b-7": not node a's, although the name fits.
+        assert_eq!(
+            ownership("a", &snap("sendense-a-b-7", &by("a-b"))),
+            Some(Ownership::Node("a-b".into()))
+        );
+        assert_eq!(
+            ownership("a", &snap("sendense-x-1", &by("a"))),
+            Some(Ownership::Unknown)
+        );
+        assert_eq!(
+            ownership(
+                "a",
+                &snap("sendense-5f1c", "Taken by Sendense for backup 5f1c at t.")
+            ),
+            Some(Ownership::Unknown)
+        );
+        assert_eq!(ownership("a", &snap("before upgrade", &by("a"))), None);
     }
 
     #[test]
