@@ -130,6 +130,33 @@ pub struct DiskInfo {
     pub thin: Option<bool>,
     /// backing.changeId when CBT is on.
     pub change_id: Option<String>,
+    /// backing.diskMode: "persistent", "independent_persistent", "independent_nonpersistent", ...
+    pub mode: Option<String>,
+    /// Set for a raw device mapping (`VirtualDiskRawDiskMappingVer1BackingInfo`): its
+    /// compatibilityMode ("physicalMode", "virtualMode"; "" when not given).
+    pub raw_mapping: Option<String>,
+}
+
+impl DiskInfo {
+    /// Why a VM snapshot does not freeze this disk (so a backup of it would not be
+    /// consistent), or `None` when it does.
+    pub fn not_frozen_by_snapshots(&self) -> Option<String> {
+        if let Some(compat) = &self.raw_mapping {
+            return Some(match compat.as_str() {
+                "physicalMode" => "a raw device mapping in physical compatibility mode: VM snapshots leave it out, the guest writes straight to the LUN".to_string(),
+                c => format!(
+                    "a raw device mapping ({}): its data lives on a LUN, not in a datastore file a snapshot freezes for this node to read",
+                    if c.is_empty() { "compatibility mode not given" } else { c }
+                ),
+            });
+        }
+        match self.mode.as_deref() {
+            Some(m @ ("independent_persistent" | "independent_nonpersistent")) => Some(format!(
+                "in disk mode {m}: VM snapshots leave independent disks out, the guest keeps writing to it"
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// One snapshot of a VM's snapshot tree.

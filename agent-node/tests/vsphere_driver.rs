@@ -906,3 +906,48 @@ async fn recovery_removes_only_this_nodes_snapshots() {
     assert!(matches!(e, SourceError::Unsupported { .. }), "{e}");
     assert_eq!(sim.snapshot_names().unwrap().len(), 3);
 }
+
+#[tokio::test]
+async fn a_vm_with_an_independent_disk_is_shown_as_such_and_refused() {
+    let sim = sim();
+    let run = tempfile::tempdir().unwrap();
+    let d = VsphereDriver::new(&config(&sim, pin(&sim)), NODE, run.path().into());
+    sim.set_disk_mode(2001, "independent_persistent").unwrap();
+    let vm = d.vm(&sim.vm.name).await.unwrap();
+    assert_eq!(
+        vm.disks[0].label, sim.vm.disks[0].label,
+        "a persistent disk keeps its label"
+    );
+    let label = &vm.disks[1].label;
+    assert!(
+        label.starts_with(&sim.vm.disks[1].label)
+            && label.contains("independent_persistent")
+            && label.contains("cannot be backed up"),
+        "{label}"
+    );
+    let e = d
+        .snapshot(&request(&sim, "ind-1", BackupType::Full, BTreeMap::new()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("disk 2001")
+            && e.contains("independent_persistent")
+            && e.contains("not be consistent"),
+        "the error names the disk and why: {e}"
+    );
+    assert!(
+        sim.snapshot_names().unwrap().is_empty(),
+        "no snapshot taken"
+    );
+    assert!(files(run.path()).is_empty(), "{:?}", files(run.path()));
+    // Made persistent again, the VM is backed up.
+    sim.set_disk_mode(2001, "persistent").unwrap();
+    let snap = d
+        .snapshot(&request(&sim, "ind-2", BackupType::Full, BTreeMap::new()))
+        .await
+        .unwrap();
+    assert_eq!(snap.disks.len(), 2);
+    d.release(&snap, ReleaseOutcome::Success).await.unwrap();
+    assert!(sim.snapshot_names().unwrap().is_empty());
+}

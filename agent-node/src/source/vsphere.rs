@@ -5,7 +5,12 @@
 //! # A backup, step by step
 //! 1. The VM is looked up by name (only names in `[vsphere] vms` when that list is given, and
 //!    only names that pass [`validate_name`]: others are left out of the inventory with a
-//!    warning).
+//!    warning). A VM with a disk that a snapshot does not freeze (disk mode
+//!    `independent_persistent` / `independent_nonpersistent`, or a raw device mapping) is
+//!    refused, naming the disk and why: its copy would not be of one instant. The inventory
+//!    says so in that disk's label rather than in a new field: the label already reaches the
+//!    hub and the console unchanged, no API, database or QEMU-driver change is needed, and
+//!    nothing but a person acts on it (the driver itself refuses the backup).
 //! 2. This node's snapshots ([`Ownership`]) that it does not hold are leftovers (a release
 //!    that failed, a crash): they are removed first. Without VDDK, a VM with other snapshots
 //!    (another node's included) is refused: the HTTPS file access reads flat files, not
@@ -301,6 +306,7 @@ impl VsphereDriver {
         if vm.disks.is_empty() {
             return Err(SourceError::NoDisks { vm: vm.name });
         }
+        check_frozen(&vm)?;
         if request.backup_type == BackupType::Incremental {
             check_base(&vm, request)?;
         }
@@ -919,7 +925,7 @@ fn source_vm(vm: &VmInfo) -> SourceVm {
                 disk_key: DiskKey(d.key as i64),
                 unit_number: d.unit_number,
                 size_bytes: d.capacity_bytes,
-                label: d.label.clone(),
+                label: disk_label(d),
                 controller: Some(d.controller_label.clone()).filter(|c| !c.is_empty()),
                 backing_file: Some(d.file_name.clone()).filter(|f| !f.is_empty()),
                 thin_provisioned: d.thin,
@@ -928,6 +934,48 @@ fn source_vm(vm: &VmInfo) -> SourceVm {
         driver: DRIVER,
         change_tracking: Some(vm.cbt_enabled),
     }
+}
+
+/// The inventory label: the disk's own, and for a disk that snapshots do not freeze, what it
+/// is and that the VM cannot be backed up (the console and the hub show labels as they are).
+fn disk_label(d: &DiskInfo) -> String {
+    match (&d.raw_mapping, d.not_frozen_by_snapshots()) {
+        (_, None) => d.label.clone(),
+        (Some(_), Some(_)) => format!(
+            "{} (raw device mapping: not in VM snapshots, VM cannot be backed up)",
+            d.label
+        ),
+        (None, Some(_)) => format!(
+            "{} ({}: not in VM snapshots, VM cannot be backed up)",
+            d.label,
+            d.mode.as_deref().unwrap_or_default()
+        ),
+    }
+}
+
+/// Refuses a VM with a disk a snapshot does not freeze: its copy would be read while the guest
+/// writes to it, so the backup would not be consistent (and an independent disk's data would
+/// not even be the snapshot's instant).
+fn check_frozen(vm: &VmInfo) -> Result<(), SourceError> {
+    let problems: Vec<String> = vm
+        .disks
+        .iter()
+        .filter_map(|d| {
+            d.not_frozen_by_snapshots()
+                .map(|why| format!("disk {} ({}) is {why}", d.key, d.label))
+        })
+        .collect();
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(SourceError::Hypervisor {
+        vm: vm.name.clone(),
+        operation: "snapshot",
+        detail: format!(
+            "refused: {}; a backup of the VM would not be consistent (make the disk persistent, or remove it from the VM)",
+            problems.join("; ")
+        ),
+    })
 }
 
 /// Whether an incremental of `vm` may start from the request's change ids.
@@ -1030,6 +1078,8 @@ mod tests {
             datastore: "LocalDS_0".into(),
             thin: Some(true),
             change_id: change_id.map(str::to_string),
+            mode: Some("persistent".into()),
+            raw_mapping: None,
         }
     }
 
