@@ -705,6 +705,36 @@ impl Client {
             .await
     }
 
+    /// Touches the session so that the server's idle timeout starts again, and checks it is
+    /// still logged in: reads `SessionManager.currentSession` (vCenter answers without it, or
+    /// with a `NotAuthenticated` fault, when the session is gone), logging in again when not.
+    /// Afterwards [`Client::session_cookie`] is the live session's.
+    pub async fn keep_alive(&self) -> Result<(), VsphereError> {
+        let method = "RetrievePropertiesEx";
+        let manager = &self.inner.content.session_manager;
+        let body = format!(
+            "{}<options><maxObjects>1</maxObjects></options>",
+            objects_spec("SessionManager", &[manager], &["currentSession"])
+        );
+        let envelope = soap::envelope(method, &self.inner.content.property_collector, &body);
+        self.exchange(method, envelope, |response| {
+            let (sessions, _) = retrieve_page(method, response, &mut |_, props| {
+                Ok(props.get("currentSession").is_some())
+            })?;
+            if sessions.contains(&true) {
+                Ok(())
+            } else {
+                Err(VsphereError::Fault {
+                    method: method.to_string(),
+                    fault: "NotAuthenticated".to_string(),
+                    message: "the session has no currentSession (logged out or expired)"
+                        .to_string(),
+                })
+            }
+        })
+        .await
+    }
+
     /// The Cookie header value of the session, e.g. `vmware_soap_session="52a0..."` (for nbdkit).
     pub fn session_cookie(&self) -> String {
         self.inner.transport.cookie().unwrap_or_default()
@@ -1209,6 +1239,7 @@ mod tests {
         send(client.snapshot_disks(m));
         send(client.query_changed_disk_areas(m, m, 2000, 0, "*"));
         send(client.enable_change_tracking(m));
+        send(client.keep_alive());
     }
 
     #[test]

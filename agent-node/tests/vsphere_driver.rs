@@ -45,6 +45,7 @@ fn config(sim: &Vcsim, tls: TlsPolicy) -> VsphereConfig {
         vms: None,
         nbdkit: PathBuf::from("nbdkit"),
         vddk_libdir: None,
+        session_keepalive: std::time::Duration::from_secs(300),
     }
 }
 
@@ -575,6 +576,7 @@ async fn nbdkit_names_a_refused_cookie_and_an_untrusted_certificate() {
         plugin: Plugin::Curl {
             url: url.clone(),
             cookie: cookie.into(),
+            cookie_renew_secs: None,
             cainfo,
             insecure: false,
         },
@@ -950,4 +952,102 @@ async fn a_vm_with_an_independent_disk_is_shown_as_such_and_refused() {
     assert_eq!(snap.disks.len(), 2);
     d.release(&snap, ReleaseOutcome::Success).await.unwrap();
     assert!(sim.snapshot_names().unwrap().is_empty());
+}
+
+/// Reads `len` bytes at `offset` of an export through a new connection.
+async fn try_read(socket: &Path, export: &str, offset: u64, len: u32) -> Result<Vec<u8>, String> {
+    let c = NbdClient::connect(
+        &NbdAddr::Unix {
+            path: socket.to_path_buf(),
+            export: export.to_string(),
+        },
+        &ConnectOptions::default(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let r = c
+        .read(offset, len)
+        .await
+        .map(|b| b.to_vec())
+        .map_err(|e| e.to_string());
+    let _ = c.disconnect().await;
+    r
+}
+
+#[tokio::test]
+async fn a_session_ended_mid_export_is_renewed_and_nbdkit_reads_again() {
+    let sim = sim();
+    let run = tempfile::tempdir().unwrap();
+    let mut cfg = config(&sim, pin(&sim));
+    cfg.session_keepalive = std::time::Duration::from_secs(1);
+    let d = VsphereDriver::new(&cfg, NODE, run.path().into());
+    sim.write_disk(2000, 0, &pattern(0x5a, 64 * 1024)).unwrap();
+    let snap = d
+        .snapshot(&request(&sim, "ka-1", BackupType::Full, BTreeMap::new()))
+        .await
+        .unwrap();
+    let disk = &snap.disks[0];
+    let pids = nbdkit_pids(run.path());
+    let cookie_file = run.path().join("nbdkit-ka-1-2000.cookie");
+    let first = std::fs::read_to_string(&cookie_file).unwrap();
+    let value = first
+        .strip_prefix("vmware_soap_session=")
+        .expect("a session cookie")
+        .trim_matches('"')
+        .to_string();
+    assert_eq!(
+        try_read(&disk.socket, &disk.export, 0, 512).await.unwrap(),
+        pattern(0x5a, 512)
+    );
+
+    // The session ends behind the driver's back (an administrator, or vCenter's idle timeout).
+    let (status, _, body) = sim
+        .soap_call(
+            Some(&value),
+            r#"<Logout xmlns="urn:vim25"><_this type="SessionManager">SessionManager</_this></Logout>"#,
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let url = sim.datastore_file_url(&sim.vm.disks[0].file_name);
+    assert_eq!(
+        sim.range_get(&url, Some(&value), 0, 512).unwrap().0,
+        401,
+        "the old session is gone"
+    );
+
+    // The keepalive notices, logs in again and rewrites the cookie file; nbdkit re-reads it and
+    // serves the disk again (the same nbdkit processes: no restart).
+    let t = std::time::Instant::now();
+    loop {
+        let last = match try_read(&disk.socket, &disk.export, 0, 512).await {
+            Ok(data) => {
+                assert_eq!(data, pattern(0x5a, 512));
+                break;
+            }
+            Err(e) => e,
+        };
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(60),
+            "nbdkit did not read again within 60 s of the logout (waited for the keepalive's new \
+             login and nbdkit's cookie renewal); last error: {last}; cookie file now {:?}",
+            std::fs::read_to_string(&cookie_file)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let renewed = std::fs::read_to_string(&cookie_file).unwrap();
+    assert_ne!(renewed, first, "a new session's cookie");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&cookie_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "the rewritten cookie file is private");
+    assert_eq!(nbdkit_pids(run.path()), pids, "the same nbdkits");
+    assert!(pids.iter().all(|&p| alive(p)));
+    // Every disk reads again, the second too.
+    let d1 = &snap.disks[1];
+    assert!(try_read(&d1.socket, &d1.export, 0, 512).await.is_ok());
+
+    d.release(&snap, ReleaseOutcome::Success).await.unwrap();
+    assert!(sim.snapshot_names().unwrap().is_empty());
+    assert!(pids.iter().all(|&p| !alive(p)));
+    assert!(files(run.path()).is_empty(), "{:?}", files(run.path()));
 }

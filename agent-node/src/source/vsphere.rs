@@ -60,12 +60,14 @@
 //!
 //! # Session
 //! One SOAP session, opened on first use; a `NotAuthenticated` fault (the session expired) logs
-//! in again once and repeats the call. nbdkit's curl plugin uses the session cookie current
-//! when it started; a copy that outlives the session (vCenter's idle timeout is 30 minutes,
-//! and the datastore reads keep it alive on vCenter) fails with HTTP 401 in the disk's error.
+//! in again once and repeats the call. nbdkit's curl plugin reads with the session's cookie
+//! from a file; while a snapshot is held the session is kept alive and, after a new login,
+//! the file rewritten for nbdkit to read again ([`session`]). Reads made between the session's
+//! end and the next keepalive still fail (HTTP 401, EIO in the copy).
 
 pub mod cbt;
 pub mod journal;
+pub mod session;
 
 use super::nbdkit::{self, CaInfo, Nbdkit, NbdkitSpec, Plugin, VddkArgs};
 use super::{
@@ -81,10 +83,12 @@ use rustls::pki_types::pem::PemObject;
 use sendense_shared::api::BackupType;
 use sendense_shared::ids::{BackupId, DiskKey};
 use sendense_shared::names::validate_name;
+use session::{KeepAlive, Session};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Prefix of every snapshot a node creates: `sendense-<node>-<backup id>`.
 pub const SNAPSHOT_PREFIX: &str = "sendense-";
@@ -100,6 +104,8 @@ struct Holding {
     snapshot: MoRef,
     journal: PathBuf,
     exports: Vec<Nbdkit>,
+    /// Keeps the session (whose cookie the exports read with) alive.
+    keepalive: KeepAlive,
 }
 
 enum Held {
@@ -128,7 +134,9 @@ pub struct VsphereDriver {
     /// Set only when configured AND nbdkit's vddk plugin is installed.
     vddk_libdir: Option<PathBuf>,
     run_dir: PathBuf,
-    session: tokio::sync::Mutex<Option<Client>>,
+    session: Arc<Session>,
+    /// How often the session is touched while a snapshot is held.
+    keepalive: Duration,
     /// VM name → what the node holds of it.
     held: Mutex<HashMap<String, Held>>,
     /// VM names already warned about (not valid as Sendense names), so the log says it once.
@@ -147,20 +155,22 @@ impl VsphereDriver {
             }
             found
         });
+        let endpoint = Endpoint {
+            url: config.url.clone(),
+            user: config.user.clone(),
+            password: config.password.clone(),
+            tls: config.tls.clone(),
+        };
         VsphereDriver {
             node: node.to_string(),
-            endpoint: Endpoint {
-                url: config.url.clone(),
-                user: config.user.clone(),
-                password: config.password.clone(),
-                tls: config.tls.clone(),
-            },
+            endpoint: endpoint.clone(),
             quiesce: config.quiesce,
             allow: config.vms.clone(),
             nbdkit: config.nbdkit.clone(),
             vddk_libdir,
             run_dir,
-            session: tokio::sync::Mutex::new(None),
+            session: Arc::new(Session::new(endpoint)),
+            keepalive: config.session_keepalive,
             held: Mutex::new(HashMap::new()),
             warned: Mutex::new(HashSet::new()),
         }
@@ -176,27 +186,7 @@ impl VsphereDriver {
     }
 
     async fn session(&self) -> Result<Client, VsphereError> {
-        let mut slot = self.session.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
-        }
-        let c = Client::connect(&self.endpoint).await?;
-        tracing::info!(url = %self.endpoint.url, user = %self.endpoint.user, "vSphere session open");
-        *slot = Some(c.clone());
-        Ok(c)
-    }
-
-    async fn relogin(&self, stale: &Client) -> Result<Client, VsphereError> {
-        let mut slot = self.session.lock().await;
-        if let Some(c) = slot.as_ref()
-            && c.session_cookie() != stale.session_cookie()
-        {
-            return Ok(c.clone()); // another task logged in again meanwhile
-        }
-        tracing::info!(url = %self.endpoint.url, "vSphere session expired; logging in again");
-        let c = Client::connect(&self.endpoint).await?;
-        *slot = Some(c.clone());
-        Ok(c)
+        self.session.get().await
     }
 
     /// Runs `f` with the session; an expired session is opened again once.
@@ -205,11 +195,7 @@ impl VsphereDriver {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, VsphereError>>,
     {
-        let c = self.session().await?;
-        match f(c.clone()).await {
-            Err(e) if e.fault() == Some("NotAuthenticated") => f(self.relogin(&c).await?).await,
-            r => r,
-        }
+        self.session.call(f).await
     }
 
     /// Endpoint problems (unreachable, certificate, login) name the URL and user; the rest
@@ -403,6 +389,12 @@ impl VsphereDriver {
                     backup_id: request.backup_id.clone(),
                     snapshot,
                     journal: journal_path,
+                    keepalive: KeepAlive::start(
+                        self.session.clone(),
+                        vm.name.clone(),
+                        exports.iter().filter_map(Nbdkit::cookie_file).collect(),
+                        self.keepalive,
+                    ),
                     exports,
                 },
             )),
@@ -597,12 +589,16 @@ impl VsphereDriver {
         Ok(Plugin::Curl {
             url,
             cookie: client.session_cookie(),
+            // Within a keepalive period of a new login, nbdkit reads with the new cookie.
+            cookie_renew_secs: Some(self.keepalive.as_secs().clamp(1, 30) as u32),
             cainfo,
             insecure: self.endpoint.tls == TlsPolicy::Insecure,
         })
     }
 
     async fn release_holding(&self, vm_name: &str, h: Holding) -> Result<(), SourceError> {
+        // First, so that no cookie file is written after nbdkit's files are removed.
+        h.keepalive.stop().await;
         for n in &h.exports {
             n.stop().await;
         }
