@@ -64,9 +64,9 @@ fn request(
     }
 }
 
-/// Every byte of an export.
-async fn read_export(socket: &Path, export: &str) -> Vec<u8> {
-    let c = NbdClient::connect(
+/// A new connection to an nbdkit export.
+async fn connect(socket: &Path, export: &str) -> Result<NbdClient, String> {
+    NbdClient::connect(
         &NbdAddr::Unix {
             path: socket.to_path_buf(),
             export: export.to_string(),
@@ -74,7 +74,14 @@ async fn read_export(socket: &Path, export: &str) -> Vec<u8> {
         &ConnectOptions::default(),
     )
     .await
-    .expect("connect to the nbdkit export");
+    .map_err(|e| e.to_string())
+}
+
+/// Every byte of an export.
+async fn read_export(socket: &Path, export: &str) -> Vec<u8> {
+    let c = connect(socket, export)
+        .await
+        .expect("connect to the nbdkit export");
     let mut out = Vec::with_capacity(c.size() as usize);
     let mut at = 0;
     while at < c.size() {
@@ -956,15 +963,7 @@ async fn a_vm_with_an_independent_disk_is_shown_as_such_and_refused() {
 
 /// Reads `len` bytes at `offset` of an export through a new connection.
 async fn try_read(socket: &Path, export: &str, offset: u64, len: u32) -> Result<Vec<u8>, String> {
-    let c = NbdClient::connect(
-        &NbdAddr::Unix {
-            path: socket.to_path_buf(),
-            export: export.to_string(),
-        },
-        &ConnectOptions::default(),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    let c = connect(socket, export).await?;
     let r = c
         .read(offset, len)
         .await

@@ -26,7 +26,7 @@
 //!   [`stop_leftovers`] (start-up recovery) can stop an nbdkit a crashed run left, after checking
 //!   `/proc/PID/cmdline` is nbdkit serving that socket (PIDs are reused).
 
-use sendense_shared::child::{self, ChildError, ExitReport, Supervised};
+use sendense_shared::child::{self, ChildError, ExitReport, StartGuard, Supervised};
 use sendense_shared::nbd::{ConnectOptions, NbdAddr, NbdClient, NbdError};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -371,7 +371,7 @@ impl Nbdkit {
                 });
             }
         };
-        let guard = KillUnlessReady(Some(child.clone()));
+        let guard = StartGuard::new(&child, "nbdkit");
         let me = Nbdkit { child, spec };
         tracing::info!(pid = me.pid(), export = %me.spec.export,
             command = %me.child.command_line_string(), "started nbdkit");
@@ -406,7 +406,6 @@ impl Nbdkit {
         };
         let begin = tokio::time::Instant::now();
         let deadline = begin + READY_TIMEOUT;
-        let mut exit = self.child.exit_watch();
         let mut pause = Duration::from_millis(5);
         let mut last = "no attempt finished".to_string();
         loop {
@@ -424,7 +423,7 @@ impl Nbdkit {
             };
             tokio::select! {
                 biased;
-                report = async { exit.wait_for(Option::is_some).await.ok().and_then(|r| r.clone()) } => {
+                report = self.child.exited() => {
                     return Err(self.exited(report));
                 }
                 probe = NbdClient::connect(&addr, &opts) => match probe {
@@ -449,7 +448,7 @@ impl Nbdkit {
             }
             tokio::select! {
                 biased;
-                report = async { exit.wait_for(Option::is_some).await.ok().and_then(|r| r.clone()) } => {
+                report = self.child.exited() => {
                     return Err(self.exited(report));
                 }
                 _ = tokio::time::sleep(pause.min(remaining)) => {}
@@ -511,24 +510,6 @@ impl Nbdkit {
                 "nbdkit reported errors while serving");
         }
         report
-    }
-}
-
-/// Kills an nbdkit whose start was abandoned.
-struct KillUnlessReady(Option<Supervised>);
-
-impl KillUnlessReady {
-    fn defuse(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for KillUnlessReady {
-    fn drop(&mut self) {
-        if let Some(child) = self.0.take() {
-            tracing::warn!(pid = child.pid(), "nbdkit start abandoned; killing it");
-            child.kill_now();
-        }
     }
 }
 
