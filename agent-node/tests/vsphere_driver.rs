@@ -107,6 +107,20 @@ fn nbdkit_pids(run_dir: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// A port nobody listens on (bound, then let go).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether recovery reports the snapshot `name` removed.
+fn removed(report: &agent_node::source::RecoveryReport, name: &str) -> bool {
+    report.snapshots_removed.iter().any(|s| s.contains(name))
+}
+
 fn alive(pid: u32) -> bool {
     sendense_shared::child::pid_alive(pid)
 }
@@ -248,11 +262,7 @@ async fn recovery_after_a_crash_removes_the_snapshot_and_kills_nbdkit() {
 
     // Restarted while the vCenter is unreachable: the nbdkits go, the snapshot and its journal
     // entry stay, and the report says why, once.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut down = cfg.clone();
     down.url = format!("https://127.0.0.1:{port}");
     let report = VsphereDriver::new(&down, NODE, run.path().into())
@@ -271,13 +281,7 @@ async fn recovery_after_a_crash_removes_the_snapshot_and_kills_nbdkit() {
     let d = VsphereDriver::new(&cfg, NODE, run.path().into());
     let report = d.recover().await;
     assert!(report.errors.is_empty(), "{report:?}");
-    assert!(
-        report
-            .snapshots_removed
-            .iter()
-            .any(|s| s.contains("sendense-node-a-crashed")),
-        "{report:?}"
-    );
+    assert!(removed(&report, "sendense-node-a-crashed"), "{report:?}");
     assert!(sim.snapshot_names().unwrap().is_empty());
     assert!(pids.iter().all(|&p| !alive(p)), "leftover nbdkit killed");
     for disk in &snap.disks {
@@ -296,13 +300,7 @@ async fn recovery_after_a_crash_removes_the_snapshot_and_kills_nbdkit() {
         .await
         .unwrap();
     let report = d.recover().await;
-    assert!(
-        report
-            .snapshots_removed
-            .iter()
-            .any(|s| s.contains("sendense-node-a-no-journal")),
-        "{report:?}"
-    );
+    assert!(removed(&report, "sendense-node-a-no-journal"), "{report:?}");
     assert!(sim.snapshot_names().unwrap().is_empty());
     d2.release(&snap, ReleaseOutcome::Failure).await.unwrap();
 }
@@ -415,11 +413,7 @@ async fn bad_credentials_an_unreachable_server_and_a_vanished_vm() {
     );
     assert!(!text.contains("not-the-password"), "{text}");
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut gone = config(&sim, pin(&sim));
     gone.url = format!("https://127.0.0.1:{port}");
     let e = VsphereDriver::new(&gone, NODE, run.path().into())
@@ -541,11 +535,7 @@ async fn the_change_tracking_route_turns_cbt_on() {
         (404, Some("vm not found"))
     );
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut gone = config(&sim, pin(&sim));
     gone.url = format!("https://127.0.0.1:{port}");
     let (status, body) = post_change_tracking(
@@ -884,13 +874,7 @@ async fn recovery_removes_only_this_nodes_snapshots() {
     let report = VsphereDriver::new(&cfg, NODE, run.path().into())
         .recover()
         .await;
-    assert!(
-        report
-            .snapshots_removed
-            .iter()
-            .any(|s| s.contains("sendense-node-a-mine")),
-        "{report:?}"
-    );
+    assert!(removed(&report, "sendense-node-a-mine"), "{report:?}");
     assert_eq!(report.snapshots_removed.len(), 1, "{report:?}");
     let mut left = sim.snapshot_names().unwrap();
     left.sort();
