@@ -52,7 +52,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sendense_shared::child::{self, ChildError, ExitReport, Supervised};
+use sendense_shared::child::{self, ChildError, ExitReport, StartGuard, Supervised};
 use sendense_shared::nbd::{ConnectOptions, NbdAddr, NbdClient};
 use serde::{Deserialize, Serialize};
 use tokio::process::Command;
@@ -340,7 +340,7 @@ impl QemuNbd {
             command = %child.command_line_string(),
             "started qemu-nbd"
         );
-        let unfinished = KillUnlessReady(Some(child.clone()));
+        let unfinished = StartGuard::new(&child, "qemu-nbd");
         let qn = QemuNbd {
             inner: Arc::new(Inner {
                 child,
@@ -376,7 +376,6 @@ impl QemuNbd {
         let addr = self.nbd_addr();
         let begin = Instant::now();
         let deadline = begin + timeout;
-        let mut exit = self.exit_watch();
         let mut pause = Duration::from_millis(5);
         let mut last_error = "no attempt finished".to_string();
         loop {
@@ -396,9 +395,7 @@ impl QemuNbd {
             };
             tokio::select! {
                 biased;
-                // The watch guard is cloned out inside the branch future: held in select!'s
-                // output it would make this future !Send (the hub spawns it on worker threads).
-                report = async { exit.wait_for(Option::is_some).await.ok().and_then(|r| r.clone()) } => {
+                report = self.inner.child.exited() => {
                     return Err(self.exited_error(report));
                 }
                 probe = NbdClient::connect(&addr, &opts) => match probe {
@@ -417,9 +414,7 @@ impl QemuNbd {
             }
             tokio::select! {
                 biased;
-                // The watch guard is cloned out inside the branch future: held in select!'s
-                // output it would make this future !Send (the hub spawns it on worker threads).
-                report = async { exit.wait_for(Option::is_some).await.ok().and_then(|r| r.clone()) } => {
+                report = self.inner.child.exited() => {
                     return Err(self.exited_error(report));
                 }
                 _ = tokio::time::sleep(pause.min(remaining)) => {}
@@ -490,24 +485,6 @@ impl QemuNbd {
             "qemu-nbd stopped"
         );
         report
-    }
-}
-
-/// Kills a qemu-nbd whose start was abandoned (the start future dropped mid-way).
-struct KillUnlessReady(Option<Supervised>);
-
-impl KillUnlessReady {
-    fn defuse(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for KillUnlessReady {
-    fn drop(&mut self) {
-        if let Some(child) = self.0.take() {
-            tracing::warn!(pid = child.pid(), "qemu-nbd start abandoned; killing it");
-            child.kill_now();
-        }
     }
 }
 

@@ -107,6 +107,9 @@ pub struct VsphereFile {
     /// VMware VDDK's library directory: with it (and nbdkit's vddk plugin installed) disks are
     /// read through VDDK, else over the datastore's HTTPS file access (curl plugin).
     pub vddk_libdir: Option<PathBuf>,
+    /// While a snapshot is held, touch the SOAP session this often (seconds) so that vCenter's
+    /// idle timeout (30 minutes) does not end it under nbdkit [default: 300].
+    pub session_keepalive_secs: Option<u64>,
 }
 
 /// The checked `[vsphere]` section.
@@ -123,6 +126,8 @@ pub struct VsphereConfig {
     pub vms: Option<std::collections::BTreeSet<String>>,
     pub nbdkit: PathBuf,
     pub vddk_libdir: Option<PathBuf>,
+    /// How often the session is touched while a snapshot is held.
+    pub session_keepalive: std::time::Duration,
 }
 
 impl VsphereConfig {
@@ -223,6 +228,13 @@ impl VsphereConfig {
                 format!("{} is not a directory", dir.display()),
             ));
         }
+        let keepalive = file.session_keepalive_secs.unwrap_or(300);
+        if !(1..1800).contains(&keepalive) {
+            return Err(bad(
+                "session_keepalive_secs",
+                format!("{keepalive} must be 1 to 1799 (vCenter ends sessions idle for 1800 s)"),
+            ));
+        }
         Ok(VsphereConfig {
             url,
             user,
@@ -232,6 +244,7 @@ impl VsphereConfig {
             vms,
             nbdkit,
             vddk_libdir: file.vddk_libdir.clone(),
+            session_keepalive: std::time::Duration::from_secs(keepalive),
         })
     }
 }
@@ -597,6 +610,7 @@ mod tests {
         assert_eq!(v.tls, TlsPolicy::Pinned(want));
         assert!(v.quiesce);
         assert_eq!(v.nbdkit, PathBuf::from("nbdkit"));
+        assert_eq!(v.session_keepalive, std::time::Duration::from_secs(300));
         assert_eq!(v.vms.unwrap().len(), 2);
         // Nothing about certificates: the system trust store, verification on.
         let c = load_vsphere(
@@ -660,6 +674,10 @@ mod tests {
                 "[vsphere] vddk_libdir",
             ),
             (format!("{ok}pasword = \"x\"\n"), "pasword"),
+            (
+                format!("{ok}session_keepalive_secs = 0\n"),
+                "[vsphere] session_keepalive_secs: 0 must be 1 to 1799",
+            ),
         ];
         for (table, want) in cases {
             let e = load_vsphere(dir.path(), &table).unwrap_err().to_string();

@@ -102,7 +102,7 @@ async fn source_driver(config: &NodeConfig) -> anyhow::Result<Arc<dyn SourceDriv
     let Some(vs) = &config.vsphere else {
         return Ok(qemu());
     };
-    let vsphere = VsphereDriver::new(vs, config.run_dir.clone());
+    let vsphere = VsphereDriver::new(vs, &config.name, config.run_dir.clone());
     tracing::info!(url = %vs.url, user = %vs.user, vddk = vsphere.uses_vddk(),
         allowlist = ?vs.vms, "vSphere source configured");
     let vsphere: Arc<dyn SourceDriver> = Arc::new(vsphere);

@@ -130,6 +130,33 @@ pub struct DiskInfo {
     pub thin: Option<bool>,
     /// backing.changeId when CBT is on.
     pub change_id: Option<String>,
+    /// backing.diskMode: "persistent", "independent_persistent", "independent_nonpersistent", ...
+    pub mode: Option<String>,
+    /// Set for a raw device mapping (`VirtualDiskRawDiskMappingVer1BackingInfo`): its
+    /// compatibilityMode ("physicalMode", "virtualMode"; "" when not given).
+    pub raw_mapping: Option<String>,
+}
+
+impl DiskInfo {
+    /// Why a VM snapshot does not freeze this disk (so a backup of it would not be
+    /// consistent), or `None` when it does.
+    pub fn not_frozen_by_snapshots(&self) -> Option<String> {
+        if let Some(compat) = &self.raw_mapping {
+            return Some(match compat.as_str() {
+                "physicalMode" => "a raw device mapping in physical compatibility mode: VM snapshots leave it out, the guest writes straight to the LUN".to_string(),
+                c => format!(
+                    "a raw device mapping ({}): its data lives on a LUN, not in a datastore file a snapshot freezes for this node to read",
+                    if c.is_empty() { "compatibility mode not given" } else { c }
+                ),
+            });
+        }
+        match self.mode.as_deref() {
+            Some(m @ ("independent_persistent" | "independent_nonpersistent")) => Some(format!(
+                "in disk mode {m}: VM snapshots leave independent disks out, the guest keeps writing to it"
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// One snapshot of a VM's snapshot tree.
@@ -678,6 +705,36 @@ impl Client {
             .await
     }
 
+    /// Touches the session so that the server's idle timeout starts again, and checks it is
+    /// still logged in: reads `SessionManager.currentSession` (vCenter answers without it, or
+    /// with a `NotAuthenticated` fault, when the session is gone), logging in again when not.
+    /// Afterwards [`Client::session_cookie`] is the live session's.
+    pub async fn keep_alive(&self) -> Result<(), VsphereError> {
+        let method = "RetrievePropertiesEx";
+        let manager = &self.inner.content.session_manager;
+        let body = format!(
+            "{}<options><maxObjects>1</maxObjects></options>",
+            objects_spec("SessionManager", &[manager], &["currentSession"])
+        );
+        let envelope = soap::envelope(method, &self.inner.content.property_collector, &body);
+        self.exchange(method, envelope, |response| {
+            let (sessions, _) = retrieve_page(method, response, &mut |_, props| {
+                Ok(props.get("currentSession").is_some())
+            })?;
+            if sessions.contains(&true) {
+                Ok(())
+            } else {
+                Err(VsphereError::Fault {
+                    method: method.to_string(),
+                    fault: "NotAuthenticated".to_string(),
+                    message: "the session has no currentSession (logged out or expired)"
+                        .to_string(),
+                })
+            }
+        })
+        .await
+    }
+
     /// The Cookie header value of the session, e.g. `vmware_soap_session="52a0..."` (for nbdkit).
     pub fn session_cookie(&self) -> String {
         self.inner.transport.cookie().unwrap_or_default()
@@ -1182,6 +1239,7 @@ mod tests {
         send(client.snapshot_disks(m));
         send(client.query_changed_disk_areas(m, m, 2000, 0, "*"));
         send(client.enable_change_tracking(m));
+        send(client.keep_alive());
     }
 
     #[test]

@@ -14,6 +14,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 const MIB: u64 = 1 << 20;
+/// The node the drivers of these tests belong to.
+const NODE: &str = "node-a";
 
 // The QEMU test VM of the node tests, for the composite driver.
 #[allow(dead_code)]
@@ -43,6 +45,7 @@ fn config(sim: &Vcsim, tls: TlsPolicy) -> VsphereConfig {
         vms: None,
         nbdkit: PathBuf::from("nbdkit"),
         vddk_libdir: None,
+        session_keepalive: std::time::Duration::from_secs(300),
     }
 }
 
@@ -61,9 +64,9 @@ fn request(
     }
 }
 
-/// Every byte of an export.
-async fn read_export(socket: &Path, export: &str) -> Vec<u8> {
-    let c = NbdClient::connect(
+/// A new connection to an nbdkit export.
+async fn connect(socket: &Path, export: &str) -> Result<NbdClient, String> {
+    NbdClient::connect(
         &NbdAddr::Unix {
             path: socket.to_path_buf(),
             export: export.to_string(),
@@ -71,7 +74,14 @@ async fn read_export(socket: &Path, export: &str) -> Vec<u8> {
         &ConnectOptions::default(),
     )
     .await
-    .expect("connect to the nbdkit export");
+    .map_err(|e| e.to_string())
+}
+
+/// Every byte of an export.
+async fn read_export(socket: &Path, export: &str) -> Vec<u8> {
+    let c = connect(socket, export)
+        .await
+        .expect("connect to the nbdkit export");
     let mut out = Vec::with_capacity(c.size() as usize);
     let mut at = 0;
     while at < c.size() {
@@ -95,6 +105,20 @@ fn nbdkit_pids(run_dir: &Path) -> Vec<u32> {
             v["pid"].as_u64().unwrap() as u32
         })
         .collect()
+}
+
+/// A port nobody listens on (bound, then let go).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether recovery reports the snapshot `name` removed.
+fn removed(report: &agent_node::source::RecoveryReport, name: &str) -> bool {
+    report.snapshots_removed.iter().any(|s| s.contains(name))
 }
 
 fn alive(pid: u32) -> bool {
@@ -121,6 +145,7 @@ async fn inventory_shows_the_two_disk_vm() {
     let run = tempfile::tempdir().unwrap();
     let d = VsphereDriver::new(
         &config(&sim, TlsPolicy::CaFile(sim.cert_pem.clone())),
+        NODE,
         run.path().into(),
     );
     let vms = d.list_vms().await.unwrap();
@@ -149,7 +174,7 @@ async fn inventory_shows_the_two_disk_vm() {
     // An allowlist without the VM hides it.
     let mut only_other = config(&sim, pin(&sim));
     only_other.vms = Some(["other".to_string()].into());
-    let d = VsphereDriver::new(&only_other, run.path().into());
+    let d = VsphereDriver::new(&only_other, NODE, run.path().into());
     assert!(d.list_vms().await.unwrap().is_empty());
     assert!(matches!(
         d.vm(&sim.vm.name).await,
@@ -161,7 +186,7 @@ async fn inventory_shows_the_two_disk_vm() {
 async fn a_full_snapshot_exports_the_frozen_disks_and_release_leaves_nothing() {
     let sim = sim();
     let run = tempfile::tempdir().unwrap();
-    let d = VsphereDriver::new(&config(&sim, pin(&sim)), run.path().into());
+    let d = VsphereDriver::new(&config(&sim, pin(&sim)), NODE, run.path().into());
     sim.write_disk(2000, 0, &pattern(0x11, MIB)).unwrap();
     sim.write_disk(2000, 3 * MIB, &pattern(0x22, MIB)).unwrap();
     sim.write_disk(2001, 5 * MIB, &pattern(0x33, 64 * 1024))
@@ -173,7 +198,7 @@ async fn a_full_snapshot_exports_the_frozen_disks_and_release_leaves_nothing() {
     let snap = d.snapshot(&req).await.unwrap();
     assert_eq!(
         sim.snapshot_names().unwrap(),
-        ["sendense-full-1"],
+        ["sendense-node-a-full-1"],
         "exactly one snapshot, named after the backup"
     );
     let again = d
@@ -223,7 +248,7 @@ async fn recovery_after_a_crash_removes_the_snapshot_and_kills_nbdkit() {
     let sim = sim();
     let run = tempfile::tempdir().unwrap();
     let cfg = config(&sim, TlsPolicy::CaFile(sim.cert_pem.clone()));
-    let d = VsphereDriver::new(&cfg, run.path().into());
+    let d = VsphereDriver::new(&cfg, NODE, run.path().into());
     let snap: Snapshot = d
         .snapshot(&request(&sim, "crashed", BackupType::Full, BTreeMap::new()))
         .await
@@ -232,19 +257,17 @@ async fn recovery_after_a_crash_removes_the_snapshot_and_kills_nbdkit() {
     assert_eq!(pids.len(), 2);
     // The node dies without releasing: its driver is gone, the snapshot and nbdkits stay.
     drop(d);
-    assert_eq!(sim.snapshot_names().unwrap(), ["sendense-crashed"]);
+    assert_eq!(sim.snapshot_names().unwrap(), ["sendense-node-a-crashed"]);
     assert!(pids.iter().all(|&p| alive(p)));
 
     // Restarted while the vCenter is unreachable: the nbdkits go, the snapshot and its journal
     // entry stay, and the report says why, once.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut down = cfg.clone();
     down.url = format!("https://127.0.0.1:{port}");
-    let report = VsphereDriver::new(&down, run.path().into()).recover().await;
+    let report = VsphereDriver::new(&down, NODE, run.path().into())
+        .recover()
+        .await;
     assert_eq!(report.exports_removed.len(), 2, "{report:?}");
     assert_eq!(report.errors.len(), 1, "{report:?}");
     assert!(
@@ -253,18 +276,12 @@ async fn recovery_after_a_crash_removes_the_snapshot_and_kills_nbdkit() {
         "{report:?}"
     );
     assert!(pids.iter().all(|&p| !alive(p)), "leftover nbdkit killed");
-    assert_eq!(sim.snapshot_names().unwrap(), ["sendense-crashed"]);
+    assert_eq!(sim.snapshot_names().unwrap(), ["sendense-node-a-crashed"]);
 
-    let d = VsphereDriver::new(&cfg, run.path().into());
+    let d = VsphereDriver::new(&cfg, NODE, run.path().into());
     let report = d.recover().await;
     assert!(report.errors.is_empty(), "{report:?}");
-    assert!(
-        report
-            .snapshots_removed
-            .iter()
-            .any(|s| s.contains("sendense-crashed")),
-        "{report:?}"
-    );
+    assert!(removed(&report, "sendense-node-a-crashed"), "{report:?}");
     assert!(sim.snapshot_names().unwrap().is_empty());
     assert!(pids.iter().all(|&p| !alive(p)), "leftover nbdkit killed");
     for disk in &snap.disks {
@@ -272,7 +289,7 @@ async fn recovery_after_a_crash_removes_the_snapshot_and_kills_nbdkit() {
     }
     assert!(files(run.path()).is_empty(), "{:?}", files(run.path()));
     // A snapshot named like ours that no journal knows (journal lost) is removed too.
-    let d2 = VsphereDriver::new(&cfg, tempfile::tempdir().unwrap().path().into());
+    let d2 = VsphereDriver::new(&cfg, NODE, tempfile::tempdir().unwrap().path().into());
     let snap = d2
         .snapshot(&request(
             &sim,
@@ -283,13 +300,7 @@ async fn recovery_after_a_crash_removes_the_snapshot_and_kills_nbdkit() {
         .await
         .unwrap();
     let report = d.recover().await;
-    assert!(
-        report
-            .snapshots_removed
-            .iter()
-            .any(|s| s.contains("sendense-no-journal")),
-        "{report:?}"
-    );
+    assert!(removed(&report, "sendense-node-a-no-journal"), "{report:?}");
     assert!(sim.snapshot_names().unwrap().is_empty());
     d2.release(&snap, ReleaseOutcome::Failure).await.unwrap();
 }
@@ -298,7 +309,7 @@ async fn recovery_after_a_crash_removes_the_snapshot_and_kills_nbdkit() {
 async fn cbt_areas_and_change_ids_drive_incrementals() {
     let sim = sim();
     let run = tempfile::tempdir().unwrap();
-    let d = VsphereDriver::new(&config(&sim, pin(&sim)), run.path().into());
+    let d = VsphereDriver::new(&config(&sim, pin(&sim)), NODE, run.path().into());
     d.enable_change_tracking(&sim.vm.name).await.unwrap();
     assert!(sim.state().unwrap().unwrap().cbt_enabled);
     assert_eq!(
@@ -390,7 +401,7 @@ async fn bad_credentials_an_unreachable_server_and_a_vanished_vm() {
     let run = tempfile::tempdir().unwrap();
     let mut wrong = config(&sim, pin(&sim));
     wrong.password = Secret::new("not-the-password-7f3a".into());
-    let e = VsphereDriver::new(&wrong, run.path().into())
+    let e = VsphereDriver::new(&wrong, NODE, run.path().into())
         .list_vms()
         .await
         .unwrap_err();
@@ -402,14 +413,10 @@ async fn bad_credentials_an_unreachable_server_and_a_vanished_vm() {
     );
     assert!(!text.contains("not-the-password"), "{text}");
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut gone = config(&sim, pin(&sim));
     gone.url = format!("https://127.0.0.1:{port}");
-    let e = VsphereDriver::new(&gone, run.path().into())
+    let e = VsphereDriver::new(&gone, NODE, run.path().into())
         .snapshot(&request(&sim, "x", BackupType::Full, BTreeMap::new()))
         .await
         .unwrap_err();
@@ -418,7 +425,7 @@ async fn bad_credentials_an_unreachable_server_and_a_vanished_vm() {
 
     // A pin that is not the server's certificate.
     let pinned_wrong = config(&sim, TlsPolicy::Pinned([7; 32]));
-    let e = VsphereDriver::new(&pinned_wrong, run.path().into())
+    let e = VsphereDriver::new(&pinned_wrong, NODE, run.path().into())
         .vm(&sim.vm.name)
         .await
         .unwrap_err();
@@ -431,7 +438,7 @@ async fn bad_credentials_an_unreachable_server_and_a_vanished_vm() {
     // nbdkit cannot start after the snapshot was taken: the snapshot is removed again.
     let mut no_nbdkit = config(&sim, pin(&sim));
     no_nbdkit.nbdkit = PathBuf::from("/nonexistent/nbdkit");
-    let e = VsphereDriver::new(&no_nbdkit, run.path().into())
+    let e = VsphereDriver::new(&no_nbdkit, NODE, run.path().into())
         .snapshot(&request(&sim, "n1", BackupType::Full, BTreeMap::new()))
         .await
         .unwrap_err();
@@ -443,7 +450,7 @@ async fn bad_credentials_an_unreachable_server_and_a_vanished_vm() {
     assert!(files(run.path()).is_empty(), "{:?}", files(run.path()));
 
     // The VM disappears while its snapshot is held: release still cleans up.
-    let d = VsphereDriver::new(&config(&sim, pin(&sim)), run.path().into());
+    let d = VsphereDriver::new(&config(&sim, pin(&sim)), NODE, run.path().into());
     let snap = d
         .snapshot(&request(&sim, "v1", BackupType::Full, BTreeMap::new()))
         .await
@@ -508,6 +515,7 @@ async fn the_change_tracking_route_turns_cbt_on() {
     let run = tempfile::tempdir().unwrap();
     let d = std::sync::Arc::new(VsphereDriver::new(
         &config(&sim, pin(&sim)),
+        NODE,
         run.path().into(),
     ));
     assert!(!sim.state().unwrap().unwrap().cbt_enabled);
@@ -527,15 +535,11 @@ async fn the_change_tracking_route_turns_cbt_on() {
         (404, Some("vm not found"))
     );
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut gone = config(&sim, pin(&sim));
     gone.url = format!("https://127.0.0.1:{port}");
     let (status, body) = post_change_tracking(
-        std::sync::Arc::new(VsphereDriver::new(&gone, run.path().into())),
+        std::sync::Arc::new(VsphereDriver::new(&gone, NODE, run.path().into())),
         &sim.vm.name,
     )
     .await;
@@ -569,6 +573,7 @@ async fn nbdkit_names_a_refused_cookie_and_an_untrusted_certificate() {
         plugin: Plugin::Curl {
             url: url.clone(),
             cookie: cookie.into(),
+            cookie_renew_secs: None,
             cainfo,
             insecure: false,
         },
@@ -699,6 +704,7 @@ async fn qemu_and_vsphere_behind_one_driver_and_a_name_in_both_is_refused() {
     let run = tempfile::tempdir().unwrap();
     let vsphere: Arc<dyn SourceDriver> = Arc::new(VsphereDriver::new(
         &config(&sim, pin(&sim)),
+        NODE,
         run.path().into(),
     ));
     let qemu = |name: &str| -> Arc<dyn SourceDriver> {
@@ -723,7 +729,7 @@ async fn qemu_and_vsphere_behind_one_driver_and_a_name_in_both_is_refused() {
         .snapshot(&request(&sim, "m1", BackupType::Full, BTreeMap::new()))
         .await
         .unwrap();
-    assert_eq!(sim.snapshot_names().unwrap(), ["sendense-m1"]);
+    assert_eq!(sim.snapshot_names().unwrap(), ["sendense-node-a-m1"]);
     both.release(&snap, ReleaseOutcome::Success).await.unwrap();
     assert!(sim.snapshot_names().unwrap().is_empty());
 
@@ -768,7 +774,7 @@ fn the_vddk_thumbprint_is_the_sha1_fingerprint_openssl_prints() {
 async fn an_expired_session_is_opened_again() {
     let sim = sim();
     let run = tempfile::tempdir().unwrap();
-    let d = VsphereDriver::new(&config(&sim, pin(&sim)), run.path().into());
+    let d = VsphereDriver::new(&config(&sim, pin(&sim)), NODE, run.path().into());
     let snap = d
         .snapshot(&request(&sim, "s1", BackupType::Full, BTreeMap::new()))
         .await
@@ -801,4 +807,230 @@ async fn an_expired_session_is_opened_again() {
     assert_eq!(d.list_vms().await.unwrap().len(), 1);
     d.release(&snap, ReleaseOutcome::Success).await.unwrap();
     assert!(sim.snapshot_names().unwrap().is_empty());
+}
+
+/// A snapshot taken behind the driver's back (another node, an older version), as raw SOAP.
+fn raw_snapshot(sim: &Vcsim, name: &str, description: &str) {
+    let cookie = sim.login_cookie(&sim.user, &sim.password).unwrap();
+    let (status, _, body) = sim
+        .soap_call(
+            Some(&cookie),
+            &format!(
+                concat!(
+                    r#"<CreateSnapshot_Task xmlns="urn:vim25"><_this type="VirtualMachine">{}</_this>"#,
+                    "<name>{}</name><description>{}</description><memory>false</memory>",
+                    "<quiesce>false</quiesce></CreateSnapshot_Task>"
+                ),
+                sim.vm.moref, name, description
+            ),
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let t = std::time::Instant::now();
+    while !sim.snapshot_names().unwrap().iter().any(|n| n == name) {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(30),
+            "snapshot {name} did not appear in the simulator's snapshot tree"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn recovery_removes_only_this_nodes_snapshots() {
+    let sim = sim();
+    let run = tempfile::tempdir().unwrap();
+    let cfg = config(&sim, pin(&sim));
+    // This node crashed holding a snapshot.
+    let d = VsphereDriver::new(&cfg, NODE, run.path().into());
+    d.snapshot(&request(&sim, "mine", BackupType::Full, BTreeMap::new()))
+        .await
+        .unwrap();
+    drop(d);
+    // Node "node-a-b" (whose snapshot names start with "sendense-node-a-") and node "other"
+    // hold snapshots of the same VM; an older version left one that names no node.
+    raw_snapshot(
+        &sim,
+        "sendense-node-a-b-7",
+        r#"Taken by Sendense node "node-a-b" for backup 7 at 2026-11-27T04:00:00Z."#,
+    );
+    raw_snapshot(
+        &sim,
+        "sendense-other-9",
+        r#"Taken by Sendense node "other" for backup 9 at 2026-11-27T04:00:00Z."#,
+    );
+    raw_snapshot(
+        &sim,
+        "sendense-5f1c",
+        "Taken by Sendense for backup 5f1c at 2026-11-27T03:00:00Z.",
+    );
+    // The journal is lost too: only the name and description tell which snapshot is ours.
+    for f in files(run.path()) {
+        if f.starts_with("vsphere-snapshot-") {
+            std::fs::remove_file(run.path().join(f)).unwrap();
+        }
+    }
+
+    let report = VsphereDriver::new(&cfg, NODE, run.path().into())
+        .recover()
+        .await;
+    assert!(removed(&report, "sendense-node-a-mine"), "{report:?}");
+    assert_eq!(report.snapshots_removed.len(), 1, "{report:?}");
+    let mut left = sim.snapshot_names().unwrap();
+    left.sort();
+    assert_eq!(
+        left,
+        ["sendense-5f1c", "sendense-node-a-b-7", "sendense-other-9"],
+        "the other nodes' snapshots survive this node's recovery"
+    );
+    // The one nobody can vouch for is left, and the report says so.
+    assert_eq!(report.errors.len(), 1, "{report:?}");
+    assert!(
+        report.errors[0].contains("sendense-5f1c") && report.errors[0].contains("by hand"),
+        "{report:?}"
+    );
+
+    // The other nodes' snapshots are not swept before this node's next backup either: without
+    // VDDK the VM is refused (it has snapshots), and they stay.
+    let e = VsphereDriver::new(&cfg, NODE, run.path().into())
+        .snapshot(&request(&sim, "next", BackupType::Full, BTreeMap::new()))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, SourceError::Unsupported { .. }), "{e}");
+    assert_eq!(sim.snapshot_names().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn a_vm_with_an_independent_disk_is_shown_as_such_and_refused() {
+    let sim = sim();
+    let run = tempfile::tempdir().unwrap();
+    let d = VsphereDriver::new(&config(&sim, pin(&sim)), NODE, run.path().into());
+    sim.set_disk_mode(2001, "independent_persistent").unwrap();
+    let vm = d.vm(&sim.vm.name).await.unwrap();
+    assert_eq!(
+        vm.disks[0].label, sim.vm.disks[0].label,
+        "a persistent disk keeps its label"
+    );
+    let label = &vm.disks[1].label;
+    assert!(
+        label.starts_with(&sim.vm.disks[1].label)
+            && label.contains("independent_persistent")
+            && label.contains("cannot be backed up"),
+        "{label}"
+    );
+    let e = d
+        .snapshot(&request(&sim, "ind-1", BackupType::Full, BTreeMap::new()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("disk 2001")
+            && e.contains("independent_persistent")
+            && e.contains("not be consistent"),
+        "the error names the disk and why: {e}"
+    );
+    assert!(
+        sim.snapshot_names().unwrap().is_empty(),
+        "no snapshot taken"
+    );
+    assert!(files(run.path()).is_empty(), "{:?}", files(run.path()));
+    // Made persistent again, the VM is backed up.
+    sim.set_disk_mode(2001, "persistent").unwrap();
+    let snap = d
+        .snapshot(&request(&sim, "ind-2", BackupType::Full, BTreeMap::new()))
+        .await
+        .unwrap();
+    assert_eq!(snap.disks.len(), 2);
+    d.release(&snap, ReleaseOutcome::Success).await.unwrap();
+    assert!(sim.snapshot_names().unwrap().is_empty());
+}
+
+/// Reads `len` bytes at `offset` of an export through a new connection.
+async fn try_read(socket: &Path, export: &str, offset: u64, len: u32) -> Result<Vec<u8>, String> {
+    let c = connect(socket, export).await?;
+    let r = c
+        .read(offset, len)
+        .await
+        .map(|b| b.to_vec())
+        .map_err(|e| e.to_string());
+    let _ = c.disconnect().await;
+    r
+}
+
+#[tokio::test]
+async fn a_session_ended_mid_export_is_renewed_and_nbdkit_reads_again() {
+    let sim = sim();
+    let run = tempfile::tempdir().unwrap();
+    let mut cfg = config(&sim, pin(&sim));
+    cfg.session_keepalive = std::time::Duration::from_secs(1);
+    let d = VsphereDriver::new(&cfg, NODE, run.path().into());
+    sim.write_disk(2000, 0, &pattern(0x5a, 64 * 1024)).unwrap();
+    let snap = d
+        .snapshot(&request(&sim, "ka-1", BackupType::Full, BTreeMap::new()))
+        .await
+        .unwrap();
+    let disk = &snap.disks[0];
+    let pids = nbdkit_pids(run.path());
+    let cookie_file = run.path().join("nbdkit-ka-1-2000.cookie");
+    let first = std::fs::read_to_string(&cookie_file).unwrap();
+    let value = first
+        .strip_prefix("vmware_soap_session=")
+        .expect("a session cookie")
+        .trim_matches('"')
+        .to_string();
+    assert_eq!(
+        try_read(&disk.socket, &disk.export, 0, 512).await.unwrap(),
+        pattern(0x5a, 512)
+    );
+
+    // The session ends behind the driver's back (an administrator, or vCenter's idle timeout).
+    let (status, _, body) = sim
+        .soap_call(
+            Some(&value),
+            r#"<Logout xmlns="urn:vim25"><_this type="SessionManager">SessionManager</_this></Logout>"#,
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let url = sim.datastore_file_url(&sim.vm.disks[0].file_name);
+    assert_eq!(
+        sim.range_get(&url, Some(&value), 0, 512).unwrap().0,
+        401,
+        "the old session is gone"
+    );
+
+    // The keepalive notices, logs in again and rewrites the cookie file; nbdkit re-reads it and
+    // serves the disk again (the same nbdkit processes: no restart).
+    let t = std::time::Instant::now();
+    loop {
+        let last = match try_read(&disk.socket, &disk.export, 0, 512).await {
+            Ok(data) => {
+                assert_eq!(data, pattern(0x5a, 512));
+                break;
+            }
+            Err(e) => e,
+        };
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(60),
+            "nbdkit did not read again within 60 s of the logout (waited for the keepalive's new \
+             login and nbdkit's cookie renewal); last error: {last}; cookie file now {:?}",
+            std::fs::read_to_string(&cookie_file)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let renewed = std::fs::read_to_string(&cookie_file).unwrap();
+    assert_ne!(renewed, first, "a new session's cookie");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&cookie_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "the rewritten cookie file is private");
+    assert_eq!(nbdkit_pids(run.path()), pids, "the same nbdkits");
+    assert!(pids.iter().all(|&p| alive(p)));
+    // Every disk reads again, the second too.
+    let d1 = &snap.disks[1];
+    assert!(try_read(&d1.socket, &d1.export, 0, 512).await.is_ok());
+
+    d.release(&snap, ReleaseOutcome::Success).await.unwrap();
+    assert!(sim.snapshot_names().unwrap().is_empty());
+    assert!(pids.iter().all(|&p| !alive(p)));
+    assert!(files(run.path()).is_empty(), "{:?}", files(run.path()));
 }

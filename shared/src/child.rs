@@ -132,6 +132,41 @@ pub fn describe_status(status: &ExitStatus) -> String {
     status.to_string()
 }
 
+/// Kills a child whose start was abandoned: the future starting it (spawn, then wait until it
+/// serves) was dropped before it could decide. [`StartGuard::defuse`] once it has decided,
+/// either way; the caller then stops a child that failed to get ready itself.
+pub struct StartGuard {
+    child: Option<Supervised>,
+    /// "qemu-nbd", "nbdkit": for the log line.
+    what: &'static str,
+}
+
+impl StartGuard {
+    pub fn new(child: &Supervised, what: &'static str) -> StartGuard {
+        StartGuard {
+            child: Some(child.clone()),
+            what,
+        }
+    }
+
+    pub fn defuse(mut self) {
+        self.child = None;
+    }
+}
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            tracing::warn!(
+                pid = child.pid(),
+                what = self.what,
+                "start abandoned; killing it"
+            );
+            child.kill_now();
+        }
+    }
+}
+
 /// A child process under supervision. Cloning gives another handle to the same child.
 #[derive(Clone)]
 pub struct Supervised {
@@ -251,6 +286,18 @@ impl Supervised {
     /// `None` while the child runs; `Some(report)` once it exited, whatever the cause.
     pub fn exit_watch(&self) -> watch::Receiver<Option<ExitReport>> {
         self.inner.exit_rx.clone()
+    }
+
+    /// Waits until the child has exited, whatever the cause, and returns its report; `None`
+    /// when the supervising task ended without one (its runtime shut down). For a `select!`
+    /// against a readiness probe: the watch guard never outlives this future, which keeps the
+    /// caller's future `Send`.
+    pub async fn exited(&self) -> Option<ExitReport> {
+        let mut rx = self.exit_watch();
+        rx.wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|r| r.clone())
     }
 
     /// The exit report, if it has exited.
@@ -591,6 +638,27 @@ mod tests {
         // Now the buffer starts with the continuation byte of 'é', then '!'.
         let s = t.to_string();
         assert!(s.starts_with('!'), "{:?}", &s[..4]);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_start_kills_the_child_a_defused_one_does_not() {
+        let sleeper = || {
+            let mut cmd = Command::new("sleep");
+            cmd.arg("30").stdin(Stdio::null()).stdout(Stdio::null());
+            Supervised::spawn(cmd).expect("spawn sleep")
+        };
+        let abandoned = sleeper();
+        drop(StartGuard::new(&abandoned, "sleep"));
+        let report = tokio::time::timeout(Duration::from_secs(10), abandoned.exited())
+            .await
+            .expect("the abandoned child exits")
+            .expect("with a report");
+        assert!(report.status.contains("SIGKILL"), "{}", report.status);
+        let kept = sleeper();
+        StartGuard::new(&kept, "sleep").defuse();
+        assert!(kept.is_alive(), "a defused guard leaves the child running");
+        kept.stop(Duration::from_secs(1)).await;
+        assert!(!kept.is_alive());
     }
 
     #[test]

@@ -345,6 +345,17 @@ impl Vcsim {
         Ok(())
     }
 
+    /// Sets disk `key`'s mode (`backing.diskMode`: "persistent", "independent_persistent",
+    /// "independent_nonpersistent"), as an admin would in the VM's settings.
+    pub fn set_disk_mode(&self, key: i32, mode: &str) -> anyhow::Result<()> {
+        let path = format!("/vms/{}/disk-mode?key={key}&mode={mode}", self.vm.name);
+        let (status, body) = self.control("POST", &path)?;
+        if status != 204 {
+            bail!("disk-mode: {status} {}", String::from_utf8_lossy(&body));
+        }
+        Ok(())
+    }
+
     /// Turns changed block tracking on, as an admin would (ReconfigVM_Task through SOAP with
     /// the test's own session), and checks every disk got a change id.
     pub fn enable_change_tracking(&self) -> anyhow::Result<()> {

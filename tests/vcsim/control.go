@@ -6,6 +6,7 @@ package main
 //	GET  /vms/<name>            the snapshot tree and every disk's current file + change id
 //	POST /vms/<name>/reset-cbt  new tracking ids: older change ids fault from now on
 //	POST /vms/<name>/destroy    power off and delete the VM (and its files)
+//	POST /vms/<name>/disk-mode?key=K&mode=M  set disk K's backing.diskMode (independent_persistent, ...)
 
 import (
 	"context"
@@ -74,6 +75,15 @@ func (c *controller) ServeHTTP(rw http.ResponseWriter, r *http.Request) {
 		simulator.Map.WithLock(vm, func() { err = vm.resetTracking() })
 		if err != nil {
 			http.Error(rw, err.Error(), http.StatusConflict)
+			return
+		}
+		rw.WriteHeader(http.StatusNoContent)
+	case len(parts) == 3 && parts[2] == "disk-mode" && r.Method == http.MethodPost:
+		key, mode := r.URL.Query().Get("key"), r.URL.Query().Get("mode")
+		var err error
+		simulator.Map.WithLock(vm, func() { err = vm.setDiskMode(key, mode) })
+		if err != nil {
+			http.Error(rw, err.Error(), http.StatusBadRequest)
 			return
 		}
 		rw.WriteHeader(http.StatusNoContent)
@@ -185,4 +195,22 @@ func powerOn(ctx context.Context, c *govmomi.Client, ref types.ManagedObjectRefe
 		return fmt.Errorf("power on: %v", err)
 	}
 	return nil
+}
+
+// setDiskMode changes a disk's mode in place, as an admin would in the VM's settings (the
+// simulator's ReconfigVM would want the whole device). The caller holds the VM's lock.
+func (w *backupVM) setDiskMode(key, mode string) error {
+	switch types.VirtualDiskMode(mode) {
+	case types.VirtualDiskModePersistent, types.VirtualDiskModeIndependent_persistent,
+		types.VirtualDiskModeIndependent_nonpersistent, types.VirtualDiskModeNonpersistent:
+	default:
+		return fmt.Errorf("mode %q is not a disk mode", mode)
+	}
+	for _, d := range w.disks() {
+		if b := diskBacking(d); b != nil && fmt.Sprint(d.Key) == key {
+			b.DiskMode = mode
+			return nil
+		}
+	}
+	return fmt.Errorf("VM %s has no disk with key %q", w.Name, key)
 }

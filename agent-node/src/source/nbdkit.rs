@@ -4,10 +4,13 @@
 //! way the hub runs qemu-nbd:
 //! `nbdkit --exit-with-parent --foreground --readonly --unix SOCK --exportname NAME PLUGIN ...`.
 //!
-//! - Plugin `curl` (no VDDK here): `url=<datastore file URL> cookie=+<file> protocols=https`
+//! - Plugin `curl` (no VDDK here): `url=<datastore file URL> protocols=https`, the cookie as
+//!   `cookie-script='cat <file>' cookie-script-renew=<secs>` (or `cookie=+<file>` read once),
 //!   and `cainfo=<pem>` (a CA file, or for a pinned certificate the server's own certificate
 //!   as the client captured it) or `sslverify=false` only when configured insecure. The cookie
-//!   (the SOAP session) is in a 0600 file in the run directory, never on the command line.
+//!   (the SOAP session) is in a 0600 file in the run directory, never on the command line;
+//!   when the node logs in again it rewrites the file ([`rewrite_cookie`], atomically) and
+//!   nbdkit reads it again within the renew interval.
 //! - Plugin `vddk` (VMware's VDDK installed, production): `libdir= server= [port=] user=
 //!   password=+<file> thumbprint= vm=moref= snapshot= file= transports=`; built by
 //!   [`command_args`] and unit-tested, but it cannot run on this machine (no VDDK).
@@ -23,7 +26,7 @@
 //!   [`stop_leftovers`] (start-up recovery) can stop an nbdkit a crashed run left, after checking
 //!   `/proc/PID/cmdline` is nbdkit serving that socket (PIDs are reused).
 
-use sendense_shared::child::{self, ChildError, ExitReport, Supervised};
+use sendense_shared::child::{self, ChildError, ExitReport, StartGuard, Supervised};
 use sendense_shared::nbd::{ConnectOptions, NbdAddr, NbdClient, NbdError};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -92,6 +95,9 @@ pub enum Plugin {
         url: String,
         /// The `Cookie` header value (`vmware_soap_session="..."`); goes into a 0600 file.
         cookie: String,
+        /// Re-read the cookie file when this many seconds passed since it was last read
+        /// (`cookie-script-renew`); `None`: read once at start.
+        cookie_renew_secs: Option<u32>,
         /// A CA bundle, or the pinned server certificate (PEM).
         cainfo: Option<CaInfo>,
         /// `sslverify=false` (only when configured `insecure = true`).
@@ -156,6 +162,9 @@ impl NbdkitSpec {
     fn cookie_file(&self) -> PathBuf {
         self.path("cookie")
     }
+    fn cookie_tmp(&self) -> PathBuf {
+        self.path("cookie.tmp")
+    }
     fn password_file(&self) -> PathBuf {
         self.path("password")
     }
@@ -163,11 +172,12 @@ impl NbdkitSpec {
         self.path("pem")
     }
     /// Every file this spec may create.
-    fn files(&self) -> [PathBuf; 5] {
+    fn files(&self) -> [PathBuf; 6] {
         [
             self.socket(),
             self.pid_file(),
             self.cookie_file(),
+            self.cookie_tmp(),
             self.password_file(),
             self.pem_file(),
         ]
@@ -190,11 +200,22 @@ pub fn command_args(spec: &NbdkitSpec) -> Vec<String> {
             url,
             cainfo,
             insecure,
+            cookie_renew_secs,
             ..
         } => {
             args.push("curl".into());
             args.push(format!("url={url}"));
-            args.push(format!("cookie=+{}", spec.cookie_file().display()));
+            match cookie_renew_secs {
+                Some(secs) => {
+                    // A shell fragment: the path is quoted for /bin/sh.
+                    args.push(format!(
+                        "cookie-script=exec cat {}",
+                        shell_quote(&spec.cookie_file().to_string_lossy())
+                    ));
+                    args.push(format!("cookie-script-renew={}", (*secs).max(1)));
+                }
+                None => args.push(format!("cookie=+{}", spec.cookie_file().display())),
+            }
             // A redirect must not lead to another protocol (or to plain HTTP with the cookie).
             args.push("protocols=https".into());
             match cainfo {
@@ -271,6 +292,26 @@ fn write_private(path: &Path, text: &str, what: &'static str) -> Result<(), Nbdk
     f.write_all(text.as_bytes()).map_err(err)
 }
 
+/// `'text'` for /bin/sh, a `'` inside written as `'\''`.
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+/// Replaces the session cookie nbdkit reads (its [`Nbdkit::cookie_file`]) with `cookie`: a
+/// 0600 file written beside it and renamed over it, so that nbdkit never reads half of one.
+pub fn rewrite_cookie(path: &Path, cookie: &str) -> Result<(), NbdkitError> {
+    let tmp = path.with_extension("cookie.tmp");
+    write_private(&tmp, cookie, "cookie file")?;
+    std::fs::rename(&tmp, path).map_err(|source| {
+        remove_quietly(&tmp);
+        NbdkitError::File {
+            what: "cookie file",
+            path: path.to_path_buf(),
+            source,
+        }
+    })
+}
+
 fn remove_quietly(path: &Path) {
     match std::fs::remove_file(path) {
         Ok(()) => {}
@@ -330,7 +371,7 @@ impl Nbdkit {
                 });
             }
         };
-        let guard = KillUnlessReady(Some(child.clone()));
+        let guard = StartGuard::new(&child, "nbdkit");
         let me = Nbdkit { child, spec };
         tracing::info!(pid = me.pid(), export = %me.spec.export,
             command = %me.child.command_line_string(), "started nbdkit");
@@ -365,7 +406,6 @@ impl Nbdkit {
         };
         let begin = tokio::time::Instant::now();
         let deadline = begin + READY_TIMEOUT;
-        let mut exit = self.child.exit_watch();
         let mut pause = Duration::from_millis(5);
         let mut last = "no attempt finished".to_string();
         loop {
@@ -383,7 +423,7 @@ impl Nbdkit {
             };
             tokio::select! {
                 biased;
-                report = async { exit.wait_for(Option::is_some).await.ok().and_then(|r| r.clone()) } => {
+                report = self.child.exited() => {
                     return Err(self.exited(report));
                 }
                 probe = NbdClient::connect(&addr, &opts) => match probe {
@@ -408,7 +448,7 @@ impl Nbdkit {
             }
             tokio::select! {
                 biased;
-                report = async { exit.wait_for(Option::is_some).await.ok().and_then(|r| r.clone()) } => {
+                report = self.child.exited() => {
                     return Err(self.exited(report));
                 }
                 _ = tokio::time::sleep(pause.min(remaining)) => {}
@@ -441,6 +481,11 @@ impl Nbdkit {
         &self.spec.export
     }
 
+    /// The file the session cookie is read from (curl plugin only).
+    pub fn cookie_file(&self) -> Option<PathBuf> {
+        matches!(self.spec.plugin, Plugin::Curl { .. }).then(|| self.spec.cookie_file())
+    }
+
     pub fn is_alive(&self) -> bool {
         self.child.is_alive()
     }
@@ -465,24 +510,6 @@ impl Nbdkit {
                 "nbdkit reported errors while serving");
         }
         report
-    }
-}
-
-/// Kills an nbdkit whose start was abandoned.
-struct KillUnlessReady(Option<Supervised>);
-
-impl KillUnlessReady {
-    fn defuse(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for KillUnlessReady {
-    fn drop(&mut self) {
-        if let Some(child) = self.0.take() {
-            tracing::warn!(pid = child.pid(), "nbdkit start abandoned; killing it");
-            child.kill_now();
-        }
     }
 }
 
@@ -618,6 +645,7 @@ mod tests {
         let a = command_args(&spec(Plugin::Curl {
             url: "https://vc/folder/vm1/vm1-flat.vmdk?dcPath=DC0&dsName=LocalDS_0".into(),
             cookie: "vmware_soap_session=\"secret\"".into(),
+            cookie_renew_secs: None,
             cainfo: Some(CaInfo::Pem("PEM".into())),
             insecure: false,
         }));
@@ -642,6 +670,7 @@ mod tests {
         let a = command_args(&spec(Plugin::Curl {
             url: "https://vc/x".into(),
             cookie: "c".into(),
+            cookie_renew_secs: None,
             cainfo: None,
             insecure: true,
         }));
@@ -650,11 +679,30 @@ mod tests {
         let a = command_args(&spec(Plugin::Curl {
             url: "https://vc/x".into(),
             cookie: "c".into(),
+            cookie_renew_secs: None,
             cainfo: Some(CaInfo::File("/etc/ca.pem".into())),
             insecure: false,
         }));
         assert!(a.contains(&"cainfo=/etc/ca.pem".to_string()));
         assert!(!a.iter().any(|x| x.starts_with("sslverify")));
+        // Renewed: nbdkit runs `cat` on the file again, the path quoted for the shell.
+        let mut s = spec(Plugin::Curl {
+            url: "https://vc/x".into(),
+            cookie: "c".into(),
+            cookie_renew_secs: Some(7),
+            cainfo: None,
+            insecure: false,
+        });
+        s.run_dir = PathBuf::from("/run/it's here");
+        let a = command_args(&s);
+        assert!(
+            a.contains(
+                &r"cookie-script=exec cat '/run/it'\''s here/nbdkit-b1-2000.cookie'".to_string()
+            ),
+            "{a:?}"
+        );
+        assert!(a.contains(&"cookie-script-renew=7".to_string()), "{a:?}");
+        assert!(!a.iter().any(|x| x.starts_with("cookie=")), "{a:?}");
     }
 
     #[test]
@@ -705,6 +753,7 @@ mod tests {
             plugin: Plugin::Curl {
                 url: format!("https://127.0.0.1:{port}/folder/x-flat.vmdk"),
                 cookie: "vmware_soap_session=\"x\"".into(),
+                cookie_renew_secs: Some(1),
                 cainfo: None,
                 insecure: false,
             },

@@ -5,13 +5,19 @@
 //! # A backup, step by step
 //! 1. The VM is looked up by name (only names in `[vsphere] vms` when that list is given, and
 //!    only names that pass [`validate_name`]: others are left out of the inventory with a
-//!    warning).
-//! 2. Snapshots named `sendense-*` that the node does not hold are leftovers (a release that
-//!    failed, a crash): they are removed first. Without VDDK, a VM with other snapshots is
-//!    refused: the HTTPS file access reads flat files, not snapshot delta chains.
+//!    warning). A VM with a disk that a snapshot does not freeze (disk mode
+//!    `independent_persistent` / `independent_nonpersistent`, or a raw device mapping) is
+//!    refused, naming the disk and why: its copy would not be of one instant. The inventory
+//!    says so in that disk's label rather than in a new field: the label already reaches the
+//!    hub and the console unchanged, no API, database or QEMU-driver change is needed, and
+//!    nothing but a person acts on it (the driver itself refuses the backup).
+//! 2. This node's snapshots ([`Ownership`]) that it does not hold are leftovers (a release
+//!    that failed, a crash): they are removed first. Without VDDK, a VM with other snapshots
+//!    (another node's included) is refused: the HTTPS file access reads flat files, not
+//!    snapshot delta chains.
 //! 3. A journal entry (`<run_dir>/vsphere-snapshot-<backup>.json`, [`journal`]) is written, then
-//!    ONE `CreateSnapshot_Task` named `sendense-<backup id>` covers every disk (memory off,
-//!    quiesce per config).
+//!    ONE `CreateSnapshot_Task` named `sendense-<node>-<backup id>`, its description naming the
+//!    node, covers every disk (memory off, quiesce per config).
 //! 4. Per disk of the snapshot: the areas to copy from `QueryChangedDiskAreas` (looped over
 //!    `startOffset`): change id `"*"` (the allocated areas) for a full backup when CBT is on,
 //!    the previous backup's change id for an incremental; with CBT off a full reads every
@@ -30,11 +36,22 @@
 //! vSphere starts a new epoch when tracking is reset. A `FileFault` from
 //! `QueryChangedDiskAreas` (the change id is unknown to the host) is refused the same way.
 //!
-//! # Recovery
-//! At start-up the node holds nothing, so every `sendense-*` snapshot on the VMs it may back up
+//! # Recovery, and several nodes on one vCenter
+//! At start-up the node holds nothing, so every snapshot of ITS OWN on the VMs it may back up
 //! (all VMs, or the `vms` list) is a leftover and is removed, as are the journal's entries and
-//! nbdkits recorded in pid files. What cannot be removed is listed in the report. Two nodes on
-//! one vCenter must therefore split the VMs between them with `vms`.
+//! nbdkits recorded in pid files. What cannot be removed is listed in the report.
+//!
+//! A snapshot is this node's when its name starts with `sendense-<node name>-` AND its
+//! description says `Sendense node "<node name>"`: the name alone is ambiguous, as node names
+//! may contain `-` (node `a` must not take `sendense-a-b-7` of node `a-b`). Another node's
+//! snapshots are left alone, whatever the `vms` lists say: that node may be copying from one
+//! right now.
+//!
+//! Snapshots of older versions (`sendense-<backup id>`, a description that names no node) are
+//! removed when this node's journal records them; the others are left and listed in the
+//! report's errors for an operator to remove. Nothing in such a snapshot says which node took
+//! it, and removing a snapshot another node is reading breaks that node's backup, while a
+//! leftover snapshot only costs datastore space until someone looks at the report.
 //!
 //! # Certificates on the data path
 //! nbdkit's curl checks the datastore's HTTPS like the SOAP client does: the system store, the
@@ -43,12 +60,14 @@
 //!
 //! # Session
 //! One SOAP session, opened on first use; a `NotAuthenticated` fault (the session expired) logs
-//! in again once and repeats the call. nbdkit's curl plugin uses the session cookie current
-//! when it started; a copy that outlives the session (vCenter's idle timeout is 30 minutes,
-//! and the datastore reads keep it alive on vCenter) fails with HTTP 401 in the disk's error.
+//! in again once and repeats the call. nbdkit's curl plugin reads with the session's cookie
+//! from a file; while a snapshot is held the session is kept alive and, after a new login,
+//! the file rewritten for nbdkit to read again ([`session`]). Reads made between the session's
+//! end and the next keepalive still fail (HTTP 401, EIO in the copy).
 
 pub mod cbt;
 pub mod journal;
+pub mod session;
 
 use super::nbdkit::{self, CaInfo, Nbdkit, NbdkitSpec, Plugin, VddkArgs};
 use super::{
@@ -56,19 +75,25 @@ use super::{
     SourceDriver, SourceError, SourceVm,
 };
 use crate::config::VsphereConfig;
-use crate::vsphere::{Client, DiskInfo, Endpoint, MoRef, TlsPolicy, VmInfo, VsphereError};
+use crate::vsphere::{
+    Client, DiskInfo, Endpoint, MoRef, SnapshotInfo, TlsPolicy, VmInfo, VsphereError,
+};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use sendense_shared::api::BackupType;
 use sendense_shared::ids::{BackupId, DiskKey};
 use sendense_shared::names::validate_name;
+use session::{KeepAlive, Session};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-/// Prefix of every snapshot the node creates; the rest of the name is the backup id.
+/// Prefix of every snapshot a node creates: `sendense-<node>-<backup id>`.
 pub const SNAPSHOT_PREFIX: &str = "sendense-";
+/// In a snapshot's description, before the quoted node name.
+const OWNER_MARK: &str = "Sendense node \"";
 const DRIVER: &str = "vsphere";
 const SNAPSHOT_KIND: &str = "VirtualMachineSnapshot";
 const VM_KIND: &str = "VirtualMachine";
@@ -79,6 +104,8 @@ struct Holding {
     snapshot: MoRef,
     journal: PathBuf,
     exports: Vec<Nbdkit>,
+    /// Keeps the session (whose cookie the exports read with) alive.
+    keepalive: KeepAlive,
 }
 
 enum Held {
@@ -98,6 +125,8 @@ impl Held {
 
 /// The vSphere driver.
 pub struct VsphereDriver {
+    /// This node's name: in the name and description of every snapshot it takes.
+    node: String,
     endpoint: Endpoint,
     quiesce: bool,
     allow: Option<BTreeSet<String>>,
@@ -105,7 +134,9 @@ pub struct VsphereDriver {
     /// Set only when configured AND nbdkit's vddk plugin is installed.
     vddk_libdir: Option<PathBuf>,
     run_dir: PathBuf,
-    session: tokio::sync::Mutex<Option<Client>>,
+    session: Arc<Session>,
+    /// How often the session is touched while a snapshot is held.
+    keepalive: Duration,
     /// VM name → what the node holds of it.
     held: Mutex<HashMap<String, Held>>,
     /// VM names already warned about (not valid as Sendense names), so the log says it once.
@@ -113,9 +144,9 @@ pub struct VsphereDriver {
 }
 
 impl VsphereDriver {
-    /// The driver for `config`; nothing is contacted until the first call. `run_dir` holds
-    /// nbdkit sockets, pid files, cookie files and the journal.
-    pub fn new(config: &VsphereConfig, run_dir: PathBuf) -> VsphereDriver {
+    /// The driver for `config` of the node named `node`; nothing is contacted until the first
+    /// call. `run_dir` holds nbdkit sockets, pid files, cookie files and the journal.
+    pub fn new(config: &VsphereConfig, node: &str, run_dir: PathBuf) -> VsphereDriver {
         let vddk_libdir = config.vddk_libdir.clone().filter(|dir| {
             let found = vddk_plugin_installed(&config.nbdkit);
             if !found {
@@ -124,19 +155,22 @@ impl VsphereDriver {
             }
             found
         });
+        let endpoint = Endpoint {
+            url: config.url.clone(),
+            user: config.user.clone(),
+            password: config.password.clone(),
+            tls: config.tls.clone(),
+        };
         VsphereDriver {
-            endpoint: Endpoint {
-                url: config.url.clone(),
-                user: config.user.clone(),
-                password: config.password.clone(),
-                tls: config.tls.clone(),
-            },
+            node: node.to_string(),
+            endpoint: endpoint.clone(),
             quiesce: config.quiesce,
             allow: config.vms.clone(),
             nbdkit: config.nbdkit.clone(),
             vddk_libdir,
             run_dir,
-            session: tokio::sync::Mutex::new(None),
+            session: Arc::new(Session::new(endpoint)),
+            keepalive: config.session_keepalive,
             held: Mutex::new(HashMap::new()),
             warned: Mutex::new(HashSet::new()),
         }
@@ -152,27 +186,7 @@ impl VsphereDriver {
     }
 
     async fn session(&self) -> Result<Client, VsphereError> {
-        let mut slot = self.session.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
-        }
-        let c = Client::connect(&self.endpoint).await?;
-        tracing::info!(url = %self.endpoint.url, user = %self.endpoint.user, "vSphere session open");
-        *slot = Some(c.clone());
-        Ok(c)
-    }
-
-    async fn relogin(&self, stale: &Client) -> Result<Client, VsphereError> {
-        let mut slot = self.session.lock().await;
-        if let Some(c) = slot.as_ref()
-            && c.session_cookie() != stale.session_cookie()
-        {
-            return Ok(c.clone()); // another task logged in again meanwhile
-        }
-        tracing::info!(url = %self.endpoint.url, "vSphere session expired; logging in again");
-        let c = Client::connect(&self.endpoint).await?;
-        *slot = Some(c.clone());
-        Ok(c)
+        self.session.get().await
     }
 
     /// Runs `f` with the session; an expired session is opened again once.
@@ -181,11 +195,7 @@ impl VsphereDriver {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, VsphereError>>,
     {
-        let c = self.session().await?;
-        match f(c.clone()).await {
-            Err(e) if e.fault() == Some("NotAuthenticated") => f(self.relogin(&c).await?).await,
-            r => r,
-        }
+        self.session.call(f).await
     }
 
     /// Endpoint problems (unreachable, certificate, login) name the URL and user; the rest
@@ -282,13 +292,14 @@ impl VsphereDriver {
         if vm.disks.is_empty() {
             return Err(SourceError::NoDisks { vm: vm.name });
         }
+        check_frozen(&vm)?;
         if request.backup_type == BackupType::Incremental {
             check_base(&vm, request)?;
         }
         let stale: Vec<MoRef> = vm
             .snapshots
             .iter()
-            .filter(|s| s.name.starts_with(SNAPSHOT_PREFIX))
+            .filter(|s| ownership(&self.node, s) == Some(Ownership::Mine))
             .map(|s| s.moref.clone())
             .collect();
         if !stale.is_empty() {
@@ -316,7 +327,7 @@ impl VsphereDriver {
         })?;
         let stem = self.stem(&request.backup_id);
         let journal_path = journal::path(&self.run_dir, &stem);
-        let name = format!("{SNAPSHOT_PREFIX}{}", request.backup_id);
+        let name = snapshot_name(&self.node, &request.backup_id);
         let mut entry = journal::Entry {
             backup_id: request.backup_id.0.clone(),
             vm_name: vm.name.clone(),
@@ -331,7 +342,8 @@ impl VsphereDriver {
             source,
         })?;
         let description = format!(
-            "Taken by Sendense for backup {} at {}. Sendense removes it when the backup ends, or at its next start-up.",
+            "Taken by {OWNER_MARK}{}\" for backup {} at {}. Sendense removes it when the backup ends, or at the node's next start-up.",
+            self.node,
             request.backup_id,
             chrono::Utc::now().to_rfc3339()
         );
@@ -377,6 +389,12 @@ impl VsphereDriver {
                     backup_id: request.backup_id.clone(),
                     snapshot,
                     journal: journal_path,
+                    keepalive: KeepAlive::start(
+                        self.session.clone(),
+                        vm.name.clone(),
+                        exports.iter().filter_map(Nbdkit::cookie_file).collect(),
+                        self.keepalive,
+                    ),
                     exports,
                 },
             )),
@@ -571,12 +589,16 @@ impl VsphereDriver {
         Ok(Plugin::Curl {
             url,
             cookie: client.session_cookie(),
+            // Within a keepalive period of a new login, nbdkit reads with the new cookie.
+            cookie_renew_secs: Some(self.keepalive.as_secs().clamp(1, 30) as u32),
             cainfo,
             insecure: self.endpoint.tls == TlsPolicy::Insecure,
         })
     }
 
     async fn release_holding(&self, vm_name: &str, h: Holding) -> Result<(), SourceError> {
+        // First, so that no cookie file is written after nbdkit's files are removed.
+        h.keepalive.stop().await;
         for n in &h.exports {
             n.stop().await;
         }
@@ -782,8 +804,8 @@ impl SourceDriver for VsphereDriver {
                     },
                 }
             }
-            // The node holds nothing it did not take in this run: every other Sendense
-            // snapshot on the VMs it may back up is a leftover.
+            // The node holds nothing it did not take in this run: every other snapshot of its
+            // own on the VMs it may back up is a leftover. Other nodes' are theirs to remove.
             match self.call(|c| async move { c.list_vms().await }).await {
                 Ok(vms) => {
                     for vm in vms
@@ -791,11 +813,23 @@ impl SourceDriver for VsphereDriver {
                         .filter(|vm| self.allow.as_ref().is_none_or(|a| a.contains(&vm.name)))
                         .filter(|vm| !self.holds(&vm.name))
                     {
-                        for s in vm
-                            .snapshots
-                            .iter()
-                            .filter(|s| s.name.starts_with(SNAPSHOT_PREFIX))
-                        {
+                        for s in &vm.snapshots {
+                            match ownership(&self.node, s) {
+                                Some(Ownership::Mine) => {}
+                                Some(Ownership::Node(other)) => {
+                                    tracing::debug!(vm = %vm.name, snapshot = %s.name, node = %other,
+                                        "leaving another node's snapshot");
+                                    continue;
+                                }
+                                Some(Ownership::Unknown) => {
+                                    report.errors.push(format!(
+                                        "snapshot {} ({}) of VM {}: taken by a Sendense version that did not record the node; not removed, as another node may be reading it (remove it by hand once no backup of the VM runs)",
+                                        s.name, s.moref.value, vm.name
+                                    ));
+                                    continue;
+                                }
+                                None => continue,
+                            }
                             match self.remove_snapshot(&vm.name, &s.moref).await {
                                 Ok(()) => report.snapshots_removed.push(format!(
                                     "VM {}: snapshot {} ({})",
@@ -837,6 +871,44 @@ impl SourceDriver for VsphereDriver {
     }
 }
 
+/// `sendense-<node>-<backup id>`.
+fn snapshot_name(node: &str, backup_id: &BackupId) -> String {
+    format!("{SNAPSHOT_PREFIX}{node}-{backup_id}")
+}
+
+/// Which Sendense node took a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ownership {
+    /// This node: named `sendense-<node>-...` and its description names this node.
+    Mine,
+    /// The node the description names (not this one).
+    Node(String),
+    /// Named `sendense-...` but its description names no node (an older version took it), or
+    /// names this node under another name.
+    Unknown,
+}
+
+/// Whose a snapshot is, as seen by the node `node`; `None` when Sendense did not take it.
+pub fn ownership(node: &str, s: &SnapshotInfo) -> Option<Ownership> {
+    if !s.name.starts_with(SNAPSHOT_PREFIX) {
+        return None;
+    }
+    let owner = s
+        .description
+        .split_once(OWNER_MARK)
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map(|(name, _)| name);
+    Some(match owner {
+        None => Ownership::Unknown,
+        // Renamed by hand, or a node name with a quote: not clearly ours, so not removed.
+        Some(o) if o == node && !s.name.starts_with(&format!("{SNAPSHOT_PREFIX}{node}-")) => {
+            Ownership::Unknown
+        }
+        Some(o) if o == node => Ownership::Mine,
+        Some(o) => Ownership::Node(o.to_string()),
+    })
+}
+
 /// A VM as the inventory shows it.
 fn source_vm(vm: &VmInfo) -> SourceVm {
     SourceVm {
@@ -849,7 +921,7 @@ fn source_vm(vm: &VmInfo) -> SourceVm {
                 disk_key: DiskKey(d.key as i64),
                 unit_number: d.unit_number,
                 size_bytes: d.capacity_bytes,
-                label: d.label.clone(),
+                label: disk_label(d),
                 controller: Some(d.controller_label.clone()).filter(|c| !c.is_empty()),
                 backing_file: Some(d.file_name.clone()).filter(|f| !f.is_empty()),
                 thin_provisioned: d.thin,
@@ -858,6 +930,48 @@ fn source_vm(vm: &VmInfo) -> SourceVm {
         driver: DRIVER,
         change_tracking: Some(vm.cbt_enabled),
     }
+}
+
+/// The inventory label: the disk's own, and for a disk that snapshots do not freeze, what it
+/// is and that the VM cannot be backed up (the console and the hub show labels as they are).
+fn disk_label(d: &DiskInfo) -> String {
+    match (&d.raw_mapping, d.not_frozen_by_snapshots()) {
+        (_, None) => d.label.clone(),
+        (Some(_), Some(_)) => format!(
+            "{} (raw device mapping: not in VM snapshots, VM cannot be backed up)",
+            d.label
+        ),
+        (None, Some(_)) => format!(
+            "{} ({}: not in VM snapshots, VM cannot be backed up)",
+            d.label,
+            d.mode.as_deref().unwrap_or_default()
+        ),
+    }
+}
+
+/// Refuses a VM with a disk a snapshot does not freeze: its copy would be read while the guest
+/// writes to it, so the backup would not be consistent (and an independent disk's data would
+/// not even be the snapshot's instant).
+fn check_frozen(vm: &VmInfo) -> Result<(), SourceError> {
+    let problems: Vec<String> = vm
+        .disks
+        .iter()
+        .filter_map(|d| {
+            d.not_frozen_by_snapshots()
+                .map(|why| format!("disk {} ({}) is {why}", d.key, d.label))
+        })
+        .collect();
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(SourceError::Hypervisor {
+        vm: vm.name.clone(),
+        operation: "snapshot",
+        detail: format!(
+            "refused: {}; a backup of the VM would not be consistent (make the disk persistent, or remove it from the VM)",
+            problems.join("; ")
+        ),
+    })
 }
 
 /// Whether an incremental of `vm` may start from the request's change ids.
@@ -947,7 +1061,6 @@ fn vddk_plugin_installed(nbdkit: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vsphere::SnapshotInfo;
 
     fn disk(key: i32, change_id: Option<&str>) -> DiskInfo {
         DiskInfo {
@@ -961,6 +1074,8 @@ mod tests {
             datastore: "LocalDS_0".into(),
             thin: Some(true),
             change_id: change_id.map(str::to_string),
+            mode: Some("persistent".into()),
+            raw_mapping: None,
         }
     }
 
@@ -1030,6 +1145,39 @@ mod tests {
         let off = vm(false, v.disks.clone());
         let e = check_base(&off, &incremental(&[(2000, a), (2001, "52 bb/1")])).unwrap_err();
         assert!(e.to_string().contains("off"), "{e}");
+    }
+
+    #[test]
+    fn a_snapshot_is_mine_only_by_name_and_description() {
+        let snap = |name: &str, description: &str| SnapshotInfo {
+            moref: MoRef::new(SNAPSHOT_KIND, "snapshot-1"),
+            name: name.into(),
+            description: description.into(),
+        };
+        let by = |node: &str| format!("Taken by {OWNER_MARK}{node}\" for backup b at t.");
+        let name = snapshot_name("a", &BackupId::from("b-1"));
+        assert_eq!(name, "sendense-a-b-1");
+        assert_eq!(
+            ownership("a", &snap(&name, &by("a"))),
+            Some(Ownership::Mine)
+        );
+        // Node "a-b" took "sendense-a-b-7": not node a's, although the name fits.
+        assert_eq!(
+            ownership("a", &snap("sendense-a-b-7", &by("a-b"))),
+            Some(Ownership::Node("a-b".into()))
+        );
+        assert_eq!(
+            ownership("a", &snap("sendense-x-1", &by("a"))),
+            Some(Ownership::Unknown)
+        );
+        assert_eq!(
+            ownership(
+                "a",
+                &snap("sendense-5f1c", "Taken by Sendense for backup 5f1c at t.")
+            ),
+            Some(Ownership::Unknown)
+        );
+        assert_eq!(ownership("a", &snap("before upgrade", &by("a"))), None);
     }
 
     #[test]

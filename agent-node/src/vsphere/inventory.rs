@@ -64,6 +64,15 @@ pub(crate) fn disks(method: &str, devices: Node<'_, '_>) -> Result<Vec<RawDisk>,
         let change_id = child_text(backing, "changeId")
             .map(|c| c.trim().to_string())
             .filter(|c| !c.is_empty());
+        let mode = child_text(backing, "diskMode")
+            .map(|m| m.trim().to_string())
+            .filter(|m| !m.is_empty());
+        let raw_mapping = (xsi_type(backing) == Some("VirtualDiskRawDiskMappingVer1BackingInfo"))
+            .then(|| {
+                child_text(backing, "compatibilityMode")
+                    .map(|c| c.trim().to_string())
+                    .unwrap_or_default()
+            });
         disks.push(RawDisk {
             disk: DiskInfo {
                 key,
@@ -76,6 +85,8 @@ pub(crate) fn disks(method: &str, devices: Node<'_, '_>) -> Result<Vec<RawDisk>,
                 file_name,
                 thin,
                 change_id,
+                mode,
+                raw_mapping,
             },
             datastore_ref: child(backing, "datastore").and_then(moref),
         });
@@ -186,6 +197,8 @@ mod tests {
                     datastore: "LocalDS_0".into(),
                     thin: Some(true),
                     change_id: Some("52 de c0 d9 98 42 3b 3a-9b 8b 6c 2c 7f e5 8d 0f/12".into()),
+                    mode: Some("persistent".into()),
+                    raw_mapping: None,
                 },
                 DiskInfo {
                     key: 2001,
@@ -198,8 +211,38 @@ mod tests {
                     datastore: "LocalDS_0".into(),
                     thin: Some(false),
                     change_id: None,
+                    mode: Some("persistent".into()),
+                    raw_mapping: None,
                 },
             ]
+        );
+    }
+
+    #[test]
+    fn independent_and_raw_mapped_disks_say_why_snapshots_miss_them() {
+        let independent = DEVICES.replace(
+            "disk1.vmdk</fileName><datastore type=\"Datastore\">datastore-56</datastore><diskMode>persistent",
+            "disk1.vmdk</fileName><datastore type=\"Datastore\">datastore-56</datastore><diskMode>independent_persistent",
+        );
+        let doc = Document::parse(&independent).expect("xml");
+        let raw = disks("t", doc.root_element()).expect("disks");
+        assert_eq!(raw[0].disk.not_frozen_by_snapshots(), None);
+        assert_eq!(raw[1].disk.mode.as_deref(), Some("independent_persistent"));
+        let why = raw[1].disk.not_frozen_by_snapshots().expect("independent");
+        assert!(why.contains("independent_persistent"), "{why}");
+        // A physical-mode RDM as vCenter sends it: its own backing type, a LUN behind it.
+        let rdm = DEVICES.replace(
+            r#"<backing XMLSchema-instance:type="VirtualDiskFlatVer2BackingInfo"><fileName>[LocalDS_0] DC0_H0_VM0/disk1.vmdk</fileName><datastore type="Datastore">datastore-56</datastore><diskMode>persistent</diskMode><thinProvisioned>false</thinProvisioned></backing>"#,
+            r#"<backing XMLSchema-instance:type="VirtualDiskRawDiskMappingVer1BackingInfo"><fileName>[LocalDS_0] DC0_H0_VM0/disk1-rdm.vmdk</fileName><datastore type="Datastore">datastore-56</datastore><lunUuid>0200000000600508b1</lunUuid><deviceName>vml.0200000000600508b1</deviceName><compatibilityMode>physicalMode</compatibilityMode><diskMode>independent_persistent</diskMode></backing>"#,
+        );
+        assert_ne!(rdm, DEVICES);
+        let doc = Document::parse(&rdm).expect("xml");
+        let raw = disks("t", doc.root_element()).expect("disks");
+        assert_eq!(raw[1].disk.raw_mapping.as_deref(), Some("physicalMode"));
+        let why = raw[1].disk.not_frozen_by_snapshots().expect("rdm");
+        assert!(
+            why.contains("raw device mapping") && why.contains("physical"),
+            "{why}"
         );
     }
 
