@@ -25,6 +25,15 @@ fn short_type(t: BackupType) -> &'static str {
     }
 }
 
+/// The Bytes column: written so far / the VM's size.
+fn bytes_cell(b: &Backup) -> String {
+    format!(
+        "{}/{}",
+        format::bytes(b.bytes_transferred),
+        format::bytes(b.total_bytes)
+    )
+}
+
 fn render_list(app: &App, frame: &mut Frame, area: Rect) {
     let list = app.visible_backups();
     let block = titled_block(strings::VIEW_JOBS, Some(list.len()), app.filter(View::Jobs));
@@ -88,7 +97,14 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
         Constraint::Length(4),
         Constraint::Length(12),
         Constraint::Length(4),
-        Constraint::Length(17),
+        // As wide as the longest figure ("72.0 MiB/384.0 MiB"), never cut; 17 at the least.
+        Constraint::Length(
+            list.iter()
+                .map(|b| bytes_cell(b).chars().count() as u16)
+                .max()
+                .unwrap_or(0)
+                .max(17),
+        ),
         Constraint::Length(11),
     ];
     if wide {
@@ -113,11 +129,7 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
                 "{:>3}%",
                 format::percent(format::done_bytes(b), b.total_bytes)
             )),
-            Cell::from(format!(
-                "{}/{}",
-                format::bytes(b.bytes_transferred),
-                format::bytes(b.total_bytes)
-            )),
+            Cell::from(bytes_cell(b)),
             Cell::from(rate),
         ];
         if wide {

@@ -94,6 +94,20 @@ fn job_detail_vsphere_incremental_shows_written_bytes_and_change_id() {
 }
 
 #[test]
+fn jobs_list_bytes_column_is_never_cut() {
+    let mut app = fixtures::app();
+    let mut b = fixtures::vsphere_job();
+    b.bytes_transferred = 72 * 1024 * 1024;
+    b.total_bytes = 384 * 1024 * 1024;
+    app.backups.insert(0, b);
+    // 100 columns: narrow layout, where the column was 17 wide and cut "384.0 MiB" to "384.0 Mi".
+    for (w, h) in [(80, 24), (100, 30), (160, 48)] {
+        let screen = draw(&app, w, h);
+        assert!(screen.contains("72.0 MiB/384.0 MiB"), "{w}x{h}:\n{screen}");
+    }
+}
+
+#[test]
 fn vms_vsphere_selected_shows_source_and_disk_facts() {
     let mut app = fixtures::app();
     keys(
