@@ -10,7 +10,9 @@
 //!   as the client captured it) or `sslverify=false` only when configured insecure. The cookie
 //!   (the SOAP session) is in a 0600 file in the run directory, never on the command line;
 //!   when the node logs in again it rewrites the file ([`rewrite_cookie`], atomically) and
-//!   nbdkit reads it again within the renew interval.
+//!   nbdkit reads it again within the renew interval. The `retry-request` filter retries a
+//!   failed read ([`READ_RETRIES`] times, [`READ_RETRY_DELAY_SECS`] apart), so that the gap
+//!   between a session's end and the renewed cookie, or an HTTP hiccup, is not an EIO.
 //! - Plugin `vddk` (VMware's VDDK installed, production): `libdir= server= [port=] user=
 //!   password=+<file> thumbprint= vm=moref= snapshot= file= transports=`; built by
 //!   [`command_args`] and unit-tested, but it cannot run on this machine (no VDDK).
@@ -184,6 +186,12 @@ impl NbdkitSpec {
     }
 }
 
+/// curl plugin: how often a failed read is retried, and how long apart (the `retry-request`
+/// filter). Together they bridge about 10 s, longer than the cookie's renew interval at the
+/// driver's default keepalive cap.
+pub const READ_RETRIES: u32 = 5;
+pub const READ_RETRY_DELAY_SECS: u32 = 2;
+
 /// The arguments after the binary. Secrets are referenced by file (`+FILE`), never inline.
 pub fn command_args(spec: &NbdkitSpec) -> Vec<String> {
     let mut args = vec![
@@ -203,8 +211,15 @@ pub fn command_args(spec: &NbdkitSpec) -> Vec<String> {
             cookie_renew_secs,
             ..
         } => {
+            // A failed read is tried again a few times before the copy sees EIO: an HTTP hiccup,
+            // or a 401 between the end of a session and the renewed cookie, must not fail a
+            // backup. Opening is not retried, so that a refused start is named at once.
+            args.push("--filter=retry-request".into());
             args.push("curl".into());
             args.push(format!("url={url}"));
+            args.push(format!("retry-request-retries={READ_RETRIES}"));
+            args.push(format!("retry-request-delay={READ_RETRY_DELAY_SECS}"));
+            args.push("retry-request-open=false".into());
             match cookie_renew_secs {
                 Some(secs) => {
                     // A shell fragment: the path is quoted for /bin/sh.
@@ -659,8 +674,12 @@ mod tests {
                 "/run/sd/nbdkit-b1-2000.sock",
                 "--exportname",
                 "vm1-disk-2000",
+                "--filter=retry-request",
                 "curl",
                 "url=https://vc/folder/vm1/vm1-flat.vmdk?dcPath=DC0&dsName=LocalDS_0",
+                "retry-request-retries=5",
+                "retry-request-delay=2",
+                "retry-request-open=false",
                 "cookie=+/run/sd/nbdkit-b1-2000.cookie",
                 "protocols=https",
                 "cainfo=/run/sd/nbdkit-b1-2000.pem",
