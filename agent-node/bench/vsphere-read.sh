@@ -107,3 +107,48 @@ for i in $(seq 1 "$RUNS"); do
 done
 median=$(printf '%s\n' "${ratios[@]}" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}')
 printf 'median curl/file time ratio: %.2f\n' "$median"
+
+# Part 2: the copy engine against nbdcopy on the same path, as a vSphere backup runs it: from the
+# nbdkit curl export into a fresh QCOW2 served by qemu-nbd the way the hub serves targets
+# (cache=none, aio=threads), the target known to be zero (holes skipped). Alternating order;
+# every target is compared with the disk file.
+node=${SENDENSE_NODE:-$target_dir/release/sendense-node}
+if [ ! -x "$node" ]; then
+  echo "building release sendense-node..."
+  (cd "$root" && cargo build --release -q -p agent-node)
+fi
+copy_once() { # tool -> seconds
+  local dst=$work/target.qcow2 sock=$work/target.sock t0 t1 ok=1
+  rm -f "$dst" "$sock"
+  qemu-img create -q -f qcow2 "$dst" "$bytes"
+  qemu-nbd --format=qcow2 --export-name=t --socket="$sock" --persistent --shared=8 --cache=none \
+    --aio=threads --discard=unmap --detect-zeroes=unmap "$dst" 2>>"$work/qemu-nbd.log" &
+  local qpid=$!
+  pids+=("$qpid")
+  for _ in $(seq 1 200); do [ -S "$sock" ] && break; sleep 0.05; done
+  t0=$(now)
+  case $1 in
+    sendense) "$node" copy --from "nbd+unix:///e?socket=$work/curl.sock" \
+      --to "nbd+unix:///t?socket=$sock" --destination-is-zero >"$work/copy.log" 2>&1 || ok=0 ;;
+    nbdcopy) nbdcopy --destination-is-zero --flush "nbd+unix:///e?socket=$work/curl.sock" \
+      "nbd+unix:///t?socket=$sock" >"$work/copy.log" 2>&1 || ok=0 ;;
+  esac
+  t1=$(now)
+  kill "$qpid"; wait "$qpid" 2>/dev/null || true
+  [ "$ok" = 1 ] || { echo "$1 failed:" >&2; cat "$work/copy.log" >&2; exit 1; }
+  qemu-img compare -q -f raw -F qcow2 "$flat" "$dst" || { echo "$1: target differs" >&2; exit 1; }
+  echo "$t1 - $t0" | bc -l
+}
+echo
+echo "copy into a fresh qcow2 (qemu-nbd cache=none): sendense-node copy vs nbdcopy, $RUNS runs"
+ratios=()
+for i in $(seq 1 "$RUNS"); do
+  if (( i % 2 )); then order="sendense nbdcopy"; else order="nbdcopy sendense"; fi
+  for tool in $order; do eval "c_$tool=\$(copy_once $tool)"; done
+  r=$(echo "$c_sendense / $c_nbdcopy" | bc -l)
+  ratios+=("$r")
+  printf 'run %d: sendense %.2f s (%.0f MiB/s)  nbdcopy %.2f s (%.0f MiB/s)  sendense/nbdcopy %.2f\n' "$i" \
+    "$c_sendense" "$(echo "$SIZE / $c_sendense" | bc -l)" "$c_nbdcopy" "$(echo "$SIZE / $c_nbdcopy" | bc -l)" "$r"
+done
+median=$(printf '%s\n' "${ratios[@]}" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}')
+printf 'median sendense/nbdcopy time ratio: %.2f (below 1: the engine is faster)\n' "$median"
