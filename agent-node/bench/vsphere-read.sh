@@ -12,6 +12,9 @@
 # curl 1.87-2.17 s (236-273 MiB/s), file 0.13-0.24 s (page cache), median ratio 14.7. The HTTPS
 # path (the simulator's Go TLS server plus curl) bounds a vSphere copy here at ~250 MiB/s, below
 # the copy engine's 330-540 MiB/s qcow2-to-qcow2 (bench/copy.sh); VDDK is the production path.
+# Part 2 (`vsphere-read.sh 3 512`, release build, load ~2): from the curl export into a fresh
+# qcow2 (qemu-nbd cache=none), sendense-node copy 2.12-2.43 s (211-242 MiB/s), nbdcopy 2.05-2.30 s
+# (223-250 MiB/s), median time ratio sendense/nbdcopy 1.04: on par, both bound by the HTTPS read.
 #
 # Needs the launcher built by the tests (`cargo test -p agent-node --test vsphere_driver` builds
 # it into $CARGO_TARGET_DIR/vcsim/). Everything listens on 127.0.0.1; every process it starts is
