@@ -13,12 +13,51 @@ struct Run {
     stderr: String,
 }
 
-/// A token file in a fresh directory (also used as HOME so no real config is read).
-fn home(token: &str) -> (TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("token");
-    std::fs::write(&path, format!("{token}\n")).unwrap();
-    (dir, path)
+/// An operator's shell: a fresh directory used as HOME (so no real config is read) holding a
+/// token file, and the hub every run is pointed at.
+struct Shell {
+    home: TempDir,
+    token: PathBuf,
+    hub: String,
+}
+
+impl Shell {
+    fn new(hub: &str, token: &str) -> Shell {
+        let home = tempfile::tempdir().unwrap();
+        let path = home.path().join("token");
+        std::fs::write(&path, format!("{token}\n")).unwrap();
+        Shell {
+            home,
+            token: path,
+            hub: hub.into(),
+        }
+    }
+
+    /// `sendense-console --hub <hub> --token-file <token> ARGS...`, not yet run.
+    fn console(&self, args: &[&str]) -> tokio::process::Command {
+        let mut full = vec![
+            "--hub",
+            &self.hub,
+            "--token-file",
+            self.token.to_str().unwrap(),
+        ];
+        full.extend_from_slice(args);
+        command(&self.home, &full)
+    }
+
+    async fn run(&self, args: &[&str]) -> Run {
+        let r = done(self.console(args).output().await.unwrap());
+        eprintln!(
+            "$ sendense-console --hub {} --token-file {} {}\n-> exit {}\nstdout:\n{}stderr:\n{}",
+            self.hub,
+            self.token.display(),
+            args.join(" "),
+            r.code,
+            r.stdout,
+            r.stderr
+        );
+        r
+    }
 }
 
 fn command(home: &TempDir, args: &[&str]) -> tokio::process::Command {
@@ -45,21 +84,6 @@ fn done(out: Output) -> Run {
     }
 }
 
-async fn run(hub: &str, token_file: &std::path::Path, home: &TempDir, args: &[&str]) -> Run {
-    let mut full = vec!["--hub", hub, "--token-file", token_file.to_str().unwrap()];
-    full.extend_from_slice(args);
-    let out = command(home, &full).output().await.unwrap();
-    let r = done(out);
-    eprintln!(
-        "$ sendense-console {}\n-> exit {}\nstdout:\n{}stderr:\n{}",
-        full.join(" "),
-        r.code,
-        r.stdout,
-        r.stderr
-    );
-    r
-}
-
 #[tokio::test]
 async fn backups_list_json_is_the_hubs_list() {
     let hub = FakeHub::start(&["repo-a"]).await;
@@ -78,15 +102,15 @@ async fn backups_list_json_is_the_hubs_list() {
             BackupType::Incremental,
         ));
     }
-    let (home, token) = home(TOKEN);
-    let r = run(&hub.url, &token, &home, &["backups", "list", "--json"]).await;
+    let sh = Shell::new(&hub.url, TOKEN);
+    let r = sh.run(&["backups", "list", "--json"]).await;
     assert_eq!(r.code, 0, "{}", r.stderr);
     let list: Vec<Backup> = serde_json::from_str(&r.stdout).expect("stdout is the JSON list");
     let ids: Vec<&str> = list.iter().map(|b| b.backup_id.0.as_str()).collect();
     assert_eq!(ids.len(), 2);
     assert!(ids.contains(&"b-1") && ids.contains(&"b-2"));
 
-    let r = run(&hub.url, &token, &home, &["backups", "list"]).await;
+    let r = sh.run(&["backups", "list"]).await;
     assert_eq!(r.code, 0);
     assert!(r.stdout.starts_with("ID "), "{}", r.stdout);
     assert!(
@@ -99,14 +123,10 @@ async fn backups_list_json_is_the_hubs_list() {
 #[tokio::test]
 async fn start_wait_shows_progress_and_exits_zero_when_completed() {
     let hub = FakeHub::start(&["repo-a"]).await;
-    let (home, token) = home(TOKEN);
-    let r = run(
-        &hub.url,
-        &token,
-        &home,
-        &["backup", "start", "pgtest1", "--type", "full", "--wait"],
-    )
-    .await;
+    let sh = Shell::new(&hub.url, TOKEN);
+    let r = sh
+        .run(&["backup", "start", "pgtest1", "--type", "full", "--wait"])
+        .await;
     assert_eq!(r.code, 0, "{}", r.stderr);
     let id = r.stdout.trim();
     assert!(
@@ -141,12 +161,9 @@ async fn start_wait_shows_progress_and_exits_zero_when_completed() {
 #[tokio::test]
 async fn start_wait_of_a_failing_job_exits_3_with_the_cause() {
     let hub = FakeHub::start(&["repo-a", "offsite"]).await;
-    let (home, token) = home(TOKEN);
-    let r = run(
-        &hub.url,
-        &token,
-        &home,
-        &[
+    let sh = Shell::new(&hub.url, TOKEN);
+    let r = sh
+        .run(&[
             "backup",
             "start",
             "flaky",
@@ -155,9 +172,8 @@ async fn start_wait_of_a_failing_job_exits_3_with_the_cause() {
             "--repository",
             "offsite",
             "--wait",
-        ],
-    )
-    .await;
+        ])
+        .await;
     assert_eq!(r.code, 3, "{}", r.stderr);
     assert!(r.stderr.contains(FLAKY_ERROR), "{}", r.stderr);
     assert!(
@@ -175,10 +191,9 @@ async fn start_wait_of_a_failing_job_exits_3_with_the_cause() {
 #[tokio::test]
 async fn cancel_ends_a_waiting_start_with_exit_4() {
     let hub = FakeHub::start(&["repo-a"]).await;
-    let (home, token) = home(TOKEN);
-    let mut args = vec!["--hub", &hub.url, "--token-file", token.to_str().unwrap()];
-    args.extend(["backup", "start", "slowvm", "--type", "full", "--wait"]);
-    let waiting = command(&home, &args)
+    let sh = Shell::new(&hub.url, TOKEN);
+    let waiting = sh
+        .console(&["backup", "start", "slowvm", "--type", "full", "--wait"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -190,7 +205,7 @@ async fn cancel_ends_a_waiting_start_with_exit_4() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
-    let r = run(&hub.url, &token, &home, &["backup", "cancel", &id]).await;
+    let r = sh.run(&["backup", "cancel", &id]).await;
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stderr.contains("cancelling"), "{}", r.stderr);
     assert_eq!(r.stdout.trim(), id);
@@ -208,14 +223,10 @@ async fn cancel_ends_a_waiting_start_with_exit_4() {
 #[tokio::test]
 async fn unknown_vm_is_named_with_the_hubs_detail() {
     let hub = FakeHub::start(&["repo-a"]).await;
-    let (home, token) = home(TOKEN);
-    let r = run(
-        &hub.url,
-        &token,
-        &home,
-        &["backup", "start", "ghost", "--type", "full"],
-    )
-    .await;
+    let sh = Shell::new(&hub.url, TOKEN);
+    let r = sh
+        .run(&["backup", "start", "ghost", "--type", "full"])
+        .await;
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("404"), "{}", r.stderr);
     assert!(
@@ -229,8 +240,8 @@ async fn unknown_vm_is_named_with_the_hubs_detail() {
 #[tokio::test]
 async fn wrong_token_says_401_and_how_to_fix_it() {
     let hub = FakeHub::start(&["repo-a"]).await;
-    let (home, token) = home("not-the-token");
-    let r = run(&hub.url, &token, &home, &["backups", "list"]).await;
+    let sh = Shell::new(&hub.url, "not-the-token");
+    let r = sh.run(&["backups", "list"]).await;
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("401"), "{}", r.stderr);
     assert!(r.stderr.contains("--token-file"), "{}", r.stderr);
@@ -244,8 +255,8 @@ async fn unreachable_hub_is_named_with_its_url() {
         l.local_addr().unwrap()
     };
     let url = format!("http://{addr}");
-    let (home, token) = home(TOKEN);
-    let r = run(&url, &token, &home, &["backup", "cancel", "b-1"]).await;
+    let sh = Shell::new(&url, TOKEN);
+    let r = sh.run(&["backup", "cancel", "b-1"]).await;
     assert_eq!(r.code, 1);
     assert!(
         r.stderr.contains(&format!("hub unreachable at {url}/")),
@@ -258,14 +269,10 @@ async fn unreachable_hub_is_named_with_its_url() {
 #[tokio::test]
 async fn several_repositories_need_a_choice() {
     let hub = FakeHub::start(&["repo-a", "offsite"]).await;
-    let (home, token) = home(TOKEN);
-    let r = run(
-        &hub.url,
-        &token,
-        &home,
-        &["backup", "start", "pgtest1", "--type", "full"],
-    )
-    .await;
+    let sh = Shell::new(&hub.url, TOKEN);
+    let r = sh
+        .run(&["backup", "start", "pgtest1", "--type", "full"])
+        .await;
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("repo-a, offsite"), "{}", r.stderr);
     assert!(r.stderr.contains("--repository"), "{}", r.stderr);
@@ -277,25 +284,16 @@ async fn several_repositories_need_a_choice() {
 
 #[tokio::test]
 async fn missing_token_file_and_bad_type_are_named() {
-    let (home, _) = home(TOKEN);
-    let r = run(
-        "http://127.0.0.1:9",
-        std::path::Path::new("/nonexistent/token"),
-        &home,
-        &["backups", "list"],
-    )
-    .await;
+    let mut sh = Shell::new("http://127.0.0.1:9", TOKEN);
+    sh.token = "/nonexistent/token".into();
+    let r = sh.run(&["backups", "list"]).await;
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("/nonexistent/token"), "{}", r.stderr);
 
-    let (home, token) = self::home(TOKEN);
-    let r = run(
-        "http://127.0.0.1:9",
-        &token,
-        &home,
-        &["backup", "start", "vm", "--type", "differential"],
-    )
-    .await;
+    let sh = Shell::new("http://127.0.0.1:9", TOKEN);
+    let r = sh
+        .run(&["backup", "start", "vm", "--type", "differential"])
+        .await;
     assert_eq!(r.code, 2, "usage error");
     assert!(r.stderr.contains("differential"), "{}", r.stderr);
 }
@@ -303,8 +301,8 @@ async fn missing_token_file_and_bad_type_are_named() {
 #[tokio::test]
 async fn tui_without_a_terminal_explains_instead_of_panicking() {
     let hub = FakeHub::start(&["repo-a"]).await;
-    let (home, token) = home(TOKEN);
-    let r = run(&hub.url, &token, &home, &[]).await;
+    let sh = Shell::new(&hub.url, TOKEN);
+    let r = sh.run(&[]).await;
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("needs a terminal"), "{}", r.stderr);
     assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
@@ -312,7 +310,7 @@ async fn tui_without_a_terminal_explains_instead_of_panicking() {
 
 #[tokio::test]
 async fn version_names_the_binary_and_its_commit() {
-    let (home, _) = home(TOKEN);
+    let home = tempfile::tempdir().unwrap();
     let r = done(command(&home, &["--version"]).output().await.unwrap());
     assert_eq!(r.code, 0);
     assert!(r.stdout.contains("sendense-console"), "{}", r.stdout);
