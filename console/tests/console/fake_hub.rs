@@ -3,8 +3,9 @@
 //! (Stand-in while the real hub is written in parallel; see `main.rs`.)
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Path, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -159,16 +160,28 @@ fn error(status: StatusCode, error: &str, detail: &str) -> Response {
         .into_response()
 }
 
-/// The 401 answer when the bearer token is missing or wrong.
-fn reject(headers: &HeaderMap) -> Option<Response> {
+fn no_backup(id: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "backup not found",
+        &format!("no backup {id}"),
+    )
+}
+
+/// Every `/api/v1` route answers 401 when the bearer token is missing or wrong.
+async fn require_token(req: Request, next: Next) -> Response {
     let expected = format!("Bearer {TOKEN}");
-    match headers.get("authorization").and_then(|v| v.to_str().ok()) {
-        Some(v) if v == expected => None,
-        _ => Some(error(
+    match req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(v) if v == expected => next.run(req).await,
+        _ => error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "missing or wrong bearer token",
-        )),
+        ),
     }
 }
 
@@ -188,43 +201,22 @@ async fn health() -> Json<Health> {
     })
 }
 
-async fn list_backups(State(s): State<Shared>, headers: HeaderMap) -> Response {
-    if let Some(r) = reject(&headers) {
-        return r;
-    }
+async fn list_backups(State(s): State<Shared>) -> Response {
     Json(s.state.lock().unwrap().backups.clone()).into_response()
 }
 
-async fn get_backup(
-    State(s): State<Shared>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Some(r) = reject(&headers) {
-        return r;
-    }
+async fn get_backup(State(s): State<Shared>, Path(id): Path<String>) -> Response {
     let mut st = s.state.lock().unwrap();
     match st.backups.iter_mut().find(|b| b.backup_id.0 == id) {
         Some(b) => {
             advance(b);
             Json(b.clone()).into_response()
         }
-        None => error(
-            StatusCode::NOT_FOUND,
-            "backup not found",
-            &format!("no backup {id}"),
-        ),
+        None => no_backup(&id),
     }
 }
 
-async fn start_backup(
-    State(s): State<Shared>,
-    headers: HeaderMap,
-    Json(req): Json<BackupRequest>,
-) -> Response {
-    if let Some(r) = reject(&headers) {
-        return r;
-    }
+async fn start_backup(State(s): State<Shared>, Json(req): Json<BackupRequest>) -> Response {
     let mut st = s.state.lock().unwrap();
     st.start_requests.push(req.clone());
     if !VMS.contains(&req.vm_name.as_str()) {
@@ -251,14 +243,7 @@ async fn start_backup(
     (StatusCode::ACCEPTED, Json(b)).into_response()
 }
 
-async fn cancel_backup(
-    State(s): State<Shared>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Some(r) = reject(&headers) {
-        return r;
-    }
+async fn cancel_backup(State(s): State<Shared>, Path(id): Path<String>) -> Response {
     let mut st = s.state.lock().unwrap();
     st.cancel_requests.push(id.clone());
     match st.backups.iter_mut().find(|b| b.backup_id.0 == id) {
@@ -271,25 +256,15 @@ async fn cancel_backup(
             b.status = JobStatus::Cancelling;
             Json(b.clone()).into_response()
         }
-        None => error(
-            StatusCode::NOT_FOUND,
-            "backup not found",
-            &format!("no backup {id}"),
-        ),
+        None => no_backup(&id),
     }
 }
 
-async fn repositories(State(s): State<Shared>, headers: HeaderMap) -> Response {
-    if let Some(r) = reject(&headers) {
-        return r;
-    }
+async fn repositories(State(s): State<Shared>) -> Response {
     Json(s.state.lock().unwrap().repositories.clone()).into_response()
 }
 
-async fn vms(State(s): State<Shared>, headers: HeaderMap) -> Response {
-    if let Some(r) = reject(&headers) {
-        return r;
-    }
+async fn vms(State(s): State<Shared>) -> Response {
     Json(s.state.lock().unwrap().vms.clone()).into_response()
 }
 
@@ -316,17 +291,11 @@ pub fn vm(name: &str) -> Vm {
     }
 }
 
-async fn empty_list(headers: HeaderMap) -> Response {
-    if let Some(r) = reject(&headers) {
-        return r;
-    }
+async fn empty_list() -> Response {
     Json(Vec::<()>::new()).into_response()
 }
 
-async fn ports(headers: HeaderMap) -> Response {
-    if let Some(r) = reject(&headers) {
-        return r;
-    }
+async fn ports() -> Response {
     Json(PortsView {
         range: [10100, 10200],
         allocations: vec![],
@@ -335,10 +304,7 @@ async fn ports(headers: HeaderMap) -> Response {
     .into_response()
 }
 
-async fn event_stream(State(s): State<Shared>, headers: HeaderMap) -> Response {
-    if let Some(r) = reject(&headers) {
-        return r;
-    }
+async fn event_stream(State(s): State<Shared>) -> Response {
     let rx = s.events.subscribe();
     let stream =
         futures_util::stream::unfold((rx, s.stopping.clone()), |(mut rx, mut stop)| async move {
@@ -386,7 +352,6 @@ impl FakeHub {
             stopping,
         };
         let app = Router::new()
-            .route("/health", get(health))
             .route("/api/v1/backups", get(list_backups).post(start_backup))
             .route("/api/v1/backups/{id}", get(get_backup))
             .route("/api/v1/backups/{id}/cancel", post(cancel_backup))
@@ -398,6 +363,8 @@ impl FakeHub {
             .route("/api/v1/tunnel", get(empty_list))
             .route("/api/v1/ports", get(ports))
             .route("/api/v1/events", get(event_stream))
+            .route_layer(axum::middleware::from_fn(require_token))
+            .route("/health", get(health))
             .with_state(shared);
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
