@@ -24,8 +24,8 @@ use crate::strings;
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Modifier, Style};
-use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Borders, Paragraph, Row, Table, TableState, Tabs};
+use ratatui::text::{Line, Span, Text};
+use ratatui::widgets::{Block, Borders, Paragraph, Row, Table, TableState, Tabs, Wrap};
 
 /// Draw the whole screen.
 pub fn render(app: &App, frame: &mut Frame) {
@@ -163,6 +163,19 @@ fn render_list<'a, C: Into<Constraint>>(
         .block(block);
     let mut state = TableState::default().with_selected(Some(selected));
     frame.render_stateful_widget(table, area, &mut state);
+}
+
+/// The selected row's details in full, under a list, below a rule. `trim` drops the leading
+/// spaces of wrapped lines.
+fn detail_strip<'a>(frame: &mut Frame, area: Rect, text: impl Into<Text<'a>>, trim: bool) {
+    frame.render_widget(
+        Paragraph::new(text).wrap(Wrap { trim }).block(
+            Block::default()
+                .borders(Borders::TOP)
+                .border_style(theme::border()),
+        ),
+        area,
+    );
 }
 
 /// A one-line message inside a bordered block (empty lists, nothing matches).

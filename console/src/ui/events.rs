@@ -7,7 +7,7 @@ use crate::strings;
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Wrap};
+use ratatui::widgets::{Cell, Row};
 
 pub fn render(app: &App, frame: &mut Frame, area: Rect) {
     let list = app.visible_events();
@@ -72,13 +72,6 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
             Span::styled(format!("{sym} {} ", e.step), style),
             Span::raw(e.message.clone()),
         ]);
-        frame.render_widget(
-            Paragraph::new(text).wrap(Wrap { trim: true }).block(
-                Block::default()
-                    .borders(Borders::TOP)
-                    .border_style(theme::border()),
-            ),
-            bottom,
-        );
+        super::detail_strip(frame, bottom, text, true);
     }
 }

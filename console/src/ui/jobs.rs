@@ -156,14 +156,7 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
                 Line::from(vec![Span::styled(lead, theme::bad()), Span::raw(e)])
             })
             .collect();
-        frame.render_widget(
-            Paragraph::new(lines).wrap(Wrap { trim: true }).block(
-                Block::default()
-                    .borders(Borders::TOP)
-                    .border_style(theme::border()),
-            ),
-            error_area,
-        );
+        super::detail_strip(frame, error_area, lines, true);
     }
 }
 

@@ -8,7 +8,7 @@ use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::Style;
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Wrap};
+use ratatui::widgets::{Cell, Paragraph, Row};
 
 fn cell_look(cell: PortCell) -> (&'static str, Style) {
     match cell {
@@ -214,13 +214,6 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
                 })
             }
         };
-        frame.render_widget(
-            Paragraph::new(text).wrap(Wrap { trim: true }).block(
-                Block::default()
-                    .borders(Borders::TOP)
-                    .border_style(theme::border()),
-            ),
-            detail_area,
-        );
+        super::detail_strip(frame, detail_area, text, true);
     }
 }

@@ -7,7 +7,7 @@ use crate::strings;
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Wrap};
+use ratatui::widgets::{Cell, Row};
 
 pub fn render(app: &App, frame: &mut Frame, area: Rect) {
     let list = app.visible_processes();
@@ -86,28 +86,19 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
     super::render_list(frame, top, rows, widths, header, block, selected);
 
     if let Some(p) = list.get(selected).filter(|_| !wide) {
-        {
-            let vm = app.vm_of(&p.backup_id).unwrap_or(strings::NONE);
-            let lines = vec![
-                Line::from(format!("{} {}", strings::QCOW2, p.qcow2_path)),
-                Line::from(format!(
-                    "{} {} ({vm}) {} {} · {} {}",
-                    strings::JOB,
-                    p.backup_id,
-                    strings::DISK,
-                    p.disk_key,
-                    strings::EXPORT,
-                    p.export_name
-                )),
-            ];
-            frame.render_widget(
-                Paragraph::new(lines).wrap(Wrap { trim: false }).block(
-                    Block::default()
-                        .borders(Borders::TOP)
-                        .border_style(theme::border()),
-                ),
-                bottom,
-            );
-        }
+        let vm = app.vm_of(&p.backup_id).unwrap_or(strings::NONE);
+        let lines = vec![
+            Line::from(format!("{} {}", strings::QCOW2, p.qcow2_path)),
+            Line::from(format!(
+                "{} {} ({vm}) {} {} · {} {}",
+                strings::JOB,
+                p.backup_id,
+                strings::DISK,
+                p.disk_key,
+                strings::EXPORT,
+                p.export_name
+            )),
+        ];
+        super::detail_strip(frame, bottom, lines, false);
     }
 }
