@@ -4,11 +4,10 @@
 use reqwest::StatusCode;
 use sendense_shared::api::{
     Backup, BackupRequest, ErrorBody, Health, JobEvent, Node, NodeTunnel, PortsView, ProcessInfo,
-    Repository, TunnelState, Vm,
+    Repository, Vm,
 };
 use sendense_shared::ids::BackupId;
 use serde::de::DeserializeOwned;
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// How long one ordinary request may take (the event stream has no such limit).
@@ -232,27 +231,9 @@ impl HubClient {
         self.get("/api/v1/nodes").await
     }
 
-    /// `GET /api/v1/tunnel`: per-node tunnel state. Accepts the list form
-    /// (`[{"node","tunnel"}]`) and a map keyed by node name.
+    /// `GET /api/v1/tunnel`: per-node tunnel state, probed by the hub.
     pub async fn tunnel(&self) -> Result<Vec<NodeTunnel>, ClientError> {
-        #[derive(serde::Deserialize)]
-        #[serde(untagged)]
-        enum Shape {
-            List(Vec<NodeTunnel>),
-            Map(BTreeMap<String, TunnelState>),
-        }
-        Ok(match self.get::<Shape>("/api/v1/tunnel").await? {
-            Shape::List(list) => list,
-            Shape::Map(map) => map
-                .into_iter()
-                .map(|(node, tunnel)| NodeTunnel {
-                    node,
-                    live: true,
-                    tunnel: Some(tunnel),
-                    error: None,
-                })
-                .collect(),
-        })
+        self.get("/api/v1/tunnel").await
     }
 
     /// `POST /api/v1/backups`: the hub answers 202 with the new job.
