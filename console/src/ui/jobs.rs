@@ -91,6 +91,8 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
         strings::COL_BYTES,
         strings::COL_RATE,
     ];
+    // Formatted once: the column's width and the cells both need them.
+    let bytes: Vec<String> = list.iter().map(|b| bytes_cell(b)).collect();
     let mut widths = vec![
         Constraint::Length(10),
         Constraint::Min(8),
@@ -99,8 +101,9 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
         Constraint::Length(4),
         // As wide as the longest figure ("72.0 MiB/384.0 MiB"), never cut; 17 at the least.
         Constraint::Length(
-            list.iter()
-                .map(|b| bytes_cell(b).chars().count() as u16)
+            bytes
+                .iter()
+                .map(|s| s.chars().count() as u16)
                 .max()
                 .unwrap_or(0)
                 .max(17),
@@ -114,7 +117,7 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
         widths.push(Constraint::Length(11));
         widths.push(Constraint::Min(20));
     }
-    let rows = list.iter().map(|b| {
+    let rows = list.iter().zip(bytes).map(|(b, bytes)| {
         let (sym, style) = theme::job(b.status);
         let rate = app
             .job_rate(b)
@@ -129,7 +132,7 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
                 "{:>3}%",
                 format::percent(format::done_bytes(b), b.total_bytes)
             )),
-            Cell::from(bytes_cell(b)),
+            Cell::from(bytes),
             Cell::from(rate),
         ];
         if wide {
