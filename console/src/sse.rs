@@ -189,11 +189,10 @@ async fn pump(client: &HubClient, resp: reqwest::Response, tx: &mpsc::Sender<Upd
                         let data = match item {
                             SseItem::Data(data) => data,
                             SseItem::Comment(c) if c.starts_with("lagged") => {
-                                // Events were lost: the lists are re-read in full.
+                                // Events were lost: the lists are re-read in full, by the
+                                // refresh below, now.
                                 tracing::warn!(comment = %c, "event stream lagged");
-                                if !poll(client, tx).await {
-                                    return "the hub stopped answering".to_string();
-                                }
+                                refresh.reset_immediately();
                                 continue;
                             }
                             SseItem::Comment(_) => continue,

@@ -52,7 +52,8 @@ pub struct FakeHub {
     pub url: String,
     pub addr: std::net::SocketAddr,
     pub state: Arc<Mutex<HubState>>,
-    /// Each message is sent as one `data:` line on `GET /api/v1/events`.
+    /// Each message is sent as one `data:` line on `GET /api/v1/events` (as a comment line
+    /// when it starts with `:`).
     pub events: broadcast::Sender<String>,
     shutdown: Option<oneshot::Sender<()>>,
     stop_tx: watch::Sender<bool>,
@@ -315,7 +316,13 @@ async fn event_stream(State(s): State<Shared>) -> Response {
                 };
                 match next {
                     Some(Ok(msg)) => {
-                        let chunk = Bytes::from(format!("data: {msg}\n\n"));
+                        // A message starting with `:` goes out as a comment line, as the
+                        // hub's "lagged" notice does.
+                        let chunk = if msg.starts_with(':') {
+                            Bytes::from(format!("{msg}\n\n"))
+                        } else {
+                            Bytes::from(format!("data: {msg}\n\n"))
+                        };
                         return Some((Ok::<_, Infallible>(chunk), (rx, stop)));
                     }
                     Some(Err(broadcast::error::RecvError::Lagged(_))) => continue,

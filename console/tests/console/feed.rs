@@ -63,6 +63,34 @@ async fn feed_goes_live_follows_events_and_recovers_after_the_hub_returns() {
     assert_eq!(app.backups[0].backup_id.0, "b-live");
     assert_eq!(app.stream, Stream::Up);
 
+    // Events lost on the hub's side (a job it announced to nobody), then its "lagged" notice:
+    // the lists are re-read at once, well before the periodic refresh (LIVE_REFRESH, 10 s,
+    // after the snapshot above) would have.
+    hub.state
+        .lock()
+        .unwrap()
+        .backups
+        .push(crate::fake_hub::backup(
+            "b-lost",
+            "flaky",
+            "repo-a",
+            BackupType::Full,
+        ));
+    hub.events
+        .send(":lagged: 3 events lost, re-read lists".into())
+        .unwrap();
+    until(
+        &mut rx,
+        &mut app,
+        5,
+        "re-read after the lagged notice",
+        |u, app| {
+            matches!(u, Update::Snapshot(_))
+                && app.backups.iter().any(|b| b.backup_id.0 == "b-lost")
+        },
+    )
+    .await;
+
     // The hub goes away: the stream ends, then polls fail and are counted.
     let (addr, state) = hub.stop().await;
     until(
