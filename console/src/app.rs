@@ -418,6 +418,9 @@ impl App {
             HubEvent::Ports { ports } => self.ports = Some(ports),
             HubEvent::Processes { processes } => self.processes = processes,
             HubEvent::Tunnel { node, tunnel } => {
+                // The hub publishes this right after asking the node: an earlier probe
+                // error of it is over.
+                self.tunnel_errors.remove(&node);
                 self.tunnels.insert(node, tunnel);
             }
         }

@@ -116,6 +116,10 @@ fn tunnel_ports_and_processes_events_replace_state() {
         .find(|r| r.node == "node-b")
         .unwrap();
     assert_eq!(row.tunnel.unwrap().state, TunnelStateKind::Up);
+    assert_eq!(
+        row.probe_error, None,
+        "the hub has just asked node-b: the probe error of the last snapshot is over"
+    );
 
     assert_eq!(app.port_cell(10105), PortCell::Squatted);
     assert_eq!(app.port_cell(10100), PortCell::Held);
