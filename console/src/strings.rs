@@ -29,7 +29,6 @@ pub const LAST_CONTACT: &str = "last contact";
 pub const NEVER: &str = "never";
 pub const LAST_ERROR: &str = "last error";
 pub const DATA_STALE: &str = "the data below is from then";
-pub const EVENTS_STREAM: &str = "event stream";
 pub const UTC: &str = "UTC";
 
 // Symbols (always paired with a word).
@@ -187,7 +186,6 @@ pub const HELP_SECTION_CONFIRM: &str = "Confirmation";
 pub const HELP_SECTION_HELP: &str = "This help";
 pub const HELP_NEXT_VIEW: &str = "next view";
 pub const HELP_PREV_VIEW: &str = "previous view";
-pub const HELP_VIEW_N: &str = "Jobs VMs Ports Tunnel Procs Events";
 pub const HELP_UP: &str = "move up / scroll";
 pub const HELP_DOWN: &str = "move down / scroll";
 pub const HELP_TOP: &str = "first row";
@@ -199,7 +197,6 @@ pub const HELP_CANCEL: &str = "cancel job (asks y/n)";
 pub const HELP_FILTER: &str = "filter this view";
 pub const HELP_HELP: &str = "this help";
 pub const HELP_QUIT: &str = "quit (also Ctrl-C)";
-pub const HELP_TYPE: &str = "any text: narrows the list";
 pub const HELP_FILTER_KEEP: &str = "keep filter";
 pub const HELP_FILTER_CLEAR: &str = "clear filter";
 pub const HELP_BACKSPACE: &str = "delete a character";
