@@ -258,7 +258,8 @@ pub struct App {
     pub ports: Option<PortsView>,
     pub processes: Vec<ProcessInfo>,
     pub nodes: Vec<Node>,
-    /// Latest tunnel state per node (from `/api/v1/tunnel` and the event stream).
+    /// Latest tunnel state per node (from `/api/v1/tunnel` and the event stream); a node not
+    /// in it shows the state of its `nodes` record.
     pub tunnels: BTreeMap<String, TunnelState>,
     /// Why the hub could not ask a node for its tunnel just now (from `/api/v1/tunnel`).
     pub tunnel_errors: BTreeMap<String, String>,
@@ -372,13 +373,6 @@ impl App {
             self.processes = p;
         }
         if let Some(n) = snap.nodes {
-            for node in &n {
-                if let Some(t) = &node.tunnel {
-                    self.tunnels
-                        .entry(node.name.clone())
-                        .or_insert_with(|| t.clone());
-                }
-            }
             self.nodes = n;
         }
         if let Some(t) = snap.tunnels {

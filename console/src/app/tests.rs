@@ -499,3 +499,31 @@ fn notices_expire() {
     app.now = fixtures::now() + Duration::seconds(60);
     assert!(app.current_notice().is_none());
 }
+
+#[test]
+fn a_node_missing_from_the_tunnel_list_shows_its_latest_node_record() {
+    let mut app = App::new(fixtures::HUB_URL, fixtures::now());
+    let snap = |nodes: Vec<Node>| {
+        Update::Snapshot(Box::new(Snapshot {
+            health: Some(fixtures::health()),
+            nodes: Some(nodes),
+            ..Default::default()
+        }))
+    };
+    let mut nodes = fixtures::nodes();
+    app.apply(snap(nodes.clone()), fixtures::now());
+    let state = |app: &App| {
+        app.tunnel_rows()
+            .into_iter()
+            .find(|r| r.node == "node-b")
+            .and_then(|r| r.tunnel.map(|t| t.state))
+    };
+    assert_eq!(state(&app), Some(TunnelStateKind::Down));
+    nodes[1].tunnel = Some(fixtures::tunnel_up());
+    app.apply(snap(nodes), fixtures::now());
+    assert_eq!(
+        state(&app),
+        Some(TunnelStateKind::Up),
+        "the newer nodes record, not the first one seen"
+    );
+}
