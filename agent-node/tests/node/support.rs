@@ -75,40 +75,13 @@ impl TestVm {
         let mut images = Vec::new();
         for (i, size) in sizes.iter().enumerate() {
             let img = dir.path().join(format!("disk{i}.qcow2"));
-            run(Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2"])
-                .arg(&img)
-                .arg(size.to_string()));
+            sendense_tests::disks::create_qcow2(&img, *size);
             images.push(img);
         }
         prepare(&images);
         let node_qmp = dir.path().join("node.qmp");
         let test_qmp = dir.path().join("test.qmp");
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args([
-            "-machine",
-            "q35,accel=tcg",
-            "-S",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-m",
-            "64",
-        ]);
-        for (i, img) in images.iter().enumerate() {
-            cmd.arg("-blockdev").arg(format!(
-                "driver=file,filename={},node-name=file{i}",
-                img.display()
-            ));
-            cmd.arg("-blockdev")
-                .arg(format!("driver=qcow2,file=file{i},node-name=fmt{i}"));
-            cmd.arg("-device")
-                .arg(format!("virtio-blk-pci,id=disk{i},drive=fmt{i}"));
-        }
-        cmd.arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", node_qmp.display()));
-        cmd.arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", test_qmp.display()));
+        let mut cmd = sendense_tests::qemu::vm_command("node-test", &images, &node_qmp, &test_qmp);
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
         eprintln!("starting {cmd:?}");
         let child = cmd.spawn().expect("spawning qemu-system-x86_64");
