@@ -61,6 +61,11 @@ pub fn run(cmd: &mut std::process::Command) -> std::process::Output {
     out
 }
 
+/// [`run`], answering the command's stdout as text.
+pub fn run_stdout(cmd: &mut std::process::Command) -> String {
+    String::from_utf8_lossy(&run(cmd).stdout).into_owned()
+}
+
 /// The command line as a shell would show it.
 pub fn describe(cmd: &std::process::Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();

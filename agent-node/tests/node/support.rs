@@ -10,20 +10,8 @@ use std::time::{Duration, Instant};
 
 pub const MIB: u64 = 1024 * 1024;
 
-/// Runs a command, panicking with its full command line and stderr when it fails.
-pub fn run(cmd: &mut Command) -> String {
-    let line = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("spawning {line}: {e}"));
-    assert!(
-        out.status.success(),
-        "{line} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+/// Runs a command, panicking with its full command line and output when it fails; its stdout.
+pub use sendense_tests::run_stdout as run;
 
 /// `qemu-io -c "write -P <pattern> <offset> <len>"` on an image that no process holds.
 pub fn write_image(image: &Path, pattern: u8, offset: u64, len: u64) {
