@@ -25,6 +25,17 @@ pub fn write_image(image: &Path, pattern: u8, offset: u64, len: u64) {
         .arg(image));
 }
 
+/// The node's run directory holds nothing but its QMP log: every snapshot file, socket and
+/// journal entry of a job is gone.
+pub fn assert_run_dir_empty(run_dir: &Path) {
+    let files: Vec<_> = std::fs::read_dir(run_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "qmp.log")
+        .collect();
+    assert!(files.is_empty(), "run dir holds {files:?}");
+}
+
 /// Byte-for-byte comparison of two images (any formats qemu-img reads, NBD URIs included).
 pub fn images_equal(a: &str, b: &str) -> Result<(), String> {
     let out = Command::new("qemu-img")
