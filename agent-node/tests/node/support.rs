@@ -227,14 +227,7 @@ pub fn commands<'a>(log: &'a [Value], name: &str) -> Vec<&'a Value> {
     log.iter().filter(|e| e["execute"] == name).collect()
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; the OS does not hand it out again soon).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use sendense_tests::net::free_port;
 
 /// A real qemu-nbd serving one qcow2 target on 127.0.0.1, killed by PID in `Drop`.
 pub struct NbdTarget {
