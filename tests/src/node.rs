@@ -77,8 +77,8 @@ impl NodeProcess {
             .env("RUST_LOG", "info,agent_node=debug")
             .env("NO_COLOR", "1");
         match opts.throttle_bps {
-            Some(b) => cmd.env(agent_throttle_env(), b.to_string()),
-            None => cmd.env_remove(agent_throttle_env()),
+            Some(b) => cmd.env(THROTTLE_ENV, b.to_string()),
+            None => cmd.env_remove(THROTTLE_ENV),
         };
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -87,7 +87,7 @@ impl NodeProcess {
         eprintln!(
             "+ {}{command_line}  (stderr: {})",
             opts.throttle_bps
-                .map(|b| format!("{}={b} ", agent_throttle_env()))
+                .map(|b| format!("{}={b} ", THROTTLE_ENV))
                 .unwrap_or_default(),
             stderr_path.display()
         );
@@ -140,16 +140,16 @@ impl NodeProcess {
 
     /// GET `/api/v1{path}` with the token: (status, JSON).
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .get(format!("{}/api/v1{path}", self.url))
-            .bearer_auth(&self.token)
-            .timeout(Duration::from_secs(30))
-            .send()
-            .await
-            .expect("request to the node");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        self.api().get(path).await
+    }
+
+    /// The node's API (`/api/v1`, with the token) through the hub's client.
+    pub fn api(&self) -> crate::hub::Api {
+        crate::hub::Api {
+            base: format!("{}/api/v1", self.url),
+            token: Some(self.token.clone()),
+            http: self.http.clone(),
+        }
     }
 
     /// SIGKILL, as a crash.
@@ -170,9 +170,9 @@ impl NodeProcess {
     }
 }
 
-fn agent_throttle_env() -> &'static str {
-    "SENDENSE_COPY_THROTTLE_BPS"
-}
+/// The node's copy throttle variable (`agent_node::copy::THROTTLE_ENV`; the harness does not
+/// link the node).
+const THROTTLE_ENV: &str = "SENDENSE_COPY_THROTTLE_BPS";
 
 impl Drop for NodeProcess {
     fn drop(&mut self) {
