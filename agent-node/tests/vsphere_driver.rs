@@ -9,6 +9,7 @@ use agent_node::vsphere::{Secret, TlsPolicy};
 use sendense_shared::api::BackupType;
 use sendense_shared::ids::{BackupId, DiskKey};
 use sendense_shared::nbd::{ConnectOptions, NbdAddr, NbdClient};
+use sendense_tests::net::free_port;
 use sendense_tests::vcsim::{Vcsim, VcsimOptions};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -105,15 +106,6 @@ fn nbdkit_pids(run_dir: &Path) -> Vec<u32> {
             v["pid"].as_u64().unwrap() as u32
         })
         .collect()
-}
-
-/// A port nobody listens on (bound, then let go).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Whether recovery reports the snapshot `name` removed.

@@ -2,9 +2,8 @@
 //! of 127.0.0.1 (read back from the hub's log line, so there is no probe-then-bind race), its
 //! own NBD port range, stopped (SIGTERM, then SIGKILL) in `Drop`.
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use serde_json::{Value, json};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -95,7 +94,14 @@ impl HubProcess {
             stderr_path,
             command_line,
         };
-        let addr = hub.wait_for_listen_line(Duration::from_secs(30))?;
+        let addr = crate::wait_for_log_value(
+            "sendense-hub",
+            &mut hub.child,
+            &hub.stderr_path,
+            "API listening",
+            "addr=",
+            Duration::from_secs(30),
+        )?;
         hub.url = format!("http://{addr}");
         hub.token = std::fs::read_to_string(hub.opts.data_dir.join("token"))
             .context("reading the hub's token file")?
@@ -105,42 +111,13 @@ impl HubProcess {
         Ok(hub)
     }
 
-    fn wait_for_listen_line(&mut self, limit: Duration) -> anyhow::Result<String> {
-        let t = Instant::now();
-        loop {
-            let log = self.stderr();
-            if let Some(addr) = log
-                .lines()
-                .filter(|l| l.contains("API listening"))
-                .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
-            {
-                return Ok(addr.to_string());
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!("sendense-hub exited with {status} before listening:\n{log}");
-            }
-            if t.elapsed() > limit {
-                bail!("sendense-hub did not listen within {limit:?}:\n{log}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
     /// Everything the hub wrote to stderr so far.
     pub fn stderr(&self) -> String {
-        let mut s = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.stderr_path) {
-            let _ = f.read_to_string(&mut s);
-        }
-        s
+        crate::read_log(&self.stderr_path)
     }
 
     pub fn api(&self) -> Api {
@@ -299,4 +276,24 @@ impl Api {
             })
             .unwrap_or_default()
     }
+}
+
+/// The qcow2 path of every disk of a backup record (`disk_results`), in the hub's order.
+pub fn image_paths(backup: &Value) -> Vec<PathBuf> {
+    backup["disk_results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| PathBuf::from(d["qcow2_path"].as_str().unwrap()))
+        .collect()
+}
+
+/// The disk result with `disk_key` `key` of a backup record.
+pub fn disk_result(backup: &Value, key: i64) -> &Value {
+    backup["disk_results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["disk_key"] == key)
+        .unwrap_or_else(|| panic!("disk {key} in {backup}"))
 }

@@ -61,6 +61,67 @@ pub fn run(cmd: &mut std::process::Command) -> std::process::Output {
     out
 }
 
+/// [`run`], answering the command's stdout as text.
+pub fn run_stdout(cmd: &mut std::process::Command) -> String {
+    String::from_utf8_lossy(&run(cmd).stdout).into_owned()
+}
+
+/// Everything a child wrote so far into its log file (empty when there is none yet).
+pub fn read_log(path: &std::path::Path) -> String {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// Waits until the log at `log_path` has a line holding `marker` and a word `KEY=VALUE`
+/// (`key` is `"KEY="`), colour codes ignored; answers VALUE. Fails with the log when `child`
+/// exits first or `limit` passes.
+pub(crate) fn wait_for_log_value(
+    program: &str,
+    child: &mut Option<std::process::Child>,
+    log_path: &std::path::Path,
+    marker: &str,
+    key: &str,
+    limit: std::time::Duration,
+) -> anyhow::Result<String> {
+    let t = std::time::Instant::now();
+    loop {
+        let log = strip_ansi(&read_log(log_path));
+        if let Some(value) = log
+            .lines()
+            .filter(|l| l.contains(marker))
+            .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix(key)))
+        {
+            return Ok(value.to_string());
+        }
+        if let Some(status) = child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            anyhow::bail!("{program} exited with {status} before logging {marker:?}:\n{log}");
+        }
+        if t.elapsed() > limit {
+            anyhow::bail!("{program} did not log {marker:?} within {limit:?}:\n{log}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The text without terminal colour sequences (`ESC [ ... m`), whatever the logger chose.
+pub(crate) fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The command line as a shell would show it.
 pub fn describe(cmd: &std::process::Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();

@@ -31,3 +31,13 @@ pub fn free_port_range(n: u16) -> (u16, u16) {
     }
     panic!("no {n} consecutive free ports on 127.0.0.1 in 12000-32000");
 }
+
+/// A port on 127.0.0.1 that the kernel just handed out and that was let go again: nobody
+/// listens on it, and the kernel does not hand it out again soon.
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -3,12 +3,11 @@
 //! recovery of a restarted node finds its journal), the hub's token file, and its VMs' QMP
 //! sockets. Killed (SIGKILL) in `Drop`.
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use serde_json::Value;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How a test node is started.
 #[derive(Debug, Clone)]
@@ -78,8 +77,8 @@ impl NodeProcess {
             .env("RUST_LOG", "info,agent_node=debug")
             .env("NO_COLOR", "1");
         match opts.throttle_bps {
-            Some(b) => cmd.env(agent_throttle_env(), b.to_string()),
-            None => cmd.env_remove(agent_throttle_env()),
+            Some(b) => cmd.env(THROTTLE_ENV, b.to_string()),
+            None => cmd.env_remove(THROTTLE_ENV),
         };
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -88,7 +87,7 @@ impl NodeProcess {
         eprintln!(
             "+ {}{command_line}  (stderr: {})",
             opts.throttle_bps
-                .map(|b| format!("{}={b} ", agent_throttle_env()))
+                .map(|b| format!("{}={b} ", THROTTLE_ENV))
                 .unwrap_or_default(),
             stderr_path.display()
         );
@@ -110,37 +109,16 @@ impl NodeProcess {
             command_line,
             http: reqwest::Client::new(),
         };
-        node.url = node.wait_for_serving(Duration::from_secs(30))?;
+        node.url = crate::wait_for_log_value(
+            "sendense-node",
+            &mut node.child,
+            &node.stderr_path,
+            "node serving",
+            "api_url=",
+            Duration::from_secs(30),
+        )?;
         eprintln!("node pid {} at {}", node.pid(), node.url);
         Ok(node)
-    }
-
-    fn wait_for_serving(&mut self, limit: Duration) -> anyhow::Result<String> {
-        let t = Instant::now();
-        loop {
-            let log = strip_ansi(&self.stderr());
-            if let Some(url) = log
-                .lines()
-                .filter(|l| l.contains("node serving"))
-                .find_map(|l| {
-                    l.split_whitespace()
-                        .find_map(|w| w.strip_prefix("api_url="))
-                })
-            {
-                return Ok(url.to_string());
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!("sendense-node exited with {status} before serving:\n{log}");
-            }
-            if t.elapsed() > limit {
-                bail!("sendense-node did not serve within {limit:?}:\n{log}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -148,11 +126,7 @@ impl NodeProcess {
     }
 
     pub fn stderr(&self) -> String {
-        let mut s = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.stderr_path) {
-            let _ = f.read_to_string(&mut s);
-        }
-        s
+        crate::read_log(&self.stderr_path)
     }
 
     /// The QMP commands the node sent, from `<run_dir>/qmp.log` (one JSON object a line).
@@ -166,16 +140,16 @@ impl NodeProcess {
 
     /// GET `/api/v1{path}` with the token: (status, JSON).
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .get(format!("{}/api/v1{path}", self.url))
-            .bearer_auth(&self.token)
-            .timeout(Duration::from_secs(30))
-            .send()
-            .await
-            .expect("request to the node");
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        self.api().get(path).await
+    }
+
+    /// The node's API (`/api/v1`, with the token) through the hub's client.
+    pub fn api(&self) -> crate::hub::Api {
+        crate::hub::Api {
+            base: format!("{}/api/v1", self.url),
+            token: Some(self.token.clone()),
+            http: self.http.clone(),
+        }
     }
 
     /// SIGKILL, as a crash.
@@ -196,27 +170,9 @@ impl NodeProcess {
     }
 }
 
-/// The text without terminal colour sequences (`ESC [ ... m`), whatever the logger chose.
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-fn agent_throttle_env() -> &'static str {
-    "SENDENSE_COPY_THROTTLE_BPS"
-}
+/// The node's copy throttle variable (`agent_node::copy::THROTTLE_ENV`; the harness does not
+/// link the node).
+const THROTTLE_ENV: &str = "SENDENSE_COPY_THROTTLE_BPS";
 
 impl Drop for NodeProcess {
     fn drop(&mut self) {

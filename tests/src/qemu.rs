@@ -74,6 +74,40 @@ impl Qmp {
     }
 }
 
+/// The command line of a test VM: `-S`, TCG, no guest OS, qcow2 `images` as virtio-blk
+/// devices `disk0`, `disk1`, ... (format nodes `fmtN` over file nodes `fileN`), and two QMP
+/// sockets, `node_qmp` for the node and `test_qmp` for the test.
+pub fn vm_command(name: &str, images: &[PathBuf], node_qmp: &Path, test_qmp: &Path) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-machine",
+        "q35,accel=tcg",
+        "-S",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-m",
+        "64",
+        "-name",
+        name,
+    ]);
+    for (i, img) in images.iter().enumerate() {
+        cmd.arg("-blockdev").arg(format!(
+            "driver=file,filename={},node-name=file{i}",
+            img.display()
+        ));
+        cmd.arg("-blockdev")
+            .arg(format!("driver=qcow2,file=file{i},node-name=fmt{i}"));
+        cmd.arg("-device")
+            .arg(format!("virtio-blk-pci,id=disk{i},drive=fmt{i}"));
+    }
+    cmd.arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", node_qmp.display()));
+    cmd.arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", test_qmp.display()));
+    cmd
+}
+
 /// A running QEMU VM.
 pub struct TestVm {
     pub name: String,
@@ -106,33 +140,7 @@ impl TestVm {
         prepare(&images);
         let node_qmp = dir.join(format!("{name}-node.qmp"));
         let test_qmp = dir.join(format!("{name}-test.qmp"));
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args([
-            "-machine",
-            "q35,accel=tcg",
-            "-S",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-m",
-            "64",
-            "-name",
-            name,
-        ]);
-        for (i, img) in images.iter().enumerate() {
-            cmd.arg("-blockdev").arg(format!(
-                "driver=file,filename={},node-name=file{i}",
-                img.display()
-            ));
-            cmd.arg("-blockdev")
-                .arg(format!("driver=qcow2,file=file{i},node-name=fmt{i}"));
-            cmd.arg("-device")
-                .arg(format!("virtio-blk-pci,id=disk{i},drive=fmt{i}"));
-        }
-        cmd.arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", node_qmp.display()));
-        cmd.arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", test_qmp.display()));
+        let mut cmd = vm_command(name, &images, &node_qmp, &test_qmp);
         let log = std::fs::File::create(dir.join(format!("{name}-qemu.log")))?;
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)

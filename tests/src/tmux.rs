@@ -11,13 +11,40 @@ pub struct Tmux {
 }
 
 impl Tmux {
-    /// A server named `<prefix>-<pid>`; the session is started by the caller with
-    /// [`Tmux::run`] (`new-session -d -s ui ...`), since each test sets it up differently.
+    /// A server named `<prefix>-<pid>`; the session is started with [`Tmux::start_ui`] (or by
+    /// the caller with [`Tmux::run`] for another set-up).
     pub fn new(prefix: &str, limit: Duration) -> Tmux {
         Tmux {
             socket: format!("{prefix}-{}", std::process::id()),
             limit,
         }
+    }
+
+    /// Starts session `ui`, an 80x24 terminal running the shell command `cmd` with `HOME` set to
+    /// `home`; the pane stays after the command exits (so its last screen can be read).
+    pub fn start_ui(&self, home: &std::path::Path, cmd: &str) {
+        eprintln!("+ tmux -L {} new-session -x 80 -y 24 {cmd}", self.socket);
+        self.run(&[
+            "-f",
+            "/dev/null",
+            "new-session",
+            "-d",
+            "-s",
+            "ui",
+            "-x",
+            "80",
+            "-y",
+            "24",
+            "-e",
+            &format!("HOME={}", home.display()),
+            cmd,
+            ";",
+            "set-option",
+            "-t",
+            "ui",
+            "remain-on-exit",
+            "on",
+        ]);
     }
 
     /// Runs `tmux -L <socket> ARGS...` and answers its standard output.

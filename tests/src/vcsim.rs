@@ -285,7 +285,7 @@ impl Vcsim {
 
     /// The launcher's output so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+        crate::read_log(&self.log_path)
     }
 
     /// The password in a 0600 file, as the node's config wants it.

@@ -153,8 +153,24 @@ async fn a_small_or_read_only_target_is_refused_by_name() {
     assert!(matches!(e, CopyError::TargetConnect { .. }), "{e}");
 }
 
-#[tokio::test]
-async fn cancel_mid_copy_returns_cancelled() {
+/// A 512 MiB copy (source all 0x5a) running in a task, with small requests and a small window
+/// so that it takes long enough to be cut.
+struct SlowCopy {
+    size: u64,
+    src: Export,
+    _dst: Export,
+    counters: std::sync::Arc<DiskCounters>,
+    task: tokio::task::JoinHandle<Result<agent_node::copy::CopyOutcome, CopyError>>,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts a [`SlowCopy`] (`connections` when given) and answers once data flows; `cut` names
+/// what the test does to it, for the failure when the copy ends first.
+async fn slow_copy_flowing(
+    connections: Option<u32>,
+    cancel: CancellationToken,
+    cut: &str,
+) -> SlowCopy {
     let dir = tempfile::tempdir().unwrap();
     let size = 512 * MIB;
     let src_img = create(dir.path(), "src.qcow2", size);
@@ -162,82 +178,54 @@ async fn cancel_mid_copy_returns_cancelled() {
     let dst_img = create(dir.path(), "dst.qcow2", size);
     let src = Export::source(dir.path(), &src_img, Listen::Unix, &[]);
     let dst = Export::target(dir.path(), &dst_img, Listen::Unix);
-    // Small requests and a small window, so that the copy takes long enough to be cut.
-    let o = CopyOptions {
+    let mut o = CopyOptions {
         request_size: 64 * 1024,
         max_in_flight_bytes: 256 * 1024,
-        connections: 1,
         ..opts(true)
     };
+    if let Some(n) = connections {
+        o.connections = n;
+    }
     let counters = DiskCounters::new();
-    let cancel = CancellationToken::new();
-    let copy = tokio::spawn({
-        let (s, d, c, k) = (
-            src.addr.clone(),
-            dst.addr.clone(),
-            counters.clone(),
-            cancel.clone(),
-        );
-        async move { copy_disk(&s, &d, ExtentSource::Allocation, &o, c, k).await }
+    let task = tokio::spawn({
+        let (s, d, c) = (src.addr.clone(), dst.addr.clone(), counters.clone());
+        async move { copy_disk(&s, &d, ExtentSource::Allocation, &o, c, cancel).await }
     });
-    // Wait until data flows, then cancel.
     while counters.snapshot().bytes_written == 0 {
-        assert!(
-            !copy.is_finished(),
-            "copy ended before it could be cancelled"
-        );
+        assert!(!task.is_finished(), "copy ended before {cut}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    SlowCopy {
+        size,
+        src,
+        _dst: dst,
+        counters,
+        task,
+        _dir: dir,
+    }
+}
+
+#[tokio::test]
+async fn cancel_mid_copy_returns_cancelled() {
+    let cancel = CancellationToken::new();
+    let copy = slow_copy_flowing(Some(1), cancel.clone(), "it could be cancelled").await;
     cancel.cancel();
-    let r = tokio::time::timeout(Duration::from_secs(20), copy)
+    let r = tokio::time::timeout(Duration::from_secs(20), copy.task)
         .await
         .expect("cancelled copy did not return")
         .unwrap();
     assert!(matches!(r, Err(CopyError::Cancelled)), "{r:?}");
     assert!(
-        counters.snapshot().bytes_read < size,
+        copy.counters.snapshot().bytes_read < copy.size,
         "cancel came after the end"
     );
 }
 
 #[tokio::test]
 async fn a_source_dying_mid_copy_fails_the_copy() {
-    let dir = tempfile::tempdir().unwrap();
-    let size = 512 * MIB;
-    let src_img = create(dir.path(), "src.qcow2", size);
-    qemu_io(&src_img, &["write -P 0x5a 0 512M".into()]);
-    let dst_img = create(dir.path(), "dst.qcow2", size);
-    let src = Export::source(dir.path(), &src_img, Listen::Unix, &[]);
-    let dst = Export::target(dir.path(), &dst_img, Listen::Unix);
-    let o = CopyOptions {
-        request_size: 64 * 1024,
-        max_in_flight_bytes: 256 * 1024,
-        ..opts(true)
-    };
-    let counters = DiskCounters::new();
-    let copy = tokio::spawn({
-        let (s, d, c) = (src.addr.clone(), dst.addr.clone(), counters.clone());
-        async move {
-            copy_disk(
-                &s,
-                &d,
-                ExtentSource::Allocation,
-                &o,
-                c,
-                CancellationToken::new(),
-            )
-            .await
-        }
-    });
-    while counters.snapshot().bytes_written == 0 {
-        assert!(
-            !copy.is_finished(),
-            "copy ended before the source could die"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    drop(src);
-    let r = tokio::time::timeout(Duration::from_secs(20), copy)
+    let copy = slow_copy_flowing(None, CancellationToken::new(), "the source could die").await;
+    drop(copy.src);
+    let r = tokio::time::timeout(Duration::from_secs(20), copy.task)
         .await
         .expect("copy hung after its source died")
         .unwrap();

@@ -47,11 +47,7 @@ impl Export {
                 )
             }
             Listen::Tcp => {
-                let port = std::net::TcpListener::bind("127.0.0.1:0")
-                    .unwrap()
-                    .local_addr()
-                    .unwrap()
-                    .port();
+                let port = sendense_tests::net::free_port();
                 cmd.args(["--bind=127.0.0.1", &format!("--port={port}")]);
                 (
                     NbdAddr::Tcp {
@@ -108,20 +104,14 @@ impl Drop for Export {
     }
 }
 
+/// Runs `cmd args`, panicking with its command line and output when it fails; its stdout.
 pub fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().expect(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    sendense_tests::run_stdout(Command::new(cmd).args(args))
 }
 
 pub fn create(dir: &Path, name: &str, size: u64) -> PathBuf {
     let p = dir.join(name);
-    qemu_img_create(&[p.to_str().unwrap(), &size.to_string()]);
+    sendense_tests::disks::create_qcow2(&p, size);
     p
 }
 

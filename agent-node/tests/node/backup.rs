@@ -419,12 +419,7 @@ async fn cancel_while_preparing_still_releases_the_snapshot() {
     assert_eq!(done["error_message"], "cancelled", "{done}");
     assert_eq!(vm.leftovers().await, Vec::<String>::new());
     assert_eq!(vm.bitmaps(0).await, Vec::<(String, bool)>::new());
-    let files: Vec<_> = std::fs::read_dir(&node.run_dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "qmp.log")
-        .collect();
-    assert!(files.is_empty(), "run dir holds {files:?}");
+    assert_run_dir_empty(&node.run_dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

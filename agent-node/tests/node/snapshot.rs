@@ -116,12 +116,7 @@ async fn snapshot_of_three_disks_is_one_instant_and_release_leaves_nothing() {
     for i in 0..3 {
         assert_eq!(vm.bitmaps(i).await, [("sendense-b1".to_string(), true)]);
     }
-    let files: Vec<_> = std::fs::read_dir(&run_dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "qmp.log")
-        .collect();
-    assert!(files.is_empty(), "run dir holds {files:?}");
+    assert_run_dir_empty(&run_dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,12 +203,7 @@ async fn startup_recovery_releases_a_crashed_snapshot() {
     for i in 0..3 {
         assert_eq!(vm.bitmaps(i).await, [("sendense-f1".to_string(), true)]);
     }
-    let files: Vec<_> = std::fs::read_dir(&run_dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "qmp.log")
-        .collect();
-    assert!(files.is_empty(), "run dir holds {files:?}");
+    assert_run_dir_empty(&run_dir);
     // And the next backup works.
     let inc = d
         .snapshot(&request("i2", BackupType::Incremental, Some("f1")))

@@ -10,20 +10,8 @@ use std::time::{Duration, Instant};
 
 pub const MIB: u64 = 1024 * 1024;
 
-/// Runs a command, panicking with its full command line and stderr when it fails.
-pub fn run(cmd: &mut Command) -> String {
-    let line = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("spawning {line}: {e}"));
-    assert!(
-        out.status.success(),
-        "{line} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+/// Runs a command, panicking with its full command line and output when it fails; its stdout.
+pub use sendense_tests::run_stdout as run;
 
 /// `qemu-io -c "write -P <pattern> <offset> <len>"` on an image that no process holds.
 pub fn write_image(image: &Path, pattern: u8, offset: u64, len: u64) {
@@ -35,6 +23,17 @@ pub fn write_image(image: &Path, pattern: u8, offset: u64, len: u64) {
             &format!("write -P {pattern:#x} {offset} {len}"),
         ])
         .arg(image));
+}
+
+/// The node's run directory holds nothing but its QMP log: every snapshot file, socket and
+/// journal entry of a job is gone.
+pub fn assert_run_dir_empty(run_dir: &Path) {
+    let files: Vec<_> = std::fs::read_dir(run_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "qmp.log")
+        .collect();
+    assert!(files.is_empty(), "run dir holds {files:?}");
 }
 
 /// Byte-for-byte comparison of two images (any formats qemu-img reads, NBD URIs included).
@@ -75,40 +74,13 @@ impl TestVm {
         let mut images = Vec::new();
         for (i, size) in sizes.iter().enumerate() {
             let img = dir.path().join(format!("disk{i}.qcow2"));
-            run(Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2"])
-                .arg(&img)
-                .arg(size.to_string()));
+            sendense_tests::disks::create_qcow2(&img, *size);
             images.push(img);
         }
         prepare(&images);
         let node_qmp = dir.path().join("node.qmp");
         let test_qmp = dir.path().join("test.qmp");
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args([
-            "-machine",
-            "q35,accel=tcg",
-            "-S",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-m",
-            "64",
-        ]);
-        for (i, img) in images.iter().enumerate() {
-            cmd.arg("-blockdev").arg(format!(
-                "driver=file,filename={},node-name=file{i}",
-                img.display()
-            ));
-            cmd.arg("-blockdev")
-                .arg(format!("driver=qcow2,file=file{i},node-name=fmt{i}"));
-            cmd.arg("-device")
-                .arg(format!("virtio-blk-pci,id=disk{i},drive=fmt{i}"));
-        }
-        cmd.arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", node_qmp.display()));
-        cmd.arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", test_qmp.display()));
+        let mut cmd = sendense_tests::qemu::vm_command("node-test", &images, &node_qmp, &test_qmp);
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
         eprintln!("starting {cmd:?}");
         let child = cmd.spawn().expect("spawning qemu-system-x86_64");
@@ -255,14 +227,7 @@ pub fn commands<'a>(log: &'a [Value], name: &str) -> Vec<&'a Value> {
     log.iter().filter(|e| e["execute"] == name).collect()
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; the OS does not hand it out again soon).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use sendense_tests::net::free_port;
 
 /// A real qemu-nbd serving one qcow2 target on 127.0.0.1, killed by PID in `Drop`.
 pub struct NbdTarget {

@@ -40,6 +40,16 @@ fn ssh_args(sshd: &Sshd) -> Vec<String> {
     a
 }
 
+/// Runs ssh with `args` (stdin closed) to its end.
+async fn ssh_output(args: &[String]) -> std::process::Output {
+    tokio::process::Command::new("ssh")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_key_line_refuses_forwards_outside_the_list() {
     let ports = Ports::pick();
@@ -98,12 +108,7 @@ async fn the_key_line_refuses_forwards_outside_the_list() {
         format!("127.0.0.1:{not_allowed}:127.0.0.1:{}", ports.node_api),
         format!("{}@127.0.0.1", sshd.user),
     ]);
-    let out = tokio::process::Command::new("ssh")
-        .args(&args)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .unwrap();
+    let out = ssh_output(&args).await;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -129,12 +134,7 @@ async fn the_tunnel_user_cannot_run_a_command() {
         format!("{}@127.0.0.1", sshd.user),
         format!("touch {}; id", marker.display()),
     ]);
-    let out = tokio::process::Command::new("ssh")
-        .args(&args)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .unwrap();
+    let out = ssh_output(&args).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!stdout.contains("uid="), "a command ran: {stdout}");
     assert!(

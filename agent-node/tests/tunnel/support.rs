@@ -20,20 +20,8 @@ use tokio_util::sync::CancellationToken;
 pub const NODE_BIN: &str = env!("CARGO_BIN_EXE_sendense-node");
 pub const BIND: &str = "127.0.0.2";
 
-/// Runs a command, panicking with its full command line and stderr when it fails.
-pub fn run(cmd: &mut Command) -> String {
-    let line = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("spawning {line}: {e}"));
-    assert!(
-        out.status.success(),
-        "{line} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+/// Runs a command, panicking with its full command line and output when it fails; its stdout.
+pub use sendense_tests::run_stdout as run;
 
 fn bindable(ip: &str, port: u16) -> bool {
     TcpListener::bind((ip.parse::<IpAddr>().unwrap(), port)).is_ok()

@@ -171,28 +171,7 @@ async fn keys_start_a_two_disk_backup_watch_it_complete_and_cancel_another() {
         log.display(),
         exit_file.display()
     );
-    eprintln!("+ tmux -L {} new-session -x 80 -y 24 {cmd}", tmux.socket);
-    tmux.run(&[
-        "-f",
-        "/dev/null",
-        "new-session",
-        "-d",
-        "-s",
-        "ui",
-        "-x",
-        "80",
-        "-y",
-        "24",
-        "-e",
-        &format!("HOME={}", sys.tmp.path().display()),
-        &cmd,
-        ";",
-        "set-option",
-        "-t",
-        "ui",
-        "remain-on-exit",
-        "on",
-    ]);
+    tmux.start_ui(sys.tmp.path(), &cmd);
     tmux.wait_for("◉ live").await;
 
     // 1. A full backup started with keys; its progress moves on screen until it completes.

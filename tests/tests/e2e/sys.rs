@@ -131,23 +131,7 @@ impl Sys {
     /// recovery runs) and waits until the hub knows its new API address.
     pub async fn restart_node(&mut self) {
         self.node.restart(&node_bin()).expect("restart node");
-        let t = Instant::now();
-        loop {
-            let (s, n) = self
-                .api
-                .get(&format!("/api/v1/nodes/{}", self.node.opts.name))
-                .await;
-            if s == 200 && n["api_url"] == json!(self.node.url) {
-                return;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "restarted node not registered again: {s} {n}
-{}",
-                self.node.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_node_registered(&self.api, &self.node).await;
     }
 
     /// The job calls and hub-side checks shared with the vSphere system.
@@ -428,23 +412,7 @@ pub fn terminal(b: &Value) -> bool {
         .any(|s| b["status"] == *s)
 }
 
-pub fn image_paths(b: &Value) -> Vec<PathBuf> {
-    b["disk_results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| PathBuf::from(d["qcow2_path"].as_str().unwrap()))
-        .collect()
-}
-
-pub fn disk(b: &Value, key: i64) -> &Value {
-    b["disk_results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["disk_key"] == key)
-        .unwrap_or_else(|| panic!("disk {key} in {b}"))
-}
+pub use sendense_tests::hub::{disk_result as disk, image_paths};
 
 /// One number of every disk of a VM as the hub lists it (`disk_key`, `unit_number`,
 /// `size_bytes`), in the hub's order.
@@ -459,4 +427,21 @@ pub fn disk_numbers(vm: &Value, field: &str) -> Vec<u64> {
                 .unwrap_or_else(|| panic!("{field} of a disk in {vm}"))
         })
         .collect()
+}
+
+/// Waits until the hub knows the node's (new) API address, as after a restart.
+pub async fn wait_node_registered(api: &Api, node: &NodeProcess) {
+    let t = Instant::now();
+    loop {
+        let (s, n) = api.get(&format!("/api/v1/nodes/{}", node.opts.name)).await;
+        if s == 200 && n["api_url"] == json!(node.url) {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "restarted node not registered again: {s} {n}\n{}",
+            node.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

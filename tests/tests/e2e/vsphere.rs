@@ -284,7 +284,9 @@ fn vcsim_harness_serves_a_vm_whose_snapshots_freeze_data_and_track_changes() {
 // Backups of a simulated vSphere VM through the real hub and node.
 // ---------------------------------------------------------------------------------------------
 
-use super::sys::{JOB_LIMIT, Jobs, disk, disk_numbers, hub_bin, node_bin, node_options};
+use super::sys::{
+    JOB_LIMIT, Jobs, disk, disk_numbers, hub_bin, node_bin, node_options, wait_node_registered,
+};
 use sendense_tests::disks;
 use sendense_tests::hub::{Api, HubOptions, HubProcess};
 use sendense_tests::node::NodeProcess;
@@ -452,26 +454,6 @@ impl VSys {
         let b = self.jobs().wait_completed(&id).await;
         self.assert_clean(&b).await;
         (id, b)
-    }
-
-    /// Waits until the hub knows the node's (new) API address.
-    async fn wait_node_registered(&self) {
-        let t = Instant::now();
-        loop {
-            let (s, n) = self
-                .api
-                .get(&format!("/api/v1/nodes/{}", self.node.opts.name))
-                .await;
-            if s == 200 && n["api_url"] == json!(self.node.url) {
-                return;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "restarted node not registered again: {s} {n}\n{}",
-                self.node.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
     }
 
     /// Writes the test's data into both disks.
@@ -770,7 +752,7 @@ async fn vsphere_cancel_and_node_crash_mid_copy_remove_the_snapshot() {
     );
     sys.node.restart(&node_bin()).expect("restart node");
     sys.assert_clean(&b).await;
-    sys.wait_node_registered().await;
+    wait_node_registered(&sys.api, &sys.node).await;
     sys.backup_completes("full").await;
 }
 
