@@ -27,28 +27,7 @@ async fn keys_start_and_cancel_a_backup_and_sigterm_restores_the_terminal() {
         token.display(),
         log.display()
     );
-    eprintln!("tmux -L {} new-session -x 80 -y 24 {cmd}", tmux.socket);
-    tmux.run(&[
-        "-f",
-        "/dev/null",
-        "new-session",
-        "-d",
-        "-s",
-        "ui",
-        "-x",
-        "80",
-        "-y",
-        "24",
-        "-e",
-        &format!("HOME={}", dir.path().display()),
-        &cmd,
-        ";",
-        "set-option",
-        "-t",
-        "ui",
-        "remain-on-exit",
-        "on",
-    ]);
+    tmux.start_ui(dir.path(), &cmd);
 
     tmux.wait_for("◉ live").await;
     tmux.keys(&["2"]);
