@@ -134,8 +134,11 @@ pub async fn verification(
     Path(id): Path<String>,
 ) -> Result<Json<Vec<DiskVerification>>, ApiError> {
     let id = backup_id(id)?;
-    hub.jobs.get(&id).await?;
     let rows = hub.db.backup_disks(&id).await?;
+    // Every job has disks: none means no such backup, which the job manager's 404 names.
+    if rows.is_empty() {
+        hub.jobs.get(&id).await?;
+    }
     Ok(Json(
         rows.into_iter()
             .map(|r| DiskVerification {
