@@ -300,3 +300,23 @@ impl Api {
             .unwrap_or_default()
     }
 }
+
+/// The qcow2 path of every disk of a backup record (`disk_results`), in the hub's order.
+pub fn image_paths(backup: &Value) -> Vec<PathBuf> {
+    backup["disk_results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| PathBuf::from(d["qcow2_path"].as_str().unwrap()))
+        .collect()
+}
+
+/// The disk result with `disk_key` `key` of a backup record.
+pub fn disk_result(backup: &Value, key: i64) -> &Value {
+    backup["disk_results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["disk_key"] == key)
+        .unwrap_or_else(|| panic!("disk {key} in {backup}"))
+}

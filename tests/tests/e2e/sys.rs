@@ -428,23 +428,7 @@ pub fn terminal(b: &Value) -> bool {
         .any(|s| b["status"] == *s)
 }
 
-pub fn image_paths(b: &Value) -> Vec<PathBuf> {
-    b["disk_results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| PathBuf::from(d["qcow2_path"].as_str().unwrap()))
-        .collect()
-}
-
-pub fn disk(b: &Value, key: i64) -> &Value {
-    b["disk_results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["disk_key"] == key)
-        .unwrap_or_else(|| panic!("disk {key} in {b}"))
-}
+pub use sendense_tests::hub::{disk_result as disk, image_paths};
 
 /// One number of every disk of a VM as the hub lists it (`disk_key`, `unit_number`,
 /// `size_bytes`), in the hub's order.
