@@ -1,20 +1,11 @@
 //! Every way a job can go wrong ends in a clear state with nothing held.
 
-use super::env::{DISK_SIZE, Env, JOB_LIMIT, MIB, checksums_of, disk, targets};
+use super::env::{DISK_SIZE, Env, JOB_LIMIT, MIB, checksums_of, disk, image_paths, targets};
 use sendense_tests::disks;
 use serde_json::{Value, json};
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-
-fn image_paths(b: &Value) -> Vec<PathBuf> {
-    b["disk_results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| PathBuf::from(d["qcow2_path"].as_str().unwrap()))
-        .collect()
-}
 
 /// SIGKILLs the qemu-nbd that serves disk `key` of the job answer `b`; its pid.
 fn kill_qemu_nbd(b: &Value, key: i64) -> i32 {
