@@ -33,8 +33,8 @@ use crate::events::EventBus;
 use crate::ports::PortAllocator;
 use crate::qemu_nbd::{QemuNbd, QemuNbdConfig};
 use sendense_shared::api::{
-    Backup, BackupRequest, CompletionReport, CompletionStatus, DiskStatus, HubEvent, JobStatus,
-    ProgressReport,
+    Backup, BackupRequest, CompletionReport, CompletionStatus, DiskResult, DiskStatus, HubEvent,
+    JobStatus, ProgressReport,
 };
 use sendense_shared::ids::{BackupId, DiskKey, NbdPort};
 use std::collections::HashMap;
@@ -61,6 +61,29 @@ fn validate_change_id(i: usize, c: &str) -> Result<(), JobError> {
     Err(JobError::Invalid {
         detail: format!("disks[{i}].change_id {why}"),
     })
+}
+
+/// The disk `key` of backup `b` that a writer's report names as `disks[i]`.
+fn reported_disk(b: &Backup, i: usize, key: DiskKey) -> Result<&DiskResult, JobError> {
+    b.disk_results
+        .iter()
+        .find(|r| r.disk_key == key)
+        .ok_or_else(|| JobError::Invalid {
+            detail: format!(
+                "disks[{i}].disk_key: {key} is not a disk of backup {}",
+                b.backup_id
+            ),
+        })
+}
+
+/// A writer's `disks[i].bytes_transferred` cannot exceed the disk's `bytes_total`.
+fn check_transferred(i: usize, written: Option<u64>, bytes_total: u64) -> Result<(), JobError> {
+    match written {
+        Some(w) if w > bytes_total => Err(JobError::Invalid {
+            detail: format!("disks[{i}].bytes_transferred: {w} exceeds bytes_total {bytes_total}"),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// States a job may be cancelled from.
@@ -440,15 +463,9 @@ impl JobManager {
         if let Some(job) = self.live(id) {
             job.touch();
         }
+        let mut reported = Vec::with_capacity(report.disks.len());
         for (i, d) in report.disks.iter().enumerate() {
-            if !b.disk_results.iter().any(|r| r.disk_key == d.disk_key) {
-                return Err(JobError::Invalid {
-                    detail: format!(
-                        "disks[{i}].disk_key: {} is not a disk of backup {id}",
-                        d.disk_key
-                    ),
-                });
-            }
+            let cur = reported_disk(&b, i, d.disk_key)?;
             if d.bytes_done > d.bytes_total {
                 return Err(JobError::Invalid {
                     detail: format!(
@@ -457,23 +474,10 @@ impl JobManager {
                     ),
                 });
             }
-            if let Some(w) = d.bytes_transferred
-                && w > d.bytes_total
-            {
-                return Err(JobError::Invalid {
-                    detail: format!(
-                        "disks[{i}].bytes_transferred: {w} exceeds bytes_total {}",
-                        d.bytes_total
-                    ),
-                });
-            }
+            check_transferred(i, d.bytes_transferred, d.bytes_total)?;
+            reported.push((d, cur));
         }
-        for d in &report.disks {
-            let cur = b
-                .disk_results
-                .iter()
-                .find(|r| r.disk_key == d.disk_key)
-                .expect("checked above");
+        for (d, cur) in reported {
             // A disk the hub already failed (its qemu-nbd died) keeps that verdict.
             let status = if cur.status == DiskStatus::Failed {
                 None
@@ -541,24 +545,8 @@ impl JobManager {
             });
         }
         for (i, d) in report.disks.iter().enumerate() {
-            let Some(cur) = b.disk_results.iter().find(|r| r.disk_key == d.disk_key) else {
-                return Err(JobError::Invalid {
-                    detail: format!(
-                        "disks[{i}].disk_key: {} is not a disk of backup {id}",
-                        d.disk_key
-                    ),
-                });
-            };
-            if let Some(w) = d.bytes_transferred
-                && w > cur.bytes_total
-            {
-                return Err(JobError::Invalid {
-                    detail: format!(
-                        "disks[{i}].bytes_transferred: {w} exceeds the disk's {} bytes",
-                        cur.bytes_total
-                    ),
-                });
-            }
+            let cur = reported_disk(&b, i, d.disk_key)?;
+            check_transferred(i, d.bytes_transferred, cur.bytes_total)?;
             if let Some(c) = &d.change_id {
                 validate_change_id(i, c)?;
             }

@@ -40,10 +40,12 @@ pub async fn list(
         })?),
         None => None,
     };
-    let mut list = hub.db.list_backups().await?;
-    list.retain(|b| {
-        q.vm_name.as_ref().is_none_or(|v| &b.vm_name == v) && status.is_none_or(|s| b.status == s)
-    });
+    // The status narrows in the database (the reconciler's query); the name here.
+    let mut list = match status {
+        Some(s) => hub.db.list_backups_in(&[s]).await?,
+        None => hub.db.list_backups().await?,
+    };
+    list.retain(|b| q.vm_name.as_ref().is_none_or(|v| &b.vm_name == v));
     if let Some(n) = q.limit {
         list.truncate(n);
     }
@@ -132,8 +134,11 @@ pub async fn verification(
     Path(id): Path<String>,
 ) -> Result<Json<Vec<DiskVerification>>, ApiError> {
     let id = backup_id(id)?;
-    hub.jobs.get(&id).await?;
     let rows = hub.db.backup_disks(&id).await?;
+    // Every job has disks: none means no such backup, which the job manager's 404 names.
+    if rows.is_empty() {
+        hub.jobs.get(&id).await?;
+    }
     Ok(Json(
         rows.into_iter()
             .map(|r| DiskVerification {

@@ -15,10 +15,10 @@ pub async fn start_on_node(
     job: &std::sync::Arc<LiveJob>,
     node: &NodeTarget,
     kind: BackupType,
-    previous_backup_id: Option<BackupId>,
+    previous: Option<Previous>,
     targets: &str,
 ) {
-    let refused = match ask_node(jm, job, node, kind, previous_backup_id, targets).await {
+    let refused = match ask_node(jm, job, node, kind, previous, targets).await {
         Ok(()) => return,
         Err(r) => r,
     };
@@ -47,6 +47,14 @@ enum Refusal {
     Other(String),
 }
 
+/// The backup an incremental builds on, and the change ids its disks were copied at (read with
+/// it when the job chose its type, so the start does not read it again).
+#[derive(Debug, Clone)]
+pub struct Previous {
+    pub backup_id: BackupId,
+    pub change_ids: Vec<DiskChangeId>,
+}
+
 /// The change ids (vSphere CBT) the disks of `previous` were copied at, for the disks of the new
 /// job that have one: the node asks the hypervisor for the blocks changed since each. A disk
 /// left out (copied by a driver without change ids, or before the hub stored them) makes a
@@ -71,27 +79,14 @@ async fn ask_node(
     job: &LiveJob,
     node: &NodeTarget,
     kind: BackupType,
-    previous_backup_id: Option<BackupId>,
+    previous: Option<Previous>,
     targets: &str,
 ) -> Result<(), Refusal> {
     let url = format!("{}/api/v1/backup/start", node.api_url.trim_end_matches('/'));
-    let previous_change_ids = match (&previous_backup_id, kind) {
-        (Some(prev), BackupType::Incremental) => match jm.deps().db.get_backup(prev).await {
-            Ok(b) => change_ids_of(&b, &job.disks),
-            Err(e) => {
-                let msg = format!("cannot read the change ids of previous backup {prev}: {e}");
-                jm.event(
-                    &job.id,
-                    Level::Error,
-                    "node_start_failed",
-                    msg.clone(),
-                    None,
-                )
-                .await;
-                return Err(Refusal::Other(msg));
-            }
-        },
-        _ => Vec::new(),
+    let (previous_backup_id, previous_change_ids) = match previous {
+        Some(p) if kind == BackupType::Incremental => (Some(p.backup_id), p.change_ids),
+        Some(p) => (Some(p.backup_id), Vec::new()),
+        None => (None, Vec::new()),
     };
     let change_ids = match (&previous_backup_id, kind) {
         (Some(prev), BackupType::Incremental) => format!(

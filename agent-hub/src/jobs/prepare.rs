@@ -5,6 +5,7 @@
 //! up mid-way must not abandon half-started qemu-nbd processes.
 
 use super::finish::{Outcome, finish};
+use super::node::Previous;
 use super::{JobError, JobManager, Level, LiveJob, NodeTarget, Resources};
 use crate::db::{DbError, DiskUpdate, NewBackup, NewBackupDisk};
 use crate::ports::PortError;
@@ -78,7 +79,7 @@ pub async fn start(jm: &JobManager, req: BackupRequest) -> Result<Backup, JobErr
 
     let backup_id = BackupId(uuid::Uuid::new_v4().to_string());
     let layout = RepoLayout::new(&repo.path);
-    let (effective, parents, fallback) = choose_type(jm, &vm, req.backup_type).await?;
+    let (effective, parents, previous, fallback) = choose_type(jm, &vm, req.backup_type).await?;
     let mut disks = Vec::with_capacity(vm.disks.len());
     for d in &vm.disks {
         let parent = parents.iter().find(|p| p.0 == d.disk_key);
@@ -213,7 +214,7 @@ pub async fn start(jm: &JobManager, req: BackupRequest) -> Result<Backup, JobErr
     let handle = jm
         .deps()
         .tasks
-        .spawn(async move { prepare(&me, job, vm, effective, parents).await });
+        .spawn(async move { prepare(&me, job, vm, effective, parents, previous).await });
     match handle.await {
         Ok(r) => r,
         Err(e) => Err(JobError::Prepare {
@@ -239,12 +240,13 @@ async fn choose_type(
     (
         BackupType,
         Vec<(DiskKey, BackupId, PathBuf)>,
+        Option<Previous>,
         Option<String>,
     ),
     JobError,
 > {
     if requested == BackupType::Full {
-        return Ok((BackupType::Full, Vec::new(), None));
+        return Ok((BackupType::Full, Vec::new(), None, None));
     }
     let Some(last) = jm
         .deps()
@@ -255,6 +257,7 @@ async fn choose_type(
         return Ok((
             BackupType::Full,
             Vec::new(),
+            None,
             Some(format!(
                 "VM {} has no completed backup to build on",
                 vm.vm_name
@@ -267,6 +270,7 @@ async fn choose_type(
             return Ok((
                 BackupType::Full,
                 Vec::new(),
+                None,
                 Some(format!(
                     "disk {} is not in the last completed backup {}",
                     d.disk_key, last.backup_id
@@ -278,6 +282,7 @@ async fn choose_type(
             return Ok((
                 BackupType::Full,
                 Vec::new(),
+                None,
                 Some(format!(
                     "image {} of disk {} of backup {} is missing",
                     path.display(),
@@ -288,7 +293,12 @@ async fn choose_type(
         }
         parents.push((d.disk_key, last.backup_id.clone(), path));
     }
-    Ok((BackupType::Incremental, parents, None))
+    let keys: Vec<DiskKey> = vm.disks.iter().map(|d| d.disk_key).collect();
+    let previous = Previous {
+        change_ids: super::node::change_ids_of(&last, &keys),
+        backup_id: last.backup_id,
+    };
+    Ok((BackupType::Incremental, parents, Some(previous), None))
 }
 
 /// A job refused before it held anything: straight to `failed`.
@@ -313,6 +323,7 @@ async fn prepare(
     vm: Vm,
     kind: BackupType,
     parents: Vec<(DiskKey, BackupId, PathBuf)>,
+    previous: Option<Previous>,
 ) -> Result<Backup, JobError> {
     let mut res = job.res.lock().await;
     let targets = match prepare_steps(jm, &job, &mut res, &vm, &parents).await {
@@ -334,8 +345,6 @@ async fn prepare(
     if let Some(n) = job.node.clone() {
         let me = jm.clone();
         let job2 = job.clone();
-        // Every disk of an incremental backs onto the same previous backup.
-        let previous = parents.first().map(|p| p.1.clone());
         jm.deps().tasks.spawn(async move {
             super::node::start_on_node(&me, &job2, &n, kind, previous, &targets).await;
             super::node::watch_node(&me, job2, n).await;

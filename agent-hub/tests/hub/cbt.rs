@@ -7,6 +7,14 @@
 //! change id for every disk, else `409 bitmap missing`) and records every start it gets; the
 //! test itself plays the node's copy engine: it writes into the hub's exports with nbdcopy and
 //! qemu-io and posts progress and completion.
+//!
+//! Why a stand-in and not the real node on the simulator: the case this file is for, a full
+//! backup of a vSphere disk that came back without a change id next to one that has one, cannot
+//! be made with the real node, since the simulator gives every disk of a CBT-enabled VM a change
+//! id, and its CBT reset renews them on every disk at once (that fallback, on a change id that
+//! no longer works, runs with the real node in the e2e test
+//! `vsphere_cbt_reset_falls_back_to_full`). Only a stand-in also sees what the hub sent the node
+//! (`previous_change_ids` per disk), which is what the hub owes it.
 
 use super::env::{
     DISK_SIZE, Env, JOB_LIMIT, MIB, assert_refused_naming, checksums_of, disk, targets,

@@ -169,11 +169,5 @@ pub fn checksums_of(image: &Path) -> Value {
     json!({"chunk_size": chunk, "ranges": ranges})
 }
 
-pub fn disk(backup: &Value, key: i64) -> &Value {
-    backup["disk_results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["disk_key"] == key)
-        .unwrap_or_else(|| panic!("disk {key} in {backup}"))
-}
+/// The harness's lookups on a backup record, shared with the e2e suite.
+pub use sendense_tests::hub::{disk_result as disk, image_paths};

@@ -1,19 +1,22 @@
 //! Every way a job can go wrong ends in a clear state with nothing held.
 
-use super::env::{DISK_SIZE, Env, JOB_LIMIT, MIB, checksums_of, disk, targets};
+use super::env::{DISK_SIZE, Env, JOB_LIMIT, MIB, checksums_of, disk, image_paths, targets};
 use sendense_tests::disks;
 use serde_json::{Value, json};
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-fn image_paths(b: &Value) -> Vec<PathBuf> {
-    b["disk_results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| PathBuf::from(d["qcow2_path"].as_str().unwrap()))
-        .collect()
+/// SIGKILLs the qemu-nbd that serves disk `key` of the job answer `b`; its pid.
+fn kill_qemu_nbd(b: &Value, key: i64) -> i32 {
+    let victim = disk(b, key)["qemu_nbd_pid"].as_u64().unwrap() as i32;
+    eprintln!("+ kill -KILL {victim}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    victim
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -85,27 +88,17 @@ async fn cancel_mid_copy_unwinds_everything() {
     assert!(v["detail"].as_str().unwrap().contains("cancelled"), "{v}");
 
     // The VM can be backed up again.
-    let (s, b) = env.start_backup("cancelvm", "full").await;
-    assert_eq!(s, 202, "{b}");
-    let id = b["backup_id"].as_str().unwrap();
-    env.cancel_and_check(id).await;
+    let (id, _) = env.backup("cancelvm", "full").await;
+    env.cancel_and_check(&id).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_qemu_nbd_fails_the_job_naming_it() {
     let env = Env::start();
     env.vm_with_sources("killvm", &[2000, 2001]).await;
-    let (s, b) = env.start_backup("killvm", "full").await;
-    assert_eq!(s, 202, "{b}");
-    let id = b["backup_id"].as_str().unwrap().to_string();
-    let victim = disk(&b, 2001)["qemu_nbd_pid"].as_u64().unwrap() as i32;
-    eprintln!("+ kill -KILL {victim}");
+    let (id, b) = env.backup("killvm", "full").await;
     let killed_at = Instant::now();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(victim),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    let victim = kill_qemu_nbd(&b, 2001);
     let done = env.api.wait_status(&id, &["failed"], JOB_LIMIT).await;
     eprintln!("job failed {:?} after the kill", killed_at.elapsed());
     let msg = done["error_message"].as_str().unwrap_or_default();
@@ -190,13 +183,11 @@ async fn a_squatted_port_is_skipped_and_reported() {
     );
     // One disk: gets the free port, not the squatted one.
     let srcs = env.vm_with_sources("onedisk", &[2000]).await;
-    let (s, b) = env.start_backup("onedisk", "full").await;
-    assert_eq!(s, 202, "{b}");
+    let (id, b) = env.backup("onedisk", "full").await;
     assert_eq!(disk(&b, 2000)["nbd_port"], ports.1, "{b}");
-    let id = b["backup_id"].as_str().unwrap();
     disks::nbdcopy_into(&srcs[0], &targets(&b)[0].1);
     env.complete_ok(
-        id,
+        &id,
         &json!({"status": "completed", "disks": [{"disk_key": 2000, "status": "completed"}]}),
     )
     .await;
@@ -323,9 +314,7 @@ fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
 async fn a_tampered_block_fails_verification() {
     let env = Env::start();
     let srcs = env.vm_with_sources("tampervm", &[2000]).await;
-    let (s, b) = env.start_backup("tampervm", "full").await;
-    assert_eq!(s, 202, "{b}");
-    let id = b["backup_id"].as_str().unwrap().to_string();
+    let (id, b) = env.backup("tampervm", "full").await;
     let t = targets(&b);
     disks::nbdcopy_into(&srcs[0], &t[0].1);
     let sums = checksums_of(&srcs[0]);
@@ -375,9 +364,7 @@ async fn a_tampered_block_fails_verification() {
 async fn a_hub_killed_mid_job_is_reconciled_at_restart() {
     let mut env = Env::start();
     let srcs = env.vm_with_sources("crashvm", &[2000, 2001]).await;
-    let (s, b) = env.start_backup("crashvm", "full").await;
-    assert_eq!(s, 202, "{b}");
-    let id = b["backup_id"].as_str().unwrap().to_string();
+    let (id, b) = env.backup("crashvm", "full").await;
     disks::nbdcopy_into(&srcs[0], &targets(&b)[0].1);
     let pids: Vec<u32> = b["disk_results"]
         .as_array()
@@ -435,19 +422,15 @@ async fn a_hub_killed_mid_job_is_reconciled_at_restart() {
     assert!(env.hub.stderr().contains("start-up reconciliation done"));
 
     // The VM backs up fine afterwards.
-    let (s, b) = env.start_backup("crashvm", "full").await;
-    assert_eq!(s, 202, "{b}");
-    let id = b["backup_id"].as_str().unwrap();
-    env.cancel_and_check(id).await;
+    let (id, _) = env.backup("crashvm", "full").await;
+    env.cancel_and_check(&id).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_stops_every_qemu_nbd() {
     let mut env = Env::start();
     env.vm_with_sources("termvm", &[2000, 2001]).await;
-    let (s, b) = env.start_backup("termvm", "full").await;
-    assert_eq!(s, 202, "{b}");
-    let id = b["backup_id"].as_str().unwrap().to_string();
+    let (id, b) = env.backup("termvm", "full").await;
     let pids: Vec<u32> = b["disk_results"]
         .as_array()
         .unwrap()
@@ -497,9 +480,7 @@ async fn an_unreachable_node_fails_the_job_naming_it() {
         )
         .await;
     assert_eq!(s, 201, "{v}");
-    let (s, b) = env.start_backup("nodevm", "full").await;
-    assert_eq!(s, 202, "{b}");
-    let id = b["backup_id"].as_str().unwrap().to_string();
+    let (id, _) = env.backup("nodevm", "full").await;
     let done = env.api.wait_status(&id, &["failed"], JOB_LIMIT).await;
     let msg = done["error_message"].as_str().unwrap();
     assert!(msg.contains("node node1 unreachable"), "{msg}");
@@ -611,9 +592,7 @@ async fn cancel_while_preparing_unwinds_and_answers_the_start() {
 async fn cancel_while_finalizing_unwinds() {
     let env = Env::start();
     let srcs = env.vm_with_sources("finvm", &[2000]).await;
-    let (s, b) = env.start_backup("finvm", "full").await;
-    assert_eq!(s, 202, "{b}");
-    let id = b["backup_id"].as_str().unwrap().to_string();
+    let (id, b) = env.backup("finvm", "full").await;
     disks::nbdcopy_into(&srcs[0], &targets(&b)[0].1);
     // Many small ranges make the read-back long enough to be caught in the middle.
     let raw = disks::read_raw(&srcs[0]);
@@ -659,16 +638,8 @@ async fn cancel_while_finalizing_unwinds() {
 async fn a_dead_qemu_nbd_stays_the_cause_when_the_writer_reports_first() {
     let env = Env::start();
     env.vm_with_sources("racevm", &[2000, 2001]).await;
-    let (s, b) = env.start_backup("racevm", "full").await;
-    assert_eq!(s, 202, "{b}");
-    let id = b["backup_id"].as_str().unwrap().to_string();
-    let victim = disk(&b, 2000)["qemu_nbd_pid"].as_u64().unwrap() as i32;
-    eprintln!("+ kill -KILL {victim}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(victim),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    let (id, b) = env.backup("racevm", "full").await;
+    let victim = kill_qemu_nbd(&b, 2000);
     // The writer sees its connection drop and reports at once, racing the hub's own watcher.
     let (s, v) = env
         .api

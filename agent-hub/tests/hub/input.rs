@@ -72,6 +72,9 @@ async fn bad_requests_are_refused_naming_the_cause() {
     assert!(v["detail"].as_str().unwrap().contains("nosuchrepo"), "{v}");
     let (s, v) = api.get("/api/v1/backups/0000").await;
     assert_eq!(s, 404, "{v}");
+    let (s, v) = api.get("/api/v1/backups/0000/verification").await;
+    assert_eq!(s, 404, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("0000"), "{v}");
 
     // Names that would escape the repository.
     for (body, field) in [
