@@ -189,10 +189,10 @@ impl VsphereDriver {
         self.session.get().await
     }
 
-    /// Runs `f` with the session; an expired session is opened again once.
+    /// Runs `f` with the session's client (which logs in again when the session expired).
     async fn call<T, F, Fut>(&self, f: F) -> Result<T, VsphereError>
     where
-        F: Fn(Client) -> Fut,
+        F: FnOnce(Client) -> Fut,
         Fut: Future<Output = Result<T, VsphereError>>,
     {
         self.session.call(f).await
