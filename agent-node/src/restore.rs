@@ -244,7 +244,7 @@ impl Restores {
             self.shutdown.child_token(),
         )
         .await
-        .map_err(|e| format!("copy from {source}: {}", chain(&e)))?;
+        .map_err(|e| format!("copy from {source}: {}", crate::error_chain(&e)))?;
         let client = NbdClient::connect(target, &ConnectOptions::default())
             .await
             .map_err(|e| format!("reading back {target}: {e}"))?;
@@ -273,17 +273,6 @@ impl Restores {
         let _ = client.disconnect().await;
         Ok(())
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 async fn tool(cmd: &mut tokio::process::Command) -> Result<(), String> {
