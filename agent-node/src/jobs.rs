@@ -612,7 +612,7 @@ impl Jobs {
                         ));
                     } else {
                         d.status = DiskStatus::Failed;
-                        let mut msg = format!("copy to {target}: {}", error_chain(&e));
+                        let mut msg = format!("copy to {target}: {}", crate::error_chain(&e));
                         if let Some(note) = tunnel_note
                             .as_ref()
                             .filter(|_| self.tunnel.get().is_some_and(|t| t.carries(&target)))
@@ -689,18 +689,6 @@ impl Jobs {
             attempt += 1;
         }
     }
-}
-
-/// `e` and its causes, `: `-separated (the copy engine keeps causes out of its messages).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cur = c.source();
-    }
-    out
 }
 
 fn is_cancel(e: &crate::copy::CopyError) -> bool {

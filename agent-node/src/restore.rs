@@ -15,6 +15,7 @@
 
 use crate::copy::{CopyOptions, DiskCounters, ExtentSource, copy_disk};
 use sendense_shared::api::{JobStatus, NodeRestoreStart, NodeRestoreState};
+use sendense_shared::child::{StartGuard, Supervised};
 use sendense_shared::nbd::{ConnectOptions, NbdAddr, NbdClient};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Export name of the private qemu-nbd.
 const EXPORT: &str = "restore";
+/// How long the private qemu-nbd may take to flush the image and exit after SIGTERM.
+const SERVER_STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Why a restore was refused.
 #[derive(Debug, Error)]
@@ -175,39 +178,35 @@ impl Restores {
             .run_dir
             .join(format!("restore-{}.sock", job.req.restore_id));
         let _ = std::fs::remove_file(&socket);
-        let mut server = tokio::process::Command::new("qemu-nbd")
-            .args(["-f", "qcow2", "-x", EXPORT, "--shared=4", "-t"])
+        let mut cmd = tokio::process::Command::new("qemu-nbd");
+        cmd.args(["-f", "qcow2", "-x", EXPORT, "--shared=4", "-t"])
             .args(["--discard=unmap", "--detect-zeroes=unmap", "-k"])
             .arg(&socket)
             .arg(path)
             .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
+            .stdout(std::process::Stdio::null());
+        let server = Supervised::spawn(cmd)
             .map_err(|e| format!("starting qemu-nbd for {}: {e}", path.display()))?;
+        // Killed should this future be dropped before it stopped the server itself.
+        let guard = StartGuard::new(&server, "qemu-nbd");
         let target = NbdAddr::Unix {
             path: socket.clone(),
             export: EXPORT.to_string(),
         };
         let result = self.copy_and_verify(job, source, &target).await;
-        // SIGTERM: qemu-nbd flushes the image and exits.
-        if let Some(pid) = server.id() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
+        // SIGTERM: qemu-nbd flushes the image and exits 0; SIGKILL after the grace.
+        let report = server.stop(SERVER_STOP_GRACE).await;
+        guard.defuse();
+        if result.is_ok() && report.code != Some(0) {
+            return Err(
+                if report.requested
+                    && report.signal == Some(nix::sys::signal::Signal::SIGKILL as i32)
+                {
+                    format!("qemu-nbd of the new image did not stop within {SERVER_STOP_GRACE:?}")
+                } else {
+                    format!("qemu-nbd of the new image exited {report}")
+                },
             );
-        }
-        match tokio::time::timeout(Duration::from_secs(10), server.wait()).await {
-            Ok(Ok(st)) if st.success() || result.is_err() => {}
-            Ok(Ok(st)) => return Err(format!("qemu-nbd of the new image exited {st}")),
-            _ => {
-                let _ = server.kill().await;
-                if result.is_ok() {
-                    return Err("qemu-nbd of the new image did not stop within 10 s".into());
-                }
-            }
         }
         let _ = std::fs::remove_file(&socket);
         result
@@ -244,7 +243,7 @@ impl Restores {
             self.shutdown.child_token(),
         )
         .await
-        .map_err(|e| format!("copy from {source}: {}", chain(&e)))?;
+        .map_err(|e| format!("copy from {source}: {}", crate::error_chain(&e)))?;
         let client = NbdClient::connect(target, &ConnectOptions::default())
             .await
             .map_err(|e| format!("reading back {target}: {e}"))?;
@@ -273,17 +272,6 @@ impl Restores {
         let _ = client.disconnect().await;
         Ok(())
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 async fn tool(cmd: &mut tokio::process::Command) -> Result<(), String> {

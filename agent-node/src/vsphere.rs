@@ -774,24 +774,50 @@ impl Client {
         Ok(vms)
     }
 
-    /// One VM by name; Ok(None) when there is none.
+    /// One VM by name; Ok(None) when there is none. Only the names of the inventory are
+    /// retrieved, then the properties of the one VM (a backup asks several times; listing every
+    /// VM's devices and datastores each time was the cost of the whole inventory).
     pub async fn find_vm(&self, name: &str) -> Result<Option<VmInfo>, VsphereError> {
-        Ok(self
-            .list_vms()
-            .await?
-            .into_iter()
-            .find(|vm| vm.name == name))
+        for (datacenter, datacenter_name) in self.datacenters().await? {
+            let view = self.create_view(&datacenter, "VirtualMachine").await?;
+            let named = self
+                .retrieve(
+                    &view_spec(&view, "VirtualMachine", &["name"]),
+                    |obj, props| Ok((obj, props.text("name").unwrap_or_default())),
+                )
+                .await;
+            // The view is session state on the server: destroy it whatever the listing did.
+            let destroyed = self.destroy_view(&view).await;
+            let named = named?;
+            destroyed?;
+            if let Some((vm, _)) = named.into_iter().find(|(_, n)| n == name) {
+                return match self.vm_in(&vm, Some(&datacenter_name)).await {
+                    // Deleted between the two calls.
+                    Err(e) if e.fault() == Some("ManagedObjectNotFound") => Ok(None),
+                    found => found.map(Some),
+                };
+            }
+        }
+        Ok(None)
     }
 
     /// One VM by reference (ManagedObjectNotFound fault when it is gone).
     pub async fn vm(&self, vm: &MoRef) -> Result<VmInfo, VsphereError> {
+        self.vm_in(vm, None).await
+    }
+
+    /// One VM by reference, in the datacenter named `datacenter` (looked up when not known).
+    async fn vm_in(&self, vm: &MoRef, datacenter: Option<&str>) -> Result<VmInfo, VsphereError> {
         let raw = self
             .retrieve(
                 &objects_spec("VirtualMachine", &[vm], VM_PROPERTIES),
                 |obj, props| raw_vm("RetrievePropertiesEx", obj, props),
             )
             .await?;
-        let datacenter = self.datacenter_of(vm).await?;
+        let datacenter = match datacenter {
+            Some(name) => name.to_string(),
+            None => self.datacenter_of(vm).await?,
+        };
         self.finish_vms(raw, &datacenter)
             .await?
             .into_iter()

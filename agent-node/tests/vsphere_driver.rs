@@ -892,6 +892,31 @@ async fn recovery_removes_only_this_nodes_snapshots() {
     assert_eq!(sim.snapshot_names().unwrap().len(), 3);
 }
 
+/// A snapshot this node left (journal lost) is removed before the next backup, which then goes
+/// ahead: without VDDK a VM with any snapshot left would be refused.
+#[tokio::test]
+async fn a_snapshot_this_node_left_is_removed_and_the_next_backup_goes_ahead() {
+    let sim = sim();
+    let run = tempfile::tempdir().unwrap();
+    raw_snapshot(
+        &sim,
+        "sendense-node-a-old",
+        r#"Taken by Sendense node "node-a" for backup old at 2026-11-27T04:00:00Z."#,
+    );
+    let d = VsphereDriver::new(&config(&sim, pin(&sim)), NODE, run.path().into());
+    let snap = d
+        .snapshot(&request(&sim, "new", BackupType::Full, BTreeMap::new()))
+        .await
+        .unwrap();
+    assert_eq!(
+        sim.snapshot_names().unwrap(),
+        ["sendense-node-a-new"],
+        "the leftover is gone, the new one taken"
+    );
+    d.release(&snap, ReleaseOutcome::Success).await.unwrap();
+    assert!(sim.snapshot_names().unwrap().is_empty());
+}
+
 #[tokio::test]
 async fn a_vm_with_an_independent_disk_is_shown_as_such_and_refused() {
     let sim = sim();

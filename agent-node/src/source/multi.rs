@@ -117,11 +117,18 @@ impl MultiDriver {
         })
     }
 
-    /// Forgets where `vm_name` lives when its driver no longer knows it (deleted, renamed).
-    fn forget_if_unknown<T>(&self, vm_name: &str, r: &Result<T, SourceError>) {
+    /// Runs `call` on the driver that has `vm_name`, and forgets where the VM lives when that
+    /// driver no longer knows it (deleted, renamed).
+    async fn routed<'a, T>(
+        &'a self,
+        vm_name: &str,
+        call: impl FnOnce(&'a Arc<dyn SourceDriver>) -> BoxFuture<'a, Result<T, SourceError>>,
+    ) -> Result<T, SourceError> {
+        let r = call(self.route(vm_name).await?).await;
         if matches!(r, Err(SourceError::UnknownVm { .. })) {
             self.lock().remove(vm_name);
         }
+        r
     }
 }
 
@@ -166,11 +173,7 @@ impl SourceDriver for MultiDriver {
     }
 
     fn vm<'a>(&'a self, vm_name: &'a str) -> BoxFuture<'a, Result<SourceVm, SourceError>> {
-        Box::pin(async move {
-            let r = self.route(vm_name).await?.vm(vm_name).await;
-            self.forget_if_unknown(vm_name, &r);
-            r
-        })
+        Box::pin(async move { self.routed(vm_name, |d| d.vm(vm_name)).await })
     }
 
     fn check_incremental_base<'a>(
@@ -178,13 +181,8 @@ impl SourceDriver for MultiDriver {
         request: &'a SnapshotRequest,
     ) -> BoxFuture<'a, Result<(), SourceError>> {
         Box::pin(async move {
-            let r = self
-                .route(&request.vm_name)
-                .await?
-                .check_incremental_base(request)
-                .await;
-            self.forget_if_unknown(&request.vm_name, &r);
-            r
+            self.routed(&request.vm_name, |d| d.check_incremental_base(request))
+                .await
         })
     }
 
@@ -192,11 +190,7 @@ impl SourceDriver for MultiDriver {
         &'a self,
         request: &'a SnapshotRequest,
     ) -> BoxFuture<'a, Result<Snapshot, SourceError>> {
-        Box::pin(async move {
-            let r = self.route(&request.vm_name).await?.snapshot(request).await;
-            self.forget_if_unknown(&request.vm_name, &r);
-            r
-        })
+        Box::pin(async move { self.routed(&request.vm_name, |d| d.snapshot(request)).await })
     }
 
     fn release<'a>(
@@ -235,13 +229,8 @@ impl SourceDriver for MultiDriver {
         vm_name: &'a str,
     ) -> BoxFuture<'a, Result<(), SourceError>> {
         Box::pin(async move {
-            let r = self
-                .route(vm_name)
-                .await?
-                .enable_change_tracking(vm_name)
-                .await;
-            self.forget_if_unknown(vm_name, &r);
-            r
+            self.routed(vm_name, |d| d.enable_change_tracking(vm_name))
+                .await
         })
     }
 }

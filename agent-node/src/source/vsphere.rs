@@ -189,10 +189,10 @@ impl VsphereDriver {
         self.session.get().await
     }
 
-    /// Runs `f` with the session; an expired session is opened again once.
+    /// Runs `f` with the session's client (which logs in again when the session expired).
     async fn call<T, F, Fut>(&self, f: F) -> Result<T, VsphereError>
     where
-        F: Fn(Client) -> Fut,
+        F: FnOnce(Client) -> Fut,
         Fut: Future<Output = Result<T, VsphereError>>,
     {
         self.session.call(f).await
@@ -302,13 +302,14 @@ impl VsphereDriver {
             .filter(|s| ownership(&self.node, s) == Some(Ownership::Mine))
             .map(|s| s.moref.clone())
             .collect();
-        if !stale.is_empty() {
-            for s in &stale {
-                tracing::warn!(vm = %vm_name, snapshot = %s.value, "removing a Sendense snapshot an earlier run left");
-                self.remove_snapshot(vm_name, s).await?;
-            }
-            vm = self.find(vm_name, "snapshot").await?;
+        for s in &stale {
+            tracing::warn!(vm = %vm_name, snapshot = %s.value, "removing a Sendense snapshot an earlier run left");
+            self.remove_snapshot(vm_name, s).await?;
         }
+        // RemoveSnapshot_Task runs with removeChildren=false: exactly the removed ones are gone
+        // from the (flattened) tree, so the list is brought up to date here instead of listing
+        // the whole inventory of every datacenter again.
+        vm.snapshots.retain(|s| !stale.contains(&s.moref));
         if !self.uses_vddk() {
             let foreign: Vec<&str> = vm.snapshots.iter().map(|s| s.name.as_str()).collect();
             if !foreign.is_empty() {

@@ -213,7 +213,7 @@ impl Tunnel {
             }
             let error = match result {
                 Ok(()) => "ssh ended without an error".to_string(),
-                Err(e) => error_chain(&e),
+                Err(e) => crate::error_chain(&e),
             };
             tracing::warn!(target = %self.cfg.target, error = %error,
                 ran = ?started.elapsed(), "tunnel attempt ended");
@@ -329,17 +329,6 @@ fn is_loopback(host: &str) -> bool {
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        src = cause.source();
-    }
-    s
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// One logged-in client, opened on first use and replaced when it can no longer log in.
+/// One logged-in client, opened on first use (it logs in again by itself when the session ends).
 pub struct Session {
     endpoint: Endpoint,
     slot: tokio::sync::Mutex<Option<Client>>,
@@ -46,30 +46,14 @@ impl Session {
         Ok(c)
     }
 
-    async fn relogin(&self, stale: &Client) -> Result<Client, VsphereError> {
-        let mut slot = self.slot.lock().await;
-        if let Some(c) = slot.as_ref()
-            && c.session_cookie() != stale.session_cookie()
-        {
-            return Ok(c.clone()); // another task logged in again meanwhile
-        }
-        tracing::info!(url = %self.endpoint.url, "vSphere session expired; logging in again");
-        let c = Client::connect(&self.endpoint).await?;
-        *slot = Some(c.clone());
-        Ok(c)
-    }
-
-    /// Runs `f` with the client; an expired session is opened again once.
+    /// Runs `f` with the client. An expired session needs nothing here: every SOAP call of
+    /// the client logs in again once on `NotAuthenticated` ([`Client`]'s `exchange`).
     pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, VsphereError>
     where
-        F: Fn(Client) -> Fut,
+        F: FnOnce(Client) -> Fut,
         Fut: Future<Output = Result<T, VsphereError>>,
     {
-        let c = self.get().await?;
-        match f(c.clone()).await {
-            Err(e) if e.fault() == Some("NotAuthenticated") => f(self.relogin(&c).await?).await,
-            r => r,
-        }
+        f(self.get().await?).await
     }
 }
 
