@@ -80,5 +80,6 @@ fn kind(ev: &HubEvent) -> &'static str {
         HubEvent::Ports { .. } => "ports",
         HubEvent::Processes { .. } => "processes",
         HubEvent::Tunnel { .. } => "tunnel",
+        HubEvent::Restore { .. } => "restore",
     }
 }

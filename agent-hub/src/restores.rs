@@ -298,6 +298,7 @@ pub async fn start(hub: &Arc<Hub>, req: RestoreRequest) -> Result<Restore, Resto
     let body = NodeRestoreStart {
         restore_id: restore_id.clone(),
         source,
+        source_export: None,
         path: req.target.path.clone(),
         size_bytes: disk.bytes_total,
     };

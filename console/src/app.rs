@@ -417,6 +417,8 @@ impl App {
                 self.tunnel_errors.remove(&node);
                 self.tunnels.insert(node, tunnel);
             }
+            // Restores are not shown yet.
+            HubEvent::Restore { .. } => {}
         }
     }
 

@@ -491,8 +491,12 @@ pub struct NodeBackupStart {
     pub backup_id: BackupId,
     pub vm_name: String,
     pub backup_type: BackupType,
-    /// The NBD targets string (see [`crate::targets`]).
+    /// The NBD targets string (see [`crate::targets`]); kept for logs and older nodes.
     pub nbd_targets: String,
+    /// The same targets as structured JSON; a node uses these when present and parses
+    /// `nbd_targets` only when this is empty (a hub older than this field).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<DiskTarget>,
     /// Incremental only: the backup the hub's chain ends with (the new image's backing file).
     /// The node refuses (409, `"bitmap missing"`) when its change tracking does not start
     /// exactly at that backup's snapshot; absent means "whatever the node tracks".
@@ -581,12 +585,62 @@ pub struct Restore {
     pub error_message: Option<String>,
 }
 
-/// `POST /api/v1/restore/start` of the node: copy `source` into a new image at `path`.
+/// One NBD export as structured JSON (the parts of an `nbd://host:port/export` URI). IPv6
+/// hosts are bare here (`::1`); the URI form puts them in brackets.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NbdExport {
+    pub host: String,
+    pub port: u16,
+    pub export: String,
+}
+
+impl From<crate::targets::NbdUri> for NbdExport {
+    fn from(u: crate::targets::NbdUri) -> Self {
+        NbdExport {
+            host: u.host,
+            port: u.port,
+            export: u.export,
+        }
+    }
+}
+
+impl From<NbdExport> for crate::targets::NbdUri {
+    fn from(e: NbdExport) -> Self {
+        crate::targets::NbdUri {
+            host: e.host,
+            port: e.port,
+            export: e.export,
+        }
+    }
+}
+
+impl std::fmt::Display for NbdExport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        crate::targets::NbdUri::from(self.clone()).fmt(f)
+    }
+}
+
+/// One disk's target of a node copy job, structured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskTarget {
+    pub disk_key: DiskKey,
+    pub export: NbdExport,
+}
+
+/// `POST /api/v1/restore/start` of the node: copy `source` into a new image at `path`. The node
+/// runs it as a job of its own (drained on shutdown, its qemu-nbd journalled for start-up
+/// recovery) and pushes progress and its result to the hub
+/// (`POST /api/v1/restores/{id}/progress` and `/complete`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRestoreStart {
     pub restore_id: String,
-    /// NBD URI of the hub's read-only export of the backup point.
+    /// NBD URI of the hub's read-only export of the backup point (for logs; the node connects
+    /// to `source_export` when present).
     pub source: String,
+    /// The same export, structured. The host is the hub's; a node behind a tunnel reaches it
+    /// on its `--tunnel-bind` address, as for backup targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_export: Option<NbdExport>,
     /// Absolute path of the new QCOW2 image on the node.
     pub path: String,
     /// Virtual size of the new image.
@@ -607,6 +661,32 @@ pub struct NodeRestoreState {
     pub error_message: Option<String>,
 }
 
+/// `POST /api/v1/restores/{id}/progress` of the hub (node → hub, about once a second).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreProgress {
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Bytes per second over the last few seconds.
+    #[serde(default)]
+    pub rate_bps: u64,
+}
+
+/// `POST /api/v1/restores/{id}/complete` of the hub (node → hub): the restore's end as the node
+/// saw it. `completed` means copied, flushed and read back equal; a `failed` or `cancelled`
+/// restore's partial image has been deleted by the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreCompletion {
+    pub status: JobStatus,
+    pub bytes_written: u64,
+    /// Ranges read back from the new image and found equal to what was read from the source.
+    pub verified_ranges: u64,
+    #[serde(default)]
+    pub error_message: Option<String>,
+    /// The machine-readable cause of a failure, when the node has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<crate::errors::ErrorCode>,
+}
+
 /// One message of the hub's `GET /api/v1/events` stream (`data:` is this, as JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -621,6 +701,8 @@ pub enum HubEvent {
     Processes { processes: Vec<ProcessInfo> },
     /// A node's tunnel state changed.
     Tunnel { node: String, tunnel: TunnelState },
+    /// A restore job changed (status, progress).
+    Restore { restore: Restore },
 }
 
 #[cfg(test)]

@@ -2,6 +2,8 @@
 //!
 //! - [`api`]: the JSON types of the HTTP contract (`shared/API.md` of the project), one doc
 //!   comment per field. Both agents and the console serialise exactly these.
+//! - [`errors`]: the [`errors::ErrorCode`] carried in every error body, and the one cause-chain
+//!   formatter [`errors::chain`].
 //! - [`ids`]: newtypes for values that must not be mixed up (`DiskKey`, `NbdPort`, `BackupId`).
 //! - [`names`]: validation of names that become file names in the repository.
 //! - [`targets`]: the NBD targets string `2000:nbd://127.0.0.1:10100/vm-disk-2000,...`.
@@ -12,6 +14,7 @@
 
 pub mod api;
 pub mod child;
+pub mod errors;
 pub mod identity;
 pub mod ids;
 pub mod names;

@@ -105,6 +105,7 @@ async fn ask_node(
         vm_name: job.vm_name.clone(),
         backup_type: kind,
         nbd_targets: targets.to_string(),
+        targets: Vec::new(),
         previous_backup_id,
         previous_change_ids,
     };
