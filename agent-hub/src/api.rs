@@ -13,7 +13,7 @@ pub mod restores;
 pub mod system;
 pub mod vms;
 
-use crate::server::AppState;
+use crate::hub::AppState;
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, OriginalUri, Request};
@@ -48,6 +48,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/restores", get(restores::list).post(restores::start))
         .route("/restores/{id}", get(restores::get_one))
+        .route("/restores/{id}/cancel", post(restores::cancel))
+        .route("/restores/{id}/events", get(restores::events))
+        .route("/restores/{id}/progress", post(restores::progress))
+        .route("/restores/{id}/complete", post(restores::complete))
         .route("/ports", get(system::ports))
         .route("/processes", get(system::processes))
         .route("/events", get(system::events))
@@ -235,7 +239,7 @@ fn strip_prefix(text: &str) -> String {
 mod tests {
     use super::*;
     use crate::config::HubConfig;
-    use crate::server::Hub;
+    use crate::hub::Hub;
     use axum::body::Body;
     use axum::http::{Request, header};
     use http_body_util::BodyExt;

@@ -21,6 +21,7 @@
 
 mod backups;
 mod records;
+mod restores;
 mod vms;
 
 pub use backups::{BackupDiskRow, DiskUpdate, NewBackup, NewBackupDisk};

@@ -5,9 +5,11 @@
 //! A broadcast channel: publishing never blocks a job; a subscriber that falls behind loses the
 //! oldest messages and is told so with an SSE comment (it should re-read the lists).
 
+use crate::db::Db;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures_util::Stream;
 use sendense_shared::api::HubEvent;
+use sendense_shared::ids::{BackupId, DiskKey};
 use std::convert::Infallible;
 use std::time::Duration;
 use tokio::sync::broadcast;
@@ -69,6 +71,80 @@ impl EventBus {
                 Some((Ok(event), (rx, shutdown)))
             });
         Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    }
+}
+
+/// Severity of a job event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Info,
+    Warn,
+    Error,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Info => "info",
+            Level::Warn => "warn",
+            Level::Error => "error",
+        }
+    }
+}
+
+/// The job event log: one place that writes an event to the database, the event stream and the
+/// hub's log, for every kind of job (backups, restores, the reconciler's notes about either).
+#[derive(Clone)]
+pub struct JobLog {
+    db: Db,
+    bus: EventBus,
+}
+
+impl JobLog {
+    pub fn new(db: Db, bus: EventBus) -> Self {
+        JobLog { db, bus }
+    }
+
+    pub fn bus(&self) -> &EventBus {
+        &self.bus
+    }
+
+    /// Appends an event to backup `backup`'s log, as an event of job `job` when that is another
+    /// job about the backup (a restore of it). A failure to record is logged and otherwise
+    /// ignored: losing a log line must not fail a job.
+    pub async fn record(
+        &self,
+        backup: &BackupId,
+        job: Option<&str>,
+        level: Level,
+        step: &str,
+        message: &str,
+        disk: Option<DiskKey>,
+    ) {
+        let disk_n = disk.map(|d| d.0);
+        match level {
+            Level::Info => {
+                tracing::info!(backup_id = %backup, job_id = ?job, step, disk = ?disk_n, "{message}")
+            }
+            Level::Warn => {
+                tracing::warn!(backup_id = %backup, job_id = ?job, step, disk = ?disk_n, "{message}")
+            }
+            Level::Error => {
+                tracing::error!(backup_id = %backup, job_id = ?job, step, disk = ?disk_n, "{message}")
+            }
+        }
+        match self
+            .db
+            .append_job_event(backup, job, level.as_str(), step, message, disk)
+            .await
+        {
+            Ok(ev) => self.bus.publish(HubEvent::JobEvent { event: ev }),
+            Err(e) => tracing::error!(
+                backup_id = %backup,
+                error = %sendense_shared::errors::chain(&e),
+                "cannot record job event"
+            ),
+        }
     }
 }
 

@@ -27,9 +27,7 @@ pub mod node;
 pub mod prepare;
 pub mod verify;
 
-use crate::auth::Token;
 use crate::db::{Db, DbError};
-use crate::events::EventBus;
 use crate::ports::PortAllocator;
 use crate::qemu_nbd::{QemuNbd, QemuNbdConfig};
 use sendense_shared::api::{
@@ -176,18 +174,13 @@ pub struct Export {
     pub server: QemuNbd,
 }
 
-/// Where the node that writes a VM's exports is.
-#[derive(Debug, Clone)]
-pub struct NodeTarget {
-    pub name: String,
-    pub api_url: String,
-}
+pub use crate::node_client::NodeAddr;
 
 /// A job this hub process is running.
 pub struct LiveJob {
     pub id: BackupId,
     pub vm_name: String,
-    pub node: Option<NodeTarget>,
+    pub node: Option<NodeAddr>,
     pub disks: Vec<DiskKey>,
     /// Fired by cancel and shutdown; checked between the steps of preparation and verification.
     pub cancel: CancellationToken,
@@ -217,9 +210,10 @@ pub struct JobDeps {
     pub db: Db,
     pub ports: Arc<PortAllocator>,
     pub qemu_nbd: QemuNbdConfig,
-    pub bus: EventBus,
-    pub http: reqwest::Client,
-    pub token: Token,
+    /// The job event log (and through it the event stream).
+    pub log: crate::events::JobLog,
+    /// Every call to a node.
+    pub nodes: crate::node_client::NodeClient,
     pub tasks: TaskTracker,
     /// A node job silent this long is checked with its node.
     pub node_watch_interval: std::time::Duration,
@@ -241,23 +235,7 @@ pub(crate) struct Inner {
     pub(crate) admission: tokio::sync::Mutex<()>,
 }
 
-/// Severity of a job event.
-#[derive(Debug, Clone, Copy)]
-pub enum Level {
-    Info,
-    Warn,
-    Error,
-}
-
-impl Level {
-    fn as_str(self) -> &'static str {
-        match self {
-            Level::Info => "info",
-            Level::Warn => "warn",
-            Level::Error => "error",
-        }
-    }
-}
+pub use crate::events::Level;
 
 impl JobManager {
     pub fn new(deps: JobDeps) -> Self {
@@ -326,47 +304,35 @@ impl JobManager {
         message: impl Into<String>,
         disk: Option<DiskKey>,
     ) {
-        let message = message.into();
-        match level {
-            Level::Info => {
-                tracing::info!(backup_id = %id, step, disk = ?disk.map(|d| d.0), "{message}")
-            }
-            Level::Warn => {
-                tracing::warn!(backup_id = %id, step, disk = ?disk.map(|d| d.0), "{message}")
-            }
-            Level::Error => {
-                tracing::error!(backup_id = %id, step, disk = ?disk.map(|d| d.0), "{message}")
-            }
-        }
-        match self
-            .deps()
-            .db
-            .append_event(id, level.as_str(), step, &message, disk)
-            .await
-        {
-            Ok(ev) => self.deps().bus.publish(HubEvent::JobEvent { event: ev }),
-            Err(e) => tracing::error!(backup_id = %id, error = %e, "cannot record job event"),
-        }
+        self.deps()
+            .log
+            .record(id, None, level, step, &message.into(), disk)
+            .await;
     }
 
     /// Publishes the job's current state on the event stream.
     pub async fn publish(&self, id: &BackupId) {
         match self.deps().db.get_backup(id).await {
-            Ok(b) => self.deps().bus.publish(HubEvent::Backup { backup: b }),
+            Ok(b) => self
+                .deps()
+                .log
+                .bus()
+                .publish(HubEvent::Backup { backup: b }),
             Err(e) => tracing::warn!(backup_id = %id, error = %e, "cannot publish job state"),
         }
     }
 
     pub async fn publish_ports(&self) {
         if let Ok(p) = self.deps().ports.view().await {
-            self.deps().bus.publish(HubEvent::Ports { ports: p });
+            self.deps().log.bus().publish(HubEvent::Ports { ports: p });
         }
     }
 
     pub async fn publish_processes(&self) {
         if let Ok(p) = self.deps().db.list_processes().await {
             self.deps()
-                .bus
+                .log
+                .bus()
                 .publish(HubEvent::Processes { processes: p });
         }
     }
@@ -518,7 +484,8 @@ impl JobManager {
         }
         let b = self.get(id).await?;
         self.deps()
-            .bus
+            .log
+            .bus()
             .publish(HubEvent::Backup { backup: b.clone() });
         Ok(b)
     }

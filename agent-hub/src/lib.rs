@@ -4,11 +4,22 @@
 //! - [`config`]: defaults, TOML file, `SENDENSE_HUB_*` environment, flags.
 //! - [`logging`]: stderr plus daily log files.
 //! - [`auth`]: the bearer token file and the `/api/v1` check.
-//! - [`server`]: start-up ([`server::Hub::open`]) and the serve loop with graceful stop.
-//! - [`api`]: the HTTP routes, [`api::ApiError`], the JSON extractor.
-//! - [`events`]: the event bus behind `GET /api/v1/events` (server-sent events).
+//! - [`server`]: wiring only: start-up ([`hub::Hub::open`]) and the serve loop with graceful
+//!   stop.
+//! - [`hub`]: the state handlers reach ([`hub::Hub`]): the services below, nothing else.
+//! - [`api`]: the HTTP routes, [`api::ApiError`], the JSON extractor; translates only.
+//! - [`events`]: the event bus behind `GET /api/v1/events` (server-sent events) and the job
+//!   event log ([`events::JobLog`]) every kind of job writes.
 //! - [`jobs`]: the life of a backup job: prepare, progress, completion, verification, cancel.
-//! - [`restores`]: a backup point served read-only to a node that writes it into a new image.
+//! - [`restores`]: restore jobs: a backup point served read-only to a node that writes it
+//!   into a new image.
+//! - [`nodes`]: node registration, inventory import, tunnel probes.
+//! - [`node_client`]: every hub → node call, typed ([`node_client::NodeClient`]).
+//! - [`vms`]: the rules a VM record must pass.
+//!
+//! Layers: `server` wires, `api` translates HTTP and reaches the services through `hub`; the
+//! services (`jobs`, `restores`, `nodes`) use the low modules (`db`, `ports`, `qemu_nbd`,
+//! `repository`, `events`, `node_client`) and never `api`, `hub` or `server`.
 //! - [`reconciler`]: start-up cleanup of what a crashed hub left behind.
 //! - [`db`]: the database (SQLite or MySQL/MariaDB through one `AnyPool`), every table's queries.
 //! - [`ports`]: the NBD port allocator over `nbd_port_allocations`, with bind tests.
@@ -20,11 +31,15 @@ pub mod auth;
 pub mod config;
 pub mod db;
 pub mod events;
+pub mod hub;
 pub mod jobs;
 pub mod logging;
+pub mod node_client;
+pub mod nodes;
 pub mod ports;
 pub mod qemu_nbd;
 pub mod reconciler;
 pub mod repository;
 pub mod restores;
 pub mod server;
+pub mod vms;

@@ -2,7 +2,8 @@
 //! SIGTERM or SIGINT.
 
 use agent_hub::config::{Cli, HubConfig};
-use agent_hub::server::{Hub, serve};
+use agent_hub::hub::Hub;
+use agent_hub::server::serve;
 use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;

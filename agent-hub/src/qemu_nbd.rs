@@ -465,6 +465,16 @@ impl QemuNbd {
         }
     }
 
+    /// Where a client reaches this export, as the API's structured form (an IPv6 host is put in
+    /// brackets only when it is written as a URI).
+    pub fn nbd_export(&self) -> sendense_shared::api::NbdExport {
+        sendense_shared::api::NbdExport {
+            host: self.inner.host.to_string(),
+            port: self.inner.spec.port,
+            export: self.inner.spec.export_name.clone(),
+        }
+    }
+
     /// `None` while it runs, `Some(report)` once it exited for any cause; `report.to_string()`
     /// ("exit status 1: qemu-nbd: ...") is what an operator should see.
     pub fn exit_watch(&self) -> watch::Receiver<Option<ExitReport>> {

@@ -8,6 +8,9 @@
 //! 2. every job in a non-terminal state is marked `failed` ("hub restarted during the job"),
 //!    its disks failed, and the images it created (`<backup_id>.qcow2`, never a backing file)
 //!    deleted.
+//! 2b. every restore in a non-terminal state is marked `failed` ("hub restarted during the
+//!    restore"); the node deletes its partial image (its reads fail, or its own start-up
+//!    recovery runs).
 //! 3. every port allocation is released (no job is live in a process that just started).
 //!
 //! Each action is logged and, when it concerns a job, appended to that job's events.
@@ -18,16 +21,19 @@
 
 use crate::config::HubConfig;
 use crate::db::{Db, DiskUpdate};
-use crate::events::EventBus;
+use crate::events::{JobLog, Level};
 use crate::ports::PortAllocator;
 use crate::qemu_nbd::{OrphanOutcome, stop_orphan};
-use sendense_shared::api::{DiskStatus, HubEvent, JobStatus};
+use sendense_shared::api::{DiskStatus, JobStatus};
 use sendense_shared::ids::BackupId;
 use std::fmt;
 use std::path::Path;
 
 /// The reason written into jobs the reconciler ends.
 pub const RESTART_REASON: &str = "hub restarted during the job";
+
+/// The reason written into restores the reconciler ends.
+pub const RESTART_REASON_RESTORE: &str = "hub restarted during the restore";
 
 /// What the reconciler did, for the start-up log line.
 #[derive(Debug, Default, Clone)]
@@ -36,6 +42,7 @@ pub struct Report {
     pub processes_gone: usize,
     pub processes_not_ours: usize,
     pub jobs_failed: usize,
+    pub restores_failed: usize,
     pub images_deleted: usize,
     pub ports_released: u64,
     pub errors: Vec<String>,
@@ -46,11 +53,13 @@ impl fmt::Display for Report {
         write!(
             f,
             "{} orphan qemu-nbd stopped, {} already gone, {} PIDs reused by others left alone, \
-             {} jobs failed, {} partial images deleted, {} ports released, {} errors",
+             {} jobs failed, {} restores failed, {} partial images deleted, {} ports released, \
+             {} errors",
             self.processes_stopped,
             self.processes_gone,
             self.processes_not_ours,
             self.jobs_failed,
+            self.restores_failed,
             self.images_deleted,
             self.ports_released,
             self.errors.len()
@@ -58,20 +67,17 @@ impl fmt::Display for Report {
     }
 }
 
-async fn event(db: &Db, bus: &EventBus, id: &BackupId, level: &str, step: &str, msg: String) {
-    match level {
-        "error" => tracing::error!(backup_id = %id, step, "{msg}"),
-        "warn" => tracing::warn!(backup_id = %id, step, "{msg}"),
-        _ => tracing::info!(backup_id = %id, step, "{msg}"),
-    }
-    match db.append_event(id, level, step, &msg, None).await {
-        Ok(ev) => bus.publish(HubEvent::JobEvent { event: ev }),
-        Err(e) => tracing::error!(backup_id = %id, error = %e, "cannot record reconciler event"),
-    }
+async fn event(log: &JobLog, id: &BackupId, level: &str, step: &str, msg: String) {
+    let level = match level {
+        "error" => Level::Error,
+        "warn" => Level::Warn,
+        _ => Level::Info,
+    };
+    log.record(id, None, level, step, &msg, None).await;
 }
 
 /// Runs the three passes; never fails start-up (a step that errs is logged and counted).
-pub async fn reconcile(db: &Db, ports: &PortAllocator, bus: &EventBus, cfg: &HubConfig) -> Report {
+pub async fn reconcile(db: &Db, ports: &PortAllocator, log: &JobLog, cfg: &HubConfig) -> Report {
     let mut rep = Report::default();
     let grace = cfg.qemu_nbd.stop_grace;
 
@@ -131,7 +137,7 @@ pub async fn reconcile(db: &Db, ports: &PortAllocator, bus: &EventBus, cfg: &Hub
                 if let Err(e) = db.mark_process_stopped(p.pid, p.port, &exit).await {
                     rep.errors.push(e.to_string());
                 }
-                event(db, bus, &p.backup_id, level, "reconciler_process", msg).await;
+                event(log, &p.backup_id, level, "reconciler_process", msg).await;
             }
         }
         Err(e) => {
@@ -152,8 +158,7 @@ pub async fn reconcile(db: &Db, ports: &PortAllocator, bus: &EventBus, cfg: &Hub
                             Ok(()) => {
                                 rep.images_deleted += 1;
                                 event(
-                                    db,
-                                    bus,
+                                    log,
                                     &b.backup_id,
                                     "info",
                                     "reconciler_image",
@@ -167,8 +172,7 @@ pub async fn reconcile(db: &Db, ports: &PortAllocator, bus: &EventBus, cfg: &Hub
                             Err(e) => {
                                 rep.errors.push(e.to_string());
                                 event(
-                                    db,
-                                    bus,
+                                    log,
                                     &b.backup_id,
                                     "error",
                                     "reconciler_image",
@@ -207,8 +211,7 @@ pub async fn reconcile(db: &Db, ports: &PortAllocator, bus: &EventBus, cfg: &Hub
                     Ok(_) => {
                         rep.jobs_failed += 1;
                         event(
-                            db,
-                            bus,
+                            log,
                             &b.backup_id,
                             "error",
                             "reconciler_job",
@@ -223,6 +226,46 @@ pub async fn reconcile(db: &Db, ports: &PortAllocator, bus: &EventBus, cfg: &Hub
         Err(e) => {
             tracing::error!(error = %e, "reconciler: cannot list active jobs");
             rep.errors.push(e.to_string());
+        }
+    }
+
+    // 2b. Restores that were active: their qemu-nbd was stopped above and their port is
+    // released below; the node deletes its partial image when its copy fails or it restarts.
+    match db.list_restores_in(crate::restores::ACTIVE).await {
+        Ok(restores) => {
+            for r in restores {
+                let reason = format!("{RESTART_REASON_RESTORE} (it was {})", r.status.as_str());
+                match db
+                    .transition_restore(
+                        &r.restore_id,
+                        crate::restores::ACTIVE,
+                        JobStatus::Failed,
+                        Some(&reason),
+                    )
+                    .await
+                {
+                    Ok(_) => {
+                        rep.restores_failed += 1;
+                        log.record(
+                            &r.backup_id,
+                            Some(&r.restore_id),
+                            Level::Error,
+                            "reconciler_restore",
+                            &format!(
+                                "reconciler: restore {} marked failed: {reason}",
+                                r.restore_id
+                            ),
+                            Some(r.disk_key),
+                        )
+                        .await;
+                    }
+                    Err(e) => rep.errors.push(sendense_shared::errors::chain(&e)),
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %sendense_shared::errors::chain(&e), "reconciler: cannot list active restores");
+            rep.errors.push(sendense_shared::errors::chain(&e));
         }
     }
 
@@ -245,8 +288,7 @@ pub async fn reconcile(db: &Db, ports: &PortAllocator, bus: &EventBus, cfg: &Hub
                             .map(|x| x.port.to_string())
                             .collect();
                         event(
-                            db,
-                            bus,
+                            log,
                             &a.backup_id,
                             "warn",
                             "reconciler_ports",

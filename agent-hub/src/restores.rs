@@ -1,95 +1,165 @@
-//! Restores: a backup point served read-only to a node, which writes it into a new image.
+//! Restore jobs: a backup point served read-only to a node, which writes it into a new image.
+//!
+//! A restore is a job like a backup: a row in `restore_jobs` whose status moves only by
+//! compare-and-set, an event log (in the backup point's log, each event tagged with the
+//! restore's id), progress and the result pushed by the node, cancel from the API, one
+//! unwinding path ([`Restores`]'s `finish`), the start-up reconciler, and shutdown draining.
 //!
 //! `POST /api/v1/restores {"backup_id","disk_key"?,"target":{"node","path"}}`:
-//! 1. the backup must be `completed` (verified): a failed or cancelled backup has no images
-//!    and is never offered; the disk's QCOW2 (with its backing chain) must be on disk;
-//! 2. one NBD port from the same allocator as backups (the allocation is recorded under the
-//!    backup's id, so `GET /api/v1/ports` shows which backup point is being served);
-//! 3. one `qemu-nbd --read-only` on that image (recorded like a backup's, so the start-up
-//!    reconciler stops it after a crash);
-//! 4. the node is asked to copy it (`POST /api/v1/restore/start` of the node) into
-//!    `target.path`, a new QCOW2 it creates; the hub follows the node's progress
-//!    (`GET /api/v1/restore/{id}`, every 250 ms), the node verifies the new image against the
-//!    checksums of what it read;
-//! 5. qemu-nbd stopped, port released, restore `completed` or `failed` (the node deletes a
-//!    partial image).
-//!
-//! Each step is also an event of the backup's event log (`restore_*`). One restore per backup
-//! at a time. Restores live in this hub process's memory: after a hub restart the list is empty
-//! (their qemu-nbd and ports are cleaned up by the reconciler like a backup's).
+//! 1. the backup must be `completed` (verified) and its image (with its chain) on disk; one
+//!    restore per backup point at a time;
+//! 2. one NBD port from the same allocator as backups (recorded under the backup's id, so
+//!    `GET /api/v1/ports` shows which backup point is served) and one `qemu-nbd --read-only`
+//!    on that image (recorded like a backup's, so the reconciler stops it after a crash);
+//! 3. the node is asked to copy it into `target.path` (`POST /api/v1/restore/start` of the
+//!    node); it pushes `POST /api/v1/restores/{id}/progress` about once a second and
+//!    `.../complete` at its end, after reading the new image back against what it read;
+//! 4. a node silent for the watch interval is asked (`GET /api/v1/restore/{id}`); one that
+//!    forgot the restore or stays unreachable for `node_lost_after` fails it;
+//! 5. the end, whatever caused it: qemu-nbd stopped, port released, then the terminal status
+//!    (so a restore seen `completed`, `failed` or `cancelled` holds nothing on the hub).
 
-use crate::db::DbError;
-use crate::jobs::Level;
-use crate::ports::PortError;
-use crate::qemu_nbd::{ExportSpec, QemuNbd};
-use crate::server::Hub;
+use crate::db::{Db, DbError};
+use crate::events::{JobLog, Level};
+use crate::node_client::{NodeAddr, NodeClient};
+use crate::ports::{PortAllocator, PortError};
+use crate::qemu_nbd::{ExportSpec, QemuNbd, QemuNbdConfig, QemuNbdError};
 use sendense_shared::api::{
-    JobStatus, NodeRestoreStart, NodeRestoreState, ProcessInfo, Restore, RestoreRequest,
+    Backup, DiskResult, HubEvent, JobStatus, NodeRestoreStart, ProcessInfo, Restore,
+    RestoreCompletion, RestoreProgress, RestoreRequest,
 };
+use sendense_shared::errors::chain;
+use sendense_shared::ids::{BackupId, NbdPort};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-/// A node silent this long fails the restore.
-const NODE_LOST_AFTER: Duration = Duration::from_secs(30);
-const POLL_EVERY: Duration = Duration::from_millis(250);
+/// States a restore may be cancelled from.
+const CANCELLABLE: &[JobStatus] = &[JobStatus::Preparing, JobStatus::Running];
 
-/// Why a restore was refused.
+/// Non-terminal states (the reconciler's and the busy check's view).
+pub const ACTIVE: &[JobStatus] = &[
+    JobStatus::Pending,
+    JobStatus::Preparing,
+    JobStatus::Running,
+    JobStatus::Cancelling,
+];
+
+/// Why a restore operation was refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
     #[error("{detail}")]
     Invalid { detail: String },
     #[error("no backup with id {id}")]
-    BackupNotFound { id: String },
+    BackupNotFound { id: BackupId },
     #[error("no node named {node:?} is registered (GET /api/v1/nodes lists them)")]
     NodeNotFound { node: String },
     #[error("no restore with id {id}")]
     NotFound { id: String },
     #[error("backup {id} is {status}: only a completed (verified) backup can be restored")]
-    NotRestorable { id: String, status: &'static str },
+    NotRestorable { id: BackupId, status: &'static str },
     #[error("backup {id} is being restored already by {restore_id}; wait for it")]
-    Busy { id: String, restore_id: String },
+    Busy { id: BackupId, restore_id: String },
     #[error("image {path} of backup {id} is missing")]
-    ImageMissing { id: String, path: String },
-    #[error("{0}")]
-    Ports(String),
-    #[error("serving the backup point failed: {0}")]
-    Export(String),
-    #[error("database")]
-    Db(#[from] DbError),
+    ImageMissing { id: BackupId, path: String },
+    #[error("restore {id} is {status}: {what}")]
+    WrongState {
+        id: String,
+        status: &'static str,
+        what: &'static str,
+    },
+    #[error("restore {id}: allocating an NBD port")]
+    Ports {
+        id: String,
+        #[source]
+        source: PortError,
+    },
+    #[error("restore {id}: serving the backup point failed")]
+    Export {
+        id: String,
+        #[source]
+        source: QemuNbdError,
+    },
+    #[error("restore {id}: {doing}")]
+    Db {
+        id: String,
+        doing: &'static str,
+        #[source]
+        source: DbError,
+    },
 }
 
-/// The restores of this hub process.
+/// Everything the restore service needs, given by the hub's wiring.
+pub struct RestoreDeps {
+    pub db: Db,
+    pub ports: Arc<PortAllocator>,
+    pub qemu_nbd: QemuNbdConfig,
+    pub log: JobLog,
+    pub nodes: NodeClient,
+    pub tasks: TaskTracker,
+    /// A node silent this long is asked about the restore.
+    pub node_watch_interval: Duration,
+    /// A node unreachable this long fails the restore.
+    pub node_lost_after: Duration,
+}
+
+/// How a restore ends, as its finisher sees it.
+#[derive(Debug, Clone)]
+enum Outcome {
+    /// Copied and read back equal on the node.
+    Completed {
+        bytes_written: u64,
+        verified_ranges: u64,
+    },
+    /// With the cause, which becomes the restore's `error_message`.
+    Failed(String),
+    /// A cancel from the API.
+    Cancelled,
+}
+
+/// What a live restore holds on the hub; released only by `finish`.
 #[derive(Default)]
-pub struct Restores {
-    map: Mutex<HashMap<String, Restore>>,
+struct Held {
+    server: Option<(QemuNbd, NbdPort)>,
+    port: Option<NbdPort>,
+    finished: bool,
 }
 
-impl Restores {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Restore>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+/// A restore this hub process is running.
+struct LiveRestore {
+    id: String,
+    backup_id: BackupId,
+    node: NodeAddr,
+    /// Fired once `finish` has run: the watcher stops.
+    ended: CancellationToken,
+    last_report: Mutex<Instant>,
+    held: tokio::sync::Mutex<Held>,
+}
+
+impl LiveRestore {
+    fn touch(&self) {
+        *self.last_report.lock().expect("last_report") = Instant::now();
     }
 
-    pub fn get(&self, id: &str) -> Result<Restore, RestoreError> {
-        self.lock()
-            .get(id)
-            .cloned()
-            .ok_or_else(|| RestoreError::NotFound { id: id.to_string() })
+    fn since_last_report(&self) -> Duration {
+        self.last_report.lock().expect("last_report").elapsed()
     }
+}
 
-    /// Newest first.
-    pub fn list(&self) -> Vec<Restore> {
-        let mut v: Vec<Restore> = self.lock().values().cloned().collect();
-        v.sort_by_key(|r| std::cmp::Reverse(r.created_at));
-        v
-    }
+struct Inner {
+    deps: RestoreDeps,
+    live: Mutex<HashMap<String, Arc<LiveRestore>>>,
+    /// Serialises the busy check with the restore's creation.
+    admission: tokio::sync::Mutex<()>,
+}
 
-    fn update(&self, id: &str, f: impl FnOnce(&mut Restore)) {
-        if let Some(r) = self.lock().get_mut(id) {
-            f(r);
-        }
-    }
+/// The restore service; cheap to clone.
+#[derive(Clone)]
+pub struct Restores {
+    inner: Arc<Inner>,
 }
 
 fn check_target_path(p: &str) -> Result<(), RestoreError> {
@@ -115,240 +185,7 @@ fn check_target_path(p: &str) -> Result<(), RestoreError> {
     Ok(())
 }
 
-/// Checks the request, exports the backup point and starts the node's copy; answers the
-/// restore `running`.
-pub async fn start(hub: &Arc<Hub>, req: RestoreRequest) -> Result<Restore, RestoreError> {
-    sendense_shared::names::validate_name("target.node", &req.target.node).map_err(|e| {
-        RestoreError::Invalid {
-            detail: e.to_string(),
-        }
-    })?;
-    check_target_path(&req.target.path)?;
-    let backup = match hub.db.get_backup(&req.backup_id).await {
-        Ok(b) => b,
-        Err(DbError::NotFound { .. }) => {
-            return Err(RestoreError::BackupNotFound {
-                id: req.backup_id.0,
-            });
-        }
-        Err(e) => return Err(e.into()),
-    };
-    if backup.status != JobStatus::Completed {
-        return Err(RestoreError::NotRestorable {
-            id: req.backup_id.0,
-            status: backup.status.as_str(),
-        });
-    }
-    let disk = match req.disk_key {
-        Some(k) => backup
-            .disk_results
-            .iter()
-            .find(|d| d.disk_key == k)
-            .ok_or_else(|| RestoreError::Invalid {
-                detail: format!(
-                    "disk_key: backup {} has no disk {k} (it has {})",
-                    backup.backup_id,
-                    keys(&backup)
-                ),
-            })?,
-        None if backup.disk_results.len() == 1 => &backup.disk_results[0],
-        None => {
-            return Err(RestoreError::Invalid {
-                detail: format!(
-                    "disk_key: backup {} has {} disks ({}); name the one to restore",
-                    backup.backup_id,
-                    backup.disk_results.len(),
-                    keys(&backup)
-                ),
-            });
-        }
-    }
-    .clone();
-    if !Path::new(&disk.qcow2_path).is_file() {
-        return Err(RestoreError::ImageMissing {
-            id: backup.backup_id.0.clone(),
-            path: disk.qcow2_path.clone(),
-        });
-    }
-    let node = match hub.db.get_node(&req.target.node).await {
-        Ok(n) => n,
-        Err(DbError::NotFound { .. }) => {
-            return Err(RestoreError::NodeNotFound {
-                node: req.target.node,
-            });
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let restore_id = uuid::Uuid::new_v4().to_string();
-    let export_name = format!("restore-{}", &restore_id[..8]);
-    {
-        // Reserve the backup for this restore before any await can let a second one in.
-        let mut map = hub.restores.lock();
-        if let Some(busy) = map
-            .values()
-            .find(|r| r.backup_id == backup.backup_id && !r.status.is_terminal())
-        {
-            return Err(RestoreError::Busy {
-                id: backup.backup_id.0.clone(),
-                restore_id: busy.restore_id.clone(),
-            });
-        }
-        map.insert(
-            restore_id.clone(),
-            Restore {
-                restore_id: restore_id.clone(),
-                backup_id: backup.backup_id.clone(),
-                vm_name: backup.vm_name.clone(),
-                disk_key: disk.disk_key,
-                target: req.target.clone(),
-                status: JobStatus::Preparing,
-                source_qcow2: disk.qcow2_path.clone(),
-                nbd_port: None,
-                nbd_export_name: export_name.clone(),
-                bytes_done: 0,
-                bytes_total: disk.bytes_total,
-                created_at: chrono::Utc::now(),
-                completed_at: None,
-                error_message: None,
-            },
-        );
-    }
-    let fail_early = |e: RestoreError| {
-        hub.restores.update(&restore_id, |r| {
-            r.status = JobStatus::Failed;
-            r.error_message = Some(e.to_string());
-            r.completed_at = Some(chrono::Utc::now());
-        });
-        e
-    };
-    let ports = match hub
-        .ports
-        .allocate(&backup.backup_id, &[disk.disk_key])
-        .await
-    {
-        Ok(p) => p,
-        Err(e @ PortError::Exhausted { .. }) => {
-            return Err(fail_early(RestoreError::Ports(e.to_string())));
-        }
-        Err(e) => return Err(fail_early(RestoreError::Ports(e.to_string()))),
-    };
-    let port = ports[0].1;
-    let spec = ExportSpec {
-        qcow2_path: disk.qcow2_path.clone().into(),
-        export_name: export_name.clone(),
-        port: port.0,
-        read_only: true,
-    };
-    let server = match QemuNbd::start(&hub.config.qemu_nbd, spec).await {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = hub.ports.release_port(port).await;
-            return Err(fail_early(RestoreError::Export(e.to_string())));
-        }
-    };
-    let cmdline = sendense_shared::child::shell_words(server.command_line());
-    if let Err(e) = hub
-        .db
-        .record_process(
-            &ProcessInfo {
-                pid: server.pid(),
-                port,
-                export_name: export_name.clone(),
-                qcow2_path: disk.qcow2_path.clone(),
-                backup_id: backup.backup_id.clone(),
-                disk_key: disk.disk_key,
-                alive: true,
-                started_at: server.started_at(),
-            },
-            &cmdline,
-        )
-        .await
-    {
-        server.stop().await;
-        let _ = hub.ports.release_port(port).await;
-        return Err(fail_early(e.into()));
-    }
-    hub.jobs
-        .event(
-            &backup.backup_id,
-            Level::Info,
-            "restore_started",
-            format!(
-                "restore {restore_id}: disk {} ({}) served read-only by qemu-nbd pid {} on port \
-                 {port} as export {export_name}; node {} writes it into {}",
-                disk.disk_key,
-                disk.qcow2_path,
-                server.pid(),
-                node.name,
-                req.target.path
-            ),
-            Some(disk.disk_key),
-        )
-        .await;
-    hub.restores.update(&restore_id, |r| {
-        r.status = JobStatus::Running;
-        r.nbd_port = Some(port);
-    });
-    let source = format!(
-        "nbd://{}:{}/{export_name}",
-        hub.config.qemu_nbd.bind, port.0
-    );
-    let h = hub.clone();
-    let id = restore_id.clone();
-    let body = NodeRestoreStart {
-        restore_id: restore_id.clone(),
-        source,
-        source_export: None,
-        path: req.target.path.clone(),
-        size_bytes: disk.bytes_total,
-    };
-    hub.tasks.spawn(async move {
-        let outcome = drive(&h, &id, &node.api_url, &body).await;
-        let pid = server.pid();
-        let rep = server.stop().await;
-        let _ = h.db.mark_process_stopped(pid, port, &rep.status).await;
-        let _ = h.ports.release_port(port).await;
-        let r = h.restores.get(&id).ok();
-        let (level, step, msg) = match &outcome {
-            Ok(st) => (
-                Level::Info,
-                "restore_completed",
-                format!(
-                    "restore {id}: {} bytes written into {} and verified on the node ({} \
-                     range(s)); qemu-nbd pid {pid} stopped, port {port} released",
-                    st.bytes_written, st.path, st.verified_ranges
-                ),
-            ),
-            Err(e) => (
-                Level::Error,
-                "restore_failed",
-                format!("restore {id}: {e}; qemu-nbd pid {pid} stopped, port {port} released"),
-            ),
-        };
-        if let Some(r) = r {
-            h.jobs
-                .event(&r.backup_id, level, step, msg, Some(r.disk_key))
-                .await;
-        }
-        h.restores.update(&id, |r| {
-            r.nbd_port = None;
-            r.completed_at = Some(chrono::Utc::now());
-            match outcome {
-                Ok(st) => {
-                    r.status = JobStatus::Completed;
-                    r.bytes_done = st.bytes_total;
-                }
-                Err(e) => {
-                    r.status = JobStatus::Failed;
-                    r.error_message = Some(e);
-                }
-            }
-        });
-    });
-    hub.restores.get(&restore_id)
-}
-
-fn keys(b: &sendense_shared::api::Backup) -> String {
+fn keys(b: &Backup) -> String {
     b.disk_results
         .iter()
         .map(|d| d.disk_key.to_string())
@@ -356,74 +193,740 @@ fn keys(b: &sendense_shared::api::Backup) -> String {
         .join(", ")
 }
 
-/// Starts the node's copy and follows it to its end.
-async fn drive(
-    hub: &Hub,
-    id: &str,
-    api_url: &str,
-    body: &NodeRestoreStart,
-) -> Result<NodeRestoreState, String> {
-    let base = api_url.trim_end_matches('/');
-    let url = format!("{base}/api/v1/restore/start");
-    let r = hub
-        .http
-        .post(&url)
-        .bearer_auth(hub.token.as_str())
-        .json(body)
-        .send()
-        .await
-        .map_err(|e| format!("node unreachable: POST {url}: {e}"))?;
-    if !r.status().is_success() {
-        let status = r.status();
-        let text = r.text().await.unwrap_or_default();
-        return Err(format!(
-            "node refused the restore: POST {url} answered HTTP {status}: {}",
-            text.chars().take(500).collect::<String>()
-        ));
+/// The disk of `backup` the request names (or its only one).
+fn pick_disk(backup: &Backup, req: &RestoreRequest) -> Result<DiskResult, RestoreError> {
+    let invalid = |detail| Err(RestoreError::Invalid { detail });
+    match req.disk_key {
+        Some(k) => match backup.disk_results.iter().find(|d| d.disk_key == k) {
+            Some(d) => Ok(d.clone()),
+            None => invalid(format!(
+                "disk_key: backup {} has no disk {k} (it has {})",
+                backup.backup_id,
+                keys(backup)
+            )),
+        },
+        None if backup.disk_results.len() == 1 => Ok(backup.disk_results[0].clone()),
+        None => invalid(format!(
+            "disk_key: backup {} has {} disks ({}); name the one to restore",
+            backup.backup_id,
+            backup.disk_results.len(),
+            keys(backup)
+        )),
     }
-    let url = format!("{base}/api/v1/restore/{id}");
-    let mut last_ok = Instant::now();
-    loop {
-        tokio::time::sleep(POLL_EVERY).await;
-        let answer = hub
-            .http
-            .get(&url)
-            .bearer_auth(hub.token.as_str())
-            .timeout(Duration::from_secs(5))
-            .send()
+}
+
+impl Restores {
+    pub fn new(deps: RestoreDeps) -> Self {
+        Restores {
+            inner: Arc::new(Inner {
+                deps,
+                live: Mutex::new(HashMap::new()),
+                admission: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    fn deps(&self) -> &RestoreDeps {
+        &self.inner.deps
+    }
+
+    fn live(&self, id: &str) -> Option<Arc<LiveRestore>> {
+        self.inner.live.lock().expect("live map").get(id).cloned()
+    }
+
+    fn db_err(id: &str, doing: &'static str) -> impl FnOnce(DbError) -> RestoreError {
+        let id = id.to_string();
+        move |source| RestoreError::Db { id, doing, source }
+    }
+
+    /// One restore, or [`RestoreError::NotFound`].
+    pub async fn get(&self, id: &str) -> Result<Restore, RestoreError> {
+        match self.deps().db.get_restore(id).await {
+            Ok(r) => Ok(r),
+            Err(DbError::NotFound { .. }) => Err(RestoreError::NotFound { id: id.to_string() }),
+            Err(source) => Err(RestoreError::Db {
+                id: id.to_string(),
+                doing: "reading the restore",
+                source,
+            }),
+        }
+    }
+
+    /// Newest first.
+    pub async fn list(&self) -> Result<Vec<Restore>, RestoreError> {
+        self.deps()
+            .db
+            .list_restores()
+            .await
+            .map_err(Self::db_err("*", "listing restores"))
+    }
+
+    /// The restore's own events, oldest first.
+    pub async fn events(
+        &self,
+        id: &str,
+    ) -> Result<Vec<sendense_shared::api::JobEvent>, RestoreError> {
+        self.get(id).await?;
+        self.deps()
+            .db
+            .list_job_events(id)
+            .await
+            .map_err(Self::db_err(id, "reading the restore's events"))
+    }
+
+    async fn event(&self, r: &LiveRestore, level: Level, step: &str, msg: String) {
+        self.deps()
+            .log
+            .record(&r.backup_id, Some(&r.id), level, step, &msg, None)
             .await;
-        let st = match answer {
-            Ok(r) if r.status().is_success() => r.json::<NodeRestoreState>().await.ok(),
-            Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => {
-                return Err(format!(
-                    "node no longer knows restore {id} (GET {url}: 404; restarted?)"
-                ));
+    }
+
+    async fn publish(&self, id: &str) {
+        match self.deps().db.get_restore(id).await {
+            Ok(r) => self
+                .deps()
+                .log
+                .bus()
+                .publish(HubEvent::Restore { restore: r }),
+            Err(e) => {
+                tracing::warn!(restore_id = %id, error = %chain(&e), "cannot publish restore state")
             }
-            _ => None,
+        }
+    }
+
+    async fn publish_resources(&self) {
+        if let Ok(p) = self.deps().ports.view().await {
+            self.deps().log.bus().publish(HubEvent::Ports { ports: p });
+        }
+        if let Ok(p) = self.deps().db.list_processes().await {
+            self.deps()
+                .log
+                .bus()
+                .publish(HubEvent::Processes { processes: p });
+        }
+    }
+
+    /// Checks the request, exports the backup point and asks the node to copy it; answers the
+    /// restore `running` (or the refusal).
+    pub async fn start(&self, req: RestoreRequest) -> Result<Restore, RestoreError> {
+        let db = &self.deps().db;
+        sendense_shared::names::validate_name("target.node", &req.target.node).map_err(|e| {
+            RestoreError::Invalid {
+                detail: e.to_string(),
+            }
+        })?;
+        check_target_path(&req.target.path)?;
+        let backup = match db.get_backup(&req.backup_id).await {
+            Ok(b) => b,
+            Err(DbError::NotFound { .. }) => {
+                return Err(RestoreError::BackupNotFound { id: req.backup_id });
+            }
+            Err(e) => return Err(Self::db_err("-", "reading the backup point")(e)),
         };
-        match st {
-            Some(st) => {
-                last_ok = Instant::now();
-                hub.restores.update(id, |r| r.bytes_done = st.bytes_done);
-                match st.status {
-                    JobStatus::Completed => return Ok(st),
-                    s if s.is_terminal() => {
-                        return Err(format!(
-                            "node: {}",
-                            st.error_message
-                                .unwrap_or_else(|| format!("restore {}", s.as_str()))
-                        ));
+        if backup.status != JobStatus::Completed {
+            return Err(RestoreError::NotRestorable {
+                id: req.backup_id,
+                status: backup.status.as_str(),
+            });
+        }
+        let disk = pick_disk(&backup, &req)?;
+        if !Path::new(&disk.qcow2_path).is_file() {
+            return Err(RestoreError::ImageMissing {
+                id: backup.backup_id.clone(),
+                path: disk.qcow2_path.clone(),
+            });
+        }
+        let node = match db.get_node(&req.target.node).await {
+            Ok(n) => NodeAddr::from(&n),
+            Err(DbError::NotFound { .. }) => {
+                return Err(RestoreError::NodeNotFound {
+                    node: req.target.node,
+                });
+            }
+            Err(e) => return Err(Self::db_err("-", "reading the target node")(e)),
+        };
+        let restore_id = uuid::Uuid::new_v4().to_string();
+        let row = Restore {
+            restore_id: restore_id.clone(),
+            backup_id: backup.backup_id.clone(),
+            vm_name: backup.vm_name.clone(),
+            disk_key: disk.disk_key,
+            target: req.target.clone(),
+            status: JobStatus::Preparing,
+            source_qcow2: disk.qcow2_path.clone(),
+            nbd_port: None,
+            nbd_export_name: format!("restore-{}", &restore_id[..8]),
+            bytes_done: 0,
+            bytes_total: disk.bytes_total,
+            created_at: chrono::Utc::now(),
+            completed_at: None,
+            error_message: None,
+        };
+        {
+            // The busy check and the row in one step: two requests cannot both pass.
+            let _admission = self.inner.admission.lock().await;
+            let active = db
+                .list_restores_in(ACTIVE)
+                .await
+                .map_err(Self::db_err(&restore_id, "checking for a running restore"))?;
+            if let Some(busy) = active.iter().find(|r| r.backup_id == backup.backup_id) {
+                return Err(RestoreError::Busy {
+                    id: backup.backup_id.clone(),
+                    restore_id: busy.restore_id.clone(),
+                });
+            }
+            db.create_restore(&row)
+                .await
+                .map_err(Self::db_err(&restore_id, "storing the restore"))?;
+        }
+        let live = Arc::new(LiveRestore {
+            id: restore_id.clone(),
+            backup_id: backup.backup_id.clone(),
+            node,
+            ended: CancellationToken::new(),
+            last_report: Mutex::new(Instant::now()),
+            held: tokio::sync::Mutex::new(Held::default()),
+        });
+        self.inner
+            .live
+            .lock()
+            .expect("live map")
+            .insert(restore_id.clone(), live.clone());
+        self.event(
+            &live,
+            Level::Info,
+            "restore_created",
+            format!(
+                "restore {restore_id} of disk {} ({}) requested; node {} writes it into {}",
+                disk.disk_key, disk.qcow2_path, req.target.node, req.target.path
+            ),
+        )
+        .await;
+        let mut held = live.held.lock().await;
+        match self.export(&live, &mut held, &row).await {
+            Ok(source) => {
+                drop(held);
+                let me = self.clone();
+                let live2 = live.clone();
+                self.deps().tasks.spawn(async move {
+                    me.run_on_node(&live2, source).await;
+                    me.watch_node(live2).await;
+                });
+                self.get(&restore_id).await
+            }
+            Err(e) => {
+                let cause = chain(&e);
+                self.finish(&live, &mut held, Outcome::Failed(cause)).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Port, qemu-nbd and its record, then `running`; answers what the node is to read.
+    async fn export(
+        &self,
+        live: &LiveRestore,
+        held: &mut Held,
+        row: &Restore,
+    ) -> Result<NodeRestoreStart, RestoreError> {
+        let d = self.deps();
+        let id = &live.id;
+        let ports = d
+            .ports
+            .allocate(&live.backup_id, &[row.disk_key])
+            .await
+            .map_err(|source| RestoreError::Ports {
+                id: id.clone(),
+                source,
+            })?;
+        let port = ports[0].1;
+        held.port = Some(port);
+        d.db.set_restore_port(id, Some(port))
+            .await
+            .map_err(Self::db_err(id, "recording the port"))?;
+        let spec = ExportSpec {
+            qcow2_path: row.source_qcow2.clone().into(),
+            export_name: row.nbd_export_name.clone(),
+            port: port.0,
+            read_only: true,
+        };
+        let server =
+            QemuNbd::start(&d.qemu_nbd, spec)
+                .await
+                .map_err(|source| RestoreError::Export {
+                    id: id.clone(),
+                    source,
+                })?;
+        let pid = server.pid();
+        let export = server.nbd_export();
+        let cmdline = sendense_shared::child::shell_words(server.command_line());
+        let started_at = server.started_at();
+        held.server = Some((server, port));
+        d.db.record_process(
+            &ProcessInfo {
+                pid,
+                port,
+                export_name: row.nbd_export_name.clone(),
+                qcow2_path: row.source_qcow2.clone(),
+                backup_id: live.backup_id.clone(),
+                disk_key: row.disk_key,
+                alive: true,
+                started_at,
+            },
+            &cmdline,
+        )
+        .await
+        .map_err(Self::db_err(id, "recording the qemu-nbd process"))?;
+        self.publish_resources().await;
+        if !d
+            .db
+            .transition_restore(id, &[JobStatus::Preparing], JobStatus::Running, None)
+            .await
+            .map_err(Self::db_err(id, "moving to running"))?
+        {
+            return Err(RestoreError::WrongState {
+                id: id.clone(),
+                status: JobStatus::Cancelling.as_str(),
+                what: "cancelled while the export was prepared",
+            });
+        }
+        self.event(
+            live,
+            Level::Info,
+            "restore_started",
+            format!(
+                "restore {id}: disk {} ({}) served read-only by qemu-nbd pid {pid} on port {port} \
+                 as export {export}; node {} writes it into {}",
+                row.disk_key, row.source_qcow2, live.node.name, row.target.path
+            ),
+        )
+        .await;
+        self.publish(id).await;
+        Ok(NodeRestoreStart {
+            restore_id: id.clone(),
+            source: export.to_string(),
+            source_export: Some(export),
+            path: row.target.path.clone(),
+            size_bytes: row.bytes_total,
+        })
+    }
+
+    /// Asks the node to copy; a refusal fails the restore.
+    async fn run_on_node(&self, live: &Arc<LiveRestore>, body: NodeRestoreStart) {
+        let t = Instant::now();
+        match self.deps().nodes.start_restore(&live.node, &body).await {
+            Ok(()) => {
+                live.touch();
+                self.event(
+                    live,
+                    Level::Info,
+                    "restore_node_accepted",
+                    format!(
+                        "node {} accepted the restore after {} ms",
+                        live.node.name,
+                        t.elapsed().as_millis()
+                    ),
+                )
+                .await;
+            }
+            Err(e) => {
+                let cause = format!("the node did not take the restore: {}", chain(&e));
+                let mut held = live.held.lock().await;
+                self.finish(live, &mut held, Outcome::Failed(cause)).await;
+            }
+        }
+    }
+
+    /// While the restore runs, asks the node whenever it has been silent for a watch interval;
+    /// a node that forgot the restore, ended it without a report or stays unreachable for
+    /// `node_lost_after` fails it, so a dead node never holds a port and qemu-nbd forever.
+    async fn watch_node(&self, live: Arc<LiveRestore>) {
+        let interval = self.deps().node_watch_interval;
+        let lost_after = self.deps().node_lost_after;
+        let mut unreachable_since: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = live.ended.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            if live.since_last_report() < interval {
+                unreachable_since = None;
+                continue;
+            }
+            let asked = self
+                .deps()
+                .nodes
+                .restore_state(&live.node, &live.id, interval.max(Duration::from_secs(2)))
+                .await;
+            let outcome = match asked {
+                Ok(st) => {
+                    unreachable_since = None;
+                    match st.status {
+                        // The push was lost; the node's own state says how it ended.
+                        JobStatus::Completed => Some(Outcome::Completed {
+                            bytes_written: st.bytes_written,
+                            verified_ranges: st.verified_ranges,
+                        }),
+                        JobStatus::Failed | JobStatus::Cancelled => Some(Outcome::Failed(format!(
+                            "node {} reports the restore {} without a completion report: {}",
+                            live.node.name,
+                            st.status.as_str(),
+                            st.error_message.unwrap_or_else(|| "no message".into())
+                        ))),
+                        _ => {
+                            // Alive and working, only quiet: its state is as good as a report.
+                            live.touch();
+                            let _ = self
+                                .deps()
+                                .db
+                                .set_restore_progress(&live.id, st.bytes_done, st.bytes_total)
+                                .await;
+                            None
+                        }
                     }
-                    _ => {}
+                }
+                Err(e) if e.is_unknown_job() => Some(Outcome::Failed(format!(
+                    "node {} no longer knows restore {} ({}: restarted?)",
+                    live.node.name,
+                    live.id,
+                    chain(&e)
+                ))),
+                Err(e) => {
+                    let since = *unreachable_since.get_or_insert_with(Instant::now);
+                    let cause = chain(&e);
+                    if since.elapsed() < lost_after {
+                        self.event(&live, Level::Warn, "restore_node_unreachable", cause)
+                            .await;
+                        None
+                    } else {
+                        Some(Outcome::Failed(format!(
+                            "node {} lost: no good answer for {} s ({cause})",
+                            live.node.name,
+                            since.elapsed().as_secs()
+                        )))
+                    }
+                }
+            };
+            if let Some(outcome) = outcome {
+                let mut held = live.held.lock().await;
+                self.finish(&live, &mut held, outcome).await;
+                return;
+            }
+        }
+    }
+
+    /// `POST /api/v1/restores/{id}/progress` (node → hub).
+    pub async fn progress(&self, id: &str, p: RestoreProgress) -> Result<Restore, RestoreError> {
+        let r = self.get(id).await?;
+        if r.status.is_terminal() || r.status == JobStatus::Cancelling {
+            return Err(RestoreError::WrongState {
+                id: id.to_string(),
+                status: r.status.as_str(),
+                what: "progress is accepted only while the restore runs; stop writing",
+            });
+        }
+        if p.bytes_done > p.bytes_total {
+            return Err(RestoreError::Invalid {
+                detail: format!(
+                    "bytes_done: {} exceeds bytes_total {}",
+                    p.bytes_done, p.bytes_total
+                ),
+            });
+        }
+        if let Some(live) = self.live(id) {
+            live.touch();
+        }
+        self.deps()
+            .db
+            .set_restore_progress(id, p.bytes_done, p.bytes_total)
+            .await
+            .map_err(Self::db_err(id, "recording progress"))?;
+        let r = self.get(id).await?;
+        self.deps()
+            .log
+            .bus()
+            .publish(HubEvent::Restore { restore: r.clone() });
+        Ok(r)
+    }
+
+    /// `POST /api/v1/restores/{id}/complete` (node → hub): the node's end of the restore.
+    pub async fn complete(&self, id: &str, c: RestoreCompletion) -> Result<Restore, RestoreError> {
+        let r = self.get(id).await?;
+        if r.status.is_terminal() {
+            // A repeated report (the node retrying after a timeout) of the same end.
+            let same = matches!(
+                (c.status, r.status),
+                (JobStatus::Completed, JobStatus::Completed)
+                    | (JobStatus::Cancelled, JobStatus::Cancelled)
+            );
+            if same {
+                return Ok(r);
+            }
+            return Err(RestoreError::WrongState {
+                id: id.to_string(),
+                status: r.status.as_str(),
+                what: "the restore ended already",
+            });
+        }
+        let outcome = match c.status {
+            JobStatus::Completed => Outcome::Completed {
+                bytes_written: c.bytes_written,
+                verified_ranges: c.verified_ranges,
+            },
+            JobStatus::Cancelled if r.status == JobStatus::Cancelling => Outcome::Cancelled,
+            JobStatus::Failed | JobStatus::Cancelled => Outcome::Failed(format!(
+                "node: {}",
+                c.error_message
+                    .unwrap_or_else(|| format!("restore {}", c.status.as_str()))
+            )),
+            other => {
+                return Err(RestoreError::Invalid {
+                    detail: format!(
+                        "status: {:?} is not an end (completed, failed or cancelled)",
+                        other.as_str()
+                    ),
+                });
+            }
+        };
+        let Some(live) = self.live(id) else {
+            return Err(RestoreError::WrongState {
+                id: id.to_string(),
+                status: r.status.as_str(),
+                what: "this hub process does not run it",
+            });
+        };
+        live.touch();
+        let mut held = live.held.lock().await;
+        self.finish(&live, &mut held, outcome).await;
+        drop(held);
+        self.get(id).await
+    }
+
+    /// Moves the restore to `cancelling`, tells the node, and unwinds in the background;
+    /// answers the restore as it is after the move.
+    pub async fn cancel(&self, id: &str) -> Result<Restore, RestoreError> {
+        let r = self.get(id).await?;
+        if r.status == JobStatus::Cancelling {
+            return Ok(r);
+        }
+        if r.status.is_terminal() {
+            return Err(RestoreError::WrongState {
+                id: id.to_string(),
+                status: r.status.as_str(),
+                what: "a finished restore cannot be cancelled",
+            });
+        }
+        let db = &self.deps().db;
+        if !db
+            .transition_restore(id, CANCELLABLE, JobStatus::Cancelling, None)
+            .await
+            .map_err(Self::db_err(id, "moving to cancelling"))?
+        {
+            let now = self.get(id).await?;
+            if now.status == JobStatus::Cancelling {
+                return Ok(now);
+            }
+            return Err(RestoreError::WrongState {
+                id: id.to_string(),
+                status: now.status.as_str(),
+                what: "the restore ended before the cancel took effect",
+            });
+        }
+        self.publish(id).await;
+        match self.live(id) {
+            Some(live) => {
+                self.event(
+                    &live,
+                    Level::Warn,
+                    "restore_cancel_requested",
+                    format!(
+                        "cancel requested while the restore was {}",
+                        r.status.as_str()
+                    ),
+                )
+                .await;
+                let me = self.clone();
+                self.deps().tasks.spawn(async move {
+                    me.forward_cancel(&live).await;
+                    let mut held = live.held.lock().await;
+                    me.finish(&live, &mut held, Outcome::Cancelled).await;
+                });
+            }
+            None => {
+                // Nothing of it runs in this process: nothing to unwind.
+                db.transition_restore(id, &[JobStatus::Cancelling], JobStatus::Cancelled, None)
+                    .await
+                    .map_err(Self::db_err(id, "moving to cancelled"))?;
+                self.publish(id).await;
+            }
+        }
+        self.get(id).await
+    }
+
+    /// Tells the node to stop copying (best effort: its reads fail once the export is gone).
+    async fn forward_cancel(&self, live: &LiveRestore) {
+        let t = Instant::now();
+        let (level, msg) = match self.deps().nodes.cancel_restore(&live.node, &live.id).await {
+            Ok(()) => (
+                Level::Info,
+                format!(
+                    "node {} confirmed the cancel after {} ms",
+                    live.node.name,
+                    t.elapsed().as_millis()
+                ),
+            ),
+            Err(e) => (
+                Level::Warn,
+                format!("the node did not confirm the cancel: {}", chain(&e)),
+            ),
+        };
+        self.event(live, level, "restore_node_cancel", msg).await;
+    }
+
+    /// The hub is stopping: every live restore is told to the node as cancelled and fails with
+    /// `reason`; their qemu-nbd stop and ports are released.
+    pub async fn shutdown(&self, reason: &str) {
+        let live: Vec<Arc<LiveRestore>> = self
+            .inner
+            .live
+            .lock()
+            .expect("live map")
+            .values()
+            .cloned()
+            .collect();
+        for r in live {
+            self.forward_cancel(&r).await;
+            let mut held = r.held.lock().await;
+            self.finish(&r, &mut held, Outcome::Failed(reason.to_string()))
+                .await;
+        }
+    }
+
+    /// The one unwinding path: stops qemu-nbd, releases the port, then writes the terminal
+    /// status. Idempotent.
+    async fn finish(&self, live: &LiveRestore, held: &mut Held, outcome: Outcome) {
+        if held.finished {
+            return;
+        }
+        let d = self.deps();
+        let id = &live.id;
+        let mut released = Vec::new();
+        if let Some((server, port)) = held.server.take() {
+            let pid = server.pid();
+            let rep = server.stop().await;
+            if let Err(e) = d.db.mark_process_stopped(pid, port, &rep.status).await {
+                tracing::error!(restore_id = %id, error = %chain(&e), "cannot record qemu-nbd stop");
+            }
+            released.push(format!("qemu-nbd pid {pid} stopped"));
+        }
+        if let Some(port) = held.port.take() {
+            match d.ports.release_port(port).await {
+                Ok(()) => released.push(format!("port {port} released")),
+                Err(e) => {
+                    self.event(
+                        live,
+                        Level::Error,
+                        "restore_ports_release_failed",
+                        format!("releasing port {port} failed: {}", chain(&e)),
+                    )
+                    .await
                 }
             }
-            None if last_ok.elapsed() > NODE_LOST_AFTER => {
-                return Err(format!(
-                    "node lost: no answer to GET {url} for {} s",
-                    last_ok.elapsed().as_secs()
-                ));
+        }
+        let (to, from, error, level, step, msg): (_, &[JobStatus], _, _, _, _) = match &outcome {
+            Outcome::Completed {
+                bytes_written,
+                verified_ranges,
+            } => (
+                JobStatus::Completed,
+                &[JobStatus::Running],
+                None,
+                Level::Info,
+                "restore_completed",
+                format!(
+                    "restore {id}: {bytes_written} bytes written into {} and verified on the node \
+                     ({verified_ranges} range(s))",
+                    live.node.name
+                ),
+            ),
+            Outcome::Cancelled => (
+                JobStatus::Cancelled,
+                &[JobStatus::Cancelling],
+                None,
+                Level::Warn,
+                "restore_cancelled",
+                format!("restore {id} cancelled"),
+            ),
+            Outcome::Failed(cause) => (
+                JobStatus::Failed,
+                ACTIVE,
+                Some(cause.as_str()),
+                Level::Error,
+                "restore_failed",
+                format!("restore {id}: {cause}"),
+            ),
+        };
+        let moved = d.db.transition_restore(id, from, to, error).await;
+        let (level, step, msg) = match moved {
+            Ok(true) => (level, step, msg),
+            // A cancel won the race against a completion (or the reverse): the status that
+            // won stands; say what this path saw.
+            Ok(false) => {
+                let now = self.get(id).await.map(|r| r.status);
+                match now {
+                    Ok(JobStatus::Cancelling) => {
+                        let _ =
+                            d.db.transition_restore(
+                                id,
+                                &[JobStatus::Cancelling],
+                                JobStatus::Cancelled,
+                                None,
+                            )
+                            .await;
+                        (
+                            Level::Warn,
+                            "restore_cancelled",
+                            format!("restore {id} cancelled (then: {msg})"),
+                        )
+                    }
+                    _ => (level, step, msg),
+                }
             }
-            None => {}
+            Err(e) => (
+                Level::Error,
+                "restore_status_failed",
+                format!("restore {id}: cannot record its end ({msg}): {}", chain(&e)),
+            ),
+        };
+        held.finished = true;
+        live.ended.cancel();
+        self.inner.live.lock().expect("live map").remove(id);
+        let released = if released.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", released.join(", "))
+        };
+        self.event(live, level, step, format!("{msg}{released}"))
+            .await;
+        self.publish(id).await;
+        self.publish_resources().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_paths_are_checked() {
+        assert!(check_target_path("/var/lib/vm/restored.qcow2").is_ok());
+        for (p, why) in [
+            ("relative.qcow2", "absolute"),
+            ("/a/../b.qcow2", ".."),
+            ("/a/b.raw", ".qcow2"),
+        ] {
+            let e = check_target_path(p).unwrap_err().to_string();
+            assert!(e.starts_with("target.path") && e.contains(why), "{p}: {e}");
         }
     }
 }

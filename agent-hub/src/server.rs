@@ -1,15 +1,18 @@
-//! Start-up and the serve loop: [`Hub::open`] builds the state from a [`HubConfig`] (token,
-//! database, migrations, default repository, reconciler), [`serve`] runs the API on a listener
-//! the caller bound (tests bind port 0) until `shutdown` fires, then drains: open requests end,
-//! live jobs are failed and every qemu-nbd is stopped.
+//! Start-up and the serve loop, wiring only: [`Hub::open`] builds the services from a
+//! [`HubConfig`] (token, database, migrations, default repository, reconciler), [`serve`] runs
+//! the API on a listener the caller bound (tests bind port 0) until `shutdown` fires, then
+//! drains: open requests end, live jobs are failed and every qemu-nbd is stopped.
 
-use crate::auth::Token;
 use crate::config::{DEFAULT_REPOSITORY_ID, HubConfig};
 use crate::db::{Db, redact};
-use crate::events::EventBus;
+use crate::events::{EventBus, JobLog};
+use crate::hub::{AppState, Hub};
 use crate::jobs::JobManager;
+use crate::node_client::NodeClient;
+use crate::nodes::Nodes;
 use crate::ports::PortAllocator;
-use chrono::{DateTime, Utc};
+use crate::restores::{RestoreDeps, Restores};
+use chrono::Utc;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -43,25 +46,6 @@ pub enum StartError {
     #[error("serving the API")]
     Serve(#[source] std::io::Error),
 }
-
-/// Everything a handler needs; shared behind an `Arc`.
-pub struct Hub {
-    pub config: HubConfig,
-    pub db: Db,
-    pub ports: Arc<PortAllocator>,
-    pub jobs: JobManager,
-    pub bus: EventBus,
-    pub token: Token,
-    pub started_at: DateTime<Utc>,
-    /// Fired once on SIGTERM/SIGINT (or by a test): long-lived responses (SSE) end on it.
-    pub shutdown: CancellationToken,
-    pub tasks: TaskTracker,
-    pub http: reqwest::Client,
-    /// Restores run by this process (see [`crate::restores`]).
-    pub restores: crate::restores::Restores,
-}
-
-pub type AppState = Arc<Hub>;
 
 impl Hub {
     /// Opens everything the config names, runs migrations, registers the default repository,
@@ -98,11 +82,9 @@ impl Hub {
             Err(e) => return Err(StartError::RegisterRepository(e)),
         }
 
-        let http = reqwest::Client::builder()
-            .timeout(config.node_timeout)
-            .build()
-            .expect("reqwest client without TLS or proxies builds");
+        let node_client = NodeClient::new(token.clone(), config.node_timeout);
         let bus = EventBus::new();
+        let log = JobLog::new(db.clone(), bus.clone());
         let ports = Arc::new(PortAllocator::new(
             db.clone(),
             config.nbd_ports,
@@ -113,15 +95,25 @@ impl Hub {
             db: db.clone(),
             ports: ports.clone(),
             qemu_nbd: config.qemu_nbd.clone(),
-            bus: bus.clone(),
-            http: http.clone(),
-            token: token.clone(),
+            log: log.clone(),
+            nodes: node_client.clone(),
             tasks: tasks.clone(),
             node_watch_interval: config.node_watch_interval,
             node_lost_after: config.node_lost_after,
         });
+        let restores = Restores::new(RestoreDeps {
+            db: db.clone(),
+            ports: ports.clone(),
+            qemu_nbd: config.qemu_nbd.clone(),
+            log: log.clone(),
+            nodes: node_client.clone(),
+            tasks: tasks.clone(),
+            node_watch_interval: config.node_watch_interval,
+            node_lost_after: config.node_lost_after,
+        });
+        let nodes = Nodes::new(db.clone(), bus.clone(), node_client, tasks.clone());
 
-        let report = crate::reconciler::reconcile(&db, &ports, &bus, &config).await;
+        let report = crate::reconciler::reconcile(&db, &ports, &log, &config).await;
         tracing::info!(summary = %report, "start-up reconciliation done");
 
         Ok(Arc::new(Hub {
@@ -129,13 +121,13 @@ impl Hub {
             db,
             ports,
             jobs,
+            restores,
+            nodes,
             bus,
             token,
             started_at: Utc::now(),
             shutdown: CancellationToken::new(),
             tasks,
-            http,
-            restores: Default::default(),
         }))
     }
 }
@@ -154,13 +146,13 @@ fn spawn_tunnel_prober(state: &AppState) {
                 _ = hub.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(TUNNEL_PROBE_INTERVAL) => {}
             }
-            match crate::api::nodes::probe_tunnels(&hub).await {
+            match hub.nodes.probe_tunnels().await {
                 Ok(v) => {
                     for t in v.iter().filter(|t| !t.live) {
                         tracing::debug!(node = %t.node, error = ?t.error, "tunnel probe: node did not answer");
                     }
                 }
-                Err(e) => tracing::warn!(error = ?e, "tunnel probe failed"),
+                Err(e) => tracing::warn!(error = %sendense_shared::errors::chain(&e), "tunnel probe failed"),
             }
         }
     });
@@ -189,10 +181,13 @@ pub async fn serve(
         .await
         .map_err(StartError::Serve);
     tracing::info!("API stopped; stopping live jobs and their qemu-nbd processes");
-    state
-        .jobs
-        .shutdown("hub stopped (SIGTERM) during the job")
-        .await;
+    // Both kinds of job at once: a restore must not wait for the backups to unwind.
+    tokio::join!(
+        state.jobs.shutdown("hub stopped (SIGTERM) during the job"),
+        state
+            .restores
+            .shutdown("hub stopped (SIGTERM) during the restore"),
+    );
     state.tasks.close();
     state.tasks.wait().await;
     tracing::info!("sendense-hub stopped");

@@ -425,6 +425,7 @@ pub fn event(
         step: step.into(),
         message: message.into(),
         disk_key: disk.map(DiskKey),
+        job_id: None,
     }
 }
 

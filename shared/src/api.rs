@@ -290,6 +290,10 @@ pub struct JobEvent {
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_key: Option<DiskKey>,
+    /// The job the event belongs to when it is not the backup itself: the id of a restore of
+    /// it. Absent for the backup's own events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
 }
 
 /// Progress of one disk, node → hub.

@@ -2,8 +2,8 @@
 //! The job logic lives in [`crate::jobs`]; these handlers validate and translate.
 
 use super::{ApiError, ApiJson};
+use crate::hub::AppState;
 use crate::jobs::JobError;
-use crate::server::AppState;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;

@@ -1,7 +1,7 @@
 //! `GET/POST /api/v1/repositories`: directories that hold QCOW2 chains, with their free space.
 
 use super::{ApiError, ApiJson};
-use crate::server::AppState;
+use crate::hub::AppState;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;

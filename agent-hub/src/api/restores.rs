@@ -1,35 +1,79 @@
-//! Restores: start, list, one. The logic lives in [`crate::restores`].
+//! Restores: start, list, one, cancel, events, and the node's progress / completion reports.
+//! The job logic lives in [`crate::restores`].
 
 use super::{ApiError, ApiJson};
+use crate::hub::AppState;
+use crate::ports::PortError;
 use crate::restores::RestoreError;
-use crate::server::AppState;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use sendense_shared::api::{Restore, RestoreRequest};
+use sendense_shared::api::{JobEvent, Restore, RestoreCompletion, RestoreProgress, RestoreRequest};
+use sendense_shared::errors::chain;
 use sendense_shared::names::validate_name;
 
 /// Exports the backup point and asks the node to copy it before answering `202` with the
-/// restore `running`; follow it with `GET /api/v1/restores/{id}`.
+/// restore `running`; follow it with `GET /api/v1/restores/{id}` or the event stream.
 pub async fn start(
     State(hub): State<AppState>,
     ApiJson(req): ApiJson<RestoreRequest>,
 ) -> Result<(StatusCode, Json<Restore>), ApiError> {
     validate_name("backup_id", &req.backup_id.0)?;
-    let r = crate::restores::start(&hub, req).await?;
+    let r = hub.restores.start(req).await?;
     Ok((StatusCode::ACCEPTED, Json(r)))
 }
 
-pub async fn list(State(hub): State<AppState>) -> Json<Vec<Restore>> {
-    Json(hub.restores.list())
+pub async fn list(State(hub): State<AppState>) -> Result<Json<Vec<Restore>>, ApiError> {
+    Ok(Json(hub.restores.list().await?))
+}
+
+fn restore_id(id: &str) -> Result<(), ApiError> {
+    Ok(validate_name("restore_id", id)?)
 }
 
 pub async fn get_one(
     State(hub): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Restore>, ApiError> {
-    validate_name("restore_id", &id)?;
-    Ok(Json(hub.restores.get(&id)?))
+    restore_id(&id)?;
+    Ok(Json(hub.restores.get(&id).await?))
+}
+
+pub async fn cancel(
+    State(hub): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Restore>), ApiError> {
+    restore_id(&id)?;
+    Ok((StatusCode::ACCEPTED, Json(hub.restores.cancel(&id).await?)))
+}
+
+pub async fn events(
+    State(hub): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<JobEvent>>, ApiError> {
+    restore_id(&id)?;
+    Ok(Json(hub.restores.events(&id).await?))
+}
+
+/// Node → hub, about once a second.
+pub async fn progress(
+    State(hub): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(p): ApiJson<RestoreProgress>,
+) -> Result<Json<Restore>, ApiError> {
+    restore_id(&id)?;
+    Ok(Json(hub.restores.progress(&id, p).await?))
+}
+
+/// Node → hub, once, at the restore's end (repeated reports of the same end get the same
+/// answer).
+pub async fn complete(
+    State(hub): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(c): ApiJson<RestoreCompletion>,
+) -> Result<Json<Restore>, ApiError> {
+    restore_id(&id)?;
+    Ok(Json(hub.restores.complete(&id, c).await?))
 }
 
 impl From<RestoreError> for ApiError {
@@ -61,12 +105,22 @@ impl From<RestoreError> for ApiError {
                 error: "image missing",
                 detail,
             },
-            RestoreError::Ports(d) => ApiError::PortsExhausted(d),
-            RestoreError::Export(d) => ApiError::JobFailed {
-                error: "export failed",
-                detail: d,
+            RestoreError::WrongState { .. } => ApiError::Conflict {
+                error: "wrong job state",
+                detail,
             },
-            RestoreError::Db(e) => e.into(),
+            RestoreError::Ports {
+                source: s @ PortError::Exhausted { .. },
+                ..
+            } => ApiError::PortsExhausted(s.to_string()),
+            // A database failure while allocating is not "no port free".
+            e @ (RestoreError::Ports { .. } | RestoreError::Db { .. }) => {
+                ApiError::internal(chain(&e))
+            }
+            e @ RestoreError::Export { .. } => ApiError::JobFailed {
+                error: "export failed",
+                detail: chain(&e),
+            },
         }
     }
 }

@@ -1,7 +1,7 @@
 //! `/health`, `/api/v1/ports`, `/api/v1/processes`, `/api/v1/events`.
 
 use super::ApiError;
-use crate::server::AppState;
+use crate::hub::AppState;
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::response::IntoResponse;

@@ -82,7 +82,7 @@ const JOB_COLUMNS: &str = "backup_id, vm_context_id, vm_name, backup_type, repos
 /// any subset: unused slots repeat the first status.
 const STATUS_SLOTS: usize = 8;
 
-fn status_slots(statuses: &[JobStatus]) -> Option<[&'static str; STATUS_SLOTS]> {
+pub(super) fn status_slots(statuses: &[JobStatus]) -> Option<[&'static str; STATUS_SLOTS]> {
     let first = statuses.first()?;
     let mut slots = [first.as_str(); STATUS_SLOTS];
     for (slot, s) in slots.iter_mut().zip(statuses) {

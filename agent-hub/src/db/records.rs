@@ -55,6 +55,7 @@ fn event_row(r: &AnyRow) -> Result<JobEvent, DbError> {
         step: col(r, "step")?,
         message: col(r, "message")?,
         disk_key: col::<Option<i64>>(r, "disk_key")?.map(DiskKey),
+        job_id: col(r, "job_id")?,
     })
 }
 
@@ -221,10 +222,25 @@ impl Db {
 
     // ---- job events ---------------------------------------------------------------------
 
-    /// Appends to a job's event log; the returned event carries its `seq`.
+    /// Appends to a backup's own event log; the returned event carries its `seq`.
     pub async fn append_event(
         &self,
         id: &BackupId,
+        level: &str,
+        step: &str,
+        message: &str,
+        disk: Option<DiskKey>,
+    ) -> Result<JobEvent, DbError> {
+        self.append_job_event(id, None, level, step, message, disk)
+            .await
+    }
+
+    /// Appends to the event log of backup `id`, as an event of job `job_id` when that is another
+    /// job about the backup (a restore of it).
+    pub async fn append_job_event(
+        &self,
+        id: &BackupId,
+        job_id: Option<&str>,
         level: &str,
         step: &str,
         message: &str,
@@ -245,10 +261,11 @@ impl Db {
             // The Any driver reports no last_insert_id for SQLite; RETURNING is exact there.
             DbKind::Sqlite => {
                 let row = sqlx::query(
-                    "INSERT INTO job_events (backup_id, at, level, step, message, disk_key) \
-                     VALUES (?, ?, ?, ?, ?, ?) RETURNING seq",
+                    "INSERT INTO job_events (backup_id, job_id, at, level, step, message, disk_key) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING seq",
                 )
                 .bind(&id.0)
+                .bind(job_id)
                 .bind(at)
                 .bind(level)
                 .bind(step)
@@ -262,10 +279,11 @@ impl Db {
             // MySQL has no INSERT ... RETURNING (MariaDB has); the OK packet carries the id.
             DbKind::Mysql => {
                 let res = sqlx::query(
-                    "INSERT INTO job_events (backup_id, at, level, step, message, disk_key) \
-                     VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO job_events (backup_id, job_id, at, level, step, message, disk_key) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?)",
                 )
                 .bind(&id.0)
+                .bind(job_id)
                 .bind(at)
                 .bind(level)
                 .bind(step)
@@ -288,13 +306,14 @@ impl Db {
             step: step.to_string(),
             message: message.to_string(),
             disk_key: disk,
+            job_id: job_id.map(str::to_string),
         })
     }
 
     /// A job's event log, oldest first (by `seq`).
     pub async fn list_events(&self, id: &BackupId) -> Result<Vec<JobEvent>, DbError> {
         sqlx::query(
-            "SELECT seq, backup_id, at, level, step, message, disk_key FROM job_events \
+            "SELECT seq, backup_id, job_id, at, level, step, message, disk_key FROM job_events \
              WHERE backup_id = ? ORDER BY seq",
         )
         .bind(&id.0)
@@ -306,13 +325,28 @@ impl Db {
         .collect()
     }
 
+    /// The event log of job `job_id` (a restore), oldest first.
+    pub async fn list_job_events(&self, job_id: &str) -> Result<Vec<JobEvent>, DbError> {
+        sqlx::query(
+            "SELECT seq, backup_id, job_id, at, level, step, message, disk_key FROM job_events \
+             WHERE job_id = ? ORDER BY seq",
+        )
+        .bind(job_id)
+        .fetch_all(self.pool())
+        .await
+        .map_err(q("listing a job's events"))?
+        .iter()
+        .map(event_row)
+        .collect()
+    }
+
     /// Events of every job with `seq` greater than `after`, oldest first, at most `limit`.
     /// On MySQL two events appended at the same instant by different connections may commit in
     /// the other order than their `seq`; a poller that must not miss one should re-read a short
     /// window behind its last `seq` (SQLite serialises writers, so there it cannot happen).
     pub async fn events_since(&self, after: i64, limit: u32) -> Result<Vec<JobEvent>, DbError> {
         sqlx::query(
-            "SELECT seq, backup_id, at, level, step, message, disk_key FROM job_events \
+            "SELECT seq, backup_id, job_id, at, level, step, message, disk_key FROM job_events \
              WHERE seq > ? ORDER BY seq LIMIT ?",
         )
         .bind(after)

@@ -2,21 +2,24 @@
 //! forward a cancel. Same bearer token both ways.
 
 use super::finish::{Outcome, finish};
-use super::{JobManager, Level, LiveJob, NodeTarget};
+use super::{JobManager, Level, LiveJob, NodeAddr};
+use crate::node_client::{NodeCallError, NodeClient};
 use sendense_shared::api::{
-    Backup, BackupType, DiskChangeId, JobStatus, NodeBackupStart, NodeBackupState,
+    Backup, BackupType, DiskChangeId, DiskTarget, JobStatus, NodeBackupStart,
 };
+use sendense_shared::errors::ErrorCode;
 use sendense_shared::ids::{BackupId, DiskKey};
-use std::time::Instant;
+use sendense_shared::targets::{NbdTarget, format_targets};
+use std::time::{Duration, Instant};
 
 /// `POST {api_url}/api/v1/backup/start`; a refusal or no answer fails the job.
 pub async fn start_on_node(
     jm: &JobManager,
     job: &std::sync::Arc<LiveJob>,
-    node: &NodeTarget,
+    node: &NodeAddr,
     kind: BackupType,
     previous: Option<Previous>,
-    targets: &str,
+    targets: &[NbdTarget],
 ) {
     let refused = match ask_node(jm, job, node, kind, previous, targets).await {
         Ok(()) => return,
@@ -38,6 +41,45 @@ pub async fn start_on_node(
     };
     let mut res = job.res.lock().await;
     finish(jm, job, &mut res, Outcome::Failed(failure)).await;
+}
+
+/// What the node said of an incremental's base before anything was prepared.
+pub enum BaseCheck {
+    /// It would take the incremental.
+    Holds,
+    /// Its change tracking does not start at the chain's last backup: do a full.
+    Refused(String),
+    /// It could not say (unreachable, or a node without the check): go on with the
+    /// incremental; a refusal at start still falls back (see [`super::fallback`]).
+    Unknown(String),
+}
+
+/// Asks the node (`POST /api/v1/backup/check`, side-effect free) whether it can do an
+/// incremental of `vm` on top of `previous`, before the job prepares ports, images and
+/// qemu-nbd: a refusal then costs nothing to undo.
+pub async fn check_base(
+    jm: &JobManager,
+    node: &NodeAddr,
+    backup_id: &BackupId,
+    vm_name: &str,
+    previous: &Previous,
+) -> BaseCheck {
+    let body = NodeBackupStart {
+        backup_id: backup_id.clone(),
+        vm_name: vm_name.to_string(),
+        backup_type: BackupType::Incremental,
+        nbd_targets: String::new(),
+        targets: Vec::new(),
+        previous_backup_id: Some(previous.backup_id.clone()),
+        previous_change_ids: previous.change_ids.clone(),
+    };
+    match jm.deps().nodes.check_backup(node, &body).await {
+        Ok(()) => BaseCheck::Holds,
+        Err(e) => match refusal(e) {
+            Refusal::BitmapMissing(m) => BaseCheck::Refused(m),
+            Refusal::Other(m) => BaseCheck::Unknown(m),
+        },
+    }
 }
 
 /// Why the node did not take a start.
@@ -73,74 +115,97 @@ pub fn change_ids_of(previous: &Backup, disks: &[DiskKey]) -> Vec<DiskChangeId> 
         .collect()
 }
 
-/// One `POST .../backup/start`; events for the request and its answer.
-async fn ask_node(
-    jm: &JobManager,
+/// The start request of `job` for the node.
+fn start_body(
     job: &LiveJob,
-    node: &NodeTarget,
     kind: BackupType,
     previous: Option<Previous>,
-    targets: &str,
-) -> Result<(), Refusal> {
-    let url = format!("{}/api/v1/backup/start", node.api_url.trim_end_matches('/'));
+    targets: &[NbdTarget],
+) -> NodeBackupStart {
     let (previous_backup_id, previous_change_ids) = match previous {
         Some(p) if kind == BackupType::Incremental => (Some(p.backup_id), p.change_ids),
         Some(p) => (Some(p.backup_id), Vec::new()),
         None => (None, Vec::new()),
     };
-    let change_ids = match (&previous_backup_id, kind) {
+    NodeBackupStart {
+        backup_id: job.id.clone(),
+        vm_name: job.vm_name.clone(),
+        backup_type: kind,
+        // The string stays for logs and older nodes; the node reads the structured form.
+        nbd_targets: format_targets(targets),
+        targets: targets
+            .iter()
+            .map(|t| DiskTarget {
+                disk_key: t.disk_key,
+                export: t.uri.clone().into(),
+            })
+            .collect(),
+        previous_backup_id,
+        previous_change_ids,
+    }
+}
+
+/// What an event says about the base an incremental asks for.
+fn describe_base(job: &LiveJob, body: &NodeBackupStart) -> String {
+    match (&body.previous_backup_id, body.backup_type) {
         (Some(prev), BackupType::Incremental) => format!(
             ", previous backup {prev}, change ids for {} of {} disk(s){}",
-            previous_change_ids.len(),
+            body.previous_change_ids.len(),
             job.disks.len(),
-            previous_change_ids
+            body.previous_change_ids
                 .iter()
                 .map(|c| format!(" {}={}", c.disk_key, c.change_id))
                 .collect::<String>()
         ),
         _ => String::new(),
-    };
-    let body = NodeBackupStart {
-        backup_id: job.id.clone(),
-        vm_name: job.vm_name.clone(),
-        backup_type: kind,
-        nbd_targets: targets.to_string(),
-        targets: Vec::new(),
-        previous_backup_id,
-        previous_change_ids,
-    };
+    }
+}
+
+/// Reads a node's refusal: `409 bitmap_missing` is the one the job recovers from.
+fn refusal(e: NodeCallError) -> Refusal {
+    let msg = sendense_shared::errors::chain(&e);
+    if e.status() == Some(409) && e.code() == Some(ErrorCode::BitmapMissing) {
+        Refusal::BitmapMissing(msg)
+    } else {
+        Refusal::Other(msg)
+    }
+}
+
+/// One `POST .../backup/start`; events for the request and its answer.
+async fn ask_node(
+    jm: &JobManager,
+    job: &LiveJob,
+    node: &NodeAddr,
+    kind: BackupType,
+    previous: Option<Previous>,
+    targets: &[NbdTarget],
+) -> Result<(), Refusal> {
+    let url = NodeClient::url_of(node, "backup/start");
+    let body = start_body(job, kind, previous, targets);
     jm.event(
         &job.id,
         Level::Info,
         "node_start",
         format!(
-            "asking node {} to copy: POST {url} (backup_type {}{change_ids}, nbd_targets \
-             {targets})",
+            "asking node {} to copy: POST {url} (backup_type {}{}, nbd_targets {})",
             node.name,
-            kind.as_str()
+            kind.as_str(),
+            describe_base(job, &body),
+            body.nbd_targets
         ),
         None,
     )
     .await;
     let t = Instant::now();
-    let answer = jm
-        .deps()
-        .http
-        .post(&url)
-        .bearer_auth(jm.deps().token.as_str())
-        .json(&body)
-        .send()
-        .await;
-    let failure = match answer {
-        Ok(r) if r.status().is_success() => {
+    let failure = match jm.deps().nodes.start_backup(node, &body).await {
+        Ok(()) => {
             jm.event(
                 &job.id,
                 Level::Info,
                 "node_accepted",
                 format!(
-                    "node {} accepted the copy: HTTP {} after {} ms",
+                    "node {} accepted the copy after {} ms",
                     node.name,
-                    r.status(),
                     t.elapsed().as_millis()
                 ),
                 None,
@@ -148,24 +213,7 @@ async fn ask_node(
             .await;
             return Ok(());
         }
-        Ok(r) => {
-            let status = r.status();
-            let text = r.text().await.unwrap_or_default();
-            let msg = format!(
-                "node {} refused the copy: POST {url} answered HTTP {status}: {}",
-                node.name,
-                text.chars().take(500).collect::<String>()
-            );
-            let bitmap = status == reqwest::StatusCode::CONFLICT
-                && serde_json::from_str::<sendense_shared::api::ErrorBody>(&text)
-                    .is_ok_and(|b| b.error == "bitmap missing");
-            if bitmap {
-                Refusal::BitmapMissing(msg)
-            } else {
-                Refusal::Other(msg)
-            }
-        }
-        Err(e) => Refusal::Other(format!("node {} unreachable: POST {url}: {e}", node.name)),
+        Err(e) => refusal(e),
     };
     let (level, m) = match &failure {
         Refusal::BitmapMissing(m) => (Level::Warn, m),
@@ -178,42 +226,22 @@ async fn ask_node(
 
 /// `POST {api_url}/api/v1/backup/{id}/cancel`; best effort: the hub unwinds its side anyway
 /// and the node's writes fail once the exports are gone.
-pub async fn forward_cancel(jm: &JobManager, id: &BackupId, node: &NodeTarget) {
-    let url = format!(
-        "{}/api/v1/backup/{id}/cancel",
-        node.api_url.trim_end_matches('/')
-    );
+pub async fn forward_cancel(jm: &JobManager, id: &BackupId, node: &NodeAddr) {
     let t = Instant::now();
-    let (level, msg) = match jm
-        .deps()
-        .http
-        .post(&url)
-        .bearer_auth(jm.deps().token.as_str())
-        .send()
-        .await
-    {
-        Ok(r) if r.status().is_success() => (
+    let (level, msg) = match jm.deps().nodes.cancel_backup(node, &id.0).await {
+        Ok(()) => (
             Level::Info,
             format!(
-                "node {} confirmed the cancel: HTTP {} after {} ms",
+                "node {} confirmed the cancel after {} ms",
                 node.name,
-                r.status(),
                 t.elapsed().as_millis()
-            ),
-        ),
-        Ok(r) => (
-            Level::Warn,
-            format!(
-                "node {} answered the cancel (POST {url}) with HTTP {}",
-                node.name,
-                r.status()
             ),
         ),
         Err(e) => (
             Level::Warn,
             format!(
-                "node {} unreachable for the cancel (POST {url}): {e}",
-                node.name
+                "the node did not confirm the cancel: {}",
+                sendense_shared::errors::chain(&e)
             ),
         ),
     };
@@ -223,14 +251,9 @@ pub async fn forward_cancel(jm: &JobManager, id: &BackupId, node: &NodeTarget) {
 /// While a node's job runs, checks on the node whenever it has been silent for a watch
 /// interval: a node that forgot the job (restarted), reports it failed, or stays unreachable
 /// for `node_lost_after` fails the job, so a dead node never holds ports and qemu-nbd forever.
-pub async fn watch_node(jm: &JobManager, job: std::sync::Arc<LiveJob>, node: NodeTarget) {
+pub async fn watch_node(jm: &JobManager, job: std::sync::Arc<LiveJob>, node: NodeAddr) {
     let interval = jm.deps().node_watch_interval;
     let lost_after = jm.deps().node_lost_after;
-    let url = format!(
-        "{}/api/v1/backup/{}",
-        node.api_url.trim_end_matches('/'),
-        job.id
-    );
     let mut unreachable_since: Option<Instant> = None;
     loop {
         tokio::select! {
@@ -249,61 +272,41 @@ pub async fn watch_node(jm: &JobManager, job: std::sync::Arc<LiveJob>, node: Nod
         }
         let answer = jm
             .deps()
-            .http
-            .get(&url)
-            .bearer_auth(jm.deps().token.as_str())
-            .timeout(interval.max(std::time::Duration::from_secs(2)))
-            .send()
+            .nodes
+            .backup_state(&node, &job.id.0, interval.max(Duration::from_secs(2)))
             .await;
         let failure = match answer {
-            Ok(r) if r.status().is_success() => {
+            Ok(st) => {
                 unreachable_since = None;
-                match r.json::<NodeBackupState>().await {
-                    Ok(st) if matches!(st.status, JobStatus::Failed | JobStatus::Cancelled) => {
-                        Some(format!(
-                            "node {} reports the copy {} without a completion report: {}",
-                            node.name,
-                            st.status.as_str(),
-                            st.error_message.unwrap_or_else(|| "no message".into())
-                        ))
-                    }
-                    _ => None,
-                }
-            }
-            Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => Some(format!(
-                "node {} no longer knows backup {} (GET {url} answered 404: restarted?)",
-                node.name, job.id
-            )),
-            Ok(r) => {
-                let since = *unreachable_since.get_or_insert_with(Instant::now);
-                (since.elapsed() >= lost_after).then(|| {
+                matches!(st.status, JobStatus::Failed | JobStatus::Cancelled).then(|| {
                     format!(
-                        "node {} answers GET {url} with HTTP {} for {} s",
+                        "node {} reports the copy {} without a completion report: {}",
                         node.name,
-                        r.status(),
-                        since.elapsed().as_secs()
+                        st.status.as_str(),
+                        st.error_message.unwrap_or_else(|| "no message".into())
                     )
                 })
             }
+            Err(e) if e.is_unknown_job() => Some(format!(
+                "node {} no longer knows backup {} ({}: restarted?)",
+                node.name,
+                job.id,
+                sendense_shared::errors::chain(&e)
+            )),
             Err(e) => {
                 let since = *unreachable_since.get_or_insert_with(Instant::now);
+                let cause = sendense_shared::errors::chain(&e);
                 if since.elapsed() < lost_after {
-                    jm.event(
-                        &job.id,
-                        Level::Warn,
-                        "node_unreachable",
-                        format!("node {} did not answer GET {url}: {e}", node.name),
-                        None,
-                    )
-                    .await;
-                }
-                (since.elapsed() >= lost_after).then(|| {
-                    format!(
-                        "node {} lost: no answer to GET {url} for {} s ({e})",
+                    jm.event(&job.id, Level::Warn, "node_unreachable", cause, None)
+                        .await;
+                    None
+                } else {
+                    Some(format!(
+                        "node {} lost: no good answer for {} s ({cause})",
                         node.name,
                         since.elapsed().as_secs()
-                    )
-                })
+                    ))
+                }
             }
         };
         if let Some(msg) = failure {

@@ -6,7 +6,7 @@
 
 use super::finish::{Outcome, finish};
 use super::node::Previous;
-use super::{JobError, JobManager, Level, LiveJob, NodeTarget, Resources};
+use super::{JobError, JobManager, Level, LiveJob, NodeAddr, Resources};
 use crate::db::{DbError, DiskUpdate, NewBackup, NewBackupDisk};
 use crate::ports::PortError;
 use crate::qemu_nbd::{ExportSpec, QemuNbd};
@@ -47,7 +47,7 @@ pub async fn start(jm: &JobManager, req: BackupRequest) -> Result<Backup, JobErr
     let node = match &vm.node {
         None => None,
         Some(name) => match db.get_node(name).await {
-            Ok(n) => Some(NodeTarget {
+            Ok(n) => Some(NodeAddr {
                 name: n.name,
                 api_url: n.api_url,
             }),
@@ -80,6 +80,28 @@ pub async fn start(jm: &JobManager, req: BackupRequest) -> Result<Backup, JobErr
     let backup_id = BackupId(uuid::Uuid::new_v4().to_string());
     let layout = RepoLayout::new(&repo.path);
     let (effective, parents, previous, fallback) = choose_type(jm, &vm, req.backup_type).await?;
+    // One round trip before anything is prepared: a node that cannot do the incremental says
+    // so now, and the job is a full one from the start (no export is built twice).
+    let (effective, parents, previous, fallback) = match (&node, effective, previous) {
+        (Some(n), BackupType::Incremental, Some(p)) => {
+            match super::node::check_base(jm, n, &backup_id, &vm.vm_name, &p).await {
+                super::node::BaseCheck::Refused(why) => (
+                    BackupType::Full,
+                    Vec::new(),
+                    None,
+                    Some(format!(
+                        "the node refused the incremental before any export was prepared: {why}"
+                    )),
+                ),
+                super::node::BaseCheck::Unknown(why) => {
+                    tracing::info!(vm = %vm.vm_name, cause = %why, "incremental base not checked; going on");
+                    (effective, parents, Some(p), fallback)
+                }
+                super::node::BaseCheck::Holds => (effective, parents, Some(p), fallback),
+            }
+        }
+        (_, effective, previous) => (effective, parents, previous, fallback),
+    };
     let mut disks = Vec::with_capacity(vm.disks.len());
     for d in &vm.disks {
         let parent = parents.iter().find(|p| p.0 == d.disk_key);
@@ -353,14 +375,14 @@ async fn prepare(
     jm.get(&job.id).await
 }
 
-/// The steps proper; answers the targets string once the job is `running`.
+/// The steps proper; answers the targets once the job is `running`.
 async fn prepare_steps(
     jm: &JobManager,
     job: &Arc<LiveJob>,
     res: &mut Resources,
     vm: &Vm,
     parents: &[(DiskKey, BackupId, PathBuf)],
-) -> Result<String, JobError> {
+) -> Result<Vec<NbdTarget>, JobError> {
     let id = job.id.clone();
     let db = &jm.deps().db;
     let step_err = |step: &'static str, cause: String| JobError::Prepare {
@@ -520,8 +542,8 @@ async fn prepare_steps(
             },
         })
         .collect();
-    let targets = format_targets(&targets);
-    db.set_targets_string(&id, &targets).await?;
+    let targets_string = format_targets(&targets);
+    db.set_targets_string(&id, &targets_string).await?;
     if !db
         .transition_backup(&id, &[JobStatus::Preparing], JobStatus::Running, None)
         .await?
@@ -532,7 +554,7 @@ async fn prepare_steps(
         &id,
         Level::Info,
         "running",
-        format!("exports ready; NBD targets: {targets}"),
+        format!("exports ready; NBD targets: {targets_string}"),
         None,
     )
     .await;
@@ -547,7 +569,7 @@ async fn fail(
     res: &mut Resources,
     step: &'static str,
     msg: String,
-) -> Result<String, JobError> {
+) -> Result<Vec<NbdTarget>, JobError> {
     jm.event(&job.id, Level::Error, "prepare_failed", msg.clone(), None)
         .await;
     let status = finish(jm, job, res, Outcome::Failed(msg.clone())).await;
@@ -565,7 +587,7 @@ async fn cancelled(
     jm: &JobManager,
     job: &LiveJob,
     res: &mut Resources,
-) -> Result<String, JobError> {
+) -> Result<Vec<NbdTarget>, JobError> {
     jm.event(
         &job.id,
         Level::Warn,

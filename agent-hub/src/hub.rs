@@ -1,0 +1,36 @@
+//! The hub's state: the services a handler reaches, built by [`crate::server::open`] from
+//! explicit dependencies. This module sits low: it names the services, none of them names it.
+
+use crate::auth::Token;
+use crate::config::HubConfig;
+use crate::db::Db;
+use crate::events::EventBus;
+use crate::jobs::JobManager;
+use crate::nodes::Nodes;
+use crate::ports::PortAllocator;
+use crate::restores::Restores;
+use chrono::{DateTime, Utc};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Everything a handler needs; shared behind an `Arc`.
+pub struct Hub {
+    pub config: HubConfig,
+    pub db: Db,
+    pub ports: Arc<PortAllocator>,
+    /// Backup jobs.
+    pub jobs: JobManager,
+    /// Restore jobs.
+    pub restores: Restores,
+    /// Registration, inventory, tunnel probes.
+    pub nodes: Nodes,
+    pub bus: EventBus,
+    pub token: Token,
+    pub started_at: DateTime<Utc>,
+    /// Fired once on SIGTERM/SIGINT (or by a test): long-lived responses (SSE) end on it.
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+pub type AppState = Arc<Hub>;

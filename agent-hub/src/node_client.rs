@@ -1,0 +1,311 @@
+//! [`NodeClient`]: every call the hub makes to a node, typed. URL building, the bearer token,
+//! timeouts, how much of a refusal's body is kept and the wording of failures live here once;
+//! callers match on [`NodeCallError`] (and on the node's [`ErrorCode`]) as values.
+
+use sendense_shared::api::{
+    Inventory, NodeBackupStart, NodeBackupState, NodeRestoreStart, NodeRestoreState, TunnelState,
+};
+use sendense_shared::errors::ErrorCode;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::time::Duration;
+
+/// Longest part of a refusal's body kept in a message (a node answers short JSON; anything
+/// longer is a proxy's error page).
+const BODY_KEPT: usize = 500;
+
+/// The error body of the API, read with the code typed (an unknown code is
+/// [`ErrorCode::Other`]).
+#[derive(serde::Deserialize)]
+struct WireError {
+    error: ErrorCode,
+    detail: String,
+}
+
+/// Why a call to a node did not give the answer asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeCallError {
+    /// No HTTP answer: connection refused, timeout, reset.
+    #[error("node {node} unreachable: {method} {url}")]
+    Unreachable {
+        node: String,
+        method: &'static str,
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The node answered with an error status.
+    #[error("node {node} answered {method} {url} with HTTP {status}: {detail}")]
+    Refused {
+        node: String,
+        method: &'static str,
+        url: String,
+        status: u16,
+        /// The node's error code, when its body was the API's error shape.
+        code: Option<ErrorCode>,
+        detail: String,
+    },
+    /// A success status with a body that is not what the contract says.
+    #[error("node {node}: {method} {url} answered something that is not {what}")]
+    Decode {
+        node: String,
+        method: &'static str,
+        url: String,
+        what: &'static str,
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+impl NodeCallError {
+    /// The HTTP status of a refusal.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            NodeCallError::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The node's error code of a refusal.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            NodeCallError::Refused { code, .. } => *code,
+            _ => None,
+        }
+    }
+
+    /// The node does not know the job (`404`): it restarted, or never had it.
+    pub fn is_unknown_job(&self) -> bool {
+        self.status() == Some(404)
+    }
+}
+
+/// Where a node is: its name and API URL (the reverse tunnel's forward when there is one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeAddr {
+    pub name: String,
+    pub api_url: String,
+}
+
+impl From<&sendense_shared::api::Node> for NodeAddr {
+    fn from(n: &sendense_shared::api::Node) -> Self {
+        NodeAddr {
+            name: n.name.clone(),
+            api_url: n.api_url.clone(),
+        }
+    }
+}
+
+/// The hub's client for its nodes; cheap to clone.
+#[derive(Clone)]
+pub struct NodeClient {
+    http: reqwest::Client,
+    token: crate::auth::Token,
+    /// Default timeout of a call (`node_timeout` of the config).
+    timeout: Duration,
+}
+
+/// Timeouts of the calls that must answer fast whatever the configured default.
+pub mod timeouts {
+    use std::time::Duration;
+    /// A tunnel probe must not hold the console's refresh for long.
+    pub const TUNNEL_PROBE: Duration = Duration::from_secs(3);
+    /// A cancel is best effort: the hub unwinds its side anyway.
+    pub const CANCEL: Duration = Duration::from_secs(5);
+}
+
+impl NodeClient {
+    pub fn new(token: crate::auth::Token, timeout: Duration) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .expect("reqwest client without TLS or proxies builds");
+        NodeClient {
+            http,
+            token,
+            timeout,
+        }
+    }
+
+    fn url(node: &NodeAddr, path: &str) -> String {
+        format!("{}/api/v1/{path}", node.api_url.trim_end_matches('/'))
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        node: &NodeAddr,
+        method: &'static str,
+        path: &str,
+        body: Option<&B>,
+        timeout: Option<Duration>,
+        what: &'static str,
+    ) -> Result<T, NodeCallError> {
+        let url = Self::url(node, path);
+        let mut req = match method {
+            "GET" => self.http.get(&url),
+            _ => self.http.post(&url),
+        }
+        .bearer_auth(self.token.as_str())
+        .timeout(timeout.unwrap_or(self.timeout));
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|source| NodeCallError::Unreachable {
+                node: node.name.clone(),
+                method,
+                url: url.clone(),
+                source,
+            })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.text().await.unwrap_or_default();
+            let (code, detail) = match serde_json::from_str::<WireError>(&text) {
+                Ok(b) => (Some(b.error), b.detail),
+                Err(_) => (None, text.chars().take(BODY_KEPT).collect()),
+            };
+            return Err(NodeCallError::Refused {
+                node: node.name.clone(),
+                method,
+                url,
+                status: status.as_u16(),
+                code,
+                detail,
+            });
+        }
+        resp.json::<T>()
+            .await
+            .map_err(|source| NodeCallError::Decode {
+                node: node.name.clone(),
+                method,
+                url,
+                what,
+                source,
+            })
+    }
+
+    /// The URL a call goes to, for events that say what was asked.
+    pub fn url_of(node: &NodeAddr, path: &str) -> String {
+        Self::url(node, path)
+    }
+
+    /// `POST /api/v1/backup/start`.
+    pub async fn start_backup(
+        &self,
+        node: &NodeAddr,
+        body: &NodeBackupStart,
+    ) -> Result<(), NodeCallError> {
+        self.call::<_, serde_json::Value>(node, "POST", "backup/start", Some(body), None, "JSON")
+            .await
+            .map(drop)
+    }
+
+    /// `POST /api/v1/backup/check`: would the node take this incremental? Side-effect free on
+    /// the node (no snapshot, no export); `Ok` when it would, a `409 bitmap_missing` refusal
+    /// when its change tracking does not start at the hub's chain.
+    pub async fn check_backup(
+        &self,
+        node: &NodeAddr,
+        body: &NodeBackupStart,
+    ) -> Result<(), NodeCallError> {
+        self.call::<_, serde_json::Value>(node, "POST", "backup/check", Some(body), None, "JSON")
+            .await
+            .map(drop)
+    }
+
+    /// `POST /api/v1/backup/{id}/cancel`.
+    pub async fn cancel_backup(&self, node: &NodeAddr, id: &str) -> Result<(), NodeCallError> {
+        self.call::<(), serde_json::Value>(
+            node,
+            "POST",
+            &format!("backup/{id}/cancel"),
+            None,
+            Some(timeouts::CANCEL),
+            "JSON",
+        )
+        .await
+        .map(drop)
+    }
+
+    /// `GET /api/v1/backup/{id}`.
+    pub async fn backup_state(
+        &self,
+        node: &NodeAddr,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<NodeBackupState, NodeCallError> {
+        self.call::<(), _>(
+            node,
+            "GET",
+            &format!("backup/{id}"),
+            None,
+            Some(timeout),
+            "a backup state",
+        )
+        .await
+    }
+
+    /// `POST /api/v1/restore/start`.
+    pub async fn start_restore(
+        &self,
+        node: &NodeAddr,
+        body: &NodeRestoreStart,
+    ) -> Result<(), NodeCallError> {
+        self.call::<_, serde_json::Value>(node, "POST", "restore/start", Some(body), None, "JSON")
+            .await
+            .map(drop)
+    }
+
+    /// `POST /api/v1/restore/{id}/cancel`.
+    pub async fn cancel_restore(&self, node: &NodeAddr, id: &str) -> Result<(), NodeCallError> {
+        self.call::<(), serde_json::Value>(
+            node,
+            "POST",
+            &format!("restore/{id}/cancel"),
+            None,
+            Some(timeouts::CANCEL),
+            "JSON",
+        )
+        .await
+        .map(drop)
+    }
+
+    /// `GET /api/v1/restore/{id}`.
+    pub async fn restore_state(
+        &self,
+        node: &NodeAddr,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<NodeRestoreState, NodeCallError> {
+        self.call::<(), _>(
+            node,
+            "GET",
+            &format!("restore/{id}"),
+            None,
+            Some(timeout),
+            "a restore state",
+        )
+        .await
+    }
+
+    /// `GET /api/v1/inventory`.
+    pub async fn inventory(&self, node: &NodeAddr) -> Result<Inventory, NodeCallError> {
+        self.call::<(), _>(node, "GET", "inventory", None, None, "an inventory")
+            .await
+    }
+
+    /// `GET /api/v1/tunnel`.
+    pub async fn tunnel(&self, node: &NodeAddr) -> Result<TunnelState, NodeCallError> {
+        self.call::<(), _>(
+            node,
+            "GET",
+            "tunnel",
+            None,
+            Some(timeouts::TUNNEL_PROBE),
+            "a tunnel state",
+        )
+        .await
+    }
+}

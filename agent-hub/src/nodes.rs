@@ -1,0 +1,170 @@
+//! The nodes service: registration, inventory import (pulled from the node or pushed by it) and
+//! tunnel probes. The HTTP handlers in `api::nodes` only translate; the hub's prober calls
+//! [`Nodes::probe_tunnels`] on a timer.
+
+use crate::db::{Db, DbError, VmSource};
+use crate::events::EventBus;
+use crate::node_client::{NodeAddr, NodeCallError, NodeClient};
+use sendense_shared::api::{
+    HubEvent, Inventory, Node, NodeRegistration, NodeTunnel, Vm, VmRequest,
+};
+use sendense_shared::errors::chain;
+use tokio_util::task::TaskTracker;
+
+/// Why a node operation was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("no node named {name:?} is registered")]
+    NotFound { name: String },
+    #[error("{detail}")]
+    Invalid { detail: String },
+    #[error(transparent)]
+    Call(#[from] NodeCallError),
+    #[error("database")]
+    Db(#[from] DbError),
+}
+
+/// The nodes service; cheap to clone.
+#[derive(Clone)]
+pub struct Nodes {
+    db: Db,
+    bus: EventBus,
+    client: NodeClient,
+    tasks: TaskTracker,
+}
+
+impl Nodes {
+    pub fn new(db: Db, bus: EventBus, client: NodeClient, tasks: TaskTracker) -> Self {
+        Nodes {
+            db,
+            bus,
+            client,
+            tasks,
+        }
+    }
+
+    pub async fn list(&self) -> Result<Vec<Node>, NodeError> {
+        Ok(self.db.list_nodes().await?)
+    }
+
+    /// One node, or [`NodeError::NotFound`].
+    pub async fn find(&self, name: &str) -> Result<Node, NodeError> {
+        match self.db.get_node(name).await {
+            Ok(n) => Ok(n),
+            Err(DbError::NotFound { .. }) => Err(NodeError::NotFound {
+                name: name.to_string(),
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A node announces itself; its inventory is then pulled in the background (the node's API
+    /// may only become reachable once its tunnel is up, so a failure is logged, not answered).
+    pub async fn register(&self, reg: &NodeRegistration) -> Result<Node, NodeError> {
+        sendense_shared::names::validate_name("name", &reg.name).map_err(|e| {
+            NodeError::Invalid {
+                detail: e.to_string(),
+            }
+        })?;
+        if !(reg.api_url.starts_with("http://") || reg.api_url.starts_with("https://")) {
+            return Err(NodeError::Invalid {
+                detail: format!(
+                    "api_url: {:?} must start with http:// or https://",
+                    reg.api_url
+                ),
+            });
+        }
+        self.db.upsert_node(reg).await?;
+        tracing::info!(node = %reg.name, api_url = %reg.api_url, version = %reg.version, "node registered");
+        let node = self.find(&reg.name).await?;
+        let me = self.clone();
+        let name = reg.name.clone();
+        self.tasks.spawn(async move {
+            match me.pull_inventory(&name).await {
+                Ok(vms) => tracing::info!(node = %name, vms = vms.len(), "inventory imported"),
+                Err(e) => {
+                    tracing::warn!(node = %name, error = %chain(&e), "inventory import failed")
+                }
+            }
+        });
+        Ok(node)
+    }
+
+    /// Pulls the node's inventory now and answers the VMs imported.
+    pub async fn pull_inventory(&self, name: &str) -> Result<Vec<Vm>, NodeError> {
+        let node = self.find(name).await?;
+        let inv = self.client.inventory(&NodeAddr::from(&node)).await?;
+        self.import(name, inv).await
+    }
+
+    /// The node pushes its inventory.
+    pub async fn push_inventory(&self, name: &str, inv: Inventory) -> Result<Vec<Vm>, NodeError> {
+        self.find(name).await?;
+        self.import(name, inv).await
+    }
+
+    /// Upserts every VM of the inventory as belonging to `node`; a VM that fails validation is
+    /// skipped and logged (one odd VM must not block the others).
+    async fn import(&self, node: &str, inv: Inventory) -> Result<Vec<Vm>, NodeError> {
+        let mut out = Vec::new();
+        for v in inv.vms {
+            let req = VmRequest {
+                vm_name: v.vm_name,
+                node: Some(node.to_string()),
+                disks: v.disks,
+            };
+            if let Err(e) = crate::vms::validate_vm(&req) {
+                tracing::warn!(%node, vm = %req.vm_name, error = %e, "inventory VM skipped");
+                continue;
+            }
+            // A driver name the hub cannot show is recorded as unknown: it must not keep the VM out.
+            let driver = match crate::vms::validate_driver(v.driver.as_deref()) {
+                Ok(()) => v.driver,
+                Err(e) => {
+                    tracing::warn!(%node, vm = %req.vm_name, error = %e, "inventory driver ignored");
+                    None
+                }
+            };
+            let source = VmSource {
+                driver,
+                change_tracking: v.change_tracking,
+            };
+            out.push(self.db.upsert_inventory_vm(&req, &source).await?);
+        }
+        Ok(out)
+    }
+
+    /// Asks every node for its tunnel state (through its API URL, i.e. the reverse forward when
+    /// there is a tunnel); records and publishes changes, so the event stream carries tunnel
+    /// changes even when nobody polls.
+    pub async fn probe_tunnels(&self) -> Result<Vec<NodeTunnel>, NodeError> {
+        let nodes = self.db.list_nodes().await?;
+        let mut out = Vec::new();
+        for n in nodes {
+            match self.client.tunnel(&NodeAddr::from(&n)).await {
+                Ok(t) => {
+                    if n.tunnel.as_ref() != Some(&t) {
+                        self.db.set_node_tunnel(&n.name, &t).await?;
+                        self.bus.publish(HubEvent::Tunnel {
+                            node: n.name.clone(),
+                            tunnel: t.clone(),
+                        });
+                    }
+                    out.push(NodeTunnel {
+                        node: n.name,
+                        live: true,
+                        tunnel: Some(t),
+                        error: None,
+                    });
+                }
+                Err(e) => out.push(NodeTunnel {
+                    node: n.name,
+                    live: false,
+                    tunnel: n.tunnel,
+                    error: Some(chain(&e)),
+                }),
+            }
+        }
+        Ok(out)
+    }
+}
