@@ -8,8 +8,8 @@
 //! 2. every job in a non-terminal state is marked `failed` ("hub restarted during the job"),
 //!    its disks failed, and the images it created (`<backup_id>.qcow2`, never a backing file)
 //!    deleted.
-//! 2b. every restore in a non-terminal state is marked `failed` ("hub restarted during the
-//!    restore"); the node deletes its partial image (its reads fail, or its own start-up
+//!    Every restore in a non-terminal state is marked `failed` too ("hub restarted during
+//!    the restore"); the node deletes its partial image (its reads fail, or its own start-up
 //!    recovery runs).
 //! 3. every port allocation is released (no job is live in a process that just started).
 //!

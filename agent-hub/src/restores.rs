@@ -75,20 +75,20 @@ pub enum RestoreError {
     Ports {
         id: String,
         #[source]
-        source: PortError,
+        source: Box<PortError>,
     },
     #[error("restore {id}: serving the backup point failed")]
     Export {
         id: String,
         #[source]
-        source: QemuNbdError,
+        source: Box<QemuNbdError>,
     },
     #[error("restore {id}: {doing}")]
     Db {
         id: String,
         doing: &'static str,
         #[source]
-        source: DbError,
+        source: Box<DbError>,
     },
 }
 
@@ -236,7 +236,11 @@ impl Restores {
 
     fn db_err(id: &str, doing: &'static str) -> impl FnOnce(DbError) -> RestoreError {
         let id = id.to_string();
-        move |source| RestoreError::Db { id, doing, source }
+        move |source| RestoreError::Db {
+            id,
+            doing,
+            source: Box::new(source),
+        }
     }
 
     /// One restore, or [`RestoreError::NotFound`].
@@ -244,11 +248,7 @@ impl Restores {
         match self.deps().db.get_restore(id).await {
             Ok(r) => Ok(r),
             Err(DbError::NotFound { .. }) => Err(RestoreError::NotFound { id: id.to_string() }),
-            Err(source) => Err(RestoreError::Db {
-                id: id.to_string(),
-                doing: "reading the restore",
-                source,
-            }),
+            Err(e) => Err(Self::db_err(id, "reading the restore")(e)),
         }
     }
 
@@ -437,7 +437,7 @@ impl Restores {
             .await
             .map_err(|source| RestoreError::Ports {
                 id: id.clone(),
-                source,
+                source: Box::new(source),
             })?;
         let port = ports[0].1;
         held.port = Some(port);
@@ -455,7 +455,7 @@ impl Restores {
                 .await
                 .map_err(|source| RestoreError::Export {
                     id: id.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
         let pid = server.pid();
         let export = server.nbd_export();

@@ -109,10 +109,11 @@ impl From<RestoreError> for ApiError {
                 error: "wrong job state",
                 detail,
             },
-            RestoreError::Ports {
-                source: s @ PortError::Exhausted { .. },
-                ..
-            } => ApiError::PortsExhausted(s.to_string()),
+            RestoreError::Ports { source, .. }
+                if matches!(*source, PortError::Exhausted { .. }) =>
+            {
+                ApiError::PortsExhausted(source.to_string())
+            }
             // A database failure while allocating is not "no port free".
             e @ (RestoreError::Ports { .. } | RestoreError::Db { .. }) => {
                 ApiError::internal(chain(&e))
