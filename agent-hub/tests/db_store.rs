@@ -1016,7 +1016,7 @@ async fn a_0001_database_upgrades_and_keeps_its_rows() {
                 .fetch_all(&pool)
                 .await
                 .unwrap();
-        assert_eq!(versions, [1, 2], "{}", t.dialect);
+        assert_eq!(versions, [1, 2, 3], "{}", t.dialect);
         let rows = sqlx::query(
             "SELECT disk_key, change_id, bytes_transferred, bytes_done FROM backup_disks \
              ORDER BY disk_key",

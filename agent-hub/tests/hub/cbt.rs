@@ -37,6 +37,8 @@ type Starts = Arc<Mutex<Vec<NodeBackupStart>>>;
 struct FakeNode {
     url: String,
     starts: Starts,
+    /// The `POST /api/v1/backup/check` requests it got.
+    checks: Starts,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -46,30 +48,59 @@ impl Drop for FakeNode {
     }
 }
 
+/// The node's refusal of an incremental whose disks (`keys`) lack a change id, as a vSphere node
+/// answers it: `409 bitmap_missing`.
+fn refuse_without_change_ids(
+    req: &NodeBackupStart,
+    keys: &[sendense_shared::ids::DiskKey],
+) -> Option<(StatusCode, Json<Value>)> {
+    if req.backup_type != sendense_shared::api::BackupType::Incremental {
+        return None;
+    }
+    let k = keys.iter().find(|k| {
+        !req.previous_change_ids
+            .iter()
+            .any(|c| c.disk_key == **k)
+    })?;
+    Some((
+        StatusCode::CONFLICT,
+        Json(json!({"error": "bitmap_missing", "detail": format!(
+            "bitmap missing: disk {k} has no change id in backup {:?}: CBT cannot say what changed",
+            req.previous_backup_id)})),
+    ))
+}
+
 async fn start(
     State(starts): State<Starts>,
     Json(req): Json<NodeBackupStart>,
 ) -> (StatusCode, Json<Value>) {
     starts.lock().unwrap().push(req.clone());
-    if req.backup_type == sendense_shared::api::BackupType::Incremental {
-        let keys = sendense_shared::targets::parse_targets(&req.nbd_targets).unwrap();
-        if let Some(t) = keys.iter().find(|t| {
-            !req.previous_change_ids
-                .iter()
-                .any(|c| c.disk_key == t.disk_key)
-        }) {
-            return (
-                StatusCode::CONFLICT,
-                Json(json!({"error": "bitmap missing", "detail": format!(
-                    "disk {} has no change id in backup {:?}: CBT cannot say what changed",
-                    t.disk_key, req.previous_backup_id)})),
-            );
-        }
+    let keys: Vec<_> = sendense_shared::targets::parse_targets(&req.nbd_targets)
+        .unwrap()
+        .iter()
+        .map(|t| t.disk_key)
+        .collect();
+    if let Some(refusal) = refuse_without_change_ids(&req, &keys) {
+        return refusal;
     }
     (
         StatusCode::ACCEPTED,
         Json(json!({"backup_id": req.backup_id})),
     )
+}
+
+/// `POST /api/v1/backup/check`: the same rule as a start, before the hub prepared anything (the
+/// request carries no targets; the VM's disks are those of [`inventory`]).
+async fn check(
+    State(checks): State<Starts>,
+    Json(req): Json<NodeBackupStart>,
+) -> (StatusCode, Json<Value>) {
+    checks.lock().unwrap().push(req.clone());
+    let keys = [
+        sendense_shared::ids::DiskKey(2000),
+        sendense_shared::ids::DiskKey(2001),
+    ];
+    refuse_without_change_ids(&req, &keys).unwrap_or((StatusCode::OK, Json(json!({}))))
 }
 
 async fn state(
@@ -119,7 +150,12 @@ fn inventory() -> Value {
 impl FakeNode {
     async fn start() -> FakeNode {
         let starts: Starts = Arc::default();
+        let checks: Starts = Arc::default();
         let app = Router::new()
+            .route(
+                "/api/v1/backup/check",
+                post(check).with_state(checks.clone()),
+            )
             .route("/api/v1/backup/start", post(start))
             .route("/api/v1/backup/{id}", get(state))
             .route(
@@ -133,7 +169,12 @@ impl FakeNode {
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });
-        FakeNode { url, starts, task }
+        FakeNode {
+            url,
+            starts,
+            checks,
+            task,
+        }
     }
 
     /// The starts the hub sent for backup `id`, once there are `n`.
@@ -398,20 +439,31 @@ pub async fn change_ids_then_fallback(env: &Env) {
     assert_eq!(disk(&done3, 2001)["change_id"], Value::Null, "{done3}");
     let id3 = done3["backup_id"].as_str().unwrap().to_string();
     let (id4, _) = env.backup("vc1", "incremental").await;
-    let sent = node.starts_of(&id4, 2).await;
-    assert_incremental_on(&sent[0], &id3);
+    // The hub asked before it prepared anything, and the node said no.
+    let checked: Vec<NodeBackupStart> = node
+        .checks
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| c.backup_id.0 == id4)
+        .cloned()
+        .collect();
+    assert_eq!(checked.len(), 1, "{checked:?}");
+    assert_incremental_on(&checked[0], &id3);
     assert_eq!(
-        sent[0].previous_change_ids.len(),
+        checked[0].previous_change_ids.len(),
         1,
-        "only disk 2000 had one: {sent:?}"
+        "only disk 2000 had one: {checked:?}"
     );
+    let sent = node.starts_of(&id4, 1).await;
+    assert_eq!(sent.len(), 1, "one start, a full one: {sent:?}");
     assert_eq!(
-        sent[1].backup_type,
+        sent[0].backup_type,
         sendense_shared::api::BackupType::Full,
         "{sent:?}"
     );
-    assert_eq!(sent[1].previous_backup_id, None);
-    assert!(sent[1].previous_change_ids.is_empty());
+    assert_eq!(sent[0].previous_backup_id, None);
+    assert!(sent[0].previous_change_ids.is_empty());
     let running = api.get_ok(&format!("/api/v1/backups/{id4}")).await;
     assert_eq!(
         running["backup_type"], "full",
@@ -426,6 +478,15 @@ pub async fn change_ids_then_fallback(env: &Env) {
     assert!(
         fallback.contains("bitmap missing") && fallback.contains("disk 2001 has no change id"),
         "{fallback}"
+    );
+    // No export was prepared twice: one port and one qemu-nbd per disk, and no rebuild.
+    for step in ["port_allocated:", "qemu_nbd_started:"] {
+        let n = events.iter().filter(|e| e.starts_with(step)).count();
+        assert_eq!(n, 2, "{step} {n} times: {events:#?}");
+    }
+    assert!(
+        !events.iter().any(|e| e.contains("replaced by full ones")),
+        "{events:#?}"
     );
     let t4 = targets(&running);
     for (i, (_, uri)) in t4.iter().enumerate() {
