@@ -18,6 +18,9 @@ pub enum Outcome {
     Completed,
     /// With the cause, which becomes the job's `error_message`.
     Failed(String),
+    /// One of the job's qemu-nbd exited on its own; the message is that death's diagnosis, the
+    /// root cause of whatever the writer reports next.
+    ExportDied(String),
     /// Cancel (or an interrupted preparation).
     Cancelled,
 }
@@ -57,9 +60,10 @@ pub async fn finish(
     }
     let deaths: Vec<String> = deaths.into_iter().map(|d| d.1).collect();
     let outcome = match outcome {
-        Outcome::Failed(msg) if !deaths.is_empty() && !msg.contains("exited unexpectedly") => {
+        Outcome::Failed(msg) if !deaths.is_empty() => {
             Outcome::Failed(format!("{} (then: {msg})", deaths.join("; ")))
         }
+        Outcome::ExportDied(msg) => Outcome::Failed(msg),
         other => other,
     };
     if res.ports_held {
@@ -79,7 +83,10 @@ pub async fn finish(
                     id,
                     Level::Error,
                     "ports_release_failed",
-                    format!("releasing the job's NBD ports failed: {e}"),
+                    format!(
+                        "releasing the job's NBD ports failed: {}",
+                        sendense_shared::errors::chain(&e)
+                    ),
                     None,
                 )
                 .await
@@ -101,14 +108,22 @@ pub async fn finish(
                     res.images.clear();
                     JobStatus::Completed
                 }
-                _ => end_unsuccessfully(jm, job, res, "cancelled during finalization").await,
+                _ => end_unsuccessfully(jm, job, res, Some("cancelled during finalization")).await,
             }
         }
         Outcome::Completed => {
-            end_unsuccessfully(jm, job, res, "the job left finalizing before it completed").await
+            end_unsuccessfully(
+                jm,
+                job,
+                res,
+                Some("the job left finalizing before it completed"),
+            )
+            .await
         }
-        Outcome::Failed(msg) => end_unsuccessfully(jm, job, res, &msg).await,
-        Outcome::Cancelled => end_unsuccessfully(jm, job, res, "").await,
+        Outcome::Failed(msg) | Outcome::ExportDied(msg) => {
+            end_unsuccessfully(jm, job, res, Some(&msg)).await
+        }
+        Outcome::Cancelled => end_unsuccessfully(jm, job, res, None).await,
     };
     res.finished = true;
     job.ended.cancel();
@@ -135,12 +150,12 @@ pub async fn finish(
 }
 
 /// Deletes the partial images and writes `cancelled` (if a cancel was asked) or `failed`.
-/// `cause` empty means a cancel (or an interrupted preparation).
+/// No `cause` means a cancel (or an interrupted preparation).
 async fn end_unsuccessfully(
     jm: &JobManager,
     job: &LiveJob,
     res: &mut Resources,
-    cause: &str,
+    cause: Option<&str>,
 ) -> JobStatus {
     let id = &job.id;
     let db = &jm.deps().db;
@@ -155,11 +170,9 @@ async fn end_unsuccessfully(
             return JobStatus::Cancelled;
         }
     }
-    let cause = if cause.is_empty() {
-        "interrupted: the hub is stopping".to_string()
-    } else {
-        cause.to_string()
-    };
+    let cause = cause
+        .unwrap_or("interrupted: the hub is stopping")
+        .to_string();
     set_disks(jm, job, DiskStatus::Failed).await;
     match db
         .transition_backup(id, super::ACTIVE, JobStatus::Failed, Some(&cause))
@@ -359,7 +372,7 @@ pub fn watch_export(
         )
         .await;
         let mut res = job.res.lock().await;
-        finish(&jm, &job, &mut res, Outcome::Failed(msg)).await;
+        finish(&jm, &job, &mut res, Outcome::ExportDied(msg)).await;
     });
 }
 

@@ -354,7 +354,7 @@ async fn prepare(
             // A step that failed without unwinding (a database error mid-way): unwind here,
             // so nothing stays held by a job that will never run.
             if !res.finished {
-                let msg = format!("preparation failed: {e}");
+                let msg = format!("preparation failed: {}", sendense_shared::errors::chain(&e));
                 jm.event(&job.id, Level::Error, "prepare_failed", msg.clone(), None)
                     .await;
                 finish(jm, &job, &mut res, Outcome::Failed(msg)).await;
@@ -409,8 +409,9 @@ async fn prepare_steps(
             let (err, msg) = match &e {
                 PortError::Exhausted { .. } => {
                     let msg = format!(
-                        "cannot get an NBD port for each of {} disk(s): {e}",
-                        keys.len()
+                        "cannot get an NBD port for each of {} disk(s): {}",
+                        keys.len(),
+                        sendense_shared::errors::chain(&e)
                     );
                     (
                         JobError::PortsExhausted {
@@ -421,7 +422,10 @@ async fn prepare_steps(
                     )
                 }
                 other => {
-                    let msg = format!("port allocation failed: {other}");
+                    let msg = format!(
+                        "port allocation failed: {}",
+                        sendense_shared::errors::chain(other)
+                    );
                     (step_err("allocating NBD ports", msg.clone()), msg)
                 }
             };

@@ -57,11 +57,9 @@ fn refuse_without_change_ids(
     if req.backup_type != sendense_shared::api::BackupType::Incremental {
         return None;
     }
-    let k = keys.iter().find(|k| {
-        !req.previous_change_ids
-            .iter()
-            .any(|c| c.disk_key == **k)
-    })?;
+    let k = keys
+        .iter()
+        .find(|k| !req.previous_change_ids.iter().any(|c| c.disk_key == **k))?;
     Some((
         StatusCode::CONFLICT,
         Json(json!({"error": "bitmap_missing", "detail": format!(
