@@ -161,6 +161,26 @@ impl NodeProcess {
         }
     }
 
+    /// SIGTERM, wait up to `within`, then SIGKILL; answers the exit status if it stopped by
+    /// itself in time.
+    pub fn terminate(&mut self, within: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        eprintln!("+ kill -TERM {pid} (sendense-node)");
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let t = std::time::Instant::now();
+        while t.elapsed() < within {
+            if let Ok(Some(s)) = c.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        eprintln!("sendense-node pid {pid} ignored SIGTERM for {within:?}; SIGKILL");
+        let _ = c.kill();
+        let _ = c.wait();
+        None
+    }
+
     /// SIGKILL, then the same command again (same run directory: recovery runs).
     pub fn restart(&mut self, binary: &Path) -> anyhow::Result<()> {
         self.kill9();

@@ -23,6 +23,7 @@ mod e2e {
     pub mod concurrency;
     pub mod console_live;
     pub mod faults;
+    pub mod restore;
     pub mod sys;
     pub mod tunnel;
     pub mod vsphere;

@@ -1,0 +1,255 @@
+//! Restores are jobs: through the real hub and node (real QEMU, qemu-nbd on both sides), a
+//! restore in the middle of its copy is cancelled from the API, survives a hub SIGKILL and
+//! restart as a terminal job with everything released, and ends cleanly on SIGTERM to the hub
+//! or to the node. The copy is throttled so that "mid-copy" is a state the test waits for, not
+//! a sleep.
+
+use super::sys::{JOB_LIMIT, SLOW_BPS, Sys, SysOptions, terminal};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// A hub config file that checks on a silent node every second and gives it up after 3 s.
+fn quick_node_watch(o: &mut sendense_tests::hub::HubOptions, dir: &Path) {
+    let cfg = dir.join("hub.toml");
+    std::fs::write(
+        &cfg,
+        "node_watch_interval_secs = 1\nnode_lost_after_secs = 3\n",
+    )
+    .unwrap();
+    o.extra_args
+        .extend(["--config".into(), cfg.display().to_string()]);
+}
+
+/// A throttled system whose hub listens on a fixed free port (so a restarted hub is found by
+/// the node at the address it knows).
+async fn slow_sys(vm: &str) -> Sys {
+    let port = sendense_tests::net::free_port();
+    Sys::start(
+        vm,
+        SysOptions {
+            throttle_bps: Some(SLOW_BPS),
+            hub: Some(Box::new(move |o, dir| {
+                o.listen = format!("127.0.0.1:{port}");
+                quick_node_watch(o, dir);
+            })),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// Restore of disk 2000 of a fresh full backup, waited for until the node has pushed progress
+/// (bytes copied, not all of them). Answers the restore and the node's target path.
+async fn restore_mid_copy(sys: &Sys, name: &str) -> (Value, PathBuf) {
+    let b = sys.backup_completes("full").await;
+    let id = b["backup_id"].as_str().unwrap();
+    let path = sys.path(name);
+    let (s, r) = sys
+        .api
+        .post(
+            "/api/v1/restores",
+            &json!({"backup_id": id, "disk_key": 2000,
+                    "target": {"node": sys.node.opts.name, "path": path.display().to_string()}}),
+        )
+        .await;
+    assert_eq!(s, 202, "POST /api/v1/restores: {r}");
+    let rid = r["restore_id"].as_str().unwrap().to_string();
+    let t = Instant::now();
+    loop {
+        let r = sys.api.get_ok(&format!("/api/v1/restores/{rid}")).await;
+        let done = r["bytes_done"].as_u64().unwrap_or(0);
+        if r["status"] == "running" && done > 0 && done < r["bytes_total"].as_u64().unwrap() {
+            assert!(path.exists(), "the node writes {}", path.display());
+            return (r, path);
+        }
+        assert!(!terminal(&r), "restore ended before mid-copy: {r:#}");
+        assert!(t.elapsed() < JOB_LIMIT, "restore {rid} never copied: {r:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_restore_end(sys: &Sys, rid: &str) -> Value {
+    let t = Instant::now();
+    loop {
+        let r = sys.api.get_ok(&format!("/api/v1/restores/{rid}")).await;
+        if terminal(&r) {
+            return r;
+        }
+        assert!(t.elapsed() < JOB_LIMIT, "restore {rid} did not end: {r:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The PID of the hub's read-only qemu-nbd serving restore `r`.
+async fn export_pid(sys: &Sys, r: &Value) -> u32 {
+    let procs = sys.api.get_ok("/api/v1/processes").await;
+    procs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["export_name"] == r["nbd_export_name"])
+        .unwrap_or_else(|| panic!("no qemu-nbd for {r}: {procs}"))["pid"]
+        .as_u64()
+        .unwrap() as u32
+}
+
+/// Nothing of the restore is held on the hub: no port, its qemu-nbd gone; and the node's
+/// partial image is deleted (within a few seconds: the node hears of the end through its
+/// failing reads or the cancel).
+async fn assert_released(sys: &Sys, r: &Value, pid: u32, partial: &Path) {
+    assert_eq!(r["nbd_port"], Value::Null, "{r}");
+    assert!(
+        !sendense_tests::pid_alive(pid),
+        "qemu-nbd {pid} of the restore survived"
+    );
+    let ports = sys.api.get_ok("/api/v1/ports").await;
+    assert_eq!(ports["allocations"], json!([]), "{ports}");
+    let t = Instant::now();
+    while partial.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the node left its partial image {}",
+            partial.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn restore_events(sys: &Sys, rid: &str) -> Vec<String> {
+    let ev = sys
+        .api
+        .get_ok(&format!("/api/v1/restores/{rid}/events"))
+        .await;
+    ev.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{}: {}",
+                e["step"].as_str().unwrap_or_default(),
+                e["message"].as_str().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_cancelled_mid_copy() {
+    let sys = slow_sys("e2ercancel").await;
+    let (r, partial) = restore_mid_copy(&sys, "cancelled.qcow2").await;
+    let rid = r["restore_id"].as_str().unwrap();
+    let pid = export_pid(&sys, &r).await;
+    let (s, v) = sys
+        .api
+        .post(&format!("/api/v1/restores/{rid}/cancel"), &json!({}))
+        .await;
+    assert_eq!(s, 202, "{v}");
+    assert!(
+        v["status"] == "cancelling" || v["status"] == "cancelled",
+        "{v}"
+    );
+    let end = wait_restore_end(&sys, rid).await;
+    assert_eq!(end["status"], "cancelled", "{end:#}");
+    assert_released(&sys, &end, pid, &partial).await;
+    let ev = restore_events(&sys, rid).await;
+    for step in ["restore_cancel_requested:", "restore_cancelled:"] {
+        assert!(ev.iter().any(|e| e.starts_with(step)), "{step} {ev:#?}");
+    }
+    // A finished restore cannot be cancelled again: a 409 with the code.
+    let (s, v) = sys
+        .api
+        .post(&format!("/api/v1/restores/{rid}/cancel"), &json!({}))
+        .await;
+    assert_eq!(s, 409, "{v}");
+    // The next restore of the same point runs to its end.
+    let id = r["backup_id"].as_str().unwrap();
+    let (again, path) = sys.restore(id, 2000, "after-cancel.qcow2").await;
+    assert_eq!(again["status"], "completed", "{again:#}");
+    assert!(path.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_killed_mid_restore_then_restarted() {
+    let mut sys = slow_sys("e2erhubkill").await;
+    let (r, partial) = restore_mid_copy(&sys, "hubkill.qcow2").await;
+    let rid = r["restore_id"].as_str().unwrap().to_string();
+    let pid = export_pid(&sys, &r).await;
+    sys.hub.kill9();
+    let mut opts = sys.hub.opts.clone();
+    opts.nbd_ports = Some(sys.hub.nbd_ports);
+    sys.hub = sendense_tests::hub::HubProcess::start(&super::sys::hub_bin(), opts)
+        .expect("restart the hub");
+    sys.api = sys.hub.api();
+    // The reconciler ended it before the API answered anything.
+    let end = sys.api.get_ok(&format!("/api/v1/restores/{rid}")).await;
+    assert_eq!(end["status"], "failed", "{end:#}");
+    assert!(
+        end["error_message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("hub restarted during the restore"),
+        "{end:#}"
+    );
+    assert_released(&sys, &end, pid, &partial).await;
+    let ev = restore_events(&sys, &rid).await;
+    assert!(
+        ev.iter().any(|e| e.starts_with("reconciler_restore:")),
+        "{ev:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_the_hub_mid_restore() {
+    let mut sys = slow_sys("e2erhubterm").await;
+    let (r, partial) = restore_mid_copy(&sys, "hubterm.qcow2").await;
+    let rid = r["restore_id"].as_str().unwrap().to_string();
+    let pid = export_pid(&sys, &r).await;
+    let t = Instant::now();
+    let status = sys.hub.stop();
+    assert!(
+        status.is_some_and(|s| s.success()) && t.elapsed() < Duration::from_secs(15),
+        "the hub did not stop cleanly on SIGTERM: {status:?} after {:?}",
+        t.elapsed()
+    );
+    assert!(!sendense_tests::pid_alive(pid), "qemu-nbd {pid} survived");
+    let mut opts = sys.hub.opts.clone();
+    opts.nbd_ports = Some(sys.hub.nbd_ports);
+    sys.hub = sendense_tests::hub::HubProcess::start(&super::sys::hub_bin(), opts)
+        .expect("restart the hub");
+    sys.api = sys.hub.api();
+    let end = sys.api.get_ok(&format!("/api/v1/restores/{rid}")).await;
+    assert_eq!(end["status"], "failed", "{end:#}");
+    assert!(
+        end["error_message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("hub stopped (SIGTERM) during the restore"),
+        "the drain, not the reconciler, ended it: {end:#}"
+    );
+    assert_released(&sys, &end, pid, &partial).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_the_node_mid_restore() {
+    let mut sys = slow_sys("e2ernodeterm").await;
+    let (r, partial) = restore_mid_copy(&sys, "nodeterm.qcow2").await;
+    let rid = r["restore_id"].as_str().unwrap().to_string();
+    let pid = export_pid(&sys, &r).await;
+    let t = Instant::now();
+    let status = sys.node.terminate(Duration::from_secs(30));
+    assert!(
+        status.is_some() && t.elapsed() < Duration::from_secs(15),
+        "the node did not stop on SIGTERM: {status:?} after {:?}",
+        t.elapsed()
+    );
+    // The node deleted its partial image before it exited.
+    assert!(
+        !partial.exists(),
+        "the node left {} behind on SIGTERM",
+        partial.display()
+    );
+    let end = wait_restore_end(&sys, &rid).await;
+    assert_eq!(end["status"], "failed", "{end:#}");
+    assert_released(&sys, &end, pid, &partial).await;
+}
