@@ -2,11 +2,12 @@
 //! stdout what a script reads (ids, JSON), progress and errors to stderr, and exits with a
 //! status that says the outcome (see [`exit`]).
 
-use crate::client::{ClientError, HubClient, error_chain};
 use crate::config::{self, Overrides};
 use crate::format;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use sendense_shared::api::{Backup, BackupRequest, BackupType, JobStatus};
+use sendense_shared::client::{ClientError, HubClient};
+use sendense_shared::errors::chain;
 use sendense_shared::ids::BackupId;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -147,11 +148,15 @@ pub fn main() -> ExitCode {
     ) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
+            eprintln!("error: {}", chain(&e));
             return ExitCode::from(exit::ERROR);
         }
     };
-    let client = HubClient::new(&settings.hub_url, settings.token);
+    let client = HubClient::with_agent(
+        &settings.hub_url,
+        settings.token,
+        concat!("sendense-console/", env!("CARGO_PKG_VERSION")),
+    );
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -168,7 +173,7 @@ pub fn main() -> ExitCode {
             match runtime.block_on(crate::tui::run(client)) {
                 Ok(()) => ExitCode::from(exit::OK),
                 Err(e) => {
-                    eprintln!("error: {}", error_chain(&e));
+                    eprintln!("error: {}", chain(&e));
                     ExitCode::from(exit::ERROR)
                 }
             }
@@ -221,7 +226,7 @@ fn init_stderr_logging() {
 }
 
 fn fail(e: &ClientError) -> u8 {
-    eprintln!("error: {}", error_chain(e));
+    eprintln!("error: {}", chain(e));
     exit::ERROR
 }
 
@@ -370,7 +375,7 @@ async fn wait_for(client: &HubClient, id: &BackupId, json: bool) -> u8 {
                 continue;
             }
             Err(e) => {
-                eprintln!("error: lost track of backup {id}: {}", error_chain(&e));
+                eprintln!("error: lost track of backup {id}: {}", chain(&e));
                 return exit::ERROR;
             }
         };

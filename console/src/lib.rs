@@ -1,8 +1,7 @@
 //! `sendense-console`: the operator's terminal UI and a scriptable CLI over the hub's HTTP API.
 //!
 //! - [`config`]: where the hub URL and the bearer token come from (flags, environment, config file).
-//! - [`client`]: the hub's HTTP client (health, backups, VMs, ports, processes, nodes, tunnel,
-//!   start, cancel) and its error type, which names the cause (unreachable, bad token, unknown VM).
+//! - The hub's HTTP client is `sendense_shared::client` (feature `client`), shared with the node.
 //! - [`sse`]: the live feed: the hub's event stream with reconnect and backoff, and polling every
 //!   2 s while the stream is down. It only produces [`app::Update`]s.
 //! - [`app`]: all state of the TUI. Pure: applying an update or a key changes it; nothing in it
@@ -17,7 +16,6 @@
 
 pub mod app;
 pub mod cli;
-pub mod client;
 pub mod config;
 pub mod format;
 pub mod keys;

@@ -4,13 +4,13 @@
 //! normal quit, error, signal, and panic (ratatui's init installs a hook that restores first).
 
 use crate::app::{Action, App, Update};
-use crate::client::HubClient;
 use crate::sse::{self, cause};
 use crate::{strings, ui};
 use chrono::Utc;
 use crossterm::event::{Event, EventStream, KeyEventKind};
 use futures_util::StreamExt;
 use sendense_shared::api::HubEvent;
+use sendense_shared::client::HubClient;
 use std::io::IsTerminal;
 use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
