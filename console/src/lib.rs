@@ -6,7 +6,9 @@
 //!   2 s while the stream is down. It only produces [`app::Update`]s.
 //! - [`app`]: all state of the TUI. Pure: applying an update or a key changes it; nothing in it
 //!   does I/O, so it is tested without a terminal or a hub.
-//! - [`keys`]: every key binding, in one table per mode (the help overlay is drawn from it).
+//! - [`view`]: the views of the main screen (a low module: keys and app both name views).
+//! - [`keys`]: every key binding, in one table per mode (the help overlay is drawn from it). It
+//!   only turns keys into [`keys::Command`]s; the app applies them (keys does not know the app).
 //! - [`strings`]: every text the UI shows.
 //! - [`ui`]: drawing. `ui::render` takes `&App` and never mutates it.
 //! - [`tui`]: the terminal loop: raw mode, render tick, key events, hub updates, SIGTERM.
@@ -23,6 +25,7 @@ pub mod sse;
 pub mod strings;
 pub mod tui;
 pub mod ui;
+pub mod view;
 
 #[cfg(test)]
 mod fixtures;

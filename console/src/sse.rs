@@ -6,7 +6,7 @@
 
 use crate::app::{Snapshot, Update};
 use futures_util::StreamExt;
-use sendense_shared::api::{Backup, HubEvent, JobEvent};
+use sendense_shared::api::{Backup, HubEvent, JobEvent, Restore};
 use sendense_shared::backoff::Backoff;
 use sendense_shared::client::{ClientError, HubClient};
 use sendense_shared::errors::chain;
@@ -84,6 +84,17 @@ pub fn cause(err: &ClientError) -> String {
     chain(err)
 }
 
+fn recent_restores(restores: &[Restore]) -> Vec<&Restore> {
+    let mut sorted: Vec<&Restore> = restores.iter().collect();
+    sorted.sort_by_key(|r| std::cmp::Reverse(r.created_at));
+    sorted
+        .iter()
+        .enumerate()
+        .filter(|(i, r)| *i < RECENT_JOBS_WITH_EVENTS || !r.status.is_terminal())
+        .map(|(_, r)| *r)
+        .collect()
+}
+
 fn recent_jobs(backups: &[Backup]) -> Vec<&Backup> {
     let mut sorted: Vec<&Backup> = backups.iter().collect();
     sorted.sort_by_key(|b| std::cmp::Reverse(b.created_at));
@@ -111,8 +122,9 @@ fn keep<T>(errors: &mut Vec<String>, r: Result<T, ClientError>) -> Option<T> {
 /// parts that fail are left out and named in `errors`.
 pub async fn fetch_snapshot(client: &HubClient) -> Result<Snapshot, ClientError> {
     let health = client.health().await?;
-    let (backups, vms, repositories, ports, processes, nodes, tunnels) = tokio::join!(
+    let (backups, restores, vms, repositories, ports, processes, nodes, tunnels) = tokio::join!(
         client.backups(),
+        client.restores(),
         client.vms(),
         client.repositories(),
         client.ports(),
@@ -122,6 +134,7 @@ pub async fn fetch_snapshot(client: &HubClient) -> Result<Snapshot, ClientError>
     );
     let mut errors = Vec::new();
     let backups: Option<Vec<Backup>> = keep(&mut errors, backups);
+    let restores: Option<Vec<Restore>> = keep(&mut errors, restores);
     let snap = Snapshot {
         health: Some(health),
         vms: keep(&mut errors, vms),
@@ -132,6 +145,7 @@ pub async fn fetch_snapshot(client: &HubClient) -> Result<Snapshot, ClientError>
         tunnels: keep(&mut errors, tunnels),
         events: None,
         backups: None,
+        restores: None,
         errors: Vec::new(),
     };
     let events = match &backups {
@@ -142,8 +156,14 @@ pub async fn fetch_snapshot(client: &HubClient) -> Result<Snapshot, ClientError>
                     .map(|b| client.backup_events(&b.backup_id)),
             )
             .await;
+            let restore_logs = futures_util::future::join_all(
+                recent_restores(restores.as_deref().unwrap_or_default())
+                    .into_iter()
+                    .map(|r| client.restore_events(&r.restore_id)),
+            )
+            .await;
             let mut all: Vec<JobEvent> = Vec::new();
-            for log in logs {
+            for log in logs.into_iter().chain(restore_logs) {
                 if let Some(mut l) = keep(&mut errors, log) {
                     all.append(&mut l);
                 }
@@ -154,6 +174,7 @@ pub async fn fetch_snapshot(client: &HubClient) -> Result<Snapshot, ClientError>
     };
     Ok(Snapshot {
         backups,
+        restores,
         events,
         errors,
         ..snap

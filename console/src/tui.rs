@@ -102,7 +102,7 @@ pub async fn run(client: HubClient) -> Result<(), TuiError> {
     result
 }
 
-/// Carry out a start or cancel in the background; its outcome comes back as an update.
+/// Carry out a start or a cancel (of a backup or a restore) in the background; its outcome comes back as an update.
 fn perform(client: &HubClient, action: Action, tx: mpsc::Sender<Update>) {
     let client = client.clone();
     tokio::spawn(async move {
@@ -127,6 +127,20 @@ fn perform(client: &HubClient, action: Action, tx: mpsc::Sender<Update>) {
                         ),
                     },
                     Update::Event(HubEvent::Backup { backup }),
+                ],
+                Err(e) => vec![Update::ActionFailed {
+                    message: strings::notice_action_failed(&format!("Cancel of {id}"), &cause(&e)),
+                }],
+            },
+            Action::CancelRestore(id) => match client.cancel_restore(&id).await {
+                Ok(restore) => vec![
+                    Update::ActionDone {
+                        message: strings::notice_cancelled(
+                            &restore.restore_id,
+                            restore.status.as_str(),
+                        ),
+                    },
+                    Update::Event(HubEvent::Restore { restore }),
                 ],
                 Err(e) => vec![Update::ActionFailed {
                     message: strings::notice_action_failed(&format!("Cancel of {id}"), &cause(&e)),
