@@ -534,3 +534,5 @@ fn a_node_missing_from_the_tunnel_list_shows_its_latest_node_record() {
         "the newer nodes record, not the first one seen"
     );
 }
+
+mod restores;
