@@ -48,6 +48,9 @@ pub struct Snapshot {
 }
 
 /// What the feed and the action tasks tell the app.
+// A few updates a second travel through a channel: the size of an event (a `Restore` is the
+// largest) costs nothing worth a box around every one, in the feed and in every test.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Update {
     /// A poll succeeded (the hub's `/health` answered).

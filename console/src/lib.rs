@@ -4,7 +4,7 @@
 //! - The hub's HTTP client is `sendense_shared::client` (feature `client`), shared with the node.
 //! - [`sse`]: the live feed: the hub's event stream with reconnect and backoff, and polling every
 //!   2 s while the stream is down. It only produces [`app::Update`]s.
-//! - [`app`]: all state of the TUI. Pure: applying an update or a key changes it; nothing in it
+//! - [`app`]: all state of the TUI (backups and restores alike in the Jobs view). Pure: applying an update or a key changes it; nothing in it
 //!   does I/O, so it is tested without a terminal or a hub.
 //! - [`view`]: the views of the main screen (a low module: keys and app both name views).
 //! - [`keys`]: every key binding, in one table per mode (the help overlay is drawn from it). It
@@ -13,7 +13,8 @@
 //! - [`ui`]: drawing. `ui::render` takes `&App` and never mutates it.
 //! - [`tui`]: the terminal loop: raw mode, render tick, key events, hub updates, SIGTERM.
 //! - [`cli`]: the command line: the TUI by default, or `backups list`, `backup start`,
-//!   `backup cancel` run once with an exit status that says the outcome.
+//!   `backup cancel`, `restores list`, `restore start`, `restore cancel` run once with an exit
+//!   status that says the outcome.
 //! - [`format`]: human units (bytes, rates, durations) shared by the UI and the CLI.
 
 pub mod app;
