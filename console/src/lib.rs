@@ -4,8 +4,9 @@
 //! - The hub's HTTP client is `sendense_shared::client` (feature `client`), shared with the node.
 //! - [`sse`]: the live feed: the hub's event stream with reconnect and backoff, and polling every
 //!   2 s while the stream is down. It only produces [`app::Update`]s.
-//! - [`app`]: all state of the TUI (backups and restores alike in the Jobs view). Pure: applying an update or a key changes it; nothing in it
-//!   does I/O, so it is tested without a terminal or a hub.
+//! - [`app`]: all state of the TUI (backups and restores alike in the Jobs view). Pure:
+//!   applying an update or a key changes it; nothing in it does I/O, so it is tested without a
+//!   terminal or a hub.
 //! - [`view`]: the views of the main screen (a low module: keys and app both name views).
 //! - [`keys`]: every key binding, in one table per mode (the help overlay is drawn from it). It
 //!   only turns keys into [`keys::Command`]s; the app applies them (keys does not know the app).
