@@ -1,26 +1,32 @@
 //! The command line. Without a subcommand it opens the TUI; with one it runs once, prints to
 //! stdout what a script reads (ids, JSON), progress and errors to stderr, and exits with a
 //! status that says the outcome (see [`exit`]).
+//!
+//! - `backups`: `backups list`, `backup start`, `backup cancel`.
+//! - `restores`: `restores list`, `restore start`, `restore cancel`.
 
-use crate::client::{ClientError, HubClient, error_chain};
+mod backups;
+mod restores;
+
 use crate::config::{self, Overrides};
-use crate::format;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
-use sendense_shared::api::{Backup, BackupRequest, BackupType, JobStatus};
-use sendense_shared::ids::BackupId;
+use sendense_shared::api::{BackupType, RestoreRequest, RestoreTarget};
+use sendense_shared::client::{ClientError, HubClient};
+use sendense_shared::errors::chain;
+use sendense_shared::ids::{BackupId, DiskKey};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 /// Exit statuses.
 pub mod exit {
-    /// Done; with `--wait`, the backup completed.
+    /// Done; with `--wait`, the backup (or restore) completed.
     pub const OK: u8 = 0;
     /// The hub could not be asked or refused (unreachable, bad token, unknown VM, bad input).
     pub const ERROR: u8 = 1;
-    /// `--wait`: the backup failed.
+    /// `--wait`: the backup (or restore) failed.
     pub const FAILED: u8 = 3;
-    /// `--wait`: the backup was cancelled.
+    /// `--wait`: the backup (or restore) was cancelled.
     pub const CANCELLED: u8 = 4;
 }
 
@@ -29,9 +35,17 @@ const WAIT_POLL: Duration = Duration::from_secs(1);
 /// How long `--wait` tolerates a hub that does not answer before giving up.
 const WAIT_LOST_AFTER: u32 = 30;
 
+/// Print `value` as pretty JSON on stdout.
+fn print_json<T: serde::Serialize>(value: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
 const AFTER_HELP: &str = "\
-Exit status: 0 done (with --wait: the backup completed), 1 error talking to the hub,
-2 bad usage, 3 the backup failed, 4 the backup was cancelled.
+Exit status: 0 done (with --wait: the backup or restore completed), 1 error talking to the
+hub, 2 bad usage, 3 the job failed, 4 the job was cancelled.
 The token is read from --token-file, SENDENSE_TOKEN_FILE, SENDENSE_TOKEN or the config file
 (~/.config/sendense/console.toml: hub_url, token_file); never pass it on the command line.";
 
@@ -70,6 +84,16 @@ pub enum Command {
     Backup {
         #[command(subcommand)]
         command: BackupCommand,
+    },
+    /// All restores.
+    Restores {
+        #[command(subcommand)]
+        command: RestoresCommand,
+    },
+    /// One restore: start or cancel.
+    Restore {
+        #[command(subcommand)]
+        command: RestoreCommand,
     },
 }
 
@@ -125,6 +149,49 @@ pub enum BackupCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum RestoresCommand {
+    /// List restores, newest first.
+    List {
+        /// Print the hub's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RestoreCommand {
+    /// Restore one disk of a completed backup into a new QCOW2 image on a node; prints the
+    /// restore id.
+    Start {
+        /// The backup (point) to restore.
+        backup_id: String,
+        /// Name of the registered node that writes the image.
+        #[arg(long)]
+        node: String,
+        /// Absolute path of the new image on the node (must not exist yet).
+        #[arg(long)]
+        path: String,
+        /// Disk key (may be left out when the backup has one disk).
+        #[arg(long, value_name = "KEY")]
+        disk: Option<i64>,
+        /// Follow the restore until it ends (progress on stderr); the exit status says how it
+        /// ended.
+        #[arg(long)]
+        wait: bool,
+        /// Print the restore as JSON instead of its id.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the hub to cancel a restore.
+    Cancel {
+        id: String,
+        /// Print the restore as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let version: &'static str =
@@ -147,11 +214,15 @@ pub fn main() -> ExitCode {
     ) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
+            eprintln!("error: {}", chain(&e));
             return ExitCode::from(exit::ERROR);
         }
     };
-    let client = HubClient::new(&settings.hub_url, settings.token);
+    let client = HubClient::with_agent(
+        &settings.hub_url,
+        settings.token,
+        concat!("sendense-console/", env!("CARGO_PKG_VERSION")),
+    );
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -168,7 +239,7 @@ pub fn main() -> ExitCode {
             match runtime.block_on(crate::tui::run(client)) {
                 Ok(()) => ExitCode::from(exit::OK),
                 Err(e) => {
-                    eprintln!("error: {}", error_chain(&e));
+                    eprintln!("error: {}", chain(&e));
                     ExitCode::from(exit::ERROR)
                 }
             }
@@ -220,8 +291,9 @@ fn init_stderr_logging() {
         .try_init();
 }
 
+/// Print why the hub could not be asked; the exit status of that.
 fn fail(e: &ClientError) -> u8 {
-    eprintln!("error: {}", error_chain(e));
+    eprintln!("error: {}", chain(e));
     exit::ERROR
 }
 
@@ -230,21 +302,7 @@ pub async fn run_command(client: &HubClient, command: Command) -> u8 {
     match command {
         Command::Backups {
             command: BackupsCommand::List { json },
-        } => match client.backups().await {
-            Ok(mut list) => {
-                list.sort_by_key(|b| std::cmp::Reverse(b.created_at));
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&list).unwrap_or_default()
-                    );
-                } else {
-                    print!("{}", backups_table(&list));
-                }
-                exit::OK
-            }
-            Err(e) => fail(&e),
-        },
+        } => backups::list(client, json).await,
         Command::Backup {
             command:
                 BackupCommand::Start {
@@ -254,235 +312,33 @@ pub async fn run_command(client: &HubClient, command: Command) -> u8 {
                     wait,
                     json,
                 },
-        } => {
-            let repository_id = match repository {
-                Some(r) => r,
-                None => match pick_repository(client).await {
-                    Ok(r) => r,
-                    Err(code) => return code,
-                },
-            };
-            let req = BackupRequest {
-                vm_name: vm,
-                repository_id,
-                backup_type: backup_type.into(),
-            };
-            let backup = match client.start_backup(&req).await {
-                Ok(b) => b,
-                Err(e) => return fail(&e),
-            };
-            eprintln!(
-                "started {} backup {} of {} into {}",
-                backup.backup_type.as_str(),
-                backup.backup_id,
-                backup.vm_name,
-                backup.repository_id
-            );
-            if !wait {
-                print_backup(&backup, json);
-                return exit::OK;
-            }
-            if !json {
-                println!("{}", backup.backup_id);
-            }
-            wait_for(client, &backup.backup_id, json).await
-        }
+        } => backups::start(client, vm, backup_type.into(), repository, wait, json).await,
         Command::Backup {
             command: BackupCommand::Cancel { id, json },
-        } => match client.cancel_backup(&BackupId(id)).await {
-            Ok(b) => {
-                eprintln!(
-                    "backup {} of {} is {}",
-                    b.backup_id,
-                    b.vm_name,
-                    b.status.as_str()
-                );
-                print_backup(&b, json);
-                exit::OK
-            }
-            Err(e) => fail(&e),
-        },
-    }
-}
-
-fn print_backup(b: &Backup, json: bool) {
-    if json {
-        println!("{}", serde_json::to_string_pretty(b).unwrap_or_default());
-    } else {
-        println!("{}", b.backup_id);
-    }
-}
-
-async fn pick_repository(client: &HubClient) -> Result<String, u8> {
-    let repos = client.repositories().await.map_err(|e| fail(&e))?;
-    match repos.as_slice() {
-        [only] => Ok(only.id.clone()),
-        [] => {
-            eprintln!(
-                "error: the hub has no repository; add one first (POST /api/v1/repositories)"
-            );
-            Err(exit::ERROR)
-        }
-        many => {
-            let ids: Vec<&str> = many.iter().map(|r| r.id.as_str()).collect();
-            eprintln!(
-                "error: the hub has several repositories ({}): pick one with --repository ID",
-                ids.join(", ")
-            );
-            Err(exit::ERROR)
-        }
-    }
-}
-
-/// One progress line: `b-1 running 37% 7.4 GiB/20.0 GiB · 2000 running 39% · 2001 running 27%`.
-pub fn progress_line(b: &Backup) -> String {
-    let mut line = format!(
-        "{} {} {}% {}/{}",
-        b.backup_id,
-        b.status.as_str(),
-        format::percent(format::done_bytes(b), b.total_bytes),
-        format::bytes(b.bytes_transferred),
-        format::bytes(b.total_bytes)
-    );
-    for d in &b.disk_results {
-        line.push_str(&format!(
-            " · {} {} {}%",
-            d.disk_key,
-            d.status.as_str(),
-            format::percent(d.bytes_done, d.bytes_total)
-        ));
-    }
-    line
-}
-
-async fn wait_for(client: &HubClient, id: &BackupId, json: bool) -> u8 {
-    let mut last_line = String::new();
-    let mut misses = 0;
-    loop {
-        let backup = match client.backup(id).await {
-            Ok(b) => {
-                misses = 0;
-                b
-            }
-            Err(e) if e.is_unreachable() && misses < WAIT_LOST_AFTER => {
-                misses += 1;
-                tokio::time::sleep(WAIT_POLL).await;
-                continue;
-            }
-            Err(e) => {
-                eprintln!("error: lost track of backup {id}: {}", error_chain(&e));
-                return exit::ERROR;
-            }
-        };
-        let line = progress_line(&backup);
-        if line != last_line {
-            eprintln!("{line}");
-            last_line = line;
-        }
-        if backup.status.is_terminal() {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&backup).unwrap_or_default()
-                );
-            }
-            return outcome(&backup);
-        }
-        tokio::time::sleep(WAIT_POLL).await;
-    }
-}
-
-/// Say how a finished job ended and pick the exit status.
-fn outcome(b: &Backup) -> u8 {
-    match b.status {
-        JobStatus::Completed => {
-            let took = match (b.started_at, b.completed_at) {
-                (Some(s), Some(c)) => {
-                    format!(" in {}", format::duration_secs((c - s).num_seconds()))
-                }
-                _ => String::new(),
+        } => backups::cancel(client, &BackupId(id), json).await,
+        Command::Restores {
+            command: RestoresCommand::List { json },
+        } => restores::list(client, json).await,
+        Command::Restore {
+            command:
+                RestoreCommand::Start {
+                    backup_id,
+                    node,
+                    path,
+                    disk,
+                    wait,
+                    json,
+                },
+        } => {
+            let req = RestoreRequest {
+                backup_id: BackupId(backup_id),
+                disk_key: disk.map(DiskKey),
+                target: RestoreTarget { node, path },
             };
-            eprintln!(
-                "backup {} completed: {} written{took}",
-                b.backup_id,
-                format::bytes(b.bytes_transferred)
-            );
-            exit::OK
+            restores::start(client, &req, wait, json).await
         }
-        JobStatus::Cancelled => {
-            eprintln!("backup {} was cancelled", b.backup_id);
-            exit::CANCELLED
-        }
-        _ => {
-            eprintln!(
-                "backup {} failed: {}",
-                b.backup_id,
-                b.error_message
-                    .as_deref()
-                    .unwrap_or("no error message from the hub")
-            );
-            for d in &b.disk_results {
-                if let Some(e) = &d.error_message {
-                    eprintln!("  disk {}: {e}", d.disk_key);
-                }
-            }
-            exit::FAILED
-        }
-    }
-}
-
-/// The human table of `backups list`: columns as wide as their longest value (the hub's ids
-/// are UUIDs; scripts that need fields use `--json`).
-pub fn backups_table(list: &[Backup]) -> String {
-    let bytes = |b: &Backup| {
-        format!(
-            "{}/{}",
-            format::bytes(b.bytes_transferred),
-            format::bytes(b.total_bytes)
-        )
-    };
-    let width = |head: &str, f: &dyn Fn(&Backup) -> usize| {
-        list.iter().map(f).max().unwrap_or(0).max(head.len())
-    };
-    let wid = width("ID", &|b| b.backup_id.0.chars().count());
-    let wvm = width("VM", &|b| b.vm_name.chars().count());
-    let wby = width("BYTES", &|b| bytes(b).chars().count());
-    let mut out = format!(
-        "{:<wid$}  {:<wvm$}  {:<11}  {:<10}  {:>4}  {:>wby$}  {}\n",
-        "ID", "VM", "TYPE", "STATUS", "DONE", "BYTES", "CREATED"
-    );
-    for b in list {
-        out.push_str(&format!(
-            "{:<wid$}  {:<wvm$}  {:<11}  {:<10}  {:>3}%  {:>wby$}  {}\n",
-            b.backup_id.0,
-            b.vm_name,
-            b.backup_type.as_str(),
-            b.status.as_str(),
-            format::percent(format::done_bytes(b), b.total_bytes),
-            bytes(b),
-            b.created_at.format("%Y-%m-%d %H:%M:%S")
-        ));
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::fixtures;
-
-    /// A CBT incremental that wrote 212 MiB of a 40 GiB disk is done, not 0 % done.
-    #[test]
-    fn progress_counts_disks_done_and_bytes_written() {
-        let b = fixtures::vsphere_job();
-        assert_eq!(
-            progress_line(&b),
-            "b-4e11c0a7 completed 100% 212.0 MiB/40.0 GiB · 2000 completed 100%"
-        );
-        let table = backups_table(&[b]);
-        let row = table.lines().nth(1).unwrap();
-        assert!(row.contains(" 100%  212.0 MiB/40.0 GiB "), "{table}");
-        let running = fixtures::running_job([8 * fixtures::GIB, 2 * fixtures::GIB]);
-        assert!(progress_line(&running).contains(" running 50% 10.0 GiB/20.0 GiB"));
+        Command::Restore {
+            command: RestoreCommand::Cancel { id, json },
+        } => restores::cancel(client, &id, json).await,
     }
 }

@@ -1,5 +1,9 @@
 //! Realistic hub data for the render and state tests: a 2-disk job mid-copy, a job with a failed
-//! disk (its qemu-nbd died), a squatted port, a node whose tunnel is down, job events.
+//! disk (its qemu-nbd died), a squatted port, a node whose tunnel is down, job events; restores
+//! in `restores`.
+
+mod restores;
+pub use restores::*;
 
 use crate::app::{App, Snapshot, Update};
 use chrono::{DateTime, Duration, TimeZone, Utc};
@@ -537,6 +541,7 @@ pub fn snapshot() -> Snapshot {
     Snapshot {
         health: Some(health()),
         backups: Some(backups()),
+        restores: Some(vec![]),
         vms: Some(vms()),
         repositories: Some(repositories()),
         ports: Some(ports()),

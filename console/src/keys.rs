@@ -1,8 +1,8 @@
 //! Every key binding of the console, one table per mode. Lookups and the help overlay both
 //! read these tables, so the help can never list a key that does not work, or miss one.
 
-use crate::app::View;
 use crate::strings;
+use crate::view::View;
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
 /// What a key asks for. The app decides what it means in the current view.

@@ -5,17 +5,19 @@
 //! answer, the hub counts as unreachable; polling goes on, so the console recovers by itself.
 
 use crate::app::{Snapshot, Update};
-use crate::client::{ClientError, HubClient, error_chain};
 use futures_util::StreamExt;
-use sendense_shared::api::{Backup, HubEvent, JobEvent};
+use sendense_shared::api::{Backup, HubEvent, JobEvent, Restore};
+use sendense_shared::backoff::Backoff;
+use sendense_shared::client::{ClientError, HubClient};
+use sendense_shared::errors::chain;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
 pub const LIVE_REFRESH: Duration = Duration::from_secs(10);
-const BACKOFF_START: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Pacing of stream retries: 1 s doubling up to 30 s.
+const STREAM_BACKOFF: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
 /// A stream that stayed open this long was healthy: the next failure starts backing off anew.
 const STREAM_HEALTHY_AFTER: Duration = Duration::from_secs(30);
 /// Event logs fetched per poll: every unfinished job plus this many of the newest.
@@ -79,7 +81,18 @@ pub fn cause(err: &ClientError) -> String {
         }
         return root.to_string();
     }
-    error_chain(err)
+    chain(err)
+}
+
+fn recent_restores(restores: &[Restore]) -> Vec<&Restore> {
+    let mut sorted: Vec<&Restore> = restores.iter().collect();
+    sorted.sort_by_key(|r| std::cmp::Reverse(r.created_at));
+    sorted
+        .iter()
+        .enumerate()
+        .filter(|(i, r)| *i < RECENT_JOBS_WITH_EVENTS || !r.status.is_terminal())
+        .map(|(_, r)| *r)
+        .collect()
 }
 
 fn recent_jobs(backups: &[Backup]) -> Vec<&Backup> {
@@ -98,8 +111,8 @@ fn keep<T>(errors: &mut Vec<String>, r: Result<T, ClientError>) -> Option<T> {
     match r {
         Ok(v) => Some(v),
         Err(e) => {
-            tracing::warn!(error = %error_chain(&e), "part of the snapshot failed");
-            errors.push(error_chain(&e));
+            tracing::warn!(error = %chain(&e), "part of the snapshot failed");
+            errors.push(chain(&e));
             None
         }
     }
@@ -109,8 +122,9 @@ fn keep<T>(errors: &mut Vec<String>, r: Result<T, ClientError>) -> Option<T> {
 /// parts that fail are left out and named in `errors`.
 pub async fn fetch_snapshot(client: &HubClient) -> Result<Snapshot, ClientError> {
     let health = client.health().await?;
-    let (backups, vms, repositories, ports, processes, nodes, tunnels) = tokio::join!(
+    let (backups, restores, vms, repositories, ports, processes, nodes, tunnels) = tokio::join!(
         client.backups(),
+        client.restores(),
         client.vms(),
         client.repositories(),
         client.ports(),
@@ -120,6 +134,7 @@ pub async fn fetch_snapshot(client: &HubClient) -> Result<Snapshot, ClientError>
     );
     let mut errors = Vec::new();
     let backups: Option<Vec<Backup>> = keep(&mut errors, backups);
+    let restores: Option<Vec<Restore>> = keep(&mut errors, restores);
     let snap = Snapshot {
         health: Some(health),
         vms: keep(&mut errors, vms),
@@ -130,6 +145,7 @@ pub async fn fetch_snapshot(client: &HubClient) -> Result<Snapshot, ClientError>
         tunnels: keep(&mut errors, tunnels),
         events: None,
         backups: None,
+        restores: None,
         errors: Vec::new(),
     };
     let events = match &backups {
@@ -140,8 +156,14 @@ pub async fn fetch_snapshot(client: &HubClient) -> Result<Snapshot, ClientError>
                     .map(|b| client.backup_events(&b.backup_id)),
             )
             .await;
+            let restore_logs = futures_util::future::join_all(
+                recent_restores(restores.as_deref().unwrap_or_default())
+                    .into_iter()
+                    .map(|r| client.restore_events(&r.restore_id)),
+            )
+            .await;
             let mut all: Vec<JobEvent> = Vec::new();
-            for log in logs {
+            for log in logs.into_iter().chain(restore_logs) {
                 if let Some(mut l) = keep(&mut errors, log) {
                     all.append(&mut l);
                 }
@@ -152,6 +174,7 @@ pub async fn fetch_snapshot(client: &HubClient) -> Result<Snapshot, ClientError>
     };
     Ok(Snapshot {
         backups,
+        restores,
         events,
         errors,
         ..snap
@@ -166,7 +189,7 @@ async fn poll(client: &HubClient, tx: &mpsc::Sender<Update>) -> bool {
             true
         }
         Err(e) => {
-            tracing::info!(error = %error_chain(&e), "hub poll failed");
+            tracing::info!(error = %chain(&e), "hub poll failed");
             let _ = tx.send(Update::Unreachable { error: cause(&e) }).await;
             false
         }
@@ -207,7 +230,7 @@ async fn pump(client: &HubClient, resp: reqwest::Response, tx: &mpsc::Sender<Upd
                         }
                     }
                 }
-                Some(Err(e)) => return error_chain(&e),
+                Some(Err(e)) => return chain(&e),
                 None => return "the hub closed the event stream".to_string(),
             },
             _ = refresh.tick() => {
@@ -221,7 +244,7 @@ async fn pump(client: &HubClient, resp: reqwest::Response, tx: &mpsc::Sender<Upd
 
 /// Run the feed until the receiver is dropped.
 pub async fn run(client: HubClient, tx: mpsc::Sender<Update>) {
-    let mut backoff = BACKOFF_START;
+    let mut backoff = STREAM_BACKOFF.attempts();
     let mut next_stream_try = Instant::now();
     while !tx.is_closed() {
         let reachable = poll(&client, &tx).await;
@@ -238,21 +261,15 @@ pub async fn run(client: HubClient, tx: mpsc::Sender<Update>) {
                     tracing::info!(%error, "event stream ended");
                     let _ = tx.send(Update::StreamDown { error }).await;
                     if opened.elapsed() >= STREAM_HEALTHY_AFTER {
-                        backoff = BACKOFF_START;
+                        backoff.reset();
                     }
-                    next_stream_try = Instant::now() + backoff;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    next_stream_try = Instant::now() + backoff.next_delay();
                     continue;
                 }
                 Err(e) => {
-                    tracing::info!(error = %error_chain(&e), "event stream unavailable");
-                    let _ = tx
-                        .send(Update::StreamDown {
-                            error: error_chain(&e),
-                        })
-                        .await;
-                    next_stream_try = Instant::now() + backoff;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    tracing::info!(error = %chain(&e), "event stream unavailable");
+                    let _ = tx.send(Update::StreamDown { error: chain(&e) }).await;
+                    next_stream_try = Instant::now() + backoff.next_delay();
                 }
             }
         }

@@ -55,6 +55,8 @@ pub const COL_STARTED: &str = "Created";
 pub const COL_ERROR: &str = "Error";
 pub const NO_JOBS: &str = "No backup jobs yet. Start one from the VMs view (2, then s).";
 pub const JOB: &str = "Job";
+/// The kind of a restore job, in the Type column and the detail title.
+pub const RESTORE: &str = "restore";
 pub const REPOSITORY: &str = "repo";
 pub const CREATED: &str = "created";
 pub const STARTED: &str = "started";
@@ -73,6 +75,9 @@ pub const NONE: &str = "—";
 pub const MORE_DISKS_BELOW: &str = "more disks: j/k to scroll";
 pub const WRITTEN: &str = "written";
 pub const CHANGE_ID: &str = "change id";
+/// Restore detail: the backup point read, and where it is written.
+pub const SOURCE: &str = "source";
+pub const TARGET: &str = "target";
 
 // VMs.
 pub const COL_NODE: &str = "Node";
@@ -221,6 +226,11 @@ pub const NOTICE_NOTHING_SELECTED: &str = "Nothing selected.";
 /// `Cancel backup b-7f3a of pgtest1 (running)? y/n`
 pub fn confirm_cancel(backup_id: &str, vm_name: &str, status: &str) -> String {
     format!("Cancel backup {backup_id} of VM {vm_name} ({status})?")
+}
+
+/// `Cancel restore r-5d1e of VM pgtest1 (running)?`
+pub fn confirm_cancel_restore(restore_id: &str, vm_name: &str, status: &str) -> String {
+    format!("Cancel restore {restore_id} of VM {vm_name} ({status})?")
 }
 
 /// `Start a full backup of pgtest1 into repo-a?`, `Start an incremental backup of …`

@@ -4,13 +4,13 @@
 //! normal quit, error, signal, and panic (ratatui's init installs a hook that restores first).
 
 use crate::app::{Action, App, Update};
-use crate::client::HubClient;
 use crate::sse::{self, cause};
 use crate::{strings, ui};
 use chrono::Utc;
 use crossterm::event::{Event, EventStream, KeyEventKind};
 use futures_util::StreamExt;
 use sendense_shared::api::HubEvent;
+use sendense_shared::client::HubClient;
 use std::io::IsTerminal;
 use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
@@ -102,7 +102,7 @@ pub async fn run(client: HubClient) -> Result<(), TuiError> {
     result
 }
 
-/// Carry out a start or cancel in the background; its outcome comes back as an update.
+/// Carry out a start or a cancel (of a backup or a restore) in the background; its outcome comes back as an update.
 fn perform(client: &HubClient, action: Action, tx: mpsc::Sender<Update>) {
     let client = client.clone();
     tokio::spawn(async move {
@@ -127,6 +127,20 @@ fn perform(client: &HubClient, action: Action, tx: mpsc::Sender<Update>) {
                         ),
                     },
                     Update::Event(HubEvent::Backup { backup }),
+                ],
+                Err(e) => vec![Update::ActionFailed {
+                    message: strings::notice_action_failed(&format!("Cancel of {id}"), &cause(&e)),
+                }],
+            },
+            Action::CancelRestore(id) => match client.cancel_restore(&id).await {
+                Ok(restore) => vec![
+                    Update::ActionDone {
+                        message: strings::notice_cancelled(
+                            &restore.restore_id,
+                            restore.status.as_str(),
+                        ),
+                    },
+                    Update::Event(HubEvent::Restore { restore }),
                 ],
                 Err(e) => vec![Update::ActionFailed {
                     message: strings::notice_action_failed(&format!("Cancel of {id}"), &cause(&e)),

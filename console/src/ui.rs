@@ -68,6 +68,14 @@ pub fn render(app: &App, frame: &mut Frame) {
             let text = strings::confirm_cancel(&backup_id.0, vm_name, status.as_str());
             popup::confirm(&text, frame, frame.area());
         }
+        Mode::ConfirmCancelRestore {
+            restore_id,
+            vm_name,
+            status,
+        } => {
+            let text = strings::confirm_cancel_restore(restore_id, vm_name, status.as_str());
+            popup::confirm(&text, frame, frame.area());
+        }
         Mode::Normal | Mode::Filter => {}
     }
 }
@@ -104,7 +112,7 @@ fn render_footer(app: &App, frame: &mut Frame, area: Rect) {
         ))
     } else {
         let view_hint = match app.view {
-            View::Jobs if app.detail.is_some() => strings::HINT_DETAIL,
+            View::Jobs if app.detail().is_some() => strings::HINT_DETAIL,
             View::Jobs => strings::HINT_JOBS,
             View::Vms => strings::HINT_VMS,
             View::Events => strings::HINT_EVENTS,

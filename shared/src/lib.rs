@@ -11,9 +11,16 @@
 //! - [`nbd`]: an async NBD client (fixed newstyle, structured replies, block status).
 //! - [`child`]: supervised child processes (own process group, stderr tail, stop = SIGTERM to the
 //!   group, bounded wait, SIGKILL, reap) and checks of foreign PIDs through `/proc`.
+//! - [`backoff`]: retry pacing for every retry loop (exponential, capped, deterministic; jitter
+//!   supplied by the caller).
+//! - `client` (feature `client`): the one typed hub client of the console and the node, and its
+//!   error type.
 
 pub mod api;
+pub mod backoff;
 pub mod child;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod errors;
 pub mod identity;
 pub mod ids;

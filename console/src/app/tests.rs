@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::fixtures::{self, GIB, RUNNING_JOB};
+use crate::strings;
 use chrono::Duration;
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use sendense_shared::api::{HubEvent, TunnelState, TunnelStateKind};
@@ -395,14 +396,17 @@ fn cancel_from_the_detail_targets_the_open_job() {
     press(&mut app, KeyCode::Char('j'));
     press(&mut app, KeyCode::Char('k'));
     press(&mut app, KeyCode::Enter);
-    assert_eq!(app.detail, Some(BackupId(RUNNING_JOB.into())));
+    assert_eq!(
+        app.detail(),
+        Some(&JobRef::Backup(BackupId(RUNNING_JOB.into())))
+    );
     press(&mut app, KeyCode::Char('c'));
     assert!(
         matches!(app.mode, Mode::ConfirmCancel { ref backup_id, .. } if backup_id.0 == RUNNING_JOB)
     );
     press(&mut app, KeyCode::Esc);
     press(&mut app, KeyCode::Esc);
-    assert_eq!(app.detail, None, "Esc closes the detail");
+    assert_eq!(app.detail(), None, "Esc closes the detail");
 }
 
 #[test]
@@ -483,7 +487,10 @@ fn enter_on_an_event_opens_its_job() {
     press(&mut app, KeyCode::Char('G')); // oldest event: the failed job's creation
     press(&mut app, KeyCode::Enter);
     assert_eq!(app.view, View::Jobs);
-    assert_eq!(app.detail, Some(BackupId(fixtures::FAILED_JOB.into())));
+    assert_eq!(
+        app.detail(),
+        Some(&JobRef::Backup(BackupId(fixtures::FAILED_JOB.into())))
+    );
 }
 
 #[test]
@@ -527,3 +534,5 @@ fn a_node_missing_from_the_tunnel_list_shows_its_latest_node_record() {
         "the newer nodes record, not the first one seen"
     );
 }
+
+mod restores;

@@ -1,7 +1,10 @@
-//! Jobs: the list of backups, and the detail of one job with a gauge per disk.
+//! Jobs: the list of backups and restores, and the detail of one job with a gauge per disk
+//! (a restore's detail is in `restore`).
+
+mod restore;
 
 use super::{empty, empty_text, theme, titled_block};
-use crate::app::{App, View};
+use crate::app::{App, JobRow, View};
 use crate::format;
 use crate::strings;
 use ratatui::Frame;
@@ -12,9 +15,12 @@ use ratatui::widgets::{Block, Borders, Cell, Gauge, Paragraph, Row, Sparkline, W
 use sendense_shared::api::{Backup, BackupType, DiskResult, DiskStatus};
 
 pub fn render(app: &App, frame: &mut Frame, area: Rect) {
-    match app.detail_backup() {
-        Some(b) => render_detail(app, b, frame, area),
-        None => render_list(app, frame, area),
+    if let Some(b) = app.detail_backup() {
+        render_detail(app, b, frame, area);
+    } else if let Some(r) = app.detail_restore() {
+        restore::render_detail(app, r, frame, area);
+    } else {
+        render_list(app, frame, area);
     }
 }
 
@@ -25,17 +31,34 @@ fn short_type(t: BackupType) -> &'static str {
     }
 }
 
-/// The Bytes column: written so far / the VM's size.
-fn bytes_cell(b: &Backup) -> String {
-    format!(
-        "{}/{}",
-        format::bytes(b.bytes_transferred),
-        format::bytes(b.total_bytes)
-    )
+/// The Bytes column: written so far / the VM's size (a restore: copied so far / the disk's).
+fn bytes_cell(job: JobRow<'_>) -> String {
+    let (done, total) = match job {
+        JobRow::Backup(b) => (b.bytes_transferred, b.total_bytes),
+        JobRow::Restore(r) => (r.bytes_done, r.bytes_total),
+    };
+    format!("{}/{}", format::bytes(done), format::bytes(total))
+}
+
+/// The job's own error, then each failed disk's cause.
+fn errors_of(job: JobRow<'_>) -> Vec<String> {
+    match job {
+        JobRow::Backup(b) => b
+            .error_message
+            .iter()
+            .cloned()
+            .chain(b.disk_results.iter().filter_map(|d| {
+                d.error_message
+                    .as_ref()
+                    .map(|e| format!("{} {}: {e}", strings::DISK, d.disk_key))
+            }))
+            .collect(),
+        JobRow::Restore(r) => r.error_message.iter().cloned().collect(),
+    }
 }
 
 fn render_list(app: &App, frame: &mut Frame, area: Rect) {
-    let list = app.visible_backups();
+    let list = app.visible_jobs();
     let block = titled_block(strings::VIEW_JOBS, Some(list.len()), app.filter(View::Jobs));
     if list.is_empty() {
         empty(
@@ -48,29 +71,20 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
     }
     let selected = app.selected(View::Jobs);
     let wide = area.width >= 120;
-    let error_of = |b: &Backup| {
-        b.error_message.clone().or_else(|| {
+    let error_of = |job: JobRow<'_>| match job {
+        JobRow::Backup(b) => b.error_message.clone().or_else(|| {
             b.disk_results.iter().find_map(|d| {
                 d.error_message
                     .clone()
                     .map(|e| format!("disk {}: {e}", d.disk_key))
             })
-        })
+        }),
+        JobRow::Restore(r) => r.error_message.clone(),
     };
-    // The selected job's errors in full: the job's own, then each failed disk's cause.
+    // The selected job's errors in full.
     let selected_errors: Vec<String> = list
         .get(selected)
-        .map(|b| {
-            b.error_message
-                .iter()
-                .cloned()
-                .chain(b.disk_results.iter().filter_map(|d| {
-                    d.error_message
-                        .as_ref()
-                        .map(|e| format!("{} {}: {e}", strings::DISK, d.disk_key))
-                }))
-                .collect()
-        })
+        .map(|j| errors_of(*j))
         .unwrap_or_default();
     let error_height = if selected_errors.is_empty() {
         0
@@ -92,11 +106,17 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
         strings::COL_RATE,
     ];
     // Formatted once: the column's width and the cells both need them.
-    let bytes: Vec<String> = list.iter().map(|b| bytes_cell(b)).collect();
+    let bytes: Vec<String> = list.iter().map(|j| bytes_cell(*j)).collect();
+    // "restore" needs more room than "full"/"incr"; only then is the column wider.
+    let type_width = if list.iter().any(|j| matches!(j, JobRow::Restore(_))) {
+        strings::RESTORE.len() as u16
+    } else {
+        4
+    };
     let mut widths = vec![
         Constraint::Length(10),
         Constraint::Min(8),
-        Constraint::Length(4),
+        Constraint::Length(type_width),
         Constraint::Length(12),
         Constraint::Length(4),
         // As wide as the longest figure ("72.0 MiB/384.0 MiB"), never cut; 17 at the least.
@@ -117,28 +137,39 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
         widths.push(Constraint::Length(11));
         widths.push(Constraint::Min(20));
     }
-    let rows = list.iter().zip(bytes).map(|(b, bytes)| {
-        let (sym, style) = theme::job(b.status);
-        let rate = app
-            .job_rate(b)
+    let rows = list.iter().zip(bytes).map(|(job, bytes)| {
+        let (sym, style) = theme::job(job.status());
+        let (kind, pct, rate) = match *job {
+            JobRow::Backup(b) => (
+                short_type(b.backup_type),
+                format::percent(format::done_bytes(b), b.total_bytes),
+                app.job_rate(b),
+            ),
+            JobRow::Restore(r) => (
+                strings::RESTORE,
+                format::percent(r.bytes_done, r.bytes_total),
+                app.restore_rate(r),
+            ),
+        };
+        let rate = rate
             .map(format::rate)
             .unwrap_or_else(|| strings::NONE.to_string());
         let mut cells = vec![
-            Cell::from(format::short_id(&b.backup_id.0)),
-            Cell::from(b.vm_name.clone()),
-            Cell::from(short_type(b.backup_type)),
-            Cell::from(Span::styled(format!("{sym} {}", b.status.as_str()), style)),
-            Cell::from(format!(
-                "{:>3}%",
-                format::percent(format::done_bytes(b), b.total_bytes)
+            Cell::from(format::short_id(job.id())),
+            Cell::from(job.vm_name().to_string()),
+            Cell::from(kind),
+            Cell::from(Span::styled(
+                format!("{sym} {}", job.status().as_str()),
+                style,
             )),
+            Cell::from(format!("{pct:>3}%")),
             Cell::from(bytes),
             Cell::from(rate),
         ];
         if wide {
-            cells.push(Cell::from(format::stamp(b.created_at)));
+            cells.push(Cell::from(format::stamp(job.created_at())));
             cells.push(Cell::from(Span::styled(
-                error_of(b).unwrap_or_default(),
+                error_of(*job).unwrap_or_default(),
                 theme::bad(),
             )));
         }
@@ -146,13 +177,13 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
     });
     super::render_list(frame, table_area, rows, widths, header, block, selected);
 
-    if let Some(b) = list.get(selected).filter(|_| !selected_errors.is_empty()) {
+    if let Some(job) = list.get(selected).filter(|_| !selected_errors.is_empty()) {
         let lines: Vec<Line> = selected_errors
             .into_iter()
             .enumerate()
             .map(|(i, e)| {
                 let lead = if i == 0 {
-                    format!("{} {} ", strings::SYM_BAD, format::short_id(&b.backup_id.0))
+                    format!("{} {} ", strings::SYM_BAD, format::short_id(job.id()))
                 } else {
                     "  ".to_string()
                 };
@@ -163,7 +194,7 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
     }
 }
 
-fn opt_time(t: Option<chrono::DateTime<chrono::Utc>>) -> String {
+pub(super) fn opt_time(t: Option<chrono::DateTime<chrono::Utc>>) -> String {
     t.map(format::clock)
         .unwrap_or_else(|| strings::NONE.to_string())
 }
@@ -251,6 +282,8 @@ fn render_detail(app: &App, b: &Backup, frame: &mut Frame, area: Rect) {
     let mut y = rest.y;
     let bottom = rest.y + rest.height;
     let start = app
+        .views
+        .jobs
         .detail_scroll
         .min(b.disk_results.len().saturating_sub(1));
     for (i, d) in b.disk_results.iter().enumerate().skip(start) {

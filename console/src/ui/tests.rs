@@ -362,3 +362,75 @@ fn bad_token_is_said_in_the_footer() {
     );
     both("bad_token", &app, &["401 Unauthorized", "polling every 2s"]);
 }
+
+/// The fixture console with a restore of pgtest1's disk 2000 that copied 300 MiB in the last
+/// two seconds.
+fn app_with_restore() -> App {
+    use sendense_shared::api::HubEvent;
+    let mut app = fixtures::app();
+    let mib = 1024 * 1024;
+    for (secs, done) in [(2, 5 * fixtures::GIB), (0, 5 * fixtures::GIB + 300 * mib)] {
+        app.apply(
+            Update::Event(HubEvent::Restore {
+                restore: fixtures::running_restore(done),
+            }),
+            fixtures::now() - chrono::Duration::seconds(secs),
+        );
+    }
+    app
+}
+
+#[test]
+fn jobs_list_with_a_restore() {
+    let app = app_with_restore();
+    both(
+        "jobs_with_restore",
+        &app,
+        &["r-5d1e8a4", "restore", "◐ running", "33%", "150.0 MiB/s"],
+    );
+}
+
+#[test]
+fn restore_detail_shows_its_disk_source_target_and_export() {
+    let mut app = app_with_restore();
+    keys(&mut app, &[KeyCode::Enter]);
+    both(
+        "restore_detail_running",
+        &app,
+        &[
+            "r-5d1e8a40",
+            "disk 2000",
+            "5.3 GiB/16.0 GiB",
+            "node-a:/var/lib/libvirt/images/pgtest1-restored.qcow2",
+            "b-0a1b2c3d.qcow2",
+            "port 10102",
+            "export restore-r-5d1e8a40",
+            "ETA",
+        ],
+    );
+    app.apply(
+        Update::Event(sendense_shared::api::HubEvent::Restore {
+            restore: fixtures::failed_restore(),
+        }),
+        fixtures::now(),
+    );
+    let screen = draw(&app, 80, 24);
+    assert!(screen.contains("✖ failed"), "{screen}");
+    assert!(screen.contains("Permission denied"), "{screen}");
+    assert!(
+        screen.contains("port — · export —"),
+        "no export once released:\n{screen}"
+    );
+}
+
+#[test]
+fn cancel_confirmation_of_a_restore_names_it() {
+    let mut app = app_with_restore();
+    keys(&mut app, &[KeyCode::Char('c')]);
+    assert!(matches!(app.mode, Mode::ConfirmCancelRestore { .. }));
+    both(
+        "cancel_restore_confirm",
+        &app,
+        &["Cancel restore r-5d1e8a40 of VM pgtest1 (running)?"],
+    );
+}

@@ -316,3 +316,191 @@ async fn version_names_the_binary_and_its_commit() {
     assert!(r.stdout.contains("sendense-console"), "{}", r.stdout);
     assert!(r.stdout.contains("commit:"), "{}", r.stdout);
 }
+
+/// A fake hub holding a completed backup `b-done` of `vm`.
+async fn hub_with_completed_backup(vm: &str) -> FakeHub {
+    let hub = FakeHub::start(&["repo-a"]).await;
+    let mut b = crate::fake_hub::backup("b-done", vm, "repo-a", BackupType::Full);
+    b.status = JobStatus::Completed;
+    hub.state.lock().unwrap().backups.push(b);
+    hub
+}
+
+#[tokio::test]
+async fn restore_start_wait_shows_progress_and_exits_zero_when_completed() {
+    let hub = hub_with_completed_backup("pgtest1").await;
+    let sh = Shell::new(&hub.url, TOKEN);
+    let r = sh
+        .run(&[
+            "restore",
+            "start",
+            "b-done",
+            "--node",
+            "node-a",
+            "--path",
+            "/restore/pg.qcow2",
+            "--wait",
+        ])
+        .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout.trim(), "r-fake0001", "stdout is the restore id");
+    assert!(
+        r.stderr
+            .contains("r-fake0001 running 25% 256.0 MiB/1.0 GiB"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains("restore r-fake0001 completed: 1.0 GiB written to node-a:/restore/pg.qcow2"),
+        "{}",
+        r.stderr
+    );
+    let st = hub.state.lock().unwrap();
+    assert_eq!(st.restore_start_requests.len(), 1);
+    let req = &st.restore_start_requests[0];
+    assert_eq!(req.backup_id.0, "b-done");
+    assert_eq!(req.disk_key, None, "no --disk: left to the hub");
+    assert_eq!(req.target.node, "node-a");
+    assert_eq!(req.target.path, "/restore/pg.qcow2");
+    assert_eq!(st.restores[0].status, JobStatus::Completed);
+}
+
+#[tokio::test]
+async fn restore_wait_of_a_failing_restore_exits_3_with_the_cause() {
+    let hub = hub_with_completed_backup("flaky").await;
+    let sh = Shell::new(&hub.url, TOKEN);
+    let r = sh
+        .run(&[
+            "restore",
+            "start",
+            "b-done",
+            "--node",
+            "node-a",
+            "--path",
+            "/restore/f.qcow2",
+            "--disk",
+            "2001",
+            "--wait",
+        ])
+        .await;
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "restore r-fake0001 failed: {}",
+            crate::fake_hub::restores::RESTORE_FLAKY_ERROR
+        )),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        hub.state.lock().unwrap().restore_start_requests[0].disk_key,
+        Some(sendense_shared::ids::DiskKey(2001))
+    );
+}
+
+#[tokio::test]
+async fn restore_cancel_ends_a_waiting_restore_with_exit_4() {
+    let hub = hub_with_completed_backup("slowvm").await;
+    let sh = Shell::new(&hub.url, TOKEN);
+    let waiting = sh
+        .console(&[
+            "restore",
+            "start",
+            "b-done",
+            "--node",
+            "node-a",
+            "--path",
+            "/restore/s.qcow2",
+            "--wait",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let id = loop {
+        if let Some(r) = hub.state.lock().unwrap().restores.first() {
+            break r.restore_id.clone();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let r = sh.run(&["restore", "cancel", &id]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains(&format!("restore {id} of slowvm is cancelling")),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(r.stdout.trim(), id);
+
+    let r = done(waiting.wait_with_output().await.unwrap());
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("restore {id} was cancelled")),
+        "{}",
+        r.stderr
+    );
+    let st = hub.state.lock().unwrap();
+    assert_eq!(st.restore_cancel_requests, vec![id]);
+    assert!(st.cancel_requests.is_empty(), "not the backup endpoint");
+}
+
+#[tokio::test]
+async fn restores_list_json_is_the_hubs_list_and_refusals_are_named() {
+    let hub = hub_with_completed_backup("pgtest1").await;
+    {
+        let mut st = hub.state.lock().unwrap();
+        st.restores.push(crate::fake_hub::restores::restore(
+            "r-1",
+            "b-done",
+            "pgtest1",
+            "node-a",
+            "/restore/a.qcow2",
+        ));
+        st.restores.push(crate::fake_hub::restores::restore(
+            "r-2",
+            "b-done",
+            "pgtest1",
+            "node-b",
+            "/restore/b.qcow2",
+        ));
+        let mut pending = crate::fake_hub::backup("b-busy", "pgtest1", "repo-a", BackupType::Full);
+        pending.status = JobStatus::Running;
+        st.backups.push(pending);
+    }
+    let sh = Shell::new(&hub.url, TOKEN);
+    let r = sh.run(&["restores", "list", "--json"]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let list: Vec<sendense_shared::api::Restore> =
+        serde_json::from_str(&r.stdout).expect("stdout is the JSON list");
+    let mut ids: Vec<&str> = list.iter().map(|r| r.restore_id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec!["r-1", "r-2"]);
+
+    let r = sh.run(&["restores", "list"]).await;
+    assert_eq!(r.code, 0);
+    assert!(r.stdout.starts_with("ID "), "{}", r.stdout);
+    assert!(r.stdout.contains("node-b:/restore/b.qcow2"), "{}", r.stdout);
+
+    // The hub refuses a restore of a backup that is not completed: its detail is shown.
+    let r = sh
+        .run(&[
+            "restore",
+            "start",
+            "b-busy",
+            "--node",
+            "node-a",
+            "--path",
+            "/restore/x.qcow2",
+        ])
+        .await;
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("409"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("only a completed backup can be restored"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stdout.is_empty());
+}

@@ -1,6 +1,9 @@
 //! A fake hub: the parts of the hub's API the console calls, answering from memory. Jobs move
-//! one step per `GET /api/v1/backups/{id}` so that `--wait` sees progress without timers.
+//! one step per `GET /api/v1/backups/{id}` (restores: `GET /api/v1/restores/{id}`, in
+//! `restores`) so that `--wait` sees progress without timers.
 //! (Stand-in while the real hub is written in parallel; see `main.rs`.)
+
+pub mod restores;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Request, State};
@@ -12,7 +15,7 @@ use axum::{Json, Router};
 use chrono::{TimeZone, Utc};
 use sendense_shared::api::{
     Backup, BackupRequest, BackupType, DatabaseHealth, DatabaseKind, DiskResult, DiskStatus,
-    ErrorBody, Health, JobStatus, PortsView, Repository, Vm, VmDisk,
+    ErrorBody, Health, JobStatus, PortsView, Repository, Restore, RestoreRequest, Vm, VmDisk,
 };
 use sendense_shared::ids::{BackupId, DiskKey, NbdPort};
 use std::convert::Infallible;
@@ -35,6 +38,11 @@ pub struct HubState {
     /// Every `POST /api/v1/backups` body, in order.
     pub start_requests: Vec<BackupRequest>,
     pub cancel_requests: Vec<String>,
+    pub restores: Vec<Restore>,
+    /// Every `POST /api/v1/restores` body, in order.
+    pub restore_start_requests: Vec<RestoreRequest>,
+    /// Ids of every `POST /api/v1/restores/{id}/cancel`, in order.
+    pub restore_cancel_requests: Vec<String>,
     /// What `GET /api/v1/vms` answers.
     pub vms: Vec<Vm>,
     next_id: u32,
@@ -363,6 +371,13 @@ impl FakeHub {
             .route("/api/v1/backups/{id}", get(get_backup))
             .route("/api/v1/backups/{id}/cancel", post(cancel_backup))
             .route("/api/v1/backups/{id}/events", get(empty_list))
+            .route(
+                "/api/v1/restores",
+                get(restores::list).post(restores::start),
+            )
+            .route("/api/v1/restores/{id}", get(restores::get_one))
+            .route("/api/v1/restores/{id}/cancel", post(restores::cancel))
+            .route("/api/v1/restores/{id}/events", get(empty_list))
             .route("/api/v1/repositories", get(repositories))
             .route("/api/v1/vms", get(vms))
             .route("/api/v1/processes", get(empty_list))

@@ -2,8 +2,8 @@
 
 use crate::fake_hub::{FakeHub, TOKEN};
 use console::app::{App, Reach, Stream, Update};
-use console::client::HubClient;
 use sendense_shared::api::{BackupType, HubEvent, JobStatus};
+use sendense_shared::client::HubClient;
 use std::time::Duration;
 use tokio::sync::mpsc;
 

@@ -111,3 +111,83 @@ async fn keys_start_and_cancel_a_backup_and_sigterm_restores_the_terminal() {
         "the log file has the exit reason:\n{logged}"
     );
 }
+
+/// A restore in the Jobs view, driven by keys: listed as a job of kind `restore`, its detail,
+/// a Restore event of the stream moving its gauge, and `c` with the y/n confirmation calling
+/// the restore's cancel endpoint (not the backup one).
+#[tokio::test]
+async fn keys_show_follow_and_cancel_a_restore() {
+    use crate::fake_hub::{GIB, restores::restore};
+    use sendense_shared::api::{HubEvent, JobStatus};
+    use sendense_shared::ids::NbdPort;
+
+    let hub = FakeHub::start(&["repo-a"]).await;
+    let mut r = restore(
+        "r-fake0042",
+        "b-fake0007",
+        "slowvm",
+        "node-a",
+        "/restore/slowvm.qcow2",
+    );
+    r.status = JobStatus::Running;
+    r.nbd_port = Some(NbdPort(10150));
+    r.bytes_done = GIB / 4;
+    hub.state.lock().unwrap().restores.push(r.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let tmux = Tmux::new("sendense-console-restore-test", Duration::from_secs(15));
+    let cmd = format!(
+        "{} --hub {} --token-file {} --log-file {}",
+        env!("CARGO_BIN_EXE_sendense-console"),
+        hub.url,
+        token.display(),
+        dir.path().join("console.log").display()
+    );
+    tmux.start_ui(dir.path(), &cmd);
+
+    tmux.wait_for("◉ live").await;
+    tmux.wait_for("r-fake0042 slowvm    restore ◐ running     25%")
+        .await;
+    tmux.keys(&["Enter"]);
+    tmux.wait_for("Job r-fake0042 · slowvm · restore").await;
+    tmux.wait_for("target node-a:/restore/slowvm.qcow2").await;
+    tmux.wait_for("source /srv/repo-a/slowvm/disk-2000/b-fake0007.qcow2")
+        .await;
+    tmux.wait_for("port 10150 · export restore-r-fake0042")
+        .await;
+    tmux.wait_for("256.0 MiB/1.0 GiB · 25%").await;
+
+    // The snapshot taken right after subscribing has arrived by now; the event below is the
+    // only source of the new figure (the hub's list still says 25 %, and the next full
+    // refresh is 10 s away).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    r.bytes_done = GIB / 2;
+    let msg = serde_json::to_string(&HubEvent::Restore { restore: r }).unwrap();
+    hub.events.send(msg).unwrap();
+    tmux.wait_for("512.0 MiB/1.0 GiB · 50%").await;
+
+    tmux.keys(&["c"]);
+    tmux.wait_for("Cancel restore r-fake0042 of VM slowvm (running)?")
+        .await;
+    tmux.keys(&["n"]);
+    tmux.wait_for("Cancel aborted").await;
+    assert!(
+        hub.state.lock().unwrap().restore_cancel_requests.is_empty(),
+        "n sends nothing"
+    );
+    tmux.keys(&["c", "y"]);
+    tmux.wait_for("Job r-fake0042 is now cancelling").await;
+    {
+        let st = hub.state.lock().unwrap();
+        assert_eq!(st.restore_cancel_requests, vec!["r-fake0042".to_string()]);
+        assert!(st.cancel_requests.is_empty(), "no backup cancel was sent");
+    }
+
+    tmux.keys(&["q"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tmux.pane("#{pane_dead}") != "1" {
+        assert!(Instant::now() < deadline, "console did not quit on q");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,216 @@
+//! `restores list`, `restore start`, `restore cancel`, with the same outputs and exit statuses
+//! as the backup commands: the id (or `--json`) on stdout, progress and outcome on stderr.
+
+use super::{WAIT_LOST_AFTER, WAIT_POLL, exit, fail, print_json};
+use crate::format;
+use sendense_shared::api::{JobStatus, Restore, RestoreRequest};
+use sendense_shared::client::HubClient;
+use sendense_shared::errors::chain;
+
+/// `restores list [--json]`.
+pub(super) async fn list(client: &HubClient, json: bool) -> u8 {
+    match client.restores().await {
+        Ok(mut list) => {
+            list.sort_by_key(|r| std::cmp::Reverse(r.created_at));
+            if json {
+                print_json(&list);
+            } else {
+                print!("{}", restores_table(&list));
+            }
+            exit::OK
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// `restore start BACKUP_ID --node NODE --path PATH [--disk KEY] [--wait] [--json]`.
+pub(super) async fn start(client: &HubClient, req: &RestoreRequest, wait: bool, json: bool) -> u8 {
+    let restore = match client.start_restore(req).await {
+        Ok(r) => r,
+        Err(e) => return fail(&e),
+    };
+    eprintln!(
+        "started restore {} of backup {} ({} disk {}) to {}:{}",
+        restore.restore_id,
+        restore.backup_id,
+        restore.vm_name,
+        restore.disk_key,
+        restore.target.node,
+        restore.target.path
+    );
+    if !wait {
+        print_restore(&restore, json);
+        return exit::OK;
+    }
+    if !json {
+        println!("{}", restore.restore_id);
+    }
+    wait_for(client, &restore.restore_id, json).await
+}
+
+/// `restore cancel ID [--json]`.
+pub(super) async fn cancel(client: &HubClient, id: &str, json: bool) -> u8 {
+    match client.cancel_restore(id).await {
+        Ok(r) => {
+            eprintln!(
+                "restore {} of {} is {}",
+                r.restore_id,
+                r.vm_name,
+                r.status.as_str()
+            );
+            print_restore(&r, json);
+            exit::OK
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+fn print_restore(r: &Restore, json: bool) {
+    if json {
+        print_json(r);
+    } else {
+        println!("{}", r.restore_id);
+    }
+}
+
+/// One progress line: `r-1 running 25% 256.0 MiB/1.0 GiB`.
+pub fn progress_line(r: &Restore) -> String {
+    format!(
+        "{} {} {}% {}/{}",
+        r.restore_id,
+        r.status.as_str(),
+        format::percent(r.bytes_done, r.bytes_total),
+        format::bytes(r.bytes_done),
+        format::bytes(r.bytes_total)
+    )
+}
+
+async fn wait_for(client: &HubClient, id: &str, json: bool) -> u8 {
+    let mut last_line = String::new();
+    let mut misses = 0;
+    loop {
+        let restore = match client.restore(id).await {
+            Ok(r) => {
+                misses = 0;
+                r
+            }
+            Err(e) if e.is_unreachable() && misses < WAIT_LOST_AFTER => {
+                misses += 1;
+                tokio::time::sleep(WAIT_POLL).await;
+                continue;
+            }
+            Err(e) => {
+                eprintln!("error: lost track of restore {id}: {}", chain(&e));
+                return exit::ERROR;
+            }
+        };
+        let line = progress_line(&restore);
+        if line != last_line {
+            eprintln!("{line}");
+            last_line = line;
+        }
+        if restore.status.is_terminal() {
+            if json {
+                print_json(&restore);
+            }
+            return outcome(&restore);
+        }
+        tokio::time::sleep(WAIT_POLL).await;
+    }
+}
+
+/// Say how a finished restore ended and pick the exit status.
+fn outcome(r: &Restore) -> u8 {
+    match r.status {
+        JobStatus::Completed => {
+            let took = r
+                .completed_at
+                .map(|c| {
+                    format!(
+                        " in {}",
+                        format::duration_secs((c - r.created_at).num_seconds())
+                    )
+                })
+                .unwrap_or_default();
+            eprintln!(
+                "restore {} completed: {} written to {}:{}{took}",
+                r.restore_id,
+                format::bytes(r.bytes_done),
+                r.target.node,
+                r.target.path
+            );
+            exit::OK
+        }
+        JobStatus::Cancelled => {
+            eprintln!("restore {} was cancelled", r.restore_id);
+            exit::CANCELLED
+        }
+        _ => {
+            eprintln!(
+                "restore {} failed: {}",
+                r.restore_id,
+                r.error_message
+                    .as_deref()
+                    .unwrap_or("no error message from the hub")
+            );
+            exit::FAILED
+        }
+    }
+}
+
+/// The human table of `restores list`, columns as wide as their longest value.
+pub fn restores_table(list: &[Restore]) -> String {
+    let bytes = |r: &Restore| {
+        format!(
+            "{}/{}",
+            format::bytes(r.bytes_done),
+            format::bytes(r.bytes_total)
+        )
+    };
+    let target = |r: &Restore| format!("{}:{}", r.target.node, r.target.path);
+    let width = |head: &str, f: &dyn Fn(&Restore) -> usize| {
+        list.iter().map(f).max().unwrap_or(0).max(head.len())
+    };
+    let wid = width("ID", &|r| r.restore_id.chars().count());
+    let wbk = width("BACKUP", &|r| r.backup_id.0.chars().count());
+    let wvm = width("VM", &|r| r.vm_name.chars().count());
+    let wby = width("BYTES", &|r| bytes(r).chars().count());
+    let wta = width("TARGET", &|r| target(r).chars().count());
+    let mut out = format!(
+        "{:<wid$}  {:<wbk$}  {:<wvm$}  {:<5}  {:<10}  {:>4}  {:>wby$}  {:<wta$}  {}\n",
+        "ID", "BACKUP", "VM", "DISK", "STATUS", "DONE", "BYTES", "TARGET", "CREATED"
+    );
+    for r in list {
+        out.push_str(&format!(
+            "{:<wid$}  {:<wbk$}  {:<wvm$}  {:<5}  {:<10}  {:>3}%  {:>wby$}  {:<wta$}  {}\n",
+            r.restore_id,
+            r.backup_id.0,
+            r.vm_name,
+            r.disk_key.to_string(),
+            r.status.as_str(),
+            format::percent(r.bytes_done, r.bytes_total),
+            bytes(r),
+            target(r),
+            r.created_at.format("%Y-%m-%d %H:%M:%S")
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{self, GIB};
+
+    #[test]
+    fn progress_and_table_show_bytes_of_the_one_disk() {
+        let r = fixtures::running_restore(4 * GIB);
+        assert_eq!(progress_line(&r), "r-5d1e8a40 running 25% 4.0 GiB/16.0 GiB");
+        let table = restores_table(&[r]);
+        let row = table.lines().nth(1).unwrap();
+        assert!(
+            row.starts_with("r-5d1e8a40  b-0a1b2c3d  pgtest1  2000   running      25%  4.0 GiB/16.0 GiB  node-a:/var/lib/libvirt/images/pgtest1-restored.qcow2  "),
+            "{table}"
+        );
+    }
+}
