@@ -5,12 +5,12 @@
 use agent_node::config::VsphereConfig;
 use agent_node::source::vsphere::VsphereDriver;
 use agent_node::source::{ReleaseOutcome, Snapshot, SnapshotRequest, SourceDriver, SourceError};
-use agent_node::vsphere::{Secret, TlsPolicy};
 use sendense_shared::api::BackupType;
 use sendense_shared::ids::{BackupId, DiskKey};
 use sendense_shared::nbd::{ConnectOptions, NbdAddr, NbdClient};
 use sendense_tests::net::free_port;
 use sendense_tests::vcsim::{Vcsim, VcsimOptions};
+use sendense_vsphere::{Secret, TlsPolicy};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

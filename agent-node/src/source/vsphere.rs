@@ -1,4 +1,4 @@
-//! VMware vSphere source driver: VMs of a vCenter or ESXi over SOAP ([`crate::vsphere`]), one
+//! VMware vSphere source driver: VMs of a vCenter or ESXi over SOAP ([`sendense_vsphere`]), one
 //! VM snapshot per backup, changed block tracking (CBT) for the areas to copy, and each disk
 //! of the snapshot exported over NBD by an nbdkit ([`super::nbdkit`]).
 //!
@@ -75,14 +75,14 @@ use super::{
     SourceDriver, SourceError, SourceVm,
 };
 use crate::config::VsphereConfig;
-use crate::vsphere::{
-    Client, DiskInfo, Endpoint, MoRef, SnapshotInfo, TlsPolicy, VmInfo, VsphereError,
-};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use sendense_shared::api::BackupType;
 use sendense_shared::ids::{BackupId, DiskKey};
 use sendense_shared::names::validate_name;
+use sendense_vsphere::{
+    Client, DiskInfo, Endpoint, MoRef, SnapshotInfo, TlsPolicy, VmInfo, VsphereError,
+};
 use session::{KeepAlive, Session};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;

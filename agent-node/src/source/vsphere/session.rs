@@ -10,7 +10,7 @@
 //! them (`cookie-script-renew`).
 
 use crate::source::nbdkit;
-use crate::vsphere::{Client, Endpoint, VsphereError};
+use sendense_vsphere::{Client, Endpoint, VsphereError};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
