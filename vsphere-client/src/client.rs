@@ -139,7 +139,7 @@ impl Client {
     }
 
     /// The HTTPS URL of a disk's data file on the datastore:
-    /// "[ds] dir/name.vmdk" -> "<url>/folder/dir/name-flat.vmdk?dcPath=<dc>&dsName=<ds>"
+    /// `"[ds] dir/name.vmdk"` -> `"<url>/folder/dir/name-flat.vmdk?dcPath=<dc>&dsName=<ds>"`
     /// (URL-encoded). A file name already ending in "-flat.vmdk" is kept.
     pub fn datastore_file_url(
         &self,

@@ -103,7 +103,7 @@ impl fmt::Debug for Secret {
 /// Where and as whom to log in.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
-    /// "https://vcenter.example" or "https://127.0.0.1:8989" (no path; the client uses /sdk).
+    /// `"https://vcenter.example"` or `"https://127.0.0.1:8989"` (no path; the client uses /sdk).
     pub url: String,
     pub user: String,
     /// Read from a file by the config layer; never logged, never in Debug output.

@@ -19,7 +19,7 @@ pub struct DiskInfo {
     pub controller_label: String,
     pub unit_number: i32,
     pub capacity_bytes: u64,
-    /// "[LocalDS_0] vm1/vm1.vmdk"
+    /// `"[LocalDS_0] vm1/vm1.vmdk"`
     pub file_name: String,
     /// Datastore name, e.g. "LocalDS_0".
     pub datastore: String,
