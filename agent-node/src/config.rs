@@ -23,9 +23,9 @@
 //! thumbprint_sha256 = "AB:CD:..."   # or ca_file = "/etc/sendense/vcenter-ca.pem", or insecure = true
 //! ```
 
-use crate::vsphere::{Secret, TlsPolicy};
 use clap::Args;
 use sendense_shared::names::validate_name;
+use sendense_vsphere::{Secret, TlsPolicy};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -16,7 +16,9 @@
 //!   `sendense-node copy` command.
 //! - [`tunnel`]: the supervised OpenSSH tunnel to the hub (forwards, state, restarts) and
 //!   `sendense-node tunnel authorized-key`.
-//! - [`vsphere`]: a small vSphere SOAP client (session, VMs and disks, snapshots, CBT, tasks).
+//!
+//! The vSphere SOAP client the vSphere driver calls is its own crate, [`sendense_vsphere`]
+//! (`vsphere-client/`).
 
 pub mod api;
 pub mod config;
@@ -28,7 +30,6 @@ pub mod qmp;
 pub mod restore;
 pub mod source;
 pub mod tunnel;
-pub mod vsphere;
 
 /// `e` and its causes, `: `-separated (the copy engine and the tunnel keep causes out of their
 /// messages, so a report or log line needs them spelled out).

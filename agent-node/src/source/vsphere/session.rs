@@ -10,7 +10,7 @@
 //! them (`cookie-script-renew`).
 
 use crate::source::nbdkit;
-use crate::vsphere::{Client, Endpoint, VsphereError};
+use sendense_vsphere::{Client, Endpoint, VsphereError};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -47,7 +47,7 @@ impl Session {
     }
 
     /// Runs `f` with the client. An expired session needs nothing here: every SOAP call of
-    /// the client logs in again once on `NotAuthenticated` ([`Client`]'s `exchange`).
+    /// the client logs in again once on `NotAuthenticated` (the `sendense_vsphere` transport).
     pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, VsphereError>
     where
         F: FnOnce(Client) -> Fut,

@@ -3,7 +3,7 @@
 //! name. The server answers every SOAP call with a fault, so a `Fault` from `connect` means the
 //! handshake was accepted, and a `Certificate` error means it was refused.
 
-use agent_node::vsphere::{Client, Endpoint, Secret, TlsPolicy, VsphereError};
+use sendense_vsphere::{Client, Endpoint, Secret, TlsPolicy, VsphereError};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -230,7 +230,7 @@ impl Pki {
     }
 
     fn hex(&self, name: &str) -> String {
-        agent_node::vsphere::tls::sha256_hex(&der_of(&self.path(&format!("{name}.pem"))))
+        sendense_vsphere::tls::sha256_hex(&der_of(&self.path(&format!("{name}.pem"))))
     }
 
     async fn server(&self, name: &str) -> String {

@@ -5,8 +5,8 @@
 #[path = "vsphere_client/tls.rs"]
 mod tls;
 
-use agent_node::vsphere::{Client, Endpoint, MoRef, Secret, TlsPolicy, VsphereError};
 use sendense_tests::vcsim::{Vcsim, VcsimOptions};
+use sendense_vsphere::{Client, Endpoint, MoRef, Secret, TlsPolicy, VsphereError};
 
 async fn simulator() -> Vcsim {
     tokio::task::spawn_blocking(|| Vcsim::start(VcsimOptions::default()))
@@ -102,7 +102,7 @@ async fn inventory_over_a_ca_file_shows_the_two_disk_vm() {
     // The certificate seen is the simulator's.
     let pem = client.server_certificate_pem().expect("leaf captured");
     let der = pem_der(&pem);
-    assert_eq!(agent_node::vsphere::tls::sha256_hex(&der), sim.cert_sha256);
+    assert_eq!(sendense_vsphere::tls::sha256_hex(&der), sim.cert_sha256);
 
     // The data file URL reads the disk with the session cookie.
     let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
@@ -147,7 +147,7 @@ async fn pinned_certificate_connects_and_a_wrong_pin_names_the_certificate_seen(
     assert!(!pinned.list_vms().await.expect("list").is_empty());
     let pem = pinned.server_certificate_pem().expect("leaf captured");
     assert_eq!(
-        agent_node::vsphere::tls::sha256_hex(&pem_der(&pem)),
+        sendense_vsphere::tls::sha256_hex(&pem_der(&pem)),
         sim.cert_sha256
     );
 
