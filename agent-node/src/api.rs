@@ -9,7 +9,8 @@
 //!   disk key the VM does not have (detail names the keys);
 //! - `404 vm not found`;
 //! - `409 vm busy` (the VM has a running job), `409 backup id used` (a finished job has it),
-//!   `409 bitmap missing` (an incremental without a valid changed-block map: do a full);
+//!   `409 bitmap_missing` ([`ErrorCode::BitmapMissing`]: an incremental without a valid
+//!   changed-block map: do a full);
 //! - `502 hypervisor unavailable` (QMP not answering).
 //!
 //! `POST /api/v1/vms/{vm}/change-tracking` turns on the hypervisor's change tracking (vSphere
@@ -29,6 +30,7 @@ use chrono::{DateTime, Utc};
 use sendense_shared::api::{
     ErrorBody, Inventory, InventoryVm, NodeBackupStart, TunnelState, TunnelStateKind, VmDisk,
 };
+use sendense_shared::errors::ErrorCode;
 use sendense_shared::ids::BackupId;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -85,7 +87,8 @@ impl From<StartError> for ApiError {
             }
             StartError::EmptyId
             | StartError::Targets(_)
-            | StartError::TargetAddr(_)
+            | StartError::DuplicateTarget { .. }
+            | StartError::BadTarget { .. }
             | StartError::MissingDisks { .. }
             | StartError::UnknownDisks { .. } => {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid field", detail)
@@ -94,11 +97,12 @@ impl From<StartError> for ApiError {
             StartError::DuplicateId { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "backup id used", detail)
             }
-            StartError::BitmapMissing(_) => ApiError::new(
-                StatusCode::CONFLICT,
-                "bitmap missing",
-                format!("{detail}; run a full backup"),
-            ),
+            // The code comes from the typed variant; the hub matches it as a value.
+            StartError::BitmapMissing(_) => ApiError {
+                status: StatusCode::CONFLICT,
+                error: ErrorCode::BitmapMissing.as_str(),
+                detail: format!("{detail}; run a full backup"),
+            },
             StartError::Source(e) => {
                 tracing::warn!(error = %e, "hypervisor error on backup start");
                 ApiError::new(
