@@ -28,7 +28,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use sendense_shared::api::{
-    ErrorBody, Inventory, InventoryVm, NodeBackupStart, TunnelState, TunnelStateKind, VmDisk,
+    ErrorBody, Inventory, InventoryVm, NodeBackupStart, NodeRestoreStart, NodeRestoreState,
+    TunnelState, TunnelStateKind, VmDisk,
 };
 use sendense_shared::errors::ErrorCode;
 use sendense_shared::ids::BackupId;
@@ -130,6 +131,7 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/api/v1/vms/{vm}/change-tracking", post(change_tracking))
         .route("/api/v1/restore/start", post(restore_start))
         .route("/api/v1/restore/{id}", get(restore_get))
+        .route("/api/v1/restore/{id}/cancel", post(restore_cancel))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/api/v1/health", get(health))
@@ -178,21 +180,33 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// `POST /api/v1/restore/start`: `202` with the restore's state; `400 invalid field` (id, path,
-/// source, size; the detail names it); `409 restore id used`.
+/// source, size; the detail names it); `409 restore id used`; `503 shutting down`.
 async fn restore_start(
     State(state): State<Arc<NodeState>>,
-    body: Result<Json<sendense_shared::api::NodeRestoreStart>, JsonRejection>,
-) -> Result<(StatusCode, Json<sendense_shared::api::NodeRestoreState>), ApiError> {
+    body: Result<Json<NodeRestoreStart>, JsonRejection>,
+) -> Result<(StatusCode, Json<NodeRestoreState>), ApiError> {
+    use crate::restore::RestoreError;
     let Json(req) =
         body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid field", e.body_text()))?;
     match state.restores.start(req) {
         Ok(job) => Ok((StatusCode::ACCEPTED, Json(job.view()))),
-        Err(e @ crate::restore::RestoreError::Duplicate(_)) => Err(ApiError::new(
+        Err(e @ RestoreError::Duplicate(_)) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "restore id used",
             e.to_string(),
         )),
-        Err(e) => Err(ApiError::new(
+        Err(e @ RestoreError::ShuttingDown) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down",
+            e.to_string(),
+        )),
+        Err(
+            e @ (RestoreError::Id(_)
+            | RestoreError::Path { .. }
+            | RestoreError::Source(_)
+            | RestoreError::SourceExport { .. }
+            | RestoreError::Size),
+        ) => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid field",
             e.to_string(),
@@ -203,7 +217,7 @@ async fn restore_start(
 async fn restore_get(
     State(state): State<Arc<NodeState>>,
     Path(id): Path<String>,
-) -> Result<Json<sendense_shared::api::NodeRestoreState>, ApiError> {
+) -> Result<Json<NodeRestoreState>, ApiError> {
     state
         .restores
         .get(&id)
@@ -215,6 +229,29 @@ async fn restore_get(
                 format!("no restore {id}"),
             )
         })
+}
+
+/// `POST /api/v1/restore/{id}/cancel`: `202` with the restore's state (it stops its qemu-nbd,
+/// deletes the partial image and ends `cancelled`); `404 not_found`; `409 wrong_state` when it
+/// has ended already.
+async fn restore_cancel(
+    State(state): State<Arc<NodeState>>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<NodeRestoreState>), ApiError> {
+    use crate::restore::CancelError;
+    match state.restores.cancel(&id) {
+        Ok(job) => Ok((StatusCode::ACCEPTED, Json(job.view()))),
+        Err(e @ CancelError::NotFound { .. }) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound.as_str(),
+            e.to_string(),
+        )),
+        Err(e @ CancelError::Ended { .. }) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorCode::WrongState.as_str(),
+            e.to_string(),
+        )),
+    }
 }
 
 async fn health(State(state): State<Arc<NodeState>>) -> impl IntoResponse {
@@ -386,13 +423,9 @@ mod tests {
             name: "n".into(),
             token: "tok".into(),
             started_at: Utc::now(),
-            jobs,
             tunnel: None,
-            restores: Arc::new(crate::restore::Restores::new(
-                std::env::temp_dir(),
-                CopyOptions::default(),
-                CancellationToken::new(),
-            )),
+            restores: crate::restore::Restores::new(jobs.context().clone(), std::env::temp_dir()),
+            jobs,
         }))
     }
 
