@@ -211,6 +211,10 @@ impl Restores {
             return Err(RestoreError::ShuttingDown);
         }
         sendense_shared::names::validate_name("restore_id", &req.restore_id)?;
+        // Before the path: a retried start finds its own image there.
+        if self.get(&req.restore_id).is_some() {
+            return Err(RestoreError::Duplicate(req.restore_id));
+        }
         check_path(&req.path)?;
         let source = self.ctx.route(source_addr(&req)?);
         if req.size_bytes == 0 {
