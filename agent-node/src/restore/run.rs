@@ -68,7 +68,7 @@ pub enum RunError {
         /// What the tunnel says, when it carries the source: " (through the ssh tunnel ...)".
         note: String,
         #[source]
-        source: CopyError,
+        source: Box<CopyError>,
     },
     #[error("verification failed")]
     Verify(#[source] VerifyError),
@@ -294,7 +294,7 @@ async fn copy_and_verify(
             return Err(RunError::Copy {
                 source_addr: job.source.to_string(),
                 note,
-                source,
+                source: Box::new(source),
             });
         }
     };

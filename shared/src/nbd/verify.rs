@@ -111,9 +111,9 @@ pub async fn verify_ranges(
             });
         }
     }
-    // Owned ranges: a stream of futures borrowing the report trips the compiler's
+    // Owned ranges in each future: a future borrowing the report trips the compiler's
     // higher-ranked lifetime check when a caller's whole job future must be `Send`.
-    let mut results = futures_util::stream::iter(ranges.to_vec().into_iter().map(|r| {
+    let mut results = futures_util::stream::iter(ranges.iter().cloned().map(|r| {
         let client = client.clone();
         async move {
             let actual = hash_range(&client, r.offset, r.length).await?;
