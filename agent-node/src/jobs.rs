@@ -6,6 +6,7 @@
 //!
 //! - [`plan`]: validation of a start without I/O ([`plan::validate`] → [`plan::BackupPlan`]).
 //! - [`state`]: one job's state and its views (API, progress, completion).
+//! - `settle`: the copies' results → each disk's and the job's terminal state, without I/O.
 //!
 //! Invariants:
 //! - at most one non-terminal job per VM (a second start is refused, the same backup id again
@@ -15,6 +16,7 @@
 //!   the hub answers; a 4xx answer ends the retries (the hub does not want it).
 
 pub mod plan;
+mod settle;
 pub mod state;
 
 use crate::copy::{CopyOptions, ExtentSource, copy_disk};
@@ -25,6 +27,7 @@ pub use plan::{BackupPlan, StartError};
 use sendense_shared::api::{BackupType, DiskStatus, JobStatus, NodeBackupStart};
 use sendense_shared::ids::{BackupId, DiskKey};
 use sendense_shared::nbd::NbdAddr;
+use settle::{Circumstances, DiskResult};
 pub use state::Job;
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -373,22 +376,34 @@ impl Jobs {
                 (key, target, r)
             });
         }
-        let results = futures_util::future::join_all(copies).await;
-        let failed_key = results
-            .iter()
-            .find(|(_, _, r)| matches!(r, Err(e) if !is_cancel(e)))
-            .map(|(k, _, _)| *k);
+        let tunnel = self.ctx.tunnel();
+        let results: Vec<DiskResult> = futures_util::future::join_all(copies)
+            .await
+            .into_iter()
+            .map(|(key, target, result)| DiskResult {
+                key,
+                via_tunnel: tunnel.is_some_and(|t| t.carries(&target)),
+                target,
+                result,
+                change_id: snapshot
+                    .disks
+                    .iter()
+                    .find(|sd| sd.disk_key == key)
+                    .and_then(|sd| sd.change_id.clone()),
+            })
+            .collect();
+        // The circumstances that need I/O are gathered first; settle() applies them.
         // A copy through the tunnel that failed: what the tunnel says about it (it may need a
         // moment to notice that ssh died, hence before the job's lock is taken).
-        let tunnel_note = match self.ctx.tunnel() {
-            Some(t) if results.iter().any(|(_, tg, r)| r.is_err() && t.carries(tg)) => {
+        let tunnel_note = match tunnel {
+            Some(t) if results.iter().any(|r| r.result.is_err() && r.via_tunnel) => {
                 Some(t.explain_failure().await)
             }
             _ => None,
         };
         // A copy that failed because the VM itself was deleted meanwhile (its disks vanish
         // under the reader, which sees only I/O errors): the job says so first.
-        let vm_gone = if failed_key.is_some() && !job.cancel.is_cancelled() {
+        let vm_gone = if settle::failed_key(&results).is_some() && !job.cancel.is_cancelled() {
             match self.driver.vm(&job.vm_name).await {
                 Err(e @ SourceError::UnknownVm { .. }) => Some(format!(
                     "VM {} no longer exists on its hypervisor (deleted during the backup?): {e}",
@@ -399,66 +414,12 @@ impl Jobs {
         } else {
             None
         };
-        let mut st = job.lock();
-        let mut all_ok = true;
-        let mut first_error = None;
-        for (key, target, r) in results {
-            let Some(d) = st.disks.iter_mut().find(|d| d.disk_key == key) else {
-                continue;
-            };
-            match r {
-                Ok(outcome) => {
-                    d.status = DiskStatus::Completed;
-                    tracing::info!(backup_id = %job.backup_id, disk_key = %key,
-                        written = outcome.bytes_written, zeroed = outcome.bytes_zeroed,
-                        skipped = outcome.bytes_skipped, elapsed = ?outcome.elapsed, "disk copied");
-                    d.checksums = Some(outcome.checksums);
-                    d.change_id = snapshot
-                        .disks
-                        .iter()
-                        .find(|sd| sd.disk_key == key)
-                        .and_then(|sd| sd.change_id.clone());
-                }
-                Err(e) => {
-                    all_ok = false;
-                    if job.cancel.is_cancelled() {
-                        d.status = DiskStatus::Cancelled;
-                        d.error = Some("cancelled".to_string());
-                    } else if Some(key) != failed_key && is_cancel(&e) {
-                        d.status = DiskStatus::Cancelled;
-                        d.error = Some(format!(
-                            "stopped because disk {} failed",
-                            failed_key.map(|k| k.to_string()).unwrap_or_default()
-                        ));
-                    } else {
-                        d.status = DiskStatus::Failed;
-                        let mut msg =
-                            format!("copy to {target}: {}", sendense_shared::errors::chain(&e));
-                        if let Some(note) = tunnel_note
-                            .as_ref()
-                            .filter(|_| self.ctx.tunnel().is_some_and(|t| t.carries(&target)))
-                        {
-                            msg.push_str(&format!(" ({note})"));
-                        }
-                        first_error.get_or_insert_with(|| format!("disk {key}: {msg}"));
-                        d.error = Some(msg);
-                    }
-                }
-            }
-        }
-        if job.cancel.is_cancelled() {
-            st.error
-                .get_or_insert_with(|| self.ctx.cancel_cause().to_string());
-            JobStatus::Cancelled
-        } else if all_ok {
-            JobStatus::Completed
-        } else {
-            st.error = match (vm_gone, first_error) {
-                (Some(gone), Some(first)) => Some(format!("{gone}; {first}")),
-                (gone, first) => gone.or(first),
-            };
-            JobStatus::Failed
-        }
+        let circumstances = Circumstances {
+            cancelled: job.cancel.is_cancelled().then(|| self.ctx.cancel_cause()),
+            tunnel_note,
+            vm_gone,
+        };
+        settle::settle(&job.backup_id, &mut job.lock(), results, circumstances)
     }
 
     async fn report_final(&self, hub: &HubClient, job: &Arc<Job>) {
@@ -488,10 +449,6 @@ impl Jobs {
             tracing::info!(backup_id = %id, "completion reported to the hub");
         }
     }
-}
-
-fn is_cancel(e: &crate::copy::CopyError) -> bool {
-    matches!(e, crate::copy::CopyError::Cancelled)
 }
 
 async fn progress_loop(job: Arc<Job>, hub: Option<HubClient>, stop: CancellationToken) {
