@@ -9,7 +9,8 @@
 //!   disk key the VM does not have (detail names the keys);
 //! - `404 vm not found`;
 //! - `409 vm busy` (the VM has a running job), `409 backup id used` (a finished job has it),
-//!   `409 bitmap missing` (an incremental without a valid changed-block map: do a full);
+//!   `409 bitmap_missing` ([`ErrorCode::BitmapMissing`]: an incremental without a valid
+//!   changed-block map: do a full);
 //! - `502 hypervisor unavailable` (QMP not answering).
 //!
 //! `POST /api/v1/vms/{vm}/change-tracking` turns on the hypervisor's change tracking (vSphere
@@ -27,8 +28,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use sendense_shared::api::{
-    ErrorBody, Inventory, InventoryVm, NodeBackupStart, TunnelState, TunnelStateKind, VmDisk,
+    ErrorBody, Inventory, InventoryVm, NodeBackupStart, NodeRestoreStart, NodeRestoreState,
+    TunnelState, TunnelStateKind, VmDisk,
 };
+use sendense_shared::errors::ErrorCode;
 use sendense_shared::ids::BackupId;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -85,7 +88,8 @@ impl From<StartError> for ApiError {
             }
             StartError::EmptyId
             | StartError::Targets(_)
-            | StartError::TargetAddr(_)
+            | StartError::DuplicateTarget { .. }
+            | StartError::BadTarget { .. }
             | StartError::MissingDisks { .. }
             | StartError::UnknownDisks { .. } => {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid field", detail)
@@ -94,11 +98,12 @@ impl From<StartError> for ApiError {
             StartError::DuplicateId { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "backup id used", detail)
             }
-            StartError::BitmapMissing(_) => ApiError::new(
-                StatusCode::CONFLICT,
-                "bitmap missing",
-                format!("{detail}; run a full backup"),
-            ),
+            // The code comes from the typed variant; the hub matches it as a value.
+            StartError::BitmapMissing(_) => ApiError {
+                status: StatusCode::CONFLICT,
+                error: ErrorCode::BitmapMissing.as_str(),
+                detail: format!("{detail}; run a full backup"),
+            },
             StartError::Source(e) => {
                 tracing::warn!(error = %e, "hypervisor error on backup start");
                 ApiError::new(
@@ -126,6 +131,7 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/api/v1/vms/{vm}/change-tracking", post(change_tracking))
         .route("/api/v1/restore/start", post(restore_start))
         .route("/api/v1/restore/{id}", get(restore_get))
+        .route("/api/v1/restore/{id}/cancel", post(restore_cancel))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/api/v1/health", get(health))
@@ -174,21 +180,33 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// `POST /api/v1/restore/start`: `202` with the restore's state; `400 invalid field` (id, path,
-/// source, size; the detail names it); `409 restore id used`.
+/// source, size; the detail names it); `409 restore id used`; `503 shutting down`.
 async fn restore_start(
     State(state): State<Arc<NodeState>>,
-    body: Result<Json<sendense_shared::api::NodeRestoreStart>, JsonRejection>,
-) -> Result<(StatusCode, Json<sendense_shared::api::NodeRestoreState>), ApiError> {
+    body: Result<Json<NodeRestoreStart>, JsonRejection>,
+) -> Result<(StatusCode, Json<NodeRestoreState>), ApiError> {
+    use crate::restore::RestoreError;
     let Json(req) =
         body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid field", e.body_text()))?;
     match state.restores.start(req) {
         Ok(job) => Ok((StatusCode::ACCEPTED, Json(job.view()))),
-        Err(e @ crate::restore::RestoreError::Duplicate(_)) => Err(ApiError::new(
+        Err(e @ RestoreError::Duplicate(_)) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "restore id used",
             e.to_string(),
         )),
-        Err(e) => Err(ApiError::new(
+        Err(e @ RestoreError::ShuttingDown) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down",
+            e.to_string(),
+        )),
+        Err(
+            e @ (RestoreError::Id(_)
+            | RestoreError::Path { .. }
+            | RestoreError::Source(_)
+            | RestoreError::SourceExport { .. }
+            | RestoreError::Size),
+        ) => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid field",
             e.to_string(),
@@ -199,7 +217,7 @@ async fn restore_start(
 async fn restore_get(
     State(state): State<Arc<NodeState>>,
     Path(id): Path<String>,
-) -> Result<Json<sendense_shared::api::NodeRestoreState>, ApiError> {
+) -> Result<Json<NodeRestoreState>, ApiError> {
     state
         .restores
         .get(&id)
@@ -211,6 +229,29 @@ async fn restore_get(
                 format!("no restore {id}"),
             )
         })
+}
+
+/// `POST /api/v1/restore/{id}/cancel`: `202` with the restore's state (it stops its qemu-nbd,
+/// deletes the partial image and ends `cancelled`); `404 not_found`; `409 wrong_state` when it
+/// has ended already.
+async fn restore_cancel(
+    State(state): State<Arc<NodeState>>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<NodeRestoreState>), ApiError> {
+    use crate::restore::CancelError;
+    match state.restores.cancel(&id) {
+        Ok(job) => Ok((StatusCode::ACCEPTED, Json(job.view()))),
+        Err(e @ CancelError::NotFound { .. }) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound.as_str(),
+            e.to_string(),
+        )),
+        Err(e @ CancelError::Ended { .. }) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorCode::WrongState.as_str(),
+            e.to_string(),
+        )),
+    }
 }
 
 async fn health(State(state): State<Arc<NodeState>>) -> impl IntoResponse {
@@ -382,13 +423,9 @@ mod tests {
             name: "n".into(),
             token: "tok".into(),
             started_at: Utc::now(),
-            jobs,
             tunnel: None,
-            restores: Arc::new(crate::restore::Restores::new(
-                std::env::temp_dir(),
-                CopyOptions::default(),
-                CancellationToken::new(),
-            )),
+            restores: crate::restore::Restores::new(jobs.context().clone(), std::env::temp_dir()),
+            jobs,
         }))
     }
 

@@ -1,6 +1,6 @@
 //! The node daemon: config → source driver(s) (QEMU, vSphere, or both) → start-up recovery → tunnel → hub registration → API,
-//! with one shutdown token fanned out to the API, the jobs and the registration task; the
-//! tunnel stops last.
+//! with one shutdown token fanned out to the API, the jobs (backups and restores) and the
+//! registration task; the tunnel stops last.
 
 use crate::api::{NodeState, inventory_vm};
 use crate::config::NodeConfig;
@@ -32,6 +32,12 @@ pub async fn run(
     tracing::info!(?report, "start-up recovery done");
     for e in &report.errors {
         tracing::warn!(error = %e, "start-up recovery could not finish");
+    }
+    // Restores a killed node left: their qemu-nbd stopped, their partial images deleted.
+    let restores_left = crate::restore::recovery::recover(&config.run_dir).await;
+    tracing::info!(report = ?restores_left, "restore recovery done");
+    for e in &restores_left.errors {
+        tracing::warn!(error = %e, "restore recovery could not finish");
     }
     let hub = config
         .hub_url
@@ -72,11 +78,8 @@ pub async fn run(
         started_at: chrono::Utc::now(),
         jobs: jobs.clone(),
         tunnel: tunnel.clone(),
-        restores: Arc::new(crate::restore::Restores::new(
-            config.run_dir.clone(),
-            CopyOptions::from_env(),
-            shutdown.clone(),
-        )),
+        // On the backups' context: one tracker drained below, one tunnel routing.
+        restores: crate::restore::Restores::new(jobs.context().clone(), config.run_dir.clone()),
     });
     tracing::info!(name = %config.name, %api_url, vms = config.vms.len(), "node serving");
     crate::api::serve(listener, state, shutdown.clone()).await?;

@@ -1,11 +1,21 @@
-//! Calls from the node to the hub: registration, inventory, job progress and completion.
+//! Calls from the node to the hub: registration, inventory, job progress and completion (of
+//! backups and of restores), and [`deliver`], the one retry loop of a job's final reports.
 //! All carry the shared bearer token.
 
-use sendense_shared::api::{CompletionReport, NodeRegistration, ProgressReport, VmRequest};
+use sendense_shared::api::{
+    CompletionReport, NodeRegistration, ProgressReport, RestoreCompletion, RestoreProgress,
+    VmRequest,
+};
 use sendense_shared::ids::BackupId;
 use serde::Serialize;
+use std::future::Future;
 use std::time::Duration;
 use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+
+/// Attempts at a final report once the node is shutting down: a job just cancelled by the
+/// shutdown should still be heard by the hub, but the node must exit within its grace.
+pub const SHUTDOWN_ATTEMPTS: u32 = 3;
 
 /// Why a call to the hub failed.
 #[derive(Debug, Error)]
@@ -102,6 +112,72 @@ impl HubClient {
     pub async fn complete(&self, id: &BackupId, report: &CompletionReport) -> Result<(), HubError> {
         self.post(&format!("/api/v1/backups/{id}/complete"), report)
             .await
+    }
+
+    /// `POST /api/v1/restores/{id}/progress`.
+    pub async fn restore_progress(
+        &self,
+        id: &str,
+        report: &RestoreProgress,
+    ) -> Result<(), HubError> {
+        self.post(&format!("/api/v1/restores/{id}/progress"), report)
+            .await
+    }
+
+    /// `POST /api/v1/restores/{id}/complete`.
+    pub async fn restore_complete(
+        &self,
+        id: &str,
+        report: &RestoreCompletion,
+    ) -> Result<(), HubError> {
+        self.post(&format!("/api/v1/restores/{id}/complete"), report)
+            .await
+    }
+}
+
+/// How [`deliver`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// The hub took the report.
+    Taken,
+    /// The hub answered 4xx: it does not want this report; retrying will not change that.
+    Refused { status: u16, body: String },
+    /// The node shut down before the hub took it.
+    GaveUp,
+}
+
+/// Sends one final report until the hub takes it or refuses it with a 4xx, retrying with
+/// [`backoff`]; once `shutdown` fired, only until `attempt` reaches [`SHUTDOWN_ATTEMPTS`].
+/// `attempt` is shared by the reports of one job (its progress, then its completion), so a
+/// shutting-down node spends at most that many attempts per job.
+pub async fn deliver<F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    attempt: &mut u32,
+    mut send: F,
+) -> Delivery
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), HubError>>,
+{
+    loop {
+        match send().await {
+            Ok(()) => return Delivery::Taken,
+            Err(HubError::Status { status, body, .. }) if (400..500).contains(&status) => {
+                tracing::warn!(what, status, body, "hub refused the report");
+                return Delivery::Refused { status, body };
+            }
+            Err(e) => {
+                tracing::warn!(what, error = %sendense_shared::errors::chain(&e), attempt = *attempt,
+                    "report failed; retrying");
+            }
+        }
+        if shutdown.is_cancelled() && *attempt >= SHUTDOWN_ATTEMPTS {
+            tracing::error!(what, "shutting down before the hub took the report");
+            return Delivery::GaveUp;
+        }
+        tokio::time::sleep(backoff(*attempt)).await;
+        *attempt += 1;
     }
 }
 

@@ -7,11 +7,14 @@
 //!   [`source::qemu`] implements it for QEMU/KVM with image fleecing, [`source::vsphere`] for
 //!   vCenter/ESXi (one VM snapshot, CBT areas, disks exported by [`source::nbdkit`]), and
 //!   [`source::multi`] puts several behind one.
-//! - [`jobs`]: backup jobs: snapshot, parallel copy of all disks, progress, completion, release.
-//! - [`hub_client`]: calls to the hub (registration, inventory, progress, completion).
+//! - [`jobs`]: backup jobs (snapshot, parallel copy of all disks, progress, completion, release),
+//!   the pure start validation ([`jobs::plan`]) and the [`jobs::JobContext`] every job kind runs on.
+//! - [`hub_client`]: calls to the hub (registration, inventory, progress, completion of backups
+//!   and restores) and the one retry loop of final reports.
 //! - [`api`]: the node's HTTP API (axum) and `serve`.
 //! - [`daemon`]: wires config, driver, recovery, hub registration and the API together.
-//! - [`restore`]: restores: a backup point from the hub's export into a new image, verified.
+//! - [`restore`]: restore jobs: a backup point from the hub's export into a new image, verified,
+//!   journalled ([`restore::journal`]) and undone by start-up recovery ([`restore::recovery`]).
 //! - [`copy`]: the NBD copy engine (one disk, source export to target export) and the
 //!   `sendense-node copy` command.
 //! - [`tunnel`]: the supervised OpenSSH tunnel to the hub (forwards, state, restarts) and

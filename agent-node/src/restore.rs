@@ -1,33 +1,51 @@
 //! Restores on the node: a backup point, served read-only by the hub's qemu-nbd, copied by the
-//! copy engine into a NEW qcow2 image on this host, then verified.
+//! copy engine into a NEW qcow2 image on this host, then verified. A restore is a job like a
+//! backup: it runs on the node's [`JobContext`] (the task tracker drained on shutdown, a cancel
+//! token that is a child of the shutdown, the hub client, the tunnel's routing), is listed in
+//! [`Restores`] for `GET /api/v1/restore/{id}` and `POST /api/v1/restore/{id}/cancel`, and
+//! pushes its progress and its result to the hub (`POST /api/v1/restores/{id}/progress`, about
+//! once a second, and `/complete`, retried like a backup's completion).
 //!
-//! How one restore runs:
-//! 1. `qemu-img create -f qcow2 PATH SIZE` (the path must not exist; its directory must);
+//! How one restore runs ([`run`]):
+//! 1. the image file is created exclusively (`O_EXCL`: a restore never overwrites), then the
+//!    crash journal ([`journal`]) records it; `qemu-img create -f qcow2 PATH SIZE` formats it;
 //! 2. a private `qemu-nbd` serves the new image on a unix socket in the run directory (no TCP
-//!    port is opened on the node);
-//! 3. [`crate::copy::copy_disk`] from the hub's export into it (allocated data only: the image
-//!    is fresh), with checksums of what it read from the backup;
-//! 4. verification: every checksummed range is read back from the new image and compared;
-//! 5. the private qemu-nbd is stopped (SIGTERM: it flushes).
+//!    port is opened on the node); the journal gets its PID;
+//! 3. [`crate::copy::copy_disk`] from the hub's export (routed through the tunnel when one
+//!    carries it) into it (allocated data only: the image is fresh), with checksums of what it
+//!    read from the backup;
+//! 4. verification: every checksummed range is read back through the private qemu-nbd and
+//!    compared ([`sendense_shared::nbd::verify`], the routine the hub verifies backups with);
+//! 5. the private qemu-nbd is stopped (SIGTERM: it flushes); the journal goes last.
 //!
-//! A failed or cancelled restore deletes the image it created: a partial image is never left
-//! looking like a restored disk. Writing into an existing (powered-off) VM's disk is not offered.
+//! A failed or cancelled restore (a shutdown cancels it too) stops its qemu-nbd and deletes the
+//! image it created: a partial image is never left looking like a restored disk. A node killed
+//! mid-restore leaves its journal; start-up recovery ([`recovery`]) stops the qemu-nbd it names
+//! (after checking `/proc/PID/cmdline`) and deletes the partial image. Writing into an existing
+//! (powered-off) VM's disk is not offered.
 
-use crate::copy::{CopyOptions, DiskCounters, ExtentSource, copy_disk};
-use sendense_shared::api::{JobStatus, NodeRestoreStart, NodeRestoreState};
-use sendense_shared::child::{StartGuard, Supervised};
-use sendense_shared::nbd::{ConnectOptions, NbdAddr, NbdClient};
-use std::collections::HashMap;
+pub mod journal;
+pub mod recovery;
+mod run;
+
+use crate::copy::DiskCounters;
+use crate::jobs::JobContext;
+use crate::jobs::state::RateSamples;
+use sendense_shared::api::{
+    JobStatus, NodeRestoreStart, NodeRestoreState, RestoreCompletion, RestoreProgress,
+};
+use sendense_shared::errors::ErrorCode;
+use sendense_shared::nbd::NbdAddr;
+use sendense_shared::targets::NbdUri;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
-/// Export name of the private qemu-nbd.
-const EXPORT: &str = "restore";
-/// How long the private qemu-nbd may take to flush the image and exit after SIGTERM.
-const SERVER_STOP_GRACE: Duration = Duration::from_secs(10);
+/// Finished restores kept for `GET /api/v1/restore/{id}`.
+const KEEP_FINISHED: usize = 200;
 
 /// Why a restore was refused.
 #[derive(Debug, Error)]
@@ -38,256 +56,247 @@ pub enum RestoreError {
     Path { path: String, why: &'static str },
     #[error("source: {0}")]
     Source(#[from] sendense_shared::nbd::NbdError),
+    #[error("source_export: {why}")]
+    SourceExport { why: &'static str },
     #[error("size_bytes must be more than 0")]
     Size,
     #[error("restore id {0} was already used")]
     Duplicate(String),
+    #[error("node is shutting down")]
+    ShuttingDown,
+}
+
+/// Why a cancel was refused.
+#[derive(Debug, Error)]
+pub enum CancelError {
+    #[error("no restore {id} on this node")]
+    NotFound { id: String },
+    #[error("restore {id} has ended already ({status})")]
+    Ended { id: String, status: &'static str },
 }
 
 struct Progress {
     status: JobStatus,
     error: Option<String>,
-    verified: u64,
+    error_code: Option<ErrorCode>,
+    /// Bytes read, sampled about once a second, for the rate.
+    samples: RateSamples,
 }
 
 /// One restore.
 pub struct RestoreJob {
     req: NodeRestoreStart,
+    /// The hub's export as this node reaches it (routed).
+    source: NbdAddr,
     counters: Arc<DiskCounters>,
+    verified: AtomicU64,
+    cancel: CancellationToken,
     state: Mutex<Progress>,
 }
 
 impl RestoreJob {
-    pub fn view(&self) -> NodeRestoreState {
-        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+    fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn id(&self) -> &str {
+        &self.req.restore_id
+    }
+
+    pub fn status(&self) -> JobStatus {
+        self.lock().status
+    }
+
+    /// The address the copy reads from (after routing).
+    pub fn source(&self) -> &NbdAddr {
+        &self.source
+    }
+
+    fn bytes_done(&self, status: JobStatus) -> u64 {
+        if status == JobStatus::Completed {
+            self.req.size_bytes
+        } else {
+            self.counters
+                .snapshot()
+                .bytes_done()
+                .min(self.req.size_bytes)
+        }
+    }
+
+    fn bytes_written(&self) -> u64 {
         let c = self.counters.snapshot();
+        c.bytes_written + c.bytes_zeroed
+    }
+
+    /// The restore as `GET /api/v1/restore/{id}` shows it.
+    pub fn view(&self) -> NodeRestoreState {
+        let st = self.lock();
         NodeRestoreState {
             restore_id: self.req.restore_id.clone(),
             path: self.req.path.clone(),
             status: st.status,
-            bytes_done: if st.status == JobStatus::Completed {
-                self.req.size_bytes
-            } else {
-                c.bytes_done().min(self.req.size_bytes)
-            },
+            bytes_done: self.bytes_done(st.status),
             bytes_total: self.req.size_bytes,
-            bytes_written: c.bytes_written + c.bytes_zeroed,
-            verified_ranges: st.verified,
+            bytes_written: self.bytes_written(),
+            verified_ranges: self.verified.load(Ordering::Relaxed),
             error_message: st.error.clone(),
         }
     }
 
-    fn set(&self, status: JobStatus, error: Option<String>) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.status = status;
-        if error.is_some() {
-            st.error = error;
+    fn sample(&self) {
+        let read = self.counters.snapshot().bytes_read;
+        self.lock().samples.push(Instant::now(), read);
+    }
+
+    fn progress(&self) -> RestoreProgress {
+        let st = self.lock();
+        RestoreProgress {
+            bytes_done: self.bytes_done(st.status),
+            bytes_total: self.req.size_bytes,
+            rate_bps: st.samples.rate(),
         }
+    }
+
+    fn completion(&self) -> RestoreCompletion {
+        let st = self.lock();
+        RestoreCompletion {
+            status: st.status,
+            bytes_written: self.bytes_written(),
+            verified_ranges: self.verified.load(Ordering::Relaxed),
+            error_message: st.error.clone(),
+            error_code: st.error_code,
+        }
+    }
+
+    /// The terminal state (once: a later call changes nothing).
+    fn finish(&self, status: JobStatus, error: Option<String>, code: Option<ErrorCode>) {
+        let mut st = self.lock();
+        if st.status.is_terminal() {
+            return;
+        }
+        st.status = status;
+        st.error = error;
+        st.error_code = code;
     }
 }
 
 /// Every restore of this node process.
 pub struct Restores {
+    ctx: Arc<JobContext>,
     run_dir: PathBuf,
-    copy_options: CopyOptions,
-    shutdown: CancellationToken,
-    jobs: Mutex<HashMap<String, Arc<RestoreJob>>>,
+    jobs: Mutex<Vec<Arc<RestoreJob>>>,
 }
 
 impl Restores {
-    pub fn new(run_dir: PathBuf, copy_options: CopyOptions, shutdown: CancellationToken) -> Self {
-        Restores {
+    /// Restores on `ctx` (the one the backups run on), their sockets and journals in `run_dir`.
+    pub fn new(ctx: Arc<JobContext>, run_dir: PathBuf) -> Arc<Self> {
+        Arc::new(Restores {
+            ctx,
             run_dir,
-            copy_options,
-            shutdown,
-            jobs: Mutex::new(HashMap::new()),
-        }
+            jobs: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<RestoreJob>>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<RestoreJob>> {
-        self.jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
+        self.lock().iter().find(|j| j.id() == id).cloned()
     }
 
-    /// Checks the request and starts the restore in the background.
+    /// Checks the request and starts the restore as a job on the tracker.
     pub fn start(self: &Arc<Self>, req: NodeRestoreStart) -> Result<Arc<RestoreJob>, RestoreError> {
+        if self.ctx.shutdown.is_cancelled() {
+            return Err(RestoreError::ShuttingDown);
+        }
         sendense_shared::names::validate_name("restore_id", &req.restore_id)?;
+        // Before the path: a retried start finds its own image there.
+        if self.get(&req.restore_id).is_some() {
+            return Err(RestoreError::Duplicate(req.restore_id));
+        }
         check_path(&req.path)?;
-        let source = NbdAddr::parse(&req.source)?;
+        let source = self.ctx.route(source_addr(&req)?);
         if req.size_bytes == 0 {
             return Err(RestoreError::Size);
         }
         let job = Arc::new(RestoreJob {
-            req: req.clone(),
+            req,
+            source,
             counters: DiskCounters::new(),
+            verified: AtomicU64::new(0),
+            cancel: self.ctx.shutdown.child_token(),
             state: Mutex::new(Progress {
                 status: JobStatus::Running,
                 error: None,
-                verified: 0,
+                error_code: None,
+                samples: RateSamples::default(),
             }),
         });
         {
-            let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-            if jobs.contains_key(&req.restore_id) {
-                return Err(RestoreError::Duplicate(req.restore_id));
+            let mut jobs = self.lock();
+            if jobs.iter().any(|j| j.id() == job.id()) {
+                return Err(RestoreError::Duplicate(job.req.restore_id.clone()));
             }
-            jobs.insert(req.restore_id.clone(), job.clone());
+            jobs.push(job.clone());
+            while jobs.len() > KEEP_FINISHED {
+                match jobs.iter().position(|j| j.status().is_terminal()) {
+                    Some(i) => {
+                        jobs.remove(i);
+                    }
+                    None => break,
+                }
+            }
         }
-        let me = self.clone();
+        tracing::info!(restore_id = %job.id(), source = %job.source, path = %job.req.path,
+            "restore starts");
+        let ctx = self.ctx.clone();
+        let run_dir = self.run_dir.clone();
         let j = job.clone();
-        tokio::spawn(async move {
-            let path = PathBuf::from(&j.req.path);
-            let result = me.run(&j, &source).await;
-            match result {
-                Ok(()) => {
-                    tracing::info!(restore_id = %j.req.restore_id, path = %path.display(), "restore verified");
-                    j.set(JobStatus::Completed, None);
-                }
-                Err(e) => {
-                    tracing::warn!(restore_id = %j.req.restore_id, error = %e, "restore failed");
-                    let _ = std::fs::remove_file(&path);
-                    j.set(JobStatus::Failed, Some(e));
-                }
-            }
-        });
+        self.ctx
+            .tracker
+            .spawn(async move { run::run(ctx, run_dir, j).await });
         Ok(job)
     }
 
-    async fn run(&self, job: &RestoreJob, source: &NbdAddr) -> Result<(), String> {
-        let path = Path::new(&job.req.path);
-        if path.exists() {
-            // Checked again here: the request may have raced another writer.
-            return Err(format!(
-                "{} exists; a restore never overwrites",
-                path.display()
-            ));
-        }
-        tool(
-            tokio::process::Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2"])
-                .arg(path)
-                .arg(job.req.size_bytes.to_string()),
-        )
-        .await?;
-        std::fs::create_dir_all(&self.run_dir)
-            .map_err(|e| format!("run dir {}: {e}", self.run_dir.display()))?;
-        let socket = self
-            .run_dir
-            .join(format!("restore-{}.sock", job.req.restore_id));
-        let _ = std::fs::remove_file(&socket);
-        let mut cmd = tokio::process::Command::new("qemu-nbd");
-        cmd.args(["-f", "qcow2", "-x", EXPORT, "--shared=4", "-t"])
-            .args(["--discard=unmap", "--detect-zeroes=unmap", "-k"])
-            .arg(&socket)
-            .arg(path)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null());
-        let server = Supervised::spawn(cmd)
-            .map_err(|e| format!("starting qemu-nbd for {}: {e}", path.display()))?;
-        // Killed should this future be dropped before it stopped the server itself.
-        let guard = StartGuard::new(&server, "qemu-nbd");
-        let target = NbdAddr::Unix {
-            path: socket.clone(),
-            export: EXPORT.to_string(),
-        };
-        let result = self.copy_and_verify(job, source, &target).await;
-        // SIGTERM: qemu-nbd flushes the image and exits 0; SIGKILL after the grace.
-        let report = server.stop(SERVER_STOP_GRACE).await;
-        guard.defuse();
-        if result.is_ok() && report.code != Some(0) {
-            return Err(
-                if report.requested
-                    && report.signal == Some(nix::sys::signal::Signal::SIGKILL as i32)
-                {
-                    format!("qemu-nbd of the new image did not stop within {SERVER_STOP_GRACE:?}")
-                } else {
-                    format!("qemu-nbd of the new image exited {report}")
-                },
-            );
-        }
-        let _ = std::fs::remove_file(&socket);
-        result
-    }
-
-    async fn copy_and_verify(
-        &self,
-        job: &RestoreJob,
-        source: &NbdAddr,
-        target: &NbdAddr,
-    ) -> Result<(), String> {
-        let t = Instant::now();
-        // The private server needs a moment to create its socket.
-        loop {
-            match NbdClient::connect(target, &ConnectOptions::default()).await {
-                Ok(c) => {
-                    let _ = c.disconnect().await;
-                    break;
-                }
-                Err(e) if t.elapsed() > Duration::from_secs(10) => {
-                    return Err(format!("qemu-nbd of the new image did not answer: {e}"));
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+    /// Asks a running restore to stop: it stops its qemu-nbd, deletes the partial image and
+    /// ends `cancelled`.
+    pub fn cancel(&self, id: &str) -> Result<Arc<RestoreJob>, CancelError> {
+        let job = self
+            .get(id)
+            .ok_or_else(|| CancelError::NotFound { id: id.to_string() })?;
+        {
+            let mut st = job.lock();
+            if st.status.is_terminal() {
+                return Err(CancelError::Ended {
+                    id: id.to_string(),
+                    status: st.status.as_str(),
+                });
             }
+            st.status = JobStatus::Cancelling;
         }
-        let mut opts = self.copy_options.clone();
-        opts.target_is_zero = true;
-        let outcome = copy_disk(
-            source,
-            target,
-            ExtentSource::Allocation,
-            &opts,
-            job.counters.clone(),
-            self.shutdown.child_token(),
-        )
-        .await
-        .map_err(|e| format!("copy from {source}: {}", crate::error_chain(&e)))?;
-        let client = NbdClient::connect(target, &ConnectOptions::default())
-            .await
-            .map_err(|e| format!("reading back {target}: {e}"))?;
-        for r in &outcome.checksums.ranges {
-            let mut h = blake3::Hasher::new();
-            let mut at = r.offset;
-            while at < r.offset + r.length {
-                let n = (r.offset + r.length - at).min(4 << 20);
-                let data = client
-                    .read(at, n as u32)
-                    .await
-                    .map_err(|e| format!("reading back {at}+{n}: {e}"))?;
-                h.update(&data);
-                at += n;
-            }
-            let actual = h.finalize().to_hex().to_string();
-            if actual != r.blake3 {
-                return Err(format!(
-                    "verification failed: checksum mismatch at {}+{}: the backup holds {}, the \
-                     new image {actual}",
-                    r.offset, r.length, r.blake3
-                ));
-            }
-            job.state.lock().unwrap_or_else(|p| p.into_inner()).verified += 1;
-        }
-        let _ = client.disconnect().await;
-        Ok(())
+        tracing::info!(restore_id = %id, "restore cancel requested");
+        job.cancel.cancel();
+        Ok(job)
     }
 }
 
-async fn tool(cmd: &mut tokio::process::Command) -> Result<(), String> {
-    let out = cmd
-        .output()
-        .await
-        .map_err(|e| format!("running {cmd:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{cmd:?}: {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+/// The hub's export: `source_export` when given (structured, no parsing), else `source`.
+fn source_addr(req: &NodeRestoreStart) -> Result<NbdAddr, RestoreError> {
+    let Some(e) = &req.source_export else {
+        return Ok(NbdAddr::parse(&req.source)?);
+    };
+    let bad = |why| Err(RestoreError::SourceExport { why });
+    if e.host.is_empty() || e.host.contains(['/', '[', ']', ',', ' ', '\0']) {
+        return bad("empty host or a bad character in it");
     }
+    if e.port == 0 {
+        return bad("port 0");
+    }
+    if e.export.is_empty() || e.export.chars().any(char::is_control) {
+        return bad("empty export name or a control character in it");
+    }
+    Ok(NbdAddr::from(NbdUri::from(e.clone())))
 }
 
 /// An absolute `.qcow2` path without `..`, NUL or newline, that does not exist yet, in an
@@ -327,6 +336,7 @@ fn check_path(p: &str) -> Result<(), RestoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sendense_shared::api::NbdExport;
 
     #[test]
     fn paths_are_checked() {
@@ -343,5 +353,57 @@ mod tests {
         }
         std::fs::write(&ok, b"x").unwrap();
         assert!(check_path(ok.to_str().unwrap()).is_err());
+    }
+
+    fn req(source: &str, export: Option<NbdExport>) -> NodeRestoreStart {
+        NodeRestoreStart {
+            restore_id: "r1".into(),
+            source: source.into(),
+            source_export: export,
+            path: "/tmp/r.qcow2".into(),
+            size_bytes: 1,
+        }
+    }
+
+    #[test]
+    fn the_structured_source_wins_and_the_string_is_the_fallback() {
+        let e = NbdExport {
+            host: "::1".into(),
+            port: 10100,
+            export: "restore-r1".into(),
+        };
+        let want = NbdAddr::Tcp {
+            host: "::1".into(),
+            port: 10100,
+            export: "restore-r1".into(),
+        };
+        assert_eq!(source_addr(&req("junk", Some(e.clone()))).unwrap(), want);
+        assert_eq!(
+            source_addr(&req("nbd://[::1]:10100/restore-r1", None)).unwrap(),
+            want
+        );
+        assert!(matches!(
+            source_addr(&req("junk", None)),
+            Err(RestoreError::Source(_))
+        ));
+        for bad in [
+            NbdExport {
+                host: String::new(),
+                ..e.clone()
+            },
+            NbdExport {
+                port: 0,
+                ..e.clone()
+            },
+            NbdExport {
+                export: "a\nb".into(),
+                ..e
+            },
+        ] {
+            assert!(matches!(
+                source_addr(&req("nbd://h:1/e", Some(bad))),
+                Err(RestoreError::SourceExport { .. })
+            ));
+        }
     }
 }

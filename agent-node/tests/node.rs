@@ -1,5 +1,5 @@
 //! Integration tests of the node against a real QEMU (`qemu-system-x86_64`, TCG), real NBD
-//! exports and real `qemu-img`/`qemu-nbd`.
+//! exports and real `qemu-img`/`qemu-nbd`; restores from a real read-only qemu-nbd.
 
 #[path = "node/support.rs"]
 mod support;
@@ -12,3 +12,6 @@ mod backup;
 
 #[path = "node/api.rs"]
 mod api;
+
+#[path = "node/restore.rs"]
+mod restore;

@@ -8,7 +8,8 @@
 //! - [`names`]: validation of names that become file names in the repository.
 //! - [`targets`]: the NBD targets string `2000:nbd://127.0.0.1:10100/vm-disk-2000,...`.
 //! - [`identity`]: version, git commit, build time, executable path and PID of this binary.
-//! - [`nbd`]: an async NBD client (fixed newstyle, structured replies, block status).
+//! - [`nbd`]: an async NBD client (fixed newstyle, structured replies, block status) and
+//!   [`nbd::verify`], the read-back verification of checksummed ranges both agents use.
 //! - [`child`]: supervised child processes (own process group, stderr tail, stop = SIGTERM to the
 //!   group, bounded wait, SIGKILL, reap) and checks of foreign PIDs through `/proc`.
 //! - [`backoff`]: retry pacing for every retry loop (exponential, capped, deterministic; jitter

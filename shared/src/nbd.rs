@@ -14,12 +14,14 @@
 //! [`reply::decode`], which has a fuzz target in `shared/fuzz`.
 //!
 //! Modules: `proto` (wire constants), `handshake` (negotiation), [`reply`] (reply parser),
-//! `connection` (reader and writer tasks, the table of requests in flight).
+//! `connection` (reader and writer tasks, the table of requests in flight), [`verify`] (read-back
+//! of checksummed ranges, used by the hub for backups and by the node for restores).
 
 mod connection;
 mod handshake;
 pub mod proto;
 pub mod reply;
+pub mod verify;
 
 use crate::targets::NbdUri;
 use bytes::Bytes;

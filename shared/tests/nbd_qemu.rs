@@ -304,3 +304,96 @@ async fn pending_requests_fail_when_the_server_dies() {
         "{e}"
     );
 }
+
+/// The shared read-back verification against a real qemu-nbd: equal ranges pass (counted as
+/// they are verified, a range longer than one read included), a changed byte fails with the
+/// range named, a range past the end is refused before any read, a cancel stops it.
+#[tokio::test]
+async fn verification_reads_back_and_names_the_mismatching_range() {
+    use sendense_shared::api::{ChecksumRange, ChunkChecksums};
+    use sendense_shared::nbd::verify::{self, MAX_READ, VerifyError};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio_util::sync::CancellationToken;
+
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "v.qcow2", "64M");
+    qemu_io(&img, "write -P 0x5a 0 20M");
+    let sum = |offset: u64, length: u64, byte: u8| ChecksumRange {
+        offset,
+        length,
+        blake3: blake3::hash(&vec![byte; length as usize])
+            .to_hex()
+            .to_string(),
+    };
+    // 20 MiB of 0x5a at 0 (longer than one read), then zeroes; the ranges out of order.
+    let ranges = vec![
+        sum(4 << 20, 4 << 20, 0x5a),
+        sum(0, 2 * MAX_READ + 4096, 0x5a),
+        sum(32 << 20, 1 << 20, 0),
+        sum(20 << 20, 4096, 0),
+    ];
+    let sums = ChunkChecksums {
+        chunk_size: 4 << 20,
+        ranges: ranges.clone(),
+    };
+    let srv = QemuNbd::start(&img, "v", Listen::Tcp(free_port()), &["--read-only"]);
+    let cancel = CancellationToken::new();
+    let summary = verify::verify_disk(&srv.addr, &sums, &cancel)
+        .await
+        .unwrap();
+    assert_eq!(summary.ranges, 4);
+    assert_eq!(summary.bytes, ranges.iter().map(|r| r.length).sum::<u64>());
+    let counted = AtomicU64::new(0);
+    verify::verify_export(&srv.addr, &ranges, &cancel, Some(&counted))
+        .await
+        .unwrap();
+    assert_eq!(counted.load(Ordering::Relaxed), 4);
+
+    // The third range claims 0x5a where the image holds zeroes.
+    let mut bad = ranges.clone();
+    bad[2] = sum(32 << 20, 1 << 20, 0x5a);
+    let counted = AtomicU64::new(0);
+    match verify::verify_export(&srv.addr, &bad, &cancel, Some(&counted)).await {
+        Err(VerifyError::Mismatch {
+            offset,
+            length,
+            expected,
+            actual,
+        }) => {
+            assert_eq!((offset, length), (32 << 20, 1 << 20));
+            assert_eq!(expected, bad[2].blake3);
+            assert_eq!(actual, sum(32 << 20, 1 << 20, 0).blake3);
+        }
+        other => panic!("expected a mismatch, got {other:?}"),
+    }
+    assert_eq!(counted.load(Ordering::Relaxed), 2, "the ranges before it");
+    let e = verify::verify_export(&srv.addr, &bad, &cancel, None)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with(&format!("checksum mismatch at {}+{}", 32 << 20, 1 << 20)),
+        "{e}"
+    );
+
+    let past = vec![sum(64 << 20, 4096, 0)];
+    assert!(matches!(
+        verify::verify_export(&srv.addr, &past, &cancel, None).await,
+        Err(VerifyError::OutOfBounds { offset, length: 4096, size })
+            if offset == 64 << 20 && size == 64 << 20
+    ));
+    cancel.cancel();
+    assert!(matches!(
+        verify::verify_export(&srv.addr, &ranges, &cancel, None).await,
+        Err(VerifyError::Cancelled)
+    ));
+    let closed = NbdAddr::Tcp {
+        host: "127.0.0.1".into(),
+        port: free_port(),
+        export: "v".into(),
+    };
+    assert!(matches!(
+        verify::verify_disk(&closed, &sums, &CancellationToken::new()).await,
+        Err(VerifyError::Connect { .. })
+    ));
+}

@@ -69,7 +69,8 @@ async fn start_is_validated_and_errors_name_the_cause() {
         (
             start("vm1", "incremental", two),
             409,
-            "bitmap missing",
+            // The typed code of the wire (issue 11), no longer the words "bitmap missing".
+            sendense_shared::errors::ErrorCode::BitmapMissing.as_str(),
             "full backup",
         ),
         (json!({"vm_name": "vm1"}), 400, "invalid field", "backup_id"),

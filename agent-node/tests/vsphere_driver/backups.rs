@@ -181,13 +181,9 @@ async fn post_change_tracking(
         name: "n".into(),
         token: "tok".into(),
         started_at: chrono::Utc::now(),
-        jobs,
         tunnel: None,
-        restores: std::sync::Arc::new(agent_node::restore::Restores::new(
-            std::env::temp_dir(),
-            CopyOptions::default(),
-            CancellationToken::new(),
-        )),
+        restores: agent_node::restore::Restores::new(jobs.context().clone(), std::env::temp_dir()),
+        jobs,
     }));
     let resp = app
         .oneshot(
