@@ -21,7 +21,7 @@ pub mod state;
 
 use crate::copy::{CopyOptions, ExtentSource, copy_disk};
 use crate::hub_client::{Delivery, HubClient, deliver};
-use crate::source::{ReleaseOutcome, Snapshot, SourceDriver, SourceError};
+use crate::source::{ReleaseOutcome, Snapshot, SnapshotRequest, SourceDriver, SourceError};
 use plan::key_list;
 pub use plan::{BackupPlan, StartError};
 use sendense_shared::api::{BackupType, DiskStatus, JobStatus, NodeBackupStart};
@@ -162,15 +162,36 @@ impl Jobs {
         })?;
         let plan = plan::validate(&req, &vm, |a| self.ctx.route(a))?;
         if plan::needs_base_check(&plan) {
-            self.driver
-                .check_incremental_base(&plan.request)
-                .await
-                .map_err(|e| match e {
-                    e @ SourceError::IncrementalBase { .. } => StartError::BitmapMissing(e),
-                    e => StartError::Source(e),
-                })?;
+            self.check_base(&plan.request).await?;
         }
         Ok((self.apply(plan)?, true))
+    }
+
+    /// `POST /api/v1/backup/check`: would [`Jobs::start`] take this incremental? Only the VM and
+    /// the driver's side-effect-free base check: no snapshot, no export, no targets needed (the
+    /// hub asks before it prepares any). A full always would.
+    pub async fn check(&self, req: &NodeBackupStart) -> Result<(), StartError> {
+        if self.ctx.shutdown.is_cancelled() {
+            return Err(StartError::ShuttingDown);
+        }
+        self.driver.vm(&req.vm_name).await.map_err(|e| match e {
+            SourceError::UnknownVm { vm } => StartError::UnknownVm { vm },
+            e => StartError::Source(e),
+        })?;
+        if req.backup_type != BackupType::Incremental {
+            return Ok(());
+        }
+        self.check_base(&plan::snapshot_request(req)).await
+    }
+
+    async fn check_base(&self, request: &SnapshotRequest) -> Result<(), StartError> {
+        self.driver
+            .check_incremental_base(request)
+            .await
+            .map_err(|e| match e {
+                e @ SourceError::IncrementalBase { .. } => StartError::BitmapMissing(e),
+                e => StartError::Source(e),
+            })
     }
 
     /// Registers a validated plan's job and spawns it on the tracker.

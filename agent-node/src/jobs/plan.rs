@@ -107,23 +107,29 @@ pub fn validate(
             .into_iter()
             .map(|(k, uri)| (k, route(NbdAddr::from(uri))))
             .collect(),
-        request: SnapshotRequest {
-            backup_id: req.backup_id.clone(),
-            vm_name: req.vm_name.clone(),
-            backup_type: req.backup_type,
-            previous_backup_id: req.previous_backup_id.clone(),
-            previous_change_ids: req
-                .previous_change_ids
-                .iter()
-                .map(|c| (c.disk_key, c.change_id.clone()))
-                .collect(),
-        },
+        request: snapshot_request(req),
         disks: vm
             .disks
             .iter()
             .map(|d| (d.disk_key, d.size_bytes))
             .collect(),
     })
+}
+
+/// What the driver is asked for: the snapshot of the request's VM, and for an incremental the
+/// base it must start from.
+pub fn snapshot_request(req: &NodeBackupStart) -> SnapshotRequest {
+    SnapshotRequest {
+        backup_id: req.backup_id.clone(),
+        vm_name: req.vm_name.clone(),
+        backup_type: req.backup_type,
+        previous_backup_id: req.previous_backup_id.clone(),
+        previous_change_ids: req
+            .previous_change_ids
+            .iter()
+            .map(|c| (c.disk_key, c.change_id.clone()))
+            .collect(),
+    }
 }
 
 /// Whether the plan needs the driver's incremental-base check before it is applied.
