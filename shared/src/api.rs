@@ -8,9 +8,9 @@ use serde::{Deserialize, Serialize};
 /// Error body of every 4xx/5xx answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
-    /// Short cause, e.g. `"invalid field"`, `"vm not found"`.
-    pub error: String,
-    /// What to do, or which field was wrong.
+    /// The machine-readable cause, e.g. `"invalid_field"`, `"not_found"`; callers match on it.
+    pub error: crate::errors::ErrorCode,
+    /// For people: what to do, or which field was wrong. Wording may change; never match it.
     pub detail: String,
 }
 
