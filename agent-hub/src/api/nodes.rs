@@ -136,10 +136,9 @@ async fn import(hub: &Hub, node: &str, inv: Inventory) -> Result<Vec<Vm>, ApiErr
 pub async fn find_node(hub: &Hub, name: &str) -> Result<Node, ApiError> {
     match hub.db.get_node(name).await {
         Ok(n) => Ok(n),
-        Err(crate::db::DbError::NotFound { .. }) => Err(ApiError::NotFound {
-            what: "node",
-            detail: format!("no node named {name:?} is registered"),
-        }),
+        Err(crate::db::DbError::NotFound { .. }) => Err(ApiError::NotFound(format!(
+            "no node named {name:?} is registered"
+        ))),
         Err(e) => Err(e.into()),
     }
 }

@@ -7,6 +7,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use sendense_shared::api::{Restore, RestoreRequest};
+use sendense_shared::errors::ErrorCode;
 use sendense_shared::names::validate_name;
 
 /// Exports the backup point and asks the node to copy it before answering `202` with the
@@ -37,35 +38,18 @@ impl From<RestoreError> for ApiError {
         let detail = e.to_string();
         match e {
             RestoreError::Invalid { detail } => ApiError::Invalid { detail },
-            RestoreError::BackupNotFound { .. } => ApiError::NotFound {
-                what: "backup",
-                detail,
-            },
-            RestoreError::NodeNotFound { .. } => ApiError::NotFound {
-                what: "node",
-                detail,
-            },
-            RestoreError::NotFound { .. } => ApiError::NotFound {
-                what: "restore",
-                detail,
-            },
-            RestoreError::NotRestorable { .. } => ApiError::Conflict {
-                error: "backup not restorable",
-                detail,
-            },
-            RestoreError::Busy { .. } => ApiError::Conflict {
-                error: "backup busy",
-                detail,
-            },
-            RestoreError::ImageMissing { .. } => ApiError::Conflict {
-                error: "image missing",
-                detail,
-            },
+            RestoreError::BackupNotFound { .. }
+            | RestoreError::NodeNotFound { .. }
+            | RestoreError::NotFound { .. } => ApiError::NotFound(detail),
+            RestoreError::NotRestorable { .. } => {
+                ApiError::conflict(ErrorCode::NotRestorable, detail)
+            }
+            RestoreError::Busy { .. } => ApiError::conflict(ErrorCode::BackupBusy, detail),
+            RestoreError::ImageMissing { .. } => {
+                ApiError::conflict(ErrorCode::ImageMissing, detail)
+            }
             RestoreError::Ports(d) => ApiError::PortsExhausted(d),
-            RestoreError::Export(d) => ApiError::JobFailed {
-                error: "export failed",
-                detail: d,
-            },
+            RestoreError::Export(d) => ApiError::JobFailed(d),
             RestoreError::Db(e) => e.into(),
         }
     }

@@ -158,7 +158,7 @@ async fn ask_node(
             );
             let bitmap = status == reqwest::StatusCode::CONFLICT
                 && serde_json::from_str::<sendense_shared::api::ErrorBody>(&text)
-                    .is_ok_and(|b| b.error == "bitmap missing");
+                    .is_ok_and(|b| b.error == sendense_shared::errors::ErrorCode::BitmapMissing);
             if bitmap {
                 Refusal::BitmapMissing(msg)
             } else {

@@ -60,7 +60,7 @@ async fn start(
         }) {
             return (
                 StatusCode::CONFLICT,
-                Json(json!({"error": "bitmap missing", "detail": format!(
+                Json(json!({"error": "bitmap_missing", "detail": format!(
                     "disk {} has no change id in backup {:?}: CBT cannot say what changed",
                     t.disk_key, req.previous_backup_id)})),
             );
@@ -100,7 +100,7 @@ async fn state(
         ),
         None => (
             StatusCode::NOT_FOUND,
-            Json(json!({"error": "not found", "detail": id})),
+            Json(json!({"error": "not_found", "detail": id})),
         ),
     }
 }
