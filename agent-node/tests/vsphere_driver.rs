@@ -522,10 +522,7 @@ async fn the_change_tracking_route_turns_cbt_on() {
         "ReconfigVM_Task ran"
     );
     let (status, body) = post_change_tracking(d.clone(), "nope").await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (404, Some("vm not found"))
-    );
+    assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
 
     let port = free_port();
     let mut gone = config(&sim, pin(&sim));
@@ -536,7 +533,7 @@ async fn the_change_tracking_route_turns_cbt_on() {
     )
     .await;
     assert_eq!(status, 502, "{body}");
-    assert_eq!(body["error"], "hypervisor unavailable");
+    assert_eq!(body["error"], "hypervisor_unavailable");
     assert!(
         body["detail"].as_str().unwrap().contains(&port.to_string()),
         "{body}"
@@ -622,6 +619,8 @@ async fn the_daemon_serves_qemu_and_vsphere_vms_from_one_config() {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "tok\n").unwrap();
+    // The node refuses a token file group or others may read.
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let cfg = dir.path().join("node.toml");
     std::fs::write(
         &cfg,
