@@ -152,7 +152,7 @@ impl HubClient {
             return Err(ClientError::Unauthorized { url });
         }
         let (error, detail) = match serde_json::from_slice::<ErrorBody>(&bytes) {
-            Ok(b) => (b.error, b.detail),
+            Ok(b) => (b.error.to_string(), b.detail),
             Err(_) => (
                 status.canonical_reason().unwrap_or("error").to_string(),
                 String::from_utf8_lossy(&bytes)
