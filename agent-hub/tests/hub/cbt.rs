@@ -424,7 +424,8 @@ pub async fn change_ids_then_fallback(env: &Env) {
         .unwrap_or_else(|| panic!("no fallback event: {events:#?}"));
     assert!(fallback.contains("FULL"), "{fallback}");
     assert!(
-        fallback.contains("bitmap missing") && fallback.contains("disk 2001 has no change id"),
+        fallback.contains(r#""error":"bitmap_missing""#)
+            && fallback.contains("disk 2001 has no change id"),
         "{fallback}"
     );
     let t4 = targets(&running);

@@ -518,10 +518,7 @@ async fn a_qemu_nbd_that_cannot_start_fails_the_job_and_unwinds() {
     assert_eq!(s, 500, "{v}");
     assert_eq!(v["error"], "job_failed", "{v}");
     assert!(
-        v["detail"]
-            .as_str()
-            .unwrap()
-            .contains(" failed while "),
+        v["detail"].as_str().unwrap().contains(" failed while "),
         "{v}"
     );
     assert!(
