@@ -426,3 +426,15 @@ async fn code_internal_does_not_leak() {
     assert!(!detail.contains("bogus"), "{detail}");
     assert!(detail.contains("log"), "{detail}");
 }
+
+#[tokio::test]
+async fn code_node_unreachable() {
+    let t = app().await;
+    // Nothing listens on port 1 of the loopback: the connection is refused at once.
+    let reg = json!({"name": "far", "api_url": "http://127.0.0.1:1", "version": "0"}).to_string();
+    let (s, v) = t.call("POST", "/api/v1/nodes", Some(&reg), true).await;
+    assert_eq!(s, 201, "{v}");
+    let (s, code, detail) = t.refused("POST", "/api/v1/nodes/far/discover", None).await;
+    assert_eq!((s, code.as_str()), (502, "node_unreachable"), "{detail}");
+    assert!(detail.contains("127.0.0.1:1/api/v1/inventory"), "{detail}");
+}
