@@ -94,6 +94,7 @@ echo "[127.0.0.1]:$SSH_PORT $(cat "$DIR/host_key.pub")" >"$DIR/known_hosts"
 
 # The node daemon holding the tunnel.
 echo bench-token >"$DIR/token"
+chmod 600 "$DIR/token" # the node refuses a token file others may read
 NODE_CFG="$DIR/node.toml"
 printf 'run_dir = "%s"\n[tunnel]\n' "$DIR/run" >"$NODE_CFG"
 [[ -n ${TUNNEL_CIPHERS:-} ]] && printf 'ciphers = "%s"\n' "$TUNNEL_CIPHERS" >>"$NODE_CFG"

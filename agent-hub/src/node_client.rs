@@ -35,7 +35,10 @@ pub enum NodeCallError {
         source: reqwest::Error,
     },
     /// The node answered with an error status.
-    #[error("node {node} answered {method} {url} with HTTP {status}: {detail}")]
+    #[error(
+        "node {node} answered {method} {url} with HTTP {status}{}: {detail}",
+        code.map(|c| format!(" {c}")).unwrap_or_default()
+    )]
     Refused {
         node: String,
         method: &'static str,

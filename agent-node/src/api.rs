@@ -1,45 +1,49 @@
 //! The node's HTTP API (see `shared/API.md`, node part). Everything under `/api/v1/` needs
 //! `Authorization: Bearer <token>` except `GET /api/v1/health`. Errors are
-//! `{"error": "<short cause>", "detail": "<what to do / which field>"}`.
+//! `{"error": <ErrorCode>, "detail": "<what to do / which field>"}`, the status following the
+//! code; bearer check, JSON extraction and error answers are `sendense_shared::http`'s, the
+//! hub's too, so both answer bad input alike (`400 invalid_json` for syntax, `422
+//! invalid_field` naming the field for shape).
 //!
 //! `POST /api/v1/backup/start` answers:
 //! - `202` with the job state once the request is valid (the snapshot and copy run after it);
 //!   the same `backup_id` again while it runs answers `202` with the same job;
-//! - `400 invalid field`: bad JSON, bad targets string, a disk of the VM without target, or a
-//!   disk key the VM does not have (detail names the keys);
-//! - `404 vm not found`;
-//! - `409 vm busy` (the VM has a running job), `409 backup id used` (a finished job has it),
-//!   `409 bitmap_missing` ([`ErrorCode::BitmapMissing`]: an incremental without a valid
-//!   changed-block map: do a full);
-//! - `502 hypervisor unavailable` (QMP not answering).
+//! - `400 invalid_json`: not JSON;
+//! - `422 invalid_field`: JSON of the wrong shape, bad targets string, a disk of the VM without
+//!   target, or a disk key the VM does not have (detail names the field or the keys);
+//! - `404 not_found` (no such VM);
+//! - `409 vm_busy` (the VM has a running job), `409 already_exists` (a finished job has the
+//!   backup id), `409 bitmap_missing` (an incremental without a valid changed-block map: do a
+//!   full);
+//! - `502 hypervisor_unavailable` (QMP not answering); `503 shutting_down`.
 //!
 //! `POST /api/v1/vms/{vm}/change-tracking` turns on the hypervisor's change tracking (vSphere
-//! CBT; QEMU always tracks): `200 {"vm_name","change_tracking":true}`, `404 vm not found`,
-//! `502 hypervisor unavailable` (cannot reach or log in) or `502 hypervisor error` (the
+//! CBT; QEMU always tracks): `200 {"vm_name","change_tracking":true}`, `404 not_found`,
+//! `502 hypervisor_unavailable` (cannot reach or log in) or `502 hypervisor_error` (the
 //! hypervisor refused; the detail has its cause).
 
 use crate::jobs::{Jobs, StartError};
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Request, State};
-use axum::http::{StatusCode, header};
-use axum::middleware::Next;
+use axum::extract::{Path, State};
+use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use sendense_shared::api::{
-    ErrorBody, Inventory, InventoryVm, NodeBackupStart, NodeRestoreStart, NodeRestoreState,
-    TunnelState, TunnelStateKind, VmDisk,
+    Inventory, InventoryVm, NodeBackupStart, NodeRestoreStart, NodeRestoreState, TunnelState,
+    TunnelStateKind, VmDisk,
 };
-use sendense_shared::errors::ErrorCode;
+use sendense_shared::errors::{ErrorCode, chain};
+use sendense_shared::http::{ApiJson, Bearer, require_bearer};
 use sendense_shared::ids::BackupId;
+use sendense_shared::token::Token;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// What the handlers share.
 pub struct NodeState {
     pub name: String,
-    pub token: String,
+    pub token: Token,
     pub started_at: DateTime<Utc>,
     pub jobs: Arc<Jobs>,
     /// The SSH tunnel to the hub, when one is configured.
@@ -48,73 +52,33 @@ pub struct NodeState {
     pub restores: Arc<crate::restore::Restores>,
 }
 
-/// An error answer.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    error: &'static str,
-    detail: String,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, error: &'static str, detail: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            error,
-            detail: detail.into(),
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(ErrorBody {
-                error: self.error.to_string(),
-                detail: self.detail,
-            }),
-        )
-            .into_response()
-    }
-}
+/// An error answer: `{"error": <ErrorCode>, "detail"}`, the status from the code (the same
+/// table as the hub's).
+pub use sendense_shared::http::ErrorAnswer as ApiError;
 
 impl From<StartError> for ApiError {
     fn from(e: StartError) -> Self {
         let detail = e.to_string();
         match e {
-            StartError::UnknownVm { .. } => {
-                ApiError::new(StatusCode::NOT_FOUND, "vm not found", detail)
-            }
+            StartError::UnknownVm { .. } => ApiError::new(ErrorCode::NotFound, detail),
             StartError::EmptyId
             | StartError::Targets(_)
             | StartError::DuplicateTarget { .. }
             | StartError::BadTarget { .. }
             | StartError::MissingDisks { .. }
-            | StartError::UnknownDisks { .. } => {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid field", detail)
-            }
-            StartError::VmBusy { .. } => ApiError::new(StatusCode::CONFLICT, "vm busy", detail),
-            StartError::DuplicateId { .. } => {
-                ApiError::new(StatusCode::CONFLICT, "backup id used", detail)
-            }
-            // The code comes from the typed variant; the hub matches it as a value.
-            StartError::BitmapMissing(_) => ApiError {
-                status: StatusCode::CONFLICT,
-                error: ErrorCode::BitmapMissing.as_str(),
-                detail: format!("{detail}; run a full backup"),
-            },
+            | StartError::UnknownDisks { .. } => ApiError::new(ErrorCode::InvalidField, detail),
+            StartError::VmBusy { .. } => ApiError::new(ErrorCode::VmBusy, detail),
+            StartError::DuplicateId { .. } => ApiError::new(ErrorCode::AlreadyExists, detail),
+            StartError::BitmapMissing(_) => ApiError::new(
+                ErrorCode::BitmapMissing,
+                format!("{detail}; run a full backup"),
+            ),
             StartError::Source(e) => {
-                tracing::warn!(error = %e, "hypervisor error on backup start");
-                ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "hypervisor unavailable",
-                    e.to_string(),
-                )
+                let detail = chain(&e);
+                tracing::warn!(error = %detail, "hypervisor error on backup start");
+                ApiError::new(ErrorCode::HypervisorUnavailable, detail)
             }
-            StartError::ShuttingDown => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down", detail)
-            }
+            StartError::ShuttingDown => ApiError::new(ErrorCode::ShuttingDown, detail),
         }
     }
 }
@@ -124,6 +88,7 @@ pub fn router(state: Arc<NodeState>) -> Router {
     let protected = Router::new()
         .route("/api/v1/inventory", get(inventory))
         .route("/api/v1/backup/start", post(backup_start))
+        .route("/api/v1/backup/check", post(backup_check))
         .route("/api/v1/backups", get(backup_list))
         .route("/api/v1/backup/{id}", get(backup_get))
         .route("/api/v1/backup/{id}/cancel", post(backup_cancel))
@@ -132,11 +97,19 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/api/v1/restore/start", post(restore_start))
         .route("/api/v1/restore/{id}", get(restore_get))
         .route("/api/v1/restore/{id}/cancel", post(restore_cancel))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+        .route_layer(axum::middleware::from_fn_with_state(
+            Bearer::new(state.token.clone(), "the node's --token-file"),
+            require_bearer,
+        ));
     Router::new()
         .route("/api/v1/health", get(health))
         .merge(protected)
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not found", "no such route") })
+        .fallback(|method: Method, uri: Uri| async move {
+            ApiError::new(
+                ErrorCode::NotFound,
+                format!("no route {method} {}", uri.path()),
+            )
+        })
         .with_state(state)
 }
 
@@ -151,84 +124,30 @@ pub async fn serve(
         .await
 }
 
-async fn auth(State(state): State<Arc<NodeState>>, req: Request, next: Next) -> Response {
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match given {
-        Some(t) if constant_time_eq(t.as_bytes(), state.token.as_bytes()) => next.run(req).await,
-        Some(_) => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "the bearer token does not match the node's --token-file",
-        )
-        .into_response(),
-        None => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "send Authorization: Bearer <token> (the token of --token-file)",
-        )
-        .into_response(),
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// `POST /api/v1/restore/start`: `202` with the restore's state; `400 invalid field` (id, path,
-/// source, size; the detail names it); `409 restore id used`; `503 shutting down`.
+/// `POST /api/v1/restore/start`: `202` with the restore's state; `422 invalid_field` (id, path,
+/// source, size; the detail names it); `409 already_exists` (restore id used); `503
+/// shutting_down`.
 async fn restore_start(
     State(state): State<Arc<NodeState>>,
-    body: Result<Json<NodeRestoreStart>, JsonRejection>,
+    ApiJson(req): ApiJson<NodeRestoreStart>,
 ) -> Result<(StatusCode, Json<NodeRestoreState>), ApiError> {
     use crate::restore::RestoreError;
-    let Json(req) =
-        body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid field", e.body_text()))?;
     match state.restores.start(req) {
         Ok(job) => Ok((StatusCode::ACCEPTED, Json(job.view()))),
-        Err(e @ RestoreError::Duplicate(_)) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "restore id used",
-            e.to_string(),
-        )),
-        Err(e @ RestoreError::ShuttingDown) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting down",
-            e.to_string(),
-        )),
+        Err(e @ RestoreError::Duplicate(_)) => {
+            Err(ApiError::new(ErrorCode::AlreadyExists, e.to_string()))
+        }
+        Err(e @ RestoreError::ShuttingDown) => {
+            Err(ApiError::new(ErrorCode::ShuttingDown, e.to_string()))
+        }
         Err(
             e @ (RestoreError::Id(_)
             | RestoreError::Path { .. }
             | RestoreError::Source(_)
             | RestoreError::SourceExport { .. }
             | RestoreError::Size),
-        ) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid field",
-            e.to_string(),
-        )),
+        ) => Err(ApiError::new(ErrorCode::InvalidField, e.to_string())),
     }
-}
-
-async fn restore_get(
-    State(state): State<Arc<NodeState>>,
-    Path(id): Path<String>,
-) -> Result<Json<NodeRestoreState>, ApiError> {
-    state
-        .restores
-        .get(&id)
-        .map(|j| Json(j.view()))
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not found",
-                format!("no restore {id}"),
-            )
-        })
 }
 
 /// `POST /api/v1/restore/{id}/cancel`: `202` with the restore's state (it stops its qemu-nbd,
@@ -241,17 +160,24 @@ async fn restore_cancel(
     use crate::restore::CancelError;
     match state.restores.cancel(&id) {
         Ok(job) => Ok((StatusCode::ACCEPTED, Json(job.view()))),
-        Err(e @ CancelError::NotFound { .. }) => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::NotFound.as_str(),
-            e.to_string(),
-        )),
-        Err(e @ CancelError::Ended { .. }) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            ErrorCode::WrongState.as_str(),
-            e.to_string(),
-        )),
+        Err(e @ CancelError::NotFound { .. }) => {
+            Err(ApiError::new(ErrorCode::NotFound, e.to_string()))
+        }
+        Err(e @ CancelError::Ended { .. }) => {
+            Err(ApiError::new(ErrorCode::WrongState, e.to_string()))
+        }
     }
+}
+
+async fn restore_get(
+    State(state): State<Arc<NodeState>>,
+    Path(id): Path<String>,
+) -> Result<Json<NodeRestoreState>, ApiError> {
+    state
+        .restores
+        .get(&id)
+        .map(|j| Json(j.view()))
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no restore {id}")))
 }
 
 async fn health(State(state): State<Arc<NodeState>>) -> impl IntoResponse {
@@ -263,13 +189,12 @@ async fn health(State(state): State<Arc<NodeState>>) -> impl IntoResponse {
 }
 
 async fn inventory(State(state): State<Arc<NodeState>>) -> Result<Json<Inventory>, ApiError> {
-    let vms = state.jobs.driver().list_vms().await.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "hypervisor unavailable",
-            e.to_string(),
-        )
-    })?;
+    let vms = state
+        .jobs
+        .driver()
+        .list_vms()
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::HypervisorUnavailable, chain(&e)))?;
     Ok(Json(Inventory {
         vms: vms.into_iter().map(inventory_vm).collect(),
     }))
@@ -313,35 +238,41 @@ async fn change_tracking(
         Ok(()) => Ok(Json(
             serde_json::json!({"vm_name": vm, "change_tracking": true}),
         )),
-        Err(e @ SourceError::UnknownVm { .. }) => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "vm not found",
-            e.to_string(),
-        )),
-        Err(e @ (SourceError::Endpoint { .. } | SourceError::Qmp { .. })) => Err(ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "hypervisor unavailable",
-            e.to_string(),
-        )),
+        Err(e @ SourceError::UnknownVm { .. }) => {
+            Err(ApiError::new(ErrorCode::NotFound, e.to_string()))
+        }
+        Err(e @ (SourceError::Endpoint { .. } | SourceError::Qmp { .. })) => {
+            Err(ApiError::new(ErrorCode::HypervisorUnavailable, chain(&e)))
+        }
         Err(e) => {
-            tracing::warn!(vm = %vm, error = %e, "enabling change tracking failed");
-            Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "hypervisor error",
-                e.to_string(),
-            ))
+            let detail = chain(&e);
+            tracing::warn!(vm = %vm, error = %detail, "enabling change tracking failed");
+            Err(ApiError::new(ErrorCode::HypervisorError, detail))
         }
     }
 }
 
 async fn backup_start(
     State(state): State<Arc<NodeState>>,
-    body: Result<Json<NodeBackupStart>, JsonRejection>,
+    ApiJson(req): ApiJson<NodeBackupStart>,
 ) -> Result<Response, ApiError> {
-    let Json(req) =
-        body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid field", e.body_text()))?;
     let (job, _created) = state.jobs.start(req).await?;
     Ok((StatusCode::ACCEPTED, Json(job.view())).into_response())
+}
+
+/// `POST /api/v1/backup/check`: would `backup/start` take this request? `200` when it would;
+/// the same refusals as a start otherwise (`409 bitmap_missing` for an incremental without a
+/// valid changed-block map, `404 not_found` for an unknown VM). Side-effect free: the hub asks
+/// before it prepares any export; the targets may be left empty.
+async fn backup_check(
+    State(state): State<Arc<NodeState>>,
+    ApiJson(req): ApiJson<NodeBackupStart>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    state.jobs.check(&req).await?;
+    Ok(Json(serde_json::json!({
+        "vm_name": req.vm_name,
+        "backup_type": req.backup_type,
+    })))
 }
 
 async fn backup_list(State(state): State<Arc<NodeState>>) -> impl IntoResponse {
@@ -359,13 +290,10 @@ async fn backup_get(
     State(state): State<Arc<NodeState>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let job = state.jobs.get(&BackupId(id.clone())).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "backup not found",
-            format!("no job {id} on this node"),
-        )
-    })?;
+    let job = state
+        .jobs
+        .get(&BackupId(id.clone()))
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no job {id} on this node")))?;
     Ok(Json(job.view()).into_response())
 }
 
@@ -373,13 +301,10 @@ async fn backup_cancel(
     State(state): State<Arc<NodeState>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let job = state.jobs.cancel(&BackupId(id.clone())).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "backup not found",
-            format!("no job {id} on this node"),
-        )
-    })?;
+    let job = state
+        .jobs
+        .cancel(&BackupId(id.clone()))
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no job {id} on this node")))?;
     Ok((StatusCode::ACCEPTED, Json(job.view())).into_response())
 }
 
@@ -452,8 +377,13 @@ mod tests {
         let (s, body) = call(get("/api/v1/inventory", None)).await;
         assert_eq!(s, StatusCode::UNAUTHORIZED);
         assert_eq!(body["error"], "unauthorized");
-        let (s, _) = call(get("/api/v1/tunnel", Some("nope"))).await;
+        assert!(
+            body["detail"].as_str().unwrap().contains("--token-file"),
+            "{body}"
+        );
+        let (s, body) = call(get("/api/v1/tunnel", Some("nope"))).await;
         assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert_eq!(body["error"], "unauthorized");
         let (s, body) = call(get("/api/v1/tunnel", Some("tok"))).await;
         assert_eq!(s, StatusCode::OK);
         assert_eq!(body["state"], "down");
@@ -462,11 +392,19 @@ mod tests {
         assert_eq!(body["vms"], serde_json::json!([]));
         let (s, body) = call(get("/api/v1/backup/zz", Some("tok"))).await;
         assert_eq!(s, StatusCode::NOT_FOUND);
-        assert_eq!(body["error"], "backup not found");
+        assert_eq!(body["error"], "not_found");
+        assert_eq!(body["detail"], "no job zz on this node");
+        let (s, body) = call(get("/api/v1/nope", Some("tok"))).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        assert_eq!(body["error"], "not_found");
+        assert!(
+            body["detail"].as_str().unwrap().contains("/api/v1/nope"),
+            "{body}"
+        );
     }
 
     #[tokio::test]
-    async fn bad_start_bodies_are_400_and_unknown_vm_is_404() {
+    async fn bad_start_bodies_are_400_or_422_like_the_hub_and_unknown_vm_is_404() {
         let post = |body: &str| {
             Request::post("/api/v1/backup/start")
                 .header("authorization", "Bearer tok")
@@ -476,14 +414,15 @@ mod tests {
         };
         let (s, body) = call(post("{not json")).await;
         assert_eq!(s, StatusCode::BAD_REQUEST);
-        assert_eq!(body["error"], "invalid field");
+        assert_eq!(body["error"], "invalid_json");
         let (s, body) = call(post(
             r#"{"backup_id":"b","vm_name":"vm","backup_type":"weekly","nbd_targets":"x"}"#,
         ))
         .await;
-        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(body["error"], "invalid_field");
         assert!(
-            body["detail"].as_str().unwrap().contains("backup_type"),
+            body["detail"].as_str().unwrap().starts_with("backup_type"),
             "{body}"
         );
         let (s, body) = call(post(
@@ -491,7 +430,55 @@ mod tests {
         ))
         .await;
         assert_eq!(s, StatusCode::NOT_FOUND);
-        assert_eq!(body["error"], "vm not found");
+        assert_eq!(body["error"], "not_found");
+    }
+
+    /// The hub's and the node's answers to bad input are the same code, the same status and
+    /// name the same field (one `ApiJson`).
+    #[tokio::test]
+    async fn bad_json_is_answered_like_the_hub() {
+        let post = |body: &str, content_type: bool| {
+            let mut b = Request::post("/api/v1/backup/start").header("authorization", "Bearer tok");
+            if content_type {
+                b = b.header("content-type", "application/json");
+            }
+            b.body(Body::from(body.to_string())).unwrap()
+        };
+        for bad in ["", "{", r#"{"vm_name": "#, "not json"] {
+            let (s, body) = call(post(bad, false)).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{bad:?}: {body}");
+            assert_eq!(body["error"], "invalid_json", "{bad:?}: {body}");
+        }
+        for (bad, field) in [
+            (r#"{"vm_name":"vm"}"#, "backup_id"),
+            (
+                r#"{"backup_id":"b","vm_name":7,"backup_type":"full","nbd_targets":""}"#,
+                "vm_name: invalid type",
+            ),
+            (
+                r#"{"backup_id":"b","vm_name":"vm","backup_type":"full","nbd_targets":"","targets":[{"disk_key":"x"}]}"#,
+                "targets[0].disk_key",
+            ),
+        ] {
+            // Content-Type is not required, as on the hub.
+            for ct in [true, false] {
+                let (s, body) = call(post(bad, ct)).await;
+                assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {body}");
+                assert_eq!(body["error"], "invalid_field", "{bad}: {body}");
+                let detail = body["detail"].as_str().unwrap();
+                assert!(detail.contains(field), "{bad}: {detail}");
+            }
+        }
+        // Restores go through the same extractor.
+        let (s, body) = call(
+            Request::post("/api/v1/restore/start")
+                .header("authorization", "Bearer tok")
+                .body(Body::from(r#"{"restore_id":"r1"}"#))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(body["error"], "invalid_field", "{body}");
     }
 
     #[tokio::test]
@@ -504,7 +491,7 @@ mod tests {
         )
         .await;
         assert_eq!(s, StatusCode::NOT_FOUND, "{body}");
-        assert_eq!(body["error"], "vm not found");
+        assert_eq!(body["error"], "not_found");
         assert!(body["detail"].as_str().unwrap().contains("nope"), "{body}");
     }
 }

@@ -25,6 +25,7 @@
 
 use clap::Args;
 use sendense_shared::names::validate_name;
+use sendense_shared::token::Token;
 use sendense_vsphere::{Secret, TlsPolicy};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -304,14 +305,8 @@ pub enum ConfigError {
         "no token: pass --token-file FILE (or token_file in the config); the API needs a bearer token"
     )]
     NoToken,
-    #[error("--token-file {path}")]
-    TokenRead {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("--token-file {path} is empty")]
-    TokenEmpty { path: PathBuf },
+    #[error("--token-file: {0}")]
+    Token(#[from] sendense_shared::token::TokenError),
     #[error(transparent)]
     Tunnel(#[from] crate::tunnel::TunnelConfigError),
     #[error("[vsphere] {key}: {detail}")]
@@ -325,7 +320,7 @@ pub struct NodeConfig {
     pub name: String,
     /// Without a trailing slash.
     pub hub_url: Option<String>,
-    pub token: String,
+    pub token: Token,
     pub run_dir: PathBuf,
     pub api_url: Option<String>,
     /// VM name → QMP socket.
@@ -452,21 +447,10 @@ fn read_file(path: &Path) -> Result<ConfigFile, ConfigError> {
     })
 }
 
-/// Reads a token file (surrounding white space ignored).
-pub fn read_token(path: &Path) -> Result<String, ConfigError> {
-    let token = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::TokenRead {
-            path: path.to_path_buf(),
-            source,
-        })?
-        .trim()
-        .to_string();
-    if token.is_empty() {
-        return Err(ConfigError::TokenEmpty {
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(token)
+/// Reads a token file: surrounding white space ignored; refused when empty or readable by
+/// group or others (`sendense_shared::token::read_token_file`, the hub's reader too).
+pub fn read_token(path: &Path) -> Result<Token, ConfigError> {
+    Ok(sendense_shared::token::read_token_file(path)?)
 }
 
 fn default_name() -> String {
@@ -482,8 +466,10 @@ mod tests {
     use super::*;
 
     fn token_file(dir: &Path) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
         let p = dir.join("token");
         std::fs::write(&p, "secret\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         p
     }
 
@@ -508,7 +494,7 @@ mod tests {
         let c = NodeConfig::load(&args).unwrap();
         assert_eq!(c.name, "fromflag");
         assert_eq!(c.listen.port(), 9000);
-        assert_eq!(c.token, "secret");
+        assert_eq!(c.token.as_str(), "secret");
         assert_eq!(c.vms["vm1"], PathBuf::from("/a"));
         assert_eq!(c.vms["vm2"], PathBuf::from("/c"));
     }
@@ -562,6 +548,35 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("missing.toml"), "{e}");
+    }
+
+    #[test]
+    fn a_token_file_others_may_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let tf = token_file(dir.path());
+        std::fs::set_permissions(&tf, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = NodeConfig::load(&ServeArgs {
+            token_file: Some(tf.clone()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                ConfigError::Token(sendense_shared::token::TokenError::Permissions {
+                    mode: 0o644,
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
+        let shown = e.to_string();
+        assert!(shown.starts_with("--token-file: token file "), "{shown}");
+        assert!(
+            shown.contains(&tf.display().to_string()) && shown.contains("0644"),
+            "{shown}"
+        );
     }
 
     fn load_vsphere(dir: &Path, table: &str) -> Result<NodeConfig, ConfigError> {

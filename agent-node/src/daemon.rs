@@ -42,7 +42,7 @@ pub async fn run(
     let hub = config
         .hub_url
         .as_deref()
-        .map(|u| HubClient::new(u, &config.token));
+        .map(|u| HubClient::new(u, config.token.as_str()));
     let jobs = Jobs::new(
         driver.clone(),
         hub.clone(),

@@ -8,9 +8,9 @@ use serde::{Deserialize, Serialize};
 /// Error body of every 4xx/5xx answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
-    /// Short cause, e.g. `"invalid field"`, `"vm not found"`.
-    pub error: String,
-    /// What to do, or which field was wrong.
+    /// The machine-readable cause, e.g. `"invalid_field"`, `"not_found"`; callers match on it.
+    pub error: crate::errors::ErrorCode,
+    /// For people: what to do, or which field was wrong. Wording may change; never match it.
     pub detail: String,
 }
 
@@ -502,13 +502,13 @@ pub struct NodeBackupStart {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<DiskTarget>,
     /// Incremental only: the backup the hub's chain ends with (the new image's backing file).
-    /// The node refuses (409, `"bitmap missing"`) when its change tracking does not start
+    /// The node refuses (409, `bitmap_missing`) when its change tracking does not start
     /// exactly at that backup's snapshot; absent means "whatever the node tracks".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_backup_id: Option<BackupId>,
     /// Incremental only: the change id each disk of the previous backup was copied at (drivers
     /// with hypervisor change tracking, i.e. vSphere CBT). A disk without one makes the node
-    /// answer `409 bitmap missing`, and the hub falls back to a full backup.
+    /// answer `409 bitmap_missing`, and the hub falls back to a full backup.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub previous_change_ids: Vec<DiskChangeId>,
 }

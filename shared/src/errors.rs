@@ -37,12 +37,20 @@ pub enum ErrorCode {
     /// An image the database names is not on disk.
     ImageMissing,
     /// An incremental has no valid changed-block map (QEMU dirty bitmap, vSphere change id):
-    /// run a full backup.
+    /// run a full backup. Nodes older than the codes answered the words `"bitmap missing"`;
+    /// the alias keeps a newer hub's fallback to full working against them.
+    #[serde(alias = "bitmap missing")]
     BitmapMissing,
     /// The VM belongs to a node that is not registered.
     NodeNotRegistered,
     /// The node could not be reached or answered wrongly.
     NodeUnreachable,
+    /// The node cannot reach its hypervisor (QMP not answering, vCenter down, login refused).
+    HypervisorUnavailable,
+    /// The hypervisor refused the operation; `detail` has its cause.
+    HypervisorError,
+    /// The answering agent is shutting down and takes no new work.
+    ShuttingDown,
     /// The repository lacks the space the job may need.
     InsufficientStorage,
     /// Every NBD port of the range is held.
@@ -77,6 +85,9 @@ impl ErrorCode {
             ErrorCode::BitmapMissing => "bitmap_missing",
             ErrorCode::NodeNotRegistered => "node_not_registered",
             ErrorCode::NodeUnreachable => "node_unreachable",
+            ErrorCode::HypervisorUnavailable => "hypervisor_unavailable",
+            ErrorCode::HypervisorError => "hypervisor_error",
+            ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::InsufficientStorage => "insufficient_storage",
             ErrorCode::PortsExhausted => "ports_exhausted",
             ErrorCode::JobFailed => "job_failed",
@@ -103,6 +114,9 @@ impl ErrorCode {
         ErrorCode::BitmapMissing,
         ErrorCode::NodeNotRegistered,
         ErrorCode::NodeUnreachable,
+        ErrorCode::HypervisorUnavailable,
+        ErrorCode::HypervisorError,
+        ErrorCode::ShuttingDown,
         ErrorCode::InsufficientStorage,
         ErrorCode::PortsExhausted,
         ErrorCode::JobFailed,
@@ -171,5 +185,7 @@ mod tests {
         }
         let c: ErrorCode = serde_json::from_str("\"from_the_future\"").unwrap();
         assert_eq!(c, ErrorCode::Other);
+        let old: ErrorCode = serde_json::from_str("\"bitmap missing\"").unwrap();
+        assert_eq!(old, ErrorCode::BitmapMissing);
     }
 }

@@ -4,6 +4,11 @@
 //!   comment per field. Both agents and the console serialise exactly these.
 //! - [`errors`]: the [`errors::ErrorCode`] carried in every error body, and the one cause-chain
 //!   formatter [`errors::chain`].
+//! - [`token`]: the bearer [`token::Token`] (constant-time compare, redacted `Debug`) and the one
+//!   token-file reader, which refuses a file group or others may read.
+//! - [`http`] (feature `server`): the plumbing of the hub's and node's servers: the bearer
+//!   middleware, the `ApiJson` extractor (400 syntax / 422 shape naming the field), the error
+//!   answer whose status follows its [`errors::ErrorCode`].
 //! - [`ids`]: newtypes for values that must not be mixed up (`DiskKey`, `NbdPort`, `BackupId`).
 //! - [`names`]: validation of names that become file names in the repository.
 //! - [`targets`]: the NBD targets string `2000:nbd://127.0.0.1:10100/vm-disk-2000,...`.
@@ -23,8 +28,11 @@ pub mod child;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod errors;
+#[cfg(feature = "server")]
+pub mod http;
 pub mod identity;
 pub mod ids;
 pub mod names;
 pub mod nbd;
 pub mod targets;
+pub mod token;

@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use sendense_shared::api::{
     Backup, BackupRequest, CompletionReport, JobEvent, JobStatus, ProgressReport,
 };
+use sendense_shared::errors::ErrorCode;
 use sendense_shared::ids::BackupId;
 use sendense_shared::names::validate_name;
 
@@ -165,38 +166,19 @@ impl From<JobError> for ApiError {
     fn from(e: JobError) -> Self {
         let detail = e.to_string();
         match e {
-            JobError::VmNotFound { .. } => ApiError::NotFound { what: "vm", detail },
-            JobError::RepositoryNotFound { .. } => ApiError::NotFound {
-                what: "repository",
-                detail,
-            },
-            JobError::BackupNotFound { .. } => ApiError::NotFound {
-                what: "backup",
-                detail,
-            },
-            JobError::NodeNotFound { .. } => ApiError::Conflict {
-                error: "node not registered",
-                detail,
-            },
-            JobError::Busy { .. } => ApiError::Conflict {
-                error: "backup already active",
-                detail,
-            },
-            JobError::WrongState { .. } => ApiError::Conflict {
-                error: "wrong job state",
-                detail,
-            },
-            JobError::Cancelled { .. } => ApiError::Conflict {
-                error: "backup cancelled",
-                detail,
-            },
+            JobError::VmNotFound { .. }
+            | JobError::RepositoryNotFound { .. }
+            | JobError::BackupNotFound { .. } => ApiError::NotFound(detail),
+            JobError::NodeNotFound { .. } => {
+                ApiError::conflict(ErrorCode::NodeNotRegistered, detail)
+            }
+            JobError::Busy { .. } => ApiError::conflict(ErrorCode::VmBusy, detail),
+            JobError::WrongState { .. } => ApiError::conflict(ErrorCode::WrongState, detail),
+            JobError::Cancelled { .. } => ApiError::conflict(ErrorCode::Cancelled, detail),
             JobError::Invalid { .. } => ApiError::invalid(detail),
             JobError::InsufficientSpace { .. } => ApiError::InsufficientStorage(detail),
             JobError::PortsExhausted { .. } => ApiError::PortsExhausted(detail),
-            JobError::Prepare { .. } => ApiError::JobFailed {
-                error: "backup preparation failed",
-                detail,
-            },
+            JobError::Prepare { .. } => ApiError::JobFailed(detail),
             JobError::Db(e) => ApiError::from(e),
         }
     }

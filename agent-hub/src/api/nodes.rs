@@ -60,10 +60,7 @@ pub async fn tunnel(State(hub): State<AppState>) -> Result<Json<Vec<NodeTunnel>>
 impl From<NodeError> for ApiError {
     fn from(e: NodeError) -> Self {
         match e {
-            NodeError::NotFound { .. } => ApiError::NotFound {
-                what: "node",
-                detail: e.to_string(),
-            },
+            NodeError::NotFound { .. } => ApiError::NotFound(e.to_string()),
             NodeError::Invalid { detail } => ApiError::Invalid { detail },
             NodeError::Call(c) => ApiError::Node(sendense_shared::errors::chain(&c)),
             NodeError::Db(d) => d.into(),

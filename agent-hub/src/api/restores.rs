@@ -3,13 +3,12 @@
 
 use super::{ApiError, ApiJson};
 use crate::hub::AppState;
-use crate::ports::PortError;
 use crate::restores::RestoreError;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use sendense_shared::api::{JobEvent, Restore, RestoreCompletion, RestoreProgress, RestoreRequest};
-use sendense_shared::errors::chain;
+use sendense_shared::errors::{ErrorCode, chain};
 use sendense_shared::names::validate_name;
 
 /// Exports the backup point and asks the node to copy it before answering `202` with the
@@ -81,47 +80,22 @@ impl From<RestoreError> for ApiError {
         let detail = e.to_string();
         match e {
             RestoreError::Invalid { detail } => ApiError::Invalid { detail },
-            RestoreError::BackupNotFound { .. } => ApiError::NotFound {
-                what: "backup",
-                detail,
-            },
-            RestoreError::NodeNotFound { .. } => ApiError::NotFound {
-                what: "node",
-                detail,
-            },
-            RestoreError::NotFound { .. } => ApiError::NotFound {
-                what: "restore",
-                detail,
-            },
-            RestoreError::NotRestorable { .. } => ApiError::Conflict {
-                error: "backup not restorable",
-                detail,
-            },
-            RestoreError::Busy { .. } => ApiError::Conflict {
-                error: "backup busy",
-                detail,
-            },
-            RestoreError::ImageMissing { .. } => ApiError::Conflict {
-                error: "image missing",
-                detail,
-            },
-            RestoreError::WrongState { .. } => ApiError::Conflict {
-                error: "wrong job state",
-                detail,
-            },
-            RestoreError::Ports { source, .. }
-                if matches!(*source, PortError::Exhausted { .. }) =>
-            {
-                ApiError::PortsExhausted(source.to_string())
+            RestoreError::BackupNotFound { .. }
+            | RestoreError::NodeNotFound { .. }
+            | RestoreError::NotFound { .. } => ApiError::NotFound(detail),
+            RestoreError::NotRestorable { .. } => {
+                ApiError::conflict(ErrorCode::NotRestorable, detail)
             }
-            // A database failure while allocating is not "no port free".
-            e @ (RestoreError::Ports { .. } | RestoreError::Db { .. }) => {
-                ApiError::internal(chain(&e))
+            RestoreError::Busy { .. } => ApiError::conflict(ErrorCode::BackupBusy, detail),
+            RestoreError::ImageMissing { .. } => {
+                ApiError::conflict(ErrorCode::ImageMissing, detail)
             }
-            e @ RestoreError::Export { .. } => ApiError::JobFailed {
-                error: "export failed",
-                detail: chain(&e),
-            },
+            RestoreError::WrongState { .. } => ApiError::conflict(ErrorCode::WrongState, detail),
+            // Exhausted is 503 ports_exhausted; a database failure while allocating is the
+            // database's (503 database naming its cause), never "no port free".
+            RestoreError::Ports { source, .. } => (*source).into(),
+            RestoreError::Db { source, .. } => ApiError::Database(*source),
+            e @ RestoreError::Export { .. } => ApiError::JobFailed(chain(&e)),
         }
     }
 }

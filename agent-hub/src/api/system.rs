@@ -22,11 +22,18 @@ pub async fn health(State(hub): State<AppState>) -> Json<Health> {
 }
 
 pub async fn ports(State(hub): State<AppState>) -> Result<Json<PortsView>, ApiError> {
-    hub.ports
-        .view()
-        .await
-        .map(Json)
-        .map_err(|e| ApiError::internal(format!("ports view: {e}")))
+    Ok(Json(hub.ports.view().await?))
+}
+
+impl From<crate::ports::PortError> for ApiError {
+    fn from(e: crate::ports::PortError) -> Self {
+        match e {
+            e @ crate::ports::PortError::Exhausted { .. } => {
+                ApiError::PortsExhausted(e.to_string())
+            }
+            crate::ports::PortError::Db(e) => e.into(),
+        }
+    }
 }
 
 /// Every qemu-nbd the database knows, with `alive` checked now against `/proc` (the recorded

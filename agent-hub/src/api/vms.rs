@@ -55,10 +55,9 @@ impl From<crate::vms::VmInvalid> for ApiError {
 pub async fn find_vm(hub: &crate::hub::Hub, vm_name: &str) -> Result<Vm, ApiError> {
     match hub.db.get_vm(vm_name).await {
         Ok(vm) => Ok(vm),
-        Err(crate::db::DbError::NotFound { .. }) => Err(ApiError::NotFound {
-            what: "vm",
-            detail: format!("no VM named {vm_name:?} is registered (GET /api/v1/vms lists them)"),
-        }),
+        Err(crate::db::DbError::NotFound { .. }) => Err(ApiError::NotFound(format!(
+            "no VM named {vm_name:?} is registered (GET /api/v1/vms lists them)"
+        ))),
         Err(e) => Err(e.into()),
     }
 }

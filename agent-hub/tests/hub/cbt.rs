@@ -129,7 +129,7 @@ async fn state(
         ),
         None => (
             StatusCode::NOT_FOUND,
-            Json(json!({"error": "not found", "detail": id})),
+            Json(json!({"error": "not_found", "detail": id})),
         ),
     }
 }
@@ -474,7 +474,7 @@ pub async fn change_ids_then_fallback(env: &Env) {
         .unwrap_or_else(|| panic!("no fallback event: {events:#?}"));
     assert!(fallback.contains("FULL"), "{fallback}");
     assert!(
-        fallback.contains("bitmap missing") && fallback.contains("disk 2001 has no change id"),
+        fallback.contains("bitmap_missing") && fallback.contains("disk 2001 has no change id"),
         "{fallback}"
     );
     // No export was prepared twice: one port and one qemu-nbd per disk, and no rebuild.

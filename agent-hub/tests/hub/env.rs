@@ -137,6 +137,7 @@ impl Env {
 /// Asserts that a request was refused as invalid (422) with a detail naming `field`.
 pub fn assert_refused_naming(status: u16, answer: &Value, field: &str) {
     assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["error"], "invalid_field", "{answer}");
     assert!(
         answer["detail"].as_str().unwrap().contains(field),
         "{answer}"

@@ -516,7 +516,11 @@ async fn a_qemu_nbd_that_cannot_start_fails_the_job_and_unwinds() {
     env.register_vm("nostart", &[2000, 2001]).await;
     let (s, v) = env.start_backup("nostart", "full").await;
     assert_eq!(s, 500, "{v}");
-    assert_eq!(v["error"], "backup preparation failed", "{v}");
+    assert_eq!(v["error"], "job_failed", "{v}");
+    assert!(
+        v["detail"].as_str().unwrap().contains(" failed while "),
+        "{v}"
+    );
     assert!(
         v["detail"]
             .as_str()

@@ -12,6 +12,7 @@ async fn bad_requests_are_refused_naming_the_cause() {
     // Token.
     let (s, v) = api.without_token().get("/api/v1/backups").await;
     assert_eq!(s, 401, "{v}");
+    assert_eq!(v["error"], "unauthorized", "{v}");
     assert!(
         v["detail"]
             .as_str()
@@ -33,7 +34,7 @@ async fn bad_requests_are_refused_naming_the_cause() {
     // JSON syntax, missing field, wrong type, unknown enum value.
     let (s, v) = api.post_raw("/api/v1/backups", "{\"vm_name\": ").await;
     assert_eq!(s, 400, "{v}");
-    assert_eq!(v["error"], "invalid JSON");
+    assert_eq!(v["error"], "invalid_json");
     let (s, v) = api
         .post(
             "/api/v1/backups",
@@ -97,6 +98,7 @@ async fn bad_requests_are_refused_naming_the_cause() {
     ] {
         let (s, v) = api.post("/api/v1/vms", &body).await;
         assert_eq!(s, 400, "{body}: {v}");
+        assert_eq!(v["error"], "invalid_name", "{body}: {v}");
         assert!(v["detail"].as_str().unwrap().contains(field), "{body}: {v}");
     }
     let (s, v) = env.start_backup("../okvm", "full").await;

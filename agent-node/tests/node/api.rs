@@ -17,6 +17,8 @@ async fn start_is_validated_and_errors_name_the_cause() {
     assert_eq!(h["pid"], node.pid());
     let r = http.get(node.api("/inventory")).send().await.unwrap();
     assert_eq!(r.status(), 401);
+    let b: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(b["error"], "unauthorized", "{b}");
     let r = http
         .get(node.api("/inventory"))
         .bearer_auth("wrong")
@@ -24,6 +26,8 @@ async fn start_is_validated_and_errors_name_the_cause() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+    let b: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(b["error"], "unauthorized", "{b}");
 
     let (code, inv) = node.get("/inventory").await;
     assert_eq!(code, 200);
@@ -43,11 +47,11 @@ async fn start_is_validated_and_errors_name_the_cause() {
     let start = |vm: &str, ty: &str, targets: &str| json!({"backup_id": "x1", "vm_name": vm, "backup_type": ty, "nbd_targets": targets});
     let two = "2000:nbd://127.0.0.1:10100/a,2001:nbd://127.0.0.1:10101/b";
     let cases = [
-        (start("nope", "full", two), 404, "vm not found", "nope"),
+        (start("nope", "full", two), 404, "not_found", "nope"),
         (
             start("vm1", "full", "2000:nbd://127.0.0.1:10100/a"),
-            400,
-            "invalid field",
+            422,
+            "invalid_field",
             "misses disk(s) 2001 ",
         ),
         (
@@ -56,24 +60,23 @@ async fn start_is_validated_and_errors_name_the_cause() {
                 "full",
                 &format!("{two},2005:nbd://127.0.0.1:10102/c"),
             ),
-            400,
-            "invalid field",
+            422,
+            "invalid_field",
             "key(s) 2005 ",
         ),
         (
             start("vm1", "full", "2000:http://x"),
-            400,
-            "invalid field",
+            422,
+            "invalid_field",
             "nbd_targets",
         ),
         (
             start("vm1", "incremental", two),
             409,
-            // The typed code of the wire (issue 11), no longer the words "bitmap missing".
-            sendense_shared::errors::ErrorCode::BitmapMissing.as_str(),
+            "bitmap_missing",
             "full backup",
         ),
-        (json!({"vm_name": "vm1"}), 400, "invalid field", "backup_id"),
+        (json!({"vm_name": "vm1"}), 422, "invalid_field", "backup_id"),
     ];
     for (body, want_code, want_error, want_detail) in cases {
         let (code, answer) = node.post("/backup/start", body.clone()).await;

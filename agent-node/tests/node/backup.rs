@@ -221,7 +221,7 @@ async fn cancel_mid_copy_releases_the_snapshot() {
         )
         .await;
     assert_eq!(code, 409, "{body}");
-    assert_eq!(body["error"], "vm busy");
+    assert_eq!(body["error"], "vm_busy");
 
     // The hub is unreachable for a while: the final report must still arrive.
     hub.fail_first.store(4, std::sync::atomic::Ordering::SeqCst);

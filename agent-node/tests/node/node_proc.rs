@@ -74,6 +74,12 @@ impl NodeProc {
         let run_dir = dir.join("node-run");
         let token_file = dir.join("token");
         std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+        // The node refuses a token file group or others may read.
+        std::fs::set_permissions(
+            &token_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
         let config = dir.join("node.toml");
         std::fs::write(&config, format!("run_dir = \"{}\"\n", run_dir.display())).unwrap();
         let port = free_port();

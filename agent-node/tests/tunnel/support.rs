@@ -394,6 +394,9 @@ impl NodeWithTunnel {
         let d = sshd.dir.path();
         let token = d.join("token");
         std::fs::write(&token, "tok\n").unwrap();
+        // The node refuses a token file group or others may read.
+        std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         let config = d.join("node.toml");
         std::fs::write(
             &config,

@@ -220,10 +220,7 @@ async fn the_change_tracking_route_turns_cbt_on() {
         "ReconfigVM_Task ran"
     );
     let (status, body) = post_change_tracking(d.clone(), "nope").await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (404, Some("vm not found"))
-    );
+    assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
 
     let port = free_port();
     let mut gone = config(&sim, pin(&sim));
@@ -234,7 +231,7 @@ async fn the_change_tracking_route_turns_cbt_on() {
     )
     .await;
     assert_eq!(status, 502, "{body}");
-    assert_eq!(body["error"], "hypervisor unavailable");
+    assert_eq!(body["error"], "hypervisor_unavailable");
     assert!(
         body["detail"].as_str().unwrap().contains(&port.to_string()),
         "{body}"

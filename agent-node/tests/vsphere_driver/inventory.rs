@@ -103,6 +103,8 @@ async fn the_daemon_serves_qemu_and_vsphere_vms_from_one_config() {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "tok\n").unwrap();
+    // The node refuses a token file group or others may read.
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let cfg = dir.path().join("node.toml");
     std::fs::write(
         &cfg,

@@ -17,6 +17,7 @@ use sendense_shared::api::{
     Backup, BackupRequest, BackupType, DatabaseHealth, DatabaseKind, DiskResult, DiskStatus,
     ErrorBody, Health, JobStatus, PortsView, Repository, Restore, RestoreRequest, Vm, VmDisk,
 };
+use sendense_shared::errors::ErrorCode;
 use sendense_shared::ids::{BackupId, DiskKey, NbdPort};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -158,11 +159,11 @@ fn advance(b: &mut Backup) {
     }
 }
 
-fn error(status: StatusCode, error: &str, detail: &str) -> Response {
+fn error(status: StatusCode, error: ErrorCode, detail: &str) -> Response {
     (
         status,
         Json(ErrorBody {
-            error: error.into(),
+            error,
             detail: detail.into(),
         }),
     )
@@ -172,7 +173,7 @@ fn error(status: StatusCode, error: &str, detail: &str) -> Response {
 fn no_backup(id: &str) -> Response {
     error(
         StatusCode::NOT_FOUND,
-        "backup not found",
+        ErrorCode::NotFound,
         &format!("no backup {id}"),
     )
 }
@@ -188,7 +189,7 @@ async fn require_token(req: Request, next: Next) -> Response {
         Some(v) if v == expected => next.run(req).await,
         _ => error(
             StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorCode::Unauthorized,
             "missing or wrong bearer token",
         ),
     }
@@ -231,7 +232,7 @@ async fn start_backup(State(s): State<Shared>, Json(req): Json<BackupRequest>) -
     if !VMS.contains(&req.vm_name.as_str()) {
         return error(
             StatusCode::NOT_FOUND,
-            "vm not found",
+            ErrorCode::NotFound,
             &format!(
                 "no VM named {:?} is registered; GET /api/v1/vms lists them",
                 req.vm_name
@@ -241,7 +242,7 @@ async fn start_backup(State(s): State<Shared>, Json(req): Json<BackupRequest>) -
     if !st.repositories.iter().any(|r| r.id == req.repository_id) {
         return error(
             StatusCode::NOT_FOUND,
-            "repository not found",
+            ErrorCode::NotFound,
             &format!("no repository {:?}", req.repository_id),
         );
     }
@@ -258,7 +259,7 @@ async fn cancel_backup(State(s): State<Shared>, Path(id): Path<String>) -> Respo
     match st.backups.iter_mut().find(|b| b.backup_id.0 == id) {
         Some(b) if b.status.is_terminal() => error(
             StatusCode::CONFLICT,
-            "job finished",
+            ErrorCode::WrongState,
             &format!("backup {id} is already {}", b.status.as_str()),
         ),
         Some(b) => {

@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use sendense_shared::api::{JobStatus, Restore, RestoreRequest, RestoreTarget};
+use sendense_shared::errors::ErrorCode;
 use sendense_shared::ids::{BackupId, DiskKey, NbdPort};
 
 pub const RESTORE_FLAKY_ERROR: &str =
@@ -76,7 +77,7 @@ fn advance(r: &mut Restore) {
 fn no_restore(id: &str) -> Response {
     error(
         StatusCode::NOT_FOUND,
-        "not_found",
+        ErrorCode::NotFound,
         &format!("no restore {id}"),
     )
 }
@@ -102,14 +103,14 @@ pub(super) async fn start(State(s): State<Shared>, Json(req): Json<RestoreReques
     let Some(backup) = st.backups.iter().find(|b| b.backup_id == req.backup_id) else {
         return error(
             StatusCode::NOT_FOUND,
-            "not_found",
+            ErrorCode::NotFound,
             &format!("no backup {}", req.backup_id),
         );
     };
     if backup.status != JobStatus::Completed {
         return error(
             StatusCode::CONFLICT,
-            "not_restorable",
+            ErrorCode::NotRestorable,
             &format!(
                 "backup {} is {}: only a completed backup can be restored",
                 req.backup_id,
@@ -140,7 +141,7 @@ pub(super) async fn cancel(State(s): State<Shared>, Path(id): Path<String>) -> R
     match st.restores.iter_mut().find(|r| r.restore_id == id) {
         Some(r) if r.status.is_terminal() => error(
             StatusCode::CONFLICT,
-            "wrong_state",
+            ErrorCode::WrongState,
             &format!("restore {id} is already {}", r.status.as_str()),
         ),
         Some(r) => {
