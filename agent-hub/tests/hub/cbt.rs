@@ -147,13 +147,22 @@ fn inventory() -> Value {
 
 impl FakeNode {
     async fn start() -> FakeNode {
+        Self::start_with(true).await
+    }
+
+    /// `with_check`: whether it serves `POST /api/v1/backup/check` (a node older than the check
+    /// answers it 404, and refuses only at start).
+    async fn start_with(with_check: bool) -> FakeNode {
         let starts: Starts = Arc::default();
         let checks: Starts = Arc::default();
-        let app = Router::new()
-            .route(
+        let mut app = Router::new();
+        if with_check {
+            app = app.route(
                 "/api/v1/backup/check",
                 post(check).with_state(checks.clone()),
-            )
+            );
+        }
+        let app = app
             .route("/api/v1/backup/start", post(start))
             .route("/api/v1/backup/{id}", get(state))
             .route(
@@ -260,6 +269,83 @@ async fn full(env: &Env, node: &FakeNode, srcs: &[PathBuf], ids: [Option<&str>; 
 async fn change_ids_flow_into_the_next_incremental_and_their_absence_falls_back_to_full() {
     let env = Env::start();
     change_ids_then_fallback(&env).await;
+}
+
+/// A node that cannot say beforehand (no `/backup/check`: an older node) refuses the
+/// incremental at start; the same job then becomes a full one in place: its incremental images
+/// are replaced by full ones on the same ports, the node is asked again for a full copy, and the
+/// result is a verified full backup.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_without_the_check_refusing_at_start_falls_back_in_place() {
+    let env = Env::start();
+    let node = FakeNode::start_with(false).await;
+    let api = &env.api;
+    let (s, n) = api
+        .post(
+            "/api/v1/nodes",
+            &json!({"name": "vcnode", "api_url": node.url, "version": "test"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{n}");
+    let pushed = reqwest::Client::new()
+        .put(format!("{}/api/v1/nodes/vcnode/inventory", env.hub.url))
+        .bearer_auth(&env.hub.token)
+        .json(&inventory())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pushed.status(), 200, "{}", pushed.text().await.unwrap());
+    let srcs: Vec<PathBuf> = [0x51u8, 0x52]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let path = env.path(&format!("old-src-{i}.qcow2"));
+            disks::create_qcow2(&path, DISK_SIZE);
+            disks::write_pattern(&path, 0, 4 * MIB, *p);
+            path
+        })
+        .collect();
+    let done = full(&env, &node, &srcs, [Some("52 50/1"), None]).await;
+    let id1 = done["backup_id"].as_str().unwrap().to_string();
+    let (id2, b) = env.backup("vc1", "incremental").await;
+    assert_eq!(b["backup_type"], "incremental", "nothing said no yet: {b}");
+    let sent = node.starts_of(&id2, 2).await;
+    assert_incremental_on(&sent[0], &id1);
+    assert_eq!(
+        sent[1].backup_type,
+        sendense_shared::api::BackupType::Full,
+        "{sent:?}"
+    );
+    assert_eq!(sent[1].previous_backup_id, None);
+    let running = api.get_ok(&format!("/api/v1/backups/{id2}")).await;
+    assert_eq!(running["backup_type"], "full", "{running}");
+    let events = api.event_lines(&id2).await;
+    let fallback = events
+        .iter()
+        .find(|e| e.starts_with("incremental_fallback:"))
+        .unwrap_or_else(|| panic!("no fallback event: {events:#?}"));
+    assert!(
+        fallback.contains("bitmap_missing") && fallback.contains("replaced by full ones"),
+        "{fallback}"
+    );
+    for (i, (_, uri)) in targets(&running).iter().enumerate() {
+        disks::nbdcopy_into(&srcs[i], uri);
+    }
+    let end = complete(
+        &env,
+        &id2,
+        &[
+            (2000, Some("52 51/1"), 4 * MIB, Some(&srcs[0])),
+            (2001, Some("52 51/2"), 4 * MIB, Some(&srcs[1])),
+        ],
+    )
+    .await;
+    assert_eq!(end["backup_type"], "full", "{end}");
+    for (i, k) in [2000, 2001].iter().enumerate() {
+        let img = PathBuf::from(disk(&end, *k)["qcow2_path"].as_str().unwrap());
+        assert_eq!(disks::info(&img)["backing-filename"], Value::Null, "{k}");
+        assert!(disks::images_equal(&img, &srcs[i]), "disk {k} differs");
+    }
 }
 
 /// The whole scenario, also run on MariaDB.

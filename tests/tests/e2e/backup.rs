@@ -326,9 +326,10 @@ async fn inventory_follows_a_resized_disk() {
     );
 }
 
-/// A lost change-tracking bitmap: the node refuses the incremental (409 "bitmap missing") and
-/// the hub turns the same job into a full backup, recorded as such, with images without a
-/// backing file; the next incremental then builds on it.
+/// A lost change-tracking bitmap: asked before anything is prepared (`POST
+/// /api/v1/backup/check`), the node refuses the incremental (409 `bitmap_missing`) and the hub
+/// runs the job as a full backup from the start, recorded as such, with images without a
+/// backing file and no export built twice; the next incremental then builds on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incremental_without_bitmap_falls_back_to_full() {
     let sys = Sys::start("e2efallback", SysOptions::default()).await;
@@ -363,11 +364,23 @@ async fn incremental_without_bitmap_falls_back_to_full() {
     let now = sys.disks_now("now").await;
 
     let (id, b) = sys.backup("incremental").await;
-    assert_eq!(b["backup_type"], "incremental", "{b}");
+    assert_eq!(
+        b["backup_type"], "full",
+        "the answer already says full: {b}"
+    );
     let end = sys.wait_completed(&id).await;
     assert_eq!(end["backup_type"], "full", "{end:#}");
-    sys.assert_event(&id, "incremental_fallback", &["full", "bitmap missing"])
-        .await;
+    sys.assert_event(
+        &id,
+        "incremental_fallback",
+        &["FULL", "bitmap_missing", "before any export was prepared"],
+    )
+    .await;
+    let events = sys.events(&id).await;
+    for step in ["port_allocated:", "qemu_nbd_started:"] {
+        let n = events.iter().filter(|e| e.starts_with(step)).count();
+        assert_eq!(n, 2, "one {step} per disk, none rebuilt: {events:#?}");
+    }
     let ver = sys
         .api
         .get_ok(&format!("/api/v1/backups/{id}/verification"))
