@@ -17,11 +17,14 @@
 //! - [`tunnel`]: the supervised OpenSSH tunnel to the hub (forwards, state, restarts) and
 //!   `sendense-node tunnel authorized-key`.
 //! - [`vsphere`]: a small vSphere SOAP client (session, VMs and disks, snapshots, CBT, tasks).
+//! - [`fsutil`]: [`fsutil::atomic_write`], how every crash journal is written (temp file 0600,
+//!   fsync, rename).
 
 pub mod api;
 pub mod config;
 pub mod copy;
 pub mod daemon;
+pub mod fsutil;
 pub mod hub_client;
 pub mod jobs;
 pub mod qmp;
