@@ -692,12 +692,6 @@ impl Client {
         })
     }
 
-    /// How long [`Client::create_snapshot`] and the other task-based calls wait for their task.
-    pub fn with_task_timeout(mut self, timeout: Duration) -> Self {
-        self.task_timeout = timeout;
-        self
-    }
-
     pub async fn logout(&self) -> Result<(), VsphereError> {
         self.inner.logged_out.store(true, Ordering::SeqCst);
         let method = "Logout";
