@@ -1,5 +1,5 @@
-//! Checksums of a copy ([`ChunkChecksums`]): the BLAKE3 of every range written, per cell of the
-//! `checksum_chunk_size` grid.
+//! Checksums of a copy ([`sendense_shared::api::ChunkChecksums`]): the BLAKE3 of every range
+//! written, per cell of the `checksum_chunk_size` grid.
 //!
 //! Data is hashed as the source held it, on a thread of its own ([`start`]): a hash of a few MiB
 //! would hold up the reader and writer tasks. A data range is announced ([`Checksums::range`])

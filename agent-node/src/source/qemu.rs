@@ -17,7 +17,7 @@
 //! # Names of what the node creates in QEMU
 //!
 //! Every node name, job id, export, file and socket of a snapshot is derived from a short tag of
-//! the backup id ([`tags`]); start-up recovery removes everything with these prefixes. The QMP
+//! the backup id (`tags`); start-up recovery removes everything with these prefixes. The QMP
 //! log (`<run_dir>/qmp.log`, one JSON line per command) shows what was done.
 //!
 //! # Change tracking (bitmap rotation)
@@ -36,21 +36,21 @@
 //! re-enables `sendense-X` and removes `sendense-Y` in one transaction, so `sendense-X` again
 //! covers every write since `X`. A node crash between snapshot and release is undone at start-up
 //! (or before the next snapshot of the VM, if a release could not finish) from a journal
-//! (`<run_dir>/journal-<vm>.json`, written atomically before the transaction, [`journal`]) with
-//! the same failure rotation. The hub names the base (`previous_backup_id`); when the recording bitmap
-//! is not exactly that one on every disk (lost, inconsistent after a QEMU crash, a new disk, a
-//! backup the hub did not keep), the incremental is refused with "bitmap missing" and the hub
-//! falls back to a full backup.
+//! (`<run_dir>/journal-<vm>.json`, written atomically before the transaction, `journal`) with
+//! the same failure rotation. The hub names the base (`previous_backup_id`); when the recording
+//! bitmap is not exactly that one on every disk (lost, inconsistent after a QEMU crash, a new
+//! disk, a backup the hub did not keep), the incremental is refused with "bitmap missing" and
+//! the hub falls back to a full backup.
 //!
 //! Persistent bitmaps need qcow2 images; disks in other formats get non-persistent bitmaps
 //! (they survive a node restart, not a QEMU restart, which then reads as "bitmap missing").
 //!
 //! # Submodules
 //!
-//! [`tags`] (names), [`disks`] (the VM's block devices and their bitmaps), [`bitmaps`] (the
-//! incremental's base check and the rotation on release), [`journal`] (the crash journal),
-//! [`release`] (undoing a snapshot step by step), [`recovery`] (start-up cleanup from the
-//! names and the journal).
+//! `tags` (names), `disks` (the VM's block devices and their bitmaps), `bitmaps` (the
+//! incremental's base check and the rotation on release), `journal` (the crash journal),
+//! `release` (undoing a snapshot step by step), `recovery` (start-up cleanup from the names and
+//! the journal).
 
 mod bitmaps;
 mod disks;

@@ -1,6 +1,6 @@
 //! Change tracking with dirty bitmaps: which bitmap an incremental starts from (checked on
 //! every disk before anything is changed), and the rotation on release (see the module docs
-//! of [`super`]).
+//! of `source::qemu`).
 
 use super::disks::{Bitmap, QemuDisk};
 use super::journal::SnapshotState;

@@ -1,7 +1,7 @@
 //! The crash journal: everything a held snapshot consists of, one JSON file per VM
 //! (`<run_dir>/journal-<vm>.json`). It is written before the snapshot transaction and removed
 //! only when a release undid everything, so that whatever happens in between (a node crash, a
-//! release QEMU refused) is undone from it by [`super::recovery`]. Written with
+//! release QEMU refused) is undone from it by `recovery`. Written with
 //! [`crate::fsutil::atomic_write`]: a crash while writing leaves the previous journal (or none)
 //! and a temporary file, never a journal that cannot be read.
 

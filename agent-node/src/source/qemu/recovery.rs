@@ -1,6 +1,6 @@
 //! Start-up recovery: what a crashed node (or a release that could not finish) left in QEMU
-//! and in the run directory is found by its names ([`super::tags`]) and removed; the journal
-//! ([`super::journal`]) says which change tracking to roll back, with the failure rotation.
+//! and in the run directory is found by its names (`tags`) and removed; the journal
+//! (`journal`) says which change tracking to roll back, with the failure rotation.
 
 use super::journal;
 use super::release::{ids_of, remove_file};
