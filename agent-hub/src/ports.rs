@@ -156,10 +156,6 @@ impl PortAllocator {
         self.range
     }
 
-    pub fn bind_addr(&self) -> IpAddr {
-        self.bind
-    }
-
     /// One port per disk, all or nothing (see the module doc). Ports come out in the order of
     /// `disks`, ascending.
     pub async fn allocate(

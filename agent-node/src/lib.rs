@@ -19,6 +19,8 @@
 //!   `sendense-node copy` command.
 //! - [`tunnel`]: the supervised OpenSSH tunnel to the hub (forwards, state, restarts) and
 //!   `sendense-node tunnel authorized-key`.
+//! - [`fsutil`]: [`fsutil::atomic_write`], how every crash journal is written (temp file 0600,
+//!   fsync, rename).
 //!
 //! The vSphere SOAP client the vSphere driver calls is its own crate, [`sendense_vsphere`]
 //! (`vsphere-client/`).
@@ -27,6 +29,7 @@ pub mod api;
 pub mod config;
 pub mod copy;
 pub mod daemon;
+pub mod fsutil;
 pub mod hub_client;
 pub mod jobs;
 pub mod qmp;

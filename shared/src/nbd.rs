@@ -360,11 +360,6 @@ impl NbdClient {
         self.inner.flags & TFLAG_SEND_TRIM != 0
     }
 
-    /// Transmission flags as the server sent them.
-    pub fn transmission_flags(&self) -> u16 {
-        self.inner.flags
-    }
-
     pub fn structured_replies(&self) -> bool {
         self.inner.structured
     }

@@ -25,11 +25,9 @@ pub fn path(run_dir: &Path, stem: &str) -> PathBuf {
     run_dir.join(format!("{PREFIX}{stem}.json"))
 }
 
-/// Writes (or rewrites) an entry; the rename makes it appear whole or not at all.
+/// Writes (or rewrites) an entry whole or not at all ([`crate::fsutil::atomic_write`]).
 pub fn write(path: &Path, entry: &Entry) -> std::io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(entry).unwrap_or_default())?;
-    std::fs::rename(&tmp, path)
+    crate::fsutil::atomic_write(path, &serde_json::to_vec_pretty(entry).unwrap_or_default())
 }
 
 /// Removes an entry; a missing one is fine.
