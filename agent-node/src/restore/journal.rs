@@ -7,8 +7,6 @@
 //! over the entry, fsync of the directory; an entry is whole or absent, also after a power cut.
 
 use serde::{Deserialize, Serialize};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 pub(crate) const PREFIX: &str = "restore-";
@@ -30,24 +28,10 @@ pub fn path(run_dir: &Path, id: &str) -> PathBuf {
     run_dir.join(format!("{PREFIX}{id}.json"))
 }
 
-/// Writes (or rewrites) an entry atomically.
+/// Writes (or rewrites) an entry atomically, the way every node journal is written.
 pub fn write(path: &Path, entry: &Entry) -> std::io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
     let text = serde_json::to_vec_pretty(entry).map_err(std::io::Error::other)?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(&text)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    crate::fsutil::atomic_write(path, &text)
 }
 
 /// Removes an entry; a missing one is fine.
