@@ -210,9 +210,10 @@ impl From<crate::db::DbError> for ApiError {
             e @ (DbError::Corrupt { .. } | DbError::UnsupportedUrl { .. }) => {
                 ApiError::internal(chain(&e))
             }
-            e @ (DbError::Connect { .. } | DbError::Migrate { .. } | DbError::Query { .. }) => {
-                ApiError::Database(e)
-            }
+            e @ (DbError::Connect { .. }
+            | DbError::Migrate { .. }
+            | DbError::Query { .. }
+            | DbError::Unreachable { .. }) => ApiError::Database(e),
         }
     }
 }

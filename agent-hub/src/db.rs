@@ -101,6 +101,16 @@ pub enum DbError {
     },
     #[error("the database holds an unreadable value in {column}: {value:?}")]
     Corrupt { column: &'static str, value: String },
+    /// A query found no connection in time and a fresh connection attempt failed too: the
+    /// source is the database's (or the network's) own answer, e.g. "Connection refused".
+    #[error("database query failed while {doing}: the database at {url} does not answer")]
+    Unreachable {
+        doing: &'static str,
+        /// The URL with any password replaced by `***`.
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
 }
 
 impl DbError {
@@ -113,11 +123,21 @@ impl DbError {
     }
 }
 
+/// How long a query waits for a connection. A database that is down makes sqlx retry its
+/// connection attempts until then and answer only "pool timed out" (see [`Db::diagnose`] for
+/// the cause); a writer's report must be answered within its own 10 s timeout.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long [`Db::diagnose`] gives its own connection attempt.
+const DIAGNOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Handle on the hub's database. Cheap to clone (the pool is shared).
 #[derive(Clone)]
 pub struct Db {
     pool: AnyPool,
     kind: DbKind,
+    /// The URL the pool connects to (with its password: never shown; see [`redact`]).
+    url: std::sync::Arc<str>,
 }
 
 impl std::fmt::Debug for Db {
@@ -151,7 +171,7 @@ impl Db {
                 DbKind::Sqlite => 4,
                 DbKind::Mysql => 8,
             })
-            .acquire_timeout(Duration::from_secs(30))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     if kind == DbKind::Sqlite {
@@ -175,7 +195,51 @@ impl Db {
                 url: redact(&url),
                 source,
             })?;
-        Ok(Db { pool, kind })
+        Ok(Db {
+            pool,
+            kind,
+            url: url.into(),
+        })
+    }
+
+    /// Turns a pool timeout into the database's own answer: a fresh connection attempt says why
+    /// no connection was to be had ("Connection refused", "Unknown database", an authentication
+    /// error). Any other error, or a database that answers now, is returned as it was.
+    pub async fn diagnose(&self, e: DbError) -> DbError {
+        let DbError::Query {
+            doing,
+            source: sqlx::Error::PoolTimedOut,
+        } = e
+        else {
+            return e;
+        };
+        use sqlx::Connection;
+        match tokio::time::timeout(DIAGNOSE_TIMEOUT, sqlx::AnyConnection::connect(&self.url)).await
+        {
+            Ok(Ok(conn)) => {
+                let _ = conn.close().await;
+                DbError::Query {
+                    doing,
+                    source: sqlx::Error::PoolTimedOut,
+                }
+            }
+            Ok(Err(source)) => DbError::Unreachable {
+                doing,
+                url: redact(&self.url),
+                source,
+            },
+            Err(_) => DbError::Unreachable {
+                doing,
+                url: redact(&self.url),
+                source: sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no answer to a new connection within {} s",
+                        DIAGNOSE_TIMEOUT.as_secs()
+                    ),
+                )),
+            },
+        }
     }
 
     /// Applies the dialect's migrations (`migrations/sqlite` or `migrations/mysql`).
@@ -279,7 +343,8 @@ fn is_retryable(e: &sqlx::Error) -> bool {
                 .and_then(|c| c.parse::<i32>().ok())
                 .is_some_and(|c| matches!(c & 0xff, 5 | 6))
         }
-        sqlx::Error::PoolTimedOut => true,
+        // Not a pool timeout: it already waited the whole acquire timeout (a database that is
+        // down, or a pool exhausted for that long); retrying would multiply the wait.
         _ => false,
     }
 }

@@ -92,17 +92,54 @@ impl Level {
     }
 }
 
+/// Events kept while the database does not take them, at most this many (the oldest go first).
+const PENDING_MAX: usize = 1024;
+
+/// After a refusal the database is not asked again for this long: events are only queued, so
+/// that a database outage does not make every job step wait for a connection.
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
+#[derive(Default)]
+struct Queue {
+    events: std::collections::VecDeque<Pending>,
+    /// When the database last refused an event.
+    refused_at: Option<std::time::Instant>,
+    /// A background retry is scheduled.
+    retrying: bool,
+}
+
+/// An event the database did not take yet.
+struct Pending {
+    backup: BackupId,
+    job: Option<String>,
+    at_us: i64,
+    level: Level,
+    step: String,
+    message: String,
+    disk: Option<DiskKey>,
+}
+
 /// The job event log: one place that writes an event to the database, the event stream and the
 /// hub's log, for every kind of job (backups, restores, the reconciler's notes about either).
+///
+/// An event the database refuses (it is down, locked, gone) is kept in memory, in order, and
+/// written before the next event once the database answers again, with its own time: the
+/// events of a database outage, which name its cause, are exactly the ones an operator needs
+/// in the job's log afterwards.
 #[derive(Clone)]
 pub struct JobLog {
     db: Db,
     bus: EventBus,
+    pending: std::sync::Arc<tokio::sync::Mutex<Queue>>,
 }
 
 impl JobLog {
     pub fn new(db: Db, bus: EventBus) -> Self {
-        JobLog { db, bus }
+        JobLog {
+            db,
+            bus,
+            pending: Default::default(),
+        }
     }
 
     pub fn bus(&self) -> &EventBus {
@@ -133,17 +170,84 @@ impl JobLog {
                 tracing::error!(backup_id = %backup, job_id = ?job, step, disk = ?disk_n, "{message}")
             }
         }
-        match self
-            .db
-            .append_job_event(backup, job, level.as_str(), step, message, disk)
-            .await
-        {
-            Ok(ev) => self.bus.publish(HubEvent::JobEvent { event: ev }),
-            Err(e) => tracing::error!(
-                backup_id = %backup,
-                error = %sendense_shared::errors::chain(&e),
-                "cannot record job event"
-            ),
+        let mut queue = self.pending.lock().await;
+        queue.events.push_back(Pending {
+            backup: backup.clone(),
+            job: job.map(str::to_string),
+            at_us: chrono::Utc::now().timestamp_micros(),
+            level,
+            step: step.to_string(),
+            message: message.to_string(),
+            disk,
+        });
+        if queue.refused_at.is_some_and(|t| t.elapsed() < RETRY_AFTER) {
+            while queue.events.len() > PENDING_MAX {
+                queue.events.pop_front();
+            }
+            return;
+        }
+        if self.drain(&mut queue).await && !queue.retrying {
+            queue.retrying = true;
+            let me = self.clone();
+            tokio::spawn(async move { me.retry().await });
+        }
+    }
+
+    /// Writes the queued events, oldest first, stopping at the first refusal (the log keeps its
+    /// order). After a refusal one background task retries every [`RETRY_AFTER`] until the
+    /// queue is empty, so the events of an outage reach the database once it is back even if
+    /// no job writes another one. Answers whether the database refused.
+    async fn drain(&self, queue: &mut Queue) -> bool {
+        while let Some(p) = queue.events.front() {
+            let written = self
+                .db
+                .append_job_event_at(
+                    &p.backup,
+                    p.job.as_deref(),
+                    p.at_us,
+                    p.level.as_str(),
+                    &p.step,
+                    &p.message,
+                    p.disk,
+                )
+                .await;
+            match written {
+                Ok(ev) => {
+                    queue.events.pop_front();
+                    queue.refused_at = None;
+                    self.bus.publish(HubEvent::JobEvent { event: ev });
+                }
+                // The job is gone (its row was never written, or deleted): nothing to keep.
+                Err(crate::db::DbError::NotFound { .. }) => {
+                    queue.events.pop_front();
+                }
+                Err(e) => {
+                    tracing::error!(
+                        backup_id = %p.backup,
+                        kept = queue.events.len(),
+                        error = %sendense_shared::errors::chain(&e),
+                        "cannot record job event; kept until the database answers"
+                    );
+                    while queue.events.len() > PENDING_MAX {
+                        queue.events.pop_front();
+                    }
+                    queue.refused_at = Some(std::time::Instant::now());
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// The background retry: until the queue is empty.
+    async fn retry(&self) {
+        loop {
+            tokio::time::sleep(RETRY_AFTER).await;
+            let mut queue = self.pending.lock().await;
+            if !self.drain(&mut queue).await {
+                queue.retrying = false;
+                return;
+            }
         }
     }
 }

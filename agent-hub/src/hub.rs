@@ -1,4 +1,4 @@
-//! The hub's state: the services a handler reaches, built by [`crate::server::open`] from
+//! The hub's state: the services a handler reaches, built by the wiring in `server.rs` from
 //! explicit dependencies. This module sits low: it names the services, none of them names it.
 
 use crate::auth::Token;

@@ -407,8 +407,44 @@ impl JobManager {
         self.get(id).await
     }
 
+    /// A writer's report the database did not take becomes an event naming the database's own
+    /// cause (kept by the event log until the database answers again); the writer gets the
+    /// error and retries.
+    async fn note_db_failure<T>(
+        &self,
+        id: &BackupId,
+        what: &str,
+        r: Result<T, JobError>,
+    ) -> Result<T, JobError> {
+        let Err(JobError::Db(e)) = r else {
+            return r;
+        };
+        let e = self.deps().db.diagnose(e).await;
+        self.event(
+            id,
+            Level::Error,
+            "database_error",
+            format!(
+                "{what} not recorded, the writer will retry: {}",
+                sendense_shared::errors::chain(&e)
+            ),
+            None,
+        )
+        .await;
+        Err(JobError::Db(e))
+    }
+
     /// A writer's progress: bytes and per-disk status.
     pub async fn progress(
+        &self,
+        id: &BackupId,
+        report: ProgressReport,
+    ) -> Result<Backup, JobError> {
+        let r = self.record_progress(id, report).await;
+        self.note_db_failure(id, "progress report", r).await
+    }
+
+    async fn record_progress(
         &self,
         id: &BackupId,
         report: ProgressReport,
@@ -493,6 +529,15 @@ impl JobManager {
     /// The writer says it is done. `failed` unwinds at once; `completed` moves to `finalizing`
     /// and verifies in the background (see [`finish::finalize`]).
     pub async fn complete(
+        &self,
+        id: &BackupId,
+        report: CompletionReport,
+    ) -> Result<Backup, JobError> {
+        let r = self.record_completion(id, report).await;
+        self.note_db_failure(id, "completion report", r).await
+    }
+
+    async fn record_completion(
         &self,
         id: &BackupId,
         report: CompletionReport,

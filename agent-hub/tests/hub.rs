@@ -13,6 +13,7 @@
 mod hub {
     pub mod backup;
     pub mod cbt;
+    pub mod db_down;
     pub mod env;
     pub mod faults;
     pub mod input;

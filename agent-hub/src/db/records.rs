@@ -246,7 +246,23 @@ impl Db {
         message: &str,
         disk: Option<DiskKey>,
     ) -> Result<JobEvent, DbError> {
-        let at = now_us();
+        self.append_job_event_at(id, job_id, now_us(), level, step, message, disk)
+            .await
+    }
+
+    /// [`Db::append_job_event`] with the time the event happened (`at`, microseconds since the
+    /// epoch): an event kept while the database was unreachable keeps its own time.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn append_job_event_at(
+        &self,
+        id: &BackupId,
+        job_id: Option<&str>,
+        at: i64,
+        level: &str,
+        step: &str,
+        message: &str,
+        disk: Option<DiskKey>,
+    ) -> Result<JobEvent, DbError> {
         let disk_key = disk.map(|d| d.0);
         let not_found = |e: sqlx::Error| {
             if is_foreign_key_violation(&e) {

@@ -1,0 +1,89 @@
+//! The database goes away mid-job: a hub on its own MariaDB server (a private `mariadbd`,
+//! stopped by PID in the middle of a backup and started again). The writer's report is refused
+//! with `503 database` naming the database's own cause, nothing is deleted, the job's events
+//! keep that cause once the database is back, and the job goes on to its end.
+
+use super::env::{Env, JOB_LIMIT, MIB, disk};
+use sendense_tests::mariadb::PrivateMariaDb;
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_database_is_named_in_the_answer_and_the_jobs_events() {
+    let dbdir = tempfile::tempdir().unwrap();
+    let mut db = PrivateMariaDb::start(dbdir.path()).expect("private MariaDB");
+    let url = db.url();
+    let env = Env::start_with(|o| o.database_url = Some(url));
+    let h = env.api.get_ok("/health").await;
+    assert_eq!(h["database"]["kind"], "mysql", "{h}");
+    env.vm_with_sources("dbvm", &[2000]).await;
+    let (id, b) = env.backup("dbvm", "full").await;
+    assert_eq!(b["status"], "running", "{b}");
+    let image = PathBuf::from(disk(&b, 2000)["qcow2_path"].as_str().unwrap());
+    let pid = disk(&b, 2000)["qemu_nbd_pid"].as_u64().unwrap() as u32;
+
+    db.stop();
+    let report = json!({"disks": [{"disk_key": 2000, "bytes_done": MIB, "bytes_total": b["total_bytes"], "status": "running"}]});
+    let t = Instant::now();
+    let (s, v) = env
+        .api
+        .post(&format!("/api/v1/backups/{id}/progress"), &report)
+        .await;
+    assert_eq!(s, 503, "{v}");
+    assert_eq!(v["error"], "database", "{v}");
+    let cause = v["detail"].as_str().unwrap().to_string();
+    assert!(
+        t.elapsed() < JOB_LIMIT,
+        "the refusal took {:?}",
+        t.elapsed()
+    );
+    // The database's own words (the errno of the refused connection), not just "database".
+    assert!(
+        cause.contains("does not answer") && cause.contains("Connection refused"),
+        "{cause}"
+    );
+    // Nothing is undone because the database failed: the export runs, the image is there.
+    assert!(sendense_tests::pid_alive(pid), "qemu-nbd {pid} was stopped");
+    assert!(image.exists(), "{} was deleted", image.display());
+
+    db.resume().expect("MariaDB again");
+    let t = Instant::now();
+    let (s, v) = loop {
+        let (s, v) = env
+            .api
+            .post(&format!("/api/v1/backups/{id}/progress"), &report)
+            .await;
+        if s != 503 || t.elapsed() > JOB_LIMIT {
+            break (s, v);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(s, 200, "the retried report is taken: {v}");
+    // The event was kept while the database was gone and is written once it answers (the
+    // hub's retry runs every 2 s).
+    let t = Instant::now();
+    let noted = loop {
+        let events = env.api.event_lines(&id).await;
+        if let Some(e) = events.iter().find(|e| e.starts_with("database_error:")) {
+            break e.clone();
+        }
+        assert!(
+            t.elapsed() < JOB_LIMIT,
+            "no database_error event: {events:#?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    eprintln!("the job's event: {noted}");
+    assert!(
+        noted.contains("progress report not recorded") && noted.contains(&cause),
+        "the event names the database's cause {cause:?}: {noted}"
+    );
+    let (s, v) = env
+        .api
+        .post(&format!("/api/v1/backups/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(s, 202, "{v}");
+    let end = env.api.wait_status(&id, &["cancelled"], JOB_LIMIT).await;
+    env.api.assert_nothing_held(&end).await;
+}
