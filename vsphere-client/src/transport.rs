@@ -143,7 +143,7 @@ impl Transport {
         if let Some(cookie) = reply.set_cookies.iter().find_map(|c| session_cookie(c)) {
             *self.cookie.lock().unwrap_or_else(PoisonError::into_inner) = Some(cookie);
         }
-        if reply.status != 200 && !reply.body.contains("Envelope") {
+        if reply.status != 200 && !is_soap_envelope(&reply.body) {
             return Err(VsphereError::Protocol {
                 method: method.to_string(),
                 detail: format!("HTTP {}: {}", reply.status, soap::snippet(&reply.body)),
@@ -170,7 +170,7 @@ impl Transport {
                     || "no certificate".to_string(),
                     |der| format!("the server certificate sha256 {}", tls::sha256_hex(&der)),
                 );
-                let hint = if chain(e).contains("BadSignature") {
+                let hint = if is_bad_signature(e) {
                     " (RSA keys under 2048 bits are refused)"
                 } else {
                     ""
@@ -204,21 +204,44 @@ fn session_cookie(set_cookie: &str) -> Option<String> {
 
 /// rustls errors hide below io::Error, whose `source()` skips the wrapped error itself.
 fn is_tls_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    tls_error(e).is_some()
+}
+
+/// The rustls error somewhere in `e`'s chain (also inside an `io::Error`, where tokio-rustls
+/// puts it).
+fn tls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
     let mut current = Some(e);
     while let Some(err) = current {
-        if err.downcast_ref::<rustls::Error>().is_some() {
-            return true;
+        if let Some(t) = err.downcast_ref::<rustls::Error>() {
+            return Some(t);
         }
-        if let Some(inner) = err
+        if let Some(t) = err
             .downcast_ref::<std::io::Error>()
             .and_then(|io| io.get_ref())
-            && is_tls_error(inner)
+            .and_then(|inner| tls_error(inner))
         {
-            return true;
+            return Some(t);
         }
         current = err.source();
     }
-    false
+    None
+}
+
+/// A handshake refused for its signature (a key ring does not accept, e.g. RSA under 2048
+/// bits), as a value of rustls' error, not a word of its message.
+fn is_bad_signature(e: &(dyn std::error::Error + 'static)) -> bool {
+    matches!(
+        tls_error(e),
+        Some(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::BadSignature
+        ))
+    )
+}
+
+/// A SOAP answer: XML whose root element is an `Envelope` (a fault comes with HTTP 500, and is
+/// read by the caller); anything else with an error status is the server's or a proxy's page.
+fn is_soap_envelope(body: &str) -> bool {
+    roxmltree::Document::parse(body).is_ok_and(|d| d.root_element().tag_name().name() == "Envelope")
 }
 
 /// A logged-in session on a transport: sends envelopes, and when the server answers
