@@ -5,7 +5,7 @@
 use crate::api::{NodeState, inventory_vm};
 use crate::config::NodeConfig;
 use crate::copy::CopyOptions;
-use crate::hub_client::{HubClient, backoff};
+use crate::hub_client::{self, HUB_RETRY};
 use crate::jobs::Jobs;
 use crate::qmp::QmpLog;
 use crate::source::SourceDriver;
@@ -14,6 +14,7 @@ use crate::source::qemu::QemuDriver;
 use crate::source::vsphere::VsphereDriver;
 use crate::tunnel::Tunnel;
 use sendense_shared::api::{NodeRegistration, VmRequest};
+use sendense_shared::client::HubClient;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -42,7 +43,7 @@ pub async fn run(
     let hub = config
         .hub_url
         .as_deref()
-        .map(|u| HubClient::new(u, config.token.as_str()));
+        .map(|u| hub_client::connect(u, config.token.as_str()));
     let jobs = Jobs::new(
         driver.clone(),
         hub.clone(),
@@ -136,11 +137,11 @@ async fn register(
     };
     let mut pushed: BTreeMap<String, VmRequest> = BTreeMap::new();
     let mut registered = false;
-    let mut attempt = 0;
+    let mut attempts = HUB_RETRY.attempts();
     loop {
         let result: anyhow::Result<usize> = async {
             if !registered {
-                hub.register(&reg).await?;
+                hub.register_node(&reg).await?;
                 registered = true;
             }
             let mut n = 0;
@@ -162,20 +163,20 @@ async fn register(
         .await;
         let wait = match result {
             Ok(n) => {
-                if n > 0 || attempt > 0 {
+                if n > 0 || attempts.failures() > 0 {
                     tracing::info!(
-                        hub = hub.base(),
+                        hub = hub.base_url(),
                         vms_pushed = n,
                         "registered with the hub, inventory pushed"
                     );
                 }
-                attempt = 0;
+                attempts.reset();
                 INVENTORY_EVERY
             }
             Err(e) => {
-                tracing::warn!(hub = hub.base(), error = %e, attempt, "registration or inventory push failed; retrying");
-                attempt += 1;
-                backoff(attempt - 1)
+                tracing::warn!(hub = hub.base_url(), error = %sendense_shared::errors::chain(&*e),
+                    attempt = attempts.failures(), "registration or inventory push failed; retrying");
+                attempts.next_delay()
             }
         };
         tokio::select! {

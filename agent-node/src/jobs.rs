@@ -20,11 +20,12 @@ mod settle;
 pub mod state;
 
 use crate::copy::{CopyOptions, ExtentSource, copy_disk};
-use crate::hub_client::{Delivery, HubClient, deliver};
+use crate::hub_client::{Delivery, deliver};
 use crate::source::{ReleaseOutcome, Snapshot, SnapshotRequest, SourceDriver, SourceError};
 use plan::key_list;
 pub use plan::{BackupPlan, StartError};
 use sendense_shared::api::{BackupType, DiskStatus, JobStatus, NodeBackupStart};
+use sendense_shared::client::HubClient;
 use sendense_shared::ids::{BackupId, DiskKey};
 use sendense_shared::nbd::NbdAddr;
 use settle::{Circumstances, DiskResult};
@@ -454,7 +455,7 @@ impl Jobs {
         // the completion), or the node shuts down.
         let shutdown = &self.ctx.shutdown;
         if deliver(&what, shutdown, &mut attempt, || {
-            hub.progress(id, &progress)
+            hub.backup_progress(id, &progress)
         })
         .await
             == Delivery::GaveUp
@@ -462,7 +463,7 @@ impl Jobs {
             return;
         }
         if deliver(&what, shutdown, &mut attempt, || {
-            hub.complete(id, &completion)
+            hub.backup_complete(id, &completion)
         })
         .await
             == Delivery::Taken
@@ -485,8 +486,8 @@ async fn progress_loop(job: Arc<Job>, hub: Option<HubClient>, stop: Cancellation
             // Intermediate progress may be lost; the final state is sent by report_final.
             let report = job.progress();
             tokio::select! {
-                r = hub.progress(&job.backup_id, &report) => if let Err(e) = r {
-                    tracing::debug!(backup_id = %job.backup_id, error = %e, "progress push failed");
+                r = hub.backup_progress(&job.backup_id, &report) => if let Err(e) = r {
+                    tracing::debug!(backup_id = %job.backup_id, error = %sendense_shared::errors::chain(&e), "progress push failed");
                 },
                 _ = stop.cancelled() => return,
             }

@@ -9,8 +9,9 @@
 //!   [`source::multi`] puts several behind one.
 //! - [`jobs`]: backup jobs (snapshot, parallel copy of all disks, progress, completion, release),
 //!   the pure start validation ([`jobs::plan`]) and the [`jobs::JobContext`] every job kind runs on.
-//! - [`hub_client`]: calls to the hub (registration, inventory, progress, completion of backups
-//!   and restores) and the one retry loop of final reports.
+//! - [`hub_client`]: the node's hub client (the shared `sendense_shared::client::HubClient`
+//!   with the node's token and `User-Agent`), its retry pacing, and the one retry loop of
+//!   final reports.
 //! - [`api`]: the node's HTTP API (axum) and `serve`.
 //! - [`daemon`]: wires config, driver, recovery, hub registration and the API together.
 //! - [`restore`]: restore jobs: a backup point from the hub's export into a new image, verified,

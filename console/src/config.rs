@@ -2,6 +2,7 @@
 //! config file, then the default. The token itself never travels on the command line (it would
 //! show in `ps`): only the path of a file holding it, or `SENDENSE_TOKEN` in the environment.
 
+use sendense_shared::token::{TokenError, read_token_file};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -24,14 +25,10 @@ pub enum ConfigError {
         #[source]
         source: toml::de::Error,
     },
-    #[error("cannot read token file {path}")]
-    ReadToken {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("token file {path} is empty")]
-    EmptyToken { path: PathBuf },
+    /// The token file could not be read, is empty, or group or others may read it (the one
+    /// reader of token files, shared with hub and node, names the path and the mode).
+    #[error(transparent)]
+    Token(#[from] TokenError),
     #[error("hub URL {url:?} must start with http:// (e.g. http://127.0.0.1:8082)")]
     BadUrl { url: String },
 }
@@ -86,19 +83,10 @@ fn load_file(path: &Path, must_exist: bool) -> Result<FileConfig, ConfigError> {
     })
 }
 
-/// Read a token file: its content without surrounding whitespace.
+/// Read a token file with the reader hub and node use: refused when empty or readable by
+/// group or others; surrounding white space is not part of the token.
 pub fn read_token(path: &Path) -> Result<String, ConfigError> {
-    let raw = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadToken {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let token = raw.trim();
-    if token.is_empty() {
-        return Err(ConfigError::EmptyToken {
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(token.to_string())
+    Ok(read_token_file(path)?.as_str().to_string())
 }
 
 /// Resolve the settings. `token_env` is the value of [`TOKEN_ENV`], passed in so tests need not
@@ -132,12 +120,20 @@ pub fn resolve(over: &Overrides, token_env: Option<String>) -> Result<Settings, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A token file as an operator would leave it: `mode` set explicitly, whatever the umask.
+    fn write_token(dir: &Path, text: &str, mode: u32) -> PathBuf {
+        let path = dir.join("token");
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
 
     #[test]
     fn flag_beats_config_file_and_token_file_is_trimmed() {
         let dir = tempfile::tempdir().unwrap();
-        let token = dir.path().join("token");
-        std::fs::write(&token, "s3cret\n").unwrap();
+        let token = write_token(dir.path(), "s3cret\n", 0o600);
         let cfg = dir.path().join("console.toml");
         std::fs::write(
             &cfg,
@@ -181,9 +177,9 @@ mod tests {
             None,
         )
         .unwrap_err();
-        assert!(
-            err.to_string().contains("/nonexistent/sendense-token"),
-            "{err}"
+        assert_eq!(
+            sendense_shared::errors::chain(&err),
+            "cannot read token file /nonexistent/sendense-token: No such file or directory (os error 2)"
         );
     }
 
@@ -225,5 +221,39 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.token.as_deref(), Some("envtoken"));
+    }
+
+    #[test]
+    fn a_token_file_others_may_read_is_refused_naming_path_and_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = write_token(dir.path(), "s3cret\n", 0o644);
+        let err = resolve(
+            &Overrides {
+                token_file: Some(token.clone()),
+                config: Some("/dev/null".into()),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(
+            sendense_shared::errors::chain(&err),
+            format!(
+                "token file {} is readable by group or others (mode 0644); `chmod 600` it \
+                 (and consider the token leaked)",
+                token.display()
+            )
+        );
+    }
+
+    #[test]
+    fn an_empty_token_file_is_refused_naming_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = write_token(dir.path(), " \n", 0o600);
+        let err = read_token(&token).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("token file {} is empty", token.display())
+        );
     }
 }

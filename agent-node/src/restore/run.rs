@@ -3,10 +3,11 @@
 
 use super::{RestoreJob, journal};
 use crate::copy::{CopyError, ExtentSource, copy_disk};
-use crate::hub_client::{Delivery, HubClient, deliver};
+use crate::hub_client::{Delivery, deliver};
 use crate::jobs::{CANCEL_GRACE, JobContext, PROGRESS_EVERY};
 use sendense_shared::api::JobStatus;
 use sendense_shared::child::{ChildError, StartGuard, Supervised};
+use sendense_shared::client::HubClient;
 use sendense_shared::errors::{ErrorCode, chain};
 use sendense_shared::nbd::verify::{VerifyError, verify_export};
 use sendense_shared::nbd::{ConnectOptions, NbdAddr, NbdClient, NbdError};
@@ -372,7 +373,7 @@ async fn progress_loop(job: Arc<RestoreJob>, hub: Option<HubClient>, stop: Cance
             let report = job.progress();
             tokio::select! {
                 r = hub.restore_progress(job.id(), &report) => if let Err(e) = r {
-                    tracing::debug!(restore_id = %job.id(), error = %e, "progress push failed");
+                    tracing::debug!(restore_id = %job.id(), error = %chain(&e), "progress push failed");
                 },
                 _ = stop.cancelled() => return,
             }

@@ -8,6 +8,7 @@ use super::stderr::{SshFailure, classify, forwards_established, last_own_line};
 use chrono::Utc;
 use rand::Rng;
 use sendense_shared::api::{TunnelState, TunnelStateKind};
+use sendense_shared::backoff::Backoff;
 use sendense_shared::child::{ChildError, Supervised};
 use sendense_shared::nbd::NbdAddr;
 use std::process::Stdio;
@@ -315,13 +316,10 @@ impl Tunnel {
 
 /// Delay before the next attempt after `failures` consecutive failures: `initial` doubling up
 /// to `max`, then 75-125 % of that, so that many nodes cut off together do not return together.
+/// The pacing is the workspace's one [`Backoff`]; only the random factor is the tunnel's.
 pub fn backoff(policy: &BackoffPolicy, failures: u32) -> Duration {
-    let base = policy
-        .initial
-        .saturating_mul(1u32 << failures.min(16))
-        .min(policy.max);
-    let factor = rand::rng().random_range(0.75..=1.25);
-    base.mul_f64(factor).min(policy.max)
+    Backoff::new(policy.initial, policy.max)
+        .jittered(failures, rand::rng().random_range(0.75..=1.25))
 }
 
 fn is_loopback(host: &str) -> bool {

@@ -1,7 +1,7 @@
 //! The scriptable side, run as the real binary against the fake hub: what a script sees on
 //! stdout, what an operator reads on stderr, and the exit status.
 
-use crate::fake_hub::{FLAKY_ERROR, FakeHub, TOKEN};
+use crate::fake_hub::{FLAKY_ERROR, FakeHub, TOKEN, write_token_file};
 use sendense_shared::api::{Backup, BackupType, JobStatus};
 use std::path::PathBuf;
 use std::process::Output;
@@ -25,7 +25,7 @@ impl Shell {
     fn new(hub: &str, token: &str) -> Shell {
         let home = tempfile::tempdir().unwrap();
         let path = home.path().join("token");
-        std::fs::write(&path, format!("{token}\n")).unwrap();
+        write_token_file(&path, &format!("{token}\n"));
         Shell {
             home,
             token: path,
@@ -245,6 +245,31 @@ async fn wrong_token_says_401_and_how_to_fix_it() {
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains("401"), "{}", r.stderr);
     assert!(r.stderr.contains("--token-file"), "{}", r.stderr);
+}
+
+#[tokio::test]
+async fn a_token_file_others_may_read_is_refused_naming_path_and_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let hub = FakeHub::start(&["repo-a"]).await;
+    let sh = Shell::new(&hub.url, TOKEN);
+    std::fs::set_permissions(&sh.token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let r = sh
+        .run(&["backup", "start", "pgtest1", "--type", "full"])
+        .await;
+    assert_eq!(r.code, 1);
+    assert_eq!(
+        r.stderr,
+        format!(
+            "error: token file {} is readable by group or others (mode 0644); `chmod 600` it \
+             (and consider the token leaked)\n",
+            sh.token.display()
+        )
+    );
+    assert!(r.stdout.is_empty());
+    assert!(
+        hub.state.lock().unwrap().start_requests.is_empty(),
+        "nothing was sent with the leaked token"
+    );
 }
 
 #[tokio::test]

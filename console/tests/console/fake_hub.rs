@@ -25,6 +25,14 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, oneshot, watch};
 
 pub const TOKEN: &str = "s3cret-test-token";
+
+/// Writes `text` to `path` as a token file the console accepts: mode 0600 whatever the umask
+/// (the shared token reader refuses a file group or others may read).
+pub fn write_token_file(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
 pub const GIB: u64 = 1024 * 1024 * 1024;
 
 /// How the fake's jobs end, by VM name: `pgtest1` completes, `flaky` fails, `slowvm` runs until

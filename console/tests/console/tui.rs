@@ -2,7 +2,7 @@
 //! with keys, cancel it with the confirmation, then SIGTERM, which must leave the terminal
 //! restored (alternate screen left) and exit 0. Against the fake hub (see `main.rs`).
 
-use crate::fake_hub::{FakeHub, TOKEN};
+use crate::fake_hub::{FakeHub, TOKEN, write_token_file};
 use sendense_tests::tmux::Tmux;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ async fn keys_start_and_cancel_a_backup_and_sigterm_restores_the_terminal() {
         .push(crate::fake_hub::vm("pgtest1"));
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
-    std::fs::write(&token, TOKEN).unwrap();
+    write_token_file(&token, TOKEN);
     let log = dir.path().join("console.log");
     let tmux = Tmux::new("sendense-console-test", Duration::from_secs(15));
     let cmd = format!(
@@ -135,7 +135,7 @@ async fn keys_show_follow_and_cancel_a_restore() {
     hub.state.lock().unwrap().restores.push(r.clone());
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
-    std::fs::write(&token, TOKEN).unwrap();
+    write_token_file(&token, TOKEN);
     let tmux = Tmux::new("sendense-console-restore-test", Duration::from_secs(15));
     let cmd = format!(
         "{} --hub {} --token-file {} --log-file {}",
