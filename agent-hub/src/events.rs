@@ -64,7 +64,13 @@ impl EventBus {
                         Err(e) => Event::default().comment(format!("unserialisable event: {e}")),
                     },
                     Err(broadcast::error::RecvError::Lagged(n)) => {
-                        Event::default().comment(format!("lagged: {n} events lost, re-read lists"))
+                        let ev = HubEvent::Lagged { lost: n };
+                        match Event::default().json_data(&ev) {
+                            Ok(e) => e.event(kind(&ev)),
+                            Err(e) => {
+                                Event::default().comment(format!("unserialisable event: {e}"))
+                            }
+                        }
                     }
                     Err(broadcast::error::RecvError::Closed) => return None,
                 };
@@ -261,5 +267,45 @@ fn kind(ev: &HubEvent) -> &'static str {
         HubEvent::Processes { .. } => "processes",
         HubEvent::Tunnel { .. } => "tunnel",
         HubEvent::Restore { .. } => "restore",
+        HubEvent::Lagged { .. } => "lagged",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::response::IntoResponse;
+    use http_body_util::BodyExt;
+
+    /// A subscriber that fell behind gets a typed `lagged` event (kind and count), which a client
+    /// matches as a value, and then the events that were kept.
+    #[tokio::test]
+    async fn a_slow_subscriber_is_told_it_lagged_as_an_event() {
+        let bus = EventBus::new();
+        let mut body = bus
+            .sse(tokio_util::sync::CancellationToken::new())
+            .into_response()
+            .into_body();
+        for i in 0..(CAPACITY + 5) {
+            bus.publish(HubEvent::Tunnel {
+                node: format!("n{i}"),
+                tunnel: sendense_shared::api::TunnelState {
+                    state: sendense_shared::api::TunnelStateKind::Up,
+                    since: chrono::Utc::now(),
+                    restarts: 0,
+                    last_error: None,
+                    forwards: Vec::new(),
+                },
+            });
+        }
+        let frame = body.frame().await.expect("a frame").expect("no error");
+        let text = String::from_utf8(frame.into_data().expect("data").to_vec()).unwrap();
+        assert!(text.lines().any(|l| l == "event: lagged"), "{text}");
+        let json = text
+            .lines()
+            .find_map(|l| l.strip_prefix("data: "))
+            .unwrap_or_else(|| panic!("{text}"));
+        let ev: HubEvent = serde_json::from_str(json).unwrap();
+        assert_eq!(ev, HubEvent::Lagged { lost: 5 });
     }
 }

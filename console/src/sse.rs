@@ -28,7 +28,7 @@ const RECENT_JOBS_WITH_EVENTS: usize = 5;
 pub enum SseItem {
     /// The joined `data:` lines of one event.
     Data(String),
-    /// A `:` comment line (keep-alives, and the hub's "lagged: N events lost" notice).
+    /// A `:` comment line (keep-alives).
     Comment(String),
 }
 
@@ -211,16 +211,15 @@ async fn pump(client: &HubClient, resp: reqwest::Response, tx: &mpsc::Sender<Upd
                     for item in parser.push(&bytes) {
                         let data = match item {
                             SseItem::Data(data) => data,
-                            SseItem::Comment(c) if c.starts_with("lagged") => {
-                                // Events were lost: the lists are re-read in full, by the
-                                // refresh below, now.
-                                tracing::warn!(comment = %c, "event stream lagged");
-                                refresh.reset_immediately();
-                                continue;
-                            }
                             SseItem::Comment(_) => continue,
                         };
                         match serde_json::from_str::<HubEvent>(&data) {
+                            Ok(HubEvent::Lagged { lost }) => {
+                                // Events were lost: the lists are re-read in full, by the
+                                // refresh below, now.
+                                tracing::warn!(lost, "event stream lagged");
+                                refresh.reset_immediately();
+                            }
                             Ok(event) => {
                                 if tx.send(Update::Event(event)).await.is_err() {
                                     return String::new();
@@ -302,12 +301,7 @@ mod tests {
     #[test]
     fn comments_are_not_events() {
         let mut p = SseParser::default();
-        let out = p.push(b":lagged: 3 events lost, re-read lists\n\n");
-        assert_eq!(
-            out,
-            vec![SseItem::Comment(
-                "lagged: 3 events lost, re-read lists".into()
-            )]
-        );
+        let out = p.push(b":keep-alive\n\n");
+        assert_eq!(out, vec![SseItem::Comment("keep-alive".into())]);
     }
 }

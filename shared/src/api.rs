@@ -707,6 +707,8 @@ pub enum HubEvent {
     Tunnel { node: String, tunnel: TunnelState },
     /// A restore job changed (status, progress).
     Restore { restore: Restore },
+    /// This subscriber fell behind and `lost` events were dropped for it: re-read the lists.
+    Lagged { lost: u64 },
 }
 
 #[cfg(test)]

@@ -130,6 +130,8 @@ impl App {
                 }
                 self.sort_restores();
             }
+            // The feed re-reads the lists on it (see `sse::pump`); nothing to apply.
+            HubEvent::Lagged { .. } => {}
         }
     }
 

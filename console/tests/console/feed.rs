@@ -77,7 +77,7 @@ async fn feed_goes_live_follows_events_and_recovers_after_the_hub_returns() {
             BackupType::Full,
         ));
     hub.events
-        .send(":lagged: 3 events lost, re-read lists".into())
+        .send(r#"{"kind":"lagged","lost":3}"#.into())
         .unwrap();
     until(
         &mut rx,
