@@ -445,7 +445,7 @@ impl SourceDriver for QemuDriver {
 
 fn is_already_running(e: &SourceError) -> bool {
     matches!(e, SourceError::Qmp { source, .. }
-        if source.desc().is_some_and(|d| d.contains("already running")))
+        if source.refusal() == Some(crate::qmp::Refusal::AlreadyRunning))
 }
 
 async fn create_fleece_file(path: &Path, size: u64) -> Result<(), SourceError> {

@@ -4,7 +4,6 @@
 
 use super::journal::SnapshotState;
 use super::{QemuDriver, QemuVm};
-use crate::qmp::QmpError;
 use crate::source::{ReleaseOutcome, SourceError};
 use serde_json::{Value, json};
 use std::path::Path;
@@ -130,9 +129,7 @@ impl QemuDriver {
         }
         match self.exec(vm, "nbd-server-stop", json!({})).await {
             Err(SourceError::Qmp { source, .. })
-                if source
-                    .desc()
-                    .is_some_and(|d| d.contains("not running") || d.contains("No NBD server")) =>
+                if source.refusal() == Some(crate::qmp::Refusal::NotRunning) =>
             {
                 Ok(())
             }
@@ -177,14 +174,8 @@ pub(super) fn ids_of(list: &Value, field: &str) -> Vec<String> {
 fn ignore_not_found(r: Result<Value, SourceError>) -> Result<(), SourceError> {
     match r {
         Ok(_) => Ok(()),
-        Err(SourceError::Qmp {
-            source: QmpError::Command { class, desc, .. },
-            ..
-        }) if class == "DeviceNotFound"
-            || desc.contains("not found")
-            || desc.contains("No such")
-            || desc.contains("not exist")
-            || desc.contains("Cannot find") =>
+        Err(SourceError::Qmp { source, .. })
+            if source.refusal() == Some(crate::qmp::Refusal::NotFound) =>
         {
             Ok(())
         }
