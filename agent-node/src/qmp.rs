@@ -498,7 +498,7 @@ mod tests {
                 "GenericError",
                 "Failed to find node with node-name='fleece1'"
             ),
-            Some(Refusal::Other)
+            Some(Refusal::NotFound)
         );
         assert_eq!(
             r("DeviceNotFound", "Device 'x' not found"),
