@@ -4,7 +4,8 @@
 //!   of the VM or none.
 //! - [`finish`]: the one unwinding path (stop qemu-nbd, release ports, delete partial images,
 //!   set the terminal status) and the verification after a completion report.
-//! - [`verify`]: reads the written ranges back through the job's qemu-nbd and compares checksums.
+//! - verification reads the written ranges back through the job's qemu-nbd and compares
+//!   checksums with [`sendense_shared::nbd::verify`], the routine the node's restores use too.
 //! - [`node`]: calls to the node that owns the VM (start, cancel).
 //! - [`fallback`]: an incremental the node refuses ("bitmap missing") becomes a full backup.
 //!
@@ -25,7 +26,6 @@ pub mod fallback;
 pub mod finish;
 pub mod node;
 pub mod prepare;
-pub mod verify;
 
 use crate::db::{Db, DbError};
 use crate::ports::PortAllocator;

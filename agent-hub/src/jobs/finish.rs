@@ -400,13 +400,13 @@ pub async fn finalize(jm: &JobManager, job: Arc<LiveJob>, report: CompletionRepo
             ));
             break;
         };
-        let addr = sendense_shared::nbd::NbdAddr::Tcp {
-            host: jm.deps().qemu_nbd.bind.to_string(),
-            port: e.port.0,
-            export: e.export_name.clone(),
-        };
+        // Read back through the job's still-running qemu-nbd, not with `qemu-img`: it has the
+        // image open already (a second opener would have to break qemu's image lock and could
+        // read metadata not yet flushed) and serves exactly what the writer wrote, through the
+        // path a restore uses. It runs with `--shared=N`, so a connected writer is no obstacle.
+        let addr = e.server.nbd_addr();
         let t = Instant::now();
-        match super::verify::verify_disk(&addr, sums, &job.cancel).await {
+        match sendense_shared::nbd::verify::verify_disk(&addr, sums, &job.cancel).await {
             Ok(s) => {
                 let _ = db
                     .update_disk(
@@ -436,7 +436,7 @@ pub async fn finalize(jm: &JobManager, job: Arc<LiveJob>, report: CompletionRepo
                 )
                 .await
             }
-            Err(super::verify::VerifyError::Cancelled) => {
+            Err(sendense_shared::nbd::verify::VerifyError::Cancelled) => {
                 jm.event(
                     &id,
                     Level::Warn,
@@ -454,7 +454,10 @@ pub async fn finalize(jm: &JobManager, job: Arc<LiveJob>, report: CompletionRepo
             }
             Err(err) => {
                 let msg = format!("disk {}: verification failed: {err}", d.disk_key);
-                let mismatch = matches!(err, super::verify::VerifyError::Mismatch { .. });
+                let mismatch = matches!(
+                    err,
+                    sendense_shared::nbd::verify::VerifyError::Mismatch { .. }
+                );
                 let _ = db
                     .update_disk(
                         &id,
