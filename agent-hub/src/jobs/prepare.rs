@@ -4,17 +4,18 @@
 //! The preparation runs in a tracked task that the request merely awaits: a client that hangs
 //! up mid-way must not abandon half-started qemu-nbd processes.
 
+mod exports;
+mod kind;
+
 use super::finish::{Outcome, finish};
 use super::node::Previous;
 use super::{JobError, JobManager, Level, LiveJob, NodeAddr, Resources};
 use crate::db::{DbError, DiskUpdate, NewBackup, NewBackupDisk};
 use crate::ports::PortError;
-use crate::qemu_nbd::{ExportSpec, QemuNbd};
 use crate::repository::RepoLayout;
-use sendense_shared::api::{
-    Backup, BackupRequest, BackupType, DiskStatus, JobStatus, ProcessInfo, Vm,
-};
-use sendense_shared::ids::{BackupId, DiskKey, NbdPort};
+use exports::start_exports;
+use sendense_shared::api::{Backup, BackupRequest, BackupType, DiskStatus, JobStatus, Vm};
+use sendense_shared::ids::{BackupId, DiskKey};
 use sendense_shared::targets::{NbdTarget, NbdUri, format_targets};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -79,29 +80,12 @@ pub async fn start(jm: &JobManager, req: BackupRequest) -> Result<Backup, JobErr
 
     let backup_id = BackupId(uuid::Uuid::new_v4().to_string());
     let layout = RepoLayout::new(&repo.path);
-    let (effective, parents, previous, fallback) = choose_type(jm, &vm, req.backup_type).await?;
-    // One round trip before anything is prepared: a node that cannot do the incremental says
-    // so now, and the job is a full one from the start (no export is built twice).
-    let (effective, parents, previous, fallback) = match (&node, effective, previous) {
-        (Some(n), BackupType::Incremental, Some(p)) => {
-            match super::node::check_base(jm, n, &backup_id, &vm.vm_name, &p).await {
-                super::node::BaseCheck::Refused(why) => (
-                    BackupType::Full,
-                    Vec::new(),
-                    None,
-                    Some(format!(
-                        "the node refused the incremental before any export was prepared: {why}"
-                    )),
-                ),
-                super::node::BaseCheck::Unknown(why) => {
-                    tracing::info!(vm = %vm.vm_name, cause = %why, "incremental base not checked; going on");
-                    (effective, parents, Some(p), fallback)
-                }
-                super::node::BaseCheck::Holds => (effective, parents, Some(p), fallback),
-            }
-        }
-        (_, effective, previous) => (effective, parents, previous, fallback),
-    };
+    let kind::Kind {
+        effective,
+        parents,
+        previous,
+        fallback,
+    } = kind::choose(jm, &vm, req.backup_type, node.as_ref(), &backup_id).await?;
     let mut disks = Vec::with_capacity(vm.disks.len());
     for d in &vm.disks {
         let parent = parents.iter().find(|p| p.0 == d.disk_key);
@@ -250,77 +234,6 @@ pub async fn start(jm: &JobManager, req: BackupRequest) -> Result<Backup, JobErr
 /// `<vm>-disk-<key>`, the original system's export names.
 pub fn export_name(vm: &str, disk: DiskKey) -> String {
     format!("{vm}-disk-{disk}")
-}
-
-/// Full stays full. Incremental needs the last completed backup of the VM with an image, still
-/// on disk, for every current disk; otherwise the job falls back to full and says why.
-async fn choose_type(
-    jm: &JobManager,
-    vm: &Vm,
-    requested: BackupType,
-) -> Result<
-    (
-        BackupType,
-        Vec<(DiskKey, BackupId, PathBuf)>,
-        Option<Previous>,
-        Option<String>,
-    ),
-    JobError,
-> {
-    if requested == BackupType::Full {
-        return Ok((BackupType::Full, Vec::new(), None, None));
-    }
-    let Some(last) = jm
-        .deps()
-        .db
-        .last_completed_backup(&vm.vm_context_id)
-        .await?
-    else {
-        return Ok((
-            BackupType::Full,
-            Vec::new(),
-            None,
-            Some(format!(
-                "VM {} has no completed backup to build on",
-                vm.vm_name
-            )),
-        ));
-    };
-    let mut parents = Vec::new();
-    for d in &vm.disks {
-        let Some(prev) = last.disk_results.iter().find(|r| r.disk_key == d.disk_key) else {
-            return Ok((
-                BackupType::Full,
-                Vec::new(),
-                None,
-                Some(format!(
-                    "disk {} is not in the last completed backup {}",
-                    d.disk_key, last.backup_id
-                )),
-            ));
-        };
-        let path = PathBuf::from(&prev.qcow2_path);
-        if !path.is_file() {
-            return Ok((
-                BackupType::Full,
-                Vec::new(),
-                None,
-                Some(format!(
-                    "image {} of disk {} of backup {} is missing",
-                    path.display(),
-                    d.disk_key,
-                    last.backup_id
-                )),
-            ));
-        }
-        parents.push((d.disk_key, last.backup_id.clone(), path));
-    }
-    let keys: Vec<DiskKey> = vm.disks.iter().map(|d| d.disk_key).collect();
-    let previous = Previous {
-        change_ids: super::node::change_ids_of(&last, &keys),
-        backup_id: last.backup_id,
-    };
-    Ok((BackupType::Incremental, parents, Some(previous), None))
 }
 
 /// A job refused before it held anything: straight to `failed`.
@@ -602,130 +515,4 @@ async fn cancelled(
     .await;
     finish(jm, job, res, Outcome::Cancelled).await;
     Err(JobError::Cancelled { id: job.id.clone() })
-}
-
-/// Starts one qemu-nbd per disk of `backup` on its port, concurrently, and records each one.
-/// Every one that started joins `res` before anything can fail, so unwinding stops them all.
-/// Answers the failures, each naming its disk and cause (empty: all are up).
-async fn start_exports(
-    jm: &JobManager,
-    job: &Arc<LiveJob>,
-    res: &mut Resources,
-    backup: &Backup,
-    ports: &[(DiskKey, NbdPort)],
-) -> Result<Vec<String>, JobError> {
-    let id = job.id.clone();
-    let db = &jm.deps().db;
-    // Started concurrently (each waits for its own handshake, about
-    // 100 ms; a 16-disk VM should not wait for them one after the other).
-    let port_of = |k: DiskKey| {
-        ports
-            .iter()
-            .find(|p| p.0 == k)
-            .map(|p| p.1)
-            .expect("a port per disk")
-    };
-    let cfg = jm.deps().qemu_nbd.clone();
-    let started = futures_util::future::join_all(backup.disk_results.iter().map(|d| {
-        let spec = ExportSpec {
-            qcow2_path: PathBuf::from(&d.qcow2_path),
-            export_name: d.nbd_export_name.clone(),
-            port: port_of(d.disk_key).0,
-            read_only: false,
-        };
-        let cfg = cfg.clone();
-        async move {
-            let t = Instant::now();
-            (QemuNbd::start(&cfg, spec).await, t.elapsed())
-        }
-    }))
-    .await;
-    // Every one that started joins the resources first, so any failure below stops them all.
-    let mut started: Vec<_> = started
-        .into_iter()
-        .zip(&backup.disk_results)
-        .map(|((r, took), d)| {
-            if let Ok(server) = &r {
-                res.exports.push(super::Export {
-                    disk_key: d.disk_key,
-                    port: port_of(d.disk_key),
-                    export_name: d.nbd_export_name.clone(),
-                    path: PathBuf::from(&d.qcow2_path),
-                    server: server.clone(),
-                });
-            }
-            (r, took)
-        })
-        .collect();
-    // Any disk whose qemu-nbd did not come up fails the job; every cause is named.
-    let mut failures = Vec::new();
-    for (d, (r, _)) in backup.disk_results.iter().zip(&started) {
-        if let Err(e) = r {
-            let msg = format!(
-                "disk {}: qemu-nbd for {} on port {} did not become ready: {e}",
-                d.disk_key,
-                d.qcow2_path,
-                port_of(d.disk_key)
-            );
-            db.update_disk(
-                &id,
-                d.disk_key,
-                &DiskUpdate {
-                    status: Some(DiskStatus::Failed),
-                    error_message: Some(Some(msg.clone())),
-                    ..Default::default()
-                },
-            )
-            .await?;
-            failures.push(msg);
-        }
-    }
-    if !failures.is_empty() {
-        return Ok(failures);
-    }
-    for (d, (started, took)) in backup.disk_results.iter().zip(started.drain(..)) {
-        let port = port_of(d.disk_key);
-        let Ok(server) = started else {
-            continue;
-        };
-        let cmdline = sendense_shared::child::shell_words(server.command_line());
-        let info = ProcessInfo {
-            pid: server.pid(),
-            port,
-            export_name: d.nbd_export_name.clone(),
-            qcow2_path: d.qcow2_path.clone(),
-            backup_id: id.clone(),
-            disk_key: d.disk_key,
-            alive: true,
-            started_at: server.started_at(),
-        };
-        let pid = server.pid();
-        db.record_process(&info, &cmdline).await?;
-        db.update_disk(
-            &id,
-            d.disk_key,
-            &DiskUpdate {
-                qemu_nbd_pid: Some(pid),
-                status: Some(DiskStatus::Ready),
-                ..Default::default()
-            },
-        )
-        .await?;
-        jm.event(
-            &id,
-            Level::Info,
-            "qemu_nbd_started",
-            format!(
-                "disk {}: qemu-nbd pid {pid} serving export {} on port {port}, ready (NBD handshake) \
-                 after {} ms: {cmdline}",
-                d.disk_key,
-                d.nbd_export_name,
-                took.as_millis()
-            ),
-            Some(d.disk_key),
-        )
-        .await;
-        super::finish::watch_export(jm, job, d.disk_key, port, server);
-    }
-    Ok(Vec::new())
 }

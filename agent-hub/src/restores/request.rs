@@ -1,0 +1,76 @@
+//! The checks of a restore request: the target path on the node, the disk of the backup point.
+
+use super::RestoreError;
+use sendense_shared::api::{Backup, DiskResult, RestoreRequest};
+use std::path::Path;
+
+pub(super) fn check_target_path(p: &str) -> Result<(), RestoreError> {
+    let path = Path::new(p);
+    let bad = |why: &str| {
+        Err(RestoreError::Invalid {
+            detail: format!("target.path: {p:?} {why}"),
+        })
+    };
+    if !path.is_absolute() {
+        return bad("must be an absolute path on the node");
+    }
+    if p.contains('\0')
+        || path
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return bad("must not contain .. or NUL");
+    }
+    if path.extension().and_then(|e| e.to_str()) != Some("qcow2") {
+        return bad("must end in .qcow2 (the node writes a new QCOW2 image)");
+    }
+    Ok(())
+}
+
+fn keys(b: &Backup) -> String {
+    b.disk_results
+        .iter()
+        .map(|d| d.disk_key.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The disk of `backup` the request names (or its only one).
+pub(super) fn pick_disk(backup: &Backup, req: &RestoreRequest) -> Result<DiskResult, RestoreError> {
+    let invalid = |detail| Err(RestoreError::Invalid { detail });
+    match req.disk_key {
+        Some(k) => match backup.disk_results.iter().find(|d| d.disk_key == k) {
+            Some(d) => Ok(d.clone()),
+            None => invalid(format!(
+                "disk_key: backup {} has no disk {k} (it has {})",
+                backup.backup_id,
+                keys(backup)
+            )),
+        },
+        None if backup.disk_results.len() == 1 => Ok(backup.disk_results[0].clone()),
+        None => invalid(format!(
+            "disk_key: backup {} has {} disks ({}); name the one to restore",
+            backup.backup_id,
+            backup.disk_results.len(),
+            keys(backup)
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_paths_are_checked() {
+        assert!(check_target_path("/var/lib/vm/restored.qcow2").is_ok());
+        for (p, why) in [
+            ("relative.qcow2", "absolute"),
+            ("/a/../b.qcow2", ".."),
+            ("/a/b.raw", ".qcow2"),
+        ] {
+            let e = check_target_path(p).unwrap_err().to_string();
+            assert!(e.starts_with("target.path") && e.contains(why), "{p}: {e}");
+        }
+    }
+}
