@@ -37,16 +37,3 @@ pub mod qmp;
 pub mod restore;
 pub mod source;
 pub mod tunnel;
-
-/// `e` and its causes, `: `-separated (the copy engine and the tunnel keep causes out of their
-/// messages, so a report or log line needs them spelled out).
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cur = c.source();
-    }
-    out
-}

@@ -214,7 +214,7 @@ impl Tunnel {
             }
             let error = match result {
                 Ok(()) => "ssh ended without an error".to_string(),
-                Err(e) => crate::error_chain(&e),
+                Err(e) => sendense_shared::errors::chain(&e),
             };
             tracing::warn!(target = %self.cfg.target, error = %error,
                 ran = ?started.elapsed(), "tunnel attempt ended");
