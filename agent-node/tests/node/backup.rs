@@ -313,8 +313,20 @@ async fn sigterm_cancels_releases_and_reports() {
         .await;
     assert_eq!(code, 202, "{body}");
     node.wait_job("b-t", 30, status_is("running")).await;
+    let node_log = node.log.clone();
+    // The targets resume once the node has begun its shutdown (its log says so), so the copy
+    // cannot finish before the cancel is in effect.
     let resume = async {
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read_to_string(&node_log)
+            .unwrap_or_default()
+            .contains("shutting down: cancelling jobs") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the node never logged its shutdown"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         for t in &targets {
             t.resume();
         }
@@ -382,11 +394,14 @@ async fn cancel_while_preparing_still_releases_the_snapshot() {
     std::fs::create_dir(&gate_dir).unwrap();
     let gate = vm.dir.path().join("gate-open");
     let real = run(std::process::Command::new("sh").args(["-c", "command -v qemu-img"]));
+    // The script marks that it was reached (the snapshot is being taken) before it waits.
+    let reached = vm.dir.path().join("gate-reached");
     let script = gate_dir.join("qemu-img");
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\nwhile [ ! -e {} ]; do sleep 0.05; done\nexec {} \"$@\"\n",
+            "#!/bin/sh\ntouch {}\nwhile [ ! -e {} ]; do sleep 0.05; done\nexec {} \"$@\"\n",
+            reached.display(),
             gate.display(),
             real.trim()
         ),
@@ -404,15 +419,26 @@ async fn cancel_while_preparing_still_releases_the_snapshot() {
         .await;
     assert_eq!(code, 202, "{body}");
     assert_eq!(body["status"], "preparing");
+    // The cancel comes while the snapshot is really being taken: the gate was reached.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !reached.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the snapshot never called qemu-img"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let (code, body) = node.post("/backup/b-p/cancel", json!({})).await;
     assert_eq!(code, 202, "{body}");
     assert_eq!(body["status"], "cancelling");
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // The job cannot end while its snapshot step waits at the closed gate: cancelling, and
+    // still held there (the gate is only opened below).
     let (_, held) = node.get("/backup/b-p").await;
     assert_eq!(
         held["status"], "cancelling",
         "still taking the snapshot: {held}"
     );
+    assert!(!gate.exists());
     std::fs::write(&gate, "").unwrap();
     let done = node.wait_job("b-p", 60, terminal).await;
     assert_eq!(done["status"], "cancelled", "{done}");

@@ -92,12 +92,16 @@ async fn the_key_line_refuses_forwards_outside_the_list() {
         b.is_empty(),
         "a forward outside permitopen reached the hub: {b:?}"
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let err = ssh.stderr_tail();
-    assert!(
-        err.contains("administratively prohibited"),
-        "ssh's stderr: {err}"
-    );
+    // ssh logs the refused channel once sshd's answer arrived: wait for that line, bounded.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let err = ssh.stderr_tail();
+        if err.contains("administratively prohibited") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ssh's stderr: {err}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     ssh.stop(Duration::from_secs(3)).await;
 
     // -R outside permitlisten: refused by the hub, ssh exits saying so.
