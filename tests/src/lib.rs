@@ -17,6 +17,7 @@
 
 pub mod disks;
 pub mod hub;
+pub mod nbd;
 pub mod net;
 pub mod node;
 pub mod qemu;
