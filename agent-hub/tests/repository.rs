@@ -1,8 +1,8 @@
 //! The QCOW2 repository with the real `qemu-img` and `qemu-io`.
 
 use agent_hub::repository::{
-    self, CLUSTER_SIZE, RepoError, RepoLayout, create_full, create_incremental,
-    qemu_img_check, remove_image, space,
+    self, CLUSTER_SIZE, RepoError, RepoLayout, create_full, create_incremental, qemu_img_check,
+    remove_image, space,
 };
 use sendense_shared::ids::{BackupId, DiskKey};
 use std::path::Path;

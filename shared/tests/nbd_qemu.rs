@@ -52,8 +52,7 @@ fn alloc_opts() -> ConnectOptions {
 async fn tcp_handshake_reports_size_flags_and_contexts() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path(), "a.qcow2", "64M");
-    let srv = serve(&img, "disk-a", &[])
-        .start();
+    let srv = serve(&img, "disk-a", &[]).start();
     let c = NbdClient::connect(&srv.addr, &alloc_opts()).await.unwrap();
     assert_eq!(c.size(), 64 << 20);
     assert!(!c.read_only());
@@ -86,9 +85,7 @@ async fn unknown_export_and_closed_port_name_the_cause() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path(), "a.qcow2", "1M");
     let port = free_port();
-    let srv = serve(&img, "right", &[])
-        .tcp_on("127.0.0.1", port)
-        .start();
+    let srv = serve(&img, "right", &[]).tcp_on("127.0.0.1", port).start();
     let wrong = NbdAddr::Tcp {
         host: "127.0.0.1".into(),
         port,
@@ -183,8 +180,7 @@ async fn many_requests_in_flight_on_one_connection() {
     for i in 0..64 {
         qemu_io(&img, &format!("write -P {} {}M 1M", i + 1, i));
     }
-    let srv = serve(&img, "c", &["--read-only"])
-        .start();
+    let srv = serve(&img, "c", &["--read-only"]).start();
     let c = NbdClient::connect(&srv.addr, &ConnectOptions::default())
         .await
         .unwrap();
@@ -212,8 +208,7 @@ async fn pending_requests_fail_when_the_server_dies() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path(), "d.qcow2", "256M");
     qemu_io(&img, "write -P 5 0 256M");
-    let mut srv = serve(&img, "d", &["--read-only"])
-        .start();
+    let mut srv = serve(&img, "d", &["--read-only"]).start();
     let c = NbdClient::connect(&srv.addr, &ConnectOptions::default())
         .await
         .unwrap();
@@ -278,8 +273,7 @@ async fn verification_reads_back_and_names_the_mismatching_range() {
         chunk_size: 4 << 20,
         ranges: ranges.clone(),
     };
-    let srv = serve(&img, "v", &["--read-only"])
-        .start();
+    let srv = serve(&img, "v", &["--read-only"]).start();
     let cancel = CancellationToken::new();
     let summary = verify::verify_disk(&srv.addr, &sums, &cancel)
         .await

@@ -1,5 +1,5 @@
-//! Helpers for the end-to-end tests (`tests/tests/`) and the hub's integration tests
-//! (`agent-hub/tests/`): locating the built binaries, starting them on free loopback ports with
+//! The one test harness of the workspace: the end-to-end tests (`tests/tests/`) and the
+//! integration tests of the hub, the node and `shared` use it. Locating the built binaries, starting them on free loopback ports with
 //! temporary data directories, and cleaning up every child in `Drop`. Each helper prints the
 //! full command line it runs, so a failing test can be replayed by hand.
 //!
@@ -8,10 +8,14 @@
 //!   export, `qemu-img compare`.
 //! - [`net`]: free port ranges on 127.0.0.1.
 //! - [`tmpfs`]: a small mounted tmpfs (a repository that fills up), unmounted in `Drop`.
-//! - [`node`]: [`node::NodeProcess`], a running `sendense-node` registered with a test hub.
+//! - [`nbd`]: [`nbd::QemuNbd`], a real `qemu-nbd` export (TCP or unix socket, read-only or
+//!   writable, started from sync or async code).
+//! - [`node`]: [`node::NodeProcess`], a running `sendense-node` (with or without a hub, with
+//!   VMs, a copy throttle, a tunnel, more flags and config as [`node::NodeOptions`] says).
 //! - [`tmux`]: [`tmux::Tmux`], a private tmux server to drive a terminal program (the console).
 //! - [`qemu`]: [`qemu::TestVm`], a real `qemu-system-x86_64` with qcow2 disks and a QMP socket
-//!   for the node plus one for the test (guest writes, leftover checks).
+//!   for the node plus one for the test (guest writes, leftover checks, bitmaps), and on
+//!   request one for an observer.
 //! - [`vcsim`]: [`vcsim::Vcsim`], govmomi's vSphere simulator (launcher in `tests/vcsim/`) with a
 //!   2-disk VM whose snapshots freeze data and whose CBT answers `QueryChangedDiskAreas`.
 
@@ -147,4 +151,17 @@ pub fn pid_alive(pid: u32) -> bool {
             .is_some_and(|state| state != "Z" && state != "X"),
         Err(_) => false,
     }
+}
+
+/// The direct children of `pid` (every thread's `children` list).
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+    }
+    out
 }

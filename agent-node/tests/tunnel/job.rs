@@ -11,7 +11,7 @@ const SIZES: [u64; 2] = [64 * MIB, 128 * MIB];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_killed_mid_copy_fails_the_job_cleanly_and_the_report_arrives() {
-    let vm = TestVm::start(&SIZES, |imgs| {
+    let vm = TestVm::temp(&SIZES, |imgs| {
         write_image(&imgs[0], 0x11, 0, 48 * MIB);
         write_image(&imgs[1], 0x21, 8 * MIB, 96 * MIB);
     })
@@ -26,13 +26,8 @@ async fn ssh_killed_mid_copy_fails_the_job_cleanly_and_the_report_arrives() {
     };
     assert!(std::net::TcpListener::bind((BIND, hub_api)).is_ok());
     let sshd = Sshd::start(&ports).await;
-    let node = NodeWithTunnel::start(
-        &sshd,
-        &ports,
-        &["--qmp".into(), format!("vm1={}", vm.node_qmp.display())],
-    )
-    .await;
-    node.wait("/tunnel", 30, |v| v["state"] == "up").await;
+    let node = node_with_tunnel(&sshd, &ports, vec![("vm1".into(), vm.node_qmp.clone())]);
+    node.wait_for("/tunnel", 30, |v| v["state"] == "up").await;
     // Registration went through the hub-API forward.
     hub.wait_for("/api/v1/nodes", 30).await;
 
@@ -47,7 +42,7 @@ async fn ssh_killed_mid_copy_fails_the_job_cleanly_and_the_report_arrives() {
             .arg(size.to_string()));
         let port = ports.nbd.first + i as u16;
         let export = format!("vm1-disk-{}", 2000 + i);
-        let t = QemuNbd::start_format(&img, "qcow2", &export, port).await;
+        let t = serve(&img, "qcow2", &export, port).await;
         s.push(format!("{}:nbd://127.0.0.1:{port}/{export}", 2000 + i));
         targets.push(t);
     }
@@ -61,7 +56,7 @@ async fn ssh_killed_mid_copy_fails_the_job_cleanly_and_the_report_arrives() {
     assert_eq!(code, 202, "{body}");
     // Data is flowing: freeze the targets right there, so that ssh dies mid-stream.
     let moving = node
-        .wait("/backup/b-t", 60, |v| {
+        .wait_for("/backup/b-t", 60, |v| {
             assert!(
                 v["status"] != "completed",
                 "the copy finished before it could be cut: {v}"
@@ -75,7 +70,7 @@ async fn ssh_killed_mid_copy_fails_the_job_cleanly_and_the_report_arrives() {
         t.pause();
     }
     assert!(!vm.leftovers().await.is_empty(), "the snapshot is held");
-    let ssh = ssh_children(node.child.pid());
+    let ssh = node.ssh_children();
     assert_eq!(ssh.len(), 1, "{ssh:?}");
     signal(ssh[0], nix::sys::signal::Signal::SIGKILL);
     for t in &targets {
@@ -83,7 +78,7 @@ async fn ssh_killed_mid_copy_fails_the_job_cleanly_and_the_report_arrives() {
     }
     eprintln!("cut at: {moving}");
     let done = node
-        .wait("/backup/b-t", 60, |v| v["status"] == "failed")
+        .wait_for("/backup/b-t", 60, |v| v["status"] == "failed")
         .await;
     eprintln!("failed job: {done}");
     let err = done["error_message"].as_str().unwrap_or_default();
@@ -138,7 +133,7 @@ async fn ssh_killed_mid_copy_fails_the_job_cleanly_and_the_report_arrives() {
     );
 
     let t = node
-        .wait("/tunnel", 30, |v| v["state"] == "up" && v["restarts"] == 1)
+        .wait_for("/tunnel", 30, |v| v["state"] == "up" && v["restarts"] == 1)
         .await;
     assert_eq!(
         t["last_error"],

@@ -8,8 +8,9 @@ use super::sys::{DATA, DISK_SIZE, JOB_LIMIT, hub_bin, node_bin};
 use sendense_shared::child::Supervised;
 use sendense_tests::disks;
 use sendense_tests::hub::{HubOptions, HubProcess};
+use sendense_tests::node::{NodeOptions, NodeProcess, TunnelOptions};
 use sendense_tests::qemu::TestVm;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -38,18 +39,6 @@ impl Drop for Guard {
     fn drop(&mut self) {
         self.0.kill_now();
     }
-}
-
-async fn get(url: &str, token: &str) -> Option<Value> {
-    reqwest::Client::new()
-        .get(url)
-        .bearer_auth(token)
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,37 +117,25 @@ async fn a_full_backup_runs_through_the_tunnel() {
     .unwrap();
 
     // The node, with the tunnel and without --hub-url.
-    std::fs::create_dir_all(d.join("node")).unwrap();
-    std::fs::write(
-        d.join("node/node.toml"),
-        format!("run_dir = \"{}\"\n", d.join("node/run").display()),
+    let mut node = NodeProcess::start(
+        &node_bin(),
+        NodeOptions {
+            token_file: Some(hub.opts.data_dir.join("token")),
+            vms: vec![("tunvm".into(), vm.node_qmp.clone())],
+            listen: format!("127.0.0.1:{node_api}"),
+            tunnel: Some(TunnelOptions {
+                target: format!("{user}@127.0.0.1:{ssh_port}"),
+                identity: d.join("user_key"),
+                known_hosts: d.join("known_hosts"),
+                bind: BIND.into(),
+                nbd_ports: nbd,
+                hub_api_port: hub_port,
+                reverse_port: reverse,
+            }),
+            ..NodeOptions::new(d.join("node"), "tunnode")
+        },
     )
-    .unwrap();
-    let node_addr = format!("127.0.0.1:{node_api}");
-    let mut cmd = tokio::process::Command::new(node_bin());
-    cmd.arg("--config")
-        .arg(d.join("node/node.toml"))
-        .args(["--listen", &node_addr, "--name", "tunnode", "--token-file"])
-        .arg(hub.opts.data_dir.join("token"))
-        .arg("--qmp")
-        .arg(format!("tunvm={}", vm.node_qmp.display()))
-        .arg("--tunnel")
-        .arg(format!("{user}@127.0.0.1:{ssh_port}"))
-        .arg("--tunnel-identity")
-        .arg(d.join("user_key"))
-        .arg("--tunnel-known-hosts")
-        .arg(d.join("known_hosts"))
-        .args(["--tunnel-bind", BIND])
-        .args(["--tunnel-nbd-ports", &format!("{}-{}", nbd.0, nbd.1)])
-        .args(["--tunnel-hub-api-port", &hub_port.to_string()])
-        .args(["--tunnel-reverse-port", &reverse.to_string()])
-        .env_remove("SENDENSE_NODE_CONFIG")
-        .env_remove("SENDENSE_HUB_URL")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    let node = Guard(Supervised::spawn(cmd).unwrap());
-    eprintln!("+ {}", node.0.command_line_string());
+    .expect("start sendense-node");
 
     // Registration and inventory crossed the tunnel both ways.
     let t = Instant::now();
@@ -170,7 +147,7 @@ async fn a_full_backup_runs_through_the_tunnel() {
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "VM not imported through the tunnel: {s} {v}\nnode: {}",
-            node.0.stderr_tail()
+            node.stderr()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -193,7 +170,7 @@ async fn a_full_backup_runs_through_the_tunnel() {
         "completed",
         "{done:#}\nevents: {:#?}\nnode: {}",
         api.event_lines(&id).await,
-        node.0.stderr_tail()
+        node.stderr()
     );
     for (i, r) in done["disk_results"].as_array().unwrap().iter().enumerate() {
         let port = r["nbd_port"].as_u64().unwrap() as u16;
@@ -204,12 +181,8 @@ async fn a_full_backup_runs_through_the_tunnel() {
         assert!(disks::images_equal(&now, image), "disk {i} differs");
     }
     // The node's own record of the copy: its targets were the forwards on 127.0.0.2.
-    let job = get(
-        &format!("http://{node_addr}/api/v1/backup/{id}"),
-        &hub.token,
-    )
-    .await
-    .expect("node job");
+    let (s, job) = node.get(&format!("/backup/{id}")).await;
+    assert_eq!(s, 200, "node job: {job}");
     assert_eq!(job["status"], "completed", "{job}");
 
     // Without anyone asking, the hub's prober has recorded the node's tunnel as up (this is
@@ -239,7 +212,7 @@ async fn a_full_backup_runs_through_the_tunnel() {
     assert_eq!(t["tunnel"]["state"], "up", "{t}");
     assert_eq!(t["tunnel"]["restarts"], 0, "{t}");
     // SIGTERM: the node stops its ssh (in a process group of its own) before it exits.
-    node.0.stop(Duration::from_secs(15)).await;
+    node.terminate(Duration::from_secs(15)).await;
     drop(sshd);
     drop(hub);
 }

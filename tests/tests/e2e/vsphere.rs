@@ -289,7 +289,7 @@ use super::sys::{
 };
 use sendense_tests::disks;
 use sendense_tests::hub::{Api, HubOptions, HubProcess};
-use sendense_tests::node::NodeProcess;
+use sendense_tests::node::{NodeOptions, NodeProcess};
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -402,10 +402,12 @@ impl VSys {
             sim.user,
             password_file.display(),
         );
-        let node = NodeProcess::start_with_config(
+        let node = NodeProcess::start(
             &node_bin(),
-            node_options(&hub, tmp.path(), vm, Vec::new(), opts.throttle_bps),
-            &vsphere,
+            NodeOptions {
+                extra_config: vsphere,
+                ..node_options(&hub, tmp.path(), vm, Vec::new(), opts.throttle_bps)
+            },
         )
         .expect("start sendense-node");
         let sys = VSys {
@@ -750,7 +752,7 @@ async fn vsphere_cancel_and_node_crash_mid_copy_remove_the_snapshot() {
         1,
         "the snapshot went away without the node"
     );
-    sys.node.restart(&node_bin()).expect("restart node");
+    sys.node.restart().expect("restart node");
     sys.assert_clean(&b).await;
     wait_node_registered(&sys.api, &sys.node).await;
     sys.backup_completes("full").await;
