@@ -213,19 +213,27 @@ async fn pending_requests_fail_when_the_server_dies() {
         .await
         .unwrap();
     let mut tasks = Vec::new();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for i in 0..64u64 {
         let c = c.clone();
+        let done = done.clone();
         tasks.push(tokio::spawn(async move {
             let mut errors = 0;
             for j in 0..8 {
                 if c.read(((i * 8 + j) % 128) << 21, 1 << 21).await.is_err() {
                     errors += 1;
                 }
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
             errors
         }));
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Killed once data flows (the first of 512 reads of 2 MiB answered), not after a guess.
+    let t = std::time::Instant::now();
+    while done.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "no read answered");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     srv.kill();
     let mut failed = 0;
     for t in tasks {
