@@ -12,6 +12,8 @@
 //!   writable, started from sync or async code).
 //! - [`node`]: [`node::NodeProcess`], a running `sendense-node` (with or without a hub, with
 //!   VMs, a copy throttle, a tunnel, more flags and config as [`node::NodeOptions`] says).
+//! - [`sshd`]: [`sshd::Sshd`], a real OpenSSH sshd with generated keys and the node's restricted
+//!   key line, for tunnel tests.
 //! - [`tmux`]: [`tmux::Tmux`], a private tmux server to drive a terminal program (the console).
 //! - [`qemu`]: [`qemu::TestVm`], a real `qemu-system-x86_64` with qcow2 disks and a QMP socket
 //!   for the node plus one for the test (guest writes, leftover checks, bitmaps), and on
@@ -25,6 +27,7 @@ pub mod nbd;
 pub mod net;
 pub mod node;
 pub mod qemu;
+pub mod sshd;
 pub mod tmpfs;
 pub mod tmux;
 pub mod vcsim;

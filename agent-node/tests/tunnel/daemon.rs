@@ -7,7 +7,7 @@ use std::time::Duration;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_serves_its_tunnel_state_and_is_reached_through_the_reverse_forward() {
     let ports = Ports::pick();
-    let sshd = Sshd::start(&ports).await;
+    let sshd = sshd(&ports).await;
     let mut node = node_with_tunnel(&sshd, &ports, Vec::new());
     let state = node.wait_for("/tunnel", 30, |v| v["state"] == "up").await;
     assert_eq!(state["restarts"], 0);

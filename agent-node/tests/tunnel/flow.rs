@@ -9,7 +9,7 @@ const MIB: u64 = 1024 * 1024;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn comes_up_carries_nbd_data_and_restarts_after_sigkill() {
     let ports = Ports::pick();
-    let sshd = Sshd::start(&ports).await;
+    let sshd = sshd(&ports).await;
     let t = TestTunnel::start(sshd.tunnel_config(&ports));
     let up = t.wait_up().await;
     assert_eq!(up.restarts, 0);
@@ -106,7 +106,7 @@ async fn a_full_size_range_of_101_nbd_forwards_comes_up() {
         nbd: free_block(101),
         ..Ports::pick()
     };
-    let sshd = Sshd::start(&ports).await;
+    let sshd = sshd(&ports).await;
     assert_eq!(sshd.authorized_line.matches("permitopen=").count(), 102);
     let t = TestTunnel::start(sshd.tunnel_config(&ports));
     let up = t.wait_up().await;

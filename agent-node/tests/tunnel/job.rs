@@ -25,7 +25,7 @@ async fn ssh_killed_mid_copy_fails_the_job_cleanly_and_the_report_arrives() {
         ..Ports::pick()
     };
     assert!(std::net::TcpListener::bind((BIND, hub_api)).is_ok());
-    let sshd = Sshd::start(&ports).await;
+    let sshd = sshd(&ports).await;
     let node = node_with_tunnel(&sshd, &ports, vec![("vm1".into(), vm.node_qmp.clone())]);
     node.wait_for("/tunnel", 30, |v| v["state"] == "up").await;
     // Registration went through the hub-API forward.

@@ -53,7 +53,7 @@ async fn ssh_output(args: &[String]) -> std::process::Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_key_line_refuses_forwards_outside_the_list() {
     let ports = Ports::pick();
-    let sshd = Sshd::start(&ports).await;
+    let sshd = sshd(&ports).await;
     let allowed = ports.nbd.first;
     let outside = free_port();
     let _g1 = greeter(allowed);
@@ -130,7 +130,7 @@ async fn the_key_line_refuses_forwards_outside_the_list() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tunnel_user_cannot_run_a_command() {
     let ports = Ports::pick();
-    let sshd = Sshd::start(&ports).await;
+    let sshd = sshd(&ports).await;
     let marker = sshd.dir.path().join("ran");
     let mut args = ssh_args(&sshd);
     args.retain(|a| a != "-N");

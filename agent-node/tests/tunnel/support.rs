@@ -9,13 +9,11 @@ use agent_node::tunnel::config::{BackoffPolicy, PortRange, TunnelTarget};
 use agent_node::tunnel::{Tunnel, TunnelConfig};
 use rand::Rng;
 use sendense_shared::api::{TunnelState, TunnelStateKind};
-use sendense_shared::child::Supervised;
 use sendense_tests::node::{NodeOptions, NodeProcess, TunnelOptions};
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 pub const NODE_BIN: &str = env!("CARGO_BIN_EXE_sendense-node");
@@ -68,125 +66,26 @@ impl Ports {
     }
 }
 
-pub fn keygen(path: &Path) {
-    run(Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "sendense-test", "-f"])
-        .arg(path));
+pub use sendense_tests::sshd::{Sshd, keygen};
+
+/// A real sshd accepting the user key through the restricted line for `ports`.
+pub async fn sshd(ports: &Ports) -> Sshd {
+    let key_ports = sendense_tests::sshd::KeyPorts {
+        nbd: (ports.nbd.first, ports.nbd.last),
+        hub_api: ports.hub_api,
+        reverse: ports.reverse,
+    };
+    Sshd::start(Path::new(NODE_BIN), key_ports).await
 }
 
-/// The `Match` block of deploy/README-sshd.md (step 2), for the test's login user.
-fn match_block(user: &str) -> String {
-    format!(
-        "Match User {user}\n    AuthenticationMethods publickey\n    PasswordAuthentication no\n    \
-         KbdInteractiveAuthentication no\n    AllowTcpForwarding yes\n    GatewayPorts no\n    \
-         PermitTTY no\n    X11Forwarding no\n    AllowAgentForwarding no\n    \
-         AllowStreamLocalForwarding no\n    PermitTunnel no\n    ForceCommand /usr/sbin/nologin\n    \
-         ClientAliveInterval 15\n    ClientAliveCountMax 3\n"
-    )
+/// What the tunnel tests build from an [`Sshd`] with the node's own types.
+pub trait SshdExt {
+    fn target(&self) -> TunnelTarget;
+    fn tunnel_config(&self, ports: &Ports) -> TunnelConfig;
 }
 
-fn user_name() -> String {
-    run(Command::new("id").arg("-un")).trim().to_string()
-}
-
-/// A real sshd on 127.0.0.1:<free port>, accepting `user_key` through the restricted line that
-/// `sendense-node tunnel authorized-key` prints for `ports`.
-pub struct Sshd {
-    pub dir: tempfile::TempDir,
-    pub port: u16,
-    pub user: String,
-    pub user_key: PathBuf,
-    pub wrong_key: PathBuf,
-    pub known_hosts: PathBuf,
-    pub authorized_line: String,
-    child: Supervised,
-}
-
-impl Sshd {
-    pub async fn start(ports: &Ports) -> Sshd {
-        std::fs::create_dir_all("/run/sshd")
-            .expect("mkdir /run/sshd (sshd's privilege separation dir)");
-        let dir = tempfile::Builder::new()
-            .prefix("sdn-tunnel-")
-            .tempdir()
-            .unwrap();
-        let d = dir.path();
-        let host_key = d.join("host_key");
-        let user_key = d.join("user_key");
-        let wrong_key = d.join("wrong_key");
-        for k in [&host_key, &user_key, &wrong_key] {
-            keygen(k);
-        }
-        let authorized_line = run(Command::new(NODE_BIN).args([
-            "tunnel",
-            "authorized-key",
-            "--tunnel-identity",
-            user_key.to_str().unwrap(),
-            "--nbd-ports",
-            &ports.nbd.to_string(),
-            "--hub-api-port",
-            &ports.hub_api.to_string(),
-            "--reverse-port",
-            &ports.reverse.to_string(),
-        ]))
-        .trim()
-        .to_string();
-        let authorized_keys = d.join("authorized_keys");
-        std::fs::write(&authorized_keys, format!("{authorized_line}\n")).unwrap();
-        let mut last_err = String::new();
-        for _ in 0..20 {
-            let port = free_port();
-            let config = d.join("sshd_config");
-            std::fs::write(
-                &config,
-                format!(
-                    "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
-                     PidFile {}\nStrictModes no\nUsePAM no\nPermitRootLogin prohibit-password\n\
-                     PasswordAuthentication no\nKbdInteractiveAuthentication no\nUseDNS no\n\
-                     LogLevel VERBOSE\n{}",
-                    host_key.display(),
-                    authorized_keys.display(),
-                    d.join("sshd.pid").display(),
-                    match_block(&user_name()),
-                ),
-            )
-            .unwrap();
-            let mut cmd = tokio::process::Command::new("/usr/sbin/sshd");
-            cmd.arg("-D").arg("-e").arg("-f").arg(&config);
-            cmd.stdin(Stdio::null()).stdout(Stdio::null());
-            eprintln!("starting /usr/sbin/sshd -D -e -f {}", config.display());
-            let child = Supervised::spawn(cmd).expect("spawn sshd");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline && child.is_alive() {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    let host_pub = std::fs::read_to_string(d.join("host_key.pub")).unwrap();
-                    let known_hosts = d.join("known_hosts");
-                    std::fs::write(&known_hosts, format!("[127.0.0.1]:{port} {host_pub}")).unwrap();
-                    return Sshd {
-                        port,
-                        user: user_name(),
-                        user_key,
-                        wrong_key,
-                        known_hosts,
-                        authorized_line,
-                        child,
-                        dir,
-                    };
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            // Lost a race for the port (or sshd failed): say why, try another port.
-            child.kill_now();
-            last_err = child.stderr_tail();
-        }
-        panic!("sshd did not start: {last_err}");
-    }
-
-    pub fn stderr(&self) -> String {
-        self.child.stderr_tail()
-    }
-
-    pub fn target(&self) -> TunnelTarget {
+impl SshdExt for Sshd {
+    fn target(&self) -> TunnelTarget {
         TunnelTarget {
             user: self.user.clone(),
             host: "127.0.0.1".into(),
@@ -195,7 +94,7 @@ impl Sshd {
     }
 
     /// A tunnel configuration against this sshd with test-sized waits.
-    pub fn tunnel_config(&self, ports: &Ports) -> TunnelConfig {
+    fn tunnel_config(&self, ports: &Ports) -> TunnelConfig {
         TunnelConfig {
             target: self.target(),
             identity: self.user_key.clone(),
@@ -218,13 +117,6 @@ impl Sshd {
                 healthy_after: Duration::from_secs(60),
             },
         }
-    }
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        // The whole group: sshd and the per-connection processes it forked.
-        self.child.kill_now();
     }
 }
 
@@ -315,7 +207,7 @@ pub fn node_with_tunnel(sshd: &Sshd, ports: &Ports, vms: Vec<(String, PathBuf)>)
         listen: format!("127.0.0.1:{}", ports.node_api),
         vms,
         tunnel: Some(TunnelOptions {
-            target: format!("{}@127.0.0.1:{}", sshd.user, sshd.port),
+            target: sshd.login(),
             identity: sshd.user_key.clone(),
             known_hosts: sshd.known_hosts.clone(),
             bind: BIND.into(),

@@ -5,14 +5,13 @@
 //! through the `-R` port, and the NBD data crosses the per-port forwards.
 
 use super::sys::{DATA, DISK_SIZE, JOB_LIMIT, hub_bin, node_bin};
-use sendense_shared::child::Supervised;
 use sendense_tests::disks;
 use sendense_tests::hub::{HubOptions, HubProcess};
 use sendense_tests::node::{NodeOptions, NodeProcess, TunnelOptions};
 use sendense_tests::qemu::TestVm;
+use sendense_tests::sshd::{KeyPorts, Sshd};
 use serde_json::json;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const BIND: &str = "127.0.0.2";
@@ -26,19 +25,6 @@ fn free_on_both(n: u16) -> (u16, u16) {
         }
     }
     panic!("no {n} ports free on both loopback addresses");
-}
-
-fn run(cmd: &mut Command) -> String {
-    String::from_utf8_lossy(&sendense_tests::run(cmd).stdout).into_owned()
-}
-
-/// Kills its process group in `Drop` (sshd and its sessions; the node).
-struct Guard(Supervised);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        self.0.kill_now();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,56 +51,18 @@ async fn a_full_backup_runs_through_the_tunnel() {
     .await
     .expect("start QEMU");
 
-    // The hub's sshd: keys, the restricted key line, a Match block as in deploy/README-sshd.md.
-    std::fs::create_dir_all("/run/sshd").unwrap();
-    for k in ["host_key", "user_key"] {
-        run(Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(d.join(k)));
-    }
+    // The hub's sshd: keys, the restricted key line, the Match block of deploy/README-sshd.md.
     let (reverse, _) = free_on_both(1);
     let (node_api, _) = free_on_both(1);
-    let line = run(Command::new(node_bin())
-        .args(["tunnel", "authorized-key", "--tunnel-identity"])
-        .arg(d.join("user_key"))
-        .args(["--nbd-ports", &format!("{}-{}", nbd.0, nbd.1)])
-        .args(["--hub-api-port", &hub_port.to_string()])
-        .args(["--reverse-port", &reverse.to_string()]));
-    std::fs::write(d.join("authorized_keys"), &line).unwrap();
-    let user = run(Command::new("id").arg("-un")).trim().to_string();
-    let (ssh_port, _) = free_on_both(1);
-    std::fs::write(
-        d.join("sshd_config"),
-        format!(
-            "Port {ssh_port}\nListenAddress 127.0.0.1\nHostKey {0}/host_key\n\
-             AuthorizedKeysFile {0}/authorized_keys\nPidFile {0}/sshd.pid\nStrictModes no\n\
-             UsePAM no\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n\
-             Match User {user}\n    AllowTcpForwarding yes\n    PermitTTY no\n    \
-             ForceCommand /usr/sbin/nologin\n",
-            d.display()
-        ),
+    let sshd = Sshd::start(
+        &node_bin(),
+        KeyPorts {
+            nbd,
+            hub_api: hub_port,
+            reverse,
+        },
     )
-    .unwrap();
-    let mut cmd = tokio::process::Command::new("/usr/sbin/sshd");
-    cmd.arg("-D").arg("-e").arg("-f").arg(d.join("sshd_config"));
-    cmd.stdin(Stdio::null()).stdout(Stdio::null());
-    let sshd = Guard(Supervised::spawn(cmd).unwrap());
-    eprintln!("+ {}", sshd.0.command_line_string());
-    let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", ssh_port)).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "sshd: {}",
-            sshd.0.stderr_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let host_pub = std::fs::read_to_string(d.join("host_key.pub")).unwrap();
-    std::fs::write(
-        d.join("known_hosts"),
-        format!("[127.0.0.1]:{ssh_port} {host_pub}"),
-    )
-    .unwrap();
+    .await;
 
     // The node, with the tunnel and without --hub-url.
     let mut node = NodeProcess::start(
@@ -124,9 +72,9 @@ async fn a_full_backup_runs_through_the_tunnel() {
             vms: vec![("tunvm".into(), vm.node_qmp.clone())],
             listen: format!("127.0.0.1:{node_api}"),
             tunnel: Some(TunnelOptions {
-                target: format!("{user}@127.0.0.1:{ssh_port}"),
-                identity: d.join("user_key"),
-                known_hosts: d.join("known_hosts"),
+                target: sshd.login(),
+                identity: sshd.user_key.clone(),
+                known_hosts: sshd.known_hosts.clone(),
                 bind: BIND.into(),
                 nbd_ports: nbd,
                 hub_api_port: hub_port,
