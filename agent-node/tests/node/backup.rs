@@ -9,10 +9,10 @@ const SIZES: [u64; 2] = [64 * MIB, 128 * MIB];
 
 async fn two_disk_vm() -> TestVm {
     TestVm::temp(&SIZES, |imgs| {
-        write_image(&imgs[0], 0x11, 0, 24 * MIB);
-        write_image(&imgs[0], 0x12, 40 * MIB, 8 * MIB);
-        write_image(&imgs[1], 0x21, 8 * MIB, 32 * MIB);
-        write_image(&imgs[1], 0x22, 100 * MIB, 20 * MIB);
+        write_pattern(&imgs[0], 0, 24 * MIB, 0x11);
+        write_pattern(&imgs[0], 40 * MIB, 8 * MIB, 0x12);
+        write_pattern(&imgs[1], 8 * MIB, 32 * MIB, 0x21);
+        write_pattern(&imgs[1], 100 * MIB, 20 * MIB, 0x22);
     })
     .await
 }
@@ -499,8 +499,8 @@ async fn cancel_with_a_hung_target_still_releases() {
 async fn two_vms_back_up_at_once() {
     let vm = two_disk_vm().await;
     let vm2 = TestVm::temp(&SIZES, |imgs| {
-        write_image(&imgs[0], 0x61, 0, 16 * MIB);
-        write_image(&imgs[1], 0x62, 32 * MIB, 16 * MIB);
+        write_pattern(&imgs[0], 0, 16 * MIB, 0x61);
+        write_pattern(&imgs[1], 32 * MIB, 16 * MIB, 0x62);
     })
     .await;
     let mut opts = node_opts(vm.dir.as_path(), Some(&vm.node_qmp), None);

@@ -16,9 +16,9 @@ const SIZE: u64 = 64 * MIB;
 async fn source(dir: &Path, host: &str, port: u16) -> QemuNbd {
     let image = dir.join("point.qcow2");
     sendense_tests::disks::create_qcow2(&image, SIZE);
-    write_image(&image, 0x11, 0, 16 * MIB);
-    write_image(&image, 0x22, 24 * MIB, 16 * MIB);
-    write_image(&image, 0x33, 56 * MIB, 8 * MIB);
+    write_pattern(&image, 0, 16 * MIB, 0x11);
+    write_pattern(&image, 24 * MIB, 16 * MIB, 0x22);
+    write_pattern(&image, 56 * MIB, 8 * MIB, 0x33);
     QemuNbd::builder(&image, "point")
         .read_only()
         .tcp_on(host, port)

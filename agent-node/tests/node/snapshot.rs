@@ -35,9 +35,9 @@ async fn three_disk_vm_with(observer: bool) -> TestVm {
         ..Default::default()
     };
     TestVm::start_opts(opts, |imgs| {
-        write_image(&imgs[0], 0x11, 0, 8 * MIB);
-        write_image(&imgs[1], 0x22, 16 * MIB, 8 * MIB);
-        write_image(&imgs[2], 0x33, 60 * MIB, 4 * MIB);
+        write_pattern(&imgs[0], 0, 8 * MIB, 0x11);
+        write_pattern(&imgs[1], 16 * MIB, 8 * MIB, 0x22);
+        write_pattern(&imgs[2], 60 * MIB, 4 * MIB, 0x33);
     })
     .await
     .expect("start QEMU")

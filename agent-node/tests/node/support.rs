@@ -13,18 +13,6 @@ pub const MIB: u64 = 1024 * 1024;
 /// Runs a command, panicking with its full command line and output when it fails; its stdout.
 pub use sendense_tests::run_stdout as run;
 
-/// `qemu-io -c "write -P <pattern> <offset> <len>"` on an image that no process holds.
-pub fn write_image(image: &Path, pattern: u8, offset: u64, len: u64) {
-    run(Command::new("qemu-io")
-        .args([
-            "-f",
-            "qcow2",
-            "-c",
-            &format!("write -P {pattern:#x} {offset} {len}"),
-        ])
-        .arg(image));
-}
-
 /// The node's run directory holds nothing but its QMP log: every snapshot file, socket and
 /// journal entry of a job is gone.
 pub fn assert_run_dir_empty(run_dir: &Path) {
@@ -198,6 +186,7 @@ impl Drop for HubRecorder {
 // Not every test binary that includes this file starts the node.
 #[allow(unused_imports)]
 pub use sendense_tests::{
+    disks::write_pattern,
     net::free_port,
     node::{NodeOptions, NodeProcess, TEST_TOKEN as TOKEN},
 };

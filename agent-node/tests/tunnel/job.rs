@@ -3,7 +3,7 @@
 //! stopped, the error names the tunnel, the snapshot released, the tunnel back up with the
 //! restart counted, and the final report reaches the "hub" through the restored hub-API forward.
 
-use crate::node_support::{HubRecorder, MIB, TestVm, write_image};
+use crate::node_support::{HubRecorder, MIB, TestVm, write_pattern};
 use crate::support::*;
 use serde_json::json;
 
@@ -12,8 +12,8 @@ const SIZES: [u64; 2] = [64 * MIB, 128 * MIB];
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_killed_mid_copy_fails_the_job_cleanly_and_the_report_arrives() {
     let vm = TestVm::temp(&SIZES, |imgs| {
-        write_image(&imgs[0], 0x11, 0, 48 * MIB);
-        write_image(&imgs[1], 0x21, 8 * MIB, 96 * MIB);
+        write_pattern(&imgs[0], 0, 48 * MIB, 0x11);
+        write_pattern(&imgs[1], 8 * MIB, 96 * MIB, 0x21);
     })
     .await;
     // The recording "hub" listens on the hub side's 127.0.0.1; the node reaches it only
