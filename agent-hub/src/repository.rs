@@ -49,12 +49,6 @@ pub enum RepoError {
     },
     #[error("cannot read the output of {command}: {reason}")]
     Output { command: String, reason: String },
-    #[error("not enough space in {}: {needed} bytes needed, {free} bytes free", path.display())]
-    InsufficientSpace {
-        path: PathBuf,
-        needed: u64,
-        free: u64,
-    },
     #[error("cannot query free space of {}", path.display())]
     Statvfs {
         path: PathBuf,
@@ -331,19 +325,6 @@ pub fn space(path: &Path) -> Result<Space, RepoError> {
         free_bytes: u64::from(st.blocks_available()).saturating_mul(frag),
         total_bytes: u64::from(st.blocks()).saturating_mul(frag),
     })
-}
-
-/// Refuses with [`RepoError::InsufficientSpace`] when fewer than `needed` bytes are free.
-pub fn check_space(path: &Path, needed: u64) -> Result<(), RepoError> {
-    let s = space(path)?;
-    if s.free_bytes < needed {
-        return Err(RepoError::InsufficientSpace {
-            path: path.to_path_buf(),
-            needed,
-            free: s.free_bytes,
-        });
-    }
-    Ok(())
 }
 
 /// Runs `qemu-img check --output=json` and parses its report. Exit status 2 (corruptions) and

@@ -1,8 +1,8 @@
 //! The QCOW2 repository with the real `qemu-img` and `qemu-io`.
 
 use agent_hub::repository::{
-    self, CLUSTER_SIZE, RepoError, RepoLayout, check_space, create_full, create_incremental,
-    qemu_img_check, remove_image, space,
+    self, CLUSTER_SIZE, RepoError, RepoLayout, create_full, create_incremental, qemu_img_check,
+    remove_image, space,
 };
 use sendense_shared::ids::{BackupId, DiskKey};
 use std::path::Path;
@@ -189,7 +189,7 @@ async fn check_reports_a_damaged_image() {
 }
 
 #[test]
-fn space_matches_statvfs_and_refuses_what_does_not_fit() {
+fn space_matches_statvfs() {
     let dir = tempfile::tempdir().unwrap();
     let s = space(dir.path()).unwrap();
     let out = Command::new("stat")
@@ -207,22 +207,6 @@ fn space_matches_statvfs_and_refuses_what_does_not_fit() {
         s.free_bytes.abs_diff(df_free) < 64 << 20,
         "{} vs {df_free}",
         s.free_bytes
-    );
-
-    check_space(dir.path(), 1).unwrap();
-    let e = check_space(dir.path(), s.total_bytes + 1).unwrap_err();
-    match &e {
-        RepoError::InsufficientSpace { path, needed, free } => {
-            assert_eq!(path, dir.path());
-            assert_eq!(*needed, s.total_bytes + 1);
-            assert!(*free <= s.total_bytes);
-        }
-        other => panic!("expected InsufficientSpace, got {other:?}"),
-    }
-    let msg = e.to_string();
-    assert!(
-        msg.contains("not enough space") && msg.contains(&dir.path().display().to_string()),
-        "{msg}"
     );
 
     let e = space(Path::new("/no/such/dir")).unwrap_err();

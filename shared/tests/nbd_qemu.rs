@@ -5,83 +5,17 @@ use bytes::Bytes;
 use sendense_shared::nbd::{
     BASE_ALLOCATION, ConnectOptions, NbdAddr, NbdClient, NbdError, STATE_HOLE, STATE_ZERO,
 };
+use sendense_tests::nbd::{QemuNbd, QemuNbdBuilder};
+use sendense_tests::net::free_port;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-/// A qemu-nbd child serving one qcow2 image; stopped (by its own PID) and reaped on drop.
-struct QemuNbd {
-    child: Child,
-    addr: NbdAddr,
-}
-
-impl QemuNbd {
-    fn start(image: &Path, export: &str, listen: Listen, extra: &[&str]) -> QemuNbd {
-        let mut cmd = Command::new("qemu-nbd");
-        cmd.args([
-            "--format=qcow2",
-            "--persistent",
-            "--shared=8",
-            "--cache=none",
-        ])
-        .arg(format!("--export-name={export}"));
-        let addr = match &listen {
-            Listen::Tcp(port) => {
-                cmd.args(["--bind=127.0.0.1", &format!("--port={port}")]);
-                NbdAddr::Tcp {
-                    host: "127.0.0.1".into(),
-                    port: *port,
-                    export: export.into(),
-                }
-            }
-            Listen::Unix(path) => {
-                cmd.arg(format!("--socket={}", path.display()));
-                NbdAddr::Unix {
-                    path: path.clone(),
-                    export: export.into(),
-                }
-            }
-        };
-        cmd.args(extra).arg(image).stdin(Stdio::null());
-        eprintln!("spawning {cmd:?}");
-        let mut child = cmd.spawn().expect("spawn qemu-nbd");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                panic!("qemu-nbd exited early: {st}");
-            }
-            let ready = match &listen {
-                Listen::Tcp(port) => std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok(),
-                Listen::Unix(path) => std::os::unix::net::UnixStream::connect(path).is_ok(),
-            };
-            if ready {
-                break;
-            }
-            assert!(Instant::now() < deadline, "qemu-nbd did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        QemuNbd { child, addr }
-    }
-}
-
-impl Drop for QemuNbd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-enum Listen {
-    Tcp(u16),
-    Unix(PathBuf),
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// qemu-nbd (qcow2, `--cache=none`) serving `image` as `export`; `extra` flags before the image.
+fn serve(image: &Path, export: &str, extra: &[&str]) -> QemuNbdBuilder {
+    QemuNbd::builder(image, export)
+        .args(&["--cache=none"])
+        .args(extra)
 }
 
 fn qemu_img(args: &[&str]) {
@@ -118,7 +52,7 @@ fn alloc_opts() -> ConnectOptions {
 async fn tcp_handshake_reports_size_flags_and_contexts() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path(), "a.qcow2", "64M");
-    let srv = QemuNbd::start(&img, "disk-a", Listen::Tcp(free_port()), &[]);
+    let srv = serve(&img, "disk-a", &[]).start();
     let c = NbdClient::connect(&srv.addr, &alloc_opts()).await.unwrap();
     assert_eq!(c.size(), 64 << 20);
     assert!(!c.read_only());
@@ -133,7 +67,9 @@ async fn tcp_handshake_reports_size_flags_and_contexts() {
     // The same export read-only, and the URI form the hub hands out.
     drop(srv);
     let port = free_port();
-    let srv = QemuNbd::start(&img, "disk-a", Listen::Tcp(port), &["--read-only"]);
+    let srv = serve(&img, "disk-a", &["--read-only"])
+        .tcp_on("127.0.0.1", port)
+        .start();
     let addr = NbdAddr::parse(&format!("nbd://127.0.0.1:{port}/disk-a")).unwrap();
     assert_eq!(addr, srv.addr);
     let c = NbdClient::connect(&addr, &ConnectOptions::default())
@@ -149,7 +85,7 @@ async fn unknown_export_and_closed_port_name_the_cause() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path(), "a.qcow2", "1M");
     let port = free_port();
-    let srv = QemuNbd::start(&img, "right", Listen::Tcp(port), &[]);
+    let srv = serve(&img, "right", &[]).tcp_on("127.0.0.1", port).start();
     let wrong = NbdAddr::Tcp {
         host: "127.0.0.1".into(),
         port,
@@ -173,7 +109,9 @@ async fn write_read_zero_trim_and_block_status_over_unix_socket() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path(), "b.qcow2", "16M");
     let sock = dir.path().join("nbd.sock");
-    let srv = QemuNbd::start(&img, "b", Listen::Unix(sock.clone()), &["--discard=unmap"]);
+    let srv = serve(&img, "b", &["--discard=unmap"])
+        .unix(sock.clone())
+        .start();
     let uri = format!("nbd+unix:///b?socket={}", sock.display());
     assert_eq!(NbdAddr::parse(&uri).unwrap(), srv.addr);
     let c = NbdClient::connect(&srv.addr, &alloc_opts()).await.unwrap();
@@ -242,7 +180,7 @@ async fn many_requests_in_flight_on_one_connection() {
     for i in 0..64 {
         qemu_io(&img, &format!("write -P {} {}M 1M", i + 1, i));
     }
-    let srv = QemuNbd::start(&img, "c", Listen::Tcp(free_port()), &["--read-only"]);
+    let srv = serve(&img, "c", &["--read-only"]).start();
     let c = NbdClient::connect(&srv.addr, &ConnectOptions::default())
         .await
         .unwrap();
@@ -270,26 +208,33 @@ async fn pending_requests_fail_when_the_server_dies() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path(), "d.qcow2", "256M");
     qemu_io(&img, "write -P 5 0 256M");
-    let mut srv = QemuNbd::start(&img, "d", Listen::Tcp(free_port()), &["--read-only"]);
+    let mut srv = serve(&img, "d", &["--read-only"]).start();
     let c = NbdClient::connect(&srv.addr, &ConnectOptions::default())
         .await
         .unwrap();
     let mut tasks = Vec::new();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for i in 0..64u64 {
         let c = c.clone();
+        let done = done.clone();
         tasks.push(tokio::spawn(async move {
             let mut errors = 0;
             for j in 0..8 {
                 if c.read(((i * 8 + j) % 128) << 21, 1 << 21).await.is_err() {
                     errors += 1;
                 }
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
             errors
         }));
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    srv.child.kill().unwrap();
-    let _ = srv.child.wait();
+    // Killed once data flows (the first of 512 reads of 2 MiB answered), not after a guess.
+    let t = std::time::Instant::now();
+    while done.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "no read answered");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    srv.kill();
     let mut failed = 0;
     for t in tasks {
         failed += tokio::time::timeout(Duration::from_secs(10), t)
@@ -336,7 +281,7 @@ async fn verification_reads_back_and_names_the_mismatching_range() {
         chunk_size: 4 << 20,
         ranges: ranges.clone(),
     };
-    let srv = QemuNbd::start(&img, "v", Listen::Tcp(free_port()), &["--read-only"]);
+    let srv = serve(&img, "v", &["--read-only"]).start();
     let cancel = CancellationToken::new();
     let summary = verify::verify_disk(&srv.addr, &sums, &cancel)
         .await

@@ -216,6 +216,39 @@ impl Api {
         .await
     }
 
+    /// GET `path` sent byte for byte over a plain HTTP/1.1 connection: a URL client resolves
+    /// dot segments (`/vms/..` becomes `/`), so the server would never see them.
+    pub async fn get_verbatim(&self, path: &str) -> (u16, Value) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let base = reqwest::Url::parse(&self.base).expect("the API's base URL");
+        let addr = format!(
+            "{}:{}",
+            base.host_str().expect("a host"),
+            base.port_or_known_default().expect("a port")
+        );
+        let target = format!("{}{path}", base.path().trim_end_matches('/'));
+        let mut req = format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        if let Some(t) = &self.token {
+            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        req.push_str("\r\n");
+        let mut conn = tokio::net::TcpStream::connect(&addr)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+        conn.write_all(req.as_bytes()).await.expect("sending");
+        let mut answer = Vec::new();
+        conn.read_to_end(&mut answer).await.expect("reading");
+        let text = String::from_utf8_lossy(&answer);
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status line in {head:?}"));
+        let v = serde_json::from_str(body).unwrap_or(Value::String(body.to_string()));
+        (status, v)
+    }
+
     /// GET that must answer 200.
     pub async fn get_ok(&self, path: &str) -> Value {
         let (s, v) = self.get(path).await;

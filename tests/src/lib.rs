@@ -1,26 +1,37 @@
-//! Helpers for the end-to-end tests (`tests/tests/`) and the hub's integration tests
-//! (`agent-hub/tests/`): locating the built binaries, starting them on free loopback ports with
-//! temporary data directories, and cleaning up every child in `Drop`. Each helper prints the
+//! The one test harness of the workspace: the end-to-end tests (`tests/tests/`) and the
+//! integration tests of the hub, the node and `shared` use it. Locating the built binaries,
+//! starting them on free loopback ports with temporary data directories, and cleaning up every
+//! child in `Drop`. Each helper prints the
 //! full command line it runs, so a failing test can be replayed by hand.
 //!
 //! - [`hub`]: [`hub::HubProcess`], a running `sendense-hub`, and [`hub::Api`], its HTTP client.
 //! - [`disks`]: source images with known data (`qemu-img`, `qemu-io`), `nbdcopy` into an
 //!   export, `qemu-img compare`.
 //! - [`net`]: free port ranges on 127.0.0.1.
+//! - [`mariadb`]: [`mariadb::PrivateMariaDb`], a MariaDB server of one test's own (its own data
+//!   directory and port), stopped and started again by PID to take the database away mid-job.
 //! - [`tmpfs`]: a small mounted tmpfs (a repository that fills up), unmounted in `Drop`.
-//! - [`node`]: [`node::NodeProcess`], a running `sendense-node` registered with a test hub.
+//! - [`nbd`]: [`nbd::QemuNbd`], a real `qemu-nbd` export (TCP or unix socket, read-only or
+//!   writable, started from sync or async code).
+//! - [`node`]: [`node::NodeProcess`], a running `sendense-node` (with or without a hub, with
+//!   VMs, a copy throttle, a tunnel, more flags and config as [`node::NodeOptions`] says).
+//! - [`sshd`]: [`sshd::Sshd`], a real OpenSSH sshd with generated keys and the node's restricted
+//!   key line, for tunnel tests.
 //! - [`tmux`]: [`tmux::Tmux`], a private tmux server to drive a terminal program (the console).
 //! - [`qemu`]: [`qemu::TestVm`], a real `qemu-system-x86_64` with qcow2 disks and a QMP socket
-//!   for the node plus one for the test (guest writes, leftover checks).
+//!   for the node plus one for the test (guest writes, leftover checks, bitmaps), and on
+//!   request one for an observer.
 //! - [`vcsim`]: [`vcsim::Vcsim`], govmomi's vSphere simulator (launcher in `tests/vcsim/`) with a
 //!   2-disk VM whose snapshots freeze data and whose CBT answers `QueryChangedDiskAreas`.
 
 pub mod disks;
 pub mod hub;
 pub mod mariadb;
+pub mod nbd;
 pub mod net;
 pub mod node;
 pub mod qemu;
+pub mod sshd;
 pub mod tmpfs;
 pub mod tmux;
 pub mod vcsim;
@@ -147,4 +158,17 @@ pub fn pid_alive(pid: u32) -> bool {
             .is_some_and(|state| state != "Z" && state != "X"),
         Err(_) => false,
     }
+}
+
+/// The direct children of `pid` (every thread's `children` list).
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+    }
+    out
 }

@@ -1,7 +1,8 @@
 //! A real `qemu-system-x86_64` VM for end-to-end tests: qcow2 disks holding known data attached
 //! as virtio-blk devices `disk0`, `disk1`, ..., paused (`-S`, TCG, no guest OS), with two QMP
 //! sockets: one for the node under test, one for the test itself (guest writes, flushes, looking
-//! for what the node left behind). Killed by PID in `Drop`.
+//! for what the node left behind), and on request a third one for an observer of the test's
+//! choosing. Killed by PID in `Drop`. The one VM of the node, hub and end-to-end tests.
 //!
 //! The test's QMP client is deliberately its own small one (not the node's): the test must see
 //! QEMU as it is, not as the node's code believes it is.
@@ -75,9 +76,9 @@ impl Qmp {
 }
 
 /// The command line of a test VM: `-S`, TCG, no guest OS, qcow2 `images` as virtio-blk
-/// devices `disk0`, `disk1`, ... (format nodes `fmtN` over file nodes `fileN`), and two QMP
-/// sockets, `node_qmp` for the node and `test_qmp` for the test.
-pub fn vm_command(name: &str, images: &[PathBuf], node_qmp: &Path, test_qmp: &Path) -> Command {
+/// devices `disk0`, `disk1`, ... (format nodes `fmtN` over file nodes `fileN`), and one QMP
+/// server per socket of `qmp` (one client each: the node's, the test's, an observer's).
+fn vm_command(name: &str, images: &[PathBuf], qmp: &[&Path]) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
         "-machine",
@@ -101,11 +102,26 @@ pub fn vm_command(name: &str, images: &[PathBuf], node_qmp: &Path, test_qmp: &Pa
         cmd.arg("-device")
             .arg(format!("virtio-blk-pci,id=disk{i},drive=fmt{i}"));
     }
-    cmd.arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", node_qmp.display()));
-    cmd.arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", test_qmp.display()));
+    for sock in qmp {
+        cmd.arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", sock.display()));
+    }
     cmd
+}
+
+/// How a [`TestVm`] is started.
+#[derive(Debug, Clone, Default)]
+pub struct VmOptions {
+    /// QEMU's `-name`, and the prefix of its files.
+    pub name: String,
+    /// Where the images, sockets and the QEMU log live; `None`: a temporary directory of the
+    /// VM's own, deleted with it.
+    pub dir: Option<PathBuf>,
+    /// One qcow2 per size (bytes), attached as `disk0`, `disk1`, ...
+    pub sizes: Vec<u64>,
+    /// A third QMP socket ([`TestVm::observer_qmp`]) that nobody connects to, for a test that
+    /// talks to QEMU through a client of its own choosing (e.g. the node's, to see its errors).
+    pub observer_qmp: bool,
 }
 
 /// A running QEMU VM.
@@ -115,10 +131,15 @@ pub struct TestVm {
     pub images: Vec<PathBuf>,
     /// The socket the node is given (`--qmp NAME=SOCKET`).
     pub node_qmp: PathBuf,
+    /// The socket of [`TestVm::qmp`], the test's own client.
     pub test_qmp: PathBuf,
+    /// With [`VmOptions::observer_qmp`]: a free QMP socket.
+    pub observer_qmp: Option<PathBuf>,
     child: Option<Child>,
     qmp: Option<Qmp>,
     pub command_line: String,
+    /// The directory when the VM owns it (removed after QEMU is killed).
+    _tmp: Option<tempfile::TempDir>,
 }
 
 impl TestVm {
@@ -130,9 +151,42 @@ impl TestVm {
         sizes: &[u64],
         prepare: impl FnOnce(&[PathBuf]),
     ) -> anyhow::Result<TestVm> {
-        std::fs::create_dir_all(dir)?;
+        let opts = VmOptions {
+            name: name.to_string(),
+            dir: Some(dir.to_path_buf()),
+            sizes: sizes.to_vec(),
+            observer_qmp: false,
+        };
+        TestVm::start_opts(opts, prepare).await
+    }
+
+    /// A VM named `vm1` in a temporary directory of its own (a node test's VM); panics when
+    /// QEMU does not start.
+    pub async fn temp(sizes: &[u64], prepare: impl FnOnce(&[PathBuf])) -> TestVm {
+        let opts = VmOptions {
+            name: "vm1".to_string(),
+            sizes: sizes.to_vec(),
+            ..VmOptions::default()
+        };
+        TestVm::start_opts(opts, prepare).await.expect("start QEMU")
+    }
+
+    /// [`TestVm::start`] as `opts` says.
+    pub async fn start_opts(
+        opts: VmOptions,
+        prepare: impl FnOnce(&[PathBuf]),
+    ) -> anyhow::Result<TestVm> {
+        let name = opts.name.as_str();
+        let (dir, tmp) = match &opts.dir {
+            Some(d) => (d.clone(), None),
+            None => {
+                let t = tempfile::Builder::new().prefix("sdvm-").tempdir()?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        std::fs::create_dir_all(&dir)?;
         let mut images = Vec::new();
-        for (i, size) in sizes.iter().enumerate() {
+        for (i, size) in opts.sizes.iter().enumerate() {
             let img = dir.join(format!("{name}-disk{i}.qcow2"));
             crate::disks::create_qcow2(&img, *size);
             images.push(img);
@@ -140,7 +194,12 @@ impl TestVm {
         prepare(&images);
         let node_qmp = dir.join(format!("{name}-node.qmp"));
         let test_qmp = dir.join(format!("{name}-test.qmp"));
-        let mut cmd = vm_command(name, &images, &node_qmp, &test_qmp);
+        let observer_qmp = opts
+            .observer_qmp
+            .then(|| dir.join(format!("{name}-observer.qmp")));
+        let mut sockets = vec![node_qmp.as_path(), test_qmp.as_path()];
+        sockets.extend(observer_qmp.as_deref());
+        let mut cmd = vm_command(name, &images, &sockets);
         let log = std::fs::File::create(dir.join(format!("{name}-qemu.log")))?;
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -150,23 +209,25 @@ impl TestVm {
         let child = cmd.spawn().context("spawning qemu-system-x86_64")?;
         let mut vm = TestVm {
             name: name.to_string(),
-            dir: dir.to_path_buf(),
+            dir,
             images,
             node_qmp,
             test_qmp,
+            observer_qmp,
             child: Some(child),
             qmp: None,
             command_line,
+            _tmp: tmp,
         };
         let t = Instant::now();
         loop {
             if let Some(Ok(Some(status))) = vm.child.as_mut().map(|c| c.try_wait()) {
                 bail!("qemu exited early: {status}");
             }
-            if vm.node_qmp.exists()
+            let sockets_up = vm.node_qmp.exists()
                 && vm.test_qmp.exists()
-                && let Ok(q) = Qmp::connect(&vm.test_qmp).await
-            {
+                && vm.observer_qmp.as_ref().is_none_or(|p| p.exists());
+            if sockets_up && let Ok(q) = Qmp::connect(&vm.test_qmp).await {
                 vm.qmp = Some(q);
                 break;
             }
@@ -194,10 +255,9 @@ impl TestVm {
             "qemu-io -d /machine/peripheral/disk{disk}/virtio-backend \"write -P {pattern:#04x} {offset} {len}\""
         );
         let out = self.qmp().hmp(&line).await.expect("guest write");
-        assert!(
-            !out.contains("rror") && !out.contains("failed"),
-            "guest write failed: {out}"
-        );
+        // qemu-io prints its result on QEMU's stdout, not in the answer; an error in the
+        // command line itself comes back here.
+        assert!(out.is_empty(), "guest write failed: {out}");
     }
 
     /// Disk `disk` as it reads now, into a raw file: QEMU flushes its caches of the disk, then
@@ -245,6 +305,29 @@ impl TestVm {
             out.push(format!("block job {}", j["device"]));
         }
         out
+    }
+
+    /// Bitmaps on disk `disk`'s format node: (name, recording).
+    pub async fn bitmaps(&self, disk: usize) -> Vec<(String, bool)> {
+        let nodes = self
+            .qmp()
+            .execute("query-named-block-nodes", json!({"flat": true}))
+            .await
+            .expect("query-named-block-nodes");
+        let fmt = format!("fmt{disk}");
+        nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|n| n["node-name"] == Value::String(fmt.clone()))
+            .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
+            .filter_map(|b| {
+                Some((
+                    b["name"].as_str()?.to_string(),
+                    b["recording"].as_bool().unwrap_or(false),
+                ))
+            })
+            .collect()
     }
 
     /// Resizes disk `disk` (QMP `block_resize` of its format node), as an operator growing a disk.

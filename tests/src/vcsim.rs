@@ -11,6 +11,9 @@
 //!
 //! The child runs in its own process group with its stdin piped: closing stdin (in `Drop`, or by
 //! the test process dying) ends it; `Drop` also sends SIGTERM to the group, then SIGKILL.
+//!
+//! Submodules: `launcher` builds the Go launcher once per target directory; `soap` talks to the
+//! simulator as a vSphere client would (SOAP calls, login, datastore reads through curl).
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
@@ -21,11 +24,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Where Debian's govmomi sources live (GOPATH mode).
-const GOPATH: &str = "/usr/share/gocode";
-const SIMULATOR_SRC: &str = "/usr/share/gocode/src/github.com/vmware/govmomi/simulator";
-/// The launcher's sources, hashed into the binary's name so an edit rebuilds it.
-const SOURCES: &[&str] = &["main.go", "setup.go", "vm.go", "control.go"];
+mod launcher;
+mod soap;
+
+pub use launcher::launcher_binary;
 
 /// How a simulator is started.
 #[derive(Debug, Clone)]
@@ -459,142 +461,6 @@ impl Vcsim {
             .clone())
     }
 
-    /// A SOAP `Login` done with curl (the CA file = the server certificate, so TLS is verified):
-    /// the `vmware_soap_session` cookie value, or an error carrying the fault.
-    pub fn login_cookie(&self, user: &str, password: &str) -> anyhow::Result<String> {
-        let call = format!(
-            concat!(
-                r#"<Login xmlns="urn:vim25"><_this type="SessionManager">SessionManager</_this>"#,
-                "<userName>{}</userName><password>{}</password></Login>"
-            ),
-            xml_escape(user),
-            xml_escape(password)
-        );
-        let (status, cookie, body) = self.soap_call(None, &call)?;
-        match cookie {
-            Some(c) if status == 200 => Ok(c),
-            _ => bail!("Login refused ({status}): {body}"),
-        }
-    }
-
-    /// One raw SOAP call with curl (TLS verified against the server certificate): the body
-    /// element of the call, e.g. `<CreateSnapshot_Task xmlns="urn:vim25">...`. Returns the
-    /// HTTP status, a new session cookie if one was set, and the response text.
-    pub fn soap_call(
-        &self,
-        cookie: Option<&str>,
-        call: &str,
-    ) -> anyhow::Result<(u16, Option<String>, String)> {
-        let body = format!(
-            concat!(
-                r#"<?xml version="1.0" encoding="UTF-8"?>"#,
-                r#"<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/">"#,
-                "<soapenv:Body>{}</soapenv:Body></soapenv:Envelope>"
-            ),
-            call
-        );
-        let headers = self.dir.path().join(format!("soap-headers-{}", nanos()));
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "--cacert"])
-            .arg(&self.cert_pem)
-            .arg("-D")
-            .arg(&headers)
-            .args(["-w", "\n%{http_code}"])
-            .args([
-                "-H",
-                "Content-Type: text/xml",
-                "-H",
-                "SOAPAction: urn:vim25/6.5",
-            ]);
-        if let Some(c) = cookie {
-            cmd.args(["-b", &format!("vmware_soap_session={c}")]);
-        }
-        let out = cmd
-            .args(["--data-binary", "@-", &self.sdk_url])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                c.stdin.take().expect("piped").write_all(body.as_bytes())?;
-                c.wait_with_output()
-            })
-            .context("running curl (package curl)")?;
-        let head = std::fs::read_to_string(&headers).unwrap_or_default();
-        let _ = std::fs::remove_file(&headers);
-        if !out.status.success() {
-            bail!(
-                "curl SOAP call failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let (text, status) = text.rsplit_once('\n').context("curl printed no status")?;
-        let cookie = head.lines().find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            if !name.eq_ignore_ascii_case("set-cookie") {
-                return None;
-            }
-            value
-                .trim()
-                .strip_prefix("vmware_soap_session=")?
-                .split(';')
-                .next()
-                .map(|v| v.trim_matches('"').to_string())
-        });
-        Ok((status.trim().parse()?, cookie, text.to_string()))
-    }
-
-    /// The datastore URL of a disk's data file (`[ds] dir/name.vmdk` → `.../name-flat.vmdk`).
-    pub fn datastore_file_url(&self, file_name: &str) -> String {
-        let rel = file_name
-            .split_once("] ")
-            .map(|(_, r)| r)
-            .unwrap_or(file_name);
-        let rel = if rel.ends_with("-flat.vmdk") {
-            rel.to_string()
-        } else {
-            format!("{}-flat.vmdk", rel.trim_end_matches(".vmdk"))
-        };
-        format!(
-            "{}/folder/{rel}?dcPath={}&dsName={}",
-            self.url, self.datacenter, self.datastore
-        )
-    }
-
-    /// An HTTPS Range GET with curl: (HTTP status, body). `cookie` is the session cookie value.
-    pub fn range_get(
-        &self,
-        url: &str,
-        cookie: Option<&str>,
-        offset: u64,
-        len: u64,
-    ) -> anyhow::Result<(u16, Vec<u8>)> {
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "--cacert"])
-            .arg(&self.cert_pem)
-            .args(["-w", "\n%{http_code}", "-r"])
-            .arg(format!("{offset}-{}", offset + len - 1));
-        if let Some(c) = cookie {
-            cmd.args(["-b", &format!("vmware_soap_session={c}")]);
-        }
-        let out = cmd
-            .arg(url)
-            .output()
-            .context("running curl (package curl)")?;
-        if !out.status.success() {
-            bail!("curl {url}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let mut body = out.stdout;
-        let nl = body
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .context("curl printed no status")?;
-        let status = std::str::from_utf8(&body[nl + 1..])?.trim().parse()?;
-        body.truncate(nl);
-        Ok((status, body))
-    }
-
     /// One request to the control endpoint (HTTP/1.0 over a plain socket, so it works from any
     /// context, including `Drop` and non-async tests).
     fn control(&self, method: &str, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
@@ -657,133 +523,9 @@ fn read_at(path: &Path, offset: u64, len: usize) -> anyhow::Result<Vec<u8>> {
     Ok(buf)
 }
 
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
 fn nanos() -> u32 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0)
-}
-
-/// FNV-1a, stable across builds (the binary's name must not change with the toolchain).
-fn fnv1a(data: &[u8], mut h: u64) -> u64 {
-    for &b in data {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    h
-}
-
-/// The launcher binary for the current sources, built once per target directory: named after a
-/// hash of its sources, built under an exclusive `flock` (parallel test processes wait for one
-/// build) into a temporary name, then renamed into place.
-pub fn launcher_binary() -> anyhow::Result<PathBuf> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("vcsim");
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for name in SOURCES {
-        let p = src.join(name);
-        let text = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
-        h = fnv1a(name.as_bytes(), h);
-        h = fnv1a(&text, h);
-    }
-    let out_dir = target_dir().join("vcsim");
-    let bin = out_dir.join(format!("vcsim-launcher-{h:016x}"));
-    if bin.exists() {
-        return Ok(bin);
-    }
-    let go = which("go");
-    if go.is_none() || !Path::new(SIMULATOR_SRC).is_dir() {
-        bail!(
-            "the vSphere tests need Go and govmomi's simulator: install the Debian packages \
-             golang-go and golang-github-vmware-govmomi-dev (scripts/setup.sh packages); \
-             missing: {}",
-            [
-                go.is_none().then_some("go (golang-go)"),
-                (!Path::new(SIMULATOR_SRC).is_dir())
-                    .then_some("/usr/share/gocode (golang-github-vmware-govmomi-dev)")
-            ]
-            .into_iter()
-            .flatten()
-            .collect::<Vec<_>>()
-            .join(", ")
-        );
-    }
-    std::fs::create_dir_all(&out_dir)?;
-    let lock_path = out_dir.join("build.lock");
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("opening {}", lock_path.display()))?;
-    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| anyhow::anyhow!("flock {}: {e}", lock_path.display()))?;
-    if bin.exists() {
-        return Ok(bin);
-    }
-    let tmp = out_dir.join(format!("vcsim-launcher.tmp-{}", std::process::id()));
-    let gocache = std::env::var_os("GOCACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| out_dir.join("gocache"));
-    let mut cmd = Command::new(go.expect("checked above"));
-    cmd.arg("build")
-        .arg("-o")
-        .arg(&tmp)
-        .arg(".")
-        .current_dir(&src)
-        .env("GO111MODULE", "off")
-        .env("GOPATH", GOPATH)
-        .env("GOCACHE", &gocache)
-        .env("GOFLAGS", "");
-    let t = Instant::now();
-    eprintln!(
-        "+ (cd {} && GO111MODULE=off GOPATH={GOPATH} {})",
-        src.display(),
-        crate::describe(&cmd)
-    );
-    let out = cmd.output().context("running go build")?;
-    if !out.status.success() {
-        let _ = std::fs::remove_file(&tmp);
-        bail!(
-            "go build of the vcsim launcher failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    std::fs::rename(&tmp, &bin)?;
-    // Binaries of older sources are of no use any more (a running one keeps its inode).
-    for e in std::fs::read_dir(&out_dir).into_iter().flatten().flatten() {
-        let name = e.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with("vcsim-launcher-") && e.path() != bin {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
-    eprintln!("built {} in {:.1?}", bin.display(), t.elapsed());
-    Ok(bin)
-}
-
-/// `target/` of the running test (`target/<profile>/deps/<test>` → `target`).
-fn target_dir() -> PathBuf {
-    let profile_dir = crate::bin_path("x");
-    let profile_dir = profile_dir.parent().expect("target/<profile>");
-    profile_dir
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| profile_dir.to_path_buf())
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
 }

@@ -14,8 +14,9 @@
 //! - [`e2e::console_live`]: the real console in tmux, driven by keys (also needs
 //!   `cargo build --bin sendense-console`).
 //! - [`e2e::tunnel`]: a full backup with hub and node talking only through the SSH tunnel.
-//! - [`e2e::vsphere`]: the vSphere simulator harness itself, then backups of a simulated vSphere
-//!   VM through hub and node (needs Go and govmomi: `scripts/setup.sh packages`).
+//! - [`e2e::vcsim_harness`]: the vSphere simulator harness itself (needs Go and govmomi:
+//!   `scripts/setup.sh packages`).
+//! - [`e2e::vsphere`]: backups of a simulated vSphere VM through hub and node.
 
 mod e2e {
     pub mod backup;
@@ -26,5 +27,6 @@ mod e2e {
     pub mod restore;
     pub mod sys;
     pub mod tunnel;
+    pub mod vcsim_harness;
     pub mod vsphere;
 }

@@ -102,8 +102,8 @@ async fn incremental_areas_copy_changes_inside_and_leave_the_rest_untouched() {
         ],
     );
     let dst_img = create_overlay(d, "incr.qcow2", &base);
-    let src = Export::source(d, &src_img, Listen::Unix, &[]);
-    let dst = Export::target(d, &dst_img, Listen::Unix);
+    let src = source(d, &src_img, Listen::Unix, &[]);
+    let dst = target(d, &dst_img, Listen::Unix);
     let areas = vec![(2 * MIB, MIB), (5 * MIB, 512 * KIB), (12 * MIB, MIB)];
     let out = copy(
         &src.addr,

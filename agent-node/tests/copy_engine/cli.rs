@@ -10,15 +10,15 @@ fn copy_command_copies_and_prints_a_summary() {
     let src_img = create(d, "src.qcow2", 32 * MIB);
     qemu_io(&src_img, &["write -P 0x7 1M 3M".into()]);
     let dst_img = create(d, "dst.qcow2", 32 * MIB);
-    let src = Export::source(d, &src_img, Listen::Tcp, &[]);
-    let dst = Export::target(d, &dst_img, Listen::Unix);
+    let src = source(d, &src_img, Listen::Tcp, &[]);
+    let dst = target(d, &dst_img, Listen::Unix);
     let out = Command::new(env!("CARGO_BIN_EXE_sendense-node"))
         .args([
             "copy",
             "--from",
-            &src.uri,
+            &src.uri(),
             "--to",
-            &dst.uri,
+            &dst.uri(),
             "--destination-is-zero",
         ])
         .args([

@@ -40,8 +40,8 @@ async fn full_copy_to_a_fresh_target_skips_holes_and_zeroes_zero_blocks() {
     let dir = tempfile::tempdir().unwrap();
     let src_img = mixed_source(dir.path());
     let dst_img = create(dir.path(), "dst.qcow2", SIZE);
-    let src = Export::source(dir.path(), &src_img, Listen::Unix, &[]);
-    let dst = Export::target(dir.path(), &dst_img, Listen::Unix);
+    let src = source(dir.path(), &src_img, Listen::Unix, &[]);
+    let dst = target(dir.path(), &dst_img, Listen::Unix);
     let counters = DiskCounters::new();
     let out = copy_disk(
         &src.addr,
@@ -92,8 +92,8 @@ async fn full_copy_over_a_dirty_target_zeroes_the_holes() {
     // A target full of 0xee: every hole of the source must be zeroed on it.
     let dst_img = create(dir.path(), "dst.qcow2", SIZE);
     qemu_io(&dst_img, &["write -P 0xee 0 64M".into()]);
-    let src = Export::source(dir.path(), &src_img, Listen::Tcp, &[]);
-    let dst = Export::target(dir.path(), &dst_img, Listen::Tcp);
+    let src = source(dir.path(), &src_img, Listen::Tcp, &[]);
+    let dst = target(dir.path(), &dst_img, Listen::Tcp);
     let out = copy(&src.addr, &dst.addr, ExtentSource::Allocation, &opts(false))
         .await
         .unwrap();
@@ -115,8 +115,8 @@ async fn a_small_or_read_only_target_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let src_img = create(dir.path(), "src.qcow2", SIZE);
     let small_img = create(dir.path(), "small.qcow2", SIZE - MIB);
-    let src = Export::source(dir.path(), &src_img, Listen::Unix, &[]);
-    let small = Export::target(dir.path(), &small_img, Listen::Unix);
+    let src = source(dir.path(), &src_img, Listen::Unix, &[]);
+    let small = target(dir.path(), &small_img, Listen::Unix);
     let e = copy(
         &src.addr,
         &small.addr,
@@ -134,7 +134,9 @@ async fn a_small_or_read_only_target_is_refused_by_name() {
     drop(small);
 
     let ro_img = create(dir.path(), "ro.qcow2", SIZE);
-    let ro = Export::start(dir.path(), &ro_img, "ro", Listen::Unix, &["--read-only"]);
+    let ro = export(dir.path(), &ro_img, "ro", Listen::Unix)
+        .read_only()
+        .start();
     let e = copy(&src.addr, &ro.addr, ExtentSource::Allocation, &opts(true))
         .await
         .unwrap_err();
@@ -157,8 +159,8 @@ async fn a_small_or_read_only_target_is_refused_by_name() {
 /// so that it takes long enough to be cut.
 struct SlowCopy {
     size: u64,
-    src: Export,
-    _dst: Export,
+    src: QemuNbd,
+    _dst: QemuNbd,
     counters: std::sync::Arc<DiskCounters>,
     task: tokio::task::JoinHandle<Result<agent_node::copy::CopyOutcome, CopyError>>,
     _dir: tempfile::TempDir,
@@ -176,8 +178,8 @@ async fn slow_copy_flowing(
     let src_img = create(dir.path(), "src.qcow2", size);
     qemu_io(&src_img, &["write -P 0x5a 0 512M".into()]);
     let dst_img = create(dir.path(), "dst.qcow2", size);
-    let src = Export::source(dir.path(), &src_img, Listen::Unix, &[]);
-    let dst = Export::target(dir.path(), &dst_img, Listen::Unix);
+    let src = source(dir.path(), &src_img, Listen::Unix, &[]);
+    let dst = target(dir.path(), &dst_img, Listen::Unix);
     let mut o = CopyOptions {
         request_size: 64 * 1024,
         max_in_flight_bytes: 256 * 1024,

@@ -47,8 +47,8 @@ async fn incremental_copies_only_dirty_extents_and_zeroes_inside_them() {
         "the change must be visible before the copy"
     );
 
-    let src = Export::source(d, &src_img, Listen::Unix, &["--bitmap=since-full"]);
-    let dst = Export::target(d, &dst_img, Listen::Unix);
+    let src = source(d, &src_img, Listen::Unix, &["--bitmap=since-full"]);
+    let dst = target(d, &dst_img, Listen::Unix);
     let out = copy(
         &src.addr,
         &dst.addr,

@@ -149,10 +149,10 @@ async fn a_source_without_block_status_is_copied_whole() {
 }
 
 /// 16 MiB qcow2 source: 2 MiB of data at 1 MiB, the rest holes.
-fn small_source(dir: &Path) -> (std::path::PathBuf, Export) {
+fn small_source(dir: &Path) -> (std::path::PathBuf, QemuNbd) {
     let img = create(dir, "src.qcow2", 16 * MIB);
     qemu_io(&img, &["write -P 0x61 1M 2M".into()]);
-    let exp = Export::source(dir, &img, Listen::Unix, &[]);
+    let exp = source(dir, &img, Listen::Unix, &[]);
     (img, exp)
 }
 

@@ -6,102 +6,49 @@ use agent_node::copy::{
 use sendense_shared::api::ChunkChecksums;
 use sendense_shared::nbd::{ConnectOptions, NbdAddr, NbdClient};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 use tokio_util::sync::CancellationToken;
 
 pub const MIB: u64 = 1 << 20;
 pub const KIB: u64 = 1 << 10;
 
-/// One qemu-nbd serving one image; killed by its own PID and reaped on drop.
-pub struct Export {
-    child: Child,
-    pub addr: NbdAddr,
-    pub uri: String,
-}
+pub use sendense_tests::nbd::{QemuNbd, QemuNbdBuilder};
 
+/// Where a test export listens.
 pub enum Listen {
+    /// `DIR/NAME.sock`.
     Unix,
+    /// A free port of 127.0.0.1.
     Tcp,
 }
 
-impl Export {
-    /// Serves `image` (qcow2) as export `name`. `extra` goes before the image path.
-    pub fn start(dir: &Path, image: &Path, name: &str, listen: Listen, extra: &[&str]) -> Export {
-        let mut cmd = Command::new("qemu-nbd");
-        cmd.args(["--format=qcow2", "--persistent", "--shared=8"])
-            .arg(format!("--export-name={name}"));
-        let (addr, uri, probe): (NbdAddr, String, Box<dyn Fn() -> bool>) = match listen {
-            Listen::Unix => {
-                let sock = dir.join(format!("{name}.sock"));
-                cmd.arg(format!("--socket={}", sock.display()));
-                let uri = format!("nbd+unix:///{name}?socket={}", sock.display());
-                let probe_path = sock.clone();
-                (
-                    NbdAddr::Unix {
-                        path: sock,
-                        export: name.into(),
-                    },
-                    uri,
-                    Box::new(move || std::os::unix::net::UnixStream::connect(&probe_path).is_ok()),
-                )
-            }
-            Listen::Tcp => {
-                let port = sendense_tests::net::free_port();
-                cmd.args(["--bind=127.0.0.1", &format!("--port={port}")]);
-                (
-                    NbdAddr::Tcp {
-                        host: "127.0.0.1".into(),
-                        port,
-                        export: name.into(),
-                    },
-                    format!("nbd://127.0.0.1:{port}/{name}"),
-                    Box::new(move || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()),
-                )
-            }
-        };
-        cmd.args(extra).arg(image).stdin(Stdio::null());
-        eprintln!("spawning {cmd:?}");
-        let mut child = cmd.spawn().expect("spawn qemu-nbd");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !probe() {
-            if let Some(st) = child.try_wait().unwrap() {
-                panic!("qemu-nbd exited early: {st}");
-            }
-            assert!(Instant::now() < deadline, "qemu-nbd did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Export { child, addr, uri }
-    }
-
-    /// A writable target export the way the hub serves one.
-    pub fn target(dir: &Path, image: &Path, listen: Listen) -> Export {
-        Export::start(
-            dir,
-            image,
-            "target",
-            listen,
-            &[
-                "--cache=none",
-                "--aio=threads",
-                "--discard=unmap",
-                "--detect-zeroes=unmap",
-            ],
-        )
-    }
-
-    pub fn source(dir: &Path, image: &Path, listen: Listen, extra: &[&str]) -> Export {
-        let mut args = vec!["--read-only"];
-        args.extend_from_slice(extra);
-        Export::start(dir, image, "source", listen, &args)
+/// qemu-nbd serving `image` (qcow2) as export `name`, on `dir/NAME.sock` or TCP.
+pub fn export(dir: &Path, image: &Path, name: &str, listen: Listen) -> QemuNbdBuilder {
+    let b = QemuNbd::builder(image, name);
+    match listen {
+        Listen::Unix => b.unix(dir.join(format!("{name}.sock"))),
+        Listen::Tcp => b,
     }
 }
 
-impl Drop for Export {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A writable target export the way the hub serves one.
+pub fn target(dir: &Path, image: &Path, listen: Listen) -> QemuNbd {
+    export(dir, image, "target", listen)
+        .args(&[
+            "--cache=none",
+            "--aio=threads",
+            "--discard=unmap",
+            "--detect-zeroes=unmap",
+        ])
+        .start()
+}
+
+/// A read-only source export; `extra` flags (e.g. `--bitmap=NAME`) before the image.
+pub fn source(dir: &Path, image: &Path, listen: Listen, extra: &[&str]) -> QemuNbd {
+    export(dir, image, "source", listen)
+        .read_only()
+        .args(extra)
+        .start()
 }
 
 /// Runs `cmd args`, panicking with its command line and output when it fails; its stdout.
@@ -117,14 +64,14 @@ pub fn create(dir: &Path, name: &str, size: u64) -> PathBuf {
 
 /// `src.qcow2` holding `writes` (qemu-io commands) and an empty `dst.qcow2`, both of `size`
 /// bytes, served as source and target on unix sockets: `(dst_img, src, dst)`.
-pub fn served_pair(dir: &Path, size: u64, writes: &[String]) -> (PathBuf, Export, Export) {
+pub fn served_pair(dir: &Path, size: u64, writes: &[String]) -> (PathBuf, QemuNbd, QemuNbd) {
     let src_img = create(dir, "src.qcow2", size);
     if !writes.is_empty() {
         qemu_io(&src_img, writes);
     }
     let dst_img = create(dir, "dst.qcow2", size);
-    let src = Export::source(dir, &src_img, Listen::Unix, &[]);
-    let dst = Export::target(dir, &dst_img, Listen::Unix);
+    let src = source(dir, &src_img, Listen::Unix, &[]);
+    let dst = target(dir, &dst_img, Listen::Unix);
     (dst_img, src, dst)
 }
 

@@ -5,22 +5,30 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_is_validated_and_errors_name_the_cause() {
-    let vm = TestVm::start(&[64 * MIB, 64 * MIB], |_| {}).await;
-    let node = NodeProc::start(vm.dir.path(), &vm.node_qmp, None).await;
+    let vm = TestVm::temp(&[64 * MIB, 64 * MIB], |_| {}).await;
+    let node = start_node(node_opts(vm.dir.as_path(), Some(&vm.node_qmp), None));
     let http = reqwest::Client::new();
 
     // Health is open; the rest needs the token.
-    let r = http.get(node.api("/health")).send().await.unwrap();
+    let r = http
+        .get(format!("{}/api/v1/health", node.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let h: serde_json::Value = r.json().await.unwrap();
     assert_eq!(h["status"], "healthy");
     assert_eq!(h["pid"], node.pid());
-    let r = http.get(node.api("/inventory")).send().await.unwrap();
+    let r = http
+        .get(format!("{}/api/v1/inventory", node.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     let b: serde_json::Value = r.json().await.unwrap();
     assert_eq!(b["error"], "unauthorized", "{b}");
     let r = http
-        .get(node.api("/inventory"))
+        .get(format!("{}/api/v1/inventory", node.url))
         .bearer_auth("wrong")
         .send()
         .await
@@ -93,11 +101,15 @@ async fn start_is_validated_and_errors_name_the_cause() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_retries_until_the_hub_answers() {
-    let vm = TestVm::start(&[64 * MIB], |_| {}).await;
+    let vm = TestVm::temp(&[64 * MIB], |_| {}).await;
     let hub = HubRecorder::start().await;
     // The hub answers 503 to the first calls, as while it is starting.
     hub.fail_first.store(3, std::sync::atomic::Ordering::SeqCst);
-    let node = NodeProc::start(vm.dir.path(), &vm.node_qmp, Some(&hub.url)).await;
+    let node = start_node(node_opts(
+        vm.dir.as_path(),
+        Some(&vm.node_qmp),
+        Some(&hub.url),
+    ));
     let vms = hub.wait_for("/api/v1/vms", 20).await;
     assert_eq!(hub.fail_first.load(std::sync::atomic::Ordering::SeqCst), 0);
     let nodes = hub.calls_to("/api/v1/nodes");

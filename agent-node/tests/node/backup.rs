@@ -8,22 +8,22 @@ use std::path::PathBuf;
 const SIZES: [u64; 2] = [64 * MIB, 128 * MIB];
 
 async fn two_disk_vm() -> TestVm {
-    TestVm::start(&SIZES, |imgs| {
-        write_image(&imgs[0], 0x11, 0, 24 * MIB);
-        write_image(&imgs[0], 0x12, 40 * MIB, 8 * MIB);
-        write_image(&imgs[1], 0x21, 8 * MIB, 32 * MIB);
-        write_image(&imgs[1], 0x22, 100 * MIB, 20 * MIB);
+    TestVm::temp(&SIZES, |imgs| {
+        write_pattern(&imgs[0], 0, 24 * MIB, 0x11);
+        write_pattern(&imgs[0], 40 * MIB, 8 * MIB, 0x12);
+        write_pattern(&imgs[1], 8 * MIB, 32 * MIB, 0x21);
+        write_pattern(&imgs[1], 100 * MIB, 20 * MIB, 0x22);
     })
     .await
 }
 
 /// qemu-nbd targets for every disk; `backing`: the previous backup's images.
-async fn targets(vm: &TestVm, name: &str, backing: Option<&[PathBuf]>) -> (Vec<NbdTarget>, String) {
+async fn targets(vm: &TestVm, name: &str, backing: Option<&[PathBuf]>) -> (Vec<QemuNbd>, String) {
     let mut out = Vec::new();
     for (i, size) in SIZES.iter().enumerate() {
-        let img = vm.dir.path().join(format!("{name}-{i}.qcow2"));
+        let img = vm.dir.as_path().join(format!("{name}-{i}.qcow2"));
         let b = backing.map(|b| b[i].as_path());
-        out.push(NbdTarget::start(img, *size, b, &format!("vm1-disk-{}", 2000 + i)).await);
+        out.push(nbd_target(img, *size, b, &format!("vm1-disk-{}", 2000 + i)).await);
     }
     let s = out
         .iter()
@@ -48,15 +48,15 @@ fn status_is(s: &'static str) -> impl Fn(&Value) -> bool {
 async fn snapshot_sources(vm: &TestVm, name: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for i in 0..SIZES.len() {
-        let p = vm.dir.path().join(format!("{name}-src{i}.raw"));
-        vm.copy_image_now(i, &p).await;
+        let p = vm.dir.as_path().join(format!("{name}-src{i}.raw"));
+        vm.copy_disk_now(i, &p).await;
         out.push(p);
     }
     out
 }
 
 /// The node's QMP log, parsed.
-fn qmp_log(node: &NodeProc) -> Vec<Value> {
+fn qmp_log(node: &NodeProcess) -> Vec<Value> {
     std::fs::read_to_string(node.run_dir.join("qmp.log"))
         .unwrap_or_default()
         .lines()
@@ -68,7 +68,11 @@ fn qmp_log(node: &NodeProc) -> Vec<Value> {
 async fn full_then_incremental_hold_the_snapshot_instant_on_every_disk() {
     let vm = two_disk_vm().await;
     let hub = HubRecorder::start().await;
-    let node = NodeProc::start(vm.dir.path(), &vm.node_qmp, Some(&hub.url)).await;
+    let node = start_node(node_opts(
+        vm.dir.as_path(),
+        Some(&vm.node_qmp),
+        Some(&hub.url),
+    ));
 
     // --- full backup; the targets are frozen so that the copy is in flight for sure ---
     let before = snapshot_sources(&vm, "full").await;
@@ -94,7 +98,7 @@ async fn full_then_incremental_hold_the_snapshot_instant_on_every_disk() {
         t.resume();
     }
     let done = node.wait_job("b-full", 60, terminal).await;
-    assert_eq!(done["status"], "completed", "{done}\n{}", node.log_text());
+    assert_eq!(done["status"], "completed", "{done}\n{}", node.stderr());
 
     // One transaction covered both disks.
     let log = qmp_log(&node);
@@ -162,7 +166,7 @@ async fn full_then_incremental_hold_the_snapshot_instant_on_every_disk() {
         t.resume();
     }
     let done = node.wait_job("b-inc", 60, terminal).await;
-    assert_eq!(done["status"], "completed", "{done}\n{}", node.log_text());
+    assert_eq!(done["status"], "completed", "{done}\n{}", node.stderr());
     for t in &mut inc_targets {
         t.stop();
     }
@@ -199,7 +203,11 @@ async fn full_then_incremental_hold_the_snapshot_instant_on_every_disk() {
 async fn cancel_mid_copy_releases_the_snapshot() {
     let vm = two_disk_vm().await;
     let hub = HubRecorder::start().await;
-    let node = NodeProc::start(vm.dir.path(), &vm.node_qmp, Some(&hub.url)).await;
+    let node = start_node(node_opts(
+        vm.dir.as_path(),
+        Some(&vm.node_qmp),
+        Some(&hub.url),
+    ));
     let (targets, s) = targets(&vm, "c", None).await;
     for t in &targets {
         t.pause();
@@ -248,7 +256,7 @@ async fn cancel_mid_copy_releases_the_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_node_leftovers_are_released_at_start_up() {
     let vm = two_disk_vm().await;
-    let mut node = NodeProc::start(vm.dir.path(), &vm.node_qmp, None).await;
+    let mut node = start_node(node_opts(vm.dir.as_path(), Some(&vm.node_qmp), None));
     let (targets_a, s) = targets(&vm, "k", None).await;
     for t in &targets_a {
         t.pause();
@@ -263,17 +271,17 @@ async fn killed_node_leftovers_are_released_at_start_up() {
     node.wait_job("b-k", 30, status_is("running")).await;
     let held = vm.leftovers().await;
     assert!(held.len() >= 4, "fleecing nodes and exports held: {held:?}");
-    node.kill();
+    node.kill9();
     drop(targets_a);
     // The crash left everything in QEMU.
     assert_eq!(vm.leftovers().await, held);
 
-    let node = NodeProc::start(vm.dir.path(), &vm.node_qmp, None).await;
+    let node = start_node(node_opts(vm.dir.as_path(), Some(&vm.node_qmp), None));
     assert_eq!(
         vm.leftovers().await,
         Vec::<String>::new(),
         "{}",
-        node.log_text()
+        node.stderr()
     );
     assert_eq!(vm.bitmaps(1).await, Vec::<(String, bool)>::new());
     // And the next backup works.
@@ -300,7 +308,11 @@ async fn killed_node_leftovers_are_released_at_start_up() {
 async fn sigterm_cancels_releases_and_reports() {
     let vm = two_disk_vm().await;
     let hub = HubRecorder::start().await;
-    let mut node = NodeProc::start(vm.dir.path(), &vm.node_qmp, Some(&hub.url)).await;
+    let mut node = start_node(node_opts(
+        vm.dir.as_path(),
+        Some(&vm.node_qmp),
+        Some(&hub.url),
+    ));
     let (targets, s) = targets(&vm, "t", None).await;
     for t in &targets {
         t.pause();
@@ -313,14 +325,31 @@ async fn sigterm_cancels_releases_and_reports() {
         .await;
     assert_eq!(code, 202, "{body}");
     node.wait_job("b-t", 30, status_is("running")).await;
+    let node_log = node.stderr_path.clone();
+    // The targets resume once the node has begun its shutdown (its log says so), so the copy
+    // cannot finish before the cancel is in effect.
     let resume = async {
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read_to_string(&node_log)
+            .unwrap_or_default()
+            .contains("shutting down: cancelling jobs")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the node never logged its shutdown"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         for t in &targets {
             t.resume();
         }
     };
-    let (exited, ()) = tokio::join!(node.terminate(30), resume);
-    assert!(exited, "node did not exit on SIGTERM:\n{}", node.log_text());
+    let (exited, ()) = tokio::join!(node.terminate(std::time::Duration::from_secs(30)), resume);
+    assert!(
+        exited.is_some(),
+        "node did not exit on SIGTERM:\n{}",
+        node.stderr()
+    );
     assert_eq!(vm.leftovers().await, Vec::<String>::new());
     let complete = hub.wait_for("/backups/b-t/complete", 5).await;
     assert_eq!(complete[0].body["status"], "failed");
@@ -334,7 +363,11 @@ async fn sigterm_cancels_releases_and_reports() {
 async fn a_dead_target_fails_the_job_names_the_disk_and_releases() {
     let vm = two_disk_vm().await;
     let hub = HubRecorder::start().await;
-    let node = NodeProc::start(vm.dir.path(), &vm.node_qmp, Some(&hub.url)).await;
+    let node = start_node(node_opts(
+        vm.dir.as_path(),
+        Some(&vm.node_qmp),
+        Some(&hub.url),
+    ));
     let (mut targets, s) = targets(&vm, "f", None).await;
     for t in &targets {
         t.pause();
@@ -378,23 +411,28 @@ async fn cancel_while_preparing_still_releases_the_snapshot() {
     let vm = two_disk_vm().await;
     // The node's qemu-img (creating fleecing files, part of taking the snapshot) waits at a gate
     // the test opens: the job is held in "preparing" for as long as the test wants.
-    let gate_dir = vm.dir.path().join("gate");
+    let gate_dir = vm.dir.as_path().join("gate");
     std::fs::create_dir(&gate_dir).unwrap();
-    let gate = vm.dir.path().join("gate-open");
+    let gate = vm.dir.as_path().join("gate-open");
     let real = run(std::process::Command::new("sh").args(["-c", "command -v qemu-img"]));
+    // The script marks that it was reached (the snapshot is being taken) before it waits.
+    let reached = vm.dir.as_path().join("gate-reached");
     let script = gate_dir.join("qemu-img");
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\nwhile [ ! -e {} ]; do sleep 0.05; done\nexec {} \"$@\"\n",
+            "#!/bin/sh\ntouch {}\nwhile [ ! -e {} ]; do sleep 0.05; done\nexec {} \"$@\"\n",
+            reached.display(),
             gate.display(),
             real.trim()
         ),
     )
     .unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let node =
-        NodeProc::start_with_path(vm.dir.path(), &vm.node_qmp, None, Some(&gate_dir), &[]).await;
+    let node = start_node(NodeOptions {
+        path_first: Some(gate_dir.clone()),
+        ..node_opts(vm.dir.as_path(), Some(&vm.node_qmp), None)
+    });
     let (_targets, s) = targets(&vm, "p", None).await;
     let (code, body) = node
         .post(
@@ -404,15 +442,26 @@ async fn cancel_while_preparing_still_releases_the_snapshot() {
         .await;
     assert_eq!(code, 202, "{body}");
     assert_eq!(body["status"], "preparing");
+    // The cancel comes while the snapshot is really being taken: the gate was reached.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !reached.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the snapshot never called qemu-img"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let (code, body) = node.post("/backup/b-p/cancel", json!({})).await;
     assert_eq!(code, 202, "{body}");
     assert_eq!(body["status"], "cancelling");
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // The job cannot end while its snapshot step waits at the closed gate: cancelling, and
+    // still held there (the gate is only opened below).
     let (_, held) = node.get("/backup/b-p").await;
     assert_eq!(
         held["status"], "cancelling",
         "still taking the snapshot: {held}"
     );
+    assert!(!gate.exists());
     std::fs::write(&gate, "").unwrap();
     let done = node.wait_job("b-p", 60, terminal).await;
     assert_eq!(done["status"], "cancelled", "{done}");
@@ -425,7 +474,7 @@ async fn cancel_while_preparing_still_releases_the_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_with_a_hung_target_still_releases() {
     let vm = two_disk_vm().await;
-    let node = NodeProc::start(vm.dir.path(), &vm.node_qmp, None).await;
+    let node = start_node(node_opts(vm.dir.as_path(), Some(&vm.node_qmp), None));
     let (targets, s) = targets(&vm, "h", None).await;
     // The targets hang for good (never resumed): the copy cannot finish a request.
     for t in &targets {
@@ -449,19 +498,14 @@ async fn cancel_with_a_hung_target_still_releases() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_vms_back_up_at_once() {
     let vm = two_disk_vm().await;
-    let vm2 = TestVm::start(&SIZES, |imgs| {
-        write_image(&imgs[0], 0x61, 0, 16 * MIB);
-        write_image(&imgs[1], 0x62, 32 * MIB, 16 * MIB);
+    let vm2 = TestVm::temp(&SIZES, |imgs| {
+        write_pattern(&imgs[0], 0, 16 * MIB, 0x61);
+        write_pattern(&imgs[1], 32 * MIB, 16 * MIB, 0x62);
     })
     .await;
-    let node = NodeProc::start_with_path(
-        vm.dir.path(),
-        &vm.node_qmp,
-        None,
-        None,
-        &[("vm2", &vm2.node_qmp)],
-    )
-    .await;
+    let mut opts = node_opts(vm.dir.as_path(), Some(&vm.node_qmp), None);
+    opts.vms.push(("vm2".into(), vm2.node_qmp.clone()));
+    let node = start_node(opts);
     let (_, inv) = node.get("/inventory").await;
     assert_eq!(inv["vms"].as_array().unwrap().len(), 2, "{inv}");
     let before1 = snapshot_sources(&vm, "m1").await;

@@ -7,59 +7,23 @@
 use crate::support::*;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const SIZE: u64 = 64 * MIB;
 
-/// A read-only qemu-nbd serving a qcow2 with known data on `host`, killed by PID in `Drop`.
-struct Source {
-    host: &'static str,
-    port: u16,
-    child: Child,
-}
-
-impl Source {
-    /// 40 MiB of data in three areas of a 64 MiB disk (so both data and holes are restored).
-    fn image(dir: &Path) -> PathBuf {
-        let image = dir.join("point.qcow2");
-        sendense_tests::disks::create_qcow2(&image, SIZE);
-        write_image(&image, 0x11, 0, 16 * MIB);
-        write_image(&image, 0x22, 24 * MIB, 16 * MIB);
-        write_image(&image, 0x33, 56 * MIB, 8 * MIB);
-        image
-    }
-
-    async fn start(dir: &Path, host: &'static str, port: u16) -> Source {
-        let image = Self::image(dir);
-        let mut cmd = Command::new("qemu-nbd");
-        cmd.args(["-f", "qcow2", "-x", "point", "-r", "-t", "--shared=8"])
-            .args(["-b", host, "-p", &port.to_string()])
-            .arg(&image)
-            .stdin(Stdio::null());
-        eprintln!("starting {cmd:?}");
-        let child = cmd.spawn().expect("spawning qemu-nbd");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect((host, port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "qemu-nbd did not listen on {host}:{port}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Source { host, port, child }
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd://{}:{}/point", self.host, self.port)
-    }
-}
-
-impl Drop for Source {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// 40 MiB of data in three areas of a 64 MiB disk (so both data and holes are restored),
+/// served read-only on `host:port` as export `point` (as the hub serves a backup point).
+async fn source(dir: &Path, host: &str, port: u16) -> QemuNbd {
+    let image = dir.join("point.qcow2");
+    sendense_tests::disks::create_qcow2(&image, SIZE);
+    write_pattern(&image, 0, 16 * MIB, 0x11);
+    write_pattern(&image, 24 * MIB, 16 * MIB, 0x22);
+    write_pattern(&image, 56 * MIB, 8 * MIB, 0x33);
+    QemuNbd::builder(&image, "point")
+        .read_only()
+        .tcp_on(host, port)
+        .start_async()
+        .await
 }
 
 /// The start request of restore `id` from `host:port` into `path`.
@@ -74,23 +38,22 @@ fn start_body(id: &str, host: &str, port: u16, path: &Path) -> Value {
 }
 
 /// A node reading at most `bps` bytes per second (the copy engine's test throttle).
-fn throttled(hub: &str, bps: u64) -> NodeOpts<'_> {
-    NodeOpts {
-        hub: Some(hub),
+fn throttled(dir: &Path, hub: &str, bps: u64) -> NodeOptions {
+    NodeOptions {
         env: vec![(agent_node::copy::THROTTLE_ENV.to_string(), bps.to_string())],
-        ..NodeOpts::default()
+        ..node_opts(dir, None, Some(hub))
     }
 }
 
 /// The restore's journal entry in the node's run dir (it names the private qemu-nbd).
-fn journal(node: &NodeProc, id: &str) -> Value {
+fn journal(node: &NodeProcess, id: &str) -> Value {
     let p = node.run_dir.join(format!("restore-{id}.json"));
     serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap()
 }
 
 /// The PID of the restore's private qemu-nbd, once the journal has it; checked to be qemu-nbd
 /// serving `image`.
-async fn private_qemu_nbd(node: &NodeProc, id: &str, image: &Path) -> u32 {
+async fn private_qemu_nbd(node: &NodeProcess, id: &str, image: &Path) -> u32 {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let p = node.run_dir.join(format!("restore-{id}.json"));
@@ -134,15 +97,15 @@ async fn wait_gone(pid: u32, secs: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_equals_the_source_and_reports_progress_and_completion() {
     let dir = tempfile::tempdir().unwrap();
-    let src = Source::start(dir.path(), "127.0.0.1", free_port()).await;
+    let src = source(dir.path(), "127.0.0.1", free_port()).await;
     let hub = HubRecorder::start().await;
     // 16 MiB/s over 40 MiB of data: long enough for a few periodic progress pushes.
-    let node = NodeProc::start_opts(dir.path(), throttled(&hub.url, 16 * MIB)).await;
+    let node = start_node(throttled(dir.path(), &hub.url, 16 * MIB));
     let target = dir.path().join("restored.qcow2");
     let (code, body) = node
         .post(
             "/restore/start",
-            start_body("r1", src.host, src.port, &target),
+            start_body("r1", src.host(), src.port(), &target),
         )
         .await;
     assert_eq!(code, 202, "{body}");
@@ -150,7 +113,7 @@ async fn a_restore_equals_the_source_and_reports_progress_and_completion() {
     let (code, again) = node
         .post(
             "/restore/start",
-            start_body("r1", src.host, src.port, &target),
+            start_body("r1", src.host(), src.port(), &target),
         )
         .await;
     assert_eq!(code, 409, "{again}");
@@ -159,7 +122,7 @@ async fn a_restore_equals_the_source_and_reports_progress_and_completion() {
             v["status"].as_str().is_some_and(|s| s != "running")
         })
         .await;
-    assert_eq!(done["status"], "completed", "{done}\n{}", node.log_text());
+    assert_eq!(done["status"], "completed", "{done}\n{}", node.stderr());
     assert_eq!(done["bytes_done"], SIZE);
     images_equal(&src.uri(), target.to_str().unwrap()).unwrap();
 
@@ -210,15 +173,15 @@ async fn a_restore_equals_the_source_and_reports_progress_and_completion() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_restore_stops_its_qemu_nbd_and_deletes_the_image() {
     let dir = tempfile::tempdir().unwrap();
-    let src = Source::start(dir.path(), "127.0.0.1", free_port()).await;
+    let src = source(dir.path(), "127.0.0.1", free_port()).await;
     let hub = HubRecorder::start().await;
     // 4 MiB/s: about 10 s for the data, so the cancel lands mid-copy.
-    let node = NodeProc::start_opts(dir.path(), throttled(&hub.url, 4 * MIB)).await;
+    let node = start_node(throttled(dir.path(), &hub.url, 4 * MIB));
     let target = dir.path().join("restored.qcow2");
     let (code, body) = node
         .post(
             "/restore/start",
-            start_body("r2", src.host, src.port, &target),
+            start_body("r2", src.host(), src.port(), &target),
         )
         .await;
     assert_eq!(code, 202, "{body}");
@@ -250,14 +213,14 @@ async fn a_cancelled_restore_stops_its_qemu_nbd_and_deletes_the_image() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_restore_ends_it_cleanly_within_the_grace() {
     let dir = tempfile::tempdir().unwrap();
-    let src = Source::start(dir.path(), "127.0.0.1", free_port()).await;
+    let src = source(dir.path(), "127.0.0.1", free_port()).await;
     let hub = HubRecorder::start().await;
-    let mut node = NodeProc::start_opts(dir.path(), throttled(&hub.url, 4 * MIB)).await;
+    let mut node = start_node(throttled(dir.path(), &hub.url, 4 * MIB));
     let target = dir.path().join("restored.qcow2");
     let (code, body) = node
         .post(
             "/restore/start",
-            start_body("r3", src.host, src.port, &target),
+            start_body("r3", src.host(), src.port(), &target),
         )
         .await;
     assert_eq!(code, 202, "{body}");
@@ -266,7 +229,7 @@ async fn sigterm_mid_restore_ends_it_cleanly_within_the_grace() {
         .await;
     let t = Instant::now();
     assert!(
-        node.terminate(15).await,
+        node.terminate(Duration::from_secs(15)).await.is_some(),
         "node did not exit within 15 s of SIGTERM"
     );
     eprintln!("node exited {:?} after SIGTERM", t.elapsed());
@@ -288,21 +251,21 @@ async fn sigterm_mid_restore_ends_it_cleanly_within_the_grace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_left_by_a_killed_node_is_undone_at_start_up() {
     let dir = tempfile::tempdir().unwrap();
-    let src = Source::start(dir.path(), "127.0.0.1", free_port()).await;
+    let src = source(dir.path(), "127.0.0.1", free_port()).await;
     let hub = HubRecorder::start().await;
-    let mut node = NodeProc::start_opts(dir.path(), throttled(&hub.url, 4 * MIB)).await;
+    let mut node = start_node(throttled(dir.path(), &hub.url, 4 * MIB));
     let target = dir.path().join("restored.qcow2");
     let (code, body) = node
         .post(
             "/restore/start",
-            start_body("r4", src.host, src.port, &target),
+            start_body("r4", src.host(), src.port(), &target),
         )
         .await;
     assert_eq!(code, 202, "{body}");
     let pid = private_qemu_nbd(&node, "r4", &target).await;
     node.wait_restore("r4", 30, |v| v["bytes_written"].as_u64() > Some(0))
         .await;
-    node.kill();
+    node.kill9();
     // The private qemu-nbd has its own process group: it outlives the node.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
@@ -312,7 +275,7 @@ async fn a_restore_left_by_a_killed_node_is_undone_at_start_up() {
     assert!(target.exists());
     drop(node);
 
-    let node = NodeProc::start_opts(dir.path(), throttled(&hub.url, 4 * MIB)).await;
+    let node = start_node(throttled(dir.path(), &hub.url, 4 * MIB));
     // Recovery runs before the API answers.
     assert!(
         !sendense_shared::child::pid_alive(pid),
@@ -321,10 +284,10 @@ async fn a_restore_left_by_a_killed_node_is_undone_at_start_up() {
     assert!(!target.exists(), "recovery deleted the partial image");
     no_restore_files(&node.run_dir);
     assert!(
-        node.log_text()
+        node.stderr()
             .contains(&format!("qemu-nbd PID {pid} (restore r4)")),
         "{}",
-        node.log_text()
+        node.stderr()
     );
     let (code, _) = node.get("/restore/r4").await;
     assert_eq!(code, 404, "a restarted node does not know the restore");
@@ -338,7 +301,7 @@ async fn a_restore_left_by_a_killed_node_is_undone_at_start_up() {
 async fn a_restore_reads_the_source_through_the_tunnel_bind_address() {
     let dir = tempfile::tempdir().unwrap();
     let ports: Vec<u16> = (0..4).map(|_| free_on_both()).collect();
-    let src = Source::start(dir.path(), "127.0.0.2", ports[0]).await;
+    let src = source(dir.path(), "127.0.0.2", ports[0]).await;
     assert!(
         std::net::TcpStream::connect(("127.0.0.1", ports[0])).is_err(),
         "nothing serves the hub's address itself"
@@ -348,32 +311,19 @@ async fn a_restore_reads_the_source_through_the_tunnel_bind_address() {
     let known_hosts = dir.path().join("known_hosts");
     std::fs::write(&identity, "not used: ssh never gets that far\n").unwrap();
     std::fs::write(&known_hosts, "").unwrap();
-    let args: Vec<String> = [
-        "--tunnel".to_string(),
-        format!("sendense@127.0.0.1:{}", ports[3]),
-        "--tunnel-identity".into(),
-        identity.display().to_string(),
-        "--tunnel-known-hosts".into(),
-        known_hosts.display().to_string(),
-        "--tunnel-bind".into(),
-        "127.0.0.2".into(),
-        "--tunnel-nbd-ports".into(),
-        format!("{}-{}", ports[0], ports[0]),
-        "--tunnel-hub-api-port".into(),
-        ports[1].to_string(),
-        "--tunnel-reverse-port".into(),
-        ports[2].to_string(),
-    ]
-    .into();
-    let node = NodeProc::start_opts(
-        dir.path(),
-        NodeOpts {
-            hub: Some(&hub.url),
-            args,
-            ..NodeOpts::default()
-        },
-    )
-    .await;
+    let tunnel = sendense_tests::node::TunnelOptions {
+        target: format!("sendense@127.0.0.1:{}", ports[3]),
+        identity,
+        known_hosts,
+        bind: "127.0.0.2".into(),
+        nbd_ports: (ports[0], ports[0]),
+        hub_api_port: ports[1],
+        reverse_port: ports[2],
+    };
+    let node = start_node(NodeOptions {
+        tunnel: Some(tunnel),
+        ..node_opts(dir.path(), None, Some(&hub.url))
+    });
     let target = dir.path().join("restored.qcow2");
     let (code, body) = node
         .post(
@@ -387,7 +337,7 @@ async fn a_restore_reads_the_source_through_the_tunnel_bind_address() {
             v["status"].as_str().is_some_and(|s| s != "running")
         })
         .await;
-    assert_eq!(done["status"], "completed", "{done}\n{}", node.log_text());
+    assert_eq!(done["status"], "completed", "{done}\n{}", node.stderr());
     images_equal(&src.uri(), target.to_str().unwrap()).unwrap();
     let complete = hub.wait_for("/restores/r5/complete", 30).await;
     assert_eq!(complete[0].body["status"], "completed");

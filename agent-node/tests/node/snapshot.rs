@@ -1,7 +1,7 @@
 //! The QEMU driver alone: one transaction, frozen exports, release, start-up recovery.
 
 use crate::support::*;
-use agent_node::qmp::QmpLog;
+use agent_node::qmp::{QmpClient, QmpLog};
 use agent_node::source::qemu::QemuDriver;
 use agent_node::source::{ReleaseOutcome, SnapshotRequest, SourceDriver};
 use sendense_shared::api::BackupType;
@@ -26,24 +26,42 @@ fn request(id: &str, t: BackupType, prev: Option<&str>) -> SnapshotRequest {
     }
 }
 
-async fn three_disk_vm() -> TestVm {
-    TestVm::start(&[64 * MIB, 96 * MIB, 64 * MIB], |imgs| {
-        write_image(&imgs[0], 0x11, 0, 8 * MIB);
-        write_image(&imgs[1], 0x22, 16 * MIB, 8 * MIB);
-        write_image(&imgs[2], 0x33, 60 * MIB, 4 * MIB);
+/// Three disks with known data; `observer`: with a QMP socket for the node's own client.
+async fn three_disk_vm_with(observer: bool) -> TestVm {
+    let opts = sendense_tests::qemu::VmOptions {
+        name: "vm1".into(),
+        sizes: vec![64 * MIB, 96 * MIB, 64 * MIB],
+        observer_qmp: observer,
+        ..Default::default()
+    };
+    TestVm::start_opts(opts, |imgs| {
+        write_pattern(&imgs[0], 0, 8 * MIB, 0x11);
+        write_pattern(&imgs[1], 16 * MIB, 8 * MIB, 0x22);
+        write_pattern(&imgs[2], 60 * MIB, 4 * MIB, 0x33);
     })
     .await
+    .expect("start QEMU")
+}
+
+async fn three_disk_vm() -> TestVm {
+    three_disk_vm_with(false).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_of_three_disks_is_one_instant_and_release_leaves_nothing() {
-    let vm = three_disk_vm().await;
-    let run_dir = vm.dir.path().join("run");
+    let vm = three_disk_vm_with(true).await;
+    let run_dir = vm.dir.as_path().join("run");
     let d = driver(&vm, &run_dir);
 
-    // QEMU's refusals carry its error class and description.
-    let e = vm
-        .qmp()
+    // QEMU's refusals carry its error class and description, through the node's QMP client.
+    let observer = QmpClient::connect(
+        vm.observer_qmp.as_ref().unwrap(),
+        "test",
+        Arc::new(QmpLog::new(None)),
+    )
+    .await
+    .unwrap();
+    let e = observer
         .execute("no-such-command", serde_json::json!({}))
         .await
         .unwrap_err();
@@ -60,10 +78,10 @@ async fn snapshot_of_three_disks_is_one_instant_and_release_leaves_nothing() {
     assert_eq!(inv.disks[2].label, "disk2");
 
     let before: Vec<_> = (0..3)
-        .map(|i| vm.dir.path().join(format!("before{i}.raw")))
+        .map(|i| vm.dir.as_path().join(format!("before{i}.raw")))
         .collect();
     for (i, p) in before.iter().enumerate() {
-        vm.copy_image_now(i, p).await;
+        vm.copy_disk_now(i, p).await;
     }
 
     let snap = d
@@ -77,15 +95,15 @@ async fn snapshot_of_three_disks_is_one_instant_and_release_leaves_nothing() {
         vm.guest_write(i, 0x98, 60 * MIB, 2 * MIB).await;
     }
     for (i, b) in before.iter().enumerate() {
-        let now = vm.dir.path().join(format!("now{i}.raw"));
-        vm.copy_image_now(i, &now).await;
+        let now = vm.dir.as_path().join(format!("now{i}.raw"));
+        vm.copy_disk_now(i, &now).await;
         assert!(
             images_equal(b.to_str().unwrap(), now.to_str().unwrap()).is_err(),
             "disk {i}: the guest writes did not land"
         );
     }
     for (i, disk) in snap.disks.iter().enumerate() {
-        let out = vm.dir.path().join(format!("snap{i}.raw"));
+        let out = vm.dir.as_path().join(format!("snap{i}.raw"));
         read_export(&disk.uri(), &out);
         images_equal(before[i].to_str().unwrap(), out.to_str().unwrap())
             .unwrap_or_else(|e| panic!("disk {i}: snapshot differs from pre-snapshot data: {e}"));
@@ -122,7 +140,7 @@ async fn snapshot_of_three_disks_is_one_instant_and_release_leaves_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incremental_exports_the_changes_and_failure_keeps_the_base() {
     let vm = three_disk_vm().await;
-    let run_dir = vm.dir.path().join("run");
+    let run_dir = vm.dir.as_path().join("run");
     let d = driver(&vm, &run_dir);
 
     // No base yet: an incremental is refused with "bitmap missing".
@@ -179,7 +197,7 @@ async fn incremental_exports_the_changes_and_failure_keeps_the_base() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn startup_recovery_releases_a_crashed_snapshot() {
     let vm = three_disk_vm().await;
-    let run_dir = vm.dir.path().join("run");
+    let run_dir = vm.dir.as_path().join("run");
     {
         let d = driver(&vm, &run_dir);
         let full = d
@@ -214,12 +232,12 @@ async fn startup_recovery_releases_a_crashed_snapshot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_powered_off_vm_is_left_out_of_the_inventory_and_named_on_snapshot() {
-    let vm = TestVm::start(&[64 * MIB], |_| {}).await;
-    let run_dir = vm.dir.path().join("run");
+    let vm = TestVm::temp(&[64 * MIB], |_| {}).await;
+    let run_dir = vm.dir.as_path().join("run");
     let d = QemuDriver::new(
         [
             ("vm1".to_string(), vm.node_qmp.clone()),
-            ("off".to_string(), vm.dir.path().join("gone.qmp")),
+            ("off".to_string(), vm.dir.as_path().join("gone.qmp")),
         ],
         run_dir,
         Arc::new(QmpLog::new(None)),

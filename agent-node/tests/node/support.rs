@@ -1,10 +1,10 @@
-//! Test helpers: a real QEMU VM with qcow2 disks holding known data, two QMP sockets (one for
-//! the node, one for the test), killed by PID in `Drop`.
+//! Test helpers of the node tests: images with known data, qemu-nbd backup targets, the
+//! recording hub. The VM ([`TestVm`]), the exports ([`QemuNbd`]) and the node process come from
+//! the shared harness (`sendense_tests`).
 
-use agent_node::qmp::{QmpClient, QmpLog};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,18 +12,6 @@ pub const MIB: u64 = 1024 * 1024;
 
 /// Runs a command, panicking with its full command line and output when it fails; its stdout.
 pub use sendense_tests::run_stdout as run;
-
-/// `qemu-io -c "write -P <pattern> <offset> <len>"` on an image that no process holds.
-pub fn write_image(image: &Path, pattern: u8, offset: u64, len: u64) {
-    run(Command::new("qemu-io")
-        .args([
-            "-f",
-            "qcow2",
-            "-c",
-            &format!("write -P {pattern:#x} {offset} {len}"),
-        ])
-        .arg(image));
-}
 
 /// The node's run directory holds nothing but its QMP log: every snapshot file, socket and
 /// journal entry of a job is gone.
@@ -54,165 +42,7 @@ pub fn images_equal(a: &str, b: &str) -> Result<(), String> {
     }
 }
 
-/// A QEMU VM (`-S`, TCG) with qcow2 disks attached as virtio-blk devices `disk0`, `disk1`, ...
-pub struct TestVm {
-    pub dir: tempfile::TempDir,
-    pub images: Vec<PathBuf>,
-    pub node_qmp: PathBuf,
-    pub test_qmp: PathBuf,
-    child: Child,
-    pub test_client: Option<QmpClient>,
-}
-
-impl TestVm {
-    /// Creates the disk images (sizes in bytes), lets `prepare` write data into them, starts QEMU.
-    pub async fn start(sizes: &[u64], prepare: impl FnOnce(&[PathBuf])) -> TestVm {
-        let dir = tempfile::Builder::new()
-            .prefix("sdn-")
-            .tempdir()
-            .expect("tempdir");
-        let mut images = Vec::new();
-        for (i, size) in sizes.iter().enumerate() {
-            let img = dir.path().join(format!("disk{i}.qcow2"));
-            sendense_tests::disks::create_qcow2(&img, *size);
-            images.push(img);
-        }
-        prepare(&images);
-        let node_qmp = dir.path().join("node.qmp");
-        let test_qmp = dir.path().join("test.qmp");
-        let mut cmd = sendense_tests::qemu::vm_command("node-test", &images, &node_qmp, &test_qmp);
-        cmd.stdin(Stdio::null()).stdout(Stdio::null());
-        eprintln!("starting {cmd:?}");
-        let child = cmd.spawn().expect("spawning qemu-system-x86_64");
-        let mut vm = TestVm {
-            dir,
-            images,
-            node_qmp,
-            test_qmp,
-            child,
-            test_client: None,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = vm.child.try_wait() {
-                panic!("qemu exited early: {status}");
-            }
-            if vm.node_qmp.exists()
-                && vm.test_qmp.exists()
-                && let Ok(c) =
-                    QmpClient::connect(&vm.test_qmp, "test", Arc::new(QmpLog::new(None))).await
-            {
-                vm.test_client = Some(c);
-                break;
-            }
-            assert!(Instant::now() < deadline, "QEMU QMP sockets did not appear");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        vm
-    }
-
-    pub fn qmp(&self) -> &QmpClient {
-        self.test_client.as_ref().expect("test QMP client")
-    }
-
-    /// A guest write into disk `i` while the VM runs (through HMP's qemu-io).
-    pub async fn guest_write(&self, disk: usize, pattern: u8, offset: u64, len: u64) {
-        let line = format!(
-            "qemu-io -d /machine/peripheral/disk{disk}/virtio-backend \"write -P {pattern:#x} {offset} {len}\""
-        );
-        let out = self
-            .qmp()
-            .execute("human-monitor-command", json!({"command-line": line}))
-            .await
-            .expect("human-monitor-command");
-        // qemu-io prints its result on QEMU's stdout, not in the answer; an error in the
-        // command line itself comes back here.
-        let text = out.as_str().unwrap_or_default();
-        assert!(text.is_empty(), "guest write failed: {text}");
-    }
-
-    /// Copies disk `i` as it is now into a raw file: flushes QEMU's caches of the disk, then
-    /// reads the image file (`-U`: QEMU holds its lock).
-    pub async fn copy_image_now(&self, disk: usize, dest: &Path) {
-        let line = format!("qemu-io -d /machine/peripheral/disk{disk}/virtio-backend flush");
-        self.qmp()
-            .execute("human-monitor-command", json!({"command-line": line}))
-            .await
-            .expect("flush through HMP");
-        run(Command::new("qemu-img")
-            .args(["convert", "-U", "-f", "qcow2", "-O", "raw"])
-            .arg(&self.images[disk])
-            .arg(dest));
-    }
-
-    /// Names of block nodes, exports and jobs that the node created and that are still there.
-    pub async fn leftovers(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        let nodes = self
-            .qmp()
-            .execute("query-named-block-nodes", json!({"flat": true}))
-            .await
-            .unwrap();
-        for n in nodes.as_array().unwrap() {
-            let name = n["node-name"].as_str().unwrap_or_default();
-            if !name.starts_with('#') && !name.starts_with("fmt") && !name.starts_with("file") {
-                out.push(format!("node {name}"));
-            }
-        }
-        for e in self
-            .qmp()
-            .execute("query-block-exports", json!({}))
-            .await
-            .unwrap()
-            .as_array()
-            .unwrap()
-        {
-            out.push(format!("export {}", e["id"]));
-        }
-        for j in self
-            .qmp()
-            .execute("query-block-jobs", json!({}))
-            .await
-            .unwrap()
-            .as_array()
-            .unwrap()
-        {
-            out.push(format!("job {}", j["device"]));
-        }
-        out
-    }
-
-    /// Bitmaps on disk `i`'s format node: (name, recording).
-    pub async fn bitmaps(&self, disk: usize) -> Vec<(String, bool)> {
-        let nodes = self
-            .qmp()
-            .execute("query-named-block-nodes", json!({"flat": true}))
-            .await
-            .unwrap();
-        let fmt = format!("fmt{disk}");
-        nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|n| n["node-name"] == Value::String(fmt.clone()))
-            .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
-            .filter_map(|b| {
-                Some((
-                    b["name"].as_str()?.to_string(),
-                    b["recording"].as_bool().unwrap_or(false),
-                ))
-            })
-            .collect()
-    }
-}
-
-impl Drop for TestVm {
-    fn drop(&mut self) {
-        self.test_client = None;
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+pub use sendense_tests::qemu::TestVm;
 
 /// Reads an NBD URI (e.g. a snapshot export) into a raw file.
 pub fn read_export(uri: &str, dest: &Path) {
@@ -227,108 +57,30 @@ pub fn commands<'a>(log: &'a [Value], name: &str) -> Vec<&'a Value> {
     log.iter().filter(|e| e["execute"] == name).collect()
 }
 
-pub use sendense_tests::net::free_port;
+pub use sendense_tests::nbd::QemuNbd;
 
-/// A real qemu-nbd serving one qcow2 target on 127.0.0.1, killed by PID in `Drop`.
-pub struct NbdTarget {
-    pub image: PathBuf,
-    pub port: u16,
-    pub export: String,
-    child: Option<Child>,
-}
-
-impl NbdTarget {
-    /// Creates `image` (`size` bytes, or on top of `backing`) and serves it.
-    pub async fn start(image: PathBuf, size: u64, backing: Option<&Path>, export: &str) -> Self {
-        let mut create = Command::new("qemu-img");
-        create.args(["create", "-q", "-f", "qcow2"]);
-        if let Some(b) = backing {
-            create.arg("-b").arg(b).args(["-F", "qcow2"]);
-        }
-        create.arg(&image);
-        if backing.is_none() {
-            create.arg(size.to_string());
-        }
-        run(&mut create);
-        let port = free_port();
-        let mut cmd = Command::new("qemu-nbd");
-        cmd.args(["-f", "qcow2", "-x", export, "-b", "127.0.0.1"])
-            .arg("-p")
-            .arg(port.to_string())
-            .args([
-                "-t",
-                "--shared=8",
-                "--discard=unmap",
-                "--detect-zeroes=unmap",
-            ])
-            .arg(&image)
-            .stdin(Stdio::null());
-        eprintln!("starting {cmd:?}");
-        let child = cmd.spawn().expect("spawning qemu-nbd");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "qemu-nbd did not listen on {port}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        NbdTarget {
-            image,
-            port,
-            export: export.to_string(),
-            child: Some(child),
-        }
+/// Creates `image` (`size` bytes, or on top of `backing`) and serves it on 127.0.0.1 the way
+/// the hub serves a backup target.
+pub async fn nbd_target(
+    image: PathBuf,
+    size: u64,
+    backing: Option<&Path>,
+    export: &str,
+) -> QemuNbd {
+    let mut create = Command::new("qemu-img");
+    create.args(["create", "-q", "-f", "qcow2"]);
+    if let Some(b) = backing {
+        create.arg("-b").arg(b).args(["-F", "qcow2"]);
     }
-
-    pub fn uri(&self) -> String {
-        format!("nbd://127.0.0.1:{}/{}", self.port, self.export)
+    create.arg(&image);
+    if backing.is_none() {
+        create.arg(size.to_string());
     }
-
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        if let Some(c) = &self.child {
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig).unwrap();
-        }
-    }
-
-    /// Freezes the server (SIGSTOP): a copy into it waits, which holds the job in flight.
-    pub fn pause(&self) {
-        self.signal(nix::sys::signal::Signal::SIGSTOP);
-    }
-
-    pub fn resume(&self) {
-        self.signal(nix::sys::signal::Signal::SIGCONT);
-    }
-
-    /// SIGKILL, like a crashed qemu-nbd.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Stops the server so the image can be read.
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            self.resume_pid(&c);
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn resume_pid(&self, c: &Child) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.id() as i32),
-            nix::sys::signal::Signal::SIGCONT,
-        );
-    }
-}
-
-impl Drop for NbdTarget {
-    fn drop(&mut self) {
-        self.stop();
-    }
+    run(&mut create);
+    QemuNbd::builder(&image, export)
+        .args(&["--discard=unmap", "--detect-zeroes=unmap"])
+        .start_async()
+        .await
 }
 
 /// What the node posted to the (recording) hub endpoint.
@@ -431,9 +183,31 @@ impl Drop for HubRecorder {
     }
 }
 
-// The real node binary, in its own file (this one holds the VM and the hub's side).
-#[path = "node_proc.rs"]
-mod node_proc;
 // Not every test binary that includes this file starts the node.
 #[allow(unused_imports)]
-pub use node_proc::{NodeOpts, NodeProc, TOKEN};
+pub use sendense_tests::{
+    disks::write_pattern,
+    net::free_port,
+    node::{NodeOptions, NodeProcess, TEST_TOKEN as TOKEN},
+};
+
+/// This crate's `sendense-node`.
+pub const NODE_BIN: &str = env!("CARGO_BIN_EXE_sendense-node");
+
+/// A node test's node: `node1` in `dir` (run dir `dir/run`, the same after a restart), VM
+/// `vm1` on `vm_qmp` if given, reporting to `hub` if given.
+pub fn node_opts(dir: &Path, vm_qmp: Option<&Path>, hub: Option<&str>) -> NodeOptions {
+    NodeOptions {
+        hub_url: hub.map(str::to_string),
+        vms: vm_qmp
+            .map(|q| ("vm1".to_string(), q.to_path_buf()))
+            .into_iter()
+            .collect(),
+        ..NodeOptions::new(dir, "node1")
+    }
+}
+
+/// Starts this crate's node binary as `opts` says; panics with its log when it does not serve.
+pub fn start_node(opts: NodeOptions) -> NodeProcess {
+    NodeProcess::start(Path::new(NODE_BIN), opts).expect("start sendense-node")
+}

@@ -21,7 +21,7 @@ async fn error_twice(t: &TestTunnel) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_port_is_named_by_the_preflight() {
     let ports = Ports::pick();
-    let sshd = Sshd::start(&ports).await;
+    let sshd = sshd(&ports).await;
     let mut cfg = sshd.tunnel_config(&ports);
     // Nothing listens there (the hub's sshd is on sshd.port).
     let wrong = free_port();
@@ -42,7 +42,7 @@ async fn wrong_port_is_named_by_the_preflight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_key_is_named() {
     let ports = Ports::pick();
-    let sshd = Sshd::start(&ports).await;
+    let sshd = sshd(&ports).await;
     let mut cfg = sshd.tunnel_config(&ports);
     cfg.identity = sshd.wrong_key.clone();
     let t = TestTunnel::start(cfg);
@@ -60,7 +60,7 @@ async fn wrong_key_is_named() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_already_bound_local_forward_port_is_named() {
     let ports = Ports::pick();
-    let sshd = Sshd::start(&ports).await;
+    let sshd = sshd(&ports).await;
     let busy = ports.nbd.first + 1;
     // Another process holds the node-side forward address.
     let _squatter = std::net::TcpListener::bind(("127.0.0.2", busy)).unwrap();
@@ -78,7 +78,7 @@ async fn an_already_bound_local_forward_port_is_named() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_host_key_is_named() {
     let ports = Ports::pick();
-    let sshd = Sshd::start(&ports).await;
+    let sshd = sshd(&ports).await;
     let other = sshd.dir.path().join("other_host_key");
     keygen(&other);
     let kh = sshd.dir.path().join("known_hosts_wrong");
@@ -102,7 +102,7 @@ async fn a_changed_host_key_is_named() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reverse_port_outside_permitlisten_is_named() {
     let ports = Ports::pick();
-    let sshd = Sshd::start(&ports).await;
+    let sshd = sshd(&ports).await;
     let mut cfg = sshd.tunnel_config(&ports);
     let other = free_port();
     cfg.reverse_port = other;
@@ -119,7 +119,7 @@ async fn a_reverse_port_outside_permitlisten_is_named() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_port_that_accepts_but_never_speaks_ssh_is_bounded() {
     let ports = Ports::pick();
-    let sshd = Sshd::start(&ports).await;
+    let sshd = sshd(&ports).await;
     // Accepts TCP (so the preflight passes) and never sends an SSH banner.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let silent_port = silent.local_addr().unwrap().port();

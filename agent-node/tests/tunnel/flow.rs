@@ -9,7 +9,7 @@ const MIB: u64 = 1024 * 1024;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn comes_up_carries_nbd_data_and_restarts_after_sigkill() {
     let ports = Ports::pick();
-    let sshd = Sshd::start(&ports).await;
+    let sshd = sshd(&ports).await;
     let t = TestTunnel::start(sshd.tunnel_config(&ports));
     let up = t.wait_up().await;
     assert_eq!(up.restarts, 0);
@@ -37,7 +37,7 @@ async fn comes_up_carries_nbd_data_and_restarts_after_sigkill() {
     let size = 16 * MIB;
     let data = random_image(&d.join("src.raw"), size, 12 * MIB as usize);
     let src_port = free_port();
-    let _src = QemuNbd::start(&d.join("src.raw"), "src", src_port).await;
+    let _src = serve(&d.join("src.raw"), "raw", "src", src_port).await;
     let copy_through = |target_port: u16, export: &'static str| {
         let from = format!("nbd://127.0.0.1:{src_port}/src");
         // 127.0.0.2:P is only ssh's listener; qemu-nbd listens on 127.0.0.1:P.
@@ -46,10 +46,10 @@ async fn comes_up_carries_nbd_data_and_restarts_after_sigkill() {
     };
     let p1 = ports.nbd.first + 1;
     empty_image(&d.join("dst1.raw"), size);
-    let dst1 = QemuNbd::start(&d.join("dst1.raw"), "dst1", p1).await;
+    let mut dst1 = serve(&d.join("dst1.raw"), "raw", "dst1", p1).await;
     let (ok, err) = copy_through(p1, "dst1").await;
     assert!(ok, "copy through the tunnel failed: {err}");
-    dst1.stop().await;
+    dst1.stop();
     let got = std::fs::read(d.join("dst1.raw")).unwrap();
     assert_eq!(got.len() as u64, size);
     assert!(got[..data.len()] == data[..], "data differs after the copy");
@@ -78,10 +78,10 @@ async fn comes_up_carries_nbd_data_and_restarts_after_sigkill() {
     // Data flows through the new ssh as well.
     let p2 = ports.nbd.last;
     empty_image(&d.join("dst2.raw"), size);
-    let dst2 = QemuNbd::start(&d.join("dst2.raw"), "dst2", p2).await;
+    let mut dst2 = serve(&d.join("dst2.raw"), "raw", "dst2", p2).await;
     let (ok, err) = copy_through(p2, "dst2").await;
     assert!(ok, "copy after the restart failed: {err}");
-    dst2.stop().await;
+    dst2.stop();
     assert!(std::fs::read(d.join("dst2.raw")).unwrap()[..data.len()] == data[..]);
 
     // Shutdown stops ssh and frees the forward ports.
@@ -106,7 +106,7 @@ async fn a_full_size_range_of_101_nbd_forwards_comes_up() {
         nbd: free_block(101),
         ..Ports::pick()
     };
-    let sshd = Sshd::start(&ports).await;
+    let sshd = sshd(&ports).await;
     assert_eq!(sshd.authorized_line.matches("permitopen=").count(), 102);
     let t = TestTunnel::start(sshd.tunnel_config(&ports));
     let up = t.wait_up().await;

@@ -53,7 +53,7 @@ async fn ssh_output(args: &[String]) -> std::process::Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_key_line_refuses_forwards_outside_the_list() {
     let ports = Ports::pick();
-    let sshd = Sshd::start(&ports).await;
+    let sshd = sshd(&ports).await;
     let allowed = ports.nbd.first;
     let outside = free_port();
     let _g1 = greeter(allowed);
@@ -92,12 +92,16 @@ async fn the_key_line_refuses_forwards_outside_the_list() {
         b.is_empty(),
         "a forward outside permitopen reached the hub: {b:?}"
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let err = ssh.stderr_tail();
-    assert!(
-        err.contains("administratively prohibited"),
-        "ssh's stderr: {err}"
-    );
+    // ssh logs the refused channel once sshd's answer arrived: wait for that line, bounded.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let err = ssh.stderr_tail();
+        if err.contains("administratively prohibited") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ssh's stderr: {err}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     ssh.stop(Duration::from_secs(3)).await;
 
     // -R outside permitlisten: refused by the hub, ssh exits saying so.
@@ -126,7 +130,7 @@ async fn the_key_line_refuses_forwards_outside_the_list() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tunnel_user_cannot_run_a_command() {
     let ports = Ports::pick();
-    let sshd = Sshd::start(&ports).await;
+    let sshd = sshd(&ports).await;
     let marker = sshd.dir.path().join("ran");
     let mut args = ssh_args(&sshd);
     args.retain(|a| a != "-N");

@@ -9,12 +9,11 @@ use agent_node::tunnel::config::{BackoffPolicy, PortRange, TunnelTarget};
 use agent_node::tunnel::{Tunnel, TunnelConfig};
 use rand::Rng;
 use sendense_shared::api::{TunnelState, TunnelStateKind};
-use sendense_shared::child::Supervised;
+use sendense_tests::node::{NodeOptions, NodeProcess, TunnelOptions};
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 pub const NODE_BIN: &str = env!("CARGO_BIN_EXE_sendense-node");
@@ -67,125 +66,26 @@ impl Ports {
     }
 }
 
-pub fn keygen(path: &Path) {
-    run(Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "sendense-test", "-f"])
-        .arg(path));
+pub use sendense_tests::sshd::{Sshd, keygen};
+
+/// A real sshd accepting the user key through the restricted line for `ports`.
+pub async fn sshd(ports: &Ports) -> Sshd {
+    let key_ports = sendense_tests::sshd::KeyPorts {
+        nbd: (ports.nbd.first, ports.nbd.last),
+        hub_api: ports.hub_api,
+        reverse: ports.reverse,
+    };
+    Sshd::start(Path::new(NODE_BIN), key_ports).await
 }
 
-/// The `Match` block of deploy/README-sshd.md (step 2), for the test's login user.
-fn match_block(user: &str) -> String {
-    format!(
-        "Match User {user}\n    AuthenticationMethods publickey\n    PasswordAuthentication no\n    \
-         KbdInteractiveAuthentication no\n    AllowTcpForwarding yes\n    GatewayPorts no\n    \
-         PermitTTY no\n    X11Forwarding no\n    AllowAgentForwarding no\n    \
-         AllowStreamLocalForwarding no\n    PermitTunnel no\n    ForceCommand /usr/sbin/nologin\n    \
-         ClientAliveInterval 15\n    ClientAliveCountMax 3\n"
-    )
+/// What the tunnel tests build from an [`Sshd`] with the node's own types.
+pub trait SshdExt {
+    fn target(&self) -> TunnelTarget;
+    fn tunnel_config(&self, ports: &Ports) -> TunnelConfig;
 }
 
-fn user_name() -> String {
-    run(Command::new("id").arg("-un")).trim().to_string()
-}
-
-/// A real sshd on 127.0.0.1:<free port>, accepting `user_key` through the restricted line that
-/// `sendense-node tunnel authorized-key` prints for `ports`.
-pub struct Sshd {
-    pub dir: tempfile::TempDir,
-    pub port: u16,
-    pub user: String,
-    pub user_key: PathBuf,
-    pub wrong_key: PathBuf,
-    pub known_hosts: PathBuf,
-    pub authorized_line: String,
-    child: Supervised,
-}
-
-impl Sshd {
-    pub async fn start(ports: &Ports) -> Sshd {
-        std::fs::create_dir_all("/run/sshd")
-            .expect("mkdir /run/sshd (sshd's privilege separation dir)");
-        let dir = tempfile::Builder::new()
-            .prefix("sdn-tunnel-")
-            .tempdir()
-            .unwrap();
-        let d = dir.path();
-        let host_key = d.join("host_key");
-        let user_key = d.join("user_key");
-        let wrong_key = d.join("wrong_key");
-        for k in [&host_key, &user_key, &wrong_key] {
-            keygen(k);
-        }
-        let authorized_line = run(Command::new(NODE_BIN).args([
-            "tunnel",
-            "authorized-key",
-            "--tunnel-identity",
-            user_key.to_str().unwrap(),
-            "--nbd-ports",
-            &ports.nbd.to_string(),
-            "--hub-api-port",
-            &ports.hub_api.to_string(),
-            "--reverse-port",
-            &ports.reverse.to_string(),
-        ]))
-        .trim()
-        .to_string();
-        let authorized_keys = d.join("authorized_keys");
-        std::fs::write(&authorized_keys, format!("{authorized_line}\n")).unwrap();
-        let mut last_err = String::new();
-        for _ in 0..20 {
-            let port = free_port();
-            let config = d.join("sshd_config");
-            std::fs::write(
-                &config,
-                format!(
-                    "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
-                     PidFile {}\nStrictModes no\nUsePAM no\nPermitRootLogin prohibit-password\n\
-                     PasswordAuthentication no\nKbdInteractiveAuthentication no\nUseDNS no\n\
-                     LogLevel VERBOSE\n{}",
-                    host_key.display(),
-                    authorized_keys.display(),
-                    d.join("sshd.pid").display(),
-                    match_block(&user_name()),
-                ),
-            )
-            .unwrap();
-            let mut cmd = tokio::process::Command::new("/usr/sbin/sshd");
-            cmd.arg("-D").arg("-e").arg("-f").arg(&config);
-            cmd.stdin(Stdio::null()).stdout(Stdio::null());
-            eprintln!("starting /usr/sbin/sshd -D -e -f {}", config.display());
-            let child = Supervised::spawn(cmd).expect("spawn sshd");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline && child.is_alive() {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    let host_pub = std::fs::read_to_string(d.join("host_key.pub")).unwrap();
-                    let known_hosts = d.join("known_hosts");
-                    std::fs::write(&known_hosts, format!("[127.0.0.1]:{port} {host_pub}")).unwrap();
-                    return Sshd {
-                        port,
-                        user: user_name(),
-                        user_key,
-                        wrong_key,
-                        known_hosts,
-                        authorized_line,
-                        child,
-                        dir,
-                    };
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            // Lost a race for the port (or sshd failed): say why, try another port.
-            child.kill_now();
-            last_err = child.stderr_tail();
-        }
-        panic!("sshd did not start: {last_err}");
-    }
-
-    pub fn stderr(&self) -> String {
-        self.child.stderr_tail()
-    }
-
-    pub fn target(&self) -> TunnelTarget {
+impl SshdExt for Sshd {
+    fn target(&self) -> TunnelTarget {
         TunnelTarget {
             user: self.user.clone(),
             host: "127.0.0.1".into(),
@@ -194,7 +94,7 @@ impl Sshd {
     }
 
     /// A tunnel configuration against this sshd with test-sized waits.
-    pub fn tunnel_config(&self, ports: &Ports) -> TunnelConfig {
+    fn tunnel_config(&self, ports: &Ports) -> TunnelConfig {
         TunnelConfig {
             target: self.target(),
             identity: self.user_key.clone(),
@@ -217,13 +117,6 @@ impl Sshd {
                 healthy_after: Duration::from_secs(60),
             },
         }
-    }
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        // The whole group: sshd and the per-connection processes it forked.
-        self.child.kill_now();
     }
 }
 
@@ -292,212 +185,39 @@ impl Drop for TestTunnel {
     }
 }
 
-/// A qemu-nbd serving a raw file on 127.0.0.1:port (the hub's side).
-pub struct QemuNbd {
-    child: Supervised,
-    pub port: u16,
-}
+pub use sendense_tests::nbd::QemuNbd;
 
-impl QemuNbd {
-    pub async fn start(file: &Path, export: &str, port: u16) -> QemuNbd {
-        Self::start_format(file, "raw", export, port).await
-    }
-
-    pub async fn start_format(file: &Path, format: &str, export: &str, port: u16) -> QemuNbd {
-        let mut cmd = tokio::process::Command::new("qemu-nbd");
-        cmd.arg(format!("--format={format}"))
-            .args(["--bind=127.0.0.1", "--persistent", "--shared=8"])
-            .arg(format!("--port={port}"))
-            .arg(format!("--export-name={export}"))
-            .arg(file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        let child = Supervised::spawn(cmd).expect("spawn qemu-nbd");
-        eprintln!("started {}", child.command_line_string());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            assert!(child.is_alive(), "qemu-nbd died: {}", child.stderr_tail());
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return QemuNbd { child, port };
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!(
-            "qemu-nbd on port {port} did not listen: {}",
-            child.stderr_tail()
-        );
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.pid()
-    }
-
-    /// SIGSTOP: a copy into it waits, which holds a job in flight.
-    pub fn pause(&self) {
-        signal(self.pid(), nix::sys::signal::Signal::SIGSTOP);
-    }
-
-    pub fn resume(&self) {
-        signal(self.pid(), nix::sys::signal::Signal::SIGCONT);
-    }
-
-    /// SIGTERM (qemu-nbd flushes and closes the image), wait, reap.
-    pub async fn stop(&self) {
-        self.child.stop(Duration::from_secs(5)).await;
-    }
-}
-
-impl Drop for QemuNbd {
-    fn drop(&mut self) {
-        self.child.kill_now();
-    }
+/// qemu-nbd serving `file` (`format`) as `export` on 127.0.0.1:`port` (the hub's side).
+pub async fn serve(file: &Path, format: &str, export: &str, port: u16) -> QemuNbd {
+    QemuNbd::builder(file, export)
+        .format(format)
+        .tcp_on("127.0.0.1", port)
+        .start_async()
+        .await
 }
 
 pub fn signal(pid: u32, sig: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
 }
 
-/// The direct children of `pid` (every thread's `children` list).
-pub fn children(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for t in tasks.flatten() {
-            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
-                out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-            }
-        }
-    }
-    out
-}
-
-/// The ssh children of a node process.
-pub fn ssh_children(node_pid: u32) -> Vec<u32> {
-    children(node_pid)
-        .into_iter()
-        .filter(|p| {
-            sendense_shared::child::read_cmdline(*p)
-                .is_some_and(|c| c.first().is_some_and(|a| a.ends_with("ssh")))
-        })
-        .collect()
-}
-
-/// `sendense-node` with `--tunnel` against `sshd` (plus `extra` flags), killed in `Drop`.
-pub struct NodeWithTunnel {
-    pub child: Supervised,
-    pub api: String,
-    pub token: &'static str,
-    http: reqwest::Client,
-}
-
-impl NodeWithTunnel {
-    pub async fn start(sshd: &Sshd, ports: &Ports, extra: &[String]) -> NodeWithTunnel {
-        let d = sshd.dir.path();
-        let token = d.join("token");
-        std::fs::write(&token, "tok\n").unwrap();
-        // The node refuses a token file group or others may read.
-        std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
-        let config = d.join("node.toml");
-        std::fs::write(
-            &config,
-            format!("run_dir = \"{}\"\n", d.join("node-run").display()),
-        )
-        .unwrap();
-        let api = format!("127.0.0.1:{}", ports.node_api);
-        let mut cmd = tokio::process::Command::new(NODE_BIN);
-        cmd.arg("--config")
-            .arg(&config)
-            .args(["--listen", &api, "--name", "tnode", "--token-file"])
-            .arg(&token)
-            .arg("--tunnel")
-            .arg(format!("{}@127.0.0.1:{}", sshd.user, sshd.port))
-            .arg("--tunnel-identity")
-            .arg(&sshd.user_key)
-            .arg("--tunnel-known-hosts")
-            .arg(&sshd.known_hosts)
-            .args(["--tunnel-bind", BIND])
-            .args(["--tunnel-nbd-ports", &ports.nbd.to_string()])
-            .args(["--tunnel-hub-api-port", &ports.hub_api.to_string()])
-            .args(["--tunnel-reverse-port", &ports.reverse.to_string()])
-            .args(extra)
-            .env_remove("SENDENSE_NODE_CONFIG")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        let child = Supervised::spawn(cmd).unwrap();
-        eprintln!("started {}", child.command_line_string());
-        NodeWithTunnel {
-            child,
-            api,
-            token: "tok",
-            http: reqwest::Client::new(),
-        }
-    }
-
-    pub async fn get(&self, path: &str) -> Option<serde_json::Value> {
-        let r = self
-            .http
-            .get(format!("http://{}/api/v1{path}", self.api))
-            .bearer_auth(self.token)
-            .send()
-            .await
-            .ok()?;
-        r.json().await.ok()
-    }
-
-    pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
-        let r = self
-            .http
-            .post(format!("http://{}/api/v1{path}", self.api))
-            .bearer_auth(self.token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or_default())
-    }
-
-    /// Polls `GET path` until `pred` holds; panics with the last answer and the node's stderr.
-    pub async fn wait(
-        &self,
-        path: &str,
-        secs: u64,
-        pred: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        let mut last = None;
-        loop {
-            assert!(
-                self.child.is_alive(),
-                "node died: {}",
-                self.child.stderr_tail()
-            );
-            if let Some(v) = self.get(path).await {
-                if pred(&v) {
-                    return v;
-                }
-                last = Some(v);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "GET {path}: condition not met within {secs} s: {last:?}\n{}",
-                self.child.stderr_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-impl Drop for NodeWithTunnel {
-    fn drop(&mut self) {
-        for pid in ssh_children(self.child.pid()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        self.child.kill_now();
-    }
+/// `sendense-node` with `--tunnel` against `sshd` (its API on 127.0.0.1:`ports.node_api`, where
+/// the reverse forward leads) and `vms`; the harness's launcher, killed with its ssh in `Drop`.
+pub fn node_with_tunnel(sshd: &Sshd, ports: &Ports, vms: Vec<(String, PathBuf)>) -> NodeProcess {
+    let opts = NodeOptions {
+        listen: format!("127.0.0.1:{}", ports.node_api),
+        vms,
+        tunnel: Some(TunnelOptions {
+            target: sshd.login(),
+            identity: sshd.user_key.clone(),
+            known_hosts: sshd.known_hosts.clone(),
+            bind: BIND.into(),
+            nbd_ports: (ports.nbd.first, ports.nbd.last),
+            hub_api_port: ports.hub_api,
+            reverse_port: ports.reverse,
+        }),
+        ..NodeOptions::new(sshd.dir.path().join("node"), "tnode")
+    };
+    NodeProcess::start(Path::new(NODE_BIN), opts).expect("start sendense-node")
 }
 
 /// A raw file of `size` bytes whose first `data` bytes are random (the rest a hole).

@@ -175,7 +175,7 @@ async fn qemu_and_vsphere_behind_one_driver_and_a_name_in_both_is_refused() {
     use agent_node::source::qemu::QemuDriver;
     use std::sync::Arc;
     let sim = sim();
-    let kvm = support::TestVm::start(&[16 * MIB], |_| {}).await;
+    let kvm = support::TestVm::temp(&[16 * MIB], |_| {}).await;
     let run = tempfile::tempdir().unwrap();
     let vsphere: Arc<dyn SourceDriver> = Arc::new(VsphereDriver::new(
         &config(&sim, pin(&sim)),

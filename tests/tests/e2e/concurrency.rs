@@ -35,16 +35,15 @@ async fn two_vms_at_once_and_a_clean_refusal_beyond_the_ports() {
     let node = NodeProcess::start(
         &node_bin(),
         NodeOptions {
-            dir: tmp.path().join("node"),
-            name: "node-con".into(),
             hub_url: Some(hub.url.clone()),
-            token_file: hub.opts.data_dir.join("token"),
+            token_file: Some(hub.opts.data_dir.join("token")),
             vms: names
                 .iter()
                 .zip(&vms)
                 .map(|(n, v)| (n.to_string(), v.node_qmp.clone()))
                 .collect(),
             throttle_bps: Some(SLOW_BPS),
+            ..NodeOptions::new(tmp.path().join("node"), "node-con")
         },
     )
     .expect("node");

@@ -108,11 +108,14 @@ async fn hub_killed_mid_copy_then_restarted() {
         let pid = d["qemu_nbd_pid"].as_u64().unwrap() as u32;
         assert!(!sendense_tests::pid_alive(pid), "qemu-nbd {pid} survived");
     }
-    // The node hears of it through its failing copy and releases the snapshot.
+    // The node hears of it through its failing copy and releases the snapshot. Nobody cancels
+    // the node's job (the restarted hub's reconciler only stops its own qemu-nbd), so its copy
+    // fails: `failed`, never `cancelled`.
     let t = Instant::now();
     loop {
         let (_, v) = sys.node.get(&format!("/backup/{id}")).await;
-        if v["status"] == "failed" || v["status"] == "cancelled" {
+        if super::sys::terminal(&v) {
+            assert_eq!(v["status"], "failed", "node job: {v}");
             break;
         }
         assert!(t.elapsed() < Duration::from_secs(60), "node job: {v}");

@@ -237,7 +237,7 @@ async fn sigterm_to_the_node_mid_restore() {
     let rid = r["restore_id"].as_str().unwrap().to_string();
     let pid = export_pid(&sys, &r).await;
     let t = Instant::now();
-    let status = sys.node.terminate(Duration::from_secs(30));
+    let status = sys.node.terminate(Duration::from_secs(30)).await;
     assert!(
         status.is_some() && t.elapsed() < Duration::from_secs(15),
         "the node did not stop on SIGTERM: {status:?} after {:?}",

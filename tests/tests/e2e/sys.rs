@@ -130,7 +130,7 @@ impl Sys {
     /// SIGKILLs the node if it runs, starts it again on the same run directory (its start-up
     /// recovery runs) and waits until the hub knows its new API address.
     pub async fn restart_node(&mut self) {
-        self.node.restart(&node_bin()).expect("restart node");
+        self.node.restart().expect("restart node");
         wait_node_registered(&self.api, &self.node).await;
     }
 
@@ -271,12 +271,11 @@ pub fn node_options(
     throttle_bps: Option<u64>,
 ) -> NodeOptions {
     NodeOptions {
-        dir: tmp.join("node"),
-        name: format!("node-{vm}"),
         hub_url: Some(hub.url.clone()),
-        token_file: hub.opts.data_dir.join("token"),
+        token_file: Some(hub.opts.data_dir.join("token")),
         vms: qmp_vms,
         throttle_bps,
+        ..NodeOptions::new(tmp.join("node"), &format!("node-{vm}"))
     }
 }
 

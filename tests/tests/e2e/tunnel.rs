@@ -5,13 +5,13 @@
 //! through the `-R` port, and the NBD data crosses the per-port forwards.
 
 use super::sys::{DATA, DISK_SIZE, JOB_LIMIT, hub_bin, node_bin};
-use sendense_shared::child::Supervised;
 use sendense_tests::disks;
 use sendense_tests::hub::{HubOptions, HubProcess};
+use sendense_tests::node::{NodeOptions, NodeProcess, TunnelOptions};
 use sendense_tests::qemu::TestVm;
-use serde_json::{Value, json};
+use sendense_tests::sshd::{KeyPorts, Sshd};
+use serde_json::json;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const BIND: &str = "127.0.0.2";
@@ -25,31 +25,6 @@ fn free_on_both(n: u16) -> (u16, u16) {
         }
     }
     panic!("no {n} ports free on both loopback addresses");
-}
-
-fn run(cmd: &mut Command) -> String {
-    String::from_utf8_lossy(&sendense_tests::run(cmd).stdout).into_owned()
-}
-
-/// Kills its process group in `Drop` (sshd and its sessions; the node).
-struct Guard(Supervised);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        self.0.kill_now();
-    }
-}
-
-async fn get(url: &str, token: &str) -> Option<Value> {
-    reqwest::Client::new()
-        .get(url)
-        .bearer_auth(token)
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,89 +51,39 @@ async fn a_full_backup_runs_through_the_tunnel() {
     .await
     .expect("start QEMU");
 
-    // The hub's sshd: keys, the restricted key line, a Match block as in deploy/README-sshd.md.
-    std::fs::create_dir_all("/run/sshd").unwrap();
-    for k in ["host_key", "user_key"] {
-        run(Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(d.join(k)));
-    }
+    // The hub's sshd: keys, the restricted key line, the Match block of deploy/README-sshd.md.
     let (reverse, _) = free_on_both(1);
     let (node_api, _) = free_on_both(1);
-    let line = run(Command::new(node_bin())
-        .args(["tunnel", "authorized-key", "--tunnel-identity"])
-        .arg(d.join("user_key"))
-        .args(["--nbd-ports", &format!("{}-{}", nbd.0, nbd.1)])
-        .args(["--hub-api-port", &hub_port.to_string()])
-        .args(["--reverse-port", &reverse.to_string()]));
-    std::fs::write(d.join("authorized_keys"), &line).unwrap();
-    let user = run(Command::new("id").arg("-un")).trim().to_string();
-    let (ssh_port, _) = free_on_both(1);
-    std::fs::write(
-        d.join("sshd_config"),
-        format!(
-            "Port {ssh_port}\nListenAddress 127.0.0.1\nHostKey {0}/host_key\n\
-             AuthorizedKeysFile {0}/authorized_keys\nPidFile {0}/sshd.pid\nStrictModes no\n\
-             UsePAM no\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n\
-             Match User {user}\n    AllowTcpForwarding yes\n    PermitTTY no\n    \
-             ForceCommand /usr/sbin/nologin\n",
-            d.display()
-        ),
+    let sshd = Sshd::start(
+        &node_bin(),
+        KeyPorts {
+            nbd,
+            hub_api: hub_port,
+            reverse,
+        },
     )
-    .unwrap();
-    let mut cmd = tokio::process::Command::new("/usr/sbin/sshd");
-    cmd.arg("-D").arg("-e").arg("-f").arg(d.join("sshd_config"));
-    cmd.stdin(Stdio::null()).stdout(Stdio::null());
-    let sshd = Guard(Supervised::spawn(cmd).unwrap());
-    eprintln!("+ {}", sshd.0.command_line_string());
-    let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", ssh_port)).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "sshd: {}",
-            sshd.0.stderr_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let host_pub = std::fs::read_to_string(d.join("host_key.pub")).unwrap();
-    std::fs::write(
-        d.join("known_hosts"),
-        format!("[127.0.0.1]:{ssh_port} {host_pub}"),
-    )
-    .unwrap();
+    .await;
 
     // The node, with the tunnel and without --hub-url.
-    std::fs::create_dir_all(d.join("node")).unwrap();
-    std::fs::write(
-        d.join("node/node.toml"),
-        format!("run_dir = \"{}\"\n", d.join("node/run").display()),
+    let mut node = NodeProcess::start(
+        &node_bin(),
+        NodeOptions {
+            token_file: Some(hub.opts.data_dir.join("token")),
+            vms: vec![("tunvm".into(), vm.node_qmp.clone())],
+            listen: format!("127.0.0.1:{node_api}"),
+            tunnel: Some(TunnelOptions {
+                target: sshd.login(),
+                identity: sshd.user_key.clone(),
+                known_hosts: sshd.known_hosts.clone(),
+                bind: BIND.into(),
+                nbd_ports: nbd,
+                hub_api_port: hub_port,
+                reverse_port: reverse,
+            }),
+            ..NodeOptions::new(d.join("node"), "tunnode")
+        },
     )
-    .unwrap();
-    let node_addr = format!("127.0.0.1:{node_api}");
-    let mut cmd = tokio::process::Command::new(node_bin());
-    cmd.arg("--config")
-        .arg(d.join("node/node.toml"))
-        .args(["--listen", &node_addr, "--name", "tunnode", "--token-file"])
-        .arg(hub.opts.data_dir.join("token"))
-        .arg("--qmp")
-        .arg(format!("tunvm={}", vm.node_qmp.display()))
-        .arg("--tunnel")
-        .arg(format!("{user}@127.0.0.1:{ssh_port}"))
-        .arg("--tunnel-identity")
-        .arg(d.join("user_key"))
-        .arg("--tunnel-known-hosts")
-        .arg(d.join("known_hosts"))
-        .args(["--tunnel-bind", BIND])
-        .args(["--tunnel-nbd-ports", &format!("{}-{}", nbd.0, nbd.1)])
-        .args(["--tunnel-hub-api-port", &hub_port.to_string()])
-        .args(["--tunnel-reverse-port", &reverse.to_string()])
-        .env_remove("SENDENSE_NODE_CONFIG")
-        .env_remove("SENDENSE_HUB_URL")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    let node = Guard(Supervised::spawn(cmd).unwrap());
-    eprintln!("+ {}", node.0.command_line_string());
+    .expect("start sendense-node");
 
     // Registration and inventory crossed the tunnel both ways.
     let t = Instant::now();
@@ -170,7 +95,7 @@ async fn a_full_backup_runs_through_the_tunnel() {
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "VM not imported through the tunnel: {s} {v}\nnode: {}",
-            node.0.stderr_tail()
+            node.stderr()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -193,7 +118,7 @@ async fn a_full_backup_runs_through_the_tunnel() {
         "completed",
         "{done:#}\nevents: {:#?}\nnode: {}",
         api.event_lines(&id).await,
-        node.0.stderr_tail()
+        node.stderr()
     );
     for (i, r) in done["disk_results"].as_array().unwrap().iter().enumerate() {
         let port = r["nbd_port"].as_u64().unwrap() as u16;
@@ -204,12 +129,8 @@ async fn a_full_backup_runs_through_the_tunnel() {
         assert!(disks::images_equal(&now, image), "disk {i} differs");
     }
     // The node's own record of the copy: its targets were the forwards on 127.0.0.2.
-    let job = get(
-        &format!("http://{node_addr}/api/v1/backup/{id}"),
-        &hub.token,
-    )
-    .await
-    .expect("node job");
+    let (s, job) = node.get(&format!("/backup/{id}")).await;
+    assert_eq!(s, 200, "node job: {job}");
     assert_eq!(job["status"], "completed", "{job}");
 
     // Without anyone asking, the hub's prober has recorded the node's tunnel as up (this is
@@ -239,7 +160,7 @@ async fn a_full_backup_runs_through_the_tunnel() {
     assert_eq!(t["tunnel"]["state"], "up", "{t}");
     assert_eq!(t["tunnel"]["restarts"], 0, "{t}");
     // SIGTERM: the node stops its ssh (in a process group of its own) before it exits.
-    node.0.stop(Duration::from_secs(15)).await;
+    node.terminate(Duration::from_secs(15)).await;
     drop(sshd);
     drop(hub);
 }
