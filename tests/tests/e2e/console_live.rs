@@ -1,7 +1,8 @@
 //! The real `sendense-console` in a tmux pane at 80×24, driven by keys like an operator,
 //! against a real hub, node and 2-disk QEMU VM: start a full backup from the VMs view, watch
 //! its per-disk progress move in the job detail until it completes, start a second one and
-//! cancel it with the y/n confirmation, then check what the hub and the host say afterwards.
+//! cancel it with the y/n confirmation, cancel a restore of the first one mid-copy the same way,
+//! then check what the hub and the host say afterwards.
 //!
 //! Everything the test knows about the console it reads from `tmux capture-pane -p`, as an
 //! operator reads the screen; the hub's API and `/proc` are only asked to confirm the outcome.
@@ -50,6 +51,13 @@ fn disk_lines(screen: &str) -> Vec<String> {
                 .to_string()
         })
         .collect()
+}
+
+/// The status part of a restore's detail title (`Job <id> · vm · restore ◐ running`).
+fn restore_status(screen: &str, id: &str) -> Option<String> {
+    let line = screen.lines().find(|l| l.contains(&format!("Job {id}")))?;
+    let (_, after) = line.split_once(" restore ")?;
+    Some(after.trim_end_matches(['─', '┐', ' ']).to_string())
 }
 
 /// The status part of the detail view's title line (`Job <id> · vm · full ◐ running`).
@@ -247,10 +255,65 @@ async fn keys_start_a_two_disk_backup_watch_it_complete_and_cancel_another() {
     })
     .await;
 
-    // 3. What the hub and the host say afterwards.
     let b = sys.wait_end(&second).await;
     assert_eq!(b["status"], "cancelled", "{b:#}");
     sys.assert_clean(&b).await;
+
+    // 3. A restore of the first backup's disk 2000 (started through the API: the console
+    // watches and steers jobs) shows in the Jobs view as a restore with its disk's gauge, and is
+    // cancelled mid-copy with the same y/n confirmation.
+    tmux.keys(&["Escape"]);
+    tmux.wait_for("┌ Jobs (").await;
+    let target = sys.path("console-restore.qcow2");
+    let (s, r) = sys
+        .api
+        .post(
+            "/api/v1/restores",
+            &json!({"backup_id": first, "disk_key": 2000,
+                    "target": {"node": sys.node.opts.name, "path": target.display().to_string()}}),
+        )
+        .await;
+    assert_eq!(s, 202, "POST /api/v1/restores: {r}");
+    let rid = r["restore_id"].as_str().unwrap().to_string();
+    open_job(&tmux, &rid).await;
+    let t = Instant::now();
+    loop {
+        let r = sys.api.get_ok(&format!("/api/v1/restores/{rid}")).await;
+        if r["status"] == "running" && r["bytes_done"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(t.elapsed() < SCREEN_LIMIT, "the restore never copied: {r:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tmux.wait("the restore running on screen", |s| {
+        restore_status(s, &rid).is_some_and(|t| t.contains("running"))
+    })
+    .await;
+    tmux.keys(&["c"]);
+    let ask = tmux.wait_for("Cancel restore").await;
+    assert!(
+        ask.contains(&rid) && ask.contains(&sys.vm_name),
+        "the confirmation names the restore and its VM:\n{ask}"
+    );
+    tmux.keys(&["y"]);
+    tmux.wait("the restore cancelled on screen", |s| {
+        restore_status(s, &rid).is_some_and(|t| t.contains("cancelled"))
+    })
+    .await;
+    let end = sys.api.get_ok(&format!("/api/v1/restores/{rid}")).await;
+    assert_eq!(end["status"], "cancelled", "{end:#}");
+    assert_eq!(end["nbd_port"], Value::Null, "{end}");
+    let t = Instant::now();
+    while target.exists() {
+        assert!(
+            t.elapsed() < SCREEN_LIMIT,
+            "the node left its partial image {}",
+            target.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // 4. What the hub and the host say afterwards.
     let alive = qemu_nbd_under(sys.tmp.path());
     assert!(alive.is_empty(), "qemu-nbd still running: {alive:?}");
     let first_now = sys.api.get_ok(&format!("/api/v1/backups/{first}")).await;
@@ -259,7 +322,7 @@ async fn keys_start_a_two_disk_backup_watch_it_complete_and_cancel_another() {
         "the cancel touched only its own job"
     );
 
-    // 4. q quits cleanly.
+    // 5. q quits cleanly.
     tmux.keys(&["q"]);
     let t = Instant::now();
     while tmux.pane("#{pane_dead}") != "1" {
