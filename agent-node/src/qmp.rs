@@ -5,19 +5,28 @@
 //! interleaved between answers. Events go into a bounded in-memory log and a broadcast channel
 //! (for waiters such as "export deleted"). Every command sent is also appended to a [`QmpLog`],
 //! which is how tests prove that one `transaction` covered every disk.
+//!
+//! Parts: `error` ([`QmpError`], and [`Refusal`], what QEMU's refusals mean), `log` ([`QmpLog`]),
+//! `tests` (the client against a scripted peer).
 
 use serde_json::{Value, json};
 use std::collections::{HashMap, VecDeque};
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use thiserror::Error;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{broadcast, oneshot};
+
+mod error;
+mod log;
+#[cfg(test)]
+mod tests;
+
+pub use error::{QmpError, Refusal};
+pub use log::QmpLog;
 
 /// How many events the in-memory event log keeps (older ones are dropped).
 const EVENT_LOG_CAPACITY: usize = 512;
@@ -25,160 +34,12 @@ const EVENT_LOG_CAPACITY: usize = 512;
 /// `query-named-block-nodes` on a big VM are a few hundred KiB).
 const MAX_LINE: usize = 16 * 1024 * 1024;
 
-/// Why a QMP exchange failed.
-#[derive(Debug, Error)]
-pub enum QmpError {
-    #[error("connecting to QMP socket {path}")]
-    Connect {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("QMP socket {path}: no greeting within {timeout:?} (is another client connected?)")]
-    GreetingTimeout { path: PathBuf, timeout: Duration },
-    #[error("QMP socket {path}: protocol error: {detail}")]
-    Protocol { path: PathBuf, detail: String },
-    #[error("QMP socket {path}: I/O error")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("QMP socket {path}: connection closed")]
-    Closed { path: PathBuf },
-    #[error("QMP command {command} timed out after {timeout:?}")]
-    Timeout { command: String, timeout: Duration },
-    /// QEMU refused the command: `class` and `desc` as QEMU gave them.
-    #[error("QMP command {command} failed: {class}: {desc}")]
-    Command {
-        command: String,
-        class: String,
-        desc: String,
-    },
-}
-
-impl QmpError {
-    /// The QEMU error description, when QEMU refused the command.
-    pub fn desc(&self) -> Option<&str> {
-        match self {
-            QmpError::Command { desc, .. } => Some(desc),
-            _ => None,
-        }
-    }
-
-    /// What a refusal means for the caller, as a value. QEMU sends most refusals as
-    /// `GenericError` with only a sentence to tell them apart; this is the one place that reads
-    /// those sentences (QEMU 7.2 to 10's wording), so no caller matches text.
-    pub fn refusal(&self) -> Option<Refusal> {
-        let QmpError::Command { class, desc, .. } = self else {
-            return None;
-        };
-        Some(if class == "DeviceNotFound" || mentions_absence(desc) {
-            Refusal::NotFound
-        } else if desc.contains("already running") {
-            Refusal::AlreadyRunning
-        } else if desc.contains("not running") || desc.contains("No NBD server") {
-            Refusal::NotRunning
-        } else {
-            Refusal::Other
-        })
-    }
-}
-
-/// QEMU's words for "there is no such node, job, export or bitmap".
-fn mentions_absence(desc: &str) -> bool {
-    [
-        "not found",
-        "No such",
-        "not exist",
-        "Cannot find",
-        "Failed to find",
-    ]
-    .iter()
-    .any(|w| desc.contains(w))
-}
-
-/// A QMP refusal, classified ([`QmpError::refusal`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// The object named does not exist (gone already: a release may go on).
-    NotFound,
-    /// The service is running already (the NBD server).
-    AlreadyRunning,
-    /// The service is not running (the NBD server).
-    NotRunning,
-    /// Anything else: a real failure.
-    Other,
-}
-
 /// One event QEMU sent.
 #[derive(Debug, Clone)]
 pub struct QmpEvent {
     pub name: String,
     pub data: Value,
     pub received_at: chrono::DateTime<chrono::Utc>,
-}
-
-/// Every command the node sent, as JSON lines `{"at","vm","execute","arguments"}`: kept in memory
-/// (bounded) and, when given a file, appended there too.
-#[derive(Debug)]
-pub struct QmpLog {
-    file: Option<PathBuf>,
-    entries: Mutex<VecDeque<Value>>,
-}
-
-const COMMAND_LOG_CAPACITY: usize = 4096;
-
-impl QmpLog {
-    pub fn new(file: Option<PathBuf>) -> Self {
-        QmpLog {
-            file,
-            entries: Mutex::new(VecDeque::new()),
-        }
-    }
-
-    /// Path of the log file, if any.
-    pub fn file(&self) -> Option<&Path> {
-        self.file.as_deref()
-    }
-
-    fn record(&self, vm: &str, command: &str, arguments: &Value) {
-        let entry = json!({
-            "at": chrono::Utc::now().to_rfc3339(),
-            "vm": vm,
-            "execute": command,
-            "arguments": arguments,
-        });
-        if let Some(path) = &self.file {
-            // The log is evidence for operators and tests; failing to write it must not fail a
-            // backup, so the error is only logged.
-            // One write per line, so that lines of several VMs' sessions never interleave.
-            let line = format!("{entry}\n");
-            let res = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .and_then(|mut f| f.write_all(line.as_bytes()));
-            if let Err(e) = res {
-                tracing::warn!(path = %path.display(), error = %e, "cannot append to QMP log");
-            }
-        }
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if entries.len() == COMMAND_LOG_CAPACITY {
-            entries.pop_front();
-        }
-        entries.push_back(entry);
-    }
-
-    /// Commands recorded so far (oldest first).
-    pub fn entries(&self) -> Vec<Value> {
-        self.entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect()
-    }
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, (String, String)>>>>>;
@@ -473,149 +334,4 @@ async fn read_loop(
 
 fn truncate(s: &str) -> String {
     s.chars().take(300).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::io::AsyncReadExt;
-    use tokio::net::UnixListener;
-
-    /// QEMU's refusals as the release and snapshot paths see them (the sentences are QEMU
-    /// 7.2's, seen from the real QEMU in the node tests).
-    #[test]
-    fn refusals_are_classified_once() {
-        let r = |class: &str, desc: &str| {
-            QmpError::Command {
-                command: "x".into(),
-                class: class.into(),
-                desc: desc.into(),
-            }
-            .refusal()
-        };
-        assert_eq!(
-            r(
-                "GenericError",
-                "Failed to find node with node-name='fleece1'"
-            ),
-            Some(Refusal::NotFound)
-        );
-        assert_eq!(
-            r("DeviceNotFound", "Device 'x' not found"),
-            Some(Refusal::NotFound)
-        );
-        assert_eq!(
-            r("GenericError", "Export 'e' is not found"),
-            Some(Refusal::NotFound)
-        );
-        assert_eq!(
-            r("GenericError", "NBD server already running"),
-            Some(Refusal::AlreadyRunning)
-        );
-        assert_eq!(
-            r("GenericError", "NBD server not running"),
-            Some(Refusal::NotRunning)
-        );
-        assert_eq!(r("GenericError", "Permission denied"), Some(Refusal::Other));
-        let io = QmpError::Closed {
-            path: PathBuf::from("/run/x.qmp"),
-        };
-        assert_eq!(io.refusal(), None);
-    }
-
-    /// A scripted QMP peer: greets, then for each command line answers with `script(cmd)`
-    /// lines; `None` closes the socket.
-    async fn peer(
-        listener: UnixListener,
-        script: impl Fn(&Value) -> Option<Vec<String>> + Send + 'static,
-    ) {
-        let (mut s, _) = listener.accept().await.unwrap();
-        s.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
-            .await
-            .unwrap();
-        let mut buf = Vec::new();
-        let mut byte = [0u8; 1];
-        loop {
-            buf.clear();
-            loop {
-                if s.read(&mut byte).await.unwrap_or(0) == 0 {
-                    return;
-                }
-                if byte[0] == b'\n' {
-                    break;
-                }
-                buf.push(byte[0]);
-            }
-            let cmd: Value = serde_json::from_slice(&buf).unwrap();
-            match script(&cmd) {
-                Some(lines) => {
-                    for l in lines {
-                        s.write_all(format!("{l}\n").as_bytes()).await.unwrap();
-                    }
-                }
-                None => return,
-            }
-        }
-    }
-
-    #[tokio::test]
-    async fn events_between_answers_errors_and_a_closed_socket() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("qmp.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        tokio::spawn(peer(listener, |cmd| {
-            let id = cmd["id"].clone();
-            match cmd["execute"].as_str().unwrap() {
-                "qmp_capabilities" => Some(vec![json!({"return": {}, "id": id}).to_string()]),
-                "query-status" => Some(vec![
-                    json!({"event": "JOB_STATUS_CHANGE", "data": {"id": "j"}}).to_string(),
-                    json!({"return": {"status": "paused"}, "id": id}).to_string(),
-                ]),
-                "bad" => Some(vec![
-                    json!({"error": {"class": "GenericError", "desc": "no way"}, "id": id})
-                        .to_string(),
-                ]),
-                _ => None,
-            }
-        }));
-        let log = Arc::new(QmpLog::new(None));
-        let c = QmpClient::connect(&path, "vm", log.clone()).await.unwrap();
-        let r = c.execute("query-status", json!({})).await.unwrap();
-        assert_eq!(r["status"], "paused");
-        assert_eq!(c.events()[0].name, "JOB_STATUS_CHANGE");
-        let e = c.execute("bad", json!({"x": 1})).await.unwrap_err();
-        assert!(
-            matches!(&e, QmpError::Command { class, desc, .. }
-            if class == "GenericError" && desc == "no way"),
-            "{e}"
-        );
-        let e = c.execute("hangup", json!({})).await.unwrap_err();
-        assert!(matches!(e, QmpError::Closed { .. }), "{e}");
-        assert!(c.is_closed());
-        let names: Vec<_> = log
-            .entries()
-            .iter()
-            .map(|e| e["execute"].as_str().unwrap().to_string())
-            .collect();
-        assert_eq!(names, ["qmp_capabilities", "query-status", "bad", "hangup"]);
-    }
-
-    #[tokio::test]
-    async fn garbage_instead_of_a_greeting_is_a_protocol_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("qmp.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            s.write_all(b"this is not json\n").await.unwrap();
-        });
-        let e = QmpClient::connect(&path, "vm", Arc::new(QmpLog::new(None)))
-            .await
-            .unwrap_err();
-        assert!(matches!(e, QmpError::Protocol { .. }), "{e}");
-        let e = QmpClient::connect(&dir.path().join("none"), "vm", Arc::new(QmpLog::new(None)))
-            .await
-            .unwrap_err();
-        assert!(e.to_string().contains("none"), "{e}");
-    }
 }

@@ -17,15 +17,22 @@
 //! server_alive_count_max = 3
 //! ciphers = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com"
 //! ```
+//!
+//! The values flags hold are parsed in `target` ([`TunnelTarget`]) and `forwards` ([`PortRange`],
+//! [`Forward`]).
 
 use clap::Args;
 use serde::Deserialize;
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 use thiserror::Error;
+
+mod forwards;
+mod target;
+
+pub use forwards::{Forward, PortRange, PortRangeError, reachable};
+pub use target::TunnelTarget;
 
 /// The hub's sshd port when `USER@HOST` gives none: the original deployment tunnels over 443.
 pub const DEFAULT_SSH_PORT: u16 = 443;
@@ -135,122 +142,6 @@ pub enum TunnelConfigError {
     Ciphers { value: String },
     #[error("{flag} is set but --tunnel is not: give --tunnel USER@HOST:PORT too")]
     WithoutTunnel { flag: &'static str },
-}
-
-/// The hub's sshd and the user the tunnel logs in as.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TunnelTarget {
-    pub user: String,
-    pub host: String,
-    pub port: u16,
-}
-
-impl FromStr for TunnelTarget {
-    type Err = TunnelConfigError;
-
-    fn from_str(value: &str) -> Result<Self, Self::Err> {
-        let err = |reason| TunnelConfigError::Target {
-            value: value.to_string(),
-            reason,
-        };
-        let (user, rest) = value.split_once('@').ok_or_else(|| err("no USER@"))?;
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) => (
-                h,
-                p.parse::<u16>()
-                    .ok()
-                    .filter(|p| *p > 0)
-                    .ok_or_else(|| err("PORT is not a port number (1-65535)"))?,
-            ),
-            None => (rest, DEFAULT_SSH_PORT),
-        };
-        // Both end up in an ssh config file and on ssh's side of a login: only plain names.
-        let plain = |s: &str, extra: &[u8]| {
-            !s.is_empty()
-                && !s.starts_with('-')
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b) || extra.contains(&b))
-        };
-        if !plain(user, b"") {
-            return Err(err("USER may hold only letters, digits, '.', '_' and '-'"));
-        }
-        if !plain(host, b"") {
-            return Err(err(
-                "HOST must be a host name or IPv4 address (letters, digits, '.', '-')",
-            ));
-        }
-        Ok(TunnelTarget {
-            user: user.to_string(),
-            host: host.to_string(),
-            port,
-        })
-    }
-}
-
-impl fmt::Display for TunnelTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}:{}", self.user, self.host, self.port)
-    }
-}
-
-/// An inclusive range of TCP ports, written `10100-10200` (or one port, `10100`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortRange {
-    pub first: u16,
-    pub last: u16,
-}
-
-/// A port range that does not parse.
-#[derive(Debug, Error)]
-#[error("invalid port range {input:?}: {reason} (expected FIRST-LAST, e.g. 10100-10200)")]
-pub struct PortRangeError {
-    pub input: String,
-    pub reason: &'static str,
-}
-
-impl PortRange {
-    pub fn contains(&self, port: u16) -> bool {
-        (self.first..=self.last).contains(&port)
-    }
-
-    pub fn ports(&self) -> std::ops::RangeInclusive<u16> {
-        self.first..=self.last
-    }
-
-    pub fn len(&self) -> usize {
-        usize::from(self.last - self.first) + 1
-    }
-
-    /// Never true for a parsed range; here for clippy's sake.
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-}
-
-impl FromStr for PortRange {
-    type Err = PortRangeError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |reason| PortRangeError {
-            input: s.to_string(),
-            reason,
-        };
-        let (a, b) = s.trim().split_once('-').unwrap_or((s.trim(), s.trim()));
-        let port = |p: &str| p.trim().parse::<u16>().ok().filter(|p| *p > 0);
-        let (Some(first), Some(last)) = (port(a), port(b)) else {
-            return Err(err("ports are numbers from 1 to 65535"));
-        };
-        if first > last {
-            return Err(err("FIRST is above LAST"));
-        }
-        Ok(PortRange { first, last })
-    }
-}
-
-impl fmt::Display for PortRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.first, self.last)
-    }
 }
 
 /// Restart pacing: exponential from `initial`, capped, jittered; the count of failures starts
@@ -435,43 +326,6 @@ impl TunnelConfig {
     }
 }
 
-/// One port forward of the tunnel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Forward {
-    /// Listens here on the node, leads to `to` on the hub.
-    Local { listen: SocketAddr, to: SocketAddr },
-    /// Listens on the hub's side, leads to `to` on the node.
-    Remote { listen: SocketAddr, to: SocketAddr },
-}
-
-impl Forward {
-    fn local(bind: IpAddr, port: u16) -> Forward {
-        Forward::Local {
-            listen: SocketAddr::new(bind, port),
-            to: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
-        }
-    }
-}
-
-impl fmt::Display for Forward {
-    /// `L 127.0.0.2:10100 -> 127.0.0.1:10100`, `R 127.0.0.1:9081 -> 127.0.0.1:8081`.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Forward::Local { listen, to } => write!(f, "L {listen} -> {to}"),
-            Forward::Remote { listen, to } => write!(f, "R {listen} -> {to}"),
-        }
-    }
-}
-
-/// An API listening on every address is reached by the reverse forward on loopback.
-pub fn reachable(listen: SocketAddr) -> SocketAddr {
-    if listen.ip().is_unspecified() {
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), listen.port())
-    } else {
-        listen
-    }
-}
-
 fn check_file(flag: &'static str, path: &Path) -> Result<(), TunnelConfigError> {
     let text = path.to_string_lossy();
     // The path goes into a double-quoted value of the ssh config file.
@@ -500,45 +354,6 @@ fn check_file(flag: &'static str, path: &Path) -> Result<(), TunnelConfigError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn target_parses_and_defaults_to_443() {
-        let t: TunnelTarget = "sendense@hub.example".parse().unwrap();
-        assert_eq!(
-            (t.user.as_str(), t.host.as_str(), t.port),
-            ("sendense", "hub.example", 443)
-        );
-        let t: TunnelTarget = "root@127.0.0.1:2222".parse().unwrap();
-        assert_eq!(t.port, 2222);
-        assert_eq!(t.to_string(), "root@127.0.0.1:2222");
-        for (bad, why) in [
-            ("hub:443", "USER@"),
-            ("u@h:0", "PORT"),
-            ("u@h:99999", "PORT"),
-            ("u@h:x", "PORT"),
-            ("@h:443", "USER"),
-            ("u@:443", "HOST"),
-            ("u@-oProxyCommand=x:22", "HOST"),
-            ("u v@h:22", "USER"),
-        ] {
-            let e = bad.parse::<TunnelTarget>().unwrap_err().to_string();
-            assert!(e.contains(why) && e.contains(bad), "{bad}: {e}");
-        }
-    }
-
-    #[test]
-    fn port_ranges() {
-        assert_eq!(
-            "10100-10200".parse::<PortRange>().unwrap(),
-            DEFAULT_NBD_PORTS
-        );
-        assert_eq!(DEFAULT_NBD_PORTS.len(), 101);
-        let one: PortRange = "7000".parse().unwrap();
-        assert_eq!((one.first, one.last, one.len()), (7000, 7000, 1));
-        for bad in ["", "5-4", "0-3", "a-b", "1-70000"] {
-            assert!(bad.parse::<PortRange>().is_err(), "{bad}");
-        }
-    }
 
     fn files(dir: &Path) -> (PathBuf, PathBuf) {
         let id = dir.join("id");

@@ -1,0 +1,195 @@
+//! Backup jobs: the hub's `/api/v1/backups`, what the node reports of one (progress, completion
+//! with checksums), and the node's `/api/v1/backup/*`.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{BackupType, DiskStatus, JobStatus, NbdExport};
+use crate::ids::{BackupId, DiskKey, NbdPort};
+
+/// `POST /api/v1/backups`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupRequest {
+    pub vm_name: String,
+    pub repository_id: String,
+    pub backup_type: BackupType,
+}
+
+/// One disk of a backup job, as in the backup response's `disk_results[]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskResult {
+    pub disk_key: DiskKey,
+    pub unit_number: i32,
+    /// Port of this disk's qemu-nbd while the job holds it.
+    pub nbd_port: Option<NbdPort>,
+    pub nbd_export_name: String,
+    /// Path of the target QCOW2 on the hub.
+    pub qcow2_path: String,
+    pub qemu_nbd_pid: Option<u32>,
+    pub status: DiskStatus,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub error_message: Option<String>,
+    /// The hypervisor's change id the disk was copied at (vSphere CBT), once completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_id: Option<String>,
+}
+
+/// A backup job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backup {
+    pub backup_id: BackupId,
+    pub vm_context_id: String,
+    pub vm_name: String,
+    pub backup_type: BackupType,
+    pub repository_id: String,
+    pub status: JobStatus,
+    pub disk_results: Vec<DiskResult>,
+    /// `2000:nbd://127.0.0.1:10100/vm-disk-2000,...` while the exports are up.
+    pub nbd_targets_string: String,
+    pub bytes_transferred: u64,
+    pub total_bytes: u64,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub error_message: Option<String>,
+}
+
+/// Progress of one disk, node → hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskProgress {
+    pub disk_key: DiskKey,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub status: DiskStatus,
+    /// Bytes of the target the copy actually wrote (data plus explicit zeroes), without the
+    /// areas it skipped (holes of a full, unchanged blocks of an incremental). `bytes_done`
+    /// counts skipped areas too, so that it reaches `bytes_total`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_transferred: Option<u64>,
+}
+
+/// `POST /api/v1/backups/{id}/progress`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressReport {
+    pub disks: Vec<DiskProgress>,
+}
+
+/// Final state of one disk, node → hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskCompletion {
+    pub disk_key: DiskKey,
+    pub status: DiskStatus,
+    #[serde(default)]
+    pub error_message: Option<String>,
+    /// Chunk checksums computed from the snapshot while copying (for verification).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksums: Option<ChunkChecksums>,
+    /// Bytes of the target the copy wrote (see [`DiskProgress::bytes_transferred`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_transferred: Option<u64>,
+    /// The hypervisor's change id of the snapshot this disk was copied from (vSphere CBT): the
+    /// next incremental asks for the blocks changed since it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_id: Option<String>,
+}
+
+/// Checksums of the data a copy wrote, for verification after the copy: the hub reads each range
+/// back from the target and compares. Ranges cover every byte the copy wrote (data and zeroes),
+/// split at `chunk_size` boundaries; ranges it skipped (holes on a fresh target, unchanged areas of
+/// an incremental) are not listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkChecksums {
+    /// Largest length of one range (the split grid), e.g. 4 MiB.
+    pub chunk_size: u64,
+    pub ranges: Vec<ChecksumRange>,
+}
+
+/// BLAKE3 of `length` bytes of the disk at `offset`, as the snapshot held them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChecksumRange {
+    pub offset: u64,
+    pub length: u64,
+    /// Lower-case hex.
+    pub blake3: String,
+}
+
+/// Terminal outcome reported by the writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CompletionStatus {
+    Completed,
+    Failed,
+}
+
+/// `POST /api/v1/backups/{id}/complete`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompletionReport {
+    pub status: CompletionStatus,
+    #[serde(default)]
+    pub error_message: Option<String>,
+    pub disks: Vec<DiskCompletion>,
+}
+
+/// `POST /api/v1/backup/start` of the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeBackupStart {
+    pub backup_id: BackupId,
+    pub vm_name: String,
+    pub backup_type: BackupType,
+    /// The NBD targets string (see [`crate::targets`]); kept for logs and older nodes.
+    pub nbd_targets: String,
+    /// The same targets as structured JSON; a node uses these when present and parses
+    /// `nbd_targets` only when this is empty (a hub older than this field).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<DiskTarget>,
+    /// Incremental only: the backup the hub's chain ends with (the new image's backing file).
+    /// The node refuses (409, `bitmap_missing`) when its change tracking does not start
+    /// exactly at that backup's snapshot; absent means "whatever the node tracks".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_backup_id: Option<BackupId>,
+    /// Incremental only: the change id each disk of the previous backup was copied at (drivers
+    /// with hypervisor change tracking, i.e. vSphere CBT). A disk without one makes the node
+    /// answer `409 bitmap_missing`, and the hub falls back to a full backup.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_change_ids: Vec<DiskChangeId>,
+}
+
+/// A disk's change id (vSphere CBT), e.g. `"52 9c 1d ... 4b/17"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskChangeId {
+    pub disk_key: DiskKey,
+    pub change_id: String,
+}
+
+/// One disk's target of a node copy job, structured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskTarget {
+    pub disk_key: DiskKey,
+    pub export: NbdExport,
+}
+
+/// One disk of a node copy job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeDiskState {
+    pub disk_key: DiskKey,
+    pub status: DiskStatus,
+    pub bytes_total: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub bytes_skipped: u64,
+    /// Bytes per second over the last few seconds.
+    pub rate_bps: u64,
+    pub error_message: Option<String>,
+}
+
+/// `GET /api/v1/backup/{id}` of the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeBackupState {
+    pub backup_id: BackupId,
+    pub vm_name: String,
+    pub backup_type: BackupType,
+    pub status: JobStatus,
+    pub disks: Vec<NodeDiskState>,
+    pub error_message: Option<String>,
+}
