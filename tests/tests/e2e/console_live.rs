@@ -282,7 +282,10 @@ async fn keys_start_a_two_disk_backup_watch_it_complete_and_cancel_another() {
         if r["status"] == "running" && r["bytes_done"].as_u64().unwrap_or(0) > 0 {
             break;
         }
-        assert!(t.elapsed() < SCREEN_LIMIT, "the restore never copied: {r:#}");
+        assert!(
+            t.elapsed() < SCREEN_LIMIT,
+            "the restore never copied: {r:#}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tmux.wait("the restore running on screen", |s| {
