@@ -93,9 +93,25 @@ async fn start_is_validated_and_errors_name_the_cause() {
         let detail = answer["detail"].as_str().unwrap();
         assert!(detail.contains(want_detail), "{body} -> {detail}");
     }
-    // Nothing was started by the refused requests.
+    // The same question without side effects (the hub asks it before it prepares any export;
+    // the targets may be empty): a full would be taken, an incremental without a base is
+    // refused with the same code, an unknown VM is named.
+    let check = |vm: &str, ty: &str| json!({"backup_id": "c1", "vm_name": vm, "backup_type": ty, "nbd_targets": ""});
+    let (code, answer) = node.post("/backup/check", check("vm1", "full")).await;
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(answer["backup_type"], "full", "{answer}");
+    let (code, answer) = node
+        .post("/backup/check", check("vm1", "incremental"))
+        .await;
+    assert_eq!(code, 409, "{answer}");
+    assert_eq!(answer["error"], "bitmap_missing", "{answer}");
+    let (code, answer) = node.post("/backup/check", check("nope", "full")).await;
+    assert_eq!((code, answer["error"].as_str()), (404, Some("not_found")));
+    // Nothing was started by the refused requests, nor by the checks.
     assert_eq!(vm.leftovers().await, Vec::<String>::new());
     let (code, _) = node.get("/backup/x1").await;
+    assert_eq!(code, 404);
+    let (code, _) = node.get("/backup/c1").await;
     assert_eq!(code, 404);
 }
 
