@@ -3,10 +3,9 @@
 //! Each must end in a clear terminal state within a bounded time, name the cause in the job's
 //! events, leave nothing held, and the next backup of the VM must succeed.
 
-use super::sys::{MIB, SLOW_BPS, Sys, SysOptions, disk};
+use super::sys::{MIB, SLOW_BPS, Sys, SysOptions, disk, quick_node_watch};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 fn slow() -> SysOptions {
@@ -14,18 +13,6 @@ fn slow() -> SysOptions {
         throttle_bps: Some(SLOW_BPS),
         ..Default::default()
     }
-}
-
-/// A hub config file that checks on a silent node every second and gives it up after 3 s.
-fn quick_node_watch(o: &mut sendense_tests::hub::HubOptions, dir: &Path) {
-    let cfg = dir.join("hub.toml");
-    std::fs::write(
-        &cfg,
-        "node_watch_interval_secs = 1\nnode_lost_after_secs = 3\n",
-    )
-    .unwrap();
-    o.extra_args
-        .extend(["--config".into(), cfg.display().to_string()]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,22 +4,10 @@
 //! or to the node. The copy is throttled so that "mid-copy" is a state the test waits for, not
 //! a sleep.
 
-use super::sys::{JOB_LIMIT, SLOW_BPS, Sys, SysOptions, terminal};
+use super::sys::{JOB_LIMIT, SLOW_BPS, Sys, SysOptions, quick_node_watch, terminal};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-
-/// A hub config file that checks on a silent node every second and gives it up after 3 s.
-fn quick_node_watch(o: &mut sendense_tests::hub::HubOptions, dir: &Path) {
-    let cfg = dir.join("hub.toml");
-    std::fs::write(
-        &cfg,
-        "node_watch_interval_secs = 1\nnode_lost_after_secs = 3\n",
-    )
-    .unwrap();
-    o.extra_args
-        .extend(["--config".into(), cfg.display().to_string()]);
-}
 
 /// A throttled system whose hub listens on a fixed free port (so a restarted hub is found by
 /// the node at the address it knows).

@@ -46,6 +46,18 @@ pub fn node_bin() -> PathBuf {
     p
 }
 
+/// A hub config file that checks on a silent node every second and gives it up after 3 s.
+pub fn quick_node_watch(o: &mut HubOptions, dir: &Path) {
+    let cfg = dir.join("hub.toml");
+    std::fs::write(
+        &cfg,
+        "node_watch_interval_secs = 1\nnode_lost_after_secs = 3\n",
+    )
+    .unwrap();
+    o.extra_args
+        .extend(["--config".into(), cfg.display().to_string()]);
+}
+
 /// Adjusts the hub's options; gets the test's temporary directory (for config files, wrappers).
 pub type HubTweak = Box<dyn FnOnce(&mut HubOptions, &Path)>;
 
