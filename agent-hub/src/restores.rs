@@ -368,8 +368,13 @@ impl Restores {
                 self.get(&restore_id).await
             }
             Err(e) => {
-                let cause = chain(&e);
-                self.finish(&live, &mut held, Outcome::Failed(cause)).await;
+                // A cancel that came while the export was prepared wins: the restore ends
+                // `cancelled`, not `failed`.
+                let outcome = match &e {
+                    RestoreError::WrongState { .. } => Outcome::Cancelled,
+                    e => Outcome::Failed(chain(e)),
+                };
+                self.finish(&live, &mut held, outcome).await;
                 Err(e)
             }
         }

@@ -19,12 +19,14 @@ impl Restores {
             .values()
             .cloned()
             .collect();
-        for r in live {
-            self.forward_cancel(&r).await;
+        // All at once: each may wait for its node's answer to the cancel.
+        futures_util::future::join_all(live.iter().map(|r| async move {
+            self.forward_cancel(r).await;
             let mut held = r.held.lock().await;
-            self.finish(&r, &mut held, Outcome::Failed(reason.to_string()))
+            self.finish(r, &mut held, Outcome::Failed(reason.to_string()))
                 .await;
-        }
+        }))
+        .await;
     }
 
     /// The one unwinding path: stops qemu-nbd, releases the port, then writes the terminal
