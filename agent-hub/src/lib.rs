@@ -16,15 +16,17 @@
 //! - [`nodes`]: node registration, inventory import, tunnel probes.
 //! - [`node_client`]: every hub → node call, typed ([`node_client::NodeClient`]).
 //! - [`vms`]: the rules a VM record must pass.
-//!
-//! Layers: `server` wires, `api` translates HTTP and reaches the services through `hub`; the
-//! services (`jobs`, `restores`, `nodes`) use the low modules (`db`, `ports`, `qemu_nbd`,
-//! `repository`, `events`, `node_client`) and never `api`, `hub` or `server`.
 //! - [`reconciler`]: start-up cleanup of what a crashed hub left behind.
 //! - [`db`]: the database (SQLite or MySQL/MariaDB through one `AnyPool`), every table's queries.
 //! - [`ports`]: the NBD port allocator over `nbd_port_allocations`, with bind tests.
 //! - [`repository`]: QCOW2 images and chains on disk, free-space checks, `qemu-img check`.
 //! - [`qemu_nbd`]: one supervised qemu-nbd per disk export.
+//!
+//! Layers: `server` wires, `api` translates HTTP and reaches the services through `hub`; the
+//! services (`jobs`, `restores`, `nodes`) use the low modules (`db`, `ports`, `qemu_nbd`,
+//! `repository`, `events`, `node_client`) and never `api`, `hub` or `server`; the
+//! `reconciler` runs before any service starts, on the same low modules and the services'
+//! lists of active states.
 
 pub mod api;
 pub mod auth;
