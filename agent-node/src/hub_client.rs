@@ -76,6 +76,28 @@ where
     }
 }
 
+/// A job's end as every kind of job reports it: its final progress, then its completion, each
+/// through [`deliver`] with one attempt count (a refused progress does not stop the
+/// completion; giving up does). Answers whether the hub took the completion.
+pub async fn deliver_end<P, FP, C, FC>(
+    what: &str,
+    shutdown: &CancellationToken,
+    progress: P,
+    completion: C,
+) -> bool
+where
+    P: FnMut() -> FP,
+    FP: Future<Output = Result<(), ClientError>>,
+    C: FnMut() -> FC,
+    FC: Future<Output = Result<(), ClientError>>,
+{
+    let mut attempt = 0;
+    if deliver(what, shutdown, &mut attempt, progress).await == Delivery::GaveUp {
+        return false;
+    }
+    deliver(what, shutdown, &mut attempt, completion).await == Delivery::Taken
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

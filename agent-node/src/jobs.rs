@@ -20,7 +20,7 @@ mod settle;
 pub mod state;
 
 use crate::copy::{CopyOptions, ExtentSource, copy_disk};
-use crate::hub_client::{Delivery, deliver};
+use crate::hub_client::deliver_end;
 use crate::source::{ReleaseOutcome, Snapshot, SnapshotRequest, SourceDriver, SourceError};
 use plan::key_list;
 pub use plan::{BackupPlan, StartError};
@@ -449,24 +449,14 @@ impl Jobs {
         let completion = job.completion();
         let id = &job.backup_id;
         let what = format!("backup {id}");
-        let mut attempt = 0;
-        // Progress first (the final per-disk figures), then the completion; each retried
-        // until the hub takes it, or refuses it with a 4xx (a refused progress does not stop
-        // the completion), or the node shuts down.
-        let shutdown = &self.ctx.shutdown;
-        if deliver(&what, shutdown, &mut attempt, || {
-            hub.backup_progress(id, &progress)
-        })
+        // Progress first (the final per-disk figures), then the completion.
+        if deliver_end(
+            &what,
+            &self.ctx.shutdown,
+            || hub.backup_progress(id, &progress),
+            || hub.backup_complete(id, &completion),
+        )
         .await
-            == Delivery::GaveUp
-        {
-            return;
-        }
-        if deliver(&what, shutdown, &mut attempt, || {
-            hub.backup_complete(id, &completion)
-        })
-        .await
-            == Delivery::Taken
         {
             tracing::info!(backup_id = %id, "completion reported to the hub");
         }

@@ -3,7 +3,7 @@
 
 use super::{RestoreJob, journal};
 use crate::copy::{CopyError, ExtentSource, copy_disk};
-use crate::hub_client::{Delivery, deliver};
+use crate::hub_client::deliver_end;
 use crate::jobs::{CANCEL_GRACE, JobContext, PROGRESS_EVERY};
 use sendense_shared::api::JobStatus;
 use sendense_shared::child::{ChildError, StartGuard, Supervised};
@@ -333,27 +333,19 @@ async fn tool(cmd: &mut tokio::process::Command) -> Result<(), RunError> {
     }
 }
 
-/// The final progress, then the completion, retried like a backup's ([`deliver`]).
+/// The final progress, then the completion, retried like a backup's ([`deliver_end`]).
 async fn report_final(ctx: &JobContext, hub: &HubClient, job: &RestoreJob) {
     let progress = job.progress();
     let completion = job.completion();
     let id = job.id();
     let what = format!("restore {id}");
-    let mut attempt = 0;
-    let shutdown = &ctx.shutdown;
-    if deliver(&what, shutdown, &mut attempt, || {
-        hub.restore_progress(id, &progress)
-    })
+    if deliver_end(
+        &what,
+        &ctx.shutdown,
+        || hub.restore_progress(id, &progress),
+        || hub.restore_complete(id, &completion),
+    )
     .await
-        == Delivery::GaveUp
-    {
-        return;
-    }
-    if deliver(&what, shutdown, &mut attempt, || {
-        hub.restore_complete(id, &completion)
-    })
-    .await
-        == Delivery::Taken
     {
         tracing::info!(restore_id = %id, "restore result reported to the hub");
     }
