@@ -152,6 +152,18 @@ impl Db {
     pub async fn connect(url: &str) -> Result<Db, DbError> {
         sqlx::any::install_default_drivers();
         let (kind, url) = if let Some(rest) = url.strip_prefix("sqlite:") {
+            // SQLite would create the file with the umask's mode (0644): the catalog of every
+            // backup, readable by every local user. Created 0600 first (its -wal and -shm files
+            // take the database file's mode).
+            if let Some(path) = sqlite_file(rest) {
+                sendense_shared::fsmode::private_file(&path).map_err(|e| DbError::Connect {
+                    kind: "sqlite",
+                    url: redact(url),
+                    source: sqlx::Error::Io(std::io::Error::other(sendense_shared::errors::chain(
+                        &e,
+                    ))),
+                })?;
+            }
             let url = if rest.contains("mode=") {
                 url.to_string()
             } else if rest.contains('?') {
@@ -349,10 +361,19 @@ fn is_retryable(e: &sqlx::Error) -> bool {
     }
 }
 
+/// The database file of a `sqlite:` URL's rest (`///abs/hub.db?mode=rwc`, `/abs/hub.db`,
+/// `hub.db`); `None` for an in-memory database.
+fn sqlite_file(rest: &str) -> Option<std::path::PathBuf> {
+    let path = rest.strip_prefix("//").unwrap_or(rest);
+    let path = path.split('?').next().unwrap_or_default();
+    (!path.is_empty() && !path.starts_with(':')).then(|| std::path::PathBuf::from(path))
+}
+
 /// Hides the password of a database URL for messages and logs.
 pub fn redact(url: &str) -> String {
+    // The last `@` ends the credentials: a password may hold `@`, a host cannot.
     if let Some((scheme, rest)) = url.split_once("://")
-        && let Some((auth, host)) = rest.split_once('@')
+        && let Some((auth, host)) = rest.rsplit_once('@')
         && let Some((user, _)) = auth.split_once(':')
     {
         return format!("{scheme}://{user}:***@{host}");
@@ -405,6 +426,22 @@ mod tests {
             "mysql://sendense:***@127.0.0.1:3306/hub"
         );
         assert_eq!(redact("sqlite:///tmp/hub.db"), "sqlite:///tmp/hub.db");
+        assert_eq!(
+            redact("mysql://sendense:p@ss@w0rd@127.0.0.1:3306/hub"),
+            "mysql://sendense:***@127.0.0.1:3306/hub",
+            "a password holding @ is hidden whole"
+        );
+    }
+
+    #[test]
+    fn sqlite_urls_name_their_file() {
+        use std::path::PathBuf;
+        assert_eq!(
+            sqlite_file("///var/lib/h/hub.db?mode=rwc"),
+            Some(PathBuf::from("/var/lib/h/hub.db"))
+        );
+        assert_eq!(sqlite_file("hub.db"), Some(PathBuf::from("hub.db")));
+        assert_eq!(sqlite_file(":memory:"), None);
     }
 
     #[test]

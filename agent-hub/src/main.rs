@@ -29,8 +29,9 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let config = HubConfig::load(&cli).context("configuration")?;
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    // Before the logs go there: the database, the token and the logs are the hub's alone.
+    sendense_shared::fsmode::private_dir(&config.data_dir)
+        .with_context(|| format!("data directory {}", config.data_dir.display()))?;
     let _guard =
         agent_hub::logging::init(&config.log_dir, &config.log_level).context("starting logging")?;
     tracing::info!(

@@ -51,9 +51,12 @@ impl Hub {
     /// Opens everything the config names, runs migrations, registers the default repository,
     /// and runs the start-up reconciler. Does not bind the API port.
     pub async fn open(config: HubConfig) -> Result<AppState, StartError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
-            path: config.data_dir.clone(),
-            source,
+        // The database, the token and the logs live there: 0700.
+        sendense_shared::fsmode::private_dir(&config.data_dir).map_err(|e| {
+            StartError::DataDir {
+                path: config.data_dir.clone(),
+                source: std::io::Error::other(sendense_shared::errors::chain(&e)),
+            }
         })?;
         let token = crate::auth::load_or_create(&config.token_file)?;
         let db_err = |source| StartError::Database {

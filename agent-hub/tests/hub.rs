@@ -16,6 +16,7 @@ mod hub {
     pub mod db_down;
     pub mod env;
     pub mod faults;
+    pub mod files;
     pub mod input;
     pub mod mariadb;
 }

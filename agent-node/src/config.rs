@@ -192,7 +192,7 @@ impl NodeConfig {
         let run_dir = file
             .run_dir
             .clone()
-            .unwrap_or_else(|| std::env::temp_dir().join(format!("sendense-node-{name}")));
+            .unwrap_or_else(|| default_run_dir(&name));
         let tunnel = crate::tunnel::TunnelConfig::resolve(
             &args.tunnel,
             file.tunnel.as_ref(),
@@ -274,6 +274,20 @@ fn default_name() -> String {
         .map(|s| s.trim().to_string())
         .filter(|s| validate_name("node name", s).is_ok())
         .unwrap_or_else(|| "node".to_string())
+}
+
+/// `/run/sendense-node/<name>` for root (not the shared `/tmp`, where any user could create
+/// the directory first), else `$XDG_RUNTIME_DIR/sendense-node-<name>`, else the temporary
+/// directory; wherever it is, the daemon refuses it when another user owns it or may write
+/// into it.
+fn default_run_dir(name: &str) -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/run/sendense-node").join(name);
+    }
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("sendense-node-{name}"))
 }
 
 #[cfg(test)]

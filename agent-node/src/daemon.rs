@@ -26,8 +26,12 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.run_dir)
-        .map_err(|e| anyhow::anyhow!("creating run directory {}: {e}", config.run_dir.display()))?;
+    // The run directory holds what start-up recovery acts on (journals that say what to
+    // delete) and the ssh config the tunnel runs with: refused when someone else could have
+    // put files there. Not made 0700: QEMU, which may run as another user, creates fleecing
+    // files and sockets in it.
+    sendense_shared::fsmode::owned_dir(&config.run_dir)
+        .map_err(|e| anyhow::anyhow!("run directory: {}", sendense_shared::errors::chain(&e)))?;
     let driver = source_driver(&config).await?;
     let report = driver.recover().await;
     tracing::info!(?report, "start-up recovery done");

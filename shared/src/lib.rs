@@ -17,6 +17,8 @@
 //!   [`nbd::verify`], the read-back verification of checksummed ranges both agents use.
 //! - [`child`]: supervised child processes (own process group, stderr tail, stop = SIGTERM to the
 //!   group, bounded wait, SIGKILL, reap) and checks of foreign PIDs through `/proc`.
+//! - [`fsmode`]: directories only the agent may touch (0700, refused when another user owns
+//!   them or could write into them) and files created 0600.
 //! - [`backoff`]: retry pacing for every retry loop (exponential, capped, deterministic; jitter
 //!   supplied by the caller).
 //! - `client` (feature `client`): the one typed hub client of the console and the node, and its
@@ -28,6 +30,7 @@ pub mod child;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod errors;
+pub mod fsmode;
 #[cfg(feature = "server")]
 pub mod http;
 pub mod identity;
