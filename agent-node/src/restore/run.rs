@@ -11,6 +11,7 @@ use sendense_shared::client::HubClient;
 use sendense_shared::errors::{ErrorCode, chain};
 use sendense_shared::nbd::verify::{VerifyError, verify_export};
 use sendense_shared::nbd::{ConnectOptions, NbdAddr, NbdClient, NbdError};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -130,10 +131,12 @@ async fn restore(ctx: &JobContext, run_dir: &Path, job: &RestoreJob) -> Result<(
         source,
     })?;
     // Exclusively: the request's check may have raced another writer, and from here on the
-    // file is this restore's to delete.
+    // file is this restore's to delete. Mode 0640: a VM's disk, for the node's user and its
+    // group (the hypervisor's), not for every local user.
     match std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o640)
         .open(&files.image)
     {
         Ok(_) => {}

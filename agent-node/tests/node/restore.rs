@@ -125,6 +125,12 @@ async fn a_restore_equals_the_source_and_reports_progress_and_completion() {
     assert_eq!(done["status"], "completed", "{done}\n{}", node.stderr());
     assert_eq!(done["bytes_done"], SIZE);
     images_equal(&src.uri(), target.to_str().unwrap()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&target).unwrap().permissions().mode() & 0o777,
+        0o640,
+        "a restored disk is not for every local user"
+    );
 
     let complete = hub.wait_for("/restores/r1/complete", 30).await;
     assert_eq!(complete.len(), 1);
