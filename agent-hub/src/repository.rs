@@ -192,15 +192,21 @@ fn failed(command: String, out: &Output) -> RepoError {
     }
 }
 
+/// Mode of a backup image: the hub's user reads and writes it, its group (operators' tools,
+/// a restore helper) may read it, nobody else: it holds a whole VM disk.
+const IMAGE_MODE: u32 = 0o640;
+/// Mode of the directories the hub creates in a repository.
+const DIR_MODE: u32 = 0o750;
+
 async fn ensure_parent(path: &Path) -> Result<(), RepoError> {
     if let Some(dir) = path.parent() {
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|source| RepoError::Io {
-                what: "cannot create directory",
-                path: dir.to_path_buf(),
-                source,
-            })?;
+        let mut builder = tokio::fs::DirBuilder::new();
+        builder.recursive(true).mode(DIR_MODE);
+        builder.create(dir).await.map_err(|source| RepoError::Io {
+            what: "cannot create directory",
+            path: dir.to_path_buf(),
+            source,
+        })?;
     }
     Ok(())
 }
@@ -209,7 +215,20 @@ fn path_arg(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
-/// Creates a fresh QCOW2 image of `size_bytes` (parent directories too).
+/// `qemu-img create` leaves the umask's mode (0644): set the image's own before any data is
+/// written into it (the writer's data arrives later, through qemu-nbd).
+async fn restrict(path: &Path) -> Result<(), RepoError> {
+    use std::os::unix::fs::PermissionsExt;
+    tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(IMAGE_MODE))
+        .await
+        .map_err(|source| RepoError::Io {
+            what: "cannot set the mode of",
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Creates a fresh QCOW2 image of `size_bytes` (parent directories too), mode 0640.
 pub async fn create_full(path: &Path, size_bytes: u64) -> Result<(), RepoError> {
     ensure_parent(path).await?;
     let args = vec![
@@ -226,7 +245,7 @@ pub async fn create_full(path: &Path, size_bytes: u64) -> Result<(), RepoError> 
     if !out.status.success() {
         return Err(failed(cmd, &out));
     }
-    Ok(())
+    restrict(path).await
 }
 
 /// Creates a QCOW2 image of `size_bytes` on top of `backing` (a QCOW2), recording the backing
@@ -256,7 +275,7 @@ pub async fn create_incremental(
     if !out.status.success() {
         return Err(failed(cmd, &out));
     }
-    Ok(())
+    restrict(path).await
 }
 
 /// `backing` expressed relative to the directory of `image` (both made absolute first).

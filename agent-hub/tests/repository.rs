@@ -58,6 +58,12 @@ async fn full_image_has_the_disk_size_and_our_cluster_size() {
     assert_eq!(i["cluster-size"], CLUSTER_SIZE);
     assert!(i.get("backing-filename").is_none());
     assert!(qemu_img_check(&path).await.unwrap().is_clean());
+    // A whole VM disk: not for every local user (qemu-img alone leaves the umask's 0644).
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&path), 0o640, "image");
+    assert_eq!(mode(path.parent().unwrap()), 0o750, "disk directory");
+    assert_eq!(mode(&dir.path().join("pgtest1")), 0o750, "VM directory");
 
     let e = create_full(Path::new("/proc/no/such/dir/x.qcow2"), 1 << 20)
         .await
@@ -80,6 +86,11 @@ async fn incremental_records_a_relative_backing_file_and_the_chain_reads_through
     assert!(qemu_io(&base, true, "write -P 0xcd 8M 1M"));
 
     create_incremental(&top, &base, 64 << 20).await.unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let m = std::fs::metadata(&top).unwrap().permissions().mode() & 0o777;
+        assert_eq!(m, 0o640, "incremental image");
+    }
     let i = info(&top);
     assert_eq!(
         i["backing-filename"], "b-1.qcow2",

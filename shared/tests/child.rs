@@ -87,7 +87,17 @@ async fn stop_terminates_the_group_and_reaps() {
     let pid = g.0.pid();
     assert!(pid_alive(pid));
     assert_eq!(g.0.command_line(), ["sleep", "30"]);
-    assert_eq!(read_cmdline(pid).unwrap(), ["sleep", "30"]);
+    // Between fork and exec the child's /proc cmdline is still this test's: the spawn
+    // returns once forked, so wait (bounded) for the exec.
+    let t = std::time::Instant::now();
+    while read_cmdline(pid).unwrap() != ["sleep", "30"] {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            read_cmdline(pid)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let pgid = unistd::getpgid(Some(Pid::from_raw(pid as i32))).unwrap();
     assert_eq!(pgid.as_raw() as u32, pid, "child must lead its own group");
     assert_ne!(pgid, unistd::getpgrp(), "child must not share our group");
