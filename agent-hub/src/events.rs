@@ -152,6 +152,12 @@ impl JobLog {
         &self.bus
     }
 
+    /// The caller knows the database does not answer (it just failed to connect): the next
+    /// events are queued without waiting for a connection first.
+    pub async fn database_unreachable(&self) {
+        self.pending.lock().await.refused_at = Some(std::time::Instant::now());
+    }
+
     /// Appends an event to backup `backup`'s log, as an event of job `job` when that is another
     /// job about the backup (a restore of it). A failure to record is logged and otherwise
     /// ignored: losing a log line must not fail a job.
@@ -189,6 +195,11 @@ impl JobLog {
         if queue.refused_at.is_some_and(|t| t.elapsed() < RETRY_AFTER) {
             while queue.events.len() > PENDING_MAX {
                 queue.events.pop_front();
+            }
+            if !queue.retrying {
+                queue.retrying = true;
+                let me = self.clone();
+                tokio::spawn(async move { me.retry().await });
             }
             return;
         }

@@ -3,6 +3,7 @@
 //! did not take becomes an event naming the database's cause.
 
 use super::{JobError, JobManager, Level, finish};
+use crate::db::DbError;
 use sendense_shared::api::{
     Backup, CompletionReport, CompletionStatus, DiskResult, DiskStatus, HubEvent, JobStatus,
     ProgressReport,
@@ -66,6 +67,9 @@ impl JobManager {
             return r;
         };
         let e = self.deps().db.diagnose(e).await;
+        if matches!(e, DbError::Unreachable { .. }) {
+            self.deps().log.database_unreachable().await;
+        }
         self.event(
             id,
             Level::Error,

@@ -33,8 +33,11 @@ async fn a_stopped_database_is_named_in_the_answer_and_the_jobs_events() {
     assert_eq!(s, 503, "{v}");
     assert_eq!(v["error"], "database", "{v}");
     let cause = v["detail"].as_str().unwrap().to_string();
+    // Within the writer's own 10 s timeout: 5 s waiting for a connection, then one direct
+    // attempt that names the cause; the event is queued, not waited for.
+    eprintln!("refused after {:?}", t.elapsed());
     assert!(
-        t.elapsed() < JOB_LIMIT,
+        t.elapsed() < std::time::Duration::from_secs(10),
         "the refusal took {:?}",
         t.elapsed()
     );
