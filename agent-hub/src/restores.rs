@@ -25,8 +25,7 @@ use crate::node_client::{NodeAddr, NodeClient};
 use crate::ports::{PortAllocator, PortError};
 use crate::qemu_nbd::{ExportSpec, QemuNbd, QemuNbdConfig, QemuNbdError};
 use sendense_shared::api::{
-    HubEvent, JobStatus, NodeRestoreStart, ProcessInfo, Restore, RestoreCompletion,
-    RestoreProgress, RestoreRequest,
+    HubEvent, JobStatus, NodeRestoreStart, ProcessInfo, Restore, RestoreRequest,
 };
 use sendense_shared::errors::chain;
 use sendense_shared::ids::{BackupId, NbdPort};
@@ -164,6 +163,7 @@ pub struct Restores {
 
 mod finish;
 mod node;
+mod reports;
 mod request;
 
 use request::{check_target_path, pick_disk};
@@ -467,93 +467,6 @@ impl Restores {
             path: row.target.path.clone(),
             size_bytes: row.bytes_total,
         })
-    }
-
-    /// `POST /api/v1/restores/{id}/progress` (node → hub).
-    pub async fn progress(&self, id: &str, p: RestoreProgress) -> Result<Restore, RestoreError> {
-        let r = self.get(id).await?;
-        if r.status.is_terminal() || r.status == JobStatus::Cancelling {
-            return Err(RestoreError::WrongState {
-                id: id.to_string(),
-                status: r.status.as_str(),
-                what: "progress is accepted only while the restore runs; stop writing",
-            });
-        }
-        if p.bytes_done > p.bytes_total {
-            return Err(RestoreError::Invalid {
-                detail: format!(
-                    "bytes_done: {} exceeds bytes_total {}",
-                    p.bytes_done, p.bytes_total
-                ),
-            });
-        }
-        if let Some(live) = self.live(id) {
-            live.touch();
-        }
-        self.deps()
-            .db
-            .set_restore_progress(id, p.bytes_done, p.bytes_total)
-            .await
-            .map_err(Self::db_err(id, "recording progress"))?;
-        let r = self.get(id).await?;
-        self.deps()
-            .log
-            .bus()
-            .publish(HubEvent::Restore { restore: r.clone() });
-        Ok(r)
-    }
-
-    /// `POST /api/v1/restores/{id}/complete` (node → hub): the node's end of the restore.
-    pub async fn complete(&self, id: &str, c: RestoreCompletion) -> Result<Restore, RestoreError> {
-        let r = self.get(id).await?;
-        if r.status.is_terminal() {
-            // A repeated report (the node retrying after a timeout) of the same end.
-            let same = matches!(
-                (c.status, r.status),
-                (JobStatus::Completed, JobStatus::Completed)
-                    | (JobStatus::Cancelled, JobStatus::Cancelled)
-            );
-            if same {
-                return Ok(r);
-            }
-            return Err(RestoreError::WrongState {
-                id: id.to_string(),
-                status: r.status.as_str(),
-                what: "the restore ended already",
-            });
-        }
-        let outcome = match c.status {
-            JobStatus::Completed => Outcome::Completed {
-                bytes_written: c.bytes_written,
-                verified_ranges: c.verified_ranges,
-            },
-            JobStatus::Cancelled if r.status == JobStatus::Cancelling => Outcome::Cancelled,
-            JobStatus::Failed | JobStatus::Cancelled => Outcome::Failed(format!(
-                "node: {}",
-                c.error_message
-                    .unwrap_or_else(|| format!("restore {}", c.status.as_str()))
-            )),
-            other => {
-                return Err(RestoreError::Invalid {
-                    detail: format!(
-                        "status: {:?} is not an end (completed, failed or cancelled)",
-                        other.as_str()
-                    ),
-                });
-            }
-        };
-        let Some(live) = self.live(id) else {
-            return Err(RestoreError::WrongState {
-                id: id.to_string(),
-                status: r.status.as_str(),
-                what: "this hub process does not run it",
-            });
-        };
-        live.touch();
-        let mut held = live.held.lock().await;
-        self.finish(&live, &mut held, outcome).await;
-        drop(held);
-        self.get(id).await
     }
 
     /// Moves the restore to `cancelling`, tells the node, and unwinds in the background;
