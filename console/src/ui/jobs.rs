@@ -194,6 +194,40 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
     }
 }
 
+/// One disk's gauge, for a backup's disks and a restore's one alike: the bar filled to
+/// done/total, labelled `disk K · ◐ running · done/total · N%`.
+pub(super) fn disk_gauge(
+    frame: &mut Frame,
+    area: Rect,
+    key: sendense_shared::ids::DiskKey,
+    (sym, style): (&str, Style),
+    status: &str,
+    (done, total): (u64, u64),
+) {
+    let label = format!(
+        "{} {key} · {sym} {status} · {}/{} · {}%",
+        strings::DISK,
+        format::bytes(done),
+        format::bytes(total),
+        format::percent(done, total),
+    );
+    let ratio = if total == 0 {
+        0.0
+    } else {
+        (done.min(total) as f64) / total as f64
+    };
+    frame.render_widget(
+        Gauge::default()
+            .gauge_style(style)
+            .ratio(ratio)
+            .label(Span::styled(
+                label,
+                Style::default().add_modifier(Modifier::BOLD),
+            )),
+        area,
+    );
+}
+
 pub(super) fn opt_time(t: Option<chrono::DateTime<chrono::Utc>>) -> String {
     t.map(format::clock)
         .unwrap_or_else(|| strings::NONE.to_string())
@@ -332,30 +366,13 @@ fn render_disk(app: &App, b: &Backup, d: &DiskResult, frame: &mut Frame, area: R
         Constraint::Length(error_lines(d, area.width)),
     ])
     .areas(area);
-    let (sym, style) = theme::disk(d.status);
-    let pct = format::percent(d.bytes_done, d.bytes_total);
-    let label = format!(
-        "{} {} · {sym} {} · {}/{} · {pct}%",
-        strings::DISK,
-        d.disk_key,
-        d.status.as_str(),
-        format::bytes(d.bytes_done),
-        format::bytes(d.bytes_total),
-    );
-    let ratio = if d.bytes_total == 0 {
-        0.0
-    } else {
-        (d.bytes_done.min(d.bytes_total) as f64) / d.bytes_total as f64
-    };
-    frame.render_widget(
-        Gauge::default()
-            .gauge_style(style)
-            .ratio(ratio)
-            .label(Span::styled(
-                label,
-                Style::default().add_modifier(Modifier::BOLD),
-            )),
+    disk_gauge(
+        frame,
         gauge_area,
+        d.disk_key,
+        theme::disk(d.status),
+        d.status.as_str(),
+        (d.bytes_done, d.bytes_total),
     );
 
     let rate = app

@@ -2,7 +2,7 @@
 //! read-only qemu-nbd while the restore holds its port), where it writes (node and path), and
 //! the gauge of its one disk.
 
-use super::opt_time;
+use super::{disk_gauge, opt_time};
 use crate::app::App;
 use crate::format;
 use crate::strings;
@@ -11,7 +11,7 @@ use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Borders, Gauge, Paragraph, Sparkline, Wrap};
+use ratatui::widgets::{Block, Borders, Paragraph, Sparkline, Wrap};
 use sendense_shared::api::Restore;
 
 pub fn render_detail(app: &App, r: &Restore, frame: &mut Frame, area: Rect) {
@@ -82,29 +82,13 @@ pub fn render_detail(app: &App, r: &Restore, frame: &mut Frame, area: Rect) {
     .areas(inner);
     frame.render_widget(Paragraph::new(summary).wrap(Wrap { trim: true }), top);
 
-    let pct = format::percent(r.bytes_done, r.bytes_total);
-    let label = format!(
-        "{} {} · {sym} {} · {}/{} · {pct}%",
-        strings::DISK,
-        r.disk_key,
-        r.status.as_str(),
-        format::bytes(r.bytes_done),
-        format::bytes(r.bytes_total),
-    );
-    let ratio = if r.bytes_total == 0 {
-        0.0
-    } else {
-        (r.bytes_done.min(r.bytes_total) as f64) / r.bytes_total as f64
-    };
-    frame.render_widget(
-        Gauge::default()
-            .gauge_style(style)
-            .ratio(ratio)
-            .label(Span::styled(
-                label,
-                Style::default().add_modifier(Modifier::BOLD),
-            )),
+    disk_gauge(
+        frame,
         gauge_area,
+        r.disk_key,
+        (sym, style),
+        r.status.as_str(),
+        (r.bytes_done, r.bytes_total),
     );
 
     let rate = app.restore_rate(r);
