@@ -43,6 +43,55 @@ fn print_json<T: serde::Serialize>(value: &T) {
     );
 }
 
+/// `--wait`: polls a job (`fetch`) until it is terminal, printing its progress line on stderr
+/// when it changes and, with `--json`, the final job on stdout; rides out a hub that stops
+/// answering for up to [`WAIT_LOST_AFTER`] polls. Answers `outcome` of the final job.
+async fn follow<T, F, Fut>(
+    what: &str,
+    fetch: F,
+    status: impl Fn(&T) -> sendense_shared::api::JobStatus,
+    line: impl Fn(&T) -> String,
+    outcome: impl Fn(&T) -> u8,
+    json: bool,
+) -> u8
+where
+    T: serde::Serialize,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let mut last_line = String::new();
+    let mut misses = 0;
+    loop {
+        let job = match fetch().await {
+            Ok(j) => {
+                misses = 0;
+                j
+            }
+            Err(e) if e.is_unreachable() && misses < WAIT_LOST_AFTER => {
+                misses += 1;
+                tokio::time::sleep(WAIT_POLL).await;
+                continue;
+            }
+            Err(e) => {
+                eprintln!("error: lost track of {what}: {}", chain(&e));
+                return exit::ERROR;
+            }
+        };
+        let l = line(&job);
+        if l != last_line {
+            eprintln!("{l}");
+            last_line = l;
+        }
+        if status(&job).is_terminal() {
+            if json {
+                print_json(&job);
+            }
+            return outcome(&job);
+        }
+        tokio::time::sleep(WAIT_POLL).await;
+    }
+}
+
 const AFTER_HELP: &str = "\
 Exit status: 0 done (with --wait: the backup or restore completed), 1 error talking to the
 hub, 2 bad usage, 3 the job failed, 4 the job was cancelled.

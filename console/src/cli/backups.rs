@@ -1,10 +1,9 @@
 //! `backups list`, `backup start`, `backup cancel`.
 
-use super::{WAIT_LOST_AFTER, WAIT_POLL, exit, fail, print_json};
+use super::{exit, fail, follow, print_json};
 use crate::format;
 use sendense_shared::api::{Backup, BackupRequest, BackupType, JobStatus};
 use sendense_shared::client::HubClient;
-use sendense_shared::errors::chain;
 use sendense_shared::ids::BackupId;
 
 /// `backups list [--json]`.
@@ -133,40 +132,15 @@ pub fn progress_line(b: &Backup) -> String {
 }
 
 async fn wait_for(client: &HubClient, id: &BackupId, json: bool) -> u8 {
-    let mut last_line = String::new();
-    let mut misses = 0;
-    loop {
-        let backup = match client.backup(id).await {
-            Ok(b) => {
-                misses = 0;
-                b
-            }
-            Err(e) if e.is_unreachable() && misses < WAIT_LOST_AFTER => {
-                misses += 1;
-                tokio::time::sleep(WAIT_POLL).await;
-                continue;
-            }
-            Err(e) => {
-                eprintln!("error: lost track of backup {id}: {}", chain(&e));
-                return exit::ERROR;
-            }
-        };
-        let line = progress_line(&backup);
-        if line != last_line {
-            eprintln!("{line}");
-            last_line = line;
-        }
-        if backup.status.is_terminal() {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&backup).unwrap_or_default()
-                );
-            }
-            return outcome(&backup);
-        }
-        tokio::time::sleep(WAIT_POLL).await;
-    }
+    follow(
+        &format!("backup {id}"),
+        || client.backup(id),
+        |b: &Backup| b.status,
+        progress_line,
+        outcome,
+        json,
+    )
+    .await
 }
 
 /// Say how a finished job ended and pick the exit status.

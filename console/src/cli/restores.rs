@@ -1,11 +1,10 @@
 //! `restores list`, `restore start`, `restore cancel`, with the same outputs and exit statuses
 //! as the backup commands: the id (or `--json`) on stdout, progress and outcome on stderr.
 
-use super::{WAIT_LOST_AFTER, WAIT_POLL, exit, fail, print_json};
+use super::{exit, fail, follow, print_json};
 use crate::format;
 use sendense_shared::api::{JobStatus, Restore, RestoreRequest};
 use sendense_shared::client::HubClient;
-use sendense_shared::errors::chain;
 
 /// `restores list [--json]`.
 pub(super) async fn list(client: &HubClient, json: bool) -> u8 {
@@ -86,37 +85,15 @@ pub fn progress_line(r: &Restore) -> String {
 }
 
 async fn wait_for(client: &HubClient, id: &str, json: bool) -> u8 {
-    let mut last_line = String::new();
-    let mut misses = 0;
-    loop {
-        let restore = match client.restore(id).await {
-            Ok(r) => {
-                misses = 0;
-                r
-            }
-            Err(e) if e.is_unreachable() && misses < WAIT_LOST_AFTER => {
-                misses += 1;
-                tokio::time::sleep(WAIT_POLL).await;
-                continue;
-            }
-            Err(e) => {
-                eprintln!("error: lost track of restore {id}: {}", chain(&e));
-                return exit::ERROR;
-            }
-        };
-        let line = progress_line(&restore);
-        if line != last_line {
-            eprintln!("{line}");
-            last_line = line;
-        }
-        if restore.status.is_terminal() {
-            if json {
-                print_json(&restore);
-            }
-            return outcome(&restore);
-        }
-        tokio::time::sleep(WAIT_POLL).await;
-    }
+    follow(
+        &format!("restore {id}"),
+        || client.restore(id),
+        |r: &Restore| r.status,
+        progress_line,
+        outcome,
+        json,
+    )
+    .await
 }
 
 /// Say how a finished restore ended and pick the exit status.
