@@ -265,6 +265,26 @@ async fn full(env: &Env, node: &FakeNode, srcs: &[PathBuf], ids: [Option<&str>; 
     .await
 }
 
+/// The stand-in node registers as `vcnode` and pushes its inventory (the VM `vc1`).
+async fn register(env: &Env, node: &FakeNode) {
+    let (s, n) = env
+        .api
+        .post(
+            "/api/v1/nodes",
+            &json!({"name": "vcnode", "api_url": node.url, "version": "test"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{n}");
+    let pushed = reqwest::Client::new()
+        .put(format!("{}/api/v1/nodes/vcnode/inventory", env.hub.url))
+        .bearer_auth(&env.hub.token)
+        .json(&inventory())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pushed.status(), 200, "{}", pushed.text().await.unwrap());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn change_ids_flow_into_the_next_incremental_and_their_absence_falls_back_to_full() {
     let env = Env::start();
@@ -280,21 +300,7 @@ async fn a_node_without_the_check_refusing_at_start_falls_back_in_place() {
     let env = Env::start();
     let node = FakeNode::start_with(false).await;
     let api = &env.api;
-    let (s, n) = api
-        .post(
-            "/api/v1/nodes",
-            &json!({"name": "vcnode", "api_url": node.url, "version": "test"}),
-        )
-        .await;
-    assert_eq!(s, 201, "{n}");
-    let pushed = reqwest::Client::new()
-        .put(format!("{}/api/v1/nodes/vcnode/inventory", env.hub.url))
-        .bearer_auth(&env.hub.token)
-        .json(&inventory())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(pushed.status(), 200, "{}", pushed.text().await.unwrap());
+    register(&env, &node).await;
     let srcs: Vec<PathBuf> = [0x51u8, 0x52]
         .iter()
         .enumerate()
@@ -352,23 +358,8 @@ async fn a_node_without_the_check_refusing_at_start_falls_back_in_place() {
 pub async fn change_ids_then_fallback(env: &Env) {
     let node = FakeNode::start().await;
     let api = &env.api;
-    let (s, n) = api
-        .post(
-            "/api/v1/nodes",
-            &json!({"name": "vcnode", "api_url": node.url, "version": "test"}),
-        )
-        .await;
-    assert_eq!(s, 201, "{n}");
-
     // The node pushes its inventory: the hub keeps and serves the hypervisor's facts.
-    let pushed = reqwest::Client::new()
-        .put(format!("{}/api/v1/nodes/vcnode/inventory", env.hub.url))
-        .bearer_auth(&env.hub.token)
-        .json(&inventory())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(pushed.status(), 200, "{}", pushed.text().await.unwrap());
+    register(env, &node).await;
     let vm = api.get_ok("/api/v1/vms/vc1").await;
     assert_eq!(vm["node"], "vcnode", "{vm}");
     assert_eq!(vm["driver"], "vsphere", "{vm}");
