@@ -26,6 +26,41 @@ async fn source(dir: &Path, host: &str, port: u16) -> QemuNbd {
         .await
 }
 
+/// A restore `id` through a throttled node (4 MiB/s: about 10 s for the 40 MiB of data, so a test acts
+/// on it mid-copy), waited for until it has written: the source export, the stand-in hub, the
+/// node, the target path and the node's private qemu-nbd.
+struct MidCopy {
+    _src: QemuNbd,
+    hub: HubRecorder,
+    node: NodeProcess,
+    target: PathBuf,
+    pid: u32,
+}
+
+async fn restore_mid_copy(dir: &Path, id: &str) -> MidCopy {
+    let src = source(dir, "127.0.0.1", free_port()).await;
+    let hub = HubRecorder::start().await;
+    let node = start_node(throttled(dir, &hub.url, 4 * MIB));
+    let target = dir.join("restored.qcow2");
+    let (code, body) = node
+        .post(
+            "/restore/start",
+            start_body(id, src.host(), src.port(), &target),
+        )
+        .await;
+    assert_eq!(code, 202, "{body}");
+    let pid = private_qemu_nbd(&node, id, &target).await;
+    node.wait_restore(id, 30, |v| v["bytes_written"].as_u64() > Some(0))
+        .await;
+    MidCopy {
+        _src: src,
+        hub,
+        node,
+        target,
+        pid,
+    }
+}
+
 /// The start request of restore `id` from `host:port` into `path`.
 fn start_body(id: &str, host: &str, port: u16, path: &Path) -> Value {
     json!({
@@ -179,21 +214,13 @@ async fn a_restore_equals_the_source_and_reports_progress_and_completion() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_restore_stops_its_qemu_nbd_and_deletes_the_image() {
     let dir = tempfile::tempdir().unwrap();
-    let src = source(dir.path(), "127.0.0.1", free_port()).await;
-    let hub = HubRecorder::start().await;
-    // 4 MiB/s: about 10 s for the data, so the cancel lands mid-copy.
-    let node = start_node(throttled(dir.path(), &hub.url, 4 * MIB));
-    let target = dir.path().join("restored.qcow2");
-    let (code, body) = node
-        .post(
-            "/restore/start",
-            start_body("r2", src.host(), src.port(), &target),
-        )
-        .await;
-    assert_eq!(code, 202, "{body}");
-    let pid = private_qemu_nbd(&node, "r2", &target).await;
-    node.wait_restore("r2", 30, |v| v["bytes_written"].as_u64() > Some(0))
-        .await;
+    let MidCopy {
+        _src,
+        hub,
+        node,
+        target,
+        pid,
+    } = restore_mid_copy(dir.path(), "r2").await;
     let (code, body) = node.post("/restore/r2/cancel", json!({})).await;
     assert_eq!(code, 202, "{body}");
     assert_eq!(body["status"], "cancelling");
@@ -219,20 +246,13 @@ async fn a_cancelled_restore_stops_its_qemu_nbd_and_deletes_the_image() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_restore_ends_it_cleanly_within_the_grace() {
     let dir = tempfile::tempdir().unwrap();
-    let src = source(dir.path(), "127.0.0.1", free_port()).await;
-    let hub = HubRecorder::start().await;
-    let mut node = start_node(throttled(dir.path(), &hub.url, 4 * MIB));
-    let target = dir.path().join("restored.qcow2");
-    let (code, body) = node
-        .post(
-            "/restore/start",
-            start_body("r3", src.host(), src.port(), &target),
-        )
-        .await;
-    assert_eq!(code, 202, "{body}");
-    let pid = private_qemu_nbd(&node, "r3", &target).await;
-    node.wait_restore("r3", 30, |v| v["bytes_written"].as_u64() > Some(0))
-        .await;
+    let MidCopy {
+        _src,
+        hub,
+        mut node,
+        target,
+        pid,
+    } = restore_mid_copy(dir.path(), "r3").await;
     let t = Instant::now();
     assert!(
         node.terminate(Duration::from_secs(15)).await.is_some(),
@@ -257,20 +277,13 @@ async fn sigterm_mid_restore_ends_it_cleanly_within_the_grace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_left_by_a_killed_node_is_undone_at_start_up() {
     let dir = tempfile::tempdir().unwrap();
-    let src = source(dir.path(), "127.0.0.1", free_port()).await;
-    let hub = HubRecorder::start().await;
-    let mut node = start_node(throttled(dir.path(), &hub.url, 4 * MIB));
-    let target = dir.path().join("restored.qcow2");
-    let (code, body) = node
-        .post(
-            "/restore/start",
-            start_body("r4", src.host(), src.port(), &target),
-        )
-        .await;
-    assert_eq!(code, 202, "{body}");
-    let pid = private_qemu_nbd(&node, "r4", &target).await;
-    node.wait_restore("r4", 30, |v| v["bytes_written"].as_u64() > Some(0))
-        .await;
+    let MidCopy {
+        _src,
+        hub,
+        mut node,
+        target,
+        pid,
+    } = restore_mid_copy(dir.path(), "r4").await;
     node.kill9();
     // The private qemu-nbd has its own process group: it outlives the node.
     tokio::time::sleep(Duration::from_millis(200)).await;
