@@ -466,6 +466,7 @@ impl Restores {
             source_export: Some(export),
             path: row.target.path.clone(),
             size_bytes: row.bytes_total,
+            checksum_grid: Some(sendense_shared::api::DEFAULT_GRID_CELL),
         })
     }
 

@@ -165,6 +165,7 @@ impl RestoreJob {
             verified_ranges: self.verified.load(Ordering::Relaxed),
             error_message: st.error.clone(),
             error_code: st.error_code,
+            grid: None,
         }
     }
 
@@ -362,6 +363,7 @@ mod tests {
             source_export: export,
             path: "/tmp/r.qcow2".into(),
             size_bytes: 1,
+            checksum_grid: None,
         }
     }
 

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 mod backups;
 mod events;
+mod integrity;
 mod nodes;
 mod restores;
 mod system;
@@ -28,6 +29,10 @@ pub use backups::{
     NodeBackupState, NodeDiskState, ProgressReport,
 };
 pub use events::{HubEvent, JobEvent};
+pub use integrity::{
+    CellChecksum, CellRun, Consistency, ConsistencyLevel, DEFAULT_GRID_CELL, GridChecksums,
+    Integrity, VerifyJob, VerifyRequest,
+};
 pub use nodes::{
     Inventory, InventoryVm, Node, NodeRegistration, NodeTunnel, TunnelState, TunnelStateKind,
 };

@@ -57,6 +57,9 @@ pub enum ErrorCode {
     PortsExhausted,
     /// Starting a step of the job failed (qemu-nbd, an image, the snapshot); `detail` says why.
     JobFailed,
+    /// The guest's file systems could not be frozen and the job requires an
+    /// application-consistent snapshot; `detail` says why (no agent, timeout, refusal).
+    ConsistencyRequired,
     /// The database could not be read or written.
     Database,
     /// A bug; the cause is in the answering agent's log.
@@ -91,6 +94,7 @@ impl ErrorCode {
             ErrorCode::InsufficientStorage => "insufficient_storage",
             ErrorCode::PortsExhausted => "ports_exhausted",
             ErrorCode::JobFailed => "job_failed",
+            ErrorCode::ConsistencyRequired => "consistency_required",
             ErrorCode::Database => "database",
             ErrorCode::Internal => "internal",
             ErrorCode::Other => "other",
@@ -120,6 +124,7 @@ impl ErrorCode {
         ErrorCode::InsufficientStorage,
         ErrorCode::PortsExhausted,
         ErrorCode::JobFailed,
+        ErrorCode::ConsistencyRequired,
         ErrorCode::Database,
         ErrorCode::Internal,
     ];

@@ -35,7 +35,8 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::NotRestorable
         | ErrorCode::ImageMissing
         | ErrorCode::BitmapMissing
-        | ErrorCode::NodeNotRegistered => StatusCode::CONFLICT,
+        | ErrorCode::NodeNotRegistered
+        | ErrorCode::ConsistencyRequired => StatusCode::CONFLICT,
         ErrorCode::NodeUnreachable
         | ErrorCode::HypervisorUnavailable
         | ErrorCode::HypervisorError => StatusCode::BAD_GATEWAY,

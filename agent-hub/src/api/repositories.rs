@@ -54,5 +54,7 @@ fn with_space(id: String, path: String) -> Repository {
         path,
         free_bytes,
         total_bytes,
+        verify_interval_secs: None,
+        last_verified_at: None,
     }
 }

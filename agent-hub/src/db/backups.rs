@@ -5,7 +5,9 @@ use super::{
     to_db_u64,
 };
 use crate::db::Db;
-use sendense_shared::api::{Backup, BackupType, DiskResult, DiskStatus, JobStatus};
+use sendense_shared::api::{
+    Backup, BackupType, Consistency, ConsistencyLevel, DiskResult, DiskStatus, Integrity, JobStatus,
+};
 use sendense_shared::ids::{BackupId, DiskKey, NbdPort};
 use sqlx::any::AnyRow;
 use std::collections::HashMap;
@@ -56,6 +58,11 @@ pub struct DiskUpdate {
     pub bytes_transferred: Option<u64>,
     /// The hypervisor's change id the disk was copied at (vSphere CBT).
     pub change_id: Option<String>,
+    /// The image's whole-disk checksum sidecar, the sidecar file's BLAKE3, and who computed
+    /// the checksums (`"writer"` or `"hub"`).
+    pub manifest_path: Option<String>,
+    pub manifest_blake3: Option<String>,
+    pub checksums_source: Option<String>,
 }
 
 /// Everything stored about one disk of a job (the API's [`DiskResult`] plus chain and
@@ -72,11 +79,15 @@ pub struct BackupDiskRow {
     pub qemu_img_check: Option<String>,
     /// Bytes the writer really wrote into the target, when it said.
     pub bytes_transferred: Option<u64>,
+    /// The whole-disk checksum sidecar of the image, and the BLAKE3 of that file.
+    pub manifest_path: Option<String>,
+    pub manifest_blake3: Option<String>,
 }
 
 #[cfg(test)]
 const JOB_COLUMNS: &str = "backup_id, vm_context_id, vm_name, backup_type, repository_id, status, \
-     nbd_targets_string, error_message, created_at, started_at, completed_at";
+     nbd_targets_string, error_message, created_at, started_at, completed_at, integrity, \
+     integrity_detail, verified_at, consistency, consistency_reason, freeze_ms";
 
 /// Every status has one placeholder in the `IN (...)` lists below, so a fixed statement serves
 /// any subset: unused slots repeat the first status.
@@ -125,7 +136,39 @@ fn job_row(r: &AnyRow) -> Result<Backup, DbError> {
         started_at: col::<Option<i64>>(r, "started_at")?.map(from_us),
         completed_at: col::<Option<i64>>(r, "completed_at")?.map(from_us),
         error_message: col(r, "error_message")?,
+        integrity: integrity(col(r, "integrity")?)?,
+        integrity_detail: col(r, "integrity_detail")?,
+        verified_at: col::<Option<i64>>(r, "verified_at")?.map(from_us),
+        consistency: consistency(r)?,
     })
+}
+
+fn integrity(v: String) -> Result<Integrity, DbError> {
+    Integrity::parse(&v).ok_or(DbError::Corrupt {
+        column: "backup_jobs.integrity",
+        value: v,
+    })
+}
+
+fn consistency(r: &AnyRow) -> Result<Option<Consistency>, DbError> {
+    let Some(level) = col::<Option<String>>(r, "consistency")? else {
+        return Ok(None);
+    };
+    let level = match level.as_str() {
+        "application" => ConsistencyLevel::Application,
+        "crash" => ConsistencyLevel::Crash,
+        _ => {
+            return Err(DbError::Corrupt {
+                column: "backup_jobs.consistency",
+                value: level,
+            });
+        }
+    };
+    Ok(Some(Consistency {
+        level,
+        reason: col::<Option<String>>(r, "consistency_reason")?.unwrap_or_default(),
+        freeze_ms: opt_u64(r, "freeze_ms")?,
+    }))
 }
 
 fn opt_u64(r: &AnyRow, name: &'static str) -> Result<Option<u64>, DbError> {
@@ -170,7 +213,10 @@ fn disk_row(r: &AnyRow) -> Result<BackupDiskRow, DbError> {
             bytes_total: from_db_u64("backup_disks.bytes_total", col(r, "bytes_total")?)?,
             error_message: col(r, "error_message")?,
             change_id: col(r, "change_id")?,
+            checksums_source: col(r, "checksums_source")?,
         },
+        manifest_path: col(r, "manifest_path")?,
+        manifest_blake3: col(r, "manifest_blake3")?,
         parent_backup_id: col::<Option<String>>(r, "parent_backup_id")?.map(BackupId),
         backing_path: col(r, "backing_path")?,
         checksum_status: col(r, "checksum_status")?,
@@ -209,7 +255,7 @@ fn assemble(mut jobs: Vec<Backup>, disks: Vec<BackupDiskRow>) -> Vec<Backup> {
 const DISK_COLUMNS: &str = "backup_id, disk_key, unit_number, qcow2_path, nbd_export_name, \
      nbd_port, qemu_nbd_pid, status, bytes_done, bytes_total, error_message, parent_backup_id, \
      backing_path, checksum_status, checksum_ranges, checksum_mismatches, qemu_img_check, change_id, \
-     bytes_transferred";
+     bytes_transferred, manifest_path, manifest_blake3, checksums_source";
 
 // The column lists above are spelled out again in each statement so that every statement stays
 // one static string; this check keeps the copies honest.
@@ -225,33 +271,37 @@ fn column_lists_match_statements() {
 }
 
 const SELECT_JOB: &str = "SELECT backup_id, vm_context_id, vm_name, backup_type, repository_id, status, \
-     nbd_targets_string, error_message, created_at, started_at, completed_at \
+     nbd_targets_string, error_message, created_at, started_at, completed_at, integrity, \
+     integrity_detail, verified_at, consistency, consistency_reason, freeze_ms \
      FROM backup_jobs WHERE backup_id = ?";
 const SELECT_JOBS: &str = "SELECT backup_id, vm_context_id, vm_name, backup_type, repository_id, status, \
-     nbd_targets_string, error_message, created_at, started_at, completed_at \
+     nbd_targets_string, error_message, created_at, started_at, completed_at, integrity, \
+     integrity_detail, verified_at, consistency, consistency_reason, freeze_ms \
      FROM backup_jobs ORDER BY created_at DESC, backup_id DESC";
 const SELECT_JOBS_IN: &str = "SELECT backup_id, vm_context_id, vm_name, backup_type, repository_id, status, \
-     nbd_targets_string, error_message, created_at, started_at, completed_at \
+     nbd_targets_string, error_message, created_at, started_at, completed_at, integrity, \
+     integrity_detail, verified_at, consistency, consistency_reason, freeze_ms \
      FROM backup_jobs WHERE status IN (?, ?, ?, ?, ?, ?, ?, ?) \
      ORDER BY created_at DESC, backup_id DESC";
 const SELECT_LAST_COMPLETED: &str = "SELECT backup_id, vm_context_id, vm_name, backup_type, repository_id, status, \
-     nbd_targets_string, error_message, created_at, started_at, completed_at \
+     nbd_targets_string, error_message, created_at, started_at, completed_at, integrity, \
+     integrity_detail, verified_at, consistency, consistency_reason, freeze_ms \
      FROM backup_jobs WHERE vm_context_id = ? AND status = 'completed' \
      ORDER BY completed_at DESC, created_at DESC LIMIT 1";
 const SELECT_DISKS_OF: &str = "SELECT backup_id, disk_key, unit_number, qcow2_path, nbd_export_name, \
      nbd_port, qemu_nbd_pid, status, bytes_done, bytes_total, error_message, parent_backup_id, \
      backing_path, checksum_status, checksum_ranges, checksum_mismatches, qemu_img_check, change_id, \
-     bytes_transferred \
+     bytes_transferred, manifest_path, manifest_blake3, checksums_source \
      FROM backup_disks WHERE backup_id = ? ORDER BY disk_key";
 const SELECT_ALL_DISKS: &str = "SELECT backup_id, disk_key, unit_number, qcow2_path, nbd_export_name, \
      nbd_port, qemu_nbd_pid, status, bytes_done, bytes_total, error_message, parent_backup_id, \
      backing_path, checksum_status, checksum_ranges, checksum_mismatches, qemu_img_check, change_id, \
-     bytes_transferred \
+     bytes_transferred, manifest_path, manifest_blake3, checksums_source \
      FROM backup_disks ORDER BY backup_id, disk_key";
 const SELECT_DISKS_IN: &str = "SELECT backup_id, disk_key, unit_number, qcow2_path, nbd_export_name, \
      nbd_port, qemu_nbd_pid, status, bytes_done, bytes_total, error_message, parent_backup_id, \
      backing_path, checksum_status, checksum_ranges, checksum_mismatches, qemu_img_check, change_id, \
-     bytes_transferred \
+     bytes_transferred, manifest_path, manifest_blake3, checksums_source \
      FROM backup_disks WHERE backup_id IN \
      (SELECT backup_id FROM backup_jobs WHERE status IN (?, ?, ?, ?, ?, ?, ?, ?)) \
      ORDER BY backup_id, disk_key";
@@ -522,7 +572,10 @@ impl Db {
              checksum_mismatches = COALESCE(?, checksum_mismatches), \
              qemu_img_check = COALESCE(?, qemu_img_check), \
              bytes_transferred = COALESCE(?, bytes_transferred), \
-             change_id = COALESCE(?, change_id) \
+             change_id = COALESCE(?, change_id), \
+             manifest_path = COALESCE(?, manifest_path), \
+             manifest_blake3 = COALESCE(?, manifest_blake3), \
+             checksums_source = COALESCE(?, checksums_source) \
              WHERE backup_id = ? AND disk_key = ?",
         )
         .bind(upd.status.map(|s| s.as_str()))
@@ -558,6 +611,9 @@ impl Db {
                 .transpose()?,
         )
         .bind(upd.change_id.as_deref())
+        .bind(upd.manifest_path.as_deref())
+        .bind(upd.manifest_blake3.as_deref())
+        .bind(upd.checksums_source.as_deref())
         .bind(&id.0)
         .bind(disk.0)
         .execute(self.pool())
@@ -568,6 +624,51 @@ impl Db {
                 what: format!("disk {disk} of backup '{id}'"),
             });
         }
+        Ok(())
+    }
+
+    /// Sets a point's integrity (and its detail; `verified_at` is set to now for `verified`
+    /// and `hub_computed`).
+    pub async fn set_integrity(
+        &self,
+        id: &BackupId,
+        integrity: Integrity,
+        detail: Option<&str>,
+    ) -> Result<(), DbError> {
+        let verified = matches!(integrity, Integrity::Verified | Integrity::HubComputed);
+        let res = sqlx::query(
+            "UPDATE backup_jobs SET integrity = ?, integrity_detail = ?, \
+             verified_at = CASE WHEN ? = 1 THEN ? ELSE verified_at END WHERE backup_id = ?",
+        )
+        .bind(integrity.as_str())
+        .bind(detail)
+        .bind(i32::from(verified))
+        .bind(now_us())
+        .bind(&id.0)
+        .execute(self.pool())
+        .await
+        .map_err(q("setting a backup's integrity"))?;
+        if res.rows_affected() == 0 {
+            return Err(DbError::NotFound {
+                what: format!("backup '{id}'"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Records how consistent a point's snapshot was.
+    pub async fn set_consistency(&self, id: &BackupId, c: &Consistency) -> Result<(), DbError> {
+        sqlx::query(
+            "UPDATE backup_jobs SET consistency = ?, consistency_reason = ?, freeze_ms = ? \
+             WHERE backup_id = ?",
+        )
+        .bind(c.level.as_str())
+        .bind(&c.reason)
+        .bind(c.freeze_ms.map(|v| to_db_u64("freeze_ms", v)).transpose()?)
+        .bind(&id.0)
+        .execute(self.pool())
+        .await
+        .map_err(q("recording a backup's consistency"))?;
         Ok(())
     }
 

@@ -72,6 +72,8 @@ pub async fn check_base(
         targets: Vec::new(),
         previous_backup_id: Some(previous.backup_id.clone()),
         previous_change_ids: previous.change_ids.clone(),
+        checksum_grid: Some(sendense_shared::api::DEFAULT_GRID_CELL),
+        require_application_consistency: false,
     };
     match jm.deps().nodes.check_backup(node, &body).await {
         Ok(()) => BaseCheck::Holds,
@@ -142,6 +144,8 @@ fn start_body(
             .collect(),
         previous_backup_id,
         previous_change_ids,
+        checksum_grid: Some(sendense_shared::api::DEFAULT_GRID_CELL),
+        require_application_consistency: false,
     }
 }
 
@@ -346,6 +350,7 @@ mod tests {
                     bytes_total: 1,
                     error_message: None,
                     change_id: c.map(str::to_string),
+                    checksums_source: None,
                 })
                 .collect(),
             nbd_targets_string: String::new(),
@@ -355,6 +360,10 @@ mod tests {
             started_at: None,
             completed_at: None,
             error_message: None,
+            integrity: sendense_shared::api::Integrity::Verified,
+            integrity_detail: None,
+            verified_at: None,
+            consistency: None,
         }
     }
 

@@ -213,6 +213,8 @@ mod tests {
                 disk_key: DiskKey(2000),
                 change_id: "c/1".into(),
             }],
+            checksum_grid: None,
+            require_application_consistency: false,
         }
     }
 

@@ -214,8 +214,10 @@ impl Job {
                     checksums: d.checksums.clone(),
                     bytes_transferred: Some(d.processed().1),
                     change_id: d.change_id.clone(),
+                    grid: None,
                 })
                 .collect(),
+            consistency: None,
         }
     }
 }

@@ -130,6 +130,8 @@ impl App {
                 }
                 self.sort_restores();
             }
+            // Shown once the console lists verify jobs (the integrity issue's console part).
+            HubEvent::Verify { .. } => {}
             // The feed re-reads the lists on it (see `sse::pump`); nothing to apply.
             HubEvent::Lagged { .. } => {}
         }

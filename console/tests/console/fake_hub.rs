@@ -83,6 +83,8 @@ pub fn repository(id: &str) -> Repository {
         path: format!("/srv/{id}"),
         free_bytes: 500 * GIB,
         total_bytes: 1000 * GIB,
+        verify_interval_secs: None,
+        last_verified_at: None,
     }
 }
 
@@ -99,6 +101,7 @@ pub fn backup(id: &str, vm: &str, repo: &str, t: BackupType) -> Backup {
         bytes_total: GIB,
         error_message: None,
         change_id: None,
+        checksums_source: None,
     };
     Backup {
         backup_id: BackupId(id.into()),
@@ -115,6 +118,10 @@ pub fn backup(id: &str, vm: &str, repo: &str, t: BackupType) -> Backup {
         started_at: None,
         completed_at: None,
         error_message: None,
+        integrity: sendense_shared::api::Integrity::Unverified,
+        integrity_detail: None,
+        verified_at: None,
+        consistency: None,
     }
 }
 

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{BackupType, DiskStatus, JobStatus, NbdExport};
+use super::{BackupType, Consistency, DiskStatus, GridChecksums, Integrity, JobStatus, NbdExport};
 use crate::ids::{BackupId, DiskKey, NbdPort};
 
 /// `POST /api/v1/backups`.
@@ -33,6 +33,10 @@ pub struct DiskResult {
     /// The hypervisor's change id the disk was copied at (vSphere CBT), once completed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub change_id: Option<String>,
+    /// Whole-disk checksums: `writer` (computed by the node from the snapshot), `hub`
+    /// (computed by the hub from the stopped image), absent while none are stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksums_source: Option<String>,
 }
 
 /// A backup job.
@@ -53,6 +57,24 @@ pub struct Backup {
     pub started_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
     pub error_message: Option<String>,
+    /// What is known of the point's bytes; only `verified`, `hub_computed` and `legacy` points
+    /// are offered for restore.
+    #[serde(default = "unverified")]
+    pub integrity: Integrity,
+    /// Why (e.g. the verify job and the cell that differed, or the parent that is corrupt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub integrity_detail: Option<String>,
+    /// When the point was last read back equal to its stored checksums.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<DateTime<Utc>>,
+    /// Application- or crash-consistent, and why; absent when the writer did not say (a
+    /// hub-alone writer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<Consistency>,
+}
+
+fn unverified() -> Integrity {
+    Integrity::Unverified
 }
 
 /// Progress of one disk, node → hub.
@@ -85,6 +107,10 @@ pub struct DiskCompletion {
     /// Chunk checksums computed from the snapshot while copying (for verification).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checksums: Option<ChunkChecksums>,
+    /// Whole-disk checksums on the grid the hub asked for: what the hub stores as the point's
+    /// truth and reads the whole image chain back against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grid: Option<GridChecksums>,
     /// Bytes of the target the copy wrote (see [`DiskProgress::bytes_transferred`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_transferred: Option<u64>,
@@ -129,6 +155,9 @@ pub struct CompletionReport {
     #[serde(default)]
     pub error_message: Option<String>,
     pub disks: Vec<DiskCompletion>,
+    /// How consistent the snapshot was (guest file systems frozen or not), and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<Consistency>,
 }
 
 /// `POST /api/v1/backup/start` of the node.
@@ -153,6 +182,14 @@ pub struct NodeBackupStart {
     /// answer `409 bitmap_missing`, and the hub falls back to a full backup.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub previous_change_ids: Vec<DiskChangeId>,
+    /// Cell size of the whole-disk checksum grid ([`GridChecksums`]) the node reports in
+    /// [`DiskCompletion::grid`]; absent (an older hub): the node sends no grid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum_grid: Option<u64>,
+    /// Fail the backup (`consistency_required`) rather than take a crash-consistent snapshot
+    /// when the guest's file systems cannot be frozen.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_application_consistency: bool,
 }
 
 /// A disk's change id (vSphere CBT), e.g. `"52 9c 1d ... 4b/17"`.

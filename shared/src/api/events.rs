@@ -22,6 +22,8 @@ pub enum HubEvent {
     Tunnel { node: String, tunnel: TunnelState },
     /// A restore job changed (status, progress).
     Restore { restore: Restore },
+    /// A verify job changed (status, progress, points found corrupt).
+    Verify { verify: super::VerifyJob },
     /// This subscriber fell behind and `lost` events were dropped for it: re-read the lists.
     Lagged { lost: u64 },
 }

@@ -69,6 +69,9 @@ pub struct NodeRestoreStart {
     pub path: String,
     /// Virtual size of the new image.
     pub size_bytes: u64,
+    /// Cell size of the whole-disk checksum grid to report in [`RestoreCompletion::grid`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum_grid: Option<u64>,
 }
 
 /// `GET /api/v1/restore/{id}` of the node.
@@ -109,4 +112,9 @@ pub struct RestoreCompletion {
     /// The machine-readable cause of a failure, when the node has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_code: Option<crate::errors::ErrorCode>,
+    /// Whole-disk checksums of what the node read and wrote (grid of
+    /// [`NodeRestoreStart::checksum_grid`]): the hub compares them with the point's stored
+    /// checksums before it calls the restore completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grid: Option<super::GridChecksums>,
 }

@@ -11,6 +11,10 @@ pub struct RepositoryRequest {
     pub id: String,
     /// Absolute directory on the hub that holds the QCOW2 chains.
     pub path: String,
+    /// Re-read every completed point of the repository this often (a scheduled verify job);
+    /// absent: only on demand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_interval_secs: Option<u64>,
 }
 
 /// A repository as the hub reports it.
@@ -20,6 +24,11 @@ pub struct Repository {
     pub path: String,
     pub free_bytes: u64,
     pub total_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_interval_secs: Option<u64>,
+    /// When the last scheduled verify job of this repository ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verified_at: Option<DateTime<Utc>>,
 }
 
 /// One disk of a VM.
