@@ -185,7 +185,7 @@ async fn a_0001_database_upgrades_and_keeps_its_rows() {
                 .fetch_all(&pool)
                 .await
                 .unwrap();
-        assert_eq!(versions, [1, 2, 3], "{}", t.dialect);
+        assert_eq!(versions, [1, 2, 3, 4], "{}", t.dialect);
         let rows = sqlx::query(
             "SELECT disk_key, change_id, bytes_transferred, bytes_done FROM backup_disks \
              ORDER BY disk_key",
@@ -238,6 +238,10 @@ async fn a_0001_database_upgrades_and_keeps_its_rows() {
             && d.thin_provisioned.is_none()));
         assert!(b.disk_results.iter().all(|d| d.change_id.is_none()));
         assert!(rows.iter().all(|r| r.bytes_transferred.is_none()));
+        // A point completed before whole-disk checksums is `legacy`: restorable, and a verify
+        // job gives it checksums; it has no sidecar yet.
+        assert_eq!(b.integrity, sendense_shared::api::Integrity::Legacy);
+        assert!(rows.iter().all(|r| r.manifest_path.is_none() && r.manifest_blake3.is_none()));
         assert_eq!(b.bytes_transferred, 3 << 30, "old rows: the bytes done");
     })
     .await;
