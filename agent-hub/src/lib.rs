@@ -21,10 +21,12 @@
 //! - [`ports`]: the NBD port allocator over `nbd_port_allocations`, with bind tests.
 //! - [`repository`]: QCOW2 images and chains on disk, free-space checks, `qemu-img check`.
 //! - [`qemu_nbd`]: one supervised qemu-nbd per disk export.
+//! - [`manifest`]: whole-disk checksums of a point (the sidecar next to each image) and the
+//!   read-back that compares an image chain with them.
 //!
 //! Layers: `server` wires, `api` translates HTTP and reaches the services through `hub`; the
 //! services (`jobs`, `restores`, `nodes`) use the low modules (`db`, `ports`, `qemu_nbd`,
-//! `repository`, `events`, `node_client`) and never `api`, `hub` or `server`; the
+//! `repository`, `manifest`, `events`, `node_client`) and never `api`, `hub` or `server`; the
 //! `reconciler` runs before any service starts, on the same low modules and the services'
 //! lists of active states.
 
@@ -36,6 +38,7 @@ pub mod events;
 pub mod hub;
 pub mod jobs;
 pub mod logging;
+pub mod manifest;
 pub mod node_client;
 pub mod nodes;
 pub mod ports;
