@@ -117,6 +117,10 @@ pub struct FileConfig {
     /// A node that stays unreachable this long while its job runs fails the job, in seconds
     /// [default: 30].
     pub node_lost_after_secs: Option<u64>,
+    /// How long a job's end (finalization) waits for an unreachable database before leaving
+    /// the job `finalizing`, images kept, to the next start's reconciler, in seconds
+    /// [default: 3600].
+    pub db_outage_patience_secs: Option<u64>,
     /// qemu-nbd settings (binary, cache mode, `--shared`, timeouts).
     #[serde(default)]
     pub qemu_nbd: Option<QemuNbdConfig>,
@@ -137,6 +141,7 @@ pub struct HubConfig {
     pub node_timeout: Duration,
     pub node_watch_interval: Duration,
     pub node_lost_after: Duration,
+    pub db_outage_patience: Duration,
     pub qemu_nbd: QemuNbdConfig,
 }
 
@@ -156,6 +161,7 @@ impl HubConfig {
             node_timeout: Duration::from_secs(30),
             node_watch_interval: Duration::from_secs(5),
             node_lost_after: Duration::from_secs(30),
+            db_outage_patience: Duration::from_secs(3600),
             qemu_nbd: QemuNbdConfig {
                 bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
                 ..QemuNbdConfig::default()
@@ -211,6 +217,9 @@ impl HubConfig {
         }
         if let Some(v) = file.node_lost_after_secs {
             cfg.node_lost_after = Duration::from_secs(v.max(1));
+        }
+        if let Some(v) = file.db_outage_patience_secs {
+            cfg.db_outage_patience = Duration::from_secs(v.max(1));
         }
         if let Some(q) = file.qemu_nbd {
             cfg.qemu_nbd = q;

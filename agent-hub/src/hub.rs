@@ -26,6 +26,8 @@ pub struct Hub {
     /// Registration, inventory, tunnel probes.
     pub nodes: Nodes,
     pub bus: EventBus,
+    /// Read-only reads of image chains (verify jobs use it too).
+    pub readback: crate::readback::ReadBack,
     pub token: Token,
     pub started_at: DateTime<Utc>,
     /// Fired once on SIGTERM/SIGINT (or by a test): long-lived responses (SSE) end on it.

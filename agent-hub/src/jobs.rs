@@ -4,8 +4,10 @@
 //!   of the VM or none.
 //! - [`finish`]: the one unwinding path (stop qemu-nbd, release ports, delete partial images,
 //!   set the terminal status) and the verification after a completion report.
-//! - verification reads the written ranges back through the job's qemu-nbd and compares
-//!   checksums with [`sendense_shared::nbd::verify`], the routine the node's restores use too.
+//! - [`finalize`]: after the writer's completion: the whole-disk checksums stored, the writable
+//!   exports stopped (exit status checked) and fsynced, the whole chain read back read-only
+//!   against the checksums, `qemu-img check`, then the point's integrity.
+//! - [`patience`]: database errors while a job ends are waited out, never taken for failure.
 //! - [`node`]: calls to the node that owns the VM (the incremental-base check, start, cancel,
 //!   the watch of a silent node), through [`crate::node_client::NodeClient`].
 //! - [`fallback`]: an incremental the node refuses at start (`bitmap_missing`, a node without
@@ -26,8 +28,10 @@
 //!   Only images this job created are deleted, never a backing file.
 
 pub mod fallback;
+pub mod finalize;
 pub mod finish;
 pub mod node;
+pub mod patience;
 pub mod prepare;
 mod reports;
 
@@ -177,6 +181,11 @@ pub struct JobDeps {
     pub node_watch_interval: std::time::Duration,
     /// A node unreachable this long fails its job.
     pub node_lost_after: std::time::Duration,
+    /// The hub's own read-only reads of an image chain (verification after the copy).
+    pub readback: crate::readback::ReadBack,
+    /// How long a job's end waits for an unreachable database before it leaves the job to
+    /// the reconciler (images kept).
+    pub db_patience: std::time::Duration,
 }
 
 /// Runs the jobs; cheap to clone.

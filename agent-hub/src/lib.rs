@@ -23,10 +23,12 @@
 //! - [`qemu_nbd`]: one supervised qemu-nbd per disk export.
 //! - [`manifest`]: whole-disk checksums of a point (the sidecar next to each image) and the
 //!   read-back that compares an image chain with them.
+//! - [`readback`]: an image chain served read-only on a private unix socket for the hub's own
+//!   read-backs (finalize, verify jobs, the reconciler).
 //!
 //! Layers: `server` wires, `api` translates HTTP and reaches the services through `hub`; the
 //! services (`jobs`, `restores`, `nodes`) use the low modules (`db`, `ports`, `qemu_nbd`,
-//! `repository`, `manifest`, `events`, `node_client`) and never `api`, `hub` or `server`; the
+//! `repository`, `manifest`, `readback`, `events`, `node_client`) and never `api`, `hub` or `server`; the
 //! `reconciler` runs before any service starts, on the same low modules and the services'
 //! lists of active states.
 
@@ -43,6 +45,7 @@ pub mod node_client;
 pub mod nodes;
 pub mod ports;
 pub mod qemu_nbd;
+pub mod readback;
 pub mod reconciler;
 pub mod repository;
 pub mod restores;

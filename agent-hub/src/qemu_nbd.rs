@@ -123,6 +123,7 @@ mod test_support {
             export_name: "vm1-disk-2000".into(),
             port: 10105,
             read_only: false,
+            socket: None,
         }
     }
 

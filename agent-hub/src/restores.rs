@@ -407,6 +407,7 @@ impl Restores {
             export_name: row.nbd_export_name.clone(),
             port: port.0,
             read_only: true,
+            socket: None,
         };
         let server =
             QemuNbd::start(&d.qemu_nbd, spec)

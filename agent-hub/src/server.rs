@@ -94,6 +94,10 @@ impl Hub {
             config.nbd_bind,
         ));
         let tasks = TaskTracker::new();
+        let readback = crate::readback::ReadBack::new(
+            config.qemu_nbd.clone(),
+            config.data_dir.join("readback"),
+        );
         let jobs = JobManager::new(crate::jobs::JobDeps {
             db: db.clone(),
             ports: ports.clone(),
@@ -103,6 +107,8 @@ impl Hub {
             tasks: tasks.clone(),
             node_watch_interval: config.node_watch_interval,
             node_lost_after: config.node_lost_after,
+            readback: readback.clone(),
+            db_patience: config.db_outage_patience,
         });
         let restores = Restores::new(RestoreDeps {
             db: db.clone(),
@@ -127,6 +133,7 @@ impl Hub {
             restores,
             nodes,
             bus,
+            readback,
             token,
             started_at: Utc::now(),
             shutdown: CancellationToken::new(),

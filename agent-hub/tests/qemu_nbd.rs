@@ -47,6 +47,7 @@ fn spec(path: &Path, export: &str, port: u16) -> ExportSpec {
         export_name: export.to_string(),
         port,
         read_only: false,
+        socket: None,
     }
 }
 
@@ -150,6 +151,7 @@ async fn start_serves_the_export_and_stop_leaves_nothing() {
     let port2 = free_port();
     let ro = start(ExportSpec {
         read_only: true,
+        socket: None,
         ..spec(&image, "vm1-disk-2000", port2)
     })
     .await;

@@ -73,6 +73,7 @@ pub async fn incremental_to_full(
             export_name: e.export_name.clone(),
             port: e.port.0,
             read_only: false,
+            socket: None,
         };
         let server = QemuNbd::start(&jm.deps().qemu_nbd, spec)
             .await

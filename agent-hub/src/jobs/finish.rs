@@ -1,12 +1,17 @@
 //! The end of a job. [`finish`] is the only path that releases a job's resources, whatever
-//! ended it (completion, failure, cancel, a dead qemu-nbd, hub shutdown). [`finalize`] verifies
-//! a completed copy before finishing. [`watch_export`] turns an unexpected qemu-nbd exit into a
-//! failed job.
+//! ended it (completion, failure, cancel, a dead qemu-nbd, hub shutdown);
+//! [`super::finalize`] proves a completed copy before finishing. [`watch_export`] turns an
+//! unexpected qemu-nbd exit into a failed job.
+//!
+//! Images are deleted only for a job the catalog records as failed or cancelled: a completed
+//! job whose last writes the database does not take is waited for ([`super::patience`]), and
+//! past the hub's patience left `finalizing`, images kept, for the reconciler.
 
+use super::patience::{Patience, db_retry};
 use super::{JobManager, Level, LiveJob, Resources};
 use crate::db::DiskUpdate;
 use crate::qemu_nbd::QemuNbd;
-use sendense_shared::api::{CompletionReport, DiskStatus, JobStatus};
+use sendense_shared::api::{DiskStatus, JobStatus};
 use sendense_shared::ids::{DiskKey, NbdPort};
 use std::sync::Arc;
 use std::time::Instant;
@@ -96,29 +101,29 @@ pub async fn finish(
         jm.publish_ports().await;
     }
 
-    let current = db.get_backup(id).await.ok().map(|b| b.status);
+    let patience = Patience::new(jm.deps().db_patience);
     let terminal = match outcome {
-        Outcome::Completed if current == Some(JobStatus::Finalizing) => {
+        Outcome::Completed => {
             set_disks(jm, job, DiskStatus::Completed).await;
-            match db
-                .transition_backup(id, &[JobStatus::Finalizing], JobStatus::Completed, None)
-                .await
+            match db_retry(jm, id, "recording the job completed", patience, || {
+                db.transition_backup(id, &[JobStatus::Finalizing], JobStatus::Completed, None)
+            })
+            .await
             {
-                Ok(true) => {
+                Some(true) => {
                     res.images.clear();
                     JobStatus::Completed
                 }
-                _ => end_unsuccessfully(jm, job, res, Some("cancelled during finalization")).await,
+                // The catalog positively says the job left `finalizing` (a cancel won).
+                Some(false) => {
+                    end_unsuccessfully(jm, job, res, Some("cancelled during finalization")).await
+                }
+                // Never delete a verified point for a database that does not answer.
+                None => {
+                    res.images.clear();
+                    JobStatus::Finalizing
+                }
             }
-        }
-        Outcome::Completed => {
-            end_unsuccessfully(
-                jm,
-                job,
-                res,
-                Some("the job left finalizing before it completed"),
-            )
-            .await
         }
         Outcome::Failed(msg) | Outcome::ExportDied(msg) => {
             end_unsuccessfully(jm, job, res, Some(&msg)).await
@@ -159,8 +164,13 @@ async fn end_unsuccessfully(
 ) -> JobStatus {
     let id = &job.id;
     let db = &jm.deps().db;
+    let patience = Patience::new(jm.deps().db_patience);
     delete_images(jm, job, res).await;
-    let status = db.get_backup(id).await.ok().map(|b| b.status);
+    let status = db_retry(jm, id, "reading the job's status", patience, || {
+        db.get_backup(id)
+    })
+    .await
+    .map(|b| b.status);
     if status == Some(JobStatus::Cancelling) {
         set_disks(jm, job, DiskStatus::Cancelled).await;
         if let Ok(true) = db
@@ -174,12 +184,14 @@ async fn end_unsuccessfully(
         .unwrap_or("interrupted: the hub is stopping")
         .to_string();
     set_disks(jm, job, DiskStatus::Failed).await;
-    match db
-        .transition_backup(id, super::ACTIVE, JobStatus::Failed, Some(&cause))
-        .await
+    // A job left active would refuse every later backup of the VM: wait for the database.
+    if db_retry(jm, id, "recording the job failed", patience, || {
+        db.transition_backup(id, super::ACTIVE, JobStatus::Failed, Some(&cause))
+    })
+    .await
+    .is_none()
     {
-        Ok(_) => {}
-        Err(e) => tracing::error!(backup_id = %id, error = %e, "cannot mark job failed"),
+        tracing::error!(backup_id = %id, "cannot mark job failed; the reconciler will");
     }
     db.get_backup(id)
         .await
@@ -214,8 +226,9 @@ async fn set_disks(jm: &JobManager, job: &LiveJob, status: DiskStatus) {
 }
 
 /// Stops every running qemu-nbd of the job (SIGTERM to its group, bounded wait, SIGKILL, reap)
-/// and records how each ended. qemu-nbd flushes the image on SIGTERM. Answers a sentence per
-/// qemu-nbd that had exited on its own.
+/// and records how each ended. qemu-nbd flushes the image on SIGTERM and exits 0. Answers a
+/// sentence per qemu-nbd that did not end that way: it had exited on its own, or it needed the
+/// SIGKILL or exited with an error (its image may lack its last writes).
 pub async fn stop_exports(
     jm: &JobManager,
     job: &LiveJob,
@@ -240,6 +253,23 @@ pub async fn stop_exports(
             tracing::error!(pid, error = %err, "cannot record qemu-nbd stop");
         }
         let tail = rep.stderr_tail.trim();
+        if rep.requested && rep.code != Some(0) {
+            deaths.push((
+                e.disk_key,
+                format!(
+                    "qemu-nbd of disk {} (pid {pid}, port {}) did not stop cleanly: {} (a clean \
+                     stop exits 0 after flushing; the image may lack its last writes){}",
+                    e.disk_key,
+                    e.port,
+                    rep.status,
+                    if tail.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; stderr: {tail}")
+                    }
+                ),
+            ));
+        }
         if !rep.requested {
             deaths.push((
                 e.disk_key,
@@ -286,6 +316,13 @@ pub async fn stop_exports(
 
 async fn delete_images(jm: &JobManager, job: &LiveJob, res: &mut Resources) {
     for (disk, path) in res.images.drain(..) {
+        // The checksum sidecar goes with its image (there is none before finalization).
+        let sidecar = crate::manifest::sidecar_path(&path);
+        if let Err(e) = std::fs::remove_file(&sidecar)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::error!(path = %sidecar.display(), error = %e, "cannot delete sidecar");
+        }
         match crate::repository::remove_image(&path).await {
             Ok(()) => {
                 jm.event(
@@ -374,227 +411,4 @@ pub fn watch_export(
         let mut res = job.res.lock().await;
         finish(&jm, &job, &mut res, Outcome::ExportDied(msg)).await;
     });
-}
-
-/// After a `completed` report: verify checksums through the still-running exports, stop the
-/// exports (qemu-nbd flushes), `qemu-img check` each image, then finish.
-pub async fn finalize(jm: &JobManager, job: Arc<LiveJob>, report: CompletionReport) {
-    let mut res = job.res.lock().await;
-    if res.finished {
-        return;
-    }
-    let id = job.id.clone();
-    let db = &jm.deps().db;
-    let mut failure: Option<String> = None;
-
-    for d in &report.disks {
-        let Some(sums) = &d.checksums else { continue };
-        if job.cancel.is_cancelled() {
-            finish(jm, &job, &mut res, Outcome::Cancelled).await;
-            return;
-        }
-        let Some(e) = res.exports.iter().find(|e| e.disk_key == d.disk_key) else {
-            failure = Some(format!(
-                "disk {}: no running export to verify against",
-                d.disk_key
-            ));
-            break;
-        };
-        // Read back through the job's still-running qemu-nbd, not with `qemu-img`: it has the
-        // image open already (a second opener would have to break qemu's image lock and could
-        // read metadata not yet flushed) and serves exactly what the writer wrote, through the
-        // path a restore uses. It runs with `--shared=N`, so a connected writer is no obstacle.
-        let addr = e.server.nbd_addr();
-        let t = Instant::now();
-        match sendense_shared::nbd::verify::verify_disk(&addr, sums, &job.cancel).await {
-            Ok(s) => {
-                let _ = db
-                    .update_disk(
-                        &id,
-                        d.disk_key,
-                        &DiskUpdate {
-                            checksum_status: Some("passed".into()),
-                            checksum_ranges: Some(s.ranges as u64),
-                            checksum_mismatches: Some(0),
-                            ..Default::default()
-                        },
-                    )
-                    .await;
-                jm.event(
-                    &id,
-                    Level::Info,
-                    "checksums_verified",
-                    format!(
-                        "disk {}: {} range(s), {} bytes read back through {addr} match the \
-                         writer's BLAKE3 checksums ({} ms)",
-                        d.disk_key,
-                        s.ranges,
-                        s.bytes,
-                        t.elapsed().as_millis()
-                    ),
-                    Some(d.disk_key),
-                )
-                .await
-            }
-            Err(sendense_shared::nbd::verify::VerifyError::Cancelled) => {
-                jm.event(
-                    &id,
-                    Level::Warn,
-                    "verification_cancelled",
-                    format!(
-                        "disk {}: verification stopped by a cancel after {} ms",
-                        d.disk_key,
-                        t.elapsed().as_millis()
-                    ),
-                    Some(d.disk_key),
-                )
-                .await;
-                finish(jm, &job, &mut res, Outcome::Cancelled).await;
-                return;
-            }
-            Err(err) => {
-                let msg = format!("disk {}: verification failed: {err}", d.disk_key);
-                let mismatch = matches!(
-                    err,
-                    sendense_shared::nbd::verify::VerifyError::Mismatch { .. }
-                );
-                let _ = db
-                    .update_disk(
-                        &id,
-                        d.disk_key,
-                        &DiskUpdate {
-                            status: Some(DiskStatus::Failed),
-                            error_message: Some(Some(msg.clone())),
-                            checksum_status: Some("failed".into()),
-                            checksum_ranges: Some(sums.ranges.len() as u64),
-                            // Verification stops at the first mismatch.
-                            checksum_mismatches: Some(u64::from(mismatch)),
-                            ..Default::default()
-                        },
-                    )
-                    .await;
-                jm.event(
-                    &id,
-                    Level::Error,
-                    "checksums_mismatch",
-                    msg.clone(),
-                    Some(d.disk_key),
-                )
-                .await;
-                failure = Some(msg);
-                break;
-            }
-        }
-    }
-    for d in report.disks.iter().filter(|d| d.checksums.is_none()) {
-        let _ = db
-            .update_disk(
-                &id,
-                d.disk_key,
-                &DiskUpdate {
-                    checksum_status: Some("skipped".into()),
-                    ..Default::default()
-                },
-            )
-            .await;
-    }
-    if failure.is_none() && !report.disks.iter().any(|d| d.checksums.is_some()) {
-        jm.event(
-            &id,
-            Level::Warn,
-            "checksums_absent",
-            "the writer sent no checksums; only qemu-img check verifies the images",
-            None,
-        )
-        .await;
-    }
-
-    if failure.is_none() {
-        let deaths = stop_exports(jm, &job, &mut res).await;
-        if !deaths.is_empty() {
-            failure = Some(
-                deaths
-                    .into_iter()
-                    .map(|d| d.1)
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            );
-        }
-        for (disk, path) in res.images.clone() {
-            if job.cancel.is_cancelled() || failure.is_some() {
-                break;
-            }
-            let t = Instant::now();
-            let checked = crate::repository::qemu_img_check(&path).await;
-            let summary = match &checked {
-                Ok(c) => c.summary(),
-                Err(e) => format!("qemu-img check failed: {e}"),
-            };
-            let _ = db
-                .update_disk(
-                    &id,
-                    disk,
-                    &DiskUpdate {
-                        qemu_img_check: Some(summary),
-                        ..Default::default()
-                    },
-                )
-                .await;
-            match checked {
-                Ok(c) if c.is_clean() => {
-                    jm.event(
-                        &id,
-                        Level::Info,
-                        "image_checked",
-                        format!(
-                            "disk {disk}: qemu-img check {}: {} in {} ms",
-                            path.display(),
-                            c.summary(),
-                            t.elapsed().as_millis()
-                        ),
-                        Some(disk),
-                    )
-                    .await
-                }
-                Ok(c) => {
-                    let msg = format!(
-                        "disk {disk}: qemu-img check {}: {}",
-                        path.display(),
-                        c.summary()
-                    );
-                    jm.event(
-                        &id,
-                        Level::Error,
-                        "image_check_failed",
-                        msg.clone(),
-                        Some(disk),
-                    )
-                    .await;
-                    failure = Some(msg);
-                    break;
-                }
-                Err(e) => {
-                    let msg = format!("disk {disk}: qemu-img check {} failed: {e}", path.display());
-                    jm.event(
-                        &id,
-                        Level::Error,
-                        "image_check_failed",
-                        msg.clone(),
-                        Some(disk),
-                    )
-                    .await;
-                    failure = Some(msg);
-                    break;
-                }
-            }
-        }
-    }
-    let outcome = if job.cancel.is_cancelled() {
-        Outcome::Cancelled
-    } else if let Some(f) = failure {
-        Outcome::Failed(f)
-    } else {
-        Outcome::Completed
-    };
-    finish(jm, &job, &mut res, outcome).await;
 }

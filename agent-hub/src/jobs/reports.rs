@@ -177,7 +177,7 @@ impl JobManager {
     }
 
     /// The writer says it is done. `failed` unwinds at once; `completed` moves to `finalizing`
-    /// and verifies in the background (see [`finish::finalize`]).
+    /// and verifies in the background (see [`super::finalize`]).
     pub async fn complete(
         &self,
         id: &BackupId,
@@ -389,7 +389,7 @@ impl JobManager {
                 self.publish(id).await;
                 let me = self.clone();
                 self.deps().tasks.spawn(async move {
-                    finish::finalize(&me, job, report).await;
+                    super::finalize::finalize(&me, job, report).await;
                 });
             }
         }

@@ -127,6 +127,9 @@ pub struct ExportSpec {
     pub port: u16,
     /// Serve read-only (`--read-only`), e.g. for a restore or a verification read.
     pub read_only: bool,
+    /// Serve on this unix socket instead of TCP (`port` is then unused): the hub's own
+    /// read-backs, in a 0700 directory nobody else can reach.
+    pub socket: Option<PathBuf>,
 }
 
 impl ExportSpec {
@@ -137,7 +140,7 @@ impl ExportSpec {
                 reason: e.to_string(),
             }
         })?;
-        if self.port == 0 {
+        if self.port == 0 && self.socket.is_none() {
             return Err(QemuNbdError::InvalidSpec {
                 field: "port",
                 reason: "is 0; qemu-nbd needs the allocated port".into(),
@@ -159,15 +162,22 @@ pub fn command_args(cfg: &QemuNbdConfig, spec: &ExportSpec) -> Vec<String> {
     let mut args = vec![
         "--format=qcow2".to_string(),
         format!("--export-name={}", spec.export_name),
-        format!("--bind={}", cfg.bind),
-        format!("--port={}", spec.port),
+    ];
+    match &spec.socket {
+        Some(socket) => args.push(format!("--socket={}", socket.display())),
+        None => {
+            args.push(format!("--bind={}", cfg.bind));
+            args.push(format!("--port={}", spec.port));
+        }
+    }
+    args.extend([
         "--persistent".to_string(),
         format!("--shared={}", cfg.shared_connections),
         // This order: qemu-nbd 7.2 refuses detect-zeroes=unmap before discard=unmap.
         "--discard=unmap".to_string(),
         "--detect-zeroes=unmap".to_string(),
         format!("--cache={}", cfg.cache),
-    ];
+    ]);
     if let Some(aio) = &cfg.aio {
         args.push(format!("--aio={aio}"));
     }
@@ -238,6 +248,7 @@ mod tests {
         );
         let ro = ExportSpec {
             read_only: true,
+            socket: None,
             qcow2_path: "-odd.qcow2".into(),
             ..spec()
         };

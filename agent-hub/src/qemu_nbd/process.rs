@@ -138,7 +138,8 @@ impl QemuNbd {
                 probe = NbdClient::connect(&addr, &opts) => match probe {
                     Ok(client) => {
                         let _ = client.disconnect().await;
-                        if listens_on(self.pid(), spec.port) {
+                        // A unix socket in the hub's private directory cannot be squatted.
+                        if spec.socket.is_some() || listens_on(self.pid(), spec.port) {
                             return Ok(begin.elapsed());
                         }
                         last_error = format!(
@@ -195,6 +196,12 @@ impl QemuNbd {
 
     /// Where a client reaches this export.
     pub fn nbd_addr(&self) -> NbdAddr {
+        if let Some(path) = &self.inner.spec.socket {
+            return NbdAddr::Unix {
+                path: path.clone(),
+                export: self.inner.spec.export_name.clone(),
+            };
+        }
         NbdAddr::Tcp {
             host: self.inner.host.to_string(),
             port: self.inner.spec.port,

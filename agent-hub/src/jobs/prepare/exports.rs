@@ -37,6 +37,7 @@ pub(super) async fn start_exports(
             export_name: d.nbd_export_name.clone(),
             port: port_of(d.disk_key).0,
             read_only: false,
+            socket: None,
         };
         let cfg = cfg.clone();
         async move {

@@ -1,0 +1,640 @@
+//! After a `completed` report: make the copy durable and prove it, then finish.
+//!
+//! 1. **The truth first.** Each disk's whole-disk checksums ([`Manifest`]) are built from the
+//!    writer's grid (an incremental inherits the parent point's cells it did not list), written
+//!    to the sidecar next to the image and recorded in the catalog, before anything else: a hub
+//!    killed from here on leaves a job its start-up reconciler can still prove and complete.
+//! 2. **Stop the writer's path.** The hub sends its own FLUSH to each writable export, stops it
+//!    and checks how it ended: anything but a clean exit after SIGTERM (a SIGKILL after the
+//!    grace, an error exit, an exit nobody asked for) fails that disk, naming it. Then the image
+//!    and its directory are fsynced.
+//! 3. **Read the whole chain back**, read-only, every disk at once ([`crate::readback`]), and
+//!    compare every cell with the truth; the writer's range checksums, when sent, are checked
+//!    on the same export. A writer that sent no grid (a hub-alone writer) gets checksums the
+//!    hub computes from the stopped image, and the point says so (`hub_computed`).
+//! 4. `qemu-img check` of each image; then the point's integrity, then `completed`.
+//!
+//! Database errors on the way are waited out ([`super::patience`]), never taken for a failure:
+//! a verified point is not deleted because the catalog did not answer.
+
+use super::finish::{Outcome, finish, stop_exports};
+use super::patience::{Patience, db_retry};
+use super::{JobManager, Level, LiveJob, Resources};
+use crate::db::DiskUpdate;
+use crate::manifest::{self, Manifest};
+use crate::readback::{ReadBackError, Served};
+use sendense_shared::api::{
+    CompletionReport, DEFAULT_GRID_CELL, DiskCompletion, DiskStatus, Integrity,
+};
+use sendense_shared::ids::{BackupId, DiskKey};
+use sendense_shared::nbd::verify::{VerifyError, verify_ranges};
+use sendense_shared::nbd::{ConnectOptions, NbdClient};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+/// Where a disk's truth comes from.
+enum Truth {
+    /// The writer's grid, stored as the sidecar.
+    Writer(Manifest),
+    /// No usable grid: the hub computes checksums from the stopped image (`why` says so).
+    Hub { why: String },
+}
+
+/// How a step ended when it did not succeed.
+enum Stop {
+    /// Fail the job with this cause.
+    Fail(String),
+    Cancelled,
+    /// The database stayed away longer than the hub's patience: leave the job `finalizing`
+    /// with its images, for the database's return or the next start's reconciler.
+    Abandon,
+}
+
+/// See the module documentation.
+pub async fn finalize(jm: &JobManager, job: Arc<LiveJob>, report: CompletionReport) {
+    let mut res = job.res.lock().await;
+    if res.finished {
+        return;
+    }
+    let outcome = match run(jm, &job, &mut res, &report).await {
+        Ok(()) => Outcome::Completed,
+        Err(Stop::Cancelled) => Outcome::Cancelled,
+        Err(Stop::Fail(msg)) => Outcome::Failed(msg),
+        Err(Stop::Abandon) => {
+            abandon(jm, &job, &mut res).await;
+            return;
+        }
+    };
+    let outcome = if job.cancel.is_cancelled() {
+        Outcome::Cancelled
+    } else {
+        outcome
+    };
+    finish(jm, &job, &mut res, outcome).await;
+}
+
+fn patience(jm: &JobManager) -> Patience {
+    Patience::new(jm.deps().db_patience)
+}
+
+async fn run(
+    jm: &JobManager,
+    job: &LiveJob,
+    res: &mut Resources,
+    report: &CompletionReport,
+) -> Result<(), Stop> {
+    let id = &job.id;
+    let images = res.images.clone();
+    // 1. The truth.
+    let mut truths = Vec::with_capacity(images.len());
+    for (disk, path) in &images {
+        let d = report.disks.iter().find(|d| d.disk_key == *disk);
+        truths.push(store_truth(jm, id, *disk, path, d).await?);
+    }
+    if job.cancel.is_cancelled() {
+        return Err(Stop::Cancelled);
+    }
+    // 2. The writer's path: FLUSH, stop, exit statuses, fsync.
+    for e in &res.exports {
+        if let Err(err) = flush(&e.server.nbd_addr()).await {
+            return Err(Stop::Fail(format!(
+                "disk {}: the hub's FLUSH of its export failed: {err}",
+                e.disk_key
+            )));
+        }
+    }
+    let unclean = stop_exports(jm, job, res).await;
+    if !unclean.is_empty() {
+        return Err(Stop::Fail(
+            unclean
+                .into_iter()
+                .map(|d| d.1)
+                .collect::<Vec<_>>()
+                .join("; "),
+        ));
+    }
+    for (disk, path) in &images {
+        let p = path.clone();
+        let synced = tokio::task::spawn_blocking(move || manifest::fsync_file_and_dir(&p)).await;
+        if let Err(e) = synced.map_err(std::io::Error::other).and_then(|r| r) {
+            return Err(Stop::Fail(format!(
+                "disk {disk}: cannot fsync {}: {e}",
+                path.display()
+            )));
+        }
+    }
+    // 3. Every disk read back at once.
+    let reads = images.iter().zip(truths).map(|((disk, path), truth)| {
+        let d = report.disks.iter().find(|d| d.disk_key == *disk);
+        read_back(jm, job, *disk, path, truth, d)
+    });
+    let mut hub_computed = Vec::new();
+    for r in futures_util::future::join_all(reads).await {
+        if let Some(why) = r? {
+            hub_computed.push(why);
+        }
+    }
+    // 4. qemu-img check, then the point's integrity.
+    for (disk, path) in &images {
+        if job.cancel.is_cancelled() {
+            return Err(Stop::Cancelled);
+        }
+        check_image(jm, id, *disk, path).await?;
+    }
+    let (integrity, detail) = if hub_computed.is_empty() {
+        (Integrity::Verified, None)
+    } else {
+        (Integrity::HubComputed, Some(hub_computed.join("; ")))
+    };
+    db_retry(
+        jm,
+        id,
+        "recording the point's integrity",
+        patience(jm),
+        || jm.deps().db.set_integrity(id, integrity, detail.as_deref()),
+    )
+    .await
+    .ok_or(Stop::Abandon)?;
+    Ok(())
+}
+
+/// Builds the disk's manifest from the writer's grid and stores it (sidecar + catalog).
+async fn store_truth(
+    jm: &JobManager,
+    id: &BackupId,
+    disk: DiskKey,
+    image: &Path,
+    d: Option<&DiskCompletion>,
+) -> Result<Truth, Stop> {
+    let Some(grid) = d.and_then(|d| d.grid.as_ref()) else {
+        return Ok(Truth::Hub {
+            why: format!(
+                "disk {disk}: the writer sent no whole-disk checksums; the hub computed them \
+                 from the stopped image"
+            ),
+        });
+    };
+    let db = &jm.deps().db;
+    let rows = db_retry(jm, id, "reading the job's disks", patience(jm), || {
+        db.backup_disks(id)
+    })
+    .await
+    .ok_or(Stop::Abandon)?;
+    let parent = match rows
+        .iter()
+        .find(|r| r.result.disk_key == disk)
+        .and_then(|r| r.parent_backup_id.clone())
+    {
+        None => None,
+        Some(parent_id) => {
+            let prow = db_retry(
+                jm,
+                id,
+                "reading the parent point's disks",
+                patience(jm),
+                || db.backup_disks(&parent_id),
+            )
+            .await
+            .ok_or(Stop::Abandon)?
+            .into_iter()
+            .find(|r| r.result.disk_key == disk);
+            match prow.as_ref().and_then(|r| r.manifest_path.clone()) {
+                None => {
+                    return Ok(Truth::Hub {
+                        why: format!(
+                            "disk {disk}: the parent point {parent_id} has no whole-disk \
+                             checksums (it is older than them), so the incremental's unchanged \
+                             cells have no truth to inherit; the hub computed them from the \
+                             stopped image"
+                        ),
+                    });
+                }
+                Some(p) => {
+                    let want = prow.as_ref().and_then(|r| r.manifest_blake3.clone());
+                    match Manifest::read(Path::new(&p), want.as_deref()).await {
+                        Ok(m) => Some(m),
+                        Err(e) => {
+                            return Err(Stop::Fail(format!(
+                                "disk {disk}: the parent point {parent_id}'s checksums cannot \
+                                 be used: {}",
+                                sendense_shared::errors::chain(&e)
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let m = Manifest::from_grid(grid, parent.as_ref()).map_err(|e| {
+        Stop::Fail(format!(
+            "disk {disk}: {}",
+            sendense_shared::errors::chain(&e)
+        ))
+    })?;
+    let sidecar = manifest::sidecar_path(image);
+    let digest = m.write(&sidecar).await.map_err(|e| {
+        Stop::Fail(format!(
+            "disk {disk}: {}",
+            sendense_shared::errors::chain(&e)
+        ))
+    })?;
+    let upd = DiskUpdate {
+        manifest_path: Some(sidecar.display().to_string()),
+        manifest_blake3: Some(digest),
+        checksums_source: Some("writer".into()),
+        ..Default::default()
+    };
+    db_retry(
+        jm,
+        id,
+        "recording the disk's checksums",
+        patience(jm),
+        || db.update_disk(id, disk, &upd),
+    )
+    .await
+    .ok_or(Stop::Abandon)?;
+    jm.event(
+        id,
+        Level::Info,
+        "checksums_stored",
+        format!(
+            "disk {disk}: {} whole-disk checksums ({} cells of {} bytes, {} listed by the writer, \
+             {} inherited from the parent point) stored in {}",
+            if parent.is_some() {
+                "incremental"
+            } else {
+                "full"
+            },
+            m.cells(),
+            m.cell_size,
+            grid.cells.len() as u64 + grid.zero_cells.iter().map(|r| r.count).sum::<u64>(),
+            if parent.is_some() {
+                m.cells()
+                    - grid.cells.len() as u64
+                    - grid.zero_cells.iter().map(|r| r.count).sum::<u64>()
+            } else {
+                0
+            },
+            sidecar.display()
+        ),
+        Some(disk),
+    )
+    .await;
+    Ok(Truth::Writer(m))
+}
+
+async fn flush(addr: &sendense_shared::nbd::NbdAddr) -> Result<(), String> {
+    let c = NbdClient::connect(addr, &ConnectOptions::default())
+        .await
+        .map_err(|e| sendense_shared::errors::chain(&e))?;
+    let r = c
+        .flush()
+        .await
+        .map_err(|e| sendense_shared::errors::chain(&e));
+    let _ = c.disconnect().await;
+    r
+}
+
+/// Reads one disk back. `Ok(Some(why))` when the hub computed the checksums itself.
+async fn read_back(
+    jm: &JobManager,
+    job: &LiveJob,
+    disk: DiskKey,
+    image: &Path,
+    truth: Truth,
+    d: Option<&DiskCompletion>,
+) -> Result<Option<String>, Stop> {
+    let id = &job.id;
+    let served = jm
+        .deps()
+        .readback
+        .serve(image)
+        .await
+        .map_err(|e| fail_disk(disk, &e))?;
+    let t = Instant::now();
+    let r = read_served(jm, job, disk, image, &served, truth, d).await;
+    served.close().await;
+    if let Err(Stop::Cancelled) = &r {
+        jm.event(
+            id,
+            Level::Warn,
+            "verification_cancelled",
+            format!(
+                "disk {disk}: verification stopped by a cancel after {} ms",
+                t.elapsed().as_millis()
+            ),
+            Some(disk),
+        )
+        .await;
+    }
+    if let Err(Stop::Fail(msg)) = &r {
+        let _ = jm
+            .deps()
+            .db
+            .update_disk(
+                id,
+                disk,
+                &DiskUpdate {
+                    status: Some(DiskStatus::Failed),
+                    error_message: Some(Some(msg.clone())),
+                    ..Default::default()
+                },
+            )
+            .await;
+    }
+    r
+}
+
+fn fail_disk(disk: DiskKey, e: &ReadBackError) -> Stop {
+    if e.is_cancel() {
+        return Stop::Cancelled;
+    }
+    Stop::Fail(format!(
+        "disk {disk}: verification failed: {}",
+        sendense_shared::errors::chain(e)
+    ))
+}
+
+async fn read_served(
+    jm: &JobManager,
+    job: &LiveJob,
+    disk: DiskKey,
+    image: &Path,
+    served: &Served,
+    truth: Truth,
+    d: Option<&DiskCompletion>,
+) -> Result<Option<String>, Stop> {
+    let id = &job.id;
+    let db = &jm.deps().db;
+    // The writer's range checksums (older writers send only these), on the same export.
+    if let Some(sums) = d.and_then(|d| d.checksums.as_ref()) {
+        let t = Instant::now();
+        let addr = served.addr();
+        let client = NbdClient::connect(&addr, &ConnectOptions::default())
+            .await
+            .map_err(|e| {
+                Stop::Fail(format!(
+                    "disk {disk}: verification failed: cannot open {addr} to read back: {}",
+                    sendense_shared::errors::chain(&e)
+                ))
+            })?;
+        let r = verify_ranges(&client, &sums.ranges, &job.cancel, None).await;
+        let _ = client.disconnect().await;
+        match r {
+            Ok(s) => {
+                let _ = db
+                    .update_disk(
+                        id,
+                        disk,
+                        &DiskUpdate {
+                            checksum_status: Some("passed".into()),
+                            checksum_ranges: Some(s.ranges as u64),
+                            checksum_mismatches: Some(0),
+                            ..Default::default()
+                        },
+                    )
+                    .await;
+                jm.event(
+                    id,
+                    Level::Info,
+                    "checksums_verified",
+                    format!(
+                        "disk {disk}: {} written range(s), {} bytes read back from the stopped \
+                         image match the writer's BLAKE3 checksums ({} ms)",
+                        s.ranges,
+                        s.bytes,
+                        t.elapsed().as_millis()
+                    ),
+                    Some(disk),
+                )
+                .await;
+            }
+            Err(VerifyError::Cancelled) => return Err(Stop::Cancelled),
+            Err(err) => {
+                let msg = format!("disk {disk}: verification failed: {err}");
+                let mismatch = matches!(err, VerifyError::Mismatch { .. });
+                let _ = db
+                    .update_disk(
+                        id,
+                        disk,
+                        &DiskUpdate {
+                            checksum_status: Some("failed".into()),
+                            checksum_ranges: Some(sums.ranges.len() as u64),
+                            // Verification stops at the first mismatch.
+                            checksum_mismatches: Some(u64::from(mismatch)),
+                            ..Default::default()
+                        },
+                    )
+                    .await;
+                jm.event(
+                    id,
+                    Level::Error,
+                    "checksums_mismatch",
+                    msg.clone(),
+                    Some(disk),
+                )
+                .await;
+                return Err(Stop::Fail(msg));
+            }
+        }
+    } else {
+        let _ = db
+            .update_disk(
+                id,
+                disk,
+                &DiskUpdate {
+                    checksum_status: Some("skipped".into()),
+                    ..Default::default()
+                },
+            )
+            .await;
+    }
+
+    let t = Instant::now();
+    let read = AtomicU64::new(0);
+    match truth {
+        Truth::Writer(m) => {
+            let r = served
+                .check(&m, &job.cancel, &read)
+                .await
+                .map_err(|e| fail_disk(disk, &e))?;
+            let secs = t.elapsed().as_secs_f64().max(1e-3);
+            if !r.is_clean() {
+                let msg = format!(
+                    "disk {disk}: verification failed: the image chain differs from the \
+                     writer's whole-disk checksums in {} cell(s): {}",
+                    r.mismatch_count,
+                    r.describe_mismatches()
+                );
+                jm.event(
+                    id,
+                    Level::Error,
+                    "checksums_mismatch",
+                    msg.clone(),
+                    Some(disk),
+                )
+                .await;
+                return Err(Stop::Fail(msg));
+            }
+            jm.event(
+                id,
+                Level::Info,
+                "image_verified",
+                format!(
+                    "disk {disk}: whole image chain read back read-only: all {} cells equal the \
+                     writer's checksums ({} cells, {} bytes read; the rest zero by block status) \
+                     in {} ms, {:.0} MiB/s",
+                    r.cells,
+                    r.cells_read,
+                    r.bytes_read,
+                    t.elapsed().as_millis(),
+                    r.bytes_read as f64 / secs / 1048576.0
+                ),
+                Some(disk),
+            )
+            .await;
+            Ok(None)
+        }
+        Truth::Hub { why } => {
+            if d.and_then(|d| d.checksums.as_ref()).is_none() {
+                jm.event(
+                    id,
+                    Level::Warn,
+                    "checksums_absent",
+                    format!("disk {disk}: the writer sent no checksums"),
+                    Some(disk),
+                )
+                .await;
+            }
+            let m = served
+                .compute(DEFAULT_GRID_CELL, &job.cancel, &read)
+                .await
+                .map_err(|e| fail_disk(disk, &e))?;
+            let sidecar = manifest::sidecar_path(image);
+            let digest = m.write(&sidecar).await.map_err(|e| {
+                Stop::Fail(format!(
+                    "disk {disk}: {}",
+                    sendense_shared::errors::chain(&e)
+                ))
+            })?;
+            let upd = DiskUpdate {
+                manifest_path: Some(sidecar.display().to_string()),
+                manifest_blake3: Some(digest),
+                checksums_source: Some("hub".into()),
+                ..Default::default()
+            };
+            db_retry(
+                jm,
+                id,
+                "recording the disk's checksums",
+                patience(jm),
+                || jm.deps().db.update_disk(id, disk, &upd),
+            )
+            .await
+            .ok_or(Stop::Abandon)?;
+            jm.event(
+                id,
+                Level::Warn,
+                "checksums_computed",
+                format!(
+                    "{why} ({} cells, {} bytes read in {} ms); later verify jobs compare with \
+                     these",
+                    m.cells(),
+                    read.load(std::sync::atomic::Ordering::Relaxed),
+                    t.elapsed().as_millis()
+                ),
+                Some(disk),
+            )
+            .await;
+            Ok(Some(why))
+        }
+    }
+}
+
+async fn check_image(
+    jm: &JobManager,
+    id: &BackupId,
+    disk: DiskKey,
+    path: &Path,
+) -> Result<(), Stop> {
+    let t = Instant::now();
+    let checked = crate::repository::qemu_img_check(path).await;
+    let summary = match &checked {
+        Ok(c) => c.summary(),
+        Err(e) => format!("qemu-img check failed: {e}"),
+    };
+    let _ = jm
+        .deps()
+        .db
+        .update_disk(
+            id,
+            disk,
+            &DiskUpdate {
+                qemu_img_check: Some(summary.clone()),
+                ..Default::default()
+            },
+        )
+        .await;
+    match checked {
+        Ok(c) if c.is_clean() => {
+            jm.event(
+                id,
+                Level::Info,
+                "image_checked",
+                format!(
+                    "disk {disk}: qemu-img check {}: {summary} in {} ms",
+                    path.display(),
+                    t.elapsed().as_millis()
+                ),
+                Some(disk),
+            )
+            .await;
+            Ok(())
+        }
+        Ok(_) | Err(_) => {
+            let msg = format!("disk {disk}: qemu-img check {}: {summary}", path.display());
+            jm.event(
+                id,
+                Level::Error,
+                "image_check_failed",
+                msg.clone(),
+                Some(disk),
+            )
+            .await;
+            Err(Stop::Fail(msg))
+        }
+    }
+}
+
+/// The database stayed away past the hub's patience: the job stays `finalizing` in the catalog
+/// with its images and sidecars; this process lets go of it (its exports are stopped already
+/// or now). The next start's reconciler proves and completes it, or fails it.
+async fn abandon(jm: &JobManager, job: &LiveJob, res: &mut Resources) {
+    let _ = stop_exports(jm, job, res).await;
+    let kept: Vec<PathBuf> = res.images.drain(..).map(|(_, p)| p).collect();
+    res.finished = true;
+    job.ended.cancel();
+    jm.remove_live(&job.id);
+    tracing::error!(
+        backup_id = %job.id,
+        images = ?kept,
+        "the database stayed unreachable past the hub's patience during finalization; the job \
+         stays finalizing with its images for the reconciler"
+    );
+    jm.event(
+        &job.id,
+        Level::Error,
+        "finalize_abandoned",
+        format!(
+            "the database did not answer for {} s during finalization; the job stays \
+             finalizing with its {} image(s) kept, and the hub's next start proves and \
+             completes it",
+            jm.deps().db_patience.as_secs(),
+            kept.len()
+        ),
+        None,
+    )
+    .await;
+}
