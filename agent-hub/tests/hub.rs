@@ -5,6 +5,7 @@
 //! - [`backup`]: full then incremental backup of a 2-disk VM, verification, SSE.
 //! - [`faults`]: cancel, a killed qemu-nbd, port exhaustion, a squatted port, a full
 //!   repository, a tampered checksum, the hub SIGKILLed mid-job.
+//! - [`integrity`]: whole-disk checksums, the read-back, a qemu-nbd that does not stop cleanly.
 //! - [`input`]: bad JSON, unknown VM, path-escaping names, missing token.
 //! - [`mariadb`]: the main backup on MariaDB.
 //! - [`cbt`]: change ids from a stand-in vSphere node into the next incremental, and the
@@ -18,5 +19,6 @@ mod hub {
     pub mod faults;
     pub mod files;
     pub mod input;
+    pub mod integrity;
     pub mod mariadb;
 }

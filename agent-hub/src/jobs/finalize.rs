@@ -1,9 +1,10 @@
 //! After a `completed` report: make the copy durable and prove it, then finish.
 //!
-//! 1. **The truth first.** Each disk's whole-disk checksums ([`Manifest`]) are built from the
+//! 1. **The truth first.** Each disk's whole-disk checksums ([`Manifest`]) were built from the
 //!    writer's grid (an incremental inherits the parent point's cells it did not list), written
-//!    to the sidecar next to the image and recorded in the catalog, before anything else: a hub
-//!    killed from here on leaves a job its start-up reconciler can still prove and complete.
+//!    to the sidecar next to the image and recorded in the catalog before the completion report
+//!    was acknowledged ([`store_truths`]): a hub killed from then on leaves a job its start-up
+//!    reconciler can still prove and complete.
 //! 2. **Stop the writer's path.** The hub sends its own FLUSH to each writable export, stops it
 //!    and checks how it ended: anything but a clean exit after SIGTERM (a SIGKILL after the
 //!    grace, an error exit, an exit nobody asked for) fails that disk, naming it. Then the image
@@ -89,31 +90,48 @@ async fn run(
     let images = res.images.clone();
     // 1. The truth.
     let mut truths = Vec::with_capacity(images.len());
-    for (disk, path) in &images {
+    for (disk, _) in &images {
         let d = report.disks.iter().find(|d| d.disk_key == *disk);
-        truths.push(store_truth(jm, id, *disk, path, d).await?);
+        truths.push(load_truth(jm, id, *disk, d).await?);
     }
     if job.cancel.is_cancelled() {
         return Err(Stop::Cancelled);
     }
-    // 2. The writer's path: FLUSH, stop, exit statuses, fsync.
+    // 2. The writer's path: FLUSH (bounded: a hung qemu-nbd is then diagnosed by its stop),
+    // stop, exit statuses, fsync.
+    let grace = jm.deps().qemu_nbd.stop_grace;
+    let mut problems = Vec::new();
     for e in &res.exports {
-        if let Err(err) = flush(&e.server.nbd_addr()).await {
-            return Err(Stop::Fail(format!(
-                "disk {}: the hub's FLUSH of its export failed: {err}",
-                e.disk_key
-            )));
-        }
+        let flushed = tokio::time::timeout(grace, flush(&e.server.nbd_addr())).await;
+        let why = match flushed {
+            Ok(Ok(())) => continue,
+            Ok(Err(err)) => err,
+            Err(_) => format!("no answer within {} ms", grace.as_millis()),
+        };
+        problems.push(format!(
+            "disk {}: the hub's FLUSH of its export failed: {why}",
+            e.disk_key
+        ));
     }
     let unclean = stop_exports(jm, job, res).await;
-    if !unclean.is_empty() {
-        return Err(Stop::Fail(
-            unclean
-                .into_iter()
-                .map(|d| d.1)
-                .collect::<Vec<_>>()
-                .join("; "),
-        ));
+    for (disk, msg) in &unclean {
+        let _ = jm
+            .deps()
+            .db
+            .update_disk(
+                &job.id,
+                *disk,
+                &DiskUpdate {
+                    status: Some(DiskStatus::Failed),
+                    error_message: Some(Some(msg.clone())),
+                    ..Default::default()
+                },
+            )
+            .await;
+    }
+    problems.splice(0..0, unclean.into_iter().map(|d| d.1));
+    if !problems.is_empty() {
+        return Err(Stop::Fail(problems.join("; ")));
     }
     for (disk, path) in &images {
         let p = path.clone();
@@ -160,129 +178,154 @@ async fn run(
     Ok(())
 }
 
-/// Builds the disk's manifest from the writer's grid and stores it (sidecar + catalog).
-async fn store_truth(
+/// Why a completion report's checksums could not be stored (the writer gets the error).
+#[derive(Debug, thiserror::Error)]
+pub enum TruthError {
+    #[error("disks[{index}].grid: {cause}")]
+    BadGrid { index: usize, cause: String },
+    #[error("disk {disk}: the parent point {parent}'s checksums cannot be used: {cause}")]
+    Parent {
+        disk: DiskKey,
+        parent: BackupId,
+        cause: String,
+    },
+    #[error("disk {disk}: {cause}")]
+    Store { disk: DiskKey, cause: String },
+    #[error("database")]
+    Db(#[from] crate::db::DbError),
+}
+
+/// Builds each disk's manifest from the writer's grid (an incremental inherits the parent
+/// point's cells it did not list) and stores it: the sidecar written durably, then its path
+/// and digest in the catalog. Runs before the completion report is acknowledged, so a
+/// `202` means the truth is on disk; a disk without a grid, or whose parent point has no
+/// checksums, is left for the hub to compute at finalization.
+pub async fn store_truths(
+    jm: &JobManager,
+    id: &BackupId,
+    report: &CompletionReport,
+) -> Result<(), TruthError> {
+    let db = &jm.deps().db;
+    let rows = db.backup_disks(id).await?;
+    for (index, d) in report.disks.iter().enumerate() {
+        let Some(grid) = &d.grid else { continue };
+        let Some(row) = rows.iter().find(|r| r.result.disk_key == d.disk_key) else {
+            continue;
+        };
+        let disk = d.disk_key;
+        let parent = match &row.parent_backup_id {
+            None => None,
+            Some(parent_id) => {
+                let prow = db
+                    .backup_disks(parent_id)
+                    .await?
+                    .into_iter()
+                    .find(|r| r.result.disk_key == disk);
+                let Some(path) = prow.as_ref().and_then(|r| r.manifest_path.clone()) else {
+                    continue; // an older parent: nothing to inherit
+                };
+                let want = prow.as_ref().and_then(|r| r.manifest_blake3.clone());
+                let m = Manifest::read(Path::new(&path), want.as_deref())
+                    .await
+                    .map_err(|e| TruthError::Parent {
+                        disk,
+                        parent: parent_id.clone(),
+                        cause: sendense_shared::errors::chain(&e),
+                    })?;
+                Some(m)
+            }
+        };
+        let m = Manifest::from_grid(grid, parent.as_ref()).map_err(|e| TruthError::BadGrid {
+            index,
+            cause: sendense_shared::errors::chain(&e),
+        })?;
+        if m.disk_size != row.result.bytes_total {
+            return Err(TruthError::BadGrid {
+                index,
+                cause: format!(
+                    "disk_size {} is not the disk's {} bytes",
+                    m.disk_size, row.result.bytes_total
+                ),
+            });
+        }
+        let image = Path::new(&row.result.qcow2_path);
+        let sidecar = manifest::sidecar_path(image);
+        let digest = m.write(&sidecar).await.map_err(|e| TruthError::Store {
+            disk,
+            cause: sendense_shared::errors::chain(&e),
+        })?;
+        db.update_disk(
+            id,
+            disk,
+            &DiskUpdate {
+                manifest_path: Some(sidecar.display().to_string()),
+                manifest_blake3: Some(digest),
+                checksums_source: Some("writer".into()),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let listed = grid.cells.len() as u64 + grid.zero_cells.iter().map(|r| r.count).sum::<u64>();
+        jm.event(
+            id,
+            Level::Info,
+            "checksums_stored",
+            format!(
+                "disk {disk}: whole-disk checksums of {} cells of {} bytes stored in {} ({listed} \
+                 from the writer, {} inherited from the parent point)",
+                m.cells(),
+                m.cell_size,
+                sidecar.display(),
+                m.cells() - listed
+            ),
+            Some(disk),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+/// The truth of one disk as the catalog recorded it at the completion report.
+async fn load_truth(
     jm: &JobManager,
     id: &BackupId,
     disk: DiskKey,
-    image: &Path,
     d: Option<&DiskCompletion>,
 ) -> Result<Truth, Stop> {
-    let Some(grid) = d.and_then(|d| d.grid.as_ref()) else {
-        return Ok(Truth::Hub {
-            why: format!(
-                "disk {disk}: the writer sent no whole-disk checksums; the hub computed them \
-                 from the stopped image"
-            ),
-        });
-    };
     let db = &jm.deps().db;
     let rows = db_retry(jm, id, "reading the job's disks", patience(jm), || {
         db.backup_disks(id)
     })
     .await
     .ok_or(Stop::Abandon)?;
-    let parent = match rows
-        .iter()
-        .find(|r| r.result.disk_key == disk)
-        .and_then(|r| r.parent_backup_id.clone())
-    {
-        None => None,
-        Some(parent_id) => {
-            let prow = db_retry(
-                jm,
-                id,
-                "reading the parent point's disks",
-                patience(jm),
-                || db.backup_disks(&parent_id),
-            )
-            .await
-            .ok_or(Stop::Abandon)?
-            .into_iter()
-            .find(|r| r.result.disk_key == disk);
-            match prow.as_ref().and_then(|r| r.manifest_path.clone()) {
-                None => {
-                    return Ok(Truth::Hub {
-                        why: format!(
-                            "disk {disk}: the parent point {parent_id} has no whole-disk \
-                             checksums (it is older than them), so the incremental's unchanged \
-                             cells have no truth to inherit; the hub computed them from the \
-                             stopped image"
-                        ),
-                    });
-                }
-                Some(p) => {
-                    let want = prow.as_ref().and_then(|r| r.manifest_blake3.clone());
-                    match Manifest::read(Path::new(&p), want.as_deref()).await {
-                        Ok(m) => Some(m),
-                        Err(e) => {
-                            return Err(Stop::Fail(format!(
-                                "disk {disk}: the parent point {parent_id}'s checksums cannot \
-                                 be used: {}",
-                                sendense_shared::errors::chain(&e)
-                            )));
-                        }
-                    }
-                }
-            }
+    let row = rows.into_iter().find(|r| r.result.disk_key == disk);
+    match row.as_ref().and_then(|r| r.manifest_path.clone()) {
+        Some(path) => {
+            let want = row.as_ref().and_then(|r| r.manifest_blake3.clone());
+            Manifest::read(Path::new(&path), want.as_deref())
+                .await
+                .map(Truth::Writer)
+                .map_err(|e| {
+                    Stop::Fail(format!(
+                        "disk {disk}: {}",
+                        sendense_shared::errors::chain(&e)
+                    ))
+                })
         }
-    };
-    let m = Manifest::from_grid(grid, parent.as_ref()).map_err(|e| {
-        Stop::Fail(format!(
-            "disk {disk}: {}",
-            sendense_shared::errors::chain(&e)
-        ))
-    })?;
-    let sidecar = manifest::sidecar_path(image);
-    let digest = m.write(&sidecar).await.map_err(|e| {
-        Stop::Fail(format!(
-            "disk {disk}: {}",
-            sendense_shared::errors::chain(&e)
-        ))
-    })?;
-    let upd = DiskUpdate {
-        manifest_path: Some(sidecar.display().to_string()),
-        manifest_blake3: Some(digest),
-        checksums_source: Some("writer".into()),
-        ..Default::default()
-    };
-    db_retry(
-        jm,
-        id,
-        "recording the disk's checksums",
-        patience(jm),
-        || db.update_disk(id, disk, &upd),
-    )
-    .await
-    .ok_or(Stop::Abandon)?;
-    jm.event(
-        id,
-        Level::Info,
-        "checksums_stored",
-        format!(
-            "disk {disk}: {} whole-disk checksums ({} cells of {} bytes, {} listed by the writer, \
-             {} inherited from the parent point) stored in {}",
-            if parent.is_some() {
-                "incremental"
-            } else {
-                "full"
-            },
-            m.cells(),
-            m.cell_size,
-            grid.cells.len() as u64 + grid.zero_cells.iter().map(|r| r.count).sum::<u64>(),
-            if parent.is_some() {
-                m.cells()
-                    - grid.cells.len() as u64
-                    - grid.zero_cells.iter().map(|r| r.count).sum::<u64>()
-            } else {
-                0
-            },
-            sidecar.display()
-        ),
-        Some(disk),
-    )
-    .await;
-    Ok(Truth::Writer(m))
+        None if d.is_some_and(|d| d.grid.is_some()) => Ok(Truth::Hub {
+            why: format!(
+                "disk {disk}: the parent point has no whole-disk checksums (it is older than \
+                 them), so the incremental's unchanged cells have none to inherit; the hub \
+                 computed them from the stopped image"
+            ),
+        }),
+        None => Ok(Truth::Hub {
+            why: format!(
+                "disk {disk}: the writer sent no whole-disk checksums; the hub computed them \
+                 from the stopped image"
+            ),
+        }),
+    }
 }
 
 async fn flush(addr: &sendense_shared::nbd::NbdAddr) -> Result<(), String> {

@@ -356,6 +356,20 @@ impl JobManager {
                         .await;
                     }
                 }
+                // The truth on disk before the report is acknowledged.
+                super::finalize::store_truths(self, id, &report)
+                    .await
+                    .map_err(|e| match e {
+                        super::finalize::TruthError::Db(e) => JobError::Db(e),
+                        e @ super::finalize::TruthError::BadGrid { .. } => JobError::Invalid {
+                            detail: e.to_string(),
+                        },
+                        e => JobError::Prepare {
+                            backup_id: id.clone(),
+                            step: "storing the whole-disk checksums",
+                            cause: e.to_string(),
+                        },
+                    })?;
                 if !self
                     .deps()
                     .db

@@ -172,3 +172,19 @@ pub fn checksums_of(image: &Path) -> Value {
 
 /// The harness's lookups on a backup record, shared with the e2e suite.
 pub use sendense_tests::hub::{disk_result as disk, image_paths};
+
+/// The whole-disk grid a writer would report for `image` (cells of `cell` bytes): every
+/// all-zero cell in a zero run, every other cell hashed.
+pub fn grid_of(image: &Path, cell: u64) -> Value {
+    let raw = disks::read_raw(image);
+    let mut cells = Vec::new();
+    let mut zero: Vec<Value> = Vec::new();
+    for (i, c) in raw.chunks(cell as usize).enumerate() {
+        if c.iter().all(|&b| b == 0) {
+            zero.push(json!({"first": i, "count": 1}));
+        } else {
+            cells.push(json!({"index": i, "blake3": blake3::hash(c).to_hex().to_string()}));
+        }
+    }
+    json!({"cell_size": cell, "disk_size": raw.len(), "cells": cells, "zero_cells": zero})
+}
