@@ -5,9 +5,11 @@
 //! 1. every qemu-nbd recorded alive is checked against `/proc/PID/cmdline` (a qemu-nbd serving
 //!    that port and export) and only then stopped by PID/process group; a reused PID is left
 //!    alone and said so. Never by name.
-//! 2. every job in a non-terminal state is marked `failed` ("hub restarted during the job"),
-//!    its disks failed, and the images it created (`<backup_id>.qcow2`, never a backing file)
-//!    deleted.
+//! 2. a job left `finalizing` whose images read back equal to their stored whole-disk
+//!    checksums is completed ([`finalizing`]); every other job in a non-terminal state is
+//!    marked `failed` ("hub restarted during the job"), its disks failed, and then (only once
+//!    the catalog records it failed) the images it created (`<backup_id>.qcow2` and its
+//!    checksum sidecar, never a backing file) deleted.
 //!    Every restore in a non-terminal state is marked `failed` too ("hub restarted during
 //!    the restore"); the node deletes its partial image (its reads fail, or its own start-up
 //!    recovery runs).
@@ -18,6 +20,8 @@
 //! Assumes one hub process per database: a second hub started on the same MariaDB database
 //! would take the first one's live jobs for leftovers (and their qemu-nbd, if on the same host).
 //! Recording the owning hub instance per job would lift this; nothing needs it yet.
+
+mod finalizing;
 
 use crate::config::HubConfig;
 use crate::db::{Db, DiskUpdate};
@@ -42,6 +46,7 @@ pub struct Report {
     pub processes_gone: usize,
     pub processes_not_ours: usize,
     pub jobs_failed: usize,
+    pub jobs_completed: usize,
     pub restores_failed: usize,
     pub images_deleted: usize,
     pub ports_released: u64,
@@ -53,12 +58,13 @@ impl fmt::Display for Report {
         write!(
             f,
             "{} orphan qemu-nbd stopped, {} already gone, {} PIDs reused by others left alone, \
-             {} jobs failed, {} restores failed, {} partial images deleted, {} ports released, \
+             {} jobs failed, {} finalizing jobs proven and completed, {} restores failed, {} partial images deleted, {} ports released, \
              {} errors",
             self.processes_stopped,
             self.processes_gone,
             self.processes_not_ours,
             self.jobs_failed,
+            self.jobs_completed,
             self.restores_failed,
             self.images_deleted,
             self.ports_released,
@@ -77,7 +83,13 @@ async fn event(log: &JobLog, id: &BackupId, level: &str, step: &str, msg: String
 }
 
 /// Runs the three passes; never fails start-up (a step that errs is logged and counted).
-pub async fn reconcile(db: &Db, ports: &PortAllocator, log: &JobLog, cfg: &HubConfig) -> Report {
+pub async fn reconcile(
+    db: &Db,
+    ports: &PortAllocator,
+    log: &JobLog,
+    cfg: &HubConfig,
+    readback: &crate::readback::ReadBack,
+) -> Report {
     let mut rep = Report::default();
     let grace = cfg.qemu_nbd.stop_grace;
 
@@ -150,77 +162,28 @@ pub async fn reconcile(db: &Db, ports: &PortAllocator, log: &JobLog, cfg: &HubCo
     match db.list_backups_in(crate::jobs::ACTIVE).await {
         Ok(jobs) => {
             for b in jobs {
-                let was = b.status.as_str();
-                for d in &b.disk_results {
-                    let path = Path::new(&d.qcow2_path);
-                    if path.exists() {
-                        match crate::repository::remove_image(path).await {
-                            Ok(()) => {
-                                rep.images_deleted += 1;
-                                event(
-                                    log,
-                                    &b.backup_id,
-                                    "info",
-                                    "reconciler_image",
-                                    format!(
-                                        "reconciler: deleted partial image {} of disk {}",
-                                        d.qcow2_path, d.disk_key
-                                    ),
-                                )
-                                .await;
-                            }
-                            Err(e) => {
-                                rep.errors.push(e.to_string());
-                                event(
-                                    log,
-                                    &b.backup_id,
-                                    "error",
-                                    "reconciler_image",
-                                    format!("reconciler: cannot delete {}: {e}", d.qcow2_path),
-                                )
-                                .await;
-                            }
-                        }
-                    }
-                    if d.status != DiskStatus::Failed
-                        && let Err(e) = db
-                            .update_disk(
+                let mut why = None;
+                if b.status == JobStatus::Finalizing {
+                    match finalizing::prove(db, readback, &b).await {
+                        Ok(how) => {
+                            rep.jobs_completed += 1;
+                            event(
+                                log,
                                 &b.backup_id,
-                                d.disk_key,
-                                &DiskUpdate {
-                                    status: Some(DiskStatus::Failed),
-                                    error_message: Some(Some(RESTART_REASON.to_string())),
-                                    ..Default::default()
-                                },
+                                "info",
+                                "reconciler_job",
+                                format!(
+                                    "reconciler: the job was finalizing when the hub stopped; \
+                                     completed: {how}"
+                                ),
                             )
-                            .await
-                    {
-                        rep.errors.push(e.to_string());
+                            .await;
+                            continue;
+                        }
+                        Err(cause) => why = Some(cause),
                     }
                 }
-                let reason = format!("{RESTART_REASON} (it was {was})");
-                match db
-                    .transition_backup(
-                        &b.backup_id,
-                        crate::jobs::ACTIVE,
-                        JobStatus::Failed,
-                        Some(&reason),
-                    )
-                    .await
-                {
-                    Ok(_) => {
-                        rep.jobs_failed += 1;
-                        event(
-                            log,
-                            &b.backup_id,
-                            "error",
-                            "reconciler_job",
-                            format!("reconciler: job marked failed: {reason}"),
-                        )
-                        .await;
-                    }
-                    Err(e) => rep.errors.push(e.to_string()),
-                }
+                fail_job(db, log, &mut rep, &b, why).await;
             }
         }
         Err(e) => {
@@ -309,4 +272,98 @@ pub async fn reconcile(db: &Db, ports: &PortAllocator, log: &JobLog, cfg: &HubCo
         }
     }
     rep
+}
+
+/// Marks `b` failed and, once the catalog records it, deletes the images it created.
+async fn fail_job(
+    db: &Db,
+    log: &JobLog,
+    rep: &mut Report,
+    b: &sendense_shared::api::Backup,
+    unproven: Option<String>,
+) {
+    let was = b.status.as_str();
+    let reason = match &unproven {
+        Some(cause) => {
+            format!("{RESTART_REASON} (it was {was}; its images could not be proven: {cause})")
+        }
+        None => format!("{RESTART_REASON} (it was {was})"),
+    };
+    for d in &b.disk_results {
+        if d.status != DiskStatus::Failed
+            && let Err(e) = db
+                .update_disk(
+                    &b.backup_id,
+                    d.disk_key,
+                    &DiskUpdate {
+                        status: Some(DiskStatus::Failed),
+                        error_message: Some(Some(RESTART_REASON.to_string())),
+                        ..Default::default()
+                    },
+                )
+                .await
+        {
+            rep.errors.push(e.to_string());
+        }
+    }
+    match db
+        .transition_backup(
+            &b.backup_id,
+            crate::jobs::ACTIVE,
+            JobStatus::Failed,
+            Some(&reason),
+        )
+        .await
+    {
+        Ok(_) => {
+            rep.jobs_failed += 1;
+            event(
+                log,
+                &b.backup_id,
+                "error",
+                "reconciler_job",
+                format!("reconciler: job marked failed: {reason}"),
+            )
+            .await;
+        }
+        // A database error is never a reason to delete data: the images stay for the next try.
+        Err(e) => {
+            rep.errors.push(e.to_string());
+            return;
+        }
+    }
+    for d in &b.disk_results {
+        let path = Path::new(&d.qcow2_path);
+        let _ = std::fs::remove_file(crate::manifest::sidecar_path(path));
+        if !path.exists() {
+            continue;
+        }
+        match crate::repository::remove_image(path).await {
+            Ok(()) => {
+                rep.images_deleted += 1;
+                event(
+                    log,
+                    &b.backup_id,
+                    "info",
+                    "reconciler_image",
+                    format!(
+                        "reconciler: deleted partial image {} of disk {}",
+                        d.qcow2_path, d.disk_key
+                    ),
+                )
+                .await;
+            }
+            Err(e) => {
+                rep.errors.push(e.to_string());
+                event(
+                    log,
+                    &b.backup_id,
+                    "error",
+                    "reconciler_image",
+                    format!("reconciler: cannot delete {}: {e}", d.qcow2_path),
+                )
+                .await;
+            }
+        }
+    }
 }

@@ -122,7 +122,7 @@ impl Hub {
         });
         let nodes = Nodes::new(db.clone(), bus.clone(), node_client, tasks.clone());
 
-        let report = crate::reconciler::reconcile(&db, &ports, &log, &config).await;
+        let report = crate::reconciler::reconcile(&db, &ports, &log, &config, &readback).await;
         tracing::info!(summary = %report, "start-up reconciliation done");
 
         Ok(Arc::new(Hub {

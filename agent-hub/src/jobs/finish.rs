@@ -244,13 +244,16 @@ pub async fn stop_exports(
         } else {
             "had already exited"
         };
-        if let Err(err) = jm
-            .deps()
-            .db
-            .mark_process_stopped(pid, e.port, &rep.status)
-            .await
+        let stopped_in = t.elapsed();
+        // Waited for: a process recorded alive would be taken for an orphan later.
+        let patience = Patience::new(jm.deps().db_patience);
+        if db_retry(jm, &job.id, "recording the qemu-nbd stop", patience, || {
+            jm.deps().db.mark_process_stopped(pid, e.port, &rep.status)
+        })
+        .await
+        .is_none()
         {
-            tracing::error!(pid, error = %err, "cannot record qemu-nbd stop");
+            tracing::error!(pid, "cannot record qemu-nbd stop");
         }
         let tail = rep.stderr_tail.trim();
         if rep.requested && rep.code != Some(0) {
@@ -300,7 +303,7 @@ pub async fn stop_exports(
                 e.port,
                 e.export_name,
                 rep.status,
-                t.elapsed().as_millis(),
+                stopped_in.as_millis(),
                 if tail.is_empty() {
                     String::new()
                 } else {

@@ -90,3 +90,58 @@ async fn a_stopped_database_is_named_in_the_answer_and_the_jobs_events() {
     let end = env.api.wait_status(&id, &["cancelled"], JOB_LIMIT).await;
     env.api.assert_nothing_held(&end).await;
 }
+
+/// MariaDB stopped while a job finalizes (just after its completion report was taken): the job
+/// stays `finalizing`, nothing is deleted, and once MariaDB is back the job completes with its
+/// image intact and verified.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_stopped_during_finalize_leaves_the_job_to_complete_when_it_returns() {
+    let dbdir = tempfile::tempdir().unwrap();
+    let mut db = PrivateMariaDb::start(dbdir.path()).expect("private MariaDB");
+    let url = db.url();
+    let env = Env::start_with(|o| o.database_url = Some(url));
+    // 512 MiB of data: the read-back alone takes longer than stopping MariaDB.
+    let src = super::env::big_vm(&env, "findb", 1 << 30, 512 * MIB).await;
+    let (id, b) = env.backup("findb", "full").await;
+    sendense_tests::disks::nbdcopy_into(&src, &super::env::targets(&b)[0].1);
+    let image = PathBuf::from(disk(&b, 2000)["qcow2_path"].as_str().unwrap());
+    let grid = super::env::grid_of(&src, 4 * MIB);
+    let (s, v) = env
+        .api
+        .post(
+            &format!("/api/v1/backups/{id}/complete"),
+            &json!({"status": "completed", "disks": [{"disk_key": 2000, "status": "completed", "grid": grid}]}),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    assert_eq!(v["status"], "finalizing", "{v}");
+    db.stop();
+    // Well past the hub's 5 s wait for a connection, so that its writes fail meanwhile.
+    std::thread::sleep(std::time::Duration::from_secs(15));
+    assert!(
+        image.exists(),
+        "{} was deleted during the outage",
+        image.display()
+    );
+    db.resume().expect("MariaDB again");
+    let done = env
+        .api
+        .wait_status(&id, &["completed", "failed"], JOB_LIMIT)
+        .await;
+    let events = env.api.event_lines(&id).await;
+    assert_eq!(done["status"], "completed", "{done:#}\n{events:#?}");
+    assert_eq!(done["integrity"], "verified", "{done:#}");
+    assert!(image.exists());
+    assert!(
+        sendense_tests::disks::images_equal(&image, &src),
+        "image differs from the source"
+    );
+    // The outage was met during finalization and waited out, not skipped.
+    for step in ["database_wait", "database_back"] {
+        assert!(
+            events.iter().any(|e| e.starts_with(step)),
+            "no {step} event: {events:#?}"
+        );
+    }
+    env.api.assert_nothing_held(&done).await;
+}

@@ -188,3 +188,20 @@ pub fn grid_of(image: &Path, cell: u64) -> Value {
     }
     json!({"cell_size": cell, "disk_size": raw.len(), "cells": cells, "zero_cells": zero})
 }
+
+/// A one-disk VM `vm` (disk 2000 of `size` bytes, `node: null`) whose source holds `data`
+/// bytes of a pattern from 0: a disk large enough that finalizing it takes a while.
+pub async fn big_vm(env: &Env, vm: &str, size: u64, data: u64) -> PathBuf {
+    let p = env.path(&format!("{vm}-src-2000.qcow2"));
+    disks::create_qcow2(&p, size);
+    disks::write_pattern(&p, 0, data, 0x6b);
+    let (s, v) = env
+        .api
+        .post(
+            "/api/v1/vms",
+            &json!({"vm_name": vm, "node": null, "disks": [{"disk_key": 2000, "unit_number": 0, "size_bytes": size, "label": "disk 0"}]}),
+        )
+        .await;
+    assert_eq!(s, 201, "register VM: {v}");
+    p
+}

@@ -226,3 +226,40 @@ async fn a_grid_that_does_not_fit_the_disk_is_refused_naming_the_field() {
     let b = env.api.get_ok(&format!("/api/v1/backups/{id}")).await;
     assert_eq!(b["status"], "running", "the writer may retry: {b}");
 }
+
+/// The hub SIGKILLed while it finalizes: the truth was stored before the completion was
+/// acknowledged, so the restarted hub's reconciler proves the image and completes the job.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hub_killed_during_finalize_completes_the_job_on_restart() {
+    let mut env = Env::start();
+    let src = big_vm(&env, "finkill", 1 << 30, 512 * MIB).await;
+    let (id, b) = env.backup("finkill", "full").await;
+    disks::nbdcopy_into(&src, &targets(&b)[0].1);
+    let (s, v) = env
+        .api
+        .post(
+            &format!("/api/v1/backups/{id}/complete"),
+            &complete_body(2000, grid_of(&src, CELL)),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    env.hub.kill9();
+    env.start_again();
+    let done = env.api.get_ok(&format!("/api/v1/backups/{id}")).await;
+    let events = env.api.event_lines(&id).await;
+    assert_eq!(done["status"], "completed", "{done:#}\n{events:#?}");
+    assert_eq!(done["integrity"], "verified", "{done:#}");
+    assert!(
+        events.iter().any(|e| e.starts_with("reconciler_job")
+            && e.contains(
+                "was finalizing when the hub stopped; completed: all 1 disk(s) read back equal"
+            )),
+        "{events:#?}"
+    );
+    let img = &image_paths(&done)[0];
+    assert!(
+        disks::images_equal(img, &src),
+        "image differs from the source"
+    );
+    env.assert_nothing_held(&done).await;
+}
