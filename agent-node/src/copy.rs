@@ -52,9 +52,9 @@ mod status;
 pub use progress::{CounterSnapshot, DiskCounters};
 
 use bytes::Bytes;
+use grid::SkipMeans;
 use pipeline::{Ctx, Pipeline, Throttle};
 use plan::{Coalescer, Segment};
-use grid::SkipMeans;
 use sendense_shared::api::{ChecksumRange, ChunkChecksums, GridChecksums};
 use sendense_shared::nbd::{
     BASE_ALLOCATION, ConnectOptions, NbdAddr, NbdClient, NbdError, dirty_bitmap_context,

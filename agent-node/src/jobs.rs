@@ -292,7 +292,9 @@ impl Jobs {
                 }
             }
             Ok(snapshot) => {
-                let status = self.copy_all(&job, &snapshot, &targets, checksum_grid).await;
+                let status = self
+                    .copy_all(&job, &snapshot, &targets, checksum_grid)
+                    .await;
                 job.set_status(JobStatus::Finalizing);
                 let outcome = if status == JobStatus::Completed {
                     ReleaseOutcome::Success

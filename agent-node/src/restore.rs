@@ -33,7 +33,8 @@ use crate::copy::DiskCounters;
 use crate::jobs::JobContext;
 use crate::jobs::state::RateSamples;
 use sendense_shared::api::{
-    GridChecksums, JobStatus, NodeRestoreStart, NodeRestoreState, RestoreCompletion, RestoreProgress,
+    GridChecksums, JobStatus, NodeRestoreStart, NodeRestoreState, RestoreCompletion,
+    RestoreProgress,
 };
 use sendense_shared::errors::ErrorCode;
 use sendense_shared::nbd::NbdAddr;

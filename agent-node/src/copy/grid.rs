@@ -285,7 +285,10 @@ mod tests {
         g.data(0, b"abcdef").unwrap();
         g.data(6, &[0, 0]).unwrap();
         let grid = g.finish().unwrap();
-        assert_eq!(grid.cells[0].blake3, blake3::hash(b"abcd").to_hex().as_str());
+        assert_eq!(
+            grid.cells[0].blake3,
+            blake3::hash(b"abcd").to_hex().as_str()
+        );
         assert_eq!(
             grid.cells[1].blake3,
             blake3::hash(b"ef\0\0").to_hex().as_str()

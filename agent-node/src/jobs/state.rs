@@ -3,8 +3,8 @@
 
 use crate::copy::DiskCounters;
 use sendense_shared::api::{
-    BackupType, ChunkChecksums, CompletionReport, GridChecksums, CompletionStatus, DiskCompletion, DiskProgress,
-    DiskStatus, JobStatus, NodeBackupState, NodeDiskState, ProgressReport,
+    BackupType, ChunkChecksums, CompletionReport, CompletionStatus, DiskCompletion, DiskProgress,
+    DiskStatus, GridChecksums, JobStatus, NodeBackupState, NodeDiskState, ProgressReport,
 };
 use sendense_shared::ids::{BackupId, DiskKey};
 use std::collections::VecDeque;
