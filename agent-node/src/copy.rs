@@ -23,16 +23,27 @@
 //! source held it, on a thread of its own; zero ranges use a cached hash of zeroes. Skipped
 //! ranges are not listed.
 //!
+//! Whole-disk grid ([`GridChecksums`], when [`CopyOptions::grid_cell`] is set): one BLAKE3
+//! per cell of the disk as the snapshot holds it, built on the hashing thread from the same
+//! pieces ([`grid`]). Full: every cell; cells of holes and zero extents only are zero runs
+//! (not hashed), cells with data are hashed with their zero gaps. Incremental: cells entirely
+//! unchanged are left out (the parent's hold); the unchanged parts of cells changed elsewhere
+//! are READ (not written) so that those cells are hashed whole
+//! ([`DiskCounters::bytes_read_for_grid`]). A Skip means zeroes for an allocation copy (and
+//! areas on a zero target: a vSphere full), unchanged for a dirty bitmap (and areas on a
+//! non-zero target: a vSphere incremental).
+//!
 //! [`copy_disk`] runs these as named steps: `open` (1), `connect_more`, `run_plan` (2, 3),
 //! `flush` (4), `finish` (the outcome with the checksums).
 //!
 //! Submodules: [`plan`] (extent map, request cutting, zero detection), `status` (block status
 //! window by window into segments), `pipeline` (requests as tasks under the in-flight bound),
-//! `checksums` (the hashing thread, zero hashes), [`progress`] (counters and rates), [`cli`]
-//! (`sendense-node copy`).
+//! `checksums` (the hashing thread, zero hashes), [`grid`] (the whole-disk grid and the reads
+//! it needs), [`progress`] (counters and rates), [`cli`] (`sendense-node copy`).
 
 mod checksums;
 pub mod cli;
+pub mod grid;
 mod pipeline;
 pub mod plan;
 pub mod progress;
@@ -41,9 +52,10 @@ mod status;
 pub use progress::{CounterSnapshot, DiskCounters};
 
 use bytes::Bytes;
+use grid::SkipMeans;
 use pipeline::{Ctx, Pipeline, Throttle};
 use plan::{Coalescer, Segment};
-use sendense_shared::api::{ChecksumRange, ChunkChecksums};
+use sendense_shared::api::{ChecksumRange, ChunkChecksums, GridChecksums};
 use sendense_shared::nbd::{
     BASE_ALLOCATION, ConnectOptions, NbdAddr, NbdClient, NbdError, dirty_bitmap_context,
 };
@@ -86,6 +98,9 @@ pub struct CopyOptions {
     /// knob, set from [`THROTTLE_ENV`]: it makes a copy slow enough to act on it mid-way
     /// (cancel, kill a process) without timed sleeps, or keeps a copy from saturating a link.
     pub throttle_bps: Option<u64>,
+    /// Cell size of the whole-disk checksum grid to build (`None`: none, as an older hub
+    /// expects).
+    pub grid_cell: Option<u64>,
 }
 
 /// Environment variable read by the node daemon: bytes per second each disk's copy may read
@@ -122,6 +137,7 @@ impl Default for CopyOptions {
             checksum_chunk_size: 4 * 1024 * 1024,
             target_is_zero: false,
             throttle_bps: None,
+            grid_cell: None,
         }
     }
 }
@@ -134,6 +150,10 @@ pub struct CopyOutcome {
     pub bytes_zeroed: u64,
     pub bytes_skipped: u64,
     pub checksums: ChunkChecksums,
+    /// The whole-disk grid, when [`CopyOptions::grid_cell`] asked for one.
+    pub grid: Option<GridChecksums>,
+    /// Bytes read for the grid only (see [`DiskCounters::bytes_read_for_grid`]).
+    pub bytes_read_for_grid: u64,
     pub elapsed: Duration,
 }
 
@@ -225,9 +245,10 @@ pub async fn copy_disk(
     let ends = open(source, target, &extents, opts, &cancel).await?;
     counters.bytes_total.store(ends.size, Ordering::Relaxed);
     let (sources, targets) = connect_more(&ends, source, target, opts, &cancel).await?;
-    let (checksums, hash_thread) = checksums::start();
+    let (checksums, hash_thread) = checksums::start(opts.grid_cell.map(|c| (c, ends.size)));
     let ctx = Arc::new(Ctx {
         checksums,
+        skip_means: skip_means(&extents, opts),
         sources,
         targets,
         counters: counters.clone(),
@@ -249,8 +270,19 @@ pub async fn copy_disk(
     // Every request task is done, so this was the last handle on the hashing channel: the
     // thread finishes what is queued and hands its ranges over.
     drop(ctx);
-    ranges.extend(hash_thread.finish().await?);
-    Ok(finish(&counters, opts, ranges, started))
+    let (data_ranges, grid) = hash_thread.finish().await?;
+    ranges.extend(data_ranges);
+    Ok(finish(&counters, opts, ranges, grid, started))
+}
+
+/// What a Skip of the plan is to the grid: zeroes on a fresh target of an allocation or area
+/// copy (a full), the parent's bytes otherwise (an incremental).
+fn skip_means(extents: &ExtentSource, opts: &CopyOptions) -> SkipMeans {
+    match extents {
+        ExtentSource::Allocation => SkipMeans::Zeroes,
+        ExtentSource::Areas(_) if opts.target_is_zero => SkipMeans::Zeroes,
+        ExtentSource::Areas(_) | ExtentSource::DirtyBitmap(_) => SkipMeans::Unchanged,
+    }
 }
 
 /// Both ends of a copy, connected and checked.
@@ -433,6 +465,10 @@ async fn run_plan(
         target_is_zero: opts.target_is_zero,
     };
     let size = ends.size;
+    // An incremental's grid needs the unchanged edges of changed cells read.
+    let grid_reads = opts
+        .grid_cell
+        .filter(|_| pipeline.skip_means() == SkipMeans::Unchanged);
     let mut coalescer = Coalescer::default();
     let mut segs = Vec::new();
     let mut offset = 0u64;
@@ -447,7 +483,14 @@ async fn run_plan(
             ready.extend(coalescer.finish());
         }
         for seg in ready {
-            pipeline.dispatch(seg, cancel).await?;
+            match grid_reads {
+                Some(cell) => {
+                    for s in grid::read_for_grid(seg, cell, size) {
+                        pipeline.dispatch(s, cancel).await?;
+                    }
+                }
+                None => pipeline.dispatch(seg, cancel).await?,
+            }
         }
         if last {
             break;
@@ -474,6 +517,7 @@ fn finish(
     counters: &DiskCounters,
     opts: &CopyOptions,
     mut ranges: Vec<ChecksumRange>,
+    grid: Option<GridChecksums>,
     started: Instant,
 ) -> CopyOutcome {
     ranges.sort_by_key(|r| r.offset);
@@ -487,6 +531,8 @@ fn finish(
             chunk_size: opts.checksum_chunk_size,
             ranges,
         },
+        grid,
+        bytes_read_for_grid: s.bytes_read_for_grid,
         elapsed: started.elapsed(),
     }
 }
@@ -505,6 +551,11 @@ fn check_options(opts: &CopyOptions) -> Result<(), CopyError> {
     }
     if opts.checksum_chunk_size < 4096 {
         return bad("checksum_chunk_size must be at least 4096 bytes");
+    }
+    if let Some(cell) = opts.grid_cell
+        && !(4096..=1 << 30).contains(&cell)
+    {
+        return bad("the checksum grid's cell must be between 4 KiB and 1 GiB");
     }
     if opts.max_in_flight_bytes > 1 << 40 {
         return bad("max_in_flight_bytes above 1 TiB");

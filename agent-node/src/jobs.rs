@@ -263,7 +263,10 @@ impl Jobs {
 
     async fn run(self: Arc<Self>, job: Arc<Job>, plan: BackupPlan) {
         let BackupPlan {
-            targets, request, ..
+            targets,
+            request,
+            checksum_grid,
+            ..
         } = plan;
         let ticker_stop = CancellationToken::new();
         let ticker = tokio::spawn(progress_loop(
@@ -289,7 +292,9 @@ impl Jobs {
                 }
             }
             Ok(snapshot) => {
-                let status = self.copy_all(&job, &snapshot, &targets).await;
+                let status = self
+                    .copy_all(&job, &snapshot, &targets, checksum_grid)
+                    .await;
                 job.set_status(JobStatus::Finalizing);
                 let outcome = if status == JobStatus::Completed {
                     ReleaseOutcome::Success
@@ -324,6 +329,7 @@ impl Jobs {
         job: &Arc<Job>,
         snapshot: &Snapshot,
         targets: &[(DiskKey, NbdAddr)],
+        checksum_grid: Option<u64>,
     ) -> JobStatus {
         if job.cancel.is_cancelled() {
             job.set_disks(DiskStatus::Cancelled);
@@ -367,6 +373,7 @@ impl Jobs {
             };
             let mut opts = self.ctx.copy_options.clone();
             opts.target_is_zero = job.backup_type == BackupType::Full;
+            opts.grid_cell = checksum_grid;
             let counters = job
                 .lock()
                 .disks

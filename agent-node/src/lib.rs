@@ -16,7 +16,8 @@
 //! - [`daemon`]: wires config, driver, recovery, hub registration and the API together.
 //! - [`restore`]: restore jobs: a backup point from the hub's export into a new image, verified,
 //!   journalled ([`restore::journal`]) and undone by start-up recovery ([`restore::recovery`]).
-//! - [`copy`]: the NBD copy engine (one disk, source export to target export) and the
+//! - [`copy`]: the NBD copy engine (one disk, source export to target export) with the
+//!   checksums of what it wrote and the whole-disk checksum grid ([`copy::grid`]), and the
 //!   `sendense-node copy` command.
 //! - [`tunnel`]: the supervised OpenSSH tunnel to the hub (forwards, state, restarts) and
 //!   `sendense-node tunnel authorized-key`.

@@ -13,7 +13,8 @@
 //!    port is opened on the node); the journal gets its PID;
 //! 3. [`crate::copy::copy_disk`] from the hub's export (routed through the tunnel when one
 //!    carries it) into it (allocated data only: the image is fresh), with checksums of what it
-//!    read from the backup;
+//!    read from the backup, and the whole-disk grid on `checksum_grid` when the hub asks for it
+//!    (reported in the completion; the hub compares it with the point's stored truth);
 //! 4. verification: every checksummed range is read back through the private qemu-nbd and
 //!    compared ([`sendense_shared::nbd::verify`], the routine the hub verifies backups with);
 //! 5. the private qemu-nbd is stopped (SIGTERM: it flushes); the journal goes last.
@@ -32,7 +33,8 @@ use crate::copy::DiskCounters;
 use crate::jobs::JobContext;
 use crate::jobs::state::RateSamples;
 use sendense_shared::api::{
-    JobStatus, NodeRestoreStart, NodeRestoreState, RestoreCompletion, RestoreProgress,
+    GridChecksums, JobStatus, NodeRestoreStart, NodeRestoreState, RestoreCompletion,
+    RestoreProgress,
 };
 use sendense_shared::errors::ErrorCode;
 use sendense_shared::nbd::NbdAddr;
@@ -81,6 +83,8 @@ struct Progress {
     error_code: Option<ErrorCode>,
     /// Bytes read, sampled about once a second, for the rate.
     samples: RateSamples,
+    /// The whole-disk grid of what the copy read (when the hub asked for one).
+    grid: Option<GridChecksums>,
 }
 
 /// One restore.
@@ -165,7 +169,7 @@ impl RestoreJob {
             verified_ranges: self.verified.load(Ordering::Relaxed),
             error_message: st.error.clone(),
             error_code: st.error_code,
-            grid: None,
+            grid: st.grid.clone(),
         }
     }
 
@@ -232,6 +236,7 @@ impl Restores {
                 error: None,
                 error_code: None,
                 samples: RateSamples::default(),
+                grid: None,
             }),
         });
         {

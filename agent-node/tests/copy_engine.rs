@@ -18,3 +18,9 @@ mod nbdkit;
 
 #[path = "copy_engine/areas.rs"]
 mod areas;
+
+#[path = "copy_engine/grid_reference.rs"]
+mod grid_reference;
+
+#[path = "copy_engine/grid.rs"]
+mod grid;

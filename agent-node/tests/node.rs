@@ -15,3 +15,6 @@ mod api;
 
 #[path = "node/restore.rs"]
 mod restore;
+
+#[path = "copy_engine/grid_reference.rs"]
+mod grid_reference;

@@ -1,24 +1,29 @@
-//! Checksums of a copy ([`sendense_shared::api::ChunkChecksums`]): the BLAKE3 of every range
-//! written, per cell of the `checksum_chunk_size` grid.
+//! Checksums of a copy: the BLAKE3 of every range written, per cell of the
+//! `checksum_chunk_size` grid ([`sendense_shared::api::ChunkChecksums`]), and when asked the
+//! whole-disk grid ([`sendense_shared::api::GridChecksums`], put together by
+//! [`super::grid::GridBuilder`]).
 //!
 //! Data is hashed as the source held it, on a thread of its own ([`start`]): a hash of a few MiB
-//! would hold up the reader and writer tasks. A data range is announced ([`Checksums::range`])
-//! before its first piece is sent ([`Checksums::piece`]); pieces come in any order and are put
-//! together front to back. Zero ranges use a cached hash of zeroes ([`Checksums::zero_ranges`]).
+//! would hold up the reader and writer tasks. The dispatcher announces the disk front to back:
+//! data ranges ([`Checksums::range`], [`Checksums::grid_read`]) before their first piece is sent
+//! ([`Checksums::piece`]), and for the grid also zeroes and unchanged areas
+//! ([`Checksums::grid_zero`], [`Checksums::grid_unchanged`]). Pieces come in any order and are
+//! put together front to back. Zero ranges of the written list use a cached hash of zeroes
+//! ([`Checksums::zero_ranges`]).
 
 use super::CopyError;
+use super::grid::GridBuilder;
 use super::plan;
 use bytes::Bytes;
-use sendense_shared::api::ChecksumRange;
+use sendense_shared::api::{ChecksumRange, GridChecksums};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
-/// To the hashing thread, in any order except that a range is announced before its pieces
-/// are sent.
+/// To the hashing thread, in any order except that spans are announced in offset order and a
+/// range before its pieces are sent.
 enum HashMsg {
-    /// A checksum range (inside one grid cell) that data pieces will fill.
-    Range { offset: u64, length: u64 },
+    Span(Span),
     /// Bytes the source held at `offset`.
     Piece {
         offset: u64,
@@ -27,31 +32,84 @@ enum HashMsg {
     },
 }
 
+/// A part of the disk, announced in offset order.
+#[derive(Debug, Clone, Copy)]
+enum Span {
+    /// Data pieces will fill it. `listed`: a written range (inside one chunk cell) whose
+    /// checksum is listed; otherwise read for the grid only.
+    Bytes {
+        offset: u64,
+        length: u64,
+        listed: bool,
+    },
+    /// Reads as zeroes (grid only).
+    Zero { offset: u64, length: u64 },
+    /// Unchanged since the parent (grid only).
+    Unchanged { offset: u64, length: u64 },
+}
+
 /// The request tasks' side: announce ranges, hand over data, hash zeroes. Dropping the last
 /// one lets the thread finish ([`HashThread::finish`]).
 pub(super) struct Checksums {
     tx: mpsc::UnboundedSender<HashMsg>,
     zero_hashes: Mutex<HashMap<u64, String>>,
+    grid: bool,
 }
 
-/// The hashing thread; it returns its ranges when every [`Checksums`] is gone.
-pub(super) struct HashThread(std::thread::JoinHandle<Result<Vec<ChecksumRange>, String>>);
+/// What the hashing thread hands over: the written ranges, and the grid when one was asked for.
+type Hashed = (Vec<ChecksumRange>, Option<GridChecksums>);
 
-/// Starts the hashing thread.
-pub(super) fn start() -> (Checksums, HashThread) {
+/// The hashing thread; it returns its ranges when every [`Checksums`] is gone.
+pub(super) struct HashThread(std::thread::JoinHandle<Result<Hashed, String>>);
+
+/// Starts the hashing thread; `grid`: `(cell size, disk size)` of the whole-disk grid to build.
+pub(super) fn start(grid: Option<(u64, u64)>) -> (Checksums, HashThread) {
     let (tx, rx) = mpsc::unbounded_channel::<HashMsg>();
-    let handle = std::thread::spawn(move || hash_all(rx));
+    let builder = grid.map(|(cell, size)| GridBuilder::new(cell, size));
+    let handle = std::thread::spawn(move || hash_all(rx, builder));
     let checksums = Checksums {
         tx,
         zero_hashes: Mutex::new(HashMap::new()),
+        grid: grid.is_some(),
     };
     (checksums, HashThread(handle))
 }
 
 impl Checksums {
-    /// Announces a data range that pieces will fill.
+    fn span(&self, span: Span) {
+        let _ = self.tx.send(HashMsg::Span(span));
+    }
+
+    /// Announces a written data range (inside one chunk cell) that pieces will fill.
     pub(super) fn range(&self, offset: u64, length: u64) {
-        let _ = self.tx.send(HashMsg::Range { offset, length });
+        self.span(Span::Bytes {
+            offset,
+            length,
+            listed: true,
+        });
+    }
+
+    /// Announces a range read for the grid only (not written, not listed).
+    pub(super) fn grid_read(&self, offset: u64, length: u64) {
+        self.span(Span::Bytes {
+            offset,
+            length,
+            listed: false,
+        });
+    }
+
+    /// For the grid: the source reads as zeroes there.
+    pub(super) fn grid_zero(&self, offset: u64, length: u64) {
+        if self.grid {
+            self.span(Span::Zero { offset, length });
+        }
+    }
+
+    /// For the grid: unchanged since the parent there.
+    pub(super) fn grid_unchanged(&self, offset: u64, length: u64) {
+        if self.grid {
+            self.span(Span::Unchanged { offset, length });
+        }
     }
 
     /// Hands over the bytes the source held at `offset`. The message holds the in-flight
@@ -102,8 +160,9 @@ impl Checksums {
 }
 
 impl HashThread {
-    /// Waits for the thread (every [`Checksums`] must be dropped first) and takes its ranges.
-    pub(super) async fn finish(self) -> Result<Vec<ChecksumRange>, CopyError> {
+    /// Waits for the thread (every [`Checksums`] must be dropped first) and takes its ranges
+    /// and grid.
+    pub(super) async fn finish(self) -> Result<Hashed, CopyError> {
         let handle = self.0;
         tokio::task::spawn_blocking(move || handle.join())
             .await
@@ -117,58 +176,114 @@ impl HashThread {
     }
 }
 
-/// The thread's loop. Each announced range is hashed front to back as its pieces come in;
-/// pieces ahead of the one being waited for are kept (they hold their in-flight permits, so
-/// this is bounded). Since requests are issued in offset order, the piece waited for is always
-/// already in flight. Returns the ranges when the channel closes, or what was left incomplete.
-fn hash_all(mut rx: mpsc::UnboundedReceiver<HashMsg>) -> Result<Vec<ChecksumRange>, String> {
+/// The data span being put together.
+struct Current {
+    start: u64,
+    end: u64,
+    /// Next offset to hash.
+    next: u64,
+    /// For a listed range.
+    hasher: Option<blake3::Hasher>,
+    /// The listed range is exactly the grid's next cell: one hash serves both.
+    whole_cell: bool,
+}
+
+/// The thread's loop. Each announced span is taken front to back; a data span as its pieces
+/// come in. Pieces ahead of the one being waited for are kept (they hold their in-flight
+/// permits, so this is bounded). Since requests are issued in offset order, the piece waited
+/// for is always already in flight. Returns the ranges and the grid when the channel closes,
+/// or what was left incomplete.
+fn hash_all(
+    mut rx: mpsc::UnboundedReceiver<HashMsg>,
+    mut grid: Option<GridBuilder>,
+) -> Result<Hashed, String> {
     let mut done = Vec::new();
-    let mut announced: VecDeque<(u64, u64)> = Default::default();
-    let mut waiting: BTreeMap<u64, HashMsg> = Default::default();
-    // (range offset, range end, next offset to hash, hasher)
-    let mut current: Option<(u64, u64, u64, blake3::Hasher)> = None;
+    let mut announced: VecDeque<Span> = Default::default();
+    let mut waiting: BTreeMap<u64, Bytes> = Default::default();
+    let mut current: Option<Current> = None;
     while let Some(msg) = rx.blocking_recv() {
         match msg {
-            HashMsg::Range { offset, length } => announced.push_back((offset, length)),
-            HashMsg::Piece { offset, .. } => {
-                waiting.insert(offset, msg);
+            HashMsg::Span(s) => announced.push_back(s),
+            HashMsg::Piece { offset, data, .. } => {
+                // The permit goes with the message: only the bytes wait here.
+                waiting.insert(offset, data);
             }
         }
         loop {
             if current.is_none() {
                 match announced.pop_front() {
-                    Some((o, l)) => current = Some((o, o + l, o, blake3::Hasher::new())),
+                    Some(Span::Zero { offset, length }) => {
+                        if let Some(g) = &mut grid {
+                            g.zero(offset, length)?;
+                        }
+                        continue;
+                    }
+                    Some(Span::Unchanged { offset, length }) => {
+                        if let Some(g) = &mut grid {
+                            g.unchanged(offset, length)?;
+                        }
+                        continue;
+                    }
+                    Some(Span::Bytes {
+                        offset,
+                        length,
+                        listed,
+                    }) => {
+                        let end = offset + length;
+                        current = Some(Current {
+                            start: offset,
+                            end,
+                            next: offset,
+                            hasher: listed.then(blake3::Hasher::new),
+                            whole_cell: listed
+                                && grid.as_ref().is_some_and(|g| g.is_next_cell(offset, end)),
+                        });
+                    }
                     None => break,
                 }
             }
-            let (start, end, next, hasher) = current.as_mut().expect("set above");
-            while *next < *end {
-                let Some(HashMsg::Piece { data, .. }) = waiting.remove(next) else {
+            let c = current.as_mut().expect("set above");
+            while c.next < c.end {
+                let Some(data) = waiting.remove(&c.next) else {
                     break;
                 };
-                hasher.update(&data);
-                *next += data.len() as u64;
+                if let Some(h) = &mut c.hasher {
+                    h.update(&data);
+                }
+                if let Some(g) = grid.as_mut().filter(|_| !c.whole_cell) {
+                    g.data(c.next, &data)?;
+                }
+                c.next += data.len() as u64;
             }
-            if *next < *end {
+            if c.next < c.end {
                 break;
             }
-            if *next > *end {
-                return Err(format!("pieces overran the checksum range at {start}"));
+            if c.next > c.end {
+                return Err(format!("pieces overran the checksum range at {}", c.start));
             }
-            done.push(ChecksumRange {
-                offset: *start,
-                length: *end - *start,
-                blake3: hasher.finalize().to_hex().to_string(),
-            });
+            if let Some(h) = c.hasher.take() {
+                let blake3 = h.finalize().to_hex().to_string();
+                if c.whole_cell
+                    && let Some(g) = &mut grid
+                {
+                    g.cell_hash(c.start, c.end, blake3.clone())?;
+                }
+                done.push(ChecksumRange {
+                    offset: c.start,
+                    length: c.end - c.start,
+                    blake3,
+                });
+            }
             current = None;
         }
     }
     match (current, announced.front(), waiting.keys().next()) {
-        (None, None, None) => Ok(done),
-        (Some((start, _, next, _)), _, _) => Err(format!(
-            "checksum range at {start} incomplete: no data at {next}"
+        (None, None, None) => Ok((done, grid.map(GridBuilder::finish).transpose()?)),
+        (Some(c), _, _) => Err(format!(
+            "checksum range at {} incomplete: no data at {}",
+            c.start, c.next
         )),
-        (None, Some((o, _)), _) => Err(format!("checksum range at {o} never started")),
+        (None, Some(s), _) => Err(format!("checksum span {s:?} never started")),
         (None, None, Some(o)) => Err(format!("data at {o} outside every checksum range")),
     }
 }
@@ -184,14 +299,15 @@ mod tests {
 
     #[tokio::test]
     async fn pieces_out_of_order_hash_as_their_range() {
-        let (c, thread) = start();
+        let (c, thread) = start(None);
         c.range(0, 8);
         c.range(8, 4);
         c.piece(4, Bytes::from_static(b"efgh"), permit());
         c.piece(8, Bytes::from_static(b"ijkl"), permit());
         c.piece(0, Bytes::from_static(b"abcd"), permit());
         drop(c);
-        let ranges = thread.finish().await.unwrap();
+        let (ranges, grid) = thread.finish().await.unwrap();
+        assert_eq!(grid, None);
         assert_eq!(
             ranges,
             [
@@ -211,7 +327,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_incomplete_range_is_an_error() {
-        let (c, thread) = start();
+        let (c, thread) = start(None);
         c.range(0, 8);
         c.piece(0, Bytes::from_static(b"abcd"), permit());
         drop(c);
@@ -224,7 +340,7 @@ mod tests {
 
     #[test]
     fn zero_ranges_follow_the_grid_and_hash_zeroes() {
-        let (c, _thread) = start();
+        let (c, _thread) = start(None);
         let r = c.zero_ranges(4096, 3 * 4096, 8192);
         let zeroes = |n: usize| blake3::hash(&vec![0u8; n]).to_hex().to_string();
         assert_eq!(

@@ -35,6 +35,9 @@ pub struct CopyArgs {
     /// Checksum grid (k, M, G suffixes).
     #[arg(long, value_parser = parse_size)]
     pub checksum_chunk: Option<u64>,
+    /// Also build the whole-disk checksum grid with cells of this size (k, M, G suffixes).
+    #[arg(long, value_parser = parse_size)]
+    pub grid_cell: Option<u64>,
     /// Print progress to stderr once a second.
     #[arg(long)]
     pub progress: bool,
@@ -73,6 +76,7 @@ pub async fn run_cli(args: CopyArgs) -> anyhow::Result<()> {
         opts.checksum_chunk_size = c;
     }
     opts.target_is_zero = args.destination_is_zero;
+    opts.grid_cell = args.grid_cell;
     let extents = match args.dirty_bitmap {
         Some(b) => ExtentSource::DirtyBitmap(b),
         None => ExtentSource::Allocation,
@@ -120,6 +124,16 @@ pub async fn run_cli(args: CopyArgs) -> anyhow::Result<()> {
         out.bytes_read as f64 / (1 << 20) as f64 / secs.max(1e-9),
         out.checksums.ranges.len()
     )?;
+    if let Some(g) = &out.grid {
+        writeln!(
+            stdout,
+            "grid of {} byte cells: {} hashed, {} zero, {} bytes read for it only",
+            g.cell_size,
+            g.cells.len(),
+            g.zero_cells.iter().map(|r| r.count).sum::<u64>(),
+            out.bytes_read_for_grid
+        )?;
+    }
     Ok(())
 }
 

@@ -1,9 +1,10 @@
 //! The request pipeline: each segment of the plan becomes requests (READ + WRITE / WRITE_ZEROES
-//! of at most `request_size`, never across a checksum cell), each a task, run concurrently
-//! under the in-flight bound and spread over the connections. Cancellation is checked before
-//! every request.
+//! of at most `request_size`, never across a checksum cell; for the whole-disk grid also READs
+//! that are only hashed), each a task, run concurrently under the in-flight bound and spread
+//! over the connections. Cancellation is checked before every request.
 
 use super::checksums::Checksums;
+use super::grid::SkipMeans;
 use super::plan::{self, Action, Segment};
 use super::{CopyError, DiskCounters};
 use bytes::Bytes;
@@ -58,6 +59,8 @@ pub(super) struct Ctx {
     /// Falls back to writing this buffer where the target has no WRITE_ZEROES.
     pub(super) zero_buf: Bytes,
     pub(super) checksums: Checksums,
+    /// What a Skip is to the whole-disk grid (when one is built).
+    pub(super) skip_means: SkipMeans,
     pub(super) throttle: Option<Throttle>,
 }
 
@@ -124,16 +127,34 @@ impl Pipeline {
         seg: Segment,
         cancel: &CancellationToken,
     ) -> Result<(), CopyError> {
+        let checksums = &self.ctx.checksums;
         let (max, cost_of): (u64, fn(u64) -> u64) = match seg.action {
             Action::Skip => {
                 self.ctx
                     .counters
                     .bytes_skipped
                     .fetch_add(seg.length, Ordering::Relaxed);
+                match self.ctx.skip_means {
+                    SkipMeans::Zeroes => checksums.grid_zero(seg.offset, seg.length),
+                    SkipMeans::Unchanged => checksums.grid_unchanged(seg.offset, seg.length),
+                }
                 return Ok(());
             }
             Action::Data => (self.request_size, |len| len),
-            Action::Zero => (MAX_ZERO_REQUEST, |len| len.min(ZERO_REQUEST_COST)),
+            Action::Zero => {
+                checksums.grid_zero(seg.offset, seg.length);
+                (MAX_ZERO_REQUEST, |len| len.min(ZERO_REQUEST_COST))
+            }
+            Action::Read => {
+                // Not written: the target holds these bytes already (progress counts them as
+                // skipped); read inside one grid cell, for its checksum only.
+                self.ctx
+                    .counters
+                    .bytes_skipped
+                    .fetch_add(seg.length, Ordering::Relaxed);
+                checksums.grid_read(seg.offset, seg.length);
+                (self.request_size, |len| len)
+            }
         };
         // Zero requests may span many checksum cells: cut them on the request limit only.
         let grid = if seg.action == Action::Data {
@@ -156,7 +177,7 @@ impl Pipeline {
             while let Some(r) = self.tasks.try_join_next() {
                 self.ranges.extend(joined(r)?);
             }
-            if seg.action == Action::Data
+            if matches!(seg.action, Action::Data | Action::Read)
                 && let Some(t) = &self.ctx.throttle
             {
                 tokio::select! {
@@ -189,11 +210,16 @@ impl Pipeline {
         self.tasks.spawn(async move {
             let r = match action {
                 Action::Data => copy_request(&ctx, conn, offset, length, &permit).await,
+                Action::Read => grid_read_request(&ctx, conn, offset, length, &permit).await,
                 _ => zero_request(&ctx, conn, offset, length).await,
             };
             drop(permit);
             r
         });
+    }
+
+    pub(super) fn skip_means(&self) -> SkipMeans {
+        self.ctx.skip_means
     }
 
     /// Waits for every request; the first error stops it.
@@ -267,6 +293,31 @@ async fn copy_request(
     // Hashed on the hashing thread while the writes are on the wire.
     ctx.checksums.piece(offset, data.clone(), permit.clone());
     futures_util::future::try_join_all(writes).await?;
+    Ok(Vec::new())
+}
+
+/// One READ for the whole-disk grid only (an unchanged part of a cell an incremental changed):
+/// hashed, not written.
+async fn grid_read_request(
+    ctx: &Ctx,
+    conn: usize,
+    offset: u64,
+    length: u64,
+    permit: &Arc<OwnedSemaphorePermit>,
+) -> Result<Vec<ChecksumRange>, CopyError> {
+    let src = &ctx.sources[conn % ctx.sources.len()];
+    let data = src
+        .read(offset, length as u32)
+        .await
+        .map_err(|cause| CopyError::Read {
+            offset,
+            length,
+            cause,
+        })?;
+    ctx.counters
+        .bytes_read_for_grid
+        .fetch_add(length, Ordering::Relaxed);
+    ctx.checksums.piece(offset, data, permit.clone());
     Ok(Vec::new())
 }
 

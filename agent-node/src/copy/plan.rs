@@ -13,6 +13,9 @@ pub enum Action {
     Zero,
     /// Nothing to do: a hole on a fresh (zero) target, or an unchanged area of an incremental.
     Skip,
+    /// Read for the whole-disk checksums only, not written: the unchanged part of a grid cell
+    /// an incremental changed elsewhere ([`super::grid::read_for_grid`]).
+    Read,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -19,6 +19,10 @@ pub struct DiskCounters {
     pub bytes_zeroed: AtomicU64,
     /// Not written: holes on a zero target, unchanged areas of an incremental.
     pub bytes_skipped: AtomicU64,
+    /// Read for the whole-disk checksum grid only, not written: the unchanged parts of grid
+    /// cells an incremental changed elsewhere (counted in `bytes_skipped` too, not in
+    /// `bytes_read`).
+    pub bytes_read_for_grid: AtomicU64,
 }
 
 /// A consistent-enough reading of [`DiskCounters`] at one instant.
@@ -29,6 +33,7 @@ pub struct CounterSnapshot {
     pub bytes_written: u64,
     pub bytes_zeroed: u64,
     pub bytes_skipped: u64,
+    pub bytes_read_for_grid: u64,
     pub taken_at: Instant,
 }
 
@@ -44,6 +49,7 @@ impl DiskCounters {
             bytes_written: self.bytes_written.load(Ordering::Relaxed),
             bytes_zeroed: self.bytes_zeroed.load(Ordering::Relaxed),
             bytes_skipped: self.bytes_skipped.load(Ordering::Relaxed),
+            bytes_read_for_grid: self.bytes_read_for_grid.load(Ordering::Relaxed),
             taken_at: Instant::now(),
         }
     }

@@ -73,6 +73,8 @@ pub struct BackupPlan {
     pub request: SnapshotRequest,
     /// (disk key, size) of every disk of the VM, in the driver's order.
     pub disks: Vec<(DiskKey, u64)>,
+    /// Cell size of the whole-disk checksum grid the hub asked for (none: no grid).
+    pub checksum_grid: Option<u64>,
 }
 
 /// Checks `req` against `vm` and routes every target through `route`. Targets come from
@@ -113,6 +115,7 @@ pub fn validate(
             .iter()
             .map(|d| (d.disk_key, d.size_bytes))
             .collect(),
+        checksum_grid: req.checksum_grid,
     })
 }
 

@@ -62,8 +62,12 @@ pub(super) fn settle(
                 d.status = DiskStatus::Completed;
                 tracing::info!(%backup_id, disk_key = %key,
                     written = outcome.bytes_written, zeroed = outcome.bytes_zeroed,
-                    skipped = outcome.bytes_skipped, elapsed = ?outcome.elapsed, "disk copied");
+                    skipped = outcome.bytes_skipped,
+                    read_for_grid = outcome.bytes_read_for_grid,
+                    grid_cells = outcome.grid.as_ref().map(|g| g.cells.len()),
+                    elapsed = ?outcome.elapsed, "disk copied");
                 d.checksums = Some(outcome.checksums);
+                d.grid = outcome.grid;
                 d.change_id = r.change_id;
             }
             Err(e) => {
@@ -150,6 +154,8 @@ mod tests {
                         blake3: "ab".into(),
                     }],
                 },
+                grid: None,
+                bytes_read_for_grid: 0,
                 elapsed: Duration::from_millis(1),
             }),
             change_id: Some(format!("c/{key}")),

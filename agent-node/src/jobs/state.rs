@@ -4,7 +4,7 @@
 use crate::copy::DiskCounters;
 use sendense_shared::api::{
     BackupType, ChunkChecksums, CompletionReport, CompletionStatus, DiskCompletion, DiskProgress,
-    DiskStatus, JobStatus, NodeBackupState, NodeDiskState, ProgressReport,
+    DiskStatus, GridChecksums, JobStatus, NodeBackupState, NodeDiskState, ProgressReport,
 };
 use sendense_shared::ids::{BackupId, DiskKey};
 use std::collections::VecDeque;
@@ -20,6 +20,8 @@ pub(super) struct DiskEntry {
     pub(super) error: Option<String>,
     /// From the copy outcome, for the hub's verification.
     pub(super) checksums: Option<ChunkChecksums>,
+    /// From the copy outcome: the whole-disk grid, when the hub asked for one.
+    pub(super) grid: Option<GridChecksums>,
     /// The snapshot's change id for this disk (vSphere CBT), reported once it is copied.
     pub(super) change_id: Option<String>,
     /// Bytes read, sampled about once a second, for the rate.
@@ -76,6 +78,7 @@ impl Job {
                         status: DiskStatus::Preparing,
                         error: None,
                         checksums: None,
+                        grid: None,
                         change_id: None,
                         samples: RateSamples::default(),
                     })
@@ -113,6 +116,7 @@ impl Job {
                         bytes_read: c.bytes_read,
                         bytes_written: c.bytes_written + c.bytes_zeroed,
                         bytes_skipped: c.bytes_skipped,
+                        bytes_read_for_grid: Some(c.bytes_read_for_grid),
                         rate_bps: d.samples.rate(),
                         error_message: d.error.clone(),
                     }
@@ -214,7 +218,7 @@ impl Job {
                     checksums: d.checksums.clone(),
                     bytes_transferred: Some(d.processed().1),
                     change_id: d.change_id.clone(),
-                    grid: None,
+                    grid: d.grid.clone(),
                 })
                 .collect(),
             consistency: None,

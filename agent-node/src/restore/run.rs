@@ -264,6 +264,7 @@ async fn copy_and_verify(
     }
     let mut opts = ctx.copy_options.clone();
     opts.target_is_zero = true;
+    opts.grid_cell = job.req.checksum_grid;
     let token = job.cancel.clone();
     let copy = copy_disk(
         &job.source,
@@ -302,6 +303,7 @@ async fn copy_and_verify(
             });
         }
     };
+    job.lock().grid = outcome.grid.clone();
     tracing::info!(restore_id = %job.id(), written = outcome.bytes_written,
         zeroed = outcome.bytes_zeroed, ranges = outcome.checksums.ranges.len(),
         elapsed = ?outcome.elapsed, "restore copied; reading back");

@@ -1,11 +1,17 @@
 //! Whole backups through the real `sendense-node` binary: a 2-disk QEMU VM, real qemu-nbd
 //! targets, guest writes while the copy is in flight, full then incremental, cancel, crash.
 
+use crate::grid_reference::{expand, overlay, reference_grid};
 use crate::support::*;
 use serde_json::{Value, json};
 use std::path::PathBuf;
 
 const SIZES: [u64; 2] = [64 * MIB, 128 * MIB];
+const GRID_CELL: u64 = sendense_shared::api::DEFAULT_GRID_CELL;
+
+fn grid_of(disk: &Value) -> sendense_shared::api::GridChecksums {
+    serde_json::from_value(disk["grid"].clone()).unwrap_or_else(|e| panic!("grid of {disk}: {e}"))
+}
 
 async fn two_disk_vm() -> TestVm {
     TestVm::temp(&SIZES, |imgs| {
@@ -83,7 +89,8 @@ async fn full_then_incremental_hold_the_snapshot_instant_on_every_disk() {
     let (code, body) = node
         .post(
             "/backup/start",
-            json!({"backup_id": "b-full", "vm_name": "vm1", "backup_type": "full", "nbd_targets": s}),
+            json!({"backup_id": "b-full", "vm_name": "vm1", "backup_type": "full", "nbd_targets": s,
+                   "checksum_grid": GRID_CELL}),
         )
         .await;
     assert_eq!(code, 202, "{body}");
@@ -129,9 +136,17 @@ async fn full_then_incremental_hold_the_snapshot_instant_on_every_disk() {
     let c = &complete[0];
     assert_eq!(c.auth.as_deref(), Some(&*format!("Bearer {TOKEN}")));
     assert_eq!(c.body["status"], "completed");
-    for d in c.body["disks"].as_array().unwrap() {
+    let mut full_grids = Vec::new();
+    for (i, d) in c.body["disks"].as_array().unwrap().iter().enumerate() {
         assert_eq!(d["status"], "completed", "{d}");
         assert!(!d["checksums"]["ranges"].as_array().unwrap().is_empty());
+        // The whole-disk grid is the snapshot's, cell by cell.
+        let grid: Vec<String> = expand(&grid_of(d))
+            .into_iter()
+            .map(|c| c.expect("a full lists every cell"))
+            .collect();
+        assert_eq!(grid, reference_grid(&before[i], GRID_CELL), "disk {i}");
+        full_grids.push(grid);
     }
     let progress = hub.calls_to("/backups/b-full/progress");
     let last = &progress.last().expect("progress reports").body;
@@ -155,7 +170,7 @@ async fn full_then_incremental_hold_the_snapshot_instant_on_every_disk() {
         .post(
             "/backup/start",
             json!({"backup_id": "b-inc", "vm_name": "vm1", "backup_type": "incremental",
-                   "previous_backup_id": "b-full", "nbd_targets": s}),
+                   "previous_backup_id": "b-full", "nbd_targets": s, "checksum_grid": GRID_CELL}),
         )
         .await;
     assert_eq!(code, 202, "{body}");
@@ -183,6 +198,24 @@ async fn full_then_incremental_hold_the_snapshot_instant_on_every_disk() {
     }
     let complete = hub.wait_for("/backups/b-inc/complete", 10).await;
     assert_eq!(complete[0].body["status"], "completed");
+    for (i, d) in complete[0].body["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        // Laid over the full's grid, the incremental's is the new snapshot's; the unchanged
+        // parts of cells changed in part (e.g. 30M..33M of disk 0) were read for it.
+        assert_eq!(
+            overlay(&full_grids[i], &grid_of(d)),
+            reference_grid(&at_instant[i], GRID_CELL),
+            "disk {i}"
+        );
+        assert!(
+            done["disks"][i]["bytes_read_for_grid"].as_u64() > Some(0),
+            "{done}"
+        );
+    }
     assert_eq!(
         complete[0].body["disks"][1]["bytes_transferred"],
         json!(changed[1])

@@ -212,6 +212,43 @@ async fn a_restore_equals_the_source_and_reports_progress_and_completion() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_reports_the_whole_disk_grid_of_what_it_read() {
+    use crate::grid_reference::{expand, reference_grid};
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(dir.path(), "127.0.0.1", free_port()).await;
+    let hub = HubRecorder::start().await;
+    let node = start_node(node_opts(dir.path(), None, Some(&hub.url)));
+    // 3 MiB cells: 64 MiB is no multiple (the last cell is 1 MiB), and the 16 MiB hole at 40M
+    // holds whole cells.
+    let cell = 3 * MIB;
+    for (id, grid) in [("r-grid", Some(cell)), ("r-plain", None)] {
+        let target = dir.path().join(format!("{id}.qcow2"));
+        let mut body = start_body(id, src.host(), src.port(), &target);
+        if let Some(cell) = grid {
+            body["checksum_grid"] = json!(cell);
+        }
+        let (code, body) = node.post("/restore/start", body).await;
+        assert_eq!(code, 202, "{body}");
+        let complete = hub.wait_for(&format!("/restores/{id}/complete"), 60).await;
+        let c = &complete[0].body;
+        assert_eq!(c["status"], "completed", "{c}");
+        let Some(cell) = grid else {
+            assert_eq!(c.get("grid"), None, "no grid unless the hub asks: {c}");
+            continue;
+        };
+        let g: sendense_shared::api::GridChecksums =
+            serde_json::from_value(c["grid"].clone()).unwrap();
+        assert_eq!((g.cell_size, g.disk_size), (cell, SIZE));
+        assert!(!g.zero_cells.is_empty(), "holes are zero runs: {c}");
+        let want: Vec<Option<String>> = reference_grid(&dir.path().join("point.qcow2"), cell)
+            .into_iter()
+            .map(Some)
+            .collect();
+        assert_eq!(expand(&g), want);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_restore_stops_its_qemu_nbd_and_deletes_the_image() {
     let dir = tempfile::tempdir().unwrap();
     let MidCopy {

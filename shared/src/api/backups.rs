@@ -215,6 +215,10 @@ pub struct NodeDiskState {
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub bytes_skipped: u64,
+    /// Bytes read only for the whole-disk checksum grid (not written): the unchanged parts of
+    /// grid cells an incremental changed elsewhere. Absent from an older node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_read_for_grid: Option<u64>,
     /// Bytes per second over the last few seconds.
     pub rate_bps: u64,
     pub error_message: Option<String>,
