@@ -100,7 +100,7 @@ if ! grep -q 'sendense.qga=off' /proc/cmdline; then
     done
     sleep 0.1
   done
-  qemu-ga -m virtio-serial -p $port -f /run/qga/pid -t /run/qga \
+  qemu-ga -m virtio-serial -p $port -t /run/qga \
     -F/etc/qemu/fsfreeze-hook -l /run/qga/log &
   # qemu-ga writes its pid file only when it daemonizes; a test stops it with
   # guest-exec "kill $(cat /run/qga/pid)".
