@@ -84,19 +84,33 @@ impl Qmp {
 struct GuestBoot<'a> {
     images: &'a crate::guest::GuestImages,
     serial: &'a Path,
-    qga: &'a Path,
     append: String,
+}
+
+/// The guest agent's virtio port `org.qemu.guest_agent.0` on a unix socket QEMU listens on.
+fn agent_channel(cmd: &mut Command, socket: &Path) {
+    cmd.args(["-device", "virtio-serial", "-chardev"])
+        .arg(format!(
+            "socket,path={},server=on,wait=off,id=qga0",
+            socket.display()
+        ))
+        .args([
+            "-device",
+            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        ]);
 }
 
 /// The command line of a test VM: `-S`, TCG, no guest OS, qcow2 `images` as virtio-blk
 /// devices `disk0`, `disk1`, ... (format nodes `fmtN` over file nodes `fileN`), and one QMP
 /// server per socket of `qmp` (one client each: the node's, the test's, an observer's). With
-/// `guest`: running, booting its kernel, serial console and guest agent port as it says.
+/// `guest`: running, booting its kernel, serial console as it says; with `qga` the guest
+/// agent's port on that socket.
 fn vm_command(
     name: &str,
     images: &[PathBuf],
     qmp: &[&Path],
     guest: Option<&GuestBoot<'_>>,
+    qga: Option<&Path>,
 ) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-machine", "q35,accel=tcg", "-nodefaults"]);
@@ -111,17 +125,11 @@ fn vm_command(
             .arg("-append")
             .arg(&g.append)
             .arg("-serial")
-            .arg(format!("file:{}", g.serial.display()))
-            .args(["-device", "virtio-serial", "-chardev"])
-            .arg(format!(
-                "socket,path={},server=on,wait=off,id=qga0",
-                g.qga.display()
-            ))
-            .args([
-                "-device",
-                "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
-            ]),
+            .arg(format!("file:{}", g.serial.display())),
     };
+    if let Some(socket) = qga {
+        agent_channel(&mut cmd, socket);
+    }
     for (i, img) in images.iter().enumerate() {
         cmd.arg("-blockdev").arg(format!(
             "driver=file,filename={},node-name=file{i}",
@@ -152,6 +160,9 @@ pub struct VmOptions {
     /// A third QMP socket ([`TestVm::observer_qmp`]) that nobody connects to, for a test that
     /// talks to QEMU through a client of its own choosing (e.g. the node's, to see its errors).
     pub observer_qmp: bool,
+    /// The guest agent's virtio port on a socket ([`TestVm::qga_socket`]) even without a guest
+    /// (then nothing answers on it); a VM with `guest` always has it.
+    pub agent_channel: bool,
     /// Boot the real guest ([`crate::guest`]): disk0 its root, disk1 its data disk.
     pub guest: Option<GuestOptions>,
 }
@@ -246,7 +257,8 @@ impl TestVm {
         let serial_log = guest
             .as_ref()
             .map(|_| dir.join(format!("{name}-serial.log")));
-        let qga_socket = guest.as_ref().map(|_| dir.join(format!("{name}-qga.sock")));
+        let qga_socket =
+            (guest.is_some() || opts.agent_channel).then(|| dir.join(format!("{name}-qga.sock")));
         let node_qmp = dir.join(format!("{name}-node.qmp"));
         let test_qmp = dir.join(format!("{name}-test.qmp"));
         let observer_qmp = opts
@@ -257,13 +269,18 @@ impl TestVm {
         let boot = guest.as_ref().map(|(g, o)| GuestBoot {
             images: g,
             serial: serial_log.as_deref().expect("serial log"),
-            qga: qga_socket.as_deref().expect("qga socket"),
             append: format!(
                 "console=ttyS0 root=/dev/vda rw quiet loglevel=1 panic=-1{}",
                 if o.agent_off { " sendense.qga=off" } else { "" }
             ),
         });
-        let mut cmd = vm_command(name, &images, &sockets, boot.as_ref());
+        let mut cmd = vm_command(
+            name,
+            &images,
+            &sockets,
+            boot.as_ref(),
+            qga_socket.as_deref(),
+        );
         let log = std::fs::File::create(dir.join(format!("{name}-qemu.log")))?;
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)

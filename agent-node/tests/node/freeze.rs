@@ -104,7 +104,10 @@ async fn without_an_answering_agent_the_snapshot_is_crash_consistent_or_refused_
     let snap = d.snapshot(&request("b1", false)).await.unwrap();
     let c = snap.consistency.clone().expect("consistency");
     assert_eq!(c.level, ConsistencyLevel::Crash);
-    assert_eq!(c.reason, "no guest agent channel configured");
+    assert_eq!(
+        c.reason,
+        "no guest agent channel configured or found through QMP"
+    );
     assert_eq!(c.freeze_ms, None);
     d.release(&snap, ReleaseOutcome::Success).await.unwrap();
 
@@ -197,4 +200,33 @@ async fn startup_recovery_thaws_a_guest_a_crashed_node_left_frozen() {
     // A second start-up finds nothing to thaw.
     let report = d.recover().await;
     assert!(report.guests_thawed.is_empty(), "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_channel_is_found_through_qmp() {
+    // The VM has the agent's virtio port on a socket, no guest OS behind it, and the driver
+    // is not told about it: it finds the socket through QMP and waits for an agent there.
+    let vm = TestVm::start_opts(
+        sendense_tests::qemu::VmOptions {
+            name: "vm1".into(),
+            sizes: vec![16 * MIB],
+            agent_channel: true,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .await
+    .expect("start QEMU");
+    let run_dir = vm.dir.join("run");
+    let d = driver(&vm, &run_dir, None);
+    let snap = d.snapshot(&request("b1", false)).await.unwrap();
+    let c = snap.consistency.clone().expect("consistency");
+    assert_eq!(c.level, ConsistencyLevel::Crash);
+    assert!(
+        c.reason
+            .starts_with("guest agent did not answer within 1 s"),
+        "{}",
+        c.reason
+    );
+    d.release(&snap, ReleaseOutcome::Success).await.unwrap();
 }

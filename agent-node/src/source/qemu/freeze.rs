@@ -16,10 +16,12 @@
 use super::{QemuDriver, QemuVm};
 use crate::fsutil;
 use crate::qga::{FreezeStatus, QgaClient, QgaError};
+use crate::source::SourceError;
 use sendense_shared::api::{Consistency, ConsistencyLevel};
 use sendense_shared::errors::chain;
 use sendense_shared::ids::BackupId;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -59,8 +61,10 @@ pub(super) enum FreezeAttempt {
 impl QemuDriver {
     /// Freezes `vm`'s guest file systems, if it has an agent channel and the agent answers.
     pub(super) async fn freeze(&self, vm: &QemuVm, backup_id: &BackupId) -> FreezeAttempt {
-        let Some(socket) = vm.agent.clone() else {
-            return FreezeAttempt::NotFrozen("no guest agent channel configured".to_string());
+        let Some(socket) = self.agent_socket(vm).await else {
+            return FreezeAttempt::NotFrozen(
+                "no guest agent channel configured or found through QMP".to_string(),
+            );
         };
         let timeout = self.agent_timeout;
         // A freeze a crashed run left in place: undone first (it would refuse ours anyway).
@@ -146,6 +150,77 @@ impl QemuDriver {
         let _ = std::fs::remove_file(&journal);
         Ok(true)
     }
+}
+
+impl QemuDriver {
+    /// The VM's agent channel: configured, or found through QMP (a `virtserialport` named
+    /// `org.qemu.guest_agent.0` whose chardev is a unix socket QEMU listens on).
+    async fn agent_socket(&self, vm: &QemuVm) -> Option<PathBuf> {
+        if let Some(s) = &vm.agent {
+            return Some(s.clone());
+        }
+        match self.discover_agent(vm).await {
+            Ok(found) => {
+                if let Some(s) = &found {
+                    tracing::info!(vm = %vm.name, socket = %s.display(),
+                        "guest agent channel found through QMP");
+                }
+                found
+            }
+            Err(e) => {
+                tracing::warn!(vm = %vm.name, error = %e, "looking for a guest agent channel");
+                None
+            }
+        }
+    }
+
+    async fn discover_agent(&self, vm: &QemuVm) -> Result<Option<PathBuf>, SourceError> {
+        let mut label = None;
+        'search: for parent in ["/machine/peripheral", "/machine/peripheral-anon"] {
+            let children = self.exec(vm, "qom-list", json!({ "path": parent })).await?;
+            for c in children.as_array().into_iter().flatten() {
+                if c["type"] != "child<virtserialport>" {
+                    continue;
+                }
+                let path = format!("{parent}/{}", c["name"].as_str().unwrap_or_default());
+                let get = |property: &str| json!({"path": path, "property": property});
+                let name = self.exec(vm, "qom-get", get("name")).await?;
+                if name == AGENT_PORT {
+                    label = self
+                        .exec(vm, "qom-get", get("chardev"))
+                        .await?
+                        .as_str()
+                        .map(str::to_string);
+                    break 'search;
+                }
+            }
+        }
+        let Some(label) = label else {
+            return Ok(None);
+        };
+        let chardevs = self.exec(vm, "query-chardev", json!({})).await?;
+        Ok(chardevs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["label"] == label.as_str())
+            .and_then(|c| c["filename"].as_str())
+            .and_then(listening_unix_socket))
+    }
+}
+
+/// The port name QEMU's guest agent listens on in the guest.
+const AGENT_PORT: &str = "org.qemu.guest_agent.0";
+
+/// The path of a chardev `filename` QEMU shows for a unix socket it listens on:
+/// `[disconnected:]unix:/path,server=on[<->...]`.
+fn listening_unix_socket(filename: &str) -> Option<PathBuf> {
+    let rest = filename.strip_prefix("disconnected:").unwrap_or(filename);
+    let rest = rest.strip_prefix("unix:")?;
+    let (path, opts) = rest.split_once(',')?;
+    opts.split([',', '<'])
+        .any(|o| o == "server=on" || o == "server")
+        .then(|| PathBuf::from(path))
 }
 
 /// Connects, thaws when the agent says frozen.
@@ -237,5 +312,26 @@ impl Drop for FrozenGuest {
             tracing::error!(vm = %vm, journal = %journal.display(),
                 "guest may still be frozen; the freeze journal stays for the next start-up");
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_unix_socket_qemu_listens_on_is_an_agent_channel() {
+        for (f, want) in [
+            (
+                "disconnected:unix:/run/vm1.qga,server=on",
+                Some("/run/vm1.qga"),
+            ),
+            ("unix:/run/vm1.qga,server=on<->unix:", Some("/run/vm1.qga")),
+            ("unix:/run/vm1.qga", None),
+            ("disconnected:unix:/run/vm1.qga,server=off", None),
+            ("pty:/dev/pts/3", None),
+        ] {
+            assert_eq!(listening_unix_socket(f), want.map(PathBuf::from), "{f}");
+        }
     }
 }
