@@ -22,6 +22,12 @@ have openssl || need+=(openssl)
 # The vSphere tests: a launcher of govmomi's simulator (tests/vcsim), built in GOPATH mode.
 have go || need+=(golang-go)
 [ -d /usr/share/gocode/src/github.com/vmware/govmomi/simulator ] || need+=(golang-github-vmware-govmomi-dev)
+# The real test guest (scripts/guest.sh): Debian's kernel and initramfs, busybox as its userland,
+# qemu-ga as its agent, and mkfs.ext4/debugfs/e2fsck to build and check its disks without mounting.
+ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
+[ -x /bin/busybox ] || need+=(busybox-static)
+[ -x /usr/sbin/qemu-ga ] || need+=(qemu-guest-agent)
+have mkfs.ext4 || [ -x /usr/sbin/mkfs.ext4 ] || need+=(e2fsprogs)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2

@@ -10,8 +10,15 @@
 //! run_dir = "/run/sendense-node"
 //! # URL the hub calls this node on (default: http://<listen address>).
 //! api_url = "http://127.0.0.1:8081"
+//! # Bound of each guest agent command (connect + sync, freeze, thaw), seconds.
+//! guest_agent_timeout_secs = 10
 //! [qmp]
 //! pgtest1 = "/run/qemu/pgtest1.qmp"
+//! # Optional, per QEMU VM: its guest agent channel, the unix socket of QEMU's
+//! # `-chardev socket,path=...,server=on` behind `virtserialport,name=org.qemu.guest_agent.0`.
+//! # A VM with one has its file systems frozen for the snapshot (application-consistent).
+//! [qga]
+//! pgtest1 = "/run/qemu/pgtest1.qga"
 //! # Optional: the SSH tunnel to the hub (see crate::tunnel::config for every key).
 //! [tunnel]
 //! target = "sendense@hub.example:443"
@@ -67,6 +74,18 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub qmp: Vec<String>,
+    /// A VM's guest agent channel, VM_NAME=SOCKET (the unix socket of its
+    /// `org.qemu.guest_agent.0` port; repeatable): its file systems are frozen for snapshots.
+    #[arg(
+        long = "qga",
+        value_name = "VM_NAME=SOCKET",
+        env = "SENDENSE_NODE_QGA",
+        value_delimiter = ','
+    )]
+    pub qga: Vec<String>,
+    /// Bound of each guest agent command (connect, freeze, thaw) in seconds [default: 10].
+    #[arg(long, value_name = "SECS", env = "SENDENSE_NODE_GUEST_AGENT_TIMEOUT")]
+    pub guest_agent_timeout: Option<u64>,
     #[command(flatten)]
     pub tunnel: crate::tunnel::TunnelArgs,
 }
@@ -83,6 +102,9 @@ pub struct ConfigFile {
     pub api_url: Option<String>,
     #[serde(default)]
     pub qmp: BTreeMap<String, PathBuf>,
+    #[serde(default)]
+    pub qga: BTreeMap<String, PathBuf>,
+    pub guest_agent_timeout_secs: Option<u64>,
     pub tunnel: Option<crate::tunnel::TunnelFile>,
     pub vsphere: Option<VsphereFile>,
 }
@@ -102,6 +124,12 @@ pub enum ConfigError {
     QmpShape { value: String },
     #[error("--qmp: VM {vm:?} is given twice")]
     QmpDuplicate { vm: String },
+    #[error("--qga {value:?}: expected VM_NAME=SOCKET")]
+    QgaShape { value: String },
+    #[error("--qga / [qga]: VM {vm:?} has no QMP socket ([qmp] or --qmp)")]
+    QgaUnknownVm { vm: String },
+    #[error("--guest-agent-timeout: must be at least 1 second")]
+    AgentTimeout,
     #[error("VM name {vm:?}: {source}")]
     VmName {
         vm: String,
@@ -140,6 +168,10 @@ pub struct NodeConfig {
     pub api_url: Option<String>,
     /// VM name → QMP socket.
     pub vms: BTreeMap<String, PathBuf>,
+    /// VM name → guest agent socket (a subset of `vms`' names).
+    pub guest_agents: BTreeMap<String, PathBuf>,
+    /// Bound of each guest agent command.
+    pub guest_agent_timeout: std::time::Duration,
     /// The SSH tunnel to the hub, when configured. With it, `hub_url` and `api_url` default to
     /// the forwards (the hub's API on the bind address, this node at the hub's reverse port).
     pub tunnel: Option<crate::tunnel::TunnelConfig>,
@@ -180,6 +212,24 @@ impl NodeConfig {
                 source,
             })?;
         }
+        let mut guest_agents = file.qga.clone();
+        for value in &args.qga {
+            let (vm, sock) = value
+                .split_once('=')
+                .filter(|(v, s)| !v.is_empty() && !s.is_empty())
+                .ok_or_else(|| ConfigError::QgaShape {
+                    value: value.clone(),
+                })?;
+            guest_agents.insert(vm.to_string(), PathBuf::from(sock));
+        }
+        if let Some(vm) = guest_agents.keys().find(|vm| !vms.contains_key(*vm)) {
+            return Err(ConfigError::QgaUnknownVm { vm: vm.clone() });
+        }
+        let guest_agent_timeout = match args.guest_agent_timeout.or(file.guest_agent_timeout_secs) {
+            Some(0) => return Err(ConfigError::AgentTimeout),
+            Some(s) => std::time::Duration::from_secs(s),
+            None => crate::source::qemu::DEFAULT_AGENT_TIMEOUT,
+        };
         let name = args.name.clone().or(file.name).unwrap_or_else(default_name);
         validate_name("node name", &name).map_err(|source| ConfigError::NodeName {
             name: name.clone(),
@@ -245,6 +295,8 @@ impl NodeConfig {
             run_dir,
             api_url,
             vms,
+            guest_agents,
+            guest_agent_timeout,
             tunnel,
             vsphere,
         })
@@ -326,6 +378,55 @@ mod tests {
         assert_eq!(c.token.as_str(), "secret");
         assert_eq!(c.vms["vm1"], PathBuf::from("/a"));
         assert_eq!(c.vms["vm2"], PathBuf::from("/c"));
+    }
+
+    #[test]
+    fn guest_agent_channels_per_vm_and_their_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("node.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "token_file = \"{}\"\nguest_agent_timeout_secs = 4\n[qmp]\nvm1 = \"/a\"\nvm2 = \"/b\"\n[qga]\nvm1 = \"/a.qga\"\n",
+                token_file(dir.path()).display()
+            ),
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(cfg.clone()),
+            qga: vec!["vm2=/b.qga".into()],
+            ..Default::default()
+        };
+        let c = NodeConfig::load(&args).unwrap();
+        assert_eq!(c.guest_agents["vm1"], PathBuf::from("/a.qga"));
+        assert_eq!(c.guest_agents["vm2"], PathBuf::from("/b.qga"));
+        assert_eq!(c.guest_agent_timeout, std::time::Duration::from_secs(4));
+        let without = NodeConfig::load(&ServeArgs {
+            token_file: Some(token_file(dir.path())),
+            qmp: vec!["vm1=/a".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(without.guest_agents.is_empty());
+        assert_eq!(
+            without.guest_agent_timeout,
+            std::time::Duration::from_secs(10)
+        );
+        for (qga, timeout, want) in [
+            ("vm3=/c.qga", None, "VM \"vm3\" has no QMP socket"),
+            ("novalue", None, "VM_NAME=SOCKET"),
+            ("vm1=/a.qga", Some(0), "--guest-agent-timeout"),
+        ] {
+            let e = NodeConfig::load(&ServeArgs {
+                config: Some(cfg.clone()),
+                qga: vec![qga.into()],
+                guest_agent_timeout: timeout,
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(want), "{qga}: {e}");
+        }
     }
 
     #[test]

@@ -101,11 +101,10 @@ pub async fn run(
 async fn source_driver(config: &NodeConfig) -> anyhow::Result<Arc<dyn SourceDriver>> {
     let qemu = || -> Arc<dyn SourceDriver> {
         let log = Arc::new(QmpLog::new(Some(config.run_dir.join("qmp.log"))));
-        Arc::new(QemuDriver::new(
-            config.vms.clone(),
-            config.run_dir.clone(),
-            log,
-        ))
+        Arc::new(
+            QemuDriver::new(config.vms.clone(), config.run_dir.clone(), log)
+                .with_guest_agents(config.guest_agents.clone(), config.guest_agent_timeout),
+        )
     };
     let Some(vs) = &config.vsphere else {
         return Ok(qemu());

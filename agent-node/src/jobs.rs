@@ -24,7 +24,9 @@ use crate::hub_client::deliver_end;
 use crate::source::{ReleaseOutcome, Snapshot, SnapshotRequest, SourceDriver, SourceError};
 use plan::key_list;
 pub use plan::{BackupPlan, StartError};
-use sendense_shared::api::{BackupType, DiskStatus, JobStatus, NodeBackupStart};
+use sendense_shared::api::{
+    BackupType, Consistency, ConsistencyLevel, DiskStatus, JobStatus, NodeBackupStart,
+};
 use sendense_shared::client::HubClient;
 use sendense_shared::ids::{BackupId, DiskKey};
 use sendense_shared::nbd::NbdAddr;
@@ -281,6 +283,13 @@ impl Jobs {
                 tracing::warn!(backup_id = %job.backup_id, error = %e, "snapshot failed");
                 let mut st = job.lock();
                 st.error = Some(format!("snapshot: {e}"));
+                if let SourceError::ConsistencyRequired { cause, .. } = &e {
+                    st.consistency = Some(Consistency {
+                        level: ConsistencyLevel::Crash,
+                        reason: cause.clone(),
+                        freeze_ms: None,
+                    });
+                }
                 for d in &mut st.disks {
                     d.status = DiskStatus::Failed;
                     d.error = Some(format!("snapshot: {e}"));
@@ -292,6 +301,7 @@ impl Jobs {
                 }
             }
             Ok(snapshot) => {
+                job.lock().consistency = snapshot.consistency.clone();
                 let status = self
                     .copy_all(&job, &snapshot, &targets, checksum_grid)
                     .await;

@@ -3,6 +3,8 @@
 //!
 //! - [`config`]: command line, config file and environment, merged into one [`config::NodeConfig`].
 //! - [`qmp`]: QMP client (unix socket, command ids, interleaved events, command log).
+//! - [`qga`]: QEMU guest agent client (sync with a random id, fsfreeze freeze/thaw/status,
+//!   each bounded), what [`source::qemu`] freezes the guest with for a snapshot.
 //! - [`source`]: the source-driver trait (VMs, disks, snapshot, export, release, recovery);
 //!   [`source::qemu`] implements it for QEMU/KVM with image fleecing, [`source::vsphere`] for
 //!   vCenter/ESXi (one VM snapshot, CBT areas, disks exported by [`source::nbdkit`]), and
@@ -34,6 +36,7 @@ pub mod daemon;
 pub mod fsutil;
 pub mod hub_client;
 pub mod jobs;
+pub mod qga;
 pub mod qmp;
 pub mod restore;
 pub mod source;

@@ -18,7 +18,7 @@ pub mod nbdkit;
 pub mod qemu;
 pub mod vsphere;
 
-use sendense_shared::api::BackupType;
+use sendense_shared::api::{BackupType, Consistency};
 use sendense_shared::ids::{BackupId, DiskKey};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -72,6 +72,9 @@ pub struct SnapshotRequest {
     /// previous backup (from the hub). A disk without one, or whose tracking was reset since,
     /// is refused with [`SourceError::IncrementalBase`].
     pub previous_change_ids: BTreeMap<DiskKey, String>,
+    /// Refuse ([`SourceError::ConsistencyRequired`]) rather than take a crash-consistent
+    /// snapshot when the guest's file systems cannot be frozen.
+    pub require_application_consistency: bool,
 }
 
 /// Where one disk of a snapshot can be read.
@@ -113,6 +116,9 @@ pub struct Snapshot {
     pub vm_name: String,
     pub backup_type: BackupType,
     pub disks: Vec<SnapshotDisk>,
+    /// Whether the guest's file systems were frozen for the snapshot, and why not; `None`: the
+    /// driver does not know (vSphere).
+    pub consistency: Option<Consistency>,
 }
 
 /// How the job that used a snapshot ended; decides what happens to change tracking.
@@ -132,6 +138,8 @@ pub struct RecoveryReport {
     pub jobs_cancelled: Vec<String>,
     pub nodes_removed: Vec<String>,
     pub files_removed: Vec<PathBuf>,
+    /// VMs whose guest a crashed run left frozen, thawed.
+    pub guests_thawed: Vec<String>,
     /// Backups whose change tracking was rolled back to their base.
     pub bitmaps_rolled_back: Vec<String>,
     /// Hypervisor snapshots removed (vSphere: `"VM vm1: snapshot sendense-<id> (snapshot-43)"`).
@@ -167,6 +175,11 @@ pub enum SourceError {
         disk_key: DiskKey,
         detail: String,
     },
+    /// Application consistency was required and the guest could not be frozen.
+    #[error(
+        "VM {vm}: application consistency required (consistency_required), guest not frozen: {cause}"
+    )]
+    ConsistencyRequired { vm: String, cause: String },
     #[error("VM {vm}: a snapshot of backup {backup_id} is still held")]
     SnapshotHeld { vm: String, backup_id: BackupId },
     #[error("{what} {path}")]

@@ -7,6 +7,9 @@ mod support;
 #[path = "node/snapshot.rs"]
 mod snapshot;
 
+#[path = "node/freeze.rs"]
+mod freeze;
+
 #[path = "node/backup.rs"]
 mod backup;
 

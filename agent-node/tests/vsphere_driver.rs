@@ -73,6 +73,7 @@ fn request(
         backup_type: ty,
         previous_backup_id: None,
         previous_change_ids: ids,
+        require_application_consistency: false,
     }
 }
 

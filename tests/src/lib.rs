@@ -7,6 +7,8 @@
 //! - [`hub`]: [`hub::HubProcess`], a running `sendense-hub`, and [`hub::Api`], its HTTP client.
 //! - [`disks`]: source images with known data (`qemu-img`, `qemu-io`), `nbdcopy` into an
 //!   export, `qemu-img compare`.
+//! - [`guest`]: the real Linux guest (`scripts/guest.sh`, cached under `target/guest/`) a
+//!   [`qemu::TestVm`] boots with [`qemu::VmOptions::guest`], and its writer's records.
 //! - [`net`]: free port ranges on 127.0.0.1.
 //! - [`mariadb`]: [`mariadb::PrivateMariaDb`], a MariaDB server of one test's own (its own data
 //!   directory and port), stopped and started again by PID to take the database away mid-job.
@@ -25,6 +27,7 @@
 //!   2-disk VM whose snapshots freeze data and whose CBT answers `QueryChangedDiskAreas`.
 
 pub mod disks;
+pub mod guest;
 pub mod hub;
 pub mod mariadb;
 pub mod nbd;

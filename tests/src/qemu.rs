@@ -4,6 +4,11 @@
 //! for what the node left behind), and on request a third one for an observer of the test's
 //! choosing. Killed by PID in `Drop`. The one VM of the node, hub and end-to-end tests.
 //!
+//! With [`VmOptions::guest`] the VM instead boots the real Linux guest of [`crate::guest`]
+//! (running, 512 MiB): disk0 is its root, disk1 its data disk, the serial console goes to a
+//! file ([`TestVm::wait_serial`]) and the guest agent's virtio port to a unix socket
+//! ([`TestVm::qga_socket`]).
+//!
 //! The test's QMP client is deliberately its own small one (not the node's): the test must see
 //! QEMU as it is, not as the node's code believes it is.
 
@@ -75,23 +80,56 @@ impl Qmp {
     }
 }
 
+/// What a VM booting the real guest gets on top of its disks.
+struct GuestBoot<'a> {
+    images: &'a crate::guest::GuestImages,
+    serial: &'a Path,
+    append: String,
+}
+
+/// The guest agent's virtio port `org.qemu.guest_agent.0` on a unix socket QEMU listens on.
+fn agent_channel(cmd: &mut Command, socket: &Path) {
+    cmd.args(["-device", "virtio-serial", "-chardev"])
+        .arg(format!(
+            "socket,path={},server=on,wait=off,id=qga0",
+            socket.display()
+        ))
+        .args([
+            "-device",
+            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        ]);
+}
+
 /// The command line of a test VM: `-S`, TCG, no guest OS, qcow2 `images` as virtio-blk
 /// devices `disk0`, `disk1`, ... (format nodes `fmtN` over file nodes `fileN`), and one QMP
-/// server per socket of `qmp` (one client each: the node's, the test's, an observer's).
-fn vm_command(name: &str, images: &[PathBuf], qmp: &[&Path]) -> Command {
+/// server per socket of `qmp` (one client each: the node's, the test's, an observer's). With
+/// `guest`: running, booting its kernel, serial console as it says; with `qga` the guest
+/// agent's port on that socket.
+fn vm_command(
+    name: &str,
+    images: &[PathBuf],
+    qmp: &[&Path],
+    guest: Option<&GuestBoot<'_>>,
+    qga: Option<&Path>,
+) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-machine",
-        "q35,accel=tcg",
-        "-S",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-m",
-        "64",
-        "-name",
-        name,
-    ]);
+    cmd.args(["-machine", "q35,accel=tcg", "-nodefaults"]);
+    cmd.args(["-display", "none", "-name", name]);
+    match guest {
+        None => cmd.args(["-S", "-m", "64"]),
+        Some(g) => cmd
+            .args(["-m", "512", "-kernel"])
+            .arg(&g.images.kernel)
+            .arg("-initrd")
+            .arg(&g.images.initrd)
+            .arg("-append")
+            .arg(&g.append)
+            .arg("-serial")
+            .arg(format!("file:{}", g.serial.display())),
+    };
+    if let Some(socket) = qga {
+        agent_channel(&mut cmd, socket);
+    }
     for (i, img) in images.iter().enumerate() {
         cmd.arg("-blockdev").arg(format!(
             "driver=file,filename={},node-name=file{i}",
@@ -117,11 +155,23 @@ pub struct VmOptions {
     /// Where the images, sockets and the QEMU log live; `None`: a temporary directory of the
     /// VM's own, deleted with it.
     pub dir: Option<PathBuf>,
-    /// One qcow2 per size (bytes), attached as `disk0`, `disk1`, ...
+    /// One qcow2 per size (bytes), attached as `disk0`, `disk1`, ... (ignored with `guest`).
     pub sizes: Vec<u64>,
     /// A third QMP socket ([`TestVm::observer_qmp`]) that nobody connects to, for a test that
     /// talks to QEMU through a client of its own choosing (e.g. the node's, to see its errors).
     pub observer_qmp: bool,
+    /// The guest agent's virtio port on a socket ([`TestVm::qga_socket`]) even without a guest
+    /// (then nothing answers on it); a VM with `guest` always has it.
+    pub agent_channel: bool,
+    /// Boot the real guest ([`crate::guest`]): disk0 its root, disk1 its data disk.
+    pub guest: Option<GuestOptions>,
+}
+
+/// How the real guest boots.
+#[derive(Debug, Clone, Default)]
+pub struct GuestOptions {
+    /// Boot with `sendense.qga=off`: the guest starts no agent.
+    pub agent_off: bool,
 }
 
 /// A running QEMU VM.
@@ -135,6 +185,9 @@ pub struct TestVm {
     pub test_qmp: PathBuf,
     /// With [`VmOptions::observer_qmp`]: a free QMP socket.
     pub observer_qmp: Option<PathBuf>,
+    /// With [`VmOptions::guest`]: the serial console's file and the guest agent's socket.
+    pub serial_log: Option<PathBuf>,
+    pub qga_socket: Option<PathBuf>,
     child: Option<Child>,
     qmp: Option<Qmp>,
     pub command_line: String,
@@ -155,7 +208,7 @@ impl TestVm {
             name: name.to_string(),
             dir: Some(dir.to_path_buf()),
             sizes: sizes.to_vec(),
-            observer_qmp: false,
+            ..VmOptions::default()
         };
         TestVm::start_opts(opts, prepare).await
     }
@@ -185,13 +238,27 @@ impl TestVm {
             }
         };
         std::fs::create_dir_all(&dir)?;
+        let guest = match &opts.guest {
+            Some(g) => Some((crate::guest::GuestImages::get()?, g.clone())),
+            None => None,
+        };
         let mut images = Vec::new();
-        for (i, size) in opts.sizes.iter().enumerate() {
-            let img = dir.join(format!("{name}-disk{i}.qcow2"));
-            crate::disks::create_qcow2(&img, *size);
-            images.push(img);
+        match &guest {
+            Some((g, _)) => images = g.vm_disks(&dir, name)?,
+            None => {
+                for (i, size) in opts.sizes.iter().enumerate() {
+                    let img = dir.join(format!("{name}-disk{i}.qcow2"));
+                    crate::disks::create_qcow2(&img, *size);
+                    images.push(img);
+                }
+            }
         }
         prepare(&images);
+        let serial_log = guest
+            .as_ref()
+            .map(|_| dir.join(format!("{name}-serial.log")));
+        let qga_socket =
+            (guest.is_some() || opts.agent_channel).then(|| dir.join(format!("{name}-qga.sock")));
         let node_qmp = dir.join(format!("{name}-node.qmp"));
         let test_qmp = dir.join(format!("{name}-test.qmp"));
         let observer_qmp = opts
@@ -199,7 +266,21 @@ impl TestVm {
             .then(|| dir.join(format!("{name}-observer.qmp")));
         let mut sockets = vec![node_qmp.as_path(), test_qmp.as_path()];
         sockets.extend(observer_qmp.as_deref());
-        let mut cmd = vm_command(name, &images, &sockets);
+        let boot = guest.as_ref().map(|(g, o)| GuestBoot {
+            images: g,
+            serial: serial_log.as_deref().expect("serial log"),
+            append: format!(
+                "console=ttyS0 root=/dev/vda rw quiet loglevel=1 panic=-1{}",
+                if o.agent_off { " sendense.qga=off" } else { "" }
+            ),
+        });
+        let mut cmd = vm_command(
+            name,
+            &images,
+            &sockets,
+            boot.as_ref(),
+            qga_socket.as_deref(),
+        );
         let log = std::fs::File::create(dir.join(format!("{name}-qemu.log")))?;
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -214,6 +295,8 @@ impl TestVm {
             node_qmp,
             test_qmp,
             observer_qmp,
+            serial_log,
+            qga_socket,
             child: Some(child),
             qmp: None,
             command_line,
@@ -242,6 +325,39 @@ impl TestVm {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// The serial console's text so far (a guest VM; empty before the guest printed).
+    pub fn serial(&self) -> String {
+        self.serial_log
+            .as_ref()
+            .and_then(|p| std::fs::read(p).ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Waits until the serial console shows the line `line` (a guest VM), at most `within`;
+    /// the error quotes the console's end.
+    pub async fn wait_serial(&self, line: &str, within: Duration) -> anyhow::Result<()> {
+        let t = Instant::now();
+        loop {
+            let text = self.serial();
+            if text.lines().any(|l| l.trim() == line) {
+                return Ok(());
+            }
+            if !crate::pid_alive(self.pid()) {
+                bail!("qemu exited before the guest printed {line:?}");
+            }
+            if t.elapsed() > within {
+                let tail: Vec<&str> = text.lines().rev().take(10).collect();
+                bail!(
+                    "the guest did not print {line:?} within {} s; its console ends: {:?}",
+                    within.as_secs(),
+                    tail.into_iter().rev().collect::<Vec<_>>()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     pub fn qmp(&self) -> &Qmp {

@@ -10,6 +10,8 @@
 //! - [`e2e::backup`]: full and incremental backups with guest writes in flight, inventory.
 //! - [`e2e::faults`]: a process killed by PID mid-copy, a repository filling up, a tampered target.
 //! - [`e2e::cancel`]: cancel in each phase of a job.
+//! - [`e2e::guest`]: a real Linux guest (writer running) frozen through its agent for the
+//!   snapshot, its restored data disk checked; crash-consistent with the agent stopped.
 //! - [`e2e::concurrency`]: several VMs at once and the port ceiling.
 //! - [`e2e::console_live`]: the real console in tmux, driven by keys (also needs
 //!   `cargo build --bin sendense-console`).
@@ -24,6 +26,7 @@ mod e2e {
     pub mod concurrency;
     pub mod console_live;
     pub mod faults;
+    pub mod guest;
     pub mod restore;
     pub mod sys;
     pub mod tunnel;

@@ -1,12 +1,12 @@
 //! The writer's reports of a backup job: progress (bytes and per-disk status) and completion
-//! (checksums, change ids), each validated before anything is recorded; a report the database
+//! (checksums, change ids, the snapshot's consistency), each validated before anything is recorded; a report the database
 //! did not take becomes an event naming the database's cause.
 
 use super::{JobError, JobManager, Level, finish};
 use crate::db::DbError;
 use sendense_shared::api::{
-    Backup, CompletionReport, CompletionStatus, DiskResult, DiskStatus, HubEvent, JobStatus,
-    ProgressReport,
+    Backup, CompletionReport, CompletionStatus, Consistency, ConsistencyLevel, DiskResult,
+    DiskStatus, HubEvent, JobStatus, ProgressReport,
 };
 use sendense_shared::ids::{BackupId, DiskKey};
 
@@ -82,6 +82,32 @@ impl JobManager {
         )
         .await;
         Err(JobError::Db(e))
+    }
+
+    /// How consistent the snapshot was (the guest frozen or not, and why): kept with the point
+    /// and told in its events with the freeze window. Recorded once: a retried report whose
+    /// consistency is already stored adds no second event.
+    async fn record_consistency(&self, id: &BackupId, c: &Consistency) -> Result<(), JobError> {
+        if self.get(id).await?.consistency.as_ref() == Some(c) {
+            return Ok(());
+        }
+        self.deps().db.set_consistency(id, c).await?;
+        let (level, window) = match (c.level, c.freeze_ms) {
+            (ConsistencyLevel::Application, Some(ms)) => {
+                (Level::Info, format!("; guest frozen for {ms} ms"))
+            }
+            (ConsistencyLevel::Application, None) => (Level::Info, String::new()),
+            (ConsistencyLevel::Crash, _) => (Level::Warn, String::new()),
+        };
+        self.event(
+            id,
+            level,
+            "consistency",
+            format!("{}-consistent: {}{window}", c.level.as_str(), c.reason),
+            None,
+        )
+        .await;
+        Ok(())
     }
 
     /// A writer's progress: bytes and per-disk status.
@@ -256,6 +282,9 @@ impl JobManager {
             });
         };
         job.touch();
+        if let Some(c) = &report.consistency {
+            self.record_consistency(id, c).await?;
+        }
         match report.status {
             CompletionStatus::Failed => {
                 let cause = report

@@ -132,6 +132,7 @@ pub fn snapshot_request(req: &NodeBackupStart) -> SnapshotRequest {
             .iter()
             .map(|c| (c.disk_key, c.change_id.clone()))
             .collect(),
+        require_application_consistency: req.require_application_consistency,
     }
 }
 

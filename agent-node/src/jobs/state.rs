@@ -3,8 +3,9 @@
 
 use crate::copy::DiskCounters;
 use sendense_shared::api::{
-    BackupType, ChunkChecksums, CompletionReport, CompletionStatus, DiskCompletion, DiskProgress,
-    DiskStatus, GridChecksums, JobStatus, NodeBackupState, NodeDiskState, ProgressReport,
+    BackupType, ChunkChecksums, CompletionReport, CompletionStatus, Consistency, DiskCompletion,
+    DiskProgress, DiskStatus, GridChecksums, JobStatus, NodeBackupState, NodeDiskState,
+    ProgressReport,
 };
 use sendense_shared::ids::{BackupId, DiskKey};
 use std::collections::VecDeque;
@@ -41,6 +42,8 @@ pub(super) struct JobState {
     pub(super) status: JobStatus,
     pub(super) error: Option<String>,
     pub(super) disks: Vec<DiskEntry>,
+    /// The snapshot's consistency (guest frozen or not, and why), once known.
+    pub(super) consistency: Option<Consistency>,
 }
 
 /// One backup job.
@@ -69,6 +72,7 @@ impl Job {
             state: Mutex::new(JobState {
                 status: JobStatus::Preparing,
                 error: None,
+                consistency: None,
                 disks: disks
                     .iter()
                     .map(|&(disk_key, size)| DiskEntry {
@@ -221,7 +225,7 @@ impl Job {
                     grid: d.grid.clone(),
                 })
                 .collect(),
-            consistency: None,
+            consistency: st.consistency.clone(),
         }
     }
 }

@@ -337,6 +337,7 @@ mod tests {
                         areas: None,
                         change_id: None,
                     }],
+                    consistency: None,
                 })
             })
         }
@@ -371,6 +372,7 @@ mod tests {
             backup_type: BackupType::Full,
             previous_backup_id: None,
             previous_change_ids: Default::default(),
+            require_application_consistency: false,
         }
     }
 

@@ -45,15 +45,22 @@
 //! Persistent bitmaps need qcow2 images; disks in other formats get non-persistent bitmaps
 //! (they survive a node restart, not a QEMU restart, which then reads as "bitmap missing").
 //!
+//! # Guest consistency
+//!
+//! A VM with a guest agent channel ([`QemuDriver::with_guest_agents`]) has its file systems
+//! frozen right before the transaction and thawed right after (`freeze`); the point records
+//! `application` or `crash` consistency and why ([`Snapshot::consistency`]).
+//!
 //! # Submodules
 //!
 //! `tags` (names), `disks` (the VM's block devices and their bitmaps), `bitmaps` (the
 //! incremental's base check and the rotation on release), `journal` (the crash journal),
-//! `release` (undoing a snapshot step by step), `recovery` (start-up cleanup from the names and
-//! the journal).
+//! `freeze` (the guest freeze and its journal), `release` (undoing a snapshot step by step),
+//! `recovery` (start-up cleanup from the names and the journals).
 
 mod bitmaps;
 mod disks;
+mod freeze;
 mod journal;
 mod recovery;
 mod release;
@@ -69,9 +76,10 @@ use super::{
 use crate::qmp::{QmpClient, QmpLog};
 use bitmaps::incremental_base;
 use disks::QemuDisk;
+use freeze::FreezeAttempt;
 use journal::{SnapshotState, StateDisk};
 use release::ids_of;
-use sendense_shared::api::BackupType;
+use sendense_shared::api::{BackupType, Consistency, ConsistencyLevel};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -81,6 +89,8 @@ use std::sync::{Arc, Mutex};
 struct QemuVm {
     name: String,
     socket: PathBuf,
+    /// The guest agent's channel (unix socket of its `org.qemu.guest_agent.0` port), if any.
+    agent: Option<PathBuf>,
     client: tokio::sync::Mutex<Option<Arc<QmpClient>>>,
     /// Snapshot state while a snapshot of this VM is held (one at a time).
     held: Mutex<Option<SnapshotState>>,
@@ -91,7 +101,12 @@ pub struct QemuDriver {
     vms: BTreeMap<String, QemuVm>,
     run_dir: PathBuf,
     log: Arc<QmpLog>,
+    /// Bound of every guest agent command (and so of the freeze's own duration).
+    agent_timeout: std::time::Duration,
 }
+
+/// Default bound of a guest agent command.
+pub const DEFAULT_AGENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl QemuDriver {
     /// `vms`: VM name → QMP socket. `run_dir` holds fleecing files, NBD sockets and journals
@@ -109,13 +124,35 @@ impl QemuDriver {
                     QemuVm {
                         name,
                         socket,
+                        agent: None,
                         client: tokio::sync::Mutex::new(None),
                         held: Mutex::new(None),
                     },
                 )
             })
             .collect();
-        QemuDriver { vms, run_dir, log }
+        QemuDriver {
+            vms,
+            run_dir,
+            log,
+            agent_timeout: DEFAULT_AGENT_TIMEOUT,
+        }
+    }
+
+    /// Guest agent channels: VM name → unix socket of its `org.qemu.guest_agent.0` port
+    /// (names of unknown VMs are ignored); `timeout` bounds each agent command.
+    pub fn with_guest_agents(
+        mut self,
+        agents: impl IntoIterator<Item = (String, PathBuf)>,
+        timeout: std::time::Duration,
+    ) -> Self {
+        for (name, socket) in agents {
+            if let Some(vm) = self.vms.get_mut(&name) {
+                vm.agent = Some(socket);
+            }
+        }
+        self.agent_timeout = timeout;
+        self
     }
 
     /// The QMP command log.
@@ -216,7 +253,7 @@ impl QemuDriver {
                 source,
             });
         }
-        match self.build_snapshot(vm, &state, &disks).await {
+        match self.build_snapshot(vm, request, &state, &disks).await {
             Ok(snapshot) => Ok(snapshot),
             Err(e) => {
                 tracing::warn!(vm = %vm.name, backup_id = %state.backup_id, error = %e,
@@ -269,6 +306,7 @@ impl QemuDriver {
     async fn build_snapshot(
         &self,
         vm: &QemuVm,
+        request: &SnapshotRequest,
         state: &SnapshotState,
         disks: &[QemuDisk],
     ) -> Result<Snapshot, SourceError> {
@@ -304,10 +342,45 @@ impl QemuDriver {
                 "sync": "none", "auto-dismiss": true,
             }}));
         }
-        self.exec(vm, "transaction", json!({ "actions": actions }))
-            .await?;
+        // The guest's file systems are frozen for the transaction only: nothing between the
+        // freeze and the thaw but the one QMP command.
+        let frozen = match self.freeze(vm, &state.backup_id).await {
+            FreezeAttempt::Frozen(f) => Ok(f),
+            FreezeAttempt::NotFrozen(reason) if request.require_application_consistency => {
+                return Err(SourceError::ConsistencyRequired {
+                    vm: vm.name.clone(),
+                    cause: reason,
+                });
+            }
+            FreezeAttempt::NotFrozen(reason) => Err(reason),
+        };
+        let taken = self
+            .exec(vm, "transaction", json!({ "actions": actions }))
+            .await;
+        let consistency = match frozen {
+            Ok(f) => match f.thaw().await {
+                Ok(c) => c,
+                // Frozen at the instant, so still application-consistent; the thaw goes on
+                // being retried (freeze's drop guard, then start-up recovery).
+                Err(e) => Consistency {
+                    level: ConsistencyLevel::Application,
+                    reason: format!(
+                        "guest file systems frozen; the thaw failed and is retried: {}",
+                        sendense_shared::errors::chain(&e)
+                    ),
+                    freeze_ms: None,
+                },
+            },
+            Err(reason) => Consistency {
+                level: ConsistencyLevel::Crash,
+                reason,
+                freeze_ms: None,
+            },
+        };
+        taken?;
         tracing::info!(vm = %vm.name, backup_id = %state.backup_id, disks = state.disks.len(),
-            "snapshot taken in one QMP transaction");
+            consistency = consistency.level.as_str(), reason = %consistency.reason,
+            freeze_ms = ?consistency.freeze_ms, "snapshot taken in one QMP transaction");
 
         let start = json!({"addr": {"type": "unix", "data": {"path": state.socket}}});
         if let Err(e) = self.exec(vm, "nbd-server-start", start.clone()).await {
@@ -343,6 +416,7 @@ impl QemuDriver {
             vm_name: state.vm_name.clone(),
             backup_type: state.backup_type,
             disks: out,
+            consistency: Some(consistency),
         })
     }
 
@@ -435,6 +509,16 @@ impl SourceDriver for QemuDriver {
         Box::pin(async move {
             let mut report = RecoveryReport::default();
             for vm in self.vms.values() {
+                // A guest a crashed run left frozen is thawed before anything else.
+                match self.thaw_leftover(vm).await {
+                    Ok(true) => report.guests_thawed.push(vm.name.clone()),
+                    Ok(false) => {}
+                    Err(e) => report.errors.push(format!(
+                        "VM {}: thaw of a guest left frozen: {}",
+                        vm.name,
+                        sendense_shared::errors::chain(&e)
+                    )),
+                }
                 self.recover_vm(vm, &mut report).await;
             }
             self.remove_leftover_files(&mut report);

@@ -478,6 +478,7 @@ mod fixtures {
                 .iter()
                 .map(|(k, c)| (DiskKey(*k), c.to_string()))
                 .collect(),
+            require_application_consistency: false,
         }
     }
 }

@@ -23,6 +23,7 @@ fn request(id: &str, t: BackupType, prev: Option<&str>) -> SnapshotRequest {
         backup_type: t,
         previous_backup_id: prev.map(BackupId::from),
         previous_change_ids: Default::default(),
+        require_application_consistency: false,
     }
 }
 

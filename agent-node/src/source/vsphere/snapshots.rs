@@ -161,6 +161,7 @@ impl VsphereDriver {
                     vm_name: vm.name.clone(),
                     backup_type: request.backup_type,
                     disks,
+                    consistency: None,
                 },
                 Holding {
                     backup_id: request.backup_id.clone(),
