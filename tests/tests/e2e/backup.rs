@@ -16,9 +16,13 @@ const FULL_STEPS: &[&str] = &[
     "running",
     "node_start",
     "node_accepted",
+    // The truth is stored before the completion report is taken; the writable exports stop
+    // (cleanly) before the read-back, which covers the written ranges and the whole chain.
+    "checksums_stored",
     "finalizing",
-    "checksums_verified",
     "qemu_nbd_stopped",
+    "checksums_verified",
+    "image_verified",
     "image_checked",
     "ports_released",
     "completed",
@@ -228,6 +232,22 @@ async fn full_then_incremental_of_a_two_disk_vm_from_one_instant() {
     }
     let log = sys.node.qmp_log();
     assert_eq!(snapshot_transactions(&log).len(), 2, "{log:#?}");
+    // Both points are proven against the node's whole-disk checksums of the snapshot (the
+    // incremental's unchanged cells inherited from the full), and say they are only
+    // crash-consistent: these VMs have no guest agent.
+    for pid in [&id, &id2] {
+        let b = sys.api.get_ok(&format!("/api/v1/backups/{pid}")).await;
+        assert_eq!(b["integrity"], "verified", "{b:#}");
+        assert_eq!(b["consistency"]["level"], "crash", "{b:#}");
+        for k in [2000, 2001] {
+            assert_eq!(disk(&b, k)["checksums_source"], "writer", "{b:#}");
+        }
+        let events = sys.events(pid).await;
+        assert!(
+            events.iter().any(|e| e.starts_with("image_verified:")),
+            "{events:#?}"
+        );
+    }
 
     // 3. A restore of each point (each disk) equals that point.
     for (point, id, expected) in [("full", &id, &at_full), ("incr", &id2, &at_incr)] {
