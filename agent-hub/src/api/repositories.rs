@@ -3,6 +3,9 @@
 use super::{ApiError, ApiJson};
 use crate::hub::AppState;
 use axum::Json;
+use super::scope::admin_only;
+use crate::auth::Principal;
+use axum::Extension;
 use axum::extract::State;
 use axum::http::StatusCode;
 use sendense_shared::api::{Repository, RepositoryRequest};
@@ -19,8 +22,10 @@ pub async fn list(State(hub): State<AppState>) -> Result<Json<Vec<Repository>>, 
 /// Registers a directory (created if missing) under a new id.
 pub async fn create(
     State(hub): State<AppState>,
+    Extension(who): Extension<Principal>,
     ApiJson(req): ApiJson<RepositoryRequest>,
 ) -> Result<(StatusCode, Json<Repository>), ApiError> {
+    admin_only(&who, "registering a repository")?;
     validate_name("id", &req.id)?;
     if req.path.contains('\0') {
         return Err(ApiError::BadName("path contains a NUL byte".into()));
