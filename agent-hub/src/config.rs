@@ -112,6 +112,10 @@ pub struct Cli {
     /// Directory of the daily log files [default: <data>/logs].
     #[arg(long, env = "SENDENSE_HUB_LOG_DIR", value_name = "DIR")]
     pub log_dir: Option<PathBuf>,
+    /// A directory under which the API may register repositories; repeatable, replaces
+    /// `repository_roots` of the file [default: the data directory].
+    #[arg(long = "repository-root", value_name = "DIR")]
+    pub repository_roots: Vec<PathBuf>,
     /// A command instead of serving (`sendense-hub node enroll NAME`).
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -264,7 +268,9 @@ impl HubConfig {
         if let Some(v) = cli.token_file.clone().or(file.token_file) {
             cfg.token_file = v;
         }
-        if let Some(v) = file.repository_roots {
+        if !cli.repository_roots.is_empty() {
+            cfg.repository_roots = cli.repository_roots.clone();
+        } else if let Some(v) = file.repository_roots {
             cfg.repository_roots = v;
         }
         if let Some(v) = file.credential_key_file {
