@@ -211,7 +211,9 @@ impl From<crate::db::DbError> for ApiError {
             DbError::Conflict { what } => {
                 ApiError::conflict(ErrorCode::AlreadyExists, format!("{what} already exists"))
             }
-            e @ DbError::Owned { .. } => ApiError::conflict(ErrorCode::AlreadyExists, e.to_string()),
+            e @ DbError::Owned { .. } => {
+                ApiError::conflict(ErrorCode::AlreadyExists, e.to_string())
+            }
             // The database layer's own checks of a value (the handlers check first; this is
             // the last line).
             DbError::Invalid { field, reason } => ApiError::invalid(format!("{field}: {reason}")),

@@ -20,7 +20,9 @@ pub async fn node_command(config: &HubConfig, cmd: &NodeCommand) -> anyhow::Resu
     let db = Db::connect(&config.database_url)
         .await
         .with_context(|| format!("database {url}"))?;
-    db.migrate().await.with_context(|| format!("database {url}"))?;
+    db.migrate()
+        .await
+        .with_context(|| format!("database {url}"))?;
     let key = crate::auth::load_or_create(&config.credential_key_file)?;
     let creds = Credentials::new(db.clone(), &key, config.credential_grace);
     let result = match cmd {
@@ -64,7 +66,11 @@ fn emit(secret: &str, path: Option<&Path>) -> anyhow::Result<()> {
     let name = path
         .file_name()
         .with_context(|| format!("--output {}: not a file name", path.display()))?;
-    let tmp = path.with_file_name(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::OpenOptions::new()
             .write(true)

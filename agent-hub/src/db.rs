@@ -26,8 +26,8 @@ mod records;
 mod restores;
 mod vms;
 
-pub use credentials::NodeCredential;
 pub use backups::{BackupDiskRow, DiskUpdate, NewBackup, NewBackupDisk};
+pub use credentials::NodeCredential;
 pub use records::{ProcessRecord, RepositoryRow};
 pub use vms::VmSource;
 

@@ -1,6 +1,8 @@
 //! A running `sendense-hub` for a test: temporary data directory, API on a kernel-chosen port
 //! of 127.0.0.1 (read back from the hub's log line, so there is no probe-then-bind race), its
-//! own NBD port range, stopped (SIGTERM, then SIGKILL) in `Drop`.
+//! own NBD port range, stopped (SIGTERM, then SIGKILL) in `Drop`. Its `node enroll|rotate|revoke`
+//! commands run on the same data directory ([`HubProcess::node_command`]); a node of a test is
+//! enrolled and gets its own credential ([`HubProcess::node_credential`]).
 
 use anyhow::Context;
 use serde_json::{Value, json};

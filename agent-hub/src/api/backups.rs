@@ -1,13 +1,13 @@
 //! Backups: start, list, one, cancel, events, and the writer's progress / completion reports.
 //! The job logic lives in [`crate::jobs`]; these handlers validate and translate.
 
+use super::scope::{own_backup, own_vm};
 use super::{ApiError, ApiJson};
+use crate::auth::Principal;
 use crate::hub::AppState;
 use crate::jobs::JobError;
-use axum::Json;
-use super::scope::{own_backup, own_vm};
-use crate::auth::Principal;
 use axum::Extension;
+use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use sendense_shared::api::{

@@ -3,13 +3,13 @@
 //! `PUT /api/v1/nodes/{name}/inventory` lets a node push it), and `GET /api/v1/tunnel`.
 //! The logic lives in [`crate::nodes`].
 
+use super::scope::own_node;
 use super::{ApiError, ApiJson};
+use crate::auth::Principal;
 use crate::hub::AppState;
 use crate::nodes::NodeError;
-use axum::Json;
-use super::scope::own_node;
-use crate::auth::Principal;
 use axum::Extension;
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use sendense_shared::api::{Inventory, Node, NodeRegistration, NodeTunnel, Vm};

@@ -3,12 +3,12 @@
 //! `repository_roots` (default: the data directory), never be the data directory itself nor
 //! the log directory (compared with symlinks resolved).
 
-use super::{ApiError, ApiJson};
-use crate::hub::AppState;
-use axum::Json;
 use super::scope::admin_only;
+use super::{ApiError, ApiJson};
 use crate::auth::Principal;
+use crate::hub::AppState;
 use axum::Extension;
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use sendense_shared::api::{Repository, RepositoryRequest};
@@ -65,7 +65,11 @@ struct Places {
 impl Places {
     fn of(config: &crate::config::HubConfig) -> Self {
         Places {
-            roots: config.repository_roots.iter().map(|r| canonical(r)).collect(),
+            roots: config
+                .repository_roots
+                .iter()
+                .map(|r| canonical(r))
+                .collect(),
             data_dir: canonical(&config.data_dir),
             log_dir: canonical(&config.log_dir),
         }
@@ -163,7 +167,10 @@ mod tests {
         assert_eq!(ok, canonical(&data).join("repo2/x"));
         for (bad, words) in [
             (PathBuf::from("/etc"), "not under a repository root"),
-            (PathBuf::from("/etc/sendense"), "not under a repository root"),
+            (
+                PathBuf::from("/etc/sendense"),
+                "not under a repository root",
+            ),
             (data.clone(), "data directory"),
             (data.join("logs"), "log directory"),
             (data.join("logs/x"), "log directory"),
@@ -178,6 +185,9 @@ mod tests {
         // A symlink under the root that points out of it is judged by where it points.
         std::os::unix::fs::symlink("/etc", data.join("sneaky")).unwrap();
         let e = places.check(&data.join("sneaky/x")).unwrap_err();
-        assert!(e.body().detail.contains("not under a repository root"), "{e}");
+        assert!(
+            e.body().detail.contains("not under a repository root"),
+            "{e}"
+        );
     }
 }

@@ -1,13 +1,13 @@
 //! Restores: start, list, one, cancel, events, and the node's progress / completion reports.
 //! The job logic lives in [`crate::restores`].
 
+use super::scope::{own_backup, own_node, own_restore};
 use super::{ApiError, ApiJson};
+use crate::auth::Principal;
 use crate::hub::AppState;
 use crate::restores::RestoreError;
-use axum::Json;
-use super::scope::{own_backup, own_node, own_restore};
-use crate::auth::Principal;
 use axum::Extension;
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use sendense_shared::api::{JobEvent, Restore, RestoreCompletion, RestoreProgress, RestoreRequest};

@@ -46,11 +46,7 @@ pub const NODE_ROUTES: &[(Method, &str)] = &[
 /// that is not a node's; otherwise the request goes on with its [`Principal`] in the
 /// extensions. The database is asked on every request (no cache): a revoked credential is
 /// refused from the next request on.
-pub async fn authenticate(
-    State(hub): State<AppState>,
-    mut req: Request,
-    next: Next,
-) -> Response {
+pub async fn authenticate(State(hub): State<AppState>, mut req: Request, next: Next) -> Response {
     let given = match bearer_of(req.headers(), SOURCE) {
         Ok(g) => g,
         Err(e) => return e.into_response(),
@@ -189,8 +185,14 @@ mod tests {
 
     #[test]
     fn routes_match_by_segment() {
-        assert!(route_matches("/backups/{id}/progress", "/backups/b1/progress"));
-        assert!(route_matches("/backups/{id}/progress", "/api/v1/backups/b1/progress"));
+        assert!(route_matches(
+            "/backups/{id}/progress",
+            "/backups/b1/progress"
+        ));
+        assert!(route_matches(
+            "/backups/{id}/progress",
+            "/api/v1/backups/b1/progress"
+        ));
         assert!(route_matches("/nodes", "/nodes"));
         assert!(!route_matches("/nodes", "/nodes/"));
         assert!(!route_matches("/backups/{id}", "/backups/"));

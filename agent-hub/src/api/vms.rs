@@ -1,11 +1,11 @@
 //! `GET/POST /api/v1/vms`, `GET /api/v1/vms/{vm_name}`: VMs and their disks.
 
-use super::{ApiError, ApiJson};
-use crate::hub::AppState;
-use axum::Json;
 use super::scope::{own_node, own_vm};
+use super::{ApiError, ApiJson};
 use crate::auth::Principal;
+use crate::hub::AppState;
 use axum::Extension;
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use sendense_shared::api::{Vm, VmRequest};

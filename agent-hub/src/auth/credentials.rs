@@ -32,7 +32,9 @@ pub enum CredentialError {
          `node revoke {node}` ends it"
     )]
     AlreadyEnrolled { node: String },
-    #[error("node {node:?} holds no valid credential; `sendense-hub node enroll {node}` issues one")]
+    #[error(
+        "node {node:?} holds no valid credential; `sendense-hub node enroll {node}` issues one"
+    )]
     NotEnrolled { node: String },
     #[error(transparent)]
     Name(#[from] sendense_shared::names::NameError),
@@ -101,8 +103,9 @@ impl Credentials {
     async fn issue(&self, node: &str, rotation: bool) -> Result<Token, CredentialError> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let secret = self.secret(node, &id);
-        let others_expire_at = rotation
-            .then(|| now_us().saturating_add(i64::try_from(self.grace.as_micros()).unwrap_or(i64::MAX)));
+        let others_expire_at = rotation.then(|| {
+            now_us().saturating_add(i64::try_from(self.grace.as_micros()).unwrap_or(i64::MAX))
+        });
         self.db
             .insert_node_credential(&id, node, &stored_hash(secret.as_str()), others_expire_at)
             .await?;
@@ -144,7 +147,11 @@ impl Credentials {
     /// Who `bearer` is; asks the database every time (no cache), so a revocation holds from
     /// the next request on.
     pub async fn identify(&self, bearer: &str) -> Result<Identity, DbError> {
-        let Some(c) = self.db.node_credential_by_hash(&stored_hash(bearer)).await? else {
+        let Some(c) = self
+            .db
+            .node_credential_by_hash(&stored_hash(bearer))
+            .await?
+        else {
             return Ok(Identity::Unknown);
         };
         if !c.valid_at(now_us()) {

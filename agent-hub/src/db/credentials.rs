@@ -119,13 +119,13 @@ impl Db {
     /// Every credential issued to `node`, oldest first.
     pub async fn node_credentials(&self, node: &str) -> Result<Vec<NodeCredential>, DbError> {
         sqlx::query(select!("WHERE node = ? ORDER BY created_at, credential_id"))
-        .bind(node)
-        .fetch_all(self.pool())
-        .await
-        .map_err(q("listing a node's credentials"))?
-        .iter()
-        .map(row)
-        .collect()
+            .bind(node)
+            .fetch_all(self.pool())
+            .await
+            .map_err(q("listing a node's credentials"))?
+            .iter()
+            .map(row)
+            .collect()
     }
 
     /// The node used credential `credential_id` for the first time: recorded, and every other

@@ -188,7 +188,10 @@ impl Db {
         .await
         .map_err(q(doing))?;
         let existing = match existing {
-            Some(r) => Some((col::<String>(&r, "vm_context_id")?, col::<Option<String>>(&r, "node")?)),
+            Some(r) => Some((
+                col::<String>(&r, "vm_context_id")?,
+                col::<Option<String>>(&r, "node")?,
+            )),
             None => None,
         };
         // Read and checked inside the write transaction: two nodes reporting the same name at

@@ -210,7 +210,9 @@ async fn serve_and_copy(
         return Err(RunError::Io {
             what: "serving",
             path: files.image.clone(),
-            source: std::io::Error::other("the path no longer names the image this restore created"),
+            source: std::io::Error::other(
+                "the path no longer names the image this restore created",
+            ),
         });
     }
     let _ = std::fs::remove_file(&files.socket);

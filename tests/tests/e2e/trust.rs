@@ -56,7 +56,10 @@ async fn node_credentials_are_scoped_revoked_at_once_and_rotated_without_a_gap()
         );
     }
     let (ok, _, err) = hub.node_command(&["enroll", "na"]).unwrap();
-    assert!(!ok && err.contains("already holds a valid credential"), "{err}");
+    assert!(
+        !ok && err.contains("already holds a valid credential"),
+        "{err}"
+    );
     let na = Api {
         token: Some(secret.to_string()),
         ..admin.clone()
@@ -120,7 +123,12 @@ async fn node_credentials_are_scoped_revoked_at_once_and_rotated_without_a_gap()
             .await,
         "admin",
     );
-    for path in ["/api/v1/vms", "/api/v1/repositories", "/api/v1/ports", "/api/v1/nodes"] {
+    for path in [
+        "/api/v1/vms",
+        "/api/v1/repositories",
+        "/api/v1/ports",
+        "/api/v1/nodes",
+    ] {
         assert_forbidden(path, na.get(path).await, "admin");
     }
     let (s, v) = admin
@@ -142,7 +150,11 @@ async fn node_credentials_are_scoped_revoked_at_once_and_rotated_without_a_gap()
         token: Some(out.trim().to_string()),
         ..admin.clone()
     };
-    assert_eq!(na.get("/api/v1/nodes/na").await.0, 200, "old, before the switch");
+    assert_eq!(
+        na.get("/api/v1/nodes/na").await.0,
+        200,
+        "old, before the switch"
+    );
     assert_eq!(na2.get("/api/v1/nodes/na").await.0, 200, "new");
     let (s, v) = na.get("/api/v1/nodes/na").await;
     assert_eq!(s, 401, "old, after the node used the new one: {v}");
@@ -224,10 +236,15 @@ async fn another_nodes_credential_cannot_touch_a_nodes_jobs_or_restores() {
     let scope = "node:node-other";
     let progress = json!({"disks": []});
     for (what, answer) in [
-        ("GET backup", other.get(&format!("/api/v1/backups/{bid}")).await),
+        (
+            "GET backup",
+            other.get(&format!("/api/v1/backups/{bid}")).await,
+        ),
         (
             "backup progress",
-            other.post(&format!("/api/v1/backups/{bid}/progress"), &progress).await,
+            other
+                .post(&format!("/api/v1/backups/{bid}/progress"), &progress)
+                .await,
         ),
         (
             "backup completion",
@@ -240,9 +257,14 @@ async fn another_nodes_credential_cannot_touch_a_nodes_jobs_or_restores() {
         ),
         (
             "backup cancel",
-            other.post(&format!("/api/v1/backups/{bid}/cancel"), &json!({})).await,
+            other
+                .post(&format!("/api/v1/backups/{bid}/cancel"), &json!({}))
+                .await,
         ),
-        ("GET restore", other.get(&format!("/api/v1/restores/{rid}")).await),
+        (
+            "GET restore",
+            other.get(&format!("/api/v1/restores/{rid}")).await,
+        ),
         (
             "restore progress",
             other
@@ -316,7 +338,11 @@ async fn another_nodes_credential_cannot_touch_a_nodes_jobs_or_restores() {
         assert!((400..500).contains(&s), "{s}: {r}");
         assert!(r["detail"].as_str().unwrap().contains("exists"), "{r}");
     }
-    assert_eq!(std::fs::read(&restored).unwrap(), before, "the file is intact");
+    assert_eq!(
+        std::fs::read(&restored).unwrap(),
+        before,
+        "the file is intact"
+    );
 }
 
 /// A 64 MiB point with 40 MiB of data, served read-only on 127.0.0.1 as export `point`.
