@@ -5,13 +5,17 @@
 //! - [`system`]: `/health`, ports, processes, the SSE event stream.
 //! - [`repositories`], [`vms`], [`backups`], [`restores`], [`nodes`]: one module per resource.
 //!
-//! `/health` is open; everything under `/api/v1` passes [`sendense_shared::http::require_bearer`]
-//! with the token of [`crate::auth`].
+//! - [`scope`]: who may call what: the admin token everything, a node's credential only its
+//!   own registration, inventory, VMs, jobs and restores (`403 forbidden` naming the scope).
+//!
+//! `/health` is open; everything under `/api/v1` passes [`scope::authenticate`] (the admin
+//! token or a node credential of [`crate::auth`]).
 
 pub mod backups;
 pub mod nodes;
 pub mod repositories;
 pub mod restores;
+pub mod scope;
 pub mod system;
 pub mod vms;
 
@@ -66,8 +70,8 @@ pub fn router(state: AppState) -> Router {
         .route("/tunnel", get(nodes::tunnel))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
-            sendense_shared::http::Bearer::new(state.token.clone(), "the hub's token file"),
-            sendense_shared::http::require_bearer,
+            state.clone(),
+            scope::authenticate,
         ));
     Router::new()
         .route("/health", get(system::health))
@@ -101,6 +105,10 @@ pub enum ApiError {
     /// `wrong_state`, `node_not_registered`, ...).
     #[error("{code}: {detail}")]
     Conflict { code: ErrorCode, detail: String },
+    /// The credential's scope does not cover the request; `scope` is `admin` or
+    /// `node:<name>`.
+    #[error("forbidden (scope {scope}): {detail}")]
+    Forbidden { scope: String, detail: String },
     #[error("not enough space: {0}")]
     InsufficientStorage(String),
     #[error("no NBD port free: {0}")]
@@ -144,6 +152,7 @@ impl ApiError {
             ApiError::Invalid { .. } => ErrorCode::InvalidField,
             ApiError::NotFound(_) => ErrorCode::NotFound,
             ApiError::Conflict { code, .. } => *code,
+            ApiError::Forbidden { .. } => ErrorCode::Forbidden,
             ApiError::InsufficientStorage(_) => ErrorCode::InsufficientStorage,
             ApiError::PortsExhausted(_) => ErrorCode::PortsExhausted,
             ApiError::Node(_) => ErrorCode::NodeUnreachable,
@@ -171,6 +180,7 @@ impl ApiError {
             // The operator needs the database's own words (sqlx's error, the errno), not
             // "database"; they hold no secret (the URL is logged redacted, never in a query
             // error).
+            ApiError::Forbidden { scope, detail } => format!("scope {scope}: {detail}"),
             ApiError::Database(e) => chain(e),
             ApiError::Internal(_) => "the hub logged the cause; see its log file".into(),
         };
@@ -200,6 +210,9 @@ impl From<crate::db::DbError> for ApiError {
             DbError::NotFound { what } => ApiError::NotFound(format!("{what} not found")),
             DbError::Conflict { what } => {
                 ApiError::conflict(ErrorCode::AlreadyExists, format!("{what} already exists"))
+            }
+            e @ DbError::Owned { .. } => {
+                ApiError::conflict(ErrorCode::AlreadyExists, e.to_string())
             }
             // The database layer's own checks of a value (the handlers check first; this is
             // the last line).

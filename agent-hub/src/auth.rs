@@ -1,8 +1,17 @@
-//! The API's bearer token: read from a file (created with mode 0600 when missing, so a fresh
-//! install is protected from its first start; refused when group or others may read it). The
-//! check on every `/api/v1` request is `sendense_shared::http::require_bearer`, the node's too.
-//! The token never appears on a command line or in a log line.
+//! Who calls the API. Two kinds of [`Principal`]:
+//!
+//! - the admin: the hub's token file (operators, the console), read from a file created with
+//!   mode 0600 when missing (a fresh install is protected from its first start) and refused
+//!   when group or others may read it;
+//! - a node: a credential the hub issued it ([`credentials`]), which acts only on that node's
+//!   VMs, jobs and restores (the scope checks are in `api::scope`).
+//!
+//! [`Authenticator::principal`] tells them apart on every request, asking the database for a
+//! node credential each time. No secret appears on a command line or in a log line.
 
+pub mod credentials;
+
+pub use credentials::{CredentialError, Credentials, Identity};
 pub use sendense_shared::token::Token;
 use sendense_shared::token::{TokenError, read_token_file};
 use std::io::Write;
@@ -20,6 +29,55 @@ pub enum AuthError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Who made a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// The hub's token: everything.
+    Admin,
+    /// A node's credential: only what belongs to that node.
+    Node(String),
+}
+
+impl Principal {
+    /// The node, for a node's credential.
+    pub fn node(&self) -> Option<&str> {
+        match self {
+            Principal::Admin => None,
+            Principal::Node(n) => Some(n),
+        }
+    }
+}
+
+/// The admin token and the node credentials; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Authenticator {
+    pub admin: Token,
+    pub credentials: Credentials,
+}
+
+impl Authenticator {
+    /// The principal of a bearer token, or why it is refused (for the 401's detail; never the
+    /// token).
+    pub async fn principal(
+        &self,
+        bearer: &str,
+    ) -> Result<Result<Principal, String>, crate::db::DbError> {
+        if self.admin.matches(bearer) {
+            return Ok(Ok(Principal::Admin));
+        }
+        Ok(match self.credentials.identify(bearer).await? {
+            Identity::Node(n) => Ok(Principal::Node(n)),
+            Identity::Ended(n) => Err(format!(
+                "the credential of node {n:?} was revoked or replaced;                  `sendense-hub node enroll|rotate {n}` issues a new one"
+            )),
+            Identity::Unknown => Err(
+                "bearer token does not match the hub's token file nor any node credential"
+                    .to_string(),
+            ),
+        })
+    }
 }
 
 /// Reads the token (trimmed); creates the file with a random token when it does not exist.

@@ -3,7 +3,11 @@
 //!
 //! Defaults work with no file at all: everything lives under one data directory
 //! (`/var/lib/sendense-hub`, or `$SENDENSE_HUB_DATA_DIR`): the SQLite database `hub.db`, the
-//! repository `repo/` (registered as id `default`), the token file `token` and the logs `logs/`.
+//! repository `repo/` (registered as id `default`), the token file `token`, the node
+//! credentials' key `node-credentials.key` and the logs `logs/`. Repositories registered
+//! through the API must lie under `repository_roots` (default: the data directory).
+//! A MySQL password comes from `database_password_file` (or `SENDENSE_HUB_DATABASE_PASSWORD`),
+//! so it never has to be on a command line.
 
 use crate::ports::PortRange;
 use crate::qemu_nbd::QemuNbdConfig;
@@ -41,6 +45,18 @@ pub enum ConfigError {
         #[source]
         source: toml::de::Error,
     },
+    #[error("database_password_file")]
+    PasswordFile(#[source] sendense_shared::token::TokenError),
+    #[error(
+        "database_password_file / SENDENSE_HUB_DATABASE_PASSWORD: the database URL already \
+         holds a password; give it in one place only (the file, so it is on no command line)"
+    )]
+    PasswordTwice,
+    #[error(
+        "database_password_file / SENDENSE_HUB_DATABASE_PASSWORD: {url} is not a mysql:// URL \
+         with a user (mysql://user@host:3306/database)"
+    )]
+    PasswordUrl { url: String },
     #[error("{field}: {value:?} is not a port range like 10100-10200 ({reason})")]
     Ports {
         field: &'static str,
@@ -78,6 +94,11 @@ pub struct Cli {
         value_name = "URL"
     )]
     pub database_url: Option<String>,
+    /// File holding the MySQL/MariaDB password (mode 0600; one line), put into the
+    /// `--database-url` (which then names only the user), so no password is on a command
+    /// line. `SENDENSE_HUB_DATABASE_PASSWORD` gives it through the environment instead.
+    #[arg(long, env = "SENDENSE_HUB_DATABASE_PASSWORD_FILE", value_name = "FILE")]
+    pub database_password_file: Option<PathBuf>,
     /// File holding the bearer token of the API; created (mode 0600) if missing
     /// [default: <data>/token].
     #[arg(long, env = "SENDENSE_HUB_TOKEN_FILE", value_name = "FILE")]
@@ -91,6 +112,44 @@ pub struct Cli {
     /// Directory of the daily log files [default: <data>/logs].
     #[arg(long, env = "SENDENSE_HUB_LOG_DIR", value_name = "DIR")]
     pub log_dir: Option<PathBuf>,
+    /// A directory under which the API may register repositories; repeatable, replaces
+    /// `repository_roots` of the file [default: the data directory].
+    #[arg(long = "repository-root", value_name = "DIR")]
+    pub repository_roots: Vec<PathBuf>,
+    /// A command instead of serving (`sendense-hub node enroll NAME`).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What `sendense-hub` does instead of serving the API.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Node credentials: each node calls the hub with its own, which acts only on its VMs,
+    /// jobs and restores.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+/// `sendense-hub node ...`. The credential is printed on stdout alone (or written to
+/// `--output`, mode 0600); the node reads it from its `token_file`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum NodeCommand {
+    /// Issue the first credential of node NAME (also after a revocation).
+    Enroll {
+        name: String,
+        /// Write the credential to FILE (mode 0600, replaced atomically) instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Issue a new credential for NAME; the old one keeps working until the node first uses
+    /// the new one, or until the grace period (`credential_grace_secs`, 24 h) ends.
+    Rotate {
+        name: String,
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// End every credential of NAME now: its next request is refused.
+    Revoke { name: String },
 }
 
 /// The TOML file. Every key is optional; unknown keys are refused so a typo does not silently
@@ -101,7 +160,18 @@ pub struct FileConfig {
     pub listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
     pub database_url: Option<String>,
+    /// File with the database password (see [`Cli::database_password_file`]).
+    pub database_password_file: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
+    /// Directories under which `POST /api/v1/repositories` may register a repository
+    /// [default: the data directory].
+    pub repository_roots: Option<Vec<PathBuf>>,
+    /// The key node credentials are derived from (created, mode 0600, if missing)
+    /// [default: <data>/node-credentials.key].
+    pub credential_key_file: Option<PathBuf>,
+    /// How long a rotated node credential keeps working when the node does not switch
+    /// earlier, in seconds [default: 86400].
+    pub credential_grace_secs: Option<u64>,
     pub nbd_ports: Option<String>,
     pub nbd_bind: Option<IpAddr>,
     pub log_dir: Option<PathBuf>,
@@ -133,6 +203,10 @@ pub struct HubConfig {
     pub data_dir: PathBuf,
     pub database_url: String,
     pub token_file: PathBuf,
+    /// Where the API may register repositories (as configured; canonicalized when checked).
+    pub repository_roots: Vec<PathBuf>,
+    pub credential_key_file: PathBuf,
+    pub credential_grace: Duration,
     pub nbd_ports: PortRange,
     pub nbd_bind: IpAddr,
     pub log_dir: PathBuf,
@@ -153,6 +227,9 @@ impl HubConfig {
             listen: DEFAULT_LISTEN,
             database_url: sqlite_url(&data_dir.join("hub.db")),
             token_file: data_dir.join("token"),
+            repository_roots: vec![data_dir.clone()],
+            credential_key_file: data_dir.join("node-credentials.key"),
+            credential_grace: crate::auth::credentials::DEFAULT_GRACE,
             nbd_ports: DEFAULT_NBD_PORTS,
             nbd_bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             log_dir: data_dir.join("logs"),
@@ -196,6 +273,33 @@ impl HubConfig {
         }
         if let Some(v) = cli.token_file.clone().or(file.token_file) {
             cfg.token_file = v;
+        }
+        if !cli.repository_roots.is_empty() {
+            cfg.repository_roots = cli.repository_roots.clone();
+        } else if let Some(v) = file.repository_roots {
+            cfg.repository_roots = v;
+        }
+        if let Some(v) = file.credential_key_file {
+            cfg.credential_key_file = v;
+        }
+        if let Some(v) = file.credential_grace_secs {
+            cfg.credential_grace = Duration::from_secs(v);
+        }
+        let password = match cli
+            .database_password_file
+            .clone()
+            .or(file.database_password_file)
+        {
+            Some(f) => Some(
+                sendense_shared::token::read_token_file(&f).map_err(ConfigError::PasswordFile)?,
+            ),
+            None => std::env::var("SENDENSE_HUB_DATABASE_PASSWORD")
+                .ok()
+                .filter(|p| !p.is_empty())
+                .map(sendense_shared::token::Token::from),
+        };
+        if let Some(p) = password {
+            cfg.database_url = with_password(&cfg.database_url, p.as_str())?;
         }
         if let Some(v) = cli.nbd_ports.clone().or(file.nbd_ports) {
             cfg.nbd_ports = parse_ports(&v)?;
@@ -248,6 +352,37 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// `mysql://user@host/db` with `password` put in (percent-encoded, so any byte is fine).
+fn with_password(url: &str, password: &str) -> Result<String, ConfigError> {
+    let bad = || ConfigError::PasswordUrl {
+        url: crate::db::redact(url),
+    };
+    let (scheme, rest) = url.split_once("://").ok_or_else(bad)?;
+    if !matches!(scheme, "mysql" | "mariadb") {
+        return Err(bad());
+    }
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (user, host) = rest[..authority_end].rsplit_once('@').ok_or_else(bad)?;
+    if user.contains(':') {
+        return Err(ConfigError::PasswordTwice);
+    }
+    if user.is_empty() {
+        return Err(bad());
+    }
+    let mut encoded = String::new();
+    for b in password.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            encoded.push(char::from(b));
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Ok(format!(
+        "{scheme}://{user}:{encoded}@{host}{}",
+        &rest[authority_end..]
+    ))
 }
 
 /// Parses `FIRST-LAST` (inclusive, FIRST <= LAST, no port 0).
@@ -343,6 +478,57 @@ mod tests {
             assert!(e.contains("nbd_ports"), "{bad}: {e}");
         }
         assert_eq!(parse_ports(" 10-12 ").unwrap().last, 12);
+    }
+
+    #[test]
+    fn the_database_password_comes_from_a_private_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("db-password");
+        std::fs::write(&f, "p@ss:w/rd\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let cli = Cli {
+            data_dir: Some("/tmp/x".into()),
+            database_url: Some("mysql://hub@127.0.0.1:3306/sendense".into()),
+            database_password_file: Some(f.clone()),
+            ..Cli::default()
+        };
+        let cfg = HubConfig::resolve(&cli, FileConfig::default()).unwrap();
+        assert_eq!(
+            cfg.database_url,
+            "mysql://hub:p%40ss%3Aw%2Frd@127.0.0.1:3306/sendense"
+        );
+        assert_eq!(
+            crate::db::redact(&cfg.database_url),
+            "mysql://hub:***@127.0.0.1:3306/sendense"
+        );
+        // A password in two places is refused, not silently picked.
+        let twice = Cli {
+            database_url: Some("mysql://hub:x@127.0.0.1/sendense".into()),
+            ..cli.clone()
+        };
+        let e = HubConfig::resolve(&twice, FileConfig::default()).unwrap_err();
+        assert!(matches!(e, ConfigError::PasswordTwice), "{e}");
+        // Readable by others: refused, naming the file and its mode.
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = HubConfig::resolve(&cli, FileConfig::default()).unwrap_err();
+        let shown = sendense_shared::errors::chain(&e);
+        assert!(shown.contains(&f.display().to_string()), "{shown}");
+        assert!(shown.contains("0644"), "{shown}");
+    }
+
+    #[test]
+    fn the_cli_knows_the_node_commands() {
+        let cli = Cli::try_parse_from(["sendense-hub", "--data-dir", "/d", "node", "enroll", "n1"])
+            .unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Node(NodeCommand::Enroll { ref name, output: None })) if name == "n1"
+        ));
+        for c in ["rotate", "revoke"] {
+            assert!(Cli::try_parse_from(["sendense-hub", "node", c, "n1"]).is_ok());
+        }
+        assert!(Cli::try_parse_from(["sendense-hub", "node", "enroll"]).is_err());
     }
 
     #[test]

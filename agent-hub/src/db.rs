@@ -16,15 +16,18 @@
 //! - `backup_jobs.status` only moves through [`Db::transition_backup`], a single compare-and-set
 //!   `UPDATE ... WHERE status IN (...)`, so a cancel racing a completion has exactly one winner.
 //! - `job_events.seq` is an auto-increment key: strictly increasing per database, hence per hub.
+//! - `node_credentials` holds only the BLAKE3 hash of each secret, never the secret.
 //! - `nbd_port_allocations.port` is the primary key: the database, not the hub's memory, decides
 //!   who holds a port (see [`crate::ports`]).
 
 mod backups;
+mod credentials;
 mod records;
 mod restores;
 mod vms;
 
 pub use backups::{BackupDiskRow, DiskUpdate, NewBackup, NewBackupDisk};
+pub use credentials::NodeCredential;
 pub use records::{ProcessRecord, RepositoryRow};
 pub use vms::VmSource;
 
@@ -89,6 +92,17 @@ pub enum DbError {
     /// A unique key already holds `what`.
     #[error("{what} already exists")]
     Conflict { what: String },
+    /// A node reported a VM whose name another node's VM holds: not taken over.
+    #[error(
+        "VM {vm:?} is registered by node {owner:?}; node {claimant:?}'s VM of that name is not \
+         taken over (VM names are unique on the hub: rename one of them on its hypervisor, or \
+         an admin moves the VM with POST /api/v1/vms)"
+    )]
+    Owned {
+        vm: String,
+        owner: String,
+        claimant: String,
+    },
     #[error("invalid {field}: {reason}")]
     Invalid { field: &'static str, reason: String },
     #[error(transparent)]

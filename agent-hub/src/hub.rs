@@ -1,7 +1,7 @@
 //! The hub's state: the services a handler reaches, built by the wiring in `server.rs` from
 //! explicit dependencies. This module sits low: it names the services, none of them names it.
 
-use crate::auth::Token;
+use crate::auth::{Authenticator, Token};
 use crate::config::HubConfig;
 use crate::db::Db;
 use crate::events::EventBus;
@@ -28,7 +28,10 @@ pub struct Hub {
     pub bus: EventBus,
     /// Read-only reads of image chains (verify jobs use it too).
     pub readback: crate::readback::ReadBack,
+    /// The admin token (the hub's token file).
     pub token: Token,
+    /// Who a request is: the admin token or a node's credential.
+    pub auth: Authenticator,
     pub started_at: DateTime<Utc>,
     /// Fired once on SIGTERM/SIGINT (or by a test): long-lived responses (SSE) end on it.
     pub shutdown: CancellationToken,

@@ -3,7 +3,9 @@
 //!
 //! - [`config`]: defaults, TOML file, `SENDENSE_HUB_*` environment, flags.
 //! - [`logging`]: stderr plus daily log files.
-//! - [`auth`]: the bearer token file and the `/api/v1` check.
+//! - [`auth`]: who calls: the admin token file and the node credentials (issued, rotated,
+//!   revoked; stored as hashes).
+//! - [`cli`]: the `sendense-hub node enroll|rotate|revoke NAME` commands.
 //! - [`server`]: wiring only: start-up ([`hub::Hub::open`]) and the serve loop with graceful
 //!   stop.
 //! - [`hub`]: the state handlers reach ([`hub::Hub`]): the services below, nothing else.
@@ -34,6 +36,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod events;

@@ -1,7 +1,7 @@
 //! `sendense-hub`: parse flags, load the configuration, start logging, open the hub, serve until
-//! SIGTERM or SIGINT.
+//! SIGTERM or SIGINT; or run one `node enroll|rotate|revoke` command ([`agent_hub::cli`]).
 
-use agent_hub::config::{Cli, HubConfig};
+use agent_hub::config::{Cli, Command, HubConfig};
 use agent_hub::hub::Hub;
 use agent_hub::server::serve;
 use anyhow::Context;
@@ -29,6 +29,14 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let config = HubConfig::load(&cli).context("configuration")?;
+    if let Some(Command::Node(cmd)) = &cli.command {
+        // A one-shot command: no log files, no API.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        return rt.block_on(agent_hub::cli::node_command(&config, cmd));
+    }
     // Before the logs go there: the database, the token and the logs are the hub's alone.
     sendense_shared::fsmode::private_dir(&config.data_dir)
         .with_context(|| format!("data directory {}", config.data_dir.display()))?;

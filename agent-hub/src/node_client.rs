@@ -1,4 +1,4 @@
-//! [`NodeClient`]: every call the hub makes to a node, typed. URL building, the bearer token,
+//! [`NodeClient`]: every call the hub makes to a node, typed. URL building, the node's credential,
 //! timeouts, how much of a refusal's body is kept and the wording of failures live here once;
 //! callers match on [`NodeCallError`] (and on the node's [`ErrorCode`]) as values.
 
@@ -47,6 +47,13 @@ pub enum NodeCallError {
         /// The node's error code, when its body was the API's error shape.
         code: Option<ErrorCode>,
         detail: String,
+    },
+    /// The node's credential could not be read from the database, so no call was made.
+    #[error("node {node}: cannot read its credential")]
+    Credential {
+        node: String,
+        #[source]
+        source: crate::db::DbError,
     },
     /// A success status with a body that is not what the contract says.
     #[error("node {node}: {method} {url} answered something that is not {what}")]
@@ -103,7 +110,8 @@ impl From<&sendense_shared::api::Node> for NodeAddr {
 #[derive(Clone)]
 pub struct NodeClient {
     http: reqwest::Client,
-    token: crate::auth::Token,
+    /// The node's own credential is presented to it (never the hub's admin token).
+    credentials: crate::auth::Credentials,
     /// Default timeout of a call (`node_timeout` of the config).
     timeout: Duration,
 }
@@ -118,14 +126,14 @@ pub mod timeouts {
 }
 
 impl NodeClient {
-    pub fn new(token: crate::auth::Token, timeout: Duration) -> Self {
+    pub fn new(credentials: crate::auth::Credentials, timeout: Duration) -> Self {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .build()
             .expect("reqwest client without TLS or proxies builds");
         NodeClient {
             http,
-            token,
+            credentials,
             timeout,
         }
     }
@@ -144,12 +152,24 @@ impl NodeClient {
         what: &'static str,
     ) -> Result<T, NodeCallError> {
         let url = Self::url(node, path);
+        // Asked every call: a rotation switches what the node expects once it used the new
+        // credential. A node without one gets no Authorization at all (and answers 401).
+        let credential = self
+            .credentials
+            .for_node(&node.name)
+            .await
+            .map_err(|source| NodeCallError::Credential {
+                node: node.name.clone(),
+                source,
+            })?;
         let mut req = match method {
             "GET" => self.http.get(&url),
             _ => self.http.post(&url),
         }
-        .bearer_auth(self.token.as_str())
         .timeout(timeout.unwrap_or(self.timeout));
+        if let Some(c) = &credential {
+            req = req.bearer_auth(c.as_str());
+        }
         if let Some(b) = body {
             req = req.json(b);
         }

@@ -103,8 +103,9 @@ impl Nodes {
         self.import(name, inv).await
     }
 
-    /// Upserts every VM of the inventory as belonging to `node`; a VM that fails validation is
-    /// skipped and logged (one odd VM must not block the others).
+    /// Upserts every VM of the inventory as belonging to `node`; a VM that fails validation, or
+    /// whose name another node's VM holds, is skipped and logged (one odd VM must not block the
+    /// others).
     async fn import(&self, node: &str, inv: Inventory) -> Result<Vec<Vm>, NodeError> {
         let mut out = Vec::new();
         for v in inv.vms {
@@ -129,7 +130,15 @@ impl Nodes {
                 driver,
                 change_tracking: v.change_tracking,
             };
-            out.push(self.db.upsert_inventory_vm(&req, &source).await?);
+            match self.db.upsert_inventory_vm(&req, &source).await {
+                Ok(vm) => out.push(vm),
+                // Another node's VM of the same name stays that node's (never a takeover);
+                // this node's is left out of the import, and said so.
+                Err(e @ DbError::Owned { .. }) => {
+                    tracing::warn!(%node, vm = %req.vm_name, error = %e, "inventory VM not imported");
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(out)
     }

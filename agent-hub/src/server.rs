@@ -85,7 +85,12 @@ impl Hub {
             Err(e) => return Err(StartError::RegisterRepository(e)),
         }
 
-        let node_client = NodeClient::new(token.clone(), config.node_timeout);
+        let credentials = crate::auth::Credentials::new(
+            db.clone(),
+            &crate::auth::load_or_create(&config.credential_key_file)?,
+            config.credential_grace,
+        );
+        let node_client = NodeClient::new(credentials.clone(), config.node_timeout);
         let bus = EventBus::new();
         let log = JobLog::new(db.clone(), bus.clone());
         let ports = Arc::new(PortAllocator::new(
@@ -134,6 +139,10 @@ impl Hub {
             nodes,
             bus,
             readback,
+            auth: crate::auth::Authenticator {
+                admin: token.clone(),
+                credentials,
+            },
             token,
             started_at: Utc::now(),
             shutdown: CancellationToken::new(),

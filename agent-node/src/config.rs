@@ -5,7 +5,7 @@
 //! listen = "127.0.0.1:8081"
 //! name = "node1"
 //! hub_url = "http://127.0.0.1:8082"
-//! token_file = "/etc/sendense/token"
+//! token_file = "/etc/sendense/token"       # this node's credential: `sendense-hub node enroll NAME`
 //! # Where fleecing files, NBD sockets, journals and the QMP log live (QEMU must reach it).
 //! run_dir = "/run/sendense-node"
 //! # URL the hub calls this node on (default: http://<listen address>).
@@ -63,7 +63,9 @@ pub struct ServeArgs {
     /// Hub to register with and report to, e.g. http://127.0.0.1:8082.
     #[arg(long, value_name = "URL", env = "SENDENSE_HUB_URL")]
     pub hub_url: Option<String>,
-    /// File holding the bearer token shared with the hub.
+    /// File holding this node's credential, issued by `sendense-hub node enroll NAME` (mode
+    /// 0600; refused when group or others may read it): the node presents it to the hub, and
+    /// its own API accepts it (the hub calls the node with it).
     #[arg(long, value_name = "FILE", env = "SENDENSE_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// A VM and its QMP socket, VM_NAME=QMP_SOCKET (repeatable).

@@ -1,11 +1,17 @@
-//! File helpers the drivers share. One today: [`atomic_write`], used by every crash journal
-//! (QEMU's and vSphere's), because a journal that a crash leaves half-written is worse than
-//! none: start-up recovery would find a file it cannot read and the snapshot it described.
+//! File helpers the drivers share:
+//!
+//! - [`atomic_write`], used by every crash journal (QEMU's and vSphere's), because a journal
+//!   that a crash leaves half-written is worse than none: start-up recovery would find a file
+//!   it cannot read and the snapshot it described;
+//! - [`CreatedFile`], a file this node created exclusively and may therefore delete: a restore's
+//!   target, removed on failure only while the path still holds that same file (device and
+//!   inode), so a failed restore never deletes what someone else put there.
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// The temporary file [`atomic_write`] writes `path`'s new contents to: `<path>.tmp`, in the
@@ -42,9 +48,116 @@ pub fn atomic_write(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// A file created by [`CreatedFile::create`]: its path and the identity (device, inode) of
+/// what was created there, kept open.
+#[derive(Debug)]
+pub struct CreatedFile {
+    path: PathBuf,
+    file: File,
+    dev: u64,
+    ino: u64,
+}
+
+impl CreatedFile {
+    /// Creates `path` with `O_CREAT | O_EXCL | O_NOFOLLOW`: an existing file (or a symlink
+    /// planted there, dangling or not) is an `AlreadyExists` error and is left as it was. The
+    /// mode is `mode` whatever the umask.
+    pub fn create(path: &Path, mode: u32) -> std::io::Result<CreatedFile> {
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .mode(mode)
+            .open(path)?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        let meta = file.metadata()?;
+        Ok(CreatedFile {
+            path: path.to_path_buf(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+            file,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A name of the created file that does not go through its path: `/proc/<pid>/fd/<fd>`,
+    /// valid while `self` lives. A child (`qemu-img create`) given it writes into this very
+    /// inode even if the path was replaced by a symlink meanwhile.
+    pub fn fd_path(&self) -> PathBuf {
+        PathBuf::from(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            self.file.as_raw_fd()
+        ))
+    }
+
+    /// The path still names the created file (not following a symlink).
+    pub fn is_at_path(&self) -> bool {
+        std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino)
+    }
+
+    /// Deletes the path if it still names the created file; answers whether it did. Anything
+    /// else found there (a file moved in, a symlink) is left alone.
+    pub fn remove(&self) -> std::io::Result<bool> {
+        if !self.is_at_path() {
+            return Ok(false);
+        }
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_created_file_is_exclusive_private_and_removed_only_while_it_is_ours() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.qcow2");
+        // Existing files and planted symlinks are refused and left as they were.
+        std::fs::write(&p, b"someone's disk").unwrap();
+        let e = CreatedFile::create(&p, 0o640).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), b"someone's disk");
+        std::fs::remove_file(&p).unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, &p).unwrap();
+        assert!(CreatedFile::create(&p, 0o640).is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        std::fs::remove_file(&p).unwrap();
+
+        let c = CreatedFile::create(&p, 0o640).unwrap();
+        assert_eq!(mode(&p), 0o640);
+        assert!(c.is_at_path());
+        // Written through the fd path, as qemu-img is: lands in the created inode.
+        std::fs::write(c.fd_path(), b"restored").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"restored");
+        // Replaced behind our back: not ours any more, not deleted.
+        std::fs::remove_file(&p).unwrap();
+        std::fs::write(&p, b"another restore's image").unwrap();
+        assert!(!c.is_at_path());
+        assert!(!c.remove().unwrap());
+        assert_eq!(std::fs::read(&p).unwrap(), b"another restore's image");
+        std::fs::remove_file(&p).unwrap();
+        std::os::unix::fs::symlink(&victim, &p).unwrap();
+        assert!(!c.remove().unwrap());
+        assert!(p.symlink_metadata().is_ok() && victim.exists());
+
+        let dir2 = tempfile::tempdir().unwrap();
+        let q = dir2.path().join("mine.qcow2");
+        let c = CreatedFile::create(&q, 0o640).unwrap();
+        assert!(c.remove().unwrap());
+        assert!(!q.exists());
+    }
 
     fn mode(p: &Path) -> u32 {
         std::fs::metadata(p).unwrap().permissions().mode() & 0o777

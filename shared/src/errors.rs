@@ -20,6 +20,10 @@ pub enum ErrorCode {
     InvalidField,
     /// No or a wrong bearer token.
     Unauthorized,
+    /// The credential is valid but its scope does not cover the request (a node's credential
+    /// acting on another node's VM, job or restore, or on what needs the admin credential);
+    /// `detail` names the scope.
+    Forbidden,
     /// The route, VM, backup, restore, node or repository does not exist; `detail` names it.
     NotFound,
     /// A record with that id exists already.
@@ -77,6 +81,7 @@ impl ErrorCode {
             ErrorCode::InvalidName => "invalid_name",
             ErrorCode::InvalidField => "invalid_field",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::NotFound => "not_found",
             ErrorCode::AlreadyExists => "already_exists",
             ErrorCode::VmBusy => "vm_busy",
@@ -107,6 +112,7 @@ impl ErrorCode {
         ErrorCode::InvalidName,
         ErrorCode::InvalidField,
         ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
         ErrorCode::NotFound,
         ErrorCode::AlreadyExists,
         ErrorCode::VmBusy,

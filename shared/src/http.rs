@@ -11,7 +11,7 @@
 mod bearer;
 mod json;
 
-pub use bearer::{Bearer, require_bearer};
+pub use bearer::{Bearer, bearer_of, require_bearer};
 pub use json::ApiJson;
 
 use crate::api::ErrorBody;
@@ -26,6 +26,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::InvalidJson | ErrorCode::InvalidName => StatusCode::BAD_REQUEST,
         ErrorCode::InvalidField => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorCode::Forbidden => StatusCode::FORBIDDEN,
         ErrorCode::NotFound => StatusCode::NOT_FOUND,
         ErrorCode::AlreadyExists
         | ErrorCode::VmBusy

@@ -1,6 +1,8 @@
 //! A running `sendense-hub` for a test: temporary data directory, API on a kernel-chosen port
 //! of 127.0.0.1 (read back from the hub's log line, so there is no probe-then-bind race), its
-//! own NBD port range, stopped (SIGTERM, then SIGKILL) in `Drop`.
+//! own NBD port range, stopped (SIGTERM, then SIGKILL) in `Drop`. Its `node enroll|rotate|revoke`
+//! commands run on the same data directory ([`HubProcess::node_command`]); a node of a test is
+//! enrolled and gets its own credential ([`HubProcess::node_credential`]).
 
 use anyhow::Context;
 use serde_json::{Value, json};
@@ -49,6 +51,8 @@ pub struct HubProcess {
     /// The hub's stderr, captured to a file in the data directory.
     pub stderr_path: PathBuf,
     pub command_line: String,
+    /// The binary, for its one-shot commands (`node enroll`).
+    pub binary: PathBuf,
 }
 
 impl HubProcess {
@@ -93,6 +97,7 @@ impl HubProcess {
             nbd_ports,
             stderr_path,
             command_line,
+            binary: binary.to_path_buf(),
         };
         let addr = crate::wait_for_log_value(
             "sendense-hub",
@@ -109,6 +114,49 @@ impl HubProcess {
             .to_string();
         eprintln!("hub pid {} at {}", hub.pid(), hub.url);
         Ok(hub)
+    }
+
+    /// `sendense-hub node <args>` on this hub's data directory and database: (exit success,
+    /// stdout, stderr).
+    pub fn node_command(&self, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--data-dir").arg(&self.opts.data_dir);
+        if let Some(url) = &self.opts.database_url {
+            cmd.arg("--database-url").arg(url);
+        }
+        cmd.arg("node")
+            .args(args)
+            .env_remove("SENDENSE_HUB_CONFIG")
+            .envs(self.opts.env.iter().map(|(k, v)| (k, v)));
+        eprintln!("+ {}", crate::describe(&cmd));
+        let out = cmd.output().context("running sendense-hub node ...")?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// The credential file of node `name` (0600), enrolled on first use
+    /// (`sendense-hub node enroll NAME --output FILE`), the same file afterwards.
+    pub fn node_credential(&self, name: &str) -> anyhow::Result<PathBuf> {
+        let file = self.opts.data_dir.join(format!("node-{name}.credential"));
+        if !file.exists() {
+            let f = file.display().to_string();
+            let (ok, _, err) = self.node_command(&["enroll", name, "--output", &f])?;
+            anyhow::ensure!(ok, "sendense-hub node enroll {name} failed: {err}");
+        }
+        Ok(file)
+    }
+
+    /// An API client with node `name`'s credential (enrolled on first use).
+    pub fn node_api(&self, name: &str) -> anyhow::Result<Api> {
+        let file = self.node_credential(name)?;
+        Ok(Api {
+            base: self.url.clone(),
+            token: Some(std::fs::read_to_string(file)?.trim().to_string()),
+            http: reqwest::Client::new(),
+        })
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,8 +1,8 @@
 //! A running `sendense-node` for a test — the one launcher of the node, hub and end-to-end
 //! tests: API on a kernel-chosen port of 127.0.0.1 (read back from its "node serving" log line)
 //! or a given address, a run directory kept across restarts (so the start-up recovery of a
-//! restarted node finds its journal), the hub's token file or one of its own, its VMs' QMP
-//! sockets, and on request a hub URL, an SSH tunnel, a copy throttle, a `PATH` in front, more
+//! restarted node finds its journal), the credential the hub enrolled it with
+//! (`HubProcess::node_credential`) or a token of its own, its VMs' QMP sockets, and on request a hub URL, an SSH tunnel, a copy throttle, a `PATH` in front, more
 //! flags, environment and config. Killed (SIGKILL, by PID) in `Drop`.
 
 use anyhow::Context;
@@ -38,7 +38,8 @@ pub struct NodeOptions {
     pub name: String,
     /// `--hub-url`; `None`: no hub (or the tunnel's forward to one).
     pub hub_url: Option<String>,
-    /// `--token-file` (e.g. the hub's); `None`: [`TEST_TOKEN`] in `dir/token` (mode 0600).
+    /// `--token-file` (e.g. `HubProcess::node_credential`); `None`: [`TEST_TOKEN`] in
+    /// `dir/token` (mode 0600).
     pub token_file: Option<PathBuf>,
     /// `(vm_name, qmp_socket)`: `--qmp NAME=SOCKET`.
     pub vms: Vec<(String, PathBuf)>,

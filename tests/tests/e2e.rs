@@ -15,6 +15,8 @@
 //! - [`e2e::concurrency`]: several VMs at once and the port ceiling.
 //! - [`e2e::console_live`]: the real console in tmux, driven by keys (also needs
 //!   `cargo build --bin sendense-console`).
+//! - [`e2e::trust`]: node credentials and their scopes, repository roots, secret file modes,
+//!   restores that cannot destroy.
 //! - [`e2e::tunnel`]: a full backup with hub and node talking only through the SSH tunnel.
 //! - [`e2e::vcsim_harness`]: the vSphere simulator harness itself (needs Go and govmomi:
 //!   `scripts/setup.sh packages`).
@@ -29,6 +31,7 @@ mod e2e {
     pub mod guest;
     pub mod restore;
     pub mod sys;
+    pub mod trust;
     pub mod tunnel;
     pub mod vcsim_harness;
     pub mod vsphere;

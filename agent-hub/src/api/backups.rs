@@ -1,9 +1,12 @@
 //! Backups: start, list, one, cancel, events, and the writer's progress / completion reports.
 //! The job logic lives in [`crate::jobs`]; these handlers validate and translate.
 
+use super::scope::{own_backup, own_vm};
 use super::{ApiError, ApiJson};
+use crate::auth::Principal;
 use crate::hub::AppState;
 use crate::jobs::JobError;
+use axum::Extension;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -19,10 +22,12 @@ use sendense_shared::names::validate_name;
 /// backup in `running` otherwise.
 pub async fn start(
     State(hub): State<AppState>,
+    Extension(who): Extension<Principal>,
     ApiJson(req): ApiJson<BackupRequest>,
 ) -> Result<(StatusCode, Json<Backup>), ApiError> {
     validate_name("vm_name", &req.vm_name)?;
     validate_name("repository_id", &req.repository_id)?;
+    own_vm(&hub, &who, &req.vm_name).await?;
     let b = hub.jobs.start(req).await?;
     Ok((StatusCode::ACCEPTED, Json(b)))
 }
@@ -62,35 +67,43 @@ pub struct ListQuery {
 
 pub async fn get_one(
     State(hub): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<Backup>, ApiError> {
     let id = backup_id(id)?;
+    own_backup(&hub, &who, &id.0).await?;
     Ok(Json(hub.jobs.get(&id).await?))
 }
 
 pub async fn cancel(
     State(hub): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Backup>), ApiError> {
     let id = backup_id(id)?;
+    own_backup(&hub, &who, &id.0).await?;
     Ok((StatusCode::ACCEPTED, Json(hub.jobs.cancel(&id).await?)))
 }
 
 pub async fn events(
     State(hub): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<JobEvent>>, ApiError> {
     let id = backup_id(id)?;
+    own_backup(&hub, &who, &id.0).await?;
     hub.jobs.get(&id).await?;
     Ok(Json(hub.db.list_events(&id).await?))
 }
 
 pub async fn progress(
     State(hub): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     ApiJson(report): ApiJson<ProgressReport>,
 ) -> Result<Json<Backup>, ApiError> {
     let id = backup_id(id)?;
+    own_backup(&hub, &who, &id.0).await?;
     Ok(Json(hub.jobs.progress(&id, report).await?))
 }
 
@@ -98,10 +111,12 @@ pub async fn progress(
 /// follow the job to `completed` or `failed`.
 pub async fn complete(
     State(hub): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     ApiJson(report): ApiJson<CompletionReport>,
 ) -> Result<(StatusCode, Json<Backup>), ApiError> {
     let id = backup_id(id)?;
+    own_backup(&hub, &who, &id.0).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(hub.jobs.complete(&id, report).await?),

@@ -3,9 +3,12 @@
 //! `PUT /api/v1/nodes/{name}/inventory` lets a node push it), and `GET /api/v1/tunnel`.
 //! The logic lives in [`crate::nodes`].
 
+use super::scope::own_node;
 use super::{ApiError, ApiJson};
+use crate::auth::Principal;
 use crate::hub::AppState;
 use crate::nodes::NodeError;
+use axum::Extension;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -18,18 +21,22 @@ pub async fn list(State(hub): State<AppState>) -> Result<Json<Vec<Node>>, ApiErr
 
 pub async fn get_one(
     State(hub): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
 ) -> Result<Json<Node>, ApiError> {
     validate_name("name", &name)?;
+    own_node(&who, Some(&name), "reading a node")?;
     Ok(Json(hub.nodes.find(&name).await?))
 }
 
 /// A node announces itself; the hub then pulls its inventory in the background.
 pub async fn register(
     State(hub): State<AppState>,
+    Extension(who): Extension<Principal>,
     ApiJson(reg): ApiJson<NodeRegistration>,
 ) -> Result<(StatusCode, Json<Node>), ApiError> {
     validate_name("name", &reg.name)?;
+    own_node(&who, Some(&reg.name), "the registration")?;
     Ok((StatusCode::CREATED, Json(hub.nodes.register(&reg).await?)))
 }
 
@@ -45,10 +52,12 @@ pub async fn discover(
 /// The node pushes its inventory.
 pub async fn push_inventory(
     State(hub): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
     ApiJson(inv): ApiJson<Inventory>,
 ) -> Result<Json<Vec<Vm>>, ApiError> {
     validate_name("name", &name)?;
+    own_node(&who, Some(&name), "the inventory")?;
     Ok(Json(hub.nodes.push_inventory(&name, inv).await?))
 }
 

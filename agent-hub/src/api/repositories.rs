@@ -1,13 +1,19 @@
 //! `GET/POST /api/v1/repositories`: directories that hold QCOW2 chains, with their free space.
+//! Registering one needs the admin token, and the directory must lie under the configured
+//! `repository_roots` (default: the data directory), never be the data directory itself nor
+//! the log directory (compared with symlinks resolved).
 
+use super::scope::admin_only;
 use super::{ApiError, ApiJson};
+use crate::auth::Principal;
 use crate::hub::AppState;
+use axum::Extension;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use sendense_shared::api::{Repository, RepositoryRequest};
 use sendense_shared::names::validate_name;
-use std::path::Path;
+use std::path::{Component, Path, PathBuf};
 
 pub async fn list(State(hub): State<AppState>) -> Result<Json<Vec<Repository>>, ApiError> {
     let rows = hub.db.list_repositories().await?;
@@ -19,8 +25,10 @@ pub async fn list(State(hub): State<AppState>) -> Result<Json<Vec<Repository>>, 
 /// Registers a directory (created if missing) under a new id.
 pub async fn create(
     State(hub): State<AppState>,
+    Extension(who): Extension<Principal>,
     ApiJson(req): ApiJson<RepositoryRequest>,
 ) -> Result<(StatusCode, Json<Repository>), ApiError> {
+    admin_only(&who, "registering a repository")?;
     validate_name("id", &req.id)?;
     if req.path.contains('\0') {
         return Err(ApiError::BadName("path contains a NUL byte".into()));
@@ -32,12 +40,97 @@ pub async fn create(
             req.path
         )));
     }
+    // Checked before anything is created (no directory appears in /etc for a refused
+    // request), and again on the created directory (a symlink planted meanwhile).
+    let places = Places::of(&hub.config);
+    places.check(path)?;
     std::fs::create_dir_all(path).map_err(|e| {
         ApiError::invalid(format!("path: cannot create directory {:?}: {e}", req.path))
     })?;
-    hub.db.insert_repository(&req.id, &req.path).await?;
-    tracing::info!(id = %req.id, path = %req.path, "repository registered");
-    Ok((StatusCode::CREATED, Json(with_space(req.id, req.path))))
+    let path = places.check(path)?;
+    let path = path.display().to_string();
+    hub.db.insert_repository(&req.id, &path).await?;
+    tracing::info!(id = %req.id, %path, "repository registered");
+    Ok((StatusCode::CREATED, Json(with_space(req.id, path))))
+}
+
+/// Where a repository may be: under a `repository_roots` entry, never the data directory
+/// itself (its database and token) nor the log directory or below it. Compared canonicalized.
+struct Places {
+    roots: Vec<PathBuf>,
+    data_dir: PathBuf,
+    log_dir: PathBuf,
+}
+
+impl Places {
+    fn of(config: &crate::config::HubConfig) -> Self {
+        Places {
+            roots: config
+                .repository_roots
+                .iter()
+                .map(|r| canonical(r))
+                .collect(),
+            data_dir: canonical(&config.data_dir),
+            log_dir: canonical(&config.log_dir),
+        }
+    }
+
+    /// The canonical form of `path` when it is an allowed place, or the `422` naming the field
+    /// and the rule.
+    fn check(&self, path: &Path) -> Result<PathBuf, ApiError> {
+        if path.components().any(|c| c == Component::ParentDir) {
+            return Err(ApiError::invalid(format!(
+                "path: {} contains `..`; give the directory itself",
+                path.display()
+            )));
+        }
+        let c = canonical(path);
+        let shown = |p: &Path| p.display().to_string();
+        if c == self.data_dir {
+            return Err(ApiError::invalid(format!(
+                "path: {} is the hub's data directory (its database and token); a repository \
+                 must be a directory of its own, e.g. {}",
+                shown(path),
+                shown(&self.data_dir.join("repo2"))
+            )));
+        }
+        if c.starts_with(&self.log_dir) {
+            return Err(ApiError::invalid(format!(
+                "path: {} is the hub's log directory {} or inside it",
+                shown(path),
+                shown(&self.log_dir)
+            )));
+        }
+        if !self.roots.iter().any(|r| c.starts_with(r)) {
+            let roots: Vec<String> = self.roots.iter().map(|r| shown(r)).collect();
+            return Err(ApiError::invalid(format!(
+                "path: {} is not under a repository root (repository_roots in the hub's \
+                 config: {})",
+                shown(path),
+                roots.join(", ")
+            )));
+        }
+        Ok(c)
+    }
+}
+
+/// `path` with symlinks resolved: the longest existing ancestor canonicalized, the rest (not
+/// created yet) appended as given.
+fn canonical(path: &Path) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut p = path;
+    loop {
+        if let Ok(c) = std::fs::canonicalize(p) {
+            return rest.iter().rev().fold(c, |acc, part| acc.join(part));
+        }
+        match (p.parent(), p.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                p = parent;
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
 }
 
 /// Free and total bytes now; zero when the directory is gone (the list still shows it).
@@ -56,5 +149,45 @@ fn with_space(id: String, path: String) -> Repository {
         total_bytes,
         verify_interval_secs: None,
         last_verified_at: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_places_under_a_root_and_not_the_hubs_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(data.join("logs")).unwrap();
+        let cfg = crate::config::HubConfig::with_data_dir(&data);
+        let places = Places::of(&cfg);
+        let ok = places.check(&data.join("repo2/x")).unwrap();
+        assert_eq!(ok, canonical(&data).join("repo2/x"));
+        for (bad, words) in [
+            (PathBuf::from("/etc"), "not under a repository root"),
+            (
+                PathBuf::from("/etc/sendense"),
+                "not under a repository root",
+            ),
+            (data.clone(), "data directory"),
+            (data.join("logs"), "log directory"),
+            (data.join("logs/x"), "log directory"),
+            (data.join("repo/../../etc"), "`..`"),
+        ] {
+            let e = places.check(&bad).unwrap_err();
+            let shown = e.body().detail;
+            assert_eq!(e.code(), sendense_shared::errors::ErrorCode::InvalidField);
+            assert!(shown.starts_with("path: "), "{shown}");
+            assert!(shown.contains(words), "{bad:?}: {shown}");
+        }
+        // A symlink under the root that points out of it is judged by where it points.
+        std::os::unix::fs::symlink("/etc", data.join("sneaky")).unwrap();
+        let e = places.check(&data.join("sneaky/x")).unwrap_err();
+        assert!(
+            e.body().detail.contains("not under a repository root"),
+            "{e}"
+        );
     }
 }

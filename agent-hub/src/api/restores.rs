@@ -1,9 +1,12 @@
 //! Restores: start, list, one, cancel, events, and the node's progress / completion reports.
 //! The job logic lives in [`crate::restores`].
 
+use super::scope::{own_backup, own_node, own_restore};
 use super::{ApiError, ApiJson};
+use crate::auth::Principal;
 use crate::hub::AppState;
 use crate::restores::RestoreError;
+use axum::Extension;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -15,9 +18,13 @@ use sendense_shared::names::validate_name;
 /// restore `running`; follow it with `GET /api/v1/restores/{id}` or the event stream.
 pub async fn start(
     State(hub): State<AppState>,
+    Extension(who): Extension<Principal>,
     ApiJson(req): ApiJson<RestoreRequest>,
 ) -> Result<(StatusCode, Json<Restore>), ApiError> {
     validate_name("backup_id", &req.backup_id.0)?;
+    // A node restores only its own VMs' points, and only onto itself.
+    own_node(&who, Some(&req.target.node), "a restore onto target.node")?;
+    own_backup(&hub, &who, &req.backup_id.0).await?;
     let r = hub.restores.start(req).await?;
     Ok((StatusCode::ACCEPTED, Json(r)))
 }
@@ -32,35 +39,43 @@ fn restore_id(id: &str) -> Result<(), ApiError> {
 
 pub async fn get_one(
     State(hub): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<Restore>, ApiError> {
     restore_id(&id)?;
+    own_restore(&hub, &who, &id).await?;
     Ok(Json(hub.restores.get(&id).await?))
 }
 
 pub async fn cancel(
     State(hub): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Restore>), ApiError> {
     restore_id(&id)?;
+    own_restore(&hub, &who, &id).await?;
     Ok((StatusCode::ACCEPTED, Json(hub.restores.cancel(&id).await?)))
 }
 
 pub async fn events(
     State(hub): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<JobEvent>>, ApiError> {
     restore_id(&id)?;
+    own_restore(&hub, &who, &id).await?;
     Ok(Json(hub.restores.events(&id).await?))
 }
 
 /// Node → hub, about once a second.
 pub async fn progress(
     State(hub): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     ApiJson(p): ApiJson<RestoreProgress>,
 ) -> Result<Json<Restore>, ApiError> {
     restore_id(&id)?;
+    own_restore(&hub, &who, &id).await?;
     Ok(Json(hub.restores.progress(&id, p).await?))
 }
 
@@ -68,10 +83,12 @@ pub async fn progress(
 /// answer).
 pub async fn complete(
     State(hub): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     ApiJson(c): ApiJson<RestoreCompletion>,
 ) -> Result<Json<Restore>, ApiError> {
     restore_id(&id)?;
+    own_restore(&hub, &who, &id).await?;
     Ok(Json(hub.restores.complete(&id, c).await?))
 }
 

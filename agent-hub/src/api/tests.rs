@@ -294,6 +294,26 @@ async fn code_unauthorized() {
 }
 
 #[tokio::test]
+async fn code_forbidden_names_the_scope() {
+    let mut t = app().await;
+    let node = t.hub.auth.credentials.enroll("n1").await.unwrap();
+    t.token = node.as_str().to_string();
+    let body = json!({"id": "r2", "path": t._dir.path().join("r2")}).to_string();
+    let (s, code, detail) = t.refused("POST", "/api/v1/repositories", Some(&body)).await;
+    assert_eq!((s, code.as_str()), (403, "forbidden"), "{detail}");
+    assert!(detail.starts_with("scope admin: "), "{detail}");
+    assert!(detail.contains("n1"), "{detail}");
+    let reg = r#"{"name":"n2","api_url":"http://127.0.0.1:9","version":"t"}"#;
+    let (s, code, detail) = t.refused("POST", "/api/v1/nodes", Some(reg)).await;
+    assert_eq!((s, code.as_str()), (403, "forbidden"), "{detail}");
+    assert!(detail.starts_with("scope node:n1: "), "{detail}");
+    // Revoked: 401 from the next request on.
+    t.hub.auth.credentials.revoke("n1").await.unwrap();
+    let (s, code, detail) = t.refused("GET", "/api/v1/nodes/n1", None).await;
+    assert_eq!((s, code.as_str()), (401, "unauthorized"), "{detail}");
+}
+
+#[tokio::test]
 async fn code_not_found() {
     let t = app().await;
     let (s, code, detail) = t.refused("GET", "/api/v1/backups/b-none", None).await;

@@ -1,7 +1,10 @@
 //! `GET/POST /api/v1/vms`, `GET /api/v1/vms/{vm_name}`: VMs and their disks.
 
+use super::scope::{own_node, own_vm};
 use super::{ApiError, ApiJson};
+use crate::auth::Principal;
 use crate::hub::AppState;
+use axum::Extension;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -14,18 +17,24 @@ pub async fn list(State(hub): State<AppState>) -> Result<Json<Vec<Vm>>, ApiError
 
 pub async fn get_one(
     State(hub): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(vm_name): Path<String>,
 ) -> Result<Json<Vm>, ApiError> {
     validate_name("vm_name", &vm_name)?;
+    own_vm(&hub, &who, &vm_name).await?;
     find_vm(&hub, &vm_name).await.map(Json)
 }
 
-/// Registers (or updates) a VM by hand.
+/// Registers (or updates) a VM: by hand (the admin, who may also move a VM to another node)
+/// or from a node's inventory (a node's credential: only with `node` itself, and a name
+/// another node's VM holds is `409`, never taken over).
 pub async fn register(
     State(hub): State<AppState>,
+    Extension(who): Extension<Principal>,
     ApiJson(req): ApiJson<VmRequest>,
 ) -> Result<(StatusCode, Json<Vm>), ApiError> {
     crate::vms::validate_vm(&req)?;
+    own_node(&who, req.node.as_deref(), "a VM")?;
     if let Some(node) = &req.node {
         match hub.db.get_node(node).await {
             Ok(_) => {}
@@ -37,7 +46,10 @@ pub async fn register(
             Err(e) => return Err(e.into()),
         }
     }
-    let vm = hub.db.upsert_vm(&req).await?;
+    let vm = match who {
+        Principal::Admin => hub.db.upsert_vm(&req).await?,
+        Principal::Node(_) => hub.db.upsert_vm_of_node(&req).await?,
+    };
     tracing::info!(vm = %vm.vm_name, disks = vm.disks.len(), node = ?vm.node, "VM registered");
     Ok((StatusCode::CREATED, Json(vm)))
 }

@@ -128,30 +128,40 @@ fn validate_vm(req: &VmRequest) -> Result<(), DbError> {
 impl Db {
     /// Registers a VM or brings its record in line with `req`: node updated, new disks added,
     /// changed sizes/units/labels updated, vanished disks removed. Returns the VM as stored.
+    /// The admin's registration: may also move a VM to another node.
     pub async fn upsert_vm(&self, req: &VmRequest) -> Result<Vm, DbError> {
-        self.upsert_vm_from(req, None).await
+        self.upsert_vm_from(req, None, false).await
     }
 
-    /// [`Db::upsert_vm`] for a VM of a node's inventory: also records what the inventory says
-    /// of its driver and change tracking (replacing what was stored, unknown included).
+    /// [`Db::upsert_vm`] on behalf of the node `req.node`: a VM of that name that belongs to
+    /// another node is not taken over ([`DbError::Owned`]); one registered without a node is
+    /// claimed.
+    pub async fn upsert_vm_of_node(&self, req: &VmRequest) -> Result<Vm, DbError> {
+        self.upsert_vm_from(req, None, true).await
+    }
+
+    /// [`Db::upsert_vm_of_node`] for a VM of a node's inventory: also records what the
+    /// inventory says of its driver and change tracking (replacing what was stored, unknown
+    /// included).
     pub async fn upsert_inventory_vm(
         &self,
         req: &VmRequest,
         source: &VmSource,
     ) -> Result<Vm, DbError> {
         check_source(source)?;
-        self.upsert_vm_from(req, Some(source)).await
+        self.upsert_vm_from(req, Some(source), true).await
     }
 
     async fn upsert_vm_from(
         &self,
         req: &VmRequest,
         source: Option<&VmSource>,
+        keep_owner: bool,
     ) -> Result<Vm, DbError> {
         validate_vm(req)?;
         let mut attempt = 0;
         loop {
-            match with_retry(|| self.upsert_vm_once(req, source)).await {
+            match with_retry(|| self.upsert_vm_once(req, source, keep_owner)).await {
                 // A concurrent first registration of the same name committed between our read
                 // and our insert: the next attempt sees it and updates instead.
                 Err(DbError::Conflict { .. }) if attempt < 3 => attempt += 1,
@@ -165,18 +175,38 @@ impl Db {
         &self,
         req: &VmRequest,
         source: Option<&VmSource>,
+        keep_owner: bool,
     ) -> Result<(), DbError> {
         let doing = "registering a VM";
         let mut tx = self.begin_write(doing).await?;
         let now = now_us();
-        let existing: Option<String> = sqlx::query_scalar(
-            "SELECT vm_context_id FROM vm_replication_contexts WHERE vm_name = ?",
+        let existing = sqlx::query(
+            "SELECT vm_context_id, node FROM vm_replication_contexts WHERE vm_name = ?",
         )
         .bind(&req.vm_name)
         .fetch_optional(&mut *tx)
         .await
         .map_err(q(doing))?;
-        let ctx = match existing {
+        let existing = match existing {
+            Some(r) => Some((
+                col::<String>(&r, "vm_context_id")?,
+                col::<Option<String>>(&r, "node")?,
+            )),
+            None => None,
+        };
+        // Read and checked inside the write transaction: two nodes reporting the same name at
+        // once cannot both pass.
+        if keep_owner
+            && let Some((_, Some(owner))) = &existing
+            && req.node.as_deref() != Some(owner.as_str())
+        {
+            return Err(DbError::Owned {
+                vm: req.vm_name.clone(),
+                owner: owner.clone(),
+                claimant: req.node.clone().unwrap_or_default(),
+            });
+        }
+        let ctx = match existing.map(|(c, _)| c) {
             Some(ctx) => {
                 sqlx::query(
                     "UPDATE vm_replication_contexts SET node = ?, updated_at = ?, \

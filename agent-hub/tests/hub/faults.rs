@@ -215,7 +215,9 @@ async fn a_squatted_port_is_skipped_and_reported() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_repository_is_refused_before_anything_is_held() {
     let fs = sendense_tests::tmpfs::Tmpfs::mount("8m").expect("tmpfs (tests run as root)");
-    let env = Env::start();
+    // The volume is a repository root of the hub's: repositories live only under those.
+    let root = fs.path().display().to_string();
+    let env = Env::start_with(|o| o.extra_args.extend(["--repository-root".into(), root]));
     let (s, r) = env
         .api
         .post(

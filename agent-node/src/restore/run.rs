@@ -11,7 +11,6 @@ use sendense_shared::client::HubClient;
 use sendense_shared::errors::{ErrorCode, chain};
 use sendense_shared::nbd::verify::{VerifyError, verify_export};
 use sendense_shared::nbd::{ConnectOptions, NbdAddr, NbdClient, NbdError};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -130,16 +129,12 @@ async fn restore(ctx: &JobContext, run_dir: &Path, job: &RestoreJob) -> Result<(
         path: run_dir.to_path_buf(),
         source,
     })?;
-    // Exclusively: the request's check may have raced another writer, and from here on the
-    // file is this restore's to delete. Mode 0640: a VM's disk, for the node's user and its
-    // group (the hypervisor's), not for every local user.
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o640)
-        .open(&files.image)
-    {
-        Ok(_) => {}
+    // Exclusively, never through a symlink: the request's check may have raced another
+    // writer, and from here on the file (this inode, not whatever the path later names) is
+    // this restore's to delete. Mode 0640: a VM's disk, for the node's user and its group (the
+    // hypervisor's), not for every local user. The refusal returns before anything is deleted.
+    let created = match crate::fsutil::CreatedFile::create(&files.image, 0o640) {
+        Ok(c) => c,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             return Err(RunError::Exists { path: files.image });
         }
@@ -150,7 +145,7 @@ async fn restore(ctx: &JobContext, run_dir: &Path, job: &RestoreJob) -> Result<(
                 source,
             });
         }
-    }
+    };
     let mut entry = journal::Entry {
         restore_id: job.id().to_string(),
         image: files.image.clone(),
@@ -158,12 +153,18 @@ async fn restore(ctx: &JobContext, run_dir: &Path, job: &RestoreJob) -> Result<(
         qemu_nbd_pid: None,
     };
     let result = match write_journal(&files.journal, &entry) {
-        Ok(()) => serve_and_copy(ctx, job, &files, &mut entry).await,
+        Ok(()) => serve_and_copy(ctx, job, &files, &created, &mut entry).await,
         Err(e) => Err(e),
     };
     // The journal goes last: a node killed during the cleanup redoes it at start-up.
     if result.is_err() {
-        remove_quietly(&files.image, "partial image");
+        match created.remove() {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(path = %files.image.display(),
+                "the partial image was replaced by another file; that one is left alone"),
+            Err(e) => tracing::warn!(path = %files.image.display(), error = %e,
+                "cannot remove the partial image"),
+        }
     }
     remove_quietly(&files.socket, "socket");
     remove_quietly(&files.journal, "journal");
@@ -191,15 +192,29 @@ async fn serve_and_copy(
     ctx: &JobContext,
     job: &RestoreJob,
     files: &Files,
+    created: &crate::fsutil::CreatedFile,
     entry: &mut journal::Entry,
 ) -> Result<(), RunError> {
+    // Into the created inode through its descriptor, not the path: qemu-img truncates what it
+    // opens, and the path may have been swapped for a symlink to someone's disk meanwhile.
     tool(
         tokio::process::Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2"])
-            .arg(&files.image)
+            .arg(created.fd_path())
             .arg(job.req.size_bytes.to_string()),
     )
     .await?;
+    // qemu-nbd opens the path (start-up recovery recognises it by it): only while it is still
+    // the created file.
+    if !created.is_at_path() {
+        return Err(RunError::Io {
+            what: "serving",
+            path: files.image.clone(),
+            source: std::io::Error::other(
+                "the path no longer names the image this restore created",
+            ),
+        });
+    }
     let _ = std::fs::remove_file(&files.socket);
     let mut cmd = tokio::process::Command::new("qemu-nbd");
     cmd.args(["-f", "qcow2", "-x", EXPORT, "--shared=4", "-t"])

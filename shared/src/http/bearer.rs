@@ -4,6 +4,7 @@ use super::ErrorAnswer;
 use crate::errors::ErrorCode;
 use crate::token::Token;
 use axum::extract::{Request, State};
+use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -26,22 +27,37 @@ impl Bearer {
 /// request whose `Authorization` is `Bearer <token>` (scheme in any case, as RFC 7235 has it),
 /// answers `401 unauthorized` naming what was wrong otherwise.
 pub async fn require_bearer(State(b): State<Bearer>, req: Request, next: Next) -> Response {
-    let refuse = |detail: String| ErrorAnswer::new(ErrorCode::Unauthorized, detail).into_response();
-    let Some(value) = req.headers().get(AUTHORIZATION) else {
-        return refuse(format!(
-            "missing Authorization header: send `Authorization: Bearer <token>` (the token of {})",
-            b.source
-        ));
+    let given = match bearer_of(req.headers(), b.source) {
+        Ok(g) => g,
+        Err(e) => return e.into_response(),
+    };
+    if !b.token.matches(given) {
+        return ErrorAnswer::new(
+            ErrorCode::Unauthorized,
+            format!("bearer token does not match {}", b.source),
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// The token of `Authorization: Bearer <token>` (trimmed), or the `401 unauthorized` naming
+/// what was wrong; `source` says where an operator finds the token.
+pub fn bearer_of<'h>(headers: &'h HeaderMap, source: &str) -> Result<&'h str, ErrorAnswer> {
+    let refuse = |detail: String| ErrorAnswer::new(ErrorCode::Unauthorized, detail);
+    let Some(value) = headers.get(AUTHORIZATION) else {
+        return Err(refuse(format!(
+            "missing Authorization header: send `Authorization: Bearer <token>` (the token of {source})"
+        )));
     };
     let given = value.to_str().ok().and_then(|v| {
         let (scheme, rest) = v.split_once(' ')?;
         scheme.eq_ignore_ascii_case("bearer").then_some(rest)
     });
-    let Some(given) = given else {
-        return refuse("Authorization header is not `Bearer <token>`".to_string());
-    };
-    if !b.token.matches(given.trim()) {
-        return refuse(format!("bearer token does not match {}", b.source));
+    match given {
+        Some(g) => Ok(g.trim()),
+        None => Err(refuse(
+            "Authorization header is not `Bearer <token>`".to_string(),
+        )),
     }
-    next.run(req).await
 }

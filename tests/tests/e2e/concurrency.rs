@@ -36,7 +36,7 @@ async fn two_vms_at_once_and_a_clean_refusal_beyond_the_ports() {
         &node_bin(),
         NodeOptions {
             hub_url: Some(hub.url.clone()),
-            token_file: Some(hub.opts.data_dir.join("token")),
+            token_file: Some(hub.node_credential("node-con").expect("enrolling the node")),
             vms: names
                 .iter()
                 .zip(&vms)

@@ -167,7 +167,18 @@ async fn repository_fills_up_mid_copy() {
     let Ok(fs) = sendense_tests::tmpfs::Tmpfs::mount("300m") else {
         panic!("mounting a tmpfs needs root");
     };
-    let mut sys = Sys::start("e2efull", slow()).await;
+    // The volume is a repository root of the hub's: repositories live only under those.
+    let root = fs.path().display().to_string();
+    let mut sys = Sys::start(
+        "e2efull",
+        SysOptions {
+            hub: Some(Box::new(move |o, _| {
+                o.extra_args.extend(["--repository-root".into(), root])
+            })),
+            ..slow()
+        },
+    )
+    .await;
     let (s, v) = sys
         .api
         .post(

@@ -284,7 +284,11 @@ pub fn node_options(
 ) -> NodeOptions {
     NodeOptions {
         hub_url: Some(hub.url.clone()),
-        token_file: Some(hub.opts.data_dir.join("token")),
+        // The node's own credential, enrolled at the hub (never the hub's admin token).
+        token_file: Some(
+            hub.node_credential(&format!("node-{vm}"))
+                .expect("enrolling the node"),
+        ),
         vms: qmp_vms,
         throttle_bps,
         ..NodeOptions::new(tmp.join("node"), &format!("node-{vm}"))

@@ -68,7 +68,7 @@ async fn a_full_backup_runs_through_the_tunnel() {
     let mut node = NodeProcess::start(
         &node_bin(),
         NodeOptions {
-            token_file: Some(hub.opts.data_dir.join("token")),
+            token_file: Some(hub.node_credential("tunnode").expect("enrolling the node")),
             vms: vec![("tunvm".into(), vm.node_qmp.clone())],
             listen: format!("127.0.0.1:{node_api}"),
             tunnel: Some(TunnelOptions {
