@@ -10,7 +10,9 @@
 //!
 //! The integrity of a point is set through the hub's own database layer (`Db::set_integrity`
 //! on the running hub's SQLite file, as a verify job records it): a verify job that finds a
-//! point corrupt is another file's subject; this one is about what a restore does with it.
+//! point corrupt is another file's subject; this one is about what a restore does with it. A
+//! legacy point is made as migration 0004 leaves one (its sidecar columns NULL, integrity
+//! `legacy`), with SQL on the same file.
 
 use super::env::*;
 use agent_hub::db::Db;
@@ -306,6 +308,64 @@ async fn a_restore_is_compared_with_the_points_stored_checksums() {
     );
     assert!(
         !ev.iter().any(|e| e.starts_with("restore_truth_matched")),
+        "{ev:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_legacy_point_is_not_compared_and_a_damaged_sidecar_fails_the_restore() {
+    use sqlx::Connection;
+    let env = Env::start();
+    let node = FakeNode::start(&env).await;
+    let (id, _) = verified_point(&env, "oldvm").await;
+    let b = env.api.get_ok(&format!("/api/v1/backups/{id}")).await;
+    let image = image_paths(&b)[0].clone();
+    let sidecar = PathBuf::from(format!("{}.sums", image.display()));
+
+    // A damaged sidecar (one byte of a stored hash flipped): the stored truth cannot be read,
+    // so the restore cannot be called good.
+    let original = std::fs::read(&sidecar).unwrap();
+    let mut damaged = original.clone();
+    damaged[40] ^= 0x01;
+    std::fs::write(&sidecar, &damaged).unwrap();
+    let target = env.path("damaged.qcow2");
+    let (rid, _) = restore_into(&env, &node, &id, &target).await;
+    let r = complete(&env, &rid, Some(grid_of(&target, CELL))).await;
+    assert_eq!(r["status"], "failed", "{r:#}");
+    let msg = r["error_message"].as_str().unwrap();
+    assert!(
+        msg.contains("cannot compare with the point's stored checksums")
+            && msg.contains(sidecar.to_str().unwrap()),
+        "{msg}"
+    );
+    std::fs::write(&sidecar, &original).unwrap();
+
+    // A point completed before whole-disk checksums (as migration 0004 leaves one): no
+    // sidecar, `legacy`. It is restorable; the restore completes saying it was not compared.
+    let url = format!("sqlite://{}", env.tmp.path().join("data/hub.db").display());
+    let mut c = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query(
+        "UPDATE backup_disks SET manifest_path = NULL, manifest_blake3 = NULL, \
+         checksums_source = NULL WHERE backup_id = ?",
+    )
+    .bind(&id)
+    .execute(&mut c)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE backup_jobs SET integrity = 'legacy' WHERE backup_id = ?")
+        .bind(&id)
+        .execute(&mut c)
+        .await
+        .unwrap();
+    c.close().await.unwrap();
+    let target = env.path("legacy.qcow2");
+    let (rid, _) = restore_into(&env, &node, &id, &target).await;
+    let r = complete(&env, &rid, Some(grid_of(&target, CELL))).await;
+    assert_eq!(r["status"], "completed", "{r:#}");
+    let ev = restore_events(&env, &rid).await;
+    assert!(
+        ev.iter()
+            .any(|e| e.starts_with("restore_truth_not_compared") && e.contains("legacy point")),
         "{ev:#?}"
     );
 }
