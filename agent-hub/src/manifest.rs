@@ -305,6 +305,17 @@ impl Manifest {
         })
     }
 
+    /// Indices of the cells whose checksum differs from `other`'s, in cell order (a cell one
+    /// of them lacks counts as differing). The grids must agree in cell size for the indices
+    /// to mean the same bytes; the caller checks that.
+    pub fn diff(&self, other: &Manifest) -> Vec<u64> {
+        let n = self.hashes.len().max(other.hashes.len());
+        (0..n)
+            .filter(|&i| self.hashes.get(i) != other.hashes.get(i))
+            .map(|i| i as u64)
+            .collect()
+    }
+
     /// The sidecar's bytes (header, hashes, trailer).
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(HEADER + 32 * self.hashes.len() + 32);

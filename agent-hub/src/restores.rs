@@ -6,14 +6,17 @@
 //! unwinding path ([`Restores`]'s `finish`), the start-up reconciler, and shutdown draining.
 //!
 //! `POST /api/v1/restores {"backup_id","disk_key"?,"target":{"node","path"}}`:
-//! 1. the backup must be `completed` (verified) and its image (with its chain) on disk; one
-//!    restore per backup point at a time;
+//! 1. the backup must be `completed`, its integrity one a restore may read (`verified`,
+//!    `hub_computed`, `legacy`; never `corrupt` or `unverified`) and its image (with its chain)
+//!    on disk; one restore per backup point at a time;
 //! 2. one NBD port from the same allocator as backups (recorded under the backup's id, so
 //!    `GET /api/v1/ports` shows which backup point is served) and one `qemu-nbd --read-only`
 //!    on that image (recorded like a backup's, so the reconciler stops it after a crash);
 //! 3. the node is asked to copy it into `target.path` (`POST /api/v1/restore/start` of the
 //!    node); it pushes `POST /api/v1/restores/{id}/progress` about once a second and
-//!    `.../complete` at its end, after reading the new image back against what it read;
+//!    `.../complete` at its end, after reading the new image back against what it read, with
+//!    the whole-disk checksums of what it wrote; the hub compares those with the point's
+//!    stored checksums (its sidecar) before it calls the restore completed ([`truth`]);
 //! 4. a node silent for the watch interval is asked (`GET /api/v1/restore/{id}`); one that
 //!    forgot the restore or stays unreachable for `node_lost_after` fails it;
 //! 5. the end, whatever caused it: qemu-nbd stopped, port released, then the terminal status
@@ -58,8 +61,10 @@ pub enum RestoreError {
     NodeNotFound { node: String },
     #[error("no restore with id {id}")]
     NotFound { id: String },
-    #[error("backup {id} is {status}: only a completed (verified) backup can be restored")]
-    NotRestorable { id: BackupId, status: &'static str },
+    /// Not completed, or its integrity forbids it (`corrupt`, `unverified`): `reason` says
+    /// which, with the stored detail.
+    #[error("backup {id} {reason}")]
+    NotRestorable { id: BackupId, reason: String },
     #[error("backup {id} is being restored already by {restore_id}; wait for it")]
     Busy { id: BackupId, restore_id: String },
     #[error("image {path} of backup {id} is missing")]
@@ -165,8 +170,9 @@ mod finish;
 mod node;
 mod reports;
 mod request;
+mod truth;
 
-use request::{check_target_path, pick_disk};
+use request::{check_restorable, check_target_path, pick_disk};
 
 impl Restores {
     pub fn new(deps: RestoreDeps) -> Self {
@@ -276,12 +282,7 @@ impl Restores {
             }
             Err(e) => return Err(Self::db_err("-", "reading the backup point")(e)),
         };
-        if backup.status != JobStatus::Completed {
-            return Err(RestoreError::NotRestorable {
-                id: req.backup_id,
-                status: backup.status.as_str(),
-            });
-        }
+        check_restorable(&backup)?;
         let disk = pick_disk(&backup, &req)?;
         if !Path::new(&disk.qcow2_path).is_file() {
             return Err(RestoreError::ImageMissing {

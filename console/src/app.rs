@@ -22,7 +22,7 @@ use crate::keys::Keymap;
 use chrono::{DateTime, Utc};
 use sendense_shared::api::{
     Backup, BackupRequest, BackupType, Health, HubEvent, JobEvent, JobStatus, Node, NodeTunnel,
-    PortsView, ProcessInfo, Repository, Restore, TunnelState, Vm,
+    PortsView, ProcessInfo, Repository, Restore, TunnelState, VerifyJob, Vm,
 };
 use sendense_shared::ids::{BackupId, DiskKey};
 use std::collections::{BTreeMap, HashMap};
@@ -194,6 +194,8 @@ pub struct App {
     pub backups: Vec<Backup>,
     /// Newest first.
     pub restores: Vec<Restore>,
+    /// Verify jobs seen on the event stream, newest first.
+    pub verifies: Vec<VerifyJob>,
     pub vms: Vec<Vm>,
     pub repositories: Vec<Repository>,
     pub ports: Option<PortsView>,
@@ -228,6 +230,7 @@ impl App {
             snapshot_errors: Vec::new(),
             backups: Vec::new(),
             restores: Vec::new(),
+            verifies: Vec::new(),
             vms: Vec::new(),
             repositories: Vec::new(),
             ports: None,

@@ -1,6 +1,7 @@
 //! Realistic hub data for the render and state tests, one part per view: `jobs` (a 2-disk job
-//! mid-copy, a job with a failed disk whose qemu-nbd died), `vms` (and repositories), `ports` (one
-//! squatted), `processes`, `tunnel` (a node whose tunnel is down), `events`, `restores`. Here: the
+//! mid-copy, a job with a failed disk whose qemu-nbd died, an application-consistent point, a
+//! corrupt one), `vms` (and repositories), `ports` (one squatted), `processes`, `tunnel` (a node
+//! whose tunnel is down), `events`, `restores`, `verify` (a verify job that found corruption). Here: the
 //! instant they are seen from, the hub's health, and the [`snapshot`] and [`app`] built from them.
 
 mod events;
@@ -9,6 +10,7 @@ mod ports;
 mod processes;
 mod restores;
 mod tunnel;
+mod verify;
 mod vms;
 
 pub use events::*;
@@ -17,6 +19,7 @@ pub use ports::*;
 pub use processes::*;
 pub use restores::*;
 pub use tunnel::*;
+pub use verify::*;
 pub use vms::*;
 
 use crate::app::{App, Snapshot, Update};

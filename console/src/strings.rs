@@ -79,6 +79,37 @@ pub const CHANGE_ID: &str = "change id";
 pub const SOURCE: &str = "source";
 pub const TARGET: &str = "target";
 
+// Integrity and consistency of a backup point.
+pub const COL_INTEGRITY: &str = "Integrity";
+pub const COL_CONSISTENCY: &str = "Consistency";
+pub const INTEGRITY: &str = "integrity";
+pub const CONSISTENCY: &str = "consistency";
+pub const VERIFIED: &str = "verified";
+pub const HUB_COMPUTED: &str = "hub-computed";
+pub const LEGACY: &str = "legacy";
+pub const CORRUPT: &str = "CORRUPT";
+pub const UNVERIFIED: &str = "unverified";
+pub const APPLICATION: &str = "application";
+pub const CRASH: &str = "crash";
+pub const FREEZE: &str = "freeze";
+pub const VERIFIED_AT: &str = "verified at";
+/// What a corrupt last point means for the VM (the hub makes the next backup a full).
+pub const NEXT_FULL: &str = "next backup: full";
+pub const LAST_POINT: &str = "last point";
+pub const LAST_POINT_COL: &str = "Last point";
+/// Why an integrity says what it says, when the hub gave no detail.
+pub const HUB_COMPUTED_WHY: &str =
+    "checksums computed by the hub from the stored image (the writer sent none)";
+pub const LEGACY_WHY: &str = "completed before whole-disk checksums: only written ranges checked";
+
+// Verify jobs.
+pub const VERIFY: &str = "verify";
+pub const VERIFY_JOBS: &str = "Verify jobs";
+pub const POINTS: &str = "points";
+pub const READ: &str = "read";
+pub const FOUND_CORRUPT: &str = "found corrupt";
+pub const NONE_CORRUPT: &str = "none corrupt";
+
 // VMs.
 pub const COL_NODE: &str = "Node";
 pub const COL_DISKS: &str = "Disks";

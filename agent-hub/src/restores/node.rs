@@ -1,6 +1,7 @@
 //! The node's side of a restore as the hub drives it: the start request, the watch of a node
 //! gone quiet, the forwarded cancel.
 
+use super::truth::Truth;
 use super::{LiveRestore, Outcome, Restores};
 use crate::events::Level;
 use sendense_shared::api::{JobStatus, NodeRestoreStart};
@@ -106,6 +107,16 @@ impl Restores {
                 }
             };
             if let Some(outcome) = outcome {
+                if let Outcome::Completed { .. } = outcome {
+                    // The node's state carries no checksums: say that this end was not
+                    // compared rather than pass it silently.
+                    let why = Truth::NotCompared(
+                        "the node's completion report was lost; its state carries no \
+                         whole-disk checksums"
+                            .into(),
+                    );
+                    self.record_truth(&live, &why).await;
+                }
                 let mut held = live.held.lock().await;
                 self.finish(&live, &mut held, outcome).await;
                 return;

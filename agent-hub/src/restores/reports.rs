@@ -1,5 +1,7 @@
-//! The node's reports of a restore: progress about once a second, and its end.
+//! The node's reports of a restore: progress about once a second, and its end (checked
+//! against the point's stored checksums).
 
+use super::truth::Truth;
 use super::{Outcome, RestoreError, Restores};
 use sendense_shared::api::{HubEvent, JobStatus, Restore, RestoreCompletion, RestoreProgress};
 
@@ -57,6 +59,7 @@ impl Restores {
                 what: "the restore ended already",
             });
         }
+        let completed = c.status == JobStatus::Completed;
         let outcome = match c.status {
             JobStatus::Completed => Outcome::Completed {
                 bytes_written: c.bytes_written,
@@ -85,6 +88,18 @@ impl Restores {
             });
         };
         live.touch();
+        // What the node wrote, against the point's stored checksums: only then completed.
+        let outcome = if completed {
+            match self.check_truth(&r, c.grid.as_ref()).await {
+                Truth::Differs(cause) => Outcome::Failed(cause),
+                truth => {
+                    self.record_truth(&live, &truth).await;
+                    outcome
+                }
+            }
+        } else {
+            outcome
+        };
         let mut held = live.held.lock().await;
         self.finish(&live, &mut held, outcome).await;
         drop(held);

@@ -1,8 +1,39 @@
-//! The checks of a restore request: the target path on the node, the disk of the backup point.
+//! The checks of a restore request: the point restorable, the target path on the node, the
+//! disk of the backup point.
 
 use super::RestoreError;
-use sendense_shared::api::{Backup, DiskResult, RestoreRequest};
+use sendense_shared::api::{Backup, DiskResult, JobStatus, RestoreRequest};
 use std::path::Path;
+
+/// A point is offered for restore only once completed and while its integrity allows it: a
+/// `corrupt` point holds bytes that differ from its stored checksums, an `unverified` one was
+/// never read back against them.
+pub(super) fn check_restorable(backup: &Backup) -> Result<(), RestoreError> {
+    let id = backup.backup_id.clone();
+    if backup.status != JobStatus::Completed {
+        return Err(RestoreError::NotRestorable {
+            id,
+            reason: format!(
+                "is {}: only a completed (verified) backup can be restored",
+                backup.status.as_str()
+            ),
+        });
+    }
+    if !backup.integrity.restorable() {
+        let detail = backup
+            .integrity_detail
+            .as_deref()
+            .unwrap_or("no detail recorded");
+        return Err(RestoreError::NotRestorable {
+            id,
+            reason: format!(
+                "is {}: {detail}; only a verified, hub-computed or legacy point can be restored",
+                backup.integrity.as_str()
+            ),
+        });
+    }
+    Ok(())
+}
 
 pub(super) fn check_target_path(p: &str) -> Result<(), RestoreError> {
     let path = Path::new(p);

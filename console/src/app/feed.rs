@@ -7,6 +7,8 @@ use sendense_shared::api::{Backup, DiskStatus, HubEvent, JobEvent, JobStatus, Re
 
 /// Job events kept in memory (oldest dropped first).
 const MAX_EVENTS: usize = 2000;
+/// Verify jobs kept in memory (newest first; the oldest dropped).
+const MAX_VERIFIES: usize = 50;
 /// How long an action notice stays in the footer.
 const NOTICE_SECS: i64 = 15;
 
@@ -130,8 +132,23 @@ impl App {
                 }
                 self.sort_restores();
             }
-            // Shown once the console lists verify jobs (the integrity issue's console part).
-            HubEvent::Verify { .. } => {}
+            HubEvent::Verify { verify } => {
+                match self
+                    .verifies
+                    .iter_mut()
+                    .find(|v| v.verify_id == verify.verify_id)
+                {
+                    Some(slot) => *slot = verify,
+                    None => self.verifies.push(verify),
+                }
+                self.verifies.sort_by(|a, b| {
+                    b.created_at
+                        .cmp(&a.created_at)
+                        .then(b.verify_id.cmp(&a.verify_id))
+                });
+                // A verify job that ended long ago is not kept for ever.
+                self.verifies.truncate(MAX_VERIFIES);
+            }
             // The feed re-reads the lists on it (see `sse::pump`); nothing to apply.
             HubEvent::Lagged { .. } => {}
         }

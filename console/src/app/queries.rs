@@ -65,6 +65,23 @@ impl App {
         job_live || self.port_process(p.port.0).is_some_and(|q| q.pid == p.pid)
     }
 
+    /// The verify jobs the Jobs view shows: those still running, newest first.
+    pub fn running_verifies(&self) -> Vec<&sendense_shared::api::VerifyJob> {
+        self.verifies
+            .iter()
+            .filter(|v| !v.status.is_terminal())
+            .collect()
+    }
+
+    /// A VM's last backup point, when the console has it.
+    pub fn last_point(
+        &self,
+        vm: &sendense_shared::api::Vm,
+    ) -> Option<&sendense_shared::api::Backup> {
+        let id = vm.last_backup_id.as_ref()?;
+        self.backups.iter().find(|b| &b.backup_id == id)
+    }
+
     /// Backups and restores, newest first (a backup before a restore created the same instant).
     pub fn visible_jobs(&self) -> Vec<JobRow<'_>> {
         let f = self.filter(View::Jobs);
@@ -80,6 +97,7 @@ impl App {
                         b.status.as_str(),
                         b.backup_type.as_str(),
                         &b.repository_id,
+                        b.integrity.as_str(),
                     ],
                 )
             })

@@ -242,7 +242,7 @@ fn unreachable_counts_retries_and_recovers() {
         other => panic!("expected unreachable, got {other:?}"),
     }
     assert_eq!(app.stream, Stream::Down { error: None });
-    assert_eq!(app.backups.len(), 4, "the last known data stays on screen");
+    assert_eq!(app.backups.len(), 5, "the last known data stays on screen");
 
     app.apply(
         Update::Snapshot(Box::new(fixtures::snapshot())),
@@ -279,15 +279,15 @@ fn j_and_k_stay_within_the_list() {
     }
     assert_eq!(
         app.selected(View::Jobs),
-        3,
-        "j at the bottom stays on the last of 4 jobs"
+        4,
+        "j at the bottom stays on the last of 5 jobs"
     );
     press(&mut app, KeyCode::Up);
-    assert_eq!(app.selected(View::Jobs), 2);
+    assert_eq!(app.selected(View::Jobs), 3);
     press(&mut app, KeyCode::Char('g'));
     assert_eq!(app.selected(View::Jobs), 0);
     press(&mut app, KeyCode::Char('G'));
-    assert_eq!(app.selected(View::Jobs), 3);
+    assert_eq!(app.selected(View::Jobs), 4);
 }
 
 #[test]

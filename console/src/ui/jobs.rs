@@ -1,7 +1,10 @@
-//! Jobs: the list of backups and restores, and the detail of one job with a gauge per disk
-//! (a restore's detail is in `restore`).
+//! Jobs: running verify jobs (`verify`), the list of backups and restores with each point's
+//! integrity and consistency (`point`), and the detail of one job with a gauge per disk (a
+//! restore's detail is in `restore`).
 
+pub(super) mod point;
 mod restore;
+mod verify;
 
 use super::{empty, empty_text, theme, titled_block};
 use crate::app::{App, JobRow, View};
@@ -12,7 +15,7 @@ use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Cell, Gauge, Paragraph, Row, Sparkline, Wrap};
-use sendense_shared::api::{Backup, BackupType, DiskResult, DiskStatus};
+use sendense_shared::api::{Backup, BackupType, DiskResult, DiskStatus, Integrity};
 
 pub fn render(app: &App, frame: &mut Frame, area: Rect) {
     if let Some(b) = app.detail_backup() {
@@ -40,7 +43,7 @@ fn bytes_cell(job: JobRow<'_>) -> String {
     format!("{}/{}", format::bytes(done), format::bytes(total))
 }
 
-/// The job's own error, then each failed disk's cause.
+/// The job's own error, then each failed disk's cause; for a corrupt point, why it is.
 fn errors_of(job: JobRow<'_>) -> Vec<String> {
     match job {
         JobRow::Backup(b) => b
@@ -52,12 +55,29 @@ fn errors_of(job: JobRow<'_>) -> Vec<String> {
                     .as_ref()
                     .map(|e| format!("{} {}: {e}", strings::DISK, d.disk_key))
             }))
+            .chain((b.integrity == Integrity::Corrupt).then(|| {
+                format!(
+                    "{} {}: {} · {}",
+                    strings::INTEGRITY,
+                    strings::CORRUPT,
+                    b.integrity_detail.as_deref().unwrap_or(strings::NONE),
+                    strings::NEXT_FULL
+                )
+            }))
             .collect(),
         JobRow::Restore(r) => r.error_message.iter().cloned().collect(),
     }
 }
 
 fn render_list(app: &App, frame: &mut Frame, area: Rect) {
+    let [verify_area, area] = Layout::vertical([
+        Constraint::Length(verify::height(app, area.width)),
+        Constraint::Min(0),
+    ])
+    .areas(area);
+    if verify_area.height > 0 {
+        verify::render(app, frame, verify_area);
+    }
     let list = app.visible_jobs();
     let block = titled_block(strings::VIEW_JOBS, Some(list.len()), app.filter(View::Jobs));
     if list.is_empty() {
@@ -131,9 +151,13 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
         Constraint::Length(11),
     ];
     if wide {
+        header.push(strings::COL_INTEGRITY);
+        header.push(strings::COL_CONSISTENCY);
         header.push(strings::COL_STARTED);
         header.push(strings::COL_ERROR);
         widths[1] = Constraint::Length(14);
+        widths.push(Constraint::Length(14));
+        widths.push(Constraint::Length(13));
         widths.push(Constraint::Length(11));
         widths.push(Constraint::Min(20));
     }
@@ -154,19 +178,31 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
         let rate = rate
             .map(format::rate)
             .unwrap_or_else(|| strings::NONE.to_string());
+        // No column for the integrity on a narrow screen: a corrupt point says so in its
+        // status (the job completed, but what it stored is not good any more).
+        let status = match *job {
+            JobRow::Backup(b) if !wide && b.integrity == Integrity::Corrupt => {
+                let (sym, word, style) = theme::integrity(b.integrity);
+                Span::styled(format!("{sym} {word}"), style)
+            }
+            _ => Span::styled(format!("{sym} {}", job.status().as_str()), style),
+        };
         let mut cells = vec![
             Cell::from(format::short_id(job.id())),
             Cell::from(job.vm_name().to_string()),
             Cell::from(kind),
-            Cell::from(Span::styled(
-                format!("{sym} {}", job.status().as_str()),
-                style,
-            )),
+            Cell::from(status),
             Cell::from(format!("{pct:>3}%")),
             Cell::from(bytes),
             Cell::from(rate),
         ];
         if wide {
+            let (integrity, consistency) = match *job {
+                JobRow::Backup(b) => (point::integrity_cell(b), point::consistency_cell(b)),
+                JobRow::Restore(_) => (Span::raw(strings::NONE), Span::raw(strings::NONE)),
+            };
+            cells.push(Cell::from(integrity));
+            cells.push(Cell::from(consistency));
             cells.push(Cell::from(format::stamp(job.created_at())));
             cells.push(Cell::from(Span::styled(
                 error_of(*job).unwrap_or_default(),
@@ -308,10 +344,20 @@ fn render_detail(app: &App, b: &Backup, frame: &mut Frame, area: Rect) {
             theme::bad(),
         )));
     }
-    let summary_height = summary.len() as u16 + 1;
-    let [top, rest] =
-        Layout::vertical([Constraint::Length(summary_height), Constraint::Min(0)]).areas(inner);
+    // The point's integrity and consistency, wrapped: their reasons are for reading in full.
+    let facts: Vec<Line> = point::integrity_line(b)
+        .into_iter()
+        .chain(point::consistency_line(b))
+        .collect();
+    let [top, facts_area, _, rest] = Layout::vertical([
+        Constraint::Length(summary.len() as u16),
+        Constraint::Length(point::wrapped_rows(&facts, inner.width)),
+        Constraint::Length(1),
+        Constraint::Min(0),
+    ])
+    .areas(inner);
     frame.render_widget(Paragraph::new(summary), top);
+    frame.render_widget(Paragraph::new(facts).wrap(Wrap { trim: false }), facts_area);
 
     let mut y = rest.y;
     let bottom = rest.y + rest.height;

@@ -141,6 +141,136 @@ fn job_detail_failed_disk() {
 }
 
 #[test]
+fn jobs_list_shows_integrity_and_consistency_of_points() {
+    let app = fixtures::app();
+    // Wide: a column each.
+    let wide = draw(&app, 160, 48);
+    for text in [
+        "Integrity",
+        "Consistency",
+        "✔ verified",
+        "✖ CORRUPT",
+        "✔ application",
+        "▲ crash",
+    ] {
+        assert!(wide.contains(text), "{text}:\n{wide}");
+    }
+    // Narrow: no room for the columns; the corrupt point says so in its status.
+    let narrow = draw(&app, 80, 24);
+    let row = narrow
+        .lines()
+        .find(|l| l.contains("b-5e5e0a01"))
+        .unwrap_or_else(|| panic!("no row of the corrupt point:\n{narrow}"));
+    assert!(row.contains("full ✖ CORRUPT"), "{row}");
+}
+
+#[test]
+fn jobs_list_corrupt_point_selected_says_why_and_next_full() {
+    let mut app = fixtures::app();
+    keys(&mut app, &[KeyCode::Char('G')]);
+    both(
+        "jobs_corrupt_selected",
+        &app,
+        &[
+            "✖ b-5e5e0a01",
+            "integrity CORRUPT",
+            "cell 412",
+            "next backup: full",
+        ],
+    );
+}
+
+#[test]
+fn job_detail_application_consistent_point() {
+    let mut app = fixtures::app();
+    keys(
+        &mut app,
+        &[
+            KeyCode::Char('j'),
+            KeyCode::Char('j'),
+            KeyCode::Char('j'),
+            KeyCode::Enter,
+        ],
+    );
+    both(
+        "job_detail_consistent",
+        &app,
+        &[
+            "b-91d4f7aa",
+            "integrity ✔ verified · verified at",
+            "consistency ✔ application: guest file systems frozen (2 file systems)",
+            "38 ms",
+        ],
+    );
+}
+
+#[test]
+fn job_detail_corrupt_point() {
+    let mut app = fixtures::app();
+    keys(&mut app, &[KeyCode::Char('G'), KeyCode::Enter]);
+    both(
+        "job_detail_corrupt",
+        &app,
+        &[
+            "b-5e5e0a01",
+            "integrity ✖ CORRUPT: verify job v-3d2e1f00",
+            "consistency ▲ crash: no guest agent channel",
+        ],
+    );
+    let wide = draw(&app, 160, 48);
+    assert!(wide.contains("· next backup: full"), "{wide}");
+}
+
+#[test]
+fn jobs_list_with_a_running_verify_job() {
+    let mut app = fixtures::app();
+    app.apply(
+        Update::Event(sendense_shared::api::HubEvent::Verify {
+            verify: fixtures::running_verify(),
+        }),
+        fixtures::now(),
+    );
+    both(
+        "jobs_with_verify",
+        &app,
+        &[
+            "Verify jobs (1)",
+            "◐ running v-3d2e1f00 repository:repo-a · points 2/6 · read 30.0 GiB/90.0 GiB",
+            "✖ 1 found corrupt: b-5e5e0a01",
+        ],
+    );
+    // Once it ended, the strip is gone (its finding stays on the point itself).
+    app.apply(
+        Update::Event(sendense_shared::api::HubEvent::Verify {
+            verify: fixtures::finished_verify(),
+        }),
+        fixtures::now(),
+    );
+    let narrow = draw(&app, 80, 24);
+    assert!(!narrow.contains("Verify jobs"), "{narrow}");
+    assert!(narrow.contains("✖ CORRUPT"), "{narrow}");
+}
+
+#[test]
+fn vms_corrupt_last_point_stands_out_and_says_next_full() {
+    let mut app = fixtures::app();
+    keys(&mut app, &[KeyCode::Char('2'), KeyCode::Char('j')]);
+    both(
+        "vms_corrupt",
+        &app,
+        &["webfront ✖", "last point ✖ CORRUPT · next backup: full"],
+    );
+    let wide = draw(&app, 160, 48);
+    for text in [
+        "Last point",
+        "✖ CORRUPT · next backup: full",
+        "✔ verified · ✔ application",
+    ] {
+        assert!(wide.contains(text), "{text}:\n{wide}");
+    }
+}
+
+#[test]
 fn vms_view() {
     let mut app = fixtures::app();
     keys(&mut app, &[KeyCode::Char('2')]);

@@ -3,7 +3,9 @@
 
 use crate::strings;
 use ratatui::style::{Color, Modifier, Style};
-use sendense_shared::api::{DiskStatus, JobStatus, TunnelState, TunnelStateKind};
+use sendense_shared::api::{
+    ConsistencyLevel, DiskStatus, Integrity, JobStatus, TunnelState, TunnelStateKind,
+};
 
 pub fn dim() -> Style {
     Style::default().fg(Color::DarkGray)
@@ -107,5 +109,26 @@ pub fn level(level: &str) -> (&'static str, Style) {
         "error" => (strings::SYM_BAD, bad()),
         "warn" => (strings::SYM_WARN, warn()),
         _ => (strings::SYM_PORT_FREE, Style::default()),
+    }
+}
+
+/// Symbol, word and style of a backup point's integrity. Corrupt is loud (red, capitals); a
+/// completed point never read back against its checksums is a warning.
+pub fn integrity(i: Integrity) -> (&'static str, &'static str, Style) {
+    match i {
+        Integrity::Verified => (strings::SYM_OK, strings::VERIFIED, good()),
+        // Checked against the image itself, not against the source: fine, not proven.
+        Integrity::HubComputed => (strings::SYM_OK, strings::HUB_COMPUTED, Style::default()),
+        Integrity::Legacy => (strings::SYM_IDLE, strings::LEGACY, Style::default()),
+        Integrity::Corrupt => (strings::SYM_BAD, strings::CORRUPT, bad()),
+        Integrity::Unverified => (strings::SYM_WARN, strings::UNVERIFIED, warn()),
+    }
+}
+
+/// Symbol, word and style of a point's consistency.
+pub fn consistency(c: ConsistencyLevel) -> (&'static str, &'static str, Style) {
+    match c {
+        ConsistencyLevel::Application => (strings::SYM_OK, strings::APPLICATION, good()),
+        ConsistencyLevel::Crash => (strings::SYM_WARN, strings::CRASH, warn()),
     }
 }

@@ -1,14 +1,16 @@
-//! VMs: what the hub can back up, their disks, and their last backup.
+//! VMs: what the hub can back up, their disks, and their last backup with its integrity and
+//! consistency (a VM whose last point is corrupt stands out: its next backup is a full).
 
+use super::jobs::point;
 use super::{empty, empty_text, theme, titled_block};
 use crate::app::{App, View};
 use crate::format;
 use crate::strings;
 use ratatui::Frame;
 use ratatui::layout::{Constraint, Layout, Rect};
-use ratatui::text::Span;
+use ratatui::text::{Line, Span};
 use ratatui::widgets::{Cell, Row, Table};
-use sendense_shared::api::{Backup, Vm, VmDisk};
+use sendense_shared::api::{Backup, Integrity, Vm, VmDisk};
 
 /// `vsphere · CBT on`, `qemu`: the source driver and its change tracking, when the node said.
 fn source(vm: &Vm) -> Option<String> {
@@ -72,13 +74,25 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
             _ => strings::NONE.to_string(),
         };
         let active = active_backup(app, v);
+        let last_point = app.last_point(v);
+        let corrupt = last_point.is_some_and(|b| b.integrity == Integrity::Corrupt);
         let mut name = vec![Span::raw(v.vm_name.clone())];
         if let Some(b) = active {
             let (sym, style) = theme::job(b.status);
             name.push(Span::styled(format!(" {sym}"), style));
         }
+        if corrupt {
+            name.push(Span::styled(format!(" {}", strings::SYM_BAD), theme::bad()));
+        }
+        // Narrow: no column for the point; a corrupt one turns its Last backup cell red (the
+        // name carries the symbol, the disks title says why).
+        let last = if corrupt && !wide {
+            Span::styled(last, theme::bad())
+        } else {
+            Span::raw(last)
+        };
         let mut cells = vec![
-            Cell::from(ratatui::text::Line::from(name)),
+            Cell::from(Line::from(name)),
             Cell::from(
                 v.node
                     .clone()
@@ -93,6 +107,9 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
             ));
         }
         cells.push(Cell::from(last));
+        if wide {
+            cells.push(Cell::from(last_point_line(last_point)));
+        }
         Row::new(cells)
     });
     let mut widths = vec![
@@ -112,6 +129,9 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
     if wide {
         widths.insert(4, Constraint::Length(17));
         header.insert(4, strings::COL_SOURCE);
+        widths[5] = Constraint::Length(33);
+        widths.push(Constraint::Min(20));
+        header.push(strings::LAST_POINT_COL);
     }
     super::render_list(frame, top, rows, widths, header, block, selected);
 
@@ -128,6 +148,17 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
             strings::BACKUP,
             b.backup_id,
             b.status.as_str()
+        ));
+    }
+    if let Some(b) = app
+        .last_point(vm)
+        .filter(|b| b.integrity == Integrity::Corrupt)
+    {
+        let (sym, word, _) = theme::integrity(b.integrity);
+        disks_title.push_str(&format!(
+            " · {} {sym} {word} · {}",
+            strings::LAST_POINT,
+            strings::NEXT_FULL
         ));
     }
     let disks_block = titled_block(&disks_title, None, "");
@@ -182,4 +213,23 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
         .header(Row::new(header).style(theme::header()))
         .block(disks_block);
     frame.render_widget(disks, bottom);
+}
+
+/// `✔ verified · ✔ application`, `✖ CORRUPT · next backup: full`: the last point as the wide
+/// list shows it.
+fn last_point_line(b: Option<&Backup>) -> Line<'static> {
+    let Some(b) = b else {
+        return Line::from(strings::NONE);
+    };
+    let mut spans = vec![point::integrity_cell(b)];
+    if b.integrity == Integrity::Corrupt {
+        spans.push(Span::styled(
+            format!(" · {}", strings::NEXT_FULL),
+            theme::bad(),
+        ));
+    } else if b.consistency.is_some() {
+        spans.push(Span::raw(" · "));
+        spans.push(point::consistency_cell(b));
+    }
+    Line::from(spans)
 }

@@ -26,8 +26,8 @@ fn a_restore_is_listed_among_the_backups_newest_first() {
     // Created 40 s ago: newer than every backup of the fixtures.
     assert_eq!(ids[0], RUNNING_RESTORE);
     assert_eq!(ids[1], RUNNING_JOB);
-    assert_eq!(ids.len(), 5, "4 backups and the restore");
-    assert_eq!(app.row_count(View::Jobs), 5);
+    assert_eq!(ids.len(), 6, "5 backups and the restore");
+    assert_eq!(app.row_count(View::Jobs), 6);
     assert_eq!(
         app.vm_of(&BackupId(RUNNING_RESTORE.into())),
         Some("pgtest1")
