@@ -154,6 +154,9 @@ pub struct LiveJob {
     /// of jobs that start while it runs.
     pub repository_path: String,
     pub reserved_bytes: u64,
+    /// The request asked for an application-consistent point (the node fails the backup
+    /// rather than keep a crash-consistent one).
+    pub require_application_consistency: bool,
     pub res: tokio::sync::Mutex<Resources>,
 }
 

@@ -182,6 +182,10 @@ pub enum BackupCommand {
         /// Repository id (may be left out when the hub has exactly one).
         #[arg(long, value_name = "ID")]
         repository: Option<String>,
+        /// Fail rather than keep a crash-consistent point when the guest's file systems cannot
+        /// be frozen (no guest agent, a timeout, a refusal).
+        #[arg(long)]
+        require_application_consistency: bool,
         /// Follow the job until it ends (progress on stderr); the exit status says how it ended.
         #[arg(long)]
         wait: bool,
@@ -358,10 +362,19 @@ pub async fn run_command(client: &HubClient, command: Command) -> u8 {
                     vm,
                     backup_type,
                     repository,
+                    require_application_consistency,
                     wait,
                     json,
                 },
-        } => backups::start(client, vm, backup_type.into(), repository, wait, json).await,
+        } => {
+            let req = backups::Start {
+                vm,
+                backup_type: backup_type.into(),
+                repository,
+                require_application_consistency,
+            };
+            backups::start(client, req, wait, json).await
+        }
         Command::Backup {
             command: BackupCommand::Cancel { id, json },
         } => backups::cancel(client, &BackupId(id), json).await,

@@ -145,7 +145,7 @@ fn start_body(
         previous_backup_id,
         previous_change_ids,
         checksum_grid: Some(sendense_shared::api::DEFAULT_GRID_CELL),
-        require_application_consistency: false,
+        require_application_consistency: job.require_application_consistency,
     }
 }
 

@@ -212,6 +212,7 @@ pub async fn start(jm: &JobManager, req: BackupRequest) -> Result<Backup, JobErr
         last_report: std::sync::Mutex::new(std::time::Instant::now()),
         repository_path: repo.path.clone(),
         reserved_bytes: total,
+        require_application_consistency: req.require_application_consistency,
         res: tokio::sync::Mutex::new(Resources::default()),
     });
     jm.insert_live(job.clone());

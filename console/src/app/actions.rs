@@ -142,6 +142,7 @@ impl App {
                         vm_name: form.vm_name,
                         repository_id,
                         backup_type: form.backup_type,
+                        require_application_consistency: false,
                     }))
                 }
                 Command::No => {

@@ -439,6 +439,7 @@ fn start_picks_type_and_repository_then_confirms() {
             vm_name: "mailsrv".into(),
             repository_id: "offsite".into(),
             backup_type: BackupType::Full,
+            require_application_consistency: false,
         }))
     );
 }

@@ -22,15 +22,23 @@ pub(super) async fn list(client: &HubClient, json: bool) -> u8 {
     }
 }
 
-/// `backup start VM --type T [--repository ID] [--wait] [--json]`.
-pub(super) async fn start(
-    client: &HubClient,
-    vm: String,
-    backup_type: BackupType,
-    repository: Option<String>,
-    wait: bool,
-    json: bool,
-) -> u8 {
+/// What `backup start` asks for.
+pub(super) struct Start {
+    pub vm: String,
+    pub backup_type: BackupType,
+    pub repository: Option<String>,
+    pub require_application_consistency: bool,
+}
+
+/// `backup start VM --type T [--repository ID] [--require-application-consistency] [--wait]
+/// [--json]`.
+pub(super) async fn start(client: &HubClient, start: Start, wait: bool, json: bool) -> u8 {
+    let Start {
+        vm,
+        backup_type,
+        repository,
+        require_application_consistency,
+    } = start;
     let repository_id = match repository {
         Some(r) => r,
         None => match pick_repository(client).await {
@@ -42,6 +50,7 @@ pub(super) async fn start(
         vm_name: vm,
         repository_id,
         backup_type,
+        require_application_consistency,
     };
     let backup = match client.start_backup(&req).await {
         Ok(b) => b,

@@ -13,6 +13,10 @@ pub struct BackupRequest {
     pub vm_name: String,
     pub repository_id: String,
     pub backup_type: BackupType,
+    /// Fail the backup (`consistency_required`, naming the cause) rather than keep a
+    /// crash-consistent point when the guest's file systems cannot be frozen.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_application_consistency: bool,
 }
 
 /// One disk of a backup job, as in the backup response's `disk_results[]`.

@@ -323,4 +323,34 @@ async fn a_writing_guest_is_frozen_for_its_snapshot_and_crash_consistent_without
     let journal = node.run_dir.join(format!("frozen-{vm_name}.json"));
     assert!(!journal.exists(), "{} left", journal.display());
     wait_ack(&vm, last_ack(&vm) + 2).await;
+
+    // A backup that requires application consistency fails instead, naming the cause, and
+    // keeps no point.
+    let (s, v) = api
+        .post(
+            "/api/v1/backups",
+            &serde_json::json!({"vm_name": vm_name, "repository_id": "default",
+                "backup_type": "incremental", "require_application_consistency": true}),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    let id = v["backup_id"].as_str().unwrap().to_string();
+    let end = api
+        .wait_status(
+            &id,
+            &["failed", "completed"],
+            std::time::Duration::from_secs(120),
+        )
+        .await;
+    assert_eq!(end["status"], "failed", "{end:#}");
+    let msg = end["error_message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("consistency_required") && msg.contains("guest agent did not answer"),
+        "{msg}"
+    );
+    jobs.assert_hub_released(&end).await;
+    for p in sendense_tests::hub::image_paths(&end) {
+        assert!(!p.exists(), "{} kept", p.display());
+    }
+    assert!(!journal.exists(), "{} left", journal.display());
 }
