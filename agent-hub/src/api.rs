@@ -3,7 +3,8 @@
 //! bearer middleware are `sendense_shared::http`'s, shared with the node.
 //!
 //! - [`system`]: `/health`, ports, processes, the SSE event stream.
-//! - [`repositories`], [`vms`], [`backups`], [`restores`], [`nodes`]: one module per resource.
+//! - [`repositories`], [`vms`], [`backups`], [`restores`], [`verify`], [`nodes`]: one module per
+//!   resource.
 //!
 //! `/health` is open; everything under `/api/v1` passes [`sendense_shared::http::require_bearer`]
 //! with the token of [`crate::auth`].
@@ -13,6 +14,7 @@ pub mod nodes;
 pub mod repositories;
 pub mod restores;
 pub mod system;
+pub mod verify;
 pub mod vms;
 
 use crate::hub::AppState;
@@ -38,6 +40,11 @@ pub fn router(state: AppState) -> Router {
             "/repositories",
             get(repositories::list).post(repositories::create),
         )
+        .route("/repositories/{id}", put(repositories::update))
+        .route("/verify", get(verify::list).post(verify::start))
+        .route("/verify/{id}", get(verify::get_one))
+        .route("/verify/{id}/cancel", post(verify::cancel))
+        .route("/verify/{id}/events", get(verify::events))
         .route("/vms", get(vms::list).post(vms::register))
         .route("/vms/{vm_name}", get(vms::get_one))
         .route("/backups", get(backups::list).post(backups::start))

@@ -22,10 +22,12 @@
 mod backups;
 mod records;
 mod restores;
+mod verify_jobs;
 mod vms;
 
 pub use backups::{BackupDiskRow, DiskUpdate, NewBackup, NewBackupDisk};
 pub use records::{ProcessRecord, RepositoryRow};
+pub use verify_jobs::VerifyProgress;
 pub use vms::VmSource;
 
 use chrono::{DateTime, Utc};
