@@ -8,6 +8,8 @@
 //! - [`integrity`]: whole-disk checksums, the read-back, a qemu-nbd that does not stop cleanly.
 //! - [`input`]: bad JSON, unknown VM, path-escaping names, missing token.
 //! - [`mariadb`]: the main backup on MariaDB.
+//! - [`verify`]: verify jobs: a byte flipped on disk caught, corrupt points and their
+//!   dependents, the next backup a full, cancel, bad requests, the scheduler's clock.
 //! - [`cbt`]: change ids from a stand-in vSphere node into the next incremental, and the
 //!   fallback to full without them.
 
@@ -21,4 +23,5 @@ mod hub {
     pub mod input;
     pub mod integrity;
     pub mod mariadb;
+    pub mod verify;
 }

@@ -2,7 +2,7 @@
 //! node. Every error names its cause the way an operator needs it: which URL did not answer,
 //! that the token was refused, or the hub's own `error` and `detail` for a 4xx.
 //!
-//! Console side: health, backups, restores, VMs, ports, processes, nodes, tunnel, start,
+//! Console side: health, backups, restores, verify jobs, VMs, repositories, ports, processes, nodes, tunnel, start,
 //! cancel, the event stream. Node side: registration, inventory push, and the progress and
 //! completion reports of backups and restores. Retries are the caller's, paced with
 //! [`crate::backoff`].
@@ -10,7 +10,7 @@
 use crate::api::{
     Backup, BackupRequest, CompletionReport, ErrorBody, Health, JobEvent, Node, NodeRegistration,
     NodeTunnel, PortsView, ProcessInfo, ProgressReport, Repository, Restore, RestoreCompletion,
-    RestoreProgress, RestoreRequest, Vm, VmRequest,
+    RestoreProgress, RestoreRequest, RepositoryUpdate, VerifyJob, VerifyRequest, Vm, VmRequest,
 };
 use crate::ids::BackupId;
 use reqwest::{Method, StatusCode};
@@ -138,6 +138,7 @@ impl HubClient {
         let url = self.url(path);
         let mut req = match method {
             "POST" => self.http.request(Method::POST, &url),
+            "PUT" => self.http.request(Method::PUT, &url),
             _ => self.http.request(Method::GET, &url),
         };
         req = self.authed(req).timeout(REQUEST_TIMEOUT);
@@ -354,6 +355,74 @@ impl HubClient {
             &format!("/api/v1/restores/{id}/cancel"),
             || format!("restore {id}"),
             None,
+        )
+        .await
+    }
+
+    /// `POST /api/v1/verify`: the hub answers 202 with the new verify job.
+    pub async fn start_verify(&self, req: &VerifyRequest) -> Result<VerifyJob, ClientError> {
+        self.send(
+            "POST",
+            "/api/v1/verify",
+            || match (&req.backup_id, &req.vm_name, &req.repository_id) {
+                (Some(b), _, _) => format!("verify of backup {b}"),
+                (_, Some(v), _) => format!("verify of VM {v:?}"),
+                (_, _, Some(r)) => format!("verify of repository {r:?}"),
+                _ => "verify".into(),
+            },
+            Some(json_body(req)),
+        )
+        .await
+    }
+
+    /// `GET /api/v1/verify`.
+    pub async fn verify_jobs(&self) -> Result<Vec<VerifyJob>, ClientError> {
+        self.get("/api/v1/verify").await
+    }
+
+    pub async fn verify_job(&self, id: &str) -> Result<VerifyJob, ClientError> {
+        self.send(
+            "GET",
+            &format!("/api/v1/verify/{id}"),
+            || format!("verify job {id}"),
+            None,
+        )
+        .await
+    }
+
+    /// `GET /api/v1/verify/{id}/events`: its events on every point it read.
+    pub async fn verify_events(&self, id: &str) -> Result<Vec<JobEvent>, ClientError> {
+        self.send(
+            "GET",
+            &format!("/api/v1/verify/{id}/events"),
+            || format!("verify job {id}"),
+            None,
+        )
+        .await
+    }
+
+    /// `POST /api/v1/verify/{id}/cancel`.
+    pub async fn cancel_verify(&self, id: &str) -> Result<VerifyJob, ClientError> {
+        self.send(
+            "POST",
+            &format!("/api/v1/verify/{id}/cancel"),
+            || format!("verify job {id}"),
+            None,
+        )
+        .await
+    }
+
+    /// `PUT /api/v1/repositories/{id}`: its verify interval.
+    pub async fn update_repository(
+        &self,
+        id: &str,
+        req: &RepositoryUpdate,
+    ) -> Result<Repository, ClientError> {
+        self.send(
+            "PUT",
+            &format!("/api/v1/repositories/{id}"),
+            || format!("repository {id:?}"),
+            Some(json_body(req)),
         )
         .await
     }
