@@ -241,7 +241,11 @@ impl Verifier {
                     status: b.status.as_str(),
                 });
             }
-            let points = if readable(&b) { vec![id.clone()] } else { vec![] };
+            let points = if readable(&b) {
+                vec![id.clone()]
+            } else {
+                vec![]
+            };
             return Ok((format!("backup:{id}"), points));
         }
         let all = db
@@ -262,7 +266,10 @@ impl Verifier {
         };
         let mut points: Vec<_> = picked.into_iter().filter(|b| readable(b)).collect();
         points.sort_by_key(|b| (b.completed_at, b.created_at));
-        Ok((scope, points.into_iter().map(|b| b.backup_id.clone()).collect()))
+        Ok((
+            scope,
+            points.into_iter().map(|b| b.backup_id.clone()).collect(),
+        ))
     }
 
     pub async fn list(&self) -> Result<Vec<VerifyJob>, VerifyError> {
@@ -343,7 +350,11 @@ impl Verifier {
             .map(|(k, t)| (k.clone(), t.clone()))
             .collect();
         for (id, token) in live {
-            let from = [JobStatus::Pending, JobStatus::Running, JobStatus::Cancelling];
+            let from = [
+                JobStatus::Pending,
+                JobStatus::Running,
+                JobStatus::Cancelling,
+            ];
             if let Err(e) = self
                 .deps()
                 .db
@@ -360,7 +371,11 @@ impl Verifier {
     /// Publishes the job as stored.
     pub(crate) async fn publish(&self, id: &str) {
         match self.deps().db.get_verify(id).await {
-            Ok(v) => self.deps().log.bus().publish(HubEvent::Verify { verify: v }),
+            Ok(v) => self
+                .deps()
+                .log
+                .bus()
+                .publish(HubEvent::Verify { verify: v }),
             Err(e) => tracing::warn!(verify_id = %id, error = %sendense_shared::errors::chain(&e),
                 "cannot read the verify job to publish it"),
         }

@@ -9,8 +9,8 @@
 
 use crate::api::{
     Backup, BackupRequest, CompletionReport, ErrorBody, Health, JobEvent, Node, NodeRegistration,
-    NodeTunnel, PortsView, ProcessInfo, ProgressReport, Repository, Restore, RestoreCompletion,
-    RestoreProgress, RestoreRequest, RepositoryUpdate, VerifyJob, VerifyRequest, Vm, VmRequest,
+    NodeTunnel, PortsView, ProcessInfo, ProgressReport, Repository, RepositoryUpdate, Restore,
+    RestoreCompletion, RestoreProgress, RestoreRequest, VerifyJob, VerifyRequest, Vm, VmRequest,
 };
 use crate::ids::BackupId;
 use reqwest::{Method, StatusCode};

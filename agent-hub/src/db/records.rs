@@ -129,26 +129,30 @@ impl Db {
     }
 
     pub async fn list_repositories(&self) -> Result<Vec<RepositoryRow>, DbError> {
-        sqlx::query("SELECT id, path, created_at, verify_interval_secs, last_verified_at FROM repositories \
-             ORDER BY id")
-            .fetch_all(self.pool())
-            .await
-            .map_err(q("listing repositories"))?
-            .iter()
-            .map(repository_row)
-            .collect()
+        sqlx::query(
+            "SELECT id, path, created_at, verify_interval_secs, last_verified_at FROM repositories \
+             ORDER BY id",
+        )
+        .fetch_all(self.pool())
+        .await
+        .map_err(q("listing repositories"))?
+        .iter()
+        .map(repository_row)
+        .collect()
     }
 
     pub async fn get_repository(&self, id: &str) -> Result<RepositoryRow, DbError> {
-        let row = sqlx::query("SELECT id, path, created_at, verify_interval_secs, last_verified_at FROM repositories \
-             WHERE id = ?")
-            .bind(id)
-            .fetch_optional(self.pool())
-            .await
-            .map_err(q("reading a repository"))?
-            .ok_or_else(|| DbError::NotFound {
-                what: format!("repository '{id}'"),
-            })?;
+        let row = sqlx::query(
+            "SELECT id, path, created_at, verify_interval_secs, last_verified_at FROM repositories \
+             WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(q("reading a repository"))?
+        .ok_or_else(|| DbError::NotFound {
+            what: format!("repository '{id}'"),
+        })?;
         repository_row(&row)
     }
 

@@ -23,7 +23,9 @@ enum Finding {
     /// Equal to the stored checksums.
     Clean,
     /// A legacy disk: the hub computed and stored its checksums (nothing to compare with).
-    Computed { cells: u64 },
+    Computed {
+        cells: u64,
+    },
     /// The bytes (or the sidecar) differ from what the catalog recorded: the point is corrupt.
     Corrupt(String),
     /// The read could not be done (no qemu-nbd, an I/O error): nothing is known.
@@ -167,7 +169,11 @@ pub(super) async fn run(v: &Verifier, id: &str, points: Vec<BackupId>, cancel: &
 /// Moves the job to its end, records a scheduled repository's verification time, publishes.
 async fn end(v: &Verifier, id: &str, status: JobStatus, error: Option<&str>) {
     let db = &v.deps().db;
-    let from = [JobStatus::Pending, JobStatus::Running, JobStatus::Cancelling];
+    let from = [
+        JobStatus::Pending,
+        JobStatus::Running,
+        JobStatus::Cancelling,
+    ];
     if let Err(e) = db.transition_verify(id, &from, status, error).await {
         tracing::error!(verify_id = %id, error = %chain(&e), "cannot record the verify job's end");
     }

@@ -67,7 +67,10 @@ async fn wait_verify(env: &Env, id: &str) -> Value {
         if ["completed", "failed", "cancelled"].contains(&v["status"].as_str().unwrap()) {
             return v;
         }
-        assert!(t.elapsed() < JOB_LIMIT * 4, "verify {id} still going: {v:#}");
+        assert!(
+            t.elapsed() < JOB_LIMIT * 4,
+            "verify {id} still going: {v:#}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -135,7 +138,11 @@ async fn a_byte_flipped_on_disk_marks_the_point_and_its_incremental_corrupt_and_
     let v = wait_verify(&env, &id).await;
     assert_eq!(v["status"], "completed", "{v:#}");
     assert_eq!(v["scope"], "vm:vfy", "{v:#}");
-    assert_eq!((v["points_total"].as_u64(), v["points_done"].as_u64()), (Some(2), Some(2)), "{v:#}");
+    assert_eq!(
+        (v["points_total"].as_u64(), v["points_done"].as_u64()),
+        (Some(2), Some(2)),
+        "{v:#}"
+    );
     assert_eq!(v["corrupt"], json!([]), "{v:#}");
     assert!(v["bytes_read"].as_u64().unwrap() >= 4 * MIB, "{v:#}");
     let b = backup(&env, &full).await;
@@ -143,11 +150,15 @@ async fn a_byte_flipped_on_disk_marks_the_point_and_its_incremental_corrupt_and_
     assert_ne!(b["verified_at"], before, "verified_at moved: {b:#}");
     let lines = verify_event_lines(&env, &id).await;
     assert!(
-        lines.iter().any(|l| l.starts_with(&format!("{full} point_verified"))),
+        lines
+            .iter()
+            .any(|l| l.starts_with(&format!("{full} point_verified"))),
         "{lines:#?}"
     );
     assert!(
-        lines.iter().any(|l| l.contains("verify_completed") && l.contains("GiB/min")),
+        lines
+            .iter()
+            .any(|l| l.contains("verify_completed") && l.contains("GiB/min")),
         "{lines:#?}"
     );
 
@@ -174,23 +185,36 @@ async fn a_byte_flipped_on_disk_marks_the_point_and_its_incremental_corrupt_and_
     );
     let lines = verify_event_lines(&env, &id).await;
     assert!(
-        lines.iter().any(|l| l.starts_with(&format!("{full} verify_mismatch"))
-            && l.contains("cell 0 (offset 0, 4194304 bytes)")),
+        lines
+            .iter()
+            .any(|l| l.starts_with(&format!("{full} verify_mismatch"))
+                && l.contains("cell 0 (offset 0, 4194304 bytes)")),
         "{lines:#?}"
     );
     assert!(
-        lines.iter().any(|l| l.starts_with(&format!("{inc} dependency_corrupt"))),
+        lines
+            .iter()
+            .any(|l| l.starts_with(&format!("{inc} dependency_corrupt"))),
         "{lines:#?}"
     );
-    let evs = env.api.get_ok(&format!("/api/v1/backups/{full}/events")).await;
+    let evs = env
+        .api
+        .get_ok(&format!("/api/v1/backups/{full}/events"))
+        .await;
     assert!(
-        evs.as_array().unwrap().iter().any(|e| e["step"] == "verify_mismatch"
-            && e["level"] == "error"
-            && e["job_id"] == id.as_str()),
+        evs.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["step"] == "verify_mismatch"
+                && e["level"] == "error"
+                && e["job_id"] == id.as_str()),
         "{evs:#}"
     );
     // A corrupt point is not read again.
-    let (s, v) = env.api.post("/api/v1/verify", &json!({"backup_id": full})).await;
+    let (s, v) = env
+        .api
+        .post("/api/v1/verify", &json!({"backup_id": full}))
+        .await;
     assert_eq!(s, 202, "{v}");
     assert_eq!(v["points_total"], 0, "{v}");
 
@@ -222,7 +246,11 @@ async fn a_clean_read_keeps_hub_computed_and_a_sidecar_not_the_catalogs_is_corru
     assert_eq!(done["integrity"], "hub_computed", "{done:#}");
     let vid = start_verify(&env, json!({"backup_id": id})).await;
     let v = wait_verify(&env, &vid).await;
-    assert_eq!((v["status"].as_str(), v["points_done"].as_u64()), (Some("completed"), Some(1)), "{v:#}");
+    assert_eq!(
+        (v["status"].as_str(), v["points_done"].as_u64()),
+        (Some("completed"), Some(1)),
+        "{v:#}"
+    );
     let b = backup(&env, &id).await;
     assert_eq!(b["integrity"], "hub_computed", "not upgraded: {b:#}");
     assert_ne!(b["verified_at"], done["verified_at"], "{b:#}");
@@ -251,7 +279,11 @@ async fn bad_verify_requests_are_refused_naming_the_field() {
     let env = Env::start();
     let api = &env.api;
     let (s, v) = api.post("/api/v1/verify", &json!({})).await;
-    assert_refused_naming(s, &v, "backup_id, vm_name, repository_id: exactly one is required, 0 given");
+    assert_refused_naming(
+        s,
+        &v,
+        "backup_id, vm_name, repository_id: exactly one is required, 0 given",
+    );
     let (s, v) = api
         .post("/api/v1/verify", &json!({"backup_id": "x", "vm_name": "y"}))
         .await;
@@ -284,16 +316,32 @@ async fn bad_verify_requests_are_refused_naming_the_field() {
             (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
         }
     };
-    let (s, v) = put("/api/v1/repositories/default", json!({"verify_interval_secs": 10})).await;
+    let (s, v) = put(
+        "/api/v1/repositories/default",
+        json!({"verify_interval_secs": 10}),
+    )
+    .await;
     assert_refused_naming(s, &v, "verify_interval_secs");
-    let (s, v) = put("/api/v1/repositories/nope", json!({"verify_interval_secs": 3600})).await;
+    let (s, v) = put(
+        "/api/v1/repositories/nope",
+        json!({"verify_interval_secs": 3600}),
+    )
+    .await;
     assert_eq!(s, 404, "{v}");
-    let (s, v) = put("/api/v1/repositories/default", json!({"verify_interval_secs": 3600})).await;
+    let (s, v) = put(
+        "/api/v1/repositories/default",
+        json!({"verify_interval_secs": 3600}),
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["verify_interval_secs"], 3600, "{v}");
     let list = api.get_ok("/api/v1/repositories").await;
     assert_eq!(list[0]["verify_interval_secs"], 3600, "{list}");
-    let (s, v) = put("/api/v1/repositories/default", json!({"verify_interval_secs": null})).await;
+    let (s, v) = put(
+        "/api/v1/repositories/default",
+        json!({"verify_interval_secs": null}),
+    )
+    .await;
     assert_eq!(s, 200, "{v}");
     assert!(v.get("verify_interval_secs").is_none(), "{v}");
     let dir = env.path("repo2");
@@ -307,11 +355,14 @@ async fn bad_verify_requests_are_refused_naming_the_field() {
     assert_eq!(v["verify_interval_secs"], 86400, "{v}");
 }
 
-/// A point of `gib` GiB of data (pattern written into a qcow2 source), completed and verified.
+/// A point of `size` bytes of data (pattern written into a qcow2 source), completed and verified.
 async fn big_point(env: &Env, vm: &str, size: u64) -> String {
     let src = env.path(&format!("{vm}-src.qcow2"));
     disks::create_qcow2(&src, size);
-    disks::write_pattern(&src, 0, size, 0x5c);
+    // qemu-io writes at most 2 GiB - 512 at once.
+    for at in (0..size).step_by((1024 * MIB) as usize) {
+        disks::write_pattern(&src, at, (1024 * MIB).min(size - at), 0x5c);
+    }
     // Not all one pattern: every cell's checksum is distinct in its first bytes.
     for i in (0..size).step_by((64 * MIB) as usize) {
         disks::write_pattern(&src, i, 4096, (i / MIB) as u8);
@@ -384,16 +435,55 @@ async fn verify_throughput() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(2);
     let id = big_point(&env, "tputvm", gib * 1024 * MIB).await;
-    let vid = start_verify(&env, json!({"backup_id": id})).await;
-    let v = wait_verify(&env, &vid).await;
-    assert_eq!(v["status"], "completed", "{v:#}");
-    let lines = verify_event_lines(&env, &vid).await;
-    let summary = lines
-        .iter()
-        .find(|l| l.contains("verify_completed"))
-        .unwrap();
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap();
-    eprintln!("THROUGHPUT {summary}\nloadavg {load}");
+    let img = image_paths(&backup(&env, &id).await)[0].clone();
+    for pass in [
+        "cold (image evicted from the page cache)",
+        "warm (image in the page cache)",
+    ] {
+        if pass.starts_with("cold") {
+            evict(&img);
+        }
+        let cpu0 = cpu_secs(env.hub.pid());
+        let vid = start_verify(&env, json!({"backup_id": id})).await;
+        let v = wait_verify(&env, &vid).await;
+        let cpu = cpu_secs(env.hub.pid()) - cpu0;
+        assert_eq!(v["status"], "completed", "{v:#}");
+        let lines = verify_event_lines(&env, &vid).await;
+        let summary = lines
+            .iter()
+            .find(|l| l.contains("verify_completed"))
+            .unwrap();
+        let load = std::fs::read_to_string("/proc/loadavg").unwrap();
+        eprintln!(
+            "THROUGHPUT {pass}: {summary}; CPU of the hub and its read-only qemu-nbd: {cpu:.1} s; \
+             loadavg {}",
+            load.trim()
+        );
+    }
+}
+
+/// Drops the image's pages from the page cache, so the read-back reads the disk.
+fn evict(file: &Path) {
+    let f = std::fs::File::open(file).unwrap();
+    f.sync_all().unwrap();
+    nix::fcntl::posix_fadvise(
+        &f,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .unwrap();
+}
+
+/// User + system CPU seconds of `pid` and of its children it waited for (the read-only
+/// qemu-nbd of each read-back).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14-17 of proc(5) (utime, stime, cutime, cstime) are 11-14 after the name.
+    let ticks: f64 = f[11..15].iter().map(|v| v.parse::<f64>().unwrap()).sum();
+    ticks / 100.0
 }
 
 mod schedule {
@@ -434,7 +524,9 @@ mod schedule {
         let url = format!("sqlite://{}/hub.db?mode=rwc", tmp.path().display());
         let db = Db::connect(&url).await.unwrap();
         db.migrate().await.unwrap();
-        db.insert_repository("nightly", "/srv/nightly").await.unwrap();
+        db.insert_repository("nightly", "/srv/nightly")
+            .await
+            .unwrap();
         db.insert_repository("manual", "/srv/manual").await.unwrap();
         db.set_verify_interval("nightly", Some(3600)).await.unwrap();
         let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
@@ -461,7 +553,10 @@ mod schedule {
         assert_eq!(r.last_verified_at, Some(t0), "set when the job ended");
 
         clock.set(t0 + TimeDelta::seconds(3599));
-        assert!(s.tick().await.unwrap().is_empty(), "not due before the interval");
+        assert!(
+            s.tick().await.unwrap().is_empty(),
+            "not due before the interval"
+        );
         clock.set(t0 + TimeDelta::seconds(3600));
         let started = s.tick().await.unwrap();
         assert_eq!(started.len(), 1, "due once the interval passed");
