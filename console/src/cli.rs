@@ -159,16 +159,22 @@ pub enum Command {
 }
 
 #[derive(Debug, clap::Args)]
-#[group(id = "scope", required = true, multiple = false)]
+#[group(skip)]
+#[command(group(
+    clap::ArgGroup::new("scope")
+        .required(true)
+        .multiple(false)
+        .args(["backup", "vm", "repository"])
+))]
 pub struct VerifyStart {
     /// One backup point.
-    #[arg(long, value_name = "ID", group = "scope")]
+    #[arg(long, value_name = "ID")]
     backup: Option<String>,
     /// Every completed point of a VM.
-    #[arg(long, value_name = "NAME", group = "scope")]
+    #[arg(long, value_name = "NAME")]
     vm: Option<String>,
     /// Every completed point in a repository.
-    #[arg(long, value_name = "ID", group = "scope")]
+    #[arg(long, value_name = "ID")]
     repository: Option<String>,
     /// Follow the job until it ends (progress on stderr); the exit status says how it ended
     /// (3 when it found corrupt points).

@@ -571,3 +571,82 @@ mod schedule {
         assert_eq!(db.list_verifies().await.unwrap().len(), 2);
     }
 }
+
+/// Makes a completed point look as a hub older than whole-disk checksums left it: `legacy`, no
+/// sidecar (edited in the hub's SQLite database, as the 0004 migration leaves such points).
+async fn make_legacy(env: &Env, id: &str, image: &Path) {
+    let db = env.tmp.path().join("data").join("hub.db");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE backup_jobs SET integrity = 'legacy', integrity_detail = NULL WHERE backup_id = ?",
+    )
+    .bind(id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE backup_disks SET manifest_path = NULL, manifest_blake3 = NULL, \
+         checksums_source = NULL WHERE backup_id = ?",
+    )
+    .bind(id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    std::fs::remove_file(format!("{}.sums", image.display())).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_legacy_point_gets_hub_computed_checksums_that_later_verify_jobs_compare_with() {
+    let env = Env::start();
+    let srcs = env.vm_with_sources("oldvm", &[2000]).await;
+    let (id, b) = env.backup("oldvm", "full").await;
+    disks::nbdcopy_into(&srcs[0], &targets(&b)[0].1);
+    let done = env
+        .complete_ok(&id, &complete_body(2000, grid_of(&srcs[0], CELL)))
+        .await;
+    let img = image_paths(&done)[0].clone();
+    make_legacy(&env, &id, &img).await;
+    assert_eq!(backup(&env, &id).await["integrity"], "legacy");
+
+    let vid = start_verify(&env, json!({"repository_id": "default"})).await;
+    let v = wait_verify(&env, &vid).await;
+    assert_eq!(
+        (v["status"].as_str(), v["points_done"].as_u64()),
+        (Some("completed"), Some(1)),
+        "{v:#}"
+    );
+    let b = backup(&env, &id).await;
+    assert_eq!(b["integrity"], "hub_computed", "{b:#}");
+    assert!(
+        b["integrity_detail"].as_str().unwrap().contains(&format!(
+            "disk 2000: verify job {vid} computed its checksums (16 cells) from the image, the point having none (legacy)"
+        )),
+        "{b:#}"
+    );
+    assert_eq!(disk(&b, 2000)["checksums_source"], "hub", "{b:#}");
+    assert!(Path::new(&format!("{}.sums", img.display())).exists());
+    let lines = verify_event_lines(&env, &vid).await;
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&format!("{id} checksums_computed"))),
+        "{lines:#?}"
+    );
+
+    // From now on the stored checksums catch a flipped byte.
+    flip_byte(&img, host_offset(&img, 5 * MIB + 8192));
+    let vid = start_verify(&env, json!({"repository_id": "default"})).await;
+    let v = wait_verify(&env, &vid).await;
+    assert_eq!(v["corrupt"], json!([id]), "{v:#}");
+    let b = backup(&env, &id).await;
+    assert!(
+        b["integrity_detail"]
+            .as_str()
+            .unwrap()
+            .contains("cell 1 (offset 4194304, 4194304 bytes)"),
+        "{b:#}"
+    );
+}

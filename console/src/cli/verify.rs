@@ -213,4 +213,38 @@ mod tests {
         };
         assert_eq!(outcome(&clean), exit::OK);
     }
+
+    #[test]
+    fn the_scope_is_exactly_one_of_backup_vm_repository_unless_a_subcommand() {
+        use crate::cli::{Cli, Command, VerifyCommand};
+        use clap::Parser;
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("sendense-console").chain(args.iter().copied()))
+        };
+        match parse(&["verify", "--vm", "pg1", "--wait"]).unwrap().command {
+            Some(Command::Verify {
+                command: None,
+                start,
+            }) => {
+                assert_eq!(start.vm.as_deref(), Some("pg1"));
+                assert!(start.wait && start.backup.is_none() && start.repository.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse(&["verify", "list"]).unwrap().command,
+            Some(Command::Verify {
+                command: Some(VerifyCommand::List { json: false }),
+                ..
+            })
+        ));
+        for bad in [
+            &["verify"][..],
+            &["verify", "--vm", "a", "--backup", "b"],
+            &["verify", "--vm", "a", "list"],
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad:?}: {e}");
+        }
+    }
 }
