@@ -40,10 +40,14 @@ pub(super) async fn run(v: &Verifier, id: &str, points: Vec<BackupId>, cancel: &
     let moved = db
         .transition_verify(id, &[JobStatus::Pending], JobStatus::Running, None)
         .await;
-    if !matches!(moved, Ok(true)) {
-        // Cancelled before it started (or the database refused): end it as it stands.
-        end(v, id, JobStatus::Cancelled, None).await;
-        return;
+    match moved {
+        Ok(true) => {}
+        // Cancelled before it started.
+        Ok(false) => return end(v, id, JobStatus::Cancelled, None).await,
+        Err(e) => {
+            let why = format!("cannot start: {}", chain(&e));
+            return end(v, id, JobStatus::Failed, Some(&why)).await;
+        }
     }
     v.publish(id).await;
     let total = bytes_total(v, &points).await;
