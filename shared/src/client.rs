@@ -9,14 +9,16 @@
 
 use crate::api::{
     Backup, BackupRequest, CompletionReport, ErrorBody, Health, JobEvent, Node, NodeRegistration,
-    NodeTunnel, PortsView, ProcessInfo, ProgressReport, Repository, RepositoryUpdate, Restore,
-    RestoreCompletion, RestoreProgress, RestoreRequest, VerifyJob, VerifyRequest, Vm, VmRequest,
+    NodeTunnel, PortsView, ProcessInfo, ProgressReport, Repository, Restore, RestoreCompletion,
+    RestoreProgress, RestoreRequest, Vm, VmRequest,
 };
 use crate::ids::BackupId;
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::time::Duration;
+
+mod verify;
 
 /// How long one ordinary request may take (the event stream has no such limit).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -355,74 +357,6 @@ impl HubClient {
             &format!("/api/v1/restores/{id}/cancel"),
             || format!("restore {id}"),
             None,
-        )
-        .await
-    }
-
-    /// `POST /api/v1/verify`: the hub answers 202 with the new verify job.
-    pub async fn start_verify(&self, req: &VerifyRequest) -> Result<VerifyJob, ClientError> {
-        self.send(
-            "POST",
-            "/api/v1/verify",
-            || match (&req.backup_id, &req.vm_name, &req.repository_id) {
-                (Some(b), _, _) => format!("verify of backup {b}"),
-                (_, Some(v), _) => format!("verify of VM {v:?}"),
-                (_, _, Some(r)) => format!("verify of repository {r:?}"),
-                _ => "verify".into(),
-            },
-            Some(json_body(req)),
-        )
-        .await
-    }
-
-    /// `GET /api/v1/verify`.
-    pub async fn verify_jobs(&self) -> Result<Vec<VerifyJob>, ClientError> {
-        self.get("/api/v1/verify").await
-    }
-
-    pub async fn verify_job(&self, id: &str) -> Result<VerifyJob, ClientError> {
-        self.send(
-            "GET",
-            &format!("/api/v1/verify/{id}"),
-            || format!("verify job {id}"),
-            None,
-        )
-        .await
-    }
-
-    /// `GET /api/v1/verify/{id}/events`: its events on every point it read.
-    pub async fn verify_events(&self, id: &str) -> Result<Vec<JobEvent>, ClientError> {
-        self.send(
-            "GET",
-            &format!("/api/v1/verify/{id}/events"),
-            || format!("verify job {id}"),
-            None,
-        )
-        .await
-    }
-
-    /// `POST /api/v1/verify/{id}/cancel`.
-    pub async fn cancel_verify(&self, id: &str) -> Result<VerifyJob, ClientError> {
-        self.send(
-            "POST",
-            &format!("/api/v1/verify/{id}/cancel"),
-            || format!("verify job {id}"),
-            None,
-        )
-        .await
-    }
-
-    /// `PUT /api/v1/repositories/{id}`: its verify interval.
-    pub async fn update_repository(
-        &self,
-        id: &str,
-        req: &RepositoryUpdate,
-    ) -> Result<Repository, ClientError> {
-        self.send(
-            "PUT",
-            &format!("/api/v1/repositories/{id}"),
-            || format!("repository {id:?}"),
-            Some(json_body(req)),
         )
         .await
     }
