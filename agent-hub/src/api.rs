@@ -3,7 +3,8 @@
 //! bearer middleware are `sendense_shared::http`'s, shared with the node.
 //!
 //! - [`system`]: `/health`, ports, processes, the SSE event stream.
-//! - [`repositories`], [`vms`], [`backups`], [`restores`], [`nodes`]: one module per resource.
+//! - [`repositories`], [`vms`], [`backups`], [`restores`], [`verify`], [`nodes`]: one module per
+//!   resource.
 //!
 //! - [`scope`]: who may call what: the admin token everything, a node's credential only its
 //!   own registration, inventory, VMs, jobs and restores (`403 forbidden` naming the scope).
@@ -17,6 +18,7 @@ pub mod repositories;
 pub mod restores;
 pub mod scope;
 pub mod system;
+pub mod verify;
 pub mod vms;
 
 use crate::hub::AppState;
@@ -42,6 +44,11 @@ pub fn router(state: AppState) -> Router {
             "/repositories",
             get(repositories::list).post(repositories::create),
         )
+        .route("/repositories/{id}", put(repositories::update))
+        .route("/verify", get(verify::list).post(verify::start))
+        .route("/verify/{id}", get(verify::get_one))
+        .route("/verify/{id}/cancel", post(verify::cancel))
+        .route("/verify/{id}/events", get(verify::events))
         .route("/vms", get(vms::list).post(vms::register))
         .route("/vms/{vm_name}", get(vms::get_one))
         .route("/backups", get(backups::list).post(backups::start))

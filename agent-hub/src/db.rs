@@ -24,11 +24,13 @@ mod backups;
 mod credentials;
 mod records;
 mod restores;
+mod verify_jobs;
 mod vms;
 
 pub use backups::{BackupDiskRow, DiskUpdate, NewBackup, NewBackupDisk};
 pub use credentials::NodeCredential;
 pub use records::{ProcessRecord, RepositoryRow};
+pub use verify_jobs::VerifyProgress;
 pub use vms::VmSource;
 
 use chrono::{DateTime, Utc};

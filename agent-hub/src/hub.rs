@@ -23,6 +23,8 @@ pub struct Hub {
     pub jobs: JobManager,
     /// Restore jobs.
     pub restores: Restores,
+    /// Verify jobs.
+    pub verify: crate::verify::Verifier,
     /// Registration, inventory, tunnel probes.
     pub nodes: Nodes,
     pub bus: EventBus,

@@ -15,6 +15,8 @@
 //! - [`jobs`]: the life of a backup job: prepare, progress, completion, verification, cancel.
 //! - [`restores`]: restore jobs: a backup point served read-only to a node that writes it
 //!   into a new image.
+//! - [`verify`]: verify jobs (re-read completed points against their stored checksums, mark
+//!   corrupt ones and their dependents), on demand and on a schedule per repository.
 //! - [`nodes`]: node registration, inventory import, tunnel probes.
 //! - [`node_client`]: every hub → node call, typed ([`node_client::NodeClient`]).
 //! - [`vms`]: the rules a VM record must pass.
@@ -29,7 +31,7 @@
 //!   read-backs (finalize, verify jobs, the reconciler).
 //!
 //! Layers: `server` wires, `api` translates HTTP and reaches the services through `hub`; the
-//! services (`jobs`, `restores`, `nodes`) use the low modules (`db`, `ports`, `qemu_nbd`,
+//! services (`jobs`, `restores`, `verify`, `nodes`) use the low modules (`db`, `ports`, `qemu_nbd`,
 //! `repository`, `manifest`, `readback`, `events`, `node_client`) and never `api`, `hub` or `server`; the
 //! `reconciler` runs before any service starts, on the same low modules and the services'
 //! lists of active states.
@@ -53,4 +55,5 @@ pub mod reconciler;
 pub mod repository;
 pub mod restores;
 pub mod server;
+pub mod verify;
 pub mod vms;

@@ -126,6 +126,16 @@ impl Hub {
             node_lost_after: config.node_lost_after,
         });
         let nodes = Nodes::new(db.clone(), bus.clone(), node_client, tasks.clone());
+        let verify = crate::verify::Verifier::new(crate::verify::VerifyDeps {
+            db: db.clone(),
+            readback: readback.clone(),
+            log: log.clone(),
+            tasks: tasks.clone(),
+            clock: Arc::new(crate::verify::SystemClock),
+        });
+        if let Err(e) = verify.recover().await {
+            tracing::warn!(error = %sendense_shared::errors::chain(&e), "cannot end the verify jobs a previous run left");
+        }
 
         let report = crate::reconciler::reconcile(&db, &ports, &log, &config, &readback).await;
         tracing::info!(summary = %report, "start-up reconciliation done");
@@ -136,6 +146,7 @@ impl Hub {
             ports,
             jobs,
             restores,
+            verify,
             nodes,
             bus,
             readback,
@@ -189,6 +200,11 @@ pub async fn serve(
     tracing::info!(%addr, pid = std::process::id(), "sendense-hub API listening");
     let app = crate::api::router(state.clone());
     spawn_tunnel_prober(&state);
+    crate::verify::schedule::spawn(
+        crate::verify::schedule::Scheduler::new(state.verify.clone()),
+        &state.tasks,
+        state.shutdown.clone(),
+    );
     let stop = shutdown.clone();
     let hub_stop = state.shutdown.clone();
     let result = axum::serve(listener, app)
@@ -206,6 +222,9 @@ pub async fn serve(
         state
             .restores
             .shutdown("hub stopped (SIGTERM) during the restore"),
+        state
+            .verify
+            .shutdown("hub stopped (SIGTERM) during the verify job"),
     );
     state.tasks.close();
     state.tasks.wait().await;

@@ -10,6 +10,8 @@
 //! - [`mariadb`]: the main backup on MariaDB.
 //! - [`restore_truth`]: restores refused for a corrupt or unverified point, and compared with
 //!   the point's stored checksums (a stand-in node).
+//! - [`verify`]: verify jobs: a byte flipped on disk caught, corrupt points and their
+//!   dependents, the next backup a full, cancel, bad requests, the scheduler's clock.
 //! - [`cbt`]: change ids from a stand-in vSphere node into the next incremental, and the
 //!   fallback to full without them.
 
@@ -24,4 +26,5 @@ mod hub {
     pub mod integrity;
     pub mod mariadb;
     pub mod restore_truth;
+    pub mod verify;
 }

@@ -4,13 +4,16 @@
 //!
 //! - `backups`: `backups list`, `backup start`, `backup cancel`.
 //! - `restores`: `restores list`, `restore start`, `restore cancel`.
+//! - `verify`: `verify --backup ID | --vm NAME | --repository ID`, `verify list`,
+//!   `verify cancel`.
 
 mod backups;
 mod restores;
+mod verify;
 
 use crate::config::{self, Overrides};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
-use sendense_shared::api::{BackupType, RestoreRequest, RestoreTarget};
+use sendense_shared::api::{BackupType, RestoreRequest, RestoreTarget, VerifyRequest};
 use sendense_shared::client::{ClientError, HubClient};
 use sendense_shared::errors::chain;
 use sendense_shared::ids::{BackupId, DiskKey};
@@ -143,6 +146,59 @@ pub enum Command {
     Restore {
         #[command(subcommand)]
         command: RestoreCommand,
+    },
+    /// Re-read completed backup points against their stored checksums (a verify job); prints
+    /// the job id. `verify list`, `verify cancel ID`.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Verify {
+        #[command(subcommand)]
+        command: Option<VerifyCommand>,
+        #[command(flatten)]
+        start: VerifyStart,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+#[group(skip)]
+#[command(group(
+    clap::ArgGroup::new("scope")
+        .required(true)
+        .multiple(false)
+        .args(["backup", "vm", "repository"])
+))]
+pub struct VerifyStart {
+    /// One backup point.
+    #[arg(long, value_name = "ID")]
+    backup: Option<String>,
+    /// Every completed point of a VM.
+    #[arg(long, value_name = "NAME")]
+    vm: Option<String>,
+    /// Every completed point in a repository.
+    #[arg(long, value_name = "ID")]
+    repository: Option<String>,
+    /// Follow the job until it ends (progress on stderr); the exit status says how it ended
+    /// (3 when it found corrupt points).
+    #[arg(long)]
+    wait: bool,
+    /// Print the verify job as JSON instead of its id.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VerifyCommand {
+    /// List verify jobs, newest first.
+    List {
+        /// Print the hub's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the hub to cancel a verify job.
+    Cancel {
+        id: String,
+        /// Print the verify job as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -402,5 +458,24 @@ pub async fn run_command(client: &HubClient, command: Command) -> u8 {
         Command::Restore {
             command: RestoreCommand::Cancel { id, json },
         } => restores::cancel(client, &id, json).await,
+        Command::Verify {
+            command: Some(VerifyCommand::List { json }),
+            ..
+        } => verify::list(client, json).await,
+        Command::Verify {
+            command: Some(VerifyCommand::Cancel { id, json }),
+            ..
+        } => verify::cancel(client, &id, json).await,
+        Command::Verify {
+            command: None,
+            start,
+        } => {
+            let req = VerifyRequest {
+                backup_id: start.backup.map(BackupId),
+                vm_name: start.vm,
+                repository_id: start.repository,
+            };
+            verify::start(client, &req, start.wait, start.json).await
+        }
     }
 }

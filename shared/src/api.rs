@@ -41,7 +41,7 @@ pub use restores::{
     RestoreRequest, RestoreTarget,
 };
 pub use system::{PortAllocation, PortsView, ProcessInfo, SquattedPort};
-pub use vms::{Repository, RepositoryRequest, Vm, VmDisk, VmRequest};
+pub use vms::{Repository, RepositoryRequest, RepositoryUpdate, Vm, VmDisk, VmRequest};
 
 /// Error body of every 4xx/5xx answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -2,7 +2,7 @@
 //! node. Every error names its cause the way an operator needs it: which URL did not answer,
 //! that the token was refused, or the hub's own `error` and `detail` for a 4xx.
 //!
-//! Console side: health, backups, restores, VMs, ports, processes, nodes, tunnel, start,
+//! Console side: health, backups, restores, verify jobs, VMs, repositories, ports, processes, nodes, tunnel, start,
 //! cancel, the event stream. Node side: registration, inventory push, and the progress and
 //! completion reports of backups and restores. Retries are the caller's, paced with
 //! [`crate::backoff`].
@@ -17,6 +17,8 @@ use reqwest::{Method, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::time::Duration;
+
+mod verify;
 
 /// How long one ordinary request may take (the event stream has no such limit).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -138,6 +140,7 @@ impl HubClient {
         let url = self.url(path);
         let mut req = match method {
             "POST" => self.http.request(Method::POST, &url),
+            "PUT" => self.http.request(Method::PUT, &url),
             _ => self.http.request(Method::GET, &url),
         };
         req = self.authed(req).timeout(REQUEST_TIMEOUT);

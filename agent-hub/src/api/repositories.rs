@@ -1,25 +1,38 @@
-//! `GET/POST /api/v1/repositories`: directories that hold QCOW2 chains, with their free space.
-//! Registering one needs the admin token, and the directory must lie under the configured
+//! `GET/POST /api/v1/repositories`, `PUT /api/v1/repositories/{id}`: directories that hold
+//! QCOW2 chains, with their free space and their scheduled verification. Registering or
+//! changing one needs the admin token, and the directory must lie under the configured
 //! `repository_roots` (default: the data directory), never be the data directory itself nor
 //! the log directory (compared with symlinks resolved).
 
 use super::scope::admin_only;
 use super::{ApiError, ApiJson};
 use crate::auth::Principal;
+use crate::db::RepositoryRow;
 use crate::hub::AppState;
 use axum::Extension;
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
-use sendense_shared::api::{Repository, RepositoryRequest};
+use sendense_shared::api::{Repository, RepositoryRequest, RepositoryUpdate};
 use sendense_shared::names::validate_name;
 use std::path::{Component, Path, PathBuf};
 
+/// The shortest verify interval: the scheduler looks once a minute.
+const MIN_VERIFY_INTERVAL_SECS: u64 = 60;
+
 pub async fn list(State(hub): State<AppState>) -> Result<Json<Vec<Repository>>, ApiError> {
     let rows = hub.db.list_repositories().await?;
-    Ok(Json(
-        rows.into_iter().map(|r| with_space(r.id, r.path)).collect(),
-    ))
+    Ok(Json(rows.into_iter().map(with_space).collect()))
+}
+
+fn check_interval(secs: Option<u64>) -> Result<(), ApiError> {
+    match secs {
+        Some(s) if s < MIN_VERIFY_INTERVAL_SECS => Err(ApiError::invalid(format!(
+            "verify_interval_secs: {s} is shorter than {MIN_VERIFY_INTERVAL_SECS} (the hub \
+             looks for due verifications once a minute); null verifies on demand only"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Registers a directory (created if missing) under a new id.
@@ -33,6 +46,7 @@ pub async fn create(
     if req.path.contains('\0') {
         return Err(ApiError::BadName("path contains a NUL byte".into()));
     }
+    check_interval(req.verify_interval_secs)?;
     let path = Path::new(&req.path);
     if !path.is_absolute() {
         return Err(ApiError::invalid(format!(
@@ -50,8 +64,32 @@ pub async fn create(
     let path = places.check(path)?;
     let path = path.display().to_string();
     hub.db.insert_repository(&req.id, &path).await?;
-    tracing::info!(id = %req.id, %path, "repository registered");
-    Ok((StatusCode::CREATED, Json(with_space(req.id, path))))
+    if req.verify_interval_secs.is_some() {
+        hub.db
+            .set_verify_interval(&req.id, req.verify_interval_secs)
+            .await?;
+    }
+    tracing::info!(id = %req.id, %path, verify_interval_secs = ?req.verify_interval_secs,
+        "repository registered");
+    let row = hub.db.get_repository(&req.id).await?;
+    Ok((StatusCode::CREATED, Json(with_space(row))))
+}
+
+/// Changes a repository's verify interval (`null`: on demand only).
+pub async fn update(
+    State(hub): State<AppState>,
+    Extension(who): Extension<Principal>,
+    UrlPath(id): UrlPath<String>,
+    ApiJson(req): ApiJson<RepositoryUpdate>,
+) -> Result<Json<Repository>, ApiError> {
+    admin_only(&who, "changing a repository")?;
+    validate_name("id", &id)?;
+    check_interval(req.verify_interval_secs)?;
+    hub.db
+        .set_verify_interval(&id, req.verify_interval_secs)
+        .await?;
+    tracing::info!(%id, verify_interval_secs = ?req.verify_interval_secs, "repository updated");
+    Ok(Json(with_space(hub.db.get_repository(&id).await?)))
 }
 
 /// Where a repository may be: under a `repository_roots` entry, never the data directory
@@ -134,21 +172,21 @@ fn canonical(path: &Path) -> PathBuf {
 }
 
 /// Free and total bytes now; zero when the directory is gone (the list still shows it).
-fn with_space(id: String, path: String) -> Repository {
-    let (free_bytes, total_bytes) = match crate::repository::space(Path::new(&path)) {
+fn with_space(r: RepositoryRow) -> Repository {
+    let (free_bytes, total_bytes) = match crate::repository::space(Path::new(&r.path)) {
         Ok(s) => (s.free_bytes, s.total_bytes),
         Err(e) => {
-            tracing::warn!(%id, %path, error = %e, "cannot read repository space");
+            tracing::warn!(id = %r.id, path = %r.path, error = %e, "cannot read repository space");
             (0, 0)
         }
     };
     Repository {
-        id,
-        path,
+        id: r.id,
+        path: r.path,
         free_bytes,
         total_bytes,
-        verify_interval_secs: None,
-        last_verified_at: None,
+        verify_interval_secs: r.verify_interval_secs,
+        last_verified_at: r.last_verified_at,
     }
 }
 

@@ -16,13 +16,22 @@ pub struct RepositoryRow {
     pub id: String,
     pub path: String,
     pub created_at: DateTime<Utc>,
+    /// Scheduled verification: every this many seconds (`None`: on demand only).
+    pub verify_interval_secs: Option<u64>,
+    /// When the last scheduled verify job of the repository ended.
+    pub last_verified_at: Option<DateTime<Utc>>,
 }
 
 fn repository_row(r: &AnyRow) -> Result<RepositoryRow, DbError> {
+    let interval: Option<i64> = col(r, "verify_interval_secs")?;
     Ok(RepositoryRow {
         id: col(r, "id")?,
         path: col(r, "path")?,
         created_at: from_us(col(r, "created_at")?),
+        verify_interval_secs: interval
+            .map(|v| super::from_db_u64("repositories.verify_interval_secs", v))
+            .transpose()?,
+        last_verified_at: col::<Option<i64>>(r, "last_verified_at")?.map(from_us),
     })
 }
 
@@ -120,24 +129,30 @@ impl Db {
     }
 
     pub async fn list_repositories(&self) -> Result<Vec<RepositoryRow>, DbError> {
-        sqlx::query("SELECT id, path, created_at FROM repositories ORDER BY id")
-            .fetch_all(self.pool())
-            .await
-            .map_err(q("listing repositories"))?
-            .iter()
-            .map(repository_row)
-            .collect()
+        sqlx::query(
+            "SELECT id, path, created_at, verify_interval_secs, last_verified_at FROM repositories \
+             ORDER BY id",
+        )
+        .fetch_all(self.pool())
+        .await
+        .map_err(q("listing repositories"))?
+        .iter()
+        .map(repository_row)
+        .collect()
     }
 
     pub async fn get_repository(&self, id: &str) -> Result<RepositoryRow, DbError> {
-        let row = sqlx::query("SELECT id, path, created_at FROM repositories WHERE id = ?")
-            .bind(id)
-            .fetch_optional(self.pool())
-            .await
-            .map_err(q("reading a repository"))?
-            .ok_or_else(|| DbError::NotFound {
-                what: format!("repository '{id}'"),
-            })?;
+        let row = sqlx::query(
+            "SELECT id, path, created_at, verify_interval_secs, last_verified_at FROM repositories \
+             WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(q("reading a repository"))?
+        .ok_or_else(|| DbError::NotFound {
+            what: format!("repository '{id}'"),
+        })?;
         repository_row(&row)
     }
 

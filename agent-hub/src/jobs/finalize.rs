@@ -161,11 +161,29 @@ async fn run(
         }
         check_image(jm, id, *disk, path).await?;
     }
-    let (integrity, detail) = if hub_computed.is_empty() {
+    let (integrity, detail) = if let Some(p) = corrupt_parent(jm, id).await? {
+        // A verify job found the parent corrupt while this point was being written.
+        (
+            Integrity::Corrupt,
+            Some(format!(
+                "depends on corrupt point {p} (found while this point was copied)"
+            )),
+        )
+    } else if hub_computed.is_empty() {
         (Integrity::Verified, None)
     } else {
         (Integrity::HubComputed, Some(hub_computed.join("; ")))
     };
+    if integrity == Integrity::Corrupt {
+        jm.event(
+            id,
+            Level::Error,
+            "integrity_corrupt",
+            detail.clone().unwrap_or_default(),
+            None,
+        )
+        .await;
+    }
     db_retry(
         jm,
         id,
@@ -176,6 +194,25 @@ async fn run(
     .await
     .ok_or(Stop::Abandon)?;
     Ok(())
+}
+
+/// The parent point of this incremental, when the catalog now records it corrupt.
+async fn corrupt_parent(jm: &JobManager, id: &BackupId) -> Result<Option<BackupId>, Stop> {
+    let db = &jm.deps().db;
+    let rows = db_retry(jm, id, "reading the job's disks", patience(jm), || {
+        db.backup_disks(id)
+    })
+    .await
+    .ok_or(Stop::Abandon)?;
+    let Some(parent) = rows.iter().find_map(|r| r.parent_backup_id.clone()) else {
+        return Ok(None);
+    };
+    let p = db_retry(jm, id, "reading the parent point", patience(jm), || {
+        db.get_backup(&parent)
+    })
+    .await
+    .ok_or(Stop::Abandon)?;
+    Ok((p.integrity == Integrity::Corrupt).then_some(parent))
 }
 
 /// Why a completion report's checksums could not be stored (the writer gets the error).

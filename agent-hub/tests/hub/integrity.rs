@@ -18,7 +18,7 @@ fn qemu_io_uri(uri: &str, cmd: &str) {
     sendense_tests::run(std::process::Command::new("qemu-io").args(["-f", "raw", "-c", cmd, uri]));
 }
 
-fn complete_body(key: i64, grid: Value) -> Value {
+pub fn complete_body(key: i64, grid: Value) -> Value {
     json!({"status": "completed", "disks": [{"disk_key": key, "status": "completed", "grid": grid}]})
 }
 

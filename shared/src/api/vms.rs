@@ -17,6 +17,14 @@ pub struct RepositoryRequest {
     pub verify_interval_secs: Option<u64>,
 }
 
+/// `PUT /api/v1/repositories/{id}`: what may change of a repository.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepositoryUpdate {
+    /// Re-read every completed point this often; `null` (or absent): only on demand.
+    #[serde(default)]
+    pub verify_interval_secs: Option<u64>,
+}
+
 /// A repository as the hub reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Repository {

@@ -1,11 +1,13 @@
 //! Which kind of backup a job is: a full one, an incremental on the VM's last verified point,
-//! or a full one because the records or the node say an incremental cannot be done. Decided
-//! before anything is prepared.
+//! or a full one because the records or the node say an incremental cannot be done (among
+//! them a corrupt chain: the newest point, or any point it builds on, found corrupt by a verify
+//! job). Decided before anything is prepared.
 
 use super::super::node::{BaseCheck, Previous, change_ids_of, check_base};
 use super::super::{JobError, JobManager, NodeAddr};
-use sendense_shared::api::{BackupType, Vm};
+use sendense_shared::api::{Backup, BackupType, Integrity, Vm};
 use sendense_shared::ids::{BackupId, DiskKey};
+use std::collections::HashSet;
 use std::path::PathBuf;
 
 /// The kind a job runs as, and why when it is not the one asked for.
@@ -80,6 +82,9 @@ async fn from_records(jm: &JobManager, vm: &Vm, requested: BackupType) -> Result
             )),
         ));
     };
+    if let Some(why) = corrupt_in_chain(jm, &last).await? {
+        return Ok(Kind::full(None, Some(why)));
+    }
     let mut parents = Vec::new();
     for d in &vm.disks {
         let Some(prev) = last.disk_results.iter().find(|r| r.disk_key == d.disk_key) else {
@@ -116,4 +121,41 @@ async fn from_records(jm: &JobManager, vm: &Vm, requested: BackupType) -> Result
         previous: Some(previous),
         fallback: None,
     })
+}
+
+/// The first corrupt point of the chain an incremental on `last` would build on (`last`
+/// itself, then its parents through every disk), as "the chain is corrupt: point X (why)".
+async fn corrupt_in_chain(jm: &JobManager, last: &Backup) -> Result<Option<String>, JobError> {
+    let db = &jm.deps().db;
+    let mut seen = HashSet::new();
+    let mut next = vec![last.clone()];
+    while let Some(p) = next.pop() {
+        if !seen.insert(p.backup_id.clone()) {
+            continue;
+        }
+        if p.integrity == Integrity::Corrupt {
+            return Ok(Some(format!(
+                "the chain is corrupt: point {}{}",
+                p.backup_id,
+                p.integrity_detail
+                    .map(|d| format!(" ({d})"))
+                    .unwrap_or_default()
+            )));
+        }
+        let parents: HashSet<BackupId> = db
+            .backup_disks(&p.backup_id)
+            .await?
+            .into_iter()
+            .filter_map(|d| d.parent_backup_id)
+            .collect();
+        for id in parents {
+            match db.get_backup(&id).await {
+                Ok(b) => next.push(b),
+                // A parent no longer in the catalog: the image check below decides.
+                Err(crate::db::DbError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(None)
 }

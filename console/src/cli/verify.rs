@@ -1,0 +1,250 @@
+//! `verify --backup ID | --vm NAME | --repository ID [--wait]`, `verify list`, `verify cancel`,
+//! with the same outputs and exit statuses as the backup commands: the id (or `--json`) on
+//! stdout, progress and outcome on stderr. A verify job that found corrupt points exits
+//! [`exit::FAILED`] with `--wait`: a script must not take it for a clean read.
+
+use super::{exit, fail, follow, print_json};
+use crate::format;
+use sendense_shared::api::{JobStatus, VerifyJob, VerifyRequest};
+use sendense_shared::client::HubClient;
+
+/// `verify list [--json]`.
+pub(super) async fn list(client: &HubClient, json: bool) -> u8 {
+    match client.verify_jobs().await {
+        Ok(mut list) => {
+            list.sort_by_key(|v| std::cmp::Reverse(v.created_at));
+            if json {
+                print_json(&list);
+            } else {
+                print!("{}", verify_table(&list));
+            }
+            exit::OK
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// `verify --backup ID | --vm NAME | --repository ID [--wait] [--json]`.
+pub(super) async fn start(client: &HubClient, req: &VerifyRequest, wait: bool, json: bool) -> u8 {
+    let v = match client.start_verify(req).await {
+        Ok(v) => v,
+        Err(e) => return fail(&e),
+    };
+    eprintln!(
+        "started verify job {} of {}: {} point(s)",
+        v.verify_id, v.scope, v.points_total
+    );
+    if !wait {
+        print_verify(&v, json);
+        return exit::OK;
+    }
+    if !json {
+        println!("{}", v.verify_id);
+    }
+    follow(
+        &format!("verify job {}", v.verify_id),
+        || client.verify_job(&v.verify_id),
+        |v: &VerifyJob| v.status,
+        progress_line,
+        outcome,
+        json,
+    )
+    .await
+}
+
+/// `verify cancel ID [--json]`.
+pub(super) async fn cancel(client: &HubClient, id: &str, json: bool) -> u8 {
+    match client.cancel_verify(id).await {
+        Ok(v) => {
+            eprintln!("verify job {} is {}", v.verify_id, v.status.as_str());
+            print_verify(&v, json);
+            exit::OK
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+fn print_verify(v: &VerifyJob, json: bool) {
+    if json {
+        print_json(v);
+    } else {
+        println!("{}", v.verify_id);
+    }
+}
+
+/// One progress line: `v-1 running 2/5 points 40% 1.0 GiB/2.5 GiB`.
+pub fn progress_line(v: &VerifyJob) -> String {
+    format!(
+        "{} {} {}/{} points {}% {}/{}",
+        v.verify_id,
+        v.status.as_str(),
+        v.points_done,
+        v.points_total,
+        format::percent(v.bytes_read, v.bytes_total),
+        format::bytes(v.bytes_read),
+        format::bytes(v.bytes_total)
+    )
+}
+
+/// Say how a finished verify job ended and pick the exit status.
+fn outcome(v: &VerifyJob) -> u8 {
+    match v.status {
+        JobStatus::Completed if v.corrupt.is_empty() => {
+            eprintln!(
+                "verify job {} completed: {} point(s) equal to their stored checksums, {} read",
+                v.verify_id,
+                v.points_done,
+                format::bytes(v.bytes_read)
+            );
+            exit::OK
+        }
+        JobStatus::Completed => {
+            eprintln!(
+                "verify job {} found {} corrupt point(s): {} (they and the points depending on \
+                 them are marked corrupt; the VM's next backup is a full)",
+                v.verify_id,
+                v.corrupt.len(),
+                corrupt_list(v)
+            );
+            exit::FAILED
+        }
+        JobStatus::Cancelled => {
+            eprintln!("verify job {} was cancelled", v.verify_id);
+            exit::CANCELLED
+        }
+        _ => {
+            eprintln!(
+                "verify job {} failed: {}",
+                v.verify_id,
+                v.error_message
+                    .as_deref()
+                    .unwrap_or("no error message from the hub")
+            );
+            exit::FAILED
+        }
+    }
+}
+
+fn corrupt_list(v: &VerifyJob) -> String {
+    v.corrupt
+        .iter()
+        .map(|b| b.0.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The human table of `verify list`, columns as wide as their longest value.
+pub fn verify_table(list: &[VerifyJob]) -> String {
+    let points = |v: &VerifyJob| format!("{}/{}", v.points_done, v.points_total);
+    let corrupt = |v: &VerifyJob| {
+        if v.corrupt.is_empty() {
+            "-".to_string()
+        } else {
+            corrupt_list(v)
+        }
+    };
+    let width = |head: &str, f: &dyn Fn(&VerifyJob) -> usize| {
+        list.iter().map(f).max().unwrap_or(0).max(head.len())
+    };
+    let wid = width("ID", &|v| v.verify_id.chars().count());
+    let wsc = width("SCOPE", &|v| v.scope.chars().count());
+    let wpo = width("POINTS", &|v| points(v).chars().count());
+    let wco = width("CORRUPT", &|v| corrupt(v).chars().count());
+    let mut out = format!(
+        "{:<wid$}  {:<wsc$}  {:<8}  {:<10}  {:>wpo$}  {:>10}  {:<wco$}  {}\n",
+        "ID", "SCOPE", "TRIGGER", "STATUS", "POINTS", "READ", "CORRUPT", "CREATED"
+    );
+    for v in list {
+        out.push_str(&format!(
+            "{:<wid$}  {:<wsc$}  {:<8}  {:<10}  {:>wpo$}  {:>10}  {:<wco$}  {}\n",
+            v.verify_id,
+            v.scope,
+            v.trigger,
+            v.status.as_str(),
+            points(v),
+            format::bytes(v.bytes_read),
+            corrupt(v),
+            v.created_at.format("%Y-%m-%d %H:%M:%S")
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn job() -> VerifyJob {
+        VerifyJob {
+            verify_id: "v-1".into(),
+            scope: "vm:pgtest1".into(),
+            trigger: "manual".into(),
+            status: JobStatus::Completed,
+            points_total: 2,
+            points_done: 2,
+            bytes_total: 4 << 20,
+            bytes_read: 1 << 20,
+            corrupt: vec!["b-0a1b".into()],
+            created_at: chrono::Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap(),
+            started_at: None,
+            completed_at: None,
+            error_message: None,
+        }
+    }
+
+    #[test]
+    fn a_job_with_corrupt_points_is_a_failure_and_the_table_names_them() {
+        let v = job();
+        assert_eq!(outcome(&v), exit::FAILED);
+        assert_eq!(
+            progress_line(&v),
+            "v-1 completed 2/2 points 25% 1.0 MiB/4.0 MiB"
+        );
+        let table = verify_table(&[v]);
+        let row = table.lines().nth(1).unwrap();
+        assert!(
+            row.starts_with("v-1  vm:pgtest1  manual    completed      2/2     1.0 MiB  b-0a1b   2026-01-02 03:04:05"),
+            "{table}"
+        );
+        let clean = VerifyJob {
+            corrupt: vec![],
+            ..job()
+        };
+        assert_eq!(outcome(&clean), exit::OK);
+    }
+
+    #[test]
+    fn the_scope_is_exactly_one_of_backup_vm_repository_unless_a_subcommand() {
+        use crate::cli::{Cli, Command, VerifyCommand};
+        use clap::Parser;
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("sendense-console").chain(args.iter().copied()))
+        };
+        match parse(&["verify", "--vm", "pg1", "--wait"]).unwrap().command {
+            Some(Command::Verify {
+                command: None,
+                start,
+            }) => {
+                assert_eq!(start.vm.as_deref(), Some("pg1"));
+                assert!(start.wait && start.backup.is_none() && start.repository.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse(&["verify", "list"]).unwrap().command,
+            Some(Command::Verify {
+                command: Some(VerifyCommand::List { json: false }),
+                ..
+            })
+        ));
+        for bad in [
+            &["verify"][..],
+            &["verify", "--vm", "a", "--backup", "b"],
+            &["verify", "--vm", "a", "list"],
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad:?}: {e}");
+        }
+    }
+}
