@@ -346,7 +346,8 @@ async fn bad_verify_requests_are_refused_naming_the_field() {
     .await;
     assert_eq!(s, 200, "{v}");
     assert!(v.get("verify_interval_secs").is_none(), "{v}");
-    let dir = env.path("repo2");
+    // Under the data directory, the default repository root.
+    let dir = env.hub.opts.data_dir.join("repo2");
     let (s, v) = api
         .post(
             "/api/v1/repositories",
