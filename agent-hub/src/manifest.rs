@@ -40,8 +40,6 @@ const HEADER: usize = 8 + 3 * 8;
 pub const PARALLEL: usize = 8;
 /// Mismatches listed in a report (all are counted).
 const LISTED: usize = 16;
-/// Largest single read (qemu-nbd accepts 32 MiB).
-const MAX_READ: u64 = 8 << 20;
 /// Span of one block-status query (the protocol's length is 32 bits).
 const STATUS_SPAN: u64 = 1 << 30;
 
@@ -383,6 +381,23 @@ impl Manifest {
             })?
     }
 
+    /// Writes this manifest as `image`'s sidecar ([`Manifest::write`]) and answers the catalog
+    /// update that records it, with who computed it (`"writer"` or `"hub"`).
+    pub async fn store_for(
+        &self,
+        image: &Path,
+        source: &str,
+    ) -> Result<crate::db::DiskUpdate, ManifestError> {
+        let sidecar = sidecar_path(image);
+        let digest = self.write(&sidecar).await?;
+        Ok(crate::db::DiskUpdate {
+            manifest_path: Some(sidecar.display().to_string()),
+            manifest_blake3: Some(digest),
+            checksums_source: Some(source.to_string()),
+            ..Default::default()
+        })
+    }
+
     /// Reads the sidecar at `path`; `expected` is the file's BLAKE3 as the database recorded it
     /// (a sidecar that differs is damaged, whatever its own trailer says).
     pub async fn read(path: &Path, expected: Option<&str>) -> Result<Manifest, ManifestError> {
@@ -519,23 +534,22 @@ async fn hash_cell(
     offset: u64,
     length: u64,
 ) -> Result<[u8; 32], ManifestError> {
-    let mut h = blake3::Hasher::new();
-    let mut at = offset;
-    let end = offset + length;
-    while at < end {
-        let n = (end - at).min(MAX_READ);
-        let data = client
-            .read(at, n as u32)
-            .await
-            .map_err(|source| ManifestError::Io {
-                offset: at,
-                length: n,
-                source,
-            })?;
-        h.update(&data);
-        at += n;
+    use sendense_shared::nbd::verify::{VerifyError, hash_range_raw};
+    match hash_range_raw(client, offset, length).await {
+        Ok(h) => Ok(*h.as_bytes()),
+        Err(VerifyError::Read {
+            offset,
+            length,
+            source,
+        }) => Err(ManifestError::Io {
+            offset,
+            length,
+            source,
+        }),
+        Err(e) => Err(ManifestError::Task {
+            reason: e.to_string(),
+        }),
     }
-    Ok(*h.finalize().as_bytes())
 }
 
 /// The hash of every cell of the export (zero cells by block status), in order; `read` counts

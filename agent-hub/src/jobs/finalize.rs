@@ -287,21 +287,14 @@ pub async fn store_truths(
         }
         let image = Path::new(&row.result.qcow2_path);
         let sidecar = manifest::sidecar_path(image);
-        let digest = m.write(&sidecar).await.map_err(|e| TruthError::Store {
-            disk,
-            cause: sendense_shared::errors::chain(&e),
-        })?;
-        db.update_disk(
-            id,
-            disk,
-            &DiskUpdate {
-                manifest_path: Some(sidecar.display().to_string()),
-                manifest_blake3: Some(digest),
-                checksums_source: Some("writer".into()),
-                ..Default::default()
-            },
-        )
-        .await?;
+        let upd = m
+            .store_for(image, "writer")
+            .await
+            .map_err(|e| TruthError::Store {
+                disk,
+                cause: sendense_shared::errors::chain(&e),
+            })?;
+        db.update_disk(id, disk, &upd).await?;
         let listed = grid.cells.len() as u64 + grid.zero_cells.iter().map(|r| r.count).sum::<u64>();
         jm.event(
             id,
@@ -592,19 +585,12 @@ async fn read_served(
                 .compute(DEFAULT_GRID_CELL, &job.cancel, &read)
                 .await
                 .map_err(|e| fail_disk(disk, &e))?;
-            let sidecar = manifest::sidecar_path(image);
-            let digest = m.write(&sidecar).await.map_err(|e| {
+            let upd = m.store_for(image, "hub").await.map_err(|e| {
                 Stop::Fail(format!(
                     "disk {disk}: {}",
                     sendense_shared::errors::chain(&e)
                 ))
             })?;
-            let upd = DiskUpdate {
-                manifest_path: Some(sidecar.display().to_string()),
-                manifest_blake3: Some(digest),
-                checksums_source: Some("hub".into()),
-                ..Default::default()
-            };
             db_retry(
                 jm,
                 id,

@@ -2,9 +2,9 @@
 //! the points, progress published about once a second, throughput in the last event.
 
 use super::Verifier;
-use crate::db::{BackupDiskRow, DiskUpdate, VerifyProgress};
+use crate::db::{BackupDiskRow, VerifyProgress};
 use crate::events::Level;
-use crate::manifest::{self, Manifest, ManifestError};
+use crate::manifest::{Manifest, ManifestError};
 use crate::readback::ReadBackError;
 use sendense_shared::api::{DEFAULT_GRID_CELL, Integrity, JobStatus};
 use sendense_shared::errors::chain;
@@ -397,16 +397,9 @@ async fn compute(
         Ok(m) => m,
         Err(e) => return read_error(e),
     };
-    let sidecar = manifest::sidecar_path(image);
-    let digest = match m.write(&sidecar).await {
-        Ok(d) => d,
+    let upd = match m.store_for(image, "hub").await {
+        Ok(u) => u,
         Err(e) => return Finding::Error(chain(&e)),
-    };
-    let upd = DiskUpdate {
-        manifest_path: Some(sidecar.display().to_string()),
-        manifest_blake3: Some(digest),
-        checksums_source: Some("hub".into()),
-        ..Default::default()
     };
     if let Err(e) = v
         .deps()

@@ -95,6 +95,21 @@ impl Env {
         (b["backup_id"].as_str().unwrap().to_string(), b)
     }
 
+    /// A full backup of a new one-disk VM `vm` written by `nbdcopy` and completed without any
+    /// checksums, as a hub-alone writer does: its sources, id and completed record.
+    pub async fn hub_alone_full(&self, vm: &str) -> (Vec<PathBuf>, String, Value) {
+        let srcs = self.vm_with_sources(vm, &[2000]).await;
+        let (id, b) = self.backup(vm, "full").await;
+        disks::nbdcopy_into(&srcs[0], &targets(&b)[0].1);
+        let done = self
+            .complete_ok(
+                &id,
+                &json!({"status": "completed", "disks": [{"disk_key": 2000, "status": "completed"}]}),
+            )
+            .await;
+        (srcs, id, done)
+    }
+
     /// Cancels job `id`, waits for `cancelled` and asserts that nothing stays held.
     pub async fn cancel_and_check(&self, id: &str) -> Value {
         self.api

@@ -175,15 +175,7 @@ async fn a_writable_qemu_nbd_that_needs_sigkill_fails_its_disk_naming_it() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_writer_without_checksums_gets_hub_computed_ones_and_says_so() {
     let env = Env::start();
-    let srcs = env.vm_with_sources("plainvm", &[2000]).await;
-    let (id, b) = env.backup("plainvm", "full").await;
-    disks::nbdcopy_into(&srcs[0], &targets(&b)[0].1);
-    let done = env
-        .complete_ok(
-            &id,
-            &json!({"status": "completed", "disks": [{"disk_key": 2000, "status": "completed"}]}),
-        )
-        .await;
+    let (_, id, done) = env.hub_alone_full("plainvm").await;
     assert_eq!(done["integrity"], "hub_computed", "{done:#}");
     assert!(
         done["integrity_detail"]

@@ -236,15 +236,7 @@ async fn a_byte_flipped_on_disk_marks_the_point_and_its_incremental_corrupt_and_
 #[tokio::test(flavor = "multi_thread")]
 async fn a_clean_read_keeps_hub_computed_and_a_sidecar_not_the_catalogs_is_corrupt() {
     let env = Env::start();
-    let srcs = env.vm_with_sources("hcvm", &[2000]).await;
-    let (id, b) = env.backup("hcvm", "full").await;
-    disks::nbdcopy_into(&srcs[0], &targets(&b)[0].1);
-    let done = env
-        .complete_ok(
-            &id,
-            &json!({"status": "completed", "disks": [{"disk_key": 2000, "status": "completed"}]}),
-        )
-        .await;
+    let (_, id, done) = env.hub_alone_full("hcvm").await;
     assert_eq!(done["integrity"], "hub_computed", "{done:#}");
     let vid = start_verify(&env, json!({"backup_id": id})).await;
     let v = wait_verify(&env, &vid).await;

@@ -159,6 +159,18 @@ pub async fn hash_range(
     offset: u64,
     length: u64,
 ) -> Result<String, VerifyError> {
+    Ok(hash_range_raw(client, offset, length)
+        .await?
+        .to_hex()
+        .to_string())
+}
+
+/// [`hash_range`] as the hash itself.
+pub async fn hash_range_raw(
+    client: &NbdClient,
+    offset: u64,
+    length: u64,
+) -> Result<blake3::Hash, VerifyError> {
     let mut h = blake3::Hasher::new();
     let mut at = offset;
     let end = offset + length;
@@ -175,5 +187,5 @@ pub async fn hash_range(
         h.update(&data);
         at += n;
     }
-    Ok(h.finalize().to_hex().to_string())
+    Ok(h.finalize())
 }
