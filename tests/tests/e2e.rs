@@ -12,6 +12,8 @@
 //! - [`e2e::cancel`]: cancel in each phase of a job.
 //! - [`e2e::guest`]: a real Linux guest (writer running) frozen through its agent for the
 //!   snapshot, its restored data disk checked; crash-consistent with the agent stopped.
+//! - [`e2e::integrity`]: garbage where the node wrote nothing (a hole, an unchanged area of an
+//!   incremental) fails the whole-disk read-back.
 //! - [`e2e::concurrency`]: several VMs at once and the port ceiling.
 //! - [`e2e::console_live`]: the real console in tmux, driven by keys (also needs
 //!   `cargo build --bin sendense-console`).
@@ -29,6 +31,7 @@ mod e2e {
     pub mod console_live;
     pub mod faults;
     pub mod guest;
+    pub mod integrity;
     pub mod restore;
     pub mod sys;
     pub mod trust;
