@@ -170,17 +170,10 @@ pub(super) async fn run(v: &Verifier, id: &str, points: Vec<BackupId>, cancel: &
     end(v, id, status, error.as_deref()).await;
 }
 
-/// Moves the job to its end, records a scheduled repository's verification time, publishes.
+/// Records a scheduled repository's verification time, then moves the job to its end (in
+/// this order: whoever sees the job ended sees the repository's time too), publishes.
 async fn end(v: &Verifier, id: &str, status: JobStatus, error: Option<&str>) {
     let db = &v.deps().db;
-    let from = [
-        JobStatus::Pending,
-        JobStatus::Running,
-        JobStatus::Cancelling,
-    ];
-    if let Err(e) = db.transition_verify(id, &from, status, error).await {
-        tracing::error!(verify_id = %id, error = %chain(&e), "cannot record the verify job's end");
-    }
     if let Ok(job) = db.get_verify(id).await
         && job.trigger == super::Trigger::Schedule.as_str()
         && let Some(repo) = job.scope.strip_prefix("repository:")
@@ -188,6 +181,14 @@ async fn end(v: &Verifier, id: &str, status: JobStatus, error: Option<&str>) {
     {
         tracing::error!(verify_id = %id, repository = %repo, error = %chain(&e),
             "cannot record the repository's verification time");
+    }
+    let from = [
+        JobStatus::Pending,
+        JobStatus::Running,
+        JobStatus::Cancelling,
+    ];
+    if let Err(e) = db.transition_verify(id, &from, status, error).await {
+        tracing::error!(verify_id = %id, error = %chain(&e), "cannot record the verify job's end");
     }
     v.publish(id).await;
 }
