@@ -37,6 +37,7 @@ pub struct Snapshot {
     pub health: Option<Health>,
     pub backups: Option<Vec<Backup>>,
     pub restores: Option<Vec<Restore>>,
+    pub verifies: Option<Vec<VerifyJob>>,
     pub vms: Option<Vec<Vm>>,
     pub repositories: Option<Vec<Repository>>,
     pub ports: Option<PortsView>,

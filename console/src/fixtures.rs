@@ -61,6 +61,7 @@ pub fn snapshot() -> Snapshot {
         health: Some(health()),
         backups: Some(backups()),
         restores: Some(vec![]),
+        verifies: Some(vec![]),
         vms: Some(vms()),
         repositories: Some(repositories()),
         ports: Some(ports()),

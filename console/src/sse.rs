@@ -122,9 +122,10 @@ fn keep<T>(errors: &mut Vec<String>, r: Result<T, ClientError>) -> Option<T> {
 /// parts that fail are left out and named in `errors`.
 pub async fn fetch_snapshot(client: &HubClient) -> Result<Snapshot, ClientError> {
     let health = client.health().await?;
-    let (backups, restores, vms, repositories, ports, processes, nodes, tunnels) = tokio::join!(
+    let (backups, restores, verifies, vms, repositories, ports, processes, nodes, tunnels) = tokio::join!(
         client.backups(),
         client.restores(),
+        client.verify_jobs(),
         client.vms(),
         client.repositories(),
         client.ports(),
@@ -137,6 +138,7 @@ pub async fn fetch_snapshot(client: &HubClient) -> Result<Snapshot, ClientError>
     let restores: Option<Vec<Restore>> = keep(&mut errors, restores);
     let snap = Snapshot {
         health: Some(health),
+        verifies: keep(&mut errors, verifies),
         vms: keep(&mut errors, vms),
         repositories: keep(&mut errors, repositories),
         ports: keep(&mut errors, ports),

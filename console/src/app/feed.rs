@@ -63,6 +63,10 @@ impl App {
             self.restores = restores;
             self.sort_restores();
         }
+        if let Some(v) = snap.verifies {
+            self.verifies = v;
+            self.sort_verifies();
+        }
         if let Some(v) = snap.vms {
             self.vms = v;
         }
@@ -141,17 +145,21 @@ impl App {
                     Some(slot) => *slot = verify,
                     None => self.verifies.push(verify),
                 }
-                self.verifies.sort_by(|a, b| {
-                    b.created_at
-                        .cmp(&a.created_at)
-                        .then(b.verify_id.cmp(&a.verify_id))
-                });
-                // A verify job that ended long ago is not kept for ever.
-                self.verifies.truncate(MAX_VERIFIES);
+                self.sort_verifies();
             }
             // The feed re-reads the lists on it (see `sse::pump`); nothing to apply.
             HubEvent::Lagged { .. } => {}
         }
+    }
+
+    /// Newest first; a verify job that ended long ago is not kept for ever.
+    fn sort_verifies(&mut self) {
+        self.verifies.sort_by(|a, b| {
+            b.created_at
+                .cmp(&a.created_at)
+                .then(b.verify_id.cmp(&a.verify_id))
+        });
+        self.verifies.truncate(MAX_VERIFIES);
     }
 
     fn sort_backups(&mut self) {

@@ -398,6 +398,7 @@ impl FakeHub {
             .route("/api/v1/vms", get(vms))
             .route("/api/v1/processes", get(empty_list))
             .route("/api/v1/nodes", get(empty_list))
+            .route("/api/v1/verify", get(empty_list))
             .route("/api/v1/tunnel", get(empty_list))
             .route("/api/v1/ports", get(ports))
             .route("/api/v1/events", get(event_stream))
