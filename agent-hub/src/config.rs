@@ -128,6 +128,31 @@ pub enum Command {
     /// jobs and restores.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Read a backup image (with its backing chain) back and compare it with its whole-disk
+    /// checksums, without the database or a running hub: exit 0 when every cell matches, 3
+    /// when some differ (listed), 1 when it cannot be read.
+    CheckImage(CheckImageArgs),
+}
+
+/// `sendense-hub check-image IMAGE`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CheckImageArgs {
+    /// The QCOW2 image of a backup point (`<repository>/<vm>/<disk>/<backup_id>.qcow2`).
+    pub image: PathBuf,
+    /// Its checksum sidecar [default: IMAGE.sums].
+    #[arg(long, value_name = "FILE")]
+    pub sums: Option<PathBuf>,
+    /// The sidecar's BLAKE3 as the catalog recorded it (`backup_disks.manifest_blake3`): a
+    /// sidecar that differs is refused.
+    #[arg(long, value_name = "HEX")]
+    pub digest: Option<String>,
+    /// Compute the image's checksums and write them as the sidecar instead of checking (for
+    /// an image that has none; the checksums are then only what the image holds now).
+    #[arg(long)]
+    pub compute: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `sendense-hub node ...`. The credential is printed on stdout alone (or written to

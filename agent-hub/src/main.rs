@@ -1,5 +1,6 @@
 //! `sendense-hub`: parse flags, load the configuration, start logging, open the hub, serve until
-//! SIGTERM or SIGINT; or run one `node enroll|rotate|revoke` command ([`agent_hub::cli`]).
+//! SIGTERM or SIGINT; or run one `node enroll|rotate|revoke` or `check-image` command
+//! ([`agent_hub::cli`]).
 
 use agent_hub::config::{Cli, Command, HubConfig};
 use agent_hub::hub::Hub;
@@ -36,6 +37,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .build()
             .context("starting the async runtime")?;
         return rt.block_on(agent_hub::cli::node_command(&config, cmd));
+    }
+    if let Some(Command::CheckImage(args)) = &cli.command {
+        // Cells are hashed on the runtime's workers: both cores.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        let code = rt.block_on(agent_hub::cli::check_image(&config, args))?;
+        std::process::exit(code);
     }
     // Before the logs go there: the database, the token and the logs are the hub's alone.
     sendense_shared::fsmode::private_dir(&config.data_dir)
