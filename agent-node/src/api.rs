@@ -103,6 +103,8 @@ pub fn router(state: Arc<NodeState>) -> Router {
         ));
     Router::new()
         .route("/api/v1/health", get(health))
+        // Open: a caller asks it before it sends its credential (sendense_shared::proof).
+        .route(sendense_shared::proof::PATH, get(proof))
         .merge(protected)
         .fallback(|method: Method, uri: Uri| async move {
             ApiError::new(
@@ -186,6 +188,30 @@ async fn health(State(state): State<Arc<NodeState>>) -> impl IntoResponse {
         state.started_at,
         None,
     ))
+}
+
+/// `GET /api/v1/proof?nonce=&node=`: this node proves it holds its credential (role `node`),
+/// so the hub sends that credential only to the real node, not to whoever holds the hub's
+/// reverse-forward port while the tunnel is down.
+async fn proof(
+    State(state): State<Arc<NodeState>>,
+    axum::extract::Query(q): axum::extract::Query<sendense_shared::proof::ProofQuery>,
+) -> Result<Json<sendense_shared::proof::ProofAnswer>, ApiError> {
+    sendense_shared::http::proof::check_query(&q)?;
+    if let Some(asked) = q.node.as_deref().filter(|n| *n != state.name) {
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("this is node {:?}, not {asked:?}", state.name),
+        ));
+    }
+    Ok(Json(sendense_shared::proof::ProofAnswer {
+        proofs: vec![sendense_shared::proof::prove(
+            &state.token,
+            sendense_shared::proof::Role::Node,
+            &state.name,
+            &q.nonce,
+        )],
+    }))
 }
 
 async fn inventory(State(state): State<Arc<NodeState>>) -> Result<Json<Inventory>, ApiError> {

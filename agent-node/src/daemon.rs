@@ -47,7 +47,7 @@ pub async fn run(
     let hub = config
         .hub_url
         .as_deref()
-        .map(|u| hub_client::connect(u, config.token.as_str()));
+        .map(|u| hub_client::connect(u, config.token.as_str(), &config.name));
     let jobs = Jobs::new(
         driver.clone(),
         hub.clone(),

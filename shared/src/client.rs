@@ -18,6 +18,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::time::Duration;
 
+pub mod proof;
 mod verify;
 
 /// How long one ordinary request may take (the event stream has no such limit).
@@ -70,6 +71,14 @@ impl ClientError {
         matches!(self, ClientError::Unreachable { .. })
     }
 
+    /// The endpoint did not prove it is the hub (see [`HubClient::proven`]): nothing was sent.
+    pub fn proof_failure(&self) -> Option<&proof::ProofError> {
+        match self {
+            ClientError::Unreachable { source, .. } => proof::proof_failure(source),
+            _ => None,
+        }
+    }
+
     /// The HTTP status the hub answered with, if it answered with an error status.
     pub fn status(&self) -> Option<u16> {
         match self {
@@ -107,6 +116,35 @@ impl HubClient {
             .user_agent(user_agent)
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
+        Self::of(base, token, http)
+    }
+
+    /// The node's client: every new connection must first prove it reaches the hub that
+    /// issued `node`'s credential `token` ([`proof::ProofLayer`]); until it has, nothing (not
+    /// the credential, not a report) is written to it. A failed proof is an
+    /// [`ClientError::Unreachable`] whose cause is the [`proof::ProofError`]
+    /// ([`ClientError::proof_failure`]).
+    pub fn proven(base: &str, token: &str, user_agent: &str, node: &str) -> Self {
+        let layer = proof::ProofLayer::new(
+            crate::proof::Role::Hub,
+            node,
+            &proof::endpoint_of(base),
+            proof::fixed_keys(crate::token::Token::new(token.to_string())),
+            CONNECT_TIMEOUT,
+        );
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .user_agent(user_agent)
+            // A proxy would be the peer of the connection and the challenge's request form
+            // would be wrong for it: the node talks to the hub (or its forward) directly.
+            .no_proxy()
+            .connector_layer(layer)
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        Self::of(base, Some(token.to_string()), http)
+    }
+
+    fn of(base: &str, token: Option<String>, http: reqwest::Client) -> Self {
         HubClient {
             base: base.trim_end_matches('/').to_string(),
             token,

@@ -19,6 +19,8 @@
 //!   group, bounded wait, SIGKILL, reap) and checks of foreign PIDs through `/proc`.
 //! - [`fsmode`]: directories only the agent may touch (0700, refused when another user owns
 //!   them or could write into them) and files created 0600.
+//! - [`proof`]: the challenge an endpoint answers to prove it holds the node's credential
+//!   before a caller sends that credential (`client::proof` checks it on every new connection).
 //! - [`backoff`]: retry pacing for every retry loop (exponential, capped, deterministic; jitter
 //!   supplied by the caller).
 //! - `client` (feature `client`): the one typed hub client of the console and the node, and its
@@ -37,5 +39,6 @@ pub mod identity;
 pub mod ids;
 pub mod names;
 pub mod nbd;
+pub mod proof;
 pub mod targets;
 pub mod token;
