@@ -10,7 +10,7 @@
 use crate::api::{
     Backup, BackupRequest, CompletionReport, ErrorBody, Health, JobEvent, Node, NodeRegistration,
     NodeTunnel, PortsView, ProcessInfo, ProgressReport, Repository, Restore, RestoreCompletion,
-    RestoreProgress, RestoreRequest, Vm, VmRequest,
+    RestoreProgress, RestoreRequest, TunnelState, TunnelStateKind, Vm, VmRequest,
 };
 use crate::ids::BackupId;
 use reqwest::{Method, StatusCode};
@@ -32,6 +32,13 @@ pub enum ClientError {
         url: String,
         #[source]
         source: reqwest::Error,
+    },
+    /// Not sent: the tunnel the hub is reached through is not up ([`HubClient::gate_on`]).
+    #[error("not sent to {url}: the tunnel to the hub is {state} (last error: {last_error})")]
+    TunnelDown {
+        url: String,
+        state: String,
+        last_error: String,
     },
     #[error(
         "401 Unauthorized: the hub at {url} refused the token; pass the hub's token with --token-file FILE or SENDENSE_TOKEN"
@@ -68,7 +75,10 @@ pub enum ClientError {
 impl ClientError {
     /// True when the hub did not answer at all (as opposed to answering with an error).
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, ClientError::Unreachable { .. })
+        matches!(
+            self,
+            ClientError::Unreachable { .. } | ClientError::TunnelDown { .. }
+        )
     }
 
     /// The endpoint did not prove it is the hub (see [`HubClient::proven`]): nothing was sent.
@@ -101,6 +111,9 @@ pub struct HubClient {
     base: String,
     token: Option<String>,
     http: reqwest::Client,
+    /// The tunnel the hub is reached through, once [`gate_on`](Self::gate_on) set it: while
+    /// its state is not `up`, nothing is sent (shared by every clone).
+    gate: std::sync::Arc<std::sync::OnceLock<tokio::sync::watch::Receiver<TunnelState>>>,
 }
 
 impl HubClient {
@@ -149,7 +162,32 @@ impl HubClient {
             base: base.trim_end_matches('/').to_string(),
             token,
             http,
+            gate: Default::default(),
         }
+    }
+
+    /// From now on (for this client and every clone), nothing is sent while `tunnel`'s state is
+    /// not `up`: the hub's URL is then the local end of a forward that nobody serves and anyone
+    /// may bind. Such a call fails at once with [`ClientError::TunnelDown`], which callers retry
+    /// like an unreachable hub. A second call is ignored (one tunnel per node).
+    pub fn gate_on(&self, tunnel: tokio::sync::watch::Receiver<TunnelState>) {
+        let _ = self.gate.set(tunnel);
+    }
+
+    /// `Err` when the gate says the tunnel is not up.
+    fn gate_open(&self, url: &str) -> Result<(), ClientError> {
+        let Some(rx) = self.gate.get() else {
+            return Ok(());
+        };
+        let s = rx.borrow();
+        if s.state == TunnelStateKind::Up {
+            return Ok(());
+        }
+        Err(ClientError::TunnelDown {
+            url: url.to_string(),
+            state: format!("{:?}", s.state).to_lowercase(),
+            last_error: s.last_error.clone().unwrap_or_else(|| "none".into()),
+        })
     }
 
     pub fn base_url(&self) -> &str {
@@ -176,6 +214,7 @@ impl HubClient {
         body: Option<Vec<u8>>,
     ) -> Result<(String, bytes::Bytes), ClientError> {
         let url = self.url(path);
+        self.gate_open(&url)?;
         let mut req = match method {
             "POST" => self.http.request(Method::POST, &url),
             "PUT" => self.http.request(Method::PUT, &url),
@@ -402,6 +441,7 @@ impl HubClient {
     /// Open `GET /api/v1/events`; the caller reads the body as a stream.
     pub async fn events(&self) -> Result<reqwest::Response, ClientError> {
         let url = self.url("/api/v1/events");
+        self.gate_open(&url)?;
         let resp = self
             .authed(self.http.get(&url))
             .header(reqwest::header::ACCEPT, "text/event-stream")
