@@ -259,7 +259,7 @@ fn local_holder(api_url: &str) -> Option<sendense_shared::portholder::Holder> {
     if !addr.ip().is_loopback() {
         return None;
     }
-    sendense_shared::portholder::holder_of(addr.port())
+    sendense_shared::portholder::holder_at(Some(addr.ip()), addr.port())
 }
 
 /// When the node says the hub's sshd refused its reverse forward, names who holds that port

@@ -8,6 +8,7 @@
 //! table, always readable) is still named.
 
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// A listener on a port.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,8 +40,43 @@ impl fmt::Display for Holder {
     }
 }
 
-/// The listeners (state `0A`) on `port`, any address: `(inode, uid)`.
-fn listening_sockets(port: u16) -> Vec<(String, u32)> {
+/// The address of a `/proc/net/tcp{,6}` entry (the kernel prints the bytes of each 32-bit
+/// word in host order, i.e. reversed on little-endian machines).
+fn parse_addr(hex: &str) -> Option<IpAddr> {
+    let word = |i: usize| -> Option<[u8; 4]> {
+        Some(
+            u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16)
+                .ok()?
+                .to_le_bytes(),
+        )
+    };
+    match hex.len() {
+        8 => Some(IpAddr::V4(Ipv4Addr::from(word(0)?))),
+        32 => {
+            let mut b = [0u8; 16];
+            for i in 0..4 {
+                b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            Some(IpAddr::V6(Ipv6Addr::from(b)))
+        }
+        _ => None,
+    }
+}
+
+/// True when a listener on `bound` takes connections to `want` (the same address, a wildcard,
+/// or the v4-mapped form).
+fn covers(bound: IpAddr, want: IpAddr) -> bool {
+    if bound.is_unspecified() || bound == want {
+        return true;
+    }
+    match (bound, want) {
+        (IpAddr::V6(b), IpAddr::V4(w)) => b.to_ipv4_mapped() == Some(w),
+        _ => false,
+    }
+}
+
+/// The listeners (state `0A`) on `port` (at `ip`, or any address): `(inode, uid)`.
+fn listening_sockets(ip: Option<IpAddr>, port: u16) -> Vec<(String, u32)> {
     let mut out = Vec::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(table) else {
@@ -52,10 +88,15 @@ fn listening_sockets(port: u16) -> Vec<(String, u32)> {
             if f.len() < 10 || f[3] != "0A" {
                 continue;
             }
-            let local_port = f[1]
-                .rsplit_once(':')
-                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
-            if local_port == Some(port) {
+            let Some((addr, p)) = f[1].rsplit_once(':') else {
+                continue;
+            };
+            let at = match (ip, parse_addr(addr)) {
+                (None, _) => true,
+                (Some(want), Some(bound)) => covers(bound, want),
+                (Some(_), None) => false,
+            };
+            if at && u16::from_str_radix(p, 16).ok() == Some(port) {
                 out.push((
                     format!("socket:[{}]", f[9]),
                     f[7].parse().unwrap_or(u32::MAX),
@@ -66,9 +107,14 @@ fn listening_sockets(port: u16) -> Vec<(String, u32)> {
     out
 }
 
-/// Who listens on `port`, if anyone.
+/// Who listens on `port` (any address), if anyone.
 pub fn holder_of(port: u16) -> Option<Holder> {
-    let sockets = listening_sockets(port);
+    holder_at(None, port)
+}
+
+/// Who takes connections to `ip:port` (`ip` `None`: any address), if anyone.
+pub fn holder_at(ip: Option<IpAddr>, port: u16) -> Option<Holder> {
+    let sockets = listening_sockets(ip, port);
     let (_, uid) = sockets.first()?.clone();
     let procs = std::fs::read_dir("/proc").ok()?;
     for p in procs.flatten() {
@@ -128,6 +174,13 @@ mod tests {
             shown.starts_with(&format!("port {port} held by pid {} (", std::process::id())),
             "{shown}"
         );
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(
+            holder_at(Some(lo), port).and_then(|h| h.pid),
+            Some(std::process::id())
+        );
+        // Another address of the same port is not this listener's.
+        assert_eq!(holder_at(Some("127.0.0.2".parse().unwrap()), port), None);
         drop(l);
         assert_eq!(holder_of(port), None);
     }

@@ -98,6 +98,9 @@ pub struct TunnelFile {
     pub server_alive_interval: Option<u32>,
     pub server_alive_count_max: Option<u32>,
     pub ciphers: Option<String>,
+    /// Longest wait between two ssh attempts, seconds (default 30): how soon a tunnel comes
+    /// back once a squatter left the port it held.
+    pub retry_max_secs: Option<u64>,
 }
 
 /// Why the tunnel configuration was refused; each names the flag.
@@ -296,7 +299,13 @@ impl TunnelConfig {
             run_dir: run_dir.to_path_buf(),
             preflight_timeout: Duration::from_secs(5),
             up_timeout: Duration::from_secs(30),
-            backoff: BackoffPolicy::default(),
+            backoff: BackoffPolicy {
+                max: file
+                    .retry_max_secs
+                    .map(|s| Duration::from_secs(s.max(1)))
+                    .unwrap_or(BackoffPolicy::default().max),
+                ..BackoffPolicy::default()
+            },
         }))
     }
 

@@ -214,7 +214,7 @@ impl Tunnel {
             }
             let error = match result {
                 Ok(()) => "ssh ended without an error".to_string(),
-                Err(e) => with_squatter(&e),
+                Err(e) => with_squatter(&e, self.cfg.bind),
             };
             tracing::warn!(target = %self.cfg.target, error = %error,
                 ran = ?started.elapsed(), "tunnel attempt ended");
@@ -354,10 +354,10 @@ mod tests {
 /// The cause of a failed attempt, naming the process that holds the local forward port when
 /// that is why ssh failed (a squatter: it keeps the tunnel down while it holds the port; the
 /// supervisor's backoff retries until it leaves).
-fn with_squatter(e: &AttemptError) -> String {
+fn with_squatter(e: &AttemptError, bind: std::net::IpAddr) -> String {
     let mut error = sendense_shared::errors::chain(e);
     if let AttemptError::Ssh(SshFailure::LocalPortInUse { port, .. }) = e {
-        if let Some(h) = sendense_shared::portholder::holder_of(*port) {
+        if let Some(h) = sendense_shared::portholder::holder_at(Some(bind), *port) {
             error.push_str(&format!("; {h}"));
         }
     }
