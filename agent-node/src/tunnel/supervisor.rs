@@ -333,6 +333,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The cause of a failed attempt, naming the process that holds the local forward port when
+/// that is why ssh failed (a squatter: it keeps the tunnel down while it holds the port; the
+/// supervisor's backoff retries until it leaves).
+fn with_squatter(e: &AttemptError, bind: std::net::IpAddr) -> String {
+    let mut error = sendense_shared::errors::chain(e);
+    if let AttemptError::Ssh(SshFailure::LocalPortInUse { port, .. }) = e
+        && let Some(h) = sendense_shared::portholder::holder_at(Some(bind), *port)
+    {
+        error.push_str(&format!("; {h}"));
+    }
+    error
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,17 +362,4 @@ mod tests {
             assert!(backoff(&p, 40) >= p.max.mul_f64(0.75));
         }
     }
-}
-
-/// The cause of a failed attempt, naming the process that holds the local forward port when
-/// that is why ssh failed (a squatter: it keeps the tunnel down while it holds the port; the
-/// supervisor's backoff retries until it leaves).
-fn with_squatter(e: &AttemptError, bind: std::net::IpAddr) -> String {
-    let mut error = sendense_shared::errors::chain(e);
-    if let AttemptError::Ssh(SshFailure::LocalPortInUse { port, .. }) = e {
-        if let Some(h) = sendense_shared::portholder::holder_at(Some(bind), *port) {
-            error.push_str(&format!("; {h}"));
-        }
-    }
-    error
 }
