@@ -396,6 +396,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_proof_is_open_and_made_with_the_nodes_credential_as_node() {
+        use sendense_shared::proof::{ProofAnswer, Role, nonce, verify};
+        let n = nonce();
+        let (s, body) = call(get(&format!("/api/v1/proof?nonce={n}&node=n"), None)).await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        let answer: ProofAnswer = serde_json::from_value(body).unwrap();
+        assert!(verify(&"tok".into(), Role::Node, "n", &n, &answer));
+        // Not a hub's proof (no reflection), not under another credential.
+        assert!(!verify(&"tok".into(), Role::Hub, "n", &n, &answer));
+        assert!(!verify(&"other".into(), Role::Node, "n", &n, &answer));
+        let (s, body) = call(get("/api/v1/proof?nonce=abc&node=n", None)).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert!(
+            body["detail"].as_str().unwrap().starts_with("nonce:"),
+            "{body}"
+        );
+        let (s, body) = call(get(&format!("/api/v1/proof?nonce={n}&node=m"), None)).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{body}");
+    }
+
+    #[tokio::test]
     async fn health_is_open_and_the_rest_needs_the_token() {
         let (s, body) = call(get("/api/v1/health", None)).await;
         assert_eq!(s, StatusCode::OK);
