@@ -464,6 +464,8 @@ async fn the_proof_is_open_and_covers_every_valid_credential_of_the_node() {
     use sendense_shared::proof::{ProofAnswer, Role, nonce, verify};
     let t = app().await;
     let old = t.hub.auth.credentials.enroll("n1").await.unwrap();
+    // Used once (a rotation revokes a credential never used at once).
+    t.hub.auth.credentials.identify(old.as_str()).await.unwrap();
     let new = t.hub.auth.credentials.rotate("n1").await.unwrap();
     let n = nonce();
     let (s, v) = t
