@@ -16,6 +16,7 @@
 //! server_alive_interval = 15
 //! server_alive_count_max = 3
 //! ciphers = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com"
+//! retry_max_secs = 30   # longest wait between ssh attempts (e.g. after a squatter left a port)
 //! ```
 //!
 //! The values flags hold are parsed in `target` ([`TunnelTarget`]) and `forwards` ([`PortRange`],
