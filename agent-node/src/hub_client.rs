@@ -114,14 +114,26 @@ mod tests {
     /// A hub answering the proof challenge as the hub of `node1` holding `tok`, and every
     /// other request with `status` and `body`; counts those other requests.
     async fn hub(status: &'static str, body: &'static str) -> (String, Arc<AtomicU32>) {
+        let (url, seen, _) = hub_counting_proofs(status, body).await;
+        (url, seen)
+    }
+
+    /// [`hub`], also counting the proofs asked.
+    async fn hub_counting_proofs(
+        status: &'static str,
+        body: &'static str,
+    ) -> (String, Arc<AtomicU32>, Arc<AtomicU32>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let seen = Arc::new(AtomicU32::new(0));
         let count = seen.clone();
+        let proofs = Arc::new(AtomicU32::new(0));
+        let proved = proofs.clone();
         tokio::spawn(async move {
             loop {
                 let (mut sock, _) = listener.accept().await.unwrap();
                 let count = count.clone();
+                let proved = proved.clone();
                 tokio::spawn(async move {
                     // Requests of one connection, one after the other (the proof, then the
                     // report on the same connection).
@@ -137,6 +149,7 @@ mod tests {
                         let text = String::from_utf8_lossy(&req).into_owned();
                         let line = text.lines().next().unwrap_or_default().to_string();
                         let resp = if let Some(q) = line.strip_prefix("GET /api/v1/proof?") {
+                            proved.fetch_add(1, Ordering::SeqCst);
                             let q = q.split(' ').next().unwrap();
                             let nonce = q
                                 .split('&')
@@ -184,7 +197,7 @@ mod tests {
                 });
             }
         });
-        (url, seen)
+        (url, seen, proofs)
     }
 
     /// A squatter: a listener that records every byte it receives and answers whatever it
@@ -323,11 +336,13 @@ mod tests {
 
     #[tokio::test]
     async fn the_proof_is_asked_once_per_connection_not_per_report() {
-        let (url, seen) = hub("202 Accepted", "").await;
+        let (url, seen, proofs) = hub_counting_proofs("202 Accepted", "").await;
         let c = connect(&url, "tok", "node1");
         for _ in 0..3 {
             c.restore_progress("r-1", &PROGRESS).await.unwrap();
         }
         assert_eq!(seen.load(Ordering::SeqCst), 3);
+        // One keep-alive connection, proven once.
+        assert_eq!(proofs.load(Ordering::SeqCst), 1);
     }
 }
