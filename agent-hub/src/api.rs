@@ -9,7 +9,8 @@
 //! - [`scope`]: who may call what: the admin token everything, a node's credential only its
 //!   own registration, inventory, VMs, jobs and restores (`403 forbidden` naming the scope).
 //!
-//! `/health` is open; everything under `/api/v1` passes [`scope::authenticate`] (the admin
+//! `/health` and `/api/v1/proof` (the hub proves it holds a node's credential before the node
+//! sends it, `sendense_shared::proof`) are open; everything under `/api/v1` passes [`scope::authenticate`] (the admin
 //! token or a node credential of [`crate::auth`]).
 
 pub mod backups;
@@ -82,6 +83,8 @@ pub fn router(state: AppState) -> Router {
         ));
     Router::new()
         .route("/health", get(system::health))
+        // Open (before the bearer layer): a node asks it before it sends its credential.
+        .route(sendense_shared::proof::PATH, get(nodes::proof))
         .nest("/api/v1", v1)
         .fallback(not_found)
         .with_state(state)

@@ -8,6 +8,8 @@ use sendense_shared::api::{
 use sendense_shared::errors::ErrorCode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Longest part of a refusal's body kept in a message (a node answers short JSON; anything
@@ -68,6 +70,16 @@ pub enum NodeCallError {
 }
 
 impl NodeCallError {
+    /// The endpoint did not prove it is the node: nothing was sent to it.
+    pub fn proof_failure(&self) -> Option<&sendense_shared::client::proof::ProofError> {
+        match self {
+            NodeCallError::Unreachable { source, .. } => {
+                sendense_shared::client::proof::proof_failure(source)
+            }
+            _ => None,
+        }
+    }
+
     /// The HTTP status of a refusal.
     pub fn status(&self) -> Option<u16> {
         match self {
@@ -107,9 +119,18 @@ impl From<&sendense_shared::api::Node> for NodeAddr {
 }
 
 /// The hub's client for its nodes; cheap to clone.
+///
+/// A call that carries a node's credential goes through that node's own reqwest client,
+/// whose every new connection must first prove it reaches the node holding one of the node's
+/// valid credentials (`sendense_shared::client::proof`, role `node`): the hub's end of the
+/// reverse forward is a port anyone on the hub may bind while the node's ssh is down. A call
+/// without a credential (a node never enrolled) uses the shared client, whose connections
+/// never carry one.
 #[derive(Clone)]
 pub struct NodeClient {
     http: reqwest::Client,
+    /// Proven clients, per node name and API URL (a new URL gets a new pool).
+    proven: Arc<Mutex<HashMap<(String, String), reqwest::Client>>>,
     /// The node's own credential is presented to it (never the hub's admin token).
     credentials: crate::auth::Credentials,
     /// Default timeout of a call (`node_timeout` of the config).
@@ -123,6 +144,9 @@ pub mod timeouts {
     pub const TUNNEL_PROBE: Duration = Duration::from_secs(3);
     /// A cancel is best effort: the hub unwinds its side anyway.
     pub const CANCEL: Duration = Duration::from_secs(5);
+    /// The proof challenge of a new connection: one small answer; a squatter that accepts and
+    /// says nothing is given up on after this.
+    pub const PROOF: Duration = Duration::from_secs(3);
 }
 
 impl NodeClient {
@@ -133,9 +157,48 @@ impl NodeClient {
             .expect("reqwest client without TLS or proxies builds");
         NodeClient {
             http,
+            proven: Arc::default(),
             credentials,
             timeout,
         }
+    }
+
+    /// The proven client of `node` (built once per node and URL).
+    fn proven_client(&self, node: &NodeAddr) -> reqwest::Client {
+        let key = (node.name.clone(), node.api_url.clone());
+        let mut map = self.proven.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(&key) {
+            return c.clone();
+        }
+        use sendense_shared::client::proof::{ProofLayer, endpoint_of};
+        let creds = self.credentials.clone();
+        let name = node.name.clone();
+        // Asked at every new connection: a rotation or revocation holds from the next one.
+        let keys: sendense_shared::client::proof::Keys = Arc::new(move || {
+            let creds = creds.clone();
+            let name = name.clone();
+            Box::pin(async move {
+                creds
+                    .valid_secrets(&name)
+                    .await
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            })
+        });
+        let layer = ProofLayer::new(
+            sendense_shared::proof::Role::Node,
+            &node.name,
+            &endpoint_of(&node.api_url),
+            keys,
+            timeouts::PROOF,
+        );
+        let client = reqwest::Client::builder()
+            .timeout(self.timeout)
+            .no_proxy()
+            .connector_layer(layer)
+            .build()
+            .expect("reqwest client without TLS or proxies builds");
+        map.insert(key, client.clone());
+        client
     }
 
     fn url(node: &NodeAddr, path: &str) -> String {
@@ -162,9 +225,13 @@ impl NodeClient {
                 node: node.name.clone(),
                 source,
             })?;
+        let http = match &credential {
+            Some(_) => self.proven_client(node),
+            None => self.http.clone(),
+        };
         let mut req = match method {
-            "GET" => self.http.get(&url),
-            _ => self.http.post(&url),
+            "GET" => http.get(&url),
+            _ => http.post(&url),
         }
         .timeout(timeout.unwrap_or(self.timeout));
         if let Some(c) = &credential {

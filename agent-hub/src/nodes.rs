@@ -8,7 +8,11 @@ use crate::node_client::{NodeAddr, NodeCallError, NodeClient};
 use sendense_shared::api::{
     HubEvent, Inventory, Node, NodeRegistration, NodeTunnel, Vm, VmRequest,
 };
+use sendense_shared::backoff::Backoff;
 use sendense_shared::errors::chain;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio_util::task::TaskTracker;
 
 /// Why a node operation was refused or failed.
@@ -31,7 +35,23 @@ pub struct Nodes {
     bus: EventBus,
     client: NodeClient,
     tasks: TaskTracker,
+    /// Nodes whose last probe failed: how often in a row, when the timer may ask again, and
+    /// why it failed (shown meanwhile).
+    failing: Arc<Mutex<HashMap<String, Failing>>>,
 }
+
+#[derive(Debug, Clone)]
+struct Failing {
+    failures: u32,
+    next: Instant,
+    error: String,
+}
+
+/// Pacing of the timer's probes of a node that did not answer: 5 s doubling to 20 s. A node
+/// whose tunnel is down is asked three times a minute instead of twelve (each attempt would go
+/// to a port nobody serves, proven or not), and a tunnel that came back is seen within 20 s
+/// (at once when the node registers again or someone asks `GET /api/v1/tunnel`).
+pub const PROBE_BACKOFF: Backoff = Backoff::new(Duration::from_secs(5), Duration::from_secs(20));
 
 impl Nodes {
     pub fn new(db: Db, bus: EventBus, client: NodeClient, tasks: TaskTracker) -> Self {
@@ -40,6 +60,7 @@ impl Nodes {
             bus,
             client,
             tasks,
+            failing: Arc::default(),
         }
     }
 
@@ -75,6 +96,8 @@ impl Nodes {
             });
         }
         self.db.upsert_node(reg).await?;
+        // It reached the hub, so its tunnel (if any) is up: probe it again at once.
+        self.lock_failing().remove(&reg.name);
         tracing::info!(node = %reg.name, api_url = %reg.api_url, version = %reg.version, "node registered");
         let node = self.find(&reg.name).await?;
         let me = self.clone();
@@ -143,15 +166,46 @@ impl Nodes {
         Ok(out)
     }
 
+    fn lock_failing(&self) -> std::sync::MutexGuard<'_, HashMap<String, Failing>> {
+        self.failing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Asks every node for its tunnel state (through its API URL, i.e. the reverse forward when
     /// there is a tunnel); records and publishes changes, so the event stream carries tunnel
     /// changes even when nobody polls.
     pub async fn probe_tunnels(&self) -> Result<Vec<NodeTunnel>, NodeError> {
+        self.probe(false).await
+    }
+
+    /// [`probe_tunnels`](Self::probe_tunnels) for the timer: a node that did not answer is
+    /// asked again only after [`PROBE_BACKOFF`]; meanwhile its last failure is answered.
+    pub async fn probe_tunnels_paced(&self) -> Result<Vec<NodeTunnel>, NodeError> {
+        self.probe(true).await
+    }
+
+    async fn probe(&self, paced: bool) -> Result<Vec<NodeTunnel>, NodeError> {
         let nodes = self.db.list_nodes().await?;
         let mut out = Vec::new();
         for n in nodes {
-            match self.client.tunnel(&NodeAddr::from(&n)).await {
-                Ok(t) => {
+            let waiting = self
+                .lock_failing()
+                .get(&n.name)
+                .filter(|f| paced && Instant::now() < f.next)
+                .cloned();
+            if let Some(f) = waiting {
+                out.push(NodeTunnel {
+                    node: n.name,
+                    live: false,
+                    tunnel: n.tunnel,
+                    error: Some(f.error),
+                });
+                continue;
+            }
+            let addr = NodeAddr::from(&n);
+            match self.client.tunnel(&addr).await {
+                Ok(mut t) => {
+                    self.lock_failing().remove(&n.name);
+                    name_remote_squatter(&mut t);
                     if n.tunnel.as_ref() != Some(&t) {
                         self.db.set_node_tunnel(&n.name, &t).await?;
                         self.bus.publish(HubEvent::Tunnel {
@@ -166,14 +220,66 @@ impl Nodes {
                         error: None,
                     });
                 }
-                Err(e) => out.push(NodeTunnel {
-                    node: n.name,
-                    live: false,
-                    tunnel: n.tunnel,
-                    error: Some(chain(&e)),
-                }),
+                Err(e) => {
+                    let mut error = chain(&e);
+                    if e.proof_failure().is_some() {
+                        if let Some(h) = local_holder(&addr.api_url) {
+                            error.push_str(&format!("; {h}"));
+                        }
+                        tracing::warn!(node = %n.name, %error, "tunnel probe: the node's URL did not prove it is the node; nothing was sent");
+                    }
+                    let mut failing = self.lock_failing();
+                    let failures = failing.get(&n.name).map_or(0, |f| f.failures);
+                    failing.insert(
+                        n.name.clone(),
+                        Failing {
+                            failures: failures.saturating_add(1),
+                            next: Instant::now() + PROBE_BACKOFF.delay(failures),
+                            error: error.clone(),
+                        },
+                    );
+                    out.push(NodeTunnel {
+                        node: n.name,
+                        live: false,
+                        tunnel: n.tunnel,
+                        error: Some(error),
+                    });
+                }
             }
         }
         Ok(out)
+    }
+}
+
+/// The process listening on the loopback port of `api_url` on this host (the hub's end of a
+/// node's reverse forward), when the URL is a loopback one.
+fn local_holder(api_url: &str) -> Option<sendense_shared::portholder::Holder> {
+    let endpoint = sendense_shared::client::proof::endpoint_of(api_url);
+    let addr: std::net::SocketAddr = endpoint.parse().ok()?;
+    if !addr.ip().is_loopback() {
+        return None;
+    }
+    sendense_shared::portholder::holder_at(Some(addr.ip()), addr.port())
+}
+
+/// When the node says the hub's sshd refused its reverse forward, names who holds that port
+/// on the hub (a squatter keeps the tunnel down for as long as it holds it).
+fn name_remote_squatter(t: &mut sendense_shared::api::TunnelState) {
+    const REFUSED: &str = "remote port forwarding failed for listen port ";
+    if t.state == sendense_shared::api::TunnelStateKind::Up {
+        return;
+    }
+    let Some(err) = t.last_error.as_mut() else {
+        return;
+    };
+    let Some(port) = err
+        .split_once(REFUSED)
+        .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse::<u16>().ok())
+    else {
+        return;
+    };
+    if let Some(h) = sendense_shared::portholder::holder_of(port) {
+        err.push_str(&format!("; on the hub: {h}"));
     }
 }

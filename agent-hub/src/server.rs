@@ -176,7 +176,7 @@ fn spawn_tunnel_prober(state: &AppState) {
                 _ = hub.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(TUNNEL_PROBE_INTERVAL) => {}
             }
-            match hub.nodes.probe_tunnels().await {
+            match hub.nodes.probe_tunnels_paced().await {
                 Ok(v) => {
                     for t in v.iter().filter(|t| !t.live) {
                         tracing::debug!(node = %t.node, error = ?t.error, "tunnel probe: node did not answer");

@@ -103,6 +103,8 @@ pub fn router(state: Arc<NodeState>) -> Router {
         ));
     Router::new()
         .route("/api/v1/health", get(health))
+        // Open: a caller asks it before it sends its credential (sendense_shared::proof).
+        .route(sendense_shared::proof::PATH, get(proof))
         .merge(protected)
         .fallback(|method: Method, uri: Uri| async move {
             ApiError::new(
@@ -186,6 +188,30 @@ async fn health(State(state): State<Arc<NodeState>>) -> impl IntoResponse {
         state.started_at,
         None,
     ))
+}
+
+/// `GET /api/v1/proof?nonce=&node=`: this node proves it holds its credential (role `node`),
+/// so the hub sends that credential only to the real node, not to whoever holds the hub's
+/// reverse-forward port while the tunnel is down.
+async fn proof(
+    State(state): State<Arc<NodeState>>,
+    axum::extract::Query(q): axum::extract::Query<sendense_shared::proof::ProofQuery>,
+) -> Result<Json<sendense_shared::proof::ProofAnswer>, ApiError> {
+    sendense_shared::http::proof::check_query(&q)?;
+    if let Some(asked) = q.node.as_deref().filter(|n| *n != state.name) {
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("this is node {:?}, not {asked:?}", state.name),
+        ));
+    }
+    Ok(Json(sendense_shared::proof::ProofAnswer {
+        proofs: vec![sendense_shared::proof::prove(
+            &state.token,
+            sendense_shared::proof::Role::Node,
+            &state.name,
+            &q.nonce,
+        )],
+    }))
 }
 
 async fn inventory(State(state): State<Arc<NodeState>>) -> Result<Json<Inventory>, ApiError> {
@@ -367,6 +393,27 @@ mod tests {
             b = b.header("authorization", format!("Bearer {t}"));
         }
         b.body(Body::empty()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_proof_is_open_and_made_with_the_nodes_credential_as_node() {
+        use sendense_shared::proof::{ProofAnswer, Role, nonce, verify};
+        let n = nonce();
+        let (s, body) = call(get(&format!("/api/v1/proof?nonce={n}&node=n"), None)).await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        let answer: ProofAnswer = serde_json::from_value(body).unwrap();
+        assert!(verify(&"tok".into(), Role::Node, "n", &n, &answer));
+        // Not a hub's proof (no reflection), not under another credential.
+        assert!(!verify(&"tok".into(), Role::Hub, "n", &n, &answer));
+        assert!(!verify(&"other".into(), Role::Node, "n", &n, &answer));
+        let (s, body) = call(get("/api/v1/proof?nonce=abc&node=n", None)).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert!(
+            body["detail"].as_str().unwrap().starts_with("nonce:"),
+            "{body}"
+        );
+        let (s, body) = call(get(&format!("/api/v1/proof?nonce={n}&node=m"), None)).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{body}");
     }
 
     #[tokio::test]

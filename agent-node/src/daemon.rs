@@ -47,7 +47,7 @@ pub async fn run(
     let hub = config
         .hub_url
         .as_deref()
-        .map(|u| hub_client::connect(u, config.token.as_str()));
+        .map(|u| hub_client::connect(u, config.token.as_str(), &config.name));
     let jobs = Jobs::new(
         driver.clone(),
         hub.clone(),
@@ -62,6 +62,13 @@ pub async fn run(
         }
         let t = Tunnel::start(t, tunnel_stop.clone());
         jobs.use_tunnel(t.clone());
+        // Nothing goes to the hub's forward while the tunnel is not up (reports wait and retry).
+        if let Some(h) = hub
+            .as_ref()
+            .filter(|h| h.base_url() == t.config().hub_url().trim_end_matches('/'))
+        {
+            h.gate_on(t.subscribe());
+        }
         t
     });
     let api_url = config

@@ -18,12 +18,16 @@ pub const SHUTDOWN_ATTEMPTS: u32 = 3;
 pub const HUB_RETRY: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
 
 /// The client of the hub at `base`, carrying the node's token and naming the node in the
-/// `User-Agent` (the hub logs it).
-pub fn connect(base: &str, token: &str) -> HubClient {
-    HubClient::with_agent(
+/// `User-Agent` (the hub logs it). Every new connection must first prove it reaches the hub
+/// that issued `node`'s credential (`sendense_shared::client::proof`): the local forward of a
+/// tunnel whose ssh died is a port anyone may bind, and it gets neither the credential nor a
+/// report.
+pub fn connect(base: &str, token: &str, node: &str) -> HubClient {
+    HubClient::proven(
         base,
-        Some(token.to_string()),
+        token,
         concat!("sendense-node/", env!("CARGO_PKG_VERSION")),
+        node,
     )
 }
 
@@ -107,32 +111,125 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
-    /// A hub answering every request with `status` and `body`; counts the requests it saw.
+    /// A hub answering the proof challenge as the hub of `node1` holding `tok`, and every
+    /// other request with `status` and `body`; counts those other requests.
     async fn hub(status: &'static str, body: &'static str) -> (String, Arc<AtomicU32>) {
+        let (url, seen, _) = hub_counting_proofs(status, body).await;
+        (url, seen)
+    }
+
+    /// [`hub`], also counting the proofs asked.
+    async fn hub_counting_proofs(
+        status: &'static str,
+        body: &'static str,
+    ) -> (String, Arc<AtomicU32>, Arc<AtomicU32>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let seen = Arc::new(AtomicU32::new(0));
         let count = seen.clone();
+        let proofs = Arc::new(AtomicU32::new(0));
+        let proved = proofs.clone();
         tokio::spawn(async move {
             loop {
                 let (mut sock, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                let mut req = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match sock.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                let count = count.clone();
+                let proved = proved.clone();
+                tokio::spawn(async move {
+                    // Requests of one connection, one after the other (the proof, then the
+                    // report on the same connection).
+                    loop {
+                        let mut req = Vec::new();
+                        let mut buf = [0u8; 4096];
+                        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match sock.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => req.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let text = String::from_utf8_lossy(&req).into_owned();
+                        let line = text.lines().next().unwrap_or_default().to_string();
+                        let resp = if let Some(q) = line.strip_prefix("GET /api/v1/proof?") {
+                            proved.fetch_add(1, Ordering::SeqCst);
+                            let q = q.split(' ').next().unwrap();
+                            let nonce = q
+                                .split('&')
+                                .find_map(|kv| kv.strip_prefix("nonce="))
+                                .unwrap();
+                            let proof = sendense_shared::proof::prove(
+                                &"tok".into(),
+                                sendense_shared::proof::Role::Hub,
+                                "node1",
+                                nonce,
+                            );
+                            let b = format!(r#"{{"proofs":["{proof}"]}}"#);
+                            format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{b}",
+                                b.len()
+                            )
+                        } else {
+                            // Reports carry a body: read it so the next request starts clean.
+                            count.fetch_add(1, Ordering::SeqCst);
+                            let head_end =
+                                req.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                            let len: usize = text
+                                .lines()
+                                .find_map(|l| {
+                                    l.to_ascii_lowercase()
+                                        .strip_prefix("content-length:")
+                                        .map(|v| v.trim().parse().unwrap())
+                                })
+                                .unwrap_or(0);
+                            while req.len() < head_end + len {
+                                match sock.read(&mut buf).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                                }
+                            }
+                            format!(
+                                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                                body.len()
+                            )
+                        };
+                        if sock.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
                     }
-                }
-                let resp = format!(
-                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = sock.write_all(resp.as_bytes()).await;
+                });
             }
         });
-        (url, seen)
+        (url, seen, proofs)
+    }
+
+    /// A squatter: a listener that records every byte it receives and answers whatever it
+    /// is asked with a 200 and an empty JSON object (as a naive fake hub would).
+    async fn squatter(proof_body: &'static str) -> (String, Arc<std::sync::Mutex<Vec<u8>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let got: Arc<std::sync::Mutex<Vec<u8>>> = Arc::default();
+        let rec = got.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                let rec = rec.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        match sock.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => rec.lock().unwrap().extend_from_slice(&buf[..n]),
+                        }
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{proof_body}",
+                            proof_body.len()
+                        );
+                        if sock.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (url, got)
     }
 
     const PROGRESS: RestoreProgress = RestoreProgress {
@@ -156,7 +253,7 @@ mod tests {
             r#"{"error":"wrong_state","detail":"restore r-1 is already completed"}"#,
         )
         .await;
-        let c = connect(&url, "tok");
+        let c = connect(&url, "tok", "node1");
         let mut attempt = 0;
         let got = deliver(
             "restore r-1",
@@ -181,7 +278,7 @@ mod tests {
     #[tokio::test]
     async fn a_5xx_is_retried_and_shutdown_bounds_the_attempts() {
         let (url, seen) = hub("503 Service Unavailable", "").await;
-        let c = connect(&url, "tok");
+        let c = connect(&url, "tok", "node1");
         let shutdown = CancellationToken::new();
         shutdown.cancel();
         let mut attempt = 0;
@@ -192,5 +289,60 @@ mod tests {
         assert_eq!(got, Delivery::GaveUp);
         assert_eq!(attempt, SHUTDOWN_ATTEMPTS);
         assert_eq!(seen.load(Ordering::SeqCst), SHUTDOWN_ATTEMPTS + 1);
+    }
+
+    #[tokio::test]
+    async fn a_squatter_that_cannot_prove_gets_no_credential_nor_report() {
+        // One answers nonsense, one a proof made with another key.
+        let wrong = Box::leak(
+            format!(
+                r#"{{"proofs":["{}"]}}"#,
+                sendense_shared::proof::prove(
+                    &"other".into(),
+                    sendense_shared::proof::Role::Hub,
+                    "node1",
+                    &sendense_shared::proof::nonce()
+                )
+            )
+            .into_boxed_str(),
+        );
+        for body in ["{}", &*wrong] {
+            let (url, got) = squatter(body).await;
+            let c = connect(&url, "tok", "node1");
+            let e = c.restore_progress("r-1", &PROGRESS).await.unwrap_err();
+            assert!(e.proof_failure().is_some(), "{e:?}");
+            assert!(
+                !e.is_refused(),
+                "a squatter is retried like an unreachable hub"
+            );
+            let shown = sendense_shared::errors::chain(&e);
+            let endpoint = url.trim_start_matches("http://");
+            assert!(
+                shown.contains(&format!(
+                    "the endpoint at {endpoint} did not prove it is the hub of node \"node1\": squatted port?"
+                )),
+                "{shown}"
+            );
+            let bytes = String::from_utf8_lossy(&got.lock().unwrap()).to_ascii_lowercase();
+            assert!(bytes.starts_with("get /api/v1/proof?nonce="), "{bytes}");
+            assert!(!bytes.contains("authorization"), "{bytes}");
+            assert!(
+                !bytes.contains("tok\r") && !bytes.contains("bearer"),
+                "{bytes}"
+            );
+            assert!(!bytes.contains("progress"), "{bytes}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_proof_is_asked_once_per_connection_not_per_report() {
+        let (url, seen, proofs) = hub_counting_proofs("202 Accepted", "").await;
+        let c = connect(&url, "tok", "node1");
+        for _ in 0..3 {
+            c.restore_progress("r-1", &PROGRESS).await.unwrap();
+        }
+        assert_eq!(seen.load(Ordering::SeqCst), 3);
+        // One keep-alive connection, proven once.
+        assert_eq!(proofs.load(Ordering::SeqCst), 1);
     }
 }

@@ -28,6 +28,18 @@
 //! **Restart.** Every exit or failed preflight is followed by a delay of 0.5 s doubling up to
 //! 30 s, randomised by ±25 %; a run that stayed up for 60 s resets the doubling.
 //!
+//! **A port nobody serves gets nothing.** While ssh is down, the node's `-L` port for the hub's
+//! API and the hub's `-R` port for the node's API are free ports on loopback that any local
+//! user may bind. Three things hold together: (1) the node's hub client sends nothing while
+//! this tunnel's state is not `up` (`HubClient::gate_on`; reports wait and retry as for an
+//! unreachable hub); (2) both sides prove every new connection before anything is written on
+//! it (`sendense_shared::proof`: the endpoint shows a MAC of a fresh nonce under the node's
+//! credential, with its role, so a squatter cannot answer and cannot reflect the other side's
+//! API); (3) a forward port in use is named with its holder (`port 8082 held by pid 1234
+//! (nc -l 8082), user 1001`) in `last_error`, here for the node's local ports and by the hub
+//! for its reverse port when its probe's proof fails. The supervisor's backoff retries, so the
+//! tunnel comes back once the squatter leaves (`retry_max_secs` of `[tunnel]` caps the wait).
+//!
 //! **A tunnel drop during a copy fails the job cleanly, it does not resume.** ssh's exit closes
 //! every forwarded connection, so the copy engine's NBD connections to the hub's exports fail at
 //! once; the job stops its other disks, releases the snapshot as on any failure, and reports

@@ -10,7 +10,7 @@
 use crate::api::{
     Backup, BackupRequest, CompletionReport, ErrorBody, Health, JobEvent, Node, NodeRegistration,
     NodeTunnel, PortsView, ProcessInfo, ProgressReport, Repository, Restore, RestoreCompletion,
-    RestoreProgress, RestoreRequest, Vm, VmRequest,
+    RestoreProgress, RestoreRequest, TunnelState, TunnelStateKind, Vm, VmRequest,
 };
 use crate::ids::BackupId;
 use reqwest::{Method, StatusCode};
@@ -18,6 +18,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::time::Duration;
 
+pub mod proof;
 mod verify;
 
 /// How long one ordinary request may take (the event stream has no such limit).
@@ -31,6 +32,13 @@ pub enum ClientError {
         url: String,
         #[source]
         source: reqwest::Error,
+    },
+    /// Not sent: the tunnel the hub is reached through is not up ([`HubClient::gate_on`]).
+    #[error("not sent to {url}: the tunnel to the hub is {state} (last error: {last_error})")]
+    TunnelDown {
+        url: String,
+        state: String,
+        last_error: String,
     },
     #[error(
         "401 Unauthorized: the hub at {url} refused the token; pass the hub's token with --token-file FILE or SENDENSE_TOKEN"
@@ -67,7 +75,18 @@ pub enum ClientError {
 impl ClientError {
     /// True when the hub did not answer at all (as opposed to answering with an error).
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, ClientError::Unreachable { .. })
+        matches!(
+            self,
+            ClientError::Unreachable { .. } | ClientError::TunnelDown { .. }
+        )
+    }
+
+    /// The endpoint did not prove it is the hub (see [`HubClient::proven`]): nothing was sent.
+    pub fn proof_failure(&self) -> Option<&proof::ProofError> {
+        match self {
+            ClientError::Unreachable { source, .. } => proof::proof_failure(source),
+            _ => None,
+        }
     }
 
     /// The HTTP status the hub answered with, if it answered with an error status.
@@ -92,6 +111,9 @@ pub struct HubClient {
     base: String,
     token: Option<String>,
     http: reqwest::Client,
+    /// The tunnel the hub is reached through, once [`gate_on`](Self::gate_on) set it: while
+    /// its state is not `up`, nothing is sent (shared by every clone).
+    gate: std::sync::Arc<std::sync::OnceLock<tokio::sync::watch::Receiver<TunnelState>>>,
 }
 
 impl HubClient {
@@ -107,11 +129,65 @@ impl HubClient {
             .user_agent(user_agent)
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
+        Self::of(base, token, http)
+    }
+
+    /// The node's client: every new connection must first prove it reaches the hub that
+    /// issued `node`'s credential `token` ([`proof::ProofLayer`]); until it has, nothing (not
+    /// the credential, not a report) is written to it. A failed proof is an
+    /// [`ClientError::Unreachable`] whose cause is the [`proof::ProofError`]
+    /// ([`ClientError::proof_failure`]).
+    pub fn proven(base: &str, token: &str, user_agent: &str, node: &str) -> Self {
+        let layer = proof::ProofLayer::new(
+            crate::proof::Role::Hub,
+            node,
+            &proof::endpoint_of(base),
+            proof::fixed_keys(crate::token::Token::new(token.to_string())),
+            CONNECT_TIMEOUT,
+        );
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .user_agent(user_agent)
+            // A proxy would be the peer of the connection and the challenge's request form
+            // would be wrong for it: the node talks to the hub (or its forward) directly.
+            .no_proxy()
+            .connector_layer(layer)
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        Self::of(base, Some(token.to_string()), http)
+    }
+
+    fn of(base: &str, token: Option<String>, http: reqwest::Client) -> Self {
         HubClient {
             base: base.trim_end_matches('/').to_string(),
             token,
             http,
+            gate: Default::default(),
         }
+    }
+
+    /// From now on (for this client and every clone), nothing is sent while `tunnel`'s state is
+    /// not `up`: the hub's URL is then the local end of a forward that nobody serves and anyone
+    /// may bind. Such a call fails at once with [`ClientError::TunnelDown`], which callers retry
+    /// like an unreachable hub. A second call is ignored (one tunnel per node).
+    pub fn gate_on(&self, tunnel: tokio::sync::watch::Receiver<TunnelState>) {
+        let _ = self.gate.set(tunnel);
+    }
+
+    /// `Err` when the gate says the tunnel is not up.
+    fn gate_open(&self, url: &str) -> Result<(), ClientError> {
+        let Some(rx) = self.gate.get() else {
+            return Ok(());
+        };
+        let s = rx.borrow();
+        if s.state == TunnelStateKind::Up {
+            return Ok(());
+        }
+        Err(ClientError::TunnelDown {
+            url: url.to_string(),
+            state: format!("{:?}", s.state).to_lowercase(),
+            last_error: s.last_error.clone().unwrap_or_else(|| "none".into()),
+        })
     }
 
     pub fn base_url(&self) -> &str {
@@ -138,6 +214,7 @@ impl HubClient {
         body: Option<Vec<u8>>,
     ) -> Result<(String, bytes::Bytes), ClientError> {
         let url = self.url(path);
+        self.gate_open(&url)?;
         let mut req = match method {
             "POST" => self.http.request(Method::POST, &url),
             "PUT" => self.http.request(Method::PUT, &url),
@@ -364,6 +441,7 @@ impl HubClient {
     /// Open `GET /api/v1/events`; the caller reads the body as a stream.
     pub async fn events(&self) -> Result<reqwest::Response, ClientError> {
         let url = self.url("/api/v1/events");
+        self.gate_open(&url)?;
         let resp = self
             .authed(self.http.get(&url))
             .header(reqwest::header::ACCEPT, "text/event-stream")
@@ -467,119 +545,4 @@ fn json_body<T: Serialize>(value: &T) -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::api::RestoreProgress;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
-
-    /// A hub that answers every request with `status` and `body`, and hands back the request
-    /// lines it saw.
-    async fn canned(
-        status: &'static str,
-        body: &'static str,
-    ) -> (String, tokio::task::JoinHandle<Vec<String>>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/", listener.local_addr().unwrap());
-        let task = tokio::spawn(async move {
-            let mut seen = Vec::new();
-            let (mut sock, _) = listener.accept().await.unwrap();
-            let mut req = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = sock.read(&mut buf).await.unwrap();
-                if n == 0 {
-                    break;
-                }
-                req.extend_from_slice(&buf[..n]);
-            }
-            let text = String::from_utf8_lossy(&req).into_owned();
-            seen.extend(text.lines().take(1).map(str::to_string));
-            seen.extend(
-                text.lines()
-                    .filter(|l| l.to_ascii_lowercase().starts_with("authorization:"))
-                    .map(str::to_string),
-            );
-            let resp = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            sock.write_all(resp.as_bytes()).await.unwrap();
-            seen
-        });
-        (url, task)
-    }
-
-    #[tokio::test]
-    async fn a_refusal_carries_the_hubs_error_and_detail() {
-        let (url, hub) = canned(
-            "409 Conflict",
-            r#"{"error":"wrong_state","detail":"restore r-1 is already completed"}"#,
-        )
-        .await;
-        let c = HubClient::new(&url, Some("tok".into()));
-        let e = c.cancel_restore("r-1").await.unwrap_err();
-        assert_eq!(e.status(), Some(409));
-        assert!(e.is_refused());
-        assert_eq!(
-            e.to_string(),
-            format!(
-                "hub answered 409 to POST {}api/v1/restores/r-1/cancel: wrong_state: restore r-1 is already completed",
-                url
-            )
-        );
-        let seen = hub.await.unwrap();
-        assert_eq!(
-            seen,
-            vec![
-                "POST /api/v1/restores/r-1/cancel HTTP/1.1".to_string(),
-                "authorization: Bearer tok".to_string()
-            ]
-        );
-    }
-
-    #[tokio::test]
-    async fn not_found_names_what_was_asked_for() {
-        let (url, _hub) = canned(
-            "404 Not Found",
-            r#"{"error":"not_found","detail":"no restore r-9"}"#,
-        )
-        .await;
-        let e = HubClient::new(&url, None).restore("r-9").await.unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "restore r-9: not_found (404 Not Found): no restore r-9"
-        );
-        assert!(e.is_refused() && !e.is_unreachable());
-    }
-
-    #[tokio::test]
-    async fn a_report_taken_is_done_whatever_the_answer_body() {
-        let (url, hub) = canned("202 Accepted", "").await;
-        let c = HubClient::new(&url, Some("tok".into()));
-        c.restore_progress(
-            "r-1",
-            &RestoreProgress {
-                bytes_done: 1,
-                bytes_total: 2,
-                rate_bps: 0,
-            },
-        )
-        .await
-        .unwrap();
-        assert_eq!(
-            hub.await.unwrap()[0],
-            "POST /api/v1/restores/r-1/progress HTTP/1.1"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_closed_port_is_unreachable_not_refused() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        drop(listener);
-        let e = HubClient::new(&url, None).health().await.unwrap_err();
-        assert!(e.is_unreachable() && !e.is_refused() && e.status().is_none());
-        assert!(crate::errors::chain(&e).starts_with(&format!("hub unreachable at {url}/health")));
-    }
-}
+mod tests;

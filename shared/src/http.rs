@@ -6,10 +6,12 @@
 //! - [`ApiJson`]: the JSON body extractor (no `Content-Type` needed; `400 invalid_json` for
 //!   syntax, `422 invalid_field` naming the field for shape);
 //! - [`require_bearer`]: the `Authorization: Bearer <token>` middleware (constant-time compare,
-//!   `401 unauthorized` naming what was wrong).
+//!   `401 unauthorized` naming what was wrong);
+//! - [`proof`]: the query check of the open `GET /api/v1/proof` challenge.
 
 mod bearer;
 mod json;
+pub mod proof;
 
 pub use bearer::{Bearer, bearer_of, require_bearer};
 pub use json::ApiJson;

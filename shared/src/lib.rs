@@ -19,6 +19,9 @@
 //!   group, bounded wait, SIGKILL, reap) and checks of foreign PIDs through `/proc`.
 //! - [`fsmode`]: directories only the agent may touch (0700, refused when another user owns
 //!   them or could write into them) and files created 0600.
+//! - [`portholder`]: who listens on a TCP port of this host (a squatter named in a tunnel state).
+//! - [`proof`]: the challenge an endpoint answers to prove it holds the node's credential
+//!   before a caller sends that credential (`client::proof` checks it on every new connection).
 //! - [`backoff`]: retry pacing for every retry loop (exponential, capped, deterministic; jitter
 //!   supplied by the caller).
 //! - `client` (feature `client`): the one typed hub client of the console and the node, and its
@@ -37,5 +40,7 @@ pub mod identity;
 pub mod ids;
 pub mod names;
 pub mod nbd;
+pub mod portholder;
+pub mod proof;
 pub mod targets;
 pub mod token;

@@ -19,6 +19,8 @@
 //!   `cargo build --bin sendense-console`).
 //! - [`e2e::trust`]: node credentials and their scopes, repository roots, secret file modes,
 //!   restores that cannot destroy.
+//! - [`e2e::squatter`]: squatters on both forwarded ports of a killed tunnel get no credential,
+//!   are named in both tunnel states, and the tunnel comes back after they leave.
 //! - [`e2e::tunnel`]: a full backup with hub and node talking only through the SSH tunnel.
 //! - [`e2e::vcsim_harness`]: the vSphere simulator harness itself (needs Go and govmomi:
 //!   `scripts/setup.sh packages`).
@@ -33,6 +35,7 @@ mod e2e {
     pub mod guest;
     pub mod integrity;
     pub mod restore;
+    pub mod squatter;
     pub mod sys;
     pub mod trust;
     pub mod tunnel;

@@ -15,6 +15,38 @@ use axum::http::StatusCode;
 use sendense_shared::api::{Inventory, Node, NodeRegistration, NodeTunnel, Vm};
 use sendense_shared::names::validate_name;
 
+/// `GET /api/v1/proof?nonce=&node=` (open): the hub proves, as `hub`, that it holds `node`'s
+/// credential(s), so the node sends its credential only to the real hub and not to whoever
+/// holds the node's local forward while the tunnel is down. `404` for a node without a valid
+/// credential (the answer says nothing a node list would not).
+pub async fn proof(
+    State(hub): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<sendense_shared::proof::ProofQuery>,
+) -> Result<Json<sendense_shared::proof::ProofAnswer>, ApiError> {
+    if let Err(e) = sendense_shared::http::proof::check_query(&q) {
+        return Err(ApiError::invalid(e.detail));
+    }
+    let Some(node) = q.node else {
+        return Err(ApiError::invalid(
+            "node: the node whose credential is to be proven",
+        ));
+    };
+    validate_name("node", &node)?;
+    let secrets = hub.auth.credentials.valid_secrets(&node).await?;
+    if secrets.is_empty() {
+        return Err(ApiError::NotFound(format!(
+            "node {node:?} holds no valid credential"
+        )));
+    }
+    let proofs = secrets
+        .iter()
+        .map(|c| {
+            sendense_shared::proof::prove(c, sendense_shared::proof::Role::Hub, &node, &q.nonce)
+        })
+        .collect();
+    Ok(Json(sendense_shared::proof::ProofAnswer { proofs }))
+}
+
 pub async fn list(State(hub): State<AppState>) -> Result<Json<Vec<Node>>, ApiError> {
     Ok(Json(hub.nodes.list().await?))
 }

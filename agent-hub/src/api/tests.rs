@@ -458,3 +458,103 @@ async fn code_node_unreachable() {
     assert_eq!((s, code.as_str()), (502, "node_unreachable"), "{detail}");
     assert!(detail.contains("127.0.0.1:1/api/v1/inventory"), "{detail}");
 }
+
+#[tokio::test]
+async fn the_proof_is_open_and_covers_every_valid_credential_of_the_node() {
+    use sendense_shared::proof::{ProofAnswer, Role, nonce, verify};
+    let t = app().await;
+    let old = t.hub.auth.credentials.enroll("n1").await.unwrap();
+    // Used once (a rotation revokes a credential never used at once).
+    t.hub.auth.credentials.identify(old.as_str()).await.unwrap();
+    let new = t.hub.auth.credentials.rotate("n1").await.unwrap();
+    let n = nonce();
+    let (s, v) = t
+        .call(
+            "GET",
+            &format!("/api/v1/proof?nonce={n}&node=n1"),
+            None,
+            false,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let answer: ProofAnswer = serde_json::from_value(v).unwrap();
+    // During the rotation, a node holding either file recognises its hub.
+    assert!(verify(&old, Role::Hub, "n1", &n, &answer));
+    assert!(verify(&new, Role::Hub, "n1", &n, &answer));
+    assert!(!verify(&new, Role::Node, "n1", &n, &answer));
+    let (s, v) = t
+        .call("GET", "/api/v1/proof?nonce=00&node=n1", None, false)
+        .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (422, Some("invalid_field")),
+        "{v}"
+    );
+    t.hub.auth.credentials.revoke("n1").await.unwrap();
+    let (s, v) = t
+        .call(
+            "GET",
+            &format!("/api/v1/proof?nonce={n}&node=n1"),
+            None,
+            false,
+        )
+        .await;
+    assert_eq!(s, 404, "{v}");
+}
+
+#[tokio::test]
+async fn a_squatter_on_a_nodes_url_gets_no_credential() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = app().await;
+    let credential = t.hub.auth.credentials.enroll("n1").await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let rec = got.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let rec = rec.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = sock.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    rec.lock().unwrap().extend_from_slice(&buf[..n]);
+                    let body = r#"{"proofs":["00"]}"#;
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if sock.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let client = crate::node_client::NodeClient::new(
+        t.hub.auth.credentials.clone(),
+        std::time::Duration::from_secs(5),
+    );
+    let node = crate::node_client::NodeAddr {
+        name: "n1".into(),
+        api_url: url.clone(),
+    };
+    let e = client.tunnel(&node).await.unwrap_err();
+    assert!(e.proof_failure().is_some(), "{e:?}");
+    let shown = chain(&e);
+    assert!(
+        shown.contains("did not prove it is the node of node \"n1\": squatted port?"),
+        "{shown}"
+    );
+    let bytes = String::from_utf8_lossy(&got.lock().unwrap()).into_owned();
+    assert!(bytes.starts_with("GET /api/v1/proof?nonce="), "{bytes}");
+    assert!(
+        !bytes.to_ascii_lowercase().contains("authorization"),
+        "{bytes}"
+    );
+    assert!(!bytes.contains(credential.as_str()), "{bytes}");
+    assert!(!bytes.contains("/api/v1/tunnel"), "{bytes}");
+}

@@ -181,4 +181,16 @@ impl Credentials {
             .or(valid.last());
         Ok(pick.map(|c| self.secret(node, &c.credential_id)))
     }
+
+    /// Every credential of `node` that is valid now (two during a rotation): the keys of the
+    /// proofs the hub gives (`GET /api/v1/proof`) and checks (its calls to the node), so
+    /// whichever of them the node's file holds, the two sides recognise each other.
+    pub async fn valid_secrets(&self, node: &str) -> Result<Vec<Token>, DbError> {
+        Ok(self
+            .valid(node)
+            .await?
+            .iter()
+            .map(|c| self.secret(node, &c.credential_id))
+            .collect())
+    }
 }

@@ -16,6 +16,7 @@
 //! server_alive_interval = 15
 //! server_alive_count_max = 3
 //! ciphers = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com"
+//! retry_max_secs = 30   # longest wait between ssh attempts (e.g. after a squatter left a port)
 //! ```
 //!
 //! The values flags hold are parsed in `target` ([`TunnelTarget`]) and `forwards` ([`PortRange`],
@@ -98,6 +99,9 @@ pub struct TunnelFile {
     pub server_alive_interval: Option<u32>,
     pub server_alive_count_max: Option<u32>,
     pub ciphers: Option<String>,
+    /// Longest wait between two ssh attempts, seconds (default 30): how soon a tunnel comes
+    /// back once a squatter left the port it held.
+    pub retry_max_secs: Option<u64>,
 }
 
 /// Why the tunnel configuration was refused; each names the flag.
@@ -296,7 +300,13 @@ impl TunnelConfig {
             run_dir: run_dir.to_path_buf(),
             preflight_timeout: Duration::from_secs(5),
             up_timeout: Duration::from_secs(30),
-            backoff: BackoffPolicy::default(),
+            backoff: BackoffPolicy {
+                max: file
+                    .retry_max_secs
+                    .map(|s| Duration::from_secs(s.max(1)))
+                    .unwrap_or(BackoffPolicy::default().max),
+                ..BackoffPolicy::default()
+            },
         }))
     }
 

@@ -214,7 +214,7 @@ impl Tunnel {
             }
             let error = match result {
                 Ok(()) => "ssh ended without an error".to_string(),
-                Err(e) => sendense_shared::errors::chain(&e),
+                Err(e) => with_squatter(&e, self.cfg.bind),
             };
             tracing::warn!(target = %self.cfg.target, error = %error,
                 ran = ?started.elapsed(), "tunnel attempt ended");
@@ -331,6 +331,19 @@ fn is_loopback(host: &str) -> bool {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The cause of a failed attempt, naming the process that holds the local forward port when
+/// that is why ssh failed (a squatter: it keeps the tunnel down while it holds the port; the
+/// supervisor's backoff retries until it leaves).
+fn with_squatter(e: &AttemptError, bind: std::net::IpAddr) -> String {
+    let mut error = sendense_shared::errors::chain(e);
+    if let AttemptError::Ssh(SshFailure::LocalPortInUse { port, .. }) = e
+        && let Some(h) = sendense_shared::portholder::holder_at(Some(bind), *port)
+    {
+        error.push_str(&format!("; {h}"));
+    }
+    error
 }
 
 #[cfg(test)]

@@ -134,7 +134,22 @@ impl HubRecorder {
         }
         let calls: Arc<std::sync::Mutex<Vec<HubCall>>> = Arc::default();
         let fail = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        /// The hub's proof (the node proves every connection before it reports): made with
+        /// the test token, which every node of these tests holds.
+        async fn proof(
+            axum::extract::Query(q): axum::extract::Query<sendense_shared::proof::ProofQuery>,
+        ) -> axum::Json<sendense_shared::proof::ProofAnswer> {
+            axum::Json(sendense_shared::proof::ProofAnswer {
+                proofs: vec![sendense_shared::proof::prove(
+                    &TOKEN.to_string().into(),
+                    sendense_shared::proof::Role::Hub,
+                    q.node.as_deref().unwrap_or_default(),
+                    &q.nonce,
+                )],
+            })
+        }
         let app = axum::Router::new()
+            .route(sendense_shared::proof::PATH, axum::routing::get(proof))
             .fallback(axum::routing::post(record))
             .with_state((calls.clone(), fail.clone()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

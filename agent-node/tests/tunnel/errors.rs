@@ -66,13 +66,17 @@ async fn an_already_bound_local_forward_port_is_named() {
     let _squatter = std::net::TcpListener::bind(("127.0.0.2", busy)).unwrap();
     let t = TestTunnel::start(sshd.tunnel_config(&ports));
     let e = error_twice(&t).await;
-    assert_eq!(
-        e,
-        format!(
-            "local forward port {busy} already in use on 127.0.0.2 (another process listens \
-             there; ssh: bind [127.0.0.2]:{busy}: Address already in use)"
-        )
+    // ssh's cause, then who holds the port: this test process (the squatter), its command
+    // line and user.
+    let want = format!(
+        "local forward port {busy} already in use on 127.0.0.2 (another process listens \
+         there; ssh: bind [127.0.0.2]:{busy}: Address already in use); port {busy} held by pid {} (",
+        std::process::id()
     );
+    assert!(e.starts_with(&want), "{e}\nwanted: {want}");
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self").unwrap().uid();
+    assert!(e.ends_with(&format!("), user {uid}")), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
