@@ -96,7 +96,8 @@ fn image(dir: &Path) -> std::path::PathBuf {
     p
 }
 
-/// qemu-nbd serving `img` over TLS, allowing only the client DN `CN=<allowed>`.
+/// qemu-nbd serving `img` over TLS, allowing only the client DNs `CN=<allowed>` and
+/// `CN=second` (qemu 7.2 takes `--object` as JSON, which `authz-list` needs for its rules).
 async fn serve(img: &Path, tls_dir: &Path, allowed: &str) -> QemuNbd {
     QemuNbd::builder(img, "disk")
         .args(&[
@@ -105,8 +106,11 @@ async fn serve(img: &Path, tls_dir: &Path, allowed: &str) -> QemuNbd {
                 "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=on",
                 tls_dir.display()
             ),
+            // Two identities, as the hub serves its exports: the job's writer and the hub.
             "--object".to_string(),
-            format!("authz-simple,id=auth0,identity=CN={allowed}"),
+            format!(
+                r#"{{"qom-type":"authz-list","id":"auth0","policy":"deny","rules":[{{"match":"CN={allowed}","policy":"allow"}},{{"match":"CN=second","policy":"allow"}}]}}"#
+            ),
             "--tls-creds=tls0".to_string(),
             "--tls-authz=auth0".to_string(),
         ])
@@ -142,6 +146,11 @@ async fn client_with_its_certificate_reads_and_writes_over_tls() {
     c.disconnect().await.unwrap();
     // A second connection sees the write: it reached the image, not a buffer.
     let c = NbdClient::connect(&srv.addr, &opts(Some(client(&ca, "sendense-job-1"))))
+        .await
+        .unwrap();
+    assert_eq!(c.read(4096, 1 << 20).await.unwrap(), data);
+    // The authz's second identity too.
+    let c = NbdClient::connect(&srv.addr, &opts(Some(client(&ca, "second"))))
         .await
         .unwrap();
     assert_eq!(c.read(4096, 1 << 20).await.unwrap(), data);
