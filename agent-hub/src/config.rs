@@ -485,6 +485,21 @@ mod tests {
         assert_eq!(cfg.nbd_ports, defaults.nbd_ports);
         assert_eq!(cfg.node_lost_after, defaults.node_lost_after);
         assert_eq!(cfg.qemu_nbd, defaults.qemu_nbd);
+        assert_eq!(cfg.nbd_tls, defaults.nbd_tls);
+    }
+
+    #[test]
+    fn nbd_tls_is_on_unless_the_file_or_a_flag_turns_it_off() {
+        let on = HubConfig::resolve(&Cli::default(), FileConfig::default()).unwrap();
+        assert!(on.nbd_tls);
+        let file: FileConfig = toml::from_str("nbd_tls = false").unwrap();
+        assert!(!HubConfig::resolve(&Cli::default(), file).unwrap().nbd_tls);
+        let file: FileConfig = toml::from_str("nbd_tls = false").unwrap();
+        let cli = Cli {
+            nbd_tls: Some(true),
+            ..Cli::default()
+        };
+        assert!(HubConfig::resolve(&cli, file).unwrap().nbd_tls);
     }
 
     #[test]
