@@ -280,6 +280,46 @@ mod tests {
     use crate::qemu_nbd::test_support::{spec, strings};
 
     #[test]
+    fn tls_exports_name_the_writer_and_the_hub_and_unix_sockets_stay_plain() {
+        let data = tempfile::tempdir().unwrap();
+        let cfg = QemuNbdConfig {
+            tls: Some(NbdCa::open(data.path()).unwrap()),
+            ..QemuNbdConfig::default()
+        };
+        let s = ExportSpec {
+            client: Some(crate::nbd_ca::backup_identity("b1")),
+            ..spec()
+        };
+        let args = command_args(&cfg, &s);
+        let objects: Vec<serde_json::Value> = args
+            .windows(2)
+            .filter(|w| w[0] == "--object")
+            .map(|w| serde_json::from_str(&w[1]).unwrap())
+            .collect();
+        assert_eq!(objects[0]["qom-type"], "tls-creds-x509");
+        assert_eq!(objects[0]["verify-peer"], true);
+        assert_eq!(objects[0]["endpoint"], "server");
+        assert_eq!(objects[1]["qom-type"], "authz-list");
+        assert_eq!(objects[1]["policy"], "deny");
+        let allowed: Vec<&str> = objects[1]["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["match"].as_str().unwrap())
+            .collect();
+        assert_eq!(allowed, ["CN=sendense-hub", "CN=sendense-job-b1"]);
+        assert!(args.contains(&"--tls-creds=tls0".to_string()));
+        assert!(args.contains(&"--tls-authz=auth0".to_string()));
+        assert_eq!(args.last().unwrap(), "/repo/vm1/2000/b1.qcow2");
+        // The hub's read-backs: a unix socket in a private directory, no TLS.
+        let unix = ExportSpec {
+            socket: Some("/run/x/s".into()),
+            ..s
+        };
+        assert!(!command_args(&cfg, &unix).iter().any(|a| a.contains("tls")));
+    }
+
+    #[test]
     fn command_line_has_every_option_in_the_order_qemu_nbd_needs() {
         let args = command_args(&QemuNbdConfig::default(), &spec());
         assert_eq!(
