@@ -113,7 +113,13 @@ fn params(cn: &str, sans: Vec<String>) -> Result<CertificateParams, rcgen::Error
 
 fn leaf_params(cn: &str, server: bool) -> Result<CertificateParams, rcgen::Error> {
     let sans = if server {
-        vec![SERVER_NAME.to_string()]
+        // The loopback addresses too, so that stock tools that check the host they dial
+        // (libnbd's `nbds://127.0.0.1/...`) accept it; the project's client checks the name.
+        vec![
+            SERVER_NAME.to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+        ]
     } else {
         Vec::new()
     };

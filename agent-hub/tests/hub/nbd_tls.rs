@@ -219,3 +219,69 @@ async fn idle_unauthenticated_connections_do_not_lock_the_writer_out() {
     assert!(q.0.is_alive(), "the export survived");
     drop(squatters);
 }
+
+/// A real job of the hub binary with `nbd_tls` on (the default): while it runs, its export
+/// refuses a local user without a certificate and a certificate of another job; the writer with
+/// the job's certificate (here nbdcopy over `nbds://`, libnbd's TLS) copies, and the job
+/// completes: the hub's FLUSH and readiness probe passed with the hub's own certificate.
+#[tokio::test]
+async fn a_running_jobs_export_opens_only_for_its_writer() {
+    use super::env::{Env, targets};
+    let env = Env::start_with(|o| {
+        let i = o.extra_args.iter().position(|a| a == "--nbd-tls").unwrap();
+        o.extra_args[i + 1] = "true".to_string();
+    });
+    let srcs = env.vm_with_sources("tls1", &[2000]).await;
+    let (id, b) = env.backup("tls1", "full").await;
+    let uri = targets(&b)[0].1.clone();
+    assert!(
+        NbdAddr::parse(&uri).is_ok(),
+        "the targets string stays a plain URI: {uri}"
+    );
+
+    let out = as_attacker("qemu-img", &["info", &uri]);
+    assert!(
+        !out.status.success(),
+        "a local user opened the job's export"
+    );
+    let out = as_attacker("qemu-io", &["-f", "raw", "-c", "write -P 0 0 4096", &uri]);
+    assert!(!out.status.success(), "a local user wrote into the backup");
+
+    // The CA as the hub keeps it (this test runs as the hub's user).
+    let ca = NbdCa::open(&env.hub.opts.data_dir).unwrap();
+    let addr = NbdAddr::parse(&uri).unwrap();
+    let other = ca.issue_client(&backup_identity("another-job")).unwrap();
+    let e = NbdClient::connect(&addr, &with_tls(other))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, NbdError::Tls { .. }), "{e}");
+
+    // The writer: the job's certificate in libnbd's layout.
+    let tls = ca.issue_client(&backup_identity(&id)).unwrap();
+    let dir = env.path("writer-tls");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("ca-cert.pem"), &tls.ca_pem).unwrap();
+    std::fs::write(dir.join("client-cert.pem"), &tls.cert_pem).unwrap();
+    std::fs::write(dir.join("client-key.pem"), &tls.key_pem).unwrap();
+    let nbds = format!(
+        "{}?tls-certificates={}",
+        uri.replacen("nbd://", "nbds://", 1),
+        dir.display()
+    );
+    let out = sendense_tests::disks::nbdcopy_into(&srcs[0], &nbds);
+    assert!(
+        out.status.success(),
+        "nbdcopy with the job's certificate: {out:?}"
+    );
+    let done = env
+        .complete_ok(
+            &id,
+            &serde_json::json!({"status": "completed", "disks": [{"disk_key": 2000, "status": "completed"}]}),
+        )
+        .await;
+    let image = done["disk_results"][0]["qcow2_path"].as_str().unwrap();
+    assert!(sendense_tests::disks::images_equal(
+        &srcs[0],
+        Path::new(image)
+    ));
+}
