@@ -157,7 +157,9 @@ impl NbdCa {
             let path = path.to_path_buf();
             move |source| NbdCaError::Pem { path, what, source }
         };
-        if !ca_key.exists() {
+        // A new CA invalidates whatever was issued by an earlier one.
+        let fresh = !ca_key.exists();
+        if fresh {
             let key = KeyPair::generate().map_err(pem_err(&ca_key, "generating the CA key"))?;
             let cert = ca_params()
                 .and_then(|p| p.self_signed(&key))
@@ -187,7 +189,7 @@ impl NbdCa {
         // qemu-nbd's directory, rewritten from the CA when incomplete or from another CA.
         let server_key = server_dir.join("server-key.pem");
         let server_ca = server_dir.join("ca-cert.pem");
-        if !server_key.exists() || read(&server_ca).ok().as_deref() != Some(&ca.ca_pem) {
+        if fresh || !server_key.exists() || read(&server_ca).ok().as_deref() != Some(&ca.ca_pem) {
             let (cert, key) = issue(&ca.issuer, SERVER_NAME, true)
                 .map_err(pem_err(&server_key, "issuing the server certificate"))?;
             write_private(&server_ca, &ca.ca_pem)?;
@@ -195,7 +197,7 @@ impl NbdCa {
             write_private(&server_key, &key)?;
         }
         let (hub_cert, hub_key) = (dir.join("hub-cert.pem"), dir.join("hub-key.pem"));
-        if !hub_key.exists() || !hub_cert.exists() {
+        if fresh || !hub_key.exists() || !hub_cert.exists() {
             let (cert, key) = issue(&ca.issuer, HUB_CN, false)
                 .map_err(pem_err(&hub_key, "issuing the hub's client certificate"))?;
             write_private(&hub_cert, &cert)?;
