@@ -293,7 +293,7 @@ impl NbdClient {
                     // Request headers are small; waiting for Nagle would add latency to each.
                     let _ = s.set_nodelay(true);
                     if opts.tls.is_some() {
-                        return Self::over_tls(s, export, opts).await;
+                        return tls::connect_over(s, export, opts).await;
                     }
                     let (rd, wr) = s.into_split();
                     Self::from_halves(rd, wr, export, opts).await
@@ -306,7 +306,7 @@ impl NbdClient {
                         }
                     })?;
                     if opts.tls.is_some() {
-                        return Self::over_tls(s, export, opts).await;
+                        return tls::connect_over(s, export, opts).await;
                     }
                     let (rd, wr) = s.into_split();
                     Self::from_halves(rd, wr, export, opts).await
@@ -339,41 +339,8 @@ impl NbdClient {
         Self::after_greeting(rd, wr, export, opts).await
     }
 
-    /// Greeting in the clear, `NBD_OPT_STARTTLS`, the TLS handshake, then the rest of the
-    /// negotiation and all transmission inside TLS. The TLS stream is one object, so its halves
-    /// share a lock (`tokio::io::split`); both tasks hold it only while polling.
-    async fn over_tls<S>(
-        mut s: S,
-        export: &str,
-        opts: &ConnectOptions,
-    ) -> Result<NbdClient, NbdError>
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let tls = opts.tls.as_ref().expect("called with TLS material");
-        handshake::greet(&mut s).await?;
-        handshake::starttls(&mut s).await?;
-        let t = tls::wrap(s, tls).await?;
-        let (rd, wr) = tokio::io::split(t);
-        Self::after_greeting(rd, wr, export, opts)
-            .await
-            .map_err(|e| match e {
-                // With TLS 1.3 the client's handshake ends before the server has judged the
-                // client certificate; a refusal (unknown issuer, authz) is a close right after.
-                NbdError::Handshake { reason } if reason.contains("closed the connection") => {
-                    NbdError::Tls {
-                        reason: "the server closed the connection right after the TLS handshake: \
-                                 it did not accept this client certificate (another CA, or an \
-                                 identity its authz does not allow)"
-                            .into(),
-                    }
-                }
-                e => e,
-            })
-    }
-
     /// Option haggling and `NBD_OPT_GO` on a greeted stream, then the reader and writer tasks.
-    async fn after_greeting<R, W>(
+    pub(crate) async fn after_greeting<R, W>(
         rd: R,
         wr: W,
         export: &str,

@@ -71,3 +71,36 @@ where
             reason: format!("TLS handshake with the NBD server failed: {e}"),
         })
 }
+
+/// Greeting in the clear, `NBD_OPT_STARTTLS`, the TLS handshake, then the rest of the
+/// negotiation and all transmission inside TLS. The TLS stream is one object, so its halves
+/// share a lock (`tokio::io::split`); both tasks hold it only while polling.
+pub(crate) async fn connect_over<S>(
+    mut s: S,
+    export: &str,
+    opts: &super::ConnectOptions,
+) -> Result<super::NbdClient, NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let tls = opts.tls.as_ref().expect("called with TLS material");
+    super::handshake::greet(&mut s).await?;
+    super::handshake::starttls(&mut s).await?;
+    let t = wrap(s, tls).await?;
+    let (rd, wr) = tokio::io::split(t);
+    super::NbdClient::after_greeting(rd, wr, export, opts)
+        .await
+        .map_err(|e| match e {
+            // With TLS 1.3 the client's handshake ends before the server has judged the
+            // client certificate; a refusal (unknown issuer, authz) is a close right after.
+            NbdError::Handshake { reason } if reason.contains("closed the connection") => {
+                NbdError::Tls {
+                    reason: "the server closed the connection right after the TLS handshake: \
+                             it did not accept this client certificate (another CA, or an \
+                             identity its authz does not allow)"
+                        .into(),
+                }
+            }
+            e => e,
+        })
+}
