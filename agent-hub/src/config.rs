@@ -109,6 +109,10 @@ pub struct Cli {
     /// Address qemu-nbd binds its exports to [default: 127.0.0.1].
     #[arg(long, env = "SENDENSE_HUB_NBD_BIND", value_name = "ADDR")]
     pub nbd_bind: Option<IpAddr>,
+    /// TLS with per-job client certificates on the NBD exports; `false` for writers without a
+    /// certificate (nbdcopy on the hub, an older node) [default: true].
+    #[arg(long, env = "SENDENSE_HUB_NBD_TLS", value_name = "BOOL")]
+    pub nbd_tls: Option<bool>,
     /// Directory of the daily log files [default: <data>/logs].
     #[arg(long, env = "SENDENSE_HUB_LOG_DIR", value_name = "DIR")]
     pub log_dir: Option<PathBuf>,
@@ -219,6 +223,12 @@ pub struct FileConfig {
     /// qemu-nbd settings (binary, cache mode, `--shared`, timeouts).
     #[serde(default)]
     pub qemu_nbd: Option<QemuNbdConfig>,
+    /// TLS with per-job client certificates on every NBD export (default true). `false` serves
+    /// the exports plain, as before: for writers that cannot present a certificate (a hub-alone
+    /// writer such as nbdcopy, an older node); any local user can then open a running job's
+    /// exports.
+    #[serde(default)]
+    pub nbd_tls: Option<bool>,
 }
 
 /// The resolved configuration the hub runs with.
@@ -242,6 +252,9 @@ pub struct HubConfig {
     pub node_lost_after: Duration,
     pub db_outage_patience: Duration,
     pub qemu_nbd: QemuNbdConfig,
+    /// TLS with client certificates on the NBD exports (the CA is opened at start-up, see
+    /// [`crate::nbd_ca`]).
+    pub nbd_tls: bool,
 }
 
 impl HubConfig {
@@ -268,6 +281,7 @@ impl HubConfig {
                 bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
                 ..QemuNbdConfig::default()
             },
+            nbd_tls: true,
             data_dir,
         }
     }
@@ -352,6 +366,9 @@ impl HubConfig {
         }
         if let Some(q) = file.qemu_nbd {
             cfg.qemu_nbd = q;
+        }
+        if let Some(v) = cli.nbd_tls.or(file.nbd_tls) {
+            cfg.nbd_tls = v;
         }
         // One bind address for the port test and for qemu-nbd: the test is only meaningful on
         // the address qemu-nbd will really use.
@@ -493,6 +510,21 @@ mod tests {
         assert_eq!(cfg.nbd_ports, defaults.nbd_ports);
         assert_eq!(cfg.node_lost_after, defaults.node_lost_after);
         assert_eq!(cfg.qemu_nbd, defaults.qemu_nbd);
+        assert_eq!(cfg.nbd_tls, defaults.nbd_tls);
+    }
+
+    #[test]
+    fn nbd_tls_is_on_unless_the_file_or_a_flag_turns_it_off() {
+        let on = HubConfig::resolve(&Cli::default(), FileConfig::default()).unwrap();
+        assert!(on.nbd_tls);
+        let file: FileConfig = toml::from_str("nbd_tls = false").unwrap();
+        assert!(!HubConfig::resolve(&Cli::default(), file).unwrap().nbd_tls);
+        let file: FileConfig = toml::from_str("nbd_tls = false").unwrap();
+        let cli = Cli {
+            nbd_tls: Some(true),
+            ..Cli::default()
+        };
+        assert!(HubConfig::resolve(&cli, file).unwrap().nbd_tls);
     }
 
     #[test]

@@ -24,7 +24,10 @@
 //! - [`db`]: the database (SQLite or MySQL/MariaDB through one `AnyPool`), every table's queries.
 //! - [`ports`]: the NBD port allocator over `nbd_port_allocations`, with bind tests.
 //! - [`repository`]: QCOW2 images and chains on disk, free-space checks, `qemu-img check`.
-//! - [`qemu_nbd`]: one supervised qemu-nbd per disk export.
+//! - [`qemu_nbd`]: one supervised qemu-nbd per disk export (TLS with client certificates of
+//!   [`nbd_ca`] on TCP exports).
+//! - [`nbd_ca`]: the hub's private CA for the NBD data path: qemu-nbd's server certificate, the
+//!   hub's and each job's client certificates.
 //! - [`manifest`]: whole-disk checksums of a point (the sidecar next to each image) and the
 //!   read-back that compares an image chain with them.
 //! - [`readback`]: an image chain served read-only on a private unix socket for the hub's own
@@ -32,7 +35,7 @@
 //!
 //! Layers: `server` wires, `api` translates HTTP and reaches the services through `hub`; the
 //! services (`jobs`, `restores`, `verify`, `nodes`) use the low modules (`db`, `ports`, `qemu_nbd`,
-//! `repository`, `manifest`, `readback`, `events`, `node_client`) and never `api`, `hub` or `server`; the
+//! `repository`, `manifest`, `readback`, `events`, `node_client`, `nbd_ca`) and never `api`, `hub` or `server`; the
 //! `reconciler` runs before any service starts, on the same low modules and the services'
 //! lists of active states.
 
@@ -46,6 +49,7 @@ pub mod hub;
 pub mod jobs;
 pub mod logging;
 pub mod manifest;
+pub mod nbd_ca;
 pub mod node_client;
 pub mod nodes;
 pub mod ports;

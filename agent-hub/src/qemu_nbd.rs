@@ -70,6 +70,8 @@ pub use process::QemuNbd;
 /// Errors of the qemu-nbd manager.
 #[derive(Debug, thiserror::Error)]
 pub enum QemuNbdError {
+    #[error("issuing the export's client certificate")]
+    ClientCert(#[source] crate::nbd_ca::NbdCaError),
     #[error("invalid qemu-nbd setting `{field}`: {reason}")]
     InvalidConfig { field: &'static str, reason: String },
     #[error("invalid qemu-nbd export `{field}`: {reason}")]
@@ -124,6 +126,7 @@ mod test_support {
             port: 10105,
             read_only: false,
             socket: None,
+            client: None,
         }
     }
 

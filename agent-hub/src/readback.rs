@@ -100,6 +100,7 @@ impl ReadBack {
             export_name: "readback".into(),
             port: 0,
             read_only: true,
+            client: None,
             socket: Some(socket),
         };
         QemuNbd::start(&self.inner.cfg, spec)

@@ -409,6 +409,7 @@ impl Restores {
             port: port.0,
             read_only: true,
             socket: None,
+            client: Some(crate::nbd_ca::restore_identity(id)),
         };
         let server =
             QemuNbd::start(&d.qemu_nbd, spec)
@@ -418,7 +419,13 @@ impl Restores {
                     source: Box::new(source),
                 })?;
         let pid = server.pid();
-        let export = server.nbd_export();
+        let mut export = server.nbd_export();
+        export.tls = server
+            .client_tls(d.qemu_nbd.tls.as_ref())
+            .map_err(|source| RestoreError::Export {
+                id: id.clone(),
+                source: Box::new(source),
+            })?;
         let cmdline = sendense_shared::child::shell_words(server.command_line());
         let started_at = server.started_at();
         held.server = Some((server, port));

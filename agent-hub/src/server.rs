@@ -43,6 +43,8 @@ pub enum StartError {
     },
     #[error("registering the default repository")]
     RegisterRepository(#[source] crate::db::DbError),
+    #[error("the NBD CA (nbd_tls = true)")]
+    NbdCa(#[source] crate::nbd_ca::NbdCaError),
     #[error("serving the API")]
     Serve(#[source] std::io::Error),
 }
@@ -91,6 +93,16 @@ impl Hub {
             config.credential_grace,
         );
         let node_client = NodeClient::new(credentials.clone(), config.node_timeout);
+        let mut config = config;
+        if config.nbd_tls {
+            let ca = crate::nbd_ca::NbdCa::open(&config.data_dir).map_err(StartError::NbdCa)?;
+            tracing::info!(dir = %ca.server_dir().display(), "NBD exports require TLS client certificates");
+            config.qemu_nbd.tls = Some(ca);
+        } else {
+            tracing::warn!(
+                "nbd_tls = false: NBD exports are served without TLS; any local user can open a running job's exports"
+            );
+        }
         let bus = EventBus::new();
         let log = JobLog::new(db.clone(), bus.clone());
         let ports = Arc::new(PortAllocator::new(

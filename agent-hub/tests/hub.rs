@@ -8,6 +8,8 @@
 //! - [`integrity`]: whole-disk checksums, the read-back, a qemu-nbd that does not stop cleanly.
 //! - [`input`]: bad JSON, unknown VM, path-escaping names, missing token.
 //! - [`mariadb`]: the main backup on MariaDB.
+//! - [`nbd_tls`]: a job's export with TLS and client certificates: the writer and the hub get
+//!   in, a local user without a certificate and another job's certificate do not.
 //! - [`restore_truth`]: restores refused for a corrupt or unverified point, and compared with
 //!   the point's stored checksums (a stand-in node).
 //! - [`verify`]: verify jobs: a byte flipped on disk caught, corrupt points and their
@@ -25,6 +27,7 @@ mod hub {
     pub mod input;
     pub mod integrity;
     pub mod mariadb;
+    pub mod nbd_tls;
     pub mod restore_truth;
     pub mod verify;
 }

@@ -48,6 +48,7 @@ fn spec(path: &Path, export: &str, port: u16) -> ExportSpec {
         port,
         read_only: false,
         socket: None,
+        client: None,
     }
 }
 

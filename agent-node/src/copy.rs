@@ -101,6 +101,10 @@ pub struct CopyOptions {
     /// Cell size of the whole-disk checksum grid to build (`None`: none, as an older hub
     /// expects).
     pub grid_cell: Option<u64>,
+    /// TLS material for the source's connections (a restore from the hub's export).
+    pub source_tls: Option<sendense_shared::api::NbdTls>,
+    /// TLS material for the target's connections (a backup into the hub's export).
+    pub target_tls: Option<sendense_shared::api::NbdTls>,
 }
 
 /// Environment variable read by the node daemon: bytes per second each disk's copy may read
@@ -138,6 +142,8 @@ impl Default for CopyOptions {
             target_is_zero: false,
             throttle_bps: None,
             grid_cell: None,
+            source_tls: None,
+            target_tls: None,
         }
     }
 }
@@ -310,7 +316,7 @@ async fn open(
     opts: &CopyOptions,
     cancel: &CancellationToken,
 ) -> Result<Ends, CopyError> {
-    let (src, dst) = connect_pair(source, target, extents, cancel).await?;
+    let (src, dst) = connect_pair(source, target, extents, opts, cancel).await?;
     // Which context drives the plan, and whether zeroes can be found without reading.
     let alloc_ok = src.meta_context_id(BASE_ALLOCATION).is_some();
     let map_context = match extents {
@@ -361,6 +367,7 @@ async fn connect_pair(
     source: &NbdAddr,
     target: &NbdAddr,
     extents: &ExtentSource,
+    opts: &CopyOptions,
     cancel: &CancellationToken,
 ) -> Result<(NbdClient, NbdClient), CopyError> {
     let contexts = match extents {
@@ -372,9 +379,13 @@ async fn connect_pair(
     };
     let src_opts = ConnectOptions {
         meta_contexts: contexts,
+        tls: opts.source_tls.clone(),
         ..Default::default()
     };
-    let dst_opts = ConnectOptions::default();
+    let dst_opts = ConnectOptions {
+        tls: opts.target_tls.clone(),
+        ..Default::default()
+    };
     let (src, dst) = tokio::select! {
         _ = cancel.cancelled() => return Err(CopyError::Cancelled),
         r = async {
@@ -414,12 +425,20 @@ async fn connect_more(
     let (n_src, n_dst) = (count(&ends.src), count(&ends.dst));
     let mut sources = vec![ends.src.clone()];
     let mut targets = vec![ends.dst.clone()];
+    let src_opts = ConnectOptions {
+        tls: opts.source_tls.clone(),
+        ..Default::default()
+    };
+    let dst_opts = ConnectOptions {
+        tls: opts.target_tls.clone(),
+        ..Default::default()
+    };
     let extra = async {
         let mut more_src = Vec::new();
         let mut more_dst = Vec::new();
         for _ in 1..n_src {
             more_src.push(
-                NbdClient::connect(source, &ConnectOptions::default())
+                NbdClient::connect(source, &src_opts)
                     .await
                     .map_err(|cause| CopyError::SourceConnect {
                         addr: source.to_string(),
@@ -429,7 +448,7 @@ async fn connect_more(
         }
         for _ in 1..n_dst {
             more_dst.push(
-                NbdClient::connect(target, &ConnectOptions::default())
+                NbdClient::connect(target, &dst_opts)
                     .await
                     .map_err(|cause| CopyError::TargetConnect {
                         addr: target.to_string(),

@@ -268,6 +268,7 @@ impl Jobs {
             targets,
             request,
             checksum_grid,
+            target_tls,
             ..
         } = plan;
         let ticker_stop = CancellationToken::new();
@@ -303,7 +304,7 @@ impl Jobs {
             Ok(snapshot) => {
                 job.lock().consistency = snapshot.consistency.clone();
                 let status = self
-                    .copy_all(&job, &snapshot, &targets, checksum_grid)
+                    .copy_all(&job, &snapshot, &targets, &target_tls, checksum_grid)
                     .await;
                 job.set_status(JobStatus::Finalizing);
                 let outcome = if status == JobStatus::Completed {
@@ -339,6 +340,7 @@ impl Jobs {
         job: &Arc<Job>,
         snapshot: &Snapshot,
         targets: &[(DiskKey, NbdAddr)],
+        target_tls: &std::collections::BTreeMap<DiskKey, sendense_shared::api::NbdTls>,
         checksum_grid: Option<u64>,
     ) -> JobStatus {
         if job.cancel.is_cancelled() {
@@ -384,6 +386,7 @@ impl Jobs {
             let mut opts = self.ctx.copy_options.clone();
             opts.target_is_zero = job.backup_type == BackupType::Full;
             opts.grid_cell = checksum_grid;
+            opts.target_tls = target_tls.get(&sd.disk_key).cloned();
             let counters = job
                 .lock()
                 .disks

@@ -378,6 +378,7 @@ mod tests {
             host: "::1".into(),
             port: 10100,
             export: "restore-r1".into(),
+            tls: None,
         };
         let want = NbdAddr::Tcp {
             host: "::1".into(),

@@ -4,7 +4,7 @@
 //! Every type is used as `sendense_shared::api::X`; the parts below only group them by subject:
 //!
 //! - here: [`ErrorBody`], [`Health`], the statuses and kinds every part shares ([`JobStatus`],
-//!   [`DiskStatus`], [`BackupType`]) and [`NbdExport`];
+//!   [`DiskStatus`], [`BackupType`]), [`NbdExport`] and its TLS material [`NbdTls`];
 //! - `vms`: repositories and VMs;
 //! - `backups`: backup jobs, on the hub and on the node, and what a node reports of one;
 //! - `restores`: restore jobs, likewise;
@@ -204,6 +204,30 @@ pub struct NbdExport {
     pub host: String,
     pub port: u16,
     pub export: String,
+    /// TLS material for this export (the hub's qemu-nbd requires an x509 client certificate
+    /// issued for this job). Absent when the hub runs with `nbd_tls = false`, and from an older
+    /// hub. Sent only over the authenticated API; its `Debug` hides the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<NbdTls>,
+}
+
+/// x509 material a client presents to a TLS NBD export: the CA that signed the server (the only
+/// trusted root) and the client certificate with its private key, all PEM.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NbdTls {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for NbdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Exports are logged and put in error messages; the key must never be.
+        f.debug_struct("NbdTls")
+            .field("cert_pem_bytes", &self.cert_pem.len())
+            .field("key_pem", &"<redacted>")
+            .finish()
+    }
 }
 
 impl From<crate::targets::NbdUri> for NbdExport {
@@ -212,6 +236,7 @@ impl From<crate::targets::NbdUri> for NbdExport {
             host: u.host,
             port: u.port,
             export: u.export,
+            tls: None,
         }
     }
 }

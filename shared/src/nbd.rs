@@ -15,12 +15,15 @@
 //!
 //! Modules: `proto` (wire constants), `handshake` (negotiation), [`reply`] (reply parser),
 //! `connection` (reader and writer tasks, the table of requests in flight), [`verify`] (read-back
-//! of checksummed ranges, used by the hub for backups and by the node for restores).
+//! of checksummed ranges, used by the hub for backups and by the node for restores), [`tls`]
+//! (`NBD_OPT_STARTTLS` with rustls and an x509 client certificate, when
+//! [`ConnectOptions::tls`] is set).
 
 mod connection;
 mod handshake;
 pub mod proto;
 pub mod reply;
+pub mod tls;
 pub mod verify;
 
 use crate::targets::NbdUri;
@@ -154,8 +157,11 @@ pub struct ConnectOptions {
     /// Meta contexts to negotiate, e.g. [`BASE_ALLOCATION`] or `qemu:dirty-bitmap:NAME`. A
     /// context the server does not grant is simply absent ([`NbdClient::meta_context_id`]).
     pub meta_contexts: Vec<String>,
-    /// Bound on TCP/unix connect plus the whole handshake.
+    /// Bound on TCP/unix connect plus the whole handshake (TLS included).
     pub connect_timeout: Duration,
+    /// Upgrade with `NBD_OPT_STARTTLS` right after the greeting and present this client
+    /// certificate; the server must be signed by its CA. `None`: plain NBD.
+    pub tls: Option<crate::api::NbdTls>,
 }
 
 impl Default for ConnectOptions {
@@ -163,6 +169,7 @@ impl Default for ConnectOptions {
         ConnectOptions {
             meta_contexts: Vec::new(),
             connect_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -190,6 +197,10 @@ pub enum NbdError {
     ConnectTimeout { addr: String, timeout: Duration },
     #[error("NBD handshake failed: {reason}")]
     Handshake { reason: String },
+    /// STARTTLS refused, bad TLS material, or the TLS handshake failed (a certificate the
+    /// server or the client does not accept).
+    #[error("NBD TLS: {reason}")]
+    Tls { reason: String },
     #[error("server refused {option}: {reply}{}", if message.is_empty() { String::new() } else { format!(" ({message})") })]
     OptionRefused {
         option: &'static str,
@@ -281,6 +292,9 @@ impl NbdClient {
                         })?;
                     // Request headers are small; waiting for Nagle would add latency to each.
                     let _ = s.set_nodelay(true);
+                    if opts.tls.is_some() {
+                        return tls::connect_over(s, export, opts).await;
+                    }
                     let (rd, wr) = s.into_split();
                     Self::from_halves(rd, wr, export, opts).await
                 }
@@ -291,6 +305,9 @@ impl NbdClient {
                             source: Arc::new(e),
                         }
                     })?;
+                    if opts.tls.is_some() {
+                        return tls::connect_over(s, export, opts).await;
+                    }
                     let (rd, wr) = s.into_split();
                     Self::from_halves(rd, wr, export, opts).await
                 }
@@ -307,6 +324,23 @@ impl NbdClient {
     /// Negotiates over an already connected stream, given as its two halves (owned halves of
     /// a socket avoid the lock that `tokio::io::split` puts between them).
     pub(crate) async fn from_halves<R, W>(
+        rd: R,
+        wr: W,
+        export: &str,
+        opts: &ConnectOptions,
+    ) -> Result<NbdClient, NbdError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut stream = tokio::io::join(rd, wr);
+        handshake::greet(&mut stream).await?;
+        let (rd, wr) = stream.into_inner();
+        Self::after_greeting(rd, wr, export, opts).await
+    }
+
+    /// Option haggling and `NBD_OPT_GO` on a greeted stream, then the reader and writer tasks.
+    pub(crate) async fn after_greeting<R, W>(
         rd: R,
         wr: W,
         export: &str,

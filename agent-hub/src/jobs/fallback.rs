@@ -74,6 +74,7 @@ pub async fn incremental_to_full(
             port: e.port.0,
             read_only: false,
             socket: None,
+            client: Some(crate::nbd_ca::backup_identity(id)),
         };
         let server = QemuNbd::start(&jm.deps().qemu_nbd, spec)
             .await

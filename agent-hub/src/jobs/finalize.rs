@@ -102,7 +102,7 @@ async fn run(
     let grace = jm.deps().qemu_nbd.stop_grace;
     let mut problems = Vec::new();
     for e in &res.exports {
-        let flushed = tokio::time::timeout(grace, flush(&e.server.nbd_addr())).await;
+        let flushed = tokio::time::timeout(grace, flush(&e.server)).await;
         let why = match flushed {
             Ok(Ok(())) => continue,
             Ok(Err(err)) => err,
@@ -358,8 +358,9 @@ async fn load_truth(
     }
 }
 
-async fn flush(addr: &sendense_shared::nbd::NbdAddr) -> Result<(), String> {
-    let c = NbdClient::connect(addr, &ConnectOptions::default())
+/// FLUSH on the job's export, as the hub (its client certificate when the export needs TLS).
+async fn flush(server: &crate::qemu_nbd::QemuNbd) -> Result<(), String> {
+    let c = NbdClient::connect(&server.nbd_addr(), &server.hub_connect_options())
         .await
         .map_err(|e| sendense_shared::errors::chain(&e))?;
     let r = c

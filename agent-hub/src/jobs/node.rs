@@ -123,6 +123,7 @@ fn start_body(
     kind: BackupType,
     previous: Option<Previous>,
     targets: &[NbdTarget],
+    tls: Option<&sendense_shared::api::NbdTls>,
 ) -> NodeBackupStart {
     let (previous_backup_id, previous_change_ids) = match previous {
         Some(p) if kind == BackupType::Incremental => (Some(p.backup_id), p.change_ids),
@@ -139,7 +140,10 @@ fn start_body(
             .iter()
             .map(|t| DiskTarget {
                 disk_key: t.disk_key,
-                export: t.uri.clone().into(),
+                export: sendense_shared::api::NbdExport {
+                    tls: tls.cloned(),
+                    ..t.uri.clone().into()
+                },
             })
             .collect(),
         previous_backup_id,
@@ -185,7 +189,16 @@ async fn ask_node(
     targets: &[NbdTarget],
 ) -> Result<(), Refusal> {
     let url = NodeClient::url_of(node, "backup/start");
-    let body = start_body(job, kind, previous, targets);
+    // The job's client certificate for its exports (the hub's `nbd_tls`): issued per request,
+    // any one with the job's name passes its exports' authz.
+    let tls = match &jm.deps().qemu_nbd.tls {
+        Some(ca) => Some(
+            ca.issue_client(&crate::nbd_ca::backup_identity(&job.id))
+                .map_err(|e| Refusal::Other(sendense_shared::errors::chain(&e)))?,
+        ),
+        None => None,
+    };
+    let body = start_body(job, kind, previous, targets, tls.as_ref());
     jm.event(
         &job.id,
         Level::Info,

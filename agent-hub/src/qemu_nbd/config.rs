@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::QemuNbdError;
 use super::duration_serde;
+use crate::nbd_ca::{HUB_CN, NbdCa, dn};
 
 /// How qemu-nbd processes are started; a table of the hub's TOML config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,6 +31,11 @@ pub struct QemuNbdConfig {
     /// How long qemu-nbd gets after SIGTERM before SIGKILL (seconds, or "500ms").
     #[serde(with = "duration_serde")]
     pub stop_grace: Duration,
+    /// The hub's NBD CA when the hub's `nbd_tls` is on (set at start-up, not in the file): every
+    /// TCP export then requires TLS with a client certificate its authz names (the job's writer,
+    /// the hub). Unix-socket exports (the hub's own read-backs, 0700 directory) stay plain.
+    #[serde(skip)]
+    pub tls: Option<NbdCa>,
 }
 
 impl Default for QemuNbdConfig {
@@ -43,6 +49,7 @@ impl Default for QemuNbdConfig {
             aio: Some("threads".to_string()),
             ready_timeout: Duration::from_secs(10),
             stop_grace: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -130,6 +137,17 @@ pub struct ExportSpec {
     /// Serve on this unix socket instead of TCP (`port` is then unused): the hub's own
     /// read-backs, in a 0700 directory nobody else can reach.
     pub socket: Option<PathBuf>,
+    /// The CN of the one client besides the hub that may open a TLS export
+    /// ([`crate::nbd_ca::backup_identity`], [`crate::nbd_ca::restore_identity`]); `None`: the
+    /// hub only. Unused without TLS.
+    pub client: Option<String>,
+}
+
+impl ExportSpec {
+    /// Whether this export is served with TLS under `cfg`.
+    pub fn uses_tls(&self, cfg: &QemuNbdConfig) -> bool {
+        cfg.tls.is_some() && self.socket.is_none()
+    }
 }
 
 impl ExportSpec {
@@ -184,6 +202,9 @@ pub fn command_args(cfg: &QemuNbdConfig, spec: &ExportSpec) -> Vec<String> {
     if spec.read_only {
         args.push("--read-only".to_string());
     }
+    if let Some(ca) = cfg.tls.as_ref().filter(|_| spec.uses_tls(cfg)) {
+        args.extend(tls_args(ca, spec));
+    }
     // A relative path starting with '-' would be parsed as an option.
     let path = &spec.qcow2_path;
     let path = if path.is_relative() && path.as_os_str().to_string_lossy().starts_with('-') {
@@ -193,6 +214,37 @@ pub fn command_args(cfg: &QemuNbdConfig, spec: &ExportSpec) -> Vec<String> {
     };
     args.push(path.to_string_lossy().into_owned());
     args
+}
+
+/// TLS with client certificates (`verify-peer`) and an authz allowing the writer and the hub.
+/// As JSON (qemu 7.2 takes `--object` as JSON; `authz-list` needs it for its rules, and a
+/// directory name with a comma cannot break it).
+fn tls_args(ca: &NbdCa, spec: &ExportSpec) -> Vec<String> {
+    let creds = serde_json::json!({
+        "qom-type": "tls-creds-x509",
+        "id": "tls0",
+        "dir": ca.server_dir().to_string_lossy(),
+        "endpoint": "server",
+        "verify-peer": true,
+    });
+    let mut rules = vec![serde_json::json!({"match": dn(HUB_CN), "policy": "allow"})];
+    if let Some(cn) = &spec.client {
+        rules.push(serde_json::json!({"match": dn(cn), "policy": "allow"}));
+    }
+    let authz = serde_json::json!({
+        "qom-type": "authz-list",
+        "id": "auth0",
+        "policy": "deny",
+        "rules": rules,
+    });
+    vec![
+        "--object".to_string(),
+        creds.to_string(),
+        "--object".to_string(),
+        authz.to_string(),
+        "--tls-creds=tls0".to_string(),
+        "--tls-authz=auth0".to_string(),
+    ]
 }
 
 /// cache=none and directsync open the image with O_DIRECT, which some file systems refuse (tmpfs
@@ -226,6 +278,46 @@ pub(super) fn adapt_to_file_system(cfg: &QemuNbdConfig, image: &Path) -> QemuNbd
 mod tests {
     use super::*;
     use crate::qemu_nbd::test_support::{spec, strings};
+
+    #[test]
+    fn tls_exports_name_the_writer_and_the_hub_and_unix_sockets_stay_plain() {
+        let data = tempfile::tempdir().unwrap();
+        let cfg = QemuNbdConfig {
+            tls: Some(NbdCa::open(data.path()).unwrap()),
+            ..QemuNbdConfig::default()
+        };
+        let s = ExportSpec {
+            client: Some(crate::nbd_ca::backup_identity("b1")),
+            ..spec()
+        };
+        let args = command_args(&cfg, &s);
+        let objects: Vec<serde_json::Value> = args
+            .windows(2)
+            .filter(|w| w[0] == "--object")
+            .map(|w| serde_json::from_str(&w[1]).unwrap())
+            .collect();
+        assert_eq!(objects[0]["qom-type"], "tls-creds-x509");
+        assert_eq!(objects[0]["verify-peer"], true);
+        assert_eq!(objects[0]["endpoint"], "server");
+        assert_eq!(objects[1]["qom-type"], "authz-list");
+        assert_eq!(objects[1]["policy"], "deny");
+        let allowed: Vec<&str> = objects[1]["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["match"].as_str().unwrap())
+            .collect();
+        assert_eq!(allowed, ["CN=sendense-hub", "CN=sendense-job-b1"]);
+        assert!(args.contains(&"--tls-creds=tls0".to_string()));
+        assert!(args.contains(&"--tls-authz=auth0".to_string()));
+        assert_eq!(args.last().unwrap(), "/repo/vm1/2000/b1.qcow2");
+        // The hub's read-backs: a unix socket in a private directory, no TLS.
+        let unix = ExportSpec {
+            socket: Some("/run/x/s".into()),
+            ..s
+        };
+        assert!(!command_args(&cfg, &unix).iter().any(|a| a.contains("tls")));
+    }
 
     #[test]
     fn command_line_has_every_option_in_the_order_qemu_nbd_needs() {

@@ -34,6 +34,8 @@ struct Inner {
     host: IpAddr,
     started_at: DateTime<Utc>,
     stop_grace: Duration,
+    /// The hub's client certificate when the export requires TLS.
+    hub_tls: Option<sendense_shared::api::NbdTls>,
 }
 
 impl fmt::Debug for QemuNbd {
@@ -58,6 +60,11 @@ impl QemuNbd {
         cfg.validate()?;
         spec.validate()?;
         let cfg = &adapt_to_file_system(cfg, &spec.qcow2_path);
+        let hub_tls = cfg
+            .tls
+            .as_ref()
+            .filter(|_| spec.uses_tls(cfg))
+            .map(|ca| ca.hub_client().clone());
         let mut cmd = Command::new(&cfg.binary);
         cmd.args(command_args(cfg, &spec))
             .stdin(Stdio::null())
@@ -85,6 +92,7 @@ impl QemuNbd {
                 host: cfg.connect_host(),
                 started_at,
                 stop_grace: cfg.stop_grace,
+                hub_tls,
             }),
         };
         let ready = qn.wait_ready(cfg.ready_timeout).await;
@@ -126,9 +134,11 @@ impl QemuNbd {
                     last_error,
                 });
             }
+            // With TLS the probe presents the hub's certificate: a handshake that passes the
+            // authz proves the export is up as it will be served.
             let opts = ConnectOptions {
                 connect_timeout: remaining.min(PROBE_ATTEMPT_BOUND),
-                ..ConnectOptions::default()
+                ..self.hub_connect_options()
             };
             tokio::select! {
                 biased;
@@ -209,6 +219,34 @@ impl QemuNbd {
         }
     }
 
+    /// How the hub itself connects (its client certificate when the export requires TLS).
+    pub fn hub_connect_options(&self) -> ConnectOptions {
+        ConnectOptions {
+            tls: self.inner.hub_tls.clone(),
+            ..ConnectOptions::default()
+        }
+    }
+
+    /// A fresh client certificate for the spec's client (the job's writer), when the export
+    /// requires TLS; it goes into the start request, never into a log.
+    pub fn client_tls(
+        &self,
+        ca: Option<&crate::nbd_ca::NbdCa>,
+    ) -> Result<Option<sendense_shared::api::NbdTls>, QemuNbdError> {
+        match (ca, &self.inner.spec.client) {
+            (Some(ca), Some(cn)) if self.requires_tls() => ca
+                .issue_client(cn)
+                .map(Some)
+                .map_err(QemuNbdError::ClientCert),
+            _ => Ok(None),
+        }
+    }
+
+    /// Whether clients need a certificate (the hub's `nbd_tls`, a TCP export).
+    pub fn requires_tls(&self) -> bool {
+        self.inner.hub_tls.is_some()
+    }
+
     /// Where a client reaches this export, as the API's structured form (an IPv6 host is put in
     /// brackets only when it is written as a URI).
     pub fn nbd_export(&self) -> sendense_shared::api::NbdExport {
@@ -216,6 +254,8 @@ impl QemuNbd {
             host: self.inner.host.to_string(),
             port: self.inner.spec.port,
             export: self.inner.spec.export_name.clone(),
+            // The caller adds the client's own certificate ([`crate::nbd_ca::NbdCa`]).
+            tls: None,
         }
     }
 

@@ -38,6 +38,10 @@ pub struct CopyArgs {
     /// Also build the whole-disk checksum grid with cells of this size (k, M, G suffixes).
     #[arg(long, value_parser = parse_size)]
     pub grid_cell: Option<u64>,
+    /// TLS to the target (a hub export with `nbd_tls`): a directory with `ca-cert.pem`,
+    /// `client-cert.pem` and `client-key.pem` (libnbd's layout).
+    #[arg(long, value_name = "DIR")]
+    pub to_tls: Option<std::path::PathBuf>,
     /// Print progress to stderr once a second.
     #[arg(long)]
     pub progress: bool,
@@ -77,6 +81,17 @@ pub async fn run_cli(args: CopyArgs) -> anyhow::Result<()> {
     }
     opts.target_is_zero = args.destination_is_zero;
     opts.grid_cell = args.grid_cell;
+    if let Some(dir) = &args.to_tls {
+        let read = |name: &str| {
+            let p = dir.join(name);
+            std::fs::read_to_string(&p).with_context(|| format!("--to-tls: {}", p.display()))
+        };
+        opts.target_tls = Some(sendense_shared::api::NbdTls {
+            ca_pem: read("ca-cert.pem")?,
+            cert_pem: read("client-cert.pem")?,
+            key_pem: read("client-key.pem")?,
+        });
+    }
     let extents = match args.dirty_bitmap {
         Some(b) => ExtentSource::DirtyBitmap(b),
         None => ExtentSource::Allocation,

@@ -4,12 +4,12 @@
 //! [`validate`], checks the incremental base, then applies the plan (registers and spawns).
 
 use crate::source::{SnapshotRequest, SourceError, SourceVm};
-use sendense_shared::api::{BackupType, NodeBackupStart};
+use sendense_shared::api::{BackupType, NbdTls, NodeBackupStart};
 use sendense_shared::errors::ErrorCode;
 use sendense_shared::ids::{BackupId, DiskKey};
 use sendense_shared::nbd::NbdAddr;
 use sendense_shared::targets::{NbdUri, parse_targets};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use thiserror::Error;
 
 /// Why a start was refused.
@@ -75,6 +75,8 @@ pub struct BackupPlan {
     pub disks: Vec<(DiskKey, u64)>,
     /// Cell size of the whole-disk checksum grid the hub asked for (none: no grid).
     pub checksum_grid: Option<u64>,
+    /// TLS material of the targets that require it (the hub's `nbd_tls`), by disk.
+    pub target_tls: BTreeMap<DiskKey, NbdTls>,
 }
 
 /// Checks `req` against `vm` and routes every target through `route`. Targets come from
@@ -116,6 +118,11 @@ pub fn validate(
             .map(|d| (d.disk_key, d.size_bytes))
             .collect(),
         checksum_grid: req.checksum_grid,
+        target_tls: req
+            .targets
+            .iter()
+            .filter_map(|t| Some((t.disk_key, t.export.tls.clone()?)))
+            .collect(),
     })
 }
 
@@ -226,6 +233,7 @@ mod tests {
         DiskTarget {
             disk_key: DiskKey(key),
             export: NbdExport {
+                tls: None,
                 host: host.into(),
                 port,
                 export: format!("vm1-disk-{key}"),

@@ -27,18 +27,12 @@ struct OptionReply {
     data: Vec<u8>,
 }
 
-pub(crate) async fn negotiate<S>(
-    stream: &mut S,
-    export: &str,
-    meta_contexts: &[String],
-) -> Result<Negotiated, NbdError>
+/// Reads the server's newstyle greeting and answers with the client flags.
+pub(crate) async fn greet<S>(stream: &mut S) -> Result<(), NbdError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let fail = |reason: String| NbdError::Handshake { reason };
-    if export.len() > 4096 {
-        return Err(fail("export name longer than 4096 bytes".into()));
-    }
     let mut hello = [0u8; 18];
     stream.read_exact(&mut hello).await.map_err(io_fail)?;
     let magic = u64::from_be_bytes(hello[0..8].try_into().expect("8 bytes"));
@@ -72,6 +66,46 @@ where
         .write_all(&client_flags.to_be_bytes())
         .await
         .map_err(io_fail)?;
+    Ok(())
+}
+
+/// `NBD_OPT_STARTTLS` on a greeted stream: once acknowledged, the next bytes on the wire are the
+/// client's TLS handshake (the server sends nothing more in the clear).
+pub(crate) async fn starttls<S>(stream: &mut S) -> Result<(), NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    send_option(stream, OPT_STARTTLS, &[]).await?;
+    match read_final(stream, OPT_STARTTLS).await? {
+        Final::Ack => Ok(()),
+        Final::Error { code, message } => Err(NbdError::Tls {
+            reason: format!(
+                "server refused NBD_OPT_STARTTLS: {}{}",
+                rep_error_name(code),
+                if message.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({message})")
+                }
+            ),
+        }),
+    }
+}
+
+/// The options after the greeting (and after TLS, when used): structured replies, meta
+/// contexts, `NBD_OPT_GO`.
+pub(crate) async fn negotiate<S>(
+    stream: &mut S,
+    export: &str,
+    meta_contexts: &[String],
+) -> Result<Negotiated, NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let fail = |reason: String| NbdError::Handshake { reason };
+    if export.len() > 4096 {
+        return Err(fail("export name longer than 4096 bytes".into()));
+    }
 
     // Structured replies: needed for block status and sparse reads; a server without them is
     // still usable for plain reads and writes.
@@ -79,6 +113,11 @@ where
     let structured = match read_final(stream, OPT_STRUCTURED_REPLY).await? {
         Final::Ack => true,
         Final::Error { code, .. } if code == REP_ERR_UNSUP || code == REP_ERR_POLICY => false,
+        Final::Error { code, .. } if code == REP_ERR_TLS_REQD => {
+            return Err(NbdError::Tls {
+                reason: "the server requires TLS and no TLS material was given".into(),
+            });
+        }
         Final::Error { code, message } => {
             return Err(refused("NBD_OPT_STRUCTURED_REPLY", code, message));
         }

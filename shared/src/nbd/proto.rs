@@ -19,6 +19,7 @@ pub const CLIENT_NO_ZEROES: u32 = 1 << 1;
 
 // Options.
 pub const OPT_ABORT: u32 = 2;
+pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_SET_META_CONTEXT: u32 = 10;

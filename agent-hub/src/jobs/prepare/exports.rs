@@ -38,6 +38,7 @@ pub(super) async fn start_exports(
             port: port_of(d.disk_key).0,
             read_only: false,
             socket: None,
+            client: Some(crate::nbd_ca::backup_identity(&id)),
         };
         let cfg = cfg.clone();
         async move {
