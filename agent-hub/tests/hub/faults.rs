@@ -513,7 +513,8 @@ async fn a_qemu_nbd_that_cannot_start_fails_the_job_and_unwinds() {
     )
     .unwrap();
     let env = Env::start_with(|o| {
-        o.extra_args = vec!["--config".into(), cfg.display().to_string()];
+        o.extra_args
+            .extend(["--config".into(), cfg.display().to_string()]);
     });
     env.register_vm("nostart", &[2000, 2001]).await;
     let (s, v) = env.start_backup("nostart", "full").await;

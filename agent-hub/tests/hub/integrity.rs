@@ -138,7 +138,8 @@ async fn a_writable_qemu_nbd_that_needs_sigkill_fails_its_disk_naming_it() {
     let cfg = tmp.path().join("hub.toml");
     std::fs::write(&cfg, "[qemu_nbd]\nstop_grace = \"1s\"\n").unwrap();
     let env = Env::start_with(|o| {
-        o.extra_args = vec!["--config".into(), cfg.display().to_string()];
+        o.extra_args
+            .extend(["--config".into(), cfg.display().to_string()]);
     });
     let srcs = env.vm_with_sources("hungvm", &[2000]).await;
     let (id, b) = env.backup("hungvm", "full").await;

@@ -228,7 +228,15 @@ async fn repository_fills_up_mid_copy() {
 /// matches what the hub reads back, so verification fails the job and the image is deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_target_block_fails_verification() {
-    let sys = Sys::start("e2etamper", slow()).await;
+    // Exports without TLS: the tampering stands for a fault below the authenticated data path.
+    let sys = Sys::start(
+        "e2etamper",
+        SysOptions {
+            hub: Some(Box::new(super::sys::plain_nbd)),
+            ..slow()
+        },
+    )
+    .await;
     let (id, b) = sys.backup("full").await;
     sys.wait_node_copying(&id).await;
     // Wait until the first data area of disk 2000 (0..16 MiB) is written and the copy is past it.

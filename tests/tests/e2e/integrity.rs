@@ -4,9 +4,12 @@
 
 use super::sys::{MIB, SLOW_BPS, Sys, SysOptions, disk};
 
+/// A throttled node; the hub's exports without TLS (`nbd_tls = false`), so that the test's
+/// scribbler, standing for a fault below the authenticated data path, can reach them.
 fn slow() -> SysOptions {
     SysOptions {
         throttle_bps: Some(SLOW_BPS),
+        hub: Some(Box::new(super::sys::plain_nbd)),
         ..Default::default()
     }
 }

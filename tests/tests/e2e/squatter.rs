@@ -231,6 +231,21 @@ async fn squatters_on_both_forwards_get_no_credential_and_are_named() {
     let me = std::process::id();
     let named = format!("held by pid {me} (");
 
+    // The node sees its ssh gone (it reaps it and says so) before the hold begins: on a
+    // loaded machine that can take a moment after the SIGKILL.
+    let t = Instant::now();
+    loop {
+        let (_, nt) = node.get("/tunnel").await;
+        if nt["state"] != "up" {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "tunnel still up: {nt}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
     // 30 s with the agents' own timers (the hub's prober, the node's registration and
     // supervisor) and the console asking the hub every second.
     let start = Instant::now();

@@ -47,6 +47,13 @@ pub fn node_bin() -> PathBuf {
 }
 
 /// A hub config file that checks on a silent node every second and gives it up after 3 s.
+/// The hub's exports without TLS (`--nbd-tls false`): for tests whose second NBD client stands
+/// for a fault in the write path or the storage.
+pub fn plain_nbd(o: &mut HubOptions, _dir: &Path) {
+    o.extra_args
+        .extend(["--nbd-tls".to_string(), "false".to_string()]);
+}
+
 pub fn quick_node_watch(o: &mut HubOptions, dir: &Path) {
     let cfg = dir.join("hub.toml");
     std::fs::write(
