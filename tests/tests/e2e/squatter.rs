@@ -7,13 +7,13 @@
 //! reaches them, both tunnel states name the squatter's PID, and once the squatters leave, the
 //! tunnel comes back and a backup completes.
 
-use super::sys::{DATA, DISK_SIZE, JOB_LIMIT, hub_bin, node_bin};
+use super::sys::{DATA, DISK_SIZE, hub_bin, node_bin};
 use sendense_tests::disks;
 use sendense_tests::hub::{HubOptions, HubProcess};
 use sendense_tests::node::{NodeOptions, NodeProcess, TunnelOptions};
 use sendense_tests::qemu::TestVm;
 use sendense_tests::sshd::{KeyPorts, Sshd};
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -341,24 +341,7 @@ async fn squatters_on_both_forwards_get_no_credential_and_are_named() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let (s, b) = api
-        .post(
-            "/api/v1/backups",
-            &json!({"vm_name": "sqvm", "repository_id": "default", "backup_type": "full"}),
-        )
-        .await;
-    assert_eq!(s, 202, "{b}");
-    let id = b["backup_id"].as_str().unwrap().to_string();
-    let done = api
-        .wait_status(&id, &["completed", "failed", "cancelled"], JOB_LIMIT)
-        .await;
-    assert_eq!(
-        done["status"],
-        "completed",
-        "{done:#}\nevents: {:#?}\nnode: {}",
-        api.event_lines(&id).await,
-        node.stderr()
-    );
+    super::sys::full_backup_completes(&api, "sqvm", &node).await;
     node.terminate(Duration::from_secs(15)).await;
     drop(sshd);
     drop(hub);

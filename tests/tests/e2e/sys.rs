@@ -47,6 +47,30 @@ pub fn node_bin() -> PathBuf {
 }
 
 /// A hub config file that checks on a silent node every second and gives it up after 3 s.
+/// Starts a full backup of `vm` and asserts that it completes (the job's events and the node's
+/// stderr otherwise): the last step of the tunnel tests, once the tunnel carries the job.
+pub async fn full_backup_completes(api: &Api, vm: &str, node: &NodeProcess) -> Value {
+    let (s, b) = api
+        .post(
+            "/api/v1/backups",
+            &json!({"vm_name": vm, "repository_id": "default", "backup_type": "full"}),
+        )
+        .await;
+    assert_eq!(s, 202, "{b}");
+    let id = b["backup_id"].as_str().unwrap().to_string();
+    let done = api
+        .wait_status(&id, &["completed", "failed", "cancelled"], JOB_LIMIT)
+        .await;
+    assert_eq!(
+        done["status"],
+        "completed",
+        "{done:#}\nevents: {:#?}\nnode: {}",
+        api.event_lines(&id).await,
+        node.stderr()
+    );
+    done
+}
+
 /// The hub's exports without TLS (`--nbd-tls false`): for tests whose second NBD client stands
 /// for a fault in the write path or the storage.
 pub fn plain_nbd(o: &mut HubOptions, _dir: &Path) {

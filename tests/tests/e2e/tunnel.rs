@@ -4,13 +4,12 @@
 //! no `--hub-url`: it reaches the hub's API through its `-L` forward, the hub reaches the node
 //! through the `-R` port, and the NBD data crosses the per-port forwards.
 
-use super::sys::{DATA, DISK_SIZE, JOB_LIMIT, hub_bin, node_bin};
+use super::sys::{DATA, DISK_SIZE, hub_bin, node_bin};
 use sendense_tests::disks;
 use sendense_tests::hub::{HubOptions, HubProcess};
 use sendense_tests::node::{NodeOptions, NodeProcess, TunnelOptions};
 use sendense_tests::qemu::TestVm;
 use sendense_tests::sshd::{KeyPorts, Sshd};
-use serde_json::json;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -102,24 +101,8 @@ async fn a_full_backup_runs_through_the_tunnel() {
     let n = api.get_ok("/api/v1/nodes/tunnode").await;
     assert_eq!(n["api_url"], format!("http://127.0.0.1:{reverse}"), "{n}");
 
-    let (s, b) = api
-        .post(
-            "/api/v1/backups",
-            &json!({"vm_name": "tunvm", "repository_id": "default", "backup_type": "full"}),
-        )
-        .await;
-    assert_eq!(s, 202, "{b}");
-    let id = b["backup_id"].as_str().unwrap().to_string();
-    let done = api
-        .wait_status(&id, &["completed", "failed", "cancelled"], JOB_LIMIT)
-        .await;
-    assert_eq!(
-        done["status"],
-        "completed",
-        "{done:#}\nevents: {:#?}\nnode: {}",
-        api.event_lines(&id).await,
-        node.stderr()
-    );
+    let done = super::sys::full_backup_completes(&api, "tunvm", &node).await;
+    let id = done["backup_id"].as_str().unwrap().to_string();
     for (i, r) in done["disk_results"].as_array().unwrap().iter().enumerate() {
         let port = r["nbd_port"].as_u64().unwrap() as u16;
         assert!((nbd.0..=nbd.1).contains(&port), "{r}");
