@@ -421,6 +421,19 @@ async fn read_back(
     r
 }
 
+/// A read-back found bytes that differ: the event, and the job's failure.
+async fn mismatch_found(jm: &JobManager, id: &BackupId, disk: DiskKey, msg: String) -> Stop {
+    jm.event(
+        id,
+        Level::Error,
+        "checksums_mismatch",
+        msg.clone(),
+        Some(disk),
+    )
+    .await;
+    Stop::Fail(msg)
+}
+
 fn fail_disk(disk: DiskKey, e: &ReadBackError) -> Stop {
     if e.is_cancel() {
         return Stop::Cancelled;
@@ -502,15 +515,7 @@ async fn read_served(
                         },
                     )
                     .await;
-                jm.event(
-                    id,
-                    Level::Error,
-                    "checksums_mismatch",
-                    msg.clone(),
-                    Some(disk),
-                )
-                .await;
-                return Err(Stop::Fail(msg));
+                return Err(mismatch_found(jm, id, disk, msg).await);
             }
         }
     } else {
@@ -542,15 +547,7 @@ async fn read_served(
                     r.mismatch_count,
                     r.describe_mismatches()
                 );
-                jm.event(
-                    id,
-                    Level::Error,
-                    "checksums_mismatch",
-                    msg.clone(),
-                    Some(disk),
-                )
-                .await;
-                return Err(Stop::Fail(msg));
+                return Err(mismatch_found(jm, id, disk, msg).await);
             }
             jm.event(
                 id,
