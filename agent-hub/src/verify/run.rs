@@ -151,7 +151,9 @@ pub(super) async fn run(v: &Verifier, id: &str, points: Vec<BackupId>, cancel: &
     } else {
         (JobStatus::Completed, None)
     };
-    if let Some(p) = &last_point {
+    // On the last point read, or (a cancel before the first was read) on the first in scope:
+    // every job that had points says how it ended.
+    if let Some(p) = last_point.as_ref().or(points.first()) {
         let level = if status == JobStatus::Completed && corrupt.is_empty() {
             Level::Info
         } else {
