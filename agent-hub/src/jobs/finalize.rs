@@ -88,11 +88,18 @@ async fn run(
 ) -> Result<(), Stop> {
     let id = &job.id;
     let images = res.images.clone();
-    // 1. The truth.
+    // 1. The truth, as the catalog recorded it with the completion report (read once).
+    let db = &jm.deps().db;
+    let rows = db_retry(jm, id, "reading the job's disks", patience(jm), || {
+        db.backup_disks(id)
+    })
+    .await
+    .ok_or(Stop::Abandon)?;
     let mut truths = Vec::with_capacity(images.len());
     for (disk, _) in &images {
         let d = report.disks.iter().find(|d| d.disk_key == *disk);
-        truths.push(load_truth(jm, id, *disk, d).await?);
+        let row = rows.iter().find(|r| r.result.disk_key == *disk);
+        truths.push(load_truth(*disk, row, d).await?);
     }
     if job.cancel.is_cancelled() {
         return Err(Stop::Cancelled);
@@ -161,7 +168,7 @@ async fn run(
         }
         check_image(jm, id, *disk, path).await?;
     }
-    let (integrity, detail) = if let Some(p) = corrupt_parent(jm, id).await? {
+    let (integrity, detail) = if let Some(p) = corrupt_parent(jm, id, &rows).await? {
         // A verify job found the parent corrupt while this point was being written.
         (
             Integrity::Corrupt,
@@ -197,13 +204,12 @@ async fn run(
 }
 
 /// The parent point of this incremental, when the catalog now records it corrupt.
-async fn corrupt_parent(jm: &JobManager, id: &BackupId) -> Result<Option<BackupId>, Stop> {
+async fn corrupt_parent(
+    jm: &JobManager,
+    id: &BackupId,
+    rows: &[crate::db::BackupDiskRow],
+) -> Result<Option<BackupId>, Stop> {
     let db = &jm.deps().db;
-    let rows = db_retry(jm, id, "reading the job's disks", patience(jm), || {
-        db.backup_disks(id)
-    })
-    .await
-    .ok_or(Stop::Abandon)?;
     let Some(parent) = rows.iter().find_map(|r| r.parent_backup_id.clone()) else {
         return Ok(None);
     };
@@ -317,21 +323,13 @@ pub async fn store_truths(
 
 /// The truth of one disk as the catalog recorded it at the completion report.
 async fn load_truth(
-    jm: &JobManager,
-    id: &BackupId,
     disk: DiskKey,
+    row: Option<&crate::db::BackupDiskRow>,
     d: Option<&DiskCompletion>,
 ) -> Result<Truth, Stop> {
-    let db = &jm.deps().db;
-    let rows = db_retry(jm, id, "reading the job's disks", patience(jm), || {
-        db.backup_disks(id)
-    })
-    .await
-    .ok_or(Stop::Abandon)?;
-    let row = rows.into_iter().find(|r| r.result.disk_key == disk);
-    match row.as_ref().and_then(|r| r.manifest_path.clone()) {
+    match row.and_then(|r| r.manifest_path.clone()) {
         Some(path) => {
-            let want = row.as_ref().and_then(|r| r.manifest_blake3.clone());
+            let want = row.and_then(|r| r.manifest_blake3.clone());
             Manifest::read(Path::new(&path), want.as_deref())
                 .await
                 .map(Truth::Writer)
