@@ -114,6 +114,18 @@ impl Env {
         (srcs, id, done)
     }
 
+    /// A full backup of a new one-disk VM `vm` written by `nbdcopy` and completed with the
+    /// whole-disk grid (4 MiB cells) a node would report: its sources, id and completed record.
+    pub async fn gridded_full(&self, vm: &str) -> (Vec<PathBuf>, String, Value) {
+        let srcs = self.vm_with_sources(vm, &[2000]).await;
+        let (id, b) = self.backup(vm, "full").await;
+        disks::nbdcopy_into(&srcs[0], &targets(&b)[0].1);
+        let body = json!({"status": "completed", "disks": [{"disk_key": 2000,
+            "status": "completed", "grid": grid_of(&srcs[0], 4 * MIB)}]});
+        let done = self.complete_ok(&id, &body).await;
+        (srcs, id, done)
+    }
+
     /// Cancels job `id`, waits for `cancelled` and asserts that nothing stays held.
     pub async fn cancel_and_check(&self, id: &str) -> Value {
         self.api

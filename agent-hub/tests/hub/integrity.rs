@@ -48,12 +48,7 @@ async fn complete_failed(env: &Env, id: &str, body: &Value) -> Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_with_a_grid_is_verified_and_garbage_in_a_hole_fails_it() {
     let env = Env::start();
-    let srcs = env.vm_with_sources("gridvm", &[2000]).await;
-    let (id, b) = env.backup("gridvm", "full").await;
-    disks::nbdcopy_into(&srcs[0], &targets(&b)[0].1);
-    let done = env
-        .complete_ok(&id, &complete_body(2000, grid_of(&srcs[0], CELL)))
-        .await;
+    let (srcs, id, done) = env.gridded_full("gridvm").await;
     assert_eq!(done["integrity"], "verified", "{done:#}");
     assert!(done["verified_at"].is_string(), "{done:#}");
     assert_eq!(disk(&done, 2000)["checksums_source"], "writer", "{done:#}");
@@ -94,11 +89,7 @@ async fn a_full_with_a_grid_is_verified_and_garbage_in_a_hole_fails_it() {
 #[tokio::test(flavor = "multi_thread")]
 async fn garbage_in_an_unchanged_area_of_an_incremental_fails_it() {
     let env = Env::start();
-    let srcs = env.vm_with_sources("incvm", &[2000]).await;
-    let (id, b) = env.backup("incvm", "full").await;
-    disks::nbdcopy_into(&srcs[0], &targets(&b)[0].1);
-    env.complete_ok(&id, &complete_body(2000, grid_of(&srcs[0], CELL)))
-        .await;
+    let (srcs, _, _) = env.gridded_full("incvm").await;
 
     // The VM writes 1 MiB at 30 MiB (cell 7); the incremental copies just that.
     disks::write_pattern(&srcs[0], 30 * MIB, MIB, 0x77);

@@ -101,12 +101,7 @@ async fn backup(env: &Env, id: &str) -> Value {
 /// A full of `vm` (sources as `vm_with_sources` makes them), then an incremental after 1 MiB
 /// written at 30 MiB (cell 7); both verified.
 async fn full_and_incremental(env: &Env, vm: &str) -> (String, String, std::path::PathBuf) {
-    let srcs = env.vm_with_sources(vm, &[2000]).await;
-    let (full, b) = env.backup(vm, "full").await;
-    disks::nbdcopy_into(&srcs[0], &targets(&b)[0].1);
-    let done = env
-        .complete_ok(&full, &complete_body(2000, grid_of(&srcs[0], CELL)))
-        .await;
+    let (srcs, full, done) = env.gridded_full(vm).await;
     assert_eq!(done["integrity"], "verified", "{done:#}");
     disks::write_pattern(&srcs[0], 30 * MIB, MIB, 0x77);
     let (inc, b) = env.backup(vm, "incremental").await;
@@ -510,12 +505,7 @@ async fn make_legacy(env: &Env, id: &str, image: &Path) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_legacy_point_gets_hub_computed_checksums_that_later_verify_jobs_compare_with() {
     let env = Env::start();
-    let srcs = env.vm_with_sources("oldvm", &[2000]).await;
-    let (id, b) = env.backup("oldvm", "full").await;
-    disks::nbdcopy_into(&srcs[0], &targets(&b)[0].1);
-    let done = env
-        .complete_ok(&id, &complete_body(2000, grid_of(&srcs[0], CELL)))
-        .await;
+    let (_, id, done) = env.gridded_full("oldvm").await;
     let img = image_paths(&done)[0].clone();
     make_legacy(&env, &id, &img).await;
     assert_eq!(backup(&env, &id).await["integrity"], "legacy");
