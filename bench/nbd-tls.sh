@@ -44,23 +44,9 @@ wait_port() { # port pid what
     echo "$3 does not listen on $1" >&2; return 1
 }
 
-# A CA, the server's certificate (qemu's tls-creds-x509 directory) and the client's (libnbd's
-# layout, read by `copy --to-tls`), ECDSA P-256 as the hub's CA issues them.
-mkdir -m 700 "$DIR/server" "$DIR/client"
-ossl() { openssl "$@" 2>/dev/null; }
-ossl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
-    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
-    -keyout "$DIR/ca-key.pem" -out "$DIR/ca-cert.pem"
-leaf() { # cn ext out-cert out-key
-    ossl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$1" -keyout "$4" -out "$DIR/req.csr"
-    printf '%s\n' "$2" "keyUsage=critical,digitalSignature,keyEncipherment" >"$DIR/ext.cnf"
-    ossl x509 -req -in "$DIR/req.csr" -CA "$DIR/ca-cert.pem" -CAkey "$DIR/ca-key.pem" -CAcreateserial \
-        -days 2 -extfile "$DIR/ext.cnf" -out "$3"
-}
-leaf sendense-nbd "extendedKeyUsage=serverAuth
-subjectAltName=DNS:sendense-nbd" "$DIR/server/server-cert.pem" "$DIR/server/server-key.pem"
-leaf sendense-job-bench "extendedKeyUsage=clientAuth" "$DIR/client/client-cert.pem" "$DIR/client/client-key.pem"
-cp "$DIR/ca-cert.pem" "$DIR/server/"; cp "$DIR/ca-cert.pem" "$DIR/client/"
+# shellcheck source=bench/lib-nbd-tls.sh
+. "$HERE/bench/lib-nbd-tls.sh"
+nbd_tls_certs
 
 SRC_PORT=$(free_port); NBD_PORT=$(free_port)
 echo "NBD TLS benchmark: ${DATA_MIB} MiB of data in a ${SIZE_MIB} MiB qcow2, ${RUNS} runs each"
@@ -76,24 +62,19 @@ PIDS+=($!)
 wait_port "$SRC_PORT" "$!" "source qemu-nbd"
 
 run_one() { # plain|tls -> prints seconds
-    local mode=$1 tgt=$DIR/target.qcow2 pid start end tls=() to_tls=()
+    local mode=$1 tgt=$DIR/target.qcow2 pid start end
     rm -f "$tgt"
     qemu-img create -q -f qcow2 "$tgt" "${SIZE_MIB}M"
-    if [[ $mode == tls ]]; then
-        tls=(--object "{\"qom-type\":\"tls-creds-x509\",\"id\":\"tls0\",\"dir\":\"$DIR/server\",\"endpoint\":\"server\",\"verify-peer\":true}"
-             --object '{"qom-type":"authz-list","id":"auth0","policy":"deny","rules":[{"match":"CN=sendense-hub","policy":"allow"},{"match":"CN=sendense-job-bench","policy":"allow"}]}'
-             --tls-creds=tls0 --tls-authz=auth0)
-        to_tls=(--to-tls "$DIR/client")
-    fi
+    nbd_tls_args "$mode"
     # The hub's target options (agent-hub/src/qemu_nbd/config.rs).
     qemu-nbd --format=qcow2 --export-name=dst --bind=127.0.0.1 "--port=$NBD_PORT" --persistent \
-        --shared=8 --discard=unmap --detect-zeroes=unmap --cache=none --aio=threads "${tls[@]}" "$tgt" \
+        --shared=8 --discard=unmap --detect-zeroes=unmap --cache=none --aio=threads "${NBD_TLS_ARGS[@]}" "$tgt" \
         2>"$DIR/dst.err" &
     pid=$!
     wait_port "$NBD_PORT" "$pid" "target qemu-nbd"
     start=$(date +%s.%N)
     "$NODE_BIN" copy --from "nbd://127.0.0.1:$SRC_PORT/src" --to "nbd://127.0.0.1:$NBD_PORT/dst" \
-        --destination-is-zero "${to_tls[@]}" >/dev/null 2>"$DIR/copy.err" \
+        --destination-is-zero "${COPY_TLS_ARGS[@]}" >/dev/null 2>"$DIR/copy.err" \
         || { cat "$DIR/copy.err" "$DIR/dst.err" >&2; kill "$pid"; exit 1; }
     end=$(date +%s.%N)
     kill -TERM "$pid"; wait "$pid" 2>/dev/null || true

@@ -183,7 +183,8 @@ vsphere_enable_cbt() {
     sleep 0.2
   done
   say "enabling changed block tracking on $vsphere_vm (POST node /api/v1/vms/$vsphere_vm/change-tracking)"
-  if ! curl -sS -f -X POST -H "Authorization: Bearer $token" \
+  # The node's API takes the node's own credential (the one the hub calls it with).
+  if ! curl -sS -f -X POST -H "Authorization: Bearer $(cat "$demo/node.credential")" \
     "http://$node_addr/api/v1/vms/$vsphere_vm/change-tracking" >"$vsphere/cbt.json" 2>&1; then
     say "no vSphere VM in this demo: enabling CBT failed: $(cat "$vsphere/cbt.json")"; tail -5 "$demo/node/stderr.log" >&2
     vsphere=""; return 1
@@ -235,13 +236,17 @@ demo_stack() {
   for _ in $(seq 1 100); do [ -s "$demo/token" ] && curl -sf "http://$hub_addr/health" >/dev/null 2>&1 && break; sleep 0.2; done
   curl -sf "http://$hub_addr/health" >/dev/null || { say "hub did not come up:"; tail -20 "$demo/hub/stderr.log"; exit 1; }
 
+  # The node gets its own credential (never the hub's admin token), issued by the hub.
+  "$bin/sendense-hub" --data-dir "$demo/hub" node enroll demo-node --output "$demo/node.credential" \
+    >"$demo/hub/enroll.log" 2>&1 || { say "enrolling the node failed:"; cat "$demo/hub/enroll.log"; exit 1; }
+
   say "starting sendense-node on $node_addr (VM $vm over QMP$([ -n "$vsphere" ] && echo ", VM $vsphere_vm over vSphere SOAP")$([ "$throttle" -gt 0 ] && echo ", copy throttled to $((throttle >> 20)) MiB/s per disk"))"
   # The run directory (fleecing files, NBD sockets, journal) has no flag: it is a config-file key.
   printf 'run_dir = "%s"\n' "$demo/node/run" >"$demo/node/node.toml"
   [ -z "$vsphere" ] || vsphere_node_config >>"$demo/node/node.toml"
   SENDENSE_COPY_THROTTLE_BPS=$throttle NO_COLOR=1 \
     "$bin/sendense-node" --config "$demo/node/node.toml" --listen "$node_addr" --name demo-node \
-    --hub-url "http://$hub_addr" --token-file "$demo/token" --qmp "$vm=$demo/vm/node.qmp" \
+    --hub-url "http://$hub_addr" --token-file "$demo/node.credential" --qmp "$vm=$demo/vm/node.qmp" \
     </dev/null >"$demo/node/stderr.log" 2>&1 &
   demo_pids+=($!)
 

@@ -130,7 +130,10 @@ cp "$kernel" "$out/vmlinuz"
 cp "$initrd" "$out/initrd.img"
 {
   echo "kernel $kver"
-  /bin/busybox | head -1
+  # Not "busybox | head -1": with pipefail, head closing the pipe early fails the build
+  # (exit 141, SIGPIPE) whenever busybox is still writing its applet list.
+  banner=$(/bin/busybox 2>&1 || true)
+  echo "${banner%%$'\n'*}"
   dpkg-query -W qemu-guest-agent e2fsprogs 2>/dev/null || true
   echo
 } > "$out/inputs"

@@ -10,8 +10,10 @@
 # go in with `tmux send-keys`; `tmux capture-pane -e -p` gives the screen with its colours;
 # `aha` turns that into HTML; headless Chromium renders the HTML to PNG. Before the captures the
 # stack gets some history: a completed full backup, an incremental after guest writes, the same
-# for the vSphere VM (a CBT incremental), a cancelled full backup; then a full backup runs (the copy is throttled so that it is still
-# running while every view is captured).
+# for the vSphere VM (a CBT incremental), a cancelled full backup, a backup policy over the demo
+# VMs; then a full backup runs (the copy is throttled so that it is still running while every view
+# is captured). The Policies view, a policy's detail and the prune preview are captured when the
+# hub serves policies (a hub without them answers 404 to `policy create`: those three are skipped).
 set -euo pipefail
 # shellcheck source=scripts/demo.sh
 source "$(dirname "${BASH_SOURCE[0]}")/demo.sh"
@@ -68,6 +70,14 @@ id=$(console backup start "$vm" --type full 2>/dev/null)
 wait_status "$id" running
 console backup cancel "$id" >/dev/null 2>&1
 wait_status "$id" cancelled
+
+say "history: a backup policy over the demo VMs"
+policy=$(console policy create demo-nightly --vm "$vm" --vm "$vsphere_vm" --schedule '0 1 * * *' \
+  --timezone Europe/London --weekly-full-on sun --keep-last 1 --keep-daily 7 --keep-weekly 4 \
+  --max-chain-length 14 2>"$demo/policy.log") || {
+  say "the hub has no policies ($(tail -1 "$demo/policy.log")): the Policies captures are skipped"
+  policy=""
+}
 
 say "a full backup that runs while the views are captured"
 id=$(console backup start "$vm" --type full 2>/dev/null)
@@ -127,6 +137,18 @@ show "Cancel backup" c;                      capture 09-cancel-confirm
 show "aborted" n
 show "cancel job" '?';                       capture 10-help
 t send-keys -t ui Escape
+# An Escape with the next key right behind it reaches the console as Alt-<key>: wait until the
+# help is gone.
+for _ in $(seq 1 100); do t capture-pane -p -t ui | grep -qF "Keys (any of" || break; sleep 0.1; done
+if [ -n "$policy" ]; then
+  show "Policies (" 7;                       capture 13-policies
+  show "Points of" Enter;                    capture 14-policy-detail
+  show "Prune preview" x;                    capture 15-prune-preview
+  t send-keys -t ui n
+  wait_screen "Prune not started"
+  t send-keys -t ui Escape
+  wait_screen "Policies ("
+fi
 
 say "wide screen ($WIDE columns): the VMs' Source column, a vSphere incremental's change ids"
 # The cancel dialog's notice (15 s) has nothing to do with these views: wait until it is gone.

@@ -28,6 +28,19 @@ ls /boot/vmlinuz-* >/dev/null 2>&1 || need+=(linux-image-amd64)
 [ -x /bin/busybox ] || need+=(busybox-static)
 [ -x /usr/sbin/qemu-ga ] || need+=(qemu-guest-agent)
 have mkfs.ext4 || [ -x /usr/sbin/mkfs.ext4 ] || need+=(e2fsprogs)
+# File-level browsing of backup points (agent-hub/src/files.rs): guestfish and its appliance.
+have guestfish || need+=(libguestfs-tools)
+# Metrics: a real Prometheus scrapes hub and node in a test; promtool checks the rules.
+have promtool || need+=(prometheus)
+# The Debian packages (scripts/build-debs.sh, scripts/test-debs.sh): lintian checks them,
+# dpkg-shlibdeps (dpkg-dev) finds their library dependencies, man reads their pages.
+have lintian || need+=(lintian)
+have dpkg-shlibdeps || need+=(dpkg-dev)
+have man || need+=(man-db)
+# The flood test's attacker (tests/tests/e2e/flood.rs) runs Debian's python3 as another user.
+[ -x /usr/bin/python3 ] || need+=(python3)
+# scripts/schemathesis.sh: schemathesis from PyPI in a virtualenv of Debian's python3.
+dpkg -s python3-venv >/dev/null 2>&1 || need+=(python3-venv)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
@@ -45,6 +58,41 @@ fi
 for t in qemu-img qemu-nbd qemu-system-x86_64 nbdcopy; do
   have "$t" || { echo "setup: $t still missing after install" >&2; exit 1; }
 done
+
+# schemathesis (API fuzzing of hub and node, scripts/schemathesis.sh), pinned, in a root-owned
+# virtualenv: not /tmp, and apart from the system's Python packages.
+st_version=4.32.5
+st_venv=/opt/sendense-venv
+# CPython gh-106905 (fixed in 3.11.8, 3.12.2, 3.13.0): a spurious "AST constructor recursion
+# depth mismatch" SystemError inside hypothesis crashed clean-clone runs on Debian's 3.11.2 and on
+# pyenv's 3.11.7. The newest fixed Python on PATH is taken; with none, the affected one is used and
+# scripts/schemathesis-run.py steps around the crash (it only names a strategy in a message).
+fixed='import sys; v=sys.version_info[:3]; sys.exit(not (v >= (3, 13) or (3, 12, 2) <= v < (3, 13) or (3, 11, 8) <= v < (3, 12)))'
+st_python=/usr/bin/python3
+cands=()
+for name in python3.13 python3.12 python3.11 python3; do
+  exe=$(command -v "$name" 2>/dev/null) && cands+=("$exe")
+done
+# pyenv's shims fail for versions installed but not selected: its interpreters directly too.
+pyenv_root=${PYENV_ROOT:-$HOME/.pyenv}
+while read -r exe; do cands+=("$exe"); done < <(ls -d "$pyenv_root"/versions/3.*/bin/python3 2>/dev/null | sort -rV)
+for cand in "${cands[@]}"; do
+  exe=$("$cand" -c 'import sys; print(sys.executable)' 2>/dev/null) || continue
+  if "$exe" -c "$fixed" 2>/dev/null && "$exe" -c 'import venv, ensurepip' 2>/dev/null; then
+    st_python=$exe
+    break
+  fi
+done
+if [ -x "$st_venv/bin/python" ] && ! "$st_venv/bin/python" -c "$fixed" 2>/dev/null \
+  && "$st_python" -c "$fixed" 2>/dev/null; then
+  echo "setup: $st_venv runs a Python with gh-106905; rebuilding it with $st_python" >&2
+  rm -rf "$st_venv"
+fi
+if ! "$st_venv/bin/schemathesis" --version 2>/dev/null | grep -q "version $st_version\$"; then
+  echo "setup: installing schemathesis $st_version into $st_venv ($st_python)" >&2
+  "$st_python" -m venv "$st_venv" >&2
+  "$st_venv/bin/pip" install -q --disable-pip-version-check "schemathesis==$st_version" >&2
+fi
 
 [ "$mode" = packages ] && exit 0
 

@@ -36,6 +36,16 @@ fn main() {
     println!("cargo:rustc-env=SENDENSE_BUILD_EPOCH={epoch}");
     // Re-stamp only when the checked-out branch changes: watching the index or refs would
     // rebuild every crate of the workspace on each commit. A clean build (CI, release) is exact.
-    println!("cargo:rerun-if-changed=../.git/HEAD");
+    // In a linked worktree `.git` is a file; its HEAD lives where `git rev-parse --git-dir`
+    // says (watching a path that does not exist would rerun this on every build).
+    let head = Command::new("git")
+        .args(["rev-parse", "--git-dir"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("HEAD"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| "../.git/HEAD".into());
+    println!("cargo:rerun-if-changed={}", head.display());
     println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");
 }

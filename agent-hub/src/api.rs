@@ -3,8 +3,9 @@
 //! bearer middleware are `sendense_shared::http`'s, shared with the node.
 //!
 //! - [`system`]: `/health`, ports, processes, the SSE event stream.
-//! - [`repositories`], [`vms`], [`backups`], [`restores`], [`verify`], [`nodes`]: one module per
-//!   resource.
+//! - [`repositories`], [`vms`], [`backups`], [`restores`], [`verify`], [`nodes`], [`policies`]:
+//!   one module per resource; [`prune`]: prune jobs, protected points, a VM's points, a
+//!   repository's space.
 //!
 //! - [`scope`]: who may call what: the admin token everything, a node's credential only its
 //!   own registration, inventory, VMs, jobs and restores (`403 forbidden` naming the scope).
@@ -14,7 +15,11 @@
 //! token or a node credential of [`crate::auth`]).
 
 pub mod backups;
+pub mod files;
 pub mod nodes;
+pub mod openapi;
+pub mod policies;
+pub mod prune;
 pub mod repositories;
 pub mod restores;
 pub mod scope;
@@ -27,12 +32,13 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, OriginalUri};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use sendense_shared::api::ErrorBody;
 use sendense_shared::errors::{ErrorCode, chain};
 /// The JSON body extractor (400 `invalid_json` / 422 `invalid_field` naming the field), the
 /// node's too.
 pub use sendense_shared::http::ApiJson;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
 
 /// Completion reports carry one checksum per written chunk: a 2 TiB disk at 4 MiB chunks is
 /// about half a million ranges, some 60 MB of JSON.
@@ -40,54 +46,83 @@ const COMPLETION_BODY_LIMIT: usize = 256 << 20;
 
 /// The whole router, state applied.
 pub fn router(state: AppState) -> Router {
-    let v1 = Router::new()
-        .route(
-            "/repositories",
-            get(repositories::list).post(repositories::create),
-        )
-        .route("/repositories/{id}", put(repositories::update))
-        .route("/verify", get(verify::list).post(verify::start))
-        .route("/verify/{id}", get(verify::get_one))
-        .route("/verify/{id}/cancel", post(verify::cancel))
-        .route("/verify/{id}/events", get(verify::events))
-        .route("/vms", get(vms::list).post(vms::register))
-        .route("/vms/{vm_name}", get(vms::get_one))
-        .route("/backups", get(backups::list).post(backups::start))
-        .route("/backups/{id}", get(backups::get_one))
-        .route("/backups/{id}/cancel", post(backups::cancel))
-        .route("/backups/{id}/events", get(backups::events))
-        .route("/backups/{id}/verification", get(backups::verification))
-        .route("/backups/{id}/progress", post(backups::progress))
-        .route(
-            "/backups/{id}/complete",
-            post(backups::complete).layer(DefaultBodyLimit::max(COMPLETION_BODY_LIMIT)),
-        )
-        .route("/restores", get(restores::list).post(restores::start))
-        .route("/restores/{id}", get(restores::get_one))
-        .route("/restores/{id}/cancel", post(restores::cancel))
-        .route("/restores/{id}/events", get(restores::events))
-        .route("/restores/{id}/progress", post(restores::progress))
-        .route("/restores/{id}/complete", post(restores::complete))
-        .route("/ports", get(system::ports))
-        .route("/processes", get(system::processes))
-        .route("/events", get(system::events))
-        .route("/nodes", get(nodes::list).post(nodes::register))
-        .route("/nodes/{name}", get(nodes::get_one))
-        .route("/nodes/{name}/discover", post(nodes::discover))
-        .route("/nodes/{name}/inventory", put(nodes::push_inventory))
-        .route("/tunnel", get(nodes::tunnel))
+    let v1 = v1().layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        scope::authenticate,
+    ));
+    let (router, _) = open().nest("/api/v1", v1).split_for_parts();
+    router.with_state(state)
+}
+
+/// The OpenAPI document of the API ([`openapi`]), built from the same routes as [`router`].
+pub fn openapi_document() -> serde_json::Value {
+    openapi::finish(open().nest("/api/v1", v1()).into_openapi())
+}
+
+/// Everything under `/api/v1` (behind [`scope::authenticate`]), each route with its OpenAPI
+/// description from the same `routes!` list: a route cannot be served undocumented, nor
+/// documented unserved. Each `routes!` groups the methods of one path.
+fn v1() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(repositories::list, repositories::create))
+        .routes(routes!(repositories::update))
+        .routes(routes!(prune::space))
+        .routes(routes!(prune::list, prune::start))
+        .routes(routes!(prune::get_one))
+        .routes(routes!(prune::cancel))
+        .routes(routes!(prune::events))
+        .routes(routes!(prune::points))
+        .routes(routes!(prune::protect))
+        .routes(routes!(prune::unprotect))
+        .routes(routes!(verify::list, verify::start))
+        .routes(routes!(verify::get_one))
+        .routes(routes!(verify::cancel))
+        .routes(routes!(verify::events))
+        .routes(routes!(vms::list, vms::register))
+        .routes(routes!(vms::get_one))
+        .routes(routes!(backups::list, backups::start))
+        .routes(routes!(backups::get_one))
+        .routes(routes!(backups::cancel))
+        .routes(routes!(backups::events))
+        .routes(routes!(backups::verification))
+        .routes(routes!(files::list))
+        .routes(routes!(files::archive))
+        .routes(routes!(backups::progress))
+        .routes(routes!(backups::complete).layer(DefaultBodyLimit::max(COMPLETION_BODY_LIMIT)))
+        .routes(routes!(restores::list, restores::start))
+        .routes(routes!(restores::get_one))
+        .routes(routes!(restores::cancel))
+        .routes(routes!(restores::events))
+        .routes(routes!(restores::progress))
+        .routes(routes!(restores::complete))
+        .routes(routes!(system::ports))
+        .routes(routes!(system::processes))
+        .routes(routes!(system::events))
+        .routes(routes!(nodes::list, nodes::register))
+        .routes(routes!(nodes::get_one))
+        .routes(routes!(nodes::discover))
+        .routes(routes!(nodes::push_inventory))
+        .routes(routes!(nodes::tunnel))
+        .routes(routes!(system::metrics))
+        .routes(routes!(policies::list, policies::create))
+        .routes(routes!(
+            policies::get_one,
+            policies::update,
+            policies::delete
+        ))
+        .routes(routes!(policies::run_now))
+        .routes(routes!(policies::runs))
+        .routes(routes!(openapi::serve))
         .fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            scope::authenticate,
-        ));
-    Router::new()
-        .route("/health", get(system::health))
+}
+
+/// The open routes.
+fn open() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(system::health))
         // Open (before the bearer layer): a node asks it before it sends its credential.
-        .route(sendense_shared::proof::PATH, get(nodes::proof))
-        .nest("/api/v1", v1)
+        .routes(routes!(nodes::proof))
         .fallback(not_found)
-        .with_state(state)
 }
 
 /// The full path, also inside the nested `/api/v1` router (which sees it stripped).

@@ -10,8 +10,9 @@
 //! so it never has to be on a command line.
 
 use crate::ports::PortRange;
-use crate::qemu_nbd::QemuNbdConfig;
+use crate::qemu_nbd::{NbdListen, QemuNbdConfig};
 use clap::Parser;
+use sendense_shared::cli::{DocsCommand, LogFormat};
 use serde::Deserialize;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -63,6 +64,8 @@ pub enum ConfigError {
         value: String,
         reason: String,
     },
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
 }
 
 /// Command line of `sendense-hub`. Each flag also reads `SENDENSE_HUB_<FLAG>` from the
@@ -113,9 +116,60 @@ pub struct Cli {
     /// certificate (nbdcopy on the hub, an older node) [default: true].
     #[arg(long, env = "SENDENSE_HUB_NBD_TLS", value_name = "BOOL")]
     pub nbd_tls: Option<bool>,
+    /// Where the exports listen: `unix` (sockets `<nbd_socket_dir>/<port>.sock`, reached through
+    /// the node's ssh streamlocal forwards; nobody outside the directory's group can connect)
+    /// or `tcp` (`nbd_bind:port`, for writers on the hub such as nbdcopy) [default: unix].
+    #[arg(long, env = "SENDENSE_HUB_NBD_LISTEN", value_name = "unix|tcp")]
+    pub nbd_listen: Option<NbdListen>,
+    /// Directory of the exports' unix sockets (0750; group `nbd_socket_group` of the file)
+    /// [default: <data>/nbd].
+    #[arg(long, env = "SENDENSE_HUB_NBD_SOCKET_DIR", value_name = "DIR")]
+    pub nbd_socket_dir: Option<PathBuf>,
+    /// Group given the socket directory: the ssh tunnel user's (the hub's user must be a
+    /// member) [default: the hub's own group].
+    #[arg(long, env = "SENDENSE_HUB_NBD_SOCKET_GROUP", value_name = "GROUP")]
+    pub nbd_socket_group: Option<String>,
+    /// TEST KNOB, never for production: read the hub's time from this file (an RFC 3339
+    /// instant; see `agent_hub::clock::FileClock`), so a test runs months of schedule in
+    /// minutes.
+    #[arg(
+        long,
+        env = "SENDENSE_HUB_TEST_CLOCK_FILE",
+        value_name = "FILE",
+        hide = true
+    )]
+    pub test_clock_file: Option<PathBuf>,
+    /// Backups that may run at once on the hub before scheduled policy runs wait in the queue
+    /// (manual backups are not held back) [default: 8].
+    #[arg(long, env = "SENDENSE_HUB_MAX_CONCURRENT_BACKUPS", value_name = "N")]
+    pub max_concurrent_backups: Option<usize>,
+    /// The same limit per node [default: 2].
+    #[arg(
+        long,
+        env = "SENDENSE_HUB_MAX_CONCURRENT_BACKUPS_PER_NODE",
+        value_name = "N"
+    )]
+    pub max_concurrent_backups_per_node: Option<usize>,
+    /// How often the policy scheduler looks for due slots and queued runs, in seconds
+    /// [default: 5].
+    #[arg(
+        long,
+        env = "SENDENSE_HUB_POLICY_CHECK_INTERVAL_SECS",
+        value_name = "SECS"
+    )]
+    pub policy_check_interval_secs: Option<u64>,
     /// Directory of the daily log files [default: <data>/logs].
     #[arg(long, env = "SENDENSE_HUB_LOG_DIR", value_name = "DIR")]
     pub log_dir: Option<PathBuf>,
+    /// Log lines as `text` or `json` (one object a line: timestamp, level, target, message,
+    /// fields), on stderr and in the daily files [default: text].
+    #[arg(
+        long,
+        env = "SENDENSE_HUB_LOG_FORMAT",
+        value_name = "FORMAT",
+        value_enum
+    )]
+    pub log_format: Option<LogFormat>,
     /// A directory under which the API may register repositories; repeatable, replaces
     /// `repository_roots` of the file [default: the data directory].
     #[arg(long = "repository-root", value_name = "DIR")]
@@ -136,6 +190,9 @@ pub enum Command {
     /// checksums, without the database or a running hub: exit 0 when every cell matches, 3
     /// when some differ (listed), 1 when it cannot be read.
     CheckImage(CheckImageArgs),
+    /// Hidden: `man DIR`, `completions SHELL` (the Debian packages are built with them).
+    #[command(flatten)]
+    Docs(DocsCommand),
 }
 
 /// `sendense-hub check-image IMAGE`.
@@ -206,6 +263,8 @@ pub struct FileConfig {
     pub log_dir: Option<PathBuf>,
     /// `tracing` filter, e.g. `"info"` or `"agent_hub=debug,info"`.
     pub log_level: Option<String>,
+    /// `"text"` or `"json"` (see [`Cli::log_format`]).
+    pub log_format: Option<LogFormat>,
     /// Directory registered as repository `default` [default: <data>/repo].
     pub default_repository: Option<PathBuf>,
     /// How long a call to a node's API may take, in seconds [default: 30].
@@ -216,6 +275,16 @@ pub struct FileConfig {
     /// A node that stays unreachable this long while its job runs fails the job, in seconds
     /// [default: 30].
     pub node_lost_after_secs: Option<u64>,
+    /// A running job whose node reports progress but no byte moved for this long fails, in
+    /// seconds [default: 600] (the node's own watchdog, 60 s, normally fails it first).
+    pub job_stall_after_secs: Option<u64>,
+    /// File browsing: a session's appliance closes after this long without a request, in
+    /// seconds [default: 300].
+    pub files_idle_timeout_secs: Option<u64>,
+    /// File browsing: at most this many appliances at once [default: 4].
+    pub files_max_sessions: Option<usize>,
+    /// File browsing: the guestfish binary [default: guestfish].
+    pub guestfish: Option<String>,
     /// How long a job's end (finalization) waits for an unreachable database before leaving
     /// the job `finalizing`, images kept, to the next start's reconciler, in seconds
     /// [default: 3600].
@@ -229,6 +298,37 @@ pub struct FileConfig {
     /// exports.
     #[serde(default)]
     pub nbd_tls: Option<bool>,
+    /// `unix` (default) or `tcp`, see [`Cli::nbd_listen`].
+    #[serde(default)]
+    pub nbd_listen: Option<NbdListen>,
+    /// See [`Cli::nbd_socket_dir`].
+    #[serde(default)]
+    pub nbd_socket_dir: Option<PathBuf>,
+    /// The group given the socket directory, e.g. `sendense-nbd`: the tunnel user's group (the
+    /// hub's user must be a member too). Unset: the hub's own group.
+    #[serde(default)]
+    pub nbd_socket_group: Option<String>,
+    /// Test knob (see [`Cli::test_clock_file`]).
+    #[serde(default)]
+    pub test_clock_file: Option<PathBuf>,
+    /// See [`Cli::max_concurrent_backups`].
+    pub max_concurrent_backups: Option<usize>,
+    /// See [`Cli::max_concurrent_backups_per_node`].
+    pub max_concurrent_backups_per_node: Option<usize>,
+    /// See [`Cli::policy_check_interval_secs`].
+    pub policy_check_interval_secs: Option<u64>,
+    /// Webhook receivers, `[[webhook]]` tables ([`crate::webhooks`]).
+    #[serde(default)]
+    pub webhook: Option<Vec<crate::webhooks::WebhookConfig>>,
+    /// How often the webhooks' periodic conditions are checked, in seconds [default: 60].
+    pub alert_check_interval_secs: Option<u64>,
+    /// A repository with less free space than this (percent) is nearly full [default: 10].
+    pub repository_full_percent: Option<u8>,
+    /// A tunnel not up for this long is told as down, in seconds [default: 300].
+    pub tunnel_down_alert_secs: Option<u64>,
+    /// Added to a policy's period and queue window before its VM is told as without a good
+    /// point, in seconds [default: 3600].
+    pub stale_point_grace_secs: Option<u64>,
 }
 
 /// The resolved configuration the hub runs with.
@@ -246,15 +346,37 @@ pub struct HubConfig {
     pub nbd_bind: IpAddr,
     pub log_dir: PathBuf,
     pub log_level: String,
+    pub log_format: LogFormat,
     pub default_repository: PathBuf,
     pub node_timeout: Duration,
     pub node_watch_interval: Duration,
     pub node_lost_after: Duration,
+    pub job_stall_after: Duration,
     pub db_outage_patience: Duration,
+    /// File browsing of backup points ([`crate::files`]).
+    pub files: crate::files::FilesConfig,
     pub qemu_nbd: QemuNbdConfig,
     /// TLS with client certificates on the NBD exports (the CA is opened at start-up, see
     /// [`crate::nbd_ca`]).
     pub nbd_tls: bool,
+    /// Unix sockets (default) or TCP for the exports nodes open.
+    pub nbd_listen: NbdListen,
+    /// The exports' socket directory (`nbd_listen = "unix"`).
+    pub nbd_socket_dir: PathBuf,
+    /// The group of that directory; `None`: the hub's own.
+    pub nbd_socket_group: Option<String>,
+    /// Test knob: the hub's time from this file instead of the wall clock
+    /// ([`crate::clock::FileClock`]). `None` in production.
+    pub test_clock_file: Option<PathBuf>,
+    /// Concurrency limits of scheduled policy runs ([`crate::policies::admission`]).
+    pub max_concurrent_backups: usize,
+    pub max_concurrent_backups_per_node: usize,
+    /// The policy scheduler's tick ([`crate::policies::scheduler`]).
+    pub policy_check_interval: Duration,
+    /// Webhook receivers and the limits of their periodic conditions.
+    pub webhooks: Vec<crate::webhooks::WebhookConfig>,
+    pub alert_check_interval: Duration,
+    pub alerts: crate::webhooks::watch::Settings,
 }
 
 impl HubConfig {
@@ -272,16 +394,29 @@ impl HubConfig {
             nbd_bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             log_dir: data_dir.join("logs"),
             log_level: "info".to_string(),
+            log_format: LogFormat::Text,
             default_repository: data_dir.join("repo"),
             node_timeout: Duration::from_secs(30),
             node_watch_interval: Duration::from_secs(5),
             node_lost_after: Duration::from_secs(30),
+            job_stall_after: Duration::from_secs(600),
             db_outage_patience: Duration::from_secs(3600),
+            files: crate::files::FilesConfig::default(),
             qemu_nbd: QemuNbdConfig {
                 bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
                 ..QemuNbdConfig::default()
             },
             nbd_tls: true,
+            nbd_listen: NbdListen::Unix,
+            nbd_socket_dir: data_dir.join("nbd"),
+            nbd_socket_group: None,
+            test_clock_file: None,
+            max_concurrent_backups: 8,
+            max_concurrent_backups_per_node: 2,
+            policy_check_interval: Duration::from_secs(5),
+            webhooks: Vec::new(),
+            alert_check_interval: Duration::from_secs(60),
+            alerts: crate::webhooks::watch::Settings::default(),
             data_dir,
         }
     }
@@ -349,6 +484,9 @@ impl HubConfig {
         if let Some(v) = file.log_level {
             cfg.log_level = v;
         }
+        if let Some(v) = cli.log_format.or(file.log_format) {
+            cfg.log_format = v;
+        }
         if let Some(v) = file.default_repository {
             cfg.default_repository = v;
         }
@@ -361,6 +499,39 @@ impl HubConfig {
         if let Some(v) = file.node_lost_after_secs {
             cfg.node_lost_after = Duration::from_secs(v.max(1));
         }
+        if let Some(v) = file.job_stall_after_secs {
+            cfg.job_stall_after = Duration::from_secs(v.max(1));
+        }
+        if let Some(v) = file.files_idle_timeout_secs {
+            cfg.files.idle_timeout = Duration::from_secs(v.max(1));
+        }
+        if let Some(v) = file.files_max_sessions {
+            cfg.files.max_sessions = v.max(1);
+        }
+        if let Some(v) = file.guestfish {
+            cfg.files.guestfish = v;
+        }
+        if let Some(v) = file.webhook {
+            cfg.webhooks = v;
+        }
+        if let Some(v) = file.alert_check_interval_secs {
+            cfg.alert_check_interval = Duration::from_secs(v.max(1));
+        }
+        if let Some(v) = file.repository_full_percent {
+            if v > 100 {
+                return Err(ConfigError::Invalid {
+                    field: "repository_full_percent",
+                    reason: format!("{v} is more than 100"),
+                });
+            }
+            cfg.alerts.repository_full_percent = v;
+        }
+        if let Some(v) = file.tunnel_down_alert_secs {
+            cfg.alerts.tunnel_down_after = chrono::Duration::seconds(v as i64);
+        }
+        if let Some(v) = file.stale_point_grace_secs {
+            cfg.alerts.stale_grace = chrono::Duration::seconds(v as i64);
+        }
         if let Some(v) = file.db_outage_patience_secs {
             cfg.db_outage_patience = Duration::from_secs(v.max(1));
         }
@@ -369,6 +540,29 @@ impl HubConfig {
         }
         if let Some(v) = cli.nbd_tls.or(file.nbd_tls) {
             cfg.nbd_tls = v;
+        }
+        if let Some(v) = cli.nbd_listen.or(file.nbd_listen) {
+            cfg.nbd_listen = v;
+        }
+        if let Some(v) = cli.nbd_socket_dir.clone().or(file.nbd_socket_dir) {
+            cfg.nbd_socket_dir = v;
+        }
+        cfg.nbd_socket_group = cli.nbd_socket_group.clone().or(file.nbd_socket_group);
+        cfg.test_clock_file = cli.test_clock_file.clone().or(file.test_clock_file);
+        if let Some(v) = cli.max_concurrent_backups.or(file.max_concurrent_backups) {
+            cfg.max_concurrent_backups = v.max(1);
+        }
+        if let Some(v) = cli
+            .max_concurrent_backups_per_node
+            .or(file.max_concurrent_backups_per_node)
+        {
+            cfg.max_concurrent_backups_per_node = v.max(1);
+        }
+        if let Some(v) = cli
+            .policy_check_interval_secs
+            .or(file.policy_check_interval_secs)
+        {
+            cfg.policy_check_interval = Duration::from_secs(v.max(1));
         }
         // One bind address for the port test and for qemu-nbd: the test is only meaningful on
         // the address qemu-nbd will really use.
@@ -479,6 +673,31 @@ mod tests {
     }
 
     #[test]
+    fn exports_listen_on_unix_sockets_unless_tcp_is_asked_for() {
+        let cfg = HubConfig::resolve(&Cli::default(), FileConfig::default()).unwrap();
+        assert_eq!(cfg.nbd_listen, NbdListen::Unix);
+        assert_eq!(
+            cfg.nbd_socket_dir,
+            PathBuf::from(DEFAULT_DATA_DIR).join("nbd")
+        );
+        let file: FileConfig = toml::from_str(
+            "nbd_listen = \"tcp\"\nnbd_socket_dir = \"/run/sendense-nbd\"\nnbd_socket_group = \"sendense-nbd\"",
+        )
+        .unwrap();
+        let cfg = HubConfig::resolve(&Cli::default(), file).unwrap();
+        assert_eq!(cfg.nbd_listen, NbdListen::Tcp);
+        assert_eq!(cfg.nbd_socket_dir, PathBuf::from("/run/sendense-nbd"));
+        assert_eq!(cfg.nbd_socket_group.as_deref(), Some("sendense-nbd"));
+        let cli = Cli::try_parse_from(["sendense-hub", "--nbd-listen", "unix"]).unwrap();
+        let file: FileConfig = toml::from_str("nbd_listen = \"tcp\"").unwrap();
+        assert_eq!(
+            HubConfig::resolve(&cli, file).unwrap().nbd_listen,
+            NbdListen::Unix
+        );
+        assert!(toml::from_str::<FileConfig>("nbd_listen = \"udp\"").is_err());
+    }
+
+    #[test]
     fn flags_win_over_the_file() {
         let file: FileConfig = toml::from_str(
             r#"
@@ -511,6 +730,21 @@ mod tests {
         assert_eq!(cfg.node_lost_after, defaults.node_lost_after);
         assert_eq!(cfg.qemu_nbd, defaults.qemu_nbd);
         assert_eq!(cfg.nbd_tls, defaults.nbd_tls);
+    }
+
+    #[test]
+    fn the_log_format_comes_from_the_flag_over_the_file() {
+        let text = HubConfig::resolve(&Cli::default(), FileConfig::default()).unwrap();
+        assert_eq!(text.log_format, LogFormat::Text);
+        let file: FileConfig = toml::from_str("log_format = \"json\"").unwrap();
+        let json = HubConfig::resolve(&Cli::default(), file.clone()).unwrap();
+        assert_eq!(json.log_format, LogFormat::Json);
+        let cli = Cli::try_parse_from(["sendense-hub", "--log-format", "text"]).unwrap();
+        assert_eq!(
+            HubConfig::resolve(&cli, file).unwrap().log_format,
+            LogFormat::Text
+        );
+        assert!(toml::from_str::<FileConfig>("log_format = \"xml\"").is_err());
     }
 
     #[test]
@@ -611,6 +845,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cli.nbd_ports.as_deref(), Some("1-2"));
+        assert_eq!(cli.log_format, None);
         assert_eq!(cli.log_dir, Some(PathBuf::from("/l")));
     }
 }

@@ -17,18 +17,26 @@
 //!   `UPDATE ... WHERE status IN (...)`, so a cancel racing a completion has exactly one winner.
 //! - `job_events.seq` is an auto-increment key: strictly increasing per database, hence per hub.
 //! - `node_credentials` holds only the BLAKE3 hash of each secret, never the secret.
+//! - `policy_slots` is keyed by (policy, planned time): a slot is claimed once
+//!   ([`Db::claim_slot`]); `policy_runs.status` moves by compare-and-set ([`Db::update_run`]).
 //! - `nbd_port_allocations.port` is the primary key: the database, not the hub's memory, decides
 //!   who holds a port (see [`crate::ports`]).
 
 mod backups;
+mod boot_checks;
 mod credentials;
+mod policies;
+mod prune;
 mod records;
 mod restores;
 mod verify_jobs;
 mod vms;
 
 pub use backups::{BackupDiskRow, DiskUpdate, NewBackup, NewBackupDisk};
+pub use boot_checks::LiveBootCheck;
 pub use credentials::NodeCredential;
+pub use policies::{PointSummary, QueuedRun, RunChange};
+pub use prune::{NewStep, PolicyRetention, StepRow};
 pub use records::{ProcessRecord, RepositoryRow};
 pub use verify_jobs::VerifyProgress;
 pub use vms::VmSource;
@@ -154,6 +162,8 @@ pub struct Db {
     kind: DbKind,
     /// The URL the pool connects to (with its password: never shown; see [`redact`]).
     url: std::sync::Arc<str>,
+    /// Timestamps of records come from the hub's clock (a test may drive it).
+    clock: std::sync::Arc<dyn crate::clock::Clock>,
 }
 
 impl std::fmt::Debug for Db {
@@ -227,7 +237,23 @@ impl Db {
             pool,
             kind,
             url: url.into(),
+            clock: std::sync::Arc::new(crate::clock::SystemClock),
         })
+    }
+
+    /// The same database, with record timestamps from `clock`.
+    pub fn with_clock(mut self, clock: std::sync::Arc<dyn crate::clock::Clock>) -> Db {
+        self.clock = clock;
+        self
+    }
+
+    /// The hub's clock (the one every record timestamp comes from).
+    pub fn clock(&self) -> std::sync::Arc<dyn crate::clock::Clock> {
+        self.clock.clone()
+    }
+
+    pub(crate) fn now_us(&self) -> i64 {
+        self.clock.now().timestamp_micros()
     }
 
     /// Turns a pool timeout into the database's own answer: a fresh connection attempt says why

@@ -279,6 +279,8 @@ fn kind(ev: &HubEvent) -> &'static str {
         HubEvent::Tunnel { .. } => "tunnel",
         HubEvent::Restore { .. } => "restore",
         HubEvent::Verify { .. } => "verify",
+        HubEvent::PolicyRun { .. } => "policy_run",
+        HubEvent::Prune { .. } => "prune",
         HubEvent::Lagged { .. } => "lagged",
     }
 }
@@ -306,6 +308,7 @@ mod tests {
                     since: chrono::Utc::now(),
                     restarts: 0,
                     last_error: None,
+                    links: Vec::new(),
                     forwards: Vec::new(),
                 },
             });

@@ -25,11 +25,21 @@ pub struct Hub {
     pub restores: Restores,
     /// Verify jobs.
     pub verify: crate::verify::Verifier,
+    /// Backup policies and their scheduler.
+    pub policies: crate::policies::Policies,
+    /// Prune and synthetic-full jobs, protected points, space.
+    pub prune: crate::prune::Pruner,
+    /// File browsing of backup points (libguestfs appliances, one per session).
+    pub files: crate::files::FileBrowser,
     /// Registration, inventory, tunnel probes.
     pub nodes: Nodes,
     pub bus: EventBus,
     /// Read-only reads of image chains (verify jobs use it too).
     pub readback: crate::readback::ReadBack,
+    /// Webhook receivers ([`crate::webhooks`]).
+    pub webhooks: Arc<crate::webhooks::Webhooks>,
+    /// Prometheus metrics (`GET /api/v1/metrics`).
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// The admin token (the hub's token file).
     pub token: Token,
     /// Who a request is: the admin token or a node's credential.

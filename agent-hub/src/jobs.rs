@@ -80,6 +80,10 @@ pub enum JobError {
         backup_id: BackupId,
         status: &'static str,
     },
+    #[error(
+        "VM {vm:?}: prune job {prune_id} is changing its chain; wait for it to end or cancel it"
+    )]
+    Pruning { vm: String, prune_id: String },
     #[error("backup {id} is {status}: {what}")]
     WrongState {
         id: BackupId,
@@ -142,6 +146,8 @@ pub use crate::node_client::NodeAddr;
 pub struct LiveJob {
     pub id: BackupId,
     pub vm_name: String,
+    /// The name the node knows the VM by (see [`sendense_shared::api::Vm::name_on_node`]).
+    pub node_vm_name: String,
     pub node: Option<NodeAddr>,
     pub disks: Vec<DiskKey>,
     /// Fired by cancel and shutdown; checked between the steps of preparation and verification.
@@ -150,6 +156,10 @@ pub struct LiveJob {
     pub ended: CancellationToken,
     /// When the writer last reported (progress or completion).
     pub last_report: Mutex<std::time::Instant>,
+    /// The bytes the writer last reported done over all disks, and since when they are that
+    /// (a node that reports but moves nothing is stuck, not working); `None` until a report
+    /// shows a disk copying (preparing a snapshot is not a stall).
+    pub last_moved: Mutex<Option<(u64, std::time::Instant)>>,
     /// Repository directory and the bytes this job may still write there, for the space check
     /// of jobs that start while it runs.
     pub repository_path: String,
@@ -168,6 +178,27 @@ impl LiveJob {
     pub fn since_last_report(&self) -> std::time::Duration {
         self.last_report.lock().expect("last_report").elapsed()
     }
+
+    /// Records the writer's total of bytes done; the clock restarts when it changed, and stays
+    /// unset while no disk is copying yet (`copying`: some disk reported `running`).
+    pub fn moved(&self, total: u64, copying: bool) {
+        let mut m = self.last_moved.lock().expect("last_moved");
+        if !copying {
+            *m = None;
+        } else if m.is_none_or(|(was, _)| was != total) {
+            *m = Some((total, std::time::Instant::now()));
+        }
+    }
+
+    /// How long the writer's total of bytes done has stayed the same while copying (zero
+    /// before the copy started).
+    pub fn since_last_moved(&self) -> std::time::Duration {
+        self.last_moved
+            .lock()
+            .expect("last_moved")
+            .map(|(_, at)| at.elapsed())
+            .unwrap_or_default()
+    }
 }
 
 /// Everything the job manager needs from the hub.
@@ -184,6 +215,9 @@ pub struct JobDeps {
     pub node_watch_interval: std::time::Duration,
     /// A node unreachable this long fails its job.
     pub node_lost_after: std::time::Duration,
+    /// A running job whose writer reports progress but no byte done for this long fails (the
+    /// node's own copy watchdog should have failed it earlier: this is the hub's backstop).
+    pub job_stall_after: std::time::Duration,
     /// The hub's own read-only reads of an image chain (verification after the copy).
     pub readback: crate::readback::ReadBack,
     /// How long a job's end waits for an unreachable database before it leaves the job to
@@ -261,7 +295,17 @@ impl JobManager {
 
     /// `POST /api/v1/backups`; see [`prepare`].
     pub async fn start(&self, req: BackupRequest) -> Result<Backup, JobError> {
-        prepare::start(self, req).await
+        prepare::start(self, req, None).await
+    }
+
+    /// A backup started by policy `policy_id` (recorded in `backup_jobs.policy_id` as soon
+    /// as the job exists); otherwise as [`JobManager::start`].
+    pub async fn start_for_policy(
+        &self,
+        req: BackupRequest,
+        policy_id: &str,
+    ) -> Result<Backup, JobError> {
+        prepare::start(self, req, Some(policy_id)).await
     }
 
     /// Appends a job event (database + event stream + log). A failure to record is logged and

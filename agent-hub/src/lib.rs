@@ -1,6 +1,7 @@
 //! `sendense-hub`, the backup server, as a library; `main.rs` only parses flags and calls
 //! [`server::serve`].
 //!
+//! - [`clock`]: the hub's one clock (the wall clock; a file-driven test knob).
 //! - [`config`]: defaults, TOML file, `SENDENSE_HUB_*` environment, flags.
 //! - [`logging`]: stderr plus daily log files.
 //! - [`auth`]: who calls: the admin token file and the node credentials (issued, rotated,
@@ -17,6 +18,12 @@
 //!   into a new image.
 //! - [`verify`]: verify jobs (re-read completed points against their stored checksums, mark
 //!   corrupt ones and their dependents), on demand and on a schedule per repository.
+//! - [`policies`]: backup policies (CRUD, validation, cron schedules in a time zone) and the
+//!   scheduler: slots claimed once, one late run after downtime, the admission queue, the
+//!   backup type rule, the after-run hook for retention.
+//! - [`retention`]: Proxmox Backup Server's keep rules as pure functions.
+//! - [`prune`]: prune and synthetic-full jobs (retention → delete/rebase/merge steps with a
+//!   journal), protected points, a repository's space and forecast.
 //! - [`nodes`]: node registration, inventory import, tunnel probes.
 //! - [`node_client`]: every hub → node call, typed ([`node_client::NodeClient`]).
 //! - [`vms`]: the rules a VM record must pass.
@@ -30,34 +37,45 @@
 //!   hub's and each job's client certificates.
 //! - [`manifest`]: whole-disk checksums of a point (the sidecar next to each image) and the
 //!   read-back that compares an image chain with them.
+//! - [`metrics`]: Prometheus metrics (`GET /api/v1/metrics`): job ends counted from the event
+//!   bus, the catalog's and the system's state read at scrape time.
 //! - [`readback`]: an image chain served read-only on a private unix socket for the hub's own
 //!   read-backs (finalize, verify jobs, the reconciler).
 //!
 //! Layers: `server` wires, `api` translates HTTP and reaches the services through `hub`; the
-//! services (`jobs`, `restores`, `verify`, `nodes`) use the low modules (`db`, `ports`, `qemu_nbd`,
+//! services (`jobs`, `restores`, `verify`, `prune`, `nodes`, `policies` on `jobs`) use the low
+//! modules (`db`, `ports`, `qemu_nbd`,
 //! `repository`, `manifest`, `readback`, `events`, `node_client`, `nbd_ca`) and never `api`, `hub` or `server`; the
 //! `reconciler` runs before any service starts, on the same low modules and the services'
 //! lists of active states.
 
 pub mod api;
 pub mod auth;
+pub mod bootcheck;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod db;
 pub mod events;
+pub mod files;
 pub mod hub;
 pub mod jobs;
 pub mod logging;
 pub mod manifest;
+pub mod metrics;
 pub mod nbd_ca;
 pub mod node_client;
 pub mod nodes;
+pub mod policies;
 pub mod ports;
+pub mod prune;
 pub mod qemu_nbd;
 pub mod readback;
 pub mod reconciler;
 pub mod repository;
 pub mod restores;
+pub mod retention;
 pub mod server;
 pub mod verify;
 pub mod vms;
+pub mod webhooks;

@@ -1,6 +1,7 @@
 //! `sendense-hub`: parse flags, load the configuration, start logging, open the hub, serve until
 //! SIGTERM or SIGINT; or run one `node enroll|rotate|revoke` or `check-image` command
-//! ([`agent_hub::cli`]).
+//! ([`agent_hub::cli`]), or write its man pages or a completion script (hidden `man DIR`,
+//! `completions SHELL`).
 
 use agent_hub::config::{Cli, Command, HubConfig};
 use agent_hub::hub::Hub;
@@ -11,6 +12,17 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Docs(docs)) = &cli.command {
+        // Build time of the packages: no configuration, no logging.
+        use clap::CommandFactory;
+        return match sendense_shared::cli::run_docs(Cli::command(), docs) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sendense-hub: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     if cli.version {
         println!(
             "{}",
@@ -50,8 +62,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // Before the logs go there: the database, the token and the logs are the hub's alone.
     sendense_shared::fsmode::private_dir(&config.data_dir)
         .with_context(|| format!("data directory {}", config.data_dir.display()))?;
-    let _guard =
-        agent_hub::logging::init(&config.log_dir, &config.log_level).context("starting logging")?;
+    let _guard = agent_hub::logging::init(&config.log_dir, &config.log_level, config.log_format)
+        .context("starting logging")?;
     tracing::info!(
         version = sendense_shared::identity::VERSION,
         commit = sendense_shared::identity::GIT_COMMIT,
@@ -72,8 +84,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .with_context(|| format!("binding the API to {listen}"))?;
         let shutdown = CancellationToken::new();
         let signals = shutdown.clone();
+        // Installed before the API says it listens: a SIGTERM from then on drains, never the
+        // default action (a test that stopped the hub right after "listening" saw it killed).
+        let stop = stop_signals();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            wait_for_signal(stop).await;
             tracing::info!("stop signal received: draining");
             signals.cancel();
         });
@@ -81,10 +96,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     })
 }
 
-async fn wait_for_signal() {
+type StopSignals = (tokio::signal::unix::Signal, tokio::signal::unix::Signal);
+
+fn stop_signals() -> StopSignals {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    (
+        signal(SignalKind::terminate()).expect("SIGTERM handler"),
+        signal(SignalKind::interrupt()).expect("SIGINT handler"),
+    )
+}
+
+async fn wait_for_signal((mut term, mut int): StopSignals) {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}

@@ -20,9 +20,16 @@
 //! hashed as zeroes without reading it (what a read would return, as the same metadata decides
 //! both), every other cell is read and hashed. Cells are read [`PARALLEL`] at a time and hashed
 //! on the runtime's worker threads.
+//!
+//! The writer's range checksums (the written extents, in chunks) are proven in the same pass
+//! ([`check_with_ranges`], [`compute_with_ranges`]): a range that lies inside one cell is hashed
+//! from that cell's bytes as they are read (a range that is the whole cell shares its hash; one
+//! in a cell read as zeroes by block status is hashed as zeroes), so the data is read once, not
+//! once per kind of checksum. Ranges that cross a cell boundary are left to the caller
+//! ([`split_ranges`]).
 
 use futures_util::StreamExt;
-use sendense_shared::api::GridChecksums;
+use sendense_shared::api::{ChecksumRange, GridChecksums};
 use sendense_shared::nbd::{
     BASE_ALLOCATION, ConnectOptions, NbdAddr, NbdClient, NbdError, STATE_ZERO,
 };
@@ -465,6 +472,84 @@ fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), ManifestError> {
     Ok(())
 }
 
+/// The writer's range checksums proven in the same pass as the cells.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RangeReport {
+    pub ranges: usize,
+    pub bytes: u64,
+    /// The first range (in the writer's order) whose bytes differ, if any.
+    pub first_mismatch: Option<RangeMismatch>,
+    pub mismatch_count: u64,
+}
+
+/// One range whose bytes differ from the writer's checksum.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangeMismatch {
+    pub offset: u64,
+    pub length: u64,
+    pub expected: String,
+    pub actual: String,
+}
+
+/// Splits `ranges` into those that lie inside one cell of a `cell_size` grid over `disk_size`
+/// bytes (proven in the cells' pass) and the others (to be read on their own, e.g. with
+/// [`sendense_shared::nbd::verify::verify_ranges`], which also refuses ranges beyond the disk).
+pub fn split_ranges(
+    ranges: &[ChecksumRange],
+    cell_size: u64,
+    disk_size: u64,
+) -> (Vec<ChecksumRange>, Vec<ChecksumRange>) {
+    ranges
+        .iter()
+        .cloned()
+        .partition(|r| fits_in_cell(r, cell_size, disk_size))
+}
+
+fn fits_in_cell(r: &ChecksumRange, cell_size: u64, disk_size: u64) -> bool {
+    r.length > 0
+        && r.offset
+            .checked_add(r.length)
+            .is_some_and(|end| end <= disk_size)
+        && r.offset / cell_size == (r.offset + r.length - 1) / cell_size
+}
+
+/// Per cell, the ranges inside it: (index in the list, offset within the cell, length).
+type CellRanges = Vec<Vec<(usize, u64, u64)>>;
+
+/// The ranges that fit in a cell, by cell (the others are in no cell, so they never get a hash).
+fn ranges_by_cell(ranges: &[ChecksumRange], cell_size: u64, disk_size: u64) -> CellRanges {
+    let cells = Manifest::cell_count(disk_size, cell_size) as usize;
+    let mut by_cell: CellRanges = vec![Vec::new(); cells];
+    for (k, r) in ranges.iter().enumerate() {
+        if fits_in_cell(r, cell_size, disk_size) {
+            let i = (r.offset / cell_size) as usize;
+            by_cell[i].push((k, r.offset - i as u64 * cell_size, r.length));
+        }
+    }
+    by_cell
+}
+
+fn range_report(ranges: &[ChecksumRange], hashes: &[Option<[u8; 32]>]) -> RangeReport {
+    let mut rep = RangeReport {
+        ranges: ranges.len(),
+        ..Default::default()
+    };
+    for (r, h) in ranges.iter().zip(hashes) {
+        rep.bytes += r.length;
+        let actual = h.map(|h| hex(&h)).unwrap_or_default();
+        if !actual.eq_ignore_ascii_case(&r.blake3) {
+            rep.mismatch_count += 1;
+            rep.first_mismatch.get_or_insert(RangeMismatch {
+                offset: r.offset,
+                length: r.length,
+                expected: r.blake3.clone(),
+                actual,
+            });
+        }
+    }
+    rep
+}
+
 /// Connects to a read-only export with `base:allocation`.
 async fn connect(addr: &NbdAddr) -> Result<NbdClient, ManifestError> {
     let opts = ConnectOptions {
@@ -533,11 +618,14 @@ async fn zero_cells(
     Ok(zero)
 }
 
+/// The cell's hash, and the hash of each range inside it (`inner`: index, offset within the
+/// cell, length), from the same bytes.
 async fn hash_cell(
     client: &NbdClient,
     offset: u64,
     length: u64,
-) -> Result<[u8; 32], ManifestError> {
+    inner: &[(usize, u64, u64)],
+) -> Result<([u8; 32], Vec<(usize, [u8; 32])>), ManifestError> {
     // The cell's pieces are asked for at once and hashed in order: qemu-nbd serves them in
     // parallel, where one large read is one request on one of its threads.
     let pieces = (0..length.div_ceil(PIECE)).map(|k| {
@@ -554,22 +642,56 @@ async fn hash_cell(
                 })
         }
     });
+    let data = futures_util::future::try_join_all(pieces).await?;
     let mut h = blake3::Hasher::new();
-    for data in futures_util::future::try_join_all(pieces).await? {
-        h.update(&data);
+    for d in &data {
+        h.update(d);
     }
-    Ok(*h.finalize().as_bytes())
+    let cell = *h.finalize().as_bytes();
+    let ranges = inner
+        .iter()
+        .map(|&(k, at, len)| {
+            if at == 0 && len == length {
+                return (k, cell);
+            }
+            let mut h = blake3::Hasher::new();
+            let (end, mut pos) = (at + len, 0u64);
+            for d in &data {
+                let (lo, hi) = (pos, pos + d.len() as u64);
+                if hi > at && lo < end {
+                    h.update(&d[(at.max(lo) - lo) as usize..(end.min(hi) - lo) as usize]);
+                }
+                pos = hi;
+            }
+            (k, *h.finalize().as_bytes())
+        })
+        .collect();
+    Ok((cell, ranges))
+}
+
+/// What one pass over an export found.
+struct Exported {
+    /// Every cell's hash, in order.
+    hashes: Vec<[u8; 32]>,
+    /// Which cells block status gave as zeroes (not read).
+    zero: Vec<bool>,
+    size: u64,
+    /// The hash of each range asked for, in its order (`None`: beyond the export's cells).
+    ranges: Vec<Option<[u8; 32]>>,
 }
 
 /// The hash of every cell of the export (zero cells by block status), in order; `read` counts
 /// the bytes read as they are.
+/// `ranges` (each inside one cell, see [`split_ranges`]) are hashed from the same bytes; their
+/// hashes come back in their order.
 async fn hash_export(
     addr: &NbdAddr,
     cell_size: u64,
     expect_size: Option<u64>,
+    ranges: &[ChecksumRange],
     cancel: &CancellationToken,
     read: &AtomicU64,
-) -> Result<(Vec<[u8; 32]>, Vec<bool>, u64), ManifestError> {
+) -> Result<Exported, ManifestError> {
     let client = connect(addr).await?;
     let size = client.size();
     if let Some(want) = expect_size
@@ -593,15 +715,24 @@ async fn hash_export(
     let result = async {
         let zero = Arc::new(zero_cells(&client, cell_size, size).await?);
         let n = zero.len() as u64;
+        let inner = Arc::new(ranges_by_cell(ranges, cell_size, size));
+        let mut range_hashes: Vec<Option<[u8; 32]>> = vec![None; ranges.len()];
         let mut results = futures_util::stream::iter((0..n).map(|i| {
             let client = clients[i as usize % clients.len()].clone();
             let zero = zero.clone();
+            let inner = inner.clone();
             tokio::spawn(async move {
                 let (o, l) = (i * cell_size, cell_size.min(size - i * cell_size));
+                let mine = &inner[i as usize];
                 if zero[i as usize] {
-                    Ok((zero_hash(l), 0))
+                    // What a read would return, as the same metadata decides both.
+                    let r = mine
+                        .iter()
+                        .map(|&(k, _, len)| (k, zero_hash(len)))
+                        .collect();
+                    Ok((zero_hash(l), r, 0))
                 } else {
-                    hash_cell(&client, o, l).await.map(|h| (h, l))
+                    hash_cell(&client, o, l, mine).await.map(|(h, r)| (h, r, l))
                 }
             })
         }))
@@ -614,14 +745,22 @@ async fn hash_export(
                 n = results.next() => n,
             };
             let Some(joined) = next else { break };
-            let (h, bytes) = joined.map_err(|e| ManifestError::Task {
+            let (h, r, bytes) = joined.map_err(|e| ManifestError::Task {
                 reason: e.to_string(),
             })??;
             read.fetch_add(bytes, Ordering::Relaxed);
             hashes.push(h);
+            for (k, rh) in r {
+                range_hashes[k] = Some(rh);
+            }
         }
         drop(results);
-        Ok((hashes, zero.to_vec(), size))
+        Ok(Exported {
+            hashes,
+            zero: zero.to_vec(),
+            size,
+            ranges: range_hashes,
+        })
     }
     .await;
     for c in clients {
@@ -639,7 +778,26 @@ pub async fn check(
     cancel: &CancellationToken,
     read: &AtomicU64,
 ) -> Result<CheckReport, ManifestError> {
-    let (hashes, zero, _) = hash_export(addr, m.cell_size, Some(m.disk_size), cancel, read).await?;
+    check_with_ranges(addr, m, &[], cancel, read)
+        .await
+        .map(|(r, _)| r)
+}
+
+/// [`check`], and in the same pass the writer's `ranges` that lie inside one cell (the others
+/// are counted as mismatches: split them off first with [`split_ranges`]).
+pub async fn check_with_ranges(
+    addr: &NbdAddr,
+    m: &Manifest,
+    ranges: &[ChecksumRange],
+    cancel: &CancellationToken,
+    read: &AtomicU64,
+) -> Result<(CheckReport, RangeReport), ManifestError> {
+    let Exported {
+        hashes,
+        zero,
+        ranges: range_hashes,
+        ..
+    } = hash_export(addr, m.cell_size, Some(m.disk_size), ranges, cancel, read).await?;
     let mut report = CheckReport {
         cells: m.cells(),
         ..Default::default()
@@ -663,7 +821,7 @@ pub async fn check(
             }
         }
     }
-    Ok(report)
+    Ok((report, range_report(ranges, &range_hashes)))
 }
 
 /// Computes the manifest of the export at `addr` (a hub-alone writer sent no grid, or a
@@ -675,12 +833,30 @@ pub async fn compute(
     cancel: &CancellationToken,
     read: &AtomicU64,
 ) -> Result<Manifest, ManifestError> {
-    let (hashes, _, size) = hash_export(addr, cell_size, None, cancel, read).await?;
-    Ok(Manifest {
-        cell_size,
-        disk_size: size,
-        hashes,
-    })
+    compute_with_ranges(addr, cell_size, &[], cancel, read)
+        .await
+        .map(|(m, _)| m)
+}
+
+/// [`compute`], and in the same pass the writer's `ranges` that lie inside one cell (see
+/// [`check_with_ranges`]).
+pub async fn compute_with_ranges(
+    addr: &NbdAddr,
+    cell_size: u64,
+    ranges: &[ChecksumRange],
+    cancel: &CancellationToken,
+    read: &AtomicU64,
+) -> Result<(Manifest, RangeReport), ManifestError> {
+    let e = hash_export(addr, cell_size, None, ranges, cancel, read).await?;
+    let report = range_report(ranges, &e.ranges);
+    Ok((
+        Manifest {
+            cell_size,
+            disk_size: e.size,
+            hashes: e.hashes,
+        },
+        report,
+    ))
 }
 
 #[cfg(test)]

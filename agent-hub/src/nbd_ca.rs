@@ -22,6 +22,21 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// The Diffie-Hellman group qemu-nbd's `tls-creds-x509` loads from `dh-params.pem`: RFC 7919's
+/// ffdhe2048, a fixed, public group (`openssl genpkey -genparam -algorithm DH -pkeyopt
+/// group:ffdhe2048`). Without the file, every qemu-nbd start generates 2048-bit parameters of
+/// its own, which takes seconds of CPU before the export answers (bench/job.sh: 4-9 s of a job's
+/// preparation on a loaded 2-core machine, against 20-40 ms with the file).
+const DH_PARAMS_PEM: &str = "\
+-----BEGIN DH PARAMETERS-----\n\
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz\n\
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a\n\
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7\n\
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi\n\
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD\n\
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==\n\
+-----END DH PARAMETERS-----\n";
+
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
@@ -196,6 +211,10 @@ impl NbdCa {
             write_private(&server_dir.join("server-cert.pem"), &cert)?;
             write_private(&server_key, &key)?;
         }
+        let dh = server_dir.join("dh-params.pem");
+        if read(&dh).ok().as_deref() != Some(DH_PARAMS_PEM) {
+            write_private(&dh, DH_PARAMS_PEM)?;
+        }
         let (hub_cert, hub_key) = (dir.join("hub-cert.pem"), dir.join("hub-key.pem"));
         if fresh || !hub_key.exists() || !hub_cert.exists() {
             let (cert, key) = issue(&ca.issuer, HUB_CN, false)
@@ -293,6 +312,9 @@ mod tests {
         for f in ["ca-key.pem", "hub-key.pem", "server/server-key.pem"] {
             assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
         }
+        // qemu-nbd loads the fixed group instead of generating one at every start.
+        let dh = std::fs::read_to_string(dir.join("server/dh-params.pem")).unwrap();
+        assert!(dh.starts_with("-----BEGIN DH PARAMETERS-----\n"), "{dh}");
         let again = NbdCa::open(data.path()).unwrap();
         assert!(ca == again, "the second start reuses the CA");
         assert_eq!(ca.hub_client(), again.hub_client());

@@ -155,8 +155,8 @@ impl Nodes {
             };
             match self.db.upsert_inventory_vm(&req, &source).await {
                 Ok(vm) => out.push(vm),
-                // Another node's VM of the same name stays that node's (never a takeover);
-                // this node's is left out of the import, and said so.
+                // Another node's VM holds the name (this node's is then `<name>.<node>`) and
+                // another node's that one too: never a takeover; left out of the import, and said so.
                 Err(e @ DbError::Owned { .. }) => {
                     tracing::warn!(%node, vm = %req.vm_name, error = %e, "inventory VM not imported");
                 }

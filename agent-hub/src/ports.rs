@@ -14,6 +14,9 @@
 //!   inserted first, so a port that is bound although no row holds it belongs to a foreign
 //!   process (an old binary, another service): it is skipped, logged and reported as squatted
 //!   until a later bind test finds it free.
+//! - With the exports on unix sockets (`nbd_listen = "unix"`) the numbers are slot ids
+//!   ([`PortAllocator::slots_only`]): no TCP bind test, since nothing listens on TCP and a local
+//!   user binding the whole range must not be able to starve the hub of slots.
 
 use crate::db::{Db, DbError, col, from_us, is_unique_violation, now_us, q};
 use chrono::Utc;
@@ -133,6 +136,8 @@ pub struct PortAllocator {
     db: Db,
     range: PortRange,
     bind: IpAddr,
+    /// False for slot ids of unix-socket exports: no TCP bind test.
+    bind_test: bool,
     squatted: Arc<Mutex<BTreeMap<u16, SquattedPort>>>,
 }
 
@@ -148,8 +153,16 @@ impl PortAllocator {
             db,
             range,
             bind,
+            bind_test: true,
             squatted: Arc::new(Mutex::new(BTreeMap::new())),
         }
+    }
+
+    /// The numbers are slots of unix-socket exports (`<dir>/<port>.sock`): handed out by the
+    /// database alone, without a TCP bind test.
+    pub fn slots_only(mut self) -> Self {
+        self.bind_test = false;
+        self
     }
 
     pub fn range(&self) -> PortRange {
@@ -234,7 +247,12 @@ impl PortAllocator {
                 Err(e) if is_unique_violation(&e) => continue,
                 Err(e) => return Err(q(doing)(e)),
             }
-            match bind_test(self.bind, port) {
+            let tested = if self.bind_test {
+                bind_test(self.bind, port)
+            } else {
+                Ok(())
+            };
+            match tested {
                 Ok(()) => {
                     got.push((key, NbdPort(port)));
                     disk = want.next();

@@ -44,6 +44,31 @@
 //! `unsafe` ignores flushes, so an acknowledged backup could be lost on a host crash; it is
 //! measured for reference only and never chosen.
 //!
+//! ## Where the exports listen: unix sockets by default (`nbd_listen`)
+//!
+//! Exports a node opens listen on `<nbd_socket_dir>/<port>.sock` (`--socket`); the allocator's
+//! port numbers are only slot ids then (no TCP bind test, see [`crate::ports`]). The directory is
+//! 0750 with the ssh tunnel user's group and each socket 0660 ([`socket_dir`]); the node's ssh
+//! reaches them as streamlocal forwards (`-L <node_run>/nbd/N.sock:<dir>/N.sock`, one per slot,
+//! static like the TCP forwards were), and the tunnel key names each socket
+//! (`permitopen="[<dir>/N.sock]:*"`).
+//!
+//! **Why this is the default.** qemu-nbd counts a client at `accept`, before any TLS: on TCP,
+//! any local user's idle connections (12 were enough) held every `--shared` slot, the job's
+//! writer was refused until qemu's handshake timeout dropped them (10 s), and a steady flood
+//! could fail the job. TLS with client certificates (below) keeps such a user from reading or
+//! writing, but it cannot keep them from connecting. A unix socket in a directory they cannot
+//! enter refuses them in `connect(2)` with EACCES, so qemu-nbd never sees them; and a local user
+//! who binds the old TCP range no longer starves the allocator (`e2e::flood` floods every
+//! socket and port and squats the range during a job: all refused, the job completes verified).
+//! An owner-match firewall rule would do the same for TCP, but needs root at run time and a
+//! firewall the hub does not own. TLS stays on over the socket (defense in depth: the tunnel
+//! user's group reaches every socket, the job's certificate reaches only its own exports).
+//! `nbd_listen = "tcp"` keeps `nbd_bind:port` for writers on the hub itself (nbdcopy, tests)
+//! and nodes without the tunnel. The hub's own read-backs keep their private 0700 socket
+//! directory and no TLS. The cost of both is measured by `bench/tunnel.sh` (see the numbers in
+//! `agent-node/src/tunnel.rs`).
+//!
 //! ## Parts
 //!
 //! - `config`: [`QemuNbdConfig`] (the `[qemu_nbd]` table) and its checks, [`ExportSpec`], and
@@ -51,6 +76,7 @@
 //! - `process`: [`QemuNbd`], the supervised process: start, readiness, exit watch, stop, and the
 //!   cause of an early exit read from its stderr.
 //! - `orphans`: [`is_our_qemu_nbd`] and [`stop_orphan`], for PIDs recorded by an earlier run.
+//! - `sockets`: [`socket_dir`], the 0750 directory of the exports' unix sockets.
 //! - `duration_serde`: the config's durations (`10`, `0.5`, `"500ms"`).
 
 use std::path::PathBuf;
@@ -62,16 +88,24 @@ mod config;
 mod duration_serde;
 mod orphans;
 mod process;
+mod sockets;
 
-pub use config::{ExportSpec, QemuNbdConfig, command_args};
+pub use config::{ExportSpec, NbdListen, QemuNbdConfig, command_args, socket_path};
 pub use orphans::{OrphanOutcome, is_our_qemu_nbd, stop_orphan};
 pub use process::QemuNbd;
+pub use sockets::socket_dir;
 
 /// Errors of the qemu-nbd manager.
 #[derive(Debug, thiserror::Error)]
 pub enum QemuNbdError {
     #[error("issuing the export's client certificate")]
     ClientCert(#[source] crate::nbd_ca::NbdCaError),
+    #[error("opening the export socket {} to the tunnel's group", path.display())]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("invalid qemu-nbd setting `{field}`: {reason}")]
     InvalidConfig { field: &'static str, reason: String },
     #[error("invalid qemu-nbd export `{field}`: {reason}")]

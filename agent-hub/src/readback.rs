@@ -6,8 +6,9 @@
 //! The writable export of a job is stopped before (a read-back never races a writer), so the
 //! read-only qemu-nbd is the only opener and takes the image's lock normally.
 
-use crate::manifest::{self, CheckReport, Manifest, ManifestError};
+use crate::manifest::{self, CheckReport, Manifest, ManifestError, RangeReport};
 use crate::qemu_nbd::{ExportSpec, QemuNbd, QemuNbdConfig, QemuNbdError};
+use sendense_shared::api::ChecksumRange;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -177,6 +178,34 @@ impl Served {
         read: &AtomicU64,
     ) -> Result<Manifest, ReadBackError> {
         manifest::compute(&self.addr(), cell_size, cancel, read)
+            .await
+            .map_err(|source| self.failed(source))
+    }
+
+    /// [`Served::check`], and the writer's range checksums that lie inside one cell in the same
+    /// pass (see [`manifest::check_with_ranges`]).
+    pub async fn check_with_ranges(
+        &self,
+        m: &Manifest,
+        ranges: &[ChecksumRange],
+        cancel: &CancellationToken,
+        read: &AtomicU64,
+    ) -> Result<(CheckReport, RangeReport), ReadBackError> {
+        manifest::check_with_ranges(&self.addr(), m, ranges, cancel, read)
+            .await
+            .map_err(|source| self.failed(source))
+    }
+
+    /// [`Served::compute`], and the writer's range checksums that lie inside one cell in the
+    /// same pass (see [`manifest::compute_with_ranges`]).
+    pub async fn compute_with_ranges(
+        &self,
+        cell_size: u64,
+        ranges: &[ChecksumRange],
+        cancel: &CancellationToken,
+        read: &AtomicU64,
+    ) -> Result<(Manifest, RangeReport), ReadBackError> {
+        manifest::compute_with_ranges(&self.addr(), cell_size, ranges, cancel, read)
             .await
             .map_err(|source| self.failed(source))
     }

@@ -13,6 +13,7 @@
 //!    Every restore in a non-terminal state is marked `failed` too ("hub restarted during
 //!    the restore"); the node deletes its partial image (its reads fail, or its own start-up
 //!    recovery runs).
+//!    A prune job left running has its step in progress finished ([`prune`]).
 //! 3. every port allocation is released (no job is live in a process that just started).
 //!
 //! Each action is logged and, when it concerns a job, appended to that job's events.
@@ -22,6 +23,7 @@
 //! Recording the owning hub instance per job would lift this; nothing needs it yet.
 
 mod finalizing;
+pub mod prune;
 
 use crate::config::HubConfig;
 use crate::db::{Db, DiskUpdate};
@@ -230,6 +232,22 @@ pub async fn reconcile(
             tracing::error!(error = %sendense_shared::errors::chain(&e), "reconciler: cannot list active restores");
             rep.errors.push(sendense_shared::errors::chain(&e));
         }
+    }
+
+    // 2c. Prune jobs: the step in progress finished (see [`prune`]).
+    let p = prune::recover(db, readback, log).await;
+    if p.jobs > 0 {
+        tracing::warn!(
+            jobs = p.jobs,
+            steps_finished = p.steps_finished,
+            orphans_stopped = p.orphans_stopped,
+            errors = p.errors,
+            "reconciler: prune jobs a previous hub process left unfinished were ended"
+        );
+    }
+    for _ in 0..p.errors {
+        rep.errors
+            .push("a prune step could not be finished at start-up (see the prune job)".into());
     }
 
     // 3. Port allocations: none can belong to a live job of this new process.

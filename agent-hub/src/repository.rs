@@ -23,6 +23,7 @@ use sendense_shared::names::{NameError, validate_name};
 use serde::Deserialize;
 use std::path::{Component, Path, PathBuf};
 use std::process::Output;
+use std::time::Duration;
 use thiserror::Error;
 use tokio::process::Command;
 
@@ -49,6 +50,8 @@ pub enum RepoError {
     },
     #[error("cannot read the output of {command}: {reason}")]
     Output { command: String, reason: String },
+    #[error("{command} did not finish within {after:?} (killed)")]
+    Timeout { command: String, after: Duration },
     #[error("cannot query free space of {}", path.display())]
     Statvfs {
         path: PathBuf,
@@ -169,18 +172,30 @@ fn command_line(program: &str, args: &[String]) -> String {
         .join(" ")
 }
 
+/// Bound on one `qemu-img create|info|check`: these only read metadata (a `check` of a
+/// multi-TiB image takes seconds to minutes), so a run past this hangs on its storage; it is
+/// killed rather than left holding the job.
+const QEMU_IMG_DEADLINE: Duration = Duration::from_secs(30 * 60);
+
 async fn qemu_img(args: Vec<String>) -> Result<(String, Output), RepoError> {
     let cmd = command_line("qemu-img", &args);
     tracing::debug!(command = %cmd, "running qemu-img");
-    let out = Command::new("qemu-img")
+    let run = Command::new("qemu-img")
         .args(&args)
         .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|source| RepoError::Spawn {
+        .output();
+    let out = match tokio::time::timeout(QEMU_IMG_DEADLINE, run).await {
+        Ok(r) => r.map_err(|source| RepoError::Spawn {
             program: "qemu-img",
             source,
-        })?;
+        })?,
+        Err(_) => {
+            return Err(RepoError::Timeout {
+                command: cmd,
+                after: QEMU_IMG_DEADLINE,
+            });
+        }
+    };
     Ok((cmd, out))
 }
 

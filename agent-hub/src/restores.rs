@@ -67,6 +67,8 @@ pub enum RestoreError {
     NotRestorable { id: BackupId, reason: String },
     #[error("backup {id} is being restored already by {restore_id}; wait for it")]
     Busy { id: BackupId, restore_id: String },
+    #[error("backup {id}: prune job {prune_id} is changing its VM's chain; wait for it to end")]
+    Pruning { id: BackupId, prune_id: String },
     #[error("image {path} of backup {id} is missing")]
     ImageMissing { id: BackupId, path: String },
     #[error("restore {id} is {status}: {what}")]
@@ -312,7 +314,7 @@ impl Restores {
             nbd_export_name: format!("restore-{}", &restore_id[..8]),
             bytes_done: 0,
             bytes_total: disk.bytes_total,
-            created_at: chrono::Utc::now(),
+            created_at: db.clock().now(),
             completed_at: None,
             error_message: None,
         };
@@ -323,6 +325,16 @@ impl Restores {
                 .list_restores_in(ACTIVE)
                 .await
                 .map_err(Self::db_err(&restore_id, "checking for a running restore"))?;
+            if let Some(prune_id) = db
+                .active_prune_of_vm(&backup.vm_name)
+                .await
+                .map_err(Self::db_err(&restore_id, "checking for a running prune"))?
+            {
+                return Err(RestoreError::Pruning {
+                    id: backup.backup_id.clone(),
+                    prune_id,
+                });
+            }
             if let Some(busy) = active.iter().find(|r| r.backup_id == backup.backup_id) {
                 return Err(RestoreError::Busy {
                     id: backup.backup_id.clone(),

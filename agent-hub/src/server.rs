@@ -43,8 +43,14 @@ pub enum StartError {
     },
     #[error("registering the default repository")]
     RegisterRepository(#[source] crate::db::DbError),
+    #[error("the NBD socket directory (nbd_listen = \"unix\")")]
+    NbdSockets(#[source] crate::qemu_nbd::QemuNbdError),
     #[error("the NBD CA (nbd_tls = true)")]
     NbdCa(#[source] crate::nbd_ca::NbdCaError),
+    #[error("the test clock (test_clock_file)")]
+    TestClock(#[source] crate::clock::ClockError),
+    #[error("the webhooks ([[webhook]])")]
+    Webhooks(#[source] crate::webhooks::WebhookError),
     #[error("serving the API")]
     Serve(#[source] std::io::Error),
 }
@@ -66,6 +72,15 @@ impl Hub {
             source,
         };
         let db = Db::connect(&config.database_url).await.map_err(db_err)?;
+        let db = match &config.test_clock_file {
+            None => db,
+            Some(f) => {
+                let clock = crate::clock::FileClock::open(f).map_err(StartError::TestClock)?;
+                tracing::warn!(file = %f.display(), now = %crate::clock::Clock::now(&clock),
+                    "TEST KNOB: the hub's time comes from a file (test_clock_file), not the wall clock");
+                db.with_clock(Arc::new(clock))
+            }
+        };
         db.migrate().await.map_err(db_err)?;
         tracing::info!(url = %redact(&config.database_url), kind = ?db.kind(), "database ready");
 
@@ -105,11 +120,20 @@ impl Hub {
         }
         let bus = EventBus::new();
         let log = JobLog::new(db.clone(), bus.clone());
-        let ports = Arc::new(PortAllocator::new(
-            db.clone(),
-            config.nbd_ports,
-            config.nbd_bind,
-        ));
+        let ports = PortAllocator::new(db.clone(), config.nbd_ports, config.nbd_bind);
+        let ports = Arc::new(match config.nbd_listen {
+            crate::qemu_nbd::NbdListen::Unix => {
+                config.qemu_nbd.socket_dir = Some(
+                    crate::qemu_nbd::socket_dir(
+                        &config.nbd_socket_dir,
+                        config.nbd_socket_group.as_deref(),
+                    )
+                    .map_err(StartError::NbdSockets)?,
+                );
+                ports.slots_only()
+            }
+            crate::qemu_nbd::NbdListen::Tcp => ports,
+        });
         let tasks = TaskTracker::new();
         let readback = crate::readback::ReadBack::new(
             config.qemu_nbd.clone(),
@@ -124,6 +148,7 @@ impl Hub {
             tasks: tasks.clone(),
             node_watch_interval: config.node_watch_interval,
             node_lost_after: config.node_lost_after,
+            job_stall_after: config.job_stall_after,
             readback: readback.clone(),
             db_patience: config.db_outage_patience,
         });
@@ -137,13 +162,38 @@ impl Hub {
             node_watch_interval: config.node_watch_interval,
             node_lost_after: config.node_lost_after,
         });
-        let nodes = Nodes::new(db.clone(), bus.clone(), node_client, tasks.clone());
+        let nodes = Nodes::new(db.clone(), bus.clone(), node_client.clone(), tasks.clone());
+        // Before the policies: their after-run hook prunes.
+        let prune = crate::prune::Pruner::new(crate::prune::PruneDeps {
+            db: db.clone(),
+            readback: readback.clone(),
+            log: log.clone(),
+            tasks: tasks.clone(),
+            knob: crate::prune::engine::Knob::from_env(&config.data_dir),
+        });
+
+        let policies = crate::policies::Policies::new(crate::policies::PolicyDeps {
+            db: db.clone(),
+            jobs: jobs.clone(),
+            bus: bus.clone(),
+            nodes: node_client,
+            ports: ports.clone(),
+            nbd_bind: config.nbd_bind,
+            limits: crate::policies::Limits {
+                per_hub: config.max_concurrent_backups,
+                per_node: config.max_concurrent_backups_per_node,
+            },
+            after_run: Arc::new(crate::prune::after_run::PruneAfterRun {
+                pruner: prune.clone(),
+            }),
+        });
         let verify = crate::verify::Verifier::new(crate::verify::VerifyDeps {
             db: db.clone(),
             readback: readback.clone(),
             log: log.clone(),
             tasks: tasks.clone(),
-            clock: Arc::new(crate::verify::SystemClock),
+            clock: db.clock(),
+            boot_root: crate::bootcheck::root(&config.data_dir),
         });
         if let Err(e) = verify.recover().await {
             tracing::warn!(error = %sendense_shared::errors::chain(&e), "cannot end the verify jobs a previous run left");
@@ -152,23 +202,46 @@ impl Hub {
         let report = crate::reconciler::reconcile(&db, &ports, &log, &config, &readback).await;
         tracing::info!(summary = %report, "start-up reconciliation done");
 
+        let shutdown = CancellationToken::new();
+        let hub_name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| config.listen.to_string());
+        let webhooks = crate::webhooks::Webhooks::start(
+            &config.webhooks,
+            hub_name,
+            db.clock(),
+            &tasks,
+            shutdown.clone(),
+        )
+        .map_err(StartError::Webhooks)?;
+
+        let files = crate::files::FileBrowser::new(
+            config.files.clone(),
+            db.clock(),
+            config.data_dir.join("files"),
+        );
         Ok(Arc::new(Hub {
+            files,
+            webhooks: Arc::new(webhooks),
             config,
             db,
             ports,
             jobs,
             restores,
             verify,
+            policies,
+            prune,
             nodes,
             bus,
             readback,
+            metrics: Arc::new(crate::metrics::Metrics::new()),
             auth: crate::auth::Authenticator {
                 admin: token.clone(),
                 credentials,
             },
             token,
             started_at: Utc::now(),
-            shutdown: CancellationToken::new(),
+            shutdown,
             tasks,
         }))
     }
@@ -212,8 +285,31 @@ pub async fn serve(
     tracing::info!(%addr, pid = std::process::id(), "sendense-hub API listening");
     let app = crate::api::router(state.clone());
     spawn_tunnel_prober(&state);
+    crate::metrics::spawn(
+        state.metrics.clone(),
+        &state.bus,
+        &state.tasks,
+        state.shutdown.clone(),
+    );
+    crate::webhooks::spawn(
+        state.clone(),
+        state.webhooks.clone(),
+        state.config.alerts.clone(),
+        state.config.alert_check_interval,
+    );
     crate::verify::schedule::spawn(
         crate::verify::schedule::Scheduler::new(state.verify.clone()),
+        &state.tasks,
+        state.shutdown.clone(),
+    );
+    crate::policies::scheduler::spawn(
+        state.policies.clone(),
+        state.config.policy_check_interval,
+        &state.tasks,
+        state.shutdown.clone(),
+    );
+    state.files.spawn_reaper(
+        std::time::Duration::from_secs(1),
         &state.tasks,
         state.shutdown.clone(),
     );
@@ -229,6 +325,8 @@ pub async fn serve(
         .map_err(StartError::Serve);
     tracing::info!("API stopped; stopping live jobs and their qemu-nbd processes");
     // Both kinds of job at once: a restore must not wait for the backups to unwind.
+    state.prune.shutdown().await;
+    state.files.shutdown().await;
     tokio::join!(
         state.jobs.shutdown("hub stopped (SIGTERM) during the job"),
         state

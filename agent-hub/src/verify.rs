@@ -18,7 +18,6 @@ pub mod schedule;
 use crate::db::{Db, DbError};
 use crate::events::JobLog;
 use crate::readback::ReadBack;
-use chrono::{DateTime, Utc};
 use sendense_shared::api::{HubEvent, Integrity, JobEvent, JobStatus, VerifyJob, VerifyRequest};
 use sendense_shared::ids::BackupId;
 use std::collections::HashMap;
@@ -26,19 +25,9 @@ use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// The time as the verify jobs and their scheduler see it (tests drive it).
-pub trait Clock: Send + Sync {
-    fn now(&self) -> DateTime<Utc>;
-}
-
-/// The wall clock.
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> DateTime<Utc> {
-        Utc::now()
-    }
-}
+/// The time as the verify jobs and their scheduler see it (the hub's one clock; tests drive
+/// it).
+pub use crate::clock::{Clock, SystemClock};
 
 /// What starts a verify job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +58,8 @@ pub enum VerifyError {
         status: &'static str,
         what: &'static str,
     },
+    #[error("VM {vm:?}: prune job {prune_id} is changing its chain; verify it once the prune ends")]
+    Pruning { vm: String, prune_id: String },
     #[error("backup {id} is {status}: only completed points are verified")]
     NotCompleted { id: BackupId, status: &'static str },
     #[error("database while {doing}")]
@@ -94,6 +85,8 @@ pub struct VerifyDeps {
     pub log: JobLog,
     pub tasks: TaskTracker,
     pub clock: Arc<dyn Clock>,
+    /// Where boot checks put their work directories ([`crate::bootcheck::root`]).
+    pub boot_root: std::path::PathBuf,
 }
 
 /// The verify jobs of this hub. Cheap to clone.
@@ -133,6 +126,7 @@ impl Verifier {
             .list_verifies()
             .await
             .map_err(db_err("listing verify jobs"))?;
+        self.recover_boot_checks().await;
         for v in all.into_iter().filter(|v| !v.status.is_terminal()) {
             let to = if v.status == JobStatus::Cancelling {
                 JobStatus::Cancelled
@@ -151,6 +145,66 @@ impl Verifier {
         Ok(())
     }
 
+    /// Boot checks a previous hub process left running: their QEMU stopped (PID checked in
+    /// `/proc`), their overlays removed, the point's check marked `interrupted`; then anything
+    /// else under the boot-check root (no check runs in a process that just started).
+    async fn recover_boot_checks(&self) {
+        let deps = self.deps();
+        let live = match deps.db.interrupted_boot_checks().await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %sendense_shared::errors::chain(&e),
+                    "cannot list the boot checks a previous run left");
+                return;
+            }
+        };
+        for c in live {
+            let did =
+                crate::bootcheck::recover_one(c.qemu_pid, c.work_dir.as_deref(), &deps.boot_root)
+                    .await;
+            let detail = format!(
+                "the hub stopped during the boot check (verify job {}); {did}",
+                c.verify_id
+            );
+            tracing::warn!(backup_id = %c.backup_id, "{detail}");
+            if let Err(e) = deps
+                .db
+                .finish_boot_check(
+                    &c.backup_id,
+                    sendense_shared::api::BootStatus::Interrupted,
+                    &detail,
+                    &[],
+                    None,
+                )
+                .await
+            {
+                tracing::warn!(error = %sendense_shared::errors::chain(&e),
+                    "cannot record an interrupted boot check");
+            }
+            deps.log
+                .record(
+                    &c.backup_id,
+                    Some(&c.verify_id),
+                    crate::events::Level::Warn,
+                    "boot_check_interrupted",
+                    &format!("reconciler: {detail}"),
+                    None,
+                )
+                .await;
+        }
+        if let Ok(entries) = std::fs::read_dir(&deps.boot_root) {
+            for e in entries.flatten() {
+                let p = e.path();
+                if let Err(err) = std::fs::remove_dir_all(&p) {
+                    tracing::warn!(dir = %p.display(), error = %err,
+                        "cannot remove a leftover boot-check directory");
+                } else {
+                    tracing::warn!(dir = %p.display(), "removed a leftover boot-check directory");
+                }
+            }
+        }
+    }
+
     /// Checks the request, picks the points and starts the job in the background; answers it
     /// `pending`.
     pub async fn start(
@@ -159,6 +213,29 @@ impl Verifier {
         trigger: Trigger,
     ) -> Result<VerifyJob, VerifyError> {
         let (scope, points) = self.scope(req).await?;
+        if let Some(spec) = &req.boot {
+            crate::bootcheck::validate(spec).map_err(|e| VerifyError::Invalid {
+                detail: e.to_string(),
+            })?;
+        }
+        // A prune rewrites images in place: a read-back racing it could call a point corrupt.
+        let db = &self.deps().db;
+        let mut vms: Vec<String> = Vec::new();
+        for p in &points {
+            let b = db.get_backup(p).await.map_err(db_err("reading a point"))?;
+            if !vms.contains(&b.vm_name) {
+                vms.push(b.vm_name);
+            }
+        }
+        for vm in vms {
+            if let Some(prune_id) = db
+                .active_prune_of_vm(&vm)
+                .await
+                .map_err(db_err("checking for a running prune"))?
+            {
+                return Err(VerifyError::Pruning { vm, prune_id });
+            }
+        }
         let job = VerifyJob {
             verify_id: uuid::Uuid::new_v4().to_string(),
             scope,
@@ -169,7 +246,7 @@ impl Verifier {
             bytes_total: 0,
             bytes_read: 0,
             corrupt: Vec::new(),
-            created_at: Utc::now(),
+            created_at: self.deps().clock.now(),
             started_at: None,
             completed_at: None,
             error_message: None,
@@ -185,8 +262,9 @@ impl Verifier {
             points = points.len(), "verify job started");
         let me = self.clone();
         let id = job.verify_id.clone();
+        let boot = req.boot.clone();
         self.deps().tasks.spawn(async move {
-            run::run(&me, &id, points, &cancel).await;
+            run::run(&me, &id, points, boot.as_ref(), &cancel).await;
             me.lock_live().remove(&id);
         });
         self.publish(&job.verify_id).await;

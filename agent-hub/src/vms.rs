@@ -1,9 +1,25 @@
 //! VM records as the hub accepts them: the rules a VM (registered by hand or imported from a
 //! node's inventory) must pass before it reaches the database.
 
-use sendense_shared::api::VmRequest;
+use sendense_shared::api::{Backup, Integrity, JobStatus, VmRequest};
 use sendense_shared::names::{NameError, validate_name};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+
+/// Each VM's newest good point among `backups`: completed and not corrupt, at its completion
+/// time (what the metrics' point age and the webhooks' "no good point" both read).
+pub fn newest_good_points(backups: &[Backup]) -> BTreeMap<&str, chrono::DateTime<chrono::Utc>> {
+    let mut best = BTreeMap::new();
+    for b in backups {
+        if b.status == JobStatus::Completed && b.integrity != Integrity::Corrupt {
+            let at = b.completed_at.unwrap_or(b.created_at);
+            let e = best.entry(b.vm_name.as_str()).or_insert(at);
+            if at > *e {
+                *e = at;
+            }
+        }
+    }
+    best
+}
 
 /// Why a VM was refused; each names the field.
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,9 @@
 
 mod db_support;
 mod db_store {
+    pub mod boot_checks;
     pub mod jobs;
+    pub mod policies;
     pub mod records;
     pub mod restores;
     pub mod schema;

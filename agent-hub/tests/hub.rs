@@ -10,10 +10,14 @@
 //! - [`mariadb`]: the main backup on MariaDB.
 //! - [`nbd_tls`]: a job's export with TLS and client certificates: the writer and the hub get
 //!   in, a local user without a certificate and another job's certificate do not.
+//! - [`prune`]: prune jobs: keep rules and protected points over merged, rebased and deleted
+//!   points that still read their instants; the hub SIGKILLed at each moment of a merge.
 //! - [`restore_truth`]: restores refused for a corrupt or unverified point, and compared with
 //!   the point's stored checksums (a stand-in node).
 //! - [`verify`]: verify jobs: a byte flipped on disk caught, corrupt points and their
 //!   dependents, the next backup a full, cancel, bad requests, the scheduler's clock.
+//! - [`policies`]: backup policies: refusals naming the field, a scheduled run queued behind a
+//!   full port range, one late run after downtime, the backup types over a simulated week.
 //! - [`cbt`]: change ids from a stand-in vSphere node into the next incremental, and the
 //!   fallback to full without them.
 
@@ -28,6 +32,9 @@ mod hub {
     pub mod integrity;
     pub mod mariadb;
     pub mod nbd_tls;
+    pub mod policies;
+    pub mod prune;
     pub mod restore_truth;
     pub mod verify;
+    pub mod webhooks;
 }

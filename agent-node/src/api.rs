@@ -26,7 +26,6 @@ use crate::jobs::{Jobs, StartError};
 use axum::extract::{Path, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use sendense_shared::api::{
@@ -39,6 +38,8 @@ use sendense_shared::ids::BackupId;
 use sendense_shared::token::Token;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// What the handlers share.
 pub struct NodeState {
@@ -85,34 +86,70 @@ impl From<StartError> for ApiError {
 
 /// The router with every route.
 pub fn router(state: Arc<NodeState>) -> Router {
-    let protected = Router::new()
-        .route("/api/v1/inventory", get(inventory))
-        .route("/api/v1/backup/start", post(backup_start))
-        .route("/api/v1/backup/check", post(backup_check))
-        .route("/api/v1/backups", get(backup_list))
-        .route("/api/v1/backup/{id}", get(backup_get))
-        .route("/api/v1/backup/{id}/cancel", post(backup_cancel))
-        .route("/api/v1/tunnel", get(tunnel))
-        .route("/api/v1/vms/{vm}/change-tracking", post(change_tracking))
-        .route("/api/v1/restore/start", post(restore_start))
-        .route("/api/v1/restore/{id}", get(restore_get))
-        .route("/api/v1/restore/{id}/cancel", post(restore_cancel))
-        .route_layer(axum::middleware::from_fn_with_state(
-            Bearer::new(state.token.clone(), "the node's --token-file"),
-            require_bearer,
-        ));
-    Router::new()
-        .route("/api/v1/health", get(health))
+    let protected = protected().route_layer(axum::middleware::from_fn_with_state(
+        Bearer::new(state.token.clone(), "the node's --token-file"),
+        require_bearer,
+    ));
+    let (router, _) = open().merge(protected).split_for_parts();
+    router.with_state(state)
+}
+
+/// The node's OpenAPI 3.1 document (`GET /api/v1/openapi.json`, committed as
+/// `docs/openapi/node.json`), from the same routes as [`router`]; made once per process.
+pub fn openapi_document() -> &'static serde_json::Value {
+    static DOC: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| {
+        sendense_shared::api::openapi::finish(
+            open().merge(protected()).into_openapi(),
+            sendense_shared::api::openapi::Agent::Node,
+        )
+    })
+}
+
+/// The bearer-protected routes, each with its OpenAPI description from the same `routes!`
+/// list (one list per path): a route cannot be served undocumented.
+fn protected() -> OpenApiRouter<Arc<NodeState>> {
+    OpenApiRouter::new()
+        .routes(routes!(inventory))
+        .routes(routes!(backup_start))
+        .routes(routes!(backup_check))
+        .routes(routes!(backup_list))
+        .routes(routes!(backup_get))
+        .routes(routes!(backup_cancel))
+        .routes(routes!(tunnel))
+        .routes(routes!(metrics))
+        .routes(routes!(change_tracking))
+        .routes(routes!(restore_start))
+        .routes(routes!(restore_get))
+        .routes(routes!(restore_cancel))
+        .routes(routes!(openapi))
+}
+
+/// The open routes, and the answer to every other path.
+fn open() -> OpenApiRouter<Arc<NodeState>> {
+    OpenApiRouter::new()
+        .routes(routes!(health))
         // Open: a caller asks it before it sends its credential (sendense_shared::proof).
-        .route(sendense_shared::proof::PATH, get(proof))
-        .merge(protected)
+        .routes(routes!(proof))
         .fallback(|method: Method, uri: Uri| async move {
             ApiError::new(
                 ErrorCode::NotFound,
                 format!("no route {method} {}", uri.path()),
             )
         })
-        .with_state(state)
+}
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/api/v1/openapi.json",
+    operation_id = "node_openapi",
+    tag = "system",
+    summary = "This API's OpenAPI 3.1 document",
+    responses((status = 200, description = "The document", body = Object))
+)]
+async fn openapi() -> Json<&'static serde_json::Value> {
+    Json(openapi_document())
 }
 
 /// Serves until `shutdown` fires.
@@ -129,6 +166,18 @@ pub async fn serve(
 /// `POST /api/v1/restore/start`: `202` with the restore's state; `422 invalid_field` (id, path,
 /// source, size; the detail names it); `409 already_exists` (restore id used); `503
 /// shutting_down`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/restore/start",
+    operation_id = "node_start_restore",
+    tag = "restores",
+    summary = "Copies a hub export into a new image on this host",
+    request_body = sendense_shared::api::NodeRestoreStart,
+    responses(
+        (status = 202, description = "The restore", body = sendense_shared::api::NodeRestoreState),
+        (status = 409, description = "The restore id is used (`already_exists`)", body = sendense_shared::api::ErrorBody)
+    )
+)]
 async fn restore_start(
     State(state): State<Arc<NodeState>>,
     ApiJson(req): ApiJson<NodeRestoreStart>,
@@ -155,6 +204,18 @@ async fn restore_start(
 /// `POST /api/v1/restore/{id}/cancel`: `202` with the restore's state (it stops its qemu-nbd,
 /// deletes the partial image and ends `cancelled`); `404 not_found`; `409 wrong_state` when it
 /// has ended already.
+#[utoipa::path(
+    post,
+    path = "/api/v1/restore/{id}/cancel",
+    operation_id = "node_cancel_restore",
+    tag = "restores",
+    summary = "Cancels a restore",
+    params(("id" = String, Path, description = "Restore id")),
+    responses(
+        (status = 202, description = "Cancelling", body = sendense_shared::api::NodeRestoreState),
+        (status = 409, description = "The restore has ended (`wrong_state`)", body = sendense_shared::api::ErrorBody)
+    )
+)]
 async fn restore_cancel(
     State(state): State<Arc<NodeState>>,
     Path(id): Path<String>,
@@ -171,6 +232,17 @@ async fn restore_cancel(
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/restore/{id}",
+    operation_id = "node_get_restore",
+    tag = "restores",
+    summary = "One restore",
+    params(("id" = String, Path, description = "Restore id")),
+    responses(
+        (status = 200, description = "The restore", body = sendense_shared::api::NodeRestoreState)
+    )
+)]
 async fn restore_get(
     State(state): State<Arc<NodeState>>,
     Path(id): Path<String>,
@@ -182,6 +254,17 @@ async fn restore_get(
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no restore {id}")))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/health",
+    operation_id = "node_health",
+    tag = "system",
+    summary = "Identity of the binary (open)",
+    security(),
+    responses(
+        (status = 200, description = "Healthy", body = sendense_shared::api::Health)
+    )
+)]
 async fn health(State(state): State<Arc<NodeState>>) -> impl IntoResponse {
     Json(sendense_shared::identity::health(
         "healthy",
@@ -193,9 +276,24 @@ async fn health(State(state): State<Arc<NodeState>>) -> impl IntoResponse {
 /// `GET /api/v1/proof?nonce=&node=`: this node proves it holds its credential (role `node`),
 /// so the hub sends that credential only to the real node, not to whoever holds the hub's
 /// reverse-forward port while the tunnel is down.
+#[utoipa::path(
+    get,
+    path = "/api/v1/proof",
+    operation_id = "node_proof",
+    tag = "system",
+    summary = "The node proves it holds its credential (open)",
+    params(sendense_shared::proof::ProofQuery),
+    security(),
+    responses(
+        (status = 200, description = "The proof", body = sendense_shared::proof::ProofAnswer),
+        (status = 404, description = "This is another node (`not_found`)", body = sendense_shared::api::ErrorBody)
+    )
+)]
 async fn proof(
     State(state): State<Arc<NodeState>>,
-    axum::extract::Query(q): axum::extract::Query<sendense_shared::proof::ProofQuery>,
+    sendense_shared::http::ApiQuery(q): sendense_shared::http::ApiQuery<
+        sendense_shared::proof::ProofQuery,
+    >,
 ) -> Result<Json<sendense_shared::proof::ProofAnswer>, ApiError> {
     sendense_shared::http::proof::check_query(&q)?;
     if let Some(asked) = q.node.as_deref().filter(|n| *n != state.name) {
@@ -214,6 +312,17 @@ async fn proof(
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/inventory",
+    operation_id = "node_inventory",
+    tag = "vms",
+    summary = "The VMs and disks the node serves",
+    responses(
+        (status = 200, description = "The inventory", body = sendense_shared::api::Inventory),
+        (status = 502, description = "The hypervisor cannot be reached (`hypervisor_unavailable`)", body = sendense_shared::api::ErrorBody)
+    )
+)]
 async fn inventory(State(state): State<Arc<NodeState>>) -> Result<Json<Inventory>, ApiError> {
     let vms = state
         .jobs
@@ -249,10 +358,22 @@ pub fn inventory_vm(vm: crate::source::SourceVm) -> InventoryVm {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/vms/{vm}/change-tracking",
+    operation_id = "node_enable_change_tracking",
+    tag = "vms",
+    summary = "Turns on the hypervisor's change tracking of a VM",
+    params(("vm" = String, Path, description = "VM name")),
+    responses(
+        (status = 200, description = "Enabled", body = ChangeTracking),
+        (status = 502, description = "The hypervisor cannot be reached or refused", body = sendense_shared::api::ErrorBody)
+    )
+)]
 async fn change_tracking(
     State(state): State<Arc<NodeState>>,
     Path(vm): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<ChangeTracking>, ApiError> {
     use crate::source::SourceError;
     let driver = state.jobs.driver();
     // The VM first: a driver that always tracks answers Ok for any name.
@@ -261,9 +382,10 @@ async fn change_tracking(
         Err(e) => Err(e),
     };
     match enabled {
-        Ok(()) => Ok(Json(
-            serde_json::json!({"vm_name": vm, "change_tracking": true}),
-        )),
+        Ok(()) => Ok(Json(ChangeTracking {
+            vm_name: vm,
+            change_tracking: true,
+        })),
         Err(e @ SourceError::UnknownVm { .. }) => {
             Err(ApiError::new(ErrorCode::NotFound, e.to_string()))
         }
@@ -278,6 +400,19 @@ async fn change_tracking(
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/backup/start",
+    operation_id = "node_start_backup",
+    tag = "backups",
+    summary = "Snapshots a VM and copies its disks to the targets",
+    request_body = sendense_shared::api::NodeBackupStart,
+    responses(
+        (status = 202, description = "The copy job", body = sendense_shared::api::NodeBackupState),
+        (status = 409, description = "The VM is busy, the id is used, or an incremental has no changed-block map", body = sendense_shared::api::ErrorBody),
+        (status = 502, description = "The hypervisor cannot be reached (`hypervisor_unavailable`)", body = sendense_shared::api::ErrorBody)
+    )
+)]
 async fn backup_start(
     State(state): State<Arc<NodeState>>,
     ApiJson(req): ApiJson<NodeBackupStart>,
@@ -290,17 +425,55 @@ async fn backup_start(
 /// the same refusals as a start otherwise (`409 bitmap_missing` for an incremental without a
 /// valid changed-block map, `404 not_found` for an unknown VM). Side-effect free: the hub asks
 /// before it prepares any export; the targets may be left empty.
+#[utoipa::path(
+    post,
+    path = "/api/v1/backup/check",
+    operation_id = "node_check_backup",
+    tag = "backups",
+    summary = "Would backup/start take this request? (no side effect)",
+    request_body = sendense_shared::api::NodeBackupStart,
+    responses(
+        (status = 200, description = "It would", body = BackupCheck),
+        (status = 409, description = "The VM is busy or an incremental has no changed-block map", body = sendense_shared::api::ErrorBody),
+        (status = 502, description = "The hypervisor cannot be reached (`hypervisor_unavailable`)", body = sendense_shared::api::ErrorBody)
+    )
+)]
 async fn backup_check(
     State(state): State<Arc<NodeState>>,
     ApiJson(req): ApiJson<NodeBackupStart>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<BackupCheck>, ApiError> {
     state.jobs.check(&req).await?;
-    Ok(Json(serde_json::json!({
-        "vm_name": req.vm_name,
-        "backup_type": req.backup_type,
-    })))
+    Ok(Json(BackupCheck {
+        vm_name: req.vm_name,
+        backup_type: req.backup_type,
+    }))
 }
 
+/// The answer of `POST /api/v1/backup/check`: the start would be taken.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct BackupCheck {
+    pub vm_name: String,
+    pub backup_type: sendense_shared::api::BackupType,
+}
+
+/// The answer of `POST /api/v1/vms/{vm}/change-tracking`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ChangeTracking {
+    pub vm_name: String,
+    /// Always `true`: the hypervisor tracks the VM's changed blocks now.
+    pub change_tracking: bool,
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/backups",
+    operation_id = "node_list_backups",
+    tag = "backups",
+    summary = "Every copy job of this node",
+    responses(
+        (status = 200, description = "The jobs", body = Vec<sendense_shared::api::NodeBackupState>)
+    )
+)]
 async fn backup_list(State(state): State<Arc<NodeState>>) -> impl IntoResponse {
     Json(
         state
@@ -312,6 +485,17 @@ async fn backup_list(State(state): State<Arc<NodeState>>) -> impl IntoResponse {
     )
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/v1/backup/{id}",
+    operation_id = "node_get_backup",
+    tag = "backups",
+    summary = "One copy job",
+    params(("id" = String, Path, description = "Backup id")),
+    responses(
+        (status = 200, description = "The job", body = sendense_shared::api::NodeBackupState)
+    )
+)]
 async fn backup_get(
     State(state): State<Arc<NodeState>>,
     Path(id): Path<String>,
@@ -323,6 +507,17 @@ async fn backup_get(
     Ok(Json(job.view()).into_response())
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/v1/backup/{id}/cancel",
+    operation_id = "node_cancel_backup",
+    tag = "backups",
+    summary = "Cancels a copy job",
+    params(("id" = String, Path, description = "Backup id")),
+    responses(
+        (status = 202, description = "Cancelling", body = sendense_shared::api::NodeBackupState)
+    )
+)]
 async fn backup_cancel(
     State(state): State<Arc<NodeState>>,
     Path(id): Path<String>,
@@ -334,6 +529,34 @@ async fn backup_cancel(
     Ok((StatusCode::ACCEPTED, Json(job.view())).into_response())
 }
 
+/// Prometheus text exposition ([`crate::metrics`]).
+#[utoipa::path(
+    get,
+    path = "/api/v1/metrics",
+    operation_id = "node_metrics",
+    tag = "system",
+    summary = "Prometheus text exposition",
+    responses(
+        (status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain")
+    )
+)]
+async fn metrics(State(state): State<Arc<NodeState>>) -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
+        crate::metrics::render(&state),
+    )
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/tunnel",
+    operation_id = "node_tunnel",
+    tag = "system",
+    summary = "The SSH tunnel's state",
+    responses(
+        (status = 200, description = "The state", body = sendense_shared::api::TunnelState)
+    )
+)]
 async fn tunnel(State(state): State<Arc<NodeState>>) -> impl IntoResponse {
     if let Some(t) = &state.tunnel {
         return Json(t.state());
@@ -343,6 +566,7 @@ async fn tunnel(State(state): State<Arc<NodeState>>) -> impl IntoResponse {
         since: state.started_at,
         restarts: 0,
         last_error: None,
+        links: Vec::new(),
         forwards: Vec::new(),
     })
 }
@@ -393,6 +617,54 @@ mod tests {
             b = b.header("authorization", format!("Bearer {t}"));
         }
         b.body(Body::empty()).unwrap()
+    }
+
+    /// `docs/openapi/node.json` is what the code generates; after a change of a handler or an
+    /// API type, `SENDENSE_BLESS_OPENAPI=1 cargo nextest run -p agent-node openapi` rewrites it.
+    #[test]
+    fn the_committed_openapi_document_is_the_generated_one() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi/node.json");
+        sendense_shared::api::openapi::check_committed(openapi_document(), &path, "agent-node");
+    }
+
+    #[tokio::test]
+    async fn the_openapi_document_is_served_behind_the_token_and_lists_every_route() {
+        let (s, body) = call(get("/api/v1/openapi.json", None)).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{body}");
+        let (s, doc) = call(get("/api/v1/openapi.json", Some("tok"))).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(&doc, openapi_document());
+        assert_eq!(doc["openapi"], "3.1.0");
+        let paths: Vec<&str> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        for p in [
+            "/api/v1/backup/start",
+            "/api/v1/restore/{id}/cancel",
+            "/api/v1/health",
+        ] {
+            assert!(paths.contains(&p), "{p} in {paths:?}");
+        }
+        // The open ones say so; the others need the bearer scheme.
+        assert_eq!(
+            doc["paths"]["/api/v1/health"]["get"]["security"],
+            serde_json::json!([])
+        );
+        assert!(
+            doc["paths"]["/api/v1/inventory"]["get"]
+                .get("security")
+                .is_none()
+        );
+        assert_eq!(doc["security"], serde_json::json!([{"bearer": []}]));
+        assert_eq!(
+            doc["paths"]["/api/v1/backup/start"]["post"]["responses"]["422"]["content"]["application/json"]
+                ["schema"]["$ref"],
+            "#/components/schemas/ErrorBody"
+        );
     }
 
     #[tokio::test]

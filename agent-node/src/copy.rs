@@ -33,13 +33,19 @@
 //! areas on a zero target: a vSphere full), unchanged for a dirty bitmap (and areas on a
 //! non-zero target: a vSphere incremental).
 //!
+//! Stalls: every NBD request has a deadline ([`CopyOptions::request_timeout`]), and a
+//! watchdog fails the copy once no byte moved for [`CopyOptions::stall_after`], naming the
+//! side its outstanding requests wait on (the source export, the target export), so a peer
+//! that stops answering without going away never holds a snapshot, ports and exports forever.
+//!
 //! [`copy_disk`] runs these as named steps: `open` (1), `connect_more`, `run_plan` (2, 3),
 //! `flush` (4), `finish` (the outcome with the checksums).
 //!
 //! Submodules: [`plan`] (extent map, request cutting, zero detection), `status` (block status
 //! window by window into segments), `pipeline` (requests as tasks under the in-flight bound),
 //! `checksums` (the hashing thread, zero hashes), [`grid`] (the whole-disk grid and the reads
-//! it needs), [`progress`] (counters and rates), [`cli`] (`sendense-node copy`).
+//! it needs), [`progress`] (counters and rates), [`cli`] (`sendense-node copy`), [`relay`] (a
+//! delaying TCP relay for WAN benchmarks, hidden `sendense-node relay`).
 
 mod checksums;
 pub mod cli;
@@ -47,6 +53,7 @@ pub mod grid;
 mod pipeline;
 pub mod plan;
 pub mod progress;
+pub mod relay;
 mod status;
 
 pub use progress::{CounterSnapshot, DiskCounters};
@@ -105,21 +112,76 @@ pub struct CopyOptions {
     pub source_tls: Option<sendense_shared::api::NbdTls>,
     /// TLS material for the target's connections (a backup into the hub's export).
     pub target_tls: Option<sendense_shared::api::NbdTls>,
+    /// The copy fails, naming the side it waits on, when no byte moved for this long
+    /// ([`STALL_ENV`]).
+    pub stall_after: Duration,
+    /// Deadline of every NBD request (`None`: none; the watchdog still ends a stalled copy).
+    pub request_timeout: Option<Duration>,
 }
+
+/// Environment variable read by the node daemon: seconds without a byte moving after which a
+/// disk's copy fails as stalled [default: 60].
+pub const STALL_ENV: &str = "SENDENSE_COPY_STALL_SECS";
+
+/// No byte moved for this long: the copy is stalled.
+pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(60);
+/// Deadline of one NBD request: far above what a healthy 256 KiB request takes even on a slow
+/// WAN, below what an operator would wait.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// Environment variable read by the node daemon: bytes per second each disk's copy may read
 /// (e.g. `SENDENSE_COPY_THROTTLE_BPS=8388608` for 8 MiB/s). Unset or 0: no limit.
 pub const THROTTLE_ENV: &str = "SENDENSE_COPY_THROTTLE_BPS";
 
+/// Environment variable read by the node daemon: NBD connections per side of each disk's copy
+/// (used where the server advertises multi-conn) [default: [`CopyOptions::default`]].
+pub const CONNECTIONS_ENV: &str = "SENDENSE_COPY_CONNECTIONS";
+/// Environment variable read by the node daemon: bytes in flight per disk (k, M, G suffixes).
+pub const IN_FLIGHT_ENV: &str = "SENDENSE_COPY_IN_FLIGHT";
+/// Environment variable read by the node daemon: largest READ/WRITE request (k, M, G suffixes).
+pub const REQUEST_SIZE_ENV: &str = "SENDENSE_COPY_REQUEST_SIZE";
+
 impl CopyOptions {
-    /// The defaults with [`THROTTLE_ENV`] applied.
+    /// The defaults with [`THROTTLE_ENV`], [`STALL_ENV`], [`CONNECTIONS_ENV`],
+    /// [`IN_FLIGHT_ENV`] and [`REQUEST_SIZE_ENV`] applied (unset, empty, 0 or unparsable:
+    /// the default).
     pub fn from_env() -> Self {
-        let throttle_bps = std::env::var(THROTTLE_ENV)
-            .ok()
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// [`CopyOptions::from_env`] over any source of variables (tests pass a map).
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
+        let size = |name: &str| {
+            var(name)
+                .and_then(|v| cli::parse_size(&v).ok())
+                .filter(|&v| v > 0)
+        };
+        let mut opts = Self::from_vars_base(&var);
+        if let Some(c) = size(CONNECTIONS_ENV).and_then(|c| u32::try_from(c).ok()) {
+            opts.connections = c;
+        }
+        if let Some(f) = size(IN_FLIGHT_ENV) {
+            opts.max_in_flight_bytes = f;
+        }
+        if let Some(r) = size(REQUEST_SIZE_ENV).and_then(|r| u32::try_from(r).ok()) {
+            opts.request_size = r;
+        }
+        opts
+    }
+
+    fn from_vars_base(var: &impl Fn(&str) -> Option<String>) -> Self {
+        let throttle_bps = var(THROTTLE_ENV)
             .and_then(|v| v.trim().parse::<u64>().ok())
             .filter(|&v| v > 0);
+        let stall_after = var(STALL_ENV)
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|&v| v > 0)
+            .map_or(DEFAULT_STALL_AFTER, Duration::from_secs);
         CopyOptions {
             throttle_bps,
+            stall_after,
+            // A request never waits longer than the watchdog would.
+            request_timeout: Some(DEFAULT_REQUEST_TIMEOUT.max(stall_after)),
             ..Default::default()
         }
     }
@@ -133,6 +195,14 @@ impl Default for CopyOptions {
     /// flight were equal within noise. With these, `bench/copy.sh 5` on a loaded 2-core machine:
     /// 8 GiB disk with 2 GiB data 3.8-6.2 s (330-540 MiB/s), median nbdcopy/sendense time ratio
     /// 0.99-1.11 over three runs; sparse 1 TiB disk with 1 GiB data 2.4-3.1 s, ratio 1.01-1.15.
+    ///
+    /// Across a WAN the bound is `max_in_flight_bytes` per round trip, not the connection
+    /// count: requests are pipelined on each connection (qemu-nbd takes the next one from its
+    /// socket as soon as one of its 16 slots frees), so 32 MiB in flight allow about 1.6 GB/s
+    /// at 20 ms. `bench/wan.sh` (own delaying relay, +10 ms each way, load about 20): 1
+    /// connection 241-287 MB/s median over four series, 4 connections 250-283, 8 195-232, the
+    /// relay without delay 379, direct 407-431: more connections do not help here. Links with
+    /// a longer round trip need [`IN_FLIGHT_ENV`] of at least rate × round trip.
     fn default() -> Self {
         CopyOptions {
             request_size: 256 * 1024,
@@ -144,6 +214,8 @@ impl Default for CopyOptions {
             grid_cell: None,
             source_tls: None,
             target_tls: None,
+            stall_after: DEFAULT_STALL_AFTER,
+            request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
         }
     }
 }
@@ -228,6 +300,15 @@ pub enum CopyError {
         #[source]
         cause: NbdError,
     },
+    #[error(
+        "stalled: no byte moved for {idle:.0?}, waiting on {side} ({source_waiting} source and {target_waiting} target requests outstanding)"
+    )]
+    Stalled {
+        side: String,
+        idle: Duration,
+        source_waiting: u64,
+        target_waiting: u64,
+    },
     #[error("copy cancelled")]
     Cancelled,
     #[error("copy task failed: {reason}")]
@@ -264,14 +345,18 @@ pub async fn copy_disk(
     });
     let mut pipeline = Pipeline::new(ctx.clone(), ends.request_size, opts.max_in_flight_bytes);
     let result = tokio::select! {
-        r = run_plan(&ends, &extents, opts, &mut pipeline, &cancel) => r,
+        r = run_plan(&ends, &extents, opts, &mut pipeline, &counters, &cancel) => r,
         _ = cancel.cancelled() => Err(CopyError::Cancelled),
+        e = watchdog(&counters, opts.stall_after, source, target) => Err(e),
     };
     if let Err(e) = result {
         pipeline.abort();
         return Err(e);
     }
-    flush(&ends.dst, &ctx).await?;
+    tokio::select! {
+        r = flush(&ends.dst, &ctx) => r?,
+        e = watchdog(&counters, opts.stall_after, source, target) => return Err(e),
+    }
     let mut ranges = pipeline.into_ranges();
     // Every request task is done, so this was the last handle on the hashing channel: the
     // thread finishes what is queued and hands its ranges over.
@@ -380,10 +465,12 @@ async fn connect_pair(
     let src_opts = ConnectOptions {
         meta_contexts: contexts,
         tls: opts.source_tls.clone(),
+        request_timeout: opts.request_timeout,
         ..Default::default()
     };
     let dst_opts = ConnectOptions {
         tls: opts.target_tls.clone(),
+        request_timeout: opts.request_timeout,
         ..Default::default()
     };
     let (src, dst) = tokio::select! {
@@ -427,10 +514,12 @@ async fn connect_more(
     let mut targets = vec![ends.dst.clone()];
     let src_opts = ConnectOptions {
         tls: opts.source_tls.clone(),
+        request_timeout: opts.request_timeout,
         ..Default::default()
     };
     let dst_opts = ConnectOptions {
         tls: opts.target_tls.clone(),
+        request_timeout: opts.request_timeout,
         ..Default::default()
     };
     let extra = async {
@@ -474,6 +563,7 @@ async fn run_plan(
     extents: &ExtentSource,
     opts: &CopyOptions,
     pipeline: &mut Pipeline,
+    counters: &DiskCounters,
     cancel: &CancellationToken,
 ) -> Result<(), CopyError> {
     let planner = Planner {
@@ -482,6 +572,7 @@ async fn run_plan(
         map_context: &ends.map_context,
         alloc_ok: ends.alloc_ok,
         target_is_zero: opts.target_is_zero,
+        counters,
     };
     let size = ends.size;
     // An incremental's grid needs the unchanged edges of changed cells read.
@@ -519,12 +610,58 @@ async fn run_plan(
 }
 
 /// Step 4: the final FLUSH, then the connections are closed.
+/// Answers once no byte of the copy moved for `stall_after` (never, while bytes move): the
+/// side that holds the outstanding requests is the one named. A server that stopped answering
+/// would otherwise hold the snapshot, the ports and the hub's qemu-nbd forever.
+async fn watchdog(
+    counters: &DiskCounters,
+    stall_after: Duration,
+    source: &NbdAddr,
+    target: &NbdAddr,
+) -> CopyError {
+    let tick = (stall_after / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let mut last = counters.moved();
+    let mut since = Instant::now();
+    loop {
+        tokio::time::sleep(tick).await;
+        let now = counters.moved();
+        if now != last {
+            last = now;
+            since = Instant::now();
+            continue;
+        }
+        let idle = since.elapsed();
+        if idle < stall_after {
+            continue;
+        }
+        let src = counters.source_waiting.load(Ordering::Relaxed);
+        let dst = counters.target_waiting.load(Ordering::Relaxed);
+        let side = match (src > 0, dst > 0) {
+            (true, false) => format!("the source export {source}"),
+            (false, true) => format!("the target export {target}"),
+            (true, true) => {
+                format!("both the source export {source} and the target export {target}")
+            }
+            (false, false) => "the copy itself (no request outstanding)".to_string(),
+        };
+        return CopyError::Stalled {
+            side,
+            idle,
+            source_waiting: src,
+            target_waiting: dst,
+        };
+    }
+}
+
 async fn flush(dst: &NbdClient, ctx: &Ctx) -> Result<(), CopyError> {
     // One FLUSH covers every connection when the server advertises multi-conn (that is when
     // we opened several); otherwise there is just one connection.
-    dst.flush()
-        .await
-        .map_err(|cause| CopyError::Flush { cause })?;
+    {
+        let _waiting = ctx.counters.waiting_on(progress::Side::Target);
+        dst.flush()
+            .await
+            .map_err(|cause| CopyError::Flush { cause })?;
+    }
     for c in ctx.sources.iter().chain(ctx.targets.iter()) {
         let _ = c.clone().disconnect().await;
     }
@@ -580,4 +717,34 @@ fn check_options(opts: &CopyOptions) -> Result<(), CopyError> {
         return bad("max_in_flight_bytes above 1 TiB");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn copy_settings_come_from_the_environment() {
+        let vars: HashMap<&str, &str> = [
+            (CONNECTIONS_ENV, "4"),
+            (IN_FLIGHT_ENV, "64M"),
+            (REQUEST_SIZE_ENV, "1M"),
+            (STALL_ENV, "30"),
+        ]
+        .into();
+        let o = CopyOptions::from_vars(|k| vars.get(k).map(|v| v.to_string()));
+        assert_eq!(o.connections, 4);
+        assert_eq!(o.max_in_flight_bytes, 64 << 20);
+        assert_eq!(o.request_size, 1 << 20);
+        assert_eq!(o.stall_after, Duration::from_secs(30));
+        // Unset, 0 or nonsense: the defaults.
+        let bad: HashMap<&str, &str> = [(CONNECTIONS_ENV, "0"), (IN_FLIGHT_ENV, "lots")].into();
+        let o = CopyOptions::from_vars(|k| bad.get(k).map(|v| v.to_string()));
+        let d = CopyOptions::default();
+        assert_eq!(o.connections, d.connections);
+        assert_eq!(o.max_in_flight_bytes, d.max_in_flight_bytes);
+        assert_eq!(o.request_size, d.request_size);
+        assert_eq!(o.stall_after, DEFAULT_STALL_AFTER);
+    }
 }

@@ -14,7 +14,7 @@ use crate::source::qemu::QemuDriver;
 use crate::source::vsphere::VsphereDriver;
 use crate::tunnel::Tunnel;
 use sendense_shared::api::{NodeRegistration, VmRequest};
-use sendense_shared::client::HubClient;
+use sendense_shared::client::{ClientError, HubClient};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -62,12 +62,13 @@ pub async fn run(
         }
         let t = Tunnel::start(t, tunnel_stop.clone());
         jobs.use_tunnel(t.clone());
-        // Nothing goes to the hub's forward while the tunnel is not up (reports wait and retry).
+        // Nothing goes to the hub's forward while the link carrying it is not up (reports
+        // wait and retry).
         if let Some(h) = hub
             .as_ref()
             .filter(|h| h.base_url() == t.config().hub_url().trim_end_matches('/'))
         {
-            h.gate_on(t.subscribe());
+            h.gate_on(t.subscribe_api());
         }
         t
     });
@@ -163,9 +164,24 @@ async fn register(
                     disks: vm.disks,
                 };
                 if pushed.get(&req.vm_name) != Some(&req) {
-                    hub.push_vm(&req).await?;
+                    match hub.push_vm(&req).await {
+                        Ok(()) => n += 1,
+                        // The hub refused this VM (another node's VM holds its name, a disk it
+                        // cannot accept, a scope): said once, and not pushed again until its
+                        // definition changes. Retrying it would keep every later VM out.
+                        Err(
+                            e @ ClientError::Api {
+                                status: 403 | 409 | 422,
+                                ..
+                            },
+                        ) => {
+                            tracing::warn!(hub = hub.base_url(), vm = %req.vm_name,
+                                error = %sendense_shared::errors::chain(&e),
+                                "the hub refused this VM; the node's other VMs are pushed");
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
                     pushed.insert(req.vm_name.clone(), req);
-                    n += 1;
                 }
             }
             Ok(n)

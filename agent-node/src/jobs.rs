@@ -302,7 +302,11 @@ impl Jobs {
                 }
             }
             Ok(snapshot) => {
-                job.lock().consistency = snapshot.consistency.clone();
+                {
+                    let mut st = job.lock();
+                    st.consistency = snapshot.consistency.clone();
+                    st.hardware = snapshot.hardware.clone();
+                }
                 let status = self
                     .copy_all(&job, &snapshot, &targets, &target_tls, checksum_grid)
                     .await;

@@ -15,6 +15,7 @@
 //!   with the node's token and `User-Agent`), its retry pacing, and the one retry loop of
 //!   final reports.
 //! - [`api`]: the node's HTTP API (axum) and `serve`.
+//! - [`metrics`]: Prometheus metrics (`GET /api/v1/metrics`) read from the node's state.
 //! - [`daemon`]: wires config, driver, recovery, hub registration and the API together.
 //! - [`restore`]: restore jobs: a backup point from the hub's export into a new image, verified,
 //!   journalled ([`restore::journal`]) and undone by start-up recovery ([`restore::recovery`]).
@@ -23,6 +24,7 @@
 //!   `sendense-node copy` command.
 //! - [`tunnel`]: the supervised OpenSSH tunnel to the hub (forwards, state, restarts) and
 //!   `sendense-node tunnel authorized-key`.
+//! - [`logging`]: the stderr subscriber, text or JSON lines (`--log-format`).
 //! - [`fsutil`]: [`fsutil::atomic_write`], how every crash journal is written (temp file 0600,
 //!   fsync, rename).
 //!
@@ -35,7 +37,10 @@ pub mod copy;
 pub mod daemon;
 pub mod fsutil;
 pub mod hub_client;
+pub mod instant;
 pub mod jobs;
+pub mod logging;
+pub mod metrics;
 pub mod qga;
 pub mod qmp;
 pub mod restore;

@@ -1,7 +1,9 @@
 //! `sendense-node`: the agent next to the hypervisor. `serve` (the default) runs the daemon,
-//! `copy` runs the copy engine alone, `tunnel authorized-key` prints the hub's key line.
+//! `copy` runs the copy engine alone, `tunnel authorized-key` prints the hub's key line; the
+//! hidden `man DIR` / `completions SHELL` write its man pages and completion scripts.
 use agent_node::config::{NodeConfig, ServeArgs};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use sendense_shared::cli::{DocsCommand, LogFormat};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -13,6 +15,17 @@ use tokio_util::sync::CancellationToken;
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    /// Log lines on stderr as `text` or `json` (one object a line: timestamp, level, target,
+    /// message, fields) [default: text].
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        value_name = "FORMAT",
+        env = "SENDENSE_NODE_LOG_FORMAT",
+        default_value_t
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
@@ -28,6 +41,12 @@ enum Command {
     /// The SSH tunnel to the hub (deployment helpers).
     #[command(subcommand)]
     Tunnel(agent_node::tunnel::authorized_key::TunnelCommand),
+    /// A delaying TCP relay (benchmarks: a simulated WAN on loopback).
+    #[command(hide = true)]
+    Relay(agent_node::copy::relay::RelayArgs),
+    /// Hidden: `man DIR`, `completions SHELL` (the Debian packages are built with them).
+    #[command(flatten)]
+    Docs(DocsCommand),
 }
 
 /// clap prints the command name itself before this text.
@@ -43,17 +62,17 @@ fn long_version() -> &'static str {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    if let Some(Command::Docs(docs)) = &cli.command {
+        return Ok(sendense_shared::cli::run_docs(Cli::command(), docs)?);
+    }
+    agent_node::logging::init(cli.log_format);
     match cli.command {
         None => serve(cli.serve).await,
         Some(Command::Serve(args)) => serve(args).await,
         Some(Command::Copy(args)) => agent_node::copy::cli::run_cli(args).await,
         Some(Command::Tunnel(cmd)) => agent_node::tunnel::authorized_key::run_cli(cmd),
+        Some(Command::Relay(args)) => agent_node::copy::relay::run_cli(args).await,
+        Some(Command::Docs(_)) => Ok(()),
     }
 }
 
@@ -64,9 +83,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("binding --listen {}: {e}", config.listen))?;
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
+    // Installed before the daemon announces itself, so an early SIGTERM drains too.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}

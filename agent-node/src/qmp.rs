@@ -57,6 +57,8 @@ pub struct QmpClient {
     event_tx: broadcast::Sender<QmpEvent>,
     log: Arc<QmpLog>,
     reader: tokio::task::JoinHandle<()>,
+    /// The process at the other end of the socket (`SO_PEERCRED`): the QEMU process.
+    peer_pid: Option<u32>,
 }
 
 impl Drop for QmpClient {
@@ -78,6 +80,12 @@ impl QmpClient {
                 path: path.to_path_buf(),
                 source,
             })?;
+        let peer_pid = stream
+            .peer_cred()
+            .ok()
+            .and_then(|c| c.pid())
+            .and_then(|p| u32::try_from(p).ok())
+            .filter(|&p| p > 0);
         let (read, write) = stream.into_split();
         let mut reader = BufReader::new(read);
         // QEMU accepts one client per QMP socket; a second client connects but gets no
@@ -123,9 +131,16 @@ impl QmpClient {
             event_tx,
             log,
             reader: reader_task,
+            peer_pid,
         };
         client.execute("qmp_capabilities", json!({})).await?;
         Ok(client)
+    }
+
+    /// The PID of the process serving the QMP socket (its peer credentials), when the kernel
+    /// said.
+    pub fn peer_pid(&self) -> Option<u32> {
+        self.peer_pid
     }
 
     /// The socket this client talks to.

@@ -293,10 +293,13 @@ fn source_addr(req: &NodeRestoreStart) -> Result<NbdAddr, RestoreError> {
         return Ok(NbdAddr::parse(&req.source)?);
     };
     let bad = |why| Err(RestoreError::SourceExport { why });
-    if e.host.is_empty() || e.host.contains(['/', '[', ']', ',', ' ', '\0']) {
+    if let Some(socket) = &e.socket {
+        if let Err(why) = sendense_shared::targets::check_socket(socket) {
+            return bad(why);
+        }
+    } else if e.host.is_empty() || e.host.contains(['/', '[', ']', ',', ' ', '\0']) {
         return bad("empty host or a bad character in it");
-    }
-    if e.port == 0 {
+    } else if e.port == 0 {
         return bad("port 0");
     }
     if e.export.is_empty() || e.export.chars().any(char::is_control) {
@@ -378,6 +381,7 @@ mod tests {
             host: "::1".into(),
             port: 10100,
             export: "restore-r1".into(),
+            socket: None,
             tls: None,
         };
         let want = NbdAddr::Tcp {
@@ -405,7 +409,11 @@ mod tests {
             },
             NbdExport {
                 export: "a\nb".into(),
-                ..e
+                ..e.clone()
+            },
+            NbdExport {
+                socket: Some("relative.sock".into()),
+                ..e.clone()
             },
         ] {
             assert!(matches!(
@@ -413,5 +421,17 @@ mod tests {
                 Err(RestoreError::SourceExport { .. })
             ));
         }
+        // The hub's unix export: its socket, whatever host and port say.
+        let unix = NbdExport {
+            socket: Some("/run/sendense-nbd/10100.sock".into()),
+            ..e
+        };
+        assert_eq!(
+            source_addr(&req("junk", Some(unix))).unwrap(),
+            NbdAddr::Unix {
+                path: "/run/sendense-nbd/10100.sock".into(),
+                export: "restore-r1".into(),
+            }
+        );
     }
 }

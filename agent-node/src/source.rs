@@ -119,6 +119,9 @@ pub struct Snapshot {
     /// Whether the guest's file systems were frozen for the snapshot, and why not; `None`: the
     /// driver does not know (vSphere).
     pub consistency: Option<Consistency>,
+    /// The VM's hardware at snapshot time (QEMU driver); `None` when the driver does not
+    /// record it.
+    pub hardware: Option<sendense_shared::api::VmHardware>,
 }
 
 /// How the job that used a snapshot ended; decides what happens to change tracking.

@@ -24,3 +24,6 @@ mod grid_reference;
 
 #[path = "copy_engine/grid.rs"]
 mod grid;
+
+#[path = "copy_engine/relay.rs"]
+mod relay;

@@ -24,3 +24,6 @@ mod restricted;
 
 #[path = "tunnel/daemon.rs"]
 mod daemon;
+
+#[path = "tunnel/links.rs"]
+mod links;

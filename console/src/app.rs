@@ -9,20 +9,26 @@
 //! - `queries`: the derived lists the UI draws (filtered rows, port cells, rates).
 //! - `actions`: keys: commands of the key tables applied to the state, and the [`Action`]s
 //!   they return.
+//! - [`policies`]: the Policies view: which VMs a policy covers, its runs and points, its keys
+//!   (run now, enable/disable, protect, prune preview), and what to re-read when the hub says
+//!   a run or a prune changed.
 
 mod actions;
 mod feed;
+pub mod policies;
 mod queries;
 pub mod state;
 
 pub use crate::view::View;
-pub use state::{DiskHistory, JobRef, JobRow, ListState, ViewStates};
+pub use policies::PolicyDetail;
+pub use state::{DiskHistory, JobRef, JobRow, ListState, PoliciesState, ViewStates};
 
 use crate::keys::Keymap;
 use chrono::{DateTime, Utc};
 use sendense_shared::api::{
     Backup, BackupRequest, BackupType, Health, HubEvent, JobEvent, JobStatus, Node, NodeTunnel,
-    PortsView, ProcessInfo, Repository, Restore, TunnelState, VerifyJob, Vm,
+    Policy, PolicyRequest, PolicyRun, PortsView, ProcessInfo, PruneJob, PrunePlan, PrunePoint,
+    Repository, RepositorySpace, Restore, TunnelState, VerifyJob, Vm,
 };
 use sendense_shared::ids::{BackupId, DiskKey};
 use std::collections::{BTreeMap, HashMap};
@@ -45,6 +51,10 @@ pub struct Snapshot {
     pub nodes: Option<Vec<Node>>,
     pub tunnels: Option<Vec<NodeTunnel>>,
     pub events: Option<Vec<JobEvent>>,
+    pub policies: Option<Vec<Policy>>,
+    pub prunes: Option<Vec<PruneJob>>,
+    /// Space of every repository that answered.
+    pub spaces: Option<Vec<RepositorySpace>>,
     pub errors: Vec<String>,
 }
 
@@ -73,6 +83,10 @@ pub enum Update {
     ActionFailed {
         message: String,
     },
+    /// The runs and points of the open policy, re-read.
+    PolicyDetail(Box<PolicyDetail>),
+    /// The hub's dry run of a prune: opens the preview dialog.
+    PrunePreview(Box<PrunePlan>),
 }
 
 /// What the terminal loop must do after a key.
@@ -83,6 +97,30 @@ pub enum Action {
     Cancel(BackupId),
     /// Cancel the restore with this id.
     CancelRestore(String),
+    /// `run-now` of the policy with this id (named for the notices).
+    RunPolicy {
+        id: String,
+        name: String,
+    },
+    /// `PUT` the policy back with `request` (enabled flipped).
+    UpdatePolicy {
+        id: String,
+        request: Box<PolicyRequest>,
+    },
+    /// Protect (`true`) or unprotect a backup point.
+    Protect {
+        backup_id: BackupId,
+        protect: bool,
+    },
+    /// Ask the hub for a dry run of a prune of this VM.
+    PreviewPrune(String),
+    /// Start the prune of this VM.
+    Prune(String),
+    /// Re-read the runs of this policy and the points of these VMs.
+    LoadPolicy {
+        id: String,
+        vms: Vec<String>,
+    },
 }
 
 /// Whether the hub answers.
@@ -144,6 +182,13 @@ pub enum Mode {
     },
     Start(StartForm),
     ConfirmStart(StartForm),
+    /// A policy action waiting for y/n: the question and what `y` does.
+    ConfirmPolicy {
+        question: String,
+        action: Action,
+    },
+    /// The prune preview dialog: the hub's dry run; `y` starts the real prune.
+    PrunePreview(Box<PrunePlan>),
 }
 
 impl Mode {
@@ -154,7 +199,9 @@ impl Mode {
             Mode::Help => Keymap::Help,
             Mode::ConfirmCancel { .. }
             | Mode::ConfirmCancelRestore { .. }
-            | Mode::ConfirmStart(_) => Keymap::Confirm,
+            | Mode::ConfirmStart(_)
+            | Mode::ConfirmPolicy { .. }
+            | Mode::PrunePreview(_) => Keymap::Confirm,
             Mode::Start(_) => Keymap::Start,
         }
     }
@@ -209,6 +256,17 @@ pub struct App {
     pub tunnel_errors: BTreeMap<String, String>,
     /// Oldest first, by `seq`.
     pub events: Vec<JobEvent>,
+    /// Sorted by name.
+    pub policies: Vec<Policy>,
+    /// Recent runs per policy id, newest planned first (read for the open policy, and from
+    /// the event stream).
+    pub policy_runs: HashMap<String, Vec<PolicyRun>>,
+    /// Points per VM, newest first, as `GET /api/v1/vms/{name}/points` answered.
+    pub points: BTreeMap<String, Vec<PrunePoint>>,
+    /// Prune jobs, newest first.
+    pub prunes: Vec<PruneJob>,
+    /// Space of each repository, by id.
+    pub spaces: BTreeMap<String, RepositorySpace>,
     pub history: HashMap<(BackupId, DiskKey), DiskHistory>,
     /// Bytes-done samples of each restore (one disk each), by restore id.
     pub restore_history: HashMap<String, DiskHistory>,
@@ -240,6 +298,11 @@ impl App {
             tunnels: BTreeMap::new(),
             tunnel_errors: BTreeMap::new(),
             events: Vec::new(),
+            policies: Vec::new(),
+            policy_runs: HashMap::new(),
+            points: BTreeMap::new(),
+            prunes: Vec::new(),
+            spaces: BTreeMap::new(),
             history: HashMap::new(),
             restore_history: HashMap::new(),
             view: View::Jobs,

@@ -6,14 +6,27 @@
 //! - `restores`: `restores list`, `restore start`, `restore cancel`.
 //! - `verify`: `verify --backup ID | --vm NAME | --repository ID`, `verify list`,
 //!   `verify cancel`.
+//! - `policies`: `policy create|list|show|update|delete|run-now`.
+//! - `files`: `files ls BACKUP [PATH]`, `files get BACKUP PATH > out.tar` (browse a point).
+//! - `prune`: `points list VM`, `point protect|unprotect ID`, `prune VM [--dry-run]`.
 
 mod backups;
+mod files;
+mod policies;
+mod policy_args;
+mod prune;
+
+pub use policy_args::{PointCommand, PointsCommand, PolicyCommand};
+mod resources;
 mod restores;
 mod verify;
 
 use crate::config::{self, Overrides};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
-use sendense_shared::api::{BackupType, RestoreRequest, RestoreTarget, VerifyRequest};
+use sendense_shared::api::{
+    BackupType, BootCheckSpec, RestoreRequest, RestoreTarget, VerifyRequest,
+};
+use sendense_shared::cli::{DocsCommand, LogFormat};
 use sendense_shared::client::{ClientError, HubClient};
 use sendense_shared::errors::chain;
 use sendense_shared::ids::{BackupId, DiskKey};
@@ -25,11 +38,14 @@ use std::time::Duration;
 pub mod exit {
     /// Done; with `--wait`, the backup (or restore) completed.
     pub const OK: u8 = 0;
-    /// The hub could not be asked or refused (unreachable, bad token, unknown VM, bad input).
+    /// The hub could not be asked or refused (unreachable, bad token, unknown VM, bad input:
+    /// a 4xx, printed with the hub's detail, which names the field).
     pub const ERROR: u8 = 1;
-    /// `--wait`: the backup (or restore) failed.
+    /// Bad usage: a flag or argument clap refuses, or a `--file` that is not a policy.
+    pub const USAGE: u8 = 2;
+    /// `--wait`: the backup (restore, verify, prune) failed.
     pub const FAILED: u8 = 3;
-    /// `--wait`: the backup (or restore) was cancelled.
+    /// `--wait`: the backup (restore, verify, prune) was cancelled.
     pub const CANCELLED: u8 = 4;
 }
 
@@ -96,8 +112,10 @@ where
 }
 
 const AFTER_HELP: &str = "\
-Exit status: 0 done (with --wait: the backup or restore completed), 1 error talking to the
-hub, 2 bad usage, 3 the job failed, 4 the job was cancelled.
+Exit status: 0 done (with --wait: the backup, restore or prune completed), 1 error talking to
+the hub or the hub refused the request (a 4xx such as 422 on a policy: the message has the
+hub's detail, which names the field), 2 bad usage (a flag, or a --file that is not a policy),
+3 the job failed, 4 the job was cancelled.
 The token is read from --token-file, SENDENSE_TOKEN_FILE, SENDENSE_TOKEN or the config file
 (~/.config/sendense/console.toml: hub_url, token_file); never pass it on the command line.";
 
@@ -121,6 +139,17 @@ pub struct Cli {
     /// Log file of the TUI (default ~/.local/state/sendense/console.log).
     #[arg(long, env = "SENDENSE_CONSOLE_LOG", global = true, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
+    /// Log lines (the TUI's file, `RUST_LOG` of one-shot commands on stderr) as `text` or
+    /// `json` (one object a line: timestamp, level, target, message, fields).
+    #[arg(
+        long,
+        env = "SENDENSE_CONSOLE_LOG_FORMAT",
+        global = true,
+        value_enum,
+        value_name = "FORMAT",
+        default_value_t
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -156,6 +185,95 @@ pub enum Command {
         #[command(flatten)]
         start: VerifyStart,
     },
+    /// Backup policies: schedule, VMs, backup rule, retention, chain limit, priority.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// A VM's backup points with the retention rule that keeps each.
+    Points {
+        #[command(subcommand)]
+        command: PointsCommand,
+    },
+    /// One backup point: protect it from pruning, or unprotect it.
+    Point {
+        #[command(subcommand)]
+        command: PointCommand,
+    },
+    /// Prune a VM's points by the retention of the policy covering it; prints the prune job
+    /// id. --dry-run: what it would keep by which rule and remove, with the bytes freed.
+    Prune {
+        /// Name of the VM.
+        vm: String,
+        /// Show the plan only; nothing is changed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Follow the prune job until it ends (progress on stderr); the exit status says how
+        /// it ended.
+        #[arg(long, conflicts_with = "dry_run")]
+        wait: bool,
+        /// Print the plan (dry run) or the prune job as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Browse a backup point's files without restoring it (the hub reads them in a
+    /// libguestfs appliance): `files ls`, `files get ... > out.tar`.
+    Files {
+        #[command(subcommand)]
+        command: FilesCommand,
+    },
+    /// Registered VMs: node, disks, size, driver, last backup.
+    Vms {
+        /// Print the hub's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Nodes: version, tunnel, API address, last seen.
+    Nodes {
+        /// Print the hub's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The NBD port range: ports held by jobs and ports squatted by other processes.
+    Ports {
+        /// Print the hub's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The qemu-nbd processes the hub runs: PID, port, export, job.
+    Processes {
+        /// Print the hub's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Each node's SSH tunnel: state, restarts, last error.
+    Tunnel {
+        /// Print the hub's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Repositories with their free space.
+    Repositories {
+        /// Print the hub's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The hub's health (version, commit, database); exit status 1 when it is not healthy.
+    Health {
+        /// Print the hub's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The hub's event stream, one JSON object a line (`kind` says what it is): the next
+    /// event only, or with --follow every event until interrupted.
+    Events {
+        /// Keep printing events as they happen.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Hidden: `man DIR`, `completions SHELL` (the Debian packages are built with them).
+    #[command(flatten)]
+    Docs(DocsCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -176,6 +294,29 @@ pub struct VerifyStart {
     /// Every completed point in a repository.
     #[arg(long, value_name = "ID")]
     repository: Option<String>,
+    /// Also boot each point that reads back clean as a throwaway VM on the hub (overlays; the
+    /// point is not written) and record boot_ok / boot_failed with its last console lines.
+    #[arg(long)]
+    boot: bool,
+    /// Boot check: guest memory in MiB (default 512).
+    #[arg(long, value_name = "MIB", requires = "boot")]
+    boot_memory: Option<u32>,
+    /// Boot check: direct kernel boot with this kernel on the hub.
+    #[arg(long, value_name = "PATH", requires = "boot")]
+    boot_kernel: Option<String>,
+    /// Boot check: initrd on the hub for --boot-kernel.
+    #[arg(long, value_name = "PATH", requires = "boot_kernel")]
+    boot_initrd: Option<String>,
+    /// Boot check: kernel command line for --boot-kernel.
+    #[arg(long, value_name = "ARGS", requires = "boot_kernel")]
+    boot_append: Option<String>,
+    /// Boot check: the guest is up when a console line contains this (its guest agent
+    /// answering guest-ping always counts).
+    #[arg(long, value_name = "TEXT", requires = "boot")]
+    boot_ready_line: Option<String>,
+    /// Boot check: seconds the guest has to come up (default 120).
+    #[arg(long, value_name = "SECS", requires = "boot")]
+    boot_timeout: Option<u64>,
     /// Follow the job until it ends (progress on stderr); the exit status says how it ended
     /// (3 when it found corrupt points).
     #[arg(long)]
@@ -199,6 +340,41 @@ pub enum VerifyCommand {
         /// Print the verify job as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FilesCommand {
+    /// Without PATH: the disk's partitions, LVM volumes and filesystems; with PATH: that
+    /// directory's entries (type, mode, owner, size, mtime, link target).
+    Ls {
+        /// The backup (point).
+        backup_id: String,
+        /// Absolute path inside the filesystem.
+        path: Option<std::ffi::OsString>,
+        /// Disk key (may be left out when the backup has one disk).
+        #[arg(long, value_name = "KEY")]
+        disk: Option<i64>,
+        /// Filesystem device (`/dev/sda1`; may be left out when the disk has one).
+        #[arg(long, value_name = "DEV")]
+        fs: Option<String>,
+        /// Print the hub's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A file or directory of the point as a tar archive on stdout (never to a terminal):
+    /// `files get ID /etc > etc.tar`. A symlink comes as a link.
+    Get {
+        /// The backup (point).
+        backup_id: String,
+        /// Absolute path inside the filesystem.
+        path: std::ffi::OsString,
+        /// Disk key (may be left out when the backup has one disk).
+        #[arg(long, value_name = "KEY")]
+        disk: Option<i64>,
+        /// Filesystem device (may be left out when the disk has one).
+        #[arg(long, value_name = "DEV")]
+        fs: Option<String>,
     },
 }
 
@@ -313,6 +489,16 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    if let Some(Command::Docs(docs)) = &cli.command {
+        // Build time of the packages: no hub, no token.
+        return match sendense_shared::cli::run_docs(Cli::command(), docs) {
+            Ok(()) => ExitCode::from(exit::OK),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(exit::ERROR)
+            }
+        };
+    }
     let settings = match config::resolve(
         &Overrides {
             hub_url: cli.hub.clone(),
@@ -327,7 +513,9 @@ pub fn main() -> ExitCode {
             return ExitCode::from(exit::ERROR);
         }
     };
-    let client = HubClient::with_agent(
+    // The hub proves it holds the admin token before the console sends it (a process that
+    // bound the hub's address while the hub is down gets nothing).
+    let client = HubClient::proven_admin(
         &settings.hub_url,
         settings.token,
         concat!("sendense-console/", env!("CARGO_PKG_VERSION")),
@@ -344,7 +532,7 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         None => {
-            let _guard = init_file_logging(cli.log_file);
+            let _guard = init_file_logging(cli.log_file, cli.log_format);
             match runtime.block_on(crate::tui::run(client)) {
                 Ok(()) => ExitCode::from(exit::OK),
                 Err(e) => {
@@ -354,7 +542,7 @@ pub fn main() -> ExitCode {
             }
         }
         Some(command) => {
-            init_stderr_logging();
+            init_stderr_logging(cli.log_format);
             ExitCode::from(runtime.block_on(run_command(&client, command)))
         }
     }
@@ -369,7 +557,10 @@ fn default_log_path() -> PathBuf {
 }
 
 /// Logs of the TUI go to a file: the screen belongs to the UI.
-fn init_file_logging(path: Option<PathBuf>) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+fn init_file_logging(
+    path: Option<PathBuf>,
+    format: LogFormat,
+) -> Option<tracing_appender::non_blocking::WorkerGuard> {
     let path = path.unwrap_or_else(default_log_path);
     let dir = path
         .parent()
@@ -381,23 +572,29 @@ fn init_file_logging(path: Option<PathBuf>) -> Option<tracing_appender::non_bloc
     let (writer, guard) = tracing_appender::non_blocking(appender);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_writer(writer)
         .with_ansi(false)
-        .with_env_filter(filter)
-        .try_init()
-        .ok()?;
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    }
+    .ok()?;
     Some(guard)
 }
 
 /// One-shot commands log warnings (or `RUST_LOG`) to stderr.
-fn init_stderr_logging() {
+fn init_stderr_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(filter)
-        .try_init();
+        .with_env_filter(filter);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
 }
 
 /// Print why the hub could not be asked; the exit status of that.
@@ -412,6 +609,43 @@ pub async fn run_command(client: &HubClient, command: Command) -> u8 {
         Command::Backups {
             command: BackupsCommand::List { json },
         } => backups::list(client, json).await,
+        Command::Files { command } => match command {
+            FilesCommand::Ls {
+                backup_id,
+                path,
+                disk,
+                fs,
+                json,
+            } => {
+                let q = sendense_shared::client::FileQuery {
+                    disk,
+                    fs,
+                    path: path.map(std::os::unix::ffi::OsStringExt::into_vec),
+                };
+                files::ls(client, &backup_id, q, json).await
+            }
+            FilesCommand::Get {
+                backup_id,
+                path,
+                disk,
+                fs,
+            } => {
+                let q = sendense_shared::client::FileQuery {
+                    disk,
+                    fs,
+                    path: Some(std::os::unix::ffi::OsStringExt::into_vec(path)),
+                };
+                files::get(client, &backup_id, q).await
+            }
+        },
+        Command::Vms { json } => resources::vms(client, json).await,
+        Command::Nodes { json } => resources::nodes(client, json).await,
+        Command::Ports { json } => resources::ports(client, json).await,
+        Command::Processes { json } => resources::processes(client, json).await,
+        Command::Tunnel { json } => resources::tunnel(client, json).await,
+        Command::Repositories { json } => resources::repositories(client, json).await,
+        Command::Health { json } => resources::health(client, json).await,
+        Command::Events { follow } => resources::events(client, follow).await,
         Command::Backup {
             command:
                 BackupCommand::Start {
@@ -474,8 +708,56 @@ pub async fn run_command(client: &HubClient, command: Command) -> u8 {
                 backup_id: start.backup.map(BackupId),
                 vm_name: start.vm,
                 repository_id: start.repository,
+                boot: start.boot.then_some(BootCheckSpec {
+                    memory_mib: start.boot_memory,
+                    cpus: None,
+                    kernel: start.boot_kernel,
+                    initrd: start.boot_initrd,
+                    append: start.boot_append,
+                    ready_line: start.boot_ready_line,
+                    timeout_secs: start.boot_timeout,
+                }),
             };
             verify::start(client, &req, start.wait, start.json).await
         }
+        Command::Policy { command } => match command {
+            PolicyCommand::Create {
+                name,
+                file,
+                fields,
+                json,
+            } => policies::create(client, name, &fields, file, json).await,
+            PolicyCommand::List { json } => policies::list(client, json).await,
+            PolicyCommand::Show { policy, json } => policies::show(client, &policy, json).await,
+            PolicyCommand::Update {
+                policy,
+                name,
+                file,
+                fields,
+                json,
+            } => policies::update(client, &policy, name, &fields, file, json).await,
+            PolicyCommand::Delete { policy, json } => policies::delete(client, &policy, json).await,
+            PolicyCommand::RunNow { policy, json } => {
+                policies::run_now(client, &policy, json).await
+            }
+        },
+        Command::Points {
+            command: PointsCommand::List { vm, json },
+        } => prune::list(client, &vm, json).await,
+        Command::Point { command } => {
+            let (id, on, json) = match command {
+                PointCommand::Protect { id, json } => (id, true, json),
+                PointCommand::Unprotect { id, json } => (id, false, json),
+            };
+            prune::protect(client, &BackupId(id), on, json).await
+        }
+        Command::Prune {
+            vm,
+            dry_run,
+            wait,
+            json,
+        } => prune::prune(client, &vm, dry_run, wait, json).await,
+        // Handled in `main` before any hub is asked.
+        Command::Docs(_) => exit::USAGE,
     }
 }

@@ -1,11 +1,13 @@
 //! Realistic hub data for the render and state tests, one part per view: `jobs` (a 2-disk job
 //! mid-copy, a job with a failed disk whose qemu-nbd died, an application-consistent point, a
 //! corrupt one), `vms` (and repositories), `ports` (one squatted), `processes`, `tunnel` (a node
-//! whose tunnel is down), `events`, `restores`, `verify` (a verify job that found corruption). Here: the
+//! whose tunnel is down), `events`, `restores`, `verify` (a verify job that found corruption),
+//! `policies` (policies with their runs, points, repository space, a prune plan). Here: the
 //! instant they are seen from, the hub's health, and the [`snapshot`] and [`app`] built from them.
 
 mod events;
 mod jobs;
+mod policies;
 mod ports;
 mod processes;
 mod restores;
@@ -15,6 +17,7 @@ mod vms;
 
 pub use events::*;
 pub use jobs::*;
+pub use policies::*;
 pub use ports::*;
 pub use processes::*;
 pub use restores::*;
@@ -69,6 +72,9 @@ pub fn snapshot() -> Snapshot {
         nodes: Some(nodes()),
         tunnels: Some(tunnels()),
         events: Some(events()),
+        policies: Some(policies()),
+        prunes: Some(prunes()),
+        spaces: Some(spaces()),
         errors: vec![],
     }
 }

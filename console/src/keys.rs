@@ -22,6 +22,13 @@ pub enum Command {
     Cancel,
     Filter,
     Help,
+    // Policies view.
+    RunNow,
+    ToggleEnabled,
+    Protect,
+    PrunePreview,
+    PrevItem,
+    NextItem,
     // Filter input.
     Type(char),
     Erase,
@@ -92,6 +99,11 @@ pub static MAIN: &[Binding] = &[
         strings::VIEW_EVENTS,
     ),
     b(
+        &[KeyCode::Char('7')],
+        Command::Go(View::Policies),
+        strings::VIEW_POLICIES,
+    ),
+    b(
         &[KeyCode::Char('k'), KeyCode::Up],
         Command::Up,
         strings::HELP_UP,
@@ -118,6 +130,36 @@ pub static MAIN: &[Binding] = &[
     b(&[KeyCode::Char('/')], Command::Filter, strings::HELP_FILTER),
     b(&[KeyCode::Char('?')], Command::Help, strings::HELP_HELP),
     b(&[KeyCode::Char('q')], Command::Quit, strings::HELP_QUIT),
+];
+
+/// Keys of the Policies view and its detail, looked up with [`MAIN`] (one table of the main
+/// screen, listed in a section of its own in the help).
+pub static POLICIES: &[Binding] = &[
+    b(
+        &[KeyCode::Char('r')],
+        Command::RunNow,
+        strings::HELP_RUN_NOW,
+    ),
+    b(
+        &[KeyCode::Char('e')],
+        Command::ToggleEnabled,
+        strings::HELP_TOGGLE_ENABLED,
+    ),
+    b(
+        &[KeyCode::Char('h'), KeyCode::Char('l')],
+        Command::NextItem,
+        strings::HELP_PREV_NEXT_VM,
+    ),
+    b(
+        &[KeyCode::Char('p')],
+        Command::Protect,
+        strings::HELP_PROTECT,
+    ),
+    b(
+        &[KeyCode::Char('x')],
+        Command::PrunePreview,
+        strings::HELP_PRUNE,
+    ),
 ];
 
 /// Keys while typing a filter (any other character is typed into it).
@@ -202,6 +244,23 @@ pub enum Keymap {
 }
 
 impl Keymap {
+    /// Every table the keys of this map are looked up in.
+    pub fn tables(self) -> &'static [&'static [Binding]] {
+        static MAIN_TABLES: [&[Binding]; 2] = [MAIN, POLICIES];
+        static FILTER_TABLES: [&[Binding]; 1] = [FILTER];
+        static START_TABLES: [&[Binding]; 1] = [START];
+        static CONFIRM_TABLES: [&[Binding]; 1] = [CONFIRM];
+        static HELP_TABLES: [&[Binding]; 1] = [HELP];
+        match self {
+            Keymap::Main => &MAIN_TABLES,
+            Keymap::Filter => &FILTER_TABLES,
+            Keymap::Start => &START_TABLES,
+            Keymap::Confirm => &CONFIRM_TABLES,
+            Keymap::Help => &HELP_TABLES,
+        }
+    }
+
+    /// The first table of the map (the help lists [`POLICIES`] in a section of its own).
     pub fn bindings(self) -> &'static [Binding] {
         match self {
             Keymap::Main => MAIN,
@@ -226,9 +285,16 @@ pub fn command(map: Keymap, key: KeyEvent) -> Option<Command> {
             _ => {}
         }
     }
+    if map == Keymap::Main {
+        // h and l share a help line but go opposite ways.
+        if key.code == KeyCode::Char('h') {
+            return Some(Command::PrevItem);
+        }
+    }
     let found = map
-        .bindings()
+        .tables()
         .iter()
+        .flat_map(|t| t.iter())
         .find(|b| b.keys.contains(&key.code))
         .map(|b| b.command);
     match (found, map, key.code) {
@@ -279,7 +345,7 @@ mod tests {
             Keymap::Help,
         ] {
             let mut seen = Vec::new();
-            for binding in map.bindings() {
+            for binding in map.tables().iter().flat_map(|t| t.iter()) {
                 for k in binding.keys {
                     assert!(!seen.contains(k), "{map:?}: {k:?} bound twice");
                     seen.push(*k);
@@ -304,6 +370,26 @@ mod tests {
                 KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL)
             ),
             Some(Command::Quit)
+        );
+    }
+
+    #[test]
+    fn policies_keys_work_from_the_main_screen_and_h_l_go_both_ways() {
+        assert_eq!(
+            command(Keymap::Main, key(KeyCode::Char('x'))),
+            Some(Command::PrunePreview)
+        );
+        assert_eq!(
+            command(Keymap::Main, key(KeyCode::Char('h'))),
+            Some(Command::PrevItem)
+        );
+        assert_eq!(
+            command(Keymap::Main, key(KeyCode::Char('l'))),
+            Some(Command::NextItem)
+        );
+        assert_eq!(
+            command(Keymap::Main, key(KeyCode::Char('7'))),
+            Some(Command::Go(View::Policies))
         );
     }
 

@@ -118,29 +118,65 @@ fn keep<T>(errors: &mut Vec<String>, r: Result<T, ClientError>) -> Option<T> {
     }
 }
 
+/// Like [`keep`], for the parts a hub before policies does not serve: its 404 is no error
+/// (the Policies view is then empty), anything else is.
+fn keep_optional<T>(errors: &mut Vec<String>, r: Result<T, ClientError>) -> Option<T> {
+    match r {
+        Err(e) if e.status() == Some(404) => None,
+        r => keep(errors, r),
+    }
+}
+
 /// Everything the console shows, fetched at once. Fails only when `/health` fails; other
 /// parts that fail are left out and named in `errors`.
 pub async fn fetch_snapshot(client: &HubClient) -> Result<Snapshot, ClientError> {
     let health = client.health().await?;
-    let (backups, restores, verifies, vms, repositories, ports, processes, nodes, tunnels) = tokio::join!(
-        client.backups(),
-        client.restores(),
-        client.verify_jobs(),
-        client.vms(),
-        client.repositories(),
-        client.ports(),
-        client.processes(),
-        client.nodes(),
-        client.tunnel(),
+    let (
+        (backups, restores, verifies, vms, repositories, ports, processes, nodes, tunnels),
+        (policies, prunes),
+    ) = tokio::join!(
+        async {
+            tokio::join!(
+                client.backups(),
+                client.restores(),
+                client.verify_jobs(),
+                client.vms(),
+                client.repositories(),
+                client.ports(),
+                client.processes(),
+                client.nodes(),
+                client.tunnel(),
+            )
+        },
+        async { tokio::join!(client.policies(), client.prune_jobs()) },
     );
     let mut errors = Vec::new();
+    let repositories = keep(&mut errors, repositories);
+    let spaces = match &repositories {
+        Some(repos) => {
+            let answers = futures_util::future::join_all(
+                repos.iter().map(|r| client.repository_space(&r.id)),
+            )
+            .await;
+            Some(
+                answers
+                    .into_iter()
+                    .filter_map(|a| keep_optional(&mut errors, a))
+                    .collect(),
+            )
+        }
+        None => None,
+    };
     let backups: Option<Vec<Backup>> = keep(&mut errors, backups);
     let restores: Option<Vec<Restore>> = keep(&mut errors, restores);
     let snap = Snapshot {
         health: Some(health),
         verifies: keep(&mut errors, verifies),
         vms: keep(&mut errors, vms),
-        repositories: keep(&mut errors, repositories),
+        repositories,
+        policies: keep_optional(&mut errors, policies),
+        prunes: keep_optional(&mut errors, prunes),
+        spaces,
         ports: keep(&mut errors, ports),
         processes: keep(&mut errors, processes),
         nodes: keep(&mut errors, nodes),
@@ -198,6 +234,19 @@ async fn poll(client: &HubClient, tx: &mpsc::Sender<Update>) -> bool {
     }
 }
 
+/// Shortest time between two re-reads that events asked for.
+const RELIST_AFTER: Duration = Duration::from_secs(1);
+
+/// Events after which the policies, prune jobs and space are re-read: a policy run changed, or
+/// a prune ended (its progress events change nothing the lists show).
+fn rereads_lists(event: &HubEvent) -> bool {
+    match event {
+        HubEvent::PolicyRun { .. } => true,
+        HubEvent::Prune { prune } => prune.status.is_terminal(),
+        _ => false,
+    }
+}
+
 /// Read the open stream until it ends; returns why it ended.
 async fn pump(client: &HubClient, resp: reqwest::Response, tx: &mpsc::Sender<Update>) -> String {
     let mut body = resp.bytes_stream();
@@ -206,6 +255,7 @@ async fn pump(client: &HubClient, resp: reqwest::Response, tx: &mpsc::Sender<Upd
     // changed between the last poll and the subscription.
     let mut refresh = tokio::time::interval(LIVE_REFRESH);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_refresh = Instant::now();
     loop {
         tokio::select! {
             chunk = body.next() => match chunk {
@@ -223,6 +273,17 @@ async fn pump(client: &HubClient, resp: reqwest::Response, tx: &mpsc::Sender<Upd
                                 refresh.reset_immediately();
                             }
                             Ok(event) => {
+                                // A run or the end of a prune changes the lists beside it
+                                // (next run, queue length, space): re-read them soon,
+                                // at most once a second however many runs start at once.
+                                if rereads_lists(&event) {
+                                    let soon = last_refresh + RELIST_AFTER;
+                                    if soon <= Instant::now() {
+                                        refresh.reset_immediately();
+                                    } else {
+                                        refresh.reset_at(soon);
+                                    }
+                                }
                                 if tx.send(Update::Event(event)).await.is_err() {
                                     return String::new();
                                 }
@@ -235,6 +296,7 @@ async fn pump(client: &HubClient, resp: reqwest::Response, tx: &mpsc::Sender<Upd
                 None => return "the hub closed the event stream".to_string(),
             },
             _ = refresh.tick() => {
+                last_refresh = Instant::now();
                 if !poll(client, tx).await {
                     return "the hub stopped answering".to_string();
                 }

@@ -10,6 +10,7 @@ pub const VIEW_PORTS: &str = "Ports";
 pub const VIEW_TUNNEL: &str = "Tunnel";
 pub const VIEW_PROCESSES: &str = "Processes";
 pub const VIEW_EVENTS: &str = "Events";
+pub const VIEW_POLICIES: &str = "Policies";
 
 // Header.
 pub const HUB: &str = "hub";
@@ -84,6 +85,11 @@ pub const COL_INTEGRITY: &str = "Integrity";
 pub const COL_CONSISTENCY: &str = "Consistency";
 pub const INTEGRITY: &str = "integrity";
 pub const CONSISTENCY: &str = "consistency";
+pub const BOOT: &str = "boot";
+pub const BOOT_OK: &str = "boot ok";
+pub const BOOT_FAILED: &str = "BOOT FAILED";
+pub const BOOTING: &str = "booting";
+pub const BOOT_INTERRUPTED: &str = "interrupted";
 pub const VERIFIED: &str = "verified";
 pub const HUB_COMPUTED: &str = "hub-computed";
 pub const LEGACY: &str = "legacy";
@@ -92,6 +98,8 @@ pub const UNVERIFIED: &str = "unverified";
 pub const APPLICATION: &str = "application";
 pub const CRASH: &str = "crash";
 pub const FREEZE: &str = "freeze";
+/// Label of a point's recorded VM hardware in the job detail.
+pub const HARDWARE: &str = "hardware";
 pub const VERIFIED_AT: &str = "verified at";
 /// What a corrupt last point means for the VM (the hub makes the next backup a full).
 pub const NEXT_FULL: &str = "next backup: full";
@@ -206,12 +214,83 @@ pub const FILTER: &str = "filter";
 pub const FILTER_EDITING: &str = "filter (Enter keep, Esc clear)";
 pub const NOTHING_MATCHES: &str = "Nothing matches the filter";
 
+// Policies.
+pub const COL_NAME: &str = "Policy";
+pub const COL_SCHEDULE: &str = "Schedule";
+pub const COL_VMS: &str = "VMs";
+pub const COL_NEXT: &str = "Next run";
+pub const COL_LAST_RUN: &str = "Last run";
+pub const COL_QUEUED: &str = "Q";
+pub const COL_QUEUED_WIDE: &str = "Queued";
+pub const COL_PRIORITY: &str = "Prio";
+pub const COL_REPOSITORY: &str = "Repo";
+pub const COL_PLANNED: &str = "Planned";
+pub const COL_KIND: &str = "Kind";
+pub const COL_REASON: &str = "Reason";
+pub const COL_CREATED: &str = "Created";
+pub const COL_PROTECTED: &str = "Prot";
+pub const COL_KEPT_BY: &str = "Kept by";
+pub const COL_PRUNE: &str = "At prune";
+pub const COL_FREES: &str = "Frees";
+pub const NO_POLICIES: &str =
+    "No backup policies. Create one: sendense-console policy create NAME --vm VM --schedule CRON";
+pub const POLICY: &str = "Policy";
+pub const ENABLED: &str = "enabled";
+pub const DISABLED: &str = "disabled";
+pub const SCHEDULE: &str = "schedule";
+pub const NEXT: &str = "next";
+pub const LAST: &str = "last";
+pub const QUEUED: &str = "queued";
+pub const PRIORITY: &str = "priority";
+pub const QUEUE_WINDOW: &str = "queue window";
+pub const RULE: &str = "backup";
+pub const RULE_INCREMENTAL: &str = "incremental";
+pub const FULL_EVERY: &str = "full every";
+pub const DAYS: &str = "days";
+pub const RUNS: &str = "runs";
+pub const FULL_ON: &str = "full on";
+pub const CHAIN: &str = "chain";
+pub const CHAIN_FULL: &str = "full";
+pub const CHAIN_SYNTHETIC: &str = "synthetic full";
+pub const KEEP: &str = "keep";
+pub const KEEP_NOTHING_PRUNED: &str = "no rule: nothing is pruned";
+pub const VMS_LABEL: &str = "vms";
+pub const NODE_PREFIX: &str = "node:";
+pub const RUNS_TITLE: &str = "Recent runs";
+pub const NO_RUNS: &str = "No runs yet.";
+pub const POINTS_OF: &str = "Points of";
+pub const NO_POINTS: &str = "No points of this VM.";
+pub const NO_POLICY_VMS: &str = "The policy covers no VM the hub knows.";
+pub const KIND_SCHEDULED: &str = "sched";
+pub const KIND_LATE: &str = "late";
+pub const KIND_MANUAL: &str = "manual";
+pub const PROTECTED: &str = "protected";
+pub const YES: &str = "yes";
+pub const ACTION_KEEP: &str = "keep";
+pub const ACTION_DELETE: &str = "delete";
+pub const ACTION_MERGE: &str = "merge into child";
+pub const ACTION_REBASE: &str = "rebase child";
+pub const SPACE: &str = "space";
+pub const FREE_OF: &str = "free of";
+pub const PER_DAY: &str = "/day";
+pub const NOT_GROWING: &str = "not growing";
+pub const PRUNE_RUNNING: &str = "prune";
+pub const PRUNE_TITLE: &str = "Prune preview";
+pub const PRUNE_DRY_RUN: &str = "dry run: nothing changed yet";
+pub const PRUNE_HINT: &str = "y start this prune · n / Esc close";
+pub const PRUNE_NOTHING: &str = "Nothing to remove: every point is kept.";
+pub const PRUNE_NOTHING_HINT: &str = "n / Esc close";
+pub const PRUNE_MORE: &str = "more points: `sendense-console prune VM --dry-run` lists all";
+pub const UNKNOWN_POLICY: &str = "unknown policy";
+
 // Footer hints.
 pub const HINT_COMMON: &str = "?:help Tab:view j/k:move /:filter q:quit";
 pub const HINT_JOBS: &str = "Enter:detail c:cancel";
 pub const HINT_DETAIL: &str = "Esc:back j/k:scroll c:cancel";
 pub const HINT_VMS: &str = "s:start backup";
 pub const HINT_EVENTS: &str = "Enter:job";
+pub const HINT_POLICIES: &str = "Enter:detail r:run e:on/off";
+pub const HINT_POLICY_DETAIL: &str = "h/l:VM p:protect x:prune r:run";
 
 // Help overlay.
 pub const HELP_TITLE: &str = "Keys (any of ? Esc q closes)";
@@ -219,6 +298,7 @@ pub const HELP_SECTION_MAIN: &str = "Everywhere";
 pub const HELP_SECTION_FILTER: &str = "Typing a filter";
 pub const HELP_SECTION_START: &str = "Start dialog";
 pub const HELP_SECTION_CONFIRM: &str = "Confirmation";
+pub const HELP_SECTION_POLICIES: &str = "Policies view (7)";
 pub const HELP_SECTION_HELP: &str = "This help";
 pub const HELP_NEXT_VIEW: &str = "next view";
 pub const HELP_PREV_VIEW: &str = "previous view";
@@ -226,7 +306,7 @@ pub const HELP_UP: &str = "move up / scroll";
 pub const HELP_DOWN: &str = "move down / scroll";
 pub const HELP_TOP: &str = "first row";
 pub const HELP_BOTTOM: &str = "last row";
-pub const HELP_ENTER: &str = "job detail (Jobs, Events)";
+pub const HELP_ENTER: &str = "detail (Jobs/Events/Policies)";
 pub const HELP_BACK: &str = "back / clear filter";
 pub const HELP_START: &str = "start backup of VM (VMs)";
 pub const HELP_CANCEL: &str = "cancel job (asks y/n)";
@@ -244,6 +324,11 @@ pub const HELP_NEXT: &str = "go to confirmation";
 pub const HELP_CLOSE: &str = "close";
 pub const HELP_YES: &str = "yes, do it";
 pub const HELP_NO: &str = "no, leave it";
+pub const HELP_RUN_NOW: &str = "run the policy now (asks y/n)";
+pub const HELP_TOGGLE_ENABLED: &str = "enable / disable it (asks y/n)";
+pub const HELP_PREV_NEXT_VM: &str = "detail: previous / next VM";
+pub const HELP_PROTECT: &str = "detail: (un)protect point";
+pub const HELP_PRUNE: &str = "detail: prune preview, confirm";
 
 // Notices.
 pub const NOTICE_CANCEL_ABORTED: &str = "Cancel aborted: the job keeps running.";
@@ -253,6 +338,12 @@ pub const NOTICE_CANCEL_ONLY_JOBS: &str = "c cancels a job from the Jobs view (p
 pub const NOTICE_NO_REPOSITORY: &str =
     "The hub has no repository: add one (POST /api/v1/repositories) first.";
 pub const NOTICE_NOTHING_SELECTED: &str = "Nothing selected.";
+pub const NOTICE_ONLY_POLICIES: &str = "r, e, p, x act in the Policies view (press 7).";
+pub const NOTICE_ONLY_POLICY_DETAIL: &str =
+    "p and x act on a point of the open policy (Enter on a policy).";
+pub const NOTICE_ACTION_ABORTED: &str = "Aborted: nothing sent.";
+pub const NOTICE_PRUNE_ABORTED: &str = "Prune not started: nothing changed.";
+pub const NOTICE_PRUNE_NOTHING: &str = "Nothing to prune: every point is kept.";
 
 /// `Cancel backup b-7f3a of pgtest1 (running)? y/n`
 pub fn confirm_cancel(backup_id: &str, vm_name: &str, status: &str) -> String {
@@ -301,4 +392,71 @@ pub fn notice_cancelled(backup_id: &str, status: &str) -> String {
 
 pub fn notice_action_failed(what: &str, cause: &str) -> String {
     format!("{what} failed: {cause}")
+}
+
+/// `Run policy nightly now (its 3 VMs)?`
+pub fn confirm_run_now(name: &str, vms: usize) -> String {
+    let s = if vms == 1 { "" } else { "s" };
+    format!("Run policy {name} now (its {vms} VM{s})?")
+}
+
+/// `Disable policy nightly (no scheduled runs until enabled)?`, `Enable policy nightly?`
+pub fn confirm_toggle(name: &str, enable: bool) -> String {
+    if enable {
+        format!("Enable policy {name} (scheduled runs start again)?")
+    } else {
+        format!("Disable policy {name} (no scheduled runs until enabled)?")
+    }
+}
+
+pub fn notice_run_sent(name: &str) -> String {
+    format!("Asking the hub to run policy {name} now…")
+}
+
+pub fn notice_run_started(name: &str, runs: usize) -> String {
+    match runs {
+        0 => format!("Policy {name}: run requested."),
+        1 => format!("Policy {name}: 1 run queued."),
+        n => format!("Policy {name}: {n} runs queued."),
+    }
+}
+
+pub fn notice_policy_updated(name: &str, enabled: bool) -> String {
+    let state = if enabled { ENABLED } else { DISABLED };
+    format!("Policy {name} is now {state}.")
+}
+
+pub fn notice_protect_sent(backup_id: &str, protect: bool) -> String {
+    let verb = if protect {
+        "Protecting"
+    } else {
+        "Unprotecting"
+    };
+    format!("{verb} point {backup_id}…")
+}
+
+pub fn notice_protected(backup_id: &str, protected: bool) -> String {
+    if protected {
+        format!("Point {backup_id} is protected: no prune removes it.")
+    } else {
+        format!("Point {backup_id} is no longer protected.")
+    }
+}
+
+pub fn notice_preview_sent(vm: &str) -> String {
+    format!("Asking the hub what a prune of {vm} would do (dry run)…")
+}
+
+pub fn notice_prune_started(prune_id: &str, vm: &str) -> String {
+    format!("Prune {prune_id} of {vm} started.")
+}
+
+/// `Keeps 9 points, removes 3, frees 4.2 GiB.`
+pub fn prune_summary(kept: usize, removed: usize, freed: &str) -> String {
+    format!("Keeps {kept} point(s), removes {removed}, frees {freed}.")
+}
+
+/// `full in 156 days`
+pub fn full_in_days(days: f64) -> String {
+    format!("full in {days:.0} days")
 }

@@ -16,6 +16,8 @@ use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
+mod policies;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TuiError {
     #[error(
@@ -68,7 +70,11 @@ pub async fn run(client: HubClient) -> Result<(), TuiError> {
             _ = tick.tick() => dirty = true,
             update = rx.recv() => {
                 if let Some(update) = update {
+                    let reload = app.reload_on(&update);
                     app.apply(update, Utc::now());
+                    if let Some(action) = reload {
+                        perform(&client, action, tx.clone());
+                    }
                     dirty = true;
                 }
             }
@@ -147,6 +153,7 @@ fn perform(client: &HubClient, action: Action, tx: mpsc::Sender<Update>) {
                 }],
             },
             Action::Quit => vec![],
+            other => crate::tui::policies::perform(&client, other).await,
         };
         for u in updates {
             let _ = tx.send(u).await;

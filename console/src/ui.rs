@@ -2,13 +2,15 @@
 //! screen is a function of the state alone (and the render tests pin it down).
 //!
 //! - `header`: hub identity, health, database, link state, clock; the unreachable banner.
-//! - `jobs`, `vms`, `ports`, `tunnel`, `processes`, `events`: one module per view.
+//! - `jobs`, `vms`, `ports`, `tunnel`, `processes`, `events`, `policies`: one module per view
+//!   (`policies` also draws the prune preview dialog).
 //! - `popup`: help overlay, start dialog, y/n confirmations.
 //! - `theme`: colours and status symbols (every colour comes with a word or a symbol).
 
 mod events;
 mod header;
 mod jobs;
+mod policies;
 mod popup;
 mod ports;
 mod processes;
@@ -46,6 +48,7 @@ pub fn render(app: &App, frame: &mut Frame) {
         View::Tunnel => tunnel::render(app, frame, body),
         View::Processes => processes::render(app, frame, body),
         View::Events => events::render(app, frame, body),
+        View::Policies => policies::render(app, frame, body),
     }
     render_footer(app, frame, footer);
     match &app.mode {
@@ -76,6 +79,8 @@ pub fn render(app: &App, frame: &mut Frame) {
             let text = strings::confirm_cancel_restore(restore_id, vm_name, status.as_str());
             popup::confirm(&text, frame, frame.area());
         }
+        Mode::ConfirmPolicy { question, .. } => popup::confirm(question, frame, frame.area()),
+        Mode::PrunePreview(plan) => policies::prune::render(plan, frame, frame.area()),
         Mode::Normal | Mode::Filter => {}
     }
 }
@@ -116,6 +121,8 @@ fn render_footer(app: &App, frame: &mut Frame, area: Rect) {
             View::Jobs => strings::HINT_JOBS,
             View::Vms => strings::HINT_VMS,
             View::Events => strings::HINT_EVENTS,
+            View::Policies if app.views.policies.detail.is_some() => strings::HINT_POLICY_DETAIL,
+            View::Policies => strings::HINT_POLICIES,
             _ => "",
         };
         let mut spans = vec![Span::styled(

@@ -11,17 +11,19 @@ pub enum View {
     Tunnel,
     Processes,
     Events,
+    Policies,
 }
 
 impl View {
     /// In tab order (the header draws them so).
-    pub const ALL: [View; 6] = [
+    pub const ALL: [View; 7] = [
         View::Jobs,
         View::Vms,
         View::Ports,
         View::Tunnel,
         View::Processes,
         View::Events,
+        View::Policies,
     ];
 
     /// Place in [`View::ALL`]. A match, not a search, so a new view does not compile until it
@@ -34,6 +36,7 @@ impl View {
             View::Tunnel => 3,
             View::Processes => 4,
             View::Events => 5,
+            View::Policies => 6,
         }
     }
 
@@ -55,6 +58,7 @@ impl View {
             View::Tunnel => strings::VIEW_TUNNEL,
             View::Processes => strings::VIEW_PROCESSES,
             View::Events => strings::VIEW_EVENTS,
+            View::Policies => strings::VIEW_POLICIES,
         }
     }
 }
@@ -68,7 +72,7 @@ mod tests {
         for (i, v) in View::ALL.iter().enumerate() {
             assert_eq!(v.index(), i, "{v:?}");
         }
-        assert_eq!(View::Jobs.prev(), View::Events);
-        assert_eq!(View::Events.next(), View::Jobs);
+        assert_eq!(View::Jobs.prev(), View::Policies);
+        assert_eq!(View::Policies.next(), View::Jobs);
     }
 }

@@ -7,9 +7,14 @@
 //!   [`DiskStatus`], [`BackupType`]), [`NbdExport`] and its TLS material [`NbdTls`];
 //! - `vms`: repositories and VMs;
 //! - `backups`: backup jobs, on the hub and on the node, and what a node reports of one;
+//! - `hardware`: a QEMU VM's hardware as recorded at backup time ([`VmHardware`]);
 //! - `restores`: restore jobs, likewise;
 //! - `system`: NBD port allocations and qemu-nbd processes;
 //! - `nodes`: registration, tunnel state, inventory;
+//! - `policies`: backup policies, their runs, retention, prune plans and jobs, repository
+//!   space;
+//! - `openapi`: what the hub's and the node's OpenAPI documents share (bearer scheme, error
+//!   answers);
 //! - `events`: the hub's event stream ([`HubEvent`]) and a job's event log ([`JobEvent`]).
 
 use chrono::{DateTime, Utc};
@@ -17,8 +22,12 @@ use serde::{Deserialize, Serialize};
 
 mod backups;
 mod events;
+mod files;
+mod hardware;
 mod integrity;
 mod nodes;
+pub mod openapi;
+mod policies;
 mod restores;
 mod system;
 mod vms;
@@ -29,12 +38,20 @@ pub use backups::{
     NodeBackupState, NodeDiskState, ProgressReport,
 };
 pub use events::{HubEvent, JobEvent};
+pub use files::{FileEntry, FileKind, FileListing, GuestFilesystem};
+pub use hardware::{HardwareDisk, HardwareNic, VmHardware};
 pub use integrity::{
-    CellChecksum, CellRun, Consistency, ConsistencyLevel, DEFAULT_GRID_CELL, GridChecksums,
-    Integrity, VerifyJob, VerifyRequest,
+    BootCheck, BootCheckSpec, BootStatus, CellChecksum, CellRun, Consistency, ConsistencyLevel,
+    DEFAULT_GRID_CELL, GridChecksums, Integrity, VerifyJob, VerifyRequest,
 };
 pub use nodes::{
-    Inventory, InventoryVm, Node, NodeRegistration, NodeTunnel, TunnelState, TunnelStateKind,
+    Inventory, InventoryVm, Node, NodeRegistration, NodeTunnel, TunnelLink, TunnelState,
+    TunnelStateKind,
+};
+pub use policies::{
+    BackupRule, ChainLimit, DEFAULT_QUEUE_WINDOW_SECS, KeepReason, Policy, PolicyRequest,
+    PolicyRun, PruneAction, PruneJob, PrunePlan, PrunePoint, PruneRequest, RepositorySpace,
+    Retention, RunStatus, VmSelector, VmSpace,
 };
 pub use restores::{
     NodeRestoreStart, NodeRestoreState, Restore, RestoreCompletion, RestoreProgress,
@@ -44,7 +61,7 @@ pub use system::{PortAllocation, PortsView, ProcessInfo, SquattedPort};
 pub use vms::{Repository, RepositoryRequest, RepositoryUpdate, Vm, VmDisk, VmRequest};
 
 /// Error body of every 4xx/5xx answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// The machine-readable cause, e.g. `"invalid_field"`, `"not_found"`; callers match on it.
     pub error: crate::errors::ErrorCode,
@@ -53,7 +70,7 @@ pub struct ErrorBody {
 }
 
 /// Which database a hub runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DatabaseKind {
     Sqlite,
@@ -61,7 +78,7 @@ pub enum DatabaseKind {
 }
 
 /// Database part of `/health`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DatabaseHealth {
     pub kind: DatabaseKind,
     /// A `SELECT 1` answered just now.
@@ -69,7 +86,7 @@ pub struct DatabaseHealth {
 }
 
 /// `GET /health` of the hub and `GET /api/v1/health` of the node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Health {
     /// `"healthy"` or `"degraded"`.
     pub status: String,
@@ -89,7 +106,7 @@ pub struct Health {
 }
 
 /// Full or incremental.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BackupType {
     Full,
@@ -107,7 +124,7 @@ impl BackupType {
 
 /// Life of a backup job: `pending → preparing → running → finalizing → completed | failed`,
 /// and `cancelling → cancelled` from any non-terminal state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
     Pending,
@@ -158,7 +175,7 @@ impl JobStatus {
 }
 
 /// Status of one disk within a job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DiskStatus {
     Pending,
@@ -198,12 +215,19 @@ impl DiskStatus {
 }
 
 /// One NBD export as structured JSON (the parts of an `nbd://host:port/export` URI). IPv6
-/// hosts are bare here (`::1`); the URI form puts them in brackets.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// hosts are bare here (`::1`); the URI form puts them in brackets. With `socket` the export is
+/// on that unix socket of the hub (`nbd+unix:///export?socket=PATH`); `host` and `port` then
+/// still name the loopback and the slot (the socket is `<port>.sock`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NbdExport {
     pub host: String,
+    #[schema(maximum = 65535)]
     pub port: u16,
     pub export: String,
+    /// The hub's unix socket of this export (`nbd_listen = "unix"`, the default). Absent: TCP
+    /// at `host:port` (`nbd_listen = "tcp"`, and an older hub).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
     /// TLS material for this export (the hub's qemu-nbd requires an x509 client certificate
     /// issued for this job). Absent when the hub runs with `nbd_tls = false`, and from an older
     /// hub. Sent only over the authenticated API; its `Debug` hides the key.
@@ -213,7 +237,7 @@ pub struct NbdExport {
 
 /// x509 material a client presents to a TLS NBD export: the CA that signed the server (the only
 /// trusted root) and the client certificate with its private key, all PEM.
-#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NbdTls {
     pub ca_pem: String,
     pub cert_pem: String,
@@ -236,6 +260,7 @@ impl From<crate::targets::NbdUri> for NbdExport {
             host: u.host,
             port: u.port,
             export: u.export,
+            socket: u.socket,
             tls: None,
         }
     }
@@ -247,6 +272,7 @@ impl From<NbdExport> for crate::targets::NbdUri {
             host: e.host,
             port: e.port,
             export: e.export,
+            socket: e.socket,
         }
     }
 }

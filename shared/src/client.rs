@@ -3,7 +3,8 @@
 //! that the token was refused, or the hub's own `error` and `detail` for a 4xx.
 //!
 //! Console side: health, backups, restores, verify jobs, VMs, repositories, ports, processes, nodes, tunnel, start,
-//! cancel, the event stream. Node side: registration, inventory push, and the progress and
+//! cancel, the event stream; policies, their runs, points, protection, prune jobs and
+//! repository space (`policies`). Node side: registration, inventory push, and the progress and
 //! completion reports of backups and restores. Retries are the caller's, paced with
 //! [`crate::backoff`].
 
@@ -18,6 +19,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::time::Duration;
 
+mod files;
+pub use files::FileQuery;
+mod policies;
 pub mod proof;
 mod verify;
 
@@ -157,6 +161,17 @@ impl HubClient {
         Self::of(base, Some(token.to_string()), http)
     }
 
+    /// An operator's client (the console): with a token, every new connection must first
+    /// prove it reaches the hub that holds this admin token ([`crate::proof::ADMIN`]), so the
+    /// token never goes to whoever binds the hub's address while the hub is down. Without a
+    /// token, a plain client (only `/health` answers).
+    pub fn proven_admin(base: &str, token: Option<String>, user_agent: &str) -> Self {
+        match token {
+            Some(t) => Self::proven(base, &t, user_agent, crate::proof::ADMIN),
+            None => Self::with_agent(base, None, user_agent),
+        }
+    }
+
     fn of(base: &str, token: Option<String>, http: reqwest::Client) -> Self {
         HubClient {
             base: base.trim_end_matches('/').to_string(),
@@ -213,14 +228,28 @@ impl HubClient {
         what: impl FnOnce() -> String,
         body: Option<Vec<u8>>,
     ) -> Result<(String, bytes::Bytes), ClientError> {
+        self.call_within(method, path, what, body, REQUEST_TIMEOUT)
+            .await
+    }
+
+    /// [`HubClient::call`] with its own time limit (a file listing may wait for an appliance).
+    async fn call_within(
+        &self,
+        method: &'static str,
+        path: &str,
+        what: impl FnOnce() -> String,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<(String, bytes::Bytes), ClientError> {
         let url = self.url(path);
         self.gate_open(&url)?;
         let mut req = match method {
             "POST" => self.http.request(Method::POST, &url),
             "PUT" => self.http.request(Method::PUT, &url),
+            "DELETE" => self.http.request(Method::DELETE, &url),
             _ => self.http.request(Method::GET, &url),
         };
-        req = self.authed(req).timeout(REQUEST_TIMEOUT);
+        req = self.authed(req).timeout(timeout);
         if let Some(body) = body {
             req = req
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -241,15 +270,28 @@ impl HubClient {
         if status.is_success() {
             return Ok((url, bytes));
         }
+        Err(refusal(method, url, status, &bytes, what))
+    }
+}
+
+/// The hub's refusal (`status`, its JSON error body) as a [`ClientError`].
+fn refusal(
+    method: &'static str,
+    url: String,
+    status: StatusCode,
+    bytes: &[u8],
+    what: impl FnOnce() -> String,
+) -> ClientError {
+    {
         if status == StatusCode::UNAUTHORIZED {
-            return Err(ClientError::Unauthorized { url });
+            return ClientError::Unauthorized { url };
         }
-        let (error, detail) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+        let (error, detail) = match serde_json::from_slice::<ErrorBody>(bytes) {
             // `error` is shown as text whatever its type (a short cause, or an error code).
             Ok(b) => (b.error.to_string(), b.detail),
             Err(_) => (
                 status.canonical_reason().unwrap_or("error").to_string(),
-                String::from_utf8_lossy(&bytes)
+                String::from_utf8_lossy(bytes)
                     .trim()
                     .chars()
                     .take(300)
@@ -257,21 +299,23 @@ impl HubClient {
             ),
         };
         if status == StatusCode::NOT_FOUND {
-            return Err(ClientError::NotFound {
+            return ClientError::NotFound {
                 what: what(),
                 error,
                 detail,
-            });
+            };
         }
-        Err(ClientError::Api {
+        ClientError::Api {
             method,
             url,
             status: status.as_u16(),
             error,
             detail,
-        })
+        }
     }
+}
 
+impl HubClient {
     async fn send<T: DeserializeOwned>(
         &self,
         method: &'static str,

@@ -9,7 +9,7 @@ use std::fmt;
 ///
 /// A code a peer does not know yet (a newer hub or node) deserialises as [`ErrorCode::Other`],
 /// so an old console keeps working and shows the detail.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The body is not JSON at all (syntax, empty).

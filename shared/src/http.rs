@@ -5,6 +5,7 @@
 //!   [`status_of`] the code;
 //! - [`ApiJson`]: the JSON body extractor (no `Content-Type` needed; `400 invalid_json` for
 //!   syntax, `422 invalid_field` naming the field for shape);
+//! - [`ApiQuery`]: the query-string extractor (`422 invalid_field` naming the parameter);
 //! - [`require_bearer`]: the `Authorization: Bearer <token>` middleware (constant-time compare,
 //!   `401 unauthorized` naming what was wrong);
 //! - [`proof`]: the query check of the open `GET /api/v1/proof` challenge.
@@ -12,9 +13,11 @@
 mod bearer;
 mod json;
 pub mod proof;
+mod query;
 
 pub use bearer::{Bearer, bearer_of, require_bearer};
 pub use json::ApiJson;
+pub use query::ApiQuery;
 
 use crate::api::ErrorBody;
 use crate::errors::ErrorCode;

@@ -5,7 +5,19 @@ use std::fmt;
 
 /// A disk's stable key within its VM: 2000, 2001, ... (VMware's device keys; the QEMU driver
 /// numbers its disks the same way).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(transparent)]
 pub struct DiskKey(pub i64);
 
@@ -16,7 +28,19 @@ impl fmt::Display for DiskKey {
 }
 
 /// A TCP port of the hub's NBD range (10100-10200 by default).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(transparent)]
 pub struct NbdPort(pub u16);
 
@@ -27,7 +51,9 @@ impl fmt::Display for NbdPort {
 }
 
 /// A backup job's id, as the hub hands it out.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(transparent)]
 pub struct BackupId(pub String);
 

@@ -24,12 +24,16 @@
 //!   before a caller sends that credential (`client::proof` checks it on every new connection).
 //! - [`backoff`]: retry pacing for every retry loop (exponential, capped, deterministic; jitter
 //!   supplied by the caller).
+//! - `cli` (feature `cli`): what the three binaries' command lines share: `--log-format`
+//!   ([`cli::LogFormat`]) and the hidden `man DIR` / `completions SHELL` subcommands.
 //! - `client` (feature `client`): the one typed hub client of the console and the node, and its
 //!   error type.
 
 pub mod api;
 pub mod backoff;
 pub mod child;
+#[cfg(feature = "cli")]
+pub mod cli;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod errors;

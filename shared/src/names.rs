@@ -24,14 +24,20 @@ pub const MAX_NAME_LEN: usize = 128;
 /// everything that could escape a directory or confuse a shell or URI: `/`, `\`, NUL, spaces,
 /// control characters, `..`.
 pub fn validate_name(field: &'static str, name: &str) -> Result<(), NameError> {
+    validate_name_up_to(field, name, MAX_NAME_LEN)
+}
+
+/// Longest NBD export name the hub gives: `<vm>-disk-<key>` for a VM name of
+/// [`MAX_NAME_LEN`] bytes and any disk key (NBD itself allows 4096).
+pub const MAX_EXPORT_NAME_LEN: usize = MAX_NAME_LEN + "-disk-".len() + 20;
+
+/// [`validate_name`] with another length limit (export names, made of a name and a suffix).
+pub fn validate_name_up_to(field: &'static str, name: &str, max: usize) -> Result<(), NameError> {
     if name.is_empty() {
         return Err(NameError::Empty { field });
     }
-    if name.len() > MAX_NAME_LEN {
-        return Err(NameError::TooLong {
-            field,
-            max: MAX_NAME_LEN,
-        });
+    if name.len() > max {
+        return Err(NameError::TooLong { field, max });
     }
     if name == "." || name == ".." {
         return Err(NameError::DotName { field });
@@ -57,6 +63,17 @@ pub fn validate_name(field: &'static str, name: &str) -> Result<(), NameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_export_name_of_the_longest_vm_name_and_any_disk_key_fits() {
+        let vm = "v".repeat(MAX_NAME_LEN);
+        let export = format!("{vm}-disk-{}", i64::MIN);
+        assert_eq!(
+            validate_name_up_to("export_name", &export, MAX_EXPORT_NAME_LEN),
+            Ok(())
+        );
+        assert!(validate_name("export_name", &export).is_err());
+    }
 
     #[test]
     fn accepts_ordinary_names() {

@@ -124,10 +124,16 @@ impl NbdAddr {
 
 impl From<NbdUri> for NbdAddr {
     fn from(u: NbdUri) -> Self {
-        NbdAddr::Tcp {
-            host: u.host,
-            port: u.port,
-            export: u.export,
+        match u.socket {
+            Some(path) => NbdAddr::Unix {
+                path: PathBuf::from(path),
+                export: u.export,
+            },
+            None => NbdAddr::Tcp {
+                host: u.host,
+                port: u.port,
+                export: u.export,
+            },
         }
     }
 }
@@ -141,7 +147,8 @@ impl fmt::Display for NbdAddr {
                 NbdUri {
                     host: host.clone(),
                     port: *port,
-                    export: export.clone()
+                    export: export.clone(),
+                    socket: None,
                 }
             ),
             NbdAddr::Unix { path, export } => {
@@ -162,6 +169,26 @@ pub struct ConnectOptions {
     /// Upgrade with `NBD_OPT_STARTTLS` right after the greeting and present this client
     /// certificate; the server must be signed by its CA. `None`: plain NBD.
     pub tls: Option<crate::api::NbdTls>,
+    /// Deadline of every request from sending to its whole reply. A request past it fails with
+    /// [`NbdError::Deadline`] and the connection is closed (a late reply could not be told
+    /// from a protocol error). `None`: no deadline.
+    pub request_timeout: Option<Duration>,
+}
+
+/// TCP keepalive on every NBD socket: a peer that vanished without a FIN (a host gone, a
+/// NAT that dropped the flow) is noticed in about a minute instead of the kernel's two hours.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 3;
+
+fn set_keepalive(s: &tokio::net::TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    if let Err(e) = socket2::SockRef::from(s).set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "TCP keepalive not set on an NBD socket");
+    }
 }
 
 impl Default for ConnectOptions {
@@ -170,6 +197,7 @@ impl Default for ConnectOptions {
             meta_contexts: Vec::new(),
             connect_timeout: Duration::from_secs(10),
             tls: None,
+            request_timeout: None,
         }
     }
 }
@@ -247,6 +275,16 @@ pub enum NbdError {
     },
     #[error("NBD connection closed: {reason}")]
     Closed { reason: String },
+    /// No whole reply within the request deadline ([`ConnectOptions::request_timeout`]).
+    #[error(
+        "{command} at {offset}+{length}: no reply within {after:?} (the server stopped answering)"
+    )]
+    Deadline {
+        command: &'static str,
+        offset: u64,
+        length: u32,
+        after: Duration,
+    },
 }
 
 struct Inner {
@@ -258,6 +296,7 @@ struct Inner {
     structured: bool,
     contexts: Vec<(String, u32)>,
     block_size: Option<(u32, u32, u32)>,
+    request_timeout: Option<Duration>,
 }
 
 /// One NBD connection; clones share it.
@@ -292,6 +331,7 @@ impl NbdClient {
                         })?;
                     // Request headers are small; waiting for Nagle would add latency to each.
                     let _ = s.set_nodelay(true);
+                    set_keepalive(&s);
                     if opts.tls.is_some() {
                         return tls::connect_over(s, export, opts).await;
                     }
@@ -367,6 +407,7 @@ impl NbdClient {
                 structured: n.structured,
                 contexts: n.contexts,
                 block_size: n.block_size,
+                request_timeout: opts.request_timeout,
             }),
         })
     }
@@ -613,7 +654,26 @@ impl NbdClient {
             self.inner.shared.lock().pending.remove(&handle);
             return Err(self.closed_error());
         }
-        match rx.await {
+        let reply = match self.inner.request_timeout {
+            None => rx.await,
+            Some(after) => match tokio::time::timeout(after, rx).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let e = NbdError::Deadline {
+                        command: command_name(cmd),
+                        offset,
+                        length,
+                        after,
+                    };
+                    // Every request on this connection fails now, the later ones included: a
+                    // server that sat on one request for that long is not trusted with more.
+                    self.inner.shared.lock().pending.remove(&handle);
+                    self.inner.shared.fail(e.clone());
+                    return Err(e);
+                }
+            },
+        };
+        match reply {
             Ok(r) => r,
             Err(_) => Err(self.closed_error()),
         }

@@ -29,6 +29,9 @@ use serde::{Deserialize, Serialize};
 const CONTEXT: &str = "sendense-proof-v1";
 /// The path of the challenge on both agents.
 pub const PATH: &str = "/api/v1/proof";
+/// The `node` of the hub's proof to an operator's tool (the console): the hub proves it holds
+/// the admin token. `@` is not allowed in node names, so it names no node.
+pub const ADMIN: &str = "@admin";
 /// Bytes of a nonce (hex: twice as many digits).
 pub const NONCE_BYTES: usize = 32;
 
@@ -55,18 +58,32 @@ impl std::fmt::Display for Role {
 }
 
 /// The answer of `GET /api/v1/proof`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProofAnswer {
     /// Hex proofs, one per credential the answering side holds for the node.
     pub proofs: Vec<String>,
 }
 
 /// The query of `GET /api/v1/proof`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ProofQuery {
+    #[param(pattern = r"^[0-9a-fA-F]{64}$")]
     pub nonce: String,
     #[serde(default)]
     pub node: Option<String>,
+}
+
+/// The hub's query of `GET /api/v1/proof`: the hub holds many nodes' credentials, so it is always
+/// asked for one node's (or [`ADMIN`] for the admin token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct HubProofQuery {
+    #[param(pattern = r"^[0-9a-fA-F]{64}$")]
+    pub nonce: String,
+    /// The node whose credential is to be proven, or `@admin` for the admin token.
+    #[param(pattern = r"^(@admin|(\.?[A-Za-z0-9_-])+\.?)$", max_length = 128)]
+    pub node: String,
 }
 
 /// A fresh nonce, hex.

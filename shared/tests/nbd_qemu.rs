@@ -342,3 +342,42 @@ async fn verification_reads_back_and_names_the_mismatching_range() {
         Err(VerifyError::Connect { .. })
     ));
 }
+
+/// A server that stops answering (qemu-nbd SIGSTOPped: alive, socket open, silent) fails a
+/// request at its deadline with an error naming the command and the range, and every later
+/// request on that connection at once.
+#[tokio::test]
+async fn a_silent_server_fails_the_request_at_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "d.qcow2", "16M");
+    let mut srv = serve(&img, "d", &[]).start();
+    let opts = ConnectOptions {
+        request_timeout: Some(Duration::from_millis(500)),
+        ..Default::default()
+    };
+    let c = NbdClient::connect(&srv.addr, &opts).await.unwrap();
+    c.read(0, 4096).await.expect("a read before the stall");
+    let pid = nix::unistd::Pid::from_raw(srv.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let t = std::time::Instant::now();
+    let e = c.read(1 << 20, 65536).await.unwrap_err();
+    let waited = t.elapsed();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(
+        matches!(
+            e,
+            NbdError::Deadline {
+                command: "READ",
+                offset: 1048576,
+                length: 65536,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("stopped answering"), "{e}");
+    assert!(waited >= Duration::from_millis(500), "{waited:?}");
+    let later = c.read(0, 4096).await.unwrap_err();
+    assert!(matches!(later, NbdError::Deadline { .. }), "{later}");
+    srv.kill();
+}

@@ -254,6 +254,14 @@ impl Api {
         Self::finish(self.req(reqwest::Method::POST, path).json(body)).await
     }
 
+    pub async fn put(&self, path: &str, body: &Value) -> (u16, Value) {
+        Self::finish(self.req(reqwest::Method::PUT, path).json(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        Self::finish(self.req(reqwest::Method::DELETE, path)).await
+    }
+
     /// POST with a raw body (for malformed JSON).
     pub async fn post_raw(&self, path: &str, body: &str) -> (u16, Value) {
         Self::finish(

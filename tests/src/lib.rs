@@ -10,6 +10,7 @@
 //! - [`guest`]: the real Linux guest (`scripts/guest.sh`, cached under `target/guest/`) a
 //!   [`qemu::TestVm`] boots with [`qemu::VmOptions::guest`], and its writer's records.
 //! - [`net`]: free port ranges on 127.0.0.1.
+//! - [`cli_docs`]: checks of the man pages, completions and JSON logs of each binary.
 //! - [`mariadb`]: [`mariadb::PrivateMariaDb`], a MariaDB server of one test's own (its own data
 //!   directory and port), stopped and started again by PID to take the database away mid-job.
 //! - [`tmpfs`]: a small mounted tmpfs (a repository that fills up), unmounted in `Drop`.
@@ -26,6 +27,7 @@
 //! - [`vcsim`]: [`vcsim::Vcsim`], govmomi's vSphere simulator (launcher in `tests/vcsim/`) with a
 //!   2-disk VM whose snapshots freeze data and whose CBT answers `QueryChangedDiskAreas`.
 
+pub mod cli_docs;
 pub mod disks;
 pub mod guest;
 pub mod hub;

@@ -10,11 +10,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The ports the key line permits (`--nbd-ports`, `--hub-api-port`, `--reverse-port`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct KeyPorts {
     pub nbd: (u16, u16),
     pub hub_api: u16,
     pub reverse: u16,
+    /// `Some(dir)`: the exports are the hub's unix sockets in `dir` (`--nbd unix
+    /// --hub-nbd-dir DIR`: one socket per slot); `None`: its TCP ports (`--nbd tcp`).
+    pub hub_nbd_dir: Option<PathBuf>,
 }
 
 /// `ssh-keygen` of an ed25519 key without passphrase at `path`.
@@ -32,7 +35,7 @@ fn match_block(user: &str) -> String {
         "Match User {user}\n    AuthenticationMethods publickey\n    PasswordAuthentication no\n    \
          KbdInteractiveAuthentication no\n    AllowTcpForwarding yes\n    GatewayPorts no\n    \
          PermitTTY no\n    X11Forwarding no\n    AllowAgentForwarding no\n    \
-         AllowStreamLocalForwarding no\n    PermitTunnel no\n    ForceCommand /usr/sbin/nologin\n    \
+         AllowStreamLocalForwarding local\n    PermitTunnel no\n    ForceCommand /usr/sbin/nologin\n    \
          ClientAliveInterval 15\n    ClientAliveCountMax 3\n"
     )
 }
@@ -79,7 +82,16 @@ impl Sshd {
                 .arg("--nbd-ports")
                 .arg(format!("{}-{}", ports.nbd.0, ports.nbd.1))
                 .args(["--hub-api-port", &ports.hub_api.to_string()])
-                .args(["--reverse-port", &ports.reverse.to_string()]),
+                .args(["--reverse-port", &ports.reverse.to_string()])
+                .args(match &ports.hub_nbd_dir {
+                    Some(dir) => vec![
+                        "--nbd".to_string(),
+                        "unix".to_string(),
+                        "--hub-nbd-dir".to_string(),
+                        dir.display().to_string(),
+                    ],
+                    None => vec!["--nbd".to_string(), "tcp".to_string()],
+                }),
         )
         .trim()
         .to_string();

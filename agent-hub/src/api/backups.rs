@@ -1,14 +1,14 @@
 //! Backups: start, list, one, cancel, events, and the writer's progress / completion reports.
 //! The job logic lives in [`crate::jobs`]; these handlers validate and translate.
 
-use super::scope::{own_backup, own_vm};
+use super::scope::{own_backup, own_vm, vm_name_for};
 use super::{ApiError, ApiJson};
 use crate::auth::Principal;
 use crate::hub::AppState;
 use crate::jobs::JobError;
 use axum::Extension;
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use sendense_shared::api::{
     Backup, BackupRequest, CompletionReport, JobEvent, JobStatus, ProgressReport,
@@ -20,22 +20,47 @@ use sendense_shared::names::validate_name;
 /// Prepares every disk's export (ports, images, qemu-nbd) before answering, so a refusal
 /// (space, ports, a qemu-nbd that would not start) is the answer itself; `202` with the
 /// backup in `running` otherwise.
+#[utoipa::path(
+    post,
+    path = "/backups",
+    operation_id = "start_backup",
+    tag = "backups",
+    summary = "Starts a backup of a VM",
+    request_body = sendense_shared::api::BackupRequest,
+    responses(
+        (status = 202, description = "The backup, exports prepared", body = sendense_shared::api::Backup),
+        (status = 409, description = "The VM is busy, its node is not registered, ...", body = sendense_shared::api::ErrorBody),
+        (status = 507, description = "The repository lacks the space (`insufficient_storage`)", body = sendense_shared::api::ErrorBody)
+    )
+)]
 pub async fn start(
     State(hub): State<AppState>,
     Extension(who): Extension<Principal>,
-    ApiJson(req): ApiJson<BackupRequest>,
+    ApiJson(mut req): ApiJson<BackupRequest>,
 ) -> Result<(StatusCode, Json<Backup>), ApiError> {
     validate_name("vm_name", &req.vm_name)?;
     validate_name("repository_id", &req.repository_id)?;
+    req.vm_name = vm_name_for(&hub, &who, &req.vm_name).await?;
     own_vm(&hub, &who, &req.vm_name).await?;
     let b = hub.jobs.start(req).await?;
     Ok((StatusCode::ACCEPTED, Json(b)))
 }
 
 /// Newest first; `?vm_name=`, `?status=` and `?limit=` narrow it.
+#[utoipa::path(
+    get,
+    path = "/backups",
+    operation_id = "list_backups",
+    tag = "backups",
+    summary = "Backups, newest first",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "The backups", body = Vec<sendense_shared::api::Backup>)
+    )
+)]
 pub async fn list(
     State(hub): State<AppState>,
-    Query(q): Query<ListQuery>,
+    sendense_shared::http::ApiQuery(q): sendense_shared::http::ApiQuery<ListQuery>,
 ) -> Result<Json<Vec<Backup>>, ApiError> {
     let status = match &q.status {
         Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
@@ -58,13 +83,26 @@ pub async fn list(
     Ok(Json(list))
 }
 
-#[derive(Debug, Default, serde::Deserialize)]
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     pub vm_name: Option<String>,
+    #[param(value_type = Option<sendense_shared::api::JobStatus>)]
     pub status: Option<String>,
     pub limit: Option<usize>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/backups/{id}",
+    operation_id = "get_backup",
+    tag = "backups",
+    summary = "One backup",
+    params(("id" = String, Path, description = "Backup id")),
+    responses(
+        (status = 200, description = "The backup", body = sendense_shared::api::Backup)
+    )
+)]
 pub async fn get_one(
     State(hub): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -75,6 +113,18 @@ pub async fn get_one(
     Ok(Json(hub.jobs.get(&id).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/backups/{id}/cancel",
+    operation_id = "cancel_backup",
+    tag = "backups",
+    summary = "Cancels a backup",
+    params(("id" = String, Path, description = "Backup id")),
+    responses(
+        (status = 202, description = "Cancelling", body = sendense_shared::api::Backup),
+        (status = 409, description = "The job or VM is in a state that does not allow it (`wrong_state`, `vm_busy`, ...)", body = sendense_shared::api::ErrorBody)
+    )
+)]
 pub async fn cancel(
     State(hub): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -85,6 +135,17 @@ pub async fn cancel(
     Ok((StatusCode::ACCEPTED, Json(hub.jobs.cancel(&id).await?)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/backups/{id}/events",
+    operation_id = "list_backup_events",
+    tag = "backups",
+    summary = "A backup's event log, oldest first",
+    params(("id" = String, Path, description = "Backup id")),
+    responses(
+        (status = 200, description = "The events", body = Vec<sendense_shared::api::JobEvent>)
+    )
+)]
 pub async fn events(
     State(hub): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -96,6 +157,19 @@ pub async fn events(
     Ok(Json(hub.db.list_events(&id).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/backups/{id}/progress",
+    operation_id = "report_backup_progress",
+    tag = "backups",
+    summary = "The writer reports per-disk progress",
+    params(("id" = String, Path, description = "Backup id")),
+    request_body = sendense_shared::api::ProgressReport,
+    responses(
+        (status = 200, description = "The backup", body = sendense_shared::api::Backup),
+        (status = 409, description = "The job or VM is in a state that does not allow it (`wrong_state`, `vm_busy`, ...)", body = sendense_shared::api::ErrorBody)
+    )
+)]
 pub async fn progress(
     State(hub): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -109,6 +183,19 @@ pub async fn progress(
 
 /// `202`: verification runs after the answer (reading a large disk back takes a while);
 /// follow the job to `completed` or `failed`.
+#[utoipa::path(
+    post,
+    path = "/backups/{id}/complete",
+    operation_id = "complete_backup",
+    tag = "backups",
+    summary = "The writer reports the end of the copy",
+    params(("id" = String, Path, description = "Backup id")),
+    request_body = sendense_shared::api::CompletionReport,
+    responses(
+        (status = 202, description = "Verification runs", body = sendense_shared::api::Backup),
+        (status = 409, description = "The job or VM is in a state that does not allow it (`wrong_state`, `vm_busy`, ...)", body = sendense_shared::api::ErrorBody)
+    )
+)]
 pub async fn complete(
     State(hub): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -124,7 +211,7 @@ pub async fn complete(
 }
 
 /// Verification and chain details of each disk (stored after finalization).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct DiskVerification {
     pub disk_key: sendense_shared::ids::DiskKey,
     /// `"passed"`, `"failed"` or `"skipped"` (no checksums sent); absent before finalization.
@@ -145,6 +232,17 @@ pub struct DiskVerification {
 }
 
 /// `GET /api/v1/backups/{id}/verification`.
+#[utoipa::path(
+    get,
+    path = "/backups/{id}/verification",
+    operation_id = "get_backup_verification",
+    tag = "backups",
+    summary = "Verification and chain details of each disk",
+    params(("id" = String, Path, description = "Backup id")),
+    responses(
+        (status = 200, description = "Per disk", body = Vec<DiskVerification>)
+    )
+)]
 pub async fn verification(
     State(hub): State<AppState>,
     Path(id): Path<String>,
@@ -187,7 +285,9 @@ impl From<JobError> for ApiError {
             JobError::NodeNotFound { .. } => {
                 ApiError::conflict(ErrorCode::NodeNotRegistered, detail)
             }
-            JobError::Busy { .. } => ApiError::conflict(ErrorCode::VmBusy, detail),
+            JobError::Busy { .. } | JobError::Pruning { .. } => {
+                ApiError::conflict(ErrorCode::VmBusy, detail)
+            }
             JobError::WrongState { .. } => ApiError::conflict(ErrorCode::WrongState, detail),
             JobError::Cancelled { .. } => ApiError::conflict(ErrorCode::Cancelled, detail),
             JobError::Invalid { .. } => ApiError::invalid(detail),

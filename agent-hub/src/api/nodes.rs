@@ -19,18 +19,39 @@ use sendense_shared::names::validate_name;
 /// credential(s), so the node sends its credential only to the real hub and not to whoever
 /// holds the node's local forward while the tunnel is down. `404` for a node without a valid
 /// credential (the answer says nothing a node list would not).
+#[utoipa::path(
+    get,
+    path = "/api/v1/proof",
+    operation_id = "hub_proof",
+    tag = "nodes",
+    summary = "The hub proves it holds a node's credential (open)",
+    params(sendense_shared::proof::HubProofQuery),
+    security(),
+    responses(
+        (status = 200, description = "Proofs, one per valid credential", body = sendense_shared::proof::ProofAnswer)
+    )
+)]
 pub async fn proof(
     State(hub): State<AppState>,
-    axum::extract::Query(q): axum::extract::Query<sendense_shared::proof::ProofQuery>,
+    sendense_shared::http::ApiQuery(q): sendense_shared::http::ApiQuery<
+        sendense_shared::proof::HubProofQuery,
+    >,
 ) -> Result<Json<sendense_shared::proof::ProofAnswer>, ApiError> {
-    if let Err(e) = sendense_shared::http::proof::check_query(&q) {
+    if let Err(e) = sendense_shared::http::proof::check_nonce(&q.nonce) {
         return Err(ApiError::invalid(e.detail));
     }
-    let Some(node) = q.node else {
-        return Err(ApiError::invalid(
-            "node: the node whose credential is to be proven",
-        ));
-    };
+    let node = q.node;
+    // An operator's tool asks the hub to prove it holds the admin token.
+    if node == sendense_shared::proof::ADMIN {
+        return Ok(Json(sendense_shared::proof::ProofAnswer {
+            proofs: vec![sendense_shared::proof::prove(
+                &hub.token,
+                sendense_shared::proof::Role::Hub,
+                &node,
+                &q.nonce,
+            )],
+        }));
+    }
     validate_name("node", &node)?;
     let secrets = hub.auth.credentials.valid_secrets(&node).await?;
     if secrets.is_empty() {
@@ -47,10 +68,31 @@ pub async fn proof(
     Ok(Json(sendense_shared::proof::ProofAnswer { proofs }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/nodes",
+    operation_id = "list_nodes",
+    tag = "nodes",
+    summary = "Every registered node",
+    responses(
+        (status = 200, description = "The nodes", body = Vec<sendense_shared::api::Node>)
+    )
+)]
 pub async fn list(State(hub): State<AppState>) -> Result<Json<Vec<Node>>, ApiError> {
     Ok(Json(hub.nodes.list().await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/nodes/{name}",
+    operation_id = "get_node",
+    tag = "nodes",
+    summary = "One node",
+    params(("name" = String, Path, description = "Node name")),
+    responses(
+        (status = 200, description = "The node", body = sendense_shared::api::Node)
+    )
+)]
 pub async fn get_one(
     State(hub): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -62,6 +104,17 @@ pub async fn get_one(
 }
 
 /// A node announces itself; the hub then pulls its inventory in the background.
+#[utoipa::path(
+    post,
+    path = "/nodes",
+    operation_id = "register_node",
+    tag = "nodes",
+    summary = "A node announces itself",
+    request_body = sendense_shared::api::NodeRegistration,
+    responses(
+        (status = 201, description = "Registered", body = sendense_shared::api::Node)
+    )
+)]
 pub async fn register(
     State(hub): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -73,6 +126,18 @@ pub async fn register(
 }
 
 /// Pulls the node's inventory now and answers the VMs imported.
+#[utoipa::path(
+    post,
+    path = "/nodes/{name}/discover",
+    operation_id = "discover_node",
+    tag = "nodes",
+    summary = "Pulls the node's inventory now",
+    params(("name" = String, Path, description = "Node name")),
+    responses(
+        (status = 200, description = "The VMs imported", body = Vec<sendense_shared::api::Vm>),
+        (status = 502, description = "The node could not be reached (`node_unreachable`)", body = sendense_shared::api::ErrorBody)
+    )
+)]
 pub async fn discover(
     State(hub): State<AppState>,
     Path(name): Path<String>,
@@ -82,6 +147,18 @@ pub async fn discover(
 }
 
 /// The node pushes its inventory.
+#[utoipa::path(
+    put,
+    path = "/nodes/{name}/inventory",
+    operation_id = "push_node_inventory",
+    tag = "nodes",
+    summary = "The node pushes its inventory",
+    params(("name" = String, Path, description = "Node name")),
+    request_body = sendense_shared::api::Inventory,
+    responses(
+        (status = 200, description = "The VMs imported", body = Vec<sendense_shared::api::Vm>)
+    )
+)]
 pub async fn push_inventory(
     State(hub): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -90,10 +167,33 @@ pub async fn push_inventory(
 ) -> Result<Json<Vec<Vm>>, ApiError> {
     validate_name("name", &name)?;
     own_node(&who, Some(&name), "the inventory")?;
+    // The database keeps sizes as signed 64-bit integers (the documented int64): a larger
+    // one is refused naming the disk, never stored wrapped.
+    for (i, vm) in inv.vms.iter().enumerate() {
+        for (j, d) in vm.disks.iter().enumerate() {
+            if i64::try_from(d.size_bytes).is_err() {
+                return Err(ApiError::invalid(format!(
+                    "vms[{i}].disks[{j}].size_bytes: {} is larger than {}",
+                    d.size_bytes,
+                    i64::MAX
+                )));
+            }
+        }
+    }
     Ok(Json(hub.nodes.push_inventory(&name, inv).await?))
 }
 
 /// `GET /api/v1/tunnel`: every node's tunnel, asked now.
+#[utoipa::path(
+    get,
+    path = "/tunnel",
+    operation_id = "list_tunnels",
+    tag = "nodes",
+    summary = "Every node's tunnel, asked now",
+    responses(
+        (status = 200, description = "Per node", body = Vec<sendense_shared::api::NodeTunnel>)
+    )
+)]
 pub async fn tunnel(State(hub): State<AppState>) -> Result<Json<Vec<NodeTunnel>>, ApiError> {
     Ok(Json(hub.nodes.probe_tunnels().await?))
 }

@@ -20,6 +20,16 @@ use std::path::{Component, Path, PathBuf};
 /// The shortest verify interval: the scheduler looks once a minute.
 const MIN_VERIFY_INTERVAL_SECS: u64 = 60;
 
+#[utoipa::path(
+    get,
+    path = "/repositories",
+    operation_id = "list_repositories",
+    tag = "repositories",
+    summary = "Every repository with its free space",
+    responses(
+        (status = 200, description = "The repositories", body = Vec<sendense_shared::api::Repository>)
+    )
+)]
 pub async fn list(State(hub): State<AppState>) -> Result<Json<Vec<Repository>>, ApiError> {
     let rows = hub.db.list_repositories().await?;
     Ok(Json(rows.into_iter().map(with_space).collect()))
@@ -36,6 +46,18 @@ fn check_interval(secs: Option<u64>) -> Result<(), ApiError> {
 }
 
 /// Registers a directory (created if missing) under a new id.
+#[utoipa::path(
+    post,
+    path = "/repositories",
+    operation_id = "create_repository",
+    tag = "repositories",
+    summary = "Registers a directory as a repository",
+    request_body = sendense_shared::api::RepositoryRequest,
+    responses(
+        (status = 201, description = "Registered", body = sendense_shared::api::Repository),
+        (status = 409, description = "A repository with that id exists (`already_exists`)", body = sendense_shared::api::ErrorBody)
+    )
+)]
 pub async fn create(
     State(hub): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -76,6 +98,18 @@ pub async fn create(
 }
 
 /// Changes a repository's verify interval (`null`: on demand only).
+#[utoipa::path(
+    put,
+    path = "/repositories/{id}",
+    operation_id = "update_repository",
+    tag = "repositories",
+    summary = "Changes a repository's verify interval",
+    params(("id" = String, Path, description = "Repository id")),
+    request_body = sendense_shared::api::RepositoryUpdate,
+    responses(
+        (status = 200, description = "Changed", body = sendense_shared::api::Repository)
+    )
+)]
 pub async fn update(
     State(hub): State<AppState>,
     Extension(who): Extension<Principal>,

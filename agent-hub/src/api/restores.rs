@@ -16,6 +16,18 @@ use sendense_shared::names::validate_name;
 
 /// Exports the backup point and asks the node to copy it before answering `202` with the
 /// restore `running`; follow it with `GET /api/v1/restores/{id}` or the event stream.
+#[utoipa::path(
+    post,
+    path = "/restores",
+    operation_id = "start_restore",
+    tag = "restores",
+    summary = "Restores one disk of a backup point onto a node",
+    request_body = sendense_shared::api::RestoreRequest,
+    responses(
+        (status = 202, description = "The restore, `running`", body = sendense_shared::api::Restore),
+        (status = 409, description = "The point is not restorable, busy, or its image is missing", body = sendense_shared::api::ErrorBody)
+    )
+)]
 pub async fn start(
     State(hub): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -29,6 +41,16 @@ pub async fn start(
     Ok((StatusCode::ACCEPTED, Json(r)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/restores",
+    operation_id = "list_restores",
+    tag = "restores",
+    summary = "Every restore",
+    responses(
+        (status = 200, description = "The restores", body = Vec<sendense_shared::api::Restore>)
+    )
+)]
 pub async fn list(State(hub): State<AppState>) -> Result<Json<Vec<Restore>>, ApiError> {
     Ok(Json(hub.restores.list().await?))
 }
@@ -37,6 +59,17 @@ fn restore_id(id: &str) -> Result<(), ApiError> {
     Ok(validate_name("restore_id", id)?)
 }
 
+#[utoipa::path(
+    get,
+    path = "/restores/{id}",
+    operation_id = "get_restore",
+    tag = "restores",
+    summary = "One restore",
+    params(("id" = String, Path, description = "Restore id")),
+    responses(
+        (status = 200, description = "The restore", body = sendense_shared::api::Restore)
+    )
+)]
 pub async fn get_one(
     State(hub): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -47,6 +80,18 @@ pub async fn get_one(
     Ok(Json(hub.restores.get(&id).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/restores/{id}/cancel",
+    operation_id = "cancel_restore",
+    tag = "restores",
+    summary = "Cancels a restore",
+    params(("id" = String, Path, description = "Restore id")),
+    responses(
+        (status = 202, description = "Cancelling", body = sendense_shared::api::Restore),
+        (status = 409, description = "The job or VM is in a state that does not allow it (`wrong_state`, `vm_busy`, ...)", body = sendense_shared::api::ErrorBody)
+    )
+)]
 pub async fn cancel(
     State(hub): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -57,6 +102,17 @@ pub async fn cancel(
     Ok((StatusCode::ACCEPTED, Json(hub.restores.cancel(&id).await?)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/restores/{id}/events",
+    operation_id = "list_restore_events",
+    tag = "restores",
+    summary = "A restore's events, oldest first",
+    params(("id" = String, Path, description = "Restore id")),
+    responses(
+        (status = 200, description = "The events", body = Vec<sendense_shared::api::JobEvent>)
+    )
+)]
 pub async fn events(
     State(hub): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -68,6 +124,19 @@ pub async fn events(
 }
 
 /// Node → hub, about once a second.
+#[utoipa::path(
+    post,
+    path = "/restores/{id}/progress",
+    operation_id = "report_restore_progress",
+    tag = "restores",
+    summary = "The node reports a restore's progress",
+    params(("id" = String, Path, description = "Restore id")),
+    request_body = sendense_shared::api::RestoreProgress,
+    responses(
+        (status = 200, description = "The restore", body = sendense_shared::api::Restore),
+        (status = 409, description = "The job or VM is in a state that does not allow it (`wrong_state`, `vm_busy`, ...)", body = sendense_shared::api::ErrorBody)
+    )
+)]
 pub async fn progress(
     State(hub): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -81,6 +150,19 @@ pub async fn progress(
 
 /// Node → hub, once, at the restore's end (repeated reports of the same end get the same
 /// answer).
+#[utoipa::path(
+    post,
+    path = "/restores/{id}/complete",
+    operation_id = "complete_restore",
+    tag = "restores",
+    summary = "The node reports a restore's end",
+    params(("id" = String, Path, description = "Restore id")),
+    request_body = sendense_shared::api::RestoreCompletion,
+    responses(
+        (status = 200, description = "The restore", body = sendense_shared::api::Restore),
+        (status = 409, description = "The job or VM is in a state that does not allow it (`wrong_state`, `vm_busy`, ...)", body = sendense_shared::api::ErrorBody)
+    )
+)]
 pub async fn complete(
     State(hub): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -103,7 +185,9 @@ impl From<RestoreError> for ApiError {
             RestoreError::NotRestorable { .. } => {
                 ApiError::conflict(ErrorCode::NotRestorable, detail)
             }
-            RestoreError::Busy { .. } => ApiError::conflict(ErrorCode::BackupBusy, detail),
+            RestoreError::Busy { .. } | RestoreError::Pruning { .. } => {
+                ApiError::conflict(ErrorCode::BackupBusy, detail)
+            }
             RestoreError::ImageMissing { .. } => {
                 ApiError::conflict(ErrorCode::ImageMissing, detail)
             }

@@ -130,6 +130,20 @@ pub fn own_node(who: &Principal, node: Option<&str>, what: &str) -> Result<(), A
 }
 
 /// The VM belongs to the calling node (the admin: any VM).
+/// The hub name of the VM `name` as the caller means it: a node names its VMs as it knows
+/// them, so its `web01` is the hub's `web01.<node>` when another node's VM held `web01` first.
+/// The admin names VMs by their hub names.
+pub async fn vm_name_for(
+    hub: &crate::hub::Hub,
+    who: &Principal,
+    name: &str,
+) -> Result<String, ApiError> {
+    match who {
+        Principal::Node(n) => Ok(hub.db.hub_vm_name(n, name).await?),
+        _ => Ok(name.to_string()),
+    }
+}
+
 pub async fn own_vm(hub: &crate::hub::Hub, who: &Principal, vm_name: &str) -> Result<(), ApiError> {
     let Principal::Node(n) = who else {
         return Ok(());

@@ -1,6 +1,6 @@
 //! `GET/POST /api/v1/vms`, `GET /api/v1/vms/{vm_name}`: VMs and their disks.
 
-use super::scope::{own_node, own_vm};
+use super::scope::{own_node, own_vm, vm_name_for};
 use super::{ApiError, ApiJson};
 use crate::auth::Principal;
 use crate::hub::AppState;
@@ -11,23 +11,57 @@ use axum::http::StatusCode;
 use sendense_shared::api::{Vm, VmRequest};
 use sendense_shared::names::validate_name;
 
+#[utoipa::path(
+    get,
+    path = "/vms",
+    operation_id = "list_vms",
+    tag = "vms",
+    summary = "Every registered VM",
+    responses(
+        (status = 200, description = "The VMs", body = Vec<sendense_shared::api::Vm>)
+    )
+)]
 pub async fn list(State(hub): State<AppState>) -> Result<Json<Vec<Vm>>, ApiError> {
     Ok(Json(hub.db.list_vms().await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/vms/{vm_name}",
+    operation_id = "get_vm",
+    tag = "vms",
+    summary = "One VM",
+    params(("vm_name" = String, Path, description = "VM name")),
+    responses(
+        (status = 200, description = "The VM", body = sendense_shared::api::Vm)
+    )
+)]
 pub async fn get_one(
     State(hub): State<AppState>,
     Extension(who): Extension<Principal>,
     Path(vm_name): Path<String>,
 ) -> Result<Json<Vm>, ApiError> {
     validate_name("vm_name", &vm_name)?;
+    let vm_name = vm_name_for(&hub, &who, &vm_name).await?;
     own_vm(&hub, &who, &vm_name).await?;
     find_vm(&hub, &vm_name).await.map(Json)
 }
 
 /// Registers (or updates) a VM: by hand (the admin, who may also move a VM to another node)
-/// or from a node's inventory (a node's credential: only with `node` itself, and a name
-/// another node's VM holds is `409`, never taken over).
+/// or from a node's inventory (a node's credential: only with `node` itself; a name another
+/// node's VM holds is never taken over: this node's VM becomes `<name>.<node>` on the hub).
+#[utoipa::path(
+    post,
+    path = "/vms",
+    operation_id = "register_vm",
+    tag = "vms",
+    summary = "Registers (or updates) a VM and its disks",
+    request_body = sendense_shared::api::VmRequest,
+    responses(
+        (status = 201, description = "Registered", body = sendense_shared::api::Vm),
+        (status = 409, description = "The name and `<name>.<node>` both belong to another node's VMs (`already_exists`)", body = sendense_shared::api::ErrorBody)
+    )
+)]
 pub async fn register(
     State(hub): State<AppState>,
     Extension(who): Extension<Principal>,

@@ -1,12 +1,12 @@
 //! Backup jobs: `backup_jobs` (one per job) and `backup_disks` (one per disk of the job).
 
 use super::{
-    DbError, col, from_db_u64, from_us, is_foreign_key_violation, is_unique_violation, now_us, q,
-    to_db_u64,
+    DbError, col, from_db_u64, from_us, is_foreign_key_violation, is_unique_violation, q, to_db_u64,
 };
 use crate::db::Db;
 use sendense_shared::api::{
-    Backup, BackupType, Consistency, ConsistencyLevel, DiskResult, DiskStatus, Integrity, JobStatus,
+    Backup, BackupType, Consistency, ConsistencyLevel, DiskResult, DiskStatus, Integrity,
+    JobStatus, VmHardware,
 };
 use sendense_shared::ids::{BackupId, DiskKey, NbdPort};
 use sqlx::any::AnyRow;
@@ -140,7 +140,23 @@ fn job_row(r: &AnyRow) -> Result<Backup, DbError> {
         integrity_detail: col(r, "integrity_detail")?,
         verified_at: col::<Option<i64>>(r, "verified_at")?.map(from_us),
         consistency: consistency(r)?,
+        protected: col::<i64>(r, "protected")? != 0,
+        policy_id: col(r, "policy_id")?,
+        boot_check: None,
+        hardware: hardware(r)?,
     })
+}
+
+fn hardware(r: &AnyRow) -> Result<Option<Box<VmHardware>>, DbError> {
+    let Some(json) = col::<Option<String>>(r, "hardware_json")? else {
+        return Ok(None);
+    };
+    serde_json::from_str(&json)
+        .map(Some)
+        .map_err(|_| DbError::Corrupt {
+            column: "backup_jobs.hardware_json",
+            value: json,
+        })
 }
 
 fn integrity(v: String) -> Result<Integrity, DbError> {
@@ -272,20 +288,24 @@ fn column_lists_match_statements() {
 
 const SELECT_JOB: &str = "SELECT backup_id, vm_context_id, vm_name, backup_type, repository_id, status, \
      nbd_targets_string, error_message, created_at, started_at, completed_at, integrity, \
-     integrity_detail, verified_at, consistency, consistency_reason, freeze_ms \
+     integrity_detail, verified_at, consistency, consistency_reason, freeze_ms, protected, policy_id, \
+     hardware_json \
      FROM backup_jobs WHERE backup_id = ?";
 const SELECT_JOBS: &str = "SELECT backup_id, vm_context_id, vm_name, backup_type, repository_id, status, \
      nbd_targets_string, error_message, created_at, started_at, completed_at, integrity, \
-     integrity_detail, verified_at, consistency, consistency_reason, freeze_ms \
+     integrity_detail, verified_at, consistency, consistency_reason, freeze_ms, protected, policy_id, \
+     hardware_json \
      FROM backup_jobs ORDER BY created_at DESC, backup_id DESC";
 const SELECT_JOBS_IN: &str = "SELECT backup_id, vm_context_id, vm_name, backup_type, repository_id, status, \
      nbd_targets_string, error_message, created_at, started_at, completed_at, integrity, \
-     integrity_detail, verified_at, consistency, consistency_reason, freeze_ms \
+     integrity_detail, verified_at, consistency, consistency_reason, freeze_ms, protected, policy_id, \
+     hardware_json \
      FROM backup_jobs WHERE status IN (?, ?, ?, ?, ?, ?, ?, ?) \
      ORDER BY created_at DESC, backup_id DESC";
 const SELECT_LAST_COMPLETED: &str = "SELECT backup_id, vm_context_id, vm_name, backup_type, repository_id, status, \
      nbd_targets_string, error_message, created_at, started_at, completed_at, integrity, \
-     integrity_detail, verified_at, consistency, consistency_reason, freeze_ms \
+     integrity_detail, verified_at, consistency, consistency_reason, freeze_ms, protected, policy_id, \
+     hardware_json \
      FROM backup_jobs WHERE vm_context_id = ? AND status = 'completed' \
      ORDER BY completed_at DESC, created_at DESC LIMIT 1";
 const SELECT_DISKS_OF: &str = "SELECT backup_id, disk_key, unit_number, qcow2_path, nbd_export_name, \
@@ -317,7 +337,7 @@ impl Db {
             });
         }
         let mut tx = self.begin_write(doing).await?;
-        let now = now_us();
+        let now = self.now_us();
         sqlx::query(
             "INSERT INTO backup_jobs (backup_id, vm_context_id, vm_name, backup_type, \
              repository_id, status, nbd_targets_string, created_at) \
@@ -391,7 +411,9 @@ impl Db {
             })?;
         let job = job_row(&row)?;
         let disks = self.backup_disks(id).await?;
-        Ok(assemble(vec![job], disks).remove(0))
+        let mut jobs = assemble(vec![job], disks);
+        self.attach_boot_checks(&mut jobs).await?;
+        Ok(jobs.remove(0))
     }
 
     /// Every column of every disk of one job, ordered by disk key.
@@ -423,7 +445,9 @@ impl Db {
             .iter()
             .map(disk_row)
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(assemble(jobs, disks))
+        let mut jobs = assemble(jobs, disks);
+        self.attach_boot_checks(&mut jobs).await?;
+        Ok(jobs)
     }
 
     /// Jobs whose status is one of `statuses`, newest first (the reconciler's view).
@@ -452,7 +476,9 @@ impl Db {
             .iter()
             .map(disk_row)
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(assemble(jobs, disks))
+        let mut jobs = assemble(jobs, disks);
+        self.attach_boot_checks(&mut jobs).await?;
+        Ok(jobs)
     }
 
     /// Compare-and-set of a job's status: moves to `to` only if the current status is one of
@@ -471,7 +497,7 @@ impl Db {
         let Some(slots) = status_slots(from) else {
             return Ok(false);
         };
-        let now = now_us();
+        let now = self.now_us();
         let mut query = sqlx::query(
             "UPDATE backup_jobs SET status = ?, \
              error_message = COALESCE(?, error_message), \
@@ -643,7 +669,7 @@ impl Db {
         .bind(integrity.as_str())
         .bind(detail)
         .bind(i32::from(verified))
-        .bind(now_us())
+        .bind(self.now_us())
         .bind(&id.0)
         .execute(self.pool())
         .await
@@ -653,6 +679,21 @@ impl Db {
                 what: format!("backup '{id}'"),
             });
         }
+        Ok(())
+    }
+
+    /// Records the VM's hardware at the point's snapshot.
+    pub async fn set_hardware(&self, id: &BackupId, h: &VmHardware) -> Result<(), DbError> {
+        let json = serde_json::to_string(h).map_err(|e| DbError::Corrupt {
+            column: "backup_jobs.hardware_json",
+            value: e.to_string(),
+        })?;
+        sqlx::query("UPDATE backup_jobs SET hardware_json = ? WHERE backup_id = ?")
+            .bind(json)
+            .bind(&id.0)
+            .execute(self.pool())
+            .await
+            .map_err(q("recording a backup's VM hardware"))?;
         Ok(())
     }
 

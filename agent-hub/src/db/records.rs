@@ -1,8 +1,6 @@
 //! Small tables: repositories, nodes, the job event log, qemu-nbd processes.
 
-use super::{
-    DbError, DbKind, col, from_us, is_foreign_key_violation, is_unique_violation, now_us, q,
-};
+use super::{DbError, DbKind, col, from_us, is_foreign_key_violation, is_unique_violation, q};
 use crate::db::Db;
 use chrono::{DateTime, Utc};
 use sendense_shared::api::{JobEvent, Node, NodeRegistration, ProcessInfo, TunnelState};
@@ -113,7 +111,7 @@ impl Db {
         sqlx::query("INSERT INTO repositories (id, path, created_at) VALUES (?, ?, ?)")
             .bind(id)
             .bind(path)
-            .bind(now_us())
+            .bind(self.now_us())
             .execute(self.pool())
             .await
             .map_err(|e| {
@@ -161,7 +159,7 @@ impl Db {
     /// Registers a node or refreshes its URL and version; sets `last_seen_at` to now.
     pub async fn upsert_node(&self, reg: &NodeRegistration) -> Result<(), DbError> {
         validate_name("node name", &reg.name)?;
-        let now = now_us();
+        let now = self.now_us();
         let sql = match self.kind() {
             DbKind::Sqlite => {
                 "INSERT INTO nodes (name, api_url, version, registered_at, last_seen_at) \
@@ -222,7 +220,7 @@ impl Db {
         })?;
         let res = sqlx::query("UPDATE nodes SET tunnel_json = ?, last_seen_at = ? WHERE name = ?")
             .bind(json)
-            .bind(now_us())
+            .bind(self.now_us())
             .bind(name)
             .execute(self.pool())
             .await
@@ -261,7 +259,7 @@ impl Db {
         message: &str,
         disk: Option<DiskKey>,
     ) -> Result<JobEvent, DbError> {
-        self.append_job_event_at(id, job_id, now_us(), level, step, message, disk)
+        self.append_job_event_at(id, job_id, self.now_us(), level, step, message, disk)
             .await
     }
 
@@ -425,7 +423,7 @@ impl Db {
             "UPDATE qemu_nbd_processes SET alive = 0, stopped_at = ?, exit_status = ? \
              WHERE pid = ? AND port = ? AND alive = 1",
         )
-        .bind(now_us())
+        .bind(self.now_us())
         .bind(exit)
         .bind(i64::from(pid))
         .bind(i32::from(port.0))

@@ -2,7 +2,7 @@
 //! like a backup's ([`Db::transition_restore`]); the events live in `job_events` under the
 //! backup point's id with `job_id` set to the restore's.
 
-use super::{DbError, col, from_db_u64, from_us, is_foreign_key_violation, now_us, q, to_db_u64};
+use super::{DbError, col, from_db_u64, from_us, is_foreign_key_violation, q, to_db_u64};
 use crate::db::Db;
 use sendense_shared::api::{JobStatus, Restore, RestoreTarget};
 use sendense_shared::ids::{BackupId, DiskKey, NbdPort};
@@ -150,7 +150,7 @@ impl Db {
         let Some(slots) = super::backups::status_slots(from) else {
             return Ok(false);
         };
-        let now = now_us();
+        let now = self.now_us();
         let terminal = i32::from(to.is_terminal());
         let mut query = sqlx::query(
             "UPDATE restore_jobs SET status = ?, \

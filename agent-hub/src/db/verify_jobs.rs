@@ -3,7 +3,7 @@
 //! status moves only by compare-and-set, like a backup's ([`Db::transition_verify`]); its events
 //! live in `job_events` under each point it reads, with `job_id` set to the verify job's id.
 
-use super::{DbError, col, from_db_u64, from_us, now_us, q, to_db_u64};
+use super::{DbError, col, from_db_u64, from_us, q, to_db_u64};
 use crate::db::Db;
 use chrono::{DateTime, Utc};
 use sendense_shared::api::{JobStatus, VerifyJob};
@@ -118,7 +118,7 @@ impl Db {
         let Some(slots) = super::backups::status_slots(from) else {
             return Ok(false);
         };
-        let now = now_us();
+        let now = self.now_us();
         let mut query = sqlx::query(
             "UPDATE verify_jobs SET status = ?, \
              error_message = COALESCE(?, error_message), \

@@ -1,9 +1,8 @@
-//! VMs: `vm_replication_contexts` (one per VM name) and `vm_disks` (one per disk, each with its
+//! VMs: `vm_replication_contexts` (one per hub VM name; see [`Db::upsert_vm_of_node`] for two
+//! nodes' VMs of one name) and `vm_disks` (one per disk, each with its
 //! own key and unit number).
 
-use super::{
-    DbError, col, from_db_u64, from_us, is_unique_violation, now_us, q, to_db_u64, with_retry,
-};
+use super::{DbError, col, from_db_u64, from_us, is_unique_violation, q, to_db_u64, with_retry};
 use crate::db::Db;
 use sendense_shared::api::{Vm, VmDisk, VmRequest};
 use sendense_shared::ids::{BackupId, DiskKey};
@@ -125,6 +124,23 @@ fn validate_vm(req: &VmRequest) -> Result<(), DbError> {
     Ok(())
 }
 
+/// The context id and node of the VM named `vm`, read inside the registration's transaction.
+async fn vm_owner(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    vm: &str,
+) -> Result<Option<(String, Option<String>)>, DbError> {
+    let r =
+        sqlx::query("SELECT vm_context_id, node FROM vm_replication_contexts WHERE vm_name = ?")
+            .bind(vm)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(q("registering a VM"))?;
+    match r {
+        Some(r) => Ok(Some((col(&r, "vm_context_id")?, col(&r, "node")?))),
+        None => Ok(None),
+    }
+}
+
 impl Db {
     /// Registers a VM or brings its record in line with `req`: node updated, new disks added,
     /// changed sizes/units/labels updated, vanished disks removed. Returns the VM as stored.
@@ -133,8 +149,10 @@ impl Db {
         self.upsert_vm_from(req, None, false).await
     }
 
-    /// [`Db::upsert_vm`] on behalf of the node `req.node`: a VM of that name that belongs to
-    /// another node is not taken over ([`DbError::Owned`]); one registered without a node is
+    /// [`Db::upsert_vm`] on behalf of the node `req.node`, with the name the node knows the VM
+    /// by: a VM of that name that belongs to another node is never taken over; this node's is
+    /// registered as `<name>.<node>` (and found again under it). Only when that name too
+    /// belongs to another node is it [`DbError::Owned`]. One registered without a node is
     /// claimed.
     pub async fn upsert_vm_of_node(&self, req: &VmRequest) -> Result<Vm, DbError> {
         self.upsert_vm_from(req, None, true).await
@@ -160,15 +178,30 @@ impl Db {
     ) -> Result<Vm, DbError> {
         validate_vm(req)?;
         let mut attempt = 0;
-        loop {
+        let hub_name = loop {
             match with_retry(|| self.upsert_vm_once(req, source, keep_owner)).await {
                 // A concurrent first registration of the same name committed between our read
                 // and our insert: the next attempt sees it and updates instead.
                 Err(DbError::Conflict { .. }) if attempt < 3 => attempt += 1,
                 other => break other?,
             }
-        }
-        self.get_vm(&req.vm_name).await
+        };
+        self.get_vm(&hub_name).await
+    }
+
+    /// The hub name of the VM that node `node` knows as `name`: the one it registered under a
+    /// qualified name (`<name>.<node>`, another node's VM holding `name`), else `name` itself.
+    pub async fn hub_vm_name(&self, node: &str, name: &str) -> Result<String, DbError> {
+        let doing = "reading a VM";
+        let qualified: Option<String> = sqlx::query_scalar(
+            "SELECT vm_name FROM vm_replication_contexts WHERE node = ? AND node_vm_name = ?",
+        )
+        .bind(node)
+        .bind(name)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(q(doing))?;
+        Ok(qualified.unwrap_or_else(|| name.to_string()))
     }
 
     async fn upsert_vm_once(
@@ -176,35 +209,51 @@ impl Db {
         req: &VmRequest,
         source: Option<&VmSource>,
         keep_owner: bool,
-    ) -> Result<(), DbError> {
+    ) -> Result<String, DbError> {
         let doing = "registering a VM";
         let mut tx = self.begin_write(doing).await?;
-        let now = now_us();
-        let existing = sqlx::query(
-            "SELECT vm_context_id, node FROM vm_replication_contexts WHERE vm_name = ?",
-        )
-        .bind(&req.vm_name)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(q(doing))?;
-        let existing = match existing {
-            Some(r) => Some((
-                col::<String>(&r, "vm_context_id")?,
-                col::<Option<String>>(&r, "node")?,
-            )),
-            None => None,
-        };
+        let now = self.now_us();
         // Read and checked inside the write transaction: two nodes reporting the same name at
-        // once cannot both pass.
-        if keep_owner
-            && let Some((_, Some(owner))) = &existing
-            && req.node.as_deref() != Some(owner.as_str())
-        {
-            return Err(DbError::Owned {
-                vm: req.vm_name.clone(),
-                owner: owner.clone(),
-                claimant: req.node.clone().unwrap_or_default(),
-            });
+        // once cannot both take it.
+        let mut hub_name = req.vm_name.clone();
+        let mut node_vm_name: Option<&str> = None;
+        let mut existing = vm_owner(&mut tx, &hub_name).await?;
+        if keep_owner && let Some(node) = req.node.as_deref() {
+            // Two nodes with a VM of one name get two VMs, never a takeover: the first keeps
+            // the name, the second's is `<name>.<node>` on the hub (and remembers its own name).
+            let qualified: Option<String> = sqlx::query_scalar(
+                "SELECT vm_name FROM vm_replication_contexts WHERE node = ? AND node_vm_name = ?",
+            )
+            .bind(node)
+            .bind(&req.vm_name)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(q(doing))?;
+            let taken = matches!(&existing, Some((_, Some(owner))) if owner != node);
+            if let Some(name) =
+                qualified.or_else(|| taken.then(|| format!("{}.{node}", req.vm_name)))
+            {
+                validate_name("vm_name", &name).map_err(|e| DbError::Invalid {
+                    field: "vm_name",
+                    reason: format!(
+                        "another node's VM holds the name {:?} and the hub name for node \
+                         {node:?}'s ({name:?}) is not a valid name: {e}",
+                        req.vm_name
+                    ),
+                })?;
+                existing = vm_owner(&mut tx, &name).await?;
+                hub_name = name;
+                node_vm_name = Some(&req.vm_name);
+            }
+            if let Some((_, Some(owner))) = &existing
+                && owner != node
+            {
+                return Err(DbError::Owned {
+                    vm: hub_name,
+                    owner: owner.clone(),
+                    claimant: node.to_string(),
+                });
+            }
         }
         let ctx = match existing.map(|(c, _)| c) {
             Some(ctx) => {
@@ -231,15 +280,16 @@ impl Db {
                 sqlx::query(
                     "INSERT INTO vm_replication_contexts \
                      (vm_context_id, vm_name, node, created_at, updated_at, driver, \
-                     change_tracking) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     change_tracking, node_vm_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 )
                 .bind(&ctx)
-                .bind(&req.vm_name)
+                .bind(&hub_name)
                 .bind(req.node.as_deref())
                 .bind(now)
                 .bind(now)
                 .bind(source.and_then(|s| s.driver.as_deref()))
                 .bind(source.and_then(|s| s.change_tracking).map(i32::from))
+                .bind(node_vm_name)
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| {
@@ -247,7 +297,7 @@ impl Db {
                         // Another registration of the same name won the race; the caller
                         // retries and finds it.
                         DbError::Conflict {
-                            what: format!("VM '{}'", req.vm_name),
+                            what: format!("VM '{hub_name}'"),
                         }
                     } else {
                         q(doing)(e)
@@ -319,14 +369,14 @@ impl Db {
                 .map_err(q(doing))?;
         }
         tx.commit().await.map_err(q(doing))?;
-        Ok(())
+        Ok(hub_name)
     }
 
     /// One VM with its disks (ordered by disk key) and its last completed backup.
     pub async fn get_vm(&self, vm_name: &str) -> Result<Vm, DbError> {
         let doing = "reading a VM";
         let row = sqlx::query(
-            "SELECT vm_context_id, vm_name, node, driver, change_tracking \
+            "SELECT vm_context_id, vm_name, node, driver, change_tracking, node_vm_name \
              FROM vm_replication_contexts WHERE vm_name = ?",
         )
         .bind(vm_name)
@@ -374,6 +424,7 @@ impl Db {
             last_backup_at,
             driver: col(&row, "driver")?,
             change_tracking: opt_flag(&row, "change_tracking")?,
+            node_vm_name: col(&row, "node_vm_name")?,
         })
     }
 
@@ -381,7 +432,7 @@ impl Db {
     pub async fn list_vms(&self) -> Result<Vec<Vm>, DbError> {
         let doing = "listing VMs";
         let rows = sqlx::query(
-            "SELECT vm_context_id, vm_name, node, driver, change_tracking \
+            "SELECT vm_context_id, vm_name, node, driver, change_tracking, node_vm_name \
              FROM vm_replication_contexts ORDER BY vm_name",
         )
         .fetch_all(self.pool())
@@ -431,6 +482,7 @@ impl Db {
                     last_backup_at,
                     driver: col(r, "driver")?,
                     change_tracking: opt_flag(r, "change_tracking")?,
+                    node_vm_name: col(r, "node_vm_name")?,
                 })
             })
             .collect()

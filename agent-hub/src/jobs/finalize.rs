@@ -11,9 +11,15 @@
 //!    and its directory are fsynced.
 //! 3. **Read the whole chain back**, read-only, every disk at once ([`crate::readback`]), and
 //!    compare every cell with the truth; the writer's range checksums, when sent, are checked
-//!    on the same export. A writer that sent no grid (a hub-alone writer) gets checksums the
-//!    hub computes from the stopped image, and the point says so (`hub_computed`).
-//! 4. `qemu-img check` of each image; then the point's integrity, then `completed`.
+//!    on the same export, in the same pass (a range inside one cell is hashed from the bytes read
+//!    for that cell; only ranges across cell boundaries are read again). A writer that sent no
+//!    grid (a hub-alone writer) gets checksums the hub computes from the stopped image, and the
+//!    point says so (`hub_computed`).
+//! 4. `qemu-img check` of each image, run beside its read-back (both only read the stopped
+//!    image; both must pass); then the point's integrity, then `completed`.
+//!
+//! Each step runs for every disk at once: a disk never waits for another's FLUSH, stop, fsync,
+//! read-back or check.
 //!
 //! Database errors on the way are waited out ([`super::patience`]), never taken for a failure:
 //! a verified point is not deleted because the catalog did not answer.
@@ -106,20 +112,25 @@ async fn run(
     }
     // 2. The writer's path: FLUSH (bounded: a hung qemu-nbd is then diagnosed by its stop),
     // stop, exit statuses, fsync.
+    // Every disk at once: a step per disk that waits for the one before it is time the job
+    // spends doing nothing.
     let grace = jm.deps().qemu_nbd.stop_grace;
-    let mut problems = Vec::new();
-    for e in &res.exports {
-        let flushed = tokio::time::timeout(grace, flush(&e.server)).await;
-        let why = match flushed {
-            Ok(Ok(())) => continue,
+    let flushes = res.exports.iter().map(|e| async move {
+        let why = match tokio::time::timeout(grace, flush(&e.server)).await {
+            Ok(Ok(())) => return None,
             Ok(Err(err)) => err,
             Err(_) => format!("no answer within {} ms", grace.as_millis()),
         };
-        problems.push(format!(
+        Some(format!(
             "disk {}: the hub's FLUSH of its export failed: {why}",
             e.disk_key
-        ));
-    }
+        ))
+    });
+    let mut problems: Vec<String> = futures_util::future::join_all(flushes)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
     let unclean = stop_exports(jm, job, res).await;
     for (disk, msg) in &unclean {
         let _ = jm
@@ -140,34 +151,55 @@ async fn run(
     if !problems.is_empty() {
         return Err(Stop::Fail(problems.join("; ")));
     }
-    for (disk, path) in &images {
+    let syncs = images.iter().map(|(disk, path)| async move {
         let p = path.clone();
         let synced = tokio::task::spawn_blocking(move || manifest::fsync_file_and_dir(&p)).await;
-        if let Err(e) = synced.map_err(std::io::Error::other).and_then(|r| r) {
-            return Err(Stop::Fail(format!(
-                "disk {disk}: cannot fsync {}: {e}",
-                path.display()
-            )));
-        }
+        synced
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+            .map_err(|e| Stop::Fail(format!("disk {disk}: cannot fsync {}: {e}", path.display())))
+    });
+    for r in futures_util::future::join_all(syncs).await {
+        r?;
     }
-    // 3. Every disk read back at once.
+    // 3. Every disk read back at once, and 4. each image's `qemu-img check` next to its
+    // read-back (both only read the stopped image; both must pass).
     let reads = images.iter().zip(truths).map(|((disk, path), truth)| {
         let d = report.disks.iter().find(|d| d.disk_key == *disk);
-        read_back(jm, job, *disk, path, truth, d)
+        async move {
+            // The check runs beside the read-back; its verdict is recorded after the
+            // read-back's (the event log keeps the order a reader expects).
+            let t = Instant::now();
+            let (read, checked) = tokio::join!(read_back(jm, job, *disk, path, truth, d), async {
+                let c = crate::repository::qemu_img_check(path).await;
+                (c, t.elapsed())
+            });
+            let why = read?;
+            if job.cancel.is_cancelled() {
+                return Err(Stop::Cancelled);
+            }
+            check_image(jm, id, *disk, path, checked).await?;
+            Ok::<_, Stop>(why)
+        }
     });
     let mut hub_computed = Vec::new();
+    let mut first_stop = None;
     for r in futures_util::future::join_all(reads).await {
-        if let Some(why) = r? {
-            hub_computed.push(why);
+        match r {
+            Ok(Some(why)) => hub_computed.push(why),
+            Ok(None) => {}
+            Err(stop) => {
+                first_stop.get_or_insert(stop);
+            }
         }
     }
-    // 4. qemu-img check, then the point's integrity.
-    for (disk, path) in &images {
-        if job.cancel.is_cancelled() {
-            return Err(Stop::Cancelled);
-        }
-        check_image(jm, id, *disk, path).await?;
+    if let Some(stop) = first_stop {
+        return Err(stop);
     }
+    if job.cancel.is_cancelled() {
+        return Err(Stop::Cancelled);
+    }
+    // Then the point's integrity.
     let (integrity, detail) = if let Some(p) = corrupt_parent(jm, id, &rows).await? {
         // A verify job found the parent corrupt while this point was being written.
         (
@@ -453,9 +485,18 @@ async fn read_served(
 ) -> Result<Option<String>, Stop> {
     let id = &job.id;
     let db = &jm.deps().db;
-    // The writer's range checksums (older writers send only these), on the same export.
-    if let Some(sums) = d.and_then(|d| d.checksums.as_ref()) {
-        let t = Instant::now();
+    let t = Instant::now();
+    // The writer's range checksums (older writers send only these), on the same export: those
+    // inside one cell are proven from the bytes the cells' pass reads (one read of the data
+    // for both), the others (crossing a cell boundary, or beyond the disk) read on their own.
+    let sums = d.and_then(|d| d.checksums.as_ref());
+    let cell_size = match &truth {
+        Truth::Writer(m) => m.cell_size,
+        Truth::Hub { .. } => DEFAULT_GRID_CELL,
+    };
+    let mut inner = Vec::new();
+    let mut outer_done = None;
+    if let Some(sums) = sums {
         let addr = served.addr();
         let client = NbdClient::connect(&addr, &ConnectOptions::default())
             .await
@@ -465,56 +506,13 @@ async fn read_served(
                     sendense_shared::errors::chain(&e)
                 ))
             })?;
-        let r = verify_ranges(&client, &sums.ranges, &job.cancel, None).await;
+        let (fit, outer) = manifest::split_ranges(&sums.ranges, cell_size, client.size());
+        inner = fit;
+        let r = verify_ranges(&client, &outer, &job.cancel, None).await;
         let _ = client.disconnect().await;
         match r {
-            Ok(s) => {
-                let _ = db
-                    .update_disk(
-                        id,
-                        disk,
-                        &DiskUpdate {
-                            checksum_status: Some("passed".into()),
-                            checksum_ranges: Some(s.ranges as u64),
-                            checksum_mismatches: Some(0),
-                            ..Default::default()
-                        },
-                    )
-                    .await;
-                jm.event(
-                    id,
-                    Level::Info,
-                    "checksums_verified",
-                    format!(
-                        "disk {disk}: {} written range(s), {} bytes read back from the stopped \
-                         image match the writer's BLAKE3 checksums ({} ms)",
-                        s.ranges,
-                        s.bytes,
-                        t.elapsed().as_millis()
-                    ),
-                    Some(disk),
-                )
-                .await;
-            }
-            Err(VerifyError::Cancelled) => return Err(Stop::Cancelled),
-            Err(err) => {
-                let msg = format!("disk {disk}: verification failed: {err}");
-                let mismatch = matches!(err, VerifyError::Mismatch { .. });
-                let _ = db
-                    .update_disk(
-                        id,
-                        disk,
-                        &DiskUpdate {
-                            checksum_status: Some("failed".into()),
-                            checksum_ranges: Some(sums.ranges.len() as u64),
-                            // Verification stops at the first mismatch.
-                            checksum_mismatches: Some(u64::from(mismatch)),
-                            ..Default::default()
-                        },
-                    )
-                    .await;
-                return Err(mismatch_found(jm, id, disk, msg).await);
-            }
+            Ok(s) => outer_done = Some(s),
+            Err(err) => return Err(ranges_failed(jm, id, disk, sums.ranges.len(), err).await),
         }
     } else {
         let _ = db
@@ -529,14 +527,68 @@ async fn read_served(
             .await;
     }
 
-    let t = Instant::now();
     let read = AtomicU64::new(0);
-    match truth {
+    let (outcome, ranges) = match truth {
         Truth::Writer(m) => {
-            let r = served
-                .check(&m, &job.cancel, &read)
+            let (r, ranges) = served
+                .check_with_ranges(&m, &inner, &job.cancel, &read)
                 .await
                 .map_err(|e| fail_disk(disk, &e))?;
+            (Ok((r, m)), ranges)
+        }
+        Truth::Hub { why } => {
+            let (m, ranges) = served
+                .compute_with_ranges(DEFAULT_GRID_CELL, &inner, &job.cancel, &read)
+                .await
+                .map_err(|e| fail_disk(disk, &e))?;
+            (Err((why, m)), ranges)
+        }
+    };
+    // The range checksums' verdict first (a writer's own account of what it wrote).
+    if let (Some(sums), Some(outer)) = (sums, outer_done) {
+        let failed = ranges.first_mismatch.is_some();
+        let _ = db
+            .update_disk(
+                id,
+                disk,
+                &DiskUpdate {
+                    checksum_status: Some(if failed { "failed" } else { "passed" }.into()),
+                    checksum_ranges: Some(sums.ranges.len() as u64),
+                    checksum_mismatches: Some(ranges.mismatch_count),
+                    ..Default::default()
+                },
+            )
+            .await;
+        if let Some(m) = ranges.first_mismatch {
+            let err = VerifyError::Mismatch {
+                offset: m.offset,
+                length: m.length,
+                expected: m.expected,
+                actual: m.actual,
+            };
+            let msg = format!("disk {disk}: verification failed: {err}");
+            return Err(mismatch_found(jm, id, disk, msg).await);
+        }
+        jm.event(
+            id,
+            Level::Info,
+            "checksums_verified",
+            format!(
+                "disk {disk}: {} written range(s), {} bytes read back from the stopped image \
+                 match the writer's BLAKE3 checksums ({} ms; {} of them proven from the \
+                 whole-disk pass's reads)",
+                sums.ranges.len(),
+                outer.bytes + ranges.bytes,
+                t.elapsed().as_millis(),
+                ranges.ranges
+            ),
+            Some(disk),
+        )
+        .await;
+    }
+
+    match outcome {
+        Ok((r, _)) => {
             let secs = t.elapsed().as_secs_f64().max(1e-3);
             if !r.is_clean() {
                 let msg = format!(
@@ -566,8 +618,8 @@ async fn read_served(
             .await;
             Ok(None)
         }
-        Truth::Hub { why } => {
-            if d.and_then(|d| d.checksums.as_ref()).is_none() {
+        Err((why, m)) => {
+            if sums.is_none() {
                 jm.event(
                     id,
                     Level::Warn,
@@ -577,10 +629,6 @@ async fn read_served(
                 )
                 .await;
             }
-            let m = served
-                .compute(DEFAULT_GRID_CELL, &job.cancel, &read)
-                .await
-                .map_err(|e| fail_disk(disk, &e))?;
             let upd = m.store_for(image, "hub").await.map_err(|e| {
                 Stop::Fail(format!(
                     "disk {disk}: {}",
@@ -615,14 +663,47 @@ async fn read_served(
     }
 }
 
+/// The range checksums read on their own failed (a mismatch, a read error, a cancel).
+async fn ranges_failed(
+    jm: &JobManager,
+    id: &BackupId,
+    disk: DiskKey,
+    count: usize,
+    err: VerifyError,
+) -> Stop {
+    if let VerifyError::Cancelled = err {
+        return Stop::Cancelled;
+    }
+    let msg = format!("disk {disk}: verification failed: {err}");
+    let mismatch = matches!(err, VerifyError::Mismatch { .. });
+    let _ = jm
+        .deps()
+        .db
+        .update_disk(
+            id,
+            disk,
+            &DiskUpdate {
+                checksum_status: Some("failed".into()),
+                checksum_ranges: Some(count as u64),
+                // Verification stops at the first mismatch.
+                checksum_mismatches: Some(u64::from(mismatch)),
+                ..Default::default()
+            },
+        )
+        .await;
+    mismatch_found(jm, id, disk, msg).await
+}
+
 async fn check_image(
     jm: &JobManager,
     id: &BackupId,
     disk: DiskKey,
     path: &Path,
+    (checked, took): (
+        Result<crate::repository::CheckReport, crate::repository::RepoError>,
+        std::time::Duration,
+    ),
 ) -> Result<(), Stop> {
-    let t = Instant::now();
-    let checked = crate::repository::qemu_img_check(path).await;
     let summary = match &checked {
         Ok(c) => c.summary(),
         Err(e) => format!("qemu-img check failed: {e}"),
@@ -648,7 +729,7 @@ async fn check_image(
                 format!(
                     "disk {disk}: qemu-img check {}: {summary} in {} ms",
                     path.display(),
-                    t.elapsed().as_millis()
+                    took.as_millis()
                 ),
                 Some(disk),
             )

@@ -228,92 +228,100 @@ async fn set_disks(jm: &JobManager, job: &LiveJob, status: DiskStatus) {
 /// Stops every running qemu-nbd of the job (SIGTERM to its group, bounded wait, SIGKILL, reap)
 /// and records how each ended. qemu-nbd flushes the image on SIGTERM and exits 0. Answers a
 /// sentence per qemu-nbd that did not end that way: it had exited on its own, or it needed the
-/// SIGKILL or exited with an error (its image may lack its last writes).
+/// SIGKILL or exited with an error (its image may lack its last writes). All of them at once
+/// (one slow to exit does not hold up the others), the sentences in the exports' order.
 pub async fn stop_exports(
     jm: &JobManager,
     job: &LiveJob,
     res: &mut Resources,
 ) -> Vec<(DiskKey, String)> {
-    let mut deaths = Vec::new();
-    for e in res.exports.drain(..) {
-        let t = Instant::now();
-        let pid = e.server.pid();
-        let rep = e.server.stop().await;
-        let how = if rep.requested {
-            "stopped"
-        } else {
-            "had already exited"
-        };
-        let stopped_in = t.elapsed();
-        // Waited for: a process recorded alive would be taken for an orphan later.
-        let patience = Patience::new(jm.deps().db_patience);
-        if db_retry(jm, &job.id, "recording the qemu-nbd stop", patience, || {
-            jm.deps().db.mark_process_stopped(pid, e.port, &rep.status)
-        })
+    let stops = res.exports.drain(..).map(|e| stop_export(jm, job, e));
+    futures_util::future::join_all(stops)
         .await
-        .is_none()
-        {
-            tracing::error!(pid, "cannot record qemu-nbd stop");
-        }
-        let tail = rep.stderr_tail.trim();
-        if rep.requested && rep.code != Some(0) {
-            deaths.push((
-                e.disk_key,
-                format!(
-                    "qemu-nbd of disk {} (pid {pid}, port {}) did not stop cleanly: {} (a clean \
-                     stop exits 0 after flushing; the image may lack its last writes){}",
-                    e.disk_key,
-                    e.port,
-                    rep.status,
-                    if tail.is_empty() {
-                        String::new()
-                    } else {
-                        format!("; stderr: {tail}")
-                    }
-                ),
-            ));
-        }
-        if !rep.requested {
-            deaths.push((
-                e.disk_key,
-                format!(
-                    "qemu-nbd of disk {} (pid {pid}, port {}) exited unexpectedly: {}{}",
-                    e.disk_key,
-                    e.port,
-                    rep.status,
-                    if tail.is_empty() {
-                        String::new()
-                    } else {
-                        format!("; stderr: {tail}")
-                    }
-                ),
-            ));
-        }
-        jm.event(
-            &job.id,
-            if rep.requested {
-                Level::Info
-            } else {
-                Level::Warn
-            },
-            "qemu_nbd_stopped",
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+async fn stop_export(jm: &JobManager, job: &LiveJob, e: super::Export) -> Vec<(DiskKey, String)> {
+    let mut deaths = Vec::new();
+    let t = Instant::now();
+    let pid = e.server.pid();
+    let rep = e.server.stop().await;
+    let how = if rep.requested {
+        "stopped"
+    } else {
+        "had already exited"
+    };
+    let stopped_in = t.elapsed();
+    // Waited for: a process recorded alive would be taken for an orphan later.
+    let patience = Patience::new(jm.deps().db_patience);
+    if db_retry(jm, &job.id, "recording the qemu-nbd stop", patience, || {
+        jm.deps().db.mark_process_stopped(pid, e.port, &rep.status)
+    })
+    .await
+    .is_none()
+    {
+        tracing::error!(pid, "cannot record qemu-nbd stop");
+    }
+    let tail = rep.stderr_tail.trim();
+    if rep.requested && rep.code != Some(0) {
+        deaths.push((
+            e.disk_key,
             format!(
-                "disk {}: qemu-nbd pid {pid} (port {}, export {}) {how}: {} after {} ms{}",
+                "qemu-nbd of disk {} (pid {pid}, port {}) did not stop cleanly: {} (a clean \
+                     stop exits 0 after flushing; the image may lack its last writes){}",
                 e.disk_key,
                 e.port,
-                e.export_name,
                 rep.status,
-                stopped_in.as_millis(),
                 if tail.is_empty() {
                     String::new()
                 } else {
                     format!("; stderr: {tail}")
                 }
             ),
-            Some(e.disk_key),
-        )
-        .await;
+        ));
     }
+    if !rep.requested {
+        deaths.push((
+            e.disk_key,
+            format!(
+                "qemu-nbd of disk {} (pid {pid}, port {}) exited unexpectedly: {}{}",
+                e.disk_key,
+                e.port,
+                rep.status,
+                if tail.is_empty() {
+                    String::new()
+                } else {
+                    format!("; stderr: {tail}")
+                }
+            ),
+        ));
+    }
+    jm.event(
+        &job.id,
+        if rep.requested {
+            Level::Info
+        } else {
+            Level::Warn
+        },
+        "qemu_nbd_stopped",
+        format!(
+            "disk {}: qemu-nbd pid {pid} (port {}, export {}) {how}: {} after {} ms{}",
+            e.disk_key,
+            e.port,
+            e.export_name,
+            rep.status,
+            stopped_in.as_millis(),
+            if tail.is_empty() {
+                String::new()
+            } else {
+                format!("; stderr: {tail}")
+            }
+        ),
+        Some(e.disk_key),
+    )
+    .await;
     deaths
 }
 

@@ -132,7 +132,7 @@ fn start_body(
     };
     NodeBackupStart {
         backup_id: job.id.clone(),
-        vm_name: job.vm_name.clone(),
+        vm_name: job.node_vm_name.clone(),
         backup_type: kind,
         // The string stays for logs and older nodes; the node reads the structured form.
         nbd_targets: format_targets(targets),
@@ -283,6 +283,21 @@ pub async fn watch_node(jm: &JobManager, job: std::sync::Arc<LiveJob>, node: Nod
             // Finalizing or cancelling: the node has nothing more to say.
             Ok(_) | Err(_) => continue,
         }
+        let stuck = job.since_last_moved();
+        if stuck >= jm.deps().job_stall_after {
+            let msg = format!(
+                "node {} reports the copy running but no byte of any disk moved for {} s \
+                 (stalled; job_stall_after = {} s)",
+                node.name,
+                stuck.as_secs(),
+                jm.deps().job_stall_after.as_secs()
+            );
+            jm.event(&job.id, Level::Error, "job_stalled", msg.clone(), None)
+                .await;
+            let mut res = job.res.lock().await;
+            finish(jm, &job, &mut res, Outcome::Failed(msg)).await;
+            return;
+        }
         if job.since_last_report() < interval {
             unreachable_since = None;
             continue;
@@ -377,6 +392,10 @@ mod tests {
             integrity_detail: None,
             verified_at: None,
             consistency: None,
+            protected: false,
+            policy_id: None,
+            boot_check: None,
+            hardware: None,
         }
     }
 

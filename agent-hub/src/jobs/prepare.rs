@@ -16,13 +16,18 @@ use crate::repository::RepoLayout;
 use exports::start_exports;
 use sendense_shared::api::{Backup, BackupRequest, BackupType, DiskStatus, JobStatus, Vm};
 use sendense_shared::ids::{BackupId, DiskKey};
-use sendense_shared::targets::{NbdTarget, NbdUri, format_targets};
+use sendense_shared::targets::{NbdTarget, format_targets};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 /// Checks the request, records the job, prepares every export; answers the job `running`.
-pub async fn start(jm: &JobManager, req: BackupRequest) -> Result<Backup, JobError> {
+/// `policy_id`: the policy that started it (recorded on the job at once).
+pub async fn start(
+    jm: &JobManager,
+    req: BackupRequest,
+    policy_id: Option<&str>,
+) -> Result<Backup, JobError> {
     let db = &jm.deps().db;
     let vm = match db.get_vm(&req.vm_name).await {
         Ok(vm) => vm,
@@ -78,6 +83,13 @@ pub async fn start(jm: &JobManager, req: BackupRequest) -> Result<Backup, JobErr
         });
     }
 
+    // Nor while a prune rewrites the chain the incremental would build on.
+    if let Some(prune_id) = db.active_prune_of_vm(&vm.vm_name).await? {
+        return Err(JobError::Pruning {
+            vm: vm.vm_name.clone(),
+            prune_id,
+        });
+    }
     let backup_id = BackupId(uuid::Uuid::new_v4().to_string());
     let layout = RepoLayout::new(&repo.path);
     let kind::Kind {
@@ -123,6 +135,12 @@ pub async fn start(jm: &JobManager, req: BackupRequest) -> Result<Backup, JobErr
         disks,
     })
     .await?;
+    // A lost policy tag is not worth failing the backup: logged.
+    if let Some(p) = policy_id
+        && let Err(e) = db.set_backup_policy(&backup_id, p).await
+    {
+        tracing::warn!(backup_id = %backup_id, policy_id = p, error = %e, "cannot record the backup's policy");
+    }
     let total: u64 = vm.disks.iter().map(|d| d.size_bytes).sum();
     jm.event(
         &backup_id,
@@ -205,11 +223,13 @@ pub async fn start(jm: &JobManager, req: BackupRequest) -> Result<Backup, JobErr
     let job = Arc::new(LiveJob {
         id: backup_id.clone(),
         vm_name: vm.vm_name.clone(),
+        node_vm_name: vm.name_on_node().to_string(),
         node,
         disks: vm.disks.iter().map(|d| d.disk_key).collect(),
         cancel: tokio_util::sync::CancellationToken::new(),
         ended: tokio_util::sync::CancellationToken::new(),
         last_report: std::sync::Mutex::new(std::time::Instant::now()),
+        last_moved: std::sync::Mutex::new(None),
         repository_path: repo.path.clone(),
         reserved_bytes: total,
         require_application_consistency: req.require_application_consistency,
@@ -442,22 +462,19 @@ async fn prepare_steps(
     }
     jm.publish_processes().await;
 
-    // 4. Targets string, then running.
-    let host = jm.deps().qemu_nbd.bind.to_string();
+    // 4. Targets string, then running: each export where it listens (its slot's unix socket,
+    // or TCP on its port).
     let targets: Vec<NbdTarget> = backup
         .disk_results
         .iter()
         .map(|d| NbdTarget {
             disk_key: d.disk_key,
-            uri: NbdUri {
-                host: host.clone(),
-                port: ports
-                    .iter()
-                    .find(|p| p.0 == d.disk_key)
-                    .map(|p| p.1.0)
-                    .expect("a port per disk"),
-                export: d.nbd_export_name.clone(),
-            },
+            uri: res
+                .exports
+                .iter()
+                .find(|e| e.disk_key == d.disk_key)
+                .map(|e| e.server.nbd_uri())
+                .expect("an export per disk"),
         })
         .collect();
     let targets_string = format_targets(&targets);

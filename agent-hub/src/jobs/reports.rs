@@ -6,7 +6,7 @@ use super::{JobError, JobManager, Level, finish};
 use crate::db::DbError;
 use sendense_shared::api::{
     Backup, CompletionReport, CompletionStatus, Consistency, ConsistencyLevel, DiskResult,
-    DiskStatus, HubEvent, JobStatus, ProgressReport,
+    DiskStatus, HubEvent, JobStatus, ProgressReport, VmHardware,
 };
 use sendense_shared::ids::{BackupId, DiskKey};
 
@@ -110,6 +110,35 @@ impl JobManager {
         Ok(())
     }
 
+    /// The VM's hardware at snapshot time (QEMU), kept with the point for an instant recovery.
+    /// Recorded once: a retried report whose hardware is already stored adds no second event.
+    async fn record_hardware(&self, id: &BackupId, h: &VmHardware) -> Result<(), JobError> {
+        if self.get(id).await?.hardware.as_deref() == Some(h) {
+            return Ok(());
+        }
+        self.deps().db.set_hardware(id, h).await?;
+        self.event(
+            id,
+            Level::Info,
+            "hardware",
+            format!(
+                "VM hardware recorded: {} MiB, {} vCPU(s), {} disk(s), {} NIC(s){}",
+                h.memory_mib,
+                h.cpus,
+                h.disks.len(),
+                h.nics.len(),
+                if h.kernel.is_some() {
+                    ", direct kernel boot"
+                } else {
+                    ""
+                }
+            ),
+            None,
+        )
+        .await;
+        Ok(())
+    }
+
     /// A writer's progress: bytes and per-disk status.
     pub async fn progress(
         &self,
@@ -140,6 +169,10 @@ impl JobManager {
         }
         if let Some(job) = self.live(id) {
             job.touch();
+            job.moved(
+                report.disks.iter().map(|d| d.bytes_done).sum(),
+                report.disks.iter().any(|d| d.status == DiskStatus::Running),
+            );
         }
         let mut reported = Vec::with_capacity(report.disks.len());
         for (i, d) in report.disks.iter().enumerate() {
@@ -284,6 +317,9 @@ impl JobManager {
         job.touch();
         if let Some(c) = &report.consistency {
             self.record_consistency(id, c).await?;
+        }
+        if let Some(h) = &report.hardware {
+            self.record_hardware(id, h).await?;
         }
         match report.status {
             CompletionStatus::Failed => {

@@ -11,6 +11,17 @@ use super::QemuNbdError;
 use super::duration_serde;
 use crate::nbd_ca::{HUB_CN, NbdCa, dn};
 
+/// Where the exports a node opens listen (the hub's `nbd_listen`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NbdListen {
+    /// `<nbd_socket_dir>/<port>.sock`, reachable only by the directory's group (the tunnel
+    /// user): the default, see the module doc of [`crate::qemu_nbd`].
+    Unix,
+    /// `nbd_bind:port`: any local user can connect (and TLS must then refuse it).
+    Tcp,
+}
+
 /// How qemu-nbd processes are started; a table of the hub's TOML config.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -25,7 +36,8 @@ pub struct QemuNbdConfig {
     pub cache: String,
     /// `--aio=`: threads, native (needs cache none or directsync), io_uring; none = qemu's default.
     pub aio: Option<String>,
-    /// How long qemu-nbd may take to answer its first NBD handshake (seconds, or "500ms").
+    /// How long qemu-nbd may take to answer its first NBD handshake (seconds, or "500ms";
+    /// default 30 s: a loaded host took 4.5 s once, and a slow start is not a dead export).
     #[serde(with = "duration_serde")]
     pub ready_timeout: Duration,
     /// How long qemu-nbd gets after SIGTERM before SIGKILL (seconds, or "500ms").
@@ -36,6 +48,10 @@ pub struct QemuNbdConfig {
     /// the hub). Unix-socket exports (the hub's own read-backs, 0700 directory) stay plain.
     #[serde(skip)]
     pub tls: Option<NbdCa>,
+    /// The exports' socket directory when the hub's `nbd_listen` is `unix` (set at start-up):
+    /// an export without its own `socket` is then served on `<dir>/<port>.sock`.
+    #[serde(skip)]
+    pub socket_dir: Option<PathBuf>,
 }
 
 impl Default for QemuNbdConfig {
@@ -47,9 +63,10 @@ impl Default for QemuNbdConfig {
             // Measured: see the module doc.
             cache: "none".to_string(),
             aio: Some("threads".to_string()),
-            ready_timeout: Duration::from_secs(10),
+            ready_timeout: Duration::from_secs(30),
             stop_grace: Duration::from_secs(5),
             tls: None,
+            socket_dir: None,
         }
     }
 }
@@ -134,8 +151,9 @@ pub struct ExportSpec {
     pub port: u16,
     /// Serve read-only (`--read-only`), e.g. for a restore or a verification read.
     pub read_only: bool,
-    /// Serve on this unix socket instead of TCP (`port` is then unused): the hub's own
-    /// read-backs, in a 0700 directory nobody else can reach.
+    /// Serve on this unix socket instead of TCP: the hub's own read-backs, in a 0700 directory
+    /// nobody else can reach. `None`: the config's listen mode, i.e. `<socket_dir>/<port>.sock`
+    /// when the hub listens on unix sockets ([`ExportSpec::placed`]), else TCP on `port`.
     pub socket: Option<PathBuf>,
     /// The CN of the one client besides the hub that may open a TLS export
     /// ([`crate::nbd_ca::backup_identity`], [`crate::nbd_ca::restore_identity`]); `None`: the
@@ -144,19 +162,51 @@ pub struct ExportSpec {
 }
 
 impl ExportSpec {
-    /// Whether this export is served with TLS under `cfg`.
+    /// Whether this export is served with TLS under `cfg`: every export a client besides the
+    /// hub opens (TCP or the shared socket directory: defense in depth behind its modes); the
+    /// hub's own read-back sockets stay plain.
     pub fn uses_tls(&self, cfg: &QemuNbdConfig) -> bool {
-        cfg.tls.is_some() && self.socket.is_none()
+        cfg.tls.is_some() && (self.socket.is_none() || self.client.is_some())
     }
+
+    /// With the listen mode applied: an export without a socket of its own gets
+    /// `<socket_dir>/<port>.sock` when the hub listens on unix sockets.
+    pub fn placed(mut self, cfg: &QemuNbdConfig) -> ExportSpec {
+        if self.socket.is_none()
+            && let Some(dir) = &cfg.socket_dir
+        {
+            self.socket = Some(socket_path(dir, self.port));
+        }
+        self
+    }
+
+    /// Whether its socket lies in the shared socket directory (the tunnel user's group must
+    /// reach it), as opposed to a private one or TCP.
+    pub fn in_socket_dir(&self, cfg: &QemuNbdConfig) -> bool {
+        match (&self.socket, &cfg.socket_dir) {
+            (Some(s), Some(dir)) => s.parent() == Some(dir.as_path()),
+            _ => false,
+        }
+    }
+}
+
+/// The socket of slot `port` in the socket directory: `<dir>/<port>.sock`, the name the node's
+/// streamlocal forwards point at.
+pub fn socket_path(dir: &Path, port: u16) -> PathBuf {
+    dir.join(format!("{port}.sock"))
 }
 
 impl ExportSpec {
     pub(super) fn validate(&self) -> Result<(), QemuNbdError> {
-        sendense_shared::names::validate_name("export_name", &self.export_name).map_err(|e| {
-            QemuNbdError::InvalidSpec {
-                field: "export_name",
-                reason: e.to_string(),
-            }
+        // `<vm>-disk-<key>`: longer than a name may be.
+        sendense_shared::names::validate_name_up_to(
+            "export_name",
+            &self.export_name,
+            sendense_shared::names::MAX_EXPORT_NAME_LEN,
+        )
+        .map_err(|e| QemuNbdError::InvalidSpec {
+            field: "export_name",
+            reason: e.to_string(),
         })?;
         if self.port == 0 && self.socket.is_none() {
             return Err(QemuNbdError::InvalidSpec {
@@ -280,7 +330,7 @@ mod tests {
     use crate::qemu_nbd::test_support::{spec, strings};
 
     #[test]
-    fn tls_exports_name_the_writer_and_the_hub_and_unix_sockets_stay_plain() {
+    fn tls_exports_name_the_writer_and_the_hub_and_private_sockets_stay_plain() {
         let data = tempfile::tempdir().unwrap();
         let cfg = QemuNbdConfig {
             tls: Some(NbdCa::open(data.path()).unwrap()),
@@ -311,12 +361,52 @@ mod tests {
         assert!(args.contains(&"--tls-creds=tls0".to_string()));
         assert!(args.contains(&"--tls-authz=auth0".to_string()));
         assert_eq!(args.last().unwrap(), "/repo/vm1/2000/b1.qcow2");
-        // The hub's read-backs: a unix socket in a private directory, no TLS.
+        // The hub's read-backs: a unix socket in a private directory, no client but the hub,
+        // no TLS. (An export a node opens keeps TLS on a socket too.)
         let unix = ExportSpec {
             socket: Some("/run/x/s".into()),
+            client: None,
             ..s
         };
         assert!(!command_args(&cfg, &unix).iter().any(|a| a.contains("tls")));
+    }
+
+    #[test]
+    fn unix_listen_mode_serves_slot_sockets_with_tls_for_the_writer() {
+        let data = tempfile::tempdir().unwrap();
+        let cfg = QemuNbdConfig {
+            tls: Some(NbdCa::open(data.path()).unwrap()),
+            socket_dir: Some("/run/sendense-nbd".into()),
+            ..QemuNbdConfig::default()
+        };
+        let s = ExportSpec {
+            client: Some(crate::nbd_ca::backup_identity("b1")),
+            ..spec()
+        }
+        .placed(&cfg);
+        assert_eq!(
+            s.socket.as_deref(),
+            Some(Path::new("/run/sendense-nbd/10105.sock"))
+        );
+        assert!(s.in_socket_dir(&cfg));
+        let args = command_args(&cfg, &s);
+        assert!(args.contains(&"--socket=/run/sendense-nbd/10105.sock".to_string()));
+        assert!(
+            !args
+                .iter()
+                .any(|a| a.starts_with("--port") || a.starts_with("--bind"))
+        );
+        assert!(args.contains(&"--tls-creds=tls0".to_string()), "{args:?}");
+        // A private socket of its own stays where it is, and TCP mode stays TCP.
+        let own = ExportSpec {
+            socket: Some("/x/readback/1.sock".into()),
+            client: None,
+            ..spec()
+        }
+        .placed(&cfg);
+        assert_eq!(own.socket.as_deref(), Some(Path::new("/x/readback/1.sock")));
+        assert!(!own.in_socket_dir(&cfg));
+        assert_eq!(spec().placed(&QemuNbdConfig::default()).socket, None);
     }
 
     #[test]

@@ -30,10 +30,23 @@ fn served_by(cmdline: &[String]) -> Option<(u16, String)> {
         match arg.as_str() {
             "--" => break,
             "-p" | "--port" => take(&mut port),
+            // An export of the socket directory names its slot: `<dir>/<port>.sock`.
+            "-k" | "--socket" => {
+                let mut socket = String::new();
+                take(&mut socket);
+                if let Some(slot) = sendense_shared::targets::socket_slot(&socket) {
+                    port = slot.to_string();
+                }
+            }
             "-x" | "--export-name" => take(&mut export),
             a => {
                 if let Some(v) = a.strip_prefix("--port=") {
                     port = v.to_string();
+                } else if let Some(slot) = a
+                    .strip_prefix("--socket=")
+                    .and_then(sendense_shared::targets::socket_slot)
+                {
+                    port = slot.to_string();
                 } else if let Some(v) = a.strip_prefix("--export-name=") {
                     export = v.to_string();
                 } else if let Some(v) = a.strip_prefix("-p").filter(|_| !a.starts_with("--")) {
@@ -151,5 +164,12 @@ mod tests {
         assert_eq!(served_by(&strings(&["sleep", "30"])), None);
         assert_eq!(served_by(&[]), None);
         assert_eq!(served_by(&strings(&["qemu-nbd", "--port=notaport"])), None);
+        let c = strings(&[
+            "qemu-nbd",
+            "--export-name=e",
+            "--socket=/run/n/10107.sock",
+            "f",
+        ]);
+        assert_eq!(served_by(&c), Some((10107, "e".to_string())));
     }
 }

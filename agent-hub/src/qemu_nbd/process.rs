@@ -59,6 +59,8 @@ impl QemuNbd {
     pub async fn start(cfg: &QemuNbdConfig, spec: ExportSpec) -> Result<QemuNbd, QemuNbdError> {
         cfg.validate()?;
         spec.validate()?;
+        let spec = spec.placed(cfg);
+        let shared_socket = spec.in_socket_dir(cfg);
         let cfg = &adapt_to_file_system(cfg, &spec.qcow2_path);
         let hub_tls = cfg
             .tls
@@ -95,7 +97,10 @@ impl QemuNbd {
                 hub_tls,
             }),
         };
-        let ready = qn.wait_ready(cfg.ready_timeout).await;
+        let ready = match qn.wait_ready(cfg.ready_timeout).await {
+            Ok(waited) if shared_socket => qn.share_socket().map(|()| waited),
+            other => other,
+        };
         unfinished.defuse();
         match ready {
             Ok(waited) => {
@@ -171,6 +176,26 @@ impl QemuNbd {
         }
     }
 
+    /// Opens a socket of the shared directory to the directory's group (the tunnel user): mode
+    /// 0660 and that group. qemu-nbd created it with the hub's umask, so until here only the
+    /// hub could connect, which fails closed; the directory's 0750 keeps everyone else out.
+    fn share_socket(&self) -> Result<(), QemuNbdError> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let spec = &self.inner.spec;
+        let Some(path) = &spec.socket else {
+            return Ok(());
+        };
+        let fail = |source: std::io::Error| QemuNbdError::Socket {
+            path: path.clone(),
+            source,
+        };
+        let dir = path.parent().unwrap_or(path);
+        let gid = std::fs::metadata(dir).map_err(fail)?.gid();
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .map_err(|e| fail(e.into()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(fail)
+    }
+
     fn exited_error(&self, report: Option<ExitReport>) -> QemuNbdError {
         let spec = &self.inner.spec;
         let (status, stderr) = match report {
@@ -242,7 +267,12 @@ impl QemuNbd {
         }
     }
 
-    /// Whether clients need a certificate (the hub's `nbd_tls`, a TCP export).
+    /// Where a client reaches this export, as one entry of the targets string.
+    pub fn nbd_uri(&self) -> sendense_shared::targets::NbdUri {
+        self.nbd_export().into()
+    }
+
+    /// Whether clients need a certificate (the hub's `nbd_tls`, an export a node opens).
     pub fn requires_tls(&self) -> bool {
         self.inner.hub_tls.is_some()
     }
@@ -254,6 +284,12 @@ impl QemuNbd {
             host: self.inner.host.to_string(),
             port: self.inner.spec.port,
             export: self.inner.spec.export_name.clone(),
+            socket: self
+                .inner
+                .spec
+                .socket
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned()),
             // The caller adds the client's own certificate ([`crate::nbd_ca::NbdCa`]).
             tls: None,
         }

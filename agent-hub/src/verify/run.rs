@@ -6,7 +6,7 @@ use crate::db::{BackupDiskRow, VerifyProgress};
 use crate::events::Level;
 use crate::manifest::{Manifest, ManifestError};
 use crate::readback::ReadBackError;
-use sendense_shared::api::{DEFAULT_GRID_CELL, Integrity, JobStatus};
+use sendense_shared::api::{BootCheckSpec, BootStatus, DEFAULT_GRID_CELL, Integrity, JobStatus};
 use sendense_shared::errors::chain;
 use sendense_shared::ids::BackupId;
 use std::collections::{HashSet, VecDeque};
@@ -34,7 +34,13 @@ enum Finding {
 }
 
 /// See the module documentation.
-pub(super) async fn run(v: &Verifier, id: &str, points: Vec<BackupId>, cancel: &CancellationToken) {
+pub(super) async fn run(
+    v: &Verifier,
+    id: &str,
+    points: Vec<BackupId>,
+    boot: Option<&BootCheckSpec>,
+    cancel: &CancellationToken,
+) {
     let db = &v.deps().db;
     let started = Instant::now();
     let moved = db
@@ -60,6 +66,8 @@ pub(super) async fn run(v: &Verifier, id: &str, points: Vec<BackupId>, cancel: &
     let mut corrupt: Vec<BackupId> = Vec::new();
     let mut marked: HashSet<BackupId> = HashSet::new();
     let mut errors: Vec<String> = Vec::new();
+    let mut boot_failed: Vec<BackupId> = Vec::new();
+    let mut booted = 0usize;
     let mut last_point = None;
     for point in &points {
         if cancel.is_cancelled() {
@@ -100,7 +108,19 @@ pub(super) async fn run(v: &Verifier, id: &str, points: Vec<BackupId>, cancel: &
                 }
             };
             match checked {
-                PointResult::Clean => {}
+                PointResult::Clean => {
+                    if let Some(spec) = boot {
+                        booted += 1;
+                        match boot_point(v, id, point, spec, cancel).await {
+                            Some(BootStatus::BootFailed) => boot_failed.push(point.clone()),
+                            Some(BootStatus::Interrupted) if cancel.is_cancelled() => break,
+                            Some(_) => {}
+                            None => errors.push(format!(
+                                "point {point}: the boot check could not be recorded"
+                            )),
+                        }
+                    }
+                }
                 PointResult::Corrupt(newly) => {
                     corrupt.push(point.clone());
                     marked.extend(newly);
@@ -122,8 +142,28 @@ pub(super) async fn run(v: &Verifier, id: &str, points: Vec<BackupId>, cancel: &
         .await;
     let secs = started.elapsed().as_secs_f64();
     let gib_min = progress.bytes_read as f64 / (1u64 << 30) as f64 / (secs / 60.0).max(1e-9);
+    let boots = if boot.is_some() {
+        format!(
+            ", {booted} booted ({} failed{})",
+            boot_failed.len(),
+            if boot_failed.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ": {}",
+                    boot_failed
+                        .iter()
+                        .map(|b| b.0.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        )
+    } else {
+        String::new()
+    };
     let summary = format!(
-        "verify job {id}: {} of {} point(s) read, {} corrupt{}; {} bytes read in {:.1} s \
+        "verify job {id}: {} of {} point(s) read, {} corrupt{}{boots}; {} bytes read in {:.1} s \
          ({gib_min:.2} GiB/min)",
         progress.points_done,
         points.len(),
@@ -154,11 +194,12 @@ pub(super) async fn run(v: &Verifier, id: &str, points: Vec<BackupId>, cancel: &
     // On the last point read, or (a cancel before the first was read) on the first in scope:
     // every job that had points says how it ended.
     if let Some(p) = last_point.as_ref().or(points.first()) {
-        let level = if status == JobStatus::Completed && corrupt.is_empty() {
-            Level::Info
-        } else {
-            Level::Error
-        };
+        let level =
+            if status == JobStatus::Completed && corrupt.is_empty() && boot_failed.is_empty() {
+                Level::Info
+            } else {
+                Level::Error
+            };
         let step = match status {
             JobStatus::Cancelled => "verify_cancelled",
             JobStatus::Failed => "verify_failed",
@@ -214,6 +255,118 @@ async fn bytes_total(v: &Verifier, points: &[BackupId]) -> u64 {
         }
     }
     total
+}
+
+/// Boots `point` (it read back clean) as a throwaway VM on the hub and records the outcome on
+/// it, with an event; answers the status recorded (`None`: it could not be recorded).
+async fn boot_point(
+    v: &Verifier,
+    id: &str,
+    point: &BackupId,
+    spec: &BootCheckSpec,
+    cancel: &CancellationToken,
+) -> Option<BootStatus> {
+    let db = &v.deps().db;
+    let log = &v.deps().log;
+    let disks = match db.backup_disks(point).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(backup_id = %point, error = %chain(&e), "boot check: cannot read the disks");
+            return None;
+        }
+    };
+    let mut disks: Vec<_> = disks.into_iter().map(|d| d.result).collect();
+    disks.sort_by_key(|d| (d.unit_number, d.disk_key));
+    let images = disks.iter().map(|d| d.qcow2_path.clone().into()).collect();
+    // Defaults from the VM's hardware as the node recorded it at backup time.
+    let hw = db.get_backup(point).await.ok().and_then(|b| b.hardware);
+    let plan = crate::bootcheck::Plan::new(images, spec, hw.as_deref());
+    // Short: QEMU's unix socket paths (the guest agent's, inside) must stay under 108 bytes.
+    let work = v
+        .deps()
+        .boot_root
+        .join(&uuid::Uuid::new_v4().simple().to_string()[..12]);
+    if let Err(e) = db
+        .start_boot_check(point, id, &work.display().to_string())
+        .await
+    {
+        tracing::error!(backup_id = %point, error = %chain(&e), "boot check: cannot record its start");
+        return None;
+    }
+    log.record(
+        point,
+        Some(id),
+        Level::Info,
+        "boot_check_started",
+        &format!(
+            "verify job {id}: booting {} disk(s) of point {point} as a throwaway VM on the hub \
+             ({} MiB, {} CPU(s), TCG, {}; up to {} s) from overlays in {}",
+            plan.images.len(),
+            plan.memory_mib,
+            plan.cpus,
+            match &plan.kernel {
+                Some(k) => format!("kernel {} append {:?}", k.display(), plan.append),
+                None => "from its first disk".into(),
+            },
+            plan.timeout.as_secs(),
+            work.display()
+        ),
+        None,
+    )
+    .await;
+    let out = crate::bootcheck::run(&work, &plan, cancel, |pid| async move {
+        if let Err(e) = db.set_boot_check_pid(point, pid).await {
+            tracing::error!(backup_id = %point, pid, error = %chain(&e),
+                "boot check: cannot record QEMU's pid");
+        }
+    })
+    .await;
+    if let Err(e) = db
+        .finish_boot_check(
+            point,
+            out.status,
+            &out.detail,
+            &out.console_tail,
+            out.boot_ms,
+        )
+        .await
+    {
+        tracing::error!(backup_id = %point, error = %chain(&e), "boot check: cannot record its outcome");
+        return None;
+    }
+    let (level, step) = match out.status {
+        BootStatus::BootOk => (Level::Info, "boot_ok"),
+        BootStatus::BootFailed => (Level::Error, "boot_failed"),
+        _ => (Level::Warn, "boot_check_interrupted"),
+    };
+    let last = out
+        .console_tail
+        .iter()
+        .rev()
+        .take(8)
+        .rev()
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(" | ");
+    log.record(
+        point,
+        Some(id),
+        level,
+        step,
+        &format!(
+            "verify job {id}: {}: {}; QEMU stopped and overlays removed{}",
+            out.status.as_str(),
+            out.detail,
+            if last.is_empty() {
+                String::new()
+            } else {
+                format!("; last console lines: {last}")
+            }
+        ),
+        None,
+    )
+    .await;
+    Some(out.status)
 }
 
 enum PointResult {

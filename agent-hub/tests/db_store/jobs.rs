@@ -554,3 +554,43 @@ async fn change_ids_and_written_bytes_are_kept_per_disk() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_points_vm_hardware_is_stored_and_read_back() {
+    on_each_dialect("hardware", |t: TestDb| async move {
+        let db = &t.db;
+        job(db, "pgtest1", "b-hw", BackupType::Full).await;
+        let id = BackupId::from("b-hw");
+        assert_eq!(db.get_backup(&id).await.unwrap().hardware, None);
+        let hw = sendense_shared::api::VmHardware {
+            memory_mib: 512,
+            cpus: 2,
+            machine: Some("pc-q35-9.2".into()),
+            accel: Some("tcg".into()),
+            disks: vec![sendense_shared::api::HardwareDisk {
+                disk_key: DiskKey(2000),
+                device_id: "disk0".into(),
+                virtual_size: 1 << 30,
+                bus: "virtio".into(),
+                image_path: "/var/lib/vms/pg/root.qcow2".into(),
+                format: "qcow2".into(),
+            }],
+            nics: vec![sendense_shared::api::HardwareNic {
+                name: "net0".into(),
+                mac: Some("52:54:00:12:34:56".into()),
+                model: Some("virtio-net-pci".into()),
+            }],
+            kernel: Some("/boot/vmlinuz".into()),
+            initrd: None,
+            append: Some("console=ttyS0".into()),
+            argv: vec!["qemu-system-x86_64".into(), "-m".into(), "512".into()],
+            pid: Some(4242),
+        };
+        db.set_hardware(&id, &hw).await.unwrap();
+        let b = db.get_backup(&id).await.unwrap();
+        assert_eq!(b.hardware.as_deref(), Some(&hw), "{}", t.dialect);
+        let listed = db.list_backups().await.unwrap();
+        assert_eq!(listed[0].hardware.as_deref(), Some(&hw), "{}", t.dialect);
+    })
+    .await;
+}

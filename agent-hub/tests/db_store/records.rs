@@ -103,6 +103,7 @@ async fn nodes_register_refresh_and_keep_tunnel_state() {
             since: chrono::DateTime::from_timestamp(1_790_000_000, 0).unwrap(),
             restarts: 2,
             last_error: Some("connection reset".into()),
+            links: Vec::new(),
             forwards: vec!["L 127.0.0.1:10100 -> 127.0.0.1:10100".into()],
         };
         db.set_node_tunnel("node1", &tunnel).await.unwrap();
@@ -211,6 +212,96 @@ async fn concurrent_registrations_of_one_vm_make_one_context() {
             "one request's units, not a mix"
         );
         assert_eq!(t.db.list_vms().await.unwrap().len(), 1);
+    })
+    .await;
+}
+
+/// Two nodes registering a VM of one name at once, from two hub processes, end with two VMs:
+/// one keeps the name, the other's is `<name>.<node>` and remembers the name its node knows;
+/// registering again finds the same VMs, and a name that cannot be qualified is refused naming
+/// the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_with_one_vm_name_get_two_vms() {
+    on_each_dialect("vm_two_nodes", |t: TestDb| async move {
+        let other = t.another_pool().await;
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let db = if i % 2 == 0 {
+                t.db.clone()
+            } else {
+                other.clone()
+            };
+            let node = if i < 4 { "na" } else { "nb" };
+            tasks.push(tokio::spawn(async move {
+                let req = VmRequest {
+                    node: Some(node.to_string()),
+                    ..vm("shared", vec![disk(2000, 0, 1 << 20)])
+                };
+                db.upsert_vm_of_node(&req)
+                    .await
+                    .map(|v| (node, v.vm_name, v.node_vm_name))
+            }));
+        }
+        let mut got = BTreeSet::new();
+        for task in tasks {
+            got.insert(
+                task.await
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("{}: {e}", t.dialect)),
+            );
+        }
+        let vms = t.db.list_vms().await.unwrap();
+        assert_eq!(vms.len(), 2, "{}: {vms:?}", t.dialect);
+        let first = vms.iter().find(|v| v.vm_name == "shared").unwrap();
+        let second = if first.node.as_deref() == Some("na") {
+            "nb"
+        } else {
+            "na"
+        };
+        let qualified = format!("shared.{second}");
+        let theirs = vms.iter().find(|v| v.vm_name == qualified).unwrap();
+        assert_eq!(theirs.node.as_deref(), Some(second), "{}", t.dialect);
+        assert_eq!(theirs.node_vm_name.as_deref(), Some("shared"));
+        assert_eq!(theirs.name_on_node(), "shared");
+        assert_eq!(first.node_vm_name, None);
+        // Every registration answered its own node's VM.
+        for (node, name, _) in &got {
+            let want = if *node == second {
+                &qualified
+            } else {
+                "shared"
+            };
+            assert_eq!(name, want, "{}: {got:?}", t.dialect);
+        }
+        assert_eq!(t.db.hub_vm_name(second, "shared").await.unwrap(), qualified);
+        assert_eq!(
+            t.db.hub_vm_name(first.node.as_deref().unwrap(), "shared")
+                .await
+                .unwrap(),
+            "shared"
+        );
+
+        // A name one byte short of the limit: qualified, it would be too long.
+        let long = "l".repeat(sendense_shared::names::MAX_NAME_LEN - 1);
+        t.db.upsert_vm_of_node(&VmRequest {
+            node: Some("na".into()),
+            ..vm(&long, vec![disk(2000, 0, 1 << 20)])
+        })
+        .await
+        .unwrap();
+        let e =
+            t.db.upsert_vm_of_node(&VmRequest {
+                node: Some("nb".into()),
+                ..vm(&long, vec![disk(2000, 0, 1 << 20)])
+            })
+            .await
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("vm_name") && msg.contains("another node's VM holds the name"),
+            "{}: {msg}",
+            t.dialect
+        );
     })
     .await;
 }

@@ -186,7 +186,7 @@ async fn a_0001_database_upgrades_and_keeps_its_rows() {
                 .fetch_all(&pool)
                 .await
                 .unwrap();
-        assert_eq!(versions, [1, 2, 3, 4, 5], "{}", t.dialect);
+        assert_eq!(versions, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "{}", t.dialect);
         let rows = sqlx::query(
             "SELECT disk_key, change_id, bytes_transferred, bytes_done FROM backup_disks \
              ORDER BY disk_key",
@@ -222,6 +222,7 @@ async fn a_0001_database_upgrades_and_keeps_its_rows() {
         // The hub reads the old rows as they were.
         let vm = t.db.get_vm("oldvm").await.unwrap();
         assert_eq!(vm.vm_context_id, "ctx-old");
+        assert_eq!(vm.node_vm_name, None, "{}: an old VM is known by its hub name", t.dialect);
         assert_eq!(vm.last_backup_id, Some(BackupId::from("b-old")));
         let units: Vec<(i64, i32, u64)> =
             vm.disks.iter().map(|d| (d.disk_key.0, d.unit_number, d.size_bytes)).collect();

@@ -25,9 +25,12 @@ impl Env {
         let tmp = tempfile::tempdir().expect("temp dir");
         let mut opts = HubOptions::new(tmp.path().join("data"));
         // These tests write with nbdcopy/qemu-io on the hub (a hub-alone writer, no client
-        // certificate): the documented `nbd_tls = false` mode. TLS: `hub::nbd_tls`.
+        // certificate, at `nbd://127.0.0.1:PORT`): the documented `nbd_tls = false` mode on TCP
+        // (`nbd_listen = "tcp"`). TLS: `hub::nbd_tls`.
         opts.extra_args
             .extend(["--nbd-tls".to_string(), "false".to_string()]);
+        opts.extra_args
+            .extend(["--nbd-listen".to_string(), "tcp".to_string()]);
         adjust(&mut opts);
         let hub = HubProcess::start(Path::new(env!("CARGO_BIN_EXE_sendense-hub")), opts)
             .expect("start sendense-hub");

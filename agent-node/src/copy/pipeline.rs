@@ -6,6 +6,7 @@
 use super::checksums::Checksums;
 use super::grid::SkipMeans;
 use super::plan::{self, Action, Segment};
+use super::progress::Side;
 use super::{CopyError, DiskCounters};
 use bytes::Bytes;
 use sendense_shared::api::ChecksumRange;
@@ -72,6 +73,7 @@ impl Ctx {
             length,
             cause,
         };
+        let _waiting = self.counters.waiting_on(Side::Target);
         if t.can_write_zeroes() {
             let mut at = offset;
             while at < offset + length {
@@ -260,14 +262,16 @@ async fn copy_request(
     permit: &Arc<OwnedSemaphorePermit>,
 ) -> Result<Vec<ChecksumRange>, CopyError> {
     let src = &ctx.sources[conn % ctx.sources.len()];
-    let data = src
-        .read(offset, length as u32)
-        .await
-        .map_err(|cause| CopyError::Read {
-            offset,
-            length,
-            cause,
-        })?;
+    let data = {
+        let _waiting = ctx.counters.waiting_on(Side::Source);
+        src.read(offset, length as u32)
+            .await
+            .map_err(|cause| CopyError::Read {
+                offset,
+                length,
+                cause,
+            })?
+    };
     ctx.counters.bytes_read.fetch_add(length, Ordering::Relaxed);
     let runs = plan::zero_runs(&data, ZERO_BLOCK);
     let dst = &ctx.targets[conn % ctx.targets.len()];
@@ -278,6 +282,7 @@ async fn copy_request(
             if zero {
                 ctx.write_zeroes(conn, off, len).await
             } else {
+                let _waiting = ctx.counters.waiting_on(Side::Target);
                 dst.write(off, data.slice(s..e))
                     .await
                     .map_err(|cause| CopyError::Write {
@@ -306,14 +311,16 @@ async fn grid_read_request(
     permit: &Arc<OwnedSemaphorePermit>,
 ) -> Result<Vec<ChecksumRange>, CopyError> {
     let src = &ctx.sources[conn % ctx.sources.len()];
-    let data = src
-        .read(offset, length as u32)
-        .await
-        .map_err(|cause| CopyError::Read {
-            offset,
-            length,
-            cause,
-        })?;
+    let data = {
+        let _waiting = ctx.counters.waiting_on(Side::Source);
+        src.read(offset, length as u32)
+            .await
+            .map_err(|cause| CopyError::Read {
+                offset,
+                length,
+                cause,
+            })?
+    };
     ctx.counters
         .bytes_read_for_grid
         .fetch_add(length, Ordering::Relaxed);

@@ -77,6 +77,33 @@ pub fn lay_extents(
     at
 }
 
+/// Lays the changed areas of `dirty` (Data; Skip passes through) over `alloc`, which covers
+/// every changed byte contiguously and in order: each changed area becomes the pieces of
+/// `alloc` inside it, with their actions (data to read, zeroes to write).
+pub fn intersect(dirty: &[Segment], alloc: &[Segment], out: &mut Vec<Segment>) {
+    let mut i = 0;
+    for seg in dirty {
+        if seg.action != Action::Data {
+            out.push(*seg);
+            continue;
+        }
+        while i < alloc.len() && alloc[i].end() <= seg.offset {
+            i += 1;
+        }
+        let mut j = i;
+        while j < alloc.len() && alloc[j].offset < seg.end() {
+            let a = &alloc[j];
+            let (s, e) = (a.offset.max(seg.offset), a.end().min(seg.end()));
+            out.push(Segment {
+                offset: s,
+                length: e - s,
+                action: a.action,
+            });
+            j += 1;
+        }
+    }
+}
+
 /// Checks an explicit area list ([`super::ExtentSource::Areas`]) against a disk of `size`
 /// bytes: every area non-empty, inside the disk, sorted and disjoint. The error says which.
 pub fn check_areas(areas: &[(u64, u64)], size: u64) -> Result<(), String> {
@@ -225,6 +252,41 @@ mod tests {
             Action::Zero
         );
         assert_eq!(allocation_action(STATE_ZERO, false), Action::Zero);
+    }
+
+    #[test]
+    fn changed_areas_take_the_allocation_inside_them() {
+        let seg = |offset, length, action| Segment {
+            offset,
+            length,
+            action,
+        };
+        // Changed: [0,10) and [30,50); unchanged between and after.
+        let dirty = [
+            seg(0, 10, Action::Data),
+            seg(10, 20, Action::Skip),
+            seg(30, 20, Action::Data),
+            seg(50, 50, Action::Skip),
+        ];
+        // Allocation over [0,50): data, zeroes from 5 to 40, data again.
+        let alloc = [
+            seg(0, 5, Action::Data),
+            seg(5, 35, Action::Zero),
+            seg(40, 10, Action::Data),
+        ];
+        let mut out = Vec::new();
+        intersect(&dirty, &alloc, &mut out);
+        assert_eq!(
+            out,
+            [
+                seg(0, 5, Action::Data),
+                seg(5, 5, Action::Zero),
+                seg(10, 20, Action::Skip),
+                seg(30, 10, Action::Zero),
+                seg(40, 10, Action::Data),
+                seg(50, 50, Action::Skip),
+            ]
+        );
     }
 
     #[test]

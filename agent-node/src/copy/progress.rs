@@ -23,6 +23,26 @@ pub struct DiskCounters {
     /// cells an incremental changed elsewhere (counted in `bytes_skipped` too, not in
     /// `bytes_read`).
     pub bytes_read_for_grid: AtomicU64,
+    /// Requests sent to the source (READ, BLOCK_STATUS) and not answered yet.
+    pub source_waiting: AtomicU64,
+    /// Requests sent to the target (WRITE, WRITE_ZEROES, FLUSH) and not answered yet.
+    pub target_waiting: AtomicU64,
+}
+
+/// One side of a copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Source,
+    Target,
+}
+
+/// A request outstanding on one side, counted while it lives (see [`DiskCounters::waiting_on`]).
+pub struct Waiting<'a>(&'a AtomicU64);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A consistent-enough reading of [`DiskCounters`] at one instant.
@@ -40,6 +60,31 @@ pub struct CounterSnapshot {
 impl DiskCounters {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// Counts a request outstanding on `side` until the guard is dropped (the stall watchdog
+    /// names the side that holds requests when nothing moves).
+    pub fn waiting_on(&self, side: Side) -> Waiting<'_> {
+        let c = match side {
+            Side::Source => &self.source_waiting,
+            Side::Target => &self.target_waiting,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+        Waiting(c)
+    }
+
+    /// Every byte the copy has dealt with or read: grows while anything moves.
+    pub fn moved(&self) -> u64 {
+        [
+            &self.bytes_read,
+            &self.bytes_written,
+            &self.bytes_zeroed,
+            &self.bytes_skipped,
+            &self.bytes_read_for_grid,
+        ]
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum()
     }
 
     pub fn snapshot(&self) -> CounterSnapshot {

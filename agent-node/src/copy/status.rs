@@ -17,6 +17,8 @@ pub(super) struct Planner<'a> {
     pub(super) alloc_ok: bool,
     /// The target reads as zeroes: holes need not be written.
     pub(super) target_is_zero: bool,
+    /// BLOCK_STATUS requests count as outstanding on the source (the stall watchdog).
+    pub(super) counters: &'a super::DiskCounters,
 }
 
 impl Planner<'_> {
@@ -54,6 +56,7 @@ impl Planner<'_> {
     }
 
     async fn status(&self, ctx: &str, offset: u64, length: u64) -> Result<Vec<Extent>, CopyError> {
+        let _waiting = self.counters.waiting_on(super::progress::Side::Source);
         self.src
             .block_status(ctx, offset, length as u32)
             .await
@@ -80,25 +83,44 @@ impl Planner<'_> {
             },
             &mut dirty,
         );
-        for seg in dirty {
-            if seg.action == Action::Skip || !self.alloc_ok {
-                out.push(seg);
-                continue;
-            }
-            // Inside a changed area, what reads as zeroes is written as zeroes without
-            // reading it (an incremental target is never assumed zero: it has a backing).
-            let mut at = seg.offset;
-            while at < seg.end() {
-                let ext = self.status(BASE_ALLOCATION, at, seg.end() - at).await?;
-                at = plan::lay_extents(
-                    at,
-                    seg.end(),
-                    &ext,
-                    |f| plan::allocation_action(f, false),
-                    out,
-                );
-            }
+        if !self.alloc_ok {
+            out.extend(dirty);
+            return Ok(covered);
         }
+        // Inside a changed area, what reads as zeroes is written as zeroes without reading it
+        // (an incremental target is never assumed zero: it has a backing). The allocation of
+        // the span from the first to the last changed byte is asked once (a few requests),
+        // not once per changed area: thousands of scattered changes would otherwise wait on
+        // as many round trips, one after the other, before their data is read.
+        let data = |s: &&Segment| s.action == Action::Data;
+        let (Some(first), Some(last)) = (dirty.iter().find(data), dirty.iter().rfind(data)) else {
+            out.extend(dirty);
+            return Ok(covered);
+        };
+        let (from, to) = (first.offset, last.end());
+        let mut alloc = Vec::new();
+        let mut at = from;
+        while at < to {
+            let ext = self.status(BASE_ALLOCATION, at, to - at).await?;
+            let next = plan::lay_extents(
+                at,
+                to,
+                &ext,
+                |f| plan::allocation_action(f, false),
+                &mut alloc,
+            );
+            if next == at {
+                return Err(CopyError::BlockStatus {
+                    offset: at,
+                    length: to - at,
+                    cause: sendense_shared::nbd::NbdError::Protocol {
+                        reason: "block status described no byte".to_string(),
+                    },
+                });
+            }
+            at = next;
+        }
+        plan::intersect(&dirty, &alloc, out);
         Ok(covered)
     }
 

@@ -164,10 +164,11 @@ fn targets(req: &NodeBackupStart) -> Result<Vec<(DiskKey, NbdUri)>, StartError> 
         };
         // The same limits the string parser applies to its URIs.
         let e = &t.export;
-        if e.host.is_empty() || e.host.contains(['/', '[', ']', ',', ' ', '\0']) {
+        if let Some(socket) = &e.socket {
+            sendense_shared::targets::check_socket(socket).map_err(bad)?;
+        } else if e.host.is_empty() || e.host.contains(['/', '[', ']', ',', ' ', '\0']) {
             return Err(bad("empty host or a bad character in it"));
-        }
-        if e.port == 0 {
+        } else if e.port == 0 {
             return Err(bad("port 0"));
         }
         if e.export.is_empty() || e.export.len() > 4096 || e.export.chars().any(char::is_control) {
@@ -237,6 +238,7 @@ mod tests {
                 host: host.into(),
                 port,
                 export: format!("vm1-disk-{key}"),
+                socket: None,
             },
         }
     }

@@ -44,6 +44,8 @@ pub(super) struct JobState {
     pub(super) disks: Vec<DiskEntry>,
     /// The snapshot's consistency (guest frozen or not, and why), once known.
     pub(super) consistency: Option<Consistency>,
+    /// The VM's hardware at snapshot time, once known (QEMU).
+    pub(super) hardware: Option<sendense_shared::api::VmHardware>,
 }
 
 /// One backup job.
@@ -73,6 +75,7 @@ impl Job {
                 status: JobStatus::Preparing,
                 error: None,
                 consistency: None,
+                hardware: None,
                 disks: disks
                     .iter()
                     .map(|&(disk_key, size)| DiskEntry {
@@ -226,6 +229,7 @@ impl Job {
                 })
                 .collect(),
             consistency: st.consistency.clone(),
+            hardware: st.hardware.clone(),
         }
     }
 }

@@ -338,6 +338,7 @@ mod tests {
                         change_id: None,
                     }],
                     consistency: None,
+                    hardware: None,
                 })
             })
         }

@@ -61,6 +61,7 @@
 mod bitmaps;
 mod disks;
 mod freeze;
+mod hardware;
 mod journal;
 mod recovery;
 mod release;
@@ -310,6 +311,8 @@ impl QemuDriver {
         state: &SnapshotState,
         disks: &[QemuDisk],
     ) -> Result<Snapshot, SourceError> {
+        // Before any fleece node exists, so the disks are the guest's alone.
+        let hardware = self.hardware(vm, disks).await;
         for d in &state.disks {
             create_fleece_file(&d.file, d.size_bytes).await?;
             self.exec(
@@ -417,6 +420,7 @@ impl QemuDriver {
             backup_type: state.backup_type,
             disks: out,
             consistency: Some(consistency),
+            hardware,
         })
     }
 

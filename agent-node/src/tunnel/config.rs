@@ -10,6 +10,8 @@
 //! known_hosts = "/etc/sendense/tunnel_known_hosts"
 //! bind = "127.0.0.1"
 //! nbd_ports = "10100-10200"
+//! nbd = "unix"                          # or "tcp" (a hub with nbd_listen = "tcp")
+//! hub_nbd_dir = "/run/sendense-nbd"     # the hub's nbd_socket_dir
 //! hub_api_port = 8082
 //! reverse_port = 9081
 //! ssh = "/usr/bin/ssh"
@@ -17,6 +19,7 @@
 //! server_alive_count_max = 3
 //! ciphers = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com"
 //! retry_max_secs = 30   # longest wait between ssh attempts (e.g. after a squatter left a port)
+//! links = 4             # ssh processes sharing the NBD forwards (1-16, at most one per slot)
 //! ```
 //!
 //! The values flags hold are parsed in `target` ([`TunnelTarget`]) and `forwards` ([`PortRange`],
@@ -44,15 +47,46 @@ pub const DEFAULT_NBD_PORTS: PortRange = PortRange {
 };
 /// The hub's API port.
 pub const DEFAULT_HUB_API_PORT: u16 = 8082;
+/// The hub's socket directory of its exports: its default `nbd_socket_dir` (`<data>/nbd` of the
+/// default data directory). deploy/README-sshd.md moves both to `/run/sendense-nbd`.
+pub const DEFAULT_HUB_NBD_DIR: &str = "/var/lib/sendense-hub/nbd";
+/// Directory of the local ends of the streamlocal forwards, inside the run directory.
+pub const LOCAL_NBD_DIR: &str = "nbd";
+
+/// How the hub's exports are forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NbdForwardMode {
+    /// Streamlocal: `<run_dir>/nbd/<port>.sock` to `<hub_nbd_dir>/<port>.sock` (the default; a
+    /// hub with `nbd_listen = "unix"`).
+    Unix,
+    /// TCP: `bind:port` to the hub's `127.0.0.1:port` (a hub with `nbd_listen = "tcp"`).
+    Tcp,
+}
+
+/// Where the NBD forwards lead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdForward {
+    /// To the hub's export sockets in this directory.
+    Unix { hub_dir: PathBuf },
+    /// To the hub's TCP ports.
+    Tcp,
+}
 /// The port on the hub's loopback that leads back to this node's API.
 pub const DEFAULT_REVERSE_PORT: u16 = 9081;
-/// ssh's cipher preference for the tunnel. One ssh process carries every disk of a backup and
-/// encrypts on one core, so the cipher bounds the copy: AES-GCM (AES-NI on x86, the AES
+/// ssh's cipher preference for the tunnel. Each ssh process (link) encrypts its disks in one
+/// thread, so the cipher bounds the copy: AES-GCM (AES-NI on x86, the AES
 /// extensions on ARM) ran faster than OpenSSH's default first choice, chacha20-poly1305, in
 /// `bench/tunnel.sh` here (1 GiB, median of 3: 166 against 135 MiB/s, ssh and sshd sharing 2
 /// cores); chacha20 stays as the fallback for hubs without AES-GCM.
 pub const DEFAULT_CIPHERS: &str =
     "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com";
+
+/// How many ssh processes ("links") share the NBD forwards by default: one per disk for a VM of
+/// up to four disks (see [`TunnelConfig::links`] and the numbers in `crate::tunnel`).
+pub const DEFAULT_LINKS: u16 = 4;
+/// The most links a tunnel may have.
+pub const MAX_LINKS: u16 = 16;
 
 /// Tunnel flags of `sendense-node` (serve).
 #[derive(Debug, Clone, Default, Args)]
@@ -76,12 +110,24 @@ pub struct TunnelArgs {
         env = "SENDENSE_NODE_TUNNEL_NBD_PORTS"
     )]
     pub tunnel_nbd_ports: Option<PortRange>,
+    /// How the hub's exports are forwarded: `unix` (streamlocal, to the hub's socket
+    /// directory) or `tcp` (its NBD ports) [default: unix].
+    #[arg(long, value_name = "unix|tcp", env = "SENDENSE_NODE_TUNNEL_NBD")]
+    pub tunnel_nbd: Option<NbdForwardMode>,
+    /// The hub's socket directory of its exports (its `nbd_socket_dir`)
+    /// [default: /var/lib/sendense-hub/nbd].
+    #[arg(long, value_name = "DIR", env = "SENDENSE_NODE_TUNNEL_HUB_NBD_DIR")]
+    pub tunnel_hub_nbd_dir: Option<PathBuf>,
     /// The hub's API port, forwarded [default: 8082].
     #[arg(long, value_name = "PORT", env = "SENDENSE_NODE_TUNNEL_HUB_API_PORT")]
     pub tunnel_hub_api_port: Option<u16>,
     /// Port on the hub's loopback forwarded back to this node's API [default: 9081].
     #[arg(long, value_name = "PORT", env = "SENDENSE_NODE_TUNNEL_REVERSE_PORT")]
     pub tunnel_reverse_port: Option<u16>,
+    /// ssh processes sharing the NBD forwards, slot by slot in turn; the first also carries
+    /// the API forwards [default: 4].
+    #[arg(long, value_name = "N", env = "SENDENSE_NODE_TUNNEL_LINKS")]
+    pub tunnel_links: Option<u16>,
 }
 
 /// The `[tunnel]` table of the config file.
@@ -93,6 +139,8 @@ pub struct TunnelFile {
     pub known_hosts: Option<PathBuf>,
     pub bind: Option<IpAddr>,
     pub nbd_ports: Option<String>,
+    pub nbd: Option<NbdForwardMode>,
+    pub hub_nbd_dir: Option<PathBuf>,
     pub hub_api_port: Option<u16>,
     pub reverse_port: Option<u16>,
     pub ssh: Option<PathBuf>,
@@ -102,6 +150,8 @@ pub struct TunnelFile {
     /// Longest wait between two ssh attempts, seconds (default 30): how soon a tunnel comes
     /// back once a squatter left the port it held.
     pub retry_max_secs: Option<u64>,
+    /// ssh processes sharing the NBD forwards (default 4).
+    pub links: Option<u16>,
 }
 
 /// Why the tunnel configuration was refused; each names the flag.
@@ -144,6 +194,8 @@ pub enum TunnelConfigError {
     },
     #[error("[tunnel] ciphers {value:?}: expected a comma-separated list of ssh cipher names")]
     Ciphers { value: String },
+    #[error("--tunnel-links {links}: {reason}")]
+    Links { links: u16, reason: String },
     #[error("{flag} is set but --tunnel is not: give --tunnel USER@HOST:PORT too")]
     WithoutTunnel { flag: &'static str },
 }
@@ -176,6 +228,8 @@ pub struct TunnelConfig {
     /// Where the local forwards listen (not the hub's own address when both share a machine).
     pub bind: IpAddr,
     pub nbd_ports: PortRange,
+    /// Streamlocal forwards to the hub's export sockets, or TCP forwards to its ports.
+    pub nbd_forward: NbdForward,
     pub hub_api_port: u16,
     pub reverse_port: u16,
     /// The node's API, where the reverse forward lands.
@@ -193,6 +247,11 @@ pub struct TunnelConfig {
     /// From spawning ssh to all forwards established; past it the attempt counts as failed.
     pub up_timeout: Duration,
     pub backoff: BackoffPolicy,
+    /// ssh processes ("links"), each a connection of its own to the hub's sshd: link `k`
+    /// carries the NBD slots `first + k`, `first + k + links`, ...; link 0 also the hub's API
+    /// forward and the reverse forward. Several links spread the encryption of several disks
+    /// over several cores.
+    pub links: u16,
 }
 
 impl TunnelConfig {
@@ -212,8 +271,11 @@ impl TunnelConfig {
                 ("--tunnel-known-hosts", args.tunnel_known_hosts.is_some()),
                 ("--tunnel-bind", args.tunnel_bind.is_some()),
                 ("--tunnel-nbd-ports", args.tunnel_nbd_ports.is_some()),
+                ("--tunnel-nbd", args.tunnel_nbd.is_some()),
+                ("--tunnel-hub-nbd-dir", args.tunnel_hub_nbd_dir.is_some()),
                 ("--tunnel-hub-api-port", args.tunnel_hub_api_port.is_some()),
                 ("--tunnel-reverse-port", args.tunnel_reverse_port.is_some()),
+                ("--tunnel-links", args.tunnel_links.is_some()),
             ];
             if let Some((flag, _)) = stray.iter().find(|(_, set)| *set) {
                 return Err(TunnelConfigError::WithoutTunnel { flag });
@@ -240,6 +302,19 @@ impl TunnelConfig {
                 source,
             })?,
             (None, None) => DEFAULT_NBD_PORTS,
+        };
+        let nbd_forward = match args.tunnel_nbd.or(file.nbd).unwrap_or(NbdForwardMode::Unix) {
+            NbdForwardMode::Tcp => NbdForward::Tcp,
+            NbdForwardMode::Unix => {
+                let hub_dir = args
+                    .tunnel_hub_nbd_dir
+                    .clone()
+                    .or_else(|| file.hub_nbd_dir.clone())
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_HUB_NBD_DIR));
+                check_socket_dir("--tunnel-hub-nbd-dir", &hub_dir, nbd_ports, true)?;
+                check_socket_dir("run_dir", &run_dir.join(LOCAL_NBD_DIR), nbd_ports, false)?;
+                NbdForward::Unix { hub_dir }
+            }
         };
         let hub_api_port = args
             .tunnel_hub_api_port
@@ -268,6 +343,16 @@ impl TunnelConfig {
                 reason: format!("lies inside the NBD range {nbd_ports}"),
             });
         }
+        let links = args.tunnel_links.or(file.links).unwrap_or(DEFAULT_LINKS);
+        if links == 0 || links > MAX_LINKS {
+            return Err(TunnelConfigError::Links {
+                links,
+                reason: format!("expected 1 to {MAX_LINKS} ssh processes"),
+            });
+        }
+        // More links than slots would leave a link without an NBD forward: the extra ones are
+        // dropped (a one-slot range runs one ssh).
+        let links = links.min(u16::try_from(nbd_ports.len()).unwrap_or(u16::MAX));
         let bind = args
             .tunnel_bind
             .or(file.bind)
@@ -278,6 +363,7 @@ impl TunnelConfig {
             known_hosts,
             bind,
             nbd_ports,
+            nbd_forward,
             hub_api_port,
             reverse_port,
             node_api: reachable(listen),
@@ -307,6 +393,7 @@ impl TunnelConfig {
                     .unwrap_or(BackoffPolicy::default().max),
                 ..BackoffPolicy::default()
             },
+            links,
         }))
     }
 
@@ -320,13 +407,68 @@ impl TunnelConfig {
         format!("http://127.0.0.1:{}", self.reverse_port)
     }
 
+    /// The hub's socket directory when the exports are forwarded as unix sockets.
+    pub fn nbd_unix(&self) -> Option<&Path> {
+        match &self.nbd_forward {
+            NbdForward::Unix { hub_dir } => Some(hub_dir),
+            NbdForward::Tcp => None,
+        }
+    }
+
+    /// The directory of the forwards' local sockets: `<run_dir>/nbd` (0700).
+    pub fn local_nbd_dir(&self) -> PathBuf {
+        self.run_dir.join(LOCAL_NBD_DIR)
+    }
+
+    /// The link (ssh process) that carries NBD slot `port` of the range.
+    pub fn link_of_slot(&self, port: u16) -> usize {
+        usize::from(port.saturating_sub(self.nbd_ports.first) % self.links.max(1))
+    }
+
+    /// The NBD slots link `link` carries, ascending.
+    pub fn link_slots(&self, link: usize) -> Vec<u16> {
+        self.nbd_ports
+            .ports()
+            .filter(|p| self.link_of_slot(*p) == link)
+            .collect()
+    }
+
+    /// The forwards of link `link`: its NBD slots and, on link 0, the API forwards (in the
+    /// order of [`TunnelConfig::forwards`]).
+    pub fn link_forwards(&self, link: usize) -> Vec<Forward> {
+        let slots = self.nbd_ports.len();
+        self.forwards()
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| {
+                if *i < slots {
+                    let port = self.nbd_ports.first + u16::try_from(*i).unwrap_or(0);
+                    self.link_of_slot(port) == link
+                } else {
+                    link == 0
+                }
+            })
+            .map(|(_, f)| f)
+            .collect()
+    }
+
     /// Every forward, as ssh spells them and the API lists them.
     pub fn forwards(&self) -> Vec<Forward> {
-        let mut out: Vec<Forward> = self
-            .nbd_ports
-            .ports()
-            .map(|p| Forward::local(self.bind, p))
-            .collect();
+        let mut out: Vec<Forward> = match self.nbd_unix() {
+            Some(hub_dir) => self
+                .nbd_ports
+                .ports()
+                .map(|p| Forward::LocalUnix {
+                    listen: self.local_nbd_dir().join(format!("{p}.sock")),
+                    to: hub_dir.join(format!("{p}.sock")),
+                })
+                .collect(),
+            None => self
+                .nbd_ports
+                .ports()
+                .map(|p| Forward::local(self.bind, p))
+                .collect(),
+        };
         out.push(Forward::local(self.bind, self.hub_api_port));
         out.push(Forward::Remote {
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), self.reverse_port),
@@ -334,6 +476,37 @@ impl TunnelConfig {
         });
         out
     }
+}
+
+/// A directory whose `<port>.sock` names go into the ssh config (unquoted: ssh splits
+/// `LocalForward` at spaces) and must fit `sun_path`.
+fn check_socket_dir(
+    flag: &'static str,
+    dir: &Path,
+    ports: PortRange,
+    absolute: bool,
+) -> Result<(), TunnelConfigError> {
+    let bad = |reason| {
+        Err(TunnelConfigError::BadPath {
+            flag,
+            path: dir.to_path_buf(),
+            reason,
+        })
+    };
+    let text = dir.to_string_lossy();
+    if absolute && !dir.is_absolute() {
+        return bad("must be an absolute path");
+    }
+    if text.contains(|c: char| c.is_whitespace() || c.is_control() || "\"',?&[]".contains(c)) {
+        return bad(
+            "must not contain spaces, quotes, brackets, ',', '?', '&' or control characters",
+        );
+    }
+    let longest = dir.join(format!("{}.sock", ports.last));
+    if longest.as_os_str().len() > sendense_shared::targets::MAX_SOCKET_PATH {
+        return bad("is too long for a unix socket path (<dir>/<port>.sock must fit 107 bytes)");
+    }
+    Ok(())
 }
 
 fn check_file(flag: &'static str, path: &Path) -> Result<(), TunnelConfigError> {
@@ -374,6 +547,58 @@ mod tests {
     }
 
     #[test]
+    fn nbd_exports_are_forwarded_as_unix_sockets_by_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, kh) = files(dir.path());
+        let args = TunnelArgs {
+            tunnel: Some("u@h:22".into()),
+            tunnel_identity: Some(id),
+            tunnel_known_hosts: Some(kh),
+            tunnel_nbd_ports: Some("10100-10101".parse().unwrap()),
+            ..Default::default()
+        };
+        let listen = "127.0.0.1:8081".parse().unwrap();
+        let run = Path::new("/run/sendense-node");
+        let c = TunnelConfig::resolve(&args, None, listen, run)
+            .unwrap()
+            .unwrap();
+        let fw: Vec<String> = c.forwards().iter().map(|f| f.to_string()).collect();
+        assert_eq!(
+            fw[..2],
+            [
+                "L /run/sendense-node/nbd/10100.sock -> /var/lib/sendense-hub/nbd/10100.sock",
+                "L /run/sendense-node/nbd/10101.sock -> /var/lib/sendense-hub/nbd/10101.sock",
+            ]
+        );
+        assert_eq!(fw.len(), 4, "{fw:?}");
+        let other = TunnelArgs {
+            tunnel_hub_nbd_dir: Some("/run/sendense-nbd".into()),
+            ..args.clone()
+        };
+        let c = TunnelConfig::resolve(&other, None, listen, run)
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.nbd_unix(), Some(Path::new("/run/sendense-nbd")));
+        for (dir, want) in [
+            ("relative/nbd", "absolute"),
+            ("/with space", "spaces"),
+            (&*format!("/{}", "x".repeat(100)), "too long"),
+        ] {
+            let bad = TunnelArgs {
+                tunnel_hub_nbd_dir: Some(dir.into()),
+                ..args.clone()
+            };
+            let e = TunnelConfig::resolve(&bad, None, listen, run)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(want) && e.contains("--tunnel-hub-nbd-dir"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
     fn resolve_merges_flags_over_file_and_lists_forwards() {
         let dir = tempfile::tempdir().unwrap();
         let (id, kh) = files(dir.path());
@@ -382,6 +607,7 @@ mod tests {
             identity: Some(id.clone()),
             known_hosts: Some(kh.clone()),
             nbd_ports: Some("10100-10102".into()),
+            nbd: Some(NbdForwardMode::Tcp),
             reverse_port: Some(9999),
             ..Default::default()
         };
@@ -412,6 +638,61 @@ mod tests {
                 "R 127.0.0.1:9999 -> 127.0.0.1:8081",
             ]
         );
+    }
+
+    #[test]
+    fn links_default_to_four_at_most_one_per_slot_and_split_the_slots_in_turn() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, kh) = files(dir.path());
+        let listen: SocketAddr = "127.0.0.1:8081".parse().unwrap();
+        let args = TunnelArgs {
+            tunnel: Some("u@h:22".into()),
+            tunnel_identity: Some(id),
+            tunnel_known_hosts: Some(kh),
+            tunnel_nbd: Some(NbdForwardMode::Tcp),
+            ..Default::default()
+        };
+        let c = TunnelConfig::resolve(&args, None, listen, dir.path())
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.links, DEFAULT_LINKS);
+        assert_eq!(c.link_slots(1).len(), 25, "101 slots over 4 links");
+        assert_eq!(c.link_slots(0)[..3], [10100, 10104, 10108]);
+        assert_eq!(c.link_of_slot(10103), 3);
+        // Link 0: its 26 slots and the API forwards; the others their slots only.
+        let zero: Vec<String> = c.link_forwards(0).iter().map(|f| f.to_string()).collect();
+        assert_eq!(zero.len(), 28);
+        assert_eq!(zero[26], "L 127.0.0.1:8082 -> 127.0.0.1:8082");
+        assert!(zero[27].starts_with("R 127.0.0.1:9081"));
+        let all: usize = (0..4).map(|k| c.link_forwards(k).len()).sum();
+        assert_eq!(all, c.forwards().len());
+        // Fewer slots than links: one link per slot.
+        let small = TunnelArgs {
+            tunnel_nbd_ports: Some("10100-10101".parse().unwrap()),
+            ..args.clone()
+        };
+        let c = TunnelConfig::resolve(&small, None, listen, dir.path())
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.links, 2);
+        let file = TunnelFile {
+            links: Some(1),
+            ..Default::default()
+        };
+        let c = TunnelConfig::resolve(&args, Some(&file), listen, dir.path())
+            .unwrap()
+            .unwrap();
+        assert_eq!((c.links, c.link_forwards(0).len()), (1, c.forwards().len()));
+        for bad in [0, MAX_LINKS + 1] {
+            let a = TunnelArgs {
+                tunnel_links: Some(bad),
+                ..args.clone()
+            };
+            let e = TunnelConfig::resolve(&a, None, listen, dir.path())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--tunnel-links") && e.contains("1 to 16"), "{e}");
+        }
     }
 
     #[test]

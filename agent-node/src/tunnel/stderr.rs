@@ -175,13 +175,14 @@ pub fn classify(report: &ExitReport, pid: u32, cfg: &TunnelConfig) -> SshFailure
     }
 }
 
-/// True once ssh reported every local forward listening and the hub accepted the remote one.
-pub fn forwards_established(stderr: &str, local_forwards: usize) -> bool {
+/// True once ssh reported every local forward listening and, when it has one (`remote`), the hub
+/// accepted the remote forward. A link without a remote forward never prints the confirmation.
+pub fn forwards_established(stderr: &str, local_forwards: usize, remote: bool) -> bool {
     let listening = stderr
         .lines()
         .filter(|l| l.contains(LOCAL_LISTENING))
         .count();
-    listening >= local_forwards && stderr.contains(REMOTE_ALL_CONFIRMED)
+    listening >= local_forwards && (!remote || stderr.contains(REMOTE_ALL_CONFIRMED))
 }
 
 #[cfg(test)]
@@ -276,9 +277,12 @@ mod tests {
     fn up_needs_every_local_forward_and_the_remote_confirmation() {
         let two = "debug1: Local forwarding listening on 127.0.0.2 port 1.\n\
             debug1: Local forwarding listening on 127.0.0.2 port 2.\n";
-        assert!(!forwards_established(two, 2));
+        assert!(!forwards_established(two, 2, true));
         let all = format!("{two}debug1: {REMOTE_ALL_CONFIRMED}\n");
-        assert!(forwards_established(&all, 2));
-        assert!(!forwards_established(&all, 3));
+        assert!(forwards_established(&all, 2, true));
+        assert!(!forwards_established(&all, 3, true));
+        // A link that carries NBD forwards only.
+        assert!(forwards_established(two, 2, false));
+        assert!(!forwards_established(two, 3, false));
     }
 }

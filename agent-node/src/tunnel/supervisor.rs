@@ -1,5 +1,6 @@
-//! The loop that keeps ssh running: preflight, write the config, spawn, watch for the forwards,
-//! watch for the exit, name the cause, wait a jittered backoff, start over.
+//! The loop that keeps ssh running, one per link: preflight, write the link's config, spawn,
+//! watch for its forwards, watch for the exit, name the cause, wait a jittered backoff, start
+//! over. The tunnel's state is made of the links' states at every change of one of them.
 
 use super::config::{BackoffPolicy, Forward, TunnelConfig};
 use super::preflight::{PreflightError, tcp_connect};
@@ -7,11 +8,13 @@ use super::ssh_config::{self, HOST_ALIAS};
 use super::stderr::{SshFailure, classify, forwards_established, last_own_line};
 use chrono::Utc;
 use rand::Rng;
-use sendense_shared::api::{TunnelState, TunnelStateKind};
+use sendense_shared::api::{TunnelLink, TunnelState, TunnelStateKind};
 use sendense_shared::backoff::Backoff;
 use sendense_shared::child::{ChildError, Supervised};
 use sendense_shared::nbd::NbdAddr;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
@@ -52,44 +55,87 @@ pub enum AttemptError {
     },
 }
 
-/// A handle on the running tunnel. Dropping it does not stop ssh: cancel the shutdown token
-/// given to [`Tunnel::start`] and await [`Tunnel::stopped`].
+/// A handle on the running tunnel: one supervised ssh process per link (see
+/// [`TunnelConfig::links`]), each with a state of its own, and the tunnel's state made of them.
+/// Dropping it does not stop ssh: cancel the shutdown token given to [`Tunnel::start`] and await
+/// [`Tunnel::stopped`].
 pub struct Tunnel {
     cfg: TunnelConfig,
+    /// The whole tunnel: `up` when every link is up, `down` when any is down.
+    state: watch::Sender<TunnelState>,
+    links: Vec<Link>,
+    /// Orders the links' errors: the tunnel's `last_error` is the newest one.
+    errors: AtomicU64,
+    task: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// One ssh process and its share of the forwards.
+struct Link {
+    /// Its own state (`forwards` lists its share).
     state: watch::Sender<TunnelState>,
     child: Mutex<Option<Supervised>>,
-    task: Mutex<Option<JoinHandle<()>>>,
+    slots: Vec<u16>,
+    /// Sequence number of its `last_error` (0: none).
+    error_seq: AtomicU64,
 }
 
 impl std::fmt::Debug for Tunnel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tunnel")
             .field("target", &self.cfg.target)
+            .field("links", &self.links.len())
             .field("state", &*self.state.borrow())
             .finish()
     }
 }
 
 impl Tunnel {
-    /// Starts supervising; ssh itself is started by the task (after its preflight). Must be
-    /// called inside a tokio runtime.
+    /// Starts supervising every link; ssh itself is started by each link's task (after its
+    /// preflight). Must be called inside a tokio runtime.
     pub fn start(cfg: TunnelConfig, shutdown: CancellationToken) -> Arc<Tunnel> {
-        let (state, _) = watch::channel(TunnelState {
+        let now = Utc::now();
+        let down = |forwards: Vec<String>| TunnelState {
             state: TunnelStateKind::Down,
-            since: Utc::now(),
+            since: now,
             restarts: 0,
             last_error: None,
-            forwards: cfg.forwards().iter().map(Forward::to_string).collect(),
-        });
+            forwards,
+            links: Vec::new(),
+        };
+        let count = usize::from(cfg.links.max(1));
+        let links: Vec<Link> = (0..count)
+            .map(|k| Link {
+                state: watch::channel(down(
+                    cfg.link_forwards(k)
+                        .iter()
+                        .map(Forward::to_string)
+                        .collect(),
+                ))
+                .0,
+                child: Mutex::new(None),
+                slots: cfg.link_slots(k),
+                error_seq: AtomicU64::new(0),
+            })
+            .collect();
+        let (state, _) = watch::channel(down(
+            cfg.forwards().iter().map(Forward::to_string).collect(),
+        ));
         let tunnel = Arc::new(Tunnel {
             cfg,
             state,
-            child: Mutex::new(None),
-            task: Mutex::new(None),
+            links,
+            errors: AtomicU64::new(0),
+            task: Mutex::new(Vec::new()),
         });
-        let t = Arc::clone(&tunnel);
-        let handle = tokio::spawn(async move { t.supervise(shutdown).await });
-        *lock(&tunnel.task) = Some(handle);
+        tunnel.aggregate();
+        let handles = (0..count)
+            .map(|k| {
+                let t = Arc::clone(&tunnel);
+                let stop = shutdown.clone();
+                tokio::spawn(async move { t.supervise(k, stop).await })
+            })
+            .collect();
+        *lock(&tunnel.task) = handles;
         tunnel
     }
 
@@ -97,7 +143,7 @@ impl Tunnel {
         &self.cfg
     }
 
-    /// The state as `GET /api/v1/tunnel` serves it.
+    /// The state as `GET /api/v1/tunnel` serves it (with one entry per link in `links`).
     pub fn state(&self) -> TunnelState {
         self.state.borrow().clone()
     }
@@ -107,26 +153,54 @@ impl Tunnel {
         self.state.subscribe()
     }
 
-    /// The PID of the running ssh, if one runs.
+    /// The state of link 0 alone, the one that carries the hub's API forward and the reverse
+    /// forward: whether the hub's URL is served, whatever the other links do.
+    pub fn subscribe_api(&self) -> watch::Receiver<TunnelState> {
+        self.links[0].state.subscribe()
+    }
+
+    /// The PID of link 0's ssh (the API link), if it runs.
     pub fn ssh_pid(&self) -> Option<u32> {
-        lock(&self.child)
+        self.link_pid(0)
+    }
+
+    /// The PID of each link's ssh, if it runs.
+    pub fn ssh_pids(&self) -> Vec<Option<u32>> {
+        (0..self.links.len()).map(|k| self.link_pid(k)).collect()
+    }
+
+    /// The link that carries NBD slot `port`.
+    pub fn link_of_slot(&self, port: u16) -> usize {
+        self.cfg.link_of_slot(port)
+    }
+
+    fn link_pid(&self, k: usize) -> Option<u32> {
+        lock(&self.links[k].child)
             .as_ref()
             .filter(|c| c.is_alive())
             .map(Supervised::pid)
     }
 
-    /// Returns once the supervisor ended (after the shutdown token fired and ssh was stopped).
+    /// Returns once every link's supervisor ended (after the shutdown token fired and ssh was
+    /// stopped).
     pub async fn stopped(&self) {
-        let handle = lock(&self.task).take();
-        if let Some(h) = handle {
+        let handles = std::mem::take(&mut *lock(&self.task));
+        for h in handles {
             let _ = h.await;
         }
     }
-
     /// A target on the hub's loopback inside the forwarded NBD range is reached through the
-    /// forward on the bind address; anything else is left alone.
+    /// forward on the bind address, and a socket of the hub's export directory through its
+    /// streamlocal forward in `<run_dir>/nbd`; anything else is left alone.
     pub fn route(&self, addr: NbdAddr) -> NbdAddr {
         match addr {
+            NbdAddr::Unix { path, export } => match self.forwarded_socket(&path) {
+                Some(local) => NbdAddr::Unix {
+                    path: local,
+                    export,
+                },
+                None => NbdAddr::Unix { path, export },
+            },
             NbdAddr::Tcp { host, port, export }
                 if self.cfg.nbd_ports.contains(port) && is_loopback(&host) =>
             {
@@ -142,21 +216,49 @@ impl Tunnel {
 
     /// True when `addr` is one of this tunnel's local NBD forwards.
     pub fn carries(&self, addr: &NbdAddr) -> bool {
-        matches!(addr, NbdAddr::Tcp { host, port, .. }
-            if self.cfg.nbd_ports.contains(*port) && host.parse() == Ok(self.cfg.bind))
+        match addr {
+            NbdAddr::Tcp { host, port, .. } => {
+                self.cfg.nbd_unix().is_none()
+                    && self.cfg.nbd_ports.contains(*port)
+                    && host.parse() == Ok(self.cfg.bind)
+            }
+            NbdAddr::Unix { path, .. } => {
+                self.cfg.nbd_unix().is_some()
+                    && path.parent() == Some(self.cfg.local_nbd_dir().as_path())
+                    && self.slot_of(path).is_some()
+            }
+        }
+    }
+
+    /// The local end of the streamlocal forward to the hub's socket `hub_path`
+    /// (`<hub_nbd_dir>/<port>.sock` with the port in the forwarded range).
+    fn forwarded_socket(&self, hub_path: &Path) -> Option<PathBuf> {
+        let hub_dir = self.cfg.nbd_unix()?;
+        if hub_path.parent() != Some(hub_dir) {
+            return None;
+        }
+        let slot = self.slot_of(hub_path)?;
+        Some(self.cfg.local_nbd_dir().join(format!("{slot}.sock")))
+    }
+
+    fn slot_of(&self, path: &Path) -> Option<u16> {
+        sendense_shared::targets::socket_slot(path.to_str()?)
+            .filter(|p| self.cfg.nbd_ports.contains(*p))
     }
 
     /// For an error of a copy through the tunnel: what the tunnel did. The copy may notice
     /// ssh's death before the supervisor does (sockets close before the process is reaped, and
     /// the exit report waits for ssh's stderr), so while the state still says `up` this waits
-    /// for the supervisor's verdict: up to [`EXPLAIN_WAIT`] once ssh is gone, and no longer than
-    /// [`EXPLAIN_ALIVE`] while ssh still lives (then the failure was not the tunnel's).
+    /// for the supervisor's verdict: up to [`EXPLAIN_WAIT`] once an ssh is gone, and no longer
+    /// than [`EXPLAIN_ALIVE`] while every link's ssh still lives (then the failure was not the
+    /// tunnel's).
     pub async fn explain_failure(&self) -> String {
         let start = Instant::now();
         while start.elapsed() < EXPLAIN_WAIT && self.state.borrow().state == TunnelStateKind::Up {
             let alive = self
-                .ssh_pid()
-                .is_some_and(sendense_shared::child::pid_alive);
+                .ssh_pids()
+                .into_iter()
+                .all(|p| p.is_some_and(sendense_shared::child::pid_alive));
             if alive && start.elapsed() >= EXPLAIN_ALIVE {
                 break;
             }
@@ -169,11 +271,7 @@ impl Tunnel {
     /// 01:02:03, 1 restart(s), last error: ssh (PID 42) killed by SIGKILL)".
     pub fn describe(&self) -> String {
         let s = self.state();
-        let state = match s.state {
-            TunnelStateKind::Up => "up",
-            TunnelStateKind::Connecting => "connecting",
-            TunnelStateKind::Down => "down",
-        };
+        let state = s.state.as_str();
         let mut out = format!(
             "through the ssh tunnel to {} (now {state} since {}, {} restart(s)",
             self.cfg.target,
@@ -187,28 +285,88 @@ impl Tunnel {
         out
     }
 
-    fn set(&self, kind: TunnelStateKind, f: impl FnOnce(&mut TunnelState)) {
-        self.state.send_modify(|s| {
+    /// Moves link `k` to `kind` (and `f` on its state), then the tunnel's state with it.
+    fn set(&self, k: usize, kind: TunnelStateKind, f: impl FnOnce(&mut TunnelState)) {
+        let link = &self.links[k];
+        link.state.send_modify(|s| {
+            let before = s.last_error.clone();
             if s.state != kind {
                 s.state = kind;
                 s.since = Utc::now();
             }
             f(s);
+            if s.last_error != before {
+                let seq = self.errors.fetch_add(1, Ordering::Relaxed) + 1;
+                link.error_seq.store(seq, Ordering::Relaxed);
+            }
+        });
+        self.aggregate();
+    }
+
+    /// The tunnel's state from its links': `up` when all are, `down` when one is, `connecting`
+    /// else; restarts summed; the newest error, naming its link when there are several.
+    fn aggregate(&self) {
+        let many = self.links.len() > 1;
+        let links: Vec<TunnelLink> = self
+            .links
+            .iter()
+            .enumerate()
+            .map(|(k, l)| {
+                let s = l.state.borrow();
+                TunnelLink {
+                    link: u16::try_from(k).unwrap_or(u16::MAX),
+                    state: s.state,
+                    since: s.since,
+                    restarts: s.restarts,
+                    last_error: s.last_error.clone(),
+                    pid: self.link_pid(k),
+                    slots: l.slots.clone(),
+                    api: k == 0,
+                }
+            })
+            .collect();
+        let kind = if links.iter().all(|l| l.state == TunnelStateKind::Up) {
+            TunnelStateKind::Up
+        } else if links.iter().any(|l| l.state == TunnelStateKind::Down) {
+            TunnelStateKind::Down
+        } else {
+            TunnelStateKind::Connecting
+        };
+        let newest = (0..self.links.len())
+            .filter(|k| links[*k].last_error.is_some())
+            .max_by_key(|k| self.links[*k].error_seq.load(Ordering::Relaxed));
+        let last_error = newest.and_then(|k| {
+            let e = links[k].last_error.clone()?;
+            Some(if many {
+                format!("link {k} of {}: {e}", links.len())
+            } else {
+                e
+            })
+        });
+        let restarts = links.iter().map(|l| l.restarts).sum();
+        self.state.send_modify(|s| {
+            if s.state != kind {
+                s.state = kind;
+                s.since = Utc::now();
+            }
+            s.restarts = restarts;
+            s.last_error = last_error;
+            s.links = links;
         });
     }
 
-    async fn supervise(self: Arc<Self>, shutdown: CancellationToken) {
+    async fn supervise(self: Arc<Self>, k: usize, shutdown: CancellationToken) {
         let mut failures: u32 = 0;
         let mut first = true;
         while !shutdown.is_cancelled() {
-            self.set(TunnelStateKind::Connecting, |s| {
+            self.set(k, TunnelStateKind::Connecting, |s| {
                 if !first {
                     s.restarts += 1;
                 }
             });
             first = false;
             let started = Instant::now();
-            let (result, up_for) = self.attempt(&shutdown).await;
+            let (result, up_for) = self.attempt(k, &shutdown).await;
             if shutdown.is_cancelled() {
                 break;
             }
@@ -216,9 +374,9 @@ impl Tunnel {
                 Ok(()) => "ssh ended without an error".to_string(),
                 Err(e) => with_squatter(&e, self.cfg.bind),
             };
-            tracing::warn!(target = %self.cfg.target, error = %error,
+            tracing::warn!(target = %self.cfg.target, link = k, error = %error,
                 ran = ?started.elapsed(), "tunnel attempt ended");
-            self.set(TunnelStateKind::Down, |s| s.last_error = Some(error));
+            self.set(k, TunnelStateKind::Down, |s| s.last_error = Some(error));
             if up_for.is_some_and(|d| d >= self.cfg.backoff.healthy_after) {
                 failures = 0;
             }
@@ -229,13 +387,14 @@ impl Tunnel {
                 _ = shutdown.cancelled() => break,
             }
         }
-        self.set(TunnelStateKind::Down, |_| {});
-        tracing::info!(target = %self.cfg.target, "tunnel supervisor stopped");
+        self.set(k, TunnelStateKind::Down, |_| {});
+        tracing::info!(target = %self.cfg.target, link = k, "tunnel supervisor stopped");
     }
 
-    /// One run of ssh; answers why it ended and how long it was up.
+    /// One run of link `k`'s ssh; answers why it ended and how long it was up.
     async fn attempt(
         &self,
+        k: usize,
         shutdown: &CancellationToken,
     ) -> (Result<(), AttemptError>, Option<Duration>) {
         let t = &self.cfg.target;
@@ -246,7 +405,7 @@ impl Tunnel {
         if let Err(e) = preflight {
             return (Err(e.into()), None);
         }
-        let file = match ssh_config::write(&self.cfg) {
+        let file = match ssh_config::write(&self.cfg, k) {
             Ok(f) => f,
             Err(source) => {
                 let dir = self.cfg.run_dir.display().to_string();
@@ -265,15 +424,16 @@ impl Tunnel {
             Err(e) => return (Err(e.into()), None),
         };
         let pid = child.pid();
-        tracing::info!(pid, command = %child.command_line_string(), "ssh started");
-        *lock(&self.child) = Some(child.clone());
+        tracing::info!(pid, link = k, command = %child.command_line_string(), "ssh started");
+        *lock(&self.links[k].child) = Some(child.clone());
+        self.aggregate();
         let mut exit = child.exit_watch();
-        let locals = self
-            .cfg
-            .forwards()
+        let forwards = self.cfg.link_forwards(k);
+        let locals = forwards
             .iter()
-            .filter(|f| matches!(f, Forward::Local { .. }))
+            .filter(|f| matches!(f, Forward::Local { .. } | Forward::LocalUnix { .. }))
             .count();
+        let remote = forwards.iter().any(|f| matches!(f, Forward::Remote { .. }));
         let spawned = Instant::now();
         let mut up_since: Option<Instant> = None;
         let mut poll = tokio::time::interval(MARKER_POLL);
@@ -295,10 +455,10 @@ impl Tunnel {
                     break Ok(());
                 }
                 _ = poll.tick(), if up_since.is_none() => {
-                    if forwards_established(&child.stderr_tail(), locals) {
+                    if forwards_established(&child.stderr_tail(), locals, remote) {
                         up_since = Some(Instant::now());
-                        tracing::info!(pid, forwards = locals + 1, "tunnel up");
-                        self.set(TunnelStateKind::Up, |_| {});
+                        tracing::info!(pid, link = k, forwards = forwards.len(), "tunnel link up");
+                        self.set(k, TunnelStateKind::Up, |_| {});
                     } else if spawned.elapsed() >= self.cfg.up_timeout {
                         child.stop(STOP_GRACE).await;
                         let last = last_own_line(&child.stderr_tail())
@@ -309,7 +469,7 @@ impl Tunnel {
                 }
             }
         };
-        *lock(&self.child) = None;
+        *lock(&self.links[k].child) = None;
         (result, up_since.map(|t| t.elapsed()))
     }
 }

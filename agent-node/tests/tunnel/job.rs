@@ -26,7 +26,13 @@ async fn ssh_killed_mid_copy_fails_the_job_cleanly_and_the_report_arrives() {
     };
     assert!(std::net::TcpListener::bind((BIND, hub_api)).is_ok());
     let sshd = sshd(&ports).await;
-    let node = node_with_tunnel(&sshd, &ports, vec![("vm1".into(), vm.node_qmp.clone())]);
+    // One ssh carrying both disks, so that one SIGKILL cuts both (links.rs covers several).
+    let node = node_with_tunnel_links(
+        &sshd,
+        &ports,
+        vec![("vm1".into(), vm.node_qmp.clone())],
+        Some(1),
+    );
     node.wait_for("/tunnel", 30, |v| v["state"] == "up").await;
     // Registration went through the hub-API forward.
     hub.wait_for("/api/v1/nodes", 30).await;

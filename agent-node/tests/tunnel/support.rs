@@ -26,11 +26,14 @@ fn bindable(ip: &str, port: u16) -> bool {
     TcpListener::bind((ip.parse::<IpAddr>().unwrap(), port)).is_ok()
 }
 
-/// `n` consecutive ports free on 127.0.0.1 and on 127.0.0.2 (the hub's side and the node's).
+/// `n` consecutive ports free on 127.0.0.1 and on 127.0.0.2 (the hub's side and the node's),
+/// below the kernel's ephemeral range (32768+): a port from that range may become the source
+/// port of any outgoing connection (ssh's own to sshd, another test's) between the pick and
+/// ssh's bind, and the forward then fails with "Address already in use" and counts a restart.
 pub fn free_block(n: u16) -> PortRange {
     let mut rng = rand::rng();
     for _ in 0..500 {
-        let first = rng.random_range(20000..60000u16);
+        let first = rng.random_range(12000..32000 - n);
         if (first..first + n).all(|p| bindable("127.0.0.1", p) && bindable(BIND, p)) {
             return PortRange {
                 first,
@@ -56,12 +59,20 @@ pub struct Ports {
 }
 
 impl Ports {
+    /// One block of six consecutive free ports, split: the four picks can never coincide (four
+    /// independent picks could, e.g. the reverse port equal to the node's API port, which made
+    /// the tunnel fail its first start now and then and count a restart).
     pub fn pick() -> Ports {
+        let block = free_block(6);
+        let f = block.first;
         Ports {
-            nbd: free_block(3),
-            hub_api: free_port(),
-            reverse: free_port(),
-            node_api: free_port(),
+            nbd: PortRange {
+                first: f,
+                last: f + 2,
+            },
+            hub_api: f + 3,
+            reverse: f + 4,
+            node_api: f + 5,
         }
     }
 }
@@ -74,6 +85,8 @@ pub async fn sshd(ports: &Ports) -> Sshd {
         nbd: (ports.nbd.first, ports.nbd.last),
         hub_api: ports.hub_api,
         reverse: ports.reverse,
+        // qemu-nbd's TCP exports.
+        hub_nbd_dir: None,
     };
     Sshd::start(Path::new(NODE_BIN), key_ports).await
 }
@@ -101,6 +114,8 @@ impl SshdExt for Sshd {
             known_hosts: self.known_hosts.clone(),
             bind: BIND.parse().unwrap(),
             nbd_ports: ports.nbd,
+            // These tests forward qemu-nbd's TCP exports.
+            nbd_forward: agent_node::tunnel::config::NbdForward::Tcp,
             hub_api_port: ports.hub_api,
             reverse_port: ports.reverse,
             node_api: SocketAddr::from(([127, 0, 0, 1], ports.node_api)),
@@ -116,6 +131,8 @@ impl SshdExt for Sshd {
                 max: Duration::from_secs(2),
                 healthy_after: Duration::from_secs(60),
             },
+            // One ssh, as before links existed; the links tests set more.
+            links: 1,
         }
     }
 }
@@ -203,6 +220,20 @@ pub fn signal(pid: u32, sig: nix::sys::signal::Signal) {
 /// `sendense-node` with `--tunnel` against `sshd` (its API on 127.0.0.1:`ports.node_api`, where
 /// the reverse forward leads) and `vms`; the harness's launcher, killed with its ssh in `Drop`.
 pub fn node_with_tunnel(sshd: &Sshd, ports: &Ports, vms: Vec<(String, PathBuf)>) -> NodeProcess {
+    node_with_tunnel_links(sshd, ports, vms, None)
+}
+
+/// [`node_with_tunnel`] with `--tunnel-links N` (`None`: the node's default).
+pub fn node_with_tunnel_links(
+    sshd: &Sshd,
+    ports: &Ports,
+    vms: Vec<(String, PathBuf)>,
+    links: Option<u16>,
+) -> NodeProcess {
+    let mut args: Vec<String> = vec!["--tunnel-nbd".into(), "tcp".into()];
+    if let Some(n) = links {
+        args.extend(["--tunnel-links".into(), n.to_string()]);
+    }
     let opts = NodeOptions {
         listen: format!("127.0.0.1:{}", ports.node_api),
         vms,
@@ -215,6 +246,8 @@ pub fn node_with_tunnel(sshd: &Sshd, ports: &Ports, vms: Vec<(String, PathBuf)>)
             hub_api_port: ports.hub_api,
             reverse_port: ports.reverse,
         }),
+        // These tests serve qemu-nbd's TCP exports.
+        args,
         ..NodeOptions::new(sshd.dir.path().join("node"), "tnode")
     };
     NodeProcess::start(Path::new(NODE_BIN), opts).expect("start sendense-node")

@@ -129,6 +129,8 @@ impl App {
                 self.mode = Mode::Start(form);
                 None
             }
+            Mode::ConfirmPolicy { action, .. } => self.confirm_policy(action, command),
+            Mode::PrunePreview(plan) => self.prune_dialog(&plan, command),
             Mode::ConfirmStart(form) => match command {
                 Command::Yes => {
                     self.mode = Mode::Normal;
@@ -160,6 +162,12 @@ impl App {
     }
 
     fn move_selection(&mut self, to: impl FnOnce(usize, usize) -> usize) {
+        if self.view == View::Policies && self.views.policies.detail.is_some() {
+            let n = self.detail_points().len();
+            let cur = self.selected_point();
+            self.views.policies.point = to(cur, n).min(n.saturating_sub(1));
+            return;
+        }
         if self.view == View::Jobs && self.detail().is_some() {
             let disks = match (self.detail_backup(), self.detail_restore()) {
                 (Some(b), _) => b.disk_results.len(),
@@ -179,6 +187,7 @@ impl App {
     fn switch(&mut self, view: View) {
         self.view = view;
         self.open_detail(None);
+        self.views.policies.detail = None;
     }
 
     fn open_detail(&mut self, job: Option<JobRef>) {
@@ -218,10 +227,15 @@ impl App {
                         self.open_detail(Some(job));
                     }
                 }
+                View::Policies if self.views.policies.detail.is_none() => {
+                    return self.open_policy();
+                }
                 _ => {}
             },
             Command::Back => {
-                if self.detail().is_some() {
+                if self.view == View::Policies && self.views.policies.detail.is_some() {
+                    self.views.policies.detail = None;
+                } else if self.detail().is_some() {
                     self.views.jobs.detail = None;
                 } else {
                     self.views.list_mut(self.view).filter.clear();
@@ -231,6 +245,14 @@ impl App {
             Command::Help => self.mode = Mode::Help,
             Command::Start => self.open_start(),
             Command::Cancel => self.open_cancel(),
+            // h/l mean nothing elsewhere: no notice for them.
+            Command::PrevItem | Command::NextItem if self.view != View::Policies => {}
+            Command::RunNow
+            | Command::ToggleEnabled
+            | Command::Protect
+            | Command::PrunePreview
+            | Command::PrevItem
+            | Command::NextItem => return self.policy_command(command),
             _ => {}
         }
         None

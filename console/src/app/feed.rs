@@ -40,6 +40,8 @@ impl App {
             }
             Update::ActionDone { message } => self.notify(NoticeLevel::Info, message, now),
             Update::ActionFailed { message } => self.notify(NoticeLevel::Error, message, now),
+            Update::PolicyDetail(d) => self.apply_policy_detail(*d),
+            Update::PrunePreview(plan) => self.apply_prune_preview(*plan),
         }
     }
 
@@ -93,6 +95,20 @@ impl App {
                 }
             }
         }
+        if let Some(p) = snap.policies {
+            self.policies = p;
+            self.sort_policies();
+        }
+        if let Some(p) = snap.prunes {
+            self.prunes = p;
+            self.sort_prunes();
+        }
+        if let Some(spaces) = snap.spaces {
+            self.spaces = spaces
+                .into_iter()
+                .map(|s| (s.repository_id.clone(), s))
+                .collect();
+        }
         if let Some(events) = snap.events {
             for e in events {
                 self.add_event(e);
@@ -105,6 +121,7 @@ impl App {
         match event {
             HubEvent::Backup { backup } => {
                 self.record_progress(&backup, now);
+                self.sync_protected(&backup);
                 match self
                     .backups
                     .iter_mut()
@@ -147,6 +164,10 @@ impl App {
                 }
                 self.sort_verifies();
             }
+            // Applied as they come; the feed and the terminal loop also re-read the lists and
+            // the open policy (see `sse::pump` and `App::reload_on`).
+            HubEvent::PolicyRun { run } => self.apply_policy_run(run),
+            HubEvent::Prune { prune } => self.apply_prune(prune),
             // The feed re-reads the lists on it (see `sse::pump`); nothing to apply.
             HubEvent::Lagged { .. } => {}
         }

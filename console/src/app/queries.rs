@@ -34,6 +34,7 @@ impl App {
             View::Tunnel => self.tunnel_rows().len(),
             View::Processes => self.visible_processes().len(),
             View::Events => self.visible_events().len(),
+            View::Policies => self.visible_policies().len(),
         }
     }
 

@@ -31,6 +31,19 @@ pub struct JobsState {
     pub detail_scroll: usize,
 }
 
+/// The Policies view: its list, the policy whose detail is open, and in the detail the VM
+/// whose points are shown and the selected point.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoliciesState {
+    pub list: ListState,
+    /// Id of the open policy.
+    pub detail: Option<String>,
+    /// Place of the shown VM among the policy's VMs (kept inside them when read).
+    pub vm: usize,
+    /// Selected point of that VM (kept inside its points when read).
+    pub point: usize,
+}
+
 /// The state of every view.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ViewStates {
@@ -40,6 +53,7 @@ pub struct ViewStates {
     pub tunnel: ListState,
     pub processes: ListState,
     pub events: ListState,
+    pub policies: PoliciesState,
 }
 
 impl ViewStates {
@@ -51,6 +65,7 @@ impl ViewStates {
             View::Tunnel => &self.tunnel,
             View::Processes => &self.processes,
             View::Events => &self.events,
+            View::Policies => &self.policies.list,
         }
     }
 
@@ -62,6 +77,7 @@ impl ViewStates {
             View::Tunnel => &mut self.tunnel,
             View::Processes => &mut self.processes,
             View::Events => &mut self.events,
+            View::Policies => &mut self.policies.list,
         }
     }
 }

@@ -194,6 +194,7 @@ fn a_node_without_tunnel_is_direct_not_down() {
         since: fixtures::now(),
         restarts: 0,
         last_error: None,
+        links: Vec::new(),
         forwards: vec![],
     };
     assert_eq!(
@@ -297,7 +298,7 @@ fn views_switch_by_tab_backtab_and_digits() {
     assert_eq!(app.view, View::Vms);
     press(&mut app, KeyCode::BackTab);
     press(&mut app, KeyCode::BackTab);
-    assert_eq!(app.view, View::Events, "Shift-Tab wraps around");
+    assert_eq!(app.view, View::Policies, "Shift-Tab wraps around");
     press(&mut app, KeyCode::Char('3'));
     assert_eq!(app.view, View::Ports);
     assert_eq!(press(&mut app, KeyCode::Char('q')), Some(Action::Quit));
@@ -536,4 +537,5 @@ fn a_node_missing_from_the_tunnel_list_shows_its_latest_node_record() {
     );
 }
 
+mod policies;
 mod restores;

@@ -98,7 +98,7 @@ fn print_backup(b: &Backup, json: bool) {
     }
 }
 
-async fn pick_repository(client: &HubClient) -> Result<String, u8> {
+pub(super) async fn pick_repository(client: &HubClient) -> Result<String, u8> {
     let repos = client.repositories().await.map_err(|e| fail(&e))?;
     match repos.as_slice() {
         [only] => Ok(only.id.clone()),

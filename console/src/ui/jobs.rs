@@ -348,6 +348,8 @@ fn render_detail(app: &App, b: &Backup, frame: &mut Frame, area: Rect) {
     let facts: Vec<Line> = point::integrity_line(b)
         .into_iter()
         .chain(point::consistency_line(b))
+        .chain(point::hardware_line(b))
+        .chain(point::boot_lines(b))
         .collect();
     let [top, facts_area, _, rest] = Layout::vertical([
         Constraint::Length(summary.len() as u16),

@@ -13,7 +13,7 @@ use ratatui::widgets::{Block, BorderType, Borders, Clear, Paragraph, Wrap};
 use sendense_shared::api::BackupType;
 
 /// A centred rectangle of at most `width` × `height` inside `area`.
-fn centred(area: Rect, width: u16, height: u16) -> Rect {
+pub(super) fn centred(area: Rect, width: u16, height: u16) -> Rect {
     let [row] = Layout::vertical([Constraint::Length(height.min(area.height))])
         .flex(Flex::Center)
         .areas(area);
@@ -23,7 +23,7 @@ fn centred(area: Rect, width: u16, height: u16) -> Rect {
     cell
 }
 
-fn frame_block(title: &str) -> Block<'static> {
+pub(super) fn frame_block(title: &str) -> Block<'static> {
     Block::default()
         .borders(Borders::ALL)
         .border_type(BorderType::Double)
@@ -46,7 +46,7 @@ fn section(title: &str, bindings: &[Binding], key_width: usize) -> Vec<Line<'sta
 
 /// The help overlay: every binding of every key table, in two columns.
 pub fn help(frame: &mut Frame, area: Rect) {
-    let rect = centred(area, 78, 23);
+    let rect = centred(area, 78, 24);
     frame.render_widget(Clear, rect);
     let block = frame_block(strings::HELP_TITLE);
     let inner = block.inner(rect);
@@ -60,6 +60,7 @@ pub fn help(frame: &mut Frame, area: Rect) {
     let mut lines = section(strings::HELP_SECTION_FILTER, keys::FILTER, 7);
     lines.extend(section(strings::HELP_SECTION_START, keys::START, 11));
     lines.extend(section(strings::HELP_SECTION_CONFIRM, keys::CONFIRM, 7));
+    lines.extend(section(strings::HELP_SECTION_POLICIES, keys::POLICIES, 7));
     lines.extend(section(strings::HELP_SECTION_HELP, keys::HELP, 7));
     frame.render_widget(Paragraph::new(lines), right);
 }

@@ -8,6 +8,8 @@ use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use ratatui::Terminal;
 use ratatui::backend::TestBackend;
 
+mod policies;
+
 fn draw(app: &App, width: u16, height: u16) -> String {
     let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
     terminal.draw(|f| render(app, f)).unwrap();
@@ -562,5 +564,33 @@ fn cancel_confirmation_of_a_restore_names_it() {
         "cancel_restore_confirm",
         &app,
         &["Cancel restore r-5d1e8a40 of VM pgtest1 (running)?"],
+    );
+}
+
+#[test]
+fn job_detail_line_of_a_points_recorded_hardware() {
+    let mut b = fixtures::consistent_point();
+    assert!(crate::ui::jobs::point::hardware_line(&b).is_none());
+    let disk = |k: i64| sendense_shared::api::HardwareDisk {
+        disk_key: sendense_shared::ids::DiskKey(k),
+        device_id: format!("disk{k}"),
+        virtual_size: 1 << 30,
+        bus: "virtio".into(),
+        image_path: format!("/vms/{k}.qcow2"),
+        format: "qcow2".into(),
+    };
+    b.hardware = Some(Box::new(sendense_shared::api::VmHardware {
+        memory_mib: 512,
+        cpus: 2,
+        machine: Some("pc-q35-7.2".into()),
+        disks: vec![disk(2000), disk(2001)],
+        kernel: Some("/boot/vmlinuz".into()),
+        ..Default::default()
+    }));
+    let line = crate::ui::jobs::point::hardware_line(&b).unwrap();
+    let text: String = line.spans.iter().map(|s| s.content.as_ref()).collect();
+    assert_eq!(
+        text,
+        "hardware 512 MiB · 2 vCPU · pc-q35-7.2 · 2 disks (virtio) · 0 NIC · kernel boot"
     );
 }

@@ -4,7 +4,7 @@
 use crate::strings;
 use ratatui::style::{Color, Modifier, Style};
 use sendense_shared::api::{
-    ConsistencyLevel, DiskStatus, Integrity, JobStatus, TunnelState, TunnelStateKind,
+    ConsistencyLevel, DiskStatus, Integrity, JobStatus, RunStatus, TunnelState, TunnelStateKind,
 };
 
 pub fn dim() -> Style {
@@ -56,6 +56,18 @@ pub fn job(status: JobStatus) -> (&'static str, Style) {
         JobStatus::Preparing | JobStatus::Running | JobStatus::Finalizing => {
             (strings::SYM_BUSY, busy())
         }
+    }
+}
+
+/// Symbol and style of a policy run's status.
+pub fn run(status: RunStatus) -> (&'static str, Style) {
+    match status {
+        RunStatus::Completed => (strings::SYM_OK, good()),
+        RunStatus::Failed => (strings::SYM_BAD, bad()),
+        RunStatus::GaveUp => (strings::SYM_WARN, warn()),
+        RunStatus::Queued => (strings::SYM_IDLE, warn()),
+        RunStatus::Skipped => (strings::SYM_IDLE, Style::default()),
+        RunStatus::Running => (strings::SYM_BUSY, busy()),
     }
 }
 

@@ -7,22 +7,22 @@ use std::path::PathBuf;
 use std::process::Output;
 use tempfile::TempDir;
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 /// An operator's shell: a fresh directory used as HOME (so no real config is read) holding a
 /// token file, and the hub every run is pointed at.
-struct Shell {
-    home: TempDir,
-    token: PathBuf,
+pub struct Shell {
+    pub home: TempDir,
+    pub token: PathBuf,
     hub: String,
 }
 
 impl Shell {
-    fn new(hub: &str, token: &str) -> Shell {
+    pub fn new(hub: &str, token: &str) -> Shell {
         let home = tempfile::tempdir().unwrap();
         let path = home.path().join("token");
         write_token_file(&path, &format!("{token}\n"));
@@ -45,7 +45,7 @@ impl Shell {
         command(&self.home, &full)
     }
 
-    async fn run(&self, args: &[&str]) -> Run {
+    pub async fn run(&self, args: &[&str]) -> Run {
         let r = done(self.console(args).output().await.unwrap());
         eprintln!(
             "$ sendense-console --hub {} --token-file {} {}\n-> exit {}\nstdout:\n{}stderr:\n{}",
@@ -237,13 +237,20 @@ async fn unknown_vm_is_named_with_the_hubs_detail() {
     assert!(r.stdout.is_empty());
 }
 
+/// A wrong token is never sent: the hub's proof does not match it, and the message says so and
+/// how to fix it.
 #[tokio::test]
-async fn wrong_token_says_401_and_how_to_fix_it() {
+async fn wrong_token_is_not_sent_and_the_message_says_how_to_fix_it() {
     let hub = FakeHub::start(&["repo-a"]).await;
     let sh = Shell::new(&hub.url, "not-the-token");
     let r = sh.run(&["backups", "list"]).await;
     assert_eq!(r.code, 1);
-    assert!(r.stderr.contains("401"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("did not prove it is the hub holding this token"),
+        "{}",
+        r.stderr
+    );
     assert!(r.stderr.contains("--token-file"), "{}", r.stderr);
 }
 
@@ -528,4 +535,62 @@ async fn restores_list_json_is_the_hubs_list_and_refusals_are_named() {
         r.stderr
     );
     assert!(r.stdout.is_empty());
+}
+
+/// A process bound to the hub's address while the hub is down (any local user can bind a port
+/// above 1024) gets the proof challenge and nothing else: not the token, no Authorization
+/// header, whatever it answers.
+#[tokio::test]
+async fn a_squatter_on_the_hub_address_receives_no_token() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let rec = got.clone();
+    let squatter = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let rec = rec.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    rec.lock().unwrap().extend_from_slice(&buf[..n]);
+                    // A plausible answer that proves nothing.
+                    let body = r#"{"proofs":["00"]}"#;
+                    let _ = s
+                        .write_all(
+                            format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                                body.len()
+                            )
+                            .as_bytes(),
+                        )
+                        .await;
+                }
+            });
+        }
+    });
+    let sh = Shell::new(&url, TOKEN);
+    let r = sh.run(&["backups", "list"]).await;
+    squatter.abort();
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("did not prove"), "{}", r.stderr);
+    let seen = String::from_utf8_lossy(&got.lock().unwrap()).into_owned();
+    assert!(
+        seen.contains("/api/v1/proof?nonce="),
+        "the squatter saw: {seen}"
+    );
+    assert!(
+        !seen.contains(TOKEN),
+        "the token reached the squatter: {seen}"
+    );
+    assert!(
+        !seen.to_ascii_lowercase().contains("authorization"),
+        "an Authorization header reached the squatter: {seen}"
+    );
 }

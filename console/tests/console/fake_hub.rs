@@ -1,8 +1,10 @@
 //! A fake hub: the parts of the hub's API the console calls, answering from memory. Jobs move
 //! one step per `GET /api/v1/backups/{id}` (restores: `GET /api/v1/restores/{id}`, in
-//! `restores`) so that `--wait` sees progress without timers.
+//! `restores`; prune jobs per `GET /api/v1/prune/{id}`, in `policies`) so that `--wait` sees
+//! progress without timers. `policies`: policies, runs, points, protection, prunes, space.
 //! (Stand-in while the real hub is written in parallel; see `main.rs`.)
 
+pub mod policies;
 pub mod restores;
 
 use axum::body::{Body, Bytes};
@@ -54,6 +56,18 @@ pub struct HubState {
     pub restore_cancel_requests: Vec<String>,
     /// What `GET /api/v1/vms` answers.
     pub vms: Vec<Vm>,
+    pub policies: Vec<sendense_shared::api::Policy>,
+    /// Every `POST`/`PUT` policy body, in order (refused ones too).
+    pub policy_requests: Vec<sendense_shared::api::PolicyRequest>,
+    pub deleted_policies: Vec<String>,
+    pub runs: Vec<sendense_shared::api::PolicyRun>,
+    /// Points of each VM, newest first, as `GET /api/v1/vms/{name}/points` answers them.
+    pub points: std::collections::BTreeMap<String, Vec<sendense_shared::api::PrunePoint>>,
+    /// Every `POST /api/v1/backups/{id}/protect|unprotect`: (id, protect).
+    pub protect_requests: Vec<(String, bool)>,
+    /// Every `POST /api/v1/prune` body, with the `dry_run` query parameter.
+    pub prune_requests: Vec<(sendense_shared::api::PruneRequest, bool)>,
+    pub prunes: Vec<sendense_shared::api::PruneJob>,
     next_id: u32,
 }
 
@@ -122,6 +136,10 @@ pub fn backup(id: &str, vm: &str, repo: &str, t: BackupType) -> Backup {
         integrity_detail: None,
         verified_at: None,
         consistency: None,
+        protected: false,
+        policy_id: None,
+        boot_check: None,
+        hardware: None,
     }
 }
 
@@ -191,6 +209,21 @@ fn no_backup(id: &str) -> Response {
         ErrorCode::NotFound,
         &format!("no backup {id}"),
     )
+}
+
+/// `GET /api/v1/proof?nonce=&node=@admin`, answered as the real hub does with [`TOKEN`].
+async fn proof(
+    axum::extract::Query(q): axum::extract::Query<sendense_shared::proof::ProofQuery>,
+) -> axum::Json<sendense_shared::proof::ProofAnswer> {
+    let token = sendense_shared::token::Token::new(TOKEN.to_string());
+    axum::Json(sendense_shared::proof::ProofAnswer {
+        proofs: vec![sendense_shared::proof::prove(
+            &token,
+            sendense_shared::proof::Role::Hub,
+            q.node.as_deref().unwrap_or_default(),
+            &q.nonce,
+        )],
+    })
 }
 
 /// Every `/api/v1` route answers 401 when the bearer token is missing or wrong.
@@ -313,6 +346,7 @@ pub fn vm(name: &str) -> Vm {
         last_backup_at: None,
         driver: None,
         change_tracking: None,
+        node_vm_name: None,
     }
 }
 
@@ -402,8 +436,11 @@ impl FakeHub {
             .route("/api/v1/tunnel", get(empty_list))
             .route("/api/v1/ports", get(ports))
             .route("/api/v1/events", get(event_stream))
+            .merge(policies::router())
             .route_layer(axum::middleware::from_fn(require_token))
             .route("/health", get(health))
+            // As the real hub: it proves it holds the admin token before the console sends it.
+            .route(sendense_shared::proof::PATH, get(proof))
             .with_state(shared);
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {

@@ -6,6 +6,7 @@
 //! the real hub and node (driving the TUI in tmux) is added by the lead in `tests/`.
 
 mod cli;
+mod cli_policies;
 mod fake_hub;
 mod feed;
 mod tui;

@@ -191,3 +191,123 @@ async fn keys_show_follow_and_cancel_a_restore() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The Policies view driven by keys at 80×24: the list, the detail with the VM's points, `p`
+/// protecting the selected point, `x` the dry run and `y` the prune it showed, `r` run now
+/// (its run arriving on the event stream), and `e` disabling the policy (a PUT of the whole
+/// policy with `enabled` false).
+#[tokio::test]
+async fn keys_drive_the_policies_view() {
+    use crate::fake_hub::policies::{point, request};
+    use sendense_shared::api::{BackupType, JobStatus, KeepReason, PruneAction};
+
+    let hub = FakeHub::start(&["repo-a"]).await;
+    {
+        let mut st = hub.state.lock().unwrap();
+        st.vms.push(crate::fake_hub::vm("pgtest1"));
+        for id in ["b-1", "b-2", "b-3"] {
+            let mut b = crate::fake_hub::backup(id, "pgtest1", "repo-a", BackupType::Full);
+            b.status = JobStatus::Completed;
+            st.backups.push(b);
+        }
+        st.points.insert(
+            "pgtest1".into(),
+            vec![
+                point("b-1", 26, Some(KeepReason::Last), PruneAction::Keep),
+                point("b-2", 25, Some(KeepReason::Daily), PruneAction::Keep),
+                point("b-3", 1, None, PruneAction::MergeIntoChild),
+            ],
+        );
+    }
+    let sh_dir = tempfile::tempdir().unwrap();
+    let token = sh_dir.path().join("token");
+    write_token_file(&token, TOKEN);
+    // The policy is created through the API as an operator's script would.
+    let client = sendense_shared::client::HubClient::new(&hub.url, Some(TOKEN.into()));
+    client
+        .create_policy(&request("nightly", "pgtest1"))
+        .await
+        .unwrap();
+    let tmux = Tmux::new("sendense-console-policies-test", Duration::from_secs(15));
+    let cmd = format!(
+        "{} --hub {} --token-file {} --log-file {}",
+        env!("CARGO_BIN_EXE_sendense-console"),
+        hub.url,
+        token.display(),
+        sh_dir.path().join("console.log").display()
+    );
+    tmux.start_ui(sh_dir.path(), &cmd);
+
+    tmux.wait_for("◉ live").await;
+    tmux.keys(&["7"]);
+    tmux.wait_for("nightly        0 1 * * *     pgtest1").await;
+    tmux.wait_for("full in 250 days").await;
+    tmux.keys(&["Enter"]);
+    tmux.wait_for("Policy nightly · ✔ enabled").await;
+    tmux.wait_for("Points of pgtest1 (1/1 VMs, h/l) · 3 points")
+        .await;
+    tmux.wait_for("▲ merge into child").await;
+
+    // p on the newest point protects it.
+    tmux.keys(&["p"]);
+    tmux.wait_for("Point b-1 is protected").await;
+    tmux.wait_for("■ yes").await;
+    assert_eq!(
+        hub.state.lock().unwrap().protect_requests,
+        vec![("b-1".to_string(), true)]
+    );
+
+    // x asks for the dry run; n closes it; x, y starts the prune it showed.
+    tmux.keys(&["x"]);
+    tmux.wait_for("Prune preview · pgtest1").await;
+    tmux.wait_for("Keeps 2 point(s), removes 1, frees 101.0 MiB.")
+        .await;
+    tmux.keys(&["n"]);
+    tmux.wait_for("Prune not started").await;
+    tmux.keys(&["x"]);
+    tmux.wait_for("y start this prune").await;
+    tmux.keys(&["y"]);
+    tmux.wait_for("Prune p-fake0002 of pgtest1 started.").await;
+    {
+        let st = hub.state.lock().unwrap();
+        let dry: Vec<bool> = st
+            .prune_requests
+            .iter()
+            .map(|(r, q)| r.dry_run || *q)
+            .collect();
+        assert_eq!(dry, vec![true, true, false], "two previews, then one prune");
+    }
+
+    // r, y: run now; the run comes back on the event stream into the runs table.
+    tmux.keys(&["r"]);
+    tmux.wait_for("Run policy nightly now (its 1 VM)?").await;
+    tmux.keys(&["y"]);
+    tmux.wait_for("Policy nightly: 1 run queued.").await;
+    tmux.wait_for("manual ○ queued").await;
+
+    // e, y: disabled, the whole policy sent back.
+    tmux.keys(&["e"]);
+    tmux.wait_for("Disable policy nightly").await;
+    tmux.keys(&["y"]);
+    tmux.wait_for("Policy nightly is now disabled.").await;
+    tmux.wait_for("Policy nightly · ○ disabled").await;
+    {
+        let st = hub.state.lock().unwrap();
+        let put = st.policy_requests.last().unwrap();
+        assert!(!put.enabled);
+        assert_eq!(put.schedule, "0 1 * * *", "the rest sent back unchanged");
+        assert_eq!(put.retention.keep_daily, Some(7));
+    }
+
+    tmux.keys(&["?"]);
+    tmux.wait_for("Policies view (7)").await;
+    // q closes the help (an Escape right before a q could reach the console as Alt-q).
+    tmux.keys(&["q"]);
+    tmux.wait_for("Recent runs").await;
+    tmux.keys(&["q"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tmux.pane("#{pane_dead}") != "1" {
+        assert!(Instant::now() < deadline, "console did not quit on q");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -8,9 +8,11 @@ use super::{BackupType, Consistency, DiskStatus, GridChecksums, Integrity, JobSt
 use crate::ids::{BackupId, DiskKey, NbdPort};
 
 /// `POST /api/v1/backups`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BackupRequest {
+    #[schema(pattern = r"^(\.?[A-Za-z0-9_-])+\.?$", max_length = 128)]
     pub vm_name: String,
+    #[schema(pattern = r"^(\.?[A-Za-z0-9_-])+\.?$", max_length = 128)]
     pub repository_id: String,
     pub backup_type: BackupType,
     /// Fail the backup (`consistency_required`, naming the cause) rather than keep a
@@ -20,7 +22,7 @@ pub struct BackupRequest {
 }
 
 /// One disk of a backup job, as in the backup response's `disk_results[]`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DiskResult {
     pub disk_key: DiskKey,
     pub unit_number: i32,
@@ -44,7 +46,7 @@ pub struct DiskResult {
 }
 
 /// A backup job.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Backup {
     pub backup_id: BackupId,
     pub vm_context_id: String,
@@ -75,6 +77,20 @@ pub struct Backup {
     /// hub-alone writer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consistency: Option<Consistency>,
+    /// Exempt from pruning and from the retention counts.
+    #[serde(default)]
+    pub protected: bool,
+    /// The policy whose scheduled run made this point (absent for a manual backup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_id: Option<String>,
+    /// The point's last boot check (a verify job with `boot`), absent when it was never booted.
+    /// Boxed: a backup travels in events, and most have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_check: Option<Box<super::BootCheck>>,
+    /// The VM's hardware as the node recorded it at backup time (QEMU VMs; absent for other
+    /// drivers and for points taken before it was recorded). Boxed: most of a backup's size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware: Option<Box<super::VmHardware>>,
 }
 
 fn unverified() -> Integrity {
@@ -82,7 +98,7 @@ fn unverified() -> Integrity {
 }
 
 /// Progress of one disk, node → hub.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DiskProgress {
     pub disk_key: DiskKey,
     pub bytes_done: u64,
@@ -96,13 +112,13 @@ pub struct DiskProgress {
 }
 
 /// `POST /api/v1/backups/{id}/progress`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProgressReport {
     pub disks: Vec<DiskProgress>,
 }
 
 /// Final state of one disk, node → hub.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DiskCompletion {
     pub disk_key: DiskKey,
     pub status: DiskStatus,
@@ -128,7 +144,7 @@ pub struct DiskCompletion {
 /// back from the target and compares. Ranges cover every byte the copy wrote (data and zeroes),
 /// split at `chunk_size` boundaries; ranges it skipped (holes on a fresh target, unchanged areas of
 /// an incremental) are not listed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ChunkChecksums {
     /// Largest length of one range (the split grid), e.g. 4 MiB.
     pub chunk_size: u64,
@@ -136,7 +152,7 @@ pub struct ChunkChecksums {
 }
 
 /// BLAKE3 of `length` bytes of the disk at `offset`, as the snapshot held them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ChecksumRange {
     pub offset: u64,
     pub length: u64,
@@ -145,7 +161,7 @@ pub struct ChecksumRange {
 }
 
 /// Terminal outcome reported by the writer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum CompletionStatus {
     Completed,
@@ -153,7 +169,7 @@ pub enum CompletionStatus {
 }
 
 /// `POST /api/v1/backups/{id}/complete`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CompletionReport {
     pub status: CompletionStatus,
     #[serde(default)]
@@ -162,11 +178,16 @@ pub struct CompletionReport {
     /// How consistent the snapshot was (guest file systems frozen or not), and why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consistency: Option<Consistency>,
+    /// The VM's hardware at snapshot time (QEMU driver), recorded with the point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware: Option<super::VmHardware>,
 }
 
 /// `POST /api/v1/backup/start` of the node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeBackupStart {
+    /// Not blank.
+    #[schema(value_type = String, pattern = r"\S")]
     pub backup_id: BackupId,
     pub vm_name: String,
     pub backup_type: BackupType,
@@ -197,21 +218,21 @@ pub struct NodeBackupStart {
 }
 
 /// A disk's change id (vSphere CBT), e.g. `"52 9c 1d ... 4b/17"`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DiskChangeId {
     pub disk_key: DiskKey,
     pub change_id: String,
 }
 
 /// One disk's target of a node copy job, structured.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DiskTarget {
     pub disk_key: DiskKey,
     pub export: NbdExport,
 }
 
 /// One disk of a node copy job.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeDiskState {
     pub disk_key: DiskKey,
     pub status: DiskStatus,
@@ -229,7 +250,7 @@ pub struct NodeDiskState {
 }
 
 /// `GET /api/v1/backup/{id}` of the node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeBackupState {
     pub backup_id: BackupId,
     pub vm_name: String,

@@ -7,7 +7,7 @@ use super::{Backup, PortsView, ProcessInfo, Restore, TunnelState};
 use crate::ids::{BackupId, DiskKey};
 
 /// One message of the hub's `GET /api/v1/events` stream (`data:` is this, as JSON).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum HubEvent {
     /// A job changed (status, progress, disk state).
@@ -24,12 +24,16 @@ pub enum HubEvent {
     Restore { restore: Restore },
     /// A verify job changed (status, progress, points found corrupt).
     Verify { verify: super::VerifyJob },
+    /// A policy run was queued, started, or ended.
+    PolicyRun { run: super::PolicyRun },
+    /// A prune or synthetic-full job changed (status, steps, bytes merged).
+    Prune { prune: super::PruneJob },
     /// This subscriber fell behind and `lost` events were dropped for it: re-read the lists.
     Lagged { lost: u64 },
 }
 
 /// One entry of a job's event log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobEvent {
     /// Increasing per hub.
     pub seq: i64,

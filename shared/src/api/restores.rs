@@ -8,7 +8,7 @@ use super::{JobStatus, NbdExport};
 use crate::ids::{BackupId, DiskKey, NbdPort};
 
 /// Where a restore writes: a new image file on a node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RestoreTarget {
     /// Name of a registered node; it writes the image.
     pub node: String,
@@ -18,7 +18,7 @@ pub struct RestoreTarget {
 }
 
 /// `POST /api/v1/restores` of the hub.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RestoreRequest {
     /// A completed (verified) backup: the point to restore.
     pub backup_id: BackupId,
@@ -31,7 +31,7 @@ pub struct RestoreRequest {
 /// A restore as the hub reports it (`GET /api/v1/restores[/{id}]`). Status: `preparing`
 /// (export of the backup point), `running` (the node copies), then `completed` (copied and
 /// verified on the node) or `failed`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Restore {
     pub restore_id: String,
     pub backup_id: BackupId,
@@ -55,8 +55,9 @@ pub struct Restore {
 /// runs it as a job of its own (drained on shutdown, its qemu-nbd journalled for start-up
 /// recovery) and pushes progress and its result to the hub
 /// (`POST /api/v1/restores/{id}/progress` and `/complete`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeRestoreStart {
+    #[schema(pattern = r"^(\.?[A-Za-z0-9_-])+\.?$", max_length = 128)]
     pub restore_id: String,
     /// NBD URI of the hub's read-only export of the backup point (for logs; the node connects
     /// to `source_export` when present).
@@ -66,6 +67,7 @@ pub struct NodeRestoreStart {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_export: Option<NbdExport>,
     /// Absolute path of the new QCOW2 image on the node.
+    #[schema(pattern = "^/")]
     pub path: String,
     /// Virtual size of the new image.
     pub size_bytes: u64,
@@ -75,7 +77,7 @@ pub struct NodeRestoreStart {
 }
 
 /// `GET /api/v1/restore/{id}` of the node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeRestoreState {
     pub restore_id: String,
     pub path: String,
@@ -89,7 +91,7 @@ pub struct NodeRestoreState {
 }
 
 /// `POST /api/v1/restores/{id}/progress` of the hub (node → hub, about once a second).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RestoreProgress {
     pub bytes_done: u64,
     pub bytes_total: u64,
@@ -101,7 +103,7 @@ pub struct RestoreProgress {
 /// `POST /api/v1/restores/{id}/complete` of the hub (node → hub): the restore's end as the node
 /// saw it. `completed` means copied, flushed and read back equal; a `failed` or `cancelled`
 /// restore's partial image has been deleted by the node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RestoreCompletion {
     pub status: JobStatus,
     pub bytes_written: u64,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{BackupId, DiskKey, NbdPort};
 
 /// One held port of `GET /api/v1/ports`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PortAllocation {
     pub port: NbdPort,
     pub backup_id: BackupId,
@@ -16,7 +16,7 @@ pub struct PortAllocation {
 }
 
 /// A port of the range found bound by a process that is not ours.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SquattedPort {
     pub port: NbdPort,
     pub seen_at: DateTime<Utc>,
@@ -25,7 +25,7 @@ pub struct SquattedPort {
 }
 
 /// `GET /api/v1/ports`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PortsView {
     /// Inclusive range `[first, last]`.
     pub range: [u16; 2],
@@ -35,7 +35,7 @@ pub struct PortsView {
 }
 
 /// One qemu-nbd of `GET /api/v1/processes`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProcessInfo {
     pub pid: u32,
     pub port: NbdPort,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use tokio::io::AsyncReadExt;
-use tokio::process::{ChildStderr, Command};
+use tokio::process::{ChildStderr, ChildStdin, ChildStdout, Command};
 use tokio::sync::watch;
 
 use super::{ChildError, ExitReport, STDERR_TAIL_BYTES, shell_words, signal_group_quietly};
@@ -51,7 +51,33 @@ impl Supervised {
     /// the caller configured them (daemons should set them to `Stdio::null()`).
     ///
     /// Must be called inside a tokio runtime: a task reaps the child and publishes its exit.
-    pub fn spawn(mut cmd: Command) -> Result<Supervised, ChildError> {
+    pub fn spawn(cmd: Command) -> Result<Supervised, ChildError> {
+        Supervised::spawn_inner(cmd).map(|(s, _)| s)
+    }
+
+    /// [`Supervised::spawn`] with stdin and stdout as pipes, handed to the caller: for a child
+    /// driven over its stdin (the hub's guestfish sessions).
+    pub fn spawn_piped(
+        mut cmd: Command,
+    ) -> Result<(Supervised, ChildStdin, ChildStdout), ChildError> {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        let (s, child) = Supervised::spawn_inner(cmd)?;
+        let (stdin, stdout) = child;
+        match (stdin, stdout) {
+            (Some(i), Some(o)) => Ok((s, i, o)),
+            _ => {
+                s.kill_now();
+                Err(ChildError::NoPid {
+                    program: s.command_line()[0].clone(),
+                })
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn spawn_inner(
+        mut cmd: Command,
+    ) -> Result<(Supervised, (Option<ChildStdin>, Option<ChildStdout>)), ChildError> {
         let command_line: Vec<String> = {
             let std = cmd.as_std();
             std::iter::once(std.get_program())
@@ -71,6 +97,7 @@ impl Supervised {
             return Err(ChildError::NoPid { program });
         };
         tracing::debug!(pid, command = %shell_words(&command_line), "spawned child");
+        let pipes = (child.stdin.take(), child.stdout.take());
 
         let stderr = Arc::new(Mutex::new(StderrTail::default()));
         let drain = child
@@ -104,16 +131,19 @@ impl Supervised {
             exit_tx.send_replace(Some(report));
         });
 
-        Ok(Supervised {
-            inner: Arc::new(Inner {
-                pid,
-                command_line,
-                stderr,
-                exit_rx,
-                requested,
-                stop_lock: tokio::sync::Mutex::new(()),
-            }),
-        })
+        Ok((
+            Supervised {
+                inner: Arc::new(Inner {
+                    pid,
+                    command_line,
+                    stderr,
+                    exit_rx,
+                    requested,
+                    stop_lock: tokio::sync::Mutex::new(()),
+                }),
+            },
+            pipes,
+        ))
     }
 
     /// The child's PID, which is also its process group ID.

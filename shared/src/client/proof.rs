@@ -55,6 +55,11 @@ pub enum ProofError {
         node: String,
         why: String,
     },
+    /// The console's case: the token was not sent.
+    #[error(
+        "the endpoint at {endpoint} did not prove it is the hub holding this token ({why}), so the token was not sent: a wrong token (pass the hub's token with --token-file FILE or SENDENSE_TOKEN), or not the hub (a squatted port?)"
+    )]
+    NotTheAdminsHub { endpoint: String, why: String },
     #[error(
         "the endpoint at {endpoint} did not answer the {role}'s proof challenge within {waited:?}: squatted port?"
     )]
@@ -196,11 +201,20 @@ async fn challenge<T: AsyncRead + AsyncWrite + Unpin>(
     cfg: &Config,
     keys: &[Token],
 ) -> Result<(), ProofError> {
-    let failed = |why: String| ProofError::Failed {
-        endpoint: cfg.endpoint.clone(),
-        role: cfg.role,
-        node: cfg.node.clone(),
-        why,
+    let failed = |why: String| {
+        if cfg.node == proof::ADMIN {
+            ProofError::NotTheAdminsHub {
+                endpoint: cfg.endpoint.clone(),
+                why,
+            }
+        } else {
+            ProofError::Failed {
+                endpoint: cfg.endpoint.clone(),
+                role: cfg.role,
+                node: cfg.node.clone(),
+                why,
+            }
+        }
     };
     let ioerr = |source| ProofError::Io {
         endpoint: cfg.endpoint.clone(),
@@ -237,9 +251,11 @@ async fn challenge<T: AsyncRead + AsyncWrite + Unpin>(
     {
         Ok(())
     } else {
-        Err(failed(
-            "its proof does not match the node's credential".to_string(),
-        ))
+        Err(failed(if cfg.node == proof::ADMIN {
+            "its proof does not match the admin token".to_string()
+        } else {
+            "its proof does not match the node's credential".to_string()
+        }))
     }
 }
 

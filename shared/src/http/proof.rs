@@ -7,7 +7,12 @@ use crate::proof::{ProofQuery, valid_nonce};
 
 /// `Ok` for a nonce of [`crate::proof::NONCE_BYTES`] hex bytes; `422 invalid_field` otherwise.
 pub fn check_query(q: &ProofQuery) -> Result<(), ErrorAnswer> {
-    if valid_nonce(&q.nonce) {
+    check_nonce(&q.nonce)
+}
+
+/// [`check_query`] for a nonce alone (the hub's query, whose `node` is required).
+pub fn check_nonce(nonce: &str) -> Result<(), ErrorAnswer> {
+    if valid_nonce(nonce) {
         Ok(())
     } else {
         Err(ErrorAnswer::new(

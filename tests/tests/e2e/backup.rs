@@ -101,11 +101,13 @@ async fn full_then_incremental_of_a_two_disk_vm_from_one_instant() {
     let targets = b["nbd_targets_string"].as_str().unwrap();
     for d in b["disk_results"].as_array().unwrap() {
         assert!(
+            // The hub's default `nbd_listen = "unix"`: the port is the slot of its socket.
             targets.contains(&format!(
-                "{}:nbd://127.0.0.1:{}/{}",
+                "{}:nbd+unix:///{}?socket={}/nbd/{}.sock",
                 d["disk_key"],
+                d["nbd_export_name"].as_str().unwrap(),
+                sys.hub.opts.data_dir.display(),
                 d["nbd_port"],
-                d["nbd_export_name"].as_str().unwrap()
             )),
             "{targets} vs {d}"
         );
@@ -245,6 +247,39 @@ async fn full_then_incremental_of_a_two_disk_vm_from_one_instant() {
         let events = sys.events(pid).await;
         assert!(
             events.iter().any(|e| e.starts_with("image_verified:")),
+            "{events:#?}"
+        );
+        // The VM's hardware as the node recorded it at the snapshot (`-m 64`, one vCPU,
+        // q35 under TCG, virtio-blk `disk0`/`disk1` on the VM's own images).
+        let hw = &b["hardware"];
+        assert_eq!(hw["memory_mib"], 64, "{b:#}");
+        assert_eq!(hw["cpus"], 1, "{b:#}");
+        assert!(hw["machine"].as_str().unwrap().contains("q35"), "{hw:#}");
+        assert_eq!(hw["accel"], "tcg", "{hw:#}");
+        let hw_disks = hw["disks"].as_array().unwrap();
+        assert_eq!(hw_disks.len(), 2, "{hw:#}");
+        for (i, d) in hw_disks.iter().enumerate() {
+            assert_eq!(d["disk_key"], 2000 + i as i64, "{hw:#}");
+            assert_eq!(d["device_id"], format!("disk{i}"), "{hw:#}");
+            assert_eq!(d["virtual_size"], json!(DISK_SIZE), "{hw:#}");
+            assert_eq!(d["bus"], "virtio", "{hw:#}");
+            assert_eq!(d["format"], "qcow2", "{hw:#}");
+            assert_eq!(
+                d["image_path"],
+                sys.vm.images[i].display().to_string(),
+                "{hw:#}"
+            );
+        }
+        let argv: Vec<&str> = hw["argv"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert!(argv[0].ends_with("qemu-system-x86_64"), "{argv:?}");
+        assert!(argv.contains(&"e2evm"), "{argv:?}");
+        assert!(
+            events.iter().any(|e| e.starts_with("hardware:")),
             "{events:#?}"
         );
     }
@@ -425,4 +460,122 @@ async fn incremental_without_bitmap_falls_back_to_full() {
     for (i, img) in image_paths(&next).iter().enumerate() {
         assert!(equal(&now[i], img), "incremental of disk {i} differs");
     }
+}
+
+/// A node whose inventory holds a VM the hub refuses (another node's VM has its name) still
+/// gets its other VMs imported: the refused one is said in the node's log, not retried ahead
+/// of the rest forever.
+/// Two nodes with a VM of one name get two VMs on the hub, never a takeover: the first keeps
+/// the name, the second's becomes `<name>.<node>` and its backup copies the second node's disk
+/// (the hub names the VM to its node as the node knows it). A VM the hub refuses outright (both
+/// names held by another node) is said once by the node and does not keep its other VMs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_with_a_vm_of_one_name_get_two_vms() {
+    let sys = Sys::start("e2einvb", SysOptions::default()).await;
+    let clash =
+        sendense_tests::qemu::TestVm::start("e2einvb", &sys.path("vm-clash"), &[MIB], |_| {})
+            .await
+            .expect("start QEMU");
+    let refused =
+        sendense_tests::qemu::TestVm::start("e2einvr", &sys.path("vm-refused"), &[MIB], |_| {})
+            .await
+            .expect("start QEMU");
+    let after =
+        sendense_tests::qemu::TestVm::start("e2einvz", &sys.path("vm-after"), &[MIB], |_| {})
+            .await
+            .expect("start QEMU");
+    // Both names of `e2einvr` held by the first node (by the admin, before the second starts).
+    let first_node = sys.node.opts.name.clone();
+    for name in ["e2einvr", "e2einvr.node-second"] {
+        let (s, v) = sys
+            .api
+            .post(
+                "/api/v1/vms",
+                &json!({"vm_name": name, "node": first_node,
+                        "disks": [{"disk_key": 2000, "unit_number": 0, "size_bytes": MIB, "label": "d"}]}),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    clash.guest_write(0, 0x5c, 0, MIB / 2).await;
+    let second = sendense_tests::node::NodeProcess::start(
+        &super::sys::node_bin(),
+        super::sys::node_options(
+            &sys.hub,
+            &sys.path("second"),
+            "second",
+            vec![
+                ("e2einvb".to_string(), clash.node_qmp.clone()),
+                ("e2einvr".to_string(), refused.node_qmp.clone()),
+                ("e2einvz".to_string(), after.node_qmp.clone()),
+            ],
+            None,
+        ),
+    )
+    .expect("start the second node");
+    let t = std::time::Instant::now();
+    loop {
+        let (s, v) = sys.api.get("/api/v1/vms/e2einvz").await;
+        if s == 200 && v["node"] == "node-second" {
+            break;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(30),
+            "e2einvz not imported within 30 s ({s}: {v})\nsecond node log:\n{}",
+            second.stderr()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let first = sys.api.get_ok("/api/v1/vms/e2einvb").await;
+    assert_eq!(
+        first["node"],
+        json!(first_node),
+        "never a takeover: {first}"
+    );
+    assert!(first.get("node_vm_name").is_none(), "{first}");
+    let theirs = sys.api.get_ok("/api/v1/vms/e2einvb.node-second").await;
+    assert_eq!(theirs["node"], "node-second", "{theirs}");
+    assert_eq!(theirs["node_vm_name"], "e2einvb", "{theirs}");
+    assert_eq!(theirs["disks"][0]["size_bytes"], json!(MIB), "{theirs}");
+    // The second node names its VM as it knows it, and gets its own.
+    let nb = sys.hub.node_api("node-second").unwrap();
+    let (s, v) = nb.get("/api/v1/vms/e2einvb").await;
+    assert_eq!(
+        (s, &v["vm_name"]),
+        (200, &json!("e2einvb.node-second")),
+        "{v}"
+    );
+
+    // Each VM's full backup holds its own node's disk.
+    let at_clash = sys.path("clash-now.raw");
+    clash.copy_disk_now(0, &at_clash).await;
+    let done = super::sys::full_backup_completes(&sys.api, "e2einvb.node-second", &second).await;
+    let img = image_paths(&done);
+    assert!(
+        equal(&at_clash, &img[0]),
+        "the backup of e2einvb.node-second is not the second node's e2einvb disk"
+    );
+    let mine = sys.backup_completes("full").await;
+    assert_eq!(mine["vm_name"], "e2einvb", "{mine}");
+    assert!(
+        !equal(&at_clash, &image_paths(&mine)[0]),
+        "the first node's e2einvb backed up the second node's disk"
+    );
+
+    // The node's own push: the refusal said once, the loop not stuck retrying it.
+    let t = std::time::Instant::now();
+    while !second.stderr().contains("the hub refused this VM") {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(30),
+            "the refusal is not in the node's log:\n{}",
+            second.stderr()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let log = second.stderr();
+    assert!(log.contains("e2einvr"), "{log}");
+    assert!(
+        !log.contains("inventory push failed; retrying"),
+        "the node keeps retrying the refused VM:\n{log}"
+    );
 }

@@ -159,6 +159,7 @@ async fn squatters_on_both_forwards_get_no_credential_and_are_named() {
             nbd,
             hub_api: hub_port,
             reverse,
+            hub_nbd_dir: Some(hub.opts.data_dir.join("nbd")),
         },
     )
     .await;
@@ -184,6 +185,8 @@ async fn squatters_on_both_forwards_get_no_credential_and_are_named() {
             }),
             // A tunnel that comes back within 2 s once the port is free (default 30 s).
             extra_config: "[tunnel]\nretry_max_secs = 2\n".into(),
+            // The hub's export sockets, forwarded as streamlocal (the default).
+            args: super::sys::hub_nbd_dir_args(&hub.opts),
             ..NodeOptions::new(d.join("node"), "sqnode")
         },
     )
@@ -202,12 +205,15 @@ async fn squatters_on_both_forwards_get_no_credential_and_are_named() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // ssh dies; the squatters take both forwarded ports before the node's supervisor retries.
+    // The ssh of link 0 (the one carrying the API forwards; the others carry NBD slots only)
+    // dies; the squatters take both forwarded ports before the node's supervisor retries.
+    let (_, nt) = node.get("/tunnel").await;
+    let api_ssh = nt["links"][0]["pid"].as_u64().expect("link 0's ssh PID") as u32;
     let ssh = node.ssh_children();
-    assert_eq!(ssh.len(), 1, "{ssh:?}");
-    eprintln!("+ kill -KILL {} (the tunnel's ssh)", ssh[0]);
+    assert!(ssh.contains(&api_ssh), "{ssh:?} {nt}");
+    eprintln!("+ kill -KILL {api_ssh} (the tunnel's ssh of link 0)");
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(ssh[0] as i32),
+        nix::unistd::Pid::from_raw(api_ssh as i32),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();

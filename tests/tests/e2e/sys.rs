@@ -71,11 +71,22 @@ pub async fn full_backup_completes(api: &Api, vm: &str, node: &NodeProcess) -> V
     done
 }
 
-/// The hub's exports without TLS (`--nbd-tls false`): for tests whose second NBD client stands
-/// for a fault in the write path or the storage.
+/// The hub's exports without TLS (`--nbd-tls false`) on TCP (`--nbd-listen tcp`): for tests
+/// whose second NBD client (qemu-io at `nbd://127.0.0.1:PORT`) stands for a fault in the write
+/// path or the storage.
 pub fn plain_nbd(o: &mut HubOptions, _dir: &Path) {
     o.extra_args
         .extend(["--nbd-tls".to_string(), "false".to_string()]);
+    o.extra_args
+        .extend(["--nbd-listen".to_string(), "tcp".to_string()]);
+}
+
+/// The node's `--tunnel-hub-nbd-dir` for a test hub: its default `<data>/nbd`.
+pub fn hub_nbd_dir_args(hub: &HubOptions) -> Vec<String> {
+    vec![
+        "--tunnel-hub-nbd-dir".to_string(),
+        hub.data_dir.join("nbd").display().to_string(),
+    ]
 }
 
 pub fn quick_node_watch(o: &mut HubOptions, dir: &Path) {
@@ -92,6 +103,9 @@ pub fn quick_node_watch(o: &mut HubOptions, dir: &Path) {
 /// Adjusts the hub's options; gets the test's temporary directory (for config files, wrappers).
 pub type HubTweak = Box<dyn FnOnce(&mut HubOptions, &Path)>;
 
+/// Adjusts the node's options before it starts.
+pub type NodeTweak = Box<dyn FnOnce(&mut NodeOptions)>;
+
 /// How a system is started.
 #[derive(Default)]
 pub struct SysOptions {
@@ -100,6 +114,8 @@ pub struct SysOptions {
     pub ports: Option<u16>,
     /// Change the hub's options (PATH, config file, listen address).
     pub hub: Option<HubTweak>,
+    /// Change the node's options (environment, flags).
+    pub node: Option<NodeTweak>,
 }
 
 pub struct Sys {
@@ -142,17 +158,17 @@ impl Sys {
         )
         .await
         .expect("start QEMU");
-        let node = NodeProcess::start(
-            &node_bin(),
-            node_options(
-                &hub,
-                tmp.path(),
-                vm_name,
-                vec![(vm_name.to_string(), vm.node_qmp.clone())],
-                opts.throttle_bps,
-            ),
-        )
-        .expect("start sendense-node");
+        let mut nopts = node_options(
+            &hub,
+            tmp.path(),
+            vm_name,
+            vec![(vm_name.to_string(), vm.node_qmp.clone())],
+            opts.throttle_bps,
+        );
+        if let Some(f) = opts.node {
+            f(&mut nopts);
+        }
+        let node = NodeProcess::start(&node_bin(), nopts).expect("start sendense-node");
         let sys = Sys {
             hub,
             api,

@@ -77,20 +77,37 @@ async fn node_credentials_are_scoped_revoked_at_once_and_rotated_without_a_gap()
         "node:na",
     );
 
-    // Two nodes with a `web01`: the first keeps it, the second is refused, never a takeover.
+    // Two nodes with a `web01`: two VMs, never a takeover. The first keeps the name; the
+    // second's is `web01.nb` on the hub, and `web01` to its own node.
     let (s, v) = na.post("/api/v1/vms", &vm("web01", "na", MIB)).await;
     assert_eq!(s, 201, "{v}");
     let (s, v) = nb.post("/api/v1/vms", &vm("web01", "nb", 2 * MIB)).await;
-    assert_eq!(s, 409, "{v}");
-    assert_eq!(v["error"], "already_exists", "{v}");
-    let detail = v["detail"].as_str().unwrap();
-    assert!(
-        detail.contains("\"na\"") && detail.contains("not taken over"),
-        "{v}"
-    );
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["vm_name"], "web01.nb", "{v}");
+    assert_eq!(v["node_vm_name"], "web01", "{v}");
+    // Registered again (the next inventory): the same VM, not a third.
+    let (s, v) = nb.post("/api/v1/vms", &vm("web01", "nb", 2 * MIB)).await;
+    assert_eq!((s, &v["vm_name"]), (201, &json!("web01.nb")), "{v}");
     let web01 = admin.get_ok("/api/v1/vms/web01").await;
     assert_eq!(web01["node"], "na", "{web01}");
     assert_eq!(web01["disks"][0]["size_bytes"], MIB, "{web01}");
+    let theirs = admin.get_ok("/api/v1/vms/web01.nb").await;
+    assert_eq!(theirs["node"], "nb", "{theirs}");
+    assert_eq!(theirs["disks"][0]["size_bytes"], 2 * MIB, "{theirs}");
+    let listed = admin.get_ok("/api/v1/vms").await;
+    let named: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["vm_name"].as_str())
+        .filter(|n| n.starts_with("web01"))
+        .collect();
+    assert_eq!(named, ["web01", "web01.nb"], "{listed}");
+    // Each node reads its own `web01`.
+    let (s, v) = na.get("/api/v1/vms/web01").await;
+    assert_eq!((s, &v["node"]), (200, &json!("na")), "{v}");
+    let (s, v) = nb.get("/api/v1/vms/web01").await;
+    assert_eq!((s, &v["vm_name"]), (200, &json!("web01.nb")), "{v}");
     assert_forbidden(
         "a VM for another node",
         nb.post("/api/v1/vms", &vm("web02", "na", MIB)).await,
@@ -98,18 +115,23 @@ async fn node_credentials_are_scoped_revoked_at_once_and_rotated_without_a_gap()
     );
 
     // Another node's VM: not readable, not backed up.
-    let (s, v) = na.get("/api/v1/vms/web01").await;
-    assert_eq!((s, &v["node"]), (200, &json!("na")), "{v}");
+    let (s, v) = na.post("/api/v1/vms", &vm("db01", "na", MIB)).await;
+    assert_eq!(s, 201, "{v}");
     assert_forbidden(
         "another node's VM",
-        nb.get("/api/v1/vms/web01").await,
+        nb.get("/api/v1/vms/db01").await,
         "node:nb",
+    );
+    assert_forbidden(
+        "another node's VM by its hub name",
+        na.get("/api/v1/vms/web01.nb").await,
+        "node:na",
     );
     assert_forbidden(
         "a backup of another node's VM",
         nb.post(
             "/api/v1/backups",
-            &json!({"vm_name": "web01", "repository_id": "default", "backup_type": "full"}),
+            &json!({"vm_name": "db01", "repository_id": "default", "backup_type": "full"}),
         )
         .await,
         "node:nb",

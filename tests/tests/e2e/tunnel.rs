@@ -59,6 +59,7 @@ async fn a_full_backup_runs_through_the_tunnel() {
             nbd,
             hub_api: hub_port,
             reverse,
+            hub_nbd_dir: Some(hub.opts.data_dir.join("nbd")),
         },
     )
     .await;
@@ -79,6 +80,8 @@ async fn a_full_backup_runs_through_the_tunnel() {
                 hub_api_port: hub_port,
                 reverse_port: reverse,
             }),
+            // The hub's export sockets, forwarded as streamlocal (the default).
+            args: super::sys::hub_nbd_dir_args(&hub.opts),
             ..NodeOptions::new(d.join("node"), "tunnode")
         },
     )
@@ -142,6 +145,30 @@ async fn a_full_backup_runs_through_the_tunnel() {
     assert_eq!(t["live"], true, "{t}");
     assert_eq!(t["tunnel"]["state"], "up", "{t}");
     assert_eq!(t["tunnel"]["restarts"], 0, "{t}");
+    // Four ssh links by default (one per slot of the 4-slot range), each up; the hub hands out
+    // consecutive slots, so the two disks crossed two different links.
+    let links = t["tunnel"]["links"].as_array().expect("links");
+    assert_eq!(links.len(), 4, "{t}");
+    assert!(links.iter().all(|l| l["state"] == "up"), "{t}");
+    let carried: std::collections::BTreeSet<usize> = done["disk_results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let port = r["nbd_port"].as_u64().unwrap();
+            links
+                .iter()
+                .position(|l| {
+                    l["slots"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|p| p.as_u64() == Some(port))
+                })
+                .expect("a link carries the disk's slot")
+        })
+        .collect();
+    assert_eq!(carried.len(), 2, "both disks on one link: {t}");
     // SIGTERM: the node stops its ssh (in a process group of its own) before it exits.
     node.terminate(Duration::from_secs(15)).await;
     drop(sshd);

@@ -47,7 +47,7 @@ pub(super) async fn choose(
     else {
         return Ok(kind);
     };
-    match check_base(jm, node, backup_id, &vm.vm_name, p).await {
+    match check_base(jm, node, backup_id, vm.name_on_node(), p).await {
         BaseCheck::Refused(why) => Ok(Kind::full(
             None,
             Some(format!(

@@ -52,6 +52,7 @@ async fn a_due_repository_gets_a_scheduled_job_and_not_before() {
         log: JobLog::new(db.clone(), EventBus::new()),
         tasks: tokio_util::task::TaskTracker::new(),
         clock: clock.clone(),
+        boot_root: tmp.path().join("boot-checks"),
     });
     let s = Scheduler::new(verifier);
 

@@ -162,6 +162,7 @@ impl VsphereDriver {
                     backup_type: request.backup_type,
                     disks,
                     consistency: None,
+                    hardware: None,
                 },
                 Holding {
                     backup_id: request.backup_id.clone(),

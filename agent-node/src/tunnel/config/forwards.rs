@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::str::FromStr;
 use thiserror::Error;
 
@@ -67,10 +68,13 @@ impl fmt::Display for PortRange {
 }
 
 /// One port forward of the tunnel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Forward {
     /// Listens here on the node, leads to `to` on the hub.
     Local { listen: SocketAddr, to: SocketAddr },
+    /// A streamlocal forward: listens on the unix socket `listen` in the node's 0700 run
+    /// directory, leads to the hub's export socket `to`.
+    LocalUnix { listen: PathBuf, to: PathBuf },
     /// Listens on the hub's side, leads to `to` on the node.
     Remote { listen: SocketAddr, to: SocketAddr },
 }
@@ -89,6 +93,9 @@ impl fmt::Display for Forward {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Forward::Local { listen, to } => write!(f, "L {listen} -> {to}"),
+            Forward::LocalUnix { listen, to } => {
+                write!(f, "L {} -> {}", listen.display(), to.display())
+            }
             Forward::Remote { listen, to } => write!(f, "R {listen} -> {to}"),
         }
     }
