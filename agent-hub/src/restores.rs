@@ -535,8 +535,14 @@ impl Restores {
                 )
                 .await;
                 let me = self.clone();
+                let path = r.target.path.clone();
                 self.deps().tasks.spawn(async move {
-                    me.forward_cancel(&live).await;
+                    // The node deletes its partial image before it reports the end, and that
+                    // report finishes the restore: a restore seen `cancelled` left nothing on
+                    // the node either. Only a node that does not answer ends it here.
+                    if me.forward_cancel(&live).await {
+                        me.await_node_end(&live, &path).await;
+                    }
                     let mut held = live.held.lock().await;
                     me.finish(&live, &mut held, Outcome::Cancelled).await;
                 });

@@ -21,7 +21,7 @@ impl Restores {
             .collect();
         // All at once: each may wait for its node's answer to the cancel.
         futures_util::future::join_all(live.iter().map(|r| async move {
-            self.forward_cancel(r).await;
+            let _ = self.forward_cancel(r).await;
             let mut held = r.held.lock().await;
             self.finish(r, &mut held, Outcome::Failed(reason.to_string()))
                 .await;

@@ -125,9 +125,12 @@ impl Restores {
     }
 
     /// Tells the node to stop copying (best effort: its reads fail once the export is gone).
-    pub(super) async fn forward_cancel(&self, live: &LiveRestore) {
+    /// `true` when the node took the cancel (it then reports the restore's end).
+    pub(super) async fn forward_cancel(&self, live: &LiveRestore) -> bool {
         let t = Instant::now();
-        let (level, msg) = match self.deps().nodes.cancel_restore(&live.node, &live.id).await {
+        let answer = self.deps().nodes.cancel_restore(&live.node, &live.id).await;
+        let confirmed = answer.is_ok();
+        let (level, msg) = match answer {
             Ok(()) => (
                 Level::Info,
                 format!(
@@ -142,5 +145,32 @@ impl Restores {
             ),
         };
         self.event(live, level, "restore_node_cancel", msg).await;
+        confirmed
+    }
+
+    /// After a confirmed cancel: waits, at most `node_lost_after`, for the node's report of the
+    /// end, which it sends once its copy stopped and its partial image at `path` is deleted
+    /// (the report finishes the restore). A node that stays silent is named with what may
+    /// remain.
+    pub(super) async fn await_node_end(&self, live: &LiveRestore, path: &str) {
+        let bound = self.deps().node_lost_after;
+        if tokio::time::timeout(bound, live.ended.cancelled())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        self.event(
+            live,
+            Level::Warn,
+            "restore_node_cancel_unreported",
+            format!(
+                "node {} did not report the cancelled restore's end within {} s: its partial \
+                 image {path} may remain there (the node deletes it when its restore ends)",
+                live.node.name,
+                bound.as_secs()
+            ),
+        )
+        .await;
     }
 }

@@ -139,6 +139,12 @@ async fn restore_cancelled_mid_copy() {
     );
     let end = wait_restore_end(&sys, rid).await;
     assert_eq!(end["status"], "cancelled", "{end:#}");
+    // Cancelled means the node's side is gone too: it reports the end after deleting.
+    assert!(
+        !partial.exists(),
+        "restore {rid} is cancelled but the node still holds {}",
+        partial.display()
+    );
     assert_released(&sys, &end, pid, &partial).await;
     let ev = restore_events(&sys, rid).await;
     for step in ["restore_cancel_requested:", "restore_cancelled:"] {
