@@ -14,6 +14,11 @@
 //!   inserted first, so a port that is bound although no row holds it belongs to a foreign
 //!   process (an old binary, another service): it is skipped, logged and reported as squatted
 //!   until a later bind test finds it free.
+//! - A bind test cannot reserve a port: a foreign process may bind it between the test and
+//!   qemu-nbd's own bind. qemu-nbd then exits with "Address already in use", and the job moves
+//!   that disk to another port ([`PortAllocator::replace_taken`]): the new row is inserted while
+//!   the taken one is still held, so the taken port cannot come back, then the taken one is let
+//!   go and reported as squatted.
 //! - With the exports on unix sockets (`nbd_listen = "unix"`) the numbers are slot ids
 //!   ([`PortAllocator::slots_only`]): no TCP bind test, since nothing listens on TCP and a local
 //!   user binding the whole range must not be able to starve the hub of slots.
@@ -336,6 +341,24 @@ impl PortAllocator {
         for p in ports {
             map.remove(&p);
         }
+    }
+
+    /// `taken`, held by `backup` for `disk`, was bound by a foreign process after its bind test
+    /// (`detail` says how that showed): another port for the same disk, then `taken` is let go
+    /// and reported as squatted. Exhausted: `taken` stays held, the job's unwinding frees it.
+    pub async fn replace_taken(
+        &self,
+        backup: &BackupId,
+        disk: DiskKey,
+        taken: NbdPort,
+        detail: String,
+    ) -> Result<NbdPort, PortError> {
+        let got = self.allocate(backup, &[disk]).await?;
+        self.release_port(taken).await?;
+        self.note_squatted(&[(taken.0, detail)]);
+        tracing::warn!(backup = %backup, %disk, taken = taken.0, port = got[0].1.0,
+            "NBD port was taken by a process that is not ours after its bind test; moved");
+        Ok(got[0].1)
     }
 
     /// Releases every port of a job; returns how many rows were released.

@@ -147,6 +147,14 @@ pub enum QemuNbdError {
     },
 }
 
+impl QemuNbdError {
+    /// qemu-nbd could not bind its TCP port because another process holds it.
+    pub fn port_taken(&self) -> bool {
+        matches!(self, QemuNbdError::ExitedBeforeReady { stderr, .. }
+            if stderr.contains("Address already in use"))
+    }
+}
+
 /// What the unit tests of every part start from.
 #[cfg(test)]
 mod test_support {

@@ -11,23 +11,10 @@ use std::net::{IpAddr, Ipv4Addr, TcpListener};
 
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
-/// A window of `n` consecutive ports that all bind on 127.0.0.1 right now, below the kernel's
-/// ephemeral range so outgoing connections do not wander into it. Each call starts its search at
-/// a different place, so tests running in parallel (here or in other crates) rarely overlap; an
-/// overlap could only make a port look squatted, never hand it out twice.
+/// A window of `n` consecutive ports free on 127.0.0.1 and reserved for this test process.
 fn free_window(n: u16) -> PortRange {
-    let seed = uuid::Uuid::new_v4().as_u128();
-    let span = 30000 - 15000 - u32::from(n);
-    let mut first = 15000 + (seed % u128::from(span)) as u32;
-    for _ in 0..200 {
-        let f = first as u16;
-        let ok = (f..f + n).all(|p| TcpListener::bind((LOOPBACK, p)).is_ok());
-        if ok {
-            return PortRange::new(f, f + n - 1).unwrap();
-        }
-        first = 15000 + (first + u32::from(n) - 15000) % span;
-    }
-    panic!("no window of {n} free ports found on 127.0.0.1");
+    let (first, last) = sendense_tests::net::free_port_range(n);
+    PortRange::new(first, last).unwrap()
 }
 
 fn keys(n: i64) -> Vec<DiskKey> {
@@ -270,6 +257,53 @@ async fn a_squatted_port_is_skipped_and_reported() {
             alloc.view().await.unwrap().squatted.is_empty(),
             "a free port is no longer reported"
         );
+    })
+    .await;
+}
+
+/// A port taken by a foreign process after its bind test: the disk moves to the next free port
+/// (never the taken one), the taken one is let go and reported; with nowhere to move, the
+/// taken port stays held by the job (its unwinding frees it) and the answer says the range.
+#[tokio::test]
+async fn a_port_taken_after_its_bind_test_is_replaced() {
+    on_each_dialect("ports_taken", |t: TestDb| async move {
+        let range = free_window(3);
+        let alloc = PortAllocator::new(t.db.clone(), range, LOOPBACK);
+        let a = BackupId::from("a");
+        let got = alloc.allocate(&a, &keys(2)).await.unwrap();
+        let taken = got[0].1;
+        let thief = TcpListener::bind((LOOPBACK, taken.0)).expect("test takes the port");
+        let next = alloc
+            .replace_taken(&a, DiskKey(2000), taken, "qemu-nbd: in use".into())
+            .await
+            .unwrap();
+        assert_eq!(next, NbdPort(range.last));
+        assert_eq!(
+            held(&alloc).await,
+            [
+                (range.first + 1, "a".to_string(), 2001),
+                (range.last, "a".to_string(), 2000)
+            ]
+        );
+        let view = alloc.view().await.unwrap();
+        assert_eq!(view.squatted.len(), 1);
+        assert_eq!(view.squatted[0].port, taken);
+        assert_eq!(view.squatted[0].detail, "qemu-nbd: in use");
+
+        // Nowhere left: refused, and the disk keeps the port it had.
+        let e = alloc
+            .replace_taken(&a, DiskKey(2000), next, "again".into())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, PortError::Exhausted { .. }), "{e:?}");
+        assert!(e.to_string().contains(&range.to_string()), "{e}");
+        assert!(
+            held(&alloc)
+                .await
+                .contains(&(range.last, "a".to_string(), 2000))
+        );
+        drop(thief);
+        assert_eq!(alloc.release(&a).await.unwrap(), 2);
     })
     .await;
 }

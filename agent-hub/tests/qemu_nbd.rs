@@ -188,6 +188,10 @@ async fn a_missing_image_is_named_and_leaves_nothing() {
     assert_eq!(status, "exit status 1");
     assert!(stderr.contains("No such file or directory"), "{stderr}");
     assert!(
+        !err.port_taken(),
+        "a missing image is not a port to move from"
+    );
+    assert!(
         msg.contains(&format!("image {} not found", missing.display())),
         "{msg}"
     );
@@ -216,6 +220,7 @@ async fn a_port_held_by_another_listener_is_named() {
         msg.contains(&format!("port {port} already in use")),
         "{msg}"
     );
+    assert!(err.port_taken(), "a job moves this disk to another port");
     drop(squatter);
 }
 

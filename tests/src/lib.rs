@@ -43,6 +43,15 @@ pub mod vcsim;
 
 use std::path::PathBuf;
 
+/// The first file `name` in a directory of `PATH`.
+pub fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
 /// A binary of this workspace, next to the running test's `deps/` (or example's `examples/`)
 /// directory (`target/debug/<name>`). Tests in the crate that owns a binary should prefer
 /// `env!("CARGO_BIN_EXE_<name>")`.

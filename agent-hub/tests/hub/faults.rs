@@ -212,6 +212,131 @@ async fn a_squatted_port_is_skipped_and_reported() {
     drop(squatter);
 }
 
+/// A PATH directory whose `qemu-nbd`, on its first run only, has a listener bound on the port it
+/// was given (a python process, its PID in `squatter.pid`) before it runs the real qemu-nbd. It
+/// stands in for a fault that cannot be made on cue: a foreign process binding an export's port
+/// between the allocator's bind test and qemu-nbd's own bind. The real qemu-nbd then fails on the
+/// real bind.
+struct PortThief {
+    dir: tempfile::TempDir,
+}
+
+impl PortThief {
+    fn new() -> PortThief {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let real = sendense_tests::which("qemu-nbd").expect("qemu-nbd installed");
+        let script = format!(
+            r#"#!/bin/bash
+set -eu
+here=$(dirname "$0")
+if [ ! -e "$here/squatter.pid" ]; then
+  for a in "$@"; do case $a in --port=*) port=${{a#--port=}};; esac; done
+  python3 -c '
+import socket, sys, time
+s = socket.socket(); s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
+open(sys.argv[2], "w").write("bound")
+time.sleep(120)' "$port" "$here/squatting" &
+  echo $! > "$here/squatter.pid"
+  for _ in $(seq 200); do [ -e "$here/squatting" ] && break; sleep 0.05; done
+  echo "$port" > "$here/squatted-port"
+fi
+exec {real} "$@"
+"#,
+            real = real.display()
+        );
+        let path = dir.path().join("qemu-nbd");
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        PortThief { dir }
+    }
+
+    fn path_env(&self) -> (String, String) {
+        let path = std::env::var("PATH").unwrap_or_default();
+        (
+            "PATH".into(),
+            format!("{}:{path}", self.dir.path().display()),
+        )
+    }
+
+    fn squatted_port(&self) -> u16 {
+        let s = std::fs::read_to_string(self.dir.path().join("squatted-port"))
+            .expect("the wrapper ran and squatted a port");
+        s.trim().parse().unwrap()
+    }
+}
+
+impl Drop for PortThief {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.dir.path().join("squatter.pid"))
+            && let Ok(pid) = pid.trim().parse::<i32>()
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_port_taken_after_its_bind_test_moves_the_disk_to_another_port() {
+    let thief = PortThief::new();
+    let env = Env::start_with(|o| {
+        o.nbd_ports = Some(sendense_tests::net::free_port_range(4));
+        o.env.push(thief.path_env());
+    });
+    let srcs = env.vm_with_sources("movevm", &[2000]).await;
+    let (id, b) = env.backup("movevm", "full").await;
+    let taken = thief.squatted_port();
+    let port = disk(&b, 2000)["nbd_port"].as_u64().unwrap() as u16;
+    assert_ne!(port, taken, "{b}");
+    let (_, uri) = &targets(&b)[0];
+    assert!(
+        uri.contains(&format!(":{port}/")),
+        "target on the new port: {uri}"
+    );
+    let events = env.api.event_lines(&id).await;
+    assert!(
+        events.iter().any(|e| e.starts_with("port_taken:")
+            && e.contains(&format!("port {taken} was bound by another process"))
+            && e.contains(&format!("moved to port {port}"))),
+        "{events:#?}"
+    );
+    let view = env.api.get_ok("/api/v1/ports").await;
+    let held: Vec<u64> = view["allocations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["port"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        held,
+        vec![u64::from(port)],
+        "only the new port is held: {view}"
+    );
+    assert!(
+        view["squatted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["port"] == taken),
+        "the taken port is reported: {view}"
+    );
+    disks::nbdcopy_into(&srcs[0], uri);
+    let done = env
+        .complete_ok(
+            &id,
+            &json!({"status": "completed", "disks": [{"disk_key": 2000, "status": "completed"}]}),
+        )
+        .await;
+    env.assert_nothing_held(&done).await;
+    assert!(
+        disks::images_equal(&srcs[0], &image_paths(&done)[0]),
+        "the image on the moved port holds the source's bytes"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_repository_is_refused_before_anything_is_held() {
     let fs = sendense_tests::tmpfs::Tmpfs::mount("8m").expect("tmpfs (tests run as root)");

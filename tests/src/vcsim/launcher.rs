@@ -38,7 +38,7 @@ pub fn launcher_binary() -> anyhow::Result<PathBuf> {
     if bin.exists() {
         return Ok(bin);
     }
-    let go = which("go");
+    let go = crate::which("go");
     if go.is_none() || !Path::new(SIMULATOR_SRC).is_dir() {
         bail!(
             "the vSphere tests need Go and govmomi's simulator: install the Debian packages \
@@ -119,12 +119,4 @@ fn target_dir() -> PathBuf {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| profile_dir.to_path_buf())
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
 }

@@ -17,13 +17,8 @@ const BIND: &str = "127.0.0.2";
 
 /// `n` consecutive ports free on 127.0.0.1 and on 127.0.0.2.
 fn free_on_both(n: u16) -> (u16, u16) {
-    for _ in 0..100 {
-        let (a, b) = sendense_tests::net::free_port_range(n);
-        if (a..=b).all(|p| std::net::TcpListener::bind((BIND, p)).is_ok()) {
-            return (a, b);
-        }
-    }
-    panic!("no {n} ports free on both loopback addresses");
+    let ips = [std::net::Ipv4Addr::LOCALHOST, BIND.parse().unwrap()];
+    sendense_tests::net::free_port_range_on(n, &ips)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
