@@ -93,6 +93,41 @@ const JOB_COLUMNS: &str = "backup_id, vm_context_id, vm_name, backup_type, repos
 /// any subset: unused slots repeat the first status.
 const STATUS_SLOTS: usize = 8;
 
+/// A job table whose status moves by compare-and-set ([`Db::transition_job`]); made by
+/// [`job_table!`], so its statements are constants.
+pub(super) struct JobTable {
+    /// Binds: status, error, running flag, now, terminal flag, now, [terminal flag], id, slots.
+    pub update: &'static str,
+    pub exists: &'static str,
+    /// The `UPDATE` also clears a column on a terminal move (one more bind).
+    pub clears_on_end: bool,
+    /// What a missing row is called (`backup`, `restore`, ...).
+    pub what: &'static str,
+    pub doing: &'static str,
+}
+
+/// `job_table!(table, id column, what [, clears column])`: the [`JobTable`] of a job table.
+/// Sets `started_at` on the first move to `running`, `completed_at` (and clears the column) on
+/// a terminal move, `error_message` when given.
+macro_rules! job_table {
+    ($table:literal, $id:literal, $what:literal $(, clears $col:literal)?) => {
+        super::backups::JobTable {
+            update: concat!(
+                "UPDATE ", $table, " SET status = ?, error_message = COALESCE(?, error_message), \
+                 started_at = CASE WHEN ? = 1 AND started_at IS NULL THEN ? ELSE started_at END, \
+                 completed_at = CASE WHEN ? = 1 THEN ? ELSE completed_at END",
+                $(", ", $col, " = CASE WHEN ? = 1 THEN NULL ELSE ", $col, " END",)?
+                " WHERE ", $id, " = ? AND status IN (?, ?, ?, ?, ?, ?, ?, ?)"
+            ),
+            exists: concat!("SELECT COUNT(*) FROM ", $table, " WHERE ", $id, " = ?"),
+            clears_on_end: false $(|| !$col.is_empty())?,
+            what: $what,
+            doing: concat!("changing the status of a ", $what),
+        }
+    };
+}
+pub(super) use job_table;
+
 pub(super) fn status_slots(statuses: &[JobStatus]) -> Option<[&'static str; STATUS_SLOTS]> {
     let first = statuses.first()?;
     let mut slots = [first.as_str(); STATUS_SLOTS];
@@ -493,41 +528,52 @@ impl Db {
         to: JobStatus,
         error: Option<&str>,
     ) -> Result<bool, DbError> {
-        let doing = "changing a backup job's status";
+        const BACKUP: JobTable = job_table!("backup_jobs", "backup_id", "backup");
+        self.transition_job(&BACKUP, &id.0, from, to, error).await
+    }
+
+    /// The compare-and-set of every job table (see [`Db::transition_backup`]); `NotFound`
+    /// tells "not there" from "lost the race".
+    pub(super) async fn transition_job(
+        &self,
+        table: &JobTable,
+        id: &str,
+        from: &[JobStatus],
+        to: JobStatus,
+        error: Option<&str>,
+    ) -> Result<bool, DbError> {
         let Some(slots) = status_slots(from) else {
             return Ok(false);
         };
         let now = self.now_us();
-        let mut query = sqlx::query(
-            "UPDATE backup_jobs SET status = ?, \
-             error_message = COALESCE(?, error_message), \
-             started_at = CASE WHEN ? = 1 AND started_at IS NULL THEN ? ELSE started_at END, \
-             completed_at = CASE WHEN ? = 1 THEN ? ELSE completed_at END \
-             WHERE backup_id = ? AND status IN (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(to.as_str())
-        .bind(error)
-        .bind(i32::from(to == JobStatus::Running))
-        .bind(now)
-        .bind(i32::from(to.is_terminal()))
-        .bind(now)
-        .bind(&id.0);
+        let terminal = i32::from(to.is_terminal());
+        let mut query = sqlx::query(table.update)
+            .bind(to.as_str())
+            .bind(error)
+            .bind(i32::from(to == JobStatus::Running))
+            .bind(now)
+            .bind(terminal)
+            .bind(now);
+        if table.clears_on_end {
+            query = query.bind(terminal);
+        }
+        query = query.bind(id);
         for s in slots {
             query = query.bind(s);
         }
+        let doing = table.doing;
         let res = query.execute(self.pool()).await.map_err(q(doing))?;
         if res.rows_affected() > 0 {
             return Ok(true);
         }
-        let exists: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM backup_jobs WHERE backup_id = ?")
-                .bind(&id.0)
-                .fetch_one(self.pool())
-                .await
-                .map_err(q(doing))?;
+        let exists: i64 = sqlx::query_scalar(table.exists)
+            .bind(id)
+            .fetch_one(self.pool())
+            .await
+            .map_err(q(doing))?;
         if exists == 0 {
             return Err(DbError::NotFound {
-                what: format!("backup '{id}'"),
+                what: format!("{} '{id}'", table.what),
             });
         }
         Ok(false)

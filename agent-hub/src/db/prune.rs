@@ -238,31 +238,9 @@ impl Db {
         to: JobStatus,
         error: Option<&str>,
     ) -> Result<bool, DbError> {
-        let Some(slots) = super::backups::status_slots(from) else {
-            return Ok(false);
-        };
-        let now = self.now_us();
-        let mut query = sqlx::query(
-            "UPDATE prune_jobs SET status = ?, error_message = COALESCE(?, error_message), \
-             started_at = CASE WHEN ? = 1 AND started_at IS NULL THEN ? ELSE started_at END, \
-             completed_at = CASE WHEN ? = 1 THEN ? ELSE completed_at END \
-             WHERE prune_id = ? AND status IN (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(to.as_str())
-        .bind(error)
-        .bind(i32::from(to == JobStatus::Running))
-        .bind(now)
-        .bind(i32::from(to.is_terminal()))
-        .bind(now)
-        .bind(id);
-        for s in slots {
-            query = query.bind(s);
-        }
-        let res = query
-            .execute(self.pool())
-            .await
-            .map_err(q("changing a prune job's status"))?;
-        Ok(res.rows_affected() > 0)
+        const PRUNE: super::backups::JobTable =
+            super::backups::job_table!("prune_jobs", "prune_id", "prune job");
+        self.transition_job(&PRUNE, id, from, to, error).await
     }
 
     pub async fn set_prune_progress(

@@ -146,38 +146,13 @@ impl Db {
         to: JobStatus,
         error: Option<&str>,
     ) -> Result<bool, DbError> {
-        let doing = "changing a restore job's status";
-        let Some(slots) = super::backups::status_slots(from) else {
-            return Ok(false);
-        };
-        let now = self.now_us();
-        let terminal = i32::from(to.is_terminal());
-        let mut query = sqlx::query(
-            "UPDATE restore_jobs SET status = ?, \
-             error_message = COALESCE(?, error_message), \
-             started_at = CASE WHEN ? = 1 AND started_at IS NULL THEN ? ELSE started_at END, \
-             completed_at = CASE WHEN ? = 1 THEN ? ELSE completed_at END, \
-             nbd_port = CASE WHEN ? = 1 THEN NULL ELSE nbd_port END \
-             WHERE restore_id = ? AND status IN (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(to.as_str())
-        .bind(error)
-        .bind(i32::from(to == JobStatus::Running))
-        .bind(now)
-        .bind(terminal)
-        .bind(now)
-        .bind(terminal)
-        .bind(id);
-        for s in slots {
-            query = query.bind(s);
-        }
-        let res = query.execute(self.pool()).await.map_err(q(doing))?;
-        if res.rows_affected() > 0 {
-            return Ok(true);
-        }
-        // Tells "not there" from "lost the race".
-        self.get_restore(id).await?;
-        Ok(false)
+        const RESTORE: super::backups::JobTable = super::backups::job_table!(
+            "restore_jobs",
+            "restore_id",
+            "restore",
+            clears "nbd_port"
+        );
+        self.transition_job(&RESTORE, id, from, to, error).await
     }
 
     /// The port of the restore's export while it holds one.

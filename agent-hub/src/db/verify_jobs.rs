@@ -115,36 +115,9 @@ impl Db {
         to: JobStatus,
         error: Option<&str>,
     ) -> Result<bool, DbError> {
-        let Some(slots) = super::backups::status_slots(from) else {
-            return Ok(false);
-        };
-        let now = self.now_us();
-        let mut query = sqlx::query(
-            "UPDATE verify_jobs SET status = ?, \
-             error_message = COALESCE(?, error_message), \
-             started_at = CASE WHEN ? = 1 AND started_at IS NULL THEN ? ELSE started_at END, \
-             completed_at = CASE WHEN ? = 1 THEN ? ELSE completed_at END \
-             WHERE verify_id = ? AND status IN (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(to.as_str())
-        .bind(error)
-        .bind(i32::from(to == JobStatus::Running))
-        .bind(now)
-        .bind(i32::from(to.is_terminal()))
-        .bind(now)
-        .bind(id);
-        for s in slots {
-            query = query.bind(s);
-        }
-        let res = query
-            .execute(self.pool())
-            .await
-            .map_err(q("changing a verify job's status"))?;
-        if res.rows_affected() > 0 {
-            return Ok(true);
-        }
-        self.get_verify(id).await?;
-        Ok(false)
+        const VERIFY: super::backups::JobTable =
+            super::backups::job_table!("verify_jobs", "verify_id", "verify job");
+        self.transition_job(&VERIFY, id, from, to, error).await
     }
 
     /// Points, bytes and the corrupt points found so far.
