@@ -219,18 +219,37 @@ async fn a_squatted_port_is_skipped_and_reported() {
 /// real bind.
 struct PortThief {
     dir: tempfile::TempDir,
+    path_env: (String, String),
+}
+
+/// A PATH directory whose `qemu-nbd` runs the shell `prelude` (with the arguments as `$@`
+/// and the directory as `$here`), then the real qemu-nbd; and the `PATH` a hub gets to use it.
+fn wrap_qemu_nbd(prelude: &str) -> (tempfile::TempDir, (String, String)) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let real = sendense_tests::which("qemu-nbd").expect("qemu-nbd installed");
+    let script = format!(
+        "#!/bin/bash\nset -eu\nhere=$(dirname \"$0\")\n{prelude}\nexec {} \"$@\"\n",
+        real.display()
+    );
+    let path = dir.path().join("qemu-nbd");
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let env = (
+        "PATH".to_string(),
+        format!(
+            "{}:{}",
+            dir.path().display(),
+            std::env::var("PATH").unwrap_or_default()
+        ),
+    );
+    (dir, env)
 }
 
 impl PortThief {
     fn new() -> PortThief {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let real = sendense_tests::which("qemu-nbd").expect("qemu-nbd installed");
-        let script = format!(
-            r#"#!/bin/bash
-set -eu
-here=$(dirname "$0")
-if [ ! -e "$here/squatter.pid" ]; then
-  for a in "$@"; do case $a in --port=*) port=${{a#--port=}};; esac; done
+        let (dir, path_env) = wrap_qemu_nbd(
+            r#"if [ ! -e "$here/squatter.pid" ]; then
+  for a in "$@"; do case $a in --port=*) port=${a#--port=};; esac; done
   python3 -c '
 import socket, sys, time
 s = socket.socket(); s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
@@ -239,24 +258,9 @@ time.sleep(120)' "$port" "$here/squatting" &
   echo $! > "$here/squatter.pid"
   for _ in $(seq 200); do [ -e "$here/squatting" ] && break; sleep 0.05; done
   echo "$port" > "$here/squatted-port"
-fi
-exec {real} "$@"
-"#,
-            real = real.display()
+fi"#,
         );
-        let path = dir.path().join("qemu-nbd");
-        std::fs::write(&path, script).unwrap();
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        PortThief { dir }
-    }
-
-    fn path_env(&self) -> (String, String) {
-        let path = std::env::var("PATH").unwrap_or_default();
-        (
-            "PATH".into(),
-            format!("{}:{path}", self.dir.path().display()),
-        )
+        PortThief { dir, path_env }
     }
 
     fn squatted_port(&self) -> u16 {
@@ -284,7 +288,7 @@ async fn a_port_taken_after_its_bind_test_moves_the_disk_to_another_port() {
     let thief = PortThief::new();
     let env = Env::start_with(|o| {
         o.nbd_ports = Some(sendense_tests::net::free_port_range(4));
-        o.env.push(thief.path_env());
+        o.env.push(thief.path_env.clone());
     });
     let srcs = env.vm_with_sources("movevm", &[2000]).await;
     let (id, b) = env.backup("movevm", "full").await;
@@ -722,7 +726,10 @@ async fn cancel_while_preparing_unwinds_and_answers_the_start() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_while_finalizing_unwinds() {
-    let env = Env::start();
+    // The read-back's read-only qemu-nbd starts 3 s late, so the cancel below surely lands
+    // while the job is finalizing (on a loaded machine the read itself can end first).
+    let (_wrapper, path) = wrap_qemu_nbd(r#"case " $* " in *" --read-only "*) sleep 3;; esac"#);
+    let env = Env::start_with(|o| o.env.push(path));
     let srcs = env.vm_with_sources("finvm", &[2000]).await;
     let (id, b) = env.backup("finvm", "full").await;
     disks::nbdcopy_into(&srcs[0], &targets(&b)[0].1);
