@@ -19,6 +19,7 @@ mod prune;
 pub use policy_args::{PointCommand, PointsCommand, PolicyCommand};
 mod resources;
 mod restores;
+mod table;
 mod verify;
 
 use crate::config::{self, Overrides};
@@ -285,7 +286,7 @@ pub enum Command {
         .args(["backup", "vm", "repository"])
 ))]
 pub struct VerifyStart {
-    /// One backup point.
+    /// One backup point: its id, or the first 8 or more characters of it.
     #[arg(long, value_name = "ID")]
     backup: Option<String>,
     /// Every completed point of a VM.
@@ -336,6 +337,7 @@ pub enum VerifyCommand {
     },
     /// Ask the hub to cancel a verify job.
     Cancel {
+        /// Verify job id, or its first 8 or more characters.
         id: String,
         /// Print the verify job as JSON.
         #[arg(long)]
@@ -348,7 +350,7 @@ pub enum FilesCommand {
     /// Without PATH: the disk's partitions, LVM volumes and filesystems; with PATH: that
     /// directory's entries (type, mode, owner, size, mtime, link target).
     Ls {
-        /// The backup (point).
+        /// The backup (point): its id, or the first 8 or more characters of it.
         backup_id: String,
         /// Absolute path inside the filesystem.
         path: Option<std::ffi::OsString>,
@@ -365,7 +367,7 @@ pub enum FilesCommand {
     /// A file or directory of the point as a tar archive on stdout (never to a terminal):
     /// `files get ID /etc > etc.tar`. A symlink comes as a link.
     Get {
-        /// The backup (point).
+        /// The backup (point): its id, or the first 8 or more characters of it.
         backup_id: String,
         /// Absolute path inside the filesystem.
         path: std::ffi::OsString,
@@ -427,6 +429,7 @@ pub enum BackupCommand {
     },
     /// Ask the hub to cancel a backup.
     Cancel {
+        /// Backup id, or its first 8 or more characters.
         id: String,
         /// Print the backup as JSON.
         #[arg(long)]
@@ -449,7 +452,7 @@ pub enum RestoreCommand {
     /// Restore one disk of a completed backup into a new QCOW2 image on a node; prints the
     /// restore id.
     Start {
-        /// The backup (point) to restore.
+        /// The backup (point) to restore: its id, or the first 8 or more characters of it.
         backup_id: String,
         /// Name of the registered node that writes the image.
         #[arg(long)]
@@ -470,6 +473,7 @@ pub enum RestoreCommand {
     },
     /// Ask the hub to cancel a restore.
     Cancel {
+        /// Restore id, or its first 8 or more characters.
         id: String,
         /// Print the restore as JSON.
         #[arg(long)]
@@ -622,7 +626,10 @@ pub async fn run_command(client: &HubClient, command: Command) -> u8 {
                     fs,
                     path: path.map(std::os::unix::ffi::OsStringExt::into_vec),
                 };
-                files::ls(client, &backup_id, q, json).await
+                match table::resolve(client, table::Kind::Backup, &backup_id).await {
+                    Ok(id) => files::ls(client, &id, q, json).await,
+                    Err(code) => code,
+                }
             }
             FilesCommand::Get {
                 backup_id,
@@ -635,7 +642,10 @@ pub async fn run_command(client: &HubClient, command: Command) -> u8 {
                     fs,
                     path: Some(std::os::unix::ffi::OsStringExt::into_vec(path)),
                 };
-                files::get(client, &backup_id, q).await
+                match table::resolve(client, table::Kind::Backup, &backup_id).await {
+                    Ok(id) => files::get(client, &id, q).await,
+                    Err(code) => code,
+                }
             }
         },
         Command::Vms { json } => resources::vms(client, json).await,
@@ -667,7 +677,10 @@ pub async fn run_command(client: &HubClient, command: Command) -> u8 {
         }
         Command::Backup {
             command: BackupCommand::Cancel { id, json },
-        } => backups::cancel(client, &BackupId(id), json).await,
+        } => match table::resolve(client, table::Kind::Backup, &id).await {
+            Ok(id) => backups::cancel(client, &BackupId(id), json).await,
+            Err(code) => code,
+        },
         Command::Restores {
             command: RestoresCommand::List { json },
         } => restores::list(client, json).await,
@@ -682,6 +695,10 @@ pub async fn run_command(client: &HubClient, command: Command) -> u8 {
                     json,
                 },
         } => {
+            let backup_id = match table::resolve(client, table::Kind::Backup, &backup_id).await {
+                Ok(id) => id,
+                Err(code) => return code,
+            };
             let req = RestoreRequest {
                 backup_id: BackupId(backup_id),
                 disk_key: disk.map(DiskKey),
@@ -691,7 +708,10 @@ pub async fn run_command(client: &HubClient, command: Command) -> u8 {
         }
         Command::Restore {
             command: RestoreCommand::Cancel { id, json },
-        } => restores::cancel(client, &id, json).await,
+        } => match table::resolve(client, table::Kind::Restore, &id).await {
+            Ok(id) => restores::cancel(client, &id, json).await,
+            Err(code) => code,
+        },
         Command::Verify {
             command: Some(VerifyCommand::List { json }),
             ..
@@ -699,13 +719,23 @@ pub async fn run_command(client: &HubClient, command: Command) -> u8 {
         Command::Verify {
             command: Some(VerifyCommand::Cancel { id, json }),
             ..
-        } => verify::cancel(client, &id, json).await,
+        } => match table::resolve(client, table::Kind::Verify, &id).await {
+            Ok(id) => verify::cancel(client, &id, json).await,
+            Err(code) => code,
+        },
         Command::Verify {
             command: None,
             start,
         } => {
+            let backup_id = match &start.backup {
+                Some(given) => match table::resolve(client, table::Kind::Backup, given).await {
+                    Ok(id) => Some(BackupId(id)),
+                    Err(code) => return code,
+                },
+                None => None,
+            };
             let req = VerifyRequest {
-                backup_id: start.backup.map(BackupId),
+                backup_id,
                 vm_name: start.vm,
                 repository_id: start.repository,
                 boot: start.boot.then_some(BootCheckSpec {
@@ -749,7 +779,10 @@ pub async fn run_command(client: &HubClient, command: Command) -> u8 {
                 PointCommand::Protect { id, json } => (id, true, json),
                 PointCommand::Unprotect { id, json } => (id, false, json),
             };
-            prune::protect(client, &BackupId(id), on, json).await
+            match table::resolve(client, table::Kind::Backup, &id).await {
+                Ok(id) => prune::protect(client, &BackupId(id), on, json).await,
+                Err(code) => code,
+            }
         }
         Command::Prune {
             vm,

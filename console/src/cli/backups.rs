@@ -191,39 +191,45 @@ fn outcome(b: &Backup) -> u8 {
     }
 }
 
-/// The human table of `backups list`: columns as wide as their longest value (the hub's ids
-/// are UUIDs; scripts that need fields use `--json`).
+/// The human table of `backups list`, in 80 columns: short ids (a prefix every command taking
+/// an id accepts), the VM name cut to fit; scripts that need every field use `--json`.
 pub fn backups_table(list: &[Backup]) -> String {
-    let bytes = |b: &Backup| {
-        format!(
-            "{}/{}",
-            format::bytes(b.bytes_transferred),
-            format::bytes(b.total_bytes)
-        )
-    };
-    let width = |head: &str, f: &dyn Fn(&Backup) -> usize| {
-        list.iter().map(f).max().unwrap_or(0).max(head.len())
-    };
-    let wid = width("ID", &|b| b.backup_id.0.chars().count());
-    let wvm = width("VM", &|b| b.vm_name.chars().count());
-    let wby = width("BYTES", &|b| bytes(b).chars().count());
-    let mut out = format!(
-        "{:<wid$}  {:<wvm$}  {:<11}  {:<10}  {:>4}  {:>wby$}  {}\n",
-        "ID", "VM", "TYPE", "STATUS", "DONE", "BYTES", "CREATED"
-    );
+    use super::table::{Align::*, Cut, Table, short, short_len};
+    let len = short_len(list.iter().map(|b| b.backup_id.0.as_str()));
+    let mut t = Table::new(&[
+        ("ID", Left),
+        ("VM", Left),
+        ("TYPE", Left),
+        ("STATUS", Left),
+        ("DONE", Right),
+        ("BYTES", Right),
+        ("CREATED", Left),
+    ])
+    .flex(1, Cut::End);
     for b in list {
-        out.push_str(&format!(
-            "{:<wid$}  {:<wvm$}  {:<11}  {:<10}  {:>3}%  {:>wby$}  {}\n",
-            b.backup_id.0,
-            b.vm_name,
-            b.backup_type.as_str(),
-            b.status.as_str(),
-            format::percent(format::done_bytes(b), b.total_bytes),
-            bytes(b),
-            b.created_at.format("%Y-%m-%d %H:%M:%S")
-        ));
+        t.row(vec![
+            short(&b.backup_id.0, len),
+            b.vm_name.clone(),
+            type_word(b.backup_type).into(),
+            b.status.as_str().into(),
+            format!("{}%", format::percent(format::done_bytes(b), b.total_bytes)),
+            format!(
+                "{}/{}",
+                format::bytes(b.bytes_transferred),
+                format::bytes(b.total_bytes)
+            ),
+            format::stamp(b.created_at),
+        ]);
     }
-    out
+    t.render()
+}
+
+/// `full` or `incr`: the backup type in a table column.
+pub fn type_word(t: sendense_shared::api::BackupType) -> &'static str {
+    match t {
+        sendense_shared::api::BackupType::Full => "full",
+        sendense_shared::api::BackupType::Incremental => "incr",
+    }
 }
 
 #[cfg(test)]

@@ -396,14 +396,24 @@ pub fn policy_text(p: &Policy) -> String {
     rows.iter().map(|(k, v)| format!("{k:<13} {v}\n")).collect()
 }
 
-/// The runs of `policy show`, newest planned first.
+/// The runs of `policy show`, newest planned first, in 80 columns (the reason cut to fit).
 pub fn runs_table(runs: &[PolicyRun]) -> String {
-    let mut out = format!(
-        "{:<16}  {:<16}  {:<6}  {:<9}  {:<36}  {}\n",
-        "PLANNED", "VM", "KIND", "STATUS", "JOB", "REASON"
-    );
+    use super::table::{Align::*, Cut, Table, short, short_len};
     let mut runs: Vec<&PolicyRun> = runs.iter().collect();
     runs.sort_by_key(|r| std::cmp::Reverse(r.planned_at));
+    let len = short_len(
+        runs.iter()
+            .filter_map(|r| r.backup_id.as_ref().map(|b| b.0.as_str())),
+    );
+    let mut t = Table::new(&[
+        ("PLANNED", Left),
+        ("VM", Left),
+        ("KIND", Left),
+        ("STATUS", Left),
+        ("JOB", Left),
+        ("REASON", Left),
+    ])
+    .flex(5, Cut::End);
     for r in runs {
         let kind = if r.manual {
             "manual"
@@ -412,17 +422,19 @@ pub fn runs_table(runs: &[PolicyRun]) -> String {
         } else {
             "sched"
         };
-        out.push_str(&format!(
-            "{:<16}  {:<16}  {:<6}  {:<9}  {:<36}  {}\n",
+        t.row(vec![
             stamp(r.planned_at),
-            r.vm_name,
-            kind,
-            r.status.as_str(),
-            r.backup_id.as_ref().map(|b| b.0.as_str()).unwrap_or("-"),
-            r.reason.as_deref().unwrap_or("")
-        ));
+            format::truncate(&r.vm_name, 16),
+            kind.into(),
+            r.status.as_str().into(),
+            r.backup_id
+                .as_ref()
+                .map(|b| short(&b.0, len))
+                .unwrap_or_else(|| "-".into()),
+            r.reason.clone().unwrap_or_default(),
+        ]);
     }
-    out
+    t.render()
 }
 
 #[cfg(test)]

@@ -79,6 +79,7 @@ pub enum PointsCommand {
 pub enum PointCommand {
     /// Exempt a point from pruning and from the retention counts.
     Protect {
+        /// Backup id, or its first 8 or more characters.
         id: String,
         /// Print the backup as JSON.
         #[arg(long)]
@@ -86,6 +87,7 @@ pub enum PointCommand {
     },
     /// Let retention decide about the point again.
     Unprotect {
+        /// Backup id, or its first 8 or more characters.
         id: String,
         /// Print the backup as JSON.
         #[arg(long)]

@@ -25,36 +25,37 @@ fn kept_word(k: Option<KeepReason>) -> &'static str {
     }
 }
 
-/// The points table of `points list` and `prune --dry-run`, newest first.
+/// The points table of `points list` and `prune --dry-run`, newest first, in 80 columns.
 pub fn points_table(points: &[PrunePoint]) -> String {
-    let wid = points
-        .iter()
-        .map(|p| p.backup_id.0.chars().count())
-        .max()
-        .unwrap_or(0)
-        .max(2);
-    let mut out = format!(
-        "{:<16}  {:<wid$}  {:<11}  {:<9}  {:<9}  {:<16}  {:>10}  {:>10}\n",
-        "CREATED", "ID", "TYPE", "PROTECTED", "KEPT BY", "AT PRUNE", "BYTES", "FREES"
-    );
+    use super::table::{Align::*, Table, short, short_len};
+    let len = short_len(points.iter().map(|p| p.backup_id.0.as_str()));
+    let mut t = Table::new(&[
+        ("CREATED", Left),
+        ("ID", Left),
+        ("TYPE", Left),
+        ("PROT", Left),
+        ("KEPT BY", Left),
+        ("AT PRUNE", Left),
+        ("BYTES", Right),
+        ("FREES", Right),
+    ]);
     for p in points {
-        out.push_str(&format!(
-            "{:<16}  {:<wid$}  {:<11}  {:<9}  {:<9}  {:<16}  {:>10}  {:>10}\n",
-            p.created_at.format("%Y-%m-%d %H:%M"),
-            p.backup_id.0,
-            p.backup_type.as_str(),
-            if p.protected { "yes" } else { "-" },
-            kept_word(p.kept_by),
-            action_word(p.action),
+        t.row(vec![
+            format::stamp(p.created_at),
+            short(&p.backup_id.0, len),
+            super::backups::type_word(p.backup_type).into(),
+            if p.protected { "yes" } else { "-" }.into(),
+            kept_word(p.kept_by).into(),
+            action_word(p.action).into(),
             format::bytes(p.bytes_used),
             if p.bytes_freed > 0 {
                 format::bytes(p.bytes_freed)
             } else {
                 "-".into()
-            }
-        ));
+            },
+        ]);
     }
-    out
+    t.render()
 }
 
 /// `points list VM [--json]`.

@@ -135,43 +135,36 @@ fn outcome(r: &Restore) -> u8 {
     }
 }
 
-/// The human table of `restores list`, columns as wide as their longest value.
+/// The human table of `restores list`, in 80 columns: short ids, the target path cut at its
+/// start (the file name stays); sizes and dates are in `--json`.
 pub fn restores_table(list: &[Restore]) -> String {
-    let bytes = |r: &Restore| {
-        format!(
-            "{}/{}",
-            format::bytes(r.bytes_done),
-            format::bytes(r.bytes_total)
-        )
-    };
-    let target = |r: &Restore| format!("{}:{}", r.target.node, r.target.path);
-    let width = |head: &str, f: &dyn Fn(&Restore) -> usize| {
-        list.iter().map(f).max().unwrap_or(0).max(head.len())
-    };
-    let wid = width("ID", &|r| r.restore_id.chars().count());
-    let wbk = width("BACKUP", &|r| r.backup_id.0.chars().count());
-    let wvm = width("VM", &|r| r.vm_name.chars().count());
-    let wby = width("BYTES", &|r| bytes(r).chars().count());
-    let wta = width("TARGET", &|r| target(r).chars().count());
-    let mut out = format!(
-        "{:<wid$}  {:<wbk$}  {:<wvm$}  {:<5}  {:<10}  {:>4}  {:>wby$}  {:<wta$}  {}\n",
-        "ID", "BACKUP", "VM", "DISK", "STATUS", "DONE", "BYTES", "TARGET", "CREATED"
-    );
+    use super::table::{Align::*, Cut, Table, short, short_len};
+    let len = short_len(list.iter().map(|r| r.restore_id.as_str()));
+    let blen = short_len(list.iter().map(|r| r.backup_id.0.as_str()));
+    let mut t = Table::new(&[
+        ("ID", Left),
+        ("BACKUP", Left),
+        ("VM", Left),
+        ("DISK", Left),
+        ("STATUS", Left),
+        ("DONE", Right),
+        ("NODE", Left),
+        ("PATH", Left),
+    ])
+    .flex(7, Cut::Start);
     for r in list {
-        out.push_str(&format!(
-            "{:<wid$}  {:<wbk$}  {:<wvm$}  {:<5}  {:<10}  {:>3}%  {:>wby$}  {:<wta$}  {}\n",
-            r.restore_id,
-            r.backup_id.0,
-            r.vm_name,
+        t.row(vec![
+            short(&r.restore_id, len),
+            short(&r.backup_id.0, blen),
+            format::truncate(&r.vm_name, 16),
             r.disk_key.to_string(),
-            r.status.as_str(),
-            format::percent(r.bytes_done, r.bytes_total),
-            bytes(r),
-            target(r),
-            r.created_at.format("%Y-%m-%d %H:%M:%S")
-        ));
+            r.status.as_str().into(),
+            format!("{}%", format::percent(r.bytes_done, r.bytes_total)),
+            format::truncate(&r.target.node, 16),
+            r.target.path.clone(),
+        ]);
     }
-    out
+    t.render()
 }
 
 #[cfg(test)]
@@ -185,9 +178,10 @@ mod tests {
         assert_eq!(progress_line(&r), "r-5d1e8a40 running 25% 4.0 GiB/16.0 GiB");
         let table = restores_table(&[r]);
         let row = table.lines().nth(1).unwrap();
-        assert!(
-            row.starts_with("r-5d1e8a40  b-0a1b2c3d  pgtest1  2000   running      25%  4.0 GiB/16.0 GiB  node-a:/var/lib/libvirt/images/pgtest1-restored.qcow2  "),
+        assert_eq!(
+            row, "r-5d1e8a  b-0a1b2c  pgtest1  2000  running   25%  node-a  …gtest1-restored.qcow2",
             "{table}"
         );
+        assert!(table.lines().all(|l| l.chars().count() <= 80), "{table}");
     }
 }

@@ -133,41 +133,49 @@ fn corrupt_list(v: &VerifyJob) -> String {
         .join(",")
 }
 
-/// The human table of `verify list`, columns as wide as their longest value.
+/// The human table of `verify list`, in 80 columns: short ids, the scope's point by its short
+/// id, the corrupt points cut to fit (all of them, and the trigger, in `--json`).
 pub fn verify_table(list: &[VerifyJob]) -> String {
-    let points = |v: &VerifyJob| format!("{}/{}", v.points_done, v.points_total);
+    use super::table::{Align::*, Cut, Table, short, short_len};
+    let len = short_len(list.iter().map(|v| v.verify_id.as_str()));
+    let scope = |v: &VerifyJob| match v.scope.strip_prefix("backup:") {
+        Some(id) => format!("backup:{}", short(id, super::table::MIN_PREFIX)),
+        None => v.scope.clone(),
+    };
     let corrupt = |v: &VerifyJob| {
         if v.corrupt.is_empty() {
             "-".to_string()
         } else {
-            corrupt_list(v)
+            let ids: Vec<String> = v
+                .corrupt
+                .iter()
+                .map(|b| short(&b.0, super::table::MIN_PREFIX))
+                .collect();
+            ids.join(",")
         }
     };
-    let width = |head: &str, f: &dyn Fn(&VerifyJob) -> usize| {
-        list.iter().map(f).max().unwrap_or(0).max(head.len())
-    };
-    let wid = width("ID", &|v| v.verify_id.chars().count());
-    let wsc = width("SCOPE", &|v| v.scope.chars().count());
-    let wpo = width("POINTS", &|v| points(v).chars().count());
-    let wco = width("CORRUPT", &|v| corrupt(v).chars().count());
-    let mut out = format!(
-        "{:<wid$}  {:<wsc$}  {:<8}  {:<10}  {:>wpo$}  {:>10}  {:<wco$}  {}\n",
-        "ID", "SCOPE", "TRIGGER", "STATUS", "POINTS", "READ", "CORRUPT", "CREATED"
-    );
+    let mut t = Table::new(&[
+        ("ID", Left),
+        ("SCOPE", Left),
+        ("STATUS", Left),
+        ("POINTS", Right),
+        ("READ", Right),
+        ("CREATED", Left),
+        ("CORRUPT", Left),
+    ])
+    .flex(6, Cut::End);
     for v in list {
-        out.push_str(&format!(
-            "{:<wid$}  {:<wsc$}  {:<8}  {:<10}  {:>wpo$}  {:>10}  {:<wco$}  {}\n",
-            v.verify_id,
-            v.scope,
-            v.trigger,
-            v.status.as_str(),
-            points(v),
+        t.row(vec![
+            short(&v.verify_id, len),
+            format::truncate(&scope(v), 24),
+            v.status.as_str().into(),
+            format!("{}/{}", v.points_done, v.points_total),
             format::bytes(v.bytes_read),
+            format::stamp(v.created_at),
             corrupt(v),
-            v.created_at.format("%Y-%m-%d %H:%M:%S")
-        ));
+        ]);
     }
-    out
+    t.render()
 }
 
 #[cfg(test)]
@@ -204,7 +212,7 @@ mod tests {
         let table = verify_table(&[v]);
         let row = table.lines().nth(1).unwrap();
         assert!(
-            row.starts_with("v-1  vm:pgtest1  manual    completed      2/2     1.0 MiB  b-0a1b   2026-01-02 03:04:05"),
+            row == "v-1  vm:pgtest1  completed     2/2  1.0 MiB  01-02 03:04  b-0a1b",
             "{table}"
         );
         let clean = VerifyJob {

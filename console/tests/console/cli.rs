@@ -114,7 +114,7 @@ async fn backups_list_json_is_the_hubs_list() {
     assert_eq!(r.code, 0);
     assert!(r.stdout.starts_with("ID "), "{}", r.stdout);
     assert!(
-        r.stdout.contains("b-2") && r.stdout.contains("incremental"),
+        r.stdout.contains("b-2") && r.stdout.contains(" incr "),
         "{}",
         r.stdout
     );
@@ -513,7 +513,13 @@ async fn restores_list_json_is_the_hubs_list_and_refusals_are_named() {
     let r = sh.run(&["restores", "list"]).await;
     assert_eq!(r.code, 0);
     assert!(r.stdout.starts_with("ID "), "{}", r.stdout);
-    assert!(r.stdout.contains("node-b:/restore/b.qcow2"), "{}", r.stdout);
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l.starts_with("r-2 ") && l.ends_with("node-b  /restore/b.qcow2")),
+        "{}",
+        r.stdout
+    );
 
     // The hub refuses a restore of a backup that is not completed: its detail is shown.
     let r = sh
