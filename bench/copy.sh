@@ -67,19 +67,7 @@ one_run() {
             "nbd://127.0.0.1:$tp/dst" >"$WORK/out.txt" 2>&1 || ok=0 ;;
     esac
     end=$(date +%s.%N)
-    kill "$spid" "$tpid"
-    wait "$spid" "$tpid" 2>/dev/null || true
-    PIDS=()
-    if (( ! ok )); then
-        echo "$tool: copy failed:" >&2
-        head -c 2000 "$WORK/out.txt" >&2
-        exit 1
-    fi
-    if ! qemu-img compare -q -f qcow2 -F qcow2 "$src" "$dst"; then
-        echo "$tool: TARGET DIFFERS FROM SOURCE" >&2
-        exit 1
-    fi
-    python3 -c "print(f'{$end - $start:.3f}')"
+    copy_done "$tool" "$ok" "$src" "$dst" "$start" "$end"
 }
 
 # bench_case NAME SOURCE DATA_BYTES PAIRS

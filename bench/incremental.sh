@@ -84,20 +84,8 @@ one_run() {
             "${EXTRA[@]}" >"$WORK/out.txt" 2>&1 || ok=0 ;;
     esac
     end=$(date +%s.%N)
-    kill "$spid" "$tpid"
-    wait "$spid" "$tpid" 2>/dev/null || true
-    PIDS=()
-    if (( ! ok )); then
-        echo "$mode: copy failed:" >&2
-        head -c 2000 "$WORK/out.txt" >&2
-        exit 1
-    fi
-    if ! qemu-img compare -q -f qcow2 -F qcow2 "$src" "$dst"; then
-        echo "$mode: TARGET DIFFERS FROM SOURCE" >&2
-        exit 1
-    fi
     [[ $mode == grid && ${SHOW_GRID:-} ]] && grep grid "$WORK/out.txt" >&2
-    python3 -c "print(f'{$end - $start:.3f}')"
+    copy_done "$mode" "$ok" "$src" "$dst" "$start" "$end"
 }
 
 echo "load average at start: $(loadavg)"

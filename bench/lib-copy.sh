@@ -73,3 +73,25 @@ wait_socket() {
 }
 
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+
+# copy_done NAME OK SRC DST START END [WHAT]: the end of one timed copy. Stops the run's two
+# qemu-nbd (PIDS); exits naming NAME when the copy failed (the head of $WORK/out.txt) or when
+# DST does not read as SRC (WHAT says how, default "TARGET DIFFERS FROM SOURCE"); else prints
+# the seconds from START to END.
+copy_done() {
+    local name=$1 ok=$2 src=$3 dst=$4 start=$5 end=$6
+    local what=${7:-TARGET DIFFERS FROM SOURCE}
+    kill "${PIDS[@]}"
+    wait "${PIDS[@]}" 2>/dev/null || true
+    PIDS=()
+    if (( ! ok )); then
+        echo "$name: copy failed:" >&2
+        head -c 2000 "$WORK/out.txt" >&2
+        exit 1
+    fi
+    if ! qemu-img compare -q -f qcow2 -F qcow2 "$src" "$dst"; then
+        echo "$name: $what" >&2
+        exit 1
+    fi
+    python3 -c "print(f'{$end - $start:.3f}')"
+}

@@ -76,19 +76,7 @@ one_run() {
         nbdcopy) nbdcopy --destination-is-zero --flush "$from" "$to" >"$WORK/out.txt" 2>&1 || ok=0 ;;
     esac
     end=$(date +%s.%N)
-    kill "$spid" "$tpid"
-    wait "$spid" "$tpid" 2>/dev/null || true
-    PIDS=()
-    if (( ! ok )); then
-        echo "$tool: copy failed:" >&2
-        head -c 2000 "$WORK/out.txt" >&2
-        exit 1
-    fi
-    if ! qemu-img compare -q -f qcow2 -F qcow2 "$SRC" "$dst"; then
-        echo "$tool: RESTORED IMAGE DIFFERS FROM THE CHAIN" >&2
-        exit 1
-    fi
-    python3 -c "print(f'{$end - $start:.3f}')"
+    copy_done "$tool" "$ok" "$SRC" "$dst" "$start" "$end" "RESTORED IMAGE DIFFERS FROM THE CHAIN"
 }
 
 echo "load average at start: $(loadavg)"

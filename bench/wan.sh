@@ -99,19 +99,7 @@ one_run() {
         --destination-is-zero "${opts[@]}" "${EXTRA[@]}" >"$WORK/out.txt" 2>&1 || ok=0
     end=$(date +%s.%N)
     stop_relay
-    kill "$spid" "$tpid"
-    wait "$spid" "$tpid" 2>/dev/null || true
-    PIDS=()
-    if (( ! ok )); then
-        echo "mode $mode: copy failed:" >&2
-        head -c 2000 "$WORK/out.txt" >&2
-        exit 1
-    fi
-    if ! qemu-img compare -q -f qcow2 -F qcow2 "$SRC" "$dst"; then
-        echo "mode $mode: TARGET DIFFERS FROM SOURCE" >&2
-        exit 1
-    fi
-    python3 -c "print(f'{$end - $start:.3f}')"
+    copy_done "mode $mode" "$ok" "$SRC" "$dst" "$start" "$end"
 }
 
 # start_relay UPSTREAM_PORT [DELAY_MS]: a relay on RELAY_PORT in front of it (a fresh one per
