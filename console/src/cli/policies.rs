@@ -106,6 +106,21 @@ async fn resolve(client: &HubClient, arg: &str) -> Result<Policy, u8> {
             eprintln!("error: several policies are named {arg:?}: name one by its id");
             Err(exit::ERROR)
         }
+        (None, _)
+            if arg.len() >= super::table::MIN_PREFIX
+                && list.iter().any(|p| p.id.starts_with(arg)) =>
+        {
+            // The short id a table shows.
+            let id = super::table::pick("policy", arg, list.iter().map(|p| p.id.as_str()))
+                .map_err(|why| {
+                    eprintln!("error: {why}");
+                    exit::ERROR
+                })?;
+            Ok(list
+                .into_iter()
+                .find(|p| p.id == id)
+                .expect("picked from the list"))
+        }
         (None, _) => {
             let names: Vec<&str> = list.iter().map(|p| p.name.as_str()).collect();
             eprintln!(
@@ -318,52 +333,41 @@ fn next_run(p: &Policy) -> String {
     }
 }
 
-/// The human table of `policy list`, columns as wide as their longest value.
+/// The human table of `policy list`, in 80 columns: short ids, the cron expression (its time
+/// zone, the repository and the whole selector are in `policy show` and `--json`), the next run
+/// in UTC, the last run's outcome.
 pub fn policies_table(list: &[Policy]) -> String {
-    let cols: Vec<[String; 8]> = list
-        .iter()
-        .map(|p| {
-            [
-                p.id.clone(),
-                p.name.clone(),
-                format!("{} {}", p.schedule, p.timezone),
-                selector_summary(&p.vms),
-                p.repository_id.clone(),
-                next_run(p),
-                last_run(p),
-                p.queued.to_string(),
-            ]
-        })
-        .collect();
-    let head = [
-        "ID", "NAME", "SCHEDULE", "VMS", "REPO", "NEXT", "LAST RUN", "QUEUED",
-    ];
-    let width = |i: usize| {
-        cols.iter()
-            .map(|c| c[i].chars().count())
-            .max()
-            .unwrap_or(0)
-            .max(head[i].len())
-    };
-    let w: Vec<usize> = (0..8).map(width).collect();
-    let line = |c: &[&str]| {
-        let mut s = String::new();
-        for (i, v) in c.iter().enumerate() {
-            if i == 7 {
-                s.push_str(v);
-            } else {
-                s.push_str(&format!("{v:<w$}  ", w = w[i]));
-            }
-        }
-        s.push('\n');
-        s
-    };
-    let mut out = line(&head);
-    for c in &cols {
-        let refs: Vec<&str> = c.iter().map(String::as_str).collect();
-        out.push_str(&line(&refs));
+    use super::table::{Align::*, Cut, Table, short, short_len};
+    let len = short_len(list.iter().map(|p| p.id.as_str()));
+    let mut t = Table::new(&[
+        ("ID", Left),
+        ("NAME", Left),
+        ("SCHEDULE", Left),
+        ("VMS", Left),
+        ("NEXT UTC", Left),
+        ("LAST RUN", Left),
+        ("QUEUED", Right),
+    ])
+    .flex(3, Cut::End);
+    for p in list {
+        t.row(vec![
+            short(&p.id, len),
+            format::truncate(&p.name, 14),
+            format::truncate(&p.schedule, 13),
+            selector_summary(&p.vms),
+            match (p.enabled, p.next_run) {
+                (false, _) => "disabled".into(),
+                (true, Some(t)) => format::stamp(t),
+                (true, None) => "-".into(),
+            },
+            p.last_run
+                .as_ref()
+                .map(|r| r.status.as_str().to_string())
+                .unwrap_or_else(|| "-".into()),
+            p.queued.to_string(),
+        ]);
     }
-    out
+    t.render()
 }
 
 /// `policy show`: one field a line.

@@ -127,7 +127,19 @@ async fn create_from_flags_sends_them_and_prints_the_id() {
     let r = sh.run(&["policy", "list"]).await;
     assert!(r.stdout.starts_with("ID "), "{}", r.stdout);
     assert!(
-        r.stdout.contains("0 1 * * * Europe/London") && r.stdout.contains("disabled"),
+        r.stdout.contains("  0 1 * * *  ") && r.stdout.contains("disabled"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.lines().all(|l| l.chars().count() <= 80),
+        "{}",
+        r.stdout
+    );
+    // The time zone is in `policy show`.
+    let r = sh.run(&["policy", "show", "nightly"]).await;
+    assert!(
+        r.stdout.contains("0 1 * * * (Europe/London)"),
         "{}",
         r.stdout
     );

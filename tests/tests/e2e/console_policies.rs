@@ -188,6 +188,21 @@ async fn keys_protect_a_point_preview_and_run_a_prune() {
     assert_eq!(plan["bytes_freed"], 0, "{plan:#}");
     let (code, _, err) = console(&sys, &["policy", "show", &policy_id]);
     assert_eq!(code, 0, "{err}");
+    // The tables fit 80 columns and show the short id, which `policy show` takes.
+    for args in [
+        &["policy", "list"][..],
+        &["policy", "show", &policy_id[..8]],
+    ] {
+        let (code, out, err) = console(&sys, args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(out.contains("conpol-nightly"), "{args:?}: {out}");
+        for l in out.lines() {
+            assert!(
+                l.chars().count() <= 80,
+                "{args:?}: line over 80 columns: {l:?}"
+            );
+        }
+    }
 
     tmux.keys(&["q"]);
     let t = Instant::now();
