@@ -192,7 +192,8 @@ fn outcome(b: &Backup) -> u8 {
 }
 
 /// The human table of `backups list`, in 80 columns: short ids (a prefix every command taking
-/// an id accepts), the VM name cut to fit; scripts that need every field use `--json`.
+/// an id accepts), the VM name cut to fit, WRITTEN/SIZE the bytes the writer wrote of the disks'
+/// virtual size (an incremental writes a little of a large disk); every field is in `--json`.
 pub fn backups_table(list: &[Backup]) -> String {
     use super::table::{Align::*, Cut, Table, short, short_len};
     let len = short_len(list.iter().map(|b| b.backup_id.0.as_str()));
@@ -202,7 +203,7 @@ pub fn backups_table(list: &[Backup]) -> String {
         ("TYPE", Left),
         ("STATUS", Left),
         ("DONE", Right),
-        ("BYTES", Right),
+        ("WRITTEN/SIZE", Right),
         ("CREATED", Left),
     ])
     .flex(1, Cut::End);

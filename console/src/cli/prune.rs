@@ -36,7 +36,7 @@ pub fn points_table(points: &[PrunePoint]) -> String {
         ("PROT", Left),
         ("KEPT BY", Left),
         ("AT PRUNE", Left),
-        ("BYTES", Right),
+        ("STORED", Right),
         ("FREES", Right),
     ]);
     for p in points {
