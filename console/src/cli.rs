@@ -319,7 +319,7 @@ pub struct VerifyStart {
     #[arg(long, value_name = "SECS", requires = "boot")]
     boot_timeout: Option<u64>,
     /// Follow the job until it ends (progress on stderr); the exit status says how it ended
-    /// (3 when it found corrupt points).
+    /// (3 when it found corrupt points or, with --boot, a point that did not boot).
     #[arg(long)]
     wait: bool,
     /// Print the verify job as JSON instead of its id.

@@ -5,7 +5,7 @@
 
 use super::{exit, fail, follow, print_json};
 use crate::format;
-use sendense_shared::api::{JobStatus, VerifyJob, VerifyRequest};
+use sendense_shared::api::{Backup, BootStatus, JobStatus, VerifyJob, VerifyRequest};
 use sendense_shared::client::HubClient;
 
 /// `verify list [--json]`.
@@ -41,7 +41,7 @@ pub(super) async fn start(client: &HubClient, req: &VerifyRequest, wait: bool, j
     if !json {
         println!("{}", v.verify_id);
     }
-    follow(
+    let code = follow(
         &format!("verify job {}", v.verify_id),
         || client.verify_job(&v.verify_id),
         |v: &VerifyJob| v.status,
@@ -49,7 +49,45 @@ pub(super) async fn start(client: &HubClient, req: &VerifyRequest, wait: bool, j
         outcome,
         json,
     )
-    .await
+    .await;
+    if code != exit::OK || req.boot.is_none() {
+        return code;
+    }
+    // The job's end says what it read; whether its points booted is on the points.
+    match client.backups().await {
+        Ok(list) => boot_outcome(&v.verify_id, &list),
+        Err(e) => fail(&e),
+    }
+}
+
+/// How the boot checks of verify job `id` went, on the points of `list`: 0 when every point it
+/// booted came up, else 3 (`--wait`: failed), each point that did not named with its cause.
+fn boot_outcome(id: &str, list: &[Backup]) -> u8 {
+    let mut code = exit::OK;
+    for b in list {
+        let Some(c) = b.boot_check.as_deref().filter(|c| c.verify_id == id) else {
+            continue;
+        };
+        if c.status == BootStatus::BootOk {
+            eprintln!(
+                "point {} booted: {}",
+                b.backup_id,
+                c.detail.as_deref().unwrap_or("up")
+            );
+        } else {
+            eprintln!(
+                "point {} did not boot ({}): {}",
+                b.backup_id,
+                c.status.as_str(),
+                c.detail.as_deref().unwrap_or("no detail from the hub")
+            );
+            for line in c.console_tail.iter().rev().take(5).rev() {
+                eprintln!("  console: {line}");
+            }
+            code = exit::FAILED;
+        }
+    }
+    code
 }
 
 /// `verify cancel ID [--json]`.
@@ -199,6 +237,40 @@ mod tests {
             completed_at: None,
             error_message: None,
         }
+    }
+
+    #[test]
+    fn a_point_that_did_not_boot_fails_the_wait_and_other_jobs_checks_do_not_count() {
+        use sendense_shared::api::BootCheck;
+        use sendense_shared::ids::BackupId;
+        let check = |verify_id: &str, status| {
+            Some(Box::new(BootCheck {
+                status,
+                verify_id: verify_id.into(),
+                started_at: chrono::Utc::now(),
+                checked_at: None,
+                detail: Some("QEMU exited".into()),
+                console_tail: vec!["Failed to mount /dev/vda".into()],
+                boot_ms: None,
+                qemu_pid: None,
+            }))
+        };
+        let point = |id: &str, c| Backup {
+            backup_id: BackupId(id.into()),
+            boot_check: c,
+            ..crate::fixtures::vsphere_job()
+        };
+        let ok = point("b-ok", check("v-1", BootStatus::BootOk));
+        let other = point("b-other", check("v-0", BootStatus::BootFailed));
+        let none = point("b-none", None);
+        assert_eq!(
+            boot_outcome("v-1", &[ok.clone(), other.clone(), none]),
+            exit::OK
+        );
+        let bad = point("b-bad", check("v-1", BootStatus::BootFailed));
+        assert_eq!(boot_outcome("v-1", &[ok, bad, other]), exit::FAILED);
+        let cut = point("b-cut", check("v-1", BootStatus::Interrupted));
+        assert_eq!(boot_outcome("v-1", &[cut]), exit::FAILED);
     }
 
     #[test]

@@ -202,16 +202,43 @@ async fn boot_check_passes_a_good_point_and_fails_a_broken_root_with_its_console
     assert_eq!(s, 422, "{v}");
     assert!(v["detail"].as_str().unwrap().contains("boot.kernel"), "{v}");
 
-    // Both points at once: the good one boots, the broken one does not.
+    // Both points at once: the good one boots, the broken one does not. The broken one's check
+    // is started and followed by the CLI, which exits 3 naming the point and the cause.
     let t = Instant::now();
-    let ids = [
-        start_verify(&api, &points[0], boot.clone()).await,
-        start_verify(&api, &points[1], boot.clone()).await,
-    ];
-    for id in &ids {
-        let v = wait_verify(&api, id).await;
-        assert_eq!(v["status"], "completed", "{v:#}");
-    }
+    let good_check = start_verify(&api, &points[0], boot.clone()).await;
+    let mut cli = Command::new(sendense_tests::bin_path("sendense-console"));
+    cli.arg("--hub")
+        .arg(&hub.url)
+        .arg("--token-file")
+        .arg(hub.opts.data_dir.join("token"))
+        .args([
+            "verify",
+            "--backup",
+            &points[1][..8],
+            "--boot",
+            "--boot-kernel",
+        ])
+        .arg(&g.kernel)
+        .arg("--boot-initrd")
+        .arg(&g.initrd)
+        .args(["--boot-memory", "512", "--boot-timeout", "120", "--wait"])
+        .env("HOME", tmp.path())
+        .env_remove("SENDENSE_TOKEN");
+    let cli = tokio::task::spawn_blocking(move || cli.output().unwrap());
+    let v = wait_verify(&api, &good_check).await;
+    assert_eq!(v["status"], "completed", "{v:#}");
+    let out = cli.await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "verify --boot --wait of the broken point: {err}"
+    );
+    assert!(
+        err.contains(&format!("point {} did not boot (boot_failed)", points[1]))
+            && err.contains("QEMU exited"),
+        "the CLI names the point and the cause: {err}"
+    );
     eprintln!("two boot checks in {:.1} s", t.elapsed().as_secs_f64());
     let ok = api.get_ok(&format!("/api/v1/backups/{}", points[0])).await;
     let failed = api.get_ok(&format!("/api/v1/backups/{}", points[1])).await;
