@@ -607,8 +607,47 @@ fn fail(e: &ClientError) -> u8 {
     exit::ERROR
 }
 
+/// Every id argument of `command` that names a backup, restore or verify job, in place: a
+/// short id (a prefix, as the tables show) becomes the whole id ([`table::resolve`]).
+async fn resolve_ids(client: &HubClient, command: &mut Command) -> Result<(), u8> {
+    use table::Kind::{Backup, Restore, Verify};
+    let (kind, id) = match command {
+        Command::Files {
+            command: FilesCommand::Ls { backup_id, .. } | FilesCommand::Get { backup_id, .. },
+        }
+        | Command::Restore {
+            command: RestoreCommand::Start { backup_id, .. },
+        } => (Backup, backup_id),
+        Command::Backup {
+            command: BackupCommand::Cancel { id, .. },
+        }
+        | Command::Point {
+            command: PointCommand::Protect { id, .. } | PointCommand::Unprotect { id, .. },
+        } => (Backup, id),
+        Command::Verify {
+            command: None,
+            start: VerifyStart {
+                backup: Some(id), ..
+            },
+        } => (Backup, id),
+        Command::Restore {
+            command: RestoreCommand::Cancel { id, .. },
+        } => (Restore, id),
+        Command::Verify {
+            command: Some(VerifyCommand::Cancel { id, .. }),
+            ..
+        } => (Verify, id),
+        _ => return Ok(()),
+    };
+    *id = table::resolve(client, kind, id).await?;
+    Ok(())
+}
+
 /// Run one subcommand; returns the exit status.
-pub async fn run_command(client: &HubClient, command: Command) -> u8 {
+pub async fn run_command(client: &HubClient, mut command: Command) -> u8 {
+    if let Err(code) = resolve_ids(client, &mut command).await {
+        return code;
+    }
     match command {
         Command::Backups {
             command: BackupsCommand::List { json },
@@ -626,10 +665,7 @@ pub async fn run_command(client: &HubClient, command: Command) -> u8 {
                     fs,
                     path: path.map(std::os::unix::ffi::OsStringExt::into_vec),
                 };
-                match table::resolve(client, table::Kind::Backup, &backup_id).await {
-                    Ok(id) => files::ls(client, &id, q, json).await,
-                    Err(code) => code,
-                }
+                files::ls(client, &backup_id, q, json).await
             }
             FilesCommand::Get {
                 backup_id,
@@ -642,10 +678,7 @@ pub async fn run_command(client: &HubClient, command: Command) -> u8 {
                     fs,
                     path: Some(std::os::unix::ffi::OsStringExt::into_vec(path)),
                 };
-                match table::resolve(client, table::Kind::Backup, &backup_id).await {
-                    Ok(id) => files::get(client, &id, q).await,
-                    Err(code) => code,
-                }
+                files::get(client, &backup_id, q).await
             }
         },
         Command::Vms { json } => resources::vms(client, json).await,
@@ -677,10 +710,7 @@ pub async fn run_command(client: &HubClient, command: Command) -> u8 {
         }
         Command::Backup {
             command: BackupCommand::Cancel { id, json },
-        } => match table::resolve(client, table::Kind::Backup, &id).await {
-            Ok(id) => backups::cancel(client, &BackupId(id), json).await,
-            Err(code) => code,
-        },
+        } => backups::cancel(client, &BackupId(id), json).await,
         Command::Restores {
             command: RestoresCommand::List { json },
         } => restores::list(client, json).await,
@@ -695,10 +725,6 @@ pub async fn run_command(client: &HubClient, command: Command) -> u8 {
                     json,
                 },
         } => {
-            let backup_id = match table::resolve(client, table::Kind::Backup, &backup_id).await {
-                Ok(id) => id,
-                Err(code) => return code,
-            };
             let req = RestoreRequest {
                 backup_id: BackupId(backup_id),
                 disk_key: disk.map(DiskKey),
@@ -708,10 +734,7 @@ pub async fn run_command(client: &HubClient, command: Command) -> u8 {
         }
         Command::Restore {
             command: RestoreCommand::Cancel { id, json },
-        } => match table::resolve(client, table::Kind::Restore, &id).await {
-            Ok(id) => restores::cancel(client, &id, json).await,
-            Err(code) => code,
-        },
+        } => restores::cancel(client, &id, json).await,
         Command::Verify {
             command: Some(VerifyCommand::List { json }),
             ..
@@ -719,23 +742,13 @@ pub async fn run_command(client: &HubClient, command: Command) -> u8 {
         Command::Verify {
             command: Some(VerifyCommand::Cancel { id, json }),
             ..
-        } => match table::resolve(client, table::Kind::Verify, &id).await {
-            Ok(id) => verify::cancel(client, &id, json).await,
-            Err(code) => code,
-        },
+        } => verify::cancel(client, &id, json).await,
         Command::Verify {
             command: None,
             start,
         } => {
-            let backup_id = match &start.backup {
-                Some(given) => match table::resolve(client, table::Kind::Backup, given).await {
-                    Ok(id) => Some(BackupId(id)),
-                    Err(code) => return code,
-                },
-                None => None,
-            };
             let req = VerifyRequest {
-                backup_id,
+                backup_id: start.backup.map(BackupId),
                 vm_name: start.vm,
                 repository_id: start.repository,
                 boot: start.boot.then_some(BootCheckSpec {
@@ -779,10 +792,7 @@ pub async fn run_command(client: &HubClient, command: Command) -> u8 {
                 PointCommand::Protect { id, json } => (id, true, json),
                 PointCommand::Unprotect { id, json } => (id, false, json),
             };
-            match table::resolve(client, table::Kind::Backup, &id).await {
-                Ok(id) => prune::protect(client, &BackupId(id), on, json).await,
-                Err(code) => code,
-            }
+            prune::protect(client, &BackupId(id), on, json).await
         }
         Command::Prune {
             vm,
