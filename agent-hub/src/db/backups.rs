@@ -110,6 +110,8 @@ pub(super) struct JobTable {
 /// Sets `started_at` on the first move to `running`, `completed_at` (and clears the column) on
 /// a terminal move, `error_message` when given.
 macro_rules! job_table {
+    (@clears) => { false };
+    (@clears $col:literal) => { true };
     ($table:literal, $id:literal, $what:literal $(, clears $col:literal)?) => {
         super::backups::JobTable {
             update: concat!(
@@ -120,7 +122,7 @@ macro_rules! job_table {
                 " WHERE ", $id, " = ? AND status IN (?, ?, ?, ?, ?, ?, ?, ?)"
             ),
             exists: concat!("SELECT COUNT(*) FROM ", $table, " WHERE ", $id, " = ?"),
-            clears_on_end: false $(|| !$col.is_empty())?,
+            clears_on_end: super::backups::job_table!(@clears $($col)?),
             what: $what,
             doing: concat!("changing the status of a ", $what),
         }

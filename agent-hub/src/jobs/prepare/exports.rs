@@ -30,10 +30,10 @@ pub(super) async fn start_exports(
             .find(|p| p.0 == d.disk_key)
             .map(|p| p.1)
             .expect("a port per disk");
-        let (cfg, id) = (cfg.clone(), id.clone());
+        let (cfg, id) = (&cfg, &id);
         async move {
             let t = Instant::now();
-            let (r, port) = start_one(jm, &cfg, &id, d, first).await;
+            let (r, port) = start_one(jm, cfg, id, d, first).await;
             (r, t.elapsed(), port)
         }
     }))
