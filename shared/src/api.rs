@@ -9,6 +9,7 @@
 //! - `backups`: backup jobs, on the hub and on the node, and what a node reports of one;
 //! - `hardware`: a QEMU VM's hardware as recorded at backup time ([`VmHardware`]);
 //! - `restores`: restore jobs, likewise;
+//! - `recoveries`: instant recoveries (a point booted on a node while its disks stream home);
 //! - `system`: NBD port allocations and qemu-nbd processes;
 //! - `nodes`: registration, tunnel state, inventory;
 //! - `policies`: backup policies, their runs, retention, prune plans and jobs, repository
@@ -28,6 +29,7 @@ mod integrity;
 mod nodes;
 pub mod openapi;
 mod policies;
+mod recoveries;
 mod restores;
 mod system;
 mod vms;
@@ -52,6 +54,10 @@ pub use policies::{
     BackupRule, ChainLimit, DEFAULT_QUEUE_WINDOW_SECS, KeepReason, Policy, PolicyRequest,
     PolicyRun, PruneAction, PruneJob, PrunePlan, PrunePoint, PruneRequest, RepositorySpace,
     Retention, RunStatus, VmSelector, VmSpace,
+};
+pub use recoveries::{
+    NodeRecoveryDisk, NodeRecoveryStart, NodeRecoveryState, Recovery, RecoveryCompletion,
+    RecoveryDisk, RecoveryDiskProgress, RecoveryRequest,
 };
 pub use restores::{
     NodeRestoreStart, NodeRestoreState, Restore, RestoreCompletion, RestoreProgress,
