@@ -28,7 +28,7 @@ use crate::node_client::{NodeAddr, NodeClient};
 use crate::ports::{PortAllocator, PortError};
 use crate::qemu_nbd::{ExportSpec, QemuNbd, QemuNbdConfig, QemuNbdError};
 use sendense_shared::api::{
-    HubEvent, JobStatus, NodeRestoreStart, ProcessInfo, Restore, RestoreRequest,
+    HubEvent, JobStatus, NodeRestoreStart, ProcessInfo, Restore, RestoreRequest, RestoreTarget,
 };
 use sendense_shared::errors::chain;
 use sendense_shared::ids::{BackupId, NbdPort};
@@ -139,6 +139,8 @@ struct LiveRestore {
     id: String,
     backup_id: BackupId,
     node: NodeAddr,
+    /// Into a VM's disk: that VM's name on the node.
+    replace_vm: Option<String>,
     /// Fired once `finish` has run: the watcher stops.
     ended: CancellationToken,
     last_report: Mutex<Instant>,
@@ -174,7 +176,7 @@ mod reports;
 mod request;
 mod truth;
 
-use request::{check_restorable, check_target_path, pick_disk};
+use request::{check_restorable, check_target_path, pick_disk, replace_target};
 
 impl Restores {
     pub fn new(deps: RestoreDeps) -> Self {
@@ -276,7 +278,9 @@ impl Restores {
                 detail: e.to_string(),
             }
         })?;
-        check_target_path(&req.target.path)?;
+        if req.target.vm.is_none() {
+            check_target_path(&req.target.path)?;
+        }
         let backup = match db.get_backup(&req.backup_id).await {
             Ok(b) => b,
             Err(DbError::NotFound { .. }) => {
@@ -292,6 +296,28 @@ impl Restores {
                 path: disk.qcow2_path.clone(),
             });
         }
+        let (target, replace_vm) = match &req.target.vm {
+            None => (req.target.clone(), None),
+            Some(name) => {
+                let vm = match db.get_vm(name).await {
+                    Ok(v) => v,
+                    Err(DbError::NotFound { .. }) => {
+                        return Err(RestoreError::Invalid {
+                            detail: format!(
+                                "target.vm: no VM named {name:?} (GET /api/v1/vms lists them)"
+                            ),
+                        });
+                    }
+                    Err(e) => return Err(Self::db_err("-", "reading the target VM")(e)),
+                };
+                let (path, on_node) = replace_target(&backup, &disk, &req.target, &vm)?;
+                let target = RestoreTarget {
+                    path,
+                    ..req.target.clone()
+                };
+                (target, Some(on_node))
+            }
+        };
         let node = match db.get_node(&req.target.node).await {
             Ok(n) => NodeAddr::from(&n),
             Err(DbError::NotFound { .. }) => {
@@ -307,7 +333,7 @@ impl Restores {
             backup_id: backup.backup_id.clone(),
             vm_name: backup.vm_name.clone(),
             disk_key: disk.disk_key,
-            target: req.target.clone(),
+            target: target.clone(),
             status: JobStatus::Preparing,
             source_qcow2: disk.qcow2_path.clone(),
             nbd_port: None,
@@ -349,6 +375,7 @@ impl Restores {
             id: restore_id.clone(),
             backup_id: backup.backup_id.clone(),
             node,
+            replace_vm,
             ended: CancellationToken::new(),
             last_report: Mutex::new(Instant::now()),
             held: tokio::sync::Mutex::new(Held::default()),
@@ -363,8 +390,15 @@ impl Restores {
             Level::Info,
             "restore_created",
             format!(
-                "restore {restore_id} of disk {} ({}) requested; node {} writes it into {}",
-                disk.disk_key, disk.qcow2_path, req.target.node, req.target.path
+                "restore {restore_id} of disk {} ({}) requested; node {} writes it into {}{}",
+                disk.disk_key,
+                disk.qcow2_path,
+                target.node,
+                target.path,
+                match &target.vm {
+                    Some(vm) => format!(" (the disk of VM {vm}, replaced once read back equal)"),
+                    None => String::new(),
+                }
             ),
         )
         .await;
@@ -488,6 +522,7 @@ impl Restores {
             path: row.target.path.clone(),
             size_bytes: row.bytes_total,
             checksum_grid: Some(sendense_shared::api::DEFAULT_GRID_CELL),
+            replace_vm: live.replace_vm.clone(),
         })
     }
 

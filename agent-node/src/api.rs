@@ -175,7 +175,7 @@ pub async fn serve(
     request_body = sendense_shared::api::NodeRestoreStart,
     responses(
         (status = 202, description = "The restore", body = sendense_shared::api::NodeRestoreState),
-        (status = 409, description = "The restore id is used (`already_exists`)", body = sendense_shared::api::ErrorBody)
+        (status = 409, description = "The restore id is used (`already_exists`), or `replace_vm` runs (`vm_busy`)", body = sendense_shared::api::ErrorBody)
     )
 )]
 async fn restore_start(
@@ -191,8 +191,12 @@ async fn restore_start(
         Err(e @ RestoreError::ShuttingDown) => {
             Err(ApiError::new(ErrorCode::ShuttingDown, e.to_string()))
         }
+        Err(e @ RestoreError::Replace(crate::restore::replace::ReplaceError::Running { .. })) => {
+            Err(ApiError::new(ErrorCode::VmBusy, e.to_string()))
+        }
         Err(
             e @ (RestoreError::Id(_)
+            | RestoreError::Replace(_)
             | RestoreError::Path { .. }
             | RestoreError::Source(_)
             | RestoreError::SourceExport { .. }

@@ -92,7 +92,11 @@ pub async fn run(
         jobs: jobs.clone(),
         tunnel: tunnel.clone(),
         // On the backups' context: one tracker drained below, one tunnel routing.
-        restores: crate::restore::Restores::new(jobs.context().clone(), config.run_dir.clone()),
+        restores: crate::restore::Restores::with_vms(
+            jobs.context().clone(),
+            config.run_dir.clone(),
+            config.vms.clone(),
+        ),
     });
     tracing::info!(name = %config.name, %api_url, vms = config.vms.len(), "node serving");
     crate::api::serve(listener, state, shutdown.clone()).await?;

@@ -22,11 +22,15 @@
 //! A failed or cancelled restore (a shutdown cancels it too) stops its qemu-nbd and deletes the
 //! image it created: a partial image is never left looking like a restored disk. A node killed
 //! mid-restore leaves its journal; start-up recovery ([`recovery`]) stops the qemu-nbd it names
-//! (after checking `/proc/PID/cmdline`) and deletes the partial image. Writing into an existing
-//! (powered-off) VM's disk is not offered.
+//! (after checking `/proc/PID/cmdline`) and deletes the partial image.
+//!
+//! With `replace_vm` the restore goes into a powered-off VM's own disk ([`replace`]): refused
+//! while the VM runs, written beside the disk in its format and renamed over it only once read
+//! back equal.
 
 pub mod journal;
 pub mod recovery;
+pub mod replace;
 mod run;
 
 use crate::copy::DiskCounters;
@@ -64,6 +68,8 @@ pub enum RestoreError {
     Size,
     #[error("restore id {0} was already used")]
     Duplicate(String),
+    #[error(transparent)]
+    Replace(#[from] replace::ReplaceError),
     #[error("node is shutting down")]
     ShuttingDown,
 }
@@ -92,6 +98,8 @@ pub struct RestoreJob {
     req: NodeRestoreStart,
     /// The hub's export as this node reaches it (routed).
     source: NbdAddr,
+    /// With `replace_vm`: that VM's QMP socket (checked again before the swap).
+    vm_qmp: Option<PathBuf>,
     counters: Arc<DiskCounters>,
     verified: AtomicU64,
     cancel: CancellationToken,
@@ -189,15 +197,27 @@ impl RestoreJob {
 pub struct Restores {
     ctx: Arc<JobContext>,
     run_dir: PathBuf,
+    /// The node's VMs by name (their QMP sockets): what `replace_vm` may name.
+    vms: std::collections::BTreeMap<String, PathBuf>,
     jobs: Mutex<Vec<Arc<RestoreJob>>>,
 }
 
 impl Restores {
     /// Restores on `ctx` (the one the backups run on), their sockets and journals in `run_dir`.
     pub fn new(ctx: Arc<JobContext>, run_dir: PathBuf) -> Arc<Self> {
+        Self::with_vms(ctx, run_dir, Default::default())
+    }
+
+    /// As [`Restores::new`], with the node's VMs (name → QMP socket) a restore may write into.
+    pub fn with_vms(
+        ctx: Arc<JobContext>,
+        run_dir: PathBuf,
+        vms: std::collections::BTreeMap<String, PathBuf>,
+    ) -> Arc<Self> {
         Arc::new(Restores {
             ctx,
             run_dir,
+            vms,
             jobs: Mutex::new(Vec::new()),
         })
     }
@@ -220,14 +240,24 @@ impl Restores {
         if self.get(&req.restore_id).is_some() {
             return Err(RestoreError::Duplicate(req.restore_id));
         }
-        check_path(&req.path)?;
+        match &req.replace_vm {
+            Some(vm) => {
+                replace::check(vm, self.vms.get(vm).map(PathBuf::as_path), &req.path)?;
+            }
+            None => check_path(&req.path)?,
+        }
         let source = self.ctx.route(source_addr(&req)?);
         if req.size_bytes == 0 {
             return Err(RestoreError::Size);
         }
+        let vm_qmp = req
+            .replace_vm
+            .as_ref()
+            .and_then(|v| self.vms.get(v).cloned());
         let job = Arc::new(RestoreJob {
             req,
             source,
+            vm_qmp,
             counters: DiskCounters::new(),
             verified: AtomicU64::new(0),
             cancel: self.ctx.shutdown.child_token(),
@@ -372,6 +402,7 @@ mod tests {
             path: "/tmp/r.qcow2".into(),
             size_bytes: 1,
             checksum_grid: None,
+            replace_vm: None,
         }
     }
 

@@ -728,7 +728,11 @@ pub async fn run_command(client: &HubClient, mut command: Command) -> u8 {
             let req = RestoreRequest {
                 backup_id: BackupId(backup_id),
                 disk_key: disk.map(DiskKey),
-                target: RestoreTarget { node, path },
+                target: RestoreTarget {
+                    node,
+                    path,
+                    vm: None,
+                },
             };
             restores::start(client, &req, wait, json).await
         }

@@ -12,7 +12,7 @@ use sqlx::any::AnyRow;
 macro_rules! select {
     ($rest:literal) => {
         concat!(
-            "SELECT restore_id, backup_id, vm_name, disk_key, target_node, target_path, status, \
+            "SELECT restore_id, backup_id, vm_name, disk_key, target_node, target_path, target_vm, status, \
              source_qcow2, nbd_port, nbd_export_name, bytes_done, bytes_total, error_message, \
              created_at, started_at, completed_at FROM restore_jobs ",
             $rest
@@ -43,6 +43,7 @@ fn restore_row(r: &AnyRow) -> Result<Restore, DbError> {
         target: RestoreTarget {
             node: col(r, "target_node")?,
             path: col(r, "target_path")?,
+            vm: col(r, "target_vm")?,
         },
         status,
         source_qcow2: col(r, "source_qcow2")?,
@@ -61,9 +62,9 @@ impl Db {
     pub async fn create_restore(&self, r: &Restore) -> Result<(), DbError> {
         sqlx::query(
             "INSERT INTO restore_jobs (restore_id, backup_id, vm_name, disk_key, target_node, \
-             target_path, status, source_qcow2, nbd_port, nbd_export_name, bytes_done, \
-             bytes_total, error_message, created_at, started_at, completed_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+             target_path, target_vm, status, source_qcow2, nbd_port, nbd_export_name, \
+             bytes_done, bytes_total, error_message, created_at, started_at, completed_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
         )
         .bind(&r.restore_id)
         .bind(&r.backup_id.0)
@@ -71,6 +72,7 @@ impl Db {
         .bind(r.disk_key.0)
         .bind(&r.target.node)
         .bind(&r.target.path)
+        .bind(&r.target.vm)
         .bind(r.status.as_str())
         .bind(&r.source_qcow2)
         .bind(r.nbd_port.map(|p| i32::from(p.0)))

@@ -2,7 +2,7 @@
 //! disk of the backup point.
 
 use super::RestoreError;
-use sendense_shared::api::{Backup, DiskResult, JobStatus, RestoreRequest};
+use sendense_shared::api::{Backup, DiskResult, JobStatus, RestoreRequest, RestoreTarget, Vm};
 use std::path::Path;
 
 /// A point is offered for restore only once completed and while its integrity allows it: a
@@ -56,6 +56,57 @@ pub(super) fn check_target_path(p: &str) -> Result<(), RestoreError> {
         return bad("must end in .qcow2 (the node writes a new QCOW2 image)");
     }
     Ok(())
+}
+
+/// A restore into `vm`'s own disk: the image to replace (`target.path`, or the disk's image as
+/// the point recorded it) and the VM's name on its node. The VM must live on `target.node`.
+pub(super) fn replace_target(
+    backup: &Backup,
+    disk: &DiskResult,
+    target: &RestoreTarget,
+    vm: &Vm,
+) -> Result<(String, String), RestoreError> {
+    let invalid = |detail| Err(RestoreError::Invalid { detail });
+    if vm.node.as_deref() != Some(target.node.as_str()) {
+        return invalid(format!(
+            "target.vm: VM {} is on {}, not on node {}",
+            vm.vm_name,
+            vm.node
+                .as_deref()
+                .map_or("no node".to_string(), |n| format!("node {n}")),
+            target.node
+        ));
+    }
+    let path = if target.path.is_empty() {
+        let recorded = backup
+            .hardware
+            .as_ref()
+            .and_then(|h| h.disks.iter().find(|d| d.disk_key == disk.disk_key))
+            .map(|d| d.image_path.clone())
+            .filter(|p| !p.is_empty());
+        match recorded {
+            Some(p) => p,
+            None => {
+                return invalid(format!(
+                    "target.path: backup {} records no image of disk {} (no hardware); name                      the VM's disk image to replace",
+                    backup.backup_id, disk.disk_key
+                ));
+            }
+        }
+    } else {
+        target.path.clone()
+    };
+    let p = Path::new(&path);
+    if !p.is_absolute()
+        || path.contains('\0')
+        || p.components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return invalid(format!(
+            "target.path: {path:?} must be an absolute path on the node without .. or NUL"
+        ));
+    }
+    Ok((path, vm.name_on_node().to_string()))
 }
 
 fn keys(b: &Backup) -> String {

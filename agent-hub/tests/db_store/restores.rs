@@ -13,6 +13,7 @@ fn restore(id: &str, backup: &str, created_secs_ago: i64) -> Restore {
         target: RestoreTarget {
             node: "node1".into(),
             path: format!("/var/lib/vm/{id}.qcow2"),
+            vm: None,
         },
         status: JobStatus::Preparing,
         source_qcow2: format!("/repo/pg/2000/{backup}.qcow2"),
@@ -34,9 +35,9 @@ async fn restores_round_trip_move_by_compare_and_set_and_keep_their_events() {
         db.create_restore(&restore("r-old", &b.backup_id.0, 60))
             .await
             .unwrap();
-        db.create_restore(&restore("r-new", &b.backup_id.0, 1))
-            .await
-            .unwrap();
+        let mut into_vm = restore("r-new", &b.backup_id.0, 1);
+        into_vm.target.vm = Some("pg".into());
+        db.create_restore(&into_vm).await.unwrap();
         let e = db
             .create_restore(&restore("r-x", "no-such-backup", 0))
             .await
@@ -52,6 +53,13 @@ async fn restores_round_trip_move_by_compare_and_set_and_keep_their_events() {
         assert_eq!(ids, ["r-new", "r-old"], "{}: newest first", t.dialect);
         let got = db.get_restore("r-old").await.unwrap();
         assert_eq!(got.target.path, "/var/lib/vm/r-old.qcow2", "{}", t.dialect);
+        assert_eq!(got.target.vm, None, "{}", t.dialect);
+        assert_eq!(
+            db.get_restore("r-new").await.unwrap().target.vm.as_deref(),
+            Some("pg"),
+            "{}: the VM whose disk a restore replaces (schema 0012)",
+            t.dialect
+        );
         assert_eq!(got.bytes_total, 1 << 30, "{}", t.dialect);
 
         db.set_restore_port("r-old", Some(NbdPort(10150)))

@@ -1,7 +1,7 @@
 //! One restore's task: create and journal the image, serve it with a private qemu-nbd, copy,
 //! verify, stop the server; on failure or cancel, delete the image; then report to the hub.
 
-use super::{RestoreJob, journal};
+use super::{RestoreJob, journal, replace};
 use crate::copy::{CopyError, ExtentSource, copy_disk};
 use crate::hub_client::deliver_end;
 use crate::jobs::{CANCEL_GRACE, JobContext, PROGRESS_EVERY};
@@ -75,6 +75,8 @@ pub enum RunError {
     Verify(#[source] VerifyError),
     #[error("cancelled")]
     Cancelled,
+    #[error("restoring into VM {vm}: {why}")]
+    Replace { vm: String, why: String },
 }
 
 /// The restore's whole life; never fails: the outcome is its terminal state and its report.
@@ -119,10 +121,31 @@ struct Files {
 }
 
 async fn restore(ctx: &JobContext, run_dir: &Path, job: &RestoreJob) -> Result<(), RunError> {
+    // Into a VM's disk: a new image beside it in its format, size, mode and owner.
+    let replace = match &job.req.replace_vm {
+        Some(vm) => {
+            let disk = PathBuf::from(&job.req.path);
+            let err = |why| RunError::Replace {
+                vm: vm.clone(),
+                why,
+            };
+            let shape = replace::shape(&disk).await.map_err(err)?;
+            replace::check_fits(job.req.size_bytes, &shape, &disk).map_err(err)?;
+            Some((vm.clone(), disk, shape))
+        }
+        None => None,
+    };
     let files = Files {
-        image: PathBuf::from(&job.req.path),
+        image: match &replace {
+            Some((_, disk, _)) => replace::partial_path(disk, job.id()),
+            None => PathBuf::from(&job.req.path),
+        },
         socket: run_dir.join(format!("restore-{}.sock", job.id())),
         journal: journal::path(run_dir, job.id()),
+    };
+    let (format, size) = match &replace {
+        Some((_, _, shape)) => (shape.format.as_str(), shape.virtual_size),
+        None => ("qcow2", job.req.size_bytes),
     };
     std::fs::create_dir_all(run_dir).map_err(|source| RunError::Io {
         what: "creating run directory",
@@ -152,10 +175,33 @@ async fn restore(ctx: &JobContext, run_dir: &Path, job: &RestoreJob) -> Result<(
         socket: files.socket.clone(),
         qemu_nbd_pid: None,
     };
-    let result = match write_journal(&files.journal, &entry) {
-        Ok(()) => serve_and_copy(ctx, job, &files, &created, &mut entry).await,
+    let mut result = match write_journal(&files.journal, &entry) {
+        Ok(()) => serve_and_copy(ctx, job, &files, &created, &mut entry, format, size).await,
         Err(e) => Err(e),
     };
+    if let (Ok(()), Some((vm, disk, shape))) = (&result, &replace) {
+        // The VM may have been started while the copy ran: it keeps its disk then.
+        let qmp = job.vm_qmp.as_deref().unwrap_or(Path::new("/nonexistent"));
+        result = match replace::check_stopped(vm, qmp, disk) {
+            Err(e) => Err(RunError::Replace {
+                vm: vm.clone(),
+                why: e.to_string(),
+            }),
+            Ok(()) if !created.is_at_path() => Err(RunError::Replace {
+                vm: vm.clone(),
+                why: format!("{} was replaced by another file", files.image.display()),
+            }),
+            Ok(()) => replace::swap(&files.image, disk, shape).map_err(|source| RunError::Io {
+                what: "renaming the restored image over",
+                path: disk.clone(),
+                source,
+            }),
+        };
+        if result.is_ok() {
+            tracing::info!(restore_id = %job.id(), vm = %vm, disk = %disk.display(),
+                "the VM's disk was replaced by the restored image");
+        }
+    }
     // The journal goes last: a node killed during the cleanup redoes it at start-up.
     if result.is_err() {
         match created.remove() {
@@ -194,14 +240,16 @@ async fn serve_and_copy(
     files: &Files,
     created: &crate::fsutil::CreatedFile,
     entry: &mut journal::Entry,
+    format: &str,
+    size: u64,
 ) -> Result<(), RunError> {
     // Into the created inode through its descriptor, not the path: qemu-img truncates what it
     // opens, and the path may have been swapped for a symlink to someone's disk meanwhile.
     tool(
         tokio::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
+            .args(["create", "-q", "-f", format])
             .arg(created.fd_path())
-            .arg(job.req.size_bytes.to_string()),
+            .arg(size.to_string()),
     )
     .await?;
     // qemu-nbd opens the path (start-up recovery recognises it by it): only while it is still
@@ -217,7 +265,7 @@ async fn serve_and_copy(
     }
     let _ = std::fs::remove_file(&files.socket);
     let mut cmd = tokio::process::Command::new("qemu-nbd");
-    cmd.args(["-f", "qcow2", "-x", EXPORT, "--shared=4", "-t"])
+    cmd.args(["-f", format, "-x", EXPORT, "--shared=4", "-t"])
         .args(["--discard=unmap", "--detect-zeroes=unmap", "-k"])
         .arg(&files.socket)
         .arg(&files.image)

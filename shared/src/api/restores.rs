@@ -13,8 +13,16 @@ pub struct RestoreTarget {
     /// Name of a registered node; it writes the image.
     pub node: String,
     /// Absolute path, on the node, of the new QCOW2 image (`.qcow2`); must not exist yet, its
-    /// directory must.
+    /// directory must. With `vm`: the VM's disk image to replace; left out (empty), the disk's
+    /// image as the point recorded it (its hardware).
+    #[serde(default)]
     pub path: String,
+    /// Into this VM's own disk (the hub's name of a VM of `node`, as `GET /api/v1/vms` lists
+    /// it): the VM must be powered off. The node restores into a new image beside the disk and
+    /// renames it over the disk only once it was read back equal, so a failed restore leaves
+    /// the VM's disk as it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
 }
 
 /// `POST /api/v1/restores` of the hub.
@@ -74,6 +82,12 @@ pub struct NodeRestoreStart {
     /// Cell size of the whole-disk checksum grid to report in [`RestoreCompletion::grid`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checksum_grid: Option<u64>,
+    /// Replace the disk image `path` (which must exist) of this powered-off VM of the node
+    /// (a name of its `[qmp]` table): refused while the VM's QMP socket answers or a process
+    /// holds `path` open. The copy goes into a new image beside `path`, in `path`'s format and
+    /// with its mode and owner, renamed over it once read back equal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace_vm: Option<String>,
 }
 
 /// `GET /api/v1/restore/{id}` of the node.

@@ -247,3 +247,103 @@ async fn sigterm_to_the_node_mid_restore() {
     assert_eq!(end["status"], "failed", "{end:#}");
     assert_released(&sys, &end, pid, &partial).await;
 }
+
+/// Starts a restore of disk 2000 of `id` into the VM's own disk (the image the point recorded)
+/// and waits for its end.
+async fn restore_into_vm(sys: &Sys, id: &str) -> Value {
+    let (s, r) = sys
+        .api
+        .post(
+            "/api/v1/restores",
+            &json!({"backup_id": id, "disk_key": 2000,
+                    "target": {"node": sys.node.opts.name, "vm": sys.vm_name}}),
+        )
+        .await;
+    assert_eq!(s, 202, "POST /api/v1/restores into the VM: {r}");
+    assert_eq!(r["target"]["vm"], json!(sys.vm_name), "{r}");
+    wait_restore_end(sys, r["restore_id"].as_str().unwrap()).await
+}
+
+fn same_image(a: &Path, b: &Path) -> bool {
+    std::process::Command::new("qemu-img")
+        .args(["compare", "-q", "-U"])
+        .arg(a)
+        .arg(b)
+        .status()
+        .expect("qemu-img compare")
+        .success()
+}
+
+/// A restore into the VM's own disk: refused while the VM runs (the restore fails naming the
+/// VM and why, the disk untouched), and once the VM is powered off it replaces the disk with
+/// the point (byte-equal), keeping the disk's mode, with no partial image left beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_into_a_stopped_vms_disk_and_refused_while_it_runs() {
+    use std::os::unix::fs::PermissionsExt;
+    let sys = Sys::start("rinto", SysOptions::default()).await;
+    let b = sys.backup_completes("full").await;
+    let id = b["backup_id"].as_str().unwrap();
+    let point = PathBuf::from(
+        b["disk_results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["disk_key"] == 2000)
+            .unwrap()["qcow2_path"]
+            .as_str()
+            .unwrap(),
+    );
+    let disk = sys.vm.images[0].clone();
+    // The guest changes the disk after the point: the restore must undo it.
+    sys.vm.guest_write(0, 0x5a, 0, 4 << 20).await;
+    std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(0o660)).unwrap();
+    let before = sys.path("before.raw");
+    sys.vm.copy_disk_now(0, &before).await;
+
+    let r = restore_into_vm(&sys, id).await;
+    assert_eq!(r["status"], "failed", "{r:#}");
+    let err = r["error_message"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("VM rinto is running") && err.contains("power it off"),
+        "the refusal names the VM and the fix: {err}"
+    );
+    assert!(
+        same_image(&before, &disk),
+        "a refused restore changed the disk"
+    );
+
+    // Powered off: QEMU quits, its QMP socket stops answering.
+    let pid = sys.vm.pid();
+    let _ = sys.vm.qmp().execute("quit", json!({})).await;
+    let t = Instant::now();
+    while sendense_tests::pid_alive(pid) {
+        assert!(t.elapsed() < Duration::from_secs(20), "QEMU did not quit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = restore_into_vm(&sys, id).await;
+    assert_eq!(r["status"], "completed", "{r:#}");
+    assert_eq!(
+        r["target"]["path"],
+        json!(disk.display().to_string()),
+        "{r}"
+    );
+    assert!(
+        same_image(&point, &disk),
+        "the VM's disk differs from the point"
+    );
+    assert!(
+        !same_image(&before, &disk),
+        "the guest's later write survived"
+    );
+    let mode = std::fs::metadata(&disk).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "the disk keeps its mode");
+    let leftovers: Vec<String> = std::fs::read_dir(disk.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".restore-"))
+        .collect();
+    assert!(leftovers.is_empty(), "partial images left: {leftovers:?}");
+    let ports = sys.api.get_ok("/api/v1/ports").await;
+    assert_eq!(ports["allocations"], json!([]), "{ports}");
+}

@@ -26,6 +26,7 @@ pub fn restore(id: &str, backup: &str, vm: &str, node: &str, path: &str) -> Rest
         target: RestoreTarget {
             node: node.into(),
             path: path.into(),
+            vm: None,
         },
         status: JobStatus::Pending,
         source_qcow2: format!("/srv/repo-a/{vm}/disk-2000/{backup}.qcow2"),
