@@ -325,6 +325,7 @@ impl Policies {
             enabled: req.enabled,
             priority: req.priority,
             queue_window_secs: req.queue_window_secs,
+            boot_check: req.boot_check.clone(),
             created_at,
             updated_at,
             next_run: None,

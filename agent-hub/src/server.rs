@@ -172,6 +172,14 @@ impl Hub {
             knob: crate::prune::engine::Knob::from_env(&config.data_dir),
         });
 
+        let verify = crate::verify::Verifier::new(crate::verify::VerifyDeps {
+            db: db.clone(),
+            readback: readback.clone(),
+            log: log.clone(),
+            tasks: tasks.clone(),
+            clock: db.clock(),
+            boot_root: crate::bootcheck::root(&config.data_dir),
+        });
         let policies = crate::policies::Policies::new(crate::policies::PolicyDeps {
             db: db.clone(),
             jobs: jobs.clone(),
@@ -185,15 +193,9 @@ impl Hub {
             },
             after_run: Arc::new(crate::prune::after_run::PruneAfterRun {
                 pruner: prune.clone(),
+                verify: verify.clone(),
+                log: log.clone(),
             }),
-        });
-        let verify = crate::verify::Verifier::new(crate::verify::VerifyDeps {
-            db: db.clone(),
-            readback: readback.clone(),
-            log: log.clone(),
-            tasks: tasks.clone(),
-            clock: db.clock(),
-            boot_root: crate::bootcheck::root(&config.data_dir),
         });
         if let Err(e) = verify.recover().await {
             tracing::warn!(error = %sendense_shared::errors::chain(&e), "cannot end the verify jobs a previous run left");

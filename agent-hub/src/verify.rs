@@ -34,6 +34,8 @@ pub use crate::clock::{Clock, SystemClock};
 pub enum Trigger {
     Manual,
     Schedule,
+    /// A policy's boot check of its new point.
+    Policy,
 }
 
 impl Trigger {
@@ -41,6 +43,7 @@ impl Trigger {
         match self {
             Trigger::Manual => "manual",
             Trigger::Schedule => "schedule",
+            Trigger::Policy => "policy",
         }
     }
 }

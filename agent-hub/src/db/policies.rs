@@ -19,7 +19,7 @@ macro_rules! select_policy {
         concat!(
             "SELECT policy_id, name, vms_json, repository_id, schedule, timezone, \
              backup_rule_json, retention_json, max_chain_length, chain_limit, enabled, priority, \
-             queue_window_secs, created_at, updated_at FROM policies ",
+             queue_window_secs, boot_check_json, created_at, updated_at FROM policies ",
             $rest
         )
     };
@@ -119,6 +119,9 @@ fn policy_row(r: &AnyRow) -> Result<Policy, DbError> {
             value: priority.to_string(),
         })?,
         queue_window_secs: from_db_u64("policies.queue_window_secs", col(r, "queue_window_secs")?)?,
+        boot_check: col::<Option<String>>(r, "boot_check_json")?
+            .map(|j| json("policies.boot_check_json", j))
+            .transpose()?,
         created_at: from_us(col(r, "created_at")?),
         updated_at: from_us(col(r, "updated_at")?),
         next_run: None,
@@ -174,8 +177,8 @@ impl Db {
         sqlx::query(
             "INSERT INTO policies (policy_id, name, vms_json, repository_id, schedule, timezone, \
              backup_rule_json, retention_json, max_chain_length, chain_limit, enabled, priority, \
-             queue_window_secs, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             queue_window_secs, boot_check_json, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&p.id)
         .bind(&p.name)
@@ -190,6 +193,7 @@ impl Db {
         .bind(i32::from(p.enabled))
         .bind(i64::from(p.priority))
         .bind(to_db_u64("queue_window_secs", p.queue_window_secs)?)
+        .bind(p.boot_check.as_ref().map(to_json))
         .bind(p.created_at.timestamp_micros())
         .bind(p.updated_at.timestamp_micros())
         .execute(self.pool())
@@ -204,8 +208,8 @@ impl Db {
         let res = sqlx::query(
             "UPDATE policies SET name = ?, vms_json = ?, repository_id = ?, schedule = ?, \
              timezone = ?, backup_rule_json = ?, retention_json = ?, max_chain_length = ?, \
-             chain_limit = ?, enabled = ?, priority = ?, queue_window_secs = ?, updated_at = ? \
-             WHERE policy_id = ?",
+             chain_limit = ?, enabled = ?, priority = ?, queue_window_secs = ?, \
+             boot_check_json = ?, updated_at = ? WHERE policy_id = ?",
         )
         .bind(&p.name)
         .bind(to_json(&p.vms))
@@ -219,6 +223,7 @@ impl Db {
         .bind(i32::from(p.enabled))
         .bind(i64::from(p.priority))
         .bind(to_db_u64("queue_window_secs", p.queue_window_secs)?)
+        .bind(p.boot_check.as_ref().map(to_json))
         .bind(p.updated_at.timestamp_micros())
         .bind(&p.id)
         .execute(self.pool())

@@ -107,6 +107,7 @@ mod tests {
             enabled: true,
             priority: 0,
             queue_window_secs: 60,
+            boot_check: None,
             created_at: Utc::now(),
             updated_at: Utc::now(),
             next_run: None,

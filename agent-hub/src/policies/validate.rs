@@ -73,6 +73,10 @@ pub fn check(req: &PolicyRequest) -> Result<Schedule, Invalid> {
         return Err(bad("queue_window_secs", "too large"));
     }
     retention(&req.retention)?;
+    if let Some(spec) = &req.boot_check {
+        crate::bootcheck::validate(spec)
+            .map_err(|e| bad(&format!("boot_check.{}", e.field), e.why))?;
+    }
     Ok(schedule)
 }
 

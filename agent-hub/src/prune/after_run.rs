@@ -7,18 +7,31 @@
 //! The retention prune is created before the hook returns (a run's completion is followed by
 //! its prune job, visible in `GET /api/v1/prune`); after a synthetic full it is started once
 //! that job ended, from a task of the hub's tracker.
+//!
+//! With the policy's `boot_check`, a verify job boots the new point first (from a task: the
+//! hook returns at once) and the prune follows only when it booted: a point that does not boot
+//! keeps every older point, and the event `retention_skipped` on it says why.
 
 use super::{PruneError, Pruner, Started};
+use crate::events::Level;
 use crate::policies::AfterRun;
 use crate::retention;
-use sendense_shared::api::{Backup, ChainLimit, Policy, PruneRequest};
+use crate::verify::Trigger;
+use sendense_shared::api::{
+    Backup, BootCheckSpec, BootStatus, ChainLimit, Policy, PruneRequest, VerifyRequest,
+};
+use sendense_shared::errors::chain;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
 /// The prune engine as the policies' after-run hook.
+#[derive(Clone)]
 pub struct PruneAfterRun {
     pub pruner: Pruner,
+    /// Boot-checks the new point first when the policy says `boot_check`.
+    pub verify: crate::verify::Verifier,
+    pub log: crate::events::JobLog,
 }
 
 /// How often a waiting retention prune looks whether the synthetic full ended.
@@ -30,11 +43,90 @@ impl AfterRun for PruneAfterRun {
         policy: &'a Policy,
         backup: &'a Backup,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
-        Box::pin(async move { self.after(policy, &backup.vm_name).await })
+        Box::pin(async move {
+            let Some(spec) = policy.boot_check.clone() else {
+                return self.after(policy, &backup.vm_name).await;
+            };
+            // A boot takes a while (about 15 s under TCG): the run's hook returns, a task
+            // boots the point and prunes only once it booted.
+            let me = self.clone();
+            let policy = policy.clone();
+            let backup = backup.clone();
+            self.pruner.deps().tasks.spawn(async move {
+                if me.boots(&policy, &backup, spec).await {
+                    me.after(&policy, &backup.vm_name).await;
+                }
+            });
+        })
     }
 }
 
 impl PruneAfterRun {
+    /// Boot-checks `backup` (a verify job with `boot`, waited for); answers whether the
+    /// retention prune may go on. A point that did not boot, or whose check could not run,
+    /// keeps every older point: an event on the point says so.
+    async fn boots(&self, policy: &Policy, backup: &Backup, spec: BootCheckSpec) -> bool {
+        let id = &backup.backup_id;
+        let req = VerifyRequest {
+            backup_id: Some(id.clone()),
+            vm_name: None,
+            repository_id: None,
+            boot: Some(spec),
+        };
+        let skipped = |why: String| async move {
+            self.log
+                .record(
+                    id,
+                    None,
+                    Level::Warn,
+                    "retention_skipped",
+                    &format!(
+                        "policy {}: {why}; its retention prune is skipped this run, every older \
+                         point is kept",
+                        policy.name
+                    ),
+                    None,
+                )
+                .await;
+            false
+        };
+        let job = match self.verify.start(&req, Trigger::Policy).await {
+            Ok(j) => j,
+            Err(e) => return skipped(format!("the boot check did not start: {}", chain(&e))).await,
+        };
+        tracing::info!(backup_id = %id, policy = %policy.name, verify_id = %job.verify_id,
+            "boot check of the policy's new point started");
+        loop {
+            match self.verify.get(&job.verify_id).await {
+                Ok(j) if j.status.is_terminal() => break,
+                Ok(_) => tokio::time::sleep(POLL).await,
+                Err(e) => {
+                    return skipped(format!(
+                        "the boot check could not be followed: {}",
+                        chain(&e)
+                    ))
+                    .await;
+                }
+            }
+        }
+        let check = match self.pruner.deps().db.get_backup(id).await {
+            Ok(b) => b.boot_check,
+            Err(e) => return skipped(format!("the point could not be read: {}", chain(&e))).await,
+        };
+        match check.as_deref() {
+            Some(c) if c.status == BootStatus::BootOk => true,
+            Some(c) => {
+                let detail = c.detail.as_deref().unwrap_or("no detail");
+                skipped(format!(
+                    "point {id} did not boot ({}: {detail})",
+                    c.status.as_str()
+                ))
+                .await
+            }
+            None => skipped(format!("point {id} has no boot check result")).await,
+        }
+    }
+
     async fn after(&self, policy: &Policy, vm: &str) {
         let synthetic = match (policy.chain_limit, policy.max_chain_length) {
             (ChainLimit::Synthetic, Some(n)) => self.pruner.synthetic(vm, n).await,

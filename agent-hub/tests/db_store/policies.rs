@@ -40,6 +40,11 @@ fn policy(id: &str, name: &str) -> Policy {
         enabled: true,
         priority: 3,
         queue_window_secs: 3600,
+        boot_check: Some(sendense_shared::api::BootCheckSpec {
+            timeout_secs: Some(90),
+            ready_line: Some("login:".into()),
+            ..Default::default()
+        }),
         created_at: at("2026-06-01T00:00:00Z"),
         updated_at: at("2026-06-01T00:00:00Z"),
         next_run: None,
@@ -98,6 +103,7 @@ async fn policies_slots_and_runs_round_trip_and_move_once() {
         q.enabled = false;
         q.max_chain_length = None;
         q.chain_limit = ChainLimit::Full;
+        q.boot_check = None;
         db.update_policy(&q).await.unwrap();
         assert_eq!(db.get_policy("p2").await.unwrap(), q, "{d}");
         let ids: Vec<String> = db

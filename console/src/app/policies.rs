@@ -146,6 +146,7 @@ pub fn request_of(p: &Policy) -> PolicyRequest {
         enabled: p.enabled,
         priority: p.priority,
         queue_window_secs: p.queue_window_secs,
+        boot_check: p.boot_check.clone(),
     }
 }
 

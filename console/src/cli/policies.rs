@@ -75,6 +75,12 @@ impl PolicyFields {
         if self.enabled {
             req.enabled = true;
         }
+        if self.boot_check && req.boot_check.is_none() {
+            req.boot_check = Some(Default::default());
+        }
+        if self.no_boot_check {
+            req.boot_check = None;
+        }
         if self.disabled {
             req.enabled = false;
         }
@@ -170,6 +176,7 @@ pub(super) async fn create(
             enabled: true,
             priority: 0,
             queue_window_secs: sendense_shared::api::DEFAULT_QUEUE_WINDOW_SECS,
+            boot_check: None,
         },
     };
     if let Some(n) = name {
@@ -395,6 +402,14 @@ pub fn policy_text(p: &Policy) -> String {
             format::duration_secs(p.queue_window_secs as i64),
         ),
         ("queued", p.queued.to_string()),
+        (
+            "boot check",
+            if p.boot_check.is_some() {
+                "each new point, before the prune".to_string()
+            } else {
+                "no".to_string()
+            },
+        ),
         ("last run", last_run(p)),
     ];
     rows.iter().map(|(k, v)| format!("{k:<13} {v}\n")).collect()

@@ -169,6 +169,14 @@ pub struct PolicyFields {
     /// No scheduled runs (run-now still works).
     #[arg(long)]
     pub disabled: bool,
+    /// Boot-check each new point (as `verify --boot`, the point's recorded hardware) before
+    /// the retention prune; a point that does not boot keeps every older one. A boot spec of
+    /// its own goes in --file as "boot_check".
+    #[arg(long, conflicts_with = "no_boot_check")]
+    pub boot_check: bool,
+    /// No boot check of new points.
+    #[arg(long)]
+    pub no_boot_check: bool,
 }
 
 /// `90m`, `6h`, `1d`, `45s`, `3600` (seconds).

@@ -128,6 +128,11 @@ pub struct Policy {
     pub priority: i32,
     /// How long a queued run waits for resources before it gives up.
     pub queue_window_secs: u64,
+    /// Boot-check each new point (a verify job that also boots it as a throwaway VM on the
+    /// hub) before the retention prune; a point that does not boot keeps every older point
+    /// (the run's prune is skipped, with an event saying why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_check: Option<super::BootCheckSpec>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     /// The next planned run (absent when disabled).
@@ -164,6 +169,9 @@ pub struct PolicyRequest {
     pub priority: i32,
     #[serde(default = "default_queue_window")]
     pub queue_window_secs: u64,
+    /// See [`Policy::boot_check`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_check: Option<super::BootCheckSpec>,
 }
 
 fn utc() -> String {

@@ -300,9 +300,104 @@ async fn boot_check_passes_a_good_point_and_fails_a_broken_root_with_its_console
     assert_eq!(b["boot_check"]["status"], "interrupted", "{b:#}");
     assert_nothing_left(&root, "after the cancel");
 
+    // A policy that requires a boot check: each run's new point is booted before the
+    // retention prune. The good VM's point boots and its prune follows; the broken VM's new
+    // point does not boot, so its prune is skipped (every older point kept) and an event on
+    // the point says why.
+    let (s, pol) = api
+        .post(
+            "/api/v1/policies",
+            &json!({"name": "boot-gated", "vms": {"names": ["bcgood", "bcbad"]},
+                    "repository_id": "default", "schedule": "0 3 * * *",
+                    "retention": {"keep_last": 1}, "boot_check": boot}),
+        )
+        .await;
+    assert_eq!(s, 201, "{pol}");
+    assert_eq!(pol["boot_check"]["timeout_secs"], 120, "{pol}");
+    let (s, bad_pol) = api
+        .post(
+            "/api/v1/policies",
+            &json!({"name": "bad-boot", "vms": {"names": ["nobody"]},
+                    "repository_id": "default", "schedule": "0 3 * * *",
+                    "boot_check": {"timeout_secs": 1}}),
+        )
+        .await;
+    assert_eq!(s, 422, "{bad_pol}");
+    assert!(
+        bad_pol["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("boot_check.timeout_secs"),
+        "{bad_pol}"
+    );
+    let id = pol["id"].as_str().unwrap();
+    let (s, runs) = api
+        .post(&format!("/api/v1/policies/{id}/run-now"), &json!({}))
+        .await;
+    assert_eq!(s, 202, "{runs}");
+    let t = Instant::now();
+    let (good_new, bad_new) = loop {
+        let runs = api
+            .get_ok(&format!("/api/v1/policies/{id}/runs?limit=10"))
+            .await;
+        let point = |vm: &str| {
+            runs.as_array()
+                .into_iter()
+                .flatten()
+                .find(|r| r["vm_name"] == vm && r["status"] == "completed")
+                .and_then(|r| r["backup_id"].as_str().map(str::to_string))
+        };
+        if let (Some(g), Some(b)) = (point("bcgood"), point("bcbad")) {
+            break (g, b);
+        }
+        assert!(t.elapsed() < CHECK_LIMIT, "the policy's runs: {runs:#}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let t = Instant::now();
+    loop {
+        let prunes = api.get_ok("/api/v1/prune").await;
+        let of = |vm: &str| {
+            prunes
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|j| j["vm_name"] == vm)
+                .count()
+        };
+        assert!(of("bcgood") <= 1, "{prunes:#}");
+        let bad_ev = api.event_lines(&bad_new).await;
+        let skipped = bad_ev.iter().find(|l| l.starts_with("retention_skipped:"));
+        let good_ended = prunes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|j| j["vm_name"] == "bcgood" && j["status"] == "completed");
+        if good_ended && skipped.is_some() {
+            let skipped = skipped.unwrap();
+            assert!(
+                skipped.contains("did not boot") && skipped.contains("every older point is kept"),
+                "{skipped}"
+            );
+            assert_eq!(of("bcbad"), 0, "the broken VM was pruned: {prunes:#}");
+            break;
+        }
+        assert!(
+            t.elapsed() < CHECK_LIMIT * 2,
+            "prunes {prunes:#}\nevents of the broken point {bad_ev:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let g = api.get_ok(&format!("/api/v1/backups/{good_new}")).await;
+    assert_eq!(g["boot_check"]["status"], "boot_ok", "{g:#}");
+    let b = api.get_ok(&format!("/api/v1/backups/{bad_new}")).await;
+    assert_eq!(b["boot_check"]["status"], "boot_failed", "{b:#}");
+    let (s, old_bad) = api.get(&format!("/api/v1/backups/{}", points[1])).await;
+    assert_eq!(s, 200, "the broken VM's older point is kept: {old_bad}");
+    assert_nothing_left(&root, "after the policy's boot checks");
+
     // The hub SIGKILLed mid-boot: QEMU dies with it; the restarted hub removes the overlays.
-    start_verify(&api, &points[0], boot.clone()).await;
-    let pid = wait_booting(&api, &points[0]).await;
+    start_verify(&api, &good_new, boot.clone()).await;
+    let pid = wait_booting(&api, &good_new).await;
     assert_eq!(
         std::fs::read_dir(&root).unwrap().flatten().count(),
         1,
@@ -321,7 +416,7 @@ async fn boot_check_passes_a_good_point_and_fails_a_broken_root_with_its_console
     drop(hub);
     let hub = HubProcess::start(&hub_bin(), opts).expect("restart sendense-hub");
     let api = hub.api();
-    let b = api.get_ok(&format!("/api/v1/backups/{}", points[0])).await;
+    let b = api.get_ok(&format!("/api/v1/backups/{good_new}")).await;
     let c = &b["boot_check"];
     assert_eq!(c["status"], "interrupted", "{c:#}");
     assert!(
@@ -329,6 +424,7 @@ async fn boot_check_passes_a_good_point_and_fails_a_broken_root_with_its_console
         "says what it removed: {c:#}"
     );
     assert_nothing_left(&root, "after the hub's restart");
+
     eprintln!("test wall time {:.1} s", t0.elapsed().as_secs_f64());
     drop(node);
 }

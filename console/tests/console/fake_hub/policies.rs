@@ -82,6 +82,7 @@ pub fn request(name: &str, vm: &str) -> PolicyRequest {
         enabled: true,
         priority: 0,
         queue_window_secs: 3600,
+        boot_check: None,
     }
 }
 
@@ -142,6 +143,7 @@ fn stored(id: String, req: PolicyRequest) -> Policy {
         enabled: req.enabled,
         priority: req.priority,
         queue_window_secs: req.queue_window_secs,
+        boot_check: req.boot_check,
         created_at: now,
         updated_at: now,
         next_run: req
