@@ -102,6 +102,8 @@ async fn both_dialects_have_the_same_schema() {
         "nodes",
         "job_events",
         "node_credentials",
+        "recovery_jobs",
+        "recovery_disks",
     ] {
         assert!(sqlite.1.contains_key(t), "table {t} missing: {tables:?}");
     }
@@ -186,7 +188,7 @@ async fn a_0001_database_upgrades_and_keeps_its_rows() {
                 .fetch_all(&pool)
                 .await
                 .unwrap();
-        assert_eq!(versions, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], "{}", t.dialect);
+        assert_eq!(versions, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], "{}", t.dialect);
         let rows = sqlx::query(
             "SELECT disk_key, change_id, bytes_transferred, bytes_done FROM backup_disks \
              ORDER BY disk_key",
