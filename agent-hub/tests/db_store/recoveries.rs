@@ -308,7 +308,7 @@ async fn recoveries_round_trip_move_by_compare_and_set_and_record_the_nodes_stat
 
         // Prune removing the point takes its recoveries and their disks along (they
         // reference it).
-        db.step_drop_points("p-none", 0, &[b.backup_id.clone()], "dropped")
+        db.step_drop_points("p-none", 0, std::slice::from_ref(&b.backup_id), "dropped")
             .await
             .unwrap();
         assert_eq!(db.list_recoveries().await.unwrap(), vec![], "{d}");
