@@ -174,6 +174,7 @@ mod reports;
 mod request;
 mod truth;
 
+pub(crate) use request::unreadable;
 use request::{check_restorable, check_target_path, pick_disk};
 
 impl Restores {
