@@ -241,8 +241,8 @@ impl Recoveries {
                 "export_lost",
                 format!(
                     "disk {disk}: qemu-nbd pid {old_pid} (port {port}) exited: {cause}; the VM's \
-                     reads of data not yet home wait for it; starting it again on the same \
-                     port and socket"
+                     reads of data not yet home wait for it; starting it again where it was \
+                     (same port or socket, export name and client identity)"
                 ),
                 Some(disk),
             )
@@ -251,8 +251,8 @@ impl Recoveries {
             loop {
                 if in_a_row >= policy.max_in_a_row {
                     let why = format!(
-                        "disk {disk}: its export (qemu-nbd on port {port}) could not be kept up: \
-                         {in_a_row} restart(s) in a row; last: {cause}"
+                        "disk {disk}: its export (qemu-nbd on port {port}) could not be kept up \
+                         after {in_a_row} restart attempt(s) in a row; last: {cause}"
                     );
                     self.fail_with_node_cancel(live, why).await;
                     return;
