@@ -196,6 +196,8 @@ struct LiveRecovery {
     /// Fired once `finish` has run: the watcher and the supervisors stop.
     ended: CancellationToken,
     last_report: Mutex<Instant>,
+    /// A report came from the node (the start's answer is then older than what is recorded).
+    reported: std::sync::atomic::AtomicBool,
     /// Serialises the node's reports, so a stall is announced once.
     reports: tokio::sync::Mutex<()>,
     held: tokio::sync::Mutex<Held>,
@@ -385,6 +387,7 @@ impl Recoveries {
             requested: Instant::now(),
             ended: CancellationToken::new(),
             last_report: Mutex::new(Instant::now()),
+            reported: std::sync::atomic::AtomicBool::new(false),
             reports: tokio::sync::Mutex::new(()),
             held: tokio::sync::Mutex::new(Held::default()),
         });

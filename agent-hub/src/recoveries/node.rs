@@ -35,7 +35,7 @@ impl Recoveries {
                     None,
                 )
                 .await;
-                if let Err(e) = self.apply_state(live, &st).await {
+                if let Err(e) = self.apply_start_answer(live, &st).await {
                     self.event(
                         live,
                         Level::Warn,

@@ -68,6 +68,28 @@ impl Recoveries {
         st: &NodeRecoveryState,
     ) -> Result<Recovery, RecoveryError> {
         let _one_at_a_time = live.reports.lock().await;
+        self.apply_locked(live, st).await
+    }
+
+    /// The node's answer to the start, unless a report it pushed meanwhile (newer) was
+    /// recorded already.
+    pub(super) async fn apply_start_answer(
+        &self,
+        live: &LiveRecovery,
+        st: &NodeRecoveryState,
+    ) -> Result<(), RecoveryError> {
+        let _one_at_a_time = live.reports.lock().await;
+        if live.reported.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.apply_locked(live, st).await.map(drop)
+    }
+
+    async fn apply_locked(
+        &self,
+        live: &LiveRecovery,
+        st: &NodeRecoveryState,
+    ) -> Result<Recovery, RecoveryError> {
         let id = &live.id;
         let before = self.get(id).await?;
         check_state(&before, st, "")?;
@@ -159,6 +181,8 @@ impl Recoveries {
             });
         };
         live.touch();
+        live.reported
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.apply_state(&live, &st).await
     }
 
