@@ -3,8 +3,8 @@
 //! bearer middleware are `sendense_shared::http`'s, shared with the node.
 //!
 //! - [`system`]: `/health`, ports, processes, the SSE event stream.
-//! - [`repositories`], [`vms`], [`backups`], [`restores`], [`verify`], [`nodes`], [`policies`]:
-//!   one module per resource; [`prune`]: prune jobs, protected points, a VM's points, a
+//! - [`repositories`], [`vms`], [`backups`], [`restores`], [`recoveries`], [`verify`],
+//!   [`nodes`], [`policies`]: one module per resource; [`prune`]: prune jobs, protected points, a VM's points, a
 //!   repository's space.
 //!
 //! - [`scope`]: who may call what: the admin token everything, a node's credential only its
@@ -20,6 +20,7 @@ pub mod nodes;
 pub mod openapi;
 pub mod policies;
 pub mod prune;
+pub mod recoveries;
 pub mod repositories;
 pub mod restores;
 pub mod scope;
@@ -95,6 +96,12 @@ fn v1() -> OpenApiRouter<AppState> {
         .routes(routes!(restores::events))
         .routes(routes!(restores::progress))
         .routes(routes!(restores::complete))
+        .routes(routes!(recoveries::list, recoveries::start))
+        .routes(routes!(recoveries::get_one))
+        .routes(routes!(recoveries::cancel))
+        .routes(routes!(recoveries::events))
+        .routes(routes!(recoveries::progress))
+        .routes(routes!(recoveries::complete))
         .routes(routes!(system::ports))
         .routes(routes!(system::processes))
         .routes(routes!(system::events))

@@ -19,6 +19,8 @@
 //! - `node_credentials` holds only the BLAKE3 hash of each secret, never the secret.
 //! - `policy_slots` is keyed by (policy, planned time): a slot is claimed once
 //!   ([`Db::claim_slot`]); `policy_runs.status` moves by compare-and-set ([`Db::update_run`]).
+//! - `recovery_jobs.status` moves by compare-and-set ([`Db::transition_recovery`]); its terminal
+//!   move clears every `recovery_disks` row's port and PID.
 //! - `nbd_port_allocations.port` is the primary key: the database, not the hub's memory, decides
 //!   who holds a port (see [`crate::ports`]).
 
@@ -28,6 +30,7 @@ mod credentials;
 mod policies;
 mod prune;
 mod records;
+mod recoveries;
 mod restores;
 mod verify_jobs;
 mod vms;

@@ -23,6 +23,8 @@ pub struct Hub {
     pub jobs: JobManager,
     /// Restore jobs.
     pub restores: Restores,
+    /// Instant recoveries.
+    pub recoveries: crate::recoveries::Recoveries,
     /// Verify jobs.
     pub verify: crate::verify::Verifier,
     /// Backup policies and their scheduler.

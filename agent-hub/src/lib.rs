@@ -16,6 +16,8 @@
 //! - [`jobs`]: the life of a backup job: prepare, progress, completion, verification, cancel.
 //! - [`restores`]: restore jobs: a backup point served read-only to a node that writes it
 //!   into a new image.
+//! - [`recoveries`]: instant recoveries: a backup point's disks served read-only (and kept
+//!   up) while a node boots it as a new VM and pulls every block home.
 //! - [`verify`]: verify jobs (re-read completed points against their stored checksums, mark
 //!   corrupt ones and their dependents), on demand and on a schedule per repository.
 //! - [`policies`]: backup policies (CRUD, validation, cron schedules in a time zone) and the
@@ -43,7 +45,7 @@
 //!   read-backs (finalize, verify jobs, the reconciler).
 //!
 //! Layers: `server` wires, `api` translates HTTP and reaches the services through `hub`; the
-//! services (`jobs`, `restores`, `verify`, `prune`, `nodes`, `policies` on `jobs`) use the low
+//! services (`jobs`, `restores`, `recoveries`, `verify`, `prune`, `nodes`, `policies` on `jobs`) use the low
 //! modules (`db`, `ports`, `qemu_nbd`,
 //! `repository`, `manifest`, `readback`, `events`, `node_client`, `nbd_ca`) and never `api`, `hub` or `server`; the
 //! `reconciler` runs before any service starts, on the same low modules and the services'
@@ -72,6 +74,7 @@ pub mod prune;
 pub mod qemu_nbd;
 pub mod readback;
 pub mod reconciler;
+pub mod recoveries;
 pub mod repository;
 pub mod restores;
 pub mod retention;

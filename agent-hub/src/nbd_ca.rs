@@ -113,6 +113,13 @@ pub fn restore_identity(restore_id: impl std::fmt::Display) -> String {
     format!("sendense-restore-{restore_id}")
 }
 
+/// The identity of an instant recovery's reader (the recovered VM's QEMU on the node): one
+/// for every disk of the recovery, so a restarted export admits the certificate the node
+/// already holds.
+pub fn recovery_identity(recovery_id: impl std::fmt::Display) -> String {
+    format!("sendense-recovery-{recovery_id}")
+}
+
 /// `CN=<cn>`: how qemu 7.2 prints a subject of only a common name.
 pub fn dn(cn: &str) -> String {
     format!("CN={cn}")

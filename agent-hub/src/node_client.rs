@@ -3,7 +3,8 @@
 //! callers match on [`NodeCallError`] (and on the node's [`ErrorCode`]) as values.
 
 use sendense_shared::api::{
-    Inventory, NodeBackupStart, NodeBackupState, NodeRestoreStart, NodeRestoreState, TunnelState,
+    Inventory, NodeBackupStart, NodeBackupState, NodeRecoveryStart, NodeRecoveryState,
+    NodeRestoreStart, NodeRestoreState, TunnelState,
 };
 use sendense_shared::errors::ErrorCode;
 use serde::Serialize;
@@ -376,6 +377,57 @@ impl NodeClient {
             None,
             Some(timeout),
             "a restore state",
+        )
+        .await
+    }
+
+    /// `POST /api/v1/recovery/start`: the node starts the VM on overlays of the exports and
+    /// answers its first state (`202`).
+    pub async fn start_recovery(
+        &self,
+        node: &NodeAddr,
+        body: &NodeRecoveryStart,
+    ) -> Result<NodeRecoveryState, NodeCallError> {
+        self.call(
+            node,
+            "POST",
+            "recovery/start",
+            Some(body),
+            None,
+            "a recovery state",
+        )
+        .await
+    }
+
+    /// `POST /api/v1/recovery/{id}/cancel`: the node stops the VM and removes its overlays,
+    /// then reports the end.
+    pub async fn cancel_recovery(&self, node: &NodeAddr, id: &str) -> Result<(), NodeCallError> {
+        self.call::<(), serde_json::Value>(
+            node,
+            "POST",
+            &format!("recovery/{id}/cancel"),
+            None,
+            Some(timeouts::CANCEL),
+            "JSON",
+        )
+        .await
+        .map(drop)
+    }
+
+    /// `GET /api/v1/recovery/{id}`.
+    pub async fn recovery_state(
+        &self,
+        node: &NodeAddr,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<NodeRecoveryState, NodeCallError> {
+        self.call::<(), _>(
+            node,
+            "GET",
+            &format!("recovery/{id}"),
+            None,
+            Some(timeout),
+            "a recovery state",
         )
         .await
     }

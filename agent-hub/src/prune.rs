@@ -13,9 +13,10 @@
 //! - [`space`]: free/total, bytes per VM, growth and forecast.
 //! - [`after_run`]: a policy's synthetic full and retention prune after each completed run.
 //!
-//! A prune never touches a chain that a running backup, restore or verification uses: it is
-//! refused (409 naming the job) while one runs on the VM, and a backup, restore or verify
-//! asked while a prune runs on the VM is refused naming the prune job. Before each step the
+//! A prune never touches a chain that a running backup, restore, instant recovery or
+//! verification uses: it is refused (409 naming the job) while one runs on the VM, and a
+//! backup, restore, recovery or verify asked while a prune runs on the VM is refused naming the
+//! prune job. Before each step the
 //! runner checks again (a backup admitted in the instant between the two checks fails the
 //! prune before that step, never in the middle of one).
 

@@ -12,7 +12,9 @@
 //!    checksum sidecar, never a backing file) deleted.
 //!    Every restore in a non-terminal state is marked `failed` too ("hub restarted during
 //!    the restore"); the node deletes its partial image (its reads fail, or its own start-up
-//!    recovery runs).
+//!    recovery runs). Every active instant recovery is marked `failed` ([`recoveries`]: its
+//!    exports are gone, the VM on the node is paused); its node is told to stop the VM once
+//!    the hub runs.
 //!    A prune job left running has its step in progress finished ([`prune`]).
 //! 3. every port allocation is released (no job is live in a process that just started).
 //!
@@ -24,6 +26,7 @@
 
 mod finalizing;
 pub mod prune;
+pub mod recoveries;
 
 use crate::config::HubConfig;
 use crate::db::{Db, DiskUpdate};
@@ -50,6 +53,9 @@ pub struct Report {
     pub jobs_failed: usize,
     pub jobs_completed: usize,
     pub restores_failed: usize,
+    pub recoveries_failed: usize,
+    /// The recoveries it failed: their nodes are to be told to stop the VMs.
+    pub recoveries_left: Vec<crate::recoveries::finish::Leftover>,
     pub images_deleted: usize,
     pub ports_released: u64,
     pub errors: Vec<String>,
@@ -60,7 +66,7 @@ impl fmt::Display for Report {
         write!(
             f,
             "{} orphan qemu-nbd stopped, {} already gone, {} PIDs reused by others left alone, \
-             {} jobs failed, {} finalizing jobs proven and completed, {} restores failed, {} partial images deleted, {} ports released, \
+             {} jobs failed, {} finalizing jobs proven and completed, {} restores failed, {} recoveries failed, {} partial images deleted, {} ports released, \
              {} errors",
             self.processes_stopped,
             self.processes_gone,
@@ -68,6 +74,7 @@ impl fmt::Display for Report {
             self.jobs_failed,
             self.jobs_completed,
             self.restores_failed,
+            self.recoveries_failed,
             self.images_deleted,
             self.ports_released,
             self.errors.len()
@@ -233,6 +240,9 @@ pub async fn reconcile(
             rep.errors.push(sendense_shared::errors::chain(&e));
         }
     }
+
+    // 2b'. Instant recoveries that were active (see [`recoveries`]).
+    recoveries::fail_active(db, log, &mut rep).await;
 
     // 2c. Prune jobs: the step in progress finished (see [`prune`]).
     let p = prune::recover(db, readback, log).await;

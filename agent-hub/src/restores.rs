@@ -176,7 +176,12 @@ mod reports;
 mod request;
 mod truth;
 
+<<<<<<< HEAD
 use request::{check_restorable, check_target_path, pick_disk, replace_target};
+=======
+pub(crate) use request::unreadable;
+use request::{check_restorable, check_target_path, pick_disk};
+>>>>>>> recovery-hub
 
 impl Restores {
     pub fn new(deps: RestoreDeps) -> Self {

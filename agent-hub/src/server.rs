@@ -162,6 +162,17 @@ impl Hub {
             node_watch_interval: config.node_watch_interval,
             node_lost_after: config.node_lost_after,
         });
+        let recoveries = crate::recoveries::Recoveries::new(crate::recoveries::RecoveryDeps {
+            db: db.clone(),
+            ports: ports.clone(),
+            qemu_nbd: config.qemu_nbd.clone(),
+            log: log.clone(),
+            nodes: node_client.clone(),
+            tasks: tasks.clone(),
+            node_watch_interval: config.node_watch_interval,
+            node_lost_after: config.node_lost_after,
+            restarts: crate::recoveries::exports::RestartPolicy::default(),
+        });
         let nodes = Nodes::new(db.clone(), bus.clone(), node_client.clone(), tasks.clone());
         // Before the policies: their after-run hook prunes.
         let prune = crate::prune::Pruner::new(crate::prune::PruneDeps {
@@ -203,6 +214,8 @@ impl Hub {
 
         let report = crate::reconciler::reconcile(&db, &ports, &log, &config, &readback).await;
         tracing::info!(summary = %report, "start-up reconciliation done");
+        // The nodes of recoveries it failed still run their VMs (paused, without exports).
+        recoveries.cancel_leftovers(report.recoveries_left.clone());
 
         let shutdown = CancellationToken::new();
         let hub_name = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -230,6 +243,7 @@ impl Hub {
             ports,
             jobs,
             restores,
+            recoveries,
             verify,
             policies,
             prune,
@@ -326,7 +340,7 @@ pub async fn serve(
         .await
         .map_err(StartError::Serve);
     tracing::info!("API stopped; stopping live jobs and their qemu-nbd processes");
-    // Both kinds of job at once: a restore must not wait for the backups to unwind.
+    // Every kind of job at once: a restore must not wait for the backups to unwind.
     state.prune.shutdown().await;
     state.files.shutdown().await;
     tokio::join!(
@@ -334,6 +348,10 @@ pub async fn serve(
         state
             .restores
             .shutdown("hub stopped (SIGTERM) during the restore"),
+        state.recoveries.shutdown(
+            "hub stopped (SIGTERM) during the recovery: its exports are gone; the node was told \
+             to stop the recovered VM"
+        ),
         state
             .verify
             .shutdown("hub stopped (SIGTERM) during the verify job"),

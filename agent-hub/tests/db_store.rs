@@ -6,6 +6,7 @@ mod db_store {
     pub mod jobs;
     pub mod policies;
     pub mod records;
+    pub mod recoveries;
     pub mod restores;
     pub mod schema;
 }

@@ -12,6 +12,9 @@
 //!   in, a local user without a certificate and another job's certificate do not.
 //! - [`prune`]: prune jobs: keep rules and protected points over merged, rebased and deleted
 //!   points that still read their instants; the hub SIGKILLed at each moment of a merge.
+//! - [`recoveries`]: instant recoveries: a 2-disk point served over TLS (unix sockets and TCP)
+//!   while a stand-in node reports, a SIGKILLed export restarted on its port, refusals naming
+//!   the field, the hub SIGKILLed mid-recovery.
 //! - [`restore_truth`]: restores refused for a corrupt or unverified point, and compared with
 //!   the point's stored checksums (a stand-in node).
 //! - [`verify`]: verify jobs: a byte flipped on disk caught, corrupt points and their
@@ -34,6 +37,7 @@ mod hub {
     pub mod nbd_tls;
     pub mod policies;
     pub mod prune;
+    pub mod recoveries;
     pub mod restore_truth;
     pub mod verify;
     pub mod webhooks;

@@ -1,7 +1,7 @@
 //! Who may do what: [`authenticate`] (every `/api/v1` route) finds the [`Principal`] of the
 //! bearer token and lets a node's credential reach only the routes of [`NODE_ROUTES`]; the
 //! handlers of those routes then check that the object is the node's own ([`own_vm`],
-//! [`own_backup`], [`own_restore`], [`own_node`]). A route added later is admin-only until it is
+//! [`own_backup`], [`own_restore`], [`own_recovery`], [`own_node`]). A route added later is admin-only until it is
 //! listed here, so a new endpoint cannot be opened to nodes by forgetting a check.
 //!
 //! A refusal is `403 forbidden` whose detail names the scope: `admin` (what only the hub's
@@ -40,6 +40,10 @@ pub const NODE_ROUTES: &[(Method, &str)] = &[
     (Method::GET, "/restores/{id}/events"),
     (Method::POST, "/restores/{id}/progress"),
     (Method::POST, "/restores/{id}/complete"),
+    (Method::GET, "/recoveries/{id}"),
+    (Method::GET, "/recoveries/{id}/events"),
+    (Method::POST, "/recoveries/{id}/progress"),
+    (Method::POST, "/recoveries/{id}/complete"),
 ];
 
 /// Middleware: `401` without a known, valid token; `403` for a node's credential on a route
@@ -186,6 +190,28 @@ pub async fn own_restore(hub: &crate::hub::Hub, who: &Principal, id: &str) -> Re
                     "restore {id} writes onto node {:?}, not node {n:?}; acting on it needs the \
                      admin token",
                     r.target.node
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The recovery runs on the calling node.
+pub async fn own_recovery(
+    hub: &crate::hub::Hub,
+    who: &Principal,
+    id: &str,
+) -> Result<(), ApiError> {
+    if let Principal::Node(n) = who {
+        let r = hub.recoveries.get(id).await?;
+        if r.node != *n {
+            return Err(forbidden(
+                &format!("node:{n}"),
+                format!(
+                    "recovery {id} runs on node {:?}, not node {n:?}; acting on it needs the \
+                     admin token",
+                    r.node
                 ),
             ));
         }

@@ -105,8 +105,8 @@ pub struct PolicyRetention {
     pub created_at: i64,
 }
 
-/// Removes points from the catalog inside `tx`: their terminal restores (which reference
-/// them), events and disks go with them.
+/// Removes points from the catalog inside `tx`: their terminal restores and recoveries (which
+/// reference them), events and disks go with them.
 async fn delete_points(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     points: &[BackupId],
@@ -115,6 +115,9 @@ async fn delete_points(
     for p in points {
         for sql in [
             "DELETE FROM restore_jobs WHERE backup_id = ?",
+            "DELETE FROM recovery_disks WHERE recovery_id IN \
+             (SELECT recovery_id FROM recovery_jobs WHERE backup_id = ?)",
+            "DELETE FROM recovery_jobs WHERE backup_id = ?",
             "DELETE FROM boot_checks WHERE backup_id = ?",
             "DELETE FROM job_events WHERE backup_id = ?",
             "DELETE FROM backup_disks WHERE backup_id = ?",

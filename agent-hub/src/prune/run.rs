@@ -66,7 +66,7 @@ impl Pruner {
         Ok(job)
     }
 
-    /// The job (backup, restore, verify, prune) that uses `vm`'s chain now, named.
+    /// The job (backup, restore, recovery, verify, prune) that uses `vm`'s chain now, named.
     pub async fn chain_user(&self, vm: &str) -> Result<Option<String>, PruneError> {
         let db = self.db();
         if let Some(p) = db
@@ -95,6 +95,17 @@ impl Pruner {
             return Ok(Some(format!(
                 "restore {} of point {}",
                 r.restore_id, r.backup_id
+            )));
+        }
+        // A recovered VM reads the point's chain through its exports until every disk is home.
+        let recoveries = db
+            .list_recoveries_in(crate::recoveries::ACTIVE)
+            .await
+            .map_err(db_err("checking for running recoveries"))?;
+        if let Some(r) = recoveries.iter().find(|r| r.source_vm == vm) {
+            return Ok(Some(format!(
+                "recovery {} of point {} (VM {} on node {})",
+                r.recovery_id, r.backup_id, r.vm_name, r.node
             )));
         }
         let verifies = db
@@ -161,7 +172,7 @@ impl Pruner {
                 self.publish(id).await;
                 return;
             }
-            // A backup, restore or verify admitted in the instant between the two checks.
+            // A backup, restore, recovery or verify admitted in the instant between the two checks.
             match self.chain_user(&vm).await {
                 Ok(Some(user)) if !user.starts_with("prune job") => {
                     self.fail(

@@ -156,7 +156,8 @@ pub struct ExportSpec {
     /// when the hub listens on unix sockets ([`ExportSpec::placed`]), else TCP on `port`.
     pub socket: Option<PathBuf>,
     /// The CN of the one client besides the hub that may open a TLS export
-    /// ([`crate::nbd_ca::backup_identity`], [`crate::nbd_ca::restore_identity`]); `None`: the
+    /// ([`crate::nbd_ca::backup_identity`], [`crate::nbd_ca::restore_identity`],
+    /// [`crate::nbd_ca::recovery_identity`]); `None`: the
     /// hub only. Unused without TLS.
     pub client: Option<String>,
 }

@@ -9,30 +9,35 @@ use std::path::Path;
 /// `corrupt` point holds bytes that differ from its stored checksums, an `unverified` one was
 /// never read back against them.
 pub(super) fn check_restorable(backup: &Backup) -> Result<(), RestoreError> {
-    let id = backup.backup_id.clone();
+    match unreadable(backup) {
+        None => Ok(()),
+        Some(reason) => Err(RestoreError::NotRestorable {
+            id: backup.backup_id.clone(),
+            reason,
+        }),
+    }
+}
+
+/// Why `backup` may not be read as a restore's (or an instant recovery's) source, after
+/// "backup <id> "; `None` when it may.
+pub(crate) fn unreadable(backup: &Backup) -> Option<String> {
     if backup.status != JobStatus::Completed {
-        return Err(RestoreError::NotRestorable {
-            id,
-            reason: format!(
-                "is {}: only a completed (verified) backup can be restored",
-                backup.status.as_str()
-            ),
-        });
+        return Some(format!(
+            "is {}: only a completed (verified) backup can be restored",
+            backup.status.as_str()
+        ));
     }
     if !backup.integrity.restorable() {
         let detail = backup
             .integrity_detail
             .as_deref()
             .unwrap_or("no detail recorded");
-        return Err(RestoreError::NotRestorable {
-            id,
-            reason: format!(
-                "is {}: {detail}; only a verified, hub-computed or legacy point can be restored",
-                backup.integrity.as_str()
-            ),
-        });
+        return Some(format!(
+            "is {}: {detail}; only a verified, hub-computed or legacy point can be restored",
+            backup.integrity.as_str()
+        ));
     }
-    Ok(())
+    None
 }
 
 pub(super) fn check_target_path(p: &str) -> Result<(), RestoreError> {

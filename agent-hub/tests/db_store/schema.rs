@@ -102,6 +102,8 @@ async fn both_dialects_have_the_same_schema() {
         "nodes",
         "job_events",
         "node_credentials",
+        "recovery_jobs",
+        "recovery_disks",
     ] {
         assert!(sqlite.1.contains_key(t), "table {t} missing: {tables:?}");
     }
@@ -193,7 +195,7 @@ async fn a_0001_database_upgrades_and_keeps_its_rows() {
             .filter_map(|e| e.ok()?.file_name().to_str()?.split('_').next()?.parse().ok())
             .collect();
         files.sort();
-        assert!(files.len() >= 11, "{files:?}");
+        assert!(files.len() >= 13, "{files:?}");
         assert_eq!(versions, files, "{}", t.dialect);
         let rows = sqlx::query(
             "SELECT disk_key, change_id, bytes_transferred, bytes_done FROM backup_disks \
