@@ -28,7 +28,7 @@ use chrono::{DateTime, Utc};
 use sendense_shared::api::{
     Backup, BackupRequest, BackupType, Health, HubEvent, JobEvent, JobStatus, Node, NodeTunnel,
     Policy, PolicyRequest, PolicyRun, PortsView, ProcessInfo, PruneJob, PrunePlan, PrunePoint,
-    Repository, RepositorySpace, Restore, TunnelState, VerifyJob, Vm,
+    Recovery, Repository, RepositorySpace, Restore, TunnelState, VerifyJob, Vm,
 };
 use sendense_shared::ids::{BackupId, DiskKey};
 use std::collections::{BTreeMap, HashMap};
@@ -53,6 +53,8 @@ pub struct Snapshot {
     pub events: Option<Vec<JobEvent>>,
     pub policies: Option<Vec<Policy>>,
     pub prunes: Option<Vec<PruneJob>>,
+    /// Instant recoveries (`None` too from a hub that has none to serve).
+    pub recoveries: Option<Vec<Recovery>>,
     /// Space of every repository that answered.
     pub spaces: Option<Vec<RepositorySpace>>,
     pub errors: Vec<String>,
@@ -68,6 +70,8 @@ pub enum Update {
     Snapshot(Box<Snapshot>),
     /// One message of the event stream.
     Event(HubEvent),
+    /// A recovery changed (the stream's `recovery` events, and the answer to a cancel).
+    Recovery(Box<Recovery>),
     StreamUp,
     StreamDown {
         error: String,
@@ -97,6 +101,8 @@ pub enum Action {
     Cancel(BackupId),
     /// Cancel the restore with this id.
     CancelRestore(String),
+    /// Cancel the instant recovery with this id (its VM is stopped, the guest's writes lost).
+    CancelRecovery(String),
     /// `run-now` of the policy with this id (named for the notices).
     RunPolicy {
         id: String,
@@ -180,6 +186,12 @@ pub enum Mode {
         vm_name: String,
         status: JobStatus,
     },
+    ConfirmCancelRecovery {
+        recovery_id: String,
+        vm_name: String,
+        node: String,
+        status: JobStatus,
+    },
     Start(StartForm),
     ConfirmStart(StartForm),
     /// A policy action waiting for y/n: the question and what `y` does.
@@ -199,6 +211,7 @@ impl Mode {
             Mode::Help => Keymap::Help,
             Mode::ConfirmCancel { .. }
             | Mode::ConfirmCancelRestore { .. }
+            | Mode::ConfirmCancelRecovery { .. }
             | Mode::ConfirmStart(_)
             | Mode::ConfirmPolicy { .. }
             | Mode::PrunePreview(_) => Keymap::Confirm,
@@ -242,6 +255,8 @@ pub struct App {
     pub backups: Vec<Backup>,
     /// Newest first.
     pub restores: Vec<Restore>,
+    /// Instant recoveries, newest first.
+    pub recoveries: Vec<Recovery>,
     /// Verify jobs seen on the event stream, newest first.
     pub verifies: Vec<VerifyJob>,
     pub vms: Vec<Vm>,
@@ -289,6 +304,7 @@ impl App {
             snapshot_errors: Vec::new(),
             backups: Vec::new(),
             restores: Vec::new(),
+            recoveries: Vec::new(),
             verifies: Vec::new(),
             vms: Vec::new(),
             repositories: Vec::new(),

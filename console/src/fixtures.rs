@@ -76,6 +76,7 @@ pub fn snapshot() -> Snapshot {
         events: Some(events()),
         policies: Some(policies()),
         prunes: Some(prunes()),
+        recoveries: Some(vec![]),
         spaces: Some(spaces()),
         errors: vec![],
     }

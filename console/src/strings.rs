@@ -80,6 +80,31 @@ pub const CHANGE_ID: &str = "change id";
 pub const SOURCE: &str = "source";
 pub const TARGET: &str = "target";
 
+// Instant recoveries.
+/// The kind of an instant recovery, in the Type column and the detail title.
+pub const RECOVERY: &str = "recover";
+/// A recovery whose VM or stream waits on an export that does not answer.
+pub const STALLED: &str = "STALLED";
+/// QEMU's word for a stream that is done (the disk is home).
+pub const STREAM_FINISHED: &str = "finished";
+pub const STREAM_RUNNING: &str = "running";
+pub const STREAM_PENDING: &str = "pending";
+pub const STREAM_PAUSED: &str = "paused";
+pub const POINT: &str = "point";
+pub const OF: &str = "of";
+pub const NODE: &str = "node";
+pub const VM: &str = "VM";
+pub const QEMU: &str = "QEMU";
+pub const VM_UP_IN: &str = "VM up in";
+pub const HOME: &str = "home";
+pub const OVERLAY: &str = "overlay";
+pub const SERIAL: &str = "serial";
+pub const QMP: &str = "qmp";
+pub const RECOVERY_HOME: &str =
+    "every disk is home: the VM runs from local disks alone (it outlives the job)";
+pub const RECOVERY_CANCELLED: &str =
+    "the VM was stopped and its overlays removed: what the guest wrote is lost";
+
 // Integrity and consistency of a backup point.
 pub const COL_INTEGRITY: &str = "Integrity";
 pub const COL_CONSISTENCY: &str = "Consistency";
@@ -355,6 +380,12 @@ pub fn confirm_cancel_restore(restore_id: &str, vm_name: &str, status: &str) -> 
     format!("Cancel restore {restore_id} of VM {vm_name} ({status})?")
 }
 
+pub fn confirm_cancel_recovery(id: &str, vm_name: &str, node: &str, status: &str) -> String {
+    format!(
+        "Cancel recovery {id} of VM {vm_name} on {node} ({status})? The VM is stopped and its overlays removed: what the guest wrote is lost."
+    )
+}
+
 /// `Start a full backup of pgtest1 into repo-a?`, `Start an incremental backup of …`
 pub fn confirm_start(backup_type: &str, vm_name: &str, repository: &str) -> String {
     let a = article(backup_type);
@@ -388,6 +419,10 @@ pub fn notice_started(backup_id: &str, vm_name: &str) -> String {
 
 pub fn notice_cancelled(backup_id: &str, status: &str) -> String {
     format!("Job {backup_id} is now {status}.")
+}
+
+pub fn notice_recovery_cancelled(id: &str, vm_name: &str, status: &str) -> String {
+    format!("Recovery {id} is now {status}: VM {vm_name} is stopped, the guest's writes lost.")
 }
 
 pub fn notice_action_failed(what: &str, cause: &str) -> String {

@@ -152,6 +152,21 @@ fn perform(client: &HubClient, action: Action, tx: mpsc::Sender<Update>) {
                     message: strings::notice_action_failed(&format!("Cancel of {id}"), &cause(&e)),
                 }],
             },
+            Action::CancelRecovery(id) => match client.cancel_recovery(&id).await {
+                Ok(recovery) => vec![
+                    Update::ActionDone {
+                        message: strings::notice_recovery_cancelled(
+                            &recovery.recovery_id,
+                            &recovery.vm_name,
+                            recovery.status.as_str(),
+                        ),
+                    },
+                    Update::Recovery(Box::new(recovery)),
+                ],
+                Err(e) => vec![Update::ActionFailed {
+                    message: strings::notice_action_failed(&format!("Cancel of {id}"), &cause(&e)),
+                }],
+            },
             Action::Quit => vec![],
             other => crate::tui::policies::perform(&client, other).await,
         };

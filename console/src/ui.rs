@@ -79,6 +79,16 @@ pub fn render(app: &App, frame: &mut Frame) {
             let text = strings::confirm_cancel_restore(restore_id, vm_name, status.as_str());
             popup::confirm(&text, frame, frame.area());
         }
+        Mode::ConfirmCancelRecovery {
+            recovery_id,
+            vm_name,
+            node,
+            status,
+        } => {
+            let text =
+                strings::confirm_cancel_recovery(recovery_id, vm_name, node, status.as_str());
+            popup::confirm(&text, frame, frame.area());
+        }
         Mode::ConfirmPolicy { question, .. } => popup::confirm(question, frame, frame.area()),
         Mode::PrunePreview(plan) => policies::prune::render(plan, frame, frame.area()),
         Mode::Normal | Mode::Filter => {}

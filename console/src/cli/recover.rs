@@ -3,8 +3,9 @@
 //! Outputs as for restores: the id (or `--json`) on stdout, progress and outcome on stderr.
 
 use super::{exit, fail, follow, print_json};
-use crate::format;
-use sendense_shared::api::{JobStatus, Recovery, RecoveryDisk, RecoveryRequest};
+use crate::format::{self, recovery_home as home, stream_eta as disk_eta, time_to_vm};
+use crate::strings;
+use sendense_shared::api::{JobStatus, Recovery, RecoveryRequest};
 use sendense_shared::client::HubClient;
 
 /// `--speed 50M`: bytes per second, with an optional binary suffix (`K`, `M`, `G`, `T`;
@@ -141,30 +142,6 @@ fn print_recovery(r: &Recovery, json: bool) {
     }
 }
 
-/// Bytes home and to stream, over every disk.
-pub fn home(r: &Recovery) -> (u64, u64) {
-    r.disks.iter().fold((0, 0), |(d, t), disk| {
-        (d + disk.bytes_done, t + disk.bytes_total)
-    })
-}
-
-/// The time left of one disk's stream at its rate, while it streams.
-pub fn disk_eta(d: &RecoveryDisk) -> Option<i64> {
-    (d.rate_bps > 0 && d.bytes_done < d.bytes_total)
-        .then(|| (d.bytes_total.saturating_sub(d.bytes_done) / d.rate_bps) as i64)
-}
-
-/// Request to a running VM: `vm_started_at - created_at`.
-pub fn time_to_vm(r: &Recovery) -> Option<String> {
-    let started = r.vm_started_at?;
-    let ms = (started - r.created_at).num_milliseconds().max(0);
-    Some(if ms < 60_000 {
-        format!("{:.1}s", ms as f64 / 1000.0)
-    } else {
-        format::duration_secs(ms / 1000)
-    })
-}
-
 /// One progress line: `6f1e… running vm running · disk 2000 1.2 GiB/16.0 GiB 45.0 MiB/s ETA
 /// 5m37s · disk 2001 …`, and the stall when there is one.
 pub fn progress_line(r: &Recovery) -> String {
@@ -172,7 +149,7 @@ pub fn progress_line(r: &Recovery) -> String {
         "{} {} vm {}",
         r.recovery_id,
         r.status.as_str(),
-        r.vm_state.as_deref().unwrap_or(crate::strings::NONE)
+        r.vm_state.as_deref().unwrap_or(strings::NONE)
     )];
     for d in &r.disks {
         let mut p = format!(
@@ -181,14 +158,14 @@ pub fn progress_line(r: &Recovery) -> String {
             format::bytes(d.bytes_done),
             format::bytes(d.bytes_total)
         );
-        if d.stream == "finished" {
+        if d.stream == strings::STREAM_FINISHED {
             p.push_str(" home");
         } else {
             p.push_str(&format!(" {}", format::rate(d.rate_bps)));
             if let Some(eta) = disk_eta(d) {
                 p.push_str(&format!(" ETA {}", format::duration_secs(eta)));
             }
-            if d.stream != "running" {
+            if d.stream != strings::STREAM_RUNNING {
                 p.push_str(&format!(" ({})", d.stream));
             }
         }
@@ -265,10 +242,7 @@ pub fn recoveries_table(list: &[Recovery]) -> String {
     .flex(3, Cut::End);
     for r in list {
         let (done, total) = home(r);
-        let mut state = r
-            .vm_state
-            .clone()
-            .unwrap_or_else(|| crate::strings::NONE.into());
+        let mut state = r.vm_state.clone().unwrap_or_else(|| strings::NONE.into());
         if r.stalled.is_some() {
             state.push_str(", STALLED");
         }
@@ -287,7 +261,7 @@ pub fn recoveries_table(list: &[Recovery]) -> String {
 
 /// `recover show`: every field, the stall first.
 pub fn show_text(r: &Recovery) -> String {
-    let none = || crate::strings::NONE.to_string();
+    let none = || strings::NONE.to_string();
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(none);
     let num = |v: Option<u32>| v.map(|p| p.to_string()).unwrap_or_else(none);
     let at = |t: Option<chrono::DateTime<chrono::Utc>>| {
