@@ -13,7 +13,7 @@
 //! - `prune`: `points list VM`, `point protect|unprotect ID`, `prune VM [--dry-run]`.
 
 mod backups;
-mod files;
+pub mod files;
 mod policies;
 mod policy_args;
 mod prune;

@@ -1,11 +1,12 @@
 //! Realistic hub data for the render and state tests, one part per view: `jobs` (a 2-disk job
 //! mid-copy, a job with a failed disk whose qemu-nbd died, an application-consistent point, a
 //! corrupt one), `vms` (and repositories), `ports` (one squatted), `processes`, `tunnel` (a node
-//! whose tunnel is down), `events`, `restores`, `recoveries` (one streaming, one stalled, one home), `verify` (a verify job that found corruption),
+//! whose tunnel is down), `events`, `files` (what the file browser lists of a point), `restores`, `recoveries` (one streaming, one stalled, one home), `verify` (a verify job that found corruption),
 //! `policies` (policies with their runs, points, repository space, a prune plan). Here: the
 //! instant they are seen from, the hub's health, and the [`snapshot`] and [`app`] built from them.
 
 mod events;
+pub mod files;
 mod jobs;
 mod policies;
 mod ports;

@@ -1,7 +1,7 @@
 //! Human units for sizes, rates and durations, shared by the UI and the CLI.
 
 use chrono::{DateTime, Utc};
-use sendense_shared::api::{Backup, Recovery, RecoveryDisk};
+use sendense_shared::api::{Backup, FileKind, Recovery, RecoveryDisk};
 
 const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
 
@@ -67,6 +67,26 @@ pub fn done_bytes(b: &Backup) -> u64 {
         return b.bytes_transferred;
     }
     b.disk_results.iter().map(|d| d.bytes_done).sum()
+}
+
+/// `drwxr-x---`: a guest file's kind and permission bits, as `ls -l` writes them.
+pub fn file_mode(kind: FileKind, mode: u32) -> String {
+    let mut perms = String::new();
+    perms.push(kind.letter());
+    for shift in [6, 3, 0] {
+        let bits = (mode >> shift) & 7;
+        perms.push(if bits & 4 != 0 { 'r' } else { '-' });
+        perms.push(if bits & 2 != 0 { 'w' } else { '-' });
+        perms.push(if bits & 1 != 0 { 'x' } else { '-' });
+    }
+    perms
+}
+
+/// `2026-12-01 10:00` (UTC) of a guest file's mtime, seconds since the epoch.
+pub fn mtime(secs: i64) -> String {
+    DateTime::from_timestamp(secs, 0)
+        .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+        .unwrap_or_else(|| secs.to_string())
 }
 
 /// Bytes home and bytes in all of an instant recovery's disks.

@@ -11,7 +11,7 @@ use sendense_shared::api::{BackupRequest, BackupType};
 
 impl App {
     /// The open job, else the selected row of the Jobs list.
-    fn selected_job(&self) -> Option<JobRow<'_>> {
+    pub(super) fn selected_job(&self) -> Option<JobRow<'_>> {
         if let Some(b) = self.detail_backup() {
             return Some(JobRow::Backup(b));
         }
@@ -154,6 +154,8 @@ impl App {
                 None
             }
             Mode::ConfirmPolicy { action, .. } => self.confirm_policy(action, command),
+            Mode::Files => self.files_command(command),
+            Mode::FilesPrompt { input } => self.files_prompt(input, command),
             Mode::PrunePreview(plan) => self.prune_dialog(&plan, command),
             Mode::ConfirmStart(form) => match command {
                 Command::Yes => {
@@ -274,6 +276,7 @@ impl App {
             Command::Help => self.mode = Mode::Help,
             Command::Start => self.open_start(),
             Command::Cancel => self.open_cancel(),
+            Command::Browse => return self.open_browser(),
             // h/l mean nothing elsewhere: no notice for them.
             Command::PrevItem | Command::NextItem if self.view != View::Policies => {}
             Command::RunNow

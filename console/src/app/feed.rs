@@ -46,6 +46,23 @@ impl App {
             Update::ActionFailed { message } => self.notify(NoticeLevel::Error, message, now),
             Update::PolicyDetail(d) => self.apply_policy_detail(*d),
             Update::PrunePreview(plan) => self.apply_prune_preview(*plan),
+            Update::FileListing { seq, result } => {
+                self.apply_file_listing(seq, result.map(|l| *l));
+            }
+            Update::FilesProgress { bytes } => {
+                if let Some(d) = self.download.as_mut() {
+                    d.bytes = bytes;
+                }
+            }
+            Update::FilesDone { message, ok } => {
+                self.download = None;
+                let level = if ok {
+                    NoticeLevel::Info
+                } else {
+                    NoticeLevel::Error
+                };
+                self.notify(level, message, now);
+            }
         }
     }
 

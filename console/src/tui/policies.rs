@@ -93,7 +93,9 @@ pub(super) async fn perform(client: &HubClient, action: Action) -> Vec<Update> {
         | Action::Start(_)
         | Action::Cancel(_)
         | Action::CancelRestore(_)
-        | Action::CancelRecovery(_) => vec![],
+        | Action::CancelRecovery(_)
+        | Action::ListFiles { .. }
+        | Action::GetFiles { .. } => vec![],
     }
 }
 

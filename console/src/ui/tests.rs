@@ -734,3 +734,133 @@ fn cancel_confirmation_of_a_recovery_says_the_writes_are_lost() {
         ],
     );
 }
+
+/// The fixture console with the browser open on pgtest1's point, cursor on it in Jobs.
+fn app_with_browser() -> App {
+    let mut app = fixtures::app();
+    let at = app
+        .visible_jobs()
+        .iter()
+        .position(|j| j.id() == fixtures::files::POINT)
+        .unwrap();
+    for _ in 0..at {
+        keys(&mut app, &[KeyCode::Char('j')]);
+    }
+    keys(&mut app, &[KeyCode::Char('f')]);
+    app
+}
+
+fn answer_listing(app: &mut App, l: sendense_shared::api::FileListing) {
+    let seq = app.browser.as_ref().unwrap().loading.as_ref().unwrap().0;
+    app.apply(
+        Update::FileListing {
+            seq,
+            result: Ok(Box::new(l)),
+        },
+        fixtures::now(),
+    );
+}
+
+#[test]
+fn file_browser_says_the_appliance_is_starting_then_lists_filesystems() {
+    let mut app = app_with_browser();
+    both(
+        "files_starting",
+        &app,
+        &[
+            "Files of pgtest1 · point b-91d4f7aa · disk 2000",
+            "◐ starting the file browser appliance…",
+            "Enter:open Bksp:up g:get as tar",
+        ],
+    );
+    answer_listing(&mut app, fixtures::files::filesystems());
+    let screen = draw(&app, 80, 24);
+    for want in ["/dev/sda1", "ext4", "/dev/vg0/root", "xfs", "3 entries"] {
+        assert!(screen.contains(want), "{want}:\n{screen}");
+    }
+}
+
+#[test]
+fn file_browser_directory_shows_modes_owners_links_and_escaped_names() {
+    let mut app = app_with_browser();
+    answer_listing(&mut app, fixtures::files::filesystems());
+    keys(&mut app, &[KeyCode::Char('j'), KeyCode::Enter]);
+    answer_listing(&mut app, fixtures::files::root_dir());
+    keys(&mut app, &[KeyCode::Char('j'), KeyCode::Enter]);
+    // While /etc is listed, the appliance is up already: it says what it lists.
+    assert!(draw(&app, 80, 24).contains("◐ listing /dev/vg0/root:/etc…"));
+    answer_listing(&mut app, fixtures::files::etc_dir());
+    keys(
+        &mut app,
+        &[KeyCode::Char('j'), KeyCode::Char('j'), KeyCode::Char('j')],
+    );
+    both(
+        "files_etc",
+        &app,
+        &[
+            "point b-91d4f7aa · /dev/vg0/root:/etc",
+            "-rw-r--r-- 0:0",
+            "caf\\xe9.conf",
+            "cron d/",
+            "localtime -> /usr/share/zoneinf",
+            "localtime -> /usr/share/zoneinfo/Etc/UTC (a symlink: not followed)",
+            "drwxr-x--- 0:26",
+            "-rw-r----- 0:42",
+            "2026-11-26 03:12",
+        ],
+    );
+    let mut app2 = app.clone();
+    keys(
+        &mut app2,
+        &[KeyCode::Char('k'), KeyCode::Char('k'), KeyCode::Char('g')],
+    );
+    both(
+        "files_get_prompt",
+        &app2,
+        &[
+            "write as tar to (relative to the console's directory): ./cron_d.tar█",
+            "Enter:write it",
+        ],
+    );
+    // A failure names its cause in the status line.
+    keys(&mut app, &[KeyCode::Backspace]);
+    let seq = app.browser.as_ref().unwrap().loading.as_ref().unwrap().0;
+    app.apply(
+        Update::FileListing {
+            seq,
+            result: Err("listing /dev/vg0/root:/ failed: hub unreachable at http://127.0.0.1:8082/api/v1/backups/b-91d4f7aa/files?disk=2000&fs=/dev/vg0/root&path=/".into()),
+        },
+        fixtures::now(),
+    );
+    let screen = draw(&app, 80, 24);
+    assert!(
+        screen.contains("✖ listing /dev/vg0/root:/ failed: hub unreachable"),
+        "{screen}"
+    );
+}
+
+#[test]
+fn file_browser_shows_a_tar_being_written_and_a_truncated_directory() {
+    let mut app = app_with_browser();
+    answer_listing(&mut app, fixtures::files::filesystems());
+    keys(&mut app, &[KeyCode::Char('j'), KeyCode::Enter]);
+    answer_listing(&mut app, fixtures::files::truncated_dir());
+    let screen = draw(&app, 80, 24);
+    assert!(
+        screen.contains("▲ more entries than one listing answers"),
+        "{screen}"
+    );
+    keys(&mut app, &[KeyCode::Char('g'), KeyCode::Enter]);
+    app.apply(
+        Update::FilesProgress {
+            bytes: 3 * 1024 * 1024,
+        },
+        fixtures::now(),
+    );
+    app.now = fixtures::now() + chrono::Duration::seconds(2);
+    both(
+        "files_writing",
+        &app,
+        &["◐ writing ./system_0000.journal.tar: 3.0 MiB of ~8.0 MiB (37%) · 1.5 MiB/s"],
+    );
+}
