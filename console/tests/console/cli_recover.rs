@@ -235,3 +235,33 @@ async fn list_and_show_read_the_hubs_recoveries_and_refusals_name_the_field() {
         "bad usage never reaches the hub"
     );
 }
+
+#[tokio::test]
+async fn files_get_writes_the_hubs_tar_to_stdout_and_names_a_refusal() {
+    let hub = hub_with_point("pgtest1").await;
+    let sh = Shell::new(&hub.url, TOKEN);
+    let r = sh
+        .run(&["files", "get", "b-done", "/etc", "--disk", "2000"])
+        .await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        r.stdout,
+        crate::fake_hub::files::TAR,
+        "the body as the hub sent it"
+    );
+    assert!(
+        r.stderr.contains(&format!(
+            "{} bytes of tar written",
+            crate::fake_hub::files::TAR.len()
+        )),
+        "{}",
+        r.stderr
+    );
+    let r = sh.run(&["files", "get", "b-done", "/nope"]).await;
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("path: /nope: no such file or directory"),
+        "{}",
+        r.stderr
+    );
+}

@@ -5,6 +5,7 @@
 //! progress without timers. `policies`: policies, runs, points, protection, prunes, space.
 //! (Stand-in while the real hub is written in parallel; see `main.rs`.)
 
+pub mod files;
 pub mod policies;
 pub mod recoveries;
 pub mod restores;
@@ -428,6 +429,7 @@ impl FakeHub {
             .route("/api/v1/backups/{id}", get(get_backup))
             .route("/api/v1/backups/{id}/cancel", post(cancel_backup))
             .route("/api/v1/backups/{id}/events", get(empty_list))
+            .route("/api/v1/backups/{id}/files/archive", get(files::archive))
             .route(
                 "/api/v1/restores",
                 get(restores::list).post(restores::start),
