@@ -864,3 +864,17 @@ fn file_browser_shows_a_tar_being_written_and_a_truncated_directory() {
         &["◐ writing ./system_0000.journal.tar: 3.0 MiB of ~8.0 MiB (37%) · 1.5 MiB/s"],
     );
 }
+
+#[test]
+fn tiny_terminal_with_a_recovery_or_the_browser_does_not_panic() {
+    let mut app = app_with_recoveries();
+    keys(&mut app, &[KeyCode::Enter]);
+    for (w, h) in [(1, 1), (20, 5), (40, 10)] {
+        draw(&app, w, h);
+    }
+    let mut app = app_with_browser();
+    answer_listing(&mut app, fixtures::files::filesystems());
+    for (w, h) in [(1, 1), (20, 5), (40, 10)] {
+        draw(&app, w, h);
+    }
+}
