@@ -9,17 +9,21 @@
 //! - `queries`: the derived lists the UI draws (filtered rows, port cells, rates).
 //! - `actions`: keys: commands of the key tables applied to the state, and the [`Action`]s
 //!   they return.
+//! - [`files`]: the file browser of a backup point (disks, filesystems, directories listed
+//!   by the hub off the UI thread; `g` gets a file or directory as tar).
 //! - [`policies`]: the Policies view: which VMs a policy covers, its runs and points, its keys
 //!   (run now, enable/disable, protect, prune preview), and what to re-read when the hub says
 //!   a run or a prune changed.
 
 mod actions;
 mod feed;
+pub mod files;
 pub mod policies;
 mod queries;
 pub mod state;
 
 pub use crate::view::View;
+pub use files::{FileBrowser, FileTarget};
 pub use policies::PolicyDetail;
 pub use state::{DiskHistory, JobRef, JobRow, ListState, PoliciesState, ViewStates};
 
@@ -28,7 +32,7 @@ use chrono::{DateTime, Utc};
 use sendense_shared::api::{
     Backup, BackupRequest, BackupType, Health, HubEvent, JobEvent, JobStatus, Node, NodeTunnel,
     Policy, PolicyRequest, PolicyRun, PortsView, ProcessInfo, PruneJob, PrunePlan, PrunePoint,
-    Repository, RepositorySpace, Restore, TunnelState, VerifyJob, Vm,
+    Recovery, Repository, RepositorySpace, Restore, TunnelState, VerifyJob, Vm,
 };
 use sendense_shared::ids::{BackupId, DiskKey};
 use std::collections::{BTreeMap, HashMap};
@@ -53,6 +57,8 @@ pub struct Snapshot {
     pub events: Option<Vec<JobEvent>>,
     pub policies: Option<Vec<Policy>>,
     pub prunes: Option<Vec<PruneJob>>,
+    /// Instant recoveries (`None` too from a hub that has none to serve).
+    pub recoveries: Option<Vec<Recovery>>,
     /// Space of every repository that answered.
     pub spaces: Option<Vec<RepositorySpace>>,
     pub errors: Vec<String>,
@@ -68,6 +74,8 @@ pub enum Update {
     Snapshot(Box<Snapshot>),
     /// One message of the event stream.
     Event(HubEvent),
+    /// A recovery changed (the stream's `recovery` events, and the answer to a cancel).
+    Recovery(Box<Recovery>),
     StreamUp,
     StreamDown {
         error: String,
@@ -87,6 +95,20 @@ pub enum Update {
     PolicyDetail(Box<PolicyDetail>),
     /// The hub's dry run of a prune: opens the preview dialog.
     PrunePreview(Box<PrunePlan>),
+    /// The answer to [`Action::ListFiles`] number `seq`: the listing, or why it failed.
+    FileListing {
+        seq: u64,
+        result: Result<Box<sendense_shared::api::FileListing>, String>,
+    },
+    /// Bytes of tar written so far by the [`Action::GetFiles`] under way.
+    FilesProgress {
+        bytes: u64,
+    },
+    /// The [`Action::GetFiles`] ended: what to say, and whether it worked.
+    FilesDone {
+        message: String,
+        ok: bool,
+    },
 }
 
 /// What the terminal loop must do after a key.
@@ -97,6 +119,8 @@ pub enum Action {
     Cancel(BackupId),
     /// Cancel the restore with this id.
     CancelRestore(String),
+    /// Cancel the instant recovery with this id (its VM is stopped, the guest's writes lost).
+    CancelRecovery(String),
     /// `run-now` of the policy with this id (named for the notices).
     RunPolicy {
         id: String,
@@ -121,6 +145,32 @@ pub enum Action {
         id: String,
         vms: Vec<String>,
     },
+    /// List a disk's filesystems or a directory of a point ([`Update::FileListing`] answers).
+    ListFiles {
+        seq: u64,
+        backup_id: BackupId,
+        target: FileTarget,
+    },
+    /// Write `target` of a point as tar to the file `dest` (relative to the console's working
+    /// directory); `what` names it in the notices.
+    GetFiles {
+        backup_id: BackupId,
+        target: FileTarget,
+        what: String,
+        dest: String,
+    },
+}
+
+/// A tar being written by [`Action::GetFiles`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Download {
+    pub dest: String,
+    /// The path inside the point, for the screen.
+    pub what: String,
+    pub bytes: u64,
+    /// A file's size (a directory's tar has no size known ahead).
+    pub size: Option<u64>,
+    pub started: DateTime<Utc>,
 }
 
 /// Whether the hub answers.
@@ -180,6 +230,12 @@ pub enum Mode {
         vm_name: String,
         status: JobStatus,
     },
+    ConfirmCancelRecovery {
+        recovery_id: String,
+        vm_name: String,
+        node: String,
+        status: JobStatus,
+    },
     Start(StartForm),
     ConfirmStart(StartForm),
     /// A policy action waiting for y/n: the question and what `y` does.
@@ -189,6 +245,12 @@ pub enum Mode {
     },
     /// The prune preview dialog: the hub's dry run; `y` starts the real prune.
     PrunePreview(Box<PrunePlan>),
+    /// The file browser ([`App::browser`]) has the keys.
+    Files,
+    /// Its "write the tar to" prompt, with what was typed.
+    FilesPrompt {
+        input: String,
+    },
 }
 
 impl Mode {
@@ -199,10 +261,13 @@ impl Mode {
             Mode::Help => Keymap::Help,
             Mode::ConfirmCancel { .. }
             | Mode::ConfirmCancelRestore { .. }
+            | Mode::ConfirmCancelRecovery { .. }
             | Mode::ConfirmStart(_)
             | Mode::ConfirmPolicy { .. }
             | Mode::PrunePreview(_) => Keymap::Confirm,
             Mode::Start(_) => Keymap::Start,
+            Mode::Files => Keymap::Files,
+            Mode::FilesPrompt { .. } => Keymap::Prompt,
         }
     }
 }
@@ -242,6 +307,8 @@ pub struct App {
     pub backups: Vec<Backup>,
     /// Newest first.
     pub restores: Vec<Restore>,
+    /// Instant recoveries, newest first.
+    pub recoveries: Vec<Recovery>,
     /// Verify jobs seen on the event stream, newest first.
     pub verifies: Vec<VerifyJob>,
     pub vms: Vec<Vm>,
@@ -275,6 +342,10 @@ pub struct App {
     /// What each view remembers.
     pub views: ViewStates,
     pub notice: Option<Notice>,
+    /// The open file browser.
+    pub browser: Option<FileBrowser>,
+    /// The tar being written, if one is.
+    pub download: Option<Download>,
 }
 
 impl App {
@@ -289,6 +360,7 @@ impl App {
             snapshot_errors: Vec::new(),
             backups: Vec::new(),
             restores: Vec::new(),
+            recoveries: Vec::new(),
             verifies: Vec::new(),
             vms: Vec::new(),
             repositories: Vec::new(),
@@ -309,6 +381,8 @@ impl App {
             mode: Mode::Normal,
             views: ViewStates::default(),
             notice: None,
+            browser: None,
+            download: None,
         }
     }
 

@@ -4,6 +4,8 @@
 //!
 //! - `backups`: `backups list`, `backup start`, `backup cancel`.
 //! - `restores`: `restores list`, `restore start`, `restore cancel`.
+//! - `recover`: `recover start|list|show|cancel` (instant recoveries: a point booted on a node
+//!   while its disks stream home).
 //! - `verify`: `verify --backup ID | --vm NAME | --repository ID`, `verify list`,
 //!   `verify cancel`.
 //! - `policies`: `policy create|list|show|update|delete|run-now`.
@@ -11,10 +13,11 @@
 //! - `prune`: `points list VM`, `point protect|unprotect ID`, `prune VM [--dry-run]`.
 
 mod backups;
-mod files;
+pub mod files;
 mod policies;
 mod policy_args;
 mod prune;
+mod recover;
 
 pub use policy_args::{PointCommand, PointsCommand, PolicyCommand};
 mod resources;
@@ -25,7 +28,7 @@ mod verify;
 use crate::config::{self, Overrides};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use sendense_shared::api::{
-    BackupType, BootCheckSpec, RestoreRequest, RestoreTarget, VerifyRequest,
+    BackupType, BootCheckSpec, RecoveryRequest, RestoreRequest, RestoreTarget, VerifyRequest,
 };
 use sendense_shared::cli::{DocsCommand, LogFormat};
 use sendense_shared::client::{ClientError, HubClient};
@@ -113,10 +116,10 @@ where
 }
 
 const AFTER_HELP: &str = "\
-Exit status: 0 done (with --wait: the backup, restore or prune completed), 1 error talking to
-the hub or the hub refused the request (a 4xx such as 422 on a policy: the message has the
-hub's detail, which names the field), 2 bad usage (a flag, or a --file that is not a policy),
-3 the job failed, 4 the job was cancelled.
+Exit status: 0 done (with --wait: the backup, restore, recovery or prune completed), 1 error
+talking to the hub or the hub refused the request (a 4xx such as 422 on a policy: the message
+has the hub's detail, which names the field), 2 bad usage (a flag, or a --file that is not a
+policy), 3 the job failed, 4 the job was cancelled.
 The token is read from --token-file, SENDENSE_TOKEN_FILE, SENDENSE_TOKEN or the config file
 (~/.config/sendense/console.toml: hub_url, token_file); never pass it on the command line.";
 
@@ -176,6 +179,12 @@ pub enum Command {
     Restore {
         #[command(subcommand)]
         command: RestoreCommand,
+    },
+    /// Instant recovery: boot a backup point as a new VM on a node at once while its disks
+    /// stream home; `recover start|list|show|cancel`.
+    Recover {
+        #[command(subcommand)]
+        command: RecoverCommand,
     },
     /// Re-read completed backup points against their stored checksums (a verify job); prints
     /// the job id. `verify list`, `verify cancel ID`.
@@ -481,6 +490,80 @@ pub enum RestoreCommand {
     },
 }
 
+// Parsed once per run: the size of `Start` beside the others costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub enum RecoverCommand {
+    /// Boot a completed backup point as a new VM on a node at once (its disks served by the
+    /// hub, pulled home while the guest runs); prints the recovery id.
+    Start {
+        /// The backup (point) to boot: its id, or the first 8 or more characters of it.
+        backup_id: String,
+        /// Name of the registered node that runs the VM.
+        #[arg(long)]
+        node: String,
+        /// Name of the new VM on the node (must not be running there yet).
+        #[arg(long = "name", value_name = "VM")]
+        vm_name: String,
+        /// Disk keys, in the order the guest sees them (vda, vdb, ...); default every disk.
+        #[arg(long, value_name = "KEYS", value_delimiter = ',')]
+        disks: Option<Vec<i64>>,
+        /// Guest memory in MiB (default: the point's recorded hardware, else 512).
+        #[arg(long, value_name = "MIB")]
+        memory: Option<u64>,
+        /// vCPUs (default: the point's recorded hardware, else 1).
+        #[arg(long, value_name = "N")]
+        cpus: Option<u32>,
+        /// Direct kernel boot: a kernel on the node (default: the point's recorded one).
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<String>,
+        /// Initrd on the node for --kernel.
+        #[arg(long, value_name = "PATH", requires = "kernel")]
+        initrd: Option<String>,
+        /// Kernel command line for --kernel.
+        #[arg(long, value_name = "ARGS", requires = "kernel")]
+        append: Option<String>,
+        /// Upper bound of each disk's stream home, bytes per second: 50M = 50 MiB/s, 800K
+        /// (default: no limit).
+        #[arg(long, value_name = "RATE", value_parser = recover::parse_speed)]
+        speed: Option<u64>,
+        /// Absolute directory on the node for the overlays, the recovered disks (default: the
+        /// node's recovery directory).
+        #[arg(long, value_name = "DIR", value_parser = recover::parse_overlay_dir)]
+        overlay_dir: Option<String>,
+        /// Follow it until every disk is home (each disk's bytes, rate and ETA on stderr, at
+        /// most once a second); the exit status says how it ended.
+        #[arg(long)]
+        wait: bool,
+        /// Print the recovery as JSON instead of its id.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List instant recoveries, newest first.
+    List {
+        /// Print the hub's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One recovery in full: VM, QEMU, each disk's export, qemu-nbd PID, overlay and stream.
+    Show {
+        /// Recovery id, or its first 8 or more characters.
+        id: String,
+        /// Print the hub's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a recovery: the VM is stopped and its overlays removed (what the guest wrote is
+    /// lost). A completed recovery's VM is not touched: it runs on its own.
+    Cancel {
+        /// Recovery id, or its first 8 or more characters.
+        id: String,
+        /// Print the recovery as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let version: &'static str =
@@ -607,16 +690,19 @@ fn fail(e: &ClientError) -> u8 {
     exit::ERROR
 }
 
-/// Every id argument of `command` that names a backup, restore or verify job, in place: a
+/// Every id argument of `command` that names a backup, restore, recovery or verify job, in place: a
 /// short id (a prefix, as the tables show) becomes the whole id ([`table::resolve`]).
 async fn resolve_ids(client: &HubClient, command: &mut Command) -> Result<(), u8> {
-    use table::Kind::{Backup, Restore, Verify};
+    use table::Kind::{Backup, Recovery, Restore, Verify};
     let (kind, id) = match command {
         Command::Files {
             command: FilesCommand::Ls { backup_id, .. } | FilesCommand::Get { backup_id, .. },
         }
         | Command::Restore {
             command: RestoreCommand::Start { backup_id, .. },
+        }
+        | Command::Recover {
+            command: RecoverCommand::Start { backup_id, .. },
         } => (Backup, backup_id),
         Command::Backup {
             command: BackupCommand::Cancel { id, .. },
@@ -637,6 +723,9 @@ async fn resolve_ids(client: &HubClient, command: &mut Command) -> Result<(), u8
             command: Some(VerifyCommand::Cancel { id, .. }),
             ..
         } => (Verify, id),
+        Command::Recover {
+            command: RecoverCommand::Show { id, .. } | RecoverCommand::Cancel { id, .. },
+        } => (Recovery, id),
         _ => return Ok(()),
     };
     *id = table::resolve(client, kind, id).await?;
@@ -739,6 +828,41 @@ pub async fn run_command(client: &HubClient, mut command: Command) -> u8 {
         Command::Restore {
             command: RestoreCommand::Cancel { id, json },
         } => restores::cancel(client, &id, json).await,
+        Command::Recover { command } => match command {
+            RecoverCommand::Start {
+                backup_id,
+                node,
+                vm_name,
+                disks,
+                memory,
+                cpus,
+                kernel,
+                initrd,
+                append,
+                speed,
+                overlay_dir,
+                wait,
+                json,
+            } => {
+                let req = RecoveryRequest {
+                    backup_id: BackupId(backup_id),
+                    node,
+                    vm_name,
+                    disks: disks.map(|d| d.into_iter().map(DiskKey).collect()),
+                    memory_mib: memory,
+                    cpus,
+                    kernel,
+                    initrd,
+                    append,
+                    speed_bps: speed,
+                    overlay_dir,
+                };
+                recover::start(client, &req, wait, json).await
+            }
+            RecoverCommand::List { json } => recover::list(client, json).await,
+            RecoverCommand::Show { id, json } => recover::show(client, &id, json).await,
+            RecoverCommand::Cancel { id, json } => recover::cancel(client, &id, json).await,
+        },
         Command::Verify {
             command: Some(VerifyCommand::List { json }),
             ..

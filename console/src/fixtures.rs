@@ -1,15 +1,17 @@
 //! Realistic hub data for the render and state tests, one part per view: `jobs` (a 2-disk job
 //! mid-copy, a job with a failed disk whose qemu-nbd died, an application-consistent point, a
 //! corrupt one), `vms` (and repositories), `ports` (one squatted), `processes`, `tunnel` (a node
-//! whose tunnel is down), `events`, `restores`, `verify` (a verify job that found corruption),
+//! whose tunnel is down), `events`, `files` (what the file browser lists of a point), `restores`, `recoveries` (one streaming, one stalled, one home), `verify` (a verify job that found corruption),
 //! `policies` (policies with their runs, points, repository space, a prune plan). Here: the
 //! instant they are seen from, the hub's health, and the [`snapshot`] and [`app`] built from them.
 
 mod events;
+pub mod files;
 mod jobs;
 mod policies;
 mod ports;
 mod processes;
+mod recoveries;
 mod restores;
 mod tunnel;
 mod verify;
@@ -20,6 +22,7 @@ pub use jobs::*;
 pub use policies::*;
 pub use ports::*;
 pub use processes::*;
+pub use recoveries::*;
 pub use restores::*;
 pub use tunnel::*;
 pub use verify::*;
@@ -74,6 +77,7 @@ pub fn snapshot() -> Snapshot {
         events: Some(events()),
         policies: Some(policies()),
         prunes: Some(prunes()),
+        recoveries: Some(vec![]),
         spaces: Some(spaces()),
         errors: vec![],
     }

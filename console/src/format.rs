@@ -1,7 +1,7 @@
 //! Human units for sizes, rates and durations, shared by the UI and the CLI.
 
 use chrono::{DateTime, Utc};
-use sendense_shared::api::Backup;
+use sendense_shared::api::{Backup, FileKind, Recovery, RecoveryDisk};
 
 const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
 
@@ -67,6 +67,50 @@ pub fn done_bytes(b: &Backup) -> u64 {
         return b.bytes_transferred;
     }
     b.disk_results.iter().map(|d| d.bytes_done).sum()
+}
+
+/// `drwxr-x---`: a guest file's kind and permission bits, as `ls -l` writes them.
+pub fn file_mode(kind: FileKind, mode: u32) -> String {
+    let mut perms = String::new();
+    perms.push(kind.letter());
+    for shift in [6, 3, 0] {
+        let bits = (mode >> shift) & 7;
+        perms.push(if bits & 4 != 0 { 'r' } else { '-' });
+        perms.push(if bits & 2 != 0 { 'w' } else { '-' });
+        perms.push(if bits & 1 != 0 { 'x' } else { '-' });
+    }
+    perms
+}
+
+/// `2026-12-01 10:00` (UTC) of a guest file's mtime, seconds since the epoch.
+pub fn mtime(secs: i64) -> String {
+    DateTime::from_timestamp(secs, 0)
+        .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+        .unwrap_or_else(|| secs.to_string())
+}
+
+/// Bytes home and bytes in all of an instant recovery's disks.
+pub fn recovery_home(r: &Recovery) -> (u64, u64) {
+    r.disks.iter().fold((0, 0), |(d, t), disk| {
+        (d + disk.bytes_done, t + disk.bytes_total)
+    })
+}
+
+/// Seconds one disk's stream still needs at its rate, while it streams.
+pub fn stream_eta(d: &RecoveryDisk) -> Option<i64> {
+    (d.rate_bps > 0 && d.bytes_done < d.bytes_total)
+        .then(|| (d.bytes_total.saturating_sub(d.bytes_done) / d.rate_bps) as i64)
+}
+
+/// From the request to a running guest (`vm_started_at - created_at`): `4.2s`, `1m05s`.
+pub fn time_to_vm(r: &Recovery) -> Option<String> {
+    let started = r.vm_started_at?;
+    let ms = (started - r.created_at).num_milliseconds().max(0);
+    Some(if ms < 60_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else {
+        duration_secs(ms / 1000)
+    })
 }
 
 /// A change id (vSphere CBT, e.g. `52 3f 9a … 6f 10/4`) in at most `max` characters: the

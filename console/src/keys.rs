@@ -22,6 +22,10 @@ pub enum Command {
     Cancel,
     Filter,
     Help,
+    /// Browse the files of the selected point.
+    Browse,
+    // File browser.
+    Get,
     // Policies view.
     RunNow,
     ToggleEnabled,
@@ -127,6 +131,7 @@ pub static MAIN: &[Binding] = &[
     b(&[KeyCode::Esc], Command::Back, strings::HELP_BACK),
     b(&[KeyCode::Char('s')], Command::Start, strings::HELP_START),
     b(&[KeyCode::Char('c')], Command::Cancel, strings::HELP_CANCEL),
+    b(&[KeyCode::Char('f')], Command::Browse, strings::HELP_BROWSE),
     b(&[KeyCode::Char('/')], Command::Filter, strings::HELP_FILTER),
     b(&[KeyCode::Char('?')], Command::Help, strings::HELP_HELP),
     b(&[KeyCode::Char('q')], Command::Quit, strings::HELP_QUIT),
@@ -212,6 +217,45 @@ pub static START: &[Binding] = &[
     ),
 ];
 
+/// Keys of the file browser (its status line is drawn from this table).
+pub static FILES: &[Binding] = &[
+    b(&[KeyCode::Enter], Command::Enter, strings::HELP_FILES_OPEN),
+    b(
+        &[KeyCode::Backspace],
+        Command::Erase,
+        strings::HELP_FILES_UP,
+    ),
+    b(&[KeyCode::Char('g')], Command::Get, strings::HELP_FILES_GET),
+    b(
+        &[KeyCode::Char('j'), KeyCode::Down],
+        Command::Down,
+        strings::HELP_DOWN,
+    ),
+    b(
+        &[KeyCode::Char('k'), KeyCode::Up],
+        Command::Up,
+        strings::HELP_UP,
+    ),
+    b(&[KeyCode::Home], Command::Top, strings::HELP_TOP),
+    b(&[KeyCode::End], Command::Bottom, strings::HELP_BOTTOM),
+    b(
+        &[KeyCode::Esc, KeyCode::Char('q')],
+        Command::Close,
+        strings::HELP_FILES_CLOSE,
+    ),
+];
+
+/// Keys of a one-line prompt (any other character is typed into it).
+pub static PROMPT: &[Binding] = &[
+    b(&[KeyCode::Enter], Command::Enter, strings::HELP_PROMPT_OK),
+    b(&[KeyCode::Esc], Command::Close, strings::HELP_PROMPT_CANCEL),
+    b(
+        &[KeyCode::Backspace],
+        Command::Erase,
+        strings::HELP_BACKSPACE,
+    ),
+];
+
 /// Keys of a y/n confirmation.
 pub static CONFIRM: &[Binding] = &[
     b(
@@ -241,6 +285,8 @@ pub enum Keymap {
     Start,
     Confirm,
     Help,
+    Files,
+    Prompt,
 }
 
 impl Keymap {
@@ -251,12 +297,16 @@ impl Keymap {
         static START_TABLES: [&[Binding]; 1] = [START];
         static CONFIRM_TABLES: [&[Binding]; 1] = [CONFIRM];
         static HELP_TABLES: [&[Binding]; 1] = [HELP];
+        static FILES_TABLES: [&[Binding]; 1] = [FILES];
+        static PROMPT_TABLES: [&[Binding]; 1] = [PROMPT];
         match self {
             Keymap::Main => &MAIN_TABLES,
             Keymap::Filter => &FILTER_TABLES,
             Keymap::Start => &START_TABLES,
             Keymap::Confirm => &CONFIRM_TABLES,
             Keymap::Help => &HELP_TABLES,
+            Keymap::Files => &FILES_TABLES,
+            Keymap::Prompt => &PROMPT_TABLES,
         }
     }
 
@@ -268,6 +318,8 @@ impl Keymap {
             Keymap::Start => START,
             Keymap::Confirm => CONFIRM,
             Keymap::Help => HELP,
+            Keymap::Files => FILES,
+            Keymap::Prompt => PROMPT,
         }
     }
 }
@@ -298,7 +350,7 @@ pub fn command(map: Keymap, key: KeyEvent) -> Option<Command> {
         .find(|b| b.keys.contains(&key.code))
         .map(|b| b.command);
     match (found, map, key.code) {
-        (None, Keymap::Filter, KeyCode::Char(c)) => Some(Command::Type(c)),
+        (None, Keymap::Filter | Keymap::Prompt, KeyCode::Char(c)) => Some(Command::Type(c)),
         (found, _, _) => found,
     }
 }
@@ -343,6 +395,8 @@ mod tests {
             Keymap::Start,
             Keymap::Confirm,
             Keymap::Help,
+            Keymap::Files,
+            Keymap::Prompt,
         ] {
             let mut seen = Vec::new();
             for binding in map.tables().iter().flat_map(|t| t.iter()) {

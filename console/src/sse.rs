@@ -6,7 +6,7 @@
 
 use crate::app::{Snapshot, Update};
 use futures_util::StreamExt;
-use sendense_shared::api::{Backup, HubEvent, JobEvent, Restore};
+use sendense_shared::api::{Backup, HubEvent, JobEvent, Recovery, Restore};
 use sendense_shared::backoff::Backoff;
 use sendense_shared::client::{ClientError, HubClient};
 use sendense_shared::errors::chain;
@@ -84,6 +84,25 @@ pub fn cause(err: &ClientError) -> String {
     chain(err)
 }
 
+/// An event of the stream this console's `HubEvent` does not have yet: the hub's recoveries,
+/// `{"kind": "recovery", "recovery": {...}}` (like a restore's).
+#[derive(Debug, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum NewerEvent {
+    Recovery { recovery: Box<Recovery> },
+}
+
+/// The update one `data:` payload of the stream carries, if the console knows its kind.
+pub fn parse_event(data: &str) -> Result<Update, serde_json::Error> {
+    match serde_json::from_str::<HubEvent>(data) {
+        Ok(e) => Ok(Update::Event(e)),
+        Err(e) => match serde_json::from_str::<NewerEvent>(data) {
+            Ok(NewerEvent::Recovery { recovery }) => Ok(Update::Recovery(recovery)),
+            Err(_) => Err(e),
+        },
+    }
+}
+
 fn recent_restores(restores: &[Restore]) -> Vec<&Restore> {
     let mut sorted: Vec<&Restore> = restores.iter().collect();
     sorted.sort_by_key(|r| std::cmp::Reverse(r.created_at));
@@ -118,8 +137,8 @@ fn keep<T>(errors: &mut Vec<String>, r: Result<T, ClientError>) -> Option<T> {
     }
 }
 
-/// Like [`keep`], for the parts a hub before policies does not serve: its 404 is no error
-/// (the Policies view is then empty), anything else is.
+/// Like [`keep`], for the parts a hub before policies (or instant recoveries) does not serve:
+/// its 404 is no error (the view is then empty), anything else is.
 fn keep_optional<T>(errors: &mut Vec<String>, r: Result<T, ClientError>) -> Option<T> {
     match r {
         Err(e) if e.status() == Some(404) => None,
@@ -133,7 +152,7 @@ pub async fn fetch_snapshot(client: &HubClient) -> Result<Snapshot, ClientError>
     let health = client.health().await?;
     let (
         (backups, restores, verifies, vms, repositories, ports, processes, nodes, tunnels),
-        (policies, prunes),
+        (policies, prunes, recoveries),
     ) = tokio::join!(
         async {
             tokio::join!(
@@ -148,7 +167,7 @@ pub async fn fetch_snapshot(client: &HubClient) -> Result<Snapshot, ClientError>
                 client.tunnel(),
             )
         },
-        async { tokio::join!(client.policies(), client.prune_jobs()) },
+        async { tokio::join!(client.policies(), client.prune_jobs(), client.recoveries()) },
     );
     let mut errors = Vec::new();
     let repositories = keep(&mut errors, repositories);
@@ -176,6 +195,7 @@ pub async fn fetch_snapshot(client: &HubClient) -> Result<Snapshot, ClientError>
         repositories,
         policies: keep_optional(&mut errors, policies),
         prunes: keep_optional(&mut errors, prunes),
+        recoveries: keep_optional(&mut errors, recoveries),
         spaces,
         ports: keep(&mut errors, ports),
         processes: keep(&mut errors, processes),
@@ -265,14 +285,14 @@ async fn pump(client: &HubClient, resp: reqwest::Response, tx: &mpsc::Sender<Upd
                             SseItem::Data(data) => data,
                             SseItem::Comment(_) => continue,
                         };
-                        match serde_json::from_str::<HubEvent>(&data) {
-                            Ok(HubEvent::Lagged { lost }) => {
+                        match parse_event(&data) {
+                            Ok(Update::Event(HubEvent::Lagged { lost })) => {
                                 // Events were lost: the lists are re-read in full, by the
                                 // refresh below, now.
                                 tracing::warn!(lost, "event stream lagged");
                                 refresh.reset_immediately();
                             }
-                            Ok(event) => {
+                            Ok(Update::Event(event)) => {
                                 // A run or the end of a prune changes the lists beside it
                                 // (next run, queue length, space): re-read them soon,
                                 // at most once a second however many runs start at once.
@@ -285,6 +305,11 @@ async fn pump(client: &HubClient, resp: reqwest::Response, tx: &mpsc::Sender<Upd
                                     }
                                 }
                                 if tx.send(Update::Event(event)).await.is_err() {
+                                    return String::new();
+                                }
+                            }
+                            Ok(update) => {
+                                if tx.send(update).await.is_err() {
                                     return String::new();
                                 }
                             }

@@ -80,6 +80,56 @@ pub const CHANGE_ID: &str = "change id";
 pub const SOURCE: &str = "source";
 pub const TARGET: &str = "target";
 
+// File browser.
+pub const FILES_TITLE: &str = "Files of";
+pub const FILES_DISKS: &str = "the point's disks";
+pub const FILES_FILESYSTEMS: &str = "filesystems";
+pub const FILES_STARTING: &str = "starting the file browser appliance… (first listing: 15-30 s)";
+pub const FILES_LISTING: &str = "listing";
+pub const FILES_NOT_A_DIRECTORY: &str = "not a directory: g gets it as tar";
+pub const FILES_AT_TOP: &str = "at the top: Esc closes the browser";
+pub const FILES_GET_WHAT: &str = "choose a disk first: g gets a filesystem, a file or a directory";
+pub const FILES_NO_PATH: &str = "no file given: nothing written";
+pub const FILES_ONE_AT_A_TIME: &str = "a tar is being written already: one at a time";
+pub const FILES_PROMPT: &str = "write as tar to (relative to the console's directory):";
+pub const FILES_TRUNCATED: &str = "more entries than one listing answers: not all are shown";
+pub const FILES_EMPTY: &str = "empty";
+pub const FILES_NO_FILESYSTEM: &str = "no filesystem found on this disk";
+pub const FILES_WRITING: &str = "writing";
+pub const COL_MODE: &str = "Mode";
+pub const COL_NAME_FILE: &str = "Name";
+pub const HINT_MOVE: &str = "j/k:move";
+pub const COL_OWNER: &str = "Owner";
+pub const COL_MODIFIED: &str = "Modified";
+pub const COL_DEVICE: &str = "Device";
+pub const COL_FS_TYPE: &str = "Type";
+pub const ENTRIES: &str = "entries";
+
+// Instant recoveries.
+/// The kind of an instant recovery, in the Type column and the detail title.
+pub const RECOVERY: &str = "recover";
+/// A recovery whose VM or stream waits on an export that does not answer.
+pub const STALLED: &str = "STALLED";
+/// QEMU's word for a stream that is done (the disk is home).
+pub const STREAM_FINISHED: &str = "finished";
+pub const STREAM_RUNNING: &str = "running";
+pub const STREAM_PENDING: &str = "pending";
+pub const STREAM_PAUSED: &str = "paused";
+pub const POINT: &str = "point";
+pub const OF: &str = "of";
+pub const NODE: &str = "node";
+pub const VM: &str = "VM";
+pub const QEMU: &str = "QEMU";
+pub const VM_UP_IN: &str = "VM up in";
+pub const HOME: &str = "home";
+pub const OVERLAY: &str = "overlay";
+pub const SERIAL: &str = "serial";
+pub const QMP: &str = "qmp";
+pub const RECOVERY_HOME: &str =
+    "every disk is home: the VM runs from local disks alone (it outlives the job)";
+pub const RECOVERY_CANCELLED: &str =
+    "the VM was stopped and its overlays removed: what the guest wrote is lost";
+
 // Integrity and consistency of a backup point.
 pub const COL_INTEGRITY: &str = "Integrity";
 pub const COL_CONSISTENCY: &str = "Consistency";
@@ -285,7 +335,7 @@ pub const UNKNOWN_POLICY: &str = "unknown policy";
 
 // Footer hints.
 pub const HINT_COMMON: &str = "?:help Tab:view j/k:move /:filter q:quit";
-pub const HINT_JOBS: &str = "Enter:detail c:cancel";
+pub const HINT_JOBS: &str = "Enter:detail c:cancel f:files";
 pub const HINT_DETAIL: &str = "Esc:back j/k:scroll c:cancel";
 pub const HINT_VMS: &str = "s:start backup";
 pub const HINT_EVENTS: &str = "Enter:job";
@@ -310,6 +360,13 @@ pub const HELP_ENTER: &str = "detail (Jobs/Events/Policies)";
 pub const HELP_BACK: &str = "back / clear filter";
 pub const HELP_START: &str = "start backup of VM (VMs)";
 pub const HELP_CANCEL: &str = "cancel job (asks y/n)";
+pub const HELP_BROWSE: &str = "browse the point's files";
+pub const HELP_FILES_OPEN: &str = "open";
+pub const HELP_FILES_UP: &str = "up";
+pub const HELP_FILES_GET: &str = "get as tar";
+pub const HELP_FILES_CLOSE: &str = "close";
+pub const HELP_PROMPT_OK: &str = "write it";
+pub const HELP_PROMPT_CANCEL: &str = "cancel";
 pub const HELP_FILTER: &str = "filter this view";
 pub const HELP_HELP: &str = "this help";
 pub const HELP_QUIT: &str = "quit (also Ctrl-C)";
@@ -335,6 +392,8 @@ pub const NOTICE_CANCEL_ABORTED: &str = "Cancel aborted: the job keeps running."
 pub const NOTICE_START_ABORTED: &str = "Start aborted.";
 pub const NOTICE_START_ONLY_VMS: &str = "s starts a backup from the VMs view (press 2).";
 pub const NOTICE_CANCEL_ONLY_JOBS: &str = "c cancels a job from the Jobs view (press 1).";
+pub const NOTICE_BROWSE_ONLY_POINTS: &str =
+    "f browses a backup point: select one in Jobs (1) or among a policy's points (7, Enter).";
 pub const NOTICE_NO_REPOSITORY: &str =
     "The hub has no repository: add one (POST /api/v1/repositories) first.";
 pub const NOTICE_NOTHING_SELECTED: &str = "Nothing selected.";
@@ -353,6 +412,29 @@ pub fn confirm_cancel(backup_id: &str, vm_name: &str, status: &str) -> String {
 /// `Cancel restore r-5d1e of VM pgtest1 (running)?`
 pub fn confirm_cancel_restore(restore_id: &str, vm_name: &str, status: &str) -> String {
     format!("Cancel restore {restore_id} of VM {vm_name} ({status})?")
+}
+
+pub fn notice_not_browsable(id: &str, status: &str) -> String {
+    format!("Backup {id} is {status}: only a completed point can be browsed.")
+}
+
+pub fn files_symlink_not_followed(name: &str, target: &str) -> String {
+    format!("{name} -> {target} (a symlink: not followed)")
+}
+
+/// `listing /dev/sda1:/etc failed: …`
+pub fn files_listing_failed(what: &str, cause: &str) -> String {
+    format!("listing {what} failed: {cause}")
+}
+
+pub fn files_written(dest: &str, what: &str, bytes: &str) -> String {
+    format!("Wrote {what} as tar to {dest} ({bytes}).")
+}
+
+pub fn confirm_cancel_recovery(id: &str, vm_name: &str, node: &str, status: &str) -> String {
+    format!(
+        "Cancel recovery {id} of VM {vm_name} on {node} ({status})? The VM is stopped and its overlays removed: what the guest wrote is lost."
+    )
 }
 
 /// `Start a full backup of pgtest1 into repo-a?`, `Start an incremental backup of …`
@@ -388,6 +470,10 @@ pub fn notice_started(backup_id: &str, vm_name: &str) -> String {
 
 pub fn notice_cancelled(backup_id: &str, status: &str) -> String {
     format!("Job {backup_id} is now {status}.")
+}
+
+pub fn notice_recovery_cancelled(id: &str, vm_name: &str, status: &str) -> String {
+    format!("Recovery {id} is now {status}: VM {vm_name} is stopped, the guest's writes lost.")
 }
 
 pub fn notice_action_failed(what: &str, cause: &str) -> String {

@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
+mod files;
 mod policies;
 
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +153,32 @@ fn perform(client: &HubClient, action: Action, tx: mpsc::Sender<Update>) {
                     message: strings::notice_action_failed(&format!("Cancel of {id}"), &cause(&e)),
                 }],
             },
+            Action::CancelRecovery(id) => match client.cancel_recovery(&id).await {
+                Ok(recovery) => vec![
+                    Update::ActionDone {
+                        message: strings::notice_recovery_cancelled(
+                            &recovery.recovery_id,
+                            &recovery.vm_name,
+                            recovery.status.as_str(),
+                        ),
+                    },
+                    Update::Recovery(Box::new(recovery)),
+                ],
+                Err(e) => vec![Update::ActionFailed {
+                    message: strings::notice_action_failed(&format!("Cancel of {id}"), &cause(&e)),
+                }],
+            },
+            Action::ListFiles {
+                seq,
+                backup_id,
+                target,
+            } => vec![files::list(&client, seq, &backup_id, &target).await],
+            Action::GetFiles {
+                backup_id,
+                target,
+                what,
+                dest,
+            } => vec![files::get(&client, &backup_id, &target, &what, &dest, &tx).await],
             Action::Quit => vec![],
             other => crate::tui::policies::perform(&client, other).await,
         };

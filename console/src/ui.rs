@@ -4,10 +4,12 @@
 //! - `header`: hub identity, health, database, link state, clock; the unreachable banner.
 //! - `jobs`, `vms`, `ports`, `tunnel`, `processes`, `events`, `policies`: one module per view
 //!   (`policies` also draws the prune preview dialog).
+//! - `files`: the file browser of a point, drawn in place of the view while it is open.
 //! - `popup`: help overlay, start dialog, y/n confirmations.
 //! - `theme`: colours and status symbols (every colour comes with a word or a symbol).
 
 mod events;
+mod files;
 mod header;
 mod jobs;
 mod policies;
@@ -41,7 +43,16 @@ pub fn render(app: &App, frame: &mut Frame) {
     .areas(frame.area());
     header::render(app, frame, header);
     render_tabs(app, frame, tabs);
-    match app.view {
+    match (&app.browser, app.view) {
+        (Some(b), _) => files::render(app, b, frame, body),
+        (None, view) => render_view(app, view, frame, body),
+    }
+    render_footer(app, frame, footer);
+    render_overlay(app, frame);
+}
+
+fn render_view(app: &App, view: View, frame: &mut Frame, body: Rect) {
+    match view {
         View::Jobs => jobs::render(app, frame, body),
         View::Vms => vms::render(app, frame, body),
         View::Ports => ports::render(app, frame, body),
@@ -50,7 +61,9 @@ pub fn render(app: &App, frame: &mut Frame) {
         View::Events => events::render(app, frame, body),
         View::Policies => policies::render(app, frame, body),
     }
-    render_footer(app, frame, footer);
+}
+
+fn render_overlay(app: &App, frame: &mut Frame) {
     match &app.mode {
         Mode::Help => popup::help(frame, frame.area()),
         Mode::Start(form) => popup::start(app, form, frame, frame.area()),
@@ -79,9 +92,19 @@ pub fn render(app: &App, frame: &mut Frame) {
             let text = strings::confirm_cancel_restore(restore_id, vm_name, status.as_str());
             popup::confirm(&text, frame, frame.area());
         }
+        Mode::ConfirmCancelRecovery {
+            recovery_id,
+            vm_name,
+            node,
+            status,
+        } => {
+            let text =
+                strings::confirm_cancel_recovery(recovery_id, vm_name, node, status.as_str());
+            popup::confirm(&text, frame, frame.area());
+        }
         Mode::ConfirmPolicy { question, .. } => popup::confirm(question, frame, frame.area()),
         Mode::PrunePreview(plan) => policies::prune::render(plan, frame, frame.area()),
-        Mode::Normal | Mode::Filter => {}
+        Mode::Normal | Mode::Filter | Mode::Files | Mode::FilesPrompt { .. } => {}
     }
 }
 
@@ -110,6 +133,12 @@ fn render_footer(app: &App, frame: &mut Frame, area: Rect) {
             NoticeLevel::Error => (strings::SYM_BAD, theme::bad()),
         };
         Line::from(Span::styled(format!(" {sym} {}", notice.text), style))
+    } else if app.browser.is_some() {
+        // The browser's own keys: its errors are in its status line.
+        Line::from(Span::styled(
+            format!(" {}", files::hints(app)),
+            theme::key(),
+        ))
     } else if let Some(err) = app.snapshot_errors.first() {
         Line::from(Span::styled(
             format!(" {} {err}", strings::SYM_WARN),

@@ -2,7 +2,7 @@
 //! node. Every error names its cause the way an operator needs it: which URL did not answer,
 //! that the token was refused, or the hub's own `error` and `detail` for a 4xx.
 //!
-//! Console side: health, backups, restores, verify jobs, VMs, repositories, ports, processes, nodes, tunnel, start,
+//! Console side: health, backups, restores, instant recoveries (`recoveries`), verify jobs, VMs, repositories, ports, processes, nodes, tunnel, start,
 //! cancel, the event stream; policies, their runs, points, protection, prune jobs and
 //! repository space (`policies`). Node side: registration, inventory push, and the progress and
 //! completion reports of backups and restores. Retries are the caller's, paced with
@@ -23,6 +23,7 @@ mod files;
 pub use files::FileQuery;
 mod policies;
 pub mod proof;
+mod recoveries;
 mod verify;
 
 /// How long one ordinary request may take (the event stream has no such limit).

@@ -11,12 +11,15 @@ use sendense_shared::api::{BackupRequest, BackupType};
 
 impl App {
     /// The open job, else the selected row of the Jobs list.
-    fn selected_job(&self) -> Option<JobRow<'_>> {
+    pub(super) fn selected_job(&self) -> Option<JobRow<'_>> {
         if let Some(b) = self.detail_backup() {
             return Some(JobRow::Backup(b));
         }
         if let Some(r) = self.detail_restore() {
             return Some(JobRow::Restore(r));
+        }
+        if let Some(r) = self.detail_recovery() {
+            return Some(JobRow::Recovery(r));
         }
         let list = self.visible_jobs();
         list.get(self.selected(View::Jobs)).copied()
@@ -101,6 +104,27 @@ impl App {
                 }
                 _ => None,
             },
+            Mode::ConfirmCancelRecovery { recovery_id, .. } => match command {
+                Command::Yes => {
+                    self.mode = Mode::Normal;
+                    self.notify(
+                        NoticeLevel::Info,
+                        strings::notice_cancel_sent(&recovery_id),
+                        self.now,
+                    );
+                    Some(Action::CancelRecovery(recovery_id))
+                }
+                Command::No => {
+                    self.mode = Mode::Normal;
+                    self.notify(
+                        NoticeLevel::Info,
+                        strings::NOTICE_CANCEL_ABORTED.into(),
+                        self.now,
+                    );
+                    None
+                }
+                _ => None,
+            },
             Mode::Start(mut form) => {
                 match command {
                     Command::Full => form.backup_type = BackupType::Full,
@@ -130,6 +154,8 @@ impl App {
                 None
             }
             Mode::ConfirmPolicy { action, .. } => self.confirm_policy(action, command),
+            Mode::Files => self.files_command(command),
+            Mode::FilesPrompt { input } => self.files_prompt(input, command),
             Mode::PrunePreview(plan) => self.prune_dialog(&plan, command),
             Mode::ConfirmStart(form) => match command {
                 Command::Yes => {
@@ -169,11 +195,16 @@ impl App {
             return;
         }
         if self.view == View::Jobs && self.detail().is_some() {
-            let disks = match (self.detail_backup(), self.detail_restore()) {
-                (Some(b), _) => b.disk_results.len(),
+            let disks = match (
+                self.detail_backup(),
+                self.detail_restore(),
+                self.detail_recovery(),
+            ) {
+                (Some(b), _, _) => b.disk_results.len(),
                 // A restore writes one disk.
-                (None, Some(_)) => 1,
-                (None, None) => 0,
+                (None, Some(_), _) => 1,
+                (None, None, Some(r)) => r.disks.len(),
+                (None, None, None) => 0,
             };
             let jobs = &mut self.views.jobs;
             jobs.detail_scroll = to(jobs.detail_scroll, disks).min(disks.saturating_sub(1));
@@ -245,6 +276,7 @@ impl App {
             Command::Help => self.mode = Mode::Help,
             Command::Start => self.open_start(),
             Command::Cancel => self.open_cancel(),
+            Command::Browse => return self.open_browser(),
             // h/l mean nothing elsewhere: no notice for them.
             Command::PrevItem | Command::NextItem if self.view != View::Policies => {}
             Command::RunNow
@@ -327,6 +359,12 @@ impl App {
             JobRow::Restore(r) => Mode::ConfirmCancelRestore {
                 restore_id: r.restore_id.clone(),
                 vm_name: r.vm_name.clone(),
+                status: r.status,
+            },
+            JobRow::Recovery(r) => Mode::ConfirmCancelRecovery {
+                recovery_id: r.recovery_id.clone(),
+                vm_name: r.vm_name.clone(),
+                node: r.node.clone(),
                 status: r.status,
             },
         };

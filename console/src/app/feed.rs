@@ -3,7 +3,7 @@
 
 use super::{App, Notice, NoticeLevel, Reach, Snapshot, Stream, Update};
 use chrono::{DateTime, Utc};
-use sendense_shared::api::{Backup, DiskStatus, HubEvent, JobEvent, JobStatus, Restore};
+use sendense_shared::api::{Backup, DiskStatus, HubEvent, JobEvent, JobStatus, Recovery, Restore};
 
 /// Job events kept in memory (oldest dropped first).
 const MAX_EVENTS: usize = 2000;
@@ -20,6 +20,10 @@ impl App {
             Update::Event(event) => {
                 self.last_contact = Some(now);
                 self.apply_event(event, now);
+            }
+            Update::Recovery(r) => {
+                self.last_contact = Some(now);
+                self.apply_recovery(*r);
             }
             Update::StreamUp => self.stream = Stream::Up,
             Update::StreamDown { error } => self.stream = Stream::Down { error: Some(error) },
@@ -42,6 +46,23 @@ impl App {
             Update::ActionFailed { message } => self.notify(NoticeLevel::Error, message, now),
             Update::PolicyDetail(d) => self.apply_policy_detail(*d),
             Update::PrunePreview(plan) => self.apply_prune_preview(*plan),
+            Update::FileListing { seq, result } => {
+                self.apply_file_listing(seq, result.map(|l| *l));
+            }
+            Update::FilesProgress { bytes } => {
+                if let Some(d) = self.download.as_mut() {
+                    d.bytes = bytes;
+                }
+            }
+            Update::FilesDone { message, ok } => {
+                self.download = None;
+                let level = if ok {
+                    NoticeLevel::Info
+                } else {
+                    NoticeLevel::Error
+                };
+                self.notify(level, message, now);
+            }
         }
     }
 
@@ -64,6 +85,10 @@ impl App {
             }
             self.restores = restores;
             self.sort_restores();
+        }
+        if let Some(r) = snap.recoveries {
+            self.recoveries = r;
+            self.sort_recoveries();
         }
         if let Some(v) = snap.verifies {
             self.verifies = v;
@@ -188,6 +213,26 @@ impl App {
             b.created_at
                 .cmp(&a.created_at)
                 .then(b.backup_id.cmp(&a.backup_id))
+        });
+    }
+
+    fn apply_recovery(&mut self, recovery: Recovery) {
+        match self
+            .recoveries
+            .iter_mut()
+            .find(|r| r.recovery_id == recovery.recovery_id)
+        {
+            Some(slot) => *slot = recovery,
+            None => self.recoveries.push(recovery),
+        }
+        self.sort_recoveries();
+    }
+
+    fn sort_recoveries(&mut self) {
+        self.recoveries.sort_by(|a, b| {
+            b.created_at
+                .cmp(&a.created_at)
+                .then(b.recovery_id.cmp(&a.recovery_id))
         });
     }
 

@@ -4,7 +4,9 @@
 use super::{App, DEFAULT_PORT_RANGE, JobRef, JobRow, PortCell, Reach, TunnelRow};
 use crate::strings;
 use crate::view::View;
-use sendense_shared::api::{Backup, DiskStatus, JobEvent, JobStatus, ProcessInfo, Restore, Vm};
+use sendense_shared::api::{
+    Backup, DiskStatus, JobEvent, JobStatus, ProcessInfo, Recovery, Restore, Vm,
+};
 use sendense_shared::ids::{BackupId, DiskKey};
 
 fn matches(filter: &str, fields: &[&str]) -> bool {
@@ -50,6 +52,12 @@ impl App {
                     .find(|r| r.restore_id == id.0)
                     .map(|r| r.vm_name.as_str())
             })
+            .or_else(|| {
+                self.recoveries
+                    .iter()
+                    .find(|r| r.recovery_id == id.0)
+                    .map(|r| r.vm_name.as_str())
+            })
     }
 
     /// A qemu-nbd process that is dead while it is still needed: its job is live, or its port
@@ -83,7 +91,8 @@ impl App {
         self.backups.iter().find(|b| &b.backup_id == id)
     }
 
-    /// Backups and restores, newest first (a backup before a restore created the same instant).
+    /// Backups, restores and instant recoveries, newest first (at the same instant a backup
+    /// before a restore before a recovery).
     pub fn visible_jobs(&self) -> Vec<JobRow<'_>> {
         let f = self.filter(View::Jobs);
         let backups = self
@@ -121,23 +130,48 @@ impl App {
                 )
             })
             .map(JobRow::Restore);
-        // Each list is in its own order already (newest first): merge them, a restore going
-        // before a backup only when it is newer.
-        let mut backups = backups.peekable();
-        let mut restores = restores.peekable();
+        let recoveries = self
+            .recoveries
+            .iter()
+            .filter(|r| {
+                matches(
+                    f,
+                    &[
+                        &r.recovery_id,
+                        &r.vm_name,
+                        &r.source_vm,
+                        r.status.as_str(),
+                        strings::RECOVERY,
+                        &r.backup_id.0,
+                        &r.node,
+                        r.vm_state.as_deref().unwrap_or(""),
+                        if r.stalled.is_some() {
+                            strings::STALLED
+                        } else {
+                            ""
+                        },
+                    ],
+                )
+            })
+            .map(JobRow::Recovery);
+        // Each list is in its own order already (newest first): merge them, a later list's
+        // job going first only when it is newer.
+        let mut lists = [
+            backups.collect::<Vec<_>>().into_iter().peekable(),
+            restores.collect::<Vec<_>>().into_iter().peekable(),
+            recoveries.collect::<Vec<_>>().into_iter().peekable(),
+        ];
         let mut rows = Vec::new();
         loop {
-            let restore_first = match (backups.peek(), restores.peek()) {
-                (Some(b), Some(r)) => r.created_at() > b.created_at(),
-                (None, Some(_)) => true,
-                (_, None) => false,
-            };
-            let next = if restore_first {
-                restores.next()
-            } else {
-                backups.next()
-            };
-            match next {
+            let mut pick: Option<(usize, chrono::DateTime<chrono::Utc>)> = None;
+            for (i, l) in lists.iter_mut().enumerate() {
+                if let Some(j) = l.peek()
+                    && pick.is_none_or(|(_, t)| j.created_at() > t)
+                {
+                    pick = Some((i, j.created_at()));
+                }
+            }
+            match pick.and_then(|(i, _)| lists[i].next()) {
                 Some(row) => rows.push(row),
                 None => return rows,
             }
@@ -320,6 +354,27 @@ impl App {
             return None;
         };
         self.restores.iter().find(|r| &r.restore_id == id)
+    }
+
+    pub fn detail_recovery(&self) -> Option<&Recovery> {
+        let Some(JobRef::Recovery(id)) = self.detail() else {
+            return None;
+        };
+        self.recoveries.iter().find(|r| &r.recovery_id == id)
+    }
+
+    /// Rate of a recovery's streams (bytes/s, as the node measures them) while it runs.
+    pub fn recovery_rate(&self, r: &Recovery) -> Option<u64> {
+        if r.status.is_terminal() {
+            return None;
+        }
+        let streaming: Vec<u64> = r
+            .disks
+            .iter()
+            .filter(|d| d.stream != strings::STREAM_FINISHED)
+            .map(|d| d.rate_bps)
+            .collect();
+        (!streaming.is_empty()).then(|| streaming.iter().sum())
     }
 
     /// Rate of a restore (bytes/s) while it copies.

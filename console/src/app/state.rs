@@ -1,10 +1,10 @@
 //! What each view remembers, one struct per view: adding a [`View`] does not compile until
-//! [`ViewStates`] has a place for it. Also the throughput history of disks, and the two kinds
+//! [`ViewStates`] has a place for it. Also the throughput history of disks, and the three kinds
 //! of job the Jobs view lists.
 
 use crate::view::View;
 use chrono::{DateTime, Utc};
-use sendense_shared::api::{Backup, JobStatus, Restore};
+use sendense_shared::api::{Backup, JobStatus, Recovery, Restore};
 use sendense_shared::ids::BackupId;
 use std::collections::VecDeque;
 
@@ -82,11 +82,12 @@ impl ViewStates {
     }
 }
 
-/// Which job: a backup or a restore (their ids are of different kinds).
+/// Which job: a backup, a restore or an instant recovery (their ids are of different kinds).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum JobRef {
     Backup(BackupId),
     Restore(String),
+    Recovery(String),
 }
 
 /// One row of the Jobs view.
@@ -94,6 +95,7 @@ pub enum JobRef {
 pub enum JobRow<'a> {
     Backup(&'a Backup),
     Restore(&'a Restore),
+    Recovery(&'a Recovery),
 }
 
 impl<'a> JobRow<'a> {
@@ -101,6 +103,7 @@ impl<'a> JobRow<'a> {
         match self {
             JobRow::Backup(b) => &b.backup_id.0,
             JobRow::Restore(r) => &r.restore_id,
+            JobRow::Recovery(r) => &r.recovery_id,
         }
     }
 
@@ -108,6 +111,7 @@ impl<'a> JobRow<'a> {
         match self {
             JobRow::Backup(b) => &b.vm_name,
             JobRow::Restore(r) => &r.vm_name,
+            JobRow::Recovery(r) => &r.vm_name,
         }
     }
 
@@ -115,6 +119,7 @@ impl<'a> JobRow<'a> {
         match self {
             JobRow::Backup(b) => b.status,
             JobRow::Restore(r) => r.status,
+            JobRow::Recovery(r) => r.status,
         }
     }
 
@@ -122,6 +127,7 @@ impl<'a> JobRow<'a> {
         match self {
             JobRow::Backup(b) => b.created_at,
             JobRow::Restore(r) => r.created_at,
+            JobRow::Recovery(r) => r.created_at,
         }
     }
 
@@ -129,6 +135,7 @@ impl<'a> JobRow<'a> {
         match self {
             JobRow::Backup(b) => JobRef::Backup(b.backup_id.clone()),
             JobRow::Restore(r) => JobRef::Restore(r.restore_id.clone()),
+            JobRow::Recovery(r) => JobRef::Recovery(r.recovery_id.clone()),
         }
     }
 }

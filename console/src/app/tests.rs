@@ -537,5 +537,7 @@ fn a_node_missing_from_the_tunnel_list_shows_its_latest_node_record() {
     );
 }
 
+mod files;
 mod policies;
+mod recoveries;
 mod restores;

@@ -5,9 +5,9 @@
 use super::{exit, fail, print_json};
 use futures_util::StreamExt;
 use sendense_shared::api::{FileEntry, FileListing};
-use sendense_shared::client::{FileQuery, HubClient};
+use sendense_shared::client::{ClientError, FileQuery, HubClient};
 use sendense_shared::ids::BackupId;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 
 /// `files ls`.
 pub(super) async fn ls(client: &HubClient, backup: &str, q: FileQuery, json: bool) -> u8 {
@@ -27,62 +27,76 @@ pub(super) async fn ls(client: &HubClient, backup: &str, q: FileQuery, json: boo
     }
 }
 
+/// Why a tar archive could not be had whole.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    /// The hub did not answer or refused (no such path, the point is busy, ...).
+    #[error(transparent)]
+    Refused(#[from] ClientError),
+    #[error("writing the archive failed")]
+    Write(#[source] std::io::Error),
+    #[error("the archive broke off after {after} bytes (the hub's log says why)")]
+    BrokeOff {
+        after: u64,
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+/// Stream the tar of `q` from the hub into `out`, telling `progress` the bytes written after
+/// every chunk; the bytes written in all. Shared by `files get` (stdout) and the TUI's file
+/// browser (a file).
+pub async fn copy_archive<W: tokio::io::AsyncWrite + Unpin>(
+    client: &HubClient,
+    backup: &BackupId,
+    q: &FileQuery,
+    out: &mut W,
+    mut progress: impl FnMut(u64),
+) -> Result<u64, ArchiveError> {
+    use tokio::io::AsyncWriteExt;
+    let resp = client.files_archive(backup, q).await?;
+    let mut body = resp.bytes_stream();
+    let mut n: u64 = 0;
+    while let Some(chunk) = body.next().await {
+        let c = chunk.map_err(|source| ArchiveError::BrokeOff { after: n, source })?;
+        out.write_all(&c).await.map_err(ArchiveError::Write)?;
+        n += c.len() as u64;
+        progress(n);
+    }
+    out.flush().await.map_err(ArchiveError::Write)?;
+    Ok(n)
+}
+
 /// `files get`: the tar stream to stdout, never to a terminal.
 pub(super) async fn get(client: &HubClient, backup: &str, q: FileQuery) -> u8 {
-    let mut out = std::io::stdout().lock();
-    if out.is_terminal() {
+    if std::io::stdout().is_terminal() {
         eprintln!(
             "error: refusing to write a tar archive to a terminal; redirect stdout: files get ... > out.tar"
         );
         return exit::USAGE;
     }
-    let resp = match client
-        .files_archive(&BackupId(backup.to_string()), &q)
-        .await
-    {
-        Ok(r) => r,
-        Err(e) => return fail(&e),
-    };
-    let mut body = resp.bytes_stream();
-    let mut n: u64 = 0;
-    while let Some(chunk) = body.next().await {
-        match chunk {
-            Ok(c) => {
-                if let Err(e) = out.write_all(&c) {
-                    eprintln!("error: writing the archive to stdout: {e}");
-                    return exit::ERROR;
-                }
-                n += c.len() as u64;
-            }
-            Err(e) => {
-                eprintln!(
-                    "error: the archive broke off after {n} bytes (the hub's log says why): {e}"
-                );
-                return exit::FAILED;
-            }
+    let mut out = tokio::io::stdout();
+    match copy_archive(client, &BackupId(backup.to_string()), &q, &mut out, |_| {}).await {
+        Ok(n) => {
+            eprintln!("{n} bytes of tar written");
+            exit::OK
+        }
+        Err(ArchiveError::Refused(e)) => fail(&e),
+        Err(ArchiveError::Write(e)) => {
+            eprintln!("error: writing the archive to stdout: {e}");
+            exit::ERROR
+        }
+        Err(e @ ArchiveError::BrokeOff { .. }) => {
+            eprintln!("error: {}", sendense_shared::errors::chain(&e));
+            exit::FAILED
         }
     }
-    if let Err(e) = out.flush() {
-        eprintln!("error: writing the archive to stdout: {e}");
-        return exit::ERROR;
-    }
-    eprintln!("{n} bytes of tar written");
-    exit::OK
 }
 
 /// `drwxr-x--- 1234:5678  4096 2026-12-01 10:00 name -> target`.
 pub fn entry_line(e: &FileEntry) -> String {
-    let mut perms = String::new();
-    perms.push(e.kind.letter());
-    for shift in [6, 3, 0] {
-        let bits = (e.mode >> shift) & 7;
-        perms.push(if bits & 4 != 0 { 'r' } else { '-' });
-        perms.push(if bits & 2 != 0 { 'w' } else { '-' });
-        perms.push(if bits & 1 != 0 { 'x' } else { '-' });
-    }
-    let when = chrono::DateTime::from_timestamp(e.mtime, 0)
-        .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
-        .unwrap_or_else(|| e.mtime.to_string());
+    let perms = crate::format::file_mode(e.kind, e.mode);
+    let when = crate::format::mtime(e.mtime);
     let mut name = e.name.clone();
     if e.name_b64.is_some() {
         name.push_str(" (not UTF-8)");

@@ -176,6 +176,7 @@ fn is_uuid(s: &str) -> bool {
 pub enum Kind {
     Backup,
     Restore,
+    Recovery,
     Verify,
 }
 
@@ -200,6 +201,13 @@ pub async fn resolve(client: &HubClient, kind: Kind, given: &str) -> Result<Stri
                 .restores()
                 .await
                 .map(|l| l.into_iter().map(|r| r.restore_id).collect()),
+        ),
+        Kind::Recovery => (
+            "recovery",
+            client
+                .recoveries()
+                .await
+                .map(|l| l.into_iter().map(|r| r.recovery_id).collect()),
         ),
         Kind::Verify => (
             "verify job",

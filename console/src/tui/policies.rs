@@ -89,9 +89,13 @@ pub(super) async fn perform(client: &HubClient, action: Action) -> Vec<Update> {
         Action::LoadPolicy { id, vms } => vec![Update::PolicyDetail(Box::new(
             load(client, &id, &vms).await,
         ))],
-        Action::Quit | Action::Start(_) | Action::Cancel(_) | Action::CancelRestore(_) => {
-            vec![]
-        }
+        Action::Quit
+        | Action::Start(_)
+        | Action::Cancel(_)
+        | Action::CancelRestore(_)
+        | Action::CancelRecovery(_)
+        | Action::ListFiles { .. }
+        | Action::GetFiles { .. } => vec![],
     }
 }
 

@@ -1,8 +1,9 @@
-//! Jobs: running verify jobs (`verify`), the list of backups and restores with each point's
-//! integrity and consistency (`point`), and the detail of one job with a gauge per disk (a
-//! restore's detail is in `restore`).
+//! Jobs: running verify jobs (`verify`), the list of backups, restores and instant recoveries
+//! with each point's integrity and consistency (`point`), and the detail of one job with a
+//! gauge per disk (a restore's detail is in `restore`, a recovery's in `recovery`).
 
 pub(super) mod point;
+mod recovery;
 mod restore;
 mod verify;
 
@@ -22,6 +23,8 @@ pub fn render(app: &App, frame: &mut Frame, area: Rect) {
         render_detail(app, b, frame, area);
     } else if let Some(r) = app.detail_restore() {
         restore::render_detail(app, r, frame, area);
+    } else if let Some(r) = app.detail_recovery() {
+        recovery::render_detail(r, frame, area, app.views.jobs.detail_scroll);
     } else {
         render_list(app, frame, area);
     }
@@ -39,6 +42,7 @@ fn bytes_cell(job: JobRow<'_>) -> String {
     let (done, total) = match job {
         JobRow::Backup(b) => (b.bytes_transferred, b.total_bytes),
         JobRow::Restore(r) => (r.bytes_done, r.bytes_total),
+        JobRow::Recovery(r) => format::recovery_home(r),
     };
     format!("{}/{}", format::bytes(done), format::bytes(total))
 }
@@ -66,6 +70,13 @@ fn errors_of(job: JobRow<'_>) -> Vec<String> {
             }))
             .collect(),
         JobRow::Restore(r) => r.error_message.iter().cloned().collect(),
+        // The stall is no error, but it is what the operator must read first.
+        JobRow::Recovery(r) => r
+            .stalled
+            .iter()
+            .map(|s| format!("{}: {s}", strings::STALLED))
+            .chain(r.error_message.iter().cloned())
+            .collect(),
     }
 }
 
@@ -100,6 +111,11 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
             })
         }),
         JobRow::Restore(r) => r.error_message.clone(),
+        JobRow::Recovery(r) => r.error_message.clone().or_else(|| {
+            r.stalled
+                .as_ref()
+                .map(|s| format!("{}: {s}", strings::STALLED))
+        }),
     };
     // The selected job's errors in full.
     let selected_errors: Vec<String> = list
@@ -128,7 +144,10 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
     // Formatted once: the column's width and the cells both need them.
     let bytes: Vec<String> = list.iter().map(|j| bytes_cell(*j)).collect();
     // "restore" needs more room than "full"/"incr"; only then is the column wider.
-    let type_width = if list.iter().any(|j| matches!(j, JobRow::Restore(_))) {
+    let type_width = if list
+        .iter()
+        .any(|j| matches!(j, JobRow::Restore(_) | JobRow::Recovery(_)))
+    {
         strings::RESTORE.len() as u16
     } else {
         4
@@ -174,6 +193,14 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
                 format::percent(r.bytes_done, r.bytes_total),
                 app.restore_rate(r),
             ),
+            JobRow::Recovery(r) => {
+                let (done, total) = format::recovery_home(r);
+                (
+                    strings::RECOVERY,
+                    format::percent(done, total),
+                    app.recovery_rate(r),
+                )
+            }
         };
         let rate = rate
             .map(format::rate)
@@ -185,6 +212,11 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
                 let (sym, word, style) = theme::integrity(b.integrity);
                 Span::styled(format!("{sym} {word}"), style)
             }
+            // A stalled recovery says so where the eye goes: its VM waits on the hub.
+            JobRow::Recovery(r) if r.stalled.is_some() => Span::styled(
+                format!("{} {}", strings::SYM_WARN, strings::STALLED),
+                theme::warn(),
+            ),
             _ => Span::styled(format!("{sym} {}", job.status().as_str()), style),
         };
         let mut cells = vec![
@@ -199,15 +231,20 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
         if wide {
             let (integrity, consistency) = match *job {
                 JobRow::Backup(b) => (point::integrity_cell(b), point::consistency_cell(b)),
-                JobRow::Restore(_) => (Span::raw(strings::NONE), Span::raw(strings::NONE)),
+                JobRow::Restore(_) | JobRow::Recovery(_) => {
+                    (Span::raw(strings::NONE), Span::raw(strings::NONE))
+                }
             };
             cells.push(Cell::from(integrity));
             cells.push(Cell::from(consistency));
             cells.push(Cell::from(format::stamp(job.created_at())));
-            cells.push(Cell::from(Span::styled(
-                error_of(*job).unwrap_or_default(),
-                theme::bad(),
-            )));
+            let error = error_of(*job).unwrap_or_default();
+            let style = if is_stall(&error) {
+                theme::warn()
+            } else {
+                theme::bad()
+            };
+            cells.push(Cell::from(Span::styled(error, style)));
         }
         Row::new(cells)
     });
@@ -218,16 +255,32 @@ fn render_list(app: &App, frame: &mut Frame, area: Rect) {
             .into_iter()
             .enumerate()
             .map(|(i, e)| {
+                let (sym, style) = if is_stall(&e) {
+                    (strings::SYM_WARN, theme::warn())
+                } else {
+                    (strings::SYM_BAD, theme::bad())
+                };
                 let lead = if i == 0 {
-                    format!("{} {} ", strings::SYM_BAD, format::short_id(job.id()))
+                    format!("{sym} {} ", format::short_id(job.id()))
                 } else {
                     "  ".to_string()
                 };
-                Line::from(vec![Span::styled(lead, theme::bad()), Span::raw(e)])
+                // A stall is a warning in full: the colour carries to its words.
+                let text = if is_stall(&e) {
+                    Span::styled(e, style)
+                } else {
+                    Span::raw(e)
+                };
+                Line::from(vec![Span::styled(lead, style), text])
             })
             .collect();
         super::detail_strip(frame, error_area, lines, true);
     }
+}
+
+/// A recovery's stall among a job's errors (a warning, not a failure).
+fn is_stall(e: &str) -> bool {
+    e.starts_with(strings::STALLED)
 }
 
 /// One disk's gauge, for a backup's disks and a restore's one alike: the bar filled to

@@ -594,3 +594,287 @@ fn job_detail_line_of_a_points_recorded_hardware() {
         "hardware 512 MiB · 2 vCPU · pc-q35-7.2 · 2 disks (virtio) · 0 NIC · kernel boot"
     );
 }
+
+/// The fixture console with three instant recoveries: pgtest1's streaming home on node-a,
+/// webfront's stalled on node-b, mailsrv's home.
+fn app_with_recoveries() -> App {
+    let mut app = fixtures::app();
+    for r in [
+        fixtures::completed_recovery(),
+        fixtures::stalled_recovery(),
+        fixtures::streaming_recovery(),
+    ] {
+        app.apply(Update::Recovery(Box::new(r)), fixtures::now());
+    }
+    app
+}
+
+#[test]
+fn jobs_list_with_recoveries_shows_home_rate_and_a_stall() {
+    let mut app = app_with_recoveries();
+    both(
+        "jobs_with_recoveries",
+        &app,
+        &["6f1e0c2a…", "recover", "46%", "80.0 MiB/s", "▲ STALLED"],
+    );
+    // The stall, selected, is read in full under the list, as a warning.
+    let at = app
+        .visible_jobs()
+        .iter()
+        .position(|j| j.id() == fixtures::STALLED_RECOVERY)
+        .unwrap();
+    for _ in 0..at {
+        keys(&mut app, &[KeyCode::Char('j')]);
+    }
+    both(
+        "jobs_stalled_recovery_selected",
+        &app,
+        &["▲ a3c9d2e1… STALLED: the hub's export of disk 2000"],
+    );
+}
+
+#[test]
+fn recovery_detail_shows_each_disks_gauge_export_and_overlay() {
+    let mut app = app_with_recoveries();
+    keys(&mut app, &[KeyCode::Enter]);
+    assert!(
+        app.detail_recovery().is_some(),
+        "the newest job is the recovery"
+    );
+    both(
+        "recovery_detail_streaming",
+        &app,
+        &[
+            "Job 6f1e0c2a-9b34-4d1e-8f20-7a5c3b9e1d04 · pgtest1-rec · recover ◐ running",
+            "point b-91d4f7aa of pgtest1 · node node-a",
+            "VM up in 4.2s",
+            "VM ✔ running · QEMU pid 8812 · home 9.3 GiB/20.0 GiB (46%)",
+            "disk 2000 ◐ running  33%",
+            "5.3 GiB/16.0 GiB · rate 80.0 MiB/s · ETA 2m16s",
+            "port 10140 · qemu-nbd pid 51300 · export recovery-6f1e0c2a-2000",
+            "overlay /var/lib/sendense-node/recovery/pgtest1-rec/disk-2000.qcow2",
+            "disk 2001 ✔ finished 100%",
+            "port — · qemu-nbd pid — · export —",
+        ],
+    );
+    // The label is beside the gauge, not drawn over it: the bar starts after the widest label.
+    let screen = draw(&app, 80, 24);
+    let row = screen
+        .lines()
+        .find(|l| l.contains("disk 2000 ◐ running"))
+        .unwrap();
+    assert!(row.contains("33%  █"), "{row}");
+}
+
+#[test]
+fn recovery_detail_puts_a_stall_first_in_the_warning_colour() {
+    let mut app = app_with_recoveries();
+    app.recoveries
+        .retain(|r| r.recovery_id == fixtures::STALLED_RECOVERY);
+    keys(&mut app, &[KeyCode::Char('j'), KeyCode::Char('k')]);
+    let at = app
+        .visible_jobs()
+        .iter()
+        .position(|j| j.id() == fixtures::STALLED_RECOVERY)
+        .unwrap();
+    for _ in 0..at {
+        keys(&mut app, &[KeyCode::Char('j')]);
+    }
+    keys(&mut app, &[KeyCode::Enter]);
+    both(
+        "recovery_detail_stalled",
+        &app,
+        &[
+            "▲ STALLED: the hub's export of disk 2000",
+            "VM ▲ paused",
+            "disk 2000 ▲ paused",
+        ],
+    );
+    // Yellow, like every warning: the colour comes with the symbol and the word.
+    let mut terminal = Terminal::new(TestBackend::new(80, 24)).unwrap();
+    terminal.draw(|f| render(&app, f)).unwrap();
+    let buf = terminal.backend().buffer();
+    let line = (0..24)
+        .find(|&y| {
+            (0..80)
+                .map(|x| buf[(x, y)].symbol())
+                .collect::<String>()
+                .contains("STALLED")
+        })
+        .unwrap();
+    let x = (0..80).find(|&x| buf[(x, line)].symbol() == "▲").unwrap();
+    assert_eq!(buf[(x, line)].fg, ratatui::style::Color::Yellow);
+
+    // A completed one says the VM runs on its own.
+    app.apply(
+        Update::Recovery(Box::new(sendense_shared::api::Recovery {
+            recovery_id: fixtures::STALLED_RECOVERY.into(),
+            ..fixtures::completed_recovery()
+        })),
+        fixtures::now(),
+    );
+    let screen = draw(&app, 80, 24);
+    assert!(
+        screen.contains("✔ every disk is home: the VM runs from local disks alone"),
+        "{screen}"
+    );
+}
+
+#[test]
+fn cancel_confirmation_of_a_recovery_says_the_writes_are_lost() {
+    let mut app = app_with_recoveries();
+    keys(&mut app, &[KeyCode::Char('c')]);
+    assert!(matches!(app.mode, Mode::ConfirmCancelRecovery { .. }));
+    both(
+        "cancel_recovery_confirm",
+        &app,
+        &[
+            "Cancel recovery 6f1e0c2a-9b34-4d1e-8f20-7a5c3b9e1d04",
+            "lost",
+        ],
+    );
+}
+
+/// The fixture console with the browser open on pgtest1's point, cursor on it in Jobs.
+fn app_with_browser() -> App {
+    let mut app = fixtures::app();
+    let at = app
+        .visible_jobs()
+        .iter()
+        .position(|j| j.id() == fixtures::files::POINT)
+        .unwrap();
+    for _ in 0..at {
+        keys(&mut app, &[KeyCode::Char('j')]);
+    }
+    keys(&mut app, &[KeyCode::Char('f')]);
+    app
+}
+
+fn answer_listing(app: &mut App, l: sendense_shared::api::FileListing) {
+    let seq = app.browser.as_ref().unwrap().loading.as_ref().unwrap().0;
+    app.apply(
+        Update::FileListing {
+            seq,
+            result: Ok(Box::new(l)),
+        },
+        fixtures::now(),
+    );
+}
+
+#[test]
+fn file_browser_says_the_appliance_is_starting_then_lists_filesystems() {
+    let mut app = app_with_browser();
+    both(
+        "files_starting",
+        &app,
+        &[
+            "Files of pgtest1 · point b-91d4f7aa · disk 2000",
+            "◐ starting the file browser appliance…",
+            "Enter:open Bksp:up g:get as tar",
+        ],
+    );
+    answer_listing(&mut app, fixtures::files::filesystems());
+    let screen = draw(&app, 80, 24);
+    for want in ["/dev/sda1", "ext4", "/dev/vg0/root", "xfs", "3 entries"] {
+        assert!(screen.contains(want), "{want}:\n{screen}");
+    }
+}
+
+#[test]
+fn file_browser_directory_shows_modes_owners_links_and_escaped_names() {
+    let mut app = app_with_browser();
+    answer_listing(&mut app, fixtures::files::filesystems());
+    keys(&mut app, &[KeyCode::Char('j'), KeyCode::Enter]);
+    answer_listing(&mut app, fixtures::files::root_dir());
+    keys(&mut app, &[KeyCode::Char('j'), KeyCode::Enter]);
+    // While /etc is listed, the appliance is up already: it says what it lists.
+    assert!(draw(&app, 80, 24).contains("◐ listing /dev/vg0/root:/etc…"));
+    answer_listing(&mut app, fixtures::files::etc_dir());
+    keys(
+        &mut app,
+        &[KeyCode::Char('j'), KeyCode::Char('j'), KeyCode::Char('j')],
+    );
+    both(
+        "files_etc",
+        &app,
+        &[
+            "point b-91d4f7aa · /dev/vg0/root:/etc",
+            "-rw-r--r-- 0:0",
+            "caf\\xe9.conf",
+            "cron d/",
+            "localtime -> /usr/share/zoneinf",
+            "localtime -> /usr/share/zoneinfo/Etc/UTC (a symlink: not followed)",
+            "drwxr-x--- 0:26",
+            "-rw-r----- 0:42",
+            "2026-11-26 03:12",
+        ],
+    );
+    let mut app2 = app.clone();
+    keys(
+        &mut app2,
+        &[KeyCode::Char('k'), KeyCode::Char('k'), KeyCode::Char('g')],
+    );
+    both(
+        "files_get_prompt",
+        &app2,
+        &[
+            "write as tar to (relative to the console's directory): ./cron_d.tar█",
+            "Enter:write it",
+        ],
+    );
+    // A failure names its cause in the status line.
+    keys(&mut app, &[KeyCode::Backspace]);
+    let seq = app.browser.as_ref().unwrap().loading.as_ref().unwrap().0;
+    app.apply(
+        Update::FileListing {
+            seq,
+            result: Err("listing /dev/vg0/root:/ failed: hub unreachable at http://127.0.0.1:8082/api/v1/backups/b-91d4f7aa/files?disk=2000&fs=/dev/vg0/root&path=/".into()),
+        },
+        fixtures::now(),
+    );
+    let screen = draw(&app, 80, 24);
+    assert!(
+        screen.contains("✖ listing /dev/vg0/root:/ failed: hub unreachable"),
+        "{screen}"
+    );
+}
+
+#[test]
+fn file_browser_shows_a_tar_being_written_and_a_truncated_directory() {
+    let mut app = app_with_browser();
+    answer_listing(&mut app, fixtures::files::filesystems());
+    keys(&mut app, &[KeyCode::Char('j'), KeyCode::Enter]);
+    answer_listing(&mut app, fixtures::files::truncated_dir());
+    let screen = draw(&app, 80, 24);
+    assert!(
+        screen.contains("▲ more entries than one listing answers"),
+        "{screen}"
+    );
+    keys(&mut app, &[KeyCode::Char('g'), KeyCode::Enter]);
+    app.apply(
+        Update::FilesProgress {
+            bytes: 3 * 1024 * 1024,
+        },
+        fixtures::now(),
+    );
+    app.now = fixtures::now() + chrono::Duration::seconds(2);
+    both(
+        "files_writing",
+        &app,
+        &["◐ writing ./system_0000.journal.tar: 3.0 MiB of ~8.0 MiB (37%) · 1.5 MiB/s"],
+    );
+}
+
+#[test]
+fn tiny_terminal_with_a_recovery_or_the_browser_does_not_panic() {
+    let mut app = app_with_recoveries();
+    keys(&mut app, &[KeyCode::Enter]);
+    for (w, h) in [(1, 1), (20, 5), (40, 10)] {
+        draw(&app, w, h);
+    }
+    let mut app = app_with_browser();
+    answer_listing(&mut app, fixtures::files::filesystems());
+    for (w, h) in [(1, 1), (20, 5), (40, 10)] {
+        draw(&app, w, h);
+    }
+}

@@ -144,3 +144,27 @@ pub fn consistency(c: ConsistencyLevel) -> (&'static str, &'static str, Style) {
         ConsistencyLevel::Crash => (strings::SYM_WARN, strings::CRASH, warn()),
     }
 }
+
+/// Symbol and style of an instant recovery's disk stream, by QEMU's word for it.
+pub fn stream(state: &str) -> (&'static str, Style) {
+    match state {
+        strings::STREAM_FINISHED => (strings::SYM_OK, good()),
+        strings::STREAM_RUNNING => (strings::SYM_BUSY, busy()),
+        strings::STREAM_PENDING => (strings::SYM_IDLE, dim()),
+        "failed" | "error" | "aborting" | "concluded" => (strings::SYM_BAD, bad()),
+        // paused, standby, ready, ...: waiting, not moving.
+        _ => (strings::SYM_WARN, warn()),
+    }
+}
+
+/// Symbol and style of a recovered VM's QEMU run state.
+pub fn vm_state(state: Option<&str>) -> (&'static str, Style) {
+    match state {
+        Some("running") => (strings::SYM_OK, good()),
+        Some("io-error" | "internal-error" | "guest-panicked" | "shutdown") => {
+            (strings::SYM_BAD, bad())
+        }
+        Some(_) => (strings::SYM_WARN, warn()),
+        None => (strings::SYM_IDLE, dim()),
+    }
+}

@@ -34,7 +34,7 @@ impl Shell {
     }
 
     /// `sendense-console --hub <hub> --token-file <token> ARGS...`, not yet run.
-    fn console(&self, args: &[&str]) -> tokio::process::Command {
+    pub fn console(&self, args: &[&str]) -> tokio::process::Command {
         let mut full = vec![
             "--hub",
             &self.hub,
@@ -76,7 +76,7 @@ fn command(home: &TempDir, args: &[&str]) -> tokio::process::Command {
     cmd
 }
 
-fn done(out: Output) -> Run {
+pub fn done(out: Output) -> Run {
     Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -1,10 +1,13 @@
 //! A fake hub: the parts of the hub's API the console calls, answering from memory. Jobs move
 //! one step per `GET /api/v1/backups/{id}` (restores: `GET /api/v1/restores/{id}`, in
-//! `restores`; prune jobs per `GET /api/v1/prune/{id}`, in `policies`) so that `--wait` sees
+//! `restores`; instant recoveries per `GET /api/v1/recoveries/{id}`, in `recoveries`; prune
+//! jobs per `GET /api/v1/prune/{id}`, in `policies`) so that `--wait` sees
 //! progress without timers. `policies`: policies, runs, points, protection, prunes, space.
 //! (Stand-in while the real hub is written in parallel; see `main.rs`.)
 
+pub mod files;
 pub mod policies;
+pub mod recoveries;
 pub mod restores;
 
 use axum::body::{Body, Bytes};
@@ -54,6 +57,11 @@ pub struct HubState {
     pub restore_start_requests: Vec<RestoreRequest>,
     /// Ids of every `POST /api/v1/restores/{id}/cancel`, in order.
     pub restore_cancel_requests: Vec<String>,
+    pub recoveries: Vec<sendense_shared::api::Recovery>,
+    /// Every `POST /api/v1/recoveries` body, in order (refused ones too).
+    pub recovery_start_requests: Vec<sendense_shared::api::RecoveryRequest>,
+    /// Ids of every `POST /api/v1/recoveries/{id}/cancel`, in order.
+    pub recovery_cancel_requests: Vec<String>,
     /// What `GET /api/v1/vms` answers.
     pub vms: Vec<Vm>,
     pub policies: Vec<sendense_shared::api::Policy>,
@@ -421,6 +429,7 @@ impl FakeHub {
             .route("/api/v1/backups/{id}", get(get_backup))
             .route("/api/v1/backups/{id}/cancel", post(cancel_backup))
             .route("/api/v1/backups/{id}/events", get(empty_list))
+            .route("/api/v1/backups/{id}/files/archive", get(files::archive))
             .route(
                 "/api/v1/restores",
                 get(restores::list).post(restores::start),
@@ -428,6 +437,12 @@ impl FakeHub {
             .route("/api/v1/restores/{id}", get(restores::get_one))
             .route("/api/v1/restores/{id}/cancel", post(restores::cancel))
             .route("/api/v1/restores/{id}/events", get(empty_list))
+            .route(
+                "/api/v1/recoveries",
+                get(recoveries::list).post(recoveries::start),
+            )
+            .route("/api/v1/recoveries/{id}", get(recoveries::get_one))
+            .route("/api/v1/recoveries/{id}/cancel", post(recoveries::cancel))
             .route("/api/v1/repositories", get(repositories))
             .route("/api/v1/vms", get(vms))
             .route("/api/v1/processes", get(empty_list))

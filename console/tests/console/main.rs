@@ -7,6 +7,7 @@
 
 mod cli;
 mod cli_policies;
+mod cli_recover;
 mod fake_hub;
 mod feed;
 mod tui;
