@@ -176,12 +176,8 @@ mod reports;
 mod request;
 mod truth;
 
-<<<<<<< HEAD
-use request::{check_restorable, check_target_path, pick_disk, replace_target};
-=======
 pub(crate) use request::unreadable;
-use request::{check_restorable, check_target_path, pick_disk};
->>>>>>> recovery-hub
+use request::{check_restorable, check_target_path, pick_disk, replace_target};
 
 impl Restores {
     pub fn new(deps: RestoreDeps) -> Self {
