@@ -1,6 +1,6 @@
-//! The node daemon: config → source driver(s) (QEMU, vSphere, or both) → start-up recovery → tunnel → hub registration → API,
-//! with one shutdown token fanned out to the API, the jobs (backups and restores) and the
-//! registration task; the tunnel stops last.
+//! The node daemon: config → source driver(s) (QEMU, vSphere, or both) → start-up recovery → tunnel → hub registration → recovered VMs re-adopted → API,
+//! with one shutdown token fanned out to the API, the jobs (backups, restores, instant
+//! recoveries: these leave their VMs running) and the registration task; the tunnel stops last.
 
 use crate::api::{NodeState, inventory_vm};
 use crate::config::NodeConfig;
@@ -85,6 +85,30 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
+    // Instant recoveries' overlays go here unless a request names a directory: the recovered
+    // disks, for the node's user alone.
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.recovery_dir)
+            .map_err(|e| {
+                anyhow::anyhow!("recovery directory {}: {e}", config.recovery_dir.display())
+            })?;
+    }
+    let recoveries = crate::recovery::Recoveries::new(
+        jobs.context().clone(),
+        config.run_dir.clone(),
+        config.recovery_dir.clone(),
+    );
+    // After the tunnel (their reports travel through it), before the API (a start must not
+    // take a journalled recovery's id).
+    let adopted = crate::recovery::adopt::adopt(&recoveries).await;
+    tracing::info!(report = ?adopted, "recovered VMs re-adopted");
+    for e in &adopted.errors {
+        tracing::warn!(error = %e, "recovery start-up could not finish");
+    }
     let state = Arc::new(NodeState {
         name: config.name.clone(),
         token: config.token.clone(),
@@ -93,6 +117,7 @@ pub async fn run(
         tunnel: tunnel.clone(),
         // On the backups' context: one tracker drained below, one tunnel routing.
         restores: crate::restore::Restores::new(jobs.context().clone(), config.run_dir.clone()),
+        recoveries,
     });
     tracing::info!(name = %config.name, %api_url, vms = config.vms.len(), "node serving");
     crate::api::serve(listener, state, shutdown.clone()).await?;
