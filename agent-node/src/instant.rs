@@ -270,6 +270,13 @@ pub struct InstantVm {
     child: Option<tokio::process::Child>,
 }
 
+/// What a start made so far: undone when it fails.
+#[derive(Default)]
+struct Made {
+    overlays: Vec<crate::fsutil::CreatedFile>,
+    child: Option<tokio::process::Child>,
+}
+
 fn job_id(key: i64) -> String {
     format!("stream-{key}")
 }
@@ -291,68 +298,62 @@ impl InstantVm {
     /// failure nothing it made is left (QEMU killed, overlays and run files removed).
     pub async fn start(spec: InstantSpec, log: Arc<QmpLog>) -> Result<InstantVm, InstantError> {
         private_dir(&spec.run_dir, "creating the recovery's run directory")?;
-        let mut created = Vec::new();
-        let result = Self::start_on(&spec, log, &mut created).await;
-        match result {
-            Ok((child, pid, qmp)) => Ok(InstantVm {
-                qmp_socket: qmp_socket(&spec.run_dir),
-                serial_log: serial_log(&spec.run_dir),
-                spec,
-                qmp,
-                pid,
-                child: Some(child),
-            }),
-            Err((e, child)) => {
-                if let Some(mut c) = child {
+        let mut made = Made::default();
+        match Self::launch(&spec, log, &mut made).await {
+            Ok((qmp, pid)) => {
+                let child = made.child.take();
+                Ok(InstantVm {
+                    qmp_socket: qmp_socket(&spec.run_dir),
+                    serial_log: serial_log(&spec.run_dir),
+                    pid,
+                    child,
+                    spec,
+                    qmp,
+                })
+            }
+            Err(e) => {
+                if let Some(mut c) = made.child.take() {
                     let _ = c.start_kill();
                     let _ = c.wait().await;
                 }
-                for c in &created {
+                for c in &made.overlays {
                     if let Err(e) = c.remove() {
                         tracing::warn!(error = %e, "cannot remove an overlay of a failed start");
                     }
                 }
-                let _ = remove_run_files(&spec);
+                if let Err(e) = remove_run_files(&spec) {
+                    tracing::warn!(error = %e, "cannot remove the run files of a failed start");
+                }
                 Err(e)
             }
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    async fn start_on(
+    /// The steps of [`InstantVm::start`]; what each made is kept in `made` for the cleanup of
+    /// a failed start.
+    async fn launch(
         spec: &InstantSpec,
         log: Arc<QmpLog>,
-        created: &mut Vec<crate::fsutil::CreatedFile>,
-    ) -> Result<
-        (tokio::process::Child, u32, QmpClient),
-        (InstantError, Option<tokio::process::Child>),
-    > {
+        made: &mut Made,
+    ) -> Result<(QmpClient, u32), InstantError> {
         for d in &spec.disks {
-            created.push(
-                create_overlay(&d.overlay, d.size)
-                    .await
-                    .map_err(|e| (e, None))?,
-            );
+            made.overlays
+                .push(create_overlay(&d.overlay, d.size).await?);
         }
         for d in &spec.disks {
             if let Some(tls) = &d.tls {
-                write_tls(&spec.run_dir, d.disk_key, tls).map_err(|e| (e, None))?;
+                write_tls(&spec.run_dir, d.disk_key, tls)?;
             }
         }
         let run = &spec.run_dir;
         let qmp_path = qmp_socket(run);
         for f in [&qmp_path, &pid_file(run)] {
-            remove_if_present(f).map_err(|e| (e, None))?;
+            remove_if_present(f)?;
         }
-        let stderr = std::fs::File::create(qemu_log(run)).map_err(|source| {
-            (
-                InstantError::Io {
-                    what: "creating QEMU's log",
-                    path: qemu_log(run),
-                    source,
-                },
-                None,
-            )
+        let stderr = std::fs::File::create(qemu_log(run)).map_err(|source| InstantError::Io {
+            what: "creating QEMU's log",
+            path: qemu_log(run),
+            source,
         })?;
         let mut cmd = tokio::process::Command::new("qemu-system-x86_64");
         cmd.args(command_args(spec));
@@ -363,40 +364,29 @@ impl InstantVm {
             .stderr(Stdio::from(stderr))
             .process_group(0)
             .kill_on_drop(false);
-        tracing::info!(vm = %spec.name, command = %format!("{:?}", cmd.as_std()), "starting the recovered VM");
-        let mut child = cmd.spawn().map_err(|source| {
-            (
-                InstantError::Io {
-                    what: "starting qemu-system-x86_64",
-                    path: PathBuf::from("qemu-system-x86_64"),
-                    source,
-                },
-                None,
-            )
-        })?;
-        let Some(pid) = child.id() else {
-            return Err((
-                InstantError::State("QEMU exited at once".into()),
-                Some(child),
-            ));
-        };
+        tracing::info!(vm = %spec.name, command = ?cmd.as_std(), "starting the recovered VM");
+        let child = made
+            .child
+            .insert(cmd.spawn().map_err(|source| InstantError::Io {
+                what: "starting qemu-system-x86_64",
+                path: PathBuf::from("qemu-system-x86_64"),
+                source,
+            })?);
+        let pid = child
+            .id()
+            .ok_or_else(|| InstantError::State("QEMU exited at once".into()))?;
         let deadline = tokio::time::Instant::now() + QMP_READY;
         loop {
             if let Some(st) = child.try_wait().ok().flatten() {
                 let err = std::fs::read_to_string(qemu_log(run)).unwrap_or_default();
-                return Err((
-                    InstantError::Tool {
-                        tool: "qemu-system-x86_64",
-                        detail: format!("exited ({st}): {}", err.trim()),
-                    },
-                    Some(child),
-                ));
+                return Err(InstantError::Tool {
+                    tool: "qemu-system-x86_64",
+                    detail: format!("exited ({st}): {}", err.trim()),
+                });
             }
             match QmpClient::connect(&qmp_path, &spec.name, log.clone()).await {
-                Ok(c) => return Ok((child, pid, c)),
-                Err(e) if tokio::time::Instant::now() > deadline => {
-                    return Err((e.into(), Some(child)));
-                }
+                Ok(c) => return Ok((c, pid)),
+                Err(e) if tokio::time::Instant::now() > deadline => return Err(e.into()),
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }

@@ -414,10 +414,11 @@ impl Recoveries {
     }
 }
 
-/// The name validator words its errors "<field>: ..."; the field is named once.
+/// The name validator words its errors "<field> is empty", "<field> contains ..."; the
+/// answer names the field once, first: "<field>: is empty".
 fn strip_field(msg: &str, name: &str) -> String {
     msg.strip_prefix(name)
-        .and_then(|m| m.strip_prefix(": "))
+        .map(|m| m.trim_start_matches([':', ' ']))
         .unwrap_or(msg)
         .to_string()
 }

@@ -180,6 +180,21 @@ fn every_bad_field_is_named() {
 }
 
 #[test]
+fn a_bad_id_is_named_once() {
+    assert_eq!(
+        strip_field(
+            "recovery_id contains '/', which is not allowed",
+            "recovery_id"
+        ),
+        "contains '/', which is not allowed"
+    );
+    assert_eq!(
+        strip_field("recovery_id is empty", "recovery_id"),
+        "is empty"
+    );
+}
+
+#[test]
 fn the_stall_is_worded_for_the_operator() {
     let one = stalled_words(&Stall {
         paused_streams: vec![2001],

@@ -738,6 +738,32 @@ async fn bad_recovery_requests_name_the_field() {
     );
     let (code, _) = node.get("/recovery/v1").await;
     assert_eq!(code, 404, "a refused start leaves no recovery");
+
+    // Valid, but nothing serves the export: QEMU cannot open the disk, the recovery fails
+    // with QEMU's words, and nothing is left.
+    let overlays = dir.path().join("o");
+    std::fs::create_dir(&overlays).unwrap();
+    let dead = json!({"disk_key": 1, "size_bytes": MIB,
+        "export": {"host": "127.0.0.1", "port": free_port(), "export": "e"}});
+    let (code, answer) = node
+        .post(
+            "/recovery/start",
+            start_body("v2", "vm-v", vec![dead], MIB, Some(&overlays)),
+        )
+        .await;
+    assert_eq!(code, 202, "{answer}");
+    let done = wait_recovery(&node, "v2", 60, ended).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let msg = done["error_message"].as_str().unwrap();
+    assert!(
+        msg.starts_with("starting the recovered VM: qemu-system-x86_64 failed"),
+        "{msg}"
+    );
+    assert!(msg.contains("Connection refused"), "{msg}");
+    assert!(msg.ends_with("what the guest wrote is lost"), "{msg}");
+    assert_eq!(std::fs::read_dir(&overlays).unwrap().count(), 0);
+    assert!(!node.run_dir.join("recovery-v2").exists());
+    assert!(!journal_of(&node, "v2").exists());
 }
 
 /// SIGTERM mid-stream leaves the VM running and the journal in place; the restarted node
