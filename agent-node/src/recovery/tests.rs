@@ -70,6 +70,47 @@ fn a_good_request_becomes_the_engines_spec() {
 }
 
 #[test]
+fn exports_are_routed_as_restores_are() {
+    use sendense_shared::nbd::NbdAddr;
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = req(dir.path());
+    r.disks[1].export.socket = None;
+    r.disks[1].export.host = "127.0.0.1".into();
+    // As a tunnel does: the hub's loopback port at the forward's address, its socket at the
+    // local end of the streamlocal forward.
+    let spec = plan(
+        &r,
+        &dir.path().join("run/recovery-r1"),
+        dir.path(),
+        |a| match a {
+            NbdAddr::Tcp { port, export, .. } => NbdAddr::Tcp {
+                host: "127.0.0.2".into(),
+                port,
+                export,
+            },
+            NbdAddr::Unix { export, .. } => NbdAddr::Unix {
+                path: "/run/node/nbd/10100.sock".into(),
+                export,
+            },
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        spec.disks[0].server,
+        NbdServer::Unix {
+            path: "/run/node/nbd/10100.sock".into()
+        }
+    );
+    assert_eq!(
+        spec.disks[1].server,
+        NbdServer::Inet {
+            host: "127.0.0.2".into(),
+            port: 10100
+        }
+    );
+}
+
+#[test]
 fn every_bad_field_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("vmlinuz");

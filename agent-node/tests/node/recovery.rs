@@ -890,3 +890,28 @@ async fn a_restarted_node_cleans_up_a_recovery_whose_qemu_is_gone() {
     );
     assert!(msg.contains("what the guest wrote is lost"), "{msg}");
 }
+
+/// A hub that does not answer holds up neither the streams nor the completion on the node; the
+/// journal stays until the hub has the result (a restarted node reports it again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_that_does_not_answer_does_not_hold_the_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = PointDisk::new(dir.path(), 1, 16 * MIB, Listen::Tcp(free_port()), None);
+    let dead_hub = format!("http://127.0.0.1:{}", free_port());
+    let node = start_node(node_opts(dir.path(), None, Some(&dead_hub)));
+    let (code, answer) = node
+        .post(
+            "/recovery/start",
+            start_body("h1", "vm-h", vec![disk.request(None)], 16 * MIB, None),
+        )
+        .await;
+    assert_eq!(code, 202, "{answer}");
+    let (vm, _) = vm_of(&node, "h1").await;
+    let done = wait_recovery(&node, "h1", 60, ended).await;
+    assert_eq!(done["status"], "completed", "{done}\n{}", node.stderr());
+    assert!(
+        journal_of(&node, "h1").exists(),
+        "kept until the hub has the result"
+    );
+    assert!(agent_node::instant::is_our_qemu(vm.pid, &vm.qmp_socket));
+}
