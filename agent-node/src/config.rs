@@ -92,8 +92,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECS", env = "SENDENSE_NODE_GUEST_AGENT_TIMEOUT")]
     pub guest_agent_timeout: Option<u64>,
     /// Directory of instant recoveries' overlays (the recovered VMs' disks) when a request
-    /// names none; created 0700. Put it on a disk: the run directory is often a tmpfs
-    /// [default: <run dir>/recoveries].
+    /// names none; created 0700 when a recovery first needs it. Put it on a disk: the run
+    /// directory is often a tmpfs [default: <run dir>/recoveries].
     #[arg(long, value_name = "DIR", env = "SENDENSE_NODE_RECOVERY_DIR")]
     pub recovery_dir: Option<PathBuf>,
     #[command(flatten)]

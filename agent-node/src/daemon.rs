@@ -85,18 +85,6 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
-    // Instant recoveries' overlays go here unless a request names a directory: the recovered
-    // disks, for the node's user alone.
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&config.recovery_dir)
-            .map_err(|e| {
-                anyhow::anyhow!("recovery directory {}: {e}", config.recovery_dir.display())
-            })?;
-    }
     let recoveries = crate::recovery::Recoveries::new(
         jobs.context().clone(),
         config.run_dir.clone(),

@@ -96,6 +96,28 @@ async fn start(
     spec: InstantSpec,
     journal_path: &Path,
 ) -> Result<InstantVm, End> {
+    // The node's recovery directory, made when a recovery first needs it: the recovered
+    // disks, for the node's user alone.
+    if spec
+        .disks
+        .iter()
+        .any(|d| d.overlay.parent() == Some(rec.recovery_dir.as_path()))
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&rec.recovery_dir)
+            .map_err(|e| {
+                failed(
+                    None,
+                    format!(
+                        "creating the recovery directory {}: {e}",
+                        rec.recovery_dir.display()
+                    ),
+                )
+            })?;
+    }
     let mut entry = entry_of(job, &spec);
     let write = |entry: &journal::Entry| {
         journal::write(journal_path, entry).map_err(|e| {
