@@ -310,15 +310,8 @@ impl Recoveries {
                 job.id()
             )));
         }
-        if let Some(j) = jobs
-            .iter()
-            .find(|j| j.vm_name == job.vm_name && !j.status().is_terminal())
-        {
-            return Err(RecoveryError::Taken(format!(
-                "VM name {:?} is used by recovery {} on this node",
-                job.vm_name,
-                j.id()
-            )));
+        if let Some(e) = vm_in_use(&jobs, &job.vm_name) {
+            return Err(e);
         }
         jobs.push(job);
         while jobs.len() > KEEP_FINISHED {
@@ -354,18 +347,16 @@ impl Recoveries {
             )));
         }
         let spec = plan(&req, &run_dir, &self.recovery_dir, |a| self.ctx.route(a))?;
-        if let Some(j) = self
-            .lock()
-            .iter()
-            .find(|j| j.vm_name == req.vm_name && !j.status().is_terminal())
-        {
-            return Err(RecoveryError::Taken(format!(
-                "VM name {:?} is used by recovery {} on this node",
-                req.vm_name,
-                j.id()
-            )));
+        // Before the overlays: a live recovery of that name has them.
+        if let Some(e) = vm_in_use(&self.lock(), &req.vm_name) {
+            return Err(e);
         }
-        if let Some(d) = spec.disks.iter().find(|d| d.overlay.exists()) {
+        // A dangling symlink too: the overlay is created exclusively, never through one.
+        if let Some(d) = spec
+            .disks
+            .iter()
+            .find(|d| d.overlay.symlink_metadata().is_ok())
+        {
             return Err(RecoveryError::Taken(format!(
                 "overlay {} exists already (VM name {:?} was recovered here before?)",
                 d.overlay.display(),
@@ -412,6 +403,18 @@ impl Recoveries {
         job.cancel.cancel();
         Ok(job)
     }
+}
+
+/// `409` when a recovery listed in `jobs` that has not ended runs a VM named `name`.
+fn vm_in_use(jobs: &[Arc<RecoveryJob>], name: &str) -> Option<RecoveryError> {
+    jobs.iter()
+        .find(|j| j.vm_name == name && !j.status().is_terminal())
+        .map(|j| {
+            RecoveryError::Taken(format!(
+                "VM name {name:?} is used by recovery {} on this node",
+                j.id()
+            ))
+        })
 }
 
 /// The name validator words its errors "<field> is empty", "<field> contains ..."; the
