@@ -29,8 +29,8 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use sendense_shared::api::{
-    Inventory, InventoryVm, NodeBackupStart, NodeRestoreStart, NodeRestoreState, TunnelState,
-    TunnelStateKind, VmDisk,
+    Inventory, InventoryVm, NodeBackupStart, NodeRecoveryStart, NodeRecoveryState,
+    NodeRestoreStart, NodeRestoreState, TunnelState, TunnelStateKind, VmDisk,
 };
 use sendense_shared::errors::{ErrorCode, chain};
 use sendense_shared::http::{ApiJson, Bearer, require_bearer};
@@ -51,6 +51,8 @@ pub struct NodeState {
     pub tunnel: Option<Arc<crate::tunnel::Tunnel>>,
     /// Restores into new images on this host.
     pub restores: Arc<crate::restore::Restores>,
+    /// Instant recoveries: VMs booted from the hub's exports on this host.
+    pub recoveries: Arc<crate::recovery::Recoveries>,
 }
 
 /// An error answer: `{"error": <ErrorCode>, "detail"}`, the status from the code (the same
@@ -122,6 +124,9 @@ fn protected() -> OpenApiRouter<Arc<NodeState>> {
         .routes(routes!(restore_start))
         .routes(routes!(restore_get))
         .routes(routes!(restore_cancel))
+        .routes(routes!(recovery_start))
+        .routes(routes!(recovery_get))
+        .routes(routes!(recovery_cancel))
         .routes(routes!(openapi))
 }
 
@@ -256,6 +261,95 @@ async fn restore_get(
         .get(&id)
         .map(|j| Json(j.view()))
         .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no restore {id}")))
+}
+
+/// `POST /api/v1/recovery/start`: `202` with the recovery's state (the VM starts and its disks
+/// stream home after it); `422 invalid_field` (id, vm_name, memory_mib, cpus, machine, kernel,
+/// initrd, append, overlay_dir, disks; the detail names it); `409 already_exists` (recovery
+/// id used, VM name used by a live recovery, or its overlays exist); `503 shutting_down`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/recovery/start",
+    operation_id = "node_start_recovery",
+    tag = "recoveries",
+    summary = "Boots a backup point as a new VM on this host from the hub's exports",
+    request_body = sendense_shared::api::NodeRecoveryStart,
+    responses(
+        (status = 202, description = "The recovery", body = sendense_shared::api::NodeRecoveryState),
+        (status = 409, description = "The recovery id, the VM name or its overlays are taken (`already_exists`)", body = sendense_shared::api::ErrorBody)
+    )
+)]
+async fn recovery_start(
+    State(state): State<Arc<NodeState>>,
+    ApiJson(req): ApiJson<NodeRecoveryStart>,
+) -> Result<(StatusCode, Json<NodeRecoveryState>), ApiError> {
+    use crate::recovery::RecoveryError;
+    match state.recoveries.start(req) {
+        Ok(job) => Ok((StatusCode::ACCEPTED, Json(job.view()))),
+        Err(e @ RecoveryError::Taken(_)) => {
+            Err(ApiError::new(ErrorCode::AlreadyExists, e.to_string()))
+        }
+        Err(e @ RecoveryError::ShuttingDown) => {
+            Err(ApiError::new(ErrorCode::ShuttingDown, e.to_string()))
+        }
+        Err(e @ RecoveryError::Field { .. }) => {
+            Err(ApiError::new(ErrorCode::InvalidField, e.to_string()))
+        }
+    }
+}
+
+/// `POST /api/v1/recovery/{id}/cancel`: `202` with the recovery's state (it kills the VM,
+/// removes its overlays and run files, and ends `cancelled`: what the guest wrote is lost);
+/// `404 not_found`; `409 wrong_state` when it has ended already (a completed recovery's VM is
+/// the operator's to stop).
+#[utoipa::path(
+    post,
+    path = "/api/v1/recovery/{id}/cancel",
+    operation_id = "node_cancel_recovery",
+    tag = "recoveries",
+    summary = "Cancels a recovery (the VM stops, the guest's writes are lost)",
+    params(("id" = String, Path, description = "Recovery id")),
+    responses(
+        (status = 202, description = "Cancelling", body = sendense_shared::api::NodeRecoveryState),
+        (status = 409, description = "The recovery has ended (`wrong_state`)", body = sendense_shared::api::ErrorBody)
+    )
+)]
+async fn recovery_cancel(
+    State(state): State<Arc<NodeState>>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<NodeRecoveryState>), ApiError> {
+    use crate::recovery::CancelError;
+    match state.recoveries.cancel(&id) {
+        Ok(job) => Ok((StatusCode::ACCEPTED, Json(job.view()))),
+        Err(e @ CancelError::NotFound { .. }) => {
+            Err(ApiError::new(ErrorCode::NotFound, e.to_string()))
+        }
+        Err(e @ CancelError::Ended { .. }) => {
+            Err(ApiError::new(ErrorCode::WrongState, e.to_string()))
+        }
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/recovery/{id}",
+    operation_id = "node_get_recovery",
+    tag = "recoveries",
+    summary = "One recovery",
+    params(("id" = String, Path, description = "Recovery id")),
+    responses(
+        (status = 200, description = "The recovery", body = sendense_shared::api::NodeRecoveryState)
+    )
+)]
+async fn recovery_get(
+    State(state): State<Arc<NodeState>>,
+    Path(id): Path<String>,
+) -> Result<Json<NodeRecoveryState>, ApiError> {
+    state
+        .recoveries
+        .get(&id)
+        .map(|j| Json(j.view()))
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no recovery {id}")))
 }
 
 #[utoipa::path(
@@ -604,6 +698,11 @@ mod tests {
             started_at: Utc::now(),
             tunnel: None,
             restores: crate::restore::Restores::new(jobs.context().clone(), std::env::temp_dir()),
+            recoveries: crate::recovery::Recoveries::new(
+                jobs.context().clone(),
+                std::env::temp_dir(),
+                std::env::temp_dir(),
+            ),
             jobs,
         }))
     }
@@ -649,6 +748,9 @@ mod tests {
         for p in [
             "/api/v1/backup/start",
             "/api/v1/restore/{id}/cancel",
+            "/api/v1/recovery/start",
+            "/api/v1/recovery/{id}",
+            "/api/v1/recovery/{id}/cancel",
             "/api/v1/health",
         ] {
             assert!(paths.contains(&p), "{p} in {paths:?}");
@@ -802,6 +904,56 @@ mod tests {
         .await;
         assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
         assert_eq!(body["error"], "invalid_field", "{body}");
+    }
+
+    #[tokio::test]
+    async fn recovery_routes_name_the_bad_field_and_answer_404_for_an_unknown_id() {
+        let post = |path: &str, body: serde_json::Value| {
+            Request::post(path)
+                .header("authorization", "Bearer tok")
+                .body(Body::from(body.to_string()))
+                .unwrap()
+        };
+        let good = serde_json::json!({
+            "recovery_id": "r1", "vm_name": "vm1", "memory_mib": 512, "cpus": 1,
+            "disks": [{"disk_key": 2000, "size_bytes": 1048576,
+                       "export": {"host": "127.0.0.1", "port": 10100, "export": "vm-disk-2000"}}],
+        });
+        for (change, field) in [
+            (serde_json::json!({"recovery_id": "../r"}), "recovery_id"),
+            (serde_json::json!({"vm_name": "vm/1"}), "vm_name"),
+            (serde_json::json!({"memory_mib": 16}), "memory_mib"),
+            (serde_json::json!({"cpus": 0}), "cpus"),
+            (serde_json::json!({"overlay_dir": "rel"}), "overlay_dir"),
+            (
+                serde_json::json!({"kernel": "/nonexistent/vmlinuz"}),
+                "kernel",
+            ),
+            (serde_json::json!({"disks": []}), "disks"),
+            (serde_json::json!({"memory_mib": "lots"}), "memory_mib"),
+        ] {
+            let mut body = good.clone();
+            for (k, v) in change.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            let (s, answer) = call(post("/api/v1/recovery/start", body)).await;
+            assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{field}: {answer}");
+            assert_eq!(answer["error"], "invalid_field", "{answer}");
+            let detail = answer["detail"].as_str().unwrap();
+            assert!(detail.starts_with(field), "{field}: {detail}");
+        }
+        let (s, body) = call(get("/api/v1/recovery/nope", Some("tok"))).await;
+        assert_eq!(
+            (s, body["error"].as_str()),
+            (StatusCode::NOT_FOUND, Some("not_found"))
+        );
+        let (s, body) = call(post("/api/v1/recovery/nope/cancel", serde_json::json!({}))).await;
+        assert_eq!(
+            (s, body["error"].as_str()),
+            (StatusCode::NOT_FOUND, Some("not_found"))
+        );
+        let (s, _) = call(get("/api/v1/recovery/nope", None)).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
     }
 
     #[tokio::test]

@@ -8,6 +8,9 @@
 //! token_file = "/etc/sendense/token"       # this node's credential: `sendense-hub node enroll NAME`
 //! # Where fleecing files, NBD sockets, journals and the QMP log live (QEMU must reach it).
 //! run_dir = "/run/sendense-node"
+//! # Where instant recoveries put their overlays (the recovered disks) unless the request names
+//! # a directory: a disk, not the tmpfs /run usually is [default: <run_dir>/recoveries].
+//! recovery_dir = "/var/lib/sendense-node/recoveries"
 //! # URL the hub calls this node on (default: http://<listen address>).
 //! api_url = "http://127.0.0.1:8081"
 //! # Bound of each guest agent command (connect + sync, freeze, thaw), seconds.
@@ -88,6 +91,11 @@ pub struct ServeArgs {
     /// Bound of each guest agent command (connect, freeze, thaw) in seconds [default: 10].
     #[arg(long, value_name = "SECS", env = "SENDENSE_NODE_GUEST_AGENT_TIMEOUT")]
     pub guest_agent_timeout: Option<u64>,
+    /// Directory of instant recoveries' overlays (the recovered VMs' disks) when a request
+    /// names none; created 0700 when a recovery first needs it. Put it on a disk: the run
+    /// directory is often a tmpfs [default: <run dir>/recoveries].
+    #[arg(long, value_name = "DIR", env = "SENDENSE_NODE_RECOVERY_DIR")]
+    pub recovery_dir: Option<PathBuf>,
     #[command(flatten)]
     pub tunnel: crate::tunnel::TunnelArgs,
 }
@@ -101,6 +109,7 @@ pub struct ConfigFile {
     pub hub_url: Option<String>,
     pub token_file: Option<PathBuf>,
     pub run_dir: Option<PathBuf>,
+    pub recovery_dir: Option<PathBuf>,
     pub api_url: Option<String>,
     #[serde(default)]
     pub qmp: BTreeMap<String, PathBuf>,
@@ -144,6 +153,8 @@ pub enum ConfigError {
         #[source]
         source: sendense_shared::names::NameError,
     },
+    #[error("--recovery-dir {dir:?}: must be an absolute path")]
+    RecoveryDir { dir: PathBuf },
     #[error("--hub-url {url:?}: must start with http:// or https://")]
     HubUrl { url: String },
     #[error(
@@ -167,6 +178,8 @@ pub struct NodeConfig {
     pub hub_url: Option<String>,
     pub token: Token,
     pub run_dir: PathBuf,
+    /// Where instant recoveries' overlays go unless a request names a directory.
+    pub recovery_dir: PathBuf,
     pub api_url: Option<String>,
     /// VM name → QMP socket.
     pub vms: BTreeMap<String, PathBuf>,
@@ -245,6 +258,14 @@ impl NodeConfig {
             .run_dir
             .clone()
             .unwrap_or_else(|| default_run_dir(&name));
+        let recovery_dir = args
+            .recovery_dir
+            .clone()
+            .or(file.recovery_dir.clone())
+            .unwrap_or_else(|| run_dir.join("recoveries"));
+        if !recovery_dir.is_absolute() {
+            return Err(ConfigError::RecoveryDir { dir: recovery_dir });
+        }
         let tunnel = crate::tunnel::TunnelConfig::resolve(
             &args.tunnel,
             file.tunnel.as_ref(),
@@ -295,6 +316,7 @@ impl NodeConfig {
             hub_url,
             token,
             run_dir,
+            recovery_dir,
             api_url,
             vms,
             guest_agents,
@@ -380,6 +402,52 @@ mod tests {
         assert_eq!(c.token.as_str(), "secret");
         assert_eq!(c.vms["vm1"], PathBuf::from("/a"));
         assert_eq!(c.vms["vm2"], PathBuf::from("/c"));
+    }
+
+    #[test]
+    fn the_recovery_dir_defaults_to_the_run_dirs_and_must_be_absolute() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("node.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "token_file = \"{}\"\nrun_dir = \"/run/n1\"\n",
+                token_file(dir.path()).display()
+            ),
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(cfg.clone()),
+            ..Default::default()
+        };
+        let c = NodeConfig::load(&args).unwrap();
+        assert_eq!(c.recovery_dir, PathBuf::from("/run/n1/recoveries"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "token_file = \"{}\"\nrecovery_dir = \"/data/rec\"\n",
+                token_file(dir.path()).display()
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            NodeConfig::load(&args).unwrap().recovery_dir,
+            PathBuf::from("/data/rec")
+        );
+        let flag = ServeArgs {
+            recovery_dir: Some("/disk/r".into()),
+            ..args.clone()
+        };
+        assert_eq!(
+            NodeConfig::load(&flag).unwrap().recovery_dir,
+            PathBuf::from("/disk/r")
+        );
+        let e = NodeConfig::load(&ServeArgs {
+            recovery_dir: Some("rel".into()),
+            ..args
+        })
+        .unwrap_err();
+        assert!(e.to_string().starts_with("--recovery-dir"), "{e}");
     }
 
     #[test]

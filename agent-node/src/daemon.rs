@@ -1,6 +1,6 @@
-//! The node daemon: config → source driver(s) (QEMU, vSphere, or both) → start-up recovery → tunnel → hub registration → API,
-//! with one shutdown token fanned out to the API, the jobs (backups and restores) and the
-//! registration task; the tunnel stops last.
+//! The node daemon: config → source driver(s) (QEMU, vSphere, or both) → start-up recovery → tunnel → hub registration → recovered VMs re-adopted → API,
+//! with one shutdown token fanned out to the API, the jobs (backups, restores, instant
+//! recoveries: these leave their VMs running) and the registration task; the tunnel stops last.
 
 use crate::api::{NodeState, inventory_vm};
 use crate::config::NodeConfig;
@@ -85,6 +85,18 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
+    let recoveries = crate::recovery::Recoveries::new(
+        jobs.context().clone(),
+        config.run_dir.clone(),
+        config.recovery_dir.clone(),
+    );
+    // After the tunnel (their reports travel through it), before the API (a start must not
+    // take a journalled recovery's id).
+    let adopted = crate::recovery::adopt::adopt(&recoveries).await;
+    tracing::info!(report = ?adopted, "recovered VMs re-adopted");
+    for e in &adopted.errors {
+        tracing::warn!(error = %e, "recovery start-up could not finish");
+    }
     let state = Arc::new(NodeState {
         name: config.name.clone(),
         token: config.token.clone(),
@@ -97,6 +109,7 @@ pub async fn run(
             config.run_dir.clone(),
             config.vms.clone(),
         ),
+        recoveries,
     });
     tracing::info!(name = %config.name, %api_url, vms = config.vms.len(), "node serving");
     crate::api::serve(listener, state, shutdown.clone()).await?;

@@ -19,6 +19,11 @@
 //! - [`daemon`]: wires config, driver, recovery, hub registration and the API together.
 //! - [`restore`]: restore jobs: a backup point from the hub's export into a new image, verified,
 //!   journalled ([`restore::journal`]) and undone by start-up recovery ([`restore::recovery`]).
+//! - [`instant`]: the instant recovery engine: QEMU on local overlays backed by the hub's NBD
+//!   exports (unix or TCP, TLS), one block-stream per disk, resume, drop of the NBD nodes.
+//! - [`recovery`]: instant recovery jobs on that engine: validated, journalled
+//!   ([`recovery::journal`]), watched and reported; the VM outlives the node, and start-up
+//!   ([`recovery::adopt`]) re-adopts a journalled VM or cleans up after it.
 //! - [`copy`]: the NBD copy engine (one disk, source export to target export) with the
 //!   checksums of what it wrote and the whole-disk checksum grid ([`copy::grid`]), and the
 //!   `sendense-node copy` command.
@@ -43,6 +48,7 @@ pub mod logging;
 pub mod metrics;
 pub mod qga;
 pub mod qmp;
+pub mod recovery;
 pub mod restore;
 pub mod source;
 pub mod tunnel;

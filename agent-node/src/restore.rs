@@ -37,7 +37,7 @@ use crate::copy::DiskCounters;
 use crate::jobs::JobContext;
 use crate::jobs::state::RateSamples;
 use sendense_shared::api::{
-    GridChecksums, JobStatus, NodeRestoreStart, NodeRestoreState, RestoreCompletion,
+    GridChecksums, JobStatus, NbdExport, NodeRestoreStart, NodeRestoreState, RestoreCompletion,
     RestoreProgress,
 };
 use sendense_shared::errors::ErrorCode;
@@ -322,18 +322,21 @@ fn source_addr(req: &NodeRestoreStart) -> Result<NbdAddr, RestoreError> {
     let Some(e) = &req.source_export else {
         return Ok(NbdAddr::parse(&req.source)?);
     };
-    let bad = |why| Err(RestoreError::SourceExport { why });
+    export_addr(e).map_err(|why| RestoreError::SourceExport { why })
+}
+
+/// A hub export as an address, checked (the checks of every export the hub hands a node: a
+/// restore's source, a recovery's disks): its unix socket when it has one, else TCP.
+pub(crate) fn export_addr(e: &NbdExport) -> Result<NbdAddr, &'static str> {
     if let Some(socket) = &e.socket {
-        if let Err(why) = sendense_shared::targets::check_socket(socket) {
-            return bad(why);
-        }
+        sendense_shared::targets::check_socket(socket)?;
     } else if e.host.is_empty() || e.host.contains(['/', '[', ']', ',', ' ', '\0']) {
-        return bad("empty host or a bad character in it");
+        return Err("empty host or a bad character in it");
     } else if e.port == 0 {
-        return bad("port 0");
+        return Err("port 0");
     }
     if e.export.is_empty() || e.export.chars().any(char::is_control) {
-        return bad("empty export name or a control character in it");
+        return Err("empty export name or a control character in it");
     }
     Ok(NbdAddr::from(NbdUri::from(e.clone())))
 }
@@ -375,7 +378,6 @@ fn check_path(p: &str) -> Result<(), RestoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sendense_shared::api::NbdExport;
 
     #[test]
     fn paths_are_checked() {

@@ -5,7 +5,7 @@
 //! restarted one on the same port lets it resume and complete; at the end QMP shows no NBD
 //! node and each overlay equals the point plus the writes. Cancel leaves nothing behind.
 
-use agent_node::instant::{InstantDisk, InstantSpec, InstantVm};
+use agent_node::instant::{InstantDisk, InstantSpec, InstantVm, NbdServer};
 use agent_node::qmp::QmpLog;
 use sendense_tests::nbd::QemuNbd;
 use serde_json::json;
@@ -94,9 +94,12 @@ async fn streams_home_through_an_export_that_dies_and_returns_and_cancel_leaves_
         ));
         disks.push(InstantDisk {
             disk_key: key,
-            host: "127.0.0.1".into(),
-            port,
+            server: NbdServer::Inet {
+                host: "127.0.0.1".into(),
+                port,
+            },
             export: format!("vm-disk-{key}"),
+            tls: None,
             size: *size,
             overlay: dir.path().join(format!("overlay-{key}.qcow2")),
         });
@@ -243,9 +246,13 @@ async fn streams_home_through_an_export_that_dies_and_returns_and_cancel_leaves_
     spec2.name = "instant-cancel".into();
     for d in &mut spec2.disks {
         d.overlay = dir.path().join(format!("cancel-{}.qcow2", d.disk_key));
-        d.port = free_port();
+        let port = free_port();
+        d.server = NbdServer::Inet {
+            host: "127.0.0.1".into(),
+            port,
+        };
         let img = dir.path().join(format!("point-{}.raw", d.disk_key));
-        exports2.push(export(&img, &d.export, d.port));
+        exports2.push((export(&img, &d.export, port), port));
     }
     let vm2 = InstantVm::start(spec2.clone(), log).await.unwrap();
     vm2.start_streams().await.unwrap();
@@ -258,10 +265,10 @@ async fn streams_home_through_an_export_that_dies_and_returns_and_cancel_leaves_
     for d in &spec2.disks {
         assert!(!d.overlay.exists(), "{} left behind", d.overlay.display());
     }
-    for (nbd, d) in exports2.iter_mut().zip(&spec2.disks) {
+    for (nbd, port) in &mut exports2 {
         nbd.kill();
         wait_for("the export's port free", Duration::from_secs(5), || async {
-            port_free(d.port)
+            port_free(*port)
         })
         .await;
     }
@@ -307,9 +314,12 @@ async fn the_real_guest_boots_before_half_its_data_is_home() {
         exports.push((img.clone(), port, nbd));
         disks.push(InstantDisk {
             disk_key: key,
-            host: "127.0.0.1".into(),
-            port,
+            server: NbdServer::Inet {
+                host: "127.0.0.1".into(),
+                port,
+            },
             export: name,
+            tls: None,
             size: info["virtual-size"].as_u64().unwrap(),
             overlay: dir.path().join(format!("overlay-{key}.qcow2")),
         });

@@ -1,5 +1,6 @@
 //! Integration tests of the node against a real QEMU (`qemu-system-x86_64`, TCG), real NBD
-//! exports and real `qemu-img`/`qemu-nbd`; restores from a real read-only qemu-nbd.
+//! exports and real `qemu-img`/`qemu-nbd`; restores and instant recoveries from a real read-only
+//! qemu-nbd.
 
 #[path = "node/support.rs"]
 mod support;
@@ -18,6 +19,9 @@ mod api;
 
 #[path = "node/restore.rs"]
 mod restore;
+
+#[path = "node/recovery.rs"]
+mod recovery;
 
 #[path = "copy_engine/grid_reference.rs"]
 mod grid_reference;

@@ -5,8 +5,8 @@
 //! Console side: health, backups, restores, instant recoveries (`recoveries`), verify jobs, VMs, repositories, ports, processes, nodes, tunnel, start,
 //! cancel, the event stream; policies, their runs, points, protection, prune jobs and
 //! repository space (`policies`). Node side: registration, inventory push, and the progress and
-//! completion reports of backups and restores. Retries are the caller's, paced with
-//! [`crate::backoff`].
+//! completion reports of backups, restores and instant recoveries (`recovery_reports`).
+//! Retries are the caller's, paced with [`crate::backoff`].
 
 use crate::api::{
     Backup, BackupRequest, CompletionReport, ErrorBody, Health, JobEvent, Node, NodeRegistration,
@@ -24,6 +24,7 @@ pub use files::FileQuery;
 mod policies;
 pub mod proof;
 mod recoveries;
+mod recovery_reports;
 mod verify;
 
 /// How long one ordinary request may take (the event stream has no such limit).

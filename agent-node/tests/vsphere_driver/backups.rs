@@ -183,6 +183,11 @@ async fn post_change_tracking(
         started_at: chrono::Utc::now(),
         tunnel: None,
         restores: agent_node::restore::Restores::new(jobs.context().clone(), std::env::temp_dir()),
+        recoveries: agent_node::recovery::Recoveries::new(
+            jobs.context().clone(),
+            std::env::temp_dir(),
+            std::env::temp_dir(),
+        ),
         jobs,
     }));
     let resp = app
