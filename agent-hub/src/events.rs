@@ -278,6 +278,7 @@ fn kind(ev: &HubEvent) -> &'static str {
         HubEvent::Processes { .. } => "processes",
         HubEvent::Tunnel { .. } => "tunnel",
         HubEvent::Restore { .. } => "restore",
+        HubEvent::Recovery { .. } => "recovery",
         HubEvent::Verify { .. } => "verify",
         HubEvent::PolicyRun { .. } => "policy_run",
         HubEvent::Prune { .. } => "prune",

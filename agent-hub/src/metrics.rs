@@ -174,6 +174,13 @@ impl Metrics {
                 r.created_at,
                 r.completed_at,
             )),
+            HubEvent::Recovery { recovery: r } => Some((
+                "recovery",
+                &r.recovery_id,
+                r.status,
+                r.created_at,
+                r.completed_at,
+            )),
             HubEvent::Verify { verify: v } => Some((
                 "verify",
                 &v.verify_id,

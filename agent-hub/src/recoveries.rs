@@ -296,6 +296,18 @@ impl Recoveries {
             .await;
     }
 
+    /// The recovery as it is now, on the event stream ([`HubEvent::Recovery`]).
+    pub(crate) async fn publish(&self, id: &str) {
+        match self.deps().db.get_recovery(id).await {
+            Ok(r) => self
+                .deps()
+                .log
+                .bus()
+                .publish(HubEvent::Recovery { recovery: r }),
+            Err(e) => tracing::warn!(recovery_id = id, error = %e, "cannot publish a recovery"),
+        }
+    }
+
     async fn publish_resources(&self) {
         if let Ok(p) = self.deps().ports.view().await {
             self.deps().log.bus().publish(HubEvent::Ports { ports: p });
@@ -545,6 +557,7 @@ impl Recoveries {
                 what: "the recovery ended before the cancel took effect",
             });
         }
+        self.publish(id).await;
         match self.live(id) {
             Some(live) => {
                 self.event(
@@ -575,6 +588,7 @@ impl Recoveries {
                 db.transition_recovery(id, &[JobStatus::Cancelling], JobStatus::Cancelled, None)
                     .await
                     .map_err(Self::db_err(id, "moving to cancelled"))?;
+                self.publish(id).await;
             }
         }
         self.get(id).await

@@ -6,7 +6,7 @@
 
 use crate::app::{Snapshot, Update};
 use futures_util::StreamExt;
-use sendense_shared::api::{Backup, HubEvent, JobEvent, Recovery, Restore};
+use sendense_shared::api::{Backup, HubEvent, JobEvent, Restore};
 use sendense_shared::backoff::Backoff;
 use sendense_shared::client::{ClientError, HubClient};
 use sendense_shared::errors::chain;
@@ -84,23 +84,9 @@ pub fn cause(err: &ClientError) -> String {
     chain(err)
 }
 
-/// An event of the stream this console's `HubEvent` does not have yet: the hub's recoveries,
-/// `{"kind": "recovery", "recovery": {...}}` (like a restore's).
-#[derive(Debug, serde::Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-enum NewerEvent {
-    Recovery { recovery: Box<Recovery> },
-}
-
 /// The update one `data:` payload of the stream carries, if the console knows its kind.
 pub fn parse_event(data: &str) -> Result<Update, serde_json::Error> {
-    match serde_json::from_str::<HubEvent>(data) {
-        Ok(e) => Ok(Update::Event(e)),
-        Err(e) => match serde_json::from_str::<NewerEvent>(data) {
-            Ok(NewerEvent::Recovery { recovery }) => Ok(Update::Recovery(recovery)),
-            Err(_) => Err(e),
-        },
-    }
+    serde_json::from_str::<HubEvent>(data).map(Update::Event)
 }
 
 fn recent_restores(restores: &[Restore]) -> Vec<&Restore> {

@@ -136,6 +136,7 @@ impl Recoveries {
                 what: "cancelled while the exports were prepared",
             });
         }
+        self.publish(id).await;
         self.event(
             live,
             Level::Info,

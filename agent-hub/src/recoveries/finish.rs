@@ -203,6 +203,7 @@ impl Recoveries {
         };
         self.event(live, level, step, format!("{msg}{released}"), None)
             .await;
+        self.publish(id).await;
         self.publish_resources().await;
     }
 }

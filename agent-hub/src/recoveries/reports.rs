@@ -156,6 +156,12 @@ impl Recoveries {
             // One stall, one event: its wording may change while it lasts.
             _ => {}
         }
+        self.deps()
+            .log
+            .bus()
+            .publish(sendense_shared::api::HubEvent::Recovery {
+                recovery: after.clone(),
+            });
         Ok(after)
     }
 

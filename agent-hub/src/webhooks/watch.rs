@@ -147,6 +147,17 @@ impl Watch {
                     r.error_message.as_deref(),
                 ));
             }
+            HubEvent::Recovery { recovery: r }
+                if r.status == JobStatus::Failed
+                    && self.told.first(format!("f:{}", r.recovery_id)) =>
+            {
+                out.push(job_failed(
+                    "recovery",
+                    &r.recovery_id,
+                    Some(&r.source_vm),
+                    r.error_message.as_deref(),
+                ));
+            }
             HubEvent::Verify { verify: v } => {
                 if v.status == JobStatus::Failed && self.told.first(format!("f:{}", v.verify_id)) {
                     out.push(job_failed(

@@ -166,6 +166,7 @@ impl App {
                 self.tunnel_errors.remove(&node);
                 self.tunnels.insert(node, tunnel);
             }
+            HubEvent::Recovery { recovery } => self.apply_recovery(recovery),
             HubEvent::Restore { restore } => {
                 self.record_restore(&restore, now);
                 match self

@@ -22,6 +22,8 @@ pub enum HubEvent {
     Tunnel { node: String, tunnel: TunnelState },
     /// A restore job changed (status, progress).
     Restore { restore: Restore },
+    /// An instant recovery changed (status, each disk's stream, the VM's state, a stall).
+    Recovery { recovery: super::Recovery },
     /// A verify job changed (status, progress, points found corrupt).
     Verify { verify: super::VerifyJob },
     /// A policy run was queued, started, or ended.

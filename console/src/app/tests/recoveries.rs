@@ -20,7 +20,9 @@ fn the_streams_recovery_event_becomes_an_update_and_other_kinds_still_parse() {
     let r = fixtures::streaming_recovery();
     let data = serde_json::json!({"kind": "recovery", "recovery": r}).to_string();
     match crate::sse::parse_event(&data).unwrap() {
-        Update::Recovery(got) => assert_eq!(*got, r),
+        Update::Event(sendense_shared::api::HubEvent::Recovery { recovery }) => {
+            assert_eq!(recovery, r)
+        }
         other => panic!("{other:?}"),
     }
     let lagged = r#"{"kind":"lagged","lost":3}"#;
