@@ -99,6 +99,7 @@ fn v1() -> OpenApiRouter<AppState> {
         .routes(routes!(recoveries::list, recoveries::start))
         .routes(routes!(recoveries::get_one))
         .routes(routes!(recoveries::cancel))
+        .routes(routes!(recoveries::speed))
         .routes(routes!(recoveries::events))
         .routes(routes!(recoveries::progress))
         .routes(routes!(recoveries::complete))

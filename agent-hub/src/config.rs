@@ -278,6 +278,10 @@ pub struct FileConfig {
     /// A running job whose node reports progress but no byte moved for this long fails, in
     /// seconds [default: 600] (the node's own watchdog, 60 s, normally fails it first).
     pub job_stall_after_secs: Option<u64>,
+    /// An instant recovery whose export cannot be started again for this long fails (its VM
+    /// stops, the guest's writes are lost); until then the VM waits, paused, in seconds
+    /// [default: 1800].
+    pub recovery_export_grace_secs: Option<u64>,
     /// File browsing: a session's appliance closes after this long without a request, in
     /// seconds [default: 300].
     pub files_idle_timeout_secs: Option<u64>,
@@ -352,6 +356,8 @@ pub struct HubConfig {
     pub node_watch_interval: Duration,
     pub node_lost_after: Duration,
     pub job_stall_after: Duration,
+    /// See [`ConfigFile::recovery_export_grace_secs`].
+    pub recovery_export_grace: Duration,
     pub db_outage_patience: Duration,
     /// File browsing of backup points ([`crate::files`]).
     pub files: crate::files::FilesConfig,
@@ -400,6 +406,7 @@ impl HubConfig {
             node_watch_interval: Duration::from_secs(5),
             node_lost_after: Duration::from_secs(30),
             job_stall_after: Duration::from_secs(600),
+            recovery_export_grace: Duration::from_secs(1800),
             db_outage_patience: Duration::from_secs(3600),
             files: crate::files::FilesConfig::default(),
             qemu_nbd: QemuNbdConfig {
@@ -498,6 +505,9 @@ impl HubConfig {
         }
         if let Some(v) = file.node_lost_after_secs {
             cfg.node_lost_after = Duration::from_secs(v.max(1));
+        }
+        if let Some(v) = file.recovery_export_grace_secs {
+            cfg.recovery_export_grace = Duration::from_secs(v.max(1));
         }
         if let Some(v) = file.job_stall_after_secs {
             cfg.job_stall_after = Duration::from_secs(v.max(1));

@@ -414,6 +414,25 @@ impl NodeClient {
         .map(drop)
     }
 
+    /// `POST /api/v1/recovery/{id}/speed`: a new bound of the recovery's streams.
+    pub async fn recovery_speed(
+        &self,
+        node: &NodeAddr,
+        id: &str,
+        speed: &sendense_shared::api::RecoverySpeed,
+    ) -> Result<(), NodeCallError> {
+        self.call::<_, serde_json::Value>(
+            node,
+            "POST",
+            &format!("recovery/{id}/speed"),
+            Some(speed),
+            Some(timeouts::CANCEL),
+            "JSON",
+        )
+        .await
+        .map(drop)
+    }
+
     /// `GET /api/v1/recovery/{id}`.
     pub async fn recovery_state(
         &self,

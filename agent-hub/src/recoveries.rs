@@ -119,6 +119,12 @@ pub enum RecoveryError {
         #[source]
         source: Box<QemuNbdError>,
     },
+    #[error("recovery {id}: the node did not change the streams' speed")]
+    NodeSpeed {
+        id: String,
+        #[source]
+        source: Box<NodeCallError>,
+    },
     #[error("recovery {id}: the node did not start the VM")]
     NodeRefused {
         id: String,
@@ -529,6 +535,46 @@ impl Recoveries {
     /// Moves the recovery to `cancelling`, tells the node (which stops the VM and removes its
     /// overlays, then reports the end), and unwinds in the background once that report came
     /// or `node_lost_after` passed; answers the recovery as it is after the move.
+    /// `POST /api/v1/recoveries/{id}/speed`: the node bounds every disk's stream anew.
+    pub async fn set_speed(
+        &self,
+        id: &str,
+        speed: sendense_shared::api::RecoverySpeed,
+    ) -> Result<Recovery, RecoveryError> {
+        let r = self.get(id).await?;
+        let Some(live) = self.live(id).filter(|_| r.status == JobStatus::Running) else {
+            return Err(RecoveryError::WrongState {
+                id: id.to_string(),
+                status: r.status.as_str(),
+                what: "only a running recovery's streams have a speed",
+            });
+        };
+        self.deps()
+            .nodes
+            .recovery_speed(&live.node, id, &speed)
+            .await
+            .map_err(|source| RecoveryError::NodeSpeed {
+                id: id.to_string(),
+                source: Box::new(source),
+            })?;
+        let words = match speed.speed_bps {
+            0 => "unbounded".to_string(),
+            n => format!("at most {n} bytes/s per disk"),
+        };
+        self.event(
+            &live,
+            Level::Info,
+            "recovery_speed",
+            format!(
+                "the streams of node {} run {words} from now",
+                live.node.name
+            ),
+            None,
+        )
+        .await;
+        self.get(id).await
+    }
+
     pub async fn cancel(&self, id: &str) -> Result<Recovery, RecoveryError> {
         let r = self.get(id).await?;
         if r.status == JobStatus::Cancelling {

@@ -171,7 +171,10 @@ impl Hub {
             tasks: tasks.clone(),
             node_watch_interval: config.node_watch_interval,
             node_lost_after: config.node_lost_after,
-            restarts: crate::recoveries::exports::RestartPolicy::default(),
+            restarts: crate::recoveries::exports::RestartPolicy {
+                give_up_after: config.recovery_export_grace,
+                ..Default::default()
+            },
         });
         let nodes = Nodes::new(db.clone(), bus.clone(), node_client.clone(), tasks.clone());
         // Before the policies: their after-run hook prunes.

@@ -127,6 +127,7 @@ fn protected() -> OpenApiRouter<Arc<NodeState>> {
         .routes(routes!(recovery_start))
         .routes(routes!(recovery_get))
         .routes(routes!(recovery_cancel))
+        .routes(routes!(recovery_speed))
         .routes(routes!(openapi))
 }
 
@@ -294,6 +295,39 @@ async fn recovery_start(
         }
         Err(e @ RecoveryError::Field { .. }) => {
             Err(ApiError::new(ErrorCode::InvalidField, e.to_string()))
+        }
+    }
+}
+
+/// `POST /api/v1/recovery/{id}/speed`: `202` with the recovery's state; every disk's stream
+/// takes the new bound within a second (`speed_bps` 0: none); `404 not_found`; `409
+/// wrong_state` once it has ended or is being cancelled.
+#[utoipa::path(
+    post,
+    path = "/api/v1/recovery/{id}/speed",
+    operation_id = "node_recovery_speed",
+    tag = "recoveries",
+    summary = "Changes the bound of a recovery's streams",
+    params(("id" = String, Path, description = "Recovery id")),
+    request_body = sendense_shared::api::RecoverySpeed,
+    responses(
+        (status = 202, description = "The recovery", body = sendense_shared::api::NodeRecoveryState),
+        (status = 409, description = "The recovery has ended (`wrong_state`)", body = sendense_shared::api::ErrorBody)
+    )
+)]
+async fn recovery_speed(
+    State(state): State<Arc<NodeState>>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<sendense_shared::api::RecoverySpeed>,
+) -> Result<(StatusCode, Json<NodeRecoveryState>), ApiError> {
+    use crate::recovery::CancelError;
+    match state.recoveries.set_speed(&id, req.speed_bps) {
+        Ok(job) => Ok((StatusCode::ACCEPTED, Json(job.view()))),
+        Err(e @ CancelError::NotFound { .. }) => {
+            Err(ApiError::new(ErrorCode::NotFound, e.to_string()))
+        }
+        Err(e @ CancelError::Ended { .. }) => {
+            Err(ApiError::new(ErrorCode::WrongState, e.to_string()))
         }
     }
 }

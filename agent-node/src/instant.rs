@@ -455,6 +455,30 @@ impl InstantVm {
         Ok(())
     }
 
+    /// A new bound of every disk's stream (`None`: none): the running jobs take it at once
+    /// (`block-job-set-speed`), a stream started later starts with it.
+    pub async fn set_speed(&mut self, speed: Option<u64>) -> Result<(), InstantError> {
+        self.spec.speed = speed;
+        let jobs = self.qmp.execute("query-block-jobs", json!({})).await?;
+        for d in &self.spec.disks {
+            let id = job_id(d.disk_key);
+            let running = jobs
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|j| j.get("device").and_then(Value::as_str) == Some(id.as_str()));
+            if running {
+                self.qmp
+                    .execute(
+                        "block-job-set-speed",
+                        json!({"device": id, "speed": speed.unwrap_or(0)}),
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Each disk's stream progress (`query-block-jobs`; for a disk without a job,
     /// `query-named-block-nodes` says whether its overlay still has a backing).
     pub async fn progress(&self) -> Result<Vec<StreamProgress>, InstantError> {

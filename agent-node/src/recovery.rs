@@ -119,6 +119,8 @@ pub struct RecoveryJob {
     /// `POST /api/v1/recovery/{id}/cancel` (not the shutdown: that leaves the VM running).
     cancel: CancellationToken,
     state: Mutex<Progress>,
+    /// A speed the API asked for, taken by the watch at its next tick (`Some(None)`: no bound).
+    speed: Mutex<Option<Option<u64>>>,
 }
 
 impl RecoveryJob {
@@ -133,6 +135,7 @@ impl RecoveryJob {
             vm_name,
             run_dir,
             cancel: CancellationToken::new(),
+            speed: Mutex::new(None),
             state: Mutex::new(Progress {
                 status: JobStatus::Running,
                 vm_state: None,
@@ -162,6 +165,11 @@ impl RecoveryJob {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The speed asked for since the last call, if any.
+    pub(crate) fn take_speed(&self) -> Option<Option<u64>> {
+        self.speed.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     pub fn vm_name(&self) -> &str {
@@ -380,6 +388,24 @@ impl Recoveries {
         self.ctx
             .tracker
             .spawn(async move { run::run(this, j, spec).await });
+        Ok(job)
+    }
+
+    /// A new bound of the recovery's streams (0: none), applied within a second.
+    pub fn set_speed(&self, id: &str, speed_bps: u64) -> Result<Arc<RecoveryJob>, CancelError> {
+        let job = self
+            .get(id)
+            .ok_or_else(|| CancelError::NotFound { id: id.to_string() })?;
+        let status = job.status();
+        if status.is_terminal() || status == JobStatus::Cancelling {
+            return Err(CancelError::Ended {
+                id: id.to_string(),
+                status: status.as_str(),
+            });
+        }
+        *job.speed.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((speed_bps > 0).then_some(speed_bps));
+        tracing::info!(recovery_id = %id, speed_bps, "recovery stream speed requested");
         Ok(job)
     }
 

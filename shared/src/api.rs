@@ -57,7 +57,7 @@ pub use policies::{
 };
 pub use recoveries::{
     NodeRecoveryDisk, NodeRecoveryStart, NodeRecoveryState, Recovery, RecoveryCompletion,
-    RecoveryDisk, RecoveryDiskProgress, RecoveryRequest,
+    RecoveryDisk, RecoveryDiskProgress, RecoveryRequest, RecoverySpeed,
 };
 pub use restores::{
     NodeRestoreStart, NodeRestoreState, Restore, RestoreCompletion, RestoreProgress,

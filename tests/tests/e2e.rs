@@ -12,6 +12,9 @@
 //! - [`e2e::cancel`]: cancel in each phase of a job.
 //! - [`e2e::guest`]: a real Linux guest (writer running) frozen through its agent for the
 //!   snapshot, its restored data disk checked; crash-consistent with the agent stopped.
+//! - [`e2e::instant`]: instant recovery of the real guest through hub and node: the guest up
+//!   before half its data is home, a stalled export paused and resumed, no NBD node at the end,
+//!   the guest's acknowledged writes kept; a cancel leaves nothing.
 //! - [`e2e::files`]: file-level browsing of a backup point in a libguestfs appliance: listings
 //!   with metadata, tar downloads byte-equal, links returned as links, bad paths named, a killed
 //!   hub leaves no appliance.
@@ -53,6 +56,7 @@ mod e2e {
     pub mod files;
     pub mod flood;
     pub mod guest;
+    pub mod instant;
     pub mod integrity;
     pub mod metrics;
     pub mod policies;

@@ -85,6 +85,32 @@ pub async fn get_one(
     Ok(Json(hub.recoveries.get(&id).await?))
 }
 
+/// Every disk's stream takes a new bound (`speed_bps`; 0 lifts it) within a second: e.g. a
+/// recovery started slow so the boot wins over the stream, lifted once the guest is up.
+#[utoipa::path(
+    post,
+    path = "/recoveries/{id}/speed",
+    operation_id = "recovery_speed",
+    tag = "recoveries",
+    summary = "Changes the bound of an instant recovery's streams",
+    params(("id" = String, Path, description = "Recovery id")),
+    request_body = sendense_shared::api::RecoverySpeed,
+    responses(
+        (status = 200, description = "The recovery", body = sendense_shared::api::Recovery),
+        (status = 409, description = "The recovery does not run (`wrong_state`)", body = sendense_shared::api::ErrorBody)
+    )
+)]
+pub async fn speed(
+    State(hub): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<sendense_shared::api::RecoverySpeed>,
+) -> Result<Json<Recovery>, ApiError> {
+    admin_only(&who, "changing an instant recovery's speed")?;
+    recovery_id(&id)?;
+    Ok(Json(hub.recoveries.set_speed(&id, req).await?))
+}
+
 /// The node stops the VM and removes its overlays (what the guest wrote is lost), then the
 /// hub stops the exports.
 #[utoipa::path(
@@ -210,6 +236,12 @@ impl From<RecoveryError> for ApiError {
             RecoveryError::Ports { source, .. } => (*source).into(),
             RecoveryError::Db { source, .. } => ApiError::Database(*source),
             e @ RecoveryError::Export { .. } => ApiError::JobFailed(chain(&e)),
+            RecoveryError::NodeSpeed { ref source, .. } => match source.as_ref() {
+                NodeCallError::Refused {
+                    status: 409 | 404, ..
+                } => ApiError::conflict(ErrorCode::WrongState, chain(&e)),
+                _ => ApiError::Node(chain(&e)),
+            },
             RecoveryError::NodeRefused { ref source, .. } => match source.as_ref() {
                 // The node's own refusal of the request (a name it runs already, a kernel it
                 // does not have): its code and status, its words.

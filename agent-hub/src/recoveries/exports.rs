@@ -33,6 +33,10 @@ pub struct RestartPolicy {
     pub max_pause: Duration,
     /// An export up this long has recovered: the count starts again.
     pub stable_after: Duration,
+    /// The recovery fails only once the export has been lost this long too (and
+    /// `max_in_a_row` attempts failed): failing it stops a running VM, whose writes are lost,
+    /// so a repository that is away for a while (a remount, an NFS hiccup) only pauses it.
+    pub give_up_after: Duration,
 }
 
 impl Default for RestartPolicy {
@@ -40,8 +44,9 @@ impl Default for RestartPolicy {
         RestartPolicy {
             max_in_a_row: 5,
             first_pause: Duration::from_millis(200),
-            max_pause: Duration::from_secs(5),
+            max_pause: Duration::from_secs(10),
             stable_after: Duration::from_secs(60),
+            give_up_after: Duration::from_secs(1800),
         }
     }
 }
@@ -198,6 +203,7 @@ impl Recoveries {
     async fn supervise(&self, live: &Arc<LiveRecovery>, disk: DiskKey) {
         let policy = self.deps().restarts;
         let mut in_a_row = 0u32;
+        let mut lost_at: Option<Instant> = None;
         loop {
             let (server, port) = {
                 let mut held = live.held.lock().await;
@@ -225,7 +231,9 @@ impl Recoveries {
             }
             if up_since.elapsed() >= policy.stable_after {
                 in_a_row = 0;
+                lost_at = None;
             }
+            let lost_at = *lost_at.get_or_insert_with(Instant::now);
             let old_pid = server.pid();
             if let Err(e) = self
                 .deps()
@@ -250,10 +258,11 @@ impl Recoveries {
             .await;
             self.publish_resources().await;
             loop {
-                if in_a_row >= policy.max_in_a_row {
+                if in_a_row >= policy.max_in_a_row && lost_at.elapsed() >= policy.give_up_after {
                     let why = format!(
                         "disk {disk}: its export (qemu-nbd on port {port}) could not be kept up \
-                         after {in_a_row} restart attempt(s) in a row; last: {cause}"
+                         after {in_a_row} restart attempt(s) in a row over {} s; last: {cause}",
+                        lost_at.elapsed().as_secs()
                     );
                     self.fail_with_node_cancel(live, why).await;
                     return;

@@ -131,6 +131,11 @@ impl Recoveries {
                 }
             }
         }
+        let cancelled_words = format!(
+            "cancelled: VM {} on node {} was stopped and its overlays removed; what the guest \
+             wrote since the recovery started is lost",
+            live.vm_name, live.node.name
+        );
         let (to, from, error, level, step, msg): (_, &[JobStatus], _, _, _, _) = match &outcome {
             // From `cancelling` too: a node that completed as the cancel came has every disk
             // home and the VM running on its own; the node's truth stands.
@@ -149,10 +154,10 @@ impl Recoveries {
             Outcome::Cancelled => (
                 JobStatus::Cancelled,
                 &[JobStatus::Cancelling],
-                None,
+                Some(cancelled_words.as_str()),
                 Level::Warn,
                 "recovery_cancelled",
-                format!("recovery {id} cancelled"),
+                format!("recovery {id} {cancelled_words}"),
             ),
             Outcome::Failed(cause) => (
                 JobStatus::Failed,

@@ -210,6 +210,14 @@ async fn watch(ctx: &JobContext, job: &RecoveryJob, mut vm: InstantVm) -> End {
             }
         };
         job.update_streams(&progress, state);
+        if let Some(speed) = job.take_speed() {
+            match vm.set_speed(speed).await {
+                Ok(()) => tracing::info!(recovery_id = %job.id(), speed_bps = speed.unwrap_or(0),
+                    "the streams' speed changed"),
+                Err(e) => tracing::warn!(recovery_id = %job.id(), error = %chain(&e),
+                    "cannot change the streams' speed"),
+            }
+        }
         if stall.is_stalled() {
             let words = stalled_words(&stall);
             if job.set_stalled(Some(words.clone())) {

@@ -202,3 +202,12 @@ pub struct RecoveryCompletion {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_code: Option<crate::errors::ErrorCode>,
 }
+
+/// `POST /api/v1/recoveries/{id}/speed` of the hub and `POST /api/v1/recovery/{id}/speed` of the
+/// node: a new upper bound of each disk's stream (`block-job-set-speed`), e.g. lifted once the
+/// guest is up, or lowered while the link is needed for something else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RecoverySpeed {
+    /// Bytes per second per disk; 0 lifts the bound.
+    pub speed_bps: u64,
+}

@@ -25,7 +25,13 @@ const CHECK_LIMIT: Duration = Duration::from_secs(150);
 
 /// Replaces the VM's two images with the guest's root (flattened) and data disk; with
 /// `break_root`, the root's ext4 superblock (bytes 1024..2048) is zeroed first.
-fn guest_disks(g: &GuestImages, scratch: &Path, name: &str, imgs: &[PathBuf], break_root: bool) {
+pub(super) fn guest_disks(
+    g: &GuestImages,
+    scratch: &Path,
+    name: &str,
+    imgs: &[PathBuf],
+    break_root: bool,
+) {
     std::fs::create_dir_all(scratch).unwrap();
     let src = g.vm_disks(scratch, name).expect("guest disks");
     let raw = scratch.join(format!("{name}-root.raw"));
@@ -372,8 +378,7 @@ async fn boot_check_passes_a_good_point_and_fails_a_broken_root_with_its_console
             .into_iter()
             .flatten()
             .any(|j| j["vm_name"] == "bcgood" && j["status"] == "completed");
-        if good_ended && skipped.is_some() {
-            let skipped = skipped.unwrap();
+        if let (true, Some(skipped)) = (good_ended, skipped) {
             assert!(
                 skipped.contains("did not boot") && skipped.contains("every older point is kept"),
                 "{skipped}"

@@ -121,6 +121,13 @@ async fn a_killed_export_comes_back_on_the_same_port_with_the_same_bytes() {
 async fn an_export_that_cannot_come_back_fails_the_recovery_naming_the_disk() {
     let mut env = Env::start();
     let (id, images) = two_disk_point(&env, "inst5").await;
+    // The shortest grace: the recovery fails at the 5th failed restart, not after 30 min.
+    let cfg = env.hub.opts.data_dir.join("grace.toml");
+    std::fs::write(&cfg, "recovery_export_grace_secs = 1\n").unwrap();
+    env.hub
+        .opts
+        .extra_args
+        .extend(["--config".into(), cfg.display().to_string()]);
     production(&mut env, "tcp");
     let node = FakeNode::start(&env).await;
     let (r, st) = recover(
