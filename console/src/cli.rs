@@ -458,17 +458,22 @@ pub enum RestoresCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum RestoreCommand {
-    /// Restore one disk of a completed backup into a new QCOW2 image on a node; prints the
-    /// restore id.
+    /// Restore one disk of a completed backup into a new QCOW2 image on a node, or with --vm
+    /// into a powered-off VM's own disk; prints the restore id.
     Start {
         /// The backup (point) to restore: its id, or the first 8 or more characters of it.
         backup_id: String,
         /// Name of the registered node that writes the image.
         #[arg(long)]
         node: String,
-        /// Absolute path of the new image on the node (must not exist yet).
+        /// Absolute path of the new image on the node (must not exist yet); with --vm the
+        /// VM's disk image to replace (default: the disk's image as the point recorded it).
+        #[arg(long, required_unless_present = "vm")]
+        path: Option<String>,
+        /// Into this powered-off VM's own disk (refused while it runs): the node writes beside
+        /// the disk and renames over it once the copy read back equal.
         #[arg(long)]
-        path: String,
+        vm: Option<String>,
         /// Disk key (may be left out when the backup has one disk).
         #[arg(long, value_name = "KEY")]
         disk: Option<i64>,
@@ -550,6 +555,17 @@ pub enum RecoverCommand {
         /// Recovery id, or its first 8 or more characters.
         id: String,
         /// Print the hub's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change the bound of a running recovery's streams (e.g. lift it once the guest is up).
+    Speed {
+        /// Recovery id, or its first 8 or more characters.
+        id: String,
+        /// Per disk: 50M, 1G (binary units, per second), or 0 for no bound.
+        #[arg(value_parser = recover::parse_speed_or_zero)]
+        rate: u64,
+        /// Print the recovery as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -724,7 +740,10 @@ async fn resolve_ids(client: &HubClient, command: &mut Command) -> Result<(), u8
             ..
         } => (Verify, id),
         Command::Recover {
-            command: RecoverCommand::Show { id, .. } | RecoverCommand::Cancel { id, .. },
+            command:
+                RecoverCommand::Show { id, .. }
+                | RecoverCommand::Cancel { id, .. }
+                | RecoverCommand::Speed { id, .. },
         } => (Recovery, id),
         _ => return Ok(()),
     };
@@ -809,6 +828,7 @@ pub async fn run_command(client: &HubClient, mut command: Command) -> u8 {
                     backup_id,
                     node,
                     path,
+                    vm,
                     disk,
                     wait,
                     json,
@@ -819,8 +839,8 @@ pub async fn run_command(client: &HubClient, mut command: Command) -> u8 {
                 disk_key: disk.map(DiskKey),
                 target: RestoreTarget {
                     node,
-                    path,
-                    vm: None,
+                    path: path.unwrap_or_default(),
+                    vm,
                 },
             };
             restores::start(client, &req, wait, json).await
@@ -862,6 +882,9 @@ pub async fn run_command(client: &HubClient, mut command: Command) -> u8 {
             RecoverCommand::List { json } => recover::list(client, json).await,
             RecoverCommand::Show { id, json } => recover::show(client, &id, json).await,
             RecoverCommand::Cancel { id, json } => recover::cancel(client, &id, json).await,
+            RecoverCommand::Speed { id, rate, json } => {
+                recover::speed(client, &id, rate, json).await
+            }
         },
         Command::Verify {
             command: Some(VerifyCommand::List { json }),

@@ -116,6 +116,33 @@ pub(super) async fn start(client: &HubClient, req: &RecoveryRequest, wait: bool,
     .await
 }
 
+/// `recover speed ID RATE [--json]`.
+pub(super) async fn speed(client: &HubClient, id: &str, rate: u64, json: bool) -> u8 {
+    match client.recovery_speed(id, rate).await {
+        Ok(r) => {
+            let words = match rate {
+                0 => "no bound".to_string(),
+                n => format!("at most {}/s per disk", crate::format::bytes(n)),
+            };
+            eprintln!(
+                "recovery {} of VM {}: its streams run with {words} from now",
+                r.recovery_id, r.vm_name
+            );
+            print_recovery(&r, json);
+            exit::OK
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+/// A speed for `recover speed`: as `--speed`, or `0` for no bound.
+pub fn parse_speed_or_zero(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        return Ok(0);
+    }
+    parse_speed(s)
+}
+
 /// `recover cancel ID [--json]`.
 pub(super) async fn cancel(client: &HubClient, id: &str, json: bool) -> u8 {
     match client.cancel_recovery(id).await {

@@ -36,6 +36,19 @@ impl HubClient {
         .await
     }
 
+    /// `POST /api/v1/recoveries/{id}/speed`: a new bound of every disk's stream (0: none).
+    pub async fn recovery_speed(&self, id: &str, speed_bps: u64) -> Result<Recovery, ClientError> {
+        let body = serde_json::to_vec(&crate::api::RecoverySpeed { speed_bps })
+            .expect("a speed serialises");
+        self.send(
+            "POST",
+            &format!("/api/v1/recoveries/{id}/speed"),
+            || format!("recovery {id}"),
+            Some(body),
+        )
+        .await
+    }
+
     /// `POST /api/v1/recoveries/{id}/cancel`: the VM is stopped and its overlays removed.
     pub async fn cancel_recovery(&self, id: &str) -> Result<Recovery, ClientError> {
         self.send(

@@ -242,13 +242,21 @@ async fn instant_recovery_of_the_real_guest_through_hub_and_node() {
     );
     assert_ne!(stalled["status"], "failed", "{stalled:#}");
     std::fs::rename(&away, &image).unwrap();
-    let (s, v) = api
-        .post(
-            &format!("/api/v1/recoveries/{id}/speed"),
-            &json!({"speed_bps": 0}),
-        )
-        .await;
-    assert_eq!(s, 200, "{v}");
+    // The operator lifts the bound through the console, by the recovery's short id.
+    let out = std::process::Command::new(sendense_tests::bin_path("sendense-console"))
+        .arg("--hub")
+        .arg(&hub.url)
+        .arg("--token-file")
+        .arg(hub.opts.data_dir.join("token"))
+        .args(["recover", "speed", &id[..8], "0", "--json"])
+        .env("HOME", tmp.path())
+        .env_remove("SENDENSE_TOKEN")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "recover speed: {err}");
+    assert!(err.contains("no bound"), "{err}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let lifted = Instant::now();
     let (home_at_lift, _) = totals(&v);
     let end = wait("the recovery's end", Duration::from_secs(180), || async {
