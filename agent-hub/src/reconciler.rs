@@ -56,6 +56,8 @@ pub struct Report {
     pub recoveries_failed: usize,
     /// The recoveries it failed: their nodes are to be told to stop the VMs.
     pub recoveries_left: Vec<crate::recoveries::finish::Leftover>,
+    /// The recoveries it found running: the hub takes them back (their ports are kept).
+    pub recoveries_resumed: Vec<sendense_shared::api::Recovery>,
     pub images_deleted: usize,
     pub ports_released: u64,
     pub errors: Vec<String>,
@@ -263,8 +265,29 @@ pub async fn reconcile(
     // 3. Port allocations: none can belong to a live job of this new process.
     match ports.view().await {
         Ok(view) => {
+            // The ports of the recoveries taken back stay theirs: their VMs reconnect there.
+            let kept: Vec<u16> = rep
+                .recoveries_resumed
+                .iter()
+                .flat_map(|r| r.disks.iter().filter_map(|d| d.nbd_port.map(|p| p.0)))
+                .collect();
             let mut seen: Vec<BackupId> = Vec::new();
             for a in &view.allocations {
+                if kept.contains(&a.port.0) {
+                    continue;
+                }
+                if view
+                    .allocations
+                    .iter()
+                    .any(|x| x.backup_id == a.backup_id && kept.contains(&x.port.0))
+                {
+                    // Another port of this point is a kept recovery's: only this one goes.
+                    match ports.release_port(a.port).await {
+                        Ok(()) => rep.ports_released += 1,
+                        Err(e) => rep.errors.push(e.to_string()),
+                    }
+                    continue;
+                }
                 if seen.contains(&a.backup_id) {
                     continue;
                 }

@@ -60,6 +60,7 @@ pub mod finish;
 pub mod node;
 mod reports;
 mod request;
+mod resume;
 
 /// States a recovery may be cancelled from.
 const CANCELLABLE: &[JobStatus] = &[JobStatus::Preparing, JobStatus::Running];

@@ -219,6 +219,7 @@ impl Hub {
         tracing::info!(summary = %report, "start-up reconciliation done");
         // The nodes of recoveries it failed still run their VMs (paused, without exports).
         recoveries.cancel_leftovers(report.recoveries_left.clone());
+        recoveries.resume_after_restart(report.recoveries_resumed.clone());
 
         let shutdown = CancellationToken::new();
         let hub_name = std::fs::read_to_string("/proc/sys/kernel/hostname")

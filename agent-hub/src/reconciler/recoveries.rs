@@ -1,4 +1,6 @@
-//! Instant recoveries a previous hub process left active: their exports died with it (the
+//! Instant recoveries a previous hub process left active. A running one whose every export has
+//! a port recorded is taken back ([`crate::recoveries`]'s `resume`: its ports are kept, its
+//! disks served again). Any other (preparing, cancelling): its exports died with it (the
 //! qemu-nbd processes pass 1 stops, the ports pass 3 releases), so the recovered VM on the
 //! node is paused on its first read of data not yet home. Each is failed saying so; the node
 //! is told to stop the VM afterwards, in the background ([`crate::recoveries::Recoveries::
@@ -29,6 +31,27 @@ pub(super) async fn fail_active(db: &Db, log: &JobLog, rep: &mut Report) {
         }
     };
     for r in active {
+        // Running with every export's port recorded: the hub serves it again at once.
+        if r.status == JobStatus::Running
+            && !r.disks.is_empty()
+            && r.disks.iter().all(|d| d.nbd_port.is_some())
+        {
+            log.record(
+                &r.backup_id,
+                Some(&r.recovery_id),
+                Level::Warn,
+                "reconciler_recovery",
+                &format!(
+                    "reconciler: recovery {} (VM {} on node {}) was running: its ports are kept \
+                     and its disks served again once the hub runs",
+                    r.recovery_id, r.vm_name, r.node
+                ),
+                None,
+            )
+            .await;
+            rep.recoveries_resumed.push(r);
+            continue;
+        }
         let reason = format!("{} (it was {})", restart_reason(&r.node), r.status.as_str());
         match db
             .transition_recovery(

@@ -159,7 +159,7 @@ impl Recoveries {
     }
 
     /// The process record and the disk's port and PID of a started export.
-    async fn record_export(
+    pub(super) async fn record_export(
         &self,
         live: &LiveRecovery,
         disk: DiskKey,
@@ -350,7 +350,7 @@ impl Recoveries {
 
     /// Fails the recovery from inside (an export that cannot be kept up), then tells the node
     /// to stop the VM that can no longer read its disks.
-    async fn fail_with_node_cancel(&self, live: &Arc<LiveRecovery>, why: String) {
+    pub(super) async fn fail_with_node_cancel(&self, live: &Arc<LiveRecovery>, why: String) {
         {
             let mut held = live.held.lock().await;
             self.finish(live, &mut held, Outcome::Failed(why)).await;
@@ -367,6 +367,6 @@ mod tests {
     fn pauses_double_up_to_the_bound() {
         let p = RestartPolicy::default();
         let got: Vec<u128> = (0..7).map(|a| p.pause(a).as_millis()).collect();
-        assert_eq!(got, [200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(got, [200, 400, 800, 1600, 3200, 6400, 10000]);
     }
 }

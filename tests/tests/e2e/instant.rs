@@ -9,6 +9,8 @@
 //! - The hub's export of the data disk dies (SIGKILL) while its image is away, so the hub's
 //!   restarts fail for a while: the stream pauses and the recovery says what is at risk; when
 //!   the image is back the hub serves it again on the same socket and the stream resumes.
+//! - The hub SIGKILLed mid-stream and started again takes the recovery back: its disks are
+//!   served again on the same sockets and the stream goes on (the VM is not stopped).
 //! - At the end the VM references no NBD node (QMP), runs from its overlays alone, and the data
 //!   disk holds every record the guest acknowledged; the hub holds no port or process.
 //! - A second recovery, cancelled mid-stream, leaves no QEMU, overlay or port.
@@ -118,9 +120,11 @@ async fn instant_recovery_of_the_real_guest_through_hub_and_node() {
         .prefix("sdinst-")
         .tempdir()
         .unwrap();
-    let hub = HubProcess::start(&hub_bin(), HubOptions::new(tmp.path().join("hub")))
-        .expect("start sendense-hub");
-    let api = hub.api();
+    // A fixed port: the restarted hub is found by the node where it knows it.
+    let mut hopts = HubOptions::new(tmp.path().join("hub"));
+    hopts.listen = format!("127.0.0.1:{}", sendense_tests::net::free_port());
+    let mut hub = HubProcess::start(&hub_bin(), hopts).expect("start sendense-hub");
+    let mut api = hub.api();
     let scratch = tmp.path().join("scratch");
     let src = TestVm::start("irsrc", &tmp.path().join("vm"), &[1 << 20, 1 << 20], |i| {
         guest_disks(&g, &scratch, "irsrc", i, false)
@@ -242,6 +246,37 @@ async fn instant_recovery_of_the_real_guest_through_hub_and_node() {
     );
     assert_ne!(stalled["status"], "failed", "{stalled:#}");
     std::fs::rename(&away, &image).unwrap();
+    wait(
+        "the export served again",
+        Duration::from_secs(60),
+        || async {
+            let r = recovery(&api, &id).await;
+            r["stalled"].is_null().then_some(r)
+        },
+    )
+    .await;
+
+    // The hub itself is SIGKILLed mid-stream and started again: it takes the recovery back
+    // (its disks served again on the same sockets), the VM is not stopped.
+    hub.kill9();
+    let opts = hub.opts.clone();
+    drop(hub);
+    hub = HubProcess::start(&hub_bin(), opts).expect("restart sendense-hub");
+    api = hub.api();
+    let back = wait(
+        "the recovery taken back",
+        Duration::from_secs(60),
+        || async {
+            let ev = api.event_lines(&point).await;
+            ev.iter()
+                .any(|l| l.starts_with("recovery_taken_back:"))
+                .then_some(Value::Null)
+        },
+    )
+    .await;
+    let _ = back;
+    let r = recovery(&api, &id).await;
+    assert_eq!(r["status"], "running", "after the hub's restart: {r:#}");
     // The operator lifts the bound through the console, by the recovery's short id.
     let out = std::process::Command::new(sendense_tests::bin_path("sendense-console"))
         .arg("--hub")

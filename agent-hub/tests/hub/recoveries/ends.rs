@@ -1,12 +1,12 @@
-//! The hub's own ends: SIGKILL (the reconciler fails the recovery at the next start) and
-//! SIGTERM (the drain); neither leaves an export or a port behind, and the node is told.
+//! The hub's own ends: SIGKILL (the next start takes the recovery back: its disks served again
+//! on the same sockets) and SIGTERM (the drain: the exports stop and the node is told).
 
 use super::*;
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_hub_killed_mid_recovery_fails_it_at_restart_and_holds_nothing() {
+async fn a_hub_killed_mid_recovery_takes_it_back_at_restart_on_the_same_sockets() {
     let mut env = Env::start();
-    let (id, _) = two_disk_point(&env, "inst4").await;
+    let (id, images) = two_disk_point(&env, "inst4").await;
     production(&mut env, "unix");
     let node = FakeNode::start(&env).await;
     let (r, st) = recover(
@@ -23,33 +23,69 @@ async fn a_hub_killed_mid_recovery_fails_it_at_restart_and_holds_nothing() {
     )
     .await;
     let held = pids(&r);
+    let ports: Vec<Value> = r["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["nbd_port"].clone())
+        .collect();
 
     env.hub.kill9();
     // Its own process groups: the exports outlive the hub, until the reconciler.
     assert!(held.iter().all(|p| pid_alive(*p)), "{held:?}");
     env.start_again();
-    let r = env.api.get_ok(&format!("/api/v1/recoveries/{rid}")).await;
-    assert_eq!(r["status"], "failed", "{r:#}");
-    let msg = r["error_message"].as_str().unwrap();
+    // Taken back: the old qemu-nbd stopped, new ones on the same ports and sockets, serving
+    // the same bytes to the node's certificate of the start request.
+    let t = Instant::now();
+    let r = loop {
+        let r = env.api.get_ok(&format!("/api/v1/recoveries/{rid}")).await;
+        let now = pids(&r);
+        if now.len() == 2 && now.iter().all(|p| !held.contains(p)) {
+            break r;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "not taken back: {r:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(r["status"], "running", "{r:#}");
     assert!(
-        msg.contains("hub restarted during the recovery")
-            && msg.contains(&format!("the recovered VM on node {NODE} is paused"))
-            && msg.contains("must be cancelled or recovered again"),
-        "{msg}"
+        held.iter().all(|p| !pid_alive(*p)),
+        "old exports alive: {held:?}"
     );
-    assert_released(&env, &r, &held).await;
-    // The node is told to stop the VM that lost its disks.
-    node.wait_cancel(&rid).await;
+    let again: Vec<Value> = r["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["nbd_port"].clone())
+        .collect();
+    assert_eq!(again, ports, "the same ports");
+    for (d, img) in st.disks.iter().zip(&images) {
+        assert!(
+            read_export(&d.export).await == disks::read_raw(img),
+            "disk {} served again differs from {}",
+            d.disk_key,
+            img.display()
+        );
+    }
     let ev = events(&env, &rid).await;
     assert!(
-        ev.iter().any(|e| e.starts_with("reconciler_recovery:")),
+        ev.iter()
+            .any(|e| e.starts_with("reconciler_recovery:") && e.contains("ports are kept"))
+            && ev.iter().any(|e| e.starts_with("recovery_taken_back:")),
         "{ev:#?}"
     );
-    // Its end, reported late, is taken as the end of what the hub ended.
-    let mut end = node_state(&st, 4 * MIB, "cancelled", Some(4713), None);
-    end.status = JobStatus::Cancelled;
-    let (s, v) = post_end(&env, &end, "cancelled").await;
-    assert_eq!((s, &v["status"]), (200, &json!("failed")), "{v:#}");
+    assert!(
+        !node.seen.lock().unwrap().cancels.contains(&rid),
+        "the node was told to cancel"
+    );
+    // The node's reports reach the new process; its end releases everything.
+    let home = node_state(&st, 64 * MIB, "finished", Some(4713), None);
+    let (s, v) = post_end(&env, &home, "completed").await;
+    assert_eq!((s, &v["status"]), (200, &json!("completed")), "{v:#}");
+    let done = wait_status(&env, &rid, "completed").await;
+    assert_released(&env, &done, &pids(&r)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
