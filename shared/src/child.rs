@@ -235,6 +235,36 @@ mod tests {
         assert!(!kept.is_alive());
     }
 
+    #[tokio::test]
+    async fn a_death_by_someone_elses_sigkill_is_not_the_stops_even_racing_it() {
+        let sleeper = |script: &str| {
+            let mut cmd = Command::new("sh");
+            cmd.args(["-c", script])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null());
+            Supervised::spawn(cmd).expect("spawn sh")
+        };
+        // Our own SIGTERM: requested.
+        let c = sleeper("exec sleep 30");
+        let r = c.stop(Duration::from_secs(5)).await;
+        assert!(r.requested && r.signal == Some(15), "{r:?}");
+        // SIGTERM ignored, our SIGKILL after the grace: requested.
+        let c = sleeper("trap '' TERM; sleep 30 & wait");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let r = c.stop(Duration::from_millis(300)).await;
+        assert!(r.requested && r.signal == Some(9), "{r:?}");
+        // Someone else's SIGKILL, with our stop racing it: not requested.
+        let c = sleeper("trap '' TERM; sleep 30 & wait");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.pid() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let r = c.stop(Duration::from_secs(5)).await;
+        assert!(!r.requested && r.signal == Some(9), "{r:?}");
+    }
+
     #[test]
     fn refuses_to_signal_init_self_and_everyone() {
         for pid in [0, 1, std::process::id(), u32::MAX] {

@@ -32,6 +32,8 @@ struct Inner {
     stderr: Arc<Mutex<StderrTail>>,
     exit_rx: watch::Receiver<Option<ExitReport>>,
     requested: Arc<AtomicBool>,
+    /// This side sent SIGKILL (the grace ran out, or [`Supervised::kill_now`]).
+    killed: Arc<AtomicBool>,
     /// Serialises `stop` so concurrent callers do not interleave signals.
     stop_lock: tokio::sync::Mutex<()>,
 }
@@ -105,10 +107,12 @@ impl Supervised {
             .take()
             .map(|pipe| tokio::spawn(drain_stderr(pipe, Arc::clone(&stderr), pid)));
         let requested = Arc::new(AtomicBool::new(false));
+        let killed = Arc::new(AtomicBool::new(false));
         let (exit_tx, exit_rx) = watch::channel(None);
 
         let monitor_stderr = Arc::clone(&stderr);
         let monitor_requested = Arc::clone(&requested);
+        let monitor_killed = Arc::clone(&killed);
         tokio::spawn(async move {
             // `wait` reaps: once it returns, the PID may be reused by the system.
             let status = child.wait().await;
@@ -116,18 +120,31 @@ impl Supervised {
                 let _ = tokio::time::timeout(STDERR_DRAIN_BOUND, drain).await;
             }
             let tail = lock(&monitor_stderr).to_string();
-            let requested = monitor_requested.load(Ordering::SeqCst);
+            let asked = monitor_requested.load(Ordering::SeqCst);
             let report = match status {
-                Ok(status) => ExitReport::from_status(&status, tail, requested),
+                Ok(status) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    // A death by a signal this side did not send is not the stop's, even while
+                    // a stop was under way (a SIGKILL from elsewhere racing our SIGTERM).
+                    let ours = match status.signal() {
+                        None => true,
+                        Some(s) if s == Signal::SIGTERM as i32 => true,
+                        Some(s) if s == Signal::SIGKILL as i32 => {
+                            monitor_killed.load(Ordering::SeqCst)
+                        }
+                        Some(_) => false,
+                    };
+                    ExitReport::from_status(&status, tail, asked && ours)
+                }
                 Err(e) => ExitReport {
                     status: format!("unknown (waiting for it failed: {e})"),
                     code: None,
                     signal: None,
                     stderr_tail: tail,
-                    requested,
+                    requested: asked,
                 },
             };
-            tracing::debug!(pid, status = %report.status, requested, "child exited");
+            tracing::debug!(pid, status = %report.status, requested = report.requested, "child exited");
             exit_tx.send_replace(Some(report));
         });
 
@@ -139,6 +156,7 @@ impl Supervised {
                     stderr,
                     exit_rx,
                     requested,
+                    killed,
                     stop_lock: tokio::sync::Mutex::new(()),
                 }),
             },
@@ -211,6 +229,7 @@ impl Supervised {
             Waited::MonitorGone => return self.orphaned_report(),
             Waited::TimedOut => {
                 tracing::warn!(pid, ?grace, "child ignored SIGTERM; sending SIGKILL");
+                self.inner.killed.store(true, Ordering::SeqCst);
                 signal_group_quietly(pid, Signal::SIGKILL);
                 self.wait_exit_after_kill(&mut rx).await
             }
@@ -226,6 +245,7 @@ impl Supervised {
     pub fn kill_now(&self) {
         if self.is_alive() {
             self.inner.requested.store(true, Ordering::SeqCst);
+            self.inner.killed.store(true, Ordering::SeqCst);
             signal_group_quietly(self.inner.pid, Signal::SIGKILL);
         }
     }
