@@ -20,8 +20,10 @@ pub struct Leftover {
 }
 
 impl Recoveries {
-    /// The hub is stopping: every live recovery is cancelled on its node and fails with
-    /// `reason`; its qemu-nbd stop and its ports are released.
+    /// The hub is stopping. A running recovery is parked ([`Recoveries::park`]): its VM only
+    /// pauses and the next start of the hub takes it back, so a restart (an upgrade) costs
+    /// the guest nothing. Any other live recovery (preparing, cancelling) is cancelled on its
+    /// node and fails with `reason`; its qemu-nbd stop and its ports are released.
     pub async fn shutdown(&self, reason: &str) {
         let live: Vec<Arc<LiveRecovery>> = self
             .inner
@@ -33,11 +35,69 @@ impl Recoveries {
             .collect();
         // All at once: each may wait for its node's answer to the cancel.
         futures_util::future::join_all(live.iter().map(|r| async move {
+            if self
+                .get(&r.id)
+                .await
+                .is_ok_and(|x| x.status == JobStatus::Running)
+            {
+                self.park(r).await;
+                return;
+            }
             let _ = self.forward_cancel(r).await;
             let mut held = r.held.lock().await;
             self.finish(r, &mut held, Outcome::Failed(reason.to_string()))
                 .await;
         }))
+        .await;
+    }
+
+    /// Stops a running recovery's exports for a hub restart, keeping its status and its ports:
+    /// the VM on the node pauses on its next read of data not yet home (nothing it wrote is
+    /// lost) and the next start's reconciler hands it to [`Recoveries::resume_after_restart`].
+    async fn park(&self, r: &Arc<LiveRecovery>) {
+        let mut held = r.held.lock().await;
+        if held.finished {
+            return;
+        }
+        // First: the supervisors must not take the stops below for crashes.
+        r.ended.cancel();
+        let d = self.deps();
+        let mut stopped = Vec::new();
+        for e in held.exports.drain(..) {
+            let pid = e.server.pid();
+            let rep = e.server.stop().await;
+            if let Err(err) = d.db.mark_process_stopped(pid, e.port, &rep.status).await {
+                tracing::error!(recovery_id = %r.id, error = %chain(&err), "cannot record qemu-nbd stop");
+            }
+            if let Err(err) =
+                d.db.set_recovery_export(&r.id, e.disk, Some(e.port), None)
+                    .await
+            {
+                tracing::error!(recovery_id = %r.id, error = %chain(&err), "cannot record the parked export");
+            }
+            stopped.push(format!(
+                "disk {} (qemu-nbd pid {pid}, port {})",
+                e.disk, e.port
+            ));
+        }
+        held.ports.clear();
+        held.finished = true;
+        self.inner.live.lock().expect("live map").remove(&r.id);
+        drop(held);
+        self.event(
+            r,
+            Level::Warn,
+            "recovery_parked",
+            format!(
+                "the hub stops: the exports of {} stopped, their ports kept; VM {} on node {} \
+                 pauses on its next read of data not yet home and goes on once the hub runs \
+                 again",
+                stopped.join(", "),
+                r.vm_name,
+                r.node.name
+            ),
+            None,
+        )
         .await;
     }
 

@@ -12,8 +12,9 @@ pub const DEFAULT_MEMORY_MIB: u64 = 512;
 /// vCPUs when neither the request nor the point's hardware says.
 pub const DEFAULT_CPUS: u32 = 1;
 /// Upper bounds that catch a typo (a size in bytes given as MiB) before the node tries it.
-const MAX_MEMORY_MIB: u64 = 16 << 20;
-const MAX_CPUS: u32 = 1024;
+/// As the node starts them (`agent_node::recovery::MEMORY_MIB`, `CPUS`).
+const MAX_MEMORY_MIB: u64 = 65536;
+const MAX_CPUS: u32 = 64;
 
 /// What the node is asked to start, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,10 +115,14 @@ pub(super) fn check_fields(req: &RecoveryRequest) -> Result<(), RecoveryError> {
         }
     }
     match req.memory_mib {
-        Some(0) => return invalid("memory_mib: must be more than 0".into()),
+        Some(m) if m < 64 => {
+            return invalid(format!(
+                "memory_mib: {m} is less than 64 (the least a node starts); it is in MiB"
+            ));
+        }
         Some(m) if m > MAX_MEMORY_MIB => {
             return invalid(format!(
-                "memory_mib: {m} is more than {MAX_MEMORY_MIB} (16 TiB); it is in MiB"
+                "memory_mib: {m} is more than {MAX_MEMORY_MIB} (64 GiB, what a node starts); it is in MiB"
             ));
         }
         _ => {}

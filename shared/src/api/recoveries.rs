@@ -30,9 +30,11 @@ pub struct RecoveryRequest {
     pub disks: Option<Vec<DiskKey>>,
     /// Guest memory; the point's recorded hardware, else 512.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 64, maximum = 65536)]
     pub memory_mib: Option<u64>,
     /// vCPUs; the point's recorded hardware, else 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 64)]
     pub cpus: Option<u32>,
     /// Direct kernel boot: paths on the node; the point's recorded `-kernel`/`-initrd`/
     /// `-append` when left out.
@@ -45,6 +47,7 @@ pub struct RecoveryRequest {
     /// Upper bound of each disk's stream, bytes per second (`block-stream`'s `speed`);
     /// unlimited when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
     pub speed_bps: Option<u64>,
     /// Absolute directory on the node for the overlays (the recovered disks); the node's
     /// recovery directory when left out.
@@ -134,23 +137,33 @@ pub struct NodeRecoveryStart {
     pub recovery_id: String,
     #[schema(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
     pub vm_name: String,
+    #[schema(minimum = 64, maximum = 65536)]
     pub memory_mib: u64,
+    #[schema(minimum = 1, maximum = 64)]
     pub cpus: u32,
     /// QEMU machine type (`q35`, `pc`); the node's default when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
     pub machine: Option<String>,
+    /// An existing file on the node (absolute path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^/")]
     pub kernel: Option<String>,
+    /// An existing file on the node; needs `kernel`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^/")]
     pub initrd: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub append: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
     pub speed_bps: Option<u64>,
     /// Absolute directory for the overlays; the node's recovery directory when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^/")]
     pub overlay_dir: Option<String>,
     /// In guest order.
+    #[schema(min_items = 1)]
     pub disks: Vec<NodeRecoveryDisk>,
 }
 
