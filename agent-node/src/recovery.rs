@@ -40,7 +40,8 @@ use sendense_shared::api::{
 };
 use sendense_shared::errors::ErrorCode;
 use sendense_shared::ids::DiskKey;
-use std::path::{Component, Path, PathBuf};
+use sendense_shared::names::{check_plain_absolute, check_simple_name};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use thiserror::Error;
@@ -452,42 +453,6 @@ fn strip_field(msg: &str, name: &str) -> String {
         .to_string()
 }
 
-/// `^[A-Za-z0-9][A-Za-z0-9._-]{0,max-1}$`.
-fn simple_name(s: &str, max: usize) -> Result<(), String> {
-    let mut chars = s.chars();
-    match chars.next() {
-        None => return Err("must not be empty".into()),
-        Some(c) if !c.is_ascii_alphanumeric() => {
-            return Err("must start with a letter or a digit".into());
-        }
-        _ => {}
-    }
-    if s.len() > max {
-        return Err(format!("longer than {max} characters"));
-    }
-    if let Some(c) = chars.find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(format!(
-            "{c:?} is not allowed (letters, digits, '.', '_', '-')"
-        ));
-    }
-    Ok(())
-}
-
-/// An absolute path without `..`, NUL or newline.
-fn plain_absolute(p: &str) -> Result<&Path, String> {
-    let path = Path::new(p);
-    if !path.is_absolute() {
-        return Err("must be absolute".into());
-    }
-    if p.contains(['\0', '\n']) {
-        return Err("contains NUL or a newline".into());
-    }
-    if path.components().any(|c| matches!(c, Component::ParentDir)) {
-        return Err("must not contain ..".into());
-    }
-    Ok(path)
-}
-
 /// The request as the engine's spec: every field checked (pure but for looking at the files it
 /// names), every export routed.
 fn plan(
@@ -506,7 +471,7 @@ fn plan(
             ),
         ));
     }
-    simple_name(&req.vm_name, 63).map_err(|why| field("vm_name", why))?;
+    check_simple_name(&req.vm_name, 63).map_err(|why| field("vm_name", why))?;
     if !MEMORY_MIB.contains(&req.memory_mib) {
         return Err(field(
             "memory_mib",
@@ -520,10 +485,10 @@ fn plan(
         ));
     }
     let machine = req.machine.as_deref().unwrap_or(DEFAULT_MACHINE);
-    simple_name(machine, 64).map_err(|why| field("machine", why))?;
+    check_simple_name(machine, 64).map_err(|why| field("machine", why))?;
     for (name, value) in [("kernel", &req.kernel), ("initrd", &req.initrd)] {
         if let Some(p) = value {
-            let path = plain_absolute(p).map_err(|why| field(name, why))?;
+            let path = check_plain_absolute(p).map_err(|why| field(name, why))?;
             if !path.is_file() {
                 return Err(field(name, "is not an existing file"));
             }
@@ -547,7 +512,7 @@ fn plan(
     }
     let dir = match &req.overlay_dir {
         Some(d) => {
-            let path = plain_absolute(d).map_err(|why| field("overlay_dir", why))?;
+            let path = check_plain_absolute(d).map_err(|why| field("overlay_dir", why))?;
             if !path.is_dir() {
                 return Err(field("overlay_dir", "is not an existing directory"));
             }

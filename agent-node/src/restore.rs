@@ -43,7 +43,7 @@ use sendense_shared::api::{
 use sendense_shared::errors::ErrorCode;
 use sendense_shared::nbd::NbdAddr;
 use sendense_shared::targets::NbdUri;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -350,19 +350,11 @@ fn check_path(p: &str) -> Result<(), RestoreError> {
             why,
         })
     };
-    let path = Path::new(p);
-    if !path.is_absolute() {
-        return bad("must be absolute");
-    }
-    if p.contains('\0') || p.contains('\n') {
-        return bad("contains NUL or a newline");
-    }
-    if path
-        .components()
-        .any(|c| matches!(c, std::path::Component::ParentDir))
-    {
-        return bad("must not contain ..");
-    }
+    let path =
+        sendense_shared::names::check_plain_absolute(p).map_err(|why| RestoreError::Path {
+            path: p.to_string(),
+            why,
+        })?;
     if path.extension().and_then(|e| e.to_str()) != Some("qcow2") {
         return bad("must end in .qcow2 (the restore writes a QCOW2 image)");
     }

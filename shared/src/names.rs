@@ -60,9 +60,80 @@ pub fn validate_name_up_to(field: &'static str, name: &str, max: usize) -> Resul
     Ok(())
 }
 
+/// The contract's name of a QEMU VM or machine type, `^[A-Za-z0-9][A-Za-z0-9._-]{0,max-1}$`
+/// (it names the VM and its overlay files on a node); the refusal says why, without the field.
+pub fn check_simple_name(name: &str, max: usize) -> Result<(), String> {
+    let mut chars = name.chars();
+    match chars.next() {
+        None => return Err("must not be empty".into()),
+        Some(c) if !c.is_ascii_alphanumeric() => {
+            return Err("must start with a letter or a digit".into());
+        }
+        _ => {}
+    }
+    if name.len() > max {
+        return Err(format!("longer than {max} characters"));
+    }
+    if let Some(c) = chars.find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return Err(format!(
+            "{c:?} is not allowed (letters, digits, '.', '_', '-')"
+        ));
+    }
+    Ok(())
+}
+
+/// A path another machine (a node) is to act on: absolute, without `..`, NUL or newline. Only
+/// its spelling is checked (the file system it names is not this one's); the refusal says why.
+pub fn check_plain_absolute(p: &str) -> Result<&std::path::Path, &'static str> {
+    let path = std::path::Path::new(p);
+    if !path.is_absolute() {
+        return Err("must be absolute");
+    }
+    if p.contains(['\0', '\n']) {
+        return Err("contains NUL or a newline");
+    }
+    if path
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err("must not contain ..");
+    }
+    Ok(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn simple_names_and_plain_absolute_paths() {
+        for n in ["web01", "q35", "pc-q35-7.2", "a_b.c"] {
+            assert_eq!(check_simple_name(n, 63), Ok(()), "{n}");
+        }
+        for (n, why) in [
+            ("", "empty"),
+            ("-x", "start"),
+            ("a b", "' '"),
+            ("é", "start"),
+            (&"v".repeat(64), "longer"),
+        ] {
+            let e = check_simple_name(n, 63).unwrap_err();
+            assert!(e.contains(why), "{n:?}: {e}");
+        }
+        assert!(check_plain_absolute("/var/lib/vm/a.qcow2").is_ok());
+        for (p, why) in [
+            ("rel/a", "absolute"),
+            ("/a/../b", ".."),
+            ("/a\nb", "NUL or a newline"),
+            ("/a\0b", "NUL or a newline"),
+        ] {
+            assert_eq!(
+                check_plain_absolute(p).unwrap_err().contains(why),
+                true,
+                "{p:?}"
+            );
+        }
+    }
 
     #[test]
     fn an_export_name_of_the_longest_vm_name_and_any_disk_key_fits() {

@@ -5,7 +5,6 @@ use super::RecoveryError;
 use sendense_shared::api::{Backup, DiskResult, RecoveryRequest};
 use sendense_shared::ids::DiskKey;
 use std::collections::BTreeSet;
-use std::path::{Component, Path};
 
 /// Guest memory when neither the request nor the point's hardware says.
 pub const DEFAULT_MEMORY_MIB: u64 = 512;
@@ -67,30 +66,19 @@ fn invalid<T>(detail: String) -> Result<T, RecoveryError> {
 
 /// The contract's pattern of a VM name: `^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`.
 fn check_vm_name(name: &str) -> Result<(), RecoveryError> {
-    let mut chars = name.chars();
-    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
-    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if first_ok && rest_ok && name.len() <= 63 {
-        return Ok(());
-    }
-    invalid(format!(
-        "vm_name: {name:?} must be 1-63 letters, digits, '.', '_' or '-', starting with a letter \
-         or digit (it names the QEMU VM and its overlay files on the node)"
-    ))
+    sendense_shared::names::check_simple_name(name, 63).or_else(|why| {
+        invalid(format!(
+            "vm_name: {name:?} {why}: 1-63 letters, digits, '.', '_' or '-', starting with a \
+             letter or digit (it names the QEMU VM and its overlay files on the node)"
+        ))
+    })
 }
 
-/// An absolute path on the node without `..` or NUL.
+/// An absolute path on the node without `..`, NUL or newline.
 fn check_node_path(field: &str, p: &str) -> Result<(), RecoveryError> {
-    let path = Path::new(p);
-    if !path.is_absolute() {
-        return invalid(format!(
-            "{field}: {p:?} must be an absolute path on the node"
-        ));
-    }
-    if p.contains('\0') || path.components().any(|c| matches!(c, Component::ParentDir)) {
-        return invalid(format!("{field}: {p:?} must not contain .. or NUL"));
-    }
-    Ok(())
+    sendense_shared::names::check_plain_absolute(p)
+        .map(drop)
+        .or_else(|why| invalid(format!("{field}: {p:?} {why} (a path on the node)")))
 }
 
 /// What can be checked before anything is read: every field on its own.

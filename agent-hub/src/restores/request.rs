@@ -47,15 +47,8 @@ pub(super) fn check_target_path(p: &str) -> Result<(), RestoreError> {
             detail: format!("target.path: {p:?} {why}"),
         })
     };
-    if !path.is_absolute() {
-        return bad("must be an absolute path on the node");
-    }
-    if p.contains('\0')
-        || path
-            .components()
-            .any(|c| matches!(c, std::path::Component::ParentDir))
-    {
-        return bad("must not contain .. or NUL");
+    if let Err(why) = sendense_shared::names::check_plain_absolute(p) {
+        return bad(why);
     }
     if path.extension().and_then(|e| e.to_str()) != Some("qcow2") {
         return bad("must end in .qcow2 (the node writes a new QCOW2 image)");
@@ -101,15 +94,8 @@ pub(super) fn replace_target(
     } else {
         target.path.clone()
     };
-    let p = Path::new(&path);
-    if !p.is_absolute()
-        || path.contains('\0')
-        || p.components()
-            .any(|c| matches!(c, std::path::Component::ParentDir))
-    {
-        return invalid(format!(
-            "target.path: {path:?} must be an absolute path on the node without .. or NUL"
-        ));
+    if let Err(why) = sendense_shared::names::check_plain_absolute(&path) {
+        return invalid(format!("target.path: {path:?} {why} (a path on the node)"));
     }
     Ok((path, vm.name_on_node().to_string()))
 }

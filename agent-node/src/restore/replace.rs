@@ -33,14 +33,11 @@ pub fn check(vm: &str, qmp: Option<&Path>, path: &str) -> Result<(), ReplaceErro
     let Some(qmp) = qmp else {
         return Err(ReplaceError::UnknownVm { vm: vm.to_string() });
     };
-    let p = Path::new(path);
-    if !p.is_absolute()
-        || path.contains(['\0', '\n'])
-        || p.components()
-            .any(|c| matches!(c, std::path::Component::ParentDir))
-    {
-        return bad("must be absolute, without .., NUL or newline");
-    }
+    let p =
+        sendense_shared::names::check_plain_absolute(path).map_err(|why| ReplaceError::Path {
+            path: path.to_string(),
+            why: why.to_string(),
+        })?;
     match std::fs::symlink_metadata(p) {
         Ok(m) if m.file_type().is_file() => {}
         Ok(_) => return bad("is not a regular file (a symlink or a device is not replaced)"),
