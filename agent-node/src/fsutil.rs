@@ -48,6 +48,68 @@ pub fn atomic_write(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Removes `path`; one that is already gone is fine.
+pub fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// The JSON crash journals of the node's jobs (restores, recoveries): one file
+/// `<run_dir>/<prefix><id>.json` per job, written by [`atomic_write`], read back at start-up.
+pub mod journal {
+    use serde::Serialize;
+    use serde::de::DeserializeOwned;
+    use std::path::{Path, PathBuf};
+
+    /// Where the entry of job `id` (a validated name) lives.
+    pub fn path(run_dir: &Path, prefix: &str, id: &str) -> PathBuf {
+        run_dir.join(format!("{prefix}{id}.json"))
+    }
+
+    /// Writes (or rewrites) an entry atomically.
+    pub fn write<T: Serialize>(path: &Path, entry: &T) -> std::io::Result<()> {
+        let text = serde_json::to_vec_pretty(entry).map_err(std::io::Error::other)?;
+        super::atomic_write(path, &text)
+    }
+
+    /// Every journal file of `prefix` in `run_dir` (sorted), with its entry or why it could
+    /// not be read (`what` names the kind: "not a restore journal").
+    pub fn all<T: DeserializeOwned>(
+        run_dir: &Path,
+        prefix: &str,
+        what: &str,
+    ) -> Vec<(PathBuf, Result<T, String>)> {
+        let Ok(dir) = std::fs::read_dir(run_dir) else {
+            return Vec::new();
+        };
+        let mut paths: Vec<PathBuf> = dir
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.is_file()
+                    && p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(prefix) && n.ends_with(".json"))
+            })
+            .collect();
+        paths.sort();
+        paths
+            .into_iter()
+            .map(|p| {
+                let entry = std::fs::read(&p)
+                    .map_err(|e| format!("{}: {e}", p.display()))
+                    .and_then(|t| {
+                        serde_json::from_slice(&t)
+                            .map_err(|e| format!("{}: not a {what} journal: {e}", p.display()))
+                    });
+                (p, entry)
+            })
+            .collect()
+    }
+}
+
 /// A file created by [`CreatedFile::create`]: its path and the identity (device, inode) of
 /// what was created there, kept open.
 #[derive(Debug)]

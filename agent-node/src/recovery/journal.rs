@@ -43,51 +43,22 @@ pub struct Entry {
 
 /// Where the entry of recovery `id` lives (`id` is a validated name).
 pub fn path(run_dir: &Path, id: &str) -> PathBuf {
-    run_dir.join(format!("{PREFIX}{id}.json"))
+    crate::fsutil::journal::path(run_dir, PREFIX, id)
 }
 
-/// Writes (or rewrites) an entry atomically.
+/// Writes (or rewrites) an entry atomically, the way every node journal is written.
 pub fn write(path: &Path, entry: &Entry) -> std::io::Result<()> {
-    let text = serde_json::to_vec_pretty(entry).map_err(std::io::Error::other)?;
-    crate::fsutil::atomic_write(path, &text)
+    crate::fsutil::journal::write(path, entry)
 }
 
 /// Removes an entry; a missing one is fine.
 pub fn remove(path: &Path) -> std::io::Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
+    crate::fsutil::remove_if_present(path)
 }
 
 /// Every journal file in `run_dir` (sorted), with its entry or why it could not be read.
 pub fn all(run_dir: &Path) -> Vec<(PathBuf, Result<Entry, String>)> {
-    let Ok(dir) = std::fs::read_dir(run_dir) else {
-        return Vec::new();
-    };
-    let mut paths: Vec<PathBuf> = dir
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.is_file()
-                && p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(PREFIX) && n.ends_with(".json"))
-        })
-        .collect();
-    paths.sort();
-    paths
-        .into_iter()
-        .map(|p| {
-            let entry = std::fs::read(&p)
-                .map_err(|e| format!("{}: {e}", p.display()))
-                .and_then(|t| {
-                    serde_json::from_slice(&t)
-                        .map_err(|e| format!("{}: not a recovery journal: {e}", p.display()))
-                });
-            (p, entry)
-        })
-        .collect()
+    crate::fsutil::journal::all(run_dir, PREFIX, "recovery")
 }
 
 #[cfg(test)]

@@ -226,11 +226,8 @@ fn write_journal(path: &Path, entry: &journal::Entry) -> Result<(), RunError> {
 }
 
 fn remove_quietly(path: &Path, what: &str) {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            tracing::warn!(path = %path.display(), what, error = %e, "cannot remove");
-        }
-        _ => {}
+    if let Err(e) = crate::fsutil::remove_if_present(path) {
+        tracing::warn!(path = %path.display(), what, error = %e, "cannot remove");
     }
 }
 
