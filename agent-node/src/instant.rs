@@ -74,6 +74,12 @@ pub enum InstantError {
     Qmp(#[from] crate::qmp::QmpError),
     #[error("recovered VM: {0}")]
     State(String),
+    #[error("{what}")]
+    Private {
+        what: &'static str,
+        #[source]
+        source: sendense_shared::fsmode::PrivateError,
+    },
 }
 
 /// Where the hub serves one disk's export (as QEMU's `nbd` driver takes its `server`).
@@ -421,8 +427,8 @@ impl InstantVm {
     }
 
     /// The QEMU process.
-    pub fn pid(&self) -> Option<u32> {
-        Some(self.pid)
+    pub fn pid(&self) -> u32 {
+        self.pid
     }
 
     /// Whether QEMU still runs.
@@ -549,21 +555,16 @@ impl InstantVm {
             .to_string())
     }
 
-    /// What stopped: the disks whose stream is paused on an error, and whether the VM is
-    /// paused on an I/O error; empty and false when all is well.
-    pub async fn stalled(&self) -> Result<(Vec<i64>, bool), InstantError> {
-        let paused: Vec<i64> = self
-            .progress()
-            .await?
-            .into_iter()
-            .filter(|p| p.status == "paused")
-            .map(|p| p.disk_key)
-            .collect();
-        Ok((paused, self.run_state().await? == "io-error"))
+    /// What holds the recovery up now (see [`Stall`]): [`InstantVm::stall`] of fresh figures.
+    pub async fn stalled(&self) -> Result<Stall, InstantError> {
+        let progress = self.progress().await?;
+        let state = self.run_state().await?;
+        self.stall(&progress, &state).await
     }
 
-    /// [`InstantVm::stalled`] from figures already read, with the guest devices whose I/O
-    /// failed (`query-block`'s `io-status`): the disks a paused VM waits for.
+    /// The stall of figures already read: streams paused on an error, the guest devices whose
+    /// I/O failed (`query-block`'s `io-status`: the disks a paused VM waits for), and whether
+    /// the VM is paused on an I/O error.
     pub async fn stall(
         &self,
         progress: &[StreamProgress],
@@ -600,16 +601,15 @@ impl InstantVm {
         })
     }
 
-    /// Continues the VM and every paused stream after the export came back (it pauses again
-    /// while the export is still gone).
-    pub async fn resume(&self) -> Result<(), InstantError> {
-        let (paused, io_error) = self.stalled().await?;
-        for k in paused {
+    /// Continues the VM and every stream `stall` names as paused, after the export came back
+    /// (they pause again while the export is still gone).
+    pub async fn resume(&self, stall: &Stall) -> Result<(), InstantError> {
+        for k in &stall.paused_streams {
             self.qmp
-                .execute("block-job-resume", json!({"device": job_id(k)}))
+                .execute("block-job-resume", json!({"device": job_id(*k)}))
                 .await?;
         }
-        if io_error {
+        if stall.io_error {
             self.qmp.execute("cont", json!({})).await?;
         }
         Ok(())
@@ -844,20 +844,10 @@ fn remove_run_files(spec: &InstantSpec) -> Result<(), InstantError> {
     }
 }
 
+/// A 0700 directory of this user's, not a symlink ([`sendense_shared::fsmode::private_dir`]).
 fn private_dir(path: &Path, what: &'static str) -> Result<(), InstantError> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    let io = |source| InstantError::Io {
-        what,
-        path: path.to_path_buf(),
-        source,
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
-        .map_err(io)?;
-    // `mode` applies only to a directory it created.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io)
+    sendense_shared::fsmode::private_dir(path)
+        .map_err(|source| InstantError::Private { what, source })
 }
 
 /// `tls/<key>/{ca-cert,client-cert,client-key}.pem`: the names QEMU's `tls-creds-x509` reads
@@ -896,15 +886,11 @@ fn write_tls(run_dir: &Path, key: i64, tls: &NbdTls) -> Result<(), InstantError>
 }
 
 fn remove_if_present(p: &Path) -> Result<(), InstantError> {
-    match std::fs::remove_file(p) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(InstantError::Io {
-            what: "removing",
-            path: p.to_path_buf(),
-            source,
-        }),
-    }
+    crate::fsutil::remove_if_present(p).map_err(|source| InstantError::Io {
+        what: "removing",
+        path: p.to_path_buf(),
+        source,
+    })
 }
 
 fn remove_dir_if_present(p: &Path) -> Result<(), InstantError> {

@@ -50,7 +50,9 @@ fn port_free(port: u16) -> bool {
 /// Waits until every disk's stream has finished, resuming paused jobs (and the VM) on the way.
 async fn streams_finish(vm: &InstantVm, within: Duration) {
     wait_for("the streams complete", within, || async {
-        let _ = vm.resume().await;
+        if let Ok(stall) = vm.stalled().await {
+            let _ = vm.resume(&stall).await;
+        }
         vm.progress()
             .await
             .unwrap()
@@ -167,7 +169,7 @@ async fn streams_home_through_an_export_that_dies_and_returns_and_cancel_leaves_
     wait_for(
         "the big disk's stream paused",
         Duration::from_secs(30),
-        || async { vm.stalled().await.unwrap().0 == vec![big] },
+        || async { vm.stalled().await.unwrap().paused_streams == vec![big] },
     )
     .await;
     let paused_at = vm.progress().await.unwrap();
@@ -256,7 +258,7 @@ async fn streams_home_through_an_export_that_dies_and_returns_and_cancel_leaves_
     }
     let vm2 = InstantVm::start(spec2.clone(), log).await.unwrap();
     vm2.start_streams().await.unwrap();
-    let pid = vm2.pid().unwrap();
+    let pid = vm2.pid();
     vm2.destroy().await.unwrap();
     assert!(
         !Path::new(&format!("/proc/{pid}")).exists(),
@@ -378,10 +380,16 @@ async fn the_real_guest_boots_before_half_its_data_is_home() {
     wait_for(
         "the data disk's stream paused",
         Duration::from_secs(60),
-        || async { vm.stalled().await.unwrap().0.contains(&disks[1].disk_key) },
+        || async {
+            vm.stalled()
+                .await
+                .unwrap()
+                .paused_streams
+                .contains(&disks[1].disk_key)
+        },
     )
     .await;
-    let (_, vm_paused) = vm.stalled().await.unwrap();
+    let vm_paused = vm.stalled().await.unwrap().io_error;
     eprintln!("instant: export killed: stream paused, VM paused on I/O error: {vm_paused}");
     let (img, port, _) = &exports[1];
     let name = disks[1].export.clone();

@@ -132,7 +132,7 @@ async fn start(
     let vm = InstantVm::start(spec, rec.log.clone())
         .await
         .map_err(|e| failed(None, format!("starting the recovered VM: {}", chain(&e))))?;
-    let pid = vm.pid().unwrap_or_default();
+    let pid = vm.pid();
     job.set_pid(pid);
     entry.qemu_pid = Some(pid);
     if let Err(e) = write(&entry) {
@@ -178,7 +178,7 @@ async fn watch(ctx: &JobContext, job: &RecoveryJob, mut vm: InstantVm) -> End {
                 .and_then(|t| t.lines().last().map(str::to_string))
                 .map(|l| format!(" (last words: {l})"))
                 .unwrap_or_default();
-            let pid = vm.pid().unwrap_or_default();
+            let pid = vm.pid();
             return failed(
                 Some(vm),
                 format!("QEMU of the recovered VM (PID {pid}) exited{last}"),
@@ -228,7 +228,7 @@ async fn watch(ctx: &JobContext, job: &RecoveryJob, mut vm: InstantVm) -> End {
             if due {
                 last_resume = Some(Instant::now());
                 // The VM and the streams pause again while the export is still gone.
-                if let Err(e) = vm.resume().await {
+                if let Err(e) = vm.resume(&stall).await {
                     tracing::debug!(recovery_id = %job.id(), error = %chain(&e), "resume failed");
                 }
             }
