@@ -533,9 +533,6 @@ impl Recoveries {
         self.get(&live.id).await
     }
 
-    /// Moves the recovery to `cancelling`, tells the node (which stops the VM and removes its
-    /// overlays, then reports the end), and unwinds in the background once that report came
-    /// or `node_lost_after` passed; answers the recovery as it is after the move.
     /// `POST /api/v1/recoveries/{id}/speed`: the node bounds every disk's stream anew.
     pub async fn set_speed(
         &self,
@@ -576,6 +573,9 @@ impl Recoveries {
         self.get(id).await
     }
 
+    /// Moves the recovery to `cancelling`, tells the node (which stops the VM and removes its
+    /// overlays, then reports the end), and unwinds in the background once that report came
+    /// or `node_lost_after` passed; answers the recovery as it is after the move.
     pub async fn cancel(&self, id: &str) -> Result<Recovery, RecoveryError> {
         let r = self.get(id).await?;
         if r.status == JobStatus::Cancelling {

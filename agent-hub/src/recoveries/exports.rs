@@ -83,27 +83,15 @@ impl Recoveries {
         let mut out = Vec::with_capacity(row.disks.len());
         let mut served = Vec::with_capacity(row.disks.len());
         for (disk, (_, port)) in row.disks.iter().zip(&ports) {
-            let spec = ExportSpec {
-                qcow2_path: disk.source_qcow2.clone().into(),
-                export_name: disk.nbd_export_name.clone(),
-                port: port.0,
-                read_only: true,
-                socket: None,
-                client: Some(crate::nbd_ca::recovery_identity(id)),
-            };
             let export_err = |source| RecoveryError::Export {
                 id: id.clone(),
                 disk: disk.disk_key,
                 source: Box::new(source),
             };
-            let server = QemuNbd::start(&d.qemu_nbd, spec)
+            let server = self
+                .serve(live, held, disk, *port)
                 .await
                 .map_err(export_err)?;
-            held.exports.push(Export {
-                disk: disk.disk_key,
-                port: *port,
-                server: server.clone(),
-            });
             let mut export = server.nbd_export();
             export.tls = server
                 .client_tls(d.qemu_nbd.tls.as_ref())
@@ -156,6 +144,33 @@ impl Recoveries {
         )
         .await;
         Ok(out)
+    }
+
+    /// Starts disk `disk`'s read-only qemu-nbd on `port` (its socket follows from the port) with
+    /// the recovery's client identity, and holds it: the one spec of a recovery's export, for
+    /// its start and for serving it again after a hub restart.
+    pub(super) async fn serve(
+        &self,
+        live: &LiveRecovery,
+        held: &mut Held,
+        disk: &sendense_shared::api::RecoveryDisk,
+        port: NbdPort,
+    ) -> Result<QemuNbd, crate::qemu_nbd::QemuNbdError> {
+        let spec = ExportSpec {
+            qcow2_path: disk.source_qcow2.clone().into(),
+            export_name: disk.nbd_export_name.clone(),
+            port: port.0,
+            read_only: true,
+            socket: None,
+            client: Some(crate::nbd_ca::recovery_identity(&live.id)),
+        };
+        let server = QemuNbd::start(&self.deps().qemu_nbd, spec).await?;
+        held.exports.push(Export {
+            disk: disk.disk_key,
+            port,
+            server: server.clone(),
+        });
+        Ok(server)
     }
 
     /// The process record and the disk's port and PID of a started export.

@@ -8,10 +8,9 @@
 //! recovery this process started. A disk that cannot be served again fails the recovery, and
 //! the node is told to stop the VM.
 
-use super::{Export, Held, LiveRecovery, Recoveries};
+use super::{Held, LiveRecovery, Recoveries};
 use crate::events::Level;
 use crate::node_client::NodeAddr;
-use crate::qemu_nbd::{ExportSpec, QemuNbd};
 use sendense_shared::api::Recovery;
 use sendense_shared::errors::chain;
 use sendense_shared::ids::DiskKey;
@@ -72,15 +71,7 @@ impl Recoveries {
             let Some(port) = disk.nbd_port else {
                 continue;
             };
-            let spec = ExportSpec {
-                qcow2_path: disk.source_qcow2.clone().into(),
-                export_name: disk.nbd_export_name.clone(),
-                port: port.0,
-                read_only: true,
-                socket: None,
-                client: Some(crate::nbd_ca::recovery_identity(&id)),
-            };
-            let server = match QemuNbd::start(&d.qemu_nbd, spec).await {
+            let server = match self.serve(&live, &mut held, disk, port).await {
                 Ok(s) => s,
                 Err(e) => {
                     let why = format!(
@@ -94,11 +85,6 @@ impl Recoveries {
                     return;
                 }
             };
-            held.exports.push(Export {
-                disk: disk.disk_key,
-                port,
-                server: server.clone(),
-            });
             if let Err(e) = self
                 .record_export(&live, disk.disk_key, port, &server)
                 .await
