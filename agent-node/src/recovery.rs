@@ -51,10 +51,8 @@ use tokio_util::sync::CancellationToken;
 const KEEP_FINISHED: usize = 200;
 /// QEMU's machine type when the request names none.
 pub const DEFAULT_MACHINE: &str = "q35";
-/// Guest memory the node accepts, MiB.
-pub const MEMORY_MIB: std::ops::RangeInclusive<u64> = 64..=65536;
-/// vCPUs the node accepts.
-pub const CPUS: std::ops::RangeInclusive<u32> = 1..=64;
+/// Guest memory and vCPUs the node accepts (the hub checks the same bounds).
+pub use sendense_shared::api::{RECOVERY_CPUS as CPUS, RECOVERY_MEMORY_MIB as MEMORY_MIB};
 /// Longest unix socket path (`sun_path` less its NUL).
 const MAX_SOCKET_PATH: usize = 107;
 /// What every failed or cancelled recovery's message ends with.

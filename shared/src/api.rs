@@ -56,8 +56,9 @@ pub use policies::{
     Retention, RunStatus, VmSelector, VmSpace,
 };
 pub use recoveries::{
-    NodeRecoveryDisk, NodeRecoveryStart, NodeRecoveryState, Recovery, RecoveryCompletion,
-    RecoveryDisk, RecoveryDiskProgress, RecoveryRequest, RecoverySpeed,
+    NodeRecoveryDisk, NodeRecoveryStart, NodeRecoveryState, RECOVERY_CPUS, RECOVERY_MEMORY_MIB,
+    Recovery, RecoveryCompletion, RecoveryDisk, RecoveryDiskProgress, RecoveryRequest,
+    RecoverySpeed,
 };
 pub use restores::{
     NodeRestoreStart, NodeRestoreState, Restore, RestoreCompletion, RestoreProgress,

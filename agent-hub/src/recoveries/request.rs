@@ -10,10 +10,6 @@ use std::collections::BTreeSet;
 pub const DEFAULT_MEMORY_MIB: u64 = 512;
 /// vCPUs when neither the request nor the point's hardware says.
 pub const DEFAULT_CPUS: u32 = 1;
-/// Upper bounds that catch a typo (a size in bytes given as MiB) before the node tries it.
-/// As the node starts them (`agent_node::recovery::MEMORY_MIB`, `CPUS`).
-const MAX_MEMORY_MIB: u64 = 65536;
-const MAX_CPUS: u32 = 64;
 
 /// What the node is asked to start, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,25 +98,20 @@ pub(super) fn check_fields(req: &RecoveryRequest) -> Result<(), RecoveryError> {
             ));
         }
     }
-    match req.memory_mib {
-        Some(m) if m < 64 => {
-            return invalid(format!(
-                "memory_mib: {m} is less than 64 (the least a node starts); it is in MiB"
-            ));
-        }
-        Some(m) if m > MAX_MEMORY_MIB => {
-            return invalid(format!(
-                "memory_mib: {m} is more than {MAX_MEMORY_MIB} (64 GiB, what a node starts); it is in MiB"
-            ));
-        }
-        _ => {}
+    use sendense_shared::api::{RECOVERY_CPUS, RECOVERY_MEMORY_MIB};
+    if let Some(m) = req.memory_mib.filter(|m| !RECOVERY_MEMORY_MIB.contains(m)) {
+        return invalid(format!(
+            "memory_mib: {m} is outside {}..={} (what a node starts; it is in MiB)",
+            RECOVERY_MEMORY_MIB.start(),
+            RECOVERY_MEMORY_MIB.end()
+        ));
     }
-    match req.cpus {
-        Some(0) => return invalid("cpus: must be more than 0".into()),
-        Some(c) if c > MAX_CPUS => {
-            return invalid(format!("cpus: {c} is more than {MAX_CPUS}"));
-        }
-        _ => {}
+    if let Some(c) = req.cpus.filter(|c| !RECOVERY_CPUS.contains(c)) {
+        return invalid(format!(
+            "cpus: {c} is outside {}..={}",
+            RECOVERY_CPUS.start(),
+            RECOVERY_CPUS.end()
+        ));
     }
     if req.speed_bps == Some(0) {
         return invalid(

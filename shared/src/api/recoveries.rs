@@ -13,6 +13,11 @@ use serde::{Deserialize, Serialize};
 use super::{JobStatus, NbdExport};
 use crate::ids::{BackupId, DiskKey, NbdPort};
 
+/// Guest memory a node starts a recovered VM with, MiB (checked by the hub and the node alike).
+pub const RECOVERY_MEMORY_MIB: std::ops::RangeInclusive<u64> = 64..=65536;
+/// vCPUs a node starts a recovered VM with.
+pub const RECOVERY_CPUS: std::ops::RangeInclusive<u32> = 1..=64;
+
 /// `POST /api/v1/recoveries` of the hub.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RecoveryRequest {
