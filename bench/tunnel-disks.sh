@@ -22,6 +22,13 @@
 # Env:   NODE_BIN (default: $CARGO_TARGET_DIR or target, release/sendense-node)
 #        DISKS (default "1 2 4"), LINKS (default "1 2 4"), AUTH (plain|tls, default plain)
 #        TUNNEL_CIPHERS (default: the node's), COPY_ARGS (extra `copy` flags, e.g. "--connections 2")
+#        TUNNEL_COPY_ARGS: flags only for the copies through a tunnel (default "--connections 4",
+#                  what the node's backups through its tunnel take: CopyOptions::tunnel_connections;
+#                  the direct copies keep the node's default of 1)
+#        DELAY_MS: a simulated WAN between node and hub: every tunnel's ssh connection goes through
+#                  the project's delaying relay (`sendense-node relay`, +DELAY_MS each way, so a
+#                  round trip gains 2 x DELAY_MS); the direct copies stay on loopback as the
+#                  reference. E.g. `DELAY_MS=10 DISKS="1 2" bench/tunnel-disks.sh 1024 5`.
 set -euo pipefail
 
 DATA_MIB=${1:-512}
@@ -35,6 +42,7 @@ NODE_BIN=${NODE_BIN:-${CARGO_TARGET_DIR:-$HERE/target}/release/sendense-node}
 BIND=127.0.0.2
 MAXD=0; for n in $DISKS; do ((n > MAXD)) && MAXD=$n; done
 read -r -a COPY_EXTRA <<<"${COPY_ARGS:-}"
+read -r -a TUNNEL_EXTRA <<<"${TUNNEL_COPY_ARGS---connections 4}"
 
 for tool in "$NODE_BIN" /usr/sbin/sshd ssh ssh-keygen qemu-nbd qemu-img curl setsid awk openssl pgrep; do
     command -v "$tool" >/dev/null || { echo "missing $tool (build: cargo build --release -p agent-node)" >&2; exit 1; }
@@ -68,6 +76,7 @@ free_port() { # free on 127.0.0.1 and 127.0.0.2
 }
 
 SSH_PORT=$(free_port); SLOT0=$(free_port); USER_NAME=$(id -un)
+TUNNEL_PORT=$SSH_PORT # where the nodes' ssh connects: sshd itself, or the delaying relay before it
 HUB_NBD=$DIR/hubnbd
 mkdir -m 750 "$HUB_NBD"
 # shellcheck source=bench/lib-nbd-tls.sh
@@ -102,6 +111,14 @@ SSHD_PID=$!
 disown "$SSHD_PID"
 for _ in $(seq 500); do (exec 3<>"/dev/tcp/127.0.0.1/$SSH_PORT") 2>/dev/null && break; sleep 0.02; done
 echo "[127.0.0.1]:$SSH_PORT $(cat "$DIR/host_key.pub")" >"$DIR/known_hosts"
+if [[ -n ${DELAY_MS:-} ]]; then
+    TUNNEL_PORT=$(free_port)
+    "$NODE_BIN" relay --listen "127.0.0.1:$TUNNEL_PORT" --to "127.0.0.1:$SSH_PORT" --delay-ms "$DELAY_MS" \
+        >"$DIR/relay.log" 2>&1 &
+    PIDS+=("$!")
+    for _ in $(seq 500); do (exec 3<>"/dev/tcp/127.0.0.1/$TUNNEL_PORT") 2>/dev/null && break; sleep 0.02; done
+    echo "[127.0.0.1]:$TUNNEL_PORT $(cat "$DIR/host_key.pub")" >>"$DIR/known_hosts"
+fi
 
 echo bench-token >"$DIR/token"
 chmod 600 "$DIR/token"
@@ -110,7 +127,7 @@ for l in $LINKS; do
     printf 'run_dir = "%s"\n[tunnel]\nlinks = %d\n' "$DIR/run$l" "$l" >"$cfg"
     [[ -n ${TUNNEL_CIPHERS:-} ]] && printf 'ciphers = "%s"\n' "$TUNNEL_CIPHERS" >>"$cfg"
     RUST_LOG=warn "$NODE_BIN" --config "$cfg" --listen "127.0.0.1:${NODE_API[$l]}" --name "bench$l" \
-        --token-file "$DIR/token" --tunnel "$USER_NAME@127.0.0.1:$SSH_PORT" --tunnel-identity "$DIR/key$l" \
+        --token-file "$DIR/token" --tunnel "$USER_NAME@127.0.0.1:$TUNNEL_PORT" --tunnel-identity "$DIR/key$l" \
         --tunnel-known-hosts "$DIR/known_hosts" --tunnel-bind "$BIND" --tunnel-nbd unix \
         --tunnel-hub-nbd-dir "$HUB_NBD" --tunnel-nbd-ports "$SLOT0-$((SLOT0 + MAXD - 1))" \
         --tunnel-hub-api-port "${HUB_API[$l]}" --tunnel-reverse-port "${REVERSE[$l]}" 2>"$DIR/node$l.log" &
@@ -129,6 +146,8 @@ for l in $LINKS; do
 done
 
 echo "tunnel disks benchmark: ${DATA_MIB} MiB of data per disk (qcow2 of ${SIZE_MIB} MiB), ${RUNS} runs, disks: $DISKS, links: $LINKS, NBD $AUTH"
+echo "copies through a tunnel add: ${TUNNEL_EXTRA[*]:-nothing}"
+[[ -n ${DELAY_MS:-} ]] && echo "WAN: every tunnel through the delaying relay, +$DELAY_MS ms each way (direct copies: loopback)"
 echo "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), AES-NI: $(grep -qw aes /proc/cpuinfo && echo yes || echo no), $(ssh -V 2>&1), $(qemu-nbd --version | head -1)"
 echo "ssh cipher: $(grep -m1 '^    Ciphers' "$DIR/run${LINKS%% *}/tunnel.ssh_config" | awk '{print $2}' | cut -d, -f1) (first choice)"
 
@@ -175,6 +194,8 @@ run_one() { # ndisks direct|L
     for i in $(seq 0 $((n - 1))); do
         for _ in $(seq 500); do [[ -S $HUB_NBD/$((SLOT0 + i)).sock ]] && break; sleep 0.02; done
     done
+    local via_extra=()
+    [[ $via != direct ]] && via_extra=("${TUNNEL_EXTRA[@]}")
     [[ $via != direct ]] && read -r -a ssh_pids <<<"$(pgrep -d' ' -P "${NODE_PID[$via]}" -x ssh)"
     # shellcheck disable=SC2046
     s0=$(ticks "${SRC_PIDS[@]}"); h0=$(ticks "${ssh_pids[@]}"); d0=$(ticks $(sshd_sessions))
@@ -186,7 +207,7 @@ run_one() { # ndisks direct|L
         bash -c '"$@" >/dev/null 2>"'"$DIR/copy$i.err"'"; s=$?; st=$(cat /proc/$$/stat); st=${st##*) };
                  read -r -a f <<<"$st"; echo $((f[13] + f[14])) >"'"$DIR/cpu$i"'"; exit $s' _ \
             "$NODE_BIN" copy --from "nbd+unix:///src?socket=$DIR/src$i.sock" --to "$to" \
-            --destination-is-zero "${COPY_TLS_ARGS[@]}" "${COPY_EXTRA[@]}" &
+            --destination-is-zero "${COPY_TLS_ARGS[@]}" "${COPY_EXTRA[@]}" "${via_extra[@]}" &
         cp+=("$!")
     done
     for i in "${!cp[@]}"; do
