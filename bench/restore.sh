@@ -9,8 +9,8 @@
 # restore writes into (agent-node/src/restore/run.rs): a fresh qcow2 behind a private qemu-nbd
 # on a unix socket (-f qcow2 --shared=4 -t --discard=unmap --detect-zeroes=unmap).
 # sendense: `sendense-node copy --destination-is-zero --grid-cell 4M` (the restore's copy_disk
-# call: target_is_zero, the hub's DEFAULT_GRID_CELL, the node's default connections and
-# in-flight bytes); the restore's read-back verification afterwards is not timed here (it is
+# call: target_is_zero, the hub's DEFAULT_GRID_CELL, the node's restore connections (4,
+# CopyOptions::restore_connections) and default in-flight bytes); the restore's read-back verification afterwards is not timed here (it is
 # the hub's shared verify routine, not the copy). nbdcopy: `--destination-is-zero --flush`.
 # Each run: fresh target and servers; `qemu-img compare` of the chain with the result.
 # Prints each pair, the median ratio nbdcopy/sendense (> 1: sendense faster), range, load.
@@ -71,7 +71,7 @@ one_run() {
     local from="nbd://127.0.0.1:$sp/point" to="nbd+unix:///restore?socket=$sock"
     start=$(date +%s.%N)
     case $tool in
-        sendense) "$NODE" copy --from "$from" --to "$to" --destination-is-zero --grid-cell 4M \
+        sendense) "$NODE" copy --from "$from" --to "$to" --destination-is-zero --grid-cell 4M --connections 4 \
             "${EXTRA[@]}" >"$WORK/out.txt" 2>&1 || ok=0 ;;
         nbdcopy) nbdcopy --destination-is-zero --flush "$from" "$to" >"$WORK/out.txt" 2>&1 || ok=0 ;;
     esac

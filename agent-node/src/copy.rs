@@ -95,6 +95,15 @@ pub struct CopyOptions {
     pub request_size: u32,
     /// Connections to each side (used only when the server advertises multi-conn).
     pub connections: u32,
+    /// What a restore sets [`CopyOptions::connections`] to ([`RESTORE_CONNECTIONS_ENV`]): its
+    /// source is the hub's read-only export of a whole chain, served with `cache=none`, whose
+    /// reads wait on the disk, so more requests in flight pay where a backup's do not.
+    pub restore_connections: u32,
+    /// What a backup sets [`CopyOptions::connections`] to when its target is reached through
+    /// the node's ssh tunnel ([`TUNNEL_CONNECTIONS_ENV`]): every NBD connection is its own ssh
+    /// channel, and OpenSSH gives a channel a 2 MiB window, so one connection moves at most
+    /// 2 MiB per round trip whatever the link can carry.
+    pub tunnel_connections: u32,
     /// Bound on bytes read and not yet written.
     pub max_in_flight_bytes: u64,
     /// Checksum grid: no checksum range crosses a multiple of this.
@@ -136,6 +145,12 @@ pub const THROTTLE_ENV: &str = "SENDENSE_COPY_THROTTLE_BPS";
 /// Environment variable read by the node daemon: NBD connections per side of each disk's copy
 /// (used where the server advertises multi-conn) [default: [`CopyOptions::default`]].
 pub const CONNECTIONS_ENV: &str = "SENDENSE_COPY_CONNECTIONS";
+/// Environment variable read by the node daemon: NBD connections per side of each restore's
+/// copy [default: [`CopyOptions::default`]].
+pub const RESTORE_CONNECTIONS_ENV: &str = "SENDENSE_RESTORE_CONNECTIONS";
+/// Environment variable read by the node daemon: NBD connections per side of each backup copy
+/// through the tunnel [default: [`CopyOptions::default`]].
+pub const TUNNEL_CONNECTIONS_ENV: &str = "SENDENSE_TUNNEL_CONNECTIONS";
 /// Environment variable read by the node daemon: bytes in flight per disk (k, M, G suffixes).
 pub const IN_FLIGHT_ENV: &str = "SENDENSE_COPY_IN_FLIGHT";
 /// Environment variable read by the node daemon: largest READ/WRITE request (k, M, G suffixes).
@@ -159,6 +174,12 @@ impl CopyOptions {
         let mut opts = Self::from_vars_base(&var);
         if let Some(c) = size(CONNECTIONS_ENV).and_then(|c| u32::try_from(c).ok()) {
             opts.connections = c;
+        }
+        if let Some(c) = size(RESTORE_CONNECTIONS_ENV).and_then(|c| u32::try_from(c).ok()) {
+            opts.restore_connections = c;
+        }
+        if let Some(c) = size(TUNNEL_CONNECTIONS_ENV).and_then(|c| u32::try_from(c).ok()) {
+            opts.tunnel_connections = c;
         }
         if let Some(f) = size(IN_FLIGHT_ENV) {
             opts.max_in_flight_bytes = f;
@@ -203,10 +224,22 @@ impl Default for CopyOptions {
     /// connection 241-287 MB/s median over four series, 4 connections 250-283, 8 195-232, the
     /// relay without delay 379, direct 407-431: more connections do not help here. Links with
     /// a longer round trip need [`IN_FLIGHT_ENV`] of at least rate × round trip.
+    ///
+    /// Restores take 4 connections: `bench/restore.sh 5` (a 3-point chain read through the
+    /// hub's `cache=none` read-only export, quiet 2-core machine) gave a median nbdcopy/sendense
+    /// ratio of 0.67 (0.57-0.87) with 1 and 0.83 (0.65-0.95) with 4, while the same 4 on
+    /// `bench/copy.sh`'s backup shape lost (scattered 0.97 with 1, 0.88 with 4).
+    ///
+    /// Backups through the tunnel take 4 connections: `DELAY_MS=10 bench/tunnel-disks.sh 1024
+    /// 5` (20 ms round trip between the node's ssh and the hub's sshd) moved 77.9 MiB/s per disk
+    /// with 1 (the 2 MiB channel window per round trip) and 246.3 with 4; on loopback
+    /// (`bench/tunnel-disks.sh 512 5`) 1 disk went from 211 to 271 MiB/s.
     fn default() -> Self {
         CopyOptions {
             request_size: 256 * 1024,
             connections: 1,
+            restore_connections: 4,
+            tunnel_connections: 4,
             max_in_flight_bytes: 32 * 1024 * 1024,
             checksum_chunk_size: 4 * 1024 * 1024,
             target_is_zero: false,
@@ -728,6 +761,8 @@ mod tests {
     fn copy_settings_come_from_the_environment() {
         let vars: HashMap<&str, &str> = [
             (CONNECTIONS_ENV, "4"),
+            (RESTORE_CONNECTIONS_ENV, "8"),
+            (TUNNEL_CONNECTIONS_ENV, "6"),
             (IN_FLIGHT_ENV, "64M"),
             (REQUEST_SIZE_ENV, "1M"),
             (STALL_ENV, "30"),
@@ -735,6 +770,8 @@ mod tests {
         .into();
         let o = CopyOptions::from_vars(|k| vars.get(k).map(|v| v.to_string()));
         assert_eq!(o.connections, 4);
+        assert_eq!(o.restore_connections, 8);
+        assert_eq!(o.tunnel_connections, 6);
         assert_eq!(o.max_in_flight_bytes, 64 << 20);
         assert_eq!(o.request_size, 1 << 20);
         assert_eq!(o.stall_after, Duration::from_secs(30));
@@ -743,6 +780,8 @@ mod tests {
         let o = CopyOptions::from_vars(|k| bad.get(k).map(|v| v.to_string()));
         let d = CopyOptions::default();
         assert_eq!(o.connections, d.connections);
+        assert_eq!(o.restore_connections, d.restore_connections);
+        assert_eq!(o.tunnel_connections, d.tunnel_connections);
         assert_eq!(o.max_in_flight_bytes, d.max_in_flight_bytes);
         assert_eq!(o.request_size, d.request_size);
         assert_eq!(o.stall_after, DEFAULT_STALL_AFTER);

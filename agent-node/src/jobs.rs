@@ -388,6 +388,9 @@ impl Jobs {
                 (None, None) => ExtentSource::Allocation,
             };
             let mut opts = self.ctx.copy_options.clone();
+            if self.ctx.tunnel().is_some_and(|t| t.carries(target)) {
+                opts.connections = opts.tunnel_connections;
+            }
             opts.target_is_zero = job.backup_type == BackupType::Full;
             opts.grid_cell = checksum_grid;
             opts.target_tls = target_tls.get(&sd.disk_key).cloned();

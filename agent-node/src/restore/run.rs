@@ -324,6 +324,7 @@ async fn copy_and_verify(
     }
     let mut opts = ctx.copy_options.clone();
     opts.target_is_zero = true;
+    opts.connections = opts.restore_connections;
     opts.grid_cell = job.req.checksum_grid;
     opts.source_tls = job.req.source_export.as_ref().and_then(|e| e.tls.clone());
     let token = job.cancel.clone();
