@@ -365,6 +365,13 @@ pub async fn copy_disk(
     let ends = open(source, target, &extents, opts, &cancel).await?;
     counters.bytes_total.store(ends.size, Ordering::Relaxed);
     let (sources, targets) = connect_more(&ends, source, target, opts, &cancel).await?;
+    tracing::info!(
+        source = %source,
+        target = %target,
+        source_connections = sources.len(),
+        target_connections = targets.len(),
+        "copy connected"
+    );
     let (checksums, hash_thread) = checksums::start(opts.grid_cell.map(|c| (c, ends.size)));
     let ctx = Arc::new(Ctx {
         checksums,

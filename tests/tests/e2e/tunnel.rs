@@ -113,6 +113,18 @@ async fn a_full_backup_runs_through_the_tunnel() {
     let (s, job) = node.get(&format!("/backup/{id}")).await;
     assert_eq!(s, 200, "node job: {job}");
     assert_eq!(job["status"], "completed", "{job}");
+    // Each disk crossed the tunnel over 4 NBD connections (each its own ssh channel, with its
+    // own window), as the node's log of each copy says.
+    let log = node.stderr();
+    let copies: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("copy connected"))
+        .collect();
+    assert_eq!(copies.len(), 2, "one copy a disk: {copies:?}");
+    assert!(
+        copies.iter().all(|l| l.contains("target_connections=4")),
+        "{copies:?}"
+    );
 
     // Without anyone asking, the hub's prober has recorded the node's tunnel as up (this is
     // what its event stream publishes; `GET /api/v1/nodes` reads the recorded state only).
