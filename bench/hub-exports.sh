@@ -81,22 +81,13 @@ sample() { # PHASE PID LABEL: SAMPLES samples of SECS seconds
 }
 median_range() { python3 -c "import statistics,sys; v=[float(x) for x in sys.argv[1:]]; print(f'{statistics.median(v):g} ({min(v):g}-{max(v):g})')" $1; }
 
-api() { python3 - "$HUB" "$WORK/token" "$@" <<'EOF'
-import http.client, json, sys, time
-hub, token, what = sys.argv[1], open(sys.argv[2]).read().strip(), sys.argv[3]
+api() { BENCH_LIB=$ROOT/bench python3 - "$HUB" "$WORK/token" "$@" <<'EOF'
+import os, sys, time
+sys.path.insert(0, os.environ["BENCH_LIB"])
+from hubapi import Hub
+hub, token_file, what = sys.argv[1], sys.argv[2], sys.argv[3]
 n = int(sys.argv[4])
-conn = http.client.HTTPConnection(hub.split("//")[1], timeout=120)
-def call(method, path, body=None):
-    h = {"Authorization": "Bearer " + token}
-    if body is not None:
-        h["Content-Type"] = "application/json"
-        body = json.dumps(body)
-    conn.request(method, path, body, h)
-    r = conn.getresponse()
-    data = r.read()
-    if r.status >= 300:
-        sys.exit(f"{method} {path}: {r.status} {data[:300]!r}")
-    return json.loads(data) if data else None
+call = Hub(hub, token_file, timeout=120).call
 names = [f"exp{i:03d}" for i in range(n)]
 def wait_all(want, ids, limit=300):
     deadline = time.time() + limit

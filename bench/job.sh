@@ -134,22 +134,12 @@ curl -sf "${AUTH[@]}" "$HUB/api/v1/vms/$VM" | grep -q bench-node ||
 
 # One job, POST -> completed; prints "SECONDS<TAB>phases".
 run_job() {
-    python3 - "$HUB" "$WORK/token" "$VM" <<'EOF'
-import datetime, http.client, json, os, sys, time
-hub, token, vm = sys.argv[1], open(sys.argv[2]).read().strip(), sys.argv[3]
-host = hub.split("//")[1]
-conn = http.client.HTTPConnection(host, timeout=600)
-def call(method, path, body=None):
-    h = {"Authorization": "Bearer " + token}
-    if body is not None:
-        h["Content-Type"] = "application/json"
-        body = json.dumps(body)
-    conn.request(method, path, body, h)
-    r = conn.getresponse()
-    data = r.read()
-    if r.status >= 300:
-        sys.exit(f"{method} {path}: {r.status} {data[:500]!r}")
-    return json.loads(data)
+    BENCH_LIB=$ROOT/bench python3 - "$HUB" "$WORK/token" "$VM" <<'EOF'
+import datetime, os, sys, time
+sys.path.insert(0, os.environ["BENCH_LIB"])
+from hubapi import Hub
+hub, token_file, vm = sys.argv[1], sys.argv[2], sys.argv[3]
+call = Hub(hub, token_file).call
 t0 = time.time()
 b = call("POST", "/api/v1/backups",
          {"vm_name": vm, "repository_id": "default", "backup_type": "full"})
