@@ -7,7 +7,8 @@
 # the way the hub serves a restore point (qemu-nbd --read-only --shared=8 --cache=none
 # --aio=threads; qemu-nbd reads through the backing chain). The target is what a node's
 # restore writes into (agent-node/src/restore/run.rs): a fresh qcow2 behind a private qemu-nbd
-# on a unix socket (-f qcow2 --shared=4 -t --discard=unmap --detect-zeroes=unmap).
+# on a unix socket (-f qcow2 --shared=5 -t --discard=unmap --detect-zeroes=unmap: room for the
+# copy's 4 connections and one more).
 # sendense: `sendense-node copy --destination-is-zero --grid-cell 4M` (the restore's copy_disk
 # call: target_is_zero, the hub's DEFAULT_GRID_CELL, the node's restore connections (4,
 # CopyOptions::restore_connections) and default in-flight bytes); the restore's read-back verification afterwards is not timed here (it is
@@ -62,7 +63,7 @@ one_run() {
     qemu-nbd --format=qcow2 --export-name=point --bind=127.0.0.1 --port="$sp" --persistent \
         --shared=8 --cache=none --aio=threads --read-only "$SRC" &
     spid=$!
-    qemu-nbd -f qcow2 -x restore --shared=4 -t --discard=unmap --detect-zeroes=unmap \
+    qemu-nbd -f qcow2 -x restore --shared=5 -t --discard=unmap --detect-zeroes=unmap \
         -k "$sock" "$dst" &
     tpid=$!
     PIDS=("$spid" "$tpid")

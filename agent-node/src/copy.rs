@@ -227,7 +227,8 @@ impl Default for CopyOptions {
     ///
     /// Restores take 4 connections: `bench/restore.sh 5` (a 3-point chain read through the
     /// hub's `cache=none` read-only export, quiet 2-core machine) gave a median nbdcopy/sendense
-    /// ratio of 0.67 (0.57-0.87) with 1 and 0.83 (0.65-0.95) with 4, while the same 4 on
+    /// ratio of 0.67 (0.57-0.87) with 1 and 0.83 (0.65-0.95) with 4 (0.87, 0.71-0.97, in a second
+    /// run; the rest is the grid's hashing), while the same 4 on
     /// `bench/copy.sh`'s backup shape lost (scattered 0.97 with 1, 0.88 with 4).
     ///
     /// Backups through the tunnel take 4 connections: `DELAY_MS=10 bench/tunnel-disks.sh 1024

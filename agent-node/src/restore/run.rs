@@ -261,8 +261,13 @@ async fn serve_and_copy(
         });
     }
     let _ = std::fs::remove_file(&files.socket);
+    // Room for every connection of the copy (restore_connections) and one more.
+    let shared = format!(
+        "--shared={}",
+        (ctx.copy_options.restore_connections + 1).max(4)
+    );
     let mut cmd = tokio::process::Command::new("qemu-nbd");
-    cmd.args(["-f", format, "-x", EXPORT, "--shared=4", "-t"])
+    cmd.args(["-f", format, "-x", EXPORT, &shared, "-t"])
         .args(["--discard=unmap", "--detect-zeroes=unmap", "-k"])
         .arg(&files.socket)
         .arg(&files.image)
