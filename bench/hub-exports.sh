@@ -66,17 +66,19 @@ pss_total_mib() { # PSS of the hub's qemu-nbd children, MiB
 
 declare -A CPU RSS
 sample() { # PHASE PID LABEL: SAMPLES samples of SECS seconds
-    local phase=$1 pid=$2 label=$3 i t0 t1 c
+    local phase=$1 pid=$2 label=$3 i t0 t1 c rss extra
     for i in $(seq "$SAMPLES"); do
         t0=$(ticks "$pid")
         sleep "$SECS"
         t1=$(ticks "$pid")
         c=$(python3 -c "print(f'{($t1 - $t0) / $HZ / $SECS * 100:.2f}')")
+        rss=$(( $(rss_kib "$pid") / 1024 ))
         CPU[$phase.$label]+="$c "
-        RSS[$phase.$label]+="$(( $(rss_kib "$pid") / 1024 )) "
+        RSS[$phase.$label]+="$rss "
+        extra=
+        [[ $label == hub ]] && extra=", qemu-nbd: $(wc -w <<<"$(qemu_nbd_pids)") processes, PSS $(pss_total_mib) MiB"
         printf '%-10s %-8s sample %d: CPU %6s %% of a core, RSS %4d MiB%s | load %s\n' "$phase" "$label" "$i" \
-            "$c" "$(( $(rss_kib "$pid") / 1024 ))" "$([[ $label == hub ]] && echo ", qemu-nbd: $(wc -w <<<"$(qemu_nbd_pids)") processes, PSS $(pss_total_mib) MiB")" \
-            "$(cut -d' ' -f1 /proc/loadavg)"
+            "$c" "$rss" "$extra" "$(cut -d' ' -f1 /proc/loadavg)"
     done
 }
 median_range() { python3 -c "import statistics,sys; v=[float(x) for x in sys.argv[1:]]; print(f'{statistics.median(v):g} ({min(v):g}-{max(v):g})')" $1; }

@@ -9,10 +9,11 @@
 # restore writes into (agent-node/src/restore/run.rs): a fresh qcow2 behind a private qemu-nbd
 # on a unix socket (-f qcow2 --shared=5 -t --discard=unmap --detect-zeroes=unmap: room for the
 # copy's 4 connections and one more).
-# sendense: `sendense-node copy --destination-is-zero --grid-cell 4M` (the restore's copy_disk
-# call: target_is_zero, the hub's DEFAULT_GRID_CELL, the node's restore connections (4,
-# CopyOptions::restore_connections) and default in-flight bytes); the restore's read-back verification afterwards is not timed here (it is
-# the hub's shared verify routine, not the copy). nbdcopy: `--destination-is-zero --flush`.
+# sendense: `sendense-node copy --destination-is-zero --grid-cell 4M --connections 4` (the
+# restore's copy_disk call: target_is_zero, the hub's DEFAULT_GRID_CELL, the node's restore
+# connections, CopyOptions::restore_connections, and default in-flight bytes); the restore's
+# read-back verification afterwards is not timed here (it is the hub's shared verify routine,
+# not the copy). nbdcopy: `--destination-is-zero --flush`.
 # Each run: fresh target and servers; `qemu-img compare` of the chain with the result.
 # Prints each pair, the median ratio nbdcopy/sendense (> 1: sendense faster), range, load.
 #

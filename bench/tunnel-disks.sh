@@ -195,8 +195,10 @@ run_one() { # ndisks direct|L
         for _ in $(seq 500); do [[ -S $HUB_NBD/$((SLOT0 + i)).sock ]] && break; sleep 0.02; done
     done
     local via_extra=()
-    [[ $via != direct ]] && via_extra=("${TUNNEL_EXTRA[@]}")
-    [[ $via != direct ]] && read -r -a ssh_pids <<<"$(pgrep -d' ' -P "${NODE_PID[$via]}" -x ssh)"
+    if [[ $via != direct ]]; then
+        via_extra=("${TUNNEL_EXTRA[@]}")
+        read -r -a ssh_pids <<<"$(pgrep -d' ' -P "${NODE_PID[$via]}" -x ssh)"
+    fi
     # shellcheck disable=SC2046
     s0=$(ticks "${SRC_PIDS[@]}"); h0=$(ticks "${ssh_pids[@]}"); d0=$(ticks $(sshd_sessions))
     t0=$(date +%s.%N)
